@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+PYTHON ?= python3
+
+.PHONY: install run test lint seed
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Dev mode: loopback and private sources are allowed (never in production).
+run: export CAPY_ALLOW_PRIVATE_SOURCES ?= true
+run: export PATH := $(CURDIR)/$(BIN):$(PATH)
+run: install
+	$(BIN)/capy-imports migrate
+	$(BIN)/capy-imports dev-seed --port $(PORT)
+	$(BIN)/honcho --procfile Procfile.dev start --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check app pipeline stages tests

@@ -1,0 +1,49 @@
+"""Builds the Falcon app from its collaborators; reads no environment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import falcon
+
+from app import errors
+from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
+from app.resources import (
+    AuditEventsResource,
+    HealthResource,
+    ImportsResource,
+    JobResource,
+    ProjectJobsResource,
+    ReadyResource,
+)
+from pipeline.config import Settings
+from pipeline.models import Project
+from pipeline.sealing import Sealer
+
+
+@dataclass
+class Services:
+    settings: Settings
+    sealer: Sealer
+    wake: Callable[[str, str], None]
+    validate_upload_key: Callable[[str, Project], str]
+    readiness: dict[str, Callable[[], Any]]
+    authenticators: tuple[Authenticator, ...] = (api_key_authenticator,)
+
+
+def create_app(services: Services) -> falcon.App:
+    app = falcon.App(middleware=[AuthMiddleware(services.authenticators)])
+    app.req_options.strip_url_path_trailing_slash = True
+    errors.install(app)
+    app.add_route("/healthz", HealthResource())
+    app.add_route("/readyz", ReadyResource(services.readiness))
+    app.add_route(
+        "/v1/projects/{project_id}/imports",
+        ImportsResource(services.settings, services.sealer, services.wake, services.validate_upload_key),
+    )
+    app.add_route("/v1/projects/{project_id}/jobs", ProjectJobsResource())
+    app.add_route("/v1/projects/{project_id}/audit-events", AuditEventsResource())
+    app.add_route("/v1/jobs/{job_id}", JobResource())
+    return app

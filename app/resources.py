@@ -1,0 +1,123 @@
+"""HTTP resources. Each parses the request, calls one core function, and answers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import falcon
+
+from app.body import read_json
+from pipeline import audit
+from pipeline.config import Settings
+from pipeline.errors import InvalidRequest, NotFound
+from pipeline.imports import ImportRequest, start_import
+from pipeline.models import Job, Project
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from pipeline.serialize import audit_json, job_json
+
+
+def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
+    raw = req.get_param("limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise InvalidRequest(f"limit must be a whole number from 1 to {maximum}")
+    return int(raw)
+
+
+def _principal(req: falcon.Request) -> Principal:
+    return req.context.principal
+
+
+class ImportsResource:
+    def __init__(
+        self,
+        settings: Settings,
+        sealer: Sealer,
+        wake: Callable[[str, str], None],
+        validate_key: Callable[[str, Project], str],
+    ) -> None:
+        self.settings = settings
+        self.sealer = sealer
+        self.wake = wake
+        self.validate_key = validate_key
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
+        project = _principal(req).project(project_id)
+        body = read_json(req, max_bytes=self.settings.max_body_bytes)
+        request = ImportRequest.parse(body, validate_key=lambda key: self.validate_key(key, project))
+        job, created = start_import(
+            project,
+            _principal(req),
+            request,
+            settings=self.settings,
+            sealer=self.sealer,
+            wake=self.wake,
+            idempotency_key=req.get_header("Idempotency-Key"),
+        )
+        resp.status = falcon.HTTP_202 if created else falcon.HTTP_200
+        resp.location = f"/v1/jobs/{job.id}"
+        resp.media = {"job": job_json(job)}
+
+
+class JobResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        job = Job.get_or_none(Job.id == job_id)
+        if job is None:
+            raise NotFound(f"job {job_id} does not exist")
+        try:
+            _principal(req).project(job.project_id)
+        except NotFound:
+            raise NotFound(f"job {job_id} does not exist") from None
+        resp.media = {"job": job_json(job)}
+
+
+class ProjectJobsResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
+        project = _principal(req).project(project_id)
+        jobs = (
+            Job.select()
+            .where(Job.project == project.id)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(_limit(req))
+        )
+        resp.media = {"jobs": [job_json(job) for job in jobs]}
+
+
+class AuditEventsResource:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
+        project = _principal(req).project(project_id)
+        resp.media = {"audit_events": [audit_json(e) for e in audit.for_project(project, _limit(req))]}
+
+
+class HealthResource:
+    auth_required = False
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+class ReadyResource:
+    """Ready when every dependency answers; 503 naming the ones that do not."""
+
+    auth_required = False
+
+    def __init__(self, checks: dict[str, Callable[[], Any]]) -> None:
+        self.checks = checks
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        results: dict[str, str] = {}
+        for name, check in self.checks.items():
+            try:
+                check()
+                results[name] = "ok"
+            except Exception as err:  # any failure means "not ready"; say which
+                results[name] = f"unavailable: {type(err).__name__}"
+        down = [name for name, state in results.items() if state != "ok"]
+        if down:
+            resp.status = falcon.HTTP_503
+            resp.media = {"error": f"not ready: {', '.join(down)} unavailable", "checks": results}
+        else:
+            resp.media = {"status": "ready", "checks": results}

@@ -1,0 +1,48 @@
+"""What gunicorn runs: `gunicorn 'app.wsgi:get_app()'`. Reads the environment, once."""
+
+from __future__ import annotations
+
+import logging
+
+import falcon
+
+from app.api import Services, create_app
+from pipeline import logs
+from pipeline.config import Settings
+from pipeline.db import database, init_database
+from pipeline.queue import StageQueue, make_broker
+from pipeline.sealing import Sealer
+
+log = logging.getLogger("app")
+
+
+def get_app(settings: Settings | None = None) -> falcon.App:
+    settings = settings or Settings.from_env()
+    logs.configure()
+    init_database(settings.database_url)
+    broker = make_broker(settings)
+    queue = StageQueue(broker, settings)
+    if settings.uses_dev_secret:
+        log.warning("CAPY_SECRET_KEY is not set: using the development key (never in production)")
+
+    def database_ready() -> None:
+        database.execute_sql("SELECT 1")
+
+    def broker_ready() -> None:
+        broker.channel.connection.process_data_events(0)
+
+    return create_app(
+        Services(
+            settings=settings,
+            sealer=Sealer(settings.secret_key),
+            wake=queue.wake,
+            validate_upload_key=_uploads_disabled,
+            readiness={"database": database_ready, "broker": broker_ready},
+        )
+    )
+
+
+def _uploads_disabled(key: str, project: object) -> str:
+    from pipeline.errors import InvalidRequest
+
+    raise InvalidRequest("upload imports are not available on this server")

@@ -1,0 +1,83 @@
+"""Organizations, clusters and projects: what operators create with the CLI."""
+
+from __future__ import annotations
+
+from pipeline.errors import InvalidRequest, NotFound
+from pipeline.ids import new_id
+from pipeline.models import Cluster, Organization, Project
+from pipeline.sealing import Sealer
+from stages.cluster import ClusterAdmin
+
+DEFAULT_STORAGE_LIMIT_BYTES = 10 * 1024**3
+
+
+def create_organization(name: str, *, clerk_org_id: str | None = None, plan: str = "free") -> Organization:
+    if not name.strip():
+        raise InvalidRequest("the organization needs a name")
+    return Organization.create(id=new_id("org"), name=name.strip(), clerk_org_id=clerk_org_id, plan=plan)
+
+
+def add_cluster(name: str, admin_url: str, sealer: Sealer) -> Cluster:
+    """Register a cluster; connects once to read its server major version."""
+    admin = ClusterAdmin(admin_url)
+    major = admin.server_major()
+    return Cluster.create(
+        id=new_id("cls"), name=name, admin_url_encrypted=sealer.seal(admin_url), server_major=major
+    )
+
+
+def cluster_admin(cluster: Cluster, sealer: Sealer) -> ClusterAdmin:
+    return ClusterAdmin(sealer.open(cluster.admin_url_encrypted))
+
+
+def get_organization(org_id: str) -> Organization:
+    org = Organization.get_or_none(Organization.id == org_id)
+    if org is None:
+        raise NotFound(f"organization {org_id} does not exist")
+    return org
+
+
+def get_project(project_id: str) -> Project:
+    project = Project.get_or_none(Project.id == project_id)
+    if project is None:
+        raise NotFound(f"project {project_id} does not exist")
+    return project
+
+
+def pick_cluster(cluster_id: str | None) -> Cluster:
+    if cluster_id:
+        cluster = Cluster.get_or_none(Cluster.id == cluster_id)
+        if cluster is None:
+            raise NotFound(f"cluster {cluster_id} does not exist")
+        return cluster
+    clusters = list(Cluster.select().order_by(Cluster.created_at))
+    if not clusters:
+        raise InvalidRequest("no cluster is registered; add one with: capy-imports clusters add")
+    if len(clusters) > 1:
+        raise InvalidRequest("several clusters are registered; choose one with --cluster")
+    return clusters[0]
+
+
+def create_project(
+    organization: Organization,
+    name: str,
+    sealer: Sealer,
+    *,
+    cluster_id: str | None = None,
+    storage_limit_bytes: int = DEFAULT_STORAGE_LIMIT_BYTES,
+) -> Project:
+    """Create the project and its empty live database on the cluster."""
+    if storage_limit_bytes <= 0:
+        raise InvalidRequest("--storage-limit-bytes must be positive")
+    cluster = pick_cluster(cluster_id)
+    project_id = new_id("prj")
+    database_name = "capy_" + project_id
+    cluster_admin(cluster, sealer).create_database(database_name)
+    return Project.create(
+        id=project_id,
+        organization=organization,
+        cluster=cluster,
+        name=name,
+        database_name=database_name,
+        storage_limit_bytes=storage_limit_bytes,
+    )

@@ -1,0 +1,274 @@
+"""`capy-imports`: the operators' command line.
+
+Every command prints what it did; with `--json` it prints exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pipeline import accounts, apikeys, jobs
+from pipeline.config import Settings
+from pipeline.db import init_database
+from pipeline.errors import NotFound
+from pipeline.migrations import migrate
+from pipeline.models import Cluster, Job, Organization, Project
+from pipeline.sealing import Sealer
+from pipeline.serialize import job_json, timestamp
+from stages.errors import CapyError
+
+
+def _org(org: Organization) -> dict[str, Any]:
+    return {
+        "id": org.id,
+        "name": org.name,
+        "clerk_org_id": org.clerk_org_id,
+        "plan": org.plan,
+        "created_at": timestamp(org.created_at),
+    }
+
+
+def _cluster(cluster: Cluster) -> dict[str, Any]:
+    return {
+        "id": cluster.id,
+        "name": cluster.name,
+        "server_major": cluster.server_major,
+        "created_at": timestamp(cluster.created_at),
+    }
+
+
+def _project(project: Project) -> dict[str, Any]:
+    return {
+        "id": project.id,
+        "organization_id": project.organization_id,
+        "cluster_id": project.cluster_id,
+        "name": project.name,
+        "database_name": project.database_name,
+        "storage_limit_bytes": project.storage_limit_bytes,
+        "created_at": timestamp(project.created_at),
+    }
+
+
+class Output:
+    def __init__(self, as_json: bool, out: Any = sys.stdout) -> None:
+        self.as_json = as_json
+        self.out = out
+
+    def emit(self, obj: dict[str, Any], text: str) -> None:
+        if self.as_json:
+            print(json.dumps(obj, sort_keys=True, default=str), file=self.out)
+        else:
+            print(text, file=self.out)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    applied = migrate(settings.database_url)
+    text = (
+        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        if applied
+        else "the control database is up to date"
+    )
+    out.emit({"applied": applied}, text)
+
+
+def cmd_orgs_create(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    org = accounts.create_organization(args.name, clerk_org_id=args.clerk_org_id)
+    out.emit(_org(org), f"created organization {org.id} ({org.name})")
+
+
+def cmd_clusters_add(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    cluster = accounts.add_cluster(args.name, args.admin_url, Sealer(settings.secret_key))
+    out.emit(
+        _cluster(cluster), f"added cluster {cluster.id} ({cluster.name}, PostgreSQL {cluster.server_major})"
+    )
+
+
+def cmd_projects_create(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    org = accounts.get_organization(args.org)
+    kwargs: dict[str, Any] = {"cluster_id": args.cluster}
+    if args.storage_limit_bytes is not None:
+        kwargs["storage_limit_bytes"] = args.storage_limit_bytes
+    project = accounts.create_project(org, args.name, Sealer(settings.secret_key), **kwargs)
+    out.emit(
+        _project(project),
+        f"created project {project.id} ({project.name}) with database {project.database_name}",
+    )
+
+
+def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    org = accounts.get_organization(args.org)
+    project = None
+    if args.project:
+        project = accounts.get_project(args.project)
+    created = apikeys.create_key(org, project, name=args.name or "")
+    record = created.record
+    obj = {
+        "id": record.id,
+        "organization_id": record.organization_id,
+        "project_id": record.project_id,
+        "name": record.name,
+        "key_prefix": record.key_prefix,
+        "scopes": record.scopes,
+        "created_at": timestamp(record.created_at),
+        "key": created.plaintext,
+    }
+    scope = f"project {project.id}" if project else f"organization {org.id}"
+    out.emit(obj, f"created API key {record.id} for {scope}; it is shown only once:\n{created.plaintext}")
+
+
+def cmd_jobs_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    query = Job.select().order_by(Job.created_at.desc()).limit(args.limit)
+    if args.project:
+        query = query.where(Job.project == args.project)
+    if args.state:
+        query = query.where(Job.state == args.state)
+    rows = [job_json(job) for job in query]
+    lines = [
+        f"{j['id']}  {j['state']:<9}  {j['stage']:<9}  {j['project_id']}  {j['created_at']}"
+        + (f"  {j['error']}" if j["error"] else "")
+        for j in rows
+    ]
+    out.emit({"jobs": rows}, "\n".join(lines) if lines else "no jobs")
+
+
+def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    job = Job.get_or_none(Job.id == args.job)
+    if job is None:
+        raise NotFound(f"job {args.job} does not exist")
+    obj = job_json(job)
+    obj["events"] = [
+        {
+            "at": timestamp(e.at),
+            "actor": e.actor,
+            "from_state": e.from_state,
+            "to_state": e.to_state,
+            "from_stage": e.from_stage,
+            "to_stage": e.to_stage,
+            "reason": e.reason,
+        }
+        for e in jobs.events(job.id)
+    ]
+    text = "\n".join(
+        [f"{k}: {v}" for k, v in obj.items() if k not in ("events", "report", "progress")]
+        + [f"progress: {json.dumps(obj['progress'])}"]
+        + ([f"report: {json.dumps(obj['report'], indent=2)}"] if "report" in obj else [])
+        + ["events:"]
+        + [
+            f"  {e['at']}  {e['actor']}  {e['from_state']}/{e['from_stage']} -> {e['to_state']}/{e['to_stage']}  {e['reason']}"
+            for e in obj["events"]
+        ]
+    )
+    out.emit(obj, text)
+
+
+def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    """Idempotent local set-up for `make run`: org, local cluster, project, fresh key."""
+    sealer = Sealer(settings.secret_key)
+    org = Organization.get_or_none(Organization.name == "Dev organization") or accounts.create_organization(
+        "Dev organization"
+    )
+    cluster = Cluster.get_or_none(Cluster.name == "local") or accounts.add_cluster(
+        "local", args.cluster_url, sealer
+    )
+    project = Project.get_or_none(
+        (Project.organization == org.id) & (Project.name == "dev")
+    ) or accounts.create_project(org, "dev", sealer, cluster_id=cluster.id)
+    key = apikeys.create_key(org, project, name="make run").plaintext
+    base = f"http://127.0.0.1:{args.port}"
+    example = (
+        f"curl -sS -X POST {base}/v1/projects/{project.id}/imports \\\n"
+        f"  -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
+        '  -d \'{"confirm": true, "recreate": true, '
+        '"source_url": "postgresql://postgres@127.0.0.1:5432/chinook?sslmode=disable"}\''
+    )
+    text = "\n".join(
+        [
+            f"organization {org.id}, cluster {cluster.id} (PostgreSQL {cluster.server_major}), "
+            f"project {project.id} (database {project.database_name})",
+            f"API key (project-scoped, shown once): {key}",
+            "dev mode: loopback and private source addresses are allowed (CAPY_ALLOW_PRIVATE_SOURCES=true)",
+            "",
+            "Load a sample source:  psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -f ../shared/corpus/chinook.sql",
+            "Import it:",
+            example,
+            f"Then poll:  curl -sS {base}/v1/jobs/<job id> -H 'Authorization: Bearer {key}'",
+        ]
+    )
+    out.emit(
+        {"organization": _org(org), "cluster": _cluster(cluster), "project": _project(project), "key": key},
+        text,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capy-imports", description="Operate CapyDB Imports.")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(parent: Any, name: str, func: Callable[..., None], help_text: str) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help_text)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
+        p.set_defaults(func=func)
+        return p
+
+    add(sub, "migrate", cmd_migrate, "create or upgrade the control database")
+
+    orgs = sub.add_parser("orgs", help="organizations").add_subparsers(dest="sub", required=True)
+    p = add(orgs, "create", cmd_orgs_create, "create an organization")
+    p.add_argument("--name", required=True)
+    p.add_argument("--clerk-org-id")
+
+    clusters = sub.add_parser("clusters", help="Postgres clusters").add_subparsers(dest="sub", required=True)
+    p = add(clusters, "add", cmd_clusters_add, "register a cluster")
+    p.add_argument("--name", required=True)
+    p.add_argument("--admin-url", required=True)
+
+    projects = sub.add_parser("projects", help="projects").add_subparsers(dest="sub", required=True)
+    p = add(projects, "create", cmd_projects_create, "create a project and its empty database")
+    p.add_argument("--org", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--cluster")
+    p.add_argument("--storage-limit-bytes", type=int)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="sub", required=True)
+    p = add(keys, "create", cmd_keys_create, "create an API key (printed once)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--project")
+    p.add_argument("--name")
+
+    jobs_parser = sub.add_parser("jobs", help="import jobs").add_subparsers(dest="sub", required=True)
+    p = add(jobs_parser, "list", cmd_jobs_list, "list jobs, newest first")
+    p.add_argument("--project")
+    p.add_argument("--state", choices=["pending", "running", "completed", "failed", "cancelled"])
+    p.add_argument("--limit", type=int, default=50)
+    p = add(jobs_parser, "show", cmd_jobs_show, "show a job with its events")
+    p.add_argument("job")
+
+    p = add(sub, "dev-seed", cmd_dev_seed, "set up a local organization, cluster, project and key")
+    p.add_argument("--cluster-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    p.add_argument("--port", type=int, default=8000)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings or Settings.from_env()
+    out = Output(args.json)
+    try:
+        if args.func is not cmd_migrate:
+            init_database(settings.database_url)
+        args.func(args, settings, out)
+    except CapyError as err:
+        if args.json:
+            print(json.dumps({"error": err.message}), file=sys.stdout)
+        print(f"error: {err.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Accepting an import request: validate, create the job, record, and wake a worker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import peewee
+
+from pipeline import audit, jobs
+from pipeline.config import Settings
+from pipeline.db import database
+from pipeline.errors import Conflict, InvalidRequest, Unavailable
+from pipeline.ids import new_id
+from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from stages.errors import CapyError
+from stages.pgurl import SourceURL
+
+ALLOWED_FIELDS = ("confirm", "recreate", "source_url", "upload_key")
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    recreate: bool
+    source: SourceURL | None = None
+    upload_key: str | None = None
+
+    @classmethod
+    def parse(cls, body: Any, *, validate_key: Callable[[str], str]) -> ImportRequest:
+        """Validate a request body; InvalidRequest says exactly what to fix."""
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        extra = sorted(set(body) - set(ALLOWED_FIELDS))
+        if extra:
+            raise InvalidRequest(
+                f"unknown field(s): {', '.join(extra)}; allowed fields are {', '.join(ALLOWED_FIELDS)}"
+            )
+        if body.get("confirm") is not True:
+            raise InvalidRequest('"confirm" must be true: an import replaces the project\'s database')
+        recreate = body.get("recreate", False)
+        if not isinstance(recreate, bool):
+            raise InvalidRequest('"recreate" must be true or false')
+        has_url, has_key = "source_url" in body, "upload_key" in body
+        if has_url == has_key:
+            raise InvalidRequest(
+                'send exactly one of "source_url" (a live postgres:// URL) or '
+                '"upload_key" (the object_key of an upload)'
+            )
+        if has_url:
+            try:
+                return cls(recreate=recreate, source=SourceURL.parse(body["source_url"]))
+            except CapyError as err:
+                raise InvalidRequest(err.message) from err
+        key = body["upload_key"]
+        if not isinstance(key, str):
+            raise InvalidRequest('"upload_key" must be a string')
+        try:
+            return cls(recreate=recreate, upload_key=validate_key(key))
+        except CapyError as err:
+            raise InvalidRequest(err.message) from err
+
+
+def active_job(project: Project) -> Job | None:
+    return (
+        Job.select()
+        .where((Job.project == project.id) & Job.state.in_(ACTIVE_STATES))
+        .order_by(Job.created_at.desc())
+        .first()
+    )
+
+
+def start_import(
+    project: Project,
+    principal: Principal,
+    request: ImportRequest,
+    *,
+    settings: Settings,
+    sealer: Sealer,
+    wake: Callable[[str, str], None],
+    idempotency_key: str | None = None,
+) -> tuple[Job, bool]:
+    """Create the job (pending, preflight) and enqueue its first stage.
+
+    Returns (job, created). A repeated Idempotency-Key returns the first job with
+    created False. A second active import on the project raises Conflict.
+    """
+    if idempotency_key:
+        existing = Job.get_or_none((Job.project == project.id) & (Job.idempotency_key == idempotency_key))
+        if existing:
+            return existing, False
+    job_id = new_id("job")
+    try:
+        with database.atomic():
+            job = Job.create(
+                id=job_id,
+                state=State.PENDING.value,
+                stage=Stage.PREFLIGHT.value,
+                organization=project.organization_id,
+                project=project.id,
+                cluster=project.cluster_id,
+                locked_resource=f"project:{project.id}",
+                max_attempts=settings.max_attempts,
+                source_url_encrypted=sealer.seal(request.source.url()) if request.source else None,
+                source_url_redacted=request.source.redacted() if request.source else None,
+                upload_key=request.upload_key,
+                recreate=request.recreate,
+                idempotency_key=idempotency_key,
+                progress={"phase": "queued"},
+            )
+            audit.record(
+                project,
+                audit.IMPORT_STARTED,
+                principal.actor,
+                target_id=job_id,
+                details={
+                    "source": request.source.redacted() if request.source else None,
+                    "upload_key": request.upload_key,
+                    "recreate": request.recreate,
+                },
+            )
+            JobEvent.create(
+                job=job_id,
+                actor=principal.actor,
+                to_state=job.state,
+                to_stage=job.stage,
+                reason="import requested",
+            )
+    except peewee.IntegrityError as err:
+        if idempotency_key:
+            existing = Job.get_or_none((Job.project == project.id) & (Job.idempotency_key == idempotency_key))
+            if existing:
+                return existing, False
+        holder = active_job(project)
+        if holder is None:
+            raise
+        raise Conflict(
+            f"project {project.id} already has an active import, job {holder.id} "
+            f"({holder.state}, stage {holder.stage}); wait for it to finish or cancel it"
+        ) from err
+    try:
+        wake(job_id, Stage.PREFLIGHT.value)
+    except CapyError as err:
+        jobs.fail(
+            job_id,
+            "api",
+            "the job queue is unavailable; the import was not started, try again",
+            classification="transient",
+        )
+        raise Unavailable("the job queue is unavailable; try again shortly") from err
+    return job, True

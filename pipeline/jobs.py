@@ -1,0 +1,264 @@
+"""The job state machine. The job table is the source of truth; messages are wake-ups.
+
+Every change is a guarded UPDATE (`... WHERE id = ? AND state IN (...)`) that writes a
+job event in the same transaction. A guard that matches no row means someone else
+already moved the job, and the caller does nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+from typing import Any
+
+import peewee
+
+from pipeline.db import database
+from pipeline.models import (
+    ACTIVE_STATES,
+    STAGE_ORDER,
+    Job,
+    JobEvent,
+    Stage,
+    State,
+    utcnow,
+)
+from stages.errors import CommandFailed
+
+OUTPUT_TAIL_CHARS = 4000
+
+
+def worker_id() -> str:
+    """host:pid:thread, as shown in `claimed_by`."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def next_stage(stage: str) -> str | None:
+    order = [s.value for s in STAGE_ORDER]
+    index = order.index(stage)
+    return order[index + 1] if index + 1 < len(order) else None
+
+
+def _event(job: Job, actor: str, reason: str, **changes: Any) -> None:
+    JobEvent.create(job=job.id, actor=actor, reason=reason, **changes)
+
+
+def _guarded(job_id: str, where: peewee.Expression, **values: Any) -> Job | None:
+    values.setdefault("updated_at", utcnow())
+    rows = list(Job.update(**values).where((Job.id == job_id) & where).returning(Job).execute())
+    return rows[0] if rows else None
+
+
+def claim(job_id: str, stage: str, actor: str, *, lease: dt.timedelta) -> Job | None:
+    """Claim `stage` of the job for `actor`, or None when it is not ours to run.
+
+    A job can be claimed when it is active, at this stage, and either unclaimed or
+    held by a claim whose heartbeat is older than `lease` (its worker died).
+    """
+    now = utcnow()
+    with database.atomic():
+        before = Job.get_or_none(Job.id == job_id)
+        if before is None:
+            return None
+        job = _guarded(
+            job_id,
+            (Job.state.in_(ACTIVE_STATES))
+            & (Job.stage == stage)
+            & (Job.claimed_by.is_null() | (Job.heartbeat_at < now - lease))
+            & (Job.attempts < Job.max_attempts),
+            state=State.RUNNING.value,
+            claimed_by=actor,
+            claimed_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            started_at=peewee.fn.COALESCE(Job.started_at, now),
+        )
+        if job is None:
+            return None
+        reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
+        if before.claimed_by and before.claimed_by != actor:
+            reason += f", taking over the stale claim of {before.claimed_by}"
+        _event(
+            job, actor, reason, from_state=before.state, to_state=job.state, from_stage=stage, to_stage=stage
+        )
+        return job
+
+
+def heartbeat(job_id: str, actor: str) -> bool:
+    """Extend the claim; False if the claim was lost (taken over or job ended)."""
+    return (
+        _guarded(
+            job_id,
+            (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES),
+            heartbeat_at=utcnow(),
+            updated_at=Job.updated_at,
+        )
+        is not None
+    )
+
+
+def set_progress(job_id: str, actor: str, progress: dict[str, Any]) -> None:
+    _guarded(
+        job_id,
+        (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES),
+        progress=progress,
+        heartbeat_at=utcnow(),
+    )
+
+
+def update_fields(job_id: str, actor: str, **values: Any) -> None:
+    """Set fields of a job this actor holds (e.g. preview_database_id)."""
+    _guarded(job_id, (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES), **values)
+
+
+def advance(job_id: str, actor: str, stage: str, *, facts: dict[str, Any]) -> Job | None:
+    """Commit `stage`'s result and move to the next stage, unclaimed, for a wake-up."""
+    to_stage = next_stage(stage)
+    assert to_stage is not None, "the last stage completes the job instead"
+    with database.atomic():
+        current = Job.get_by_id(job_id)
+        job = _guarded(
+            job_id,
+            (Job.state == State.RUNNING.value) & (Job.stage == stage) & (Job.claimed_by == actor),
+            stage=to_stage,
+            claimed_by=None,
+            claimed_at=None,
+            heartbeat_at=None,
+            attempts=0,
+            error=None,
+            retry_classification=None,
+            facts={**current.facts, **facts},
+        )
+        if job:
+            _event(
+                job,
+                actor,
+                f"{stage} done",
+                from_state=job.state,
+                to_state=job.state,
+                from_stage=stage,
+                to_stage=to_stage,
+            )
+        return job
+
+
+def complete(job_id: str, actor: str, *, facts: dict[str, Any], progress: dict[str, Any]) -> Job | None:
+    now = utcnow()
+    with database.atomic():
+        current = Job.get_by_id(job_id)
+        job = _guarded(
+            job_id,
+            (Job.state == State.RUNNING.value) & (Job.claimed_by == actor),
+            state=State.COMPLETED.value,
+            completed_at=now,
+            claimed_by=None,
+            heartbeat_at=None,
+            error=None,
+            retry_classification=None,
+            progress=progress,
+            facts={**current.facts, **facts},
+        )
+        if job:
+            _event(
+                job,
+                actor,
+                "import completed",
+                from_state=State.RUNNING.value,
+                to_state=job.state,
+                from_stage=job.stage,
+                to_stage=job.stage,
+            )
+        return job
+
+
+def fail(
+    job_id: str, actor: str, error: str, *, classification: str, holder: str | None = None
+) -> Job | None:
+    """Fail an active job. With `holder`, only if that claim still holds it."""
+    where = Job.state.in_(ACTIVE_STATES)
+    if holder is not None:
+        where &= Job.claimed_by == holder
+    with database.atomic():
+        before = Job.get_or_none(Job.id == job_id)
+        job = _guarded(
+            job_id,
+            where,
+            state=State.FAILED.value,
+            completed_at=utcnow(),
+            claimed_by=None,
+            heartbeat_at=None,
+            error=error,
+            retry_classification=classification,
+        )
+        if job and before:
+            _event(
+                job,
+                actor,
+                f"failed ({classification}): {error}",
+                from_state=before.state,
+                to_state=job.state,
+                from_stage=job.stage,
+                to_stage=job.stage,
+            )
+        return job
+
+
+def release(job_id: str, actor: str, error: str) -> Job | None:
+    """Give up the claim after a transient failure so a retry can claim again."""
+    with database.atomic():
+        job = _guarded(
+            job_id,
+            (Job.state == State.RUNNING.value) & (Job.claimed_by == actor),
+            claimed_by=None,
+            heartbeat_at=None,
+            error=error,
+            retry_classification="transient",
+        )
+        if job:
+            _event(
+                job,
+                actor,
+                f"{job.stage} will be retried: {error}",
+                from_state=job.state,
+                to_state=job.state,
+                from_stage=job.stage,
+                to_stage=job.stage,
+            )
+        return job
+
+
+def record_command(
+    job_id: str,
+    failure: CommandFailed | None = None,
+    *,
+    exit_code: int | None = None,
+    stdout: str = "",
+    stderr: str = "",
+) -> None:
+    """Store the last external command's result (already redacted) on the job."""
+    if failure is not None:
+        exit_code, stdout, stderr = failure.exit_code, failure.stdout_tail, failure.stderr_tail
+    Job.update(
+        last_exit_code=exit_code,
+        last_stdout=stdout[-OUTPUT_TAIL_CHARS:] or None,
+        last_stderr=stderr[-OUTPUT_TAIL_CHARS:] or None,
+        updated_at=utcnow(),
+    ).where(Job.id == job_id).execute()
+
+
+def events(job_id: str) -> list[JobEvent]:
+    return list(JobEvent.select().where(JobEvent.job == job_id).order_by(JobEvent.id))
+
+
+__all__ = [
+    "Stage",
+    "advance",
+    "claim",
+    "complete",
+    "fail",
+    "heartbeat",
+    "release",
+    "set_progress",
+]

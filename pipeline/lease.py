@@ -1,0 +1,54 @@
+"""Heartbeats: a claimed stage proves it is alive, so a stale claim can be taken over."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from types import TracebackType
+
+from pipeline import jobs
+from pipeline.db import database
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Extends a job's claim every `interval` seconds in a background thread.
+
+    `lost` becomes set when the claim was taken over or the job ended (e.g. cancelled)
+    so the stage can stop early.
+    """
+
+    def __init__(self, job_id: str, actor: str, interval: float) -> None:
+        self.job_id = job_id
+        self.actor = actor
+        self.interval = interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not jobs.heartbeat(self.job_id, self.actor):
+                    log.warning("job %s: claim lost by %s", self.job_id, self.actor)
+                    self.lost.set()
+                    return
+            except Exception:  # the control database may blip; the next beat retries
+                log.exception("job %s: heartbeat failed", self.job_id)
+            finally:
+                if not database.is_closed():  # the connection is this thread's own
+                    database.close()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)

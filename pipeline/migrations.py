@@ -1,0 +1,174 @@
+"""Schema migrations of the control database, applied in order, each once.
+
+`migrate()` is idempotent: it takes an advisory lock (so two `release` processes do
+not race), creates the control database if it is missing, and applies only the
+versions not yet recorded in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+from psycopg2 import sql
+
+from pipeline.db import connect_params
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_initial",
+        """
+        CREATE TABLE organizations (
+            id text PRIMARY KEY,
+            name text NOT NULL,
+            clerk_org_id text UNIQUE,
+            plan text NOT NULL DEFAULT 'free',
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE clusters (
+            id text PRIMARY KEY,
+            name text NOT NULL UNIQUE,
+            admin_url_encrypted text NOT NULL,
+            server_major integer NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE projects (
+            id text PRIMARY KEY,
+            organization_id text NOT NULL REFERENCES organizations(id),
+            cluster_id text NOT NULL REFERENCES clusters(id),
+            name text NOT NULL,
+            database_name text NOT NULL UNIQUE,
+            storage_limit_bytes bigint NOT NULL CHECK (storage_limit_bytes > 0),
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX projects_organization_id ON projects (organization_id);
+        CREATE TABLE api_keys (
+            id text PRIMARY KEY,
+            organization_id text NOT NULL REFERENCES organizations(id),
+            project_id text REFERENCES projects(id),
+            key_prefix text NOT NULL UNIQUE,
+            key_hash text NOT NULL,
+            name text NOT NULL DEFAULT '',
+            scopes jsonb NOT NULL DEFAULT '[]',
+            expires_at timestamptz,
+            revoked_at timestamptz,
+            last_used_at timestamptz,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE jobs (
+            id text PRIMARY KEY,
+            type text NOT NULL,
+            state text NOT NULL CHECK (state IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+            stage text NOT NULL CHECK (stage IN ('preflight', 'fetch', 'restore', 'finalize')),
+            progress jsonb NOT NULL DEFAULT '{}',
+            organization_id text NOT NULL REFERENCES organizations(id),
+            project_id text NOT NULL REFERENCES projects(id),
+            cluster_id text NOT NULL REFERENCES clusters(id),
+            locked_resource text,
+            preview_database_id text,
+            attempts integer NOT NULL DEFAULT 0,
+            max_attempts integer NOT NULL DEFAULT 3,
+            claimed_by text,
+            claimed_at timestamptz,
+            heartbeat_at timestamptz,
+            started_at timestamptz,
+            completed_at timestamptz,
+            error text,
+            retry_classification text CHECK (retry_classification IN ('transient', 'permanent')),
+            last_exit_code integer,
+            last_stdout text,
+            last_stderr text,
+            source_url_encrypted text,
+            source_url_redacted text,
+            upload_key text,
+            recreate boolean NOT NULL DEFAULT false,
+            idempotency_key text,
+            facts jsonb NOT NULL DEFAULT '{}',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            CHECK ((source_url_encrypted IS NULL) <> (upload_key IS NULL))
+        );
+        -- One active import per project: the second insert fails, atomically.
+        CREATE UNIQUE INDEX jobs_one_active_per_resource
+            ON jobs (locked_resource) WHERE state IN ('pending', 'running');
+        CREATE UNIQUE INDEX jobs_idempotency ON jobs (project_id, idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+        CREATE INDEX jobs_project_created ON jobs (project_id, created_at DESC);
+        CREATE TABLE job_events (
+            id bigserial PRIMARY KEY,
+            job_id text NOT NULL REFERENCES jobs(id),
+            at timestamptz NOT NULL DEFAULT now(),
+            actor text NOT NULL,
+            from_state text,
+            to_state text,
+            from_stage text,
+            to_stage text,
+            reason text NOT NULL
+        );
+        CREATE INDEX job_events_job ON job_events (job_id, id);
+        CREATE TABLE audit_events (
+            id text PRIMARY KEY,
+            organization_id text NOT NULL REFERENCES organizations(id),
+            project_id text REFERENCES projects(id),
+            action text NOT NULL,
+            actor text NOT NULL,
+            target_id text,
+            details jsonb NOT NULL DEFAULT '{}',
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX audit_events_project ON audit_events (project_id, created_at DESC);
+        CREATE TABLE retired_databases (
+            id bigserial PRIMARY KEY,
+            cluster_id text NOT NULL REFERENCES clusters(id),
+            project_id text NOT NULL REFERENCES projects(id),
+            job_id text NOT NULL REFERENCES jobs(id),
+            database_name text NOT NULL,
+            drop_after timestamptz NOT NULL,
+            dropped_at timestamptz,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+]
+
+_LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs
+
+
+def ensure_database(url: str) -> bool:
+    """Create the control database if it does not exist; True if it was created."""
+    name, params = connect_params(url)
+    conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **params)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone():
+                return False
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            return True
+    finally:
+        conn.close()
+
+
+def migrate(url: str) -> list[str]:
+    """Apply pending migrations; return the versions applied by this call."""
+    ensure_database(url)
+    name, params = connect_params(url)
+    conn = psycopg2.connect(dbname=name, connect_timeout=5, **params)
+    applied: list[str] = []
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for version, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                cur.execute(statements)
+                cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+    finally:
+        conn.close()
+    return applied

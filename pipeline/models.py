@@ -1,0 +1,182 @@
+"""Peewee models of the control database. The schema itself is in `migrations`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+
+import peewee
+from playhouse.postgres_ext import BinaryJSONField
+
+from pipeline.db import database
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TZField(peewee.DateTimeField):
+    field_type = "TIMESTAMPTZ"
+
+
+class State(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = (State.PENDING.value, State.RUNNING.value)
+FINAL_STATES = (State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value)
+
+
+class Stage(enum.StrEnum):
+    PREFLIGHT = "preflight"
+    FETCH = "fetch"
+    RESTORE = "restore"
+    FINALIZE = "finalize"
+
+
+STAGE_ORDER = [Stage.PREFLIGHT, Stage.FETCH, Stage.RESTORE, Stage.FINALIZE]
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Organization(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    name = peewee.TextField()
+    clerk_org_id = peewee.TextField(null=True, unique=True)
+    plan = peewee.TextField(default="free")
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "organizations"
+
+
+class Cluster(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    name = peewee.TextField(unique=True)
+    admin_url_encrypted = peewee.TextField()
+    server_major = peewee.IntegerField()
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "clusters"
+
+
+class Project(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    name = peewee.TextField()
+    database_name = peewee.TextField(unique=True)
+    storage_limit_bytes = peewee.BigIntegerField()
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "projects"
+
+
+class ApiKey(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    project = peewee.ForeignKeyField(Project, column_name="project_id", null=True)
+    key_prefix = peewee.TextField(unique=True)
+    key_hash = peewee.TextField()
+    name = peewee.TextField(default="")
+    scopes = BinaryJSONField(default=list)
+    expires_at = TZField(null=True)
+    revoked_at = TZField(null=True)
+    last_used_at = TZField(null=True)
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "api_keys"
+
+
+class Job(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    type = peewee.TextField(default="project.import")
+    state = peewee.TextField(default=State.PENDING.value)
+    stage = peewee.TextField(default=Stage.PREFLIGHT.value)
+    progress = BinaryJSONField(default=dict)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    project = peewee.ForeignKeyField(Project, column_name="project_id")
+    cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    locked_resource = peewee.TextField(null=True)
+    preview_database_id = peewee.TextField(null=True)
+    attempts = peewee.IntegerField(default=0)
+    max_attempts = peewee.IntegerField(default=3)
+    claimed_by = peewee.TextField(null=True)
+    claimed_at = TZField(null=True)
+    heartbeat_at = TZField(null=True)
+    started_at = TZField(null=True)
+    completed_at = TZField(null=True)
+    error = peewee.TextField(null=True)
+    retry_classification = peewee.TextField(null=True)
+    last_exit_code = peewee.IntegerField(null=True)
+    last_stdout = peewee.TextField(null=True)
+    last_stderr = peewee.TextField(null=True)
+    # The request, as accepted: the source URL only ever encrypted.
+    source_url_encrypted = peewee.TextField(null=True)
+    source_url_redacted = peewee.TextField(null=True)
+    upload_key = peewee.TextField(null=True)
+    recreate = peewee.BooleanField(default=False)
+    idempotency_key = peewee.TextField(null=True)
+    # What stages hand to later stages (dump location, source row counts...).
+    facts = BinaryJSONField(default=dict)
+    created_at = TZField(default=utcnow)
+    updated_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "jobs"
+
+
+class JobEvent(BaseModel):
+    id = peewee.BigAutoField()
+    job = peewee.ForeignKeyField(Job, column_name="job_id")
+    at = TZField(default=utcnow)
+    actor = peewee.TextField()
+    from_state = peewee.TextField(null=True)
+    to_state = peewee.TextField(null=True)
+    from_stage = peewee.TextField(null=True)
+    to_stage = peewee.TextField(null=True)
+    reason = peewee.TextField()
+
+    class Meta:
+        table_name = "job_events"
+
+
+class AuditEvent(BaseModel):
+    id = peewee.TextField(primary_key=True)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    project = peewee.ForeignKeyField(Project, column_name="project_id", null=True)
+    action = peewee.TextField()
+    actor = peewee.TextField()
+    target_id = peewee.TextField(null=True)
+    details = BinaryJSONField(default=dict)
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "audit_events"
+
+
+class RetiredDatabase(BaseModel):
+    """A project database replaced by an import, kept until `drop_after`."""
+
+    id = peewee.BigAutoField()
+    cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    project = peewee.ForeignKeyField(Project, column_name="project_id")
+    job = peewee.ForeignKeyField(Job, column_name="job_id")
+    database_name = peewee.TextField()
+    drop_after = TZField()
+    dropped_at = TZField(null=True)
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "retired_databases"

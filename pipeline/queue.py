@@ -1,0 +1,106 @@
+"""The queue: one Dramatiq actor per stage, on RabbitMQ, and the wake-ups between them.
+
+Messages carry only a job ID: the job table says what to do, so a duplicate or
+redelivered message finds the job past its stage and does nothing. `set_broker` is
+called only by `make_broker`, at the edge (the WSGI factory and the worker module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import dramatiq
+import pika.exceptions
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+from pipeline.config import Settings
+from pipeline.models import STAGE_ORDER
+from stages.errors import PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, str], None]
+ExhaustedHandler = Callable[[str, str], None]
+
+
+def make_broker(settings: Settings) -> RabbitmqBroker:
+    """A RabbitMQ broker with publisher confirms; connects lazily, on first use."""
+    broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True)
+    dramatiq.set_broker(broker)
+    return broker
+
+
+class StageQueue:
+    """Declares the stage actors on `broker` and sends wake-ups to them.
+
+    `handler(job_id, stage)` runs a stage (the worker passes the Runner's; the API
+    passes none and only sends). A TransientError raised by the handler is retried
+    with exponential backoff by Dramatiq's Retries middleware; when retries run out,
+    `on_exhausted(job_id, stage)` is called.
+    """
+
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        settings: Settings,
+        handler: Handler | None = None,
+        on_exhausted: ExhaustedHandler | None = None,
+    ) -> None:
+        self.broker = broker
+        self.prefix = settings.queue_prefix
+        self.handler = handler
+        self.on_exhausted = on_exhausted
+        exhausted_name = f"{self.prefix}_stage_retries_exhausted"
+        self.exhausted_actor = dramatiq.actor(
+            self._exhausted,
+            broker=broker,
+            actor_name=exhausted_name,
+            queue_name=f"{self.prefix}.exhausted",
+            max_retries=3,
+        )
+        self.actors: dict[str, dramatiq.Actor] = {}
+        for stage in STAGE_ORDER:
+            self.actors[stage.value] = dramatiq.actor(
+                self._runner_for(stage.value),
+                broker=broker,
+                actor_name=f"{self.prefix}_{stage.value}",
+                queue_name=f"{self.prefix}.{stage.value}",
+                # Attempts are also bounded by the job's own max_attempts at claim.
+                max_retries=max(0, settings.max_attempts - 1),
+                min_backoff=5_000,
+                max_backoff=300_000,
+                retry_when=lambda retries, exc: (
+                    isinstance(exc, TransientError) and retries < settings.max_attempts - 1
+                ),
+                throws=(PermanentError,),
+                time_limit=settings.stage_time_limit_seconds * 1000,
+                on_retry_exhausted=exhausted_name,
+            )
+
+    def queue_names(self) -> list[str]:
+        return [actor.queue_name for actor in self.actors.values()] + [self.exhausted_actor.queue_name]
+
+    def _runner_for(self, stage: str) -> Callable[[str], None]:
+        def run(job_id: str) -> None:
+            if self.handler is None:
+                raise RuntimeError("this process only sends messages")
+            self.handler(job_id, stage)
+
+        run.__name__ = f"run_{stage}"
+        return run
+
+    def _exhausted(self, message: dict[str, Any], retry_info: dict[str, Any] | None = None) -> None:
+        if self.on_exhausted is None:
+            return
+        stage = message.get("actor_name", "").removeprefix(f"{self.prefix}_")
+        job_id = (message.get("args") or [""])[0]
+        self.on_exhausted(job_id, stage)
+
+    def wake(self, job_id: str, stage: str) -> None:
+        """Enqueue the stage's actor for the job; TransientError if the broker is down."""
+        try:
+            self.actors[stage].send(job_id)
+        except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError, OSError) as err:
+            raise TransientError(f"could not enqueue the {stage} stage: the broker is unavailable") from err

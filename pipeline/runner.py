@@ -1,0 +1,122 @@
+"""Runs one stage of one job: claim, work under a heartbeat, commit, wake the next.
+
+The next stage is enqueued only after this stage's result is committed. Failures are
+classified: a PermanentError fails the job at once (its message becomes `error`); a
+TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+
+from pipeline import jobs
+from pipeline.config import Settings
+from pipeline.import_steps import ImportSteps, StageContext
+from pipeline.lease import Heartbeat
+from pipeline.models import ACTIVE_STATES, Job, Stage
+from stages.errors import CommandFailed, PermanentError, TransientError
+
+log = logging.getLogger(__name__)
+
+LEASE = dt.timedelta(seconds=90)
+HEARTBEAT_SECONDS = 15.0
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        steps: ImportSteps,
+        wake: Callable[[str, str], None],
+        *,
+        lease: dt.timedelta = LEASE,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+    ) -> None:
+        self.settings = settings
+        self.steps = steps
+        self.wake = wake
+        self.lease = lease
+        self.heartbeat_seconds = heartbeat_seconds
+
+    def run(self, job_id: str, stage: str) -> None:
+        actor = jobs.worker_id()
+        job = jobs.claim(job_id, stage, actor, lease=self.lease)
+        if job is None:
+            self._not_claimed(job_id, stage, actor)
+            return
+        log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
+        context = StageContext(job, actor)
+        try:
+            with Heartbeat(job_id, actor, self.heartbeat_seconds) as beat:
+                context.lost = beat.lost
+                facts = self.steps.run(stage, context)
+        except PermanentError as err:
+            self._record(job_id, err)
+            self._fail(job, actor, err.message, "permanent")
+            return
+        except TransientError as err:
+            self._record(job_id, err)
+            log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
+            jobs.release(job_id, actor, err.message)
+            raise
+        except Exception:
+            log.exception("job %s: %s failed unexpectedly", job_id, stage)
+            jobs.release(
+                job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried"
+            )
+            raise TransientError(f"internal error in {stage}") from None
+        following = jobs.next_stage(stage)
+        if following is None:
+            jobs.complete(job_id, actor, facts=facts, progress={"phase": "completed"})
+            self.steps.cleanup(Job.get_by_id(job_id), succeeded=True)
+            log.info("job %s: completed", job_id)
+            return
+        if jobs.advance(job_id, actor, stage, facts=facts):
+            self.wake(job_id, following)
+
+    def _record(self, job_id: str, err: Exception) -> None:
+        if isinstance(err, CommandFailed):
+            jobs.record_command(job_id, err)
+
+    def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
+        failed = jobs.fail(job.id, actor, error, classification=classification)
+        log.warning("job %s: failed (%s): %s", job.id, classification, error)
+        self.steps.cleanup(failed or Job.get_by_id(job.id), succeeded=False)
+
+    def _not_claimed(self, job_id: str, stage: str, actor: str) -> None:
+        """A message we cannot act on: a duplicate, a stale wake-up, or retries spent."""
+        job = Job.get_or_none(Job.id == job_id)
+        if job is None or job.state not in ACTIVE_STATES:
+            log.info("job %s: %s message ignored, job is %s", job_id, stage, job and job.state)
+            return
+        if (
+            job.stage == stage
+            and job.attempts >= job.max_attempts
+            and (
+                job.claimed_by is None
+                or job.heartbeat_at is None
+                or job.heartbeat_at < jobs.utcnow() - self.lease
+            )
+        ):
+            self.exhausted(job_id, stage)
+            return
+        if job.stage != stage and job.claimed_by is None and job.stage == jobs.next_stage(stage):
+            # The previous run committed this stage but its wake-up was lost.
+            log.info("job %s: re-waking %s", job_id, job.stage)
+            self.wake(job_id, job.stage)
+            return
+        log.info("job %s: %s is held by %s; nothing to do", job_id, job.stage, job.claimed_by)
+
+    def exhausted(self, job_id: str, stage: str) -> None:
+        """Retries ran out: fail the job with the last error it recorded."""
+        job = Job.get_or_none(Job.id == job_id)
+        if job is None or job.state not in ACTIVE_STATES:
+            return
+        last = job.error or "no error was recorded"
+        error = f"gave up on the {stage} stage after {job.attempts} attempts; last error: {last}"
+        self._fail(job, "worker", error, "transient")
+
+
+__all__ = ["Runner", "Stage"]

@@ -1,0 +1,55 @@
+"""The worker process: `dramatiq pipeline.worker` (see Procfile).
+
+Dramatiq imports this module and uses the broker it sets; that is why the environment
+is read here, at import, and nowhere else in the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dramatiq
+
+from pipeline import logs
+from pipeline.config import Settings
+from pipeline.db import database, init_database
+from pipeline.import_steps import ImportSteps
+from pipeline.queue import StageQueue, make_broker
+from pipeline.runner import Runner
+from pipeline.sealing import Sealer
+
+log = logging.getLogger("pipeline.worker")
+
+
+class CloseDatabase(dramatiq.Middleware):
+    """Return each worker thread's control-database connection after every message,
+    so a restarted Postgres never leaves a thread holding a dead connection."""
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        if not database.is_closed():
+            database.close()
+
+    after_skip_message = after_process_message
+
+
+def build(settings: Settings) -> StageQueue:
+    logs.configure()
+    init_database(settings.database_url)
+    broker = make_broker(settings)
+    broker.add_middleware(CloseDatabase())
+    queue = StageQueue(broker, settings)
+    runner = Runner(settings, ImportSteps(settings, Sealer(settings.secret_key)), queue.wake)
+    queue.handler = runner.run
+    queue.on_exhausted = runner.exhausted
+    if settings.allow_private_sources:
+        log.warning(
+            "CAPY_ALLOW_PRIVATE_SOURCES is on: loopback and private sources are allowed (development only)"
+        )
+    return queue
+
+
+queue = build(Settings.from_env())
+broker = queue.broker

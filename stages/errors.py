@@ -1,0 +1,75 @@
+"""One exception root for the whole service, split by what the caller must do.
+
+`TransientError` means "try again later" (network, timeouts, a busy dependency);
+`PermanentError` means "retrying will not help" and its message is shown to the user
+as the job's `error`, so it must say what to fix. The class docstring is the default
+message. Vendor exceptions (psycopg2, minio, pika) are translated at the boundary with
+``raise ... from err``.
+"""
+
+from __future__ import annotations
+
+
+class CapyError(Exception):
+    """Something went wrong in CapyDB Imports."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class TransientError(CapyError):
+    """A dependency failed in a way that may go away on its own; the job is retried."""
+
+
+class PermanentError(CapyError):
+    """The import cannot succeed as requested; retrying will not help."""
+
+
+class CommandFailed(CapyError):
+    """An external command (pg_dump, pg_restore, psql) exited with an error.
+
+    Carries the exit code and the redacted tails of its output so the job can show
+    them as `last_exit_code`, `last_stdout` and `last_stderr`.
+    """
+
+    def __init__(self, message: str, *, exit_code: int, stdout_tail: str = "", stderr_tail: str = "") -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.stdout_tail = stdout_tail
+        self.stderr_tail = stderr_tail
+
+
+class PermanentCommandFailure(CommandFailed, PermanentError):
+    """An external command failed on input that will not get better by retrying."""
+
+
+class TransientCommandFailure(CommandFailed, TransientError):
+    """An external command failed for a reason that may pass (connection lost, busy)."""
+
+
+class SourceUnreachable(TransientError):
+    """The source database could not be reached."""
+
+
+class ObjectMissing(PermanentError):
+    """The uploaded object does not exist in storage."""
+
+
+class StorageUnavailable(TransientError):
+    """Object storage could not be reached."""
+
+
+class InvalidObjectKey(PermanentError):
+    """The upload key is not a key this project's uploads can have."""
+
+
+class ObjectTooLarge(PermanentError):
+    """The uploaded dump is larger than this import allows."""
+
+
+class UnrecognizedDump(PermanentError):
+    """The upload is not a pg_dump output; upload a file made by pg_dump -Fc, -Ft or plain SQL."""

@@ -1,0 +1,281 @@
+"""Object storage for uploaded dumps (S3-compatible, through the minio client).
+
+`ObjectStore` is the only place that talks to S3. It translates minio and urllib3
+errors at the boundary: a missing object or bucket becomes `ObjectMissing`, anything
+that means "storage did not answer properly" becomes `StorageUnavailable` (transient).
+
+Upload keys are `imports/{project_id}/{token}/{filename}`; `validate_object_key` is
+the one check every caller applies to a key a client sent, so a key of another
+project, or one that tries to escape its prefix, is rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from stages.errors import InvalidObjectKey, ObjectMissing, ObjectTooLarge, StorageUnavailable
+
+CHUNK_BYTES = 1024 * 1024
+KEY_PREFIX = "imports"
+# S3 limits keys to 1024 bytes of UTF-8.
+MAX_KEY_BYTES = 1024
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"})
+_TOKEN = re.compile(r"[0-9a-f]+")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class ObjectStore:
+    """Dumps in one bucket. `client` does the I/O against the internal endpoint;
+    `presign_client` only signs URLs for the public endpoint (it must have its region
+    set, so that signing never makes a network call)."""
+
+    def __init__(self, client: Minio, presign_client: Minio, bucket: str) -> None:
+        self.client = client
+        self.presign_client = presign_client
+        self.bucket = bucket
+
+    @classmethod
+    def from_settings(
+        cls,
+        endpoint: str,
+        public_endpoint: str,
+        region: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool,
+    ) -> ObjectStore:
+        """Build both clients from endpoint URLs such as ``http://127.0.0.1:8333``.
+
+        The URL's scheme decides TLS for that endpoint (the public one is often https
+        while the internal one is not); `secure` applies to an endpoint given without
+        a scheme. Connects to nothing.
+        """
+        host, tls = _split_endpoint(endpoint, secure)
+        public_host, public_tls = _split_endpoint(public_endpoint, secure)
+        client = Minio(
+            host,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=tls,
+            region=region,
+            http_client=_http_client(),
+        )
+        presign_client = Minio(
+            public_host,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=public_tls,
+            region=region,
+        )
+        return cls(client, presign_client, bucket)
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket unless it exists; safe when several processes race."""
+        with _translated(self.bucket):
+            if self.client.bucket_exists(self.bucket):
+                return
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as err:
+                if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def ping(self) -> None:
+        """Raise `StorageUnavailable` unless storage answers and the bucket exists."""
+        with _translated(self.bucket):
+            exists = self.client.bucket_exists(self.bucket)
+        if not exists:
+            raise StorageUnavailable(f"object storage is reachable but bucket {self.bucket!r} does not exist")
+
+    def presign_put(self, key: str, expires: timedelta) -> str:
+        """A URL on the public endpoint that lets anyone holding it PUT `key` until
+        `expires` from now. The URL is a credential: never log it."""
+        return self.presign_client.presigned_put_object(self.bucket, key, expires=expires)
+
+    def size(self, key: str) -> int:
+        """Size of the object in bytes; `ObjectMissing` if there is none."""
+        with _translated(key):
+            stat = self.client.stat_object(self.bucket, key)
+        if stat.size is None:
+            raise StorageUnavailable(f"object storage did not report the size of {key!r}")
+        return stat.size
+
+    def download(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> int:
+        """Stream the object to `path` in 1 MiB chunks and return its size.
+
+        Refuses (`ObjectTooLarge`) an object above `max_bytes` before reading it, and
+        again while streaming in case it was replaced by a bigger one meanwhile.
+        `on_progress(bytes_done, bytes_total)` is called after every chunk. The data
+        goes to a ``.part`` file renamed into place at the end, so `path` only ever
+        holds a complete download.
+        """
+        target = Path(path)
+        partial = target.with_name(target.name + ".part")
+        total = self.size(key)
+        _check_limit(key, total, max_bytes)
+        done = 0
+        try:
+            with _translated(key):
+                response = self.client.get_object(self.bucket, key)
+                try:
+                    # The object may have changed since stat; trust this response.
+                    total = int(response.headers.get("Content-Length", total))
+                    _check_limit(key, total, max_bytes)
+                    with open(partial, "wb") as out:
+                        # Raw bytes as stored, even if the uploader set a Content-Encoding.
+                        for chunk in response.stream(CHUNK_BYTES, decode_content=False):
+                            done += len(chunk)
+                            _check_limit(key, done, max_bytes)
+                            out.write(chunk)
+                            if on_progress is not None:
+                                on_progress(done, total)
+                finally:
+                    response.close()
+                    response.release_conn()
+            if done != total:
+                raise StorageUnavailable(f"download of {key!r} ended after {done} of {total} bytes")
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return done
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Upload a local file as `key` (tests and benchmarks; users upload presigned)."""
+        with _translated(key):
+            self.client.fput_object(
+                self.bucket, key, os.fspath(path), content_type="application/octet-stream"
+            )
+
+    def delete(self, key: str) -> None:
+        """Remove the object; removing one that is already gone is not an error."""
+        try:
+            with _translated(key):
+                self.client.remove_object(self.bucket, key)
+        except ObjectMissing:
+            pass
+
+
+def new_object_key(project_id: str, token_hex: str) -> str:
+    """The key an upload for `project_id` gets: ``imports/{project_id}/{token}/dump``."""
+    if not _TOKEN.fullmatch(token_hex):
+        raise ValueError("token_hex must be lowercase hexadecimal")
+    return validate_object_key(f"{KEY_PREFIX}/{project_id}/{token_hex}/dump", project_id)
+
+
+def validate_object_key(key: str, project_id: str) -> str:
+    """Return `key` unchanged if it is an upload key of `project_id`, else raise
+    `InvalidObjectKey` saying what is wrong.
+
+    A key is ``imports/{project_id}/{token}/{filename}``: four non-empty segments,
+    no ``.``/``..`` segments, no leading ``/``, backslash or control character.
+    """
+    if not project_id or "/" in project_id or project_id in (".", ".."):
+        raise ValueError(f"not a project id: {project_id!r}")
+    expected = f"imports/{project_id}/<token>/<filename>"
+    if not key:
+        raise InvalidObjectKey("the upload key is empty")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise InvalidObjectKey(f"the upload key is longer than {MAX_KEY_BYTES} bytes")
+    if any(unicodedata.category(ch) == "Cc" for ch in key):
+        raise InvalidObjectKey("the upload key contains control characters")
+    if "\\" in key:
+        raise InvalidObjectKey("the upload key contains a backslash")
+    if key.startswith("/"):
+        raise InvalidObjectKey(f"the upload key must not start with '/'; it looks like {expected}")
+    segments = key.split("/")
+    if ".." in segments:
+        raise InvalidObjectKey("the upload key contains a '..' segment")
+    if "." in segments or "" in segments:
+        raise InvalidObjectKey("the upload key contains an empty or '.' segment")
+    if segments[:2] != [KEY_PREFIX, project_id]:
+        raise InvalidObjectKey(
+            f"the upload key is not under this project's prefix imports/{project_id}/; "
+            "create an upload for this project and use the object_key it returns"
+        )
+    if len(segments) != 4:
+        raise InvalidObjectKey(f"the upload key must look like {expected}")
+    return key
+
+
+def _check_limit(key: str, size: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(
+            f"the upload {key!r} is larger than the {_human(max_bytes)} ({max_bytes} bytes) "
+            f"allowed for this import (found at least {size} bytes)"
+        )
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+@contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn minio/urllib3 exceptions raised inside into `stages.errors` ones."""
+    try:
+        yield
+    except S3Error as err:
+        if err.code in _MISSING_CODES:
+            raise ObjectMissing(
+                f"no uploaded object {what!r} in storage; PUT the dump to the upload URL "
+                "first, or create a new upload if it expired"
+            ) from err
+        # AccessDenied, SignatureDoesNotMatch, InternalError...: an operator problem or
+        # a hiccup, never the user's; retrying gives the operator a chance to fix it.
+        raise StorageUnavailable(f"object storage refused the request for {what!r}: {err.code}") from err
+    except (ServerError, InvalidResponseError) as err:
+        raise StorageUnavailable(f"object storage answered badly for {what!r}: {err}") from err
+    except urllib3.exceptions.HTTPError as err:
+        raise StorageUnavailable(f"object storage could not be reached: {err}") from err
+
+
+def _split_endpoint(url: str, secure: bool) -> tuple[str, bool]:
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    if parts.scheme not in ("", "http", "https"):
+        raise ValueError(f"S3 endpoint must be an http(s) URL, got {url!r}")
+    if not parts.hostname or parts.username or parts.password:
+        raise ValueError(f"S3 endpoint must be scheme://host[:port], got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        # minio addresses buckets as /bucket/key; it cannot live under a path prefix.
+        raise ValueError(f"S3 endpoint must not have a path, got {url!r}")
+    return parts.netloc, (parts.scheme == "https") if parts.scheme else secure
+
+
+def _http_client() -> urllib3.PoolManager:
+    # minio's default waits 5 minutes to connect and retries 5 times; a readiness
+    # probe or a stalled download should notice a dead endpoint much sooner.
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5, read=60),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED",
+        # The same CA lookup as minio's own default client.
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
