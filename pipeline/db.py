@@ -27,8 +27,6 @@ def connect_params(url: str) -> tuple[str, dict]:
 def init_database(url: str) -> PostgresqlExtDatabase:
     """Point the proxy at the control database (no connection is opened here)."""
     name, params = connect_params(url)
-    db = PostgresqlExtDatabase(
-        name, autorollback=True, connect_timeout=5, application_name="capy-imports", **params
-    )
+    db = PostgresqlExtDatabase(name, connect_timeout=5, application_name="capy-imports", **params)
     database.initialize(db)
     return db

@@ -145,8 +145,7 @@ class PgCommand:
             exit_code = process.wait()
         except BaseException:
             # An interrupt (time limit, shutdown) must not leave the tool running.
-            process.kill()
-            process.wait()
+            self.abort(process)
             raise
         for reader in readers:
             reader.join()
@@ -154,6 +153,15 @@ class PgCommand:
         if exit_code != 0:
             raise self.failure(result, what or self.program)
         return result
+
+    @staticmethod
+    def abort(process: subprocess.Popen[bytes]) -> None:
+        """Kill a started command and release its pipes."""
+        process.kill()
+        process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
 
     def failure(self, result: CommandResult, what: str) -> Exception:
         last = next(

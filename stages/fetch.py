@@ -13,12 +13,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import psycopg2.errors
 import psycopg2.extensions
 
 from stages import inventory
 from stages.commands import PgTools
 from stages.connect import connection
-from stages.pgurl import SourceURL
+from stages.errors import PermanentError, SourceUnreachable
+from stages.pgurl import SourceURL, redact
 
 Progress = Callable[[dict], None]
 
@@ -72,9 +74,20 @@ def dump_live(
                     {"phase": "dumping", "tables_counted": done, "tables_total": total}
                 ),
             )
+        except psycopg2.errors.InsufficientPrivilege as err:
+            pg_dump.abort(process)
+            raise PermanentError(
+                f"the source user {source.user!r} cannot read every table "
+                f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
+                "database owner's credentials"
+            ) from err
+        except psycopg2.OperationalError as err:
+            pg_dump.abort(process)
+            raise SourceUnreachable(
+                f"lost the connection to the source while reading it: {redact(str(err), source.password).strip()}"
+            ) from err
         except BaseException:
-            process.kill()
-            process.wait()
+            pg_dump.abort(process)
             raise
         on_progress({"phase": "dumping", "tables_total": len(counts)})
         pg_dump.wait(process, secrets=[source.password], what="pg_dump of the source")

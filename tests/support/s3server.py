@@ -24,6 +24,7 @@ from pathlib import Path
 
 import urllib3
 from minio import Minio
+from minio.error import MinioException
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -181,7 +182,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], endpoint: S3Endpoint, log_path: P
             client.remove_object(probe, "probe")
             client.remove_bucket(probe)
             return True
-        except Exception as err:  # any failure just means "not ready yet"
+        except (MinioException, urllib3.exceptions.HTTPError) as err:  # not ready yet
             last_error = err
             time.sleep(0.2)
     raise S3ServerError(

@@ -1,0 +1,113 @@
+"""Session fixtures: a fresh control database, a private queue prefix, scratch sources.
+
+Services are real (Postgres, RabbitMQ); a missing service fails the run, never skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import subprocess
+
+import pika
+import pytest
+
+from pipeline.config import Settings
+from pipeline.db import database, init_database
+from pipeline.migrations import migrate
+from tests.support import pg
+
+RUN_ID = secrets.token_hex(3)
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory) -> Settings:
+    """Settings of this test run: its own control database and queue names."""
+    return dataclasses.replace(
+        Settings.from_env({}),
+        database_url=pg.url_for(f"capy_test_{RUN_ID}"),
+        queue_prefix=f"capytest_{RUN_ID}",
+        allow_private_sources=True,
+        work_dir=str(tmp_path_factory.mktemp("work")),
+        secret_key="test-secret-key-" + RUN_ID,
+    )
+
+
+@pytest.fixture(scope="session")
+def control_db(base_settings):
+    migrate(base_settings.database_url)
+    init_database(base_settings.database_url)
+    yield base_settings
+    # Drop every database the run created on the local cluster, then the control db.
+    if not database.is_closed():
+        database.close()
+    names = [row[0] for row in pg.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", ("capy_%",))]
+    rows = pg.admin(
+        "SELECT database_name FROM projects UNION SELECT database_name FROM retired_databases "
+        "UNION SELECT preview_database_id FROM jobs WHERE preview_database_id IS NOT NULL",
+        dbname=f"capy_test_{RUN_ID}",
+    )
+    ours = {row[0] for row in rows}
+    for name in names:
+        if name in ours or any(name.startswith(o + "_replaced_") for o in ours):
+            pg.drop_db(name)
+    pg.drop_db(f"capy_test_{RUN_ID}")
+    _delete_queues(base_settings)
+
+
+def _delete_queues(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
+    try:
+        channel = connection.channel()
+        for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def corpus_source():
+    """Load a corpus database once per run: `corpus_source("pagila")` -> database name."""
+    loaded: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in loaded:
+            dbname = pg.create_db(f"capysrc_{name}_{RUN_ID}")
+            loaded[name] = dbname
+            pg.load_corpus(name, dbname)
+        return loaded[name]
+
+    yield get
+    for dbname in loaded.values():
+        pg.drop_db(dbname)
+
+
+@pytest.fixture
+def scratch_db():
+    """Empty scratch databases, dropped after the test: `scratch_db("src")`."""
+    made: list[str] = []
+
+    def make(prefix: str = "capysrc") -> str:
+        name = pg.create_db(pg.scratch_name(prefix))
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        pg.drop_db(name)
+
+
+@pytest.fixture(scope="session")
+def password_source():
+    """A separate cluster that checks passwords, holding a copy of chinook."""
+    from tests.support.pgcluster import temporary_cluster
+
+    with temporary_cluster() as cluster:
+        subprocess.run(
+            ["psql", "-X", "-q", "-d", cluster.url(), "-c", "CREATE DATABASE chinook"],
+            check=True,
+            capture_output=True,
+        )
+        pg.load_corpus("chinook", "chinook", url=cluster.url("chinook"))
+        yield cluster

@@ -1,0 +1,150 @@
+"""The job state machine against the real control database."""
+
+import datetime as dt
+
+import pytest
+
+from pipeline import jobs
+from pipeline.errors import Conflict
+from pipeline.imports import ImportRequest, start_import
+from pipeline.models import Job, JobEvent
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from stages.pgurl import SourceURL
+from tests.support.world import make_world
+
+LEASE = dt.timedelta(seconds=60)
+
+
+@pytest.fixture
+def world(control_db):
+    return make_world(control_db)
+
+
+def new_job(settings, world, wake=None, idempotency_key=None, url="postgres://u:pw@db.example.com/app"):
+    woken = []
+    principal = Principal(world.org.id, None, "test")
+    request = ImportRequest(recreate=False, source=SourceURL.parse(url))
+    job, created = start_import(
+        world.project,
+        principal,
+        request,
+        settings=settings,
+        sealer=Sealer(settings.secret_key),
+        wake=wake or (lambda job_id, stage: woken.append((job_id, stage))),
+        idempotency_key=idempotency_key,
+    )
+    return job, created, woken
+
+
+def test_start_import_creates_a_pending_job_and_wakes_preflight(control_db, world):
+    job, created, woken = new_job(control_db, world)
+    assert created and woken == [(job.id, "preflight")]
+    job = Job.get_by_id(job.id)
+    assert (job.state, job.stage, job.attempts, job.locked_resource) == (
+        "pending",
+        "preflight",
+        0,
+        f"project:{world.project.id}",
+    )
+    assert (
+        "pw" not in job.source_url_encrypted
+        and job.source_url_redacted == "postgresql://u:***@db.example.com:5432/app?sslmode=require"
+    )
+    assert Sealer(control_db.secret_key).open(job.source_url_encrypted).startswith("postgresql://u:pw@")
+
+
+def test_second_active_import_conflicts_naming_the_first(control_db, world):
+    first, _, _ = new_job(control_db, world)
+    with pytest.raises(Conflict) as info:
+        new_job(control_db, world)
+    assert first.id in info.value.message
+    jobs.fail(first.id, "test", "stop", classification="permanent")
+    second, created, _ = new_job(control_db, world)
+    assert created and second.id != first.id
+
+
+def test_idempotency_key_returns_the_same_job(control_db, world):
+    first, created, _ = new_job(control_db, world, idempotency_key="abc")
+    again, created_again, woken = new_job(control_db, world, idempotency_key="abc")
+    assert created and not created_again and again.id == first.id and woken == []
+
+
+def test_enqueue_failure_fails_the_job_and_frees_the_project(control_db, world):
+    from pipeline.errors import Unavailable
+    from stages.errors import TransientError
+
+    def broken(job_id, stage):
+        raise TransientError("broker down")
+
+    with pytest.raises(Unavailable):
+        new_job(control_db, world, wake=broken)
+    job = Job.select().where(Job.project == world.project.id).get()
+    assert job.state == "failed" and job.retry_classification == "transient"
+    new_job(control_db, world)  # the project is free again
+
+
+def test_claim_is_exclusive_and_counts_attempts(control_db, world):
+    job, _, _ = new_job(control_db, world)
+    claimed = jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    assert claimed.state == "running" and claimed.claimed_by == "w1" and claimed.attempts == 1
+    assert claimed.started_at is not None and claimed.claimed_at is not None
+    assert jobs.claim(job.id, "preflight", "w2", lease=LEASE) is None
+    assert jobs.claim(job.id, "fetch", "w2", lease=LEASE) is None
+
+
+def test_stale_claim_is_taken_over(control_db, world):
+    job, _, _ = new_job(control_db, world)
+    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    Job.update(heartbeat_at=jobs.utcnow() - dt.timedelta(minutes=5)).where(Job.id == job.id).execute()
+    taken = jobs.claim(job.id, "preflight", "w2", lease=LEASE)
+    assert taken.claimed_by == "w2" and taken.attempts == 2
+    assert "taking over the stale claim of w1" in jobs.events(job.id)[-1].reason
+    assert not jobs.heartbeat(job.id, "w1")
+    assert jobs.heartbeat(job.id, "w2")
+
+
+def test_max_attempts_stops_claims(control_db, world):
+    job, _, _ = new_job(control_db, world)
+    Job.update(attempts=job.max_attempts).where(Job.id == job.id).execute()
+    assert jobs.claim(job.id, "preflight", "w1", lease=LEASE) is None
+
+
+def test_advance_and_complete_are_guarded_and_recorded(control_db, world):
+    job, _, _ = new_job(control_db, world)
+    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    assert jobs.advance(job.id, "w2", "preflight", facts={}) is None  # not the holder
+    advanced = jobs.advance(job.id, "w1", "preflight", facts={"a": 1})
+    assert (advanced.stage, advanced.claimed_by, advanced.attempts, advanced.facts) == (
+        "fetch",
+        None,
+        0,
+        {"a": 1},
+    )
+    assert jobs.advance(job.id, "w1", "preflight", facts={}) is None  # duplicate message
+    jobs.claim(job.id, "fetch", "w1", lease=LEASE)
+    done = jobs.complete(job.id, "w1", facts={"b": 2}, progress={"phase": "completed"})
+    assert done.state == "completed" and done.completed_at and done.facts == {"a": 1, "b": 2}
+    assert jobs.fail(job.id, "w1", "late", classification="permanent") is None
+    reasons = [e.reason for e in JobEvent.select().where(JobEvent.job == job.id).order_by(JobEvent.id)]
+    assert reasons == [
+        "import requested",
+        "preflight claimed (attempt 1 of 3)",
+        "preflight done",
+        "fetch claimed (attempt 1 of 3)",
+        "import completed",
+    ]
+
+
+def test_release_keeps_the_job_running_for_a_retry(control_db, world):
+    job, _, _ = new_job(control_db, world)
+    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    released = jobs.release(job.id, "w1", "source timed out")
+    assert (released.state, released.claimed_by, released.error, released.retry_classification) == (
+        "running",
+        None,
+        "source timed out",
+        "transient",
+    )
+    again = jobs.claim(job.id, "preflight", "w2", lease=LEASE)
+    assert again.attempts == 2

@@ -1,0 +1,109 @@
+"""Test helpers for the local Postgres: scratch databases, corpus loading, comparisons."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+from pathlib import Path
+
+import psycopg2
+from psycopg2 import sql
+
+ADMIN_URL = os.environ.get("CAPY_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
+if not CORPUS.is_dir():  # CI clones next to shared/ as well; allow an override
+    CORPUS = Path(os.environ.get("CAPY_CORPUS_DIR", "/work/shared/corpus"))
+
+
+def url_for(dbname: str, **query: str) -> str:
+    base = ADMIN_URL.rsplit("/", 1)[0] + "/" + dbname
+    if query:
+        base += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+    return base
+
+
+def admin(sql_text: str | sql.Composed, params: tuple = (), dbname: str = "postgres") -> list[tuple]:
+    conn = psycopg2.connect(url_for(dbname))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql_text, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def scratch_name(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(4)}"
+
+
+def create_db(name: str) -> str:
+    admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name)))
+    return name
+
+
+def drop_db(name: str) -> None:
+    admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def psql(dbname: str, *, file: Path | None = None, text: str | None = None, url: str | None = None) -> None:
+    args = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url or url_for(dbname)]
+    if file is not None:
+        args += ["-f", str(file)]
+    subprocess.run(args, input=text, text=True, check=True, capture_output=True)
+
+
+def load_corpus(name: str, dbname: str, *, url: str | None = None) -> None:
+    """Load a corpus database into an existing empty database `dbname` (or `url`)."""
+    if name == "pagila":
+        psql(dbname, file=CORPUS / "pagila-schema.sql", url=url)
+        psql(dbname, file=CORPUS / "pagila-data.sql", url=url)
+    elif name == "chinook":
+        # chinook.sql drops and creates its own database; load its body into ours.
+        body = (CORPUS / "chinook.sql").read_text(encoding="utf-8")
+        body = re.sub(r"^(DROP DATABASE|CREATE DATABASE|\\c ).*$", "", body, flags=re.MULTILINE)
+        psql(dbname, text=body, url=url)
+    elif name == "northwind":
+        psql(dbname, file=CORPUS / "northwind.sql", url=url)
+    else:
+        raise ValueError(name)
+
+
+def schema_dump(dbname: str) -> str:
+    """pg_dump --schema-only, normalised for comparison between two databases."""
+    out = subprocess.run(
+        ["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "-d", url_for(dbname)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    # A source whose public schema has a non-default owner gets a "not creating
+    # schema" note; owners are deliberately not replayed, so the note is not compared.
+    out = re.sub(
+        r"--\n-- Name: public; Type: SCHEMA; Schema: -; Owner: -\n--\n\n-- \*not\* creating schema, since initdb creates it\n",
+        "",
+        out,
+    )
+    lines = [
+        line
+        for line in out.splitlines()
+        if line.strip()
+        and not line.startswith(("\\restrict", "\\unrestrict", "-- Dumped from", "-- Dumped by"))
+    ]
+    return "\n".join(lines)
+
+
+def row_counts(dbname: str) -> dict[str, int]:
+    conn = psycopg2.connect(url_for(dbname))
+    try:
+        from stages.inventory import count_rows
+
+        return count_rows(conn)
+    finally:
+        conn.close()
+
+
+def database_exists(name: str) -> bool:
+    return bool(admin("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))

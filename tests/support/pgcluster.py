@@ -1,0 +1,105 @@
+"""A throw-away Postgres cluster with password (SCRAM) authentication, for tests of
+what a source with real credentials does (wrong password, unknown user...).
+
+The machine's own cluster trusts every local connection, so it cannot refuse a
+password. initdb refuses to run as root, so the cluster runs as the `postgres` user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TempCluster:
+    port: int
+    superuser: str
+    password: str
+
+    def url(self, dbname: str = "postgres", *, user: str | None = None, password: str | None = None) -> str:
+        user = user or self.superuser
+        password = self.password if password is None else password
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{dbname}?sslmode=disable"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *args]
+    return args
+
+
+@contextlib.contextmanager
+def temporary_cluster(
+    bin_dir: str = "/usr/lib/postgresql/15/bin", password: str = "capy-source-pw"
+) -> Iterator[TempCluster]:
+    """Start a cluster on a free loopback port; stop and delete it on exit."""
+    root = tempfile.mkdtemp(prefix="capy-pg-")
+    os.chmod(root, 0o755)
+    data = os.path.join(root, "data")
+    pwfile = os.path.join(root, "pw")
+    with open(pwfile, "w") as fh:
+        fh.write(password + "\n")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        shutil.chown(pwfile, "postgres", "postgres")
+    port = free_port()
+    subprocess.run(
+        _as_postgres(
+            [
+                f"{bin_dir}/initdb",
+                "-D",
+                data,
+                "-U",
+                "capy_admin",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    log = os.path.join(root, "log")
+    subprocess.run(
+        _as_postgres(
+            [
+                f"{bin_dir}/pg_ctl",
+                "-D",
+                data,
+                "-l",
+                log,
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root}",
+                "start",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield TempCluster(port=port, superuser="capy_admin", password=password)
+    finally:
+        subprocess.run(
+            _as_postgres([f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+        )
+        time.sleep(0.2)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,81 @@
+import pytest
+
+from stages.commands import CommandResult, PgDump, PgRestore, PgTools, Psql, is_transient
+from stages.errors import PermanentCommandFailure, PermanentError, TransientCommandFailure
+
+
+def test_pg_dump_arguments():
+    args = PgDump("/bin").directory_args("host='h' dbname='d'", "/w/dump", jobs=4, snapshot="0003-1")
+    assert args == [
+        "--format=directory",
+        "--jobs=4",
+        "--file=/w/dump",
+        "--no-password",
+        "--snapshot=0003-1",
+        "--dbname=host='h' dbname='d'",
+    ]
+
+
+def test_pg_restore_arguments_do_not_replay_owners_or_grants():
+    args = PgRestore("/bin").restore_args("/w/dump", "dbname='p'", jobs=0)
+    assert args == [
+        "--dbname=dbname='p'",
+        "--no-owner",
+        "--no-privileges",
+        "--exit-on-error",
+        "--jobs=1",
+        "--no-password",
+        "/w/dump",
+    ]
+
+
+def test_psql_stops_on_first_error_and_ignores_psqlrc():
+    args = Psql("/bin").script_args("dbname='p'", "/w/dump.sql")
+    assert "--set=ON_ERROR_STOP=1" in args and "--no-psqlrc" in args and args[-1] == "--file=/w/dump.sql"
+
+
+def test_tools_for_a_missing_major_say_what_to_install(tmp_path):
+    with pytest.raises(PermanentError, match="install postgresql-client-99"):
+        PgTools.for_major(99, str(tmp_path / "{major}" / "bin"))
+
+
+@pytest.mark.parametrize(
+    ("stderr", "transient"),
+    [
+        ('pg_dump: error: connection to server at "h" failed: Connection timed out\ntimeout expired', True),
+        ("pg_dump: error: server closed the connection unexpectedly", True),
+        ('FATAL:  password authentication failed for user "u"', False),
+        ("pg_restore: error: input file appears to be a text format dump", False),
+        ("pg_restore: error: could not execute query: ERROR:  syntax error", False),
+    ],
+)
+def test_failure_classification(stderr, transient):
+    assert is_transient(stderr) is transient
+
+
+def test_failure_names_the_last_error_line():
+    result = CommandResult(
+        1, "", "pg_restore: connecting\npg_restore: error: could not read input file: end of file\n"
+    )
+    err = PgRestore("/bin").failure(result, "pg_restore into the preview database")
+    assert isinstance(err, PermanentCommandFailure)
+    assert (
+        err.message
+        == "pg_restore into the preview database failed (exit code 1): pg_restore: error: could not read input file: end of file"
+    )
+    assert err.exit_code == 1
+    flaky = PgDump("/bin").failure(
+        CommandResult(1, "", "pg_dump: error: server closed the connection unexpectedly"), "pg_dump"
+    )
+    assert isinstance(flaky, TransientCommandFailure)
+
+
+def test_command_output_is_redacted(tmp_path):
+    script = tmp_path / "psql"
+    script.write_text("#!/bin/sh\necho 'connecting to postgres://u:hunter22@h/db' >&2\nexit 3\n")
+    script.chmod(0o755)
+    with pytest.raises(PermanentCommandFailure) as info:
+        Psql(str(tmp_path)).run(["x"], secrets=["hunter22"])
+    assert info.value.exit_code == 3
+    assert "hunter22" not in info.value.stderr_tail
+    assert "hunter22" not in info.value.message

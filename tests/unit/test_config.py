@@ -1,0 +1,48 @@
+import pytest
+
+from pipeline.config import DEFAULT_EXTENSION_ALLOWLIST, ConfigError, Settings
+
+
+def test_defaults_run_against_local_services():
+    settings = Settings.from_env({})
+    assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/capy_imports"
+    assert settings.broker_url.startswith("amqp://guest:guest@127.0.0.1:5672")
+    assert settings.s3_endpoint == "http://127.0.0.1:8333"
+    assert settings.allow_private_sources is False
+    assert settings.extension_allowlist == DEFAULT_EXTENSION_ALLOWLIST
+    assert settings.uses_dev_secret
+
+
+def test_values_are_converted_where_read():
+    settings = Settings.from_env(
+        {
+            "CAPY_ALLOW_PRIVATE_SOURCES": "true",
+            "CAPY_CONCURRENCY": "8",
+            "CAPY_EXTENSION_ALLOWLIST": "citext, hstore,",
+            "CAPY_S3_ENDPOINT": "http://minio:9000",
+            "CAPY_SECRET_KEY": "x" * 40,
+        }
+    )
+    assert settings.allow_private_sources is True
+    assert settings.concurrency == 8
+    assert settings.extension_allowlist == ("citext", "hstore")
+    assert settings.s3_public_endpoint == "http://minio:9000"
+    assert not settings.uses_dev_secret
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CAPY_CONCURRENCY": "many"}, "CAPY_CONCURRENCY must be a whole number"),
+        ({"CAPY_ALLOW_PRIVATE_SOURCES": "maybe"}, "CAPY_ALLOW_PRIVATE_SOURCES must be true or false"),
+    ],
+)
+def test_bad_values_say_which_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_secrets_are_not_in_repr():
+    settings = Settings.from_env({"CAPY_SECRET_KEY": "topsecretvalue", "CAPY_S3_SECRET_KEY": "s3secretvalue"})
+    assert "topsecretvalue" not in repr(settings)
+    assert "s3secretvalue" not in repr(settings)
