@@ -53,7 +53,11 @@ def world(control_db):
 def post_import(client, world, body, key=None, **headers):
     return client.simulate_post(
         f"/v1/projects/{world.project.id}/imports",
-        headers={"Authorization": f"Bearer {key or world.key}", "Content-Type": "application/json", **headers},
+        headers={
+            "Authorization": f"Bearer {key or world.key}",
+            "Content-Type": "application/json",
+            **headers,
+        },
         body=body if isinstance(body, str) else json.dumps(body),
     )
 
@@ -64,8 +68,16 @@ def test_accepted_import_answers_202_with_the_full_job(client, world, queue):
     job = resp.json["job"]
     assert resp.headers["Location"] == f"/v1/jobs/{job['id']}"
     assert set(JOB_FIELDS) <= set(job)
-    assert (job["state"], job["stage"], job["type"], job["project_id"]) == ("pending", "preflight", "project.import", world.project.id)
-    assert job["source"] == {"kind": "live", "url": "postgresql://alice:***@db.example.com:5432/shop?sslmode=require"}
+    assert (job["state"], job["stage"], job["type"], job["project_id"]) == (
+        "pending",
+        "preflight",
+        "project.import",
+        world.project.id,
+    )
+    assert job["source"] == {
+        "kind": "live",
+        "url": "postgresql://alice:***@db.example.com:5432/shop?sslmode=require",
+    }
     assert queue.woken == [(job["id"], "preflight")]
     assert "pa55word" not in resp.text
 
@@ -73,7 +85,9 @@ def test_accepted_import_answers_202_with_the_full_job(client, world, queue):
     assert fetched.status_code == 200 and fetched.json["job"]["id"] == job["id"]
     listed = client.simulate_get(f"/v1/projects/{world.project.id}/jobs", headers={"X-API-Key": world.key})
     assert [j["id"] for j in listed.json["jobs"]] == [job["id"]]
-    audit = client.simulate_get(f"/v1/projects/{world.project.id}/audit-events", headers={"X-API-Key": world.key})
+    audit = client.simulate_get(
+        f"/v1/projects/{world.project.id}/audit-events", headers={"X-API-Key": world.key}
+    )
     event = audit.json["audit_events"][0]
     assert (event["action"], event["target_id"]) == ("project.import_started", job["id"])
     assert event["details"]["source"].startswith("postgresql://alice:***@") and "pa55word" not in audit.text
@@ -99,13 +113,38 @@ def test_idempotency_key_replays_the_same_job(client, world, queue):
         ("{not json", "application/json", 400, "the request body is not valid JSON"),
         ("", "application/json", 400, "the request needs a JSON body"),
         ('{"confirm": true}', "text/plain", 415, "Content-Type: application/json"),
-        ('{"confirm": true, "source_url": "%s", "x": 1}' % SOURCE, "application/json", 400, "unknown field(s): x"),
+        (
+            '{"confirm": true, "source_url": "%s", "x": 1}' % SOURCE,
+            "application/json",
+            400,
+            "unknown field(s): x",
+        ),
         ('{"source_url": "%s"}' % SOURCE, "application/json", 400, '"confirm" must be true'),
-        ('{"confirm": false, "source_url": "%s"}' % SOURCE, "application/json", 400, '"confirm" must be true'),
+        (
+            '{"confirm": false, "source_url": "%s"}' % SOURCE,
+            "application/json",
+            400,
+            '"confirm" must be true',
+        ),
         ('{"confirm": true}', "application/json", 400, 'send exactly one of "source_url"'),
-        ('{"confirm": true, "source_url": "%s", "upload_key": "k"}' % SOURCE, "application/json", 400, "exactly one of"),
-        ('{"confirm": true, "source_url": "mysql://u:p@h/db"}', "application/json", 400, "must start with postgres://"),
-        ('{"confirm": true, "source_url": "%s"}' % ("postgres://u@h/" + "x" * 70000), "application/json", 413, "larger than"),
+        (
+            '{"confirm": true, "source_url": "%s", "upload_key": "k"}' % SOURCE,
+            "application/json",
+            400,
+            "exactly one of",
+        ),
+        (
+            '{"confirm": true, "source_url": "mysql://u:p@h/db"}',
+            "application/json",
+            400,
+            "must start with postgres://",
+        ),
+        (
+            '{"confirm": true, "source_url": "%s"}' % ("postgres://u@h/" + "x" * 70000),
+            "application/json",
+            413,
+            "larger than",
+        ),
     ],
 )
 def test_bad_bodies_get_their_status_and_a_message(client, world, body, content_type, status, message):
@@ -138,8 +177,10 @@ def test_missing_or_bad_credentials_are_401(client, world, headers, message):
 
 def test_revoked_and_expired_keys_are_401(client, world):
     revoked = apikeys.create_key(world.org, world.project)
-    ApiKey.update(revoked_at=dt.datetime.now(dt.timezone.utc)).where(ApiKey.id == revoked.record.id).execute()
-    expired = apikeys.create_key(world.org, world.project, expires_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1))
+    ApiKey.update(revoked_at=dt.datetime.now(dt.UTC)).where(ApiKey.id == revoked.record.id).execute()
+    expired = apikeys.create_key(
+        world.org, world.project, expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    )
     for key, message in ((revoked.plaintext, "revoked"), (expired.plaintext, "expired")):
         resp = client.simulate_get(f"/v1/projects/{world.project.id}/jobs", headers={"X-API-Key": key})
         assert resp.status_code == 401 and message in resp.json["error"]
@@ -150,12 +191,17 @@ def test_project_scope_and_foreign_projects(client, control_db, world):
     sibling_key = apikeys.create_key(world.org, None).plaintext  # org-scoped key
     from pipeline import accounts
 
-    sibling = accounts.create_project(world.org, "second", Sealer(control_db.secret_key), cluster_id=world.cluster.id)
+    sibling = accounts.create_project(
+        world.org, "second", Sealer(control_db.secret_key), cluster_id=world.cluster.id
+    )
     # Project-scoped key on a sibling project of the same org: 403.
     resp = client.simulate_get(f"/v1/projects/{sibling.id}/jobs", headers={"X-API-Key": world.key})
     assert resp.status_code == 403 and f"scoped to project {world.project.id}" in resp.json["error"]
     # Org-scoped key: every project of its org.
-    assert client.simulate_get(f"/v1/projects/{sibling.id}/jobs", headers={"X-API-Key": sibling_key}).status_code == 200
+    assert (
+        client.simulate_get(f"/v1/projects/{sibling.id}/jobs", headers={"X-API-Key": sibling_key}).status_code
+        == 200
+    )
     # Another org's project and an unknown one: 404, indistinguishable.
     for project_id in (other.project.id, "prj_doesnotexist"):
         resp = client.simulate_post(
@@ -172,9 +218,16 @@ def test_project_scope_and_foreign_projects(client, control_db, world):
 
 def test_limits_and_unknown_routes(client, world):
     auth = {"X-API-Key": world.key}
-    assert client.simulate_get(f"/v1/projects/{world.project.id}/jobs?limit=0", headers=auth).status_code == 400
-    assert "from 1 to 100" in client.simulate_get(f"/v1/projects/{world.project.id}/jobs?limit=101", headers=auth).json["error"]
-    assert client.simulate_get("/v1/jobs/job_nope", headers=auth).json == {"error": "job job_nope does not exist"}
+    assert (
+        client.simulate_get(f"/v1/projects/{world.project.id}/jobs?limit=0", headers=auth).status_code == 400
+    )
+    assert (
+        "from 1 to 100"
+        in client.simulate_get(f"/v1/projects/{world.project.id}/jobs?limit=101", headers=auth).json["error"]
+    )
+    assert client.simulate_get("/v1/jobs/job_nope", headers=auth).json == {
+        "error": "job job_nope does not exist"
+    }
     resp = client.simulate_get("/v1/nothing-here", headers=auth)
     assert resp.status_code == 404 and resp.json == {"error": "no such route: GET /v1/nothing-here"}
     resp = client.simulate_delete(f"/v1/projects/{world.project.id}/imports", headers=auth)

@@ -1,0 +1,29 @@
+import pytest
+
+from tests.support import pg
+from tests.support.processes import cli, service_env, start_service
+
+
+@pytest.fixture(scope="session")
+def service(control_db, tmp_path_factory):
+    """Real gunicorn and dramatiq processes over this run's control database."""
+    env = service_env(control_db)
+    cli(env, "migrate")
+    clusters = pg.admin(
+        "SELECT id FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]
+    )
+    if not clusters:
+        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    running = start_service(control_db, tmp_path_factory.mktemp("service-logs"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def tenant(service):
+    """An organization, project and project key made with the operators' CLI."""
+    org = cli(service.env, "orgs", "create", "--name", "E2E org")
+    project = cli(service.env, "projects", "create", "--org", org["id"], "--name", "e2e")
+    key = cli(service.env, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "e2e")
+    assert key["key"].startswith("capy_live_") and key["project_id"] == project["id"]
+    return {"org": org, "project": project, "key": key["key"]}

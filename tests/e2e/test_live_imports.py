@@ -1,0 +1,73 @@
+"""End to end: real gunicorn and dramatiq processes, driven over HTTP like a user."""
+
+import pytest
+import requests
+
+from tests.support import pg
+from tests.support.processes import cli, wait_for_job
+
+
+def start(service, tenant, body):
+    return requests.post(
+        f"{service.base_url}/v1/projects/{tenant['project']['id']}/imports",
+        json=body,
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+        timeout=30,
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("corpus", ["pagila", "chinook"])
+def test_live_import_over_http_matches_the_source(service, tenant, corpus_source, corpus):
+    source = corpus_source(corpus)
+    resp = start(
+        service,
+        tenant,
+        {"confirm": True, "recreate": False, "source_url": pg.url_for(source, sslmode="disable")},
+    )
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job"]["id"]
+    assert resp.headers["Location"] == f"/v1/jobs/{job_id}"
+    job = wait_for_job(service, tenant["key"], job_id)
+    assert job["state"] == "completed", (job["error"], job["last_stderr"])
+    assert job["completed_at"] and job["started_at"] and job["preview_database_id"]
+    live = tenant["project"]["database_name"]
+    assert pg.schema_dump(live) == pg.schema_dump(source)
+    assert pg.row_counts(live) == pg.row_counts(source)
+    assert job["report"]["row_count"] == sum(pg.row_counts(source).values())
+    shown = cli(service.env, "jobs", "show", job_id)
+    assert shown["state"] == "completed"
+    assert [e["to_stage"] for e in shown["events"] if e["reason"].endswith(" done")] == [
+        "fetch",
+        "restore",
+        "finalize",
+    ]
+
+
+@pytest.mark.e2e
+def test_failed_import_over_http_leaves_the_live_database_unchanged(service, tenant, password_source):
+    live = tenant["project"]["database_name"]
+    pg.psql(
+        live,
+        text="CREATE TABLE precious (id int primary key, note text); INSERT INTO precious VALUES (1, 'keep me');",
+    )
+    before = (pg.schema_dump(live), pg.row_counts(live))
+    resp = start(
+        service,
+        tenant,
+        {
+            "confirm": True,
+            "recreate": True,
+            "source_url": password_source.url("chinook", password="not-the-password"),
+        },
+    )
+    assert resp.status_code == 202
+    assert "not-the-password" not in resp.text
+    job = wait_for_job(service, tenant["key"], resp.json()["job"]["id"])
+    assert job["state"] == "failed"
+    assert job["retry_classification"] == "permanent"
+    assert "password authentication failed; check the user name and password" in job["error"]
+    assert (pg.schema_dump(live), pg.row_counts(live)) == before
+    listed = cli(service.env, "jobs", "list", "--project", tenant["project"]["id"])
+    assert "not-the-password" not in str(listed)
+    assert "not-the-password" not in service.log_tail(10_000)

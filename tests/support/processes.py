@@ -1,0 +1,126 @@
+"""Running the service as real processes (gunicorn, dramatiq, the CLI) for e2e tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from pipeline.config import Settings
+from tests.support.pgcluster import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPY_")}
+    env.update(
+        CAPY_DATABASE_URL=settings.database_url,
+        CAPY_BROKER_URL=settings.broker_url,
+        CAPY_QUEUE_PREFIX=settings.queue_prefix,
+        CAPY_ALLOW_PRIVATE_SOURCES="true" if settings.allow_private_sources else "false",
+        CAPY_WORK_DIR=settings.work_dir,
+        CAPY_SECRET_KEY=settings.secret_key,
+        CAPY_S3_ENDPOINT=settings.s3_endpoint,
+        CAPY_S3_PUBLIC_ENDPOINT=settings.s3_public_endpoint,
+        CAPY_S3_BUCKET=settings.s3_bucket,
+        CAPY_S3_ACCESS_KEY=settings.s3_access_key,
+        CAPY_S3_SECRET_KEY=settings.s3_secret_key,
+        CAPY_CONCURRENCY=str(settings.concurrency),
+        PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+        **extra,
+    )
+    return env
+
+
+def cli(env: dict[str, str], *args: str) -> dict:
+    """Run `capy-imports --json ARGS` and return its one JSON object."""
+    done = subprocess.run(
+        [str(BIN / "capy-imports"), "--json", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"capy-imports {' '.join(args)} failed: {done.stdout}{done.stderr}")
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    return json.loads(lines[0])
+
+
+@dataclass
+class Service:
+    base_url: str
+    env: dict[str, str]
+    logs: dict[str, Path]
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def log_tail(self, lines: int = 60) -> str:
+        out = []
+        for name, path in self.logs.items():
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            out.append(f"--- {name} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Service:
+    port = free_port()
+    env = service_env(settings, PORT=str(port), **extra_env)
+    logs = {"web": log_dir / "web.log", "worker": log_dir / "worker.log"}
+    service = Service(f"http://127.0.0.1:{port}", env, logs)
+    commands = {
+        "web": [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app.wsgi:get_app()"],
+        "worker": [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
+    }
+    for name, command in commands.items():
+        handle = open(logs[name], "wb")  # noqa: SIM115 - owned by the process for its lifetime
+        service.processes.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2],
+            )
+        )
+        handle.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(service.base_url + "/readyz", timeout=2).status_code == 200:
+                return service
+        except requests.ConnectionError:
+            pass
+        if any(p.poll() is not None for p in service.processes):
+            break
+        time.sleep(0.3)
+    service.stop()
+    raise AssertionError("the service did not become ready:\n" + service.log_tail())
+
+
+def wait_for_job(service: Service, key: str, job_id: str, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = requests.get(
+            f"{service.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
+        assert resp.status_code == 200, resp.text
+        job = resp.json()["job"]
+        if job["state"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n" + service.log_tail())
