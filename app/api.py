@@ -17,9 +17,10 @@ from app.resources import (
     JobResource,
     ProjectJobsResource,
     ReadyResource,
+    UploadsResource,
 )
 from pipeline.config import Settings
-from pipeline.models import Project
+from pipeline.uploads import Uploads
 from pipeline.sealing import Sealer
 
 
@@ -28,7 +29,7 @@ class Services:
     settings: Settings
     sealer: Sealer
     wake: Callable[[str, str], None]
-    validate_upload_key: Callable[[str, Project], str]
+    uploads: Uploads
     readiness: dict[str, Callable[[], Any]]
     authenticators: tuple[Authenticator, ...] = (api_key_authenticator,)
 
@@ -41,8 +42,9 @@ def create_app(services: Services) -> falcon.App:
     app.add_route("/readyz", ReadyResource(services.readiness))
     app.add_route(
         "/v1/projects/{project_id}/imports",
-        ImportsResource(services.settings, services.sealer, services.wake, services.validate_upload_key),
+        ImportsResource(services.settings, services.sealer, services.wake, services.uploads),
     )
+    app.add_route("/v1/projects/{project_id}/imports/uploads", UploadsResource(services.uploads))
     app.add_route("/v1/projects/{project_id}/jobs", ProjectJobsResource())
     app.add_route("/v1/projects/{project_id}/audit-events", AuditEventsResource())
     app.add_route("/v1/jobs/{job_id}", JobResource())

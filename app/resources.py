@@ -12,10 +12,11 @@ from pipeline import audit
 from pipeline.config import Settings
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.imports import ImportRequest, start_import
-from pipeline.models import Job, Project
+from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
+from pipeline.uploads import Uploads
 
 
 def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
@@ -60,6 +61,16 @@ class ImportsResource:
         resp.status = falcon.HTTP_202 if created else falcon.HTTP_200
         resp.location = f"/v1/jobs/{job.id}"
         resp.media = {"job": job_json(job)}
+
+
+class UploadsResource:
+    def __init__(self, uploads: Uploads) -> None:
+        self.uploads = uploads
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
+        project = _principal(req).project(project_id)
+        resp.status = falcon.HTTP_201
+        resp.media = {"upload": self.uploads.create(project, _principal(req))}
 
 
 class JobResource:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 import falcon
@@ -12,6 +13,8 @@ from pipeline.config import Settings
 from pipeline.db import database, init_database
 from pipeline.queue import StageQueue, make_broker
 from pipeline.sealing import Sealer
+from pipeline.storage import object_store
+from pipeline.uploads import Uploads
 
 log = logging.getLogger("app")
 
@@ -31,18 +34,14 @@ def get_app(settings: Settings | None = None) -> falcon.App:
     def broker_ready() -> None:
         broker.channel.connection.process_data_events(0)
 
+    uploads = Uploads(object_store(settings), expiry=dt.timedelta(seconds=settings.upload_url_expiry_seconds))
     return create_app(
         Services(
             settings=settings,
             sealer=Sealer(settings.secret_key),
             wake=queue.wake,
-            validate_upload_key=_uploads_disabled,
-            readiness={"database": database_ready, "broker": broker_ready},
+            uploads=uploads,
+            # Creating the bucket if missing doubles as the storage check.
+            readiness={"database": database_ready, "broker": broker_ready, "storage": uploads.ensure_bucket},
         )
     )
-
-
-def _uploads_disabled(key: str, project: object) -> str:
-    from pipeline.errors import InvalidRequest
-
-    raise InvalidRequest("upload imports are not available on this server")

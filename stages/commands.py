@@ -193,6 +193,10 @@ class PgDump(PgCommand):
 class PgRestore(PgCommand):
     program = "pg_restore"
 
+    def list_args(self, archive: str) -> list[str]:
+        """Read the archive's table of contents only: proves this pg_restore can read it."""
+        return ["--list", "--file=/dev/null", archive]
+
     def restore_args(self, archive: str, conninfo: str, *, jobs: int) -> list[str]:
         """Restore into an existing database without replaying owners or grants.
 
@@ -213,14 +217,16 @@ class PgRestore(PgCommand):
 class Psql(PgCommand):
     program = "psql"
 
-    def script_args(self, conninfo: str, script: str) -> list[str]:
-        """Run a SQL file, stopping at the first error, ignoring ~/.psqlrc."""
+    def script_args(self, conninfo: str, script: str, *, restrict_key: str) -> list[str]:
+        """Run a SQL file, stopping at the first error, ignoring ~/.psqlrc, with every
+        backslash command of the file refused (`\\restrict` with a key the file cannot know)."""
         return [
             "--no-psqlrc",
             "--quiet",
             "--no-password",
             "--set=ON_ERROR_STOP=1",
             f"--dbname={conninfo}",
+            f"--command=\\restrict {restrict_key}",
             f"--file={script}",
         ]
 
