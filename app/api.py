@@ -20,8 +20,8 @@ from app.resources import (
     UploadsResource,
 )
 from pipeline.config import Settings
-from pipeline.uploads import Uploads
 from pipeline.sealing import Sealer
+from pipeline.uploads import Uploads
 
 
 @dataclass

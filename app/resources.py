@@ -34,21 +34,19 @@ def _principal(req: falcon.Request) -> Principal:
 
 class ImportsResource:
     def __init__(
-        self,
-        settings: Settings,
-        sealer: Sealer,
-        wake: Callable[[str, str], None],
-        validate_key: Callable[[str, Project], str],
+        self, settings: Settings, sealer: Sealer, wake: Callable[[str, str], None], uploads: Uploads
     ) -> None:
         self.settings = settings
         self.sealer = sealer
         self.wake = wake
-        self.validate_key = validate_key
+        self.uploads = uploads
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         body = read_json(req, max_bytes=self.settings.max_body_bytes)
-        request = ImportRequest.parse(body, validate_key=lambda key: self.validate_key(key, project))
+        request = ImportRequest.parse(body, validate_key=lambda key: self.uploads.validate_key(key, project))
+        if request.upload_key:
+            self.uploads.require_object(request.upload_key)
         job, created = start_import(
             project,
             _principal(req),

@@ -22,12 +22,17 @@ from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
 from stages.commands import PgTools
-from stages.errors import PermanentError
+from stages.dumpformat import detect_format
+from stages.dumpgate import check_archive_readable, check_versions
+from stages.dumprows import RowCounter, count_archive_rows
+from stages.errors import CapyError, ObjectMissing, PermanentError
 from stages.fetch import dump_live
 from stages.finalize import verify_preview
 from stages.pgurl import SourceURL
-from stages.preflight import Target, check_live_source
-from stages.restore import restore_archive
+from stages.plainsql import prepare_plain_sql
+from stages.preflight import Target, check_live_source, check_upload
+from stages.restore import restore_archive, restore_plain
+from stages.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +58,16 @@ def preview_name(job: Job) -> str:
 
 class ImportSteps:
     def __init__(
-        self, settings: Settings, sealer: Sealer, *, clock: Callable[[], dt.datetime] = utcnow
+        self,
+        settings: Settings,
+        sealer: Sealer,
+        store: ObjectStore,
+        *,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.sealer = sealer
+        self.store = store
         self.clock = clock
 
     # -- helpers -----------------------------------------------------------------
@@ -92,6 +103,16 @@ class ImportSteps:
         job = context.job
         context.progress({"phase": "checking the source and the target"})
         admin = self._admin(job)
+        if job.upload_key:
+            try:
+                size = self.store.size(job.upload_key)
+            except ObjectMissing as err:
+                raise PermanentError(
+                    f"the upload {job.upload_key} no longer exists; upload the dump again"
+                ) from err
+            report = check_upload(size, self._target(job, admin))
+            report.raise_for_failure()
+            return {"preflight": {"checks": [c.as_dict() for c in report.checks], "source": report.source}}
         report = check_live_source(
             self._source(job),
             self._target(job, admin),
@@ -107,6 +128,8 @@ class ImportSteps:
         }
 
     def fetch(self, context: StageContext) -> dict[str, Any]:
+        if context.job.upload_key:
+            return self._fetch_upload(context)
         job = context.job
         source = self._source(job).with_params(hostaddr=job.facts["source_address"])
         out_dir = os.path.join(self._work_dir(job), "dump")
@@ -123,9 +146,60 @@ class ImportSteps:
         return {
             "dump_path": dump.path,
             "dump_format": "directory",
+            "uncounted_tables": [],
             "dump_bytes": dump.bytes,
             "source_counts": dump.source_counts,
             "source_server_version": dump.server_version,
+        }
+
+    def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
+        """Download the upload (bounded memory), identify it, and prove the target's
+        tools can read it; count its rows for finalize to compare against."""
+        job = context.job
+        work = self._work_dir(job)
+        os.makedirs(work, exist_ok=True)
+        project = Project.get_by_id(job.project_id)
+        limit = project.storage_limit_bytes
+        download = os.path.join(work, "upload")
+
+        def downloaded(done: int, total: int) -> None:
+            context.progress({"phase": "downloading the upload", "bytes_done": done, "bytes_total": total})
+
+        size = self.store.download(job.upload_key, download, max_bytes=limit, on_progress=downloaded)
+        info = detect_format(download)
+        tools = self._tools(job)
+        major = Cluster.get_by_id(job.cluster_id).server_major
+        check_versions(info, major)
+        facts: dict[str, Any] = {
+            "upload_bytes": size,
+            "dump_format": info.format,
+            "dump_info": {
+                "archive_version": info.archive_version,
+                "dumped_by": info.dumped_by,
+                "dumped_from": info.dumped_from,
+            },
+        }
+        if info.format in ("custom", "tar"):
+            check_archive_readable(tools, download, info, major)
+            context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
+            counts, uncounted = count_archive_rows(tools, download)
+            dump_path = download
+        else:
+            dump_path = os.path.join(work, "dump.sql")
+            counter = RowCounter()
+            context.progress({"phase": "preparing the SQL", "bytes_total": size})
+            # Decompressed SQL may be larger than the data it loads, but not without bound.
+            prepare_plain_sql(
+                download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter
+            )
+            os.remove(download)
+            counts, uncounted = counter.result()
+        return {
+            **facts,
+            "dump_path": dump_path,
+            "dump_bytes": os.path.getsize(dump_path),
+            "source_counts": counts,
+            "uncounted_tables": uncounted,
         }
 
     def restore(self, context: StageContext) -> dict[str, Any]:
@@ -143,9 +217,12 @@ class ImportSteps:
         admin.drop_database(preview)  # a retried restore starts from an empty preview
         admin.create_database(preview)
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
-        restore_archive(
-            self._tools(job), admin.database_url(preview), dump_path, jobs=self.settings.concurrency
-        )
+        target = admin.database_url(preview)
+        fmt = job.facts["dump_format"]
+        if fmt in ("plain", "gzip-plain"):
+            restore_plain(self._tools(job), target, dump_path)
+        else:
+            restore_archive(self._tools(job), target, dump_path, jobs=self.settings.concurrency, fmt=fmt)
         return {"preview_database": preview}
 
     def finalize(self, context: StageContext) -> dict[str, Any]:
@@ -159,7 +236,7 @@ class ImportSteps:
             return {"report": job.facts.get("report", {}), "replaced_database": retired.database_name}
         context.progress({"phase": "verifying row counts"})
         source_counts = job.facts["source_counts"]
-        target_counts = verify_preview(admin, preview, source_counts)
+        target_counts = verify_preview(admin, preview, source_counts, job.facts.get("uncounted_tables", []))
         # The gate again, just before the destructive step: the project's database
         # may have received data since preflight.
         if not job.recreate and not admin.is_empty(project.database_name):
@@ -186,6 +263,7 @@ class ImportSteps:
                 name: {"source_rows": source_counts[name], "target_rows": target_counts.get(name)}
                 for name in sorted(source_counts)
             },
+            "uncounted_tables": job.facts.get("uncounted_tables", []),
             "table_count": len(source_counts),
             "row_count": sum(source_counts.values()),
             "replaced_database": replaced,
@@ -193,8 +271,14 @@ class ImportSteps:
         return {"report": report, "replaced_database": replaced}
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
-        """Remove the job's temporary files and, after a failure, its preview."""
+        """Remove the job's temporary files, its upload (unless a retention is set:
+        then `capy-imports sweep` deletes it later) and, after a failure, its preview."""
         shutil.rmtree(self._work_dir(job), ignore_errors=True)
+        if job.upload_key and self.settings.upload_retention_seconds <= 0:
+            try:
+                self.store.delete(job.upload_key)
+            except CapyError:
+                log.exception("job %s: could not delete upload %s", job.id, job.upload_key)
         if not succeeded and job.preview_database_id:
             try:
                 self._admin(job).drop_database(job.preview_database_id)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pipeline import audit
 from pipeline.errors import NotFound

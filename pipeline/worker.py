@@ -18,6 +18,7 @@ from pipeline.import_steps import ImportSteps
 from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.storage import object_store
 
 log = logging.getLogger("pipeline.worker")
 
@@ -41,7 +42,8 @@ def build(settings: Settings) -> StageQueue:
     broker = make_broker(settings)
     broker.add_middleware(CloseDatabase())
     queue = StageQueue(broker, settings)
-    runner = Runner(settings, ImportSteps(settings, Sealer(settings.secret_key)), queue.wake)
+    steps = ImportSteps(settings, Sealer(settings.secret_key), object_store(settings))
+    runner = Runner(settings, steps, queue.wake)
     queue.handler = runner.run
     queue.on_exhausted = runner.exhausted
     if settings.allow_private_sources:

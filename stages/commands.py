@@ -13,7 +13,7 @@ import logging
 import os
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -150,6 +150,34 @@ class PgCommand:
         for reader in readers:
             reader.join()
         result = CommandResult(exit_code, readers[0].tail(), readers[1].tail())
+        if exit_code != 0:
+            raise self.failure(result, what or self.program)
+        return result
+
+    def run_streaming(
+        self,
+        args: Sequence[str],
+        consume: Callable[[IO[bytes]], None],
+        *,
+        env: dict[str, str] | None = None,
+        secrets: Sequence[str | None] = (),
+        what: str = "",
+    ) -> CommandResult:
+        """Run, handing stdout to `consume` as it is produced (never held whole)."""
+        process = self.start(args, env=env)
+        assert process.stdout is not None and process.stderr is not None
+        stderr = _TailReader(process.stderr, "stderr", secrets)
+        stderr.start()
+        try:
+            consume(process.stdout)
+        except BaseException:
+            self.abort(process)
+            raise
+        finally:
+            process.stdout.close()
+        exit_code = process.wait()
+        stderr.join()
+        result = CommandResult(exit_code, "", stderr.tail())
         if exit_code != 0:
             raise self.failure(result, what or self.program)
         return result

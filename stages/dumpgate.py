@@ -48,12 +48,12 @@ def check_archive_readable(tools: PgTools, path: str, info: DumpInfo, target_maj
     except CommandFailed as err:
         if "unsupported version" in err.stderr_tail:
             made_by = f"pg_dump {info.dumped_by}" if info.dumped_by else "a newer pg_dump"
-            raise DumpTooNew(
+            raise err.with_message(
                 f"the dump (archive format {info.archive_version}) was made by {made_by}, which "
                 f"PostgreSQL {target_major}'s pg_restore cannot read; dump the database again "
                 f"with pg_dump {target_major} (package postgresql-client-{target_major})"
             ) from err
-        raise PermanentError(
+        raise err.with_message(
             f"the {info.format} archive is damaged or truncated: {err.message}; "
             "upload a complete pg_dump output"
         ) from err

@@ -42,6 +42,12 @@ class CommandFailed(CapyError):
         self.stdout_tail = stdout_tail
         self.stderr_tail = stderr_tail
 
+    def with_message(self, message: str) -> CommandFailed:
+        """The same failure (class, exit code, output) explained differently."""
+        return type(self)(
+            message, exit_code=self.exit_code, stdout_tail=self.stdout_tail, stderr_tail=self.stderr_tail
+        )
+
 
 class PermanentCommandFailure(CommandFailed, PermanentError):
     """An external command failed on input that will not get better by retrying."""

@@ -11,8 +11,11 @@ class VerificationFailed(PermanentError):
     """The restored database does not match the source."""
 
 
-def verify_preview(admin: ClusterAdmin, preview: str, source_counts: dict[str, int]) -> dict[str, int]:
-    """Count every table of the preview and compare with the source's counts.
+def verify_preview(
+    admin: ClusterAdmin, preview: str, source_counts: dict[str, int], present: list[str] = ()
+) -> dict[str, int]:
+    """Count every table of the preview and compare with the source's counts; the
+    tables in `present` (whose source count is unknown) must merely exist.
 
     Raises VerificationFailed naming every missing table and every mismatch;
     returns the preview's counts otherwise.
@@ -20,6 +23,7 @@ def verify_preview(admin: ClusterAdmin, preview: str, source_counts: dict[str, i
     with admin.connection(preview) as conn:
         target_counts = inventory.count_rows(conn)
     problems = inventory.compare_counts(source_counts, target_counts)
+    problems += [f"table {table} is missing" for table in present if table not in target_counts]
     if problems:
         shown = "; ".join(problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""

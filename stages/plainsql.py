@@ -17,8 +17,10 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
+from stages.dumprows import RowCounter
 from stages.errors import ObjectTooLarge, PermanentError
 
 PIECE = 1024 * 1024
@@ -39,14 +41,17 @@ def prepare_plain_sql(
     *,
     gzipped: bool,
     max_bytes: int,
+    counter: RowCounter | None = None,
     on_progress: Callable[[int], None] = lambda _n: None,
 ) -> int:
     """Copy `src` (optionally gunzipping it) to `dst` without pg_dump's \\restrict
-    lines; refuse output larger than `max_bytes`. Returns the bytes written."""
+    lines nor owner and grant statements, counting rows into `counter` on the way;
+    refuse output larger than `max_bytes`. Returns the bytes written."""
     written = 0
+    counter = counter or RowCounter()
     try:
-        with (gzip.open(src, "rb") if gzipped else open(src, "rb")) as reader, open(dst, "wb") as out:
-            written = _copy(reader, out, max_bytes, on_progress)
+        with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
+            written = _copy(reader, out, max_bytes, counter, on_progress)
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise PermanentError(
             f"the gzip-compressed dump is truncated or corrupt ({err}); upload it again, "
@@ -55,7 +60,9 @@ def prepare_plain_sql(
     return written
 
 
-def _copy(reader: BinaryIO, out: BinaryIO, max_bytes: int, on_progress: Callable[[int], None]) -> int:
+def _copy(
+    reader: BinaryIO, out: BinaryIO, max_bytes: int, counter: RowCounter, on_progress: Callable[[int], None]
+) -> int:
     written = 0
     at_line_start = True
     in_copy_data = False
@@ -70,6 +77,7 @@ def _copy(reader: BinaryIO, out: BinaryIO, max_bytes: int, on_progress: Callable
                 continue
             elif _COPY_FROM_STDIN.match(piece):
                 in_copy_data = True
+        counter.feed(piece, at_line_start)
         at_line_start = piece.endswith(b"\n")
         written += len(piece)
         if written > max_bytes:

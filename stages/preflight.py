@@ -77,6 +77,42 @@ def check_target_empty(report: Preflight, target: Target) -> None:
         )
 
 
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} bytes"
+
+
+def check_size(report: Preflight, size: int, target: Target, what: str) -> None:
+    """`source_size_within_plan`: fail above the storage limit, warn above 80 %."""
+    limit = target.storage_limit_bytes
+    share = f"{_human(size)} of the project's {_human(limit)} storage limit"
+    if size > limit:
+        report.add(
+            "source_size_within_plan",
+            FAIL,
+            f"{what} is {share} ({size} > {limit} bytes); raise the project's storage limit or import less data",
+        )
+    elif size > 0.8 * limit:
+        report.add("source_size_within_plan", WARN, f"{what} uses {share}, over 80 %")
+    else:
+        report.add("source_size_within_plan", PASS, f"{what} uses {share}")
+
+
+def check_upload(size: int, target: Target) -> Preflight:
+    """Checks for an uploaded dump before it is downloaded: its size, the target."""
+    report = Preflight()
+    report.source.update(upload_bytes=size)
+    if size == 0:
+        report.add("upload_not_empty", FAIL, "the uploaded object is empty; upload the pg_dump output again")
+    check_size(report, size, target, "the upload")
+    check_target_empty(report, target)
+    return report
+
+
 def check_live_source(
     source: SourceURL,
     target: Target,

@@ -11,7 +11,9 @@ from stages.pgurl import SourceURL
 PARALLEL_FORMATS = ("custom", "directory")
 
 
-def restore_archive(tools: PgTools, target: SourceURL, archive: str, *, jobs: int, fmt: str = "directory") -> None:
+def restore_archive(
+    tools: PgTools, target: SourceURL, archive: str, *, jobs: int, fmt: str = "directory"
+) -> None:
     """pg_restore an archive (custom, tar or directory) into `target`, in parallel
     where the format allows; owners and grants of the source are not replayed."""
     pg_restore = tools.pg_restore

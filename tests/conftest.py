@@ -21,10 +21,24 @@ RUN_ID = secrets.token_hex(3)
 
 
 @pytest.fixture(scope="session")
-def base_settings(tmp_path_factory) -> Settings:
-    """Settings of this test run: its own control database and queue names."""
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on free ports, for this test run."""
+    from tests.support.s3server import running_seaweedfs
+
+    with running_seaweedfs(tmp_path_factory.mktemp("s3")) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def base_settings(tmp_path_factory, s3) -> Settings:
+    """Settings of this test run: its own control database, queue names and S3."""
     return dataclasses.replace(
         Settings.from_env({}),
+        s3_endpoint=s3.url,
+        s3_public_endpoint=s3.url,
+        s3_access_key=s3.access_key,
+        s3_secret_key=s3.secret_key,
+        s3_bucket=f"capytest-{RUN_ID}",
         database_url=pg.url_for(f"capy_test_{RUN_ID}"),
         queue_prefix=f"capytest_{RUN_ID}",
         allow_private_sources=True,
@@ -64,6 +78,15 @@ def _delete_queues(settings: Settings) -> None:
                 channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
     finally:
         connection.close()
+
+
+@pytest.fixture(scope="session")
+def store(control_db):
+    from pipeline.storage import object_store
+
+    store = object_store(control_db)
+    store.ensure_bucket()
+    return store
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pipeline import apikeys
 from pipeline.models import ApiKey
 from pipeline.sealing import Sealer
 from pipeline.serialize import JOB_FIELDS
+from pipeline.uploads import Uploads
 from tests.support.world import make_world
 
 SOURCE = "postgres://alice:pa55word@db.example.com:5432/shop"
@@ -24,22 +25,23 @@ class RecordingQueue:
         self.woken.append((job_id, stage))
 
 
-def accept_key(key, project):
-    return key
-
-
 @pytest.fixture
 def queue():
     return RecordingQueue()
 
 
 @pytest.fixture
-def client(control_db, queue):
+def uploads(store):
+    return Uploads(store, expiry=dt.timedelta(hours=1))
+
+
+@pytest.fixture
+def client(control_db, queue, uploads):
     services = Services(
         settings=control_db,
         sealer=Sealer(control_db.secret_key),
         wake=queue.wake,
-        validate_upload_key=accept_key,
+        uploads=uploads,
         readiness={"database": lambda: None, "broker": lambda: None},
     )
     return testing.TestClient(create_app(services))
@@ -234,7 +236,7 @@ def test_limits_and_unknown_routes(client, world):
     assert resp.status_code == 405 and "not allowed" in resp.json["error"]
 
 
-def test_health_and_readiness(control_db):
+def test_health_and_readiness(control_db, uploads):
     def down():
         raise ConnectionError("broker down")
 
@@ -243,7 +245,7 @@ def test_health_and_readiness(control_db):
             settings=control_db,
             sealer=Sealer(control_db.secret_key),
             wake=lambda *a: None,
-            validate_upload_key=accept_key,
+            uploads=uploads,
             readiness={"database": lambda: None, "broker": down},
         )
     )

@@ -8,6 +8,7 @@ from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.storage import object_store
 from stages.errors import TransientError
 
 
@@ -17,7 +18,10 @@ class InlineQueue:
     def __init__(self, settings: Settings) -> None:
         self.woken: deque[tuple[str, str]] = deque()
         self.runner = Runner(
-            settings, ImportSteps(settings, Sealer(settings.secret_key)), self.wake, heartbeat_seconds=1
+            settings,
+            ImportSteps(settings, Sealer(settings.secret_key), object_store(settings)),
+            self.wake,
+            heartbeat_seconds=1,
         )
         self.settings = settings
 

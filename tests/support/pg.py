@@ -107,3 +107,17 @@ def row_counts(dbname: str) -> dict[str, int]:
 
 def database_exists(name: str) -> bool:
     return bool(admin("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
+
+
+def make_dump(dbname: str, fmt: str, path: Path) -> Path:
+    """Dump `dbname` as custom, tar, plain or gzip-plain (pg_dump | gzip) to `path`."""
+    url = url_for(dbname)
+    if fmt == "gzip-plain":
+        dump = subprocess.run(["pg_dump", "--format=plain", "-d", url], check=True, capture_output=True).stdout
+        import gzip
+
+        path.write_bytes(gzip.compress(dump))
+        return path
+    flag = {"custom": "--format=custom", "tar": "--format=tar", "plain": "--format=plain"}[fmt]
+    subprocess.run(["pg_dump", flag, f"--file={path}", "-d", url], check=True, capture_output=True)
+    return path

@@ -1,0 +1,88 @@
+"""Counting the rows a dump holds, table by table, from its COPY data.
+
+For an upload there is no live source to count, so the dump itself is the source:
+every `COPY <table> (...) FROM stdin;` block is counted line by line up to its `\\.`.
+Tables a dump fills with INSERT statements (pg_dump --inserts) cannot be counted
+exactly this way; they are reported as `uncounted` and only their presence is checked.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import IO
+
+from stages.commands import PgTools
+from stages.errors import PermanentCommandFailure
+
+_COPY = re.compile(rb'^COPY ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) .*FROM stdin;\r?\n$')
+_INSERT = re.compile(rb'^INSERT INTO ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) ')
+_END = re.compile(rb"^\\\.\r?\n$")
+_PART = re.compile(r'"((?:[^"]|"")*)"|([^."]+)')
+
+
+def table_key(qualified: bytes) -> str:
+    """The inventory's "schema.table" key for a qualified name as pg_dump writes it,
+    with quoted identifiers unquoted (doubled quotes become one)."""
+    text = qualified.decode("utf-8", "replace")
+    parts = []
+    for match in _PART.finditer(text):
+        quoted, plain = match.group(1), match.group(2)
+        parts.append(quoted.replace('""', '"') if quoted is not None else plain)
+    return ".".join(parts)
+
+
+class RowCounter:
+    """Feed it a dump's lines (in pieces, each flagged as starting a line or not)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.uncounted: set[str] = set()
+        self._table: str | None = None
+
+    def feed(self, piece: bytes, at_line_start: bool) -> None:
+        if not at_line_start:
+            return
+        if self._table is not None:
+            if _END.match(piece):
+                self._table = None
+            else:
+                self.counts[self._table] += 1
+            return
+        if piece.startswith(b"COPY "):
+            match = _COPY.match(piece)
+            if match:
+                self._table = table_key(match.group(1))
+                self.counts.setdefault(self._table, 0)
+        elif piece.startswith(b"INSERT INTO "):
+            match = _INSERT.match(piece)
+            if match:
+                self.uncounted.add(table_key(match.group(1)))
+
+    def result(self) -> tuple[dict[str, int], list[str]]:
+        uncounted = sorted(self.uncounted)
+        return {t: n for t, n in self.counts.items() if t not in self.uncounted}, uncounted
+
+
+def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024 * 1024) -> None:
+    at_line_start = True
+    while True:
+        piece = stream.readline(piece_bytes)
+        if not piece:
+            return
+        counter.feed(piece, at_line_start)
+        at_line_start = piece.endswith(b"\n")
+
+
+def count_archive_rows(tools: PgTools, archive: str) -> tuple[dict[str, int], list[str]]:
+    """Rows per table in a custom or tar archive, from `pg_restore --data-only` output."""
+    pg_restore = tools.pg_restore
+    counter = RowCounter()
+    try:
+        pg_restore.run_streaming(
+            ["--data-only", "--file=-", archive],
+            lambda stdout: count_stream(stdout, counter),
+            what="reading the dump's table data",
+        )
+    except PermanentCommandFailure as err:
+        raise err.with_message(f"the archive's table data is damaged or truncated: {err.message}") from err
+    return counter.result()

@@ -1,0 +1,159 @@
+"""Upload imports through the real Runner, stages and S3 server, in-process."""
+
+import datetime as dt
+import os
+
+import pytest
+
+from pipeline.imports import ImportRequest, start_import
+from pipeline.models import Job, Project
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from pipeline.uploads import Uploads
+from stages.errors import ObjectMissing
+from tests.support import pg
+from tests.support.inline import InlineQueue
+from tests.support.uploading import put_file
+from tests.support.world import make_world
+
+
+@pytest.fixture(scope="module")
+def pagila_dumps(corpus_source, tmp_path_factory):
+    source = corpus_source("pagila")
+    folder = tmp_path_factory.mktemp("dumps")
+    return source, {fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}") for fmt in ("custom", "tar", "plain", "gzip-plain")}
+
+
+def upload_and_import(settings, store, world, data, *, recreate=False):
+    uploads = Uploads(store, expiry=dt.timedelta(hours=1))
+    principal = Principal(world.org.id, None, "test")
+    upload = uploads.create(world.project, principal)
+    put_file(upload["upload_url"], data)
+    queue = InlineQueue(settings)
+    job, _ = start_import(
+        world.project,
+        principal,
+        ImportRequest(recreate=recreate, upload_key=upload["object_key"]),
+        settings=settings,
+        sealer=Sealer(settings.secret_key),
+        wake=queue.wake,
+    )
+    queue.drain()
+    return Job.get_by_id(job.id)
+
+
+def assert_untouched(world, job, store):
+    assert pg.row_counts(world.project.database_name) == {}
+    assert not os.path.exists(os.path.join(job_work_dir(job), job.id))
+    if job.preview_database_id:
+        assert not pg.database_exists(job.preview_database_id)
+    with pytest.raises(ObjectMissing):
+        store.size(job.upload_key)
+
+
+def job_work_dir(job):
+    from pipeline.config import Settings
+
+    return Settings.from_env({}).work_dir
+
+
+@pytest.mark.parametrize("fmt", ["custom", "tar", "plain", "gzip-plain"])
+def test_every_pg_dump_format_restores_pagila(control_db, store, pagila_dumps, fmt):
+    source, dumps = pagila_dumps
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, dumps[fmt])
+    assert job.state == "completed", (job.error, job.last_stderr)
+    live = world.project.database_name
+    assert pg.schema_dump(live) == pg.schema_dump(source)
+    assert pg.row_counts(live) == pg.row_counts(source)
+    assert job.facts["dump_format"] == fmt
+    assert job.facts["report"]["tables"]["public.rental"]["source_rows"] == pg.row_counts(source)["public.rental"]
+    assert job.facts["dump_info"]["dumped_by"].startswith("15.")
+    # The upload is deleted when the job ends; temporary files are gone.
+    with pytest.raises(ObjectMissing):
+        store.size(job.upload_key)
+    assert not os.path.exists(os.path.join(control_db.work_dir, job.id))
+
+
+def test_truncated_archive_fails_and_touches_nothing(control_db, store, pagila_dumps):
+    data = pagila_dumps[1]["custom"].read_bytes()
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, data[: len(data) // 2])
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert "damaged or truncated" in job.error
+    assert job.last_exit_code == 1 and job.last_stderr
+    assert pg.row_counts(world.project.database_name) == {}
+    assert not os.path.exists(os.path.join(control_db.work_dir, job.id))
+    with pytest.raises(ObjectMissing):
+        store.size(job.upload_key)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (os.urandom(64 * 1024), "that are not a pg_dump format; upload a file made by pg_dump -Fc, -Ft or plain SQL"),
+        (b"PK\x03\x04" + os.urandom(100), "zip archive"),
+    ],
+)
+def test_unrecognized_uploads_fail_naming_what_was_found(control_db, store, data, message):
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, data)
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert message in job.error
+    assert pg.row_counts(world.project.database_name) == {}
+
+
+def test_empty_upload_fails_in_preflight(control_db, store):
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, b"")
+    assert job.state == "failed"
+    assert job.error == "preflight check upload_not_empty failed: the uploaded object is empty; upload the pg_dump output again"
+
+
+def test_upload_over_the_storage_limit_is_refused(control_db, store, pagila_dumps):
+    world = make_world(control_db, storage_limit_bytes=100_000)
+    job = upload_and_import(control_db, store, world, pagila_dumps[1]["custom"])
+    assert job.state == "failed"
+    assert "preflight check source_size_within_plan failed: the upload is" in job.error
+    assert "raise the project's storage limit" in job.error
+    assert Project.get_by_id(world.project.id).storage_limit_bytes == 100_000
+
+
+def test_plain_sql_failing_half_way_leaves_the_live_database_alone(control_db, store):
+    world = make_world(control_db)
+    live = world.project.database_name
+    pg.psql(live, text="CREATE TABLE mine (id int); INSERT INTO mine VALUES (42);")
+    script = b"CREATE TABLE a (id int);\nINSERT INTO a VALUES (1);\nCREATE TABLE b (id int REFERENCES nowhere(id));\nCREATE TABLE c (id int);\n"
+    job = upload_and_import(control_db, store, world, script, recreate=True)
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert 'relation "nowhere" does not exist' in job.error
+    assert job.last_exit_code == 3 and "nowhere" in job.last_stderr
+    assert pg.row_counts(live) == {"public.mine": 1}
+    assert not pg.database_exists(job.preview_database_id)
+
+
+def test_plain_sql_cannot_run_psql_meta_commands(control_db, store, tmp_path):
+    marker = tmp_path / "pwned"
+    script = f"CREATE TABLE a (id int);\n\\! touch {marker}\n".encode()
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, script)
+    assert job.state == "failed"
+    assert "backslash commands are restricted" in job.error
+    assert not marker.exists()
+
+
+def test_archive_from_a_newer_pg_dump_says_which_version_to_use(control_db, store, pagila_dumps):
+    data = bytearray(pagila_dumps[1]["custom"].read_bytes())
+    data[6] = 16  # archive format 1.16, as written by pg_dump 17
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, bytes(data))
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert "dump the database again with pg_dump 15" in job.error
+
+
+def test_plain_dump_from_a_newer_pg_dump_says_which_version_to_use(control_db, store):
+    script = b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 17.2\n-- Dumped by pg_dump version 17.2\n\nCREATE TABLE a (id int);\n"
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, script)
+    assert job.state == "failed"
+    assert "newer than the project's PostgreSQL 15" in job.error or "pg_dump 15" in job.error

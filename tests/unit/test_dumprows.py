@@ -1,0 +1,23 @@
+import io
+
+from stages.dumprows import RowCounter, count_stream, table_key
+
+
+def test_table_keys_unquote_identifiers():
+    assert table_key(b"public.actor") == "public.actor"
+    assert table_key(b'"My Schema"."Mixed ""Case"""') == 'My Schema.Mixed "Case"'
+    assert table_key('public."bıgınt_table"'.encode()) == "public.bıgınt_table"
+
+
+def test_counts_copy_blocks_and_flags_insert_tables():
+    dump = (
+        b"COPY public.a (id) FROM stdin;\n1\n2\n\\N\n\\.\n"
+        b'COPY "S"."b" (x, y) FROM stdin;\n\\.\n'
+        b"INSERT INTO public.c VALUES (1);\nINSERT INTO public.c VALUES (2);\n"
+        b"COPY public.d (t) FROM stdin;\n" + b"y" * 5000 + b"\nz\n\\.\n"
+    )
+    counter = RowCounter()
+    count_stream(io.BytesIO(dump), counter, piece_bytes=1024)
+    counts, uncounted = counter.result()
+    assert counts == {"public.a": 3, "S.b": 0, "public.d": 2}
+    assert uncounted == ["public.c"]
