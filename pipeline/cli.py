@@ -11,6 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import peewee
+import psycopg2
+
 from pipeline import accounts, apikeys, jobs
 from pipeline.config import Settings
 from pipeline.db import init_database
@@ -20,6 +23,7 @@ from pipeline.models import Cluster, Job, Organization, Project
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from stages.errors import CapyError
+from stages.pgurl import redact
 
 
 def _org(org: Organization) -> dict[str, Any]:
@@ -54,15 +58,14 @@ def _project(project: Project) -> dict[str, Any]:
 
 
 class Output:
-    def __init__(self, as_json: bool, out: Any = sys.stdout) -> None:
+    def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
-        self.out = out
 
     def emit(self, obj: dict[str, Any], text: str) -> None:
         if self.as_json:
-            print(json.dumps(obj, sort_keys=True, default=str), file=self.out)
+            print(json.dumps(obj, sort_keys=True, default=str))
         else:
-            print(text, file=self.out)
+            print(text)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings, out: Output) -> None:
@@ -263,11 +266,22 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
             init_database(settings.database_url)
         args.func(args, settings, out)
     except CapyError as err:
-        if args.json:
-            print(json.dumps({"error": err.message}), file=sys.stdout)
-        print(f"error: {err.message}", file=sys.stderr)
-        return 1
+        return _error(args, err.message)
+    except (peewee.PeeweeException, psycopg2.Error) as err:
+        reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        return _error(
+            args,
+            f"cannot use the control database ({reason}); check CAPY_DATABASE_URL and that "
+            "Postgres is running, then run: capy-imports migrate",
+        )
     return 0
+
+
+def _error(args: argparse.Namespace, message: str) -> int:
+    if args.json:
+        print(json.dumps({"error": message}), file=sys.stdout)
+    print(f"error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pipeline.config import Settings
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
-from stages.commands import PgTools
+from stages.commands import CommandResult, PgTools
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
@@ -79,8 +79,13 @@ class ImportSteps:
         return cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
 
     def _tools(self, job: Job) -> PgTools:
+        """The target cluster's major version of the tools; each run is recorded on the job."""
         cluster = Cluster.get_by_id(job.cluster_id)
-        return PgTools.for_major(cluster.server_major, self.settings.pg_bin_dir_template)
+
+        def record(result: CommandResult) -> None:
+            jobs.record_command(job.id, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail)
+
+        return PgTools.for_major(cluster.server_major, self.settings.pg_bin_dir_template, record)
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)

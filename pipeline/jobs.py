@@ -25,7 +25,6 @@ from pipeline.models import (
     State,
     utcnow,
 )
-from stages.errors import CommandFailed
 
 OUTPUT_TAIL_CHARS = 4000
 
@@ -229,17 +228,8 @@ def release(job_id: str, actor: str, error: str) -> Job | None:
         return job
 
 
-def record_command(
-    job_id: str,
-    failure: CommandFailed | None = None,
-    *,
-    exit_code: int | None = None,
-    stdout: str = "",
-    stderr: str = "",
-) -> None:
+def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> None:
     """Store the last external command's result (already redacted) on the job."""
-    if failure is not None:
-        exit_code, stdout, stderr = failure.exit_code, failure.stdout_tail, failure.stderr_tail
     Job.update(
         last_exit_code=exit_code,
         last_stdout=stdout[-OUTPUT_TAIL_CHARS:] or None,

@@ -16,7 +16,7 @@ from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
 from pipeline.models import ACTIVE_STATES, Job, Stage
-from stages.errors import CommandFailed, PermanentError, TransientError
+from stages.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,9 @@ class Runner:
                 context.lost = beat.lost
                 facts = self.steps.run(stage, context)
         except PermanentError as err:
-            self._record(job_id, err)
             self._fail(job, actor, err.message, "permanent")
             return
         except TransientError as err:
-            self._record(job_id, err)
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
             jobs.release(job_id, actor, err.message)
             raise
@@ -75,10 +73,6 @@ class Runner:
             return
         if jobs.advance(job_id, actor, stage, facts=facts):
             self.wake(job_id, following)
-
-    def _record(self, job_id: str, err: Exception) -> None:
-        if isinstance(err, CommandFailed):
-            jobs.record_command(job_id, err)
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
         failed = jobs.fail(job.id, actor, error, classification=classification)

@@ -94,13 +94,21 @@ class _TailReader(threading.Thread):
         return "\n".join(self.lines)
 
 
+Observer = Callable[[CommandResult], None]
+
+
 class PgCommand:
-    """Runs one Postgres client program; subclasses build its argument list."""
+    """Runs one Postgres client program; subclasses build its argument list.
+
+    `observer`, if given, sees the (redacted) result of every run, success or not,
+    so a job can show its last command's exit code and output.
+    """
 
     program = ""
 
-    def __init__(self, bin_dir: str) -> None:
+    def __init__(self, bin_dir: str, observer: Observer | None = None) -> None:
         self.path = os.path.join(bin_dir, self.program)
+        self.observer = observer
 
     def run(
         self,
@@ -150,6 +158,7 @@ class PgCommand:
         for reader in readers:
             reader.join()
         result = CommandResult(exit_code, readers[0].tail(), readers[1].tail())
+        self._observe(result)
         if exit_code != 0:
             raise self.failure(result, what or self.program)
         return result
@@ -178,9 +187,14 @@ class PgCommand:
         exit_code = process.wait()
         stderr.join()
         result = CommandResult(exit_code, "", stderr.tail())
+        self._observe(result)
         if exit_code != 0:
             raise self.failure(result, what or self.program)
         return result
+
+    def _observe(self, result: CommandResult) -> None:
+        if self.observer is not None:
+            self.observer(result)
 
     @staticmethod
     def abort(process: subprocess.Popen[bytes]) -> None:
@@ -264,25 +278,26 @@ class PgTools:
     """The client programs of one Postgres major version."""
 
     bin_dir: str
+    observer: Observer | None = None
 
     @classmethod
-    def for_major(cls, major: int, template: str) -> PgTools:
+    def for_major(cls, major: int, template: str, observer: Observer | None = None) -> PgTools:
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
                 f"this worker has no PostgreSQL {major} client tools (looked in {bin_dir}); "
                 f"install postgresql-client-{major}"
             )
-        return cls(bin_dir)
+        return cls(bin_dir, observer)
 
     @property
     def pg_dump(self) -> PgDump:
-        return PgDump(self.bin_dir)
+        return PgDump(self.bin_dir, self.observer)
 
     @property
     def pg_restore(self) -> PgRestore:
-        return PgRestore(self.bin_dir)
+        return PgRestore(self.bin_dir, self.observer)
 
     @property
     def psql(self) -> Psql:
-        return Psql(self.bin_dir)
+        return Psql(self.bin_dir, self.observer)

@@ -31,6 +31,7 @@ def test_live_import_over_http_matches_the_source(service, tenant, corpus_source
     job = wait_for_job(service, tenant["key"], job_id)
     assert job["state"] == "completed", (job["error"], job["last_stderr"])
     assert job["completed_at"] and job["started_at"] and job["preview_database_id"]
+    assert job["last_exit_code"] == 0 and job["attempts"] == 1
     live = tenant["project"]["database_name"]
     assert pg.schema_dump(live) == pg.schema_dump(source)
     assert pg.row_counts(live) == pg.row_counts(source)
