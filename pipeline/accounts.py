@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.ids import new_id
 from pipeline.models import Cluster, Organization, Project
@@ -72,7 +74,10 @@ def create_project(
     cluster = pick_cluster(cluster_id)
     project_id = new_id("prj")
     database_name = "capy_" + project_id
-    cluster_admin(cluster, sealer).create_database(database_name)
+    password = secrets.token_urlsafe(32)
+    admin = cluster_admin(cluster, sealer)
+    admin.ensure_role(database_name, password)
+    admin.create_database(database_name, owner=database_name)
     return Project.create(
         id=project_id,
         organization=organization,
@@ -80,4 +85,20 @@ def create_project(
         name=name,
         database_name=database_name,
         storage_limit_bytes=storage_limit_bytes,
+        role_name=database_name,
+        role_password_encrypted=sealer.seal(password),
     )
+
+
+def project_role(project: Project, admin: ClusterAdmin, sealer: Sealer) -> tuple[str, str]:
+    """The project's role and password, created (and given the live database) for a
+    project made before projects had roles."""
+    if project.role_name and project.role_password_encrypted:
+        return project.role_name, sealer.open(project.role_password_encrypted)
+    password = secrets.token_urlsafe(32)
+    admin.ensure_role(project.database_name, password)
+    admin.set_owner(project.database_name, project.database_name)
+    Project.update(role_name=project.database_name, role_password_encrypted=sealer.seal(password)).where(
+        Project.id == project.id
+    ).execute()
+    return project.database_name, password

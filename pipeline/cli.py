@@ -52,6 +52,7 @@ def _project(project: Project) -> dict[str, Any]:
         "cluster_id": project.cluster_id,
         "name": project.name,
         "database_name": project.database_name,
+        "role_name": project.role_name,
         "storage_limit_bytes": project.storage_limit_bytes,
         "created_at": timestamp(project.created_at),
     }

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline import jobs
-from pipeline.accounts import cluster_admin
+from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.sealing import Sealer
+from stages import toc
 from stages.cluster import ClusterAdmin
 from stages.commands import CommandResult, PgTools
 from stages.dumpformat import detect_format
@@ -27,7 +28,7 @@ from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
 from stages.errors import CapyError, ObjectMissing, PermanentError
 from stages.fetch import dump_live
-from stages.finalize import verify_preview
+from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
 from stages.plainsql import prepare_plain_sql
 from stages.preflight import Target, check_live_source, check_upload
@@ -137,34 +138,57 @@ class ImportSteps:
             return self._fetch_upload(context)
         job = context.job
         source = self._source(job).with_params(hostaddr=job.facts["source_address"])
-        out_dir = os.path.join(self._work_dir(job), "dump")
-        os.makedirs(self._work_dir(job), exist_ok=True)
+        work = self._work_dir(job)
+        os.makedirs(work, exist_ok=True)
         context.progress({"phase": "dumping the source"})
+        tools = self._tools(job)
         dump = dump_live(
             source,
-            self._tools(job),
-            out_dir,
+            tools,
+            os.path.join(work, "dump"),
             jobs=self.settings.concurrency,
             timeout=self.settings.source_connect_timeout,
             on_progress=context.progress,
         )
         return {
+            **self._plan_archive(tools, dump.path, work),
             "dump_path": dump.path,
             "dump_format": "directory",
-            "uncounted_tables": [],
             "dump_bytes": dump.bytes,
             "source_counts": dump.source_counts,
+            "uncounted_tables": [],
             "source_server_version": dump.server_version,
+            "source_description": dump.source_description,
+            "source_basis": "source snapshot",
         }
+
+    def _plan_archive(self, tools: PgTools, archive: str, work: str) -> dict[str, Any]:
+        """Read the archive's TOC: what the project role restores, what it skips and
+        why, and which extensions (in which schemas) the service creates first."""
+        entries = toc.read(tools, archive)
+        extensions = toc.extension_schemas(tools, archive, entries, work)
+        self._check_allowlist(extensions)
+        plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"})
+        list_path = os.path.join(work, "restore.list")
+        with open(list_path, "w", encoding="utf-8") as fh:
+            fh.write(plan.list_file())
+        return {"extensions": extensions, "skipped": plan.skipped, "restore_list": list_path, "toc_kinds": toc.kind_counts(entries)}
+
+    def _check_allowlist(self, extensions: dict[str, str]) -> None:
+        outside = sorted(set(extensions) - set(self.settings.extension_allowlist) - {"plpgsql"})
+        if outside:
+            raise PermanentError(
+                f"the source uses extensions this platform does not offer: {', '.join(outside)}; "
+                f"drop them from the source (allowed: {', '.join(self.settings.extension_allowlist)})"
+            )
 
     def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
         """Download the upload (bounded memory), identify it, and prove the target's
-        tools can read it; count its rows for finalize to compare against."""
+        tools can read it; count its rows and sequences for finalize to compare."""
         job = context.job
         work = self._work_dir(job)
         os.makedirs(work, exist_ok=True)
-        project = Project.get_by_id(job.project_id)
-        limit = project.storage_limit_bytes
+        limit = Project.get_by_id(job.project_id).storage_limit_bytes
         download = os.path.join(work, "upload")
 
         def downloaded(done: int, total: int) -> None:
@@ -178,36 +202,38 @@ class ImportSteps:
         facts: dict[str, Any] = {
             "upload_bytes": size,
             "dump_format": info.format,
-            "dump_info": {
-                "archive_version": info.archive_version,
-                "dumped_by": info.dumped_by,
-                "dumped_from": info.dumped_from,
-            },
+            "dump_info": {"archive_version": info.archive_version, "dumped_by": info.dumped_by, "dumped_from": info.dumped_from},
         }
+        counter = RowCounter()
         if info.format in ("custom", "tar"):
             check_archive_readable(tools, download, info, major)
+            facts.update(self._plan_archive(tools, download, work))
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
-            counts, uncounted = count_archive_rows(tools, download)
-            dump_path = download
+            count_archive_rows(tools, download, counter)
+            dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
         else:
             dump_path = os.path.join(work, "dump.sql")
-            counter = RowCounter()
             context.progress({"phase": "preparing the SQL", "bytes_total": size})
             # Decompressed SQL may be larger than the data it loads, but not without bound.
-            prepare_plain_sql(
-                download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter
-            )
+            plain = prepare_plain_sql(download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter)
             os.remove(download)
-            counts, uncounted = counter.result()
+            self._check_allowlist(plain.extensions)
+            facts.update(extensions=plain.extensions, skipped=plain.skipped)
+            kinds, basis = counter.kinds, "dump statements"
+        counts, uncounted = counter.result()
+        description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
         return {
             **facts,
             "dump_path": dump_path,
             "dump_bytes": os.path.getsize(dump_path),
             "source_counts": counts,
             "uncounted_tables": uncounted,
+            "source_description": description,
+            "source_basis": basis,
         }
 
     def restore(self, context: StageContext) -> dict[str, Any]:
+        """Restore into a fresh preview owned by the project role, as that role."""
         job = context.job
         dump_path = job.facts["dump_path"]
         if not os.path.exists(dump_path):
@@ -216,18 +242,24 @@ class ImportSteps:
                 "CAPY_WORK_DIR must be shared by all workers"
             )
         admin = self._admin(job)
+        project = Project.get_by_id(job.project_id)
+        role, password = project_role(project, admin, self.sealer)
         preview = preview_name(job)
         context.set_fields(preview_database_id=preview)
         context.progress({"phase": "creating the preview database", "preview_database_id": preview})
         admin.drop_database(preview)  # a retried restore starts from an empty preview
-        admin.create_database(preview)
+        admin.create_database(preview, owner=role)
+        admin.create_extensions(preview, role, job.facts.get("extensions", {}))
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
-        target = admin.database_url(preview)
+        base = admin.database_url(preview)
+        target = SourceURL(params={**base.params, "user": role}, password=password)
         fmt = job.facts["dump_format"]
         if fmt in ("plain", "gzip-plain"):
             restore_plain(self._tools(job), target, dump_path)
         else:
-            restore_archive(self._tools(job), target, dump_path, jobs=self.settings.concurrency, fmt=fmt)
+            restore_archive(
+                self._tools(job), target, dump_path, jobs=self.settings.concurrency, fmt=fmt, list_file=job.facts["restore_list"]
+            )
         return {"preview_database": preview}
 
     def finalize(self, context: StageContext) -> dict[str, Any]:
@@ -239,9 +271,11 @@ class ImportSteps:
         if retired and not admin.database_exists(preview):
             # A previous attempt swapped and then lost its commit: the swap is done.
             return {"report": job.facts.get("report", {}), "replaced_database": retired.database_name}
-        context.progress({"phase": "verifying row counts"})
-        source_counts = job.facts["source_counts"]
-        target_counts = verify_preview(admin, preview, source_counts, job.facts.get("uncounted_tables", []))
+        context.progress({"phase": "verifying tables, rows and sequences"})
+        source = job.facts["source_description"]
+        target_counts, target = verify_preview(
+            admin, preview, job.facts["source_counts"], job.facts.get("uncounted_tables", []), source["sequences"]
+        )
         # The gate again, just before the destructive step: the project's database
         # may have received data since preflight.
         if not job.recreate and not admin.is_empty(project.database_name):
@@ -249,31 +283,27 @@ class ImportSteps:
                 "the project's database is no longer empty; it received objects after the "
                 'import started. Send "recreate": true to replace them'
             )
-        replaced = f"{project.database_name}_replaced_{self.clock():%Y%m%d%H%M%S}"
         if retired is None:
-            RetiredDatabase.create(
+            retired = RetiredDatabase.create(
                 cluster=job.cluster_id,
                 project=project.id,
                 job=job.id,
-                database_name=replaced,
-                drop_after=self.clock()
-                + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
+                database_name=f"{project.database_name}_replaced_{self.clock():%Y%m%d%H%M%S}",
+                drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
-        else:
-            replaced = retired.database_name
         context.progress({"phase": "swapping the preview in"})
-        admin.swap(live=project.database_name, preview=preview, replaced=replaced)
-        report = {
-            "tables": {
-                name: {"source_rows": source_counts[name], "target_rows": target_counts.get(name)}
-                for name in sorted(source_counts)
-            },
-            "uncounted_tables": job.facts.get("uncounted_tables", []),
-            "table_count": len(source_counts),
-            "row_count": sum(source_counts.values()),
-            "replaced_database": replaced,
-        }
-        return {"report": report, "replaced_database": replaced}
+        admin.swap(live=project.database_name, preview=preview, replaced=retired.database_name)
+        report = build_report(
+            source_counts=job.facts["source_counts"],
+            target_counts=target_counts,
+            source=source,
+            target=target,
+            source_basis=job.facts["source_basis"],
+            skipped=job.facts.get("skipped", []),
+            uncounted=job.facts.get("uncounted_tables", []),
+        )
+        report["replaced_database"] = retired.database_name
+        return {"report": report, "replaced_database": retired.database_name}
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:

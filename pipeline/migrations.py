@@ -127,6 +127,15 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0002_project_roles",
+        """
+        -- Each project's database is owned by a login role of its own (not a superuser);
+        -- restores run as that role. Its password is stored encrypted.
+        ALTER TABLE projects ADD COLUMN role_name text UNIQUE;
+        ALTER TABLE projects ADD COLUMN role_password_encrypted text;
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

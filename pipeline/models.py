@@ -76,6 +76,8 @@ class Project(BaseModel):
     name = peewee.TextField()
     database_name = peewee.TextField(unique=True)
     storage_limit_bytes = peewee.BigIntegerField()
+    role_name = peewee.TextField(null=True, unique=True)
+    role_password_encrypted = peewee.TextField(null=True)
     created_at = TZField(default=utcnow)
 
     class Meta:

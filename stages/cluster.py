@@ -57,12 +57,49 @@ class ClusterAdmin:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             return cur.fetchone() is not None
 
-    def create_database(self, name: str) -> None:
-        """Create an empty database from template0 (UTF-8, no leftovers of template1)."""
+    def create_database(self, name: str, *, owner: str | None = None) -> None:
+        """Create an empty database from template0 (UTF-8, no leftovers of template1),
+        owned by `owner` (the project role) when given."""
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name))
+        if owner:
+            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+        with self.autocommit() as cur:
+            cur.execute(statement)
+
+    def ensure_role(self, name: str, password: str) -> None:
+        """Create the project's login role, or reset its password: never a superuser,
+        no CREATEDB, no CREATEROLE. It owns the project's database and everything in it."""
+        with self.autocommit() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+            verb = "ALTER" if cur.fetchone() else "CREATE"
+            cur.execute(
+                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(password)
+                )
+            )
+
+    def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:
             cur.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name))
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(owner))
             )
+
+    def create_extensions(self, database: str, owner: str, extensions: dict[str, str]) -> None:
+        """Create extensions (name -> schema) in `database` as the admin, as managed
+        platforms do for their allowlist; a schema that does not exist yet is created
+        owned by the project role, so the restore can fill it."""
+        with self.autocommit(database) as cur:
+            for name, schema in extensions.items():
+                cur.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+                        sql.Identifier(schema), sql.Identifier(owner)
+                    )
+                )
+                cur.execute(
+                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
+                        sql.Identifier(name), sql.Identifier(schema)
+                    )
+                )
 
     def drop_database(self, name: str) -> None:
         """Drop a database if it exists, disconnecting anyone still in it."""

@@ -239,7 +239,7 @@ class PgRestore(PgCommand):
         """Read the archive's table of contents only: proves this pg_restore can read it."""
         return ["--list", "--file=/dev/null", archive]
 
-    def restore_args(self, archive: str, conninfo: str, *, jobs: int) -> list[str]:
+    def restore_args(self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None) -> list[str]:
         """Restore into an existing database without replaying owners or grants.
 
         `--exit-on-error` makes any failed object fail the restore: an import that
@@ -252,6 +252,7 @@ class PgRestore(PgCommand):
             "--exit-on-error",
             f"--jobs={max(1, jobs)}",
             "--no-password",
+            *([f"--use-list={list_file}"] if list_file else []),
             archive,
         ]
 

@@ -17,6 +17,24 @@ from stages.errors import PermanentCommandFailure
 _COPY = re.compile(rb'^COPY ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) .*FROM stdin;\r?\n$')
 _INSERT = re.compile(rb'^INSERT INTO ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) ')
 _END = re.compile(rb"^\\\.\r?\n$")
+_SETVAL = re.compile(rb"^SELECT pg_catalog\.setval\('((?:[^']|'')+)', (-?\d+), (true|false)\);\r?\n$")
+# Statement starts of a plain dump, by report kind (archives use their TOC instead).
+_KINDS = [
+    (re.compile(rb"^CREATE (UNLOGGED |FOREIGN )?TABLE "), "tables"),
+    (re.compile(rb"^CREATE (UNIQUE )?INDEX "), "indexes"),
+    (re.compile(rb"^    ADD CONSTRAINT "), "constraints"),
+    (re.compile(rb"^CREATE (OR REPLACE )?VIEW "), "views"),
+    (re.compile(rb"^CREATE MATERIALIZED VIEW "), "materialized_views"),
+    (re.compile(rb"^CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|AGGREGATE) "), "functions"),
+    (re.compile(rb"^CREATE (CONSTRAINT )?TRIGGER "), "triggers"),
+    (re.compile(rb"^CREATE TYPE "), "types"),
+    (re.compile(rb"^CREATE DOMAIN "), "domains"),
+    (re.compile(rb"^CREATE POLICY "), "policies"),
+    (re.compile(rb"^SELECT pg_catalog\.lo_create\("), "large_objects"),
+    (re.compile(rb"^CREATE SEQUENCE "), "sequences"),
+    (re.compile(rb"^CREATE SCHEMA "), "schemas"),
+    (re.compile(rb"^CREATE EXTENSION "), "extensions"),
+]
 _PART = re.compile(r'"((?:[^"]|"")*)"|([^."]+)')
 
 
@@ -37,6 +55,8 @@ class RowCounter:
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
         self.uncounted: set[str] = set()
+        self.sequences: dict[str, int | None] = {}
+        self.kinds: dict[str, int] = {}
         self._table: str | None = None
 
     def feed(self, piece: bytes, at_line_start: bool) -> None:
@@ -57,6 +77,16 @@ class RowCounter:
             match = _INSERT.match(piece)
             if match:
                 self.uncounted.add(table_key(match.group(1)))
+        elif piece.startswith(b"SELECT pg_catalog.setval("):
+            match = _SETVAL.match(piece)
+            if match:
+                # The literal is a regclass: 'public."Mixed"' (quotes doubled inside).
+                name = table_key(match.group(1).replace(b"''", b"'"))
+                self.sequences[name] = int(match.group(2)) if match.group(3) == b"true" else None
+        for pattern, kind in _KINDS:
+            if pattern.match(piece):
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                break
 
     def result(self) -> tuple[dict[str, int], list[str]]:
         uncounted = sorted(self.uncounted)
@@ -73,10 +103,10 @@ def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024
         at_line_start = piece.endswith(b"\n")
 
 
-def count_archive_rows(tools: PgTools, archive: str) -> tuple[dict[str, int], list[str]]:
-    """Rows per table in a custom or tar archive, from `pg_restore --data-only` output."""
+def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter) -> None:
+    """Rows per table and sequence values of a custom or tar archive, from
+    `pg_restore --data-only` output, into `counter`."""
     pg_restore = tools.pg_restore
-    counter = RowCounter()
     try:
         pg_restore.run_streaming(
             ["--data-only", "--file=-", archive],
@@ -85,4 +115,3 @@ def count_archive_rows(tools: PgTools, archive: str) -> tuple[dict[str, int], li
         )
     except PermanentCommandFailure as err:
         raise err.with_message(f"the archive's table data is damaged or truncated: {err.message}") from err
-    return counter.result()

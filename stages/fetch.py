@@ -31,6 +31,7 @@ class LiveDump:
     source_counts: dict[str, int]
     server_version: str
     bytes: int
+    source_description: dict
 
 
 def directory_size(path: str) -> int:
@@ -74,6 +75,7 @@ def dump_live(
                     {"phase": "dumping", "tables_counted": done, "tables_total": total}
                 ),
             )
+            description = inventory.describe(conn)
         except psycopg2.errors.InsufficientPrivilege as err:
             pg_dump.abort(process)
             raise PermanentError(
@@ -94,4 +96,4 @@ def dump_live(
         conn.rollback()
     size = directory_size(out_dir)
     on_progress({"phase": "dumped", "bytes_done": size, "bytes_total": size, "tables_total": len(counts)})
-    return LiveDump(out_dir, counts, server_version, size)
+    return LiveDump(out_dir, counts, server_version, size, description)

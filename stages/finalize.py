@@ -1,6 +1,14 @@
-"""Finalize stage: prove the preview holds what the source held, then swap it in."""
+"""Finalize stage: prove the preview holds what the source held, and say so in a report.
+
+A missing table, a row count or a sequence value that differs fails the import (the
+project's database is not touched). Objects the managed target could not restore were
+skipped earlier with a reason; they, and any other difference in object counts, make
+warnings on a completed job.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from stages import inventory
 from stages.cluster import ClusterAdmin
@@ -12,18 +20,30 @@ class VerificationFailed(PermanentError):
 
 
 def verify_preview(
-    admin: ClusterAdmin, preview: str, source_counts: dict[str, int], present: list[str] = ()
-) -> dict[str, int]:
+    admin: ClusterAdmin,
+    preview: str,
+    source_counts: dict[str, int],
+    present: list[str] = (),
+    source_sequences: dict[str, int | None] | None = None,
+) -> tuple[dict[str, int], dict[str, Any]]:
     """Count every table of the preview and compare with the source's counts; the
-    tables in `present` (whose source count is unknown) must merely exist.
+    tables in `present` (whose source count is unknown) must merely exist; every
+    sequence of the source must have its value.
 
-    Raises VerificationFailed naming every missing table and every mismatch;
-    returns the preview's counts otherwise.
+    Raises VerificationFailed naming every problem; returns the preview's row counts
+    and its description (object counts, sequences, extensions) otherwise.
     """
     with admin.connection(preview) as conn:
         target_counts = inventory.count_rows(conn)
+        description = inventory.describe(conn)
     problems = inventory.compare_counts(source_counts, target_counts)
     problems += [f"table {table} is missing" for table in present if table not in target_counts]
+    target_sequences = description["sequences"]
+    for name, value in sorted((source_sequences or {}).items()):
+        if name not in target_sequences:
+            problems.append(f"sequence {name} is missing")
+        elif target_sequences[name] != value:
+            problems.append(f"sequence {name} is at {target_sequences[name]}, the source is at {value}")
     if problems:
         shown = "; ".join(problems[:10])
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
@@ -31,4 +51,50 @@ def verify_preview(
             f"the restored database does not match the source: {shown}{more}; "
             "the project's database was not changed"
         )
-    return target_counts
+    return target_counts, description
+
+
+def build_report(
+    *,
+    source_counts: dict[str, int],
+    target_counts: dict[str, int],
+    source: dict[str, Any],
+    target: dict[str, Any],
+    source_basis: str,
+    skipped: list[dict[str, str]],
+    uncounted: list[str],
+) -> dict[str, Any]:
+    """The verification report of a completed job (see README, "The report")."""
+    kinds = sorted(set(source.get("objects", {})) | set(target["objects"]))
+    objects = {k: {"source": source.get("objects", {}).get(k), "target": target["objects"].get(k)} for k in kinds}
+    if source_basis != "source snapshot":
+        # A dump's contents cannot be told apart from what the restore creates for
+        # extensions, so only kinds the dump lists are compared.
+        objects = {k: v for k, v in objects.items() if v["source"] is not None or v["target"]}
+    warnings = [f"skipped {item['object']}: {item['reason']}" for item in skipped]
+    for kind, pair in objects.items():
+        if pair["source"] is not None and pair["source"] != pair["target"] and kind not in ("tables",):
+            warnings.append(f"{kind}: {pair['source']} on the source, {pair['target']} restored")
+    extensions = {
+        name: {"source": source.get("extensions", {}).get(name), "target": target["extensions"].get(name)}
+        for name in sorted(set(source.get("extensions", {})) | set(target["extensions"]))
+    }
+    sequences = {
+        name: {"source": value, "target": target["sequences"].get(name)}
+        for name, value in sorted(source.get("sequences", {}).items())
+    }
+    return {
+        "tables": {
+            name: {"source_rows": source_counts[name], "target_rows": target_counts.get(name)}
+            for name in sorted(source_counts)
+        },
+        "table_count": len(source_counts) + len(uncounted),
+        "row_count": sum(source_counts.values()),
+        "uncounted_tables": uncounted,
+        "sequences": sequences,
+        "objects": objects,
+        "objects_source": source_basis,
+        "extensions": extensions,
+        "skipped": skipped,
+        "warnings": warnings,
+    }

@@ -89,3 +89,92 @@ def compare_counts(source: dict[str, int], target: dict[str, int]) -> list[str]:
         elif target[table] != expected:
             problems.append(f"table {table} has {target[table]} rows, the source has {expected}")
     return problems
+
+
+# Objects that belong to an extension are recreated by it: never counted.
+_NOT_EXTENSION_MEMBER = """NOT EXISTS (SELECT 1 FROM pg_depend d
+    WHERE d.classid = '{cat}'::regclass AND d.objid = {oid} AND d.deptype = 'e')"""
+_USER_NAMESPACE = "NOT IN ('pg_catalog', 'information_schema') AND {ns} NOT LIKE 'pg\\_toast%%' AND {ns} NOT LIKE 'pg\\_temp\\_%%'"
+
+
+def _class_count(relkinds: str, extra: str = "") -> str:
+    return f"""(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ({relkinds}) AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
+        AND {_NOT_EXTENSION_MEMBER.format(cat="pg_class", oid="c.oid")} {extra})"""
+
+
+OBJECT_KIND_QUERIES = {
+    "tables": _class_count("'r', 'p'", "AND NOT c.relispartition"),
+    "partitions": _class_count("'r', 'p'", "AND c.relispartition"),
+    "indexes": _class_count("'i', 'I'"),
+    "sequences": _class_count("'S'"),
+    "views": _class_count("'v'"),
+    "materialized_views": _class_count("'m'"),
+    "constraints": f"""(SELECT count(*) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE k.contype IN ('p', 'u', 'f', 'c', 'x') AND k.conparentid = 0
+        AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
+        AND {_NOT_EXTENSION_MEMBER.format(cat="pg_class", oid="c.oid")})""",
+    "functions": f"""(SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
+        AND {_NOT_EXTENSION_MEMBER.format(cat="pg_proc", oid="p.oid")})""",
+    "triggers": f"""(SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")})""",
+    "types": f"""(SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        LEFT JOIN pg_class c ON c.oid = t.typrelid
+        WHERE (t.typtype IN ('e', 'r', 'm') OR (t.typtype = 'c' AND c.relkind = 'c'))
+        AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
+        AND {_NOT_EXTENSION_MEMBER.format(cat="pg_type", oid="t.oid")})""",
+    "domains": f"""(SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+        WHERE t.typtype = 'd' AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
+        AND {_NOT_EXTENSION_MEMBER.format(cat="pg_type", oid="t.oid")})""",
+    "policies": "(SELECT count(*) FROM pg_policy)",
+    "large_objects": "(SELECT count(*) FROM pg_largeobject_metadata)",
+    "extensions": "(SELECT count(*) FROM pg_extension)",
+    "event_triggers": "(SELECT count(*) FROM pg_event_trigger)",
+}
+
+
+def object_counts(conn: psycopg2.extensions.connection) -> dict[str, int]:
+    """How many objects of each kind the database holds (user objects only)."""
+    names = list(OBJECT_KIND_QUERIES)
+    query = "SELECT " + ", ".join(OBJECT_KIND_QUERIES[name] for name in names)
+    with conn.cursor() as cur:
+        cur.execute(query)
+        row = cur.fetchone()
+    return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+
+def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | None]:
+    """Every sequence's last value ("schema.name" -> value, None if never used)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT schemaname, sequencename, last_value FROM pg_sequences "
+            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        )
+        return {f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()}
+
+
+def extension_versions(conn: psycopg2.extensions.connection) -> dict[str, str]:
+    with conn.cursor() as cur:
+        cur.execute("SELECT extname, extversion FROM pg_extension ORDER BY 1")
+        return dict(cur.fetchall())
+
+
+def extension_schemas(conn: psycopg2.extensions.connection) -> dict[str, str]:
+    """Extension name -> the schema it lives in."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT e.extname, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace ORDER BY 1"
+        )
+        return dict(cur.fetchall())
+
+
+def describe(conn: psycopg2.extensions.connection) -> dict[str, object]:
+    """Everything the verification report compares, for one side."""
+    return {
+        "objects": object_counts(conn),
+        "sequences": sequence_values(conn),
+        "extensions": extension_versions(conn),
+    }

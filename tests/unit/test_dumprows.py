@@ -21,3 +21,16 @@ def test_counts_copy_blocks_and_flags_insert_tables():
     counts, uncounted = counter.result()
     assert counts == {"public.a": 3, "S.b": 0, "public.d": 2}
     assert uncounted == ["public.c"]
+
+
+def test_sequences_and_statement_kinds():
+    dump = (
+        b"CREATE TABLE public.a (id int);\n"
+        b"CREATE UNIQUE INDEX a_i ON public.a (id);\n"
+        b"SELECT pg_catalog.setval('public.a_id_seq', 42, true);\n"
+        b"SELECT pg_catalog.setval('public.\"Odd''Seq\"', 1, false);\n"
+    )
+    counter = RowCounter()
+    count_stream(io.BytesIO(dump), counter)
+    assert counter.sequences == {"public.a_id_seq": 42, "public.Odd'Seq": None}
+    assert counter.kinds == {"tables": 1, "indexes": 1}

@@ -38,8 +38,47 @@ COPY public.t (id, note) FROM stdin;
 def test_owner_grant_and_restrict_lines_are_dropped_outside_copy_data(tmp_path):
     src, dst = tmp_path / "d.sql", tmp_path / "out.sql"
     src.write_bytes(DUMP)
-    assert prepare_plain_sql(str(src), str(dst), gzipped=False, max_bytes=10_000) == len(EXPECTED)
+    assert prepare_plain_sql(str(src), str(dst), gzipped=False, max_bytes=10_000).bytes == len(EXPECTED)
     assert dst.read_bytes() == EXPECTED
+
+
+SUPERUSER_DUMP = b"""CREATE SCHEMA ext;
+CREATE SCHEMA IF NOT EXISTS other;
+CREATE EXTENSION IF NOT EXISTS citext WITH SCHEMA ext;
+CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;
+COMMENT ON EXTENSION citext IS 'data type for case-insensitive character strings';
+CREATE FUNCTION public.evt() RETURNS event_trigger
+    LANGUAGE plpgsql
+    AS $$begin end$$;
+CREATE EVENT TRIGGER et ON ddl_command_start
+   EXECUTE FUNCTION public.evt();
+COMMENT ON EVENT TRIGGER et IS 'audits';
+CREATE OR REPLACE PROCEDURAL LANGUAGE plperlu;
+CREATE TABLE public.kept (id integer);
+"""
+
+
+def test_superuser_objects_are_skipped_and_reported(tmp_path):
+    src, dst = tmp_path / "d.sql", tmp_path / "out.sql"
+    src.write_bytes(SUPERUSER_DUMP)
+    result = prepare_plain_sql(str(src), str(dst), gzipped=False, max_bytes=10_000)
+    assert dst.read_bytes() == (
+        b"CREATE SCHEMA IF NOT EXISTS ext;\n"
+        b"CREATE SCHEMA IF NOT EXISTS other;\n"
+        b"CREATE EXTENSION IF NOT EXISTS citext WITH SCHEMA ext;\n"
+        b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n'
+        b"CREATE FUNCTION public.evt() RETURNS event_trigger\n"
+        b"    LANGUAGE plpgsql\n"
+        b"    AS $$begin end$$;\n"
+        b"CREATE TABLE public.kept (id integer);\n"
+    )
+    assert result.extensions == {"citext": "ext", "uuid-ossp": "public"}
+    assert [s["object"] for s in result.skipped] == [
+        "COMMENT EXTENSION citext",
+        "EVENT TRIGGER et",
+        "PROCEDURAL LANGUAGE plperlu",
+    ]
+    assert result.skipped[1]["reason"] == "event triggers need superuser, which a managed database does not grant"
 
 
 def test_gzip_is_decompressed_in_pieces(tmp_path):

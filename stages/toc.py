@@ -1,0 +1,178 @@
+"""An archive's table of contents (`pg_restore --list`), and what a managed target
+restores of it.
+
+The restore runs as the project's own role, not as a superuser. Entries that only a
+superuser (or an object's owner) may restore are left out with a reason the report
+shows; extensions and their schemas are created by the service beforehand, so their
+entries are left out too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from stages.commands import PgTools
+
+# "3302; 3466 73077 EVENT TRIGGER - et postgres": id; catalog oid, desc, namespace, rest.
+_LINE = re.compile(r"^(\d+); (\d+) (\d+) (.+)$")
+
+# Descriptions pg_restore uses, longest first so "MATERIALIZED VIEW DATA" wins over "VIEW".
+_DESCS = sorted(
+    [
+        "ACCESS METHOD", "AGGREGATE", "BLOB", "BLOB METADATA", "BLOBS", "CAST", "CHECK CONSTRAINT",
+        "COLLATION", "COMMENT", "CONSTRAINT", "CONVERSION", "DATABASE", "DATABASE PROPERTIES",
+        "DEFAULT", "DEFAULT ACL", "DOMAIN", "ENCODING", "EVENT TRIGGER", "EXTENSION",
+        "FK CONSTRAINT", "FOREIGN DATA WRAPPER", "FOREIGN SERVER", "FOREIGN TABLE", "FUNCTION",
+        "INDEX", "INDEX ATTACH", "LARGE OBJECT", "MATERIALIZED VIEW", "MATERIALIZED VIEW DATA",
+        "OPERATOR", "OPERATOR CLASS", "OPERATOR FAMILY", "POLICY", "PROCEDURAL LANGUAGE",
+        "PROCEDURE", "PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "ROW SECURITY",
+        "RULE", "SCHEMA", "SEARCHPATH", "SECURITY LABEL", "SEQUENCE", "SEQUENCE OWNED BY",
+        "SEQUENCE SET", "SERVER", "STATISTICS", "STDSTRINGS", "SUBSCRIPTION", "SUBSCRIPTION TABLE",
+        "TABLE", "TABLE ATTACH", "TABLE DATA", "TEXT SEARCH CONFIGURATION",
+        "TEXT SEARCH DICTIONARY", "TEXT SEARCH PARSER", "TEXT SEARCH TEMPLATE", "TRANSFORM",
+        "TRIGGER", "TYPE", "USER MAPPING", "VIEW", "ACL",
+    ],
+    key=len,
+    reverse=True,
+)
+
+TRUSTED_LANGUAGES = {"plpgsql", "sql", "c", "internal", "plperl", "pltcl", "plv8", "plrust"}
+
+# What a non-superuser database owner cannot restore, and why.
+SUPERUSER_ONLY = {
+    "EVENT TRIGGER": "event triggers need superuser, which a managed database does not grant",
+    "SUBSCRIPTION": "subscriptions need superuser; recreate them after the import if needed",
+    "SUBSCRIPTION TABLE": "subscriptions need superuser; recreate them after the import if needed",
+    "FOREIGN DATA WRAPPER": "foreign data wrappers need superuser",
+    "USER MAPPING": "user mappings hold credentials of the source's roles and are not imported",
+}
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    line: str
+    dump_id: int
+    desc: str
+    namespace: str
+    name: str
+
+    @property
+    def label(self) -> str:
+        where = f"{self.namespace}." if self.namespace not in ("-", "") else ""
+        return f"{self.desc} {where}{self.name}"
+
+
+def parse(listing: str) -> list[TocEntry]:
+    entries = []
+    for line in listing.splitlines():
+        match = _LINE.match(line)
+        if not match:
+            continue
+        rest = match.group(4)
+        desc = next((d for d in _DESCS if rest.startswith(d + " ")), rest.split(" ", 1)[0])
+        namespace, _, name_owner = rest[len(desc) + 1 :].partition(" ")
+        # The owner, when present, is the last word; names may contain spaces.
+        name = name_owner.rsplit(" ", 1)[0] if " " in name_owner.strip() else name_owner.strip()
+        entries.append(TocEntry(line, int(match.group(1)), desc, namespace, name.strip()))
+    return entries
+
+
+@dataclass
+class RestorePlan:
+    keep: list[TocEntry]
+    skipped: list[dict[str, str]]
+    extensions: list[str]
+
+    def list_file(self) -> str:
+        return "\n".join(entry.line for entry in self.keep) + "\n"
+
+
+def plan(entries: list[TocEntry], *, precreated_schemas: set[str]) -> RestorePlan:
+    """Split the TOC into what the project role restores and what it skips (with why)."""
+    keep: list[TocEntry] = []
+    skipped: list[dict[str, str]] = []
+    extensions = [e.name for e in entries if e.desc == "EXTENSION"]
+    for entry in entries:
+        reason = None
+        if entry.desc in SUPERUSER_ONLY:
+            reason = SUPERUSER_ONLY[entry.desc]
+        elif entry.desc == "PROCEDURAL LANGUAGE" and entry.name not in TRUSTED_LANGUAGES:
+            reason = f"the untrusted language {entry.name} needs superuser"
+        elif entry.desc == "COMMENT" and entry.name.startswith("EXTENSION "):
+            reason = "only an extension's owner may comment on it; the service created the extension"
+        elif entry.desc == "EXTENSION":
+            continue  # created by the service before the restore, not skipped
+        elif entry.desc == "SCHEMA" and entry.name in precreated_schemas:
+            continue  # created by the service (for an extension), owned by the project role
+        if reason:
+            skipped.append({"object": entry.label, "reason": reason})
+        else:
+            keep.append(entry)
+    return RestorePlan(keep, skipped, extensions)
+
+
+# Object kinds of the verification report, by TOC description.
+KIND_OF_DESC = {
+    "TABLE": "tables",
+    "INDEX": "indexes",
+    "CONSTRAINT": "constraints",
+    "FK CONSTRAINT": "constraints",
+    "CHECK CONSTRAINT": "constraints",
+    "VIEW": "views",
+    "MATERIALIZED VIEW": "materialized_views",
+    "FUNCTION": "functions",
+    "PROCEDURE": "functions",
+    "AGGREGATE": "functions",
+    "TRIGGER": "triggers",
+    "TYPE": "types",
+    "DOMAIN": "domains",
+    "POLICY": "policies",
+    "BLOB": "large_objects",
+    "LARGE OBJECT": "large_objects",
+    "SEQUENCE": "sequences",
+    "SCHEMA": "schemas",
+    "EXTENSION": "extensions",
+}
+
+
+def kind_counts(entries: list[TocEntry]) -> dict[str, int]:
+    counts = Counter(KIND_OF_DESC[e.desc] for e in entries if e.desc in KIND_OF_DESC)
+    return dict(sorted(counts.items()))
+
+
+_CREATE_EXTENSION = re.compile(r"^CREATE EXTENSION IF NOT EXISTS (\"(?:[^\"]|\"\")*\"|\S+) WITH SCHEMA (\"(?:[^\"]|\"\")*\"|\S+);$", re.M)
+
+
+def unquote(identifier: str) -> str:
+    if identifier.startswith('"') and identifier.endswith('"'):
+        return identifier[1:-1].replace('""', '"')
+    return identifier
+
+
+def read(tools: PgTools, archive: str) -> list[TocEntry]:
+    """The archive's TOC, as the target's pg_restore reads it."""
+    chunks: list[bytes] = []
+    pg_restore = tools.pg_restore
+    pg_restore.run_streaming(["--list", archive], lambda out: chunks.append(out.read()), what="reading the dump's table of contents")
+    return parse(b"".join(chunks).decode("utf-8", "replace"))
+
+
+def extension_schemas(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
+    """Extension name -> schema, from the archive's own CREATE EXTENSION statements."""
+    wanted = [e for e in entries if e.desc == "EXTENSION"]
+    if not wanted:
+        return {}
+    list_path = os.path.join(work_dir, "extensions.list")
+    with open(list_path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(e.line for e in wanted) + "\n")
+    chunks: list[bytes] = []
+    tools.pg_restore.run_streaming(
+        ["--schema-only", f"--use-list={list_path}", "--file=-", archive],
+        lambda out: chunks.append(out.read()),
+        what="reading the dump's extensions",
+    )
+    text = b"".join(chunks).decode("utf-8", "replace")
+    return {unquote(name): unquote(schema) for name, schema in _CREATE_EXTENSION.findall(text)}
