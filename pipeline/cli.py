@@ -22,6 +22,8 @@ from pipeline.migrations import migrate
 from pipeline.models import Cluster, Job, Organization, Project
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
+from pipeline.storage import object_store
+from pipeline.sweep import sweep
 from stages.errors import CapyError
 from stages.pgurl import redact
 
@@ -169,6 +171,17 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
     out.emit(obj, text)
 
 
+def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    done = sweep(settings, Sealer(settings.secret_key), object_store(settings))
+    lines = (
+        [f"deleted upload {key}" for key in done["uploads_deleted"]]
+        + [f"dropped replaced database {name}" for name in done["replaced_databases_dropped"]]
+        + [f"dropped orphaned preview {name}" for name in done["previews_dropped"]]
+        + [f"could not clean {item}" for item in done["errors"]]
+    )
+    out.emit(done, "\n".join(lines) if lines else "nothing to sweep")
+
+
 def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     """Idempotent local set-up for `make run`: org, local cluster, project, fresh key."""
     sealer = Sealer(settings.secret_key)
@@ -251,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p = add(jobs_parser, "show", cmd_jobs_show, "show a job with its events")
     p.add_argument("job")
+
+    add(sub, "sweep", cmd_sweep, "delete expired uploads, replaced databases and orphaned previews")
 
     p = add(sub, "dev-seed", cmd_dev_seed, "set up a local organization, cluster, project and key")
     p.add_argument("--cluster-url", default="postgresql://postgres@127.0.0.1:5432/postgres")

@@ -172,7 +172,13 @@ class ImportSteps:
         list_path = os.path.join(work, "restore.list")
         with open(list_path, "w", encoding="utf-8") as fh:
             fh.write(plan.list_file())
-        return {"extensions": extensions, "skipped": plan.skipped, "restore_list": list_path, "toc_kinds": toc.kind_counts(entries)}
+        return {
+            "extensions": extensions,
+            "extension_comments": toc.extension_comments(tools, archive, entries, work),
+            "skipped": plan.skipped,
+            "restore_list": list_path,
+            "toc_kinds": toc.kind_counts(entries),
+        }
 
     def _check_allowlist(self, extensions: dict[str, str]) -> None:
         outside = sorted(set(extensions) - set(self.settings.extension_allowlist) - {"plpgsql"})
@@ -218,7 +224,9 @@ class ImportSteps:
             plain = prepare_plain_sql(download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter)
             os.remove(download)
             self._check_allowlist(plain.extensions)
-            facts.update(extensions=plain.extensions, skipped=plain.skipped)
+            facts.update(
+                extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped
+            )
             kinds, basis = counter.kinds, "dump statements"
         counts, uncounted = counter.result()
         description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
@@ -249,7 +257,9 @@ class ImportSteps:
         context.progress({"phase": "creating the preview database", "preview_database_id": preview})
         admin.drop_database(preview)  # a retried restore starts from an empty preview
         admin.create_database(preview, owner=role)
-        admin.create_extensions(preview, role, job.facts.get("extensions", {}))
+        admin.create_extensions(
+            preview, role, job.facts.get("extensions", {}), job.facts.get("extension_comments", {})
+        )
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         base = admin.database_url(preview)
         target = SourceURL(params={**base.params, "user": role}, password=password)
@@ -312,6 +322,7 @@ class ImportSteps:
         if job.upload_key and self.settings.upload_retention_seconds <= 0:
             try:
                 self.store.delete(job.upload_key)
+                Job.update(facts={**job.facts, "upload_deleted": True}).where(Job.id == job.id).execute()
             except CapyError:
                 log.exception("job %s: could not delete upload %s", job.id, job.upload_key)
         if not succeeded and job.preview_database_id:

@@ -60,7 +60,9 @@ class ClusterAdmin:
     def create_database(self, name: str, *, owner: str | None = None) -> None:
         """Create an empty database from template0 (UTF-8, no leftovers of template1),
         owned by `owner` (the project role) when given."""
-        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(name))
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(
+            sql.Identifier(name)
+        )
         if owner:
             statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with self.autocommit() as cur:
@@ -81,25 +83,37 @@ class ClusterAdmin:
     def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:
             cur.execute(
-                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(owner))
+                sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                    sql.Identifier(database), sql.Identifier(owner)
+                )
             )
 
-    def create_extensions(self, database: str, owner: str, extensions: dict[str, str]) -> None:
+    def create_extensions(
+        self, database: str, owner: str, extensions: dict[str, str], comments: dict[str, str] | None = None
+    ) -> None:
         """Create extensions (name -> schema) in `database` as the admin, as managed
         platforms do for their allowlist; a schema that does not exist yet is created
-        owned by the project role, so the restore can fill it."""
+        owned by the project role, so the restore can fill it. The source's comments
+        on them are applied as values, never as SQL text from a dump."""
         with self.autocommit(database) as cur:
-            for name, schema in extensions.items():
-                cur.execute(
-                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
-                        sql.Identifier(schema), sql.Identifier(owner)
-                    )
+            self._create_extensions(cur, owner, extensions)
+            for name, comment in (comments or {}).items():
+                if name in extensions:
+                    cur.execute(sql.SQL("COMMENT ON EXTENSION {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
+
+    @staticmethod
+    def _create_extensions(cur: psycopg2.extensions.cursor, owner: str, extensions: dict[str, str]) -> None:
+        for name, schema in extensions.items():
+            cur.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
+                    sql.Identifier(schema), sql.Identifier(owner)
                 )
-                cur.execute(
-                    sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
-                        sql.Identifier(name), sql.Identifier(schema)
-                    )
+            )
+            cur.execute(
+                sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
+                    sql.Identifier(name), sql.Identifier(schema)
                 )
+            )
 
     def drop_database(self, name: str) -> None:
         """Drop a database if it exists, disconnecting anyone still in it."""

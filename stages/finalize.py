@@ -66,11 +66,9 @@ def build_report(
 ) -> dict[str, Any]:
     """The verification report of a completed job (see README, "The report")."""
     kinds = sorted(set(source.get("objects", {})) | set(target["objects"]))
-    objects = {k: {"source": source.get("objects", {}).get(k), "target": target["objects"].get(k)} for k in kinds}
-    if source_basis != "source snapshot":
-        # A dump's contents cannot be told apart from what the restore creates for
-        # extensions, so only kinds the dump lists are compared.
-        objects = {k: v for k, v in objects.items() if v["source"] is not None or v["target"]}
+    objects = {
+        k: {"source": source.get("objects", {}).get(k), "target": target["objects"].get(k)} for k in kinds
+    }
     warnings = [f"skipped {item['object']}: {item['reason']}" for item in skipped]
     for kind, pair in objects.items():
         if pair["source"] is not None and pair["source"] != pair["target"] and kind not in ("tables",):

@@ -11,8 +11,9 @@ pieces, a COPY row can be far longer) it is also made fit for a managed target, 
 - owner and grant statements are removed;
 - `CREATE SCHEMA s;` becomes `CREATE SCHEMA IF NOT EXISTS s;`, since schemas that hold
   extensions are created by the service before the restore;
-- objects only a superuser may create (event triggers, subscriptions, comments on
-  extensions, untrusted languages) are removed and reported as skipped.
+- comments on extensions are taken out, for the service to apply (it owns them);
+- objects only a superuser may create (event triggers, subscriptions, untrusted
+  languages) are removed and reported as skipped.
 
 Only statements pg_dump writes at the start of a line, outside COPY data, are touched
 (a function body line that looks exactly like one would be touched as well).
@@ -40,10 +41,16 @@ _OWNER_OR_GRANT = re.compile(
 _COPY_FROM_STDIN = re.compile(rb"^COPY .+ FROM stdin;\r?\n$")
 _END_OF_COPY = re.compile(rb"^\\\.\r?\n$")
 _CREATE_SCHEMA = re.compile(rb"^CREATE SCHEMA (?!IF NOT EXISTS )(.+);\r?\n$")
-_CREATE_EXTENSION = re.compile(rb'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")*"|\S+) WITH SCHEMA ("(?:[^"]|"")*"|\S+);\r?\n$')
-_COMMENT_ON_EXTENSION = re.compile(rb'^COMMENT ON EXTENSION ("(?:[^"]|"")*"|\S+) IS .*;\r?\n$')
-_SUPERUSER_BLOCK = re.compile(rb'^(CREATE|ALTER|COMMENT ON) (EVENT TRIGGER|SUBSCRIPTION) ("(?:[^"]|"")*"|\S+)')
-_LANGUAGE = re.compile(rb'^CREATE (?:OR REPLACE )?(?:TRUSTED )?(?:PROCEDURAL )?LANGUAGE ("(?:[^"]|"")*"|[^\s;]+)')
+_CREATE_EXTENSION = re.compile(
+    rb'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")*"|\S+) WITH SCHEMA ("(?:[^"]|"")*"|\S+);\r?\n$'
+)
+_COMMENT_ON_EXTENSION = re.compile(rb'^COMMENT ON EXTENSION ("(?:[^"]|"")*"|\S+) IS \'((?:[^\']|\'\')*)\';\r?\n$')
+_SUPERUSER_BLOCK = re.compile(
+    rb'^(CREATE|ALTER|COMMENT ON) (EVENT TRIGGER|SUBSCRIPTION) ("(?:[^"]|"")*"|\S+)'
+)
+_LANGUAGE = re.compile(
+    rb'^CREATE (?:OR REPLACE )?(?:TRUSTED )?(?:PROCEDURAL )?LANGUAGE ("(?:[^"]|"")*"|[^\s;]+)'
+)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class PlainSql:
 
     bytes: int = 0
     extensions: dict[str, str] = field(default_factory=dict)
+    extension_comments: dict[str, str] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -79,7 +87,9 @@ def prepare_plain_sql(
 
 
 class _Filter:
-    def __init__(self, out: BinaryIO, max_bytes: int, counter: RowCounter, on_progress: Callable[[int], None]) -> None:
+    def __init__(
+        self, out: BinaryIO, max_bytes: int, counter: RowCounter, on_progress: Callable[[int], None]
+    ) -> None:
         self.out = out
         self.max_bytes = max_bytes
         self.counter = counter
@@ -128,7 +138,9 @@ class _Filter:
             return b"CREATE SCHEMA IF NOT EXISTS " + match.group(1) + b";\n"
         match = _COMMENT_ON_EXTENSION.match(piece)
         if match:
-            self._skip(f"COMMENT EXTENSION {unquote(match.group(1).decode())}", "only an extension's owner may comment on it; the service created the extension")
+            # Applied by the service, which owns the extensions (parsed, never run as SQL).
+            name, body = unquote(match.group(1).decode()), match.group(2).decode().replace("''", "'")
+            self.result.extension_comments[name] = body
             return b""
         match = _SUPERUSER_BLOCK.match(piece)
         if match:
@@ -140,7 +152,9 @@ class _Filter:
         match = _LANGUAGE.match(piece)
         if match and unquote(match.group(1).decode()) not in TRUSTED_LANGUAGES:
             language = unquote(match.group(1).decode())
-            self._skip(f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser")
+            self._skip(
+                f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser"
+            )
             self.skipping_statement = not piece.rstrip().endswith(b";")
             return b""
         return piece

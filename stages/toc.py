@@ -22,18 +22,70 @@ _LINE = re.compile(r"^(\d+); (\d+) (\d+) (.+)$")
 # Descriptions pg_restore uses, longest first so "MATERIALIZED VIEW DATA" wins over "VIEW".
 _DESCS = sorted(
     [
-        "ACCESS METHOD", "AGGREGATE", "BLOB", "BLOB METADATA", "BLOBS", "CAST", "CHECK CONSTRAINT",
-        "COLLATION", "COMMENT", "CONSTRAINT", "CONVERSION", "DATABASE", "DATABASE PROPERTIES",
-        "DEFAULT", "DEFAULT ACL", "DOMAIN", "ENCODING", "EVENT TRIGGER", "EXTENSION",
-        "FK CONSTRAINT", "FOREIGN DATA WRAPPER", "FOREIGN SERVER", "FOREIGN TABLE", "FUNCTION",
-        "INDEX", "INDEX ATTACH", "LARGE OBJECT", "MATERIALIZED VIEW", "MATERIALIZED VIEW DATA",
-        "OPERATOR", "OPERATOR CLASS", "OPERATOR FAMILY", "POLICY", "PROCEDURAL LANGUAGE",
-        "PROCEDURE", "PUBLICATION", "PUBLICATION TABLE", "PUBLICATION TABLES IN SCHEMA", "ROW SECURITY",
-        "RULE", "SCHEMA", "SEARCHPATH", "SECURITY LABEL", "SEQUENCE", "SEQUENCE OWNED BY",
-        "SEQUENCE SET", "SERVER", "STATISTICS", "STDSTRINGS", "SUBSCRIPTION", "SUBSCRIPTION TABLE",
-        "TABLE", "TABLE ATTACH", "TABLE DATA", "TEXT SEARCH CONFIGURATION",
-        "TEXT SEARCH DICTIONARY", "TEXT SEARCH PARSER", "TEXT SEARCH TEMPLATE", "TRANSFORM",
-        "TRIGGER", "TYPE", "USER MAPPING", "VIEW", "ACL",
+        "ACCESS METHOD",
+        "AGGREGATE",
+        "BLOB",
+        "BLOB METADATA",
+        "BLOBS",
+        "CAST",
+        "CHECK CONSTRAINT",
+        "COLLATION",
+        "COMMENT",
+        "CONSTRAINT",
+        "CONVERSION",
+        "DATABASE",
+        "DATABASE PROPERTIES",
+        "DEFAULT",
+        "DEFAULT ACL",
+        "DOMAIN",
+        "ENCODING",
+        "EVENT TRIGGER",
+        "EXTENSION",
+        "FK CONSTRAINT",
+        "FOREIGN DATA WRAPPER",
+        "FOREIGN SERVER",
+        "FOREIGN TABLE",
+        "FUNCTION",
+        "INDEX",
+        "INDEX ATTACH",
+        "LARGE OBJECT",
+        "MATERIALIZED VIEW",
+        "MATERIALIZED VIEW DATA",
+        "OPERATOR",
+        "OPERATOR CLASS",
+        "OPERATOR FAMILY",
+        "POLICY",
+        "PROCEDURAL LANGUAGE",
+        "PROCEDURE",
+        "PUBLICATION",
+        "PUBLICATION TABLE",
+        "PUBLICATION TABLES IN SCHEMA",
+        "ROW SECURITY",
+        "RULE",
+        "SCHEMA",
+        "SEARCHPATH",
+        "SECURITY LABEL",
+        "SEQUENCE",
+        "SEQUENCE OWNED BY",
+        "SEQUENCE SET",
+        "SERVER",
+        "STATISTICS",
+        "STDSTRINGS",
+        "SUBSCRIPTION",
+        "SUBSCRIPTION TABLE",
+        "TABLE",
+        "TABLE ATTACH",
+        "TABLE DATA",
+        "TEXT SEARCH CONFIGURATION",
+        "TEXT SEARCH DICTIONARY",
+        "TEXT SEARCH PARSER",
+        "TEXT SEARCH TEMPLATE",
+        "TRANSFORM",
+        "TRIGGER",
+        "TYPE",
+        "USER MAPPING",
+        "VIEW",
+        "ACL",
     ],
     key=len,
     reverse=True,
@@ -102,7 +154,9 @@ def plan(entries: list[TocEntry], *, precreated_schemas: set[str]) -> RestorePla
         elif entry.desc == "PROCEDURAL LANGUAGE" and entry.name not in TRUSTED_LANGUAGES:
             reason = f"the untrusted language {entry.name} needs superuser"
         elif entry.desc == "COMMENT" and entry.name.startswith("EXTENSION "):
-            reason = "only an extension's owner may comment on it; the service created the extension"
+            continue  # applied by the service, which owns the extensions (see extension_comments)
+        elif entry.desc == "COMMENT" and entry.name.startswith(("EVENT TRIGGER ", "SUBSCRIPTION ")):
+            reason = "the object it comments on needs superuser and was skipped"
         elif entry.desc == "EXTENSION":
             continue  # created by the service before the restore, not skipped
         elif entry.desc == "SCHEMA" and entry.name in precreated_schemas:
@@ -143,7 +197,9 @@ def kind_counts(entries: list[TocEntry]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-_CREATE_EXTENSION = re.compile(r"^CREATE EXTENSION IF NOT EXISTS (\"(?:[^\"]|\"\")*\"|\S+) WITH SCHEMA (\"(?:[^\"]|\"\")*\"|\S+);$", re.M)
+_CREATE_EXTENSION = re.compile(
+    r"^CREATE EXTENSION IF NOT EXISTS (\"(?:[^\"]|\"\")*\"|\S+) WITH SCHEMA (\"(?:[^\"]|\"\")*\"|\S+);$", re.M
+)
 
 
 def unquote(identifier: str) -> str:
@@ -156,23 +212,44 @@ def read(tools: PgTools, archive: str) -> list[TocEntry]:
     """The archive's TOC, as the target's pg_restore reads it."""
     chunks: list[bytes] = []
     pg_restore = tools.pg_restore
-    pg_restore.run_streaming(["--list", archive], lambda out: chunks.append(out.read()), what="reading the dump's table of contents")
+    pg_restore.run_streaming(
+        ["--list", archive],
+        lambda out: chunks.append(out.read()),
+        what="reading the dump's table of contents",
+    )
     return parse(b"".join(chunks).decode("utf-8", "replace"))
 
 
-def extension_schemas(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
-    """Extension name -> schema, from the archive's own CREATE EXTENSION statements."""
-    wanted = [e for e in entries if e.desc == "EXTENSION"]
+def render(tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str) -> str:
+    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed)."""
     if not wanted:
-        return {}
-    list_path = os.path.join(work_dir, "extensions.list")
+        return ""
+    list_path = os.path.join(work_dir, f"{name}.list")
     with open(list_path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(e.line for e in wanted) + "\n")
     chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
-        ["--schema-only", f"--use-list={list_path}", "--file=-", archive],
+        [f"--use-list={list_path}", "--file=-", archive],
         lambda out: chunks.append(out.read()),
-        what="reading the dump's extensions",
+        what=f"reading the dump's {name}",
     )
-    text = b"".join(chunks).decode("utf-8", "replace")
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+_COMMENT_ON_EXTENSION = re.compile(
+    r"^COMMENT ON EXTENSION (\"(?:[^\"]|\"\")*\"|\S+) IS '((?:[^']|'')*)';$", re.M | re.S
+)
+
+
+def extension_schemas(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
+    """Extension name -> schema, from the archive's own CREATE EXTENSION statements."""
+    text = render(tools, archive, [e for e in entries if e.desc == "EXTENSION"], work_dir, "extensions")
     return {unquote(name): unquote(schema) for name, schema in _CREATE_EXTENSION.findall(text)}
+
+
+def extension_comments(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
+    """Extension name -> comment text. Only the service (the extensions' owner) may set
+    them; the text is parsed strictly and re-issued as a parameter, never run as SQL."""
+    wanted = [e for e in entries if e.desc == "COMMENT" and e.name.startswith("EXTENSION ")]
+    text = render(tools, archive, wanted, work_dir, "extension comments")
+    return {unquote(name): body.replace("''", "'") for name, body in _COMMENT_ON_EXTENSION.findall(text)}

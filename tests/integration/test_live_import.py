@@ -2,28 +2,10 @@
 
 import pytest
 
-from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, RetiredDatabase
-from pipeline.principals import Principal
-from pipeline.sealing import Sealer
-from stages.pgurl import SourceURL
 from tests.support import pg
-from tests.support.inline import InlineQueue
+from tests.support.imports import run_import
 from tests.support.world import make_world
-
-
-def run_import(settings, world, source_url, *, recreate=False):
-    queue = InlineQueue(settings)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=recreate, source=SourceURL.parse(source_url)),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=queue.wake,
-    )
-    queue.drain()
-    return Job.get_by_id(job.id)
 
 
 def test_pagila_import_matches_the_source(control_db, corpus_source):

@@ -1,20 +1,14 @@
 """Upload imports through the real Runner, stages and S3 server, in-process."""
 
-import datetime as dt
 import os
 import random
 
 import pytest
 
-from pipeline.imports import ImportRequest, start_import
-from pipeline.models import Job, Project
-from pipeline.principals import Principal
-from pipeline.sealing import Sealer
-from pipeline.uploads import Uploads
+from pipeline.models import Project
 from stages.errors import ObjectMissing
 from tests.support import pg
-from tests.support.inline import InlineQueue
-from tests.support.uploading import put_file
+from tests.support.imports import upload_and_import
 from tests.support.world import make_world
 
 
@@ -23,39 +17,6 @@ def pagila_dumps(corpus_source, tmp_path_factory):
     source = corpus_source("pagila")
     folder = tmp_path_factory.mktemp("dumps")
     return source, {fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}") for fmt in ("custom", "tar", "plain", "gzip-plain")}
-
-
-def upload_and_import(settings, store, world, data, *, recreate=False):
-    uploads = Uploads(store, expiry=dt.timedelta(hours=1))
-    principal = Principal(world.org.id, None, "test")
-    upload = uploads.create(world.project, principal)
-    put_file(upload["upload_url"], data)
-    queue = InlineQueue(settings)
-    job, _ = start_import(
-        world.project,
-        principal,
-        ImportRequest(recreate=recreate, upload_key=upload["object_key"]),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=queue.wake,
-    )
-    queue.drain()
-    return Job.get_by_id(job.id)
-
-
-def assert_untouched(world, job, store):
-    assert pg.row_counts(world.project.database_name) == {}
-    assert not os.path.exists(os.path.join(job_work_dir(job), job.id))
-    if job.preview_database_id:
-        assert not pg.database_exists(job.preview_database_id)
-    with pytest.raises(ObjectMissing):
-        store.size(job.upload_key)
-
-
-def job_work_dir(job):
-    from pipeline.config import Settings
-
-    return Settings.from_env({}).work_dir
 
 
 @pytest.mark.parametrize("fmt", ["custom", "tar", "plain", "gzip-plain"])

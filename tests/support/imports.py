@@ -1,0 +1,42 @@
+"""Running whole imports in-process (real Runner, stages, Postgres and S3)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from pipeline.config import Settings
+from pipeline.imports import ImportRequest, start_import
+from pipeline.models import Job
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from pipeline.uploads import Uploads
+from stages.pgurl import SourceURL
+from stages.storage import ObjectStore
+from tests.support.inline import InlineQueue
+from tests.support.uploading import put_file
+from tests.support.world import World
+
+
+def run_import(settings: Settings, world: World, source_url: str, *, recreate: bool = False) -> Job:
+    return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse(source_url)))
+
+
+def upload_and_import(settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False) -> Job:
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
+    put_file(upload["upload_url"], data)
+    return _run(settings, world, ImportRequest(recreate=recreate, upload_key=upload["object_key"]))
+
+
+def _run(settings: Settings, world: World, request: ImportRequest) -> Job:
+    queue = InlineQueue(settings)
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        request,
+        settings=settings,
+        sealer=Sealer(settings.secret_key),
+        wake=queue.wake,
+    )
+    queue.drain()
+    return Job.get_by_id(job.id)
