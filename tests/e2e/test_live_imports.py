@@ -17,7 +17,7 @@ def start(service, tenant, body):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("corpus", ["pagila", "chinook"])
+@pytest.mark.parametrize("corpus", ["pagila", "chinook", "northwind"])
 def test_live_import_over_http_matches_the_source(service, tenant, corpus_source, corpus):
     source = corpus_source(corpus)
     resp = start(
