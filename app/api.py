@@ -15,6 +15,7 @@ from app.resources import (
     HealthResource,
     ImportsResource,
     JobResource,
+    PreflightResource,
     ProjectJobsResource,
     ReadyResource,
     UploadsResource,
@@ -45,6 +46,10 @@ def create_app(services: Services) -> falcon.App:
         ImportsResource(services.settings, services.sealer, services.wake, services.uploads),
     )
     app.add_route("/v1/projects/{project_id}/imports/uploads", UploadsResource(services.uploads))
+    app.add_route(
+        "/v1/projects/{project_id}/imports/preflight",
+        PreflightResource(services.settings, services.sealer, services.uploads),
+    )
     app.add_route("/v1/projects/{project_id}/jobs", ProjectJobsResource())
     app.add_route("/v1/projects/{project_id}/audit-events", AuditEventsResource())
     app.add_route("/v1/jobs/{job_id}", JobResource())

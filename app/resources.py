@@ -13,6 +13,7 @@ from pipeline.config import Settings
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job
+from pipeline.preflights import run_preflight
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
@@ -59,6 +60,24 @@ class ImportsResource:
         resp.status = falcon.HTTP_202 if created else falcon.HTTP_200
         resp.location = f"/v1/jobs/{job.id}"
         resp.media = {"job": job_json(job)}
+
+
+class PreflightResource:
+    """Synchronous preflight: reads the source or the upload's head, changes nothing."""
+
+    def __init__(self, settings: Settings, sealer: Sealer, uploads: Uploads) -> None:
+        self.settings = settings
+        self.sealer = sealer
+        self.uploads = uploads
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
+        project = _principal(req).project(project_id)
+        body = read_json(req, max_bytes=self.settings.max_body_bytes)
+        request = ImportRequest.parse_preflight(body, validate_key=lambda key: self.uploads.validate_key(key, project))
+        if request.upload_key:
+            self.uploads.require_object(request.upload_key)
+        result = run_preflight(project, _principal(req), request, self.settings, self.sealer, self.uploads.store)
+        resp.media = {"preflight": result.response()}
 
 
 class UploadsResource:

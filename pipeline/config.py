@@ -11,22 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-DEFAULT_EXTENSION_ALLOWLIST = (
-    "pg_stat_statements",
-    "pgcrypto",
-    "uuid-ossp",
-    "citext",
-    "hstore",
-    "pg_trgm",
-    "vector",
-    "postgis",
-    "unaccent",
-    "ltree",
-    "fuzzystrmatch",
-    "btree_gin",
-    "btree_gist",
-    "plpgsql",
-)
+from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
 # Only for local development and tests: a real deployment sets CAPY_SECRET_KEY.
 DEV_SECRET_KEY = "capy-imports-development-secret-do-not-use-in-production"

@@ -19,6 +19,7 @@ from pipeline import jobs
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
+from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
 from stages.cluster import ClusterAdmin
@@ -26,12 +27,11 @@ from stages.commands import CommandResult, PgTools
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
-from stages.errors import CapyError, ObjectMissing, PermanentError
+from stages.errors import CapyError, PermanentError
 from stages.fetch import dump_live
 from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
 from stages.plainsql import prepare_plain_sql
-from stages.preflight import Target, check_live_source, check_upload
 from stages.restore import restore_archive, restore_plain
 from stages.storage import ObjectStore
 
@@ -94,44 +94,24 @@ class ImportSteps:
     def _source(self, job: Job) -> SourceURL:
         return SourceURL.parse(self.sealer.open(job.source_url_encrypted))
 
-    def _target(self, job: Job, admin: ClusterAdmin) -> Target:
-        project = Project.get_by_id(job.project_id)
-        return Target(
-            major=admin.server_major(),
-            storage_limit_bytes=project.storage_limit_bytes,
-            recreate=job.recreate,
-            is_empty=lambda: admin.is_empty(project.database_name),
-        )
-
     # -- stages -------------------------------------------------------------------
 
     def preflight(self, context: StageContext) -> dict[str, Any]:
+        """The same checks as POST …/imports/preflight; a failing one fails the job as
+        permanent with its detail, before anything is dumped or dropped."""
         job = context.job
         context.progress({"phase": "checking the source and the target"})
-        admin = self._admin(job)
+        project = Project.get_by_id(job.project_id)
         if job.upload_key:
-            try:
-                size = self.store.size(job.upload_key)
-            except ObjectMissing as err:
-                raise PermanentError(
-                    f"the upload {job.upload_key} no longer exists; upload the dump again"
-                ) from err
-            report = check_upload(size, self._target(job, admin))
-            report.raise_for_failure()
-            return {"preflight": {"checks": [c.as_dict() for c in report.checks], "source": report.source}}
-        report = check_live_source(
-            self._source(job),
-            self._target(job, admin),
-            allow_private=self.settings.allow_private_sources,
-            timeout=self.settings.source_connect_timeout,
-        )
-        report.raise_for_failure()
-        assert report.pinned is not None
-        return {
-            "preflight": {"checks": [check.as_dict() for check in report.checks], "source": report.source},
+            result = preflight_upload(project, job.upload_key, self.settings, self.sealer, self.store, recreate=job.recreate)
+        else:
+            result = preflight_source(project, self._source(job), self.settings, self.sealer, recreate=job.recreate)
+        result.report.raise_for_failure()
+        facts: dict[str, Any] = {"preflight": result.response()}
+        if result.report.pinned is not None:
             # Later stages connect to exactly the address that was checked.
-            "source_address": report.pinned.params["hostaddr"],
-        }
+            facts["source_address"] = result.report.pinned.params["hostaddr"]
+        return facts
 
     def fetch(self, context: StageContext) -> dict[str, Any]:
         if context.job.upload_key:

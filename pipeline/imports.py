@@ -19,7 +19,8 @@ from pipeline.sealing import Sealer
 from stages.errors import CapyError
 from stages.pgurl import SourceURL
 
-ALLOWED_FIELDS = ("confirm", "recreate", "source_url", "upload_key")
+IMPORT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")
+PREFLIGHT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")  # confirm is accepted, not needed
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,20 @@ class ImportRequest:
 
     @classmethod
     def parse(cls, body: Any, *, validate_key: Callable[[str], str]) -> ImportRequest:
-        """Validate a request body; InvalidRequest says exactly what to fix."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object")
-        extra = sorted(set(body) - set(ALLOWED_FIELDS))
-        if extra:
-            raise InvalidRequest(
-                f"unknown field(s): {', '.join(extra)}; allowed fields are {', '.join(ALLOWED_FIELDS)}"
-            )
+        """Validate an import request body; InvalidRequest says exactly what to fix."""
+        _check_fields(body, IMPORT_FIELDS)
         if body.get("confirm") is not True:
             raise InvalidRequest('"confirm" must be true: an import replaces the project\'s database')
+        return cls._parse_source(body, validate_key)
+
+    @classmethod
+    def parse_preflight(cls, body: Any, *, validate_key: Callable[[str], str]) -> ImportRequest:
+        """Validate a preflight request body: the source, and optionally `recreate`."""
+        _check_fields(body, PREFLIGHT_FIELDS)
+        return cls._parse_source(body, validate_key)
+
+    @classmethod
+    def _parse_source(cls, body: dict[str, Any], validate_key: Callable[[str], str]) -> ImportRequest:
         recreate = body.get("recreate", False)
         if not isinstance(recreate, bool):
             raise InvalidRequest('"recreate" must be true or false')
@@ -61,6 +66,14 @@ class ImportRequest:
             return cls(recreate=recreate, upload_key=validate_key(key))
         except CapyError as err:
             raise InvalidRequest(err.message) from err
+
+
+def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    extra = sorted(set(body) - set(allowed))
+    if extra:
+        raise InvalidRequest(f"unknown field(s): {', '.join(extra)}; allowed fields are {', '.join(allowed)}")
 
 
 def active_job(project: Project) -> Job | None:

@@ -239,7 +239,9 @@ class PgRestore(PgCommand):
         """Read the archive's table of contents only: proves this pg_restore can read it."""
         return ["--list", "--file=/dev/null", archive]
 
-    def restore_args(self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None) -> list[str]:
+    def restore_args(
+        self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None
+    ) -> list[str]:
         """Restore into an existing database without replaying owners or grants.
 
         `--exit-on-error` makes any failed object fail the restore: an import that

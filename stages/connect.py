@@ -25,8 +25,27 @@ class SourceDatabaseMissing(PermanentError):
     """The source database does not exist."""
 
 
-def explain_connect_error(err: psycopg2.OperationalError, source: SourceURL, role: str) -> Exception:
-    """Turn a libpq connection error into an exception whose message says what to fix."""
+class SourceConnectionRefused(PermanentError):
+    """Nothing accepts connections at the source's host and port."""
+
+
+class SourceTimedOut(SourceUnreachable):
+    """The source did not answer within the connect timeout."""
+
+
+class PoolerRefusedStartupParameter(PermanentError):
+    """A connection pooler in front of the database refused a startup parameter."""
+
+
+def explain_connect_error(
+    err: psycopg2.OperationalError, source: SourceURL, role: str, *, timeout: int | None = None
+) -> Exception:
+    """Turn a libpq connection error into an exception whose message says what to fix.
+
+    Each cause a person fixes differently gets its own class and message: a refused
+    login, a missing database, nothing listening (refused), no answer (timed out), a
+    pooler that refuses startup parameters.
+    """
     text = redact(str(err), source.password).strip()
     lower = text.lower()
     where = f"{source.host}:{source.port}"
@@ -54,14 +73,19 @@ def explain_connect_error(err: psycopg2.OperationalError, source: SourceURL, rol
             "to the URL only if the network between us is trusted"
         )
     if "connection refused" in lower:
-        return PermanentError(
+        return SourceConnectionRefused(
             f"nothing accepts connections at {where} (connection refused); "
             "check the host and port and that the database is running"
         )
     if "timeout expired" in lower or "timed out" in lower:
-        return SourceUnreachable(
-            f"the {role} at {where} did not answer within the connect timeout; "
-            "check the host, port and firewall"
+        within = f"the {timeout} s connect timeout" if timeout else "the connect timeout"
+        return SourceTimedOut(
+            f"the {role} at {where} did not answer within {within}; check the host, port and firewall"
+        )
+    if "unsupported startup parameter" in lower:
+        # PgBouncer's answer to a startup parameter it does not pass on (client.c).
+        return PoolerRefusedStartupParameter(
+            f"the {role} at {where} is a connection pooler that refused a startup parameter ({text})"
         )
     if "too many connections" in lower or "starting up" in lower or "shutting down" in lower:
         return TransientError(f"the {role} at {where} is busy: {text}")
@@ -78,7 +102,7 @@ def connect(
             **options,
         )
     except psycopg2.OperationalError as err:
-        raise explain_connect_error(err, source, role) from err
+        raise explain_connect_error(err, source, role, timeout=timeout) from err
 
 
 @contextlib.contextmanager

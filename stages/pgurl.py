@@ -30,6 +30,10 @@ class SourceAddressNotAllowed(PermanentError):
     """The source resolves to an address the service will not connect to."""
 
 
+class SourceHostUnresolvable(PermanentError):
+    """The source host name does not resolve to any address."""
+
+
 def redact(text: str, *secrets: str | None) -> str:
     """Return `text` with URL and keyword passwords, and every given secret, masked."""
     if not text:
@@ -150,14 +154,19 @@ class SourceURL:
 
 
 Resolver = Callable[[str, int], list[str]]
+AddressLookup = Callable[..., list[tuple]]
 
 
-def resolve(host: str, port: int) -> list[str]:
-    """All addresses `host` resolves to (IPv4 and IPv6), in resolver order."""
+def resolve(host: str, port: int, *, getaddrinfo: AddressLookup = socket.getaddrinfo) -> list[str]:
+    """All addresses `host` resolves to (IPv4 and IPv6), in resolver order.
+
+    Raises `SourceHostUnresolvable` when the name does not resolve. `getaddrinfo` is
+    the lookup itself, passed in so tests can fail a lookup without asking a DNS server.
+    """
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise PermanentError(
+        raise SourceHostUnresolvable(
             f"the source host {host!r} does not resolve ({err.strerror}); check the host name"
         ) from err
     seen: list[str] = []
@@ -199,7 +208,7 @@ def pin_address(source: SourceURL, *, allow_private: bool, resolver: Resolver = 
     """
     addresses = resolver(source.host, source.port)
     if not addresses:
-        raise PermanentError(f"the source host {source.host!r} does not resolve")
+        raise SourceHostUnresolvable(f"the source host {source.host!r} does not resolve; check the host name")
     address = addresses[0]
     problem = address_problem(address)
     if problem and not allow_private:

@@ -1,116 +1,80 @@
-"""Preflight checks: every reason an import would fail, found before anything changes.
+"""Preflight: every reason an import would fail, found before anything changes.
 
-`check_live_source` connects read-only, reads what it needs and changes nothing.
-Each check yields a `Check` with `pass`, `warn` or `fail` and a detail a person can
-act on; `Preflight.ok` is false iff a check failed. The worker runs the same function
-as its gate before any destructive step.
+`check_live_source` resolves and checks the source address once, connects to exactly
+that address in a read-only session and reads its catalog; `check_upload_head` reads
+the first bytes of an uploaded dump; `check_upload` judges an upload by its size
+alone, before it is downloaded. None of them writes anything to the source, the
+target or storage. Each returns a `Preflight` whose checks come in a fixed order (see
+`LIVE_CHECKS`, `UPLOAD_CHECKS`); a failed check is a result, not an exception: they
+raise only for a transient problem of our own (the project's cluster unreachable).
+The worker runs the same functions as its gate before any destructive step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+import os
 
-from stages.connect import connection, server_major
-from stages.errors import CapyError, PermanentError
-from stages.pgurl import SourceURL, pin_address
+from stages.checks import (
+    FAIL,
+    OBJECT_CHECKS,
+    PASS,
+    WARN,
+    Check,
+    Preflight,
+    Target,
+    add_object_warnings,
+    check_extensions,
+    check_major,
+    check_size,
+    check_target_empty,
+    human_bytes,
+    skip_object_warnings,
+)
+from stages.commands import PgTools
+from stages.dumpcontents import DumpContents, list_archive, read_sql, sql_lines
+from stages.dumpformat import DumpInfo, detect_format
+from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
+from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
+from stages.pgurl import Resolver, SourceHostUnresolvable, SourceURL, address_problem, pin_address, resolve
+from stages.providers import detect_provider
+from stages.sourceinfo import SourceCatalogUnreadable, SourceFacts, read_only_session, read_source
 
-PASS, WARN, FAIL = "pass", "warn", "fail"
+__all__ = [
+    "FAIL",
+    "LIVE_CHECKS",
+    "PASS",
+    "UPLOAD_CHECKS",
+    "WARN",
+    "Check",
+    "Preflight",
+    "Target",
+    "check_live_source",
+    "check_size",
+    "check_target_empty",
+    "check_upload",
+    "check_upload_head",
+]
 
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    status: str
-    detail: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"name": self.name, "status": self.status, "detail": self.detail}
-
-
-@dataclass
-class Preflight:
-    checks: list[Check] = field(default_factory=list)
-    source: dict[str, Any] = field(default_factory=dict)
-    pinned: SourceURL | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(check.status != FAIL for check in self.checks)
-
-    def add(self, name: str, status: str, detail: str) -> None:
-        self.checks.append(Check(name, status, detail))
-
-    def first_failure(self) -> Check | None:
-        return next((check for check in self.checks if check.status == FAIL), None)
-
-    def raise_for_failure(self) -> None:
-        """Raise PermanentError with the first failing check's detail, if any."""
-        failed = self.first_failure()
-        if failed:
-            raise PermanentError(f"preflight check {failed.name} failed: {failed.detail}")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What preflight needs to know about the project's side of the import."""
-
-    major: int
-    storage_limit_bytes: int
-    recreate: bool
-    is_empty: Callable[[], bool]
-
-
-def check_target_empty(report: Preflight, target: Target) -> None:
-    if target.recreate:
-        return
-    if target.is_empty():
-        report.add("target_database_empty", PASS, "the project's database is empty")
-    else:
-        report.add(
-            "target_database_empty",
-            FAIL,
-            "the project's database already holds tables or other objects; send "
-            '"recreate": true to replace them (the current database is kept aside), '
-            "or import into an empty project",
-        )
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} bytes"
-
-
-def check_size(report: Preflight, size: int, target: Target, what: str) -> None:
-    """`source_size_within_plan`: fail above the storage limit, warn above 80 %."""
-    limit = target.storage_limit_bytes
-    share = f"{_human(size)} of the project's {_human(limit)} storage limit"
-    if size > limit:
-        report.add(
-            "source_size_within_plan",
-            FAIL,
-            f"{what} is {share} ({size} > {limit} bytes); raise the project's storage limit or import less data",
-        )
-    elif size > 0.8 * limit:
-        report.add("source_size_within_plan", WARN, f"{what} uses {share}, over 80 %")
-    else:
-        report.add("source_size_within_plan", PASS, f"{what} uses {share}")
-
-
-def check_upload(size: int, target: Target) -> Preflight:
-    """Checks for an uploaded dump before it is downloaded: its size, the target."""
-    report = Preflight()
-    report.source.update(upload_bytes=size)
-    if size == 0:
-        report.add("upload_not_empty", FAIL, "the uploaded object is empty; upload the pg_dump output again")
-    check_size(report, size, target, "the upload")
-    check_target_empty(report, target)
-    return report
+LIVE_CHECKS = (
+    "source_address_allowed",
+    "source_reachable",
+    "not_a_transaction_pooler",
+    "source_version_compatible",
+    "source_size_within_plan",
+    "extensions_available_on_target",
+    "target_database_empty",
+    *OBJECT_CHECKS,
+)
+UPLOAD_CHECKS = (
+    "upload_not_empty",
+    "dump_format_recognized",
+    "source_version_compatible",
+    "source_size_within_plan",
+    "extensions_available_on_target",
+    "target_database_empty",
+    *OBJECT_CHECKS,
+)
+_SOURCE_CHECKS = ("source_version_compatible", "source_size_within_plan", "extensions_available_on_target")
 
 
 def check_live_source(
@@ -119,55 +83,277 @@ def check_live_source(
     *,
     allow_private: bool,
     timeout: int = 10,
+    resolver: Resolver = resolve,
 ) -> Preflight:
-    """Run the checks for a live source URL and return the report (never raises
-    for a failed check; raises only for a bug or a transient problem of our own)."""
+    """Run the `LIVE_CHECKS` for a source URL. `report.pinned` is the source with the
+    checked address as `hostaddr` (None when it was not allowed): later stages connect
+    to exactly that address."""
     report = Preflight()
+    provider = detect_provider(source.host, source.port, source.user)
+    report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)
+    facts, refused, blocked = None, False, ""
     try:
-        pinned = pin_address(source, allow_private=allow_private)
+        pinned = pin_address(source, allow_private=allow_private, resolver=resolver)
+    except SourceHostUnresolvable as err:
+        report.not_checked(
+            "source_address_allowed", "the source host does not resolve (see source_reachable)"
+        )
+        report.add("source_reachable", FAIL, err.message)
+        blocked = "the source database could not be reached (see source_reachable)"
     except CapyError as err:
         report.add("source_address_allowed", FAIL, err.message)
-        check_target_empty(report, target)
-        return report
-    address = pinned.params["hostaddr"]
-    report.add(
-        "source_address_allowed",
-        PASS,
-        f"{source.host} resolves to {address}"
-        + (" (private addresses are allowed by the operator)" if allow_private else ""),
-    )
-    report.pinned = pinned
-    try:
-        with connection(pinned, timeout=timeout, options="-c default_transaction_read_only=on") as conn:
+        blocked = "the source address is not allowed (see source_address_allowed)"
+        report.not_checked("source_reachable", blocked)
+    else:
+        report.pinned = pinned
+        _address_allowed(report, source, pinned.params["hostaddr"])
+        try:
+            with read_only_session(pinned, timeout=timeout) as (conn, refused):
+                facts = read_source(conn)
             report.add("source_reachable", PASS, f"connected to {source.redacted()} as {source.user}")
-            _describe_source(conn, report)
-            major = server_major(conn)
-    except CapyError as err:
-        report.add("source_reachable", FAIL, err.message)
+        except SourceCatalogUnreadable as err:
+            report.add(
+                "source_reachable",
+                FAIL,
+                f"connected to {source.redacted()} as {source.user}, but could not read its catalog "
+                f"({err.message}); the user needs to be able to read the system catalogs",
+            )
+            blocked = "the source's catalog could not be read (see source_reachable)"
+        except CapyError as err:
+            report.add("source_reachable", FAIL, err.message)
+            blocked = "the source database could not be reached (see source_reachable)"
+    _pooler(report, source, provider.pooler, facts, refused, blocked)
+    if facts is None:
+        for name in _SOURCE_CHECKS:
+            report.not_checked(name, blocked)
         check_target_empty(report, target)
+        skip_object_warnings(report, blocked)
         return report
-    if major > target.major:
+    report.source.update(facts.as_source())
+    check_major(report, facts.server_version_num, target, label=facts.version_label)
+    check_size(report, facts.database_size_bytes, target, "the source database")
+    check_extensions(report, facts.extensions, target, "the source database")
+    check_target_empty(report, target)
+    add_object_warnings(report, facts.findings)
+    return report
+
+
+def _address_allowed(report: Preflight, source: SourceURL, address: str) -> None:
+    problem = address_problem(address)
+    if problem:
+        detail = f"{source.host} resolves to {address}, {problem}, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)"
+    else:
+        detail = f"{source.host} resolves to {address}, a public address"
+    report.add("source_address_allowed", PASS, detail)
+
+
+def _pooler(
+    report: Preflight,
+    source: SourceURL,
+    by_host: str | None,
+    facts: SourceFacts | None,
+    refused: bool,
+    blocked: str,
+) -> None:
+    """`not_a_transaction_pooler`: known pooler addresses, then what the session showed."""
+    name = "not_a_transaction_pooler"
+    direct = "; use the direct (session) connection string of the database"
+    where = f"{source.host}:{source.port}"
+    if by_host:
+        report.add(name, FAIL, f"{by_host}: pg_dump needs one session for its consistent snapshot")
+    elif facts is None:
+        report.not_checked(name, f"{where} is not a known pooler address, but {blocked}")
+    elif facts.session == "transaction-pooled":
         report.add(
-            "source_version_compatible",
+            name,
             FAIL,
-            f"the source runs PostgreSQL {major}, newer than the project's PostgreSQL "
-            f"{target.major}; imports cannot downgrade. Use a project on a cluster "
-            f"running PostgreSQL {major} or later",
+            f"{where} is a transaction pooler: two consecutive transactions ran in different "
+            f"server sessions, so pg_dump could not keep one snapshot{direct}",
+        )
+    elif facts.session == "proxied" or refused:
+        why = (
+            "it refused the startup parameter options, as PgBouncer does"
+            if refused
+            else "the backend pid it announced at login is not the pid of the session that answers"
+        )
+        report.add(
+            name,
+            WARN,
+            f"{where} answers through a connection pooler or proxy ({why}); if it pools "
+            f"transactions the import will fail{direct}",
         )
     else:
         report.add(
-            "source_version_compatible",
+            name,
             PASS,
-            f"source PostgreSQL {major} can be restored into PostgreSQL {target.major}",
+            f"{where} is not a known pooler address, and the connection kept one server session",
         )
+
+
+def check_upload(size: int, target: Target) -> Preflight:
+    """Checks for an uploaded dump before it is downloaded: its size and the target."""
+    report = Preflight()
+    report.source.update(upload_bytes=size)
+    _not_empty(report, size)
+    check_size(report, size, target, "the upload")
     check_target_empty(report, target)
     return report
 
 
-def _describe_source(conn: Any, report: Preflight) -> None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT current_setting('server_version'), pg_database_size(current_database())")
-        version, size = cur.fetchone()
-        cur.execute("SELECT extname, extversion FROM pg_extension ORDER BY extname")
-        extensions = [{"name": name, "version": ver} for name, ver in cur.fetchall()]
-    report.source.update(server_version=version, database_size_bytes=int(size), extensions=extensions)
+def _not_empty(report: Preflight, size: int) -> None:
+    if size == 0:
+        report.add("upload_not_empty", FAIL, "the uploaded object is empty; upload the pg_dump output again")
+    else:
+        shown = human_bytes(size)
+        exact = "" if shown == f"{size} bytes" else f" ({size} bytes)"
+        report.add("upload_not_empty", PASS, f"the upload holds {shown}{exact}")
+
+
+def check_upload_head(head_path: str, total_size: int, target: Target, tools: PgTools) -> Preflight:
+    """Run the `UPLOAD_CHECKS` on the first bytes of an upload of `total_size` bytes.
+
+    `head_path` holds a prefix of the upload (all of it when it is small). An archive's
+    table of contents comes first, so the target's `pg_restore --list` reads it from
+    the prefix; a plain SQL dump is read for the objects in the prefix.
+    """
+    report = Preflight()
+    head_bytes = os.path.getsize(head_path)
+    complete = head_bytes >= total_size
+    report.source.update(
+        database_size_bytes=None, server_version=None, extensions=[], upload_bytes=total_size
+    )
+    _not_empty(report, total_size)
+    info, blocked = None, ""
+    if total_size == 0:
+        blocked = "the upload is empty"
+        report.not_checked("dump_format_recognized", blocked)
+    else:
+        try:
+            info = detect_format(head_path)
+        except UnrecognizedDump as err:
+            report.add("dump_format_recognized", FAIL, err.message)
+            blocked = "the upload is not a pg_dump output (see dump_format_recognized)"
+    contents = None
+    if info is not None:
+        report.add("dump_format_recognized", PASS, _describe_format(info))
+        report.source.update(
+            format=info.format,
+            archive_version=info.archive_version,
+            dumped_by=info.dumped_by,
+            dumped_from=info.dumped_from,
+            server_version=info.dumped_from,
+        )
+        contents, blocked = _dump_version(report, head_path, info, target, tools, complete)
+    else:
+        report.not_checked("source_version_compatible", blocked)
+    check_size(report, total_size, target, "the upload")
+    if contents is None:
+        report.not_checked("extensions_available_on_target", blocked)
+        check_target_empty(report, target)
+        skip_object_warnings(report, blocked)
+        return report
+    report.source.update(
+        extensions=[{"name": name, "version": None} for name in contents.extensions],
+        schemas=contents.schemas,
+        table_count=contents.table_count,
+        large_objects=contents.large_objects,
+        event_triggers=contents.event_triggers,
+        untrusted_languages=contents.untrusted_languages,
+        foreign_servers=contents.foreign_servers,
+        publications=contents.publications,
+        subscriptions=contents.subscriptions,
+    )
+    # A plain script cut short may hold more objects further on; say what was read.
+    partial = "" if contents.complete else f" in the first {human_bytes(head_bytes)} of the upload"
+    what = "the dump" if contents.complete else f"the first {human_bytes(head_bytes)} of the dump"
+    check_extensions(report, contents.extension_list(), target, what)
+    check_target_empty(report, target)
+    add_object_warnings(report, contents.findings(), partial=partial)
+    return report
+
+
+def _describe_format(info: DumpInfo) -> str:
+    kind = {
+        "custom": "a pg_dump custom-format archive (-Fc)",
+        "tar": "a pg_dump tar archive (-Ft)",
+        "plain": "a plain SQL script (-Fp)",
+        "gzip-plain": "a gzip-compressed plain SQL script",
+    }[info.format]
+    about = []
+    if info.archive_version:
+        about.append(f"archive format {info.archive_version}")
+    if info.dumped_by:
+        about.append(f"made by pg_dump {info.dumped_by}")
+    if info.dumped_from:
+        about.append(f"from PostgreSQL {info.dumped_from}")
+    return f"the upload is {kind}" + (f", {', '.join(about)}" if about else "")
+
+
+def _dump_version(
+    report: Preflight, head_path: str, info: DumpInfo, target: Target, tools: PgTools, complete: bool
+) -> tuple[DumpContents | None, str]:
+    """`source_version_compatible` for a dump, and what its head contains; or None and
+    why the contents were not read."""
+    name = "source_version_compatible"
+    try:
+        check_versions(info, target.major)
+    except DumpTooNew as err:
+        report.add(name, FAIL, err.message)
+        return None, f"the dump cannot be restored into PostgreSQL {target.major} (see {name})"
+    made = _provenance(info)
+    if info.format in ("plain", "gzip-plain"):
+        contents = read_sql(sql_lines(head_path, gzipped=info.format == "gzip-plain"), complete=complete)
+        if info.dumped_from is None:
+            report.add(
+                name,
+                WARN,
+                "the SQL script does not say which PostgreSQL version it was dumped from; it is "
+                f"restored with PostgreSQL {target.major}'s psql, which stops at the first "
+                "statement it cannot run",
+            )
+        else:
+            report.add(name, PASS, f"{made} can be restored into PostgreSQL {target.major}")
+        return contents, ""
+    try:
+        check_archive_readable(tools, head_path, info, target.major)
+    except TransientError:
+        raise
+    except CommandFailed as err:
+        if not complete and _ran_out(err):
+            report.add(
+                name,
+                WARN,
+                f"the dump's table of contents is larger than the first {human_bytes(os.path.getsize(head_path))} "
+                "that preflight reads; the import reads it whole before restoring anything",
+            )
+            return None, f"the dump's table of contents is not in the part preflight reads (see {name})"
+        report.add(name, FAIL, err.message)
+        return None, f"PostgreSQL {target.major}'s pg_restore cannot read the dump (see {name})"
+    contents = list_archive(tools, head_path)
+    report.add(
+        name,
+        PASS,
+        f"{made} (archive format {info.archive_version}) can be read by PostgreSQL {target.major}'s pg_restore",
+    )
+    return contents, ""
+
+
+def _provenance(info: DumpInfo) -> str:
+    """ "a dump of PostgreSQL 15.4 made by pg_dump 15.4", from what the dump says."""
+    text = "a dump"
+    if info.dumped_from:
+        text += f" of PostgreSQL {_short(info.dumped_from)}"
+    if info.dumped_by:
+        text += f" made by pg_dump {_short(info.dumped_by)}"
+    return text
+
+
+def _short(version: str) -> str:
+    """ "15.4" from "15.4 (Debian 15.4-1.pgdg120+1)"."""
+    return version.split(" ", 1)[0]
+
+
+def _ran_out(err: CommandFailed) -> bool:
+    """pg_restore stopped at the end of a cut-short head, not at damage."""
+    text = err.stderr_tail.lower()
+    return "end of file" in text or "too short" in text

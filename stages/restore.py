@@ -11,7 +11,9 @@ from stages.pgurl import SourceURL
 PARALLEL_FORMATS = ("custom", "directory")
 
 
-def restore_archive(tools: PgTools, target: SourceURL, archive: str, *, jobs: int, fmt: str, list_file: str) -> None:
+def restore_archive(
+    tools: PgTools, target: SourceURL, archive: str, *, jobs: int, fmt: str, list_file: str
+) -> None:
     """pg_restore the entries of `list_file` (see stages.toc.plan) from an archive
     (custom, tar or directory) into `target`, in parallel where the format allows;
     owners and grants of the source are not replayed."""

@@ -161,6 +161,40 @@ class ObjectStore:
             raise
         return done
 
+    def head(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
+        """Write the first `max_bytes` bytes of the object to `path` and return how many
+        were written: all of it when it is shorter. `ObjectMissing` if there is none.
+
+        One ranged GET, streamed in 1 MiB chunks, so memory stays bounded whatever
+        `max_bytes` is; `size()` gives the whole object's size. Reads only.
+        """
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        # An empty object has no byte range to ask for (S3 answers 416): stat first.
+        length = min(self.size(key), max_bytes)
+        target = Path(path)
+        done = 0
+        try:
+            with open(target, "wb") as out:
+                if length:
+                    with _translated(key):
+                        response = self.client.get_object(self.bucket, key, offset=0, length=length)
+                        try:
+                            for chunk in response.stream(CHUNK_BYTES, decode_content=False):
+                                # Never more than asked, even if the server ignored the range.
+                                chunk = chunk[: length - done]
+                                out.write(chunk)
+                                done += len(chunk)
+                                if done >= length:
+                                    break
+                        finally:
+                            response.close()
+                            response.release_conn()
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        return done
+
     def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
         """Upload a local file as `key` (tests and benchmarks; users upload presigned)."""
         with _translated(key):

@@ -127,3 +127,15 @@ def test_loopback_source_refused_when_private_sources_are_not_allowed(control_db
     job = run_import(strict, world, pg.url_for(corpus_source("chinook"), sslmode="disable"))
     assert job.state == "failed"
     assert "resolves to 127.0.0.1, a loopback address" in job.error
+
+
+def test_worker_gate_fails_on_an_extension_outside_the_allowlist(control_db, scratch_db):
+    source = scratch_db("capysrc_cube")
+    pg.psql(source, text="CREATE EXTENSION cube; CREATE TABLE boxes (b cube); INSERT INTO boxes VALUES ('(1,2)');")
+    world = make_world(control_db)
+    job = run_import(control_db, world, pg.url_for(source, sslmode="disable"))
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert job.error.startswith("preflight check extensions_available_on_target failed:")
+    assert "cube" in job.error
+    assert job.stage == "preflight" and job.preview_database_id is None
+    assert pg.row_counts(world.project.database_name) == {}

@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 
 from stages.errors import PermanentError
@@ -8,6 +10,7 @@ from stages.pgurl import (
     address_problem,
     pin_address,
     redact,
+    resolve,
 )
 
 
@@ -107,7 +110,10 @@ def test_pin_address_refuses_private_unless_allowed():
 
 
 def test_pin_address_unresolvable_host():
+    def no_such_name(host, port, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
     url = SourceURL.parse("postgres://u@nowhere.invalid/d")
     with pytest.raises(PermanentError) as info:
-        pin_address(url, allow_private=False)
-    assert "does not resolve" in info.value.message
+        pin_address(url, allow_private=False, resolver=lambda h, p: resolve(h, p, getaddrinfo=no_such_name))
+    assert info.value.message == "the source host 'nowhere.invalid' does not resolve (Name or service not known); check the host name"

@@ -1,0 +1,106 @@
+"""Preflight for a project: the same checks for the API endpoint and the worker's gate.
+
+Reads the source (or the head of an upload) and the project's cluster; changes
+nothing anywhere. The API records `project.import_preflight`; the worker runs the
+same function before anything is dumped or dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import audit
+from pipeline.accounts import cluster_admin
+from pipeline.config import Settings
+from pipeline.imports import ImportRequest
+from pipeline.models import Cluster, Project
+from pipeline.principals import Principal
+from pipeline.sealing import Sealer
+from stages.checks import Preflight, Target
+from stages.commands import PgTools
+from stages.errors import ObjectMissing, PermanentError
+from stages.pgurl import SourceURL
+from stages.preflight import check_live_source, check_upload_head
+from stages.storage import ObjectStore
+from stages.targetinfo import describe_target
+
+# Enough of an upload to read its header and, for archives, its table of contents.
+HEAD_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    report: Preflight
+    target: Target
+
+    def response(self) -> dict[str, Any]:
+        return self.report.as_response(self.target)
+
+
+def target_for(project: Project, settings: Settings, sealer: Sealer, *, recreate: bool) -> Target:
+    admin = cluster_admin(Cluster.get_by_id(project.cluster_id), sealer)
+    return describe_target(
+        admin,
+        project.database_name,
+        recreate=recreate,
+        storage_limit_bytes=project.storage_limit_bytes,
+        allowlist=settings.extension_allowlist,
+    )
+
+
+def preflight_source(project: Project, source: SourceURL, settings: Settings, sealer: Sealer, *, recreate: bool) -> PreflightResult:
+    target = target_for(project, settings, sealer, recreate=recreate)
+    report = check_live_source(
+        source, target, allow_private=settings.allow_private_sources, timeout=settings.source_connect_timeout
+    )
+    return PreflightResult(report, target)
+
+
+def preflight_upload(
+    project: Project, key: str, settings: Settings, sealer: Sealer, store: ObjectStore, *, recreate: bool
+) -> PreflightResult:
+    """Checks on the first HEAD_BYTES of the upload (never the whole dump)."""
+    target = target_for(project, settings, sealer, recreate=recreate)
+    cluster = Cluster.get_by_id(project.cluster_id)
+    tools = PgTools.for_major(cluster.server_major, settings.pg_bin_dir_template)
+    os.makedirs(settings.work_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
+        head = os.path.join(folder, "head")
+        try:
+            size = store.size(key)
+            store.head(key, head, HEAD_BYTES)
+        except ObjectMissing as err:
+            raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
+        report = check_upload_head(head, size, target, tools)
+    return PreflightResult(report, target)
+
+
+def run_preflight(
+    project: Project,
+    principal: Principal,
+    request: ImportRequest,
+    settings: Settings,
+    sealer: Sealer,
+    store: ObjectStore,
+) -> PreflightResult:
+    """The synchronous preflight of POST …/imports/preflight, audited."""
+    if request.upload_key:
+        result = preflight_upload(project, request.upload_key, settings, sealer, store, recreate=request.recreate)
+    else:
+        assert request.source is not None
+        result = preflight_source(project, request.source, settings, sealer, recreate=request.recreate)
+    audit.record(
+        project,
+        audit.IMPORT_PREFLIGHT,
+        principal.actor,
+        details={
+            "source": request.source.redacted() if request.source else None,
+            "upload_key": request.upload_key,
+            "ok": result.report.ok,
+            "failed": [check.name for check in result.report.checks if check.status == "fail"],
+        },
+    )
+    return result
