@@ -72,3 +72,18 @@ def test_failed_import_over_http_leaves_the_live_database_unchanged(service, ten
     listed = cli(service.env, "jobs", "list", "--project", tenant["project"]["id"])
     assert "not-the-password" not in str(listed)
     assert "not-the-password" not in service.log_tail(10_000)
+
+
+@pytest.mark.e2e
+def test_preflight_over_http(service, tenant, corpus_source):
+    resp = requests.post(
+        f"{service.base_url}/v1/projects/{tenant['project']['id']}/imports/preflight",
+        json={"source_url": pg.url_for(corpus_source("chinook"), sslmode="disable")},
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()["preflight"]
+    assert body["ok"] is True and body["target_version"].startswith("15.")
+    assert {c["name"]: c["status"] for c in body["checks"]}["source_reachable"] == "pass"
+    assert body["source"]["table_count"] == 11
