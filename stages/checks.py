@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.errors import PermanentError
+from stages.errors import PermanentError, TransientError
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
 from stages.pgurl import SourceURL
 
@@ -28,6 +28,7 @@ class Check:
     name: str
     status: str
     detail: str
+    transient: bool = False  # a failure that may pass on its own (not shown to users)
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status, "detail": self.detail}
@@ -66,8 +67,8 @@ class Preflight:
         """False iff some check failed."""
         return all(check.status != FAIL for check in self.checks)
 
-    def add(self, name: str, status: str, detail: str) -> None:
-        self.checks.append(Check(name, status, detail))
+    def add(self, name: str, status: str, detail: str, *, transient: bool = False) -> None:
+        self.checks.append(Check(name, status, detail, transient))
 
     def not_checked(self, name: str, why: str) -> None:
         self.add(name, WARN, f"not checked: {why}")
@@ -76,10 +77,12 @@ class Preflight:
         return next((check for check in self.checks if check.status == FAIL), None)
 
     def raise_for_failure(self) -> None:
-        """Raise PermanentError with the first failing check's detail, if any."""
+        """Raise with the first failing check's detail, if any: TransientError when
+        that failure may pass (a timeout), PermanentError otherwise."""
         failed = self.first_failure()
         if failed:
-            raise PermanentError(f"preflight check {failed.name} failed: {failed.detail}")
+            error = TransientError if failed.transient else PermanentError
+            raise error(f"preflight check {failed.name} failed: {failed.detail}")
 
     def as_response(self, target: Target) -> dict[str, Any]:
         """The `preflight` object of the HTTP API (SPEC.md, HTTP API item 3)."""

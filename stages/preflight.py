@@ -120,7 +120,8 @@ def check_live_source(
             )
             blocked = "the source's catalog could not be read (see source_reachable)"
         except CapyError as err:
-            report.add("source_reachable", FAIL, err.message)
+            # A timeout or a busy server may pass: the worker's gate retries those.
+            report.add("source_reachable", FAIL, err.message, transient=isinstance(err, TransientError))
             blocked = "the source database could not be reached (see source_reachable)"
     _pooler(report, source, provider.pooler, facts, refused, blocked)
     if facts is None:

@@ -2,6 +2,7 @@
 
 import pytest
 
+from pipeline import jobs
 from pipeline.models import Job, RetiredDatabase
 from tests.support import pg
 from tests.support.imports import run_import
@@ -139,3 +140,20 @@ def test_worker_gate_fails_on_an_extension_outside_the_allowlist(control_db, scr
     assert "cube" in job.error
     assert job.stage == "preflight" and job.preview_database_id is None
     assert pg.row_counts(world.project.database_name) == {}
+
+
+def test_a_source_that_never_answers_is_retried_then_given_up(control_db):
+    import dataclasses
+
+    from tests.support.pgproxy import silent_listener
+
+    quick = dataclasses.replace(control_db, source_connect_timeout=1)
+    world = make_world(quick)
+    with silent_listener() as listener:
+        job = run_import(quick, world, f"postgresql://u:pw@127.0.0.1:{listener.port}/db?sslmode=disable")
+    assert job.state == "failed" and job.retry_classification == "transient"
+    assert job.attempts == job.max_attempts == 3
+    assert job.error.startswith("gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:")
+    assert "did not answer" in job.error
+    reasons = [e.reason for e in jobs.events(job.id)]
+    assert sum("preflight will be retried" in r for r in reasons) == 3
