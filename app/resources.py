@@ -12,7 +12,7 @@ from pipeline import audit
 from pipeline.config import Settings
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.imports import ImportRequest, start_import
-from pipeline.models import Job
+from pipeline.models import Job, Project
 from pipeline.preflights import run_preflight
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
@@ -33,6 +33,21 @@ def _principal(req: falcon.Request) -> Principal:
     return req.context.principal
 
 
+def _source_request(
+    req: falcon.Request,
+    project: Project,
+    uploads: Uploads,
+    settings: Settings,
+    parse: Callable[..., ImportRequest],
+) -> ImportRequest:
+    """The request's source, validated: an upload key must be this project's and exist."""
+    body = read_json(req, max_bytes=settings.max_body_bytes)
+    request = parse(body, validate_key=lambda key: uploads.validate_key(key, project))
+    if request.upload_key:
+        uploads.require_object(request.upload_key)
+    return request
+
+
 class ImportsResource:
     def __init__(
         self, settings: Settings, sealer: Sealer, wake: Callable[[str, str], None], uploads: Uploads
@@ -44,10 +59,7 @@ class ImportsResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
-        body = read_json(req, max_bytes=self.settings.max_body_bytes)
-        request = ImportRequest.parse(body, validate_key=lambda key: self.uploads.validate_key(key, project))
-        if request.upload_key:
-            self.uploads.require_object(request.upload_key)
+        request = _source_request(req, project, self.uploads, self.settings, ImportRequest.parse)
         job, created = start_import(
             project,
             _principal(req),
@@ -72,10 +84,7 @@ class PreflightResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
-        body = read_json(req, max_bytes=self.settings.max_body_bytes)
-        request = ImportRequest.parse_preflight(body, validate_key=lambda key: self.uploads.validate_key(key, project))
-        if request.upload_key:
-            self.uploads.require_object(request.upload_key)
+        request = _source_request(req, project, self.uploads, self.settings, ImportRequest.parse_preflight)
         result = run_preflight(project, _principal(req), request, self.settings, self.sealer, self.uploads.store)
         resp.media = {"preflight": result.response()}
 
