@@ -11,7 +11,6 @@ import datetime as dt
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +43,6 @@ class StageContext:
     def __init__(self, job: Job, actor: str) -> None:
         self.job = job
         self.actor = actor
-        self.lost = threading.Event()
 
     def progress(self, progress: dict[str, Any]) -> None:
         jobs.set_progress(self.job.id, self.actor, {"stage": self.job.stage, **progress})

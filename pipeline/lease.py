@@ -13,17 +13,14 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Extends a job's claim every `interval` seconds in a background thread.
-
-    `lost` becomes set when the claim was taken over or the job ended (e.g. cancelled)
-    so the stage can stop early.
-    """
+    """Extends a job's claim every `interval` seconds in a background thread, until
+    the stage ends or the claim is found taken over (then the stage's own guarded
+    commit will find it is no longer the holder and change nothing)."""
 
     def __init__(self, job_id: str, actor: str, interval: float) -> None:
         self.job_id = job_id
         self.actor = actor
         self.interval = interval
-        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -32,7 +29,6 @@ class Heartbeat:
             try:
                 if not jobs.heartbeat(self.job_id, self.actor):
                     log.warning("job %s: claim lost by %s", self.job_id, self.actor)
-                    self.lost.set()
                     return
             except Exception:  # the control database may blip; the next beat retries
                 log.exception("job %s: heartbeat failed", self.job_id)

@@ -49,8 +49,7 @@ class Runner:
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
         context = StageContext(job, actor)
         try:
-            with Heartbeat(job_id, actor, self.heartbeat_seconds) as beat:
-                context.lost = beat.lost
+            with Heartbeat(job_id, actor, self.heartbeat_seconds):
                 facts = self.steps.run(stage, context)
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")
