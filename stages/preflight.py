@@ -2,8 +2,7 @@
 
 `check_live_source` resolves and checks the source address once, connects to exactly
 that address in a read-only session and reads its catalog; `check_upload_head` reads
-the first bytes of an uploaded dump; `check_upload` judges an upload by its size
-alone, before it is downloaded. None of them writes anything to the source, the
+the first bytes of an uploaded dump. Neither of them writes anything to the source, the
 target or storage. Each returns a `Preflight` whose checks come in a fixed order (see
 `LIVE_CHECKS`, `UPLOAD_CHECKS`); a failed check is a result, not an exception: they
 raise only for a transient problem of our own (the project's cluster unreachable).
@@ -51,7 +50,6 @@ __all__ = [
     "check_live_source",
     "check_size",
     "check_target_empty",
-    "check_upload",
     "check_upload_head",
 ]
 
@@ -189,16 +187,6 @@ def _pooler(
             PASS,
             f"{where} is not a known pooler address, and the connection kept one server session",
         )
-
-
-def check_upload(size: int, target: Target) -> Preflight:
-    """Checks for an uploaded dump before it is downloaded: its size and the target."""
-    report = Preflight()
-    report.source.update(upload_bytes=size)
-    _not_empty(report, size)
-    check_size(report, size, target, "the upload")
-    check_target_empty(report, target)
-    return report
 
 
 def _not_empty(report: Preflight, size: int) -> None:
