@@ -12,9 +12,9 @@ import psycopg2
 from psycopg2 import sql
 
 ADMIN_URL = os.environ.get("CAPY_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"
-if not CORPUS.is_dir():  # CI clones next to shared/ as well; allow an override
-    CORPUS = Path(os.environ.get("CAPY_CORPUS_DIR", "/work/shared/corpus"))
+# The sample databases (with their licences) live in the repository: tests need
+# nothing from outside it.
+CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 
 
 def url_for(dbname: str, **query: str) -> str:
