@@ -21,6 +21,7 @@ BIN = Path(sys.executable).parent
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPY_")}
     env.update(
+        CAPY_ENV=settings.environment,
         CAPY_DATABASE_URL=settings.database_url,
         CAPY_BROKER_URL=settings.broker_url,
         CAPY_QUEUE_PREFIX=settings.queue_prefix,
