@@ -283,7 +283,8 @@ def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> N
             f"organization {org.id}, cluster {cluster.id} (PostgreSQL {cluster.server_major}), "
             f"project {project.id} (database {project.database_name})",
             f"API key (project-scoped, shown once): {key}",
-            "dev mode: loopback and private source addresses are allowed (CAPY_ALLOW_PRIVATE_SOURCES=true)",
+            "dev mode (CAPY_ENV=development): loopback and private source addresses are allowed, "
+            "secrets are sealed with the public development key",
             "",
             "Load a sample source:  psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -f ../shared/corpus/chinook.sql",
             "Import it:",
