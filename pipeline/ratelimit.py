@@ -21,7 +21,7 @@ _HIT = (
     "ON CONFLICT (credential, window_start) DO UPDATE SET hits = rate_limits.hits + 1 "
     "RETURNING hits"
 )
-_FORGET = "DELETE FROM rate_limits WHERE credential = %s AND window_start < %s"
+_FORGET = "DELETE FROM rate_limits WHERE window_start < %s"
 
 
 class RateLimiter:
@@ -41,8 +41,9 @@ class RateLimiter:
         with database.atomic():
             hits = database.execute_sql(_HIT, (credential, start)).fetchone()[0]
             if hits == 1:
-                # First request of a window: the credential's older windows are done with.
-                database.execute_sql(_FORGET, (credential, start))
+                # First request of a credential's window: windows before the previous one
+                # (kept for clocks a little apart) count for nobody any more.
+                database.execute_sql(_FORGET, (start - dt.timedelta(seconds=WINDOW_SECONDS),))
         if hits > self.per_minute:
             retry_after = max(1, math.ceil(start.timestamp() + WINDOW_SECONDS - epoch))
             raise RateLimited(

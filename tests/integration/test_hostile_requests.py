@@ -27,6 +27,7 @@ from app.api import Services, create_app
 from app.auth import api_key_authenticator
 from app.clerk import ClerkAuthenticator, JwksCache
 from pipeline import accounts, apikeys
+from pipeline.db import database
 from pipeline.models import ApiKey, Job, Organization, Project
 from pipeline.principals import JOBS_READ, PROJECTS_WRITE
 from pipeline.ratelimit import RateLimiter
@@ -318,6 +319,12 @@ def test_rate_limit_per_credential_across_workers_is_429_with_retry_after(contro
     # The next window starts afresh.
     clock.now += dt.timedelta(seconds=50)
     assert apps[0].simulate_get(path, headers=auth).status_code == 200
+    # Counters of windows long past are deleted, so the table stays small.
+    first_window = dt.datetime(2030, 1, 1, 12, 0, tzinfo=dt.UTC)
+    clock.now += dt.timedelta(minutes=3)
+    assert apps[0].simulate_get(path, headers=auth).status_code == 200
+    left = database.execute_sql("SELECT count(*) FROM rate_limits WHERE window_start = %s", (first_window,))
+    assert left.fetchone()[0] == 0
 
 
 # --------------------------------------------------------------------------- Clerk tokens
