@@ -33,7 +33,7 @@ MAX_JWKS_BYTES = 1024 * 1024
 def fetch_jwks(url: str, timeout: float) -> dict[str, Any]:
     """Clerk's JWKS document (GET with a timeout and a size bound)."""
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "capy-imports"})
-    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - operator-configured URL
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.loads(resp.read(MAX_JWKS_BYTES))
 
 

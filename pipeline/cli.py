@@ -334,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project")
     p.add_argument("--name")
     p.add_argument(
-        "--scope", action="append", choices=SCOPES, help="repeat for several; default: all of them"
+        "--scope",
+        action="extend",
+        nargs="+",
+        choices=SCOPES,
+        metavar="SCOPE",
+        help=f"one or more of {', '.join(SCOPES)} (default: all of them)",
     )
     expiry = p.add_mutually_exclusive_group()
     expiry.add_argument("--expires-in", type=int, metavar="DAYS")

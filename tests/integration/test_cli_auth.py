@@ -38,6 +38,12 @@ def test_keys_create_with_scopes_and_expiry_then_list_and_revoke(control_db, cap
     )
     assert pinned["expires_at"] == "2099-01-31T00:00:00Z"
     assert sorted(pinned["scopes"]) == ["jobs:read", "projects:write"]
+    _, both = run(control_db, capsys, "keys", "create", "--org", org, "--scope", "projects:write", "jobs:read")
+    assert both["scopes"] == ["projects:write", "jobs:read"]
+    _, repeated = run(
+        control_db, capsys, "keys", "create", "--org", org, "--scope", "projects:write", "--scope", "projects:write"
+    )
+    assert repeated["scopes"] == ["projects:write"]
 
     _, listed = run(control_db, capsys, "keys", "list", "--org", org)
     ids = [k["id"] for k in listed["keys"]]
