@@ -15,8 +15,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Dev mode: loopback and private sources are allowed (never in production).
-run: export CAPY_ALLOW_PRIVATE_SOURCES ?= true
+# Dev mode (CAPY_ENV=development): the public development secret key, and loopback and
+# private sources allowed. Production (the default) refuses to start without CAPY_SECRET_KEY.
+run: export CAPY_ENV ?= development
 run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: install
 	$(BIN)/capy-imports migrate

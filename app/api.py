@@ -10,6 +10,7 @@ import falcon
 
 from app import errors
 from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
+from app.edge import InputValidation
 from app.resources import (
     AuditEventsResource,
     HealthResource,
@@ -21,6 +22,7 @@ from app.resources import (
     UploadsResource,
 )
 from pipeline.config import Settings
+from pipeline.ratelimit import RateLimiter
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 
@@ -33,10 +35,16 @@ class Services:
     uploads: Uploads
     readiness: dict[str, Callable[[], Any]]
     authenticators: tuple[Authenticator, ...] = (api_key_authenticator,)
+    rate_limiter: RateLimiter | None = None
+    unknown_token_message: str = "the token is not a CapyDB API key (capy_live_…)"
 
 
 def create_app(services: Services) -> falcon.App:
-    app = falcon.App(middleware=[AuthMiddleware(services.authenticators)])
+    # Inputs are checked before credentials are looked up, and both before any resource.
+    auth = AuthMiddleware(
+        services.authenticators, services.rate_limiter, unknown_token_message=services.unknown_token_message
+    )
+    app = falcon.App(middleware=[InputValidation(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     app.add_route("/healthz", HealthResource())

@@ -1,4 +1,9 @@
-"""Reading JSON request bodies: size, content type and syntax, with clear errors."""
+"""Reading JSON request bodies: size, content type, syntax and shape, with clear errors.
+
+Whatever the body holds, the answer is the parsed value or a 400/413/415 that says what
+to fix: deep nesting, huge numbers, NaN, NUL characters and lone surrogates are refused
+here rather than failing in the JSON parser or the database.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,53 @@ from typing import Any
 import falcon
 
 from pipeline.errors import InvalidRequest
+
+MAX_DEPTH = 32
+MAX_NUMBER_CHARS = 30
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_NUMBER_CHARS:
+        raise InvalidRequest(f"numbers in the request body must have at most {MAX_NUMBER_CHARS} digits")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS * 2:
+        raise InvalidRequest(f"numbers in the request body must have at most {MAX_NUMBER_CHARS} digits")
+    return float(text)
+
+
+def _constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body is not valid JSON: {name} is not a JSON value")
+
+
+def _check_string(text: str) -> None:
+    if "\x00" in text:
+        raise InvalidRequest("strings in the request body must not contain NUL (\\u0000) characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "strings in the request body must be valid Unicode: lone surrogates (\\ud800–\\udfff) are refused"
+        ) from None
+
+
+def check_values(value: Any) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and strings the database cannot store."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)) and depth > MAX_DEPTH:
+            raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                _check_string(key)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            _check_string(item)
 
 
 def read_json(req: falcon.Request, *, max_bytes: int, required: bool = True) -> Any:
@@ -28,6 +80,16 @@ def read_json(req: falcon.Request, *, max_bytes: int, required: bool = True) -> 
             description="send the body as JSON with Content-Type: application/json"
         )
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid JSON: it must be UTF-8") from None
+    try:
+        body = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:
+        raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
+    except json.JSONDecodeError as err:
         raise InvalidRequest(f"the request body is not valid JSON: {err}") from None
+    except ValueError as err:  # any other value the parser cannot represent
+        raise InvalidRequest(f"the request body holds a value that cannot be read: {err}") from None
+    check_values(body)
+    return body

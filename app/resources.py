@@ -8,9 +8,10 @@ from typing import Any
 import falcon
 
 from app.body import read_json
+from app.edge import idempotency_key, query_int
 from pipeline import audit
 from pipeline.config import Settings
-from pipeline.errors import InvalidRequest, NotFound
+from pipeline.errors import NotFound
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, Project
 from pipeline.preflights import run_preflight
@@ -21,12 +22,7 @@ from pipeline.uploads import Uploads
 
 
 def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
-    raw = req.get_param("limit")
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
-        raise InvalidRequest(f"limit must be a whole number from 1 to {maximum}")
-    return int(raw)
+    return query_int(req, "limit", default=default, minimum=1, maximum=maximum)
 
 
 def _principal(req: falcon.Request) -> Principal:
@@ -67,7 +63,7 @@ class ImportsResource:
             settings=self.settings,
             sealer=self.sealer,
             wake=self.wake,
-            idempotency_key=req.get_header("Idempotency-Key"),
+            idempotency_key=idempotency_key(req),
         )
         resp.status = falcon.HTTP_202 if created else falcon.HTTP_200
         resp.location = f"/v1/jobs/{job.id}"

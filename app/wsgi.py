@@ -8,10 +8,13 @@ import logging
 import falcon
 
 from app.api import Services, create_app
+from app.auth import Authenticator, api_key_authenticator
+from app.clerk import ClerkAuthenticator, JwksCache
 from pipeline import logs
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.db import database, init_database
 from pipeline.queue import StageQueue, make_broker
+from pipeline.ratelimit import RateLimiter
 from pipeline.sealing import Sealer
 from pipeline.storage import object_store
 from pipeline.uploads import Uploads
@@ -19,14 +22,36 @@ from pipeline.uploads import Uploads
 log = logging.getLogger("app")
 
 
+def authenticators(settings: Settings) -> tuple[Authenticator, ...]:
+    """API keys always; Clerk session tokens when CAPY_CLERK_JWKS_URL is set."""
+    if not settings.clerk_jwks_url:
+        return (api_key_authenticator,)
+    if not settings.clerk_issuer:
+        raise ConfigError("CAPY_CLERK_ISSUER must be set when CAPY_CLERK_JWKS_URL is (Clerk's Frontend API URL)")
+    if not settings.dev_mode and not settings.clerk_jwks_url.startswith("https://"):
+        raise ConfigError("CAPY_CLERK_JWKS_URL must be an https:// URL outside development mode")
+    clerk = ClerkAuthenticator(
+        JwksCache(settings.clerk_jwks_url),
+        issuer=settings.clerk_issuer,
+        authorized_parties=settings.clerk_authorized_parties,
+    )
+    return (api_key_authenticator, clerk)
+
+
 def get_app(settings: Settings | None = None) -> falcon.App:
-    settings = settings or Settings.from_env()
     logs.configure()
+    try:
+        settings = settings or Settings.from_env()
+        sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
+        auth = authenticators(settings)
+    except ConfigError as err:
+        log.critical("the API cannot start: %s", err)
+        raise
     init_database(settings.database_url)
     broker = make_broker(settings)
     queue = StageQueue(broker, settings)
     if settings.uses_dev_secret:
-        log.warning("CAPY_SECRET_KEY is not set: using the development key (never in production)")
+        log.warning("development mode: stored secrets use the public development key (never in production)")
 
     def database_ready() -> None:
         database.execute_sql("SELECT 1")
@@ -38,10 +63,17 @@ def get_app(settings: Settings | None = None) -> falcon.App:
     return create_app(
         Services(
             settings=settings,
-            sealer=Sealer(settings.secret_key),
+            sealer=sealer,
             wake=queue.wake,
             uploads=uploads,
             # Creating the bucket if missing doubles as the storage check.
             readiness={"database": database_ready, "broker": broker_ready, "storage": uploads.ensure_bucket},
+            authenticators=auth,
+            rate_limiter=RateLimiter(settings.rate_limit_per_minute),
+            unknown_token_message=(
+                "the token is neither a CapyDB API key (capy_live_…) nor a Clerk session token"
+                if len(auth) > 1
+                else "the token is not a CapyDB API key (capy_live_…)"
+            ),
         )
     )

@@ -6,6 +6,7 @@ Every command prints what it did; with `--json` it prints exactly one JSON objec
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -15,11 +16,13 @@ import peewee
 import psycopg2
 
 from pipeline import accounts, apikeys, jobs
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.db import init_database
-from pipeline.errors import NotFound
+from pipeline.errors import InvalidRequest, NotFound
 from pipeline.migrations import migrate
-from pipeline.models import Cluster, Job, Organization, Project
+from pipeline.models import ApiKey, Cluster, Job, Organization, Project, utcnow
+from pipeline.principals import SCOPES
+from pipeline.rotation import rotate_secrets
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from pipeline.storage import object_store
@@ -60,6 +63,46 @@ def _project(project: Project) -> dict[str, Any]:
     }
 
 
+def _sealer(settings: Settings) -> Sealer:
+    """The sealer of stored secrets; ConfigError (no CAPY_SECRET_KEY) stops the command."""
+    return Sealer(settings.secret_keys())
+
+
+def _key(record: ApiKey) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "organization_id": record.organization_id,
+        "project_id": record.project_id,
+        "name": record.name,
+        "key_prefix": record.key_prefix,
+        "scopes": record.scopes,
+        "state": apikeys.key_state(record),
+        "created_at": timestamp(record.created_at),
+        "expires_at": timestamp(record.expires_at),
+        "revoked_at": timestamp(record.revoked_at),
+        "last_used_at": timestamp(record.last_used_at),
+    }
+
+
+def _expiry(args: argparse.Namespace) -> dt.datetime | None:
+    if args.expires_in is not None:
+        if args.expires_in <= 0:
+            raise InvalidRequest("--expires-in must be a positive number of days")
+        return utcnow() + dt.timedelta(days=args.expires_in)
+    if args.expires_at is not None:
+        try:
+            at = dt.datetime.fromisoformat(args.expires_at)
+        except ValueError:
+            raise InvalidRequest(
+                f"--expires-at must be an ISO 8601 time such as 2027-01-31T00:00:00Z, not {args.expires_at!r}"
+            ) from None
+        at = at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+        if at <= utcnow():
+            raise InvalidRequest(f"--expires-at must be in the future, not {args.expires_at}")
+        return at
+    return None
+
+
 class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
@@ -87,7 +130,7 @@ def cmd_orgs_create(args: argparse.Namespace, settings: Settings, out: Output) -
 
 
 def cmd_clusters_add(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    cluster = accounts.add_cluster(args.name, args.admin_url, Sealer(settings.secret_key))
+    cluster = accounts.add_cluster(args.name, args.admin_url, _sealer(settings))
     out.emit(
         _cluster(cluster), f"added cluster {cluster.id} ({cluster.name}, PostgreSQL {cluster.server_major})"
     )
@@ -98,7 +141,7 @@ def cmd_projects_create(args: argparse.Namespace, settings: Settings, out: Outpu
     kwargs: dict[str, Any] = {"cluster_id": args.cluster}
     if args.storage_limit_bytes is not None:
         kwargs["storage_limit_bytes"] = args.storage_limit_bytes
-    project = accounts.create_project(org, args.name, Sealer(settings.secret_key), **kwargs)
+    project = accounts.create_project(org, args.name, _sealer(settings), **kwargs)
     out.emit(
         _project(project),
         f"created project {project.id} ({project.name}) with database {project.database_name}",
@@ -110,20 +153,53 @@ def cmd_keys_create(args: argparse.Namespace, settings: Settings, out: Output) -
     project = None
     if args.project:
         project = accounts.get_project(args.project)
-    created = apikeys.create_key(org, project, name=args.name or "")
+    created = apikeys.create_key(
+        org, project, name=args.name or "", scopes=args.scope, expires_at=_expiry(args)
+    )
     record = created.record
-    obj = {
-        "id": record.id,
-        "organization_id": record.organization_id,
-        "project_id": record.project_id,
-        "name": record.name,
-        "key_prefix": record.key_prefix,
-        "scopes": record.scopes,
-        "created_at": timestamp(record.created_at),
-        "key": created.plaintext,
-    }
+    obj = {**_key(record), "key": created.plaintext}
     scope = f"project {project.id}" if project else f"organization {org.id}"
-    out.emit(obj, f"created API key {record.id} for {scope}; it is shown only once:\n{created.plaintext}")
+    expiry = f", expires {obj['expires_at']}" if record.expires_at else ""
+    out.emit(
+        obj,
+        f"created API key {record.id} for {scope} (scopes {', '.join(record.scopes)}{expiry}); "
+        f"it is shown only once:\n{created.plaintext}",
+    )
+
+
+def cmd_keys_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    org = accounts.get_organization(args.org)
+    rows = [_key(record) for record in apikeys.list_keys(org)]
+    lines = [
+        f"{k['id']}  {k['state']:<7}  {k['key_prefix']}…  {','.join(k['scopes'])}  "
+        f"{k['project_id'] or 'all projects'}  {k['name']}"
+        for k in rows
+    ]
+    out.emit({"keys": rows}, "\n".join(lines) if lines else f"organization {org.id} has no API keys")
+
+
+def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    record, revoked = apikeys.revoke_key(args.key)
+    text = (
+        f"revoked API key {record.id} ({record.key_prefix}…); requests with it now get 401"
+        if revoked
+        else f"API key {record.id} was already revoked at {timestamp(record.revoked_at)}; nothing to do"
+    )
+    out.emit({**_key(record), "revoked": revoked}, text)
+
+
+def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    done = rotate_secrets(_sealer(settings))
+    summary = "; ".join(
+        f"{kind}: {counts['resealed']} re-sealed with the current key, {counts['current']} already current"
+        for kind, counts in done["secrets"].items()
+    )
+    if done["unreadable"]:
+        raise InvalidRequest(
+            f"{summary}; but {len(done['unreadable'])} cannot be decrypted with any key in CAPY_SECRET_KEY "
+            f"({', '.join(done['unreadable'])}): add the key they were sealed with and run this again"
+        )
+    out.emit(done, summary.replace("; ", "\n"))
 
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
@@ -172,7 +248,7 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    done = sweep(settings, Sealer(settings.secret_key), object_store(settings))
+    done = sweep(settings, _sealer(settings), object_store(settings))
     lines = (
         [f"deleted upload {key}" for key in done["uploads_deleted"]]
         + [f"dropped replaced database {name}" for name in done["replaced_databases_dropped"]]
@@ -184,7 +260,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None
 
 def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     """Idempotent local set-up for `make run`: org, local cluster, project, fresh key."""
-    sealer = Sealer(settings.secret_key)
+    sealer = _sealer(settings)
     org = Organization.get_or_none(Organization.name == "Dev organization") or accounts.create_organization(
         "Dev organization"
     )
@@ -207,7 +283,8 @@ def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> N
             f"organization {org.id}, cluster {cluster.id} (PostgreSQL {cluster.server_major}), "
             f"project {project.id} (database {project.database_name})",
             f"API key (project-scoped, shown once): {key}",
-            "dev mode: loopback and private source addresses are allowed (CAPY_ALLOW_PRIVATE_SOURCES=true)",
+            "dev mode (CAPY_ENV=development): loopback and private source addresses are allowed, "
+            "secrets are sealed with the public development key",
             "",
             "Load a sample source:  psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -f ../shared/corpus/chinook.sql",
             "Import it:",
@@ -256,6 +333,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", required=True)
     p.add_argument("--project")
     p.add_argument("--name")
+    p.add_argument(
+        "--scope",
+        action="extend",
+        nargs="+",
+        choices=SCOPES,
+        metavar="SCOPE",
+        help=f"one or more of {', '.join(SCOPES)} (default: all of them)",
+    )
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in", type=int, metavar="DAYS")
+    expiry.add_argument("--expires-at", metavar="ISO8601")
+    p = add(keys, "list", cmd_keys_list, "list an organization's API keys (never the keys themselves)")
+    p.add_argument("--org", required=True)
+    p = add(keys, "revoke", cmd_keys_revoke, "revoke an API key at once")
+    p.add_argument("key", metavar="KEY_ID")
+
+    secrets_parser = sub.add_parser("secrets", help="stored secrets").add_subparsers(dest="sub", required=True)
+    add(
+        secrets_parser,
+        "rotate",
+        cmd_secrets_rotate,
+        "re-seal every stored secret with the first key of CAPY_SECRET_KEY",
+    )
 
     jobs_parser = sub.add_parser("jobs", help="import jobs").add_subparsers(dest="sub", required=True)
     p = add(jobs_parser, "list", cmd_jobs_list, "list jobs, newest first")
@@ -275,14 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings or Settings.from_env()
     out = Output(args.json)
     try:
+        settings = settings or Settings.from_env()
         if args.func is not cmd_migrate:
             init_database(settings.database_url)
         args.func(args, settings, out)
     except CapyError as err:
         return _error(args, err.message)
+    except ConfigError as err:
+        return _error(args, str(err))
     except (peewee.PeeweeException, psycopg2.Error) as err:
         reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         return _error(

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
-# Only for local development and tests: a real deployment sets CAPY_SECRET_KEY.
+# Only for development mode (CAPY_ENV=development): it is public, so production refuses it.
 DEV_SECRET_KEY = "capy-imports-development-secret-do-not-use-in-production"
+
+PRODUCTION = "production"
+DEVELOPMENT = "development"
+ENVIRONMENTS = (PRODUCTION, DEVELOPMENT)
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,17 @@ def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _split_keys(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _environment(env: Mapping[str, str]) -> str:
+    raw = (env.get("CAPY_ENV") or PRODUCTION).strip().lower()
+    if raw not in ENVIRONMENTS:
+        raise ConfigError(f"CAPY_ENV must be production or development, not {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/capy_imports"
@@ -63,7 +78,9 @@ class Settings:
     s3_secret_key: str = field(default="capysecret", repr=False)
     upload_url_expiry_seconds: int = 3600
     upload_retention_seconds: int = 0
-    secret_key: str = field(default=DEV_SECRET_KEY, repr=False)
+    # One key, or several separated by commas: the first encrypts, all decrypt (rotation).
+    # Empty in production until CAPY_SECRET_KEY is set; see `secret_keys`.
+    secret_key: str = field(default="", repr=False)
     extension_allowlist: tuple[str, ...] = DEFAULT_EXTENSION_ALLOWLIST
     allow_private_sources: bool = False
     work_dir: str = "/tmp/capy-imports"
@@ -74,15 +91,45 @@ class Settings:
     stage_time_limit_seconds: int = 6 * 3600
     replaced_database_retention_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
+    environment: str = PRODUCTION
+    clerk_jwks_url: str = ""
+    clerk_issuer: str = ""
+    clerk_authorized_parties: tuple[str, ...] = ()
+    rate_limit_per_minute: int = 120
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.environment == DEVELOPMENT
 
     @property
     def uses_dev_secret(self) -> bool:
-        return self.secret_key == DEV_SECRET_KEY
+        return DEV_SECRET_KEY in _split_keys(self.secret_key)
+
+    def secret_keys(self) -> tuple[str, ...]:
+        """The keys that seal and open stored secrets, current first.
+
+        Raises ConfigError when the service must not start: no CAPY_SECRET_KEY outside
+        development mode, or the public development key in production.
+        """
+        keys = _split_keys(self.secret_key)
+        if not keys:
+            raise ConfigError(
+                "CAPY_SECRET_KEY is not set: set it to a long random string (it encrypts the "
+                "secrets the service stores), or set CAPY_ENV=development for local development"
+            )
+        if not self.dev_mode and DEV_SECRET_KEY in keys:
+            raise ConfigError(
+                "CAPY_SECRET_KEY holds the public development key, which production refuses: "
+                "set it to a long random string of your own"
+            )
+        return keys
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
         d = cls()
+        environment = _environment(env)
+        dev = environment == DEVELOPMENT
         return cls(
             database_url=env.get("CAPY_DATABASE_URL") or d.database_url,
             broker_url=env.get("CAPY_BROKER_URL") or d.broker_url,
@@ -99,9 +146,10 @@ class Settings:
                 env, "CAPY_UPLOAD_URL_EXPIRY_SECONDS", d.upload_url_expiry_seconds
             ),
             upload_retention_seconds=_int(env, "CAPY_UPLOAD_RETENTION_SECONDS", d.upload_retention_seconds),
-            secret_key=env.get("CAPY_SECRET_KEY") or d.secret_key,
+            # Development mode implies the development defaults: the public key, private sources.
+            secret_key=env.get("CAPY_SECRET_KEY") or (DEV_SECRET_KEY if dev else d.secret_key),
             extension_allowlist=_list(env, "CAPY_EXTENSION_ALLOWLIST", d.extension_allowlist),
-            allow_private_sources=_bool(env, "CAPY_ALLOW_PRIVATE_SOURCES", d.allow_private_sources),
+            allow_private_sources=_bool(env, "CAPY_ALLOW_PRIVATE_SOURCES", dev or d.allow_private_sources),
             work_dir=env.get("CAPY_WORK_DIR") or d.work_dir,
             concurrency=_int(env, "CAPY_CONCURRENCY", d.concurrency),
             pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
@@ -114,4 +162,9 @@ class Settings:
                 d.replaced_database_retention_seconds,
             ),
             max_body_bytes=_int(env, "CAPY_MAX_BODY_BYTES", d.max_body_bytes),
+            environment=environment,
+            clerk_jwks_url=(env.get("CAPY_CLERK_JWKS_URL") or "").strip(),
+            clerk_issuer=(env.get("CAPY_CLERK_ISSUER") or "").strip(),
+            clerk_authorized_parties=_list(env, "CAPY_CLERK_AUTHORIZED_PARTIES", d.clerk_authorized_parties),
+            rate_limit_per_minute=_int(env, "CAPY_RATE_LIMIT_PER_MINUTE", d.rate_limit_per_minute),
         )

@@ -27,3 +27,15 @@ class Conflict(CapyError):
 
 class Unavailable(CapyError):
     """A dependency of the service is unavailable; try again shortly."""
+
+
+class IdempotencyKeyReused(CapyError):
+    """This Idempotency-Key was already used for a different request; use a new key."""
+
+
+class RateLimited(CapyError):
+    """Too many requests with these credentials; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import peewee
 from pipeline import audit, jobs
 from pipeline.config import Settings
 from pipeline.db import database
-from pipeline.errors import Conflict, InvalidRequest, Unavailable
+from pipeline.errors import Conflict, IdempotencyKeyReused, InvalidRequest, Unavailable
 from pipeline.ids import new_id
 from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State
 from pipeline.principals import Principal
@@ -67,6 +68,17 @@ class ImportRequest:
         except CapyError as err:
             raise InvalidRequest(err.message) from err
 
+    def canonical(self) -> str:
+        """The request as one string: equal requests give equal strings (Idempotency-Key)."""
+        return json.dumps(
+            {
+                "recreate": self.recreate,
+                "source_url": self.source.url() if self.source else None,
+                "upload_key": self.upload_key,
+            },
+            sort_keys=True,
+        )
+
 
 def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
     if not isinstance(body, dict):
@@ -85,6 +97,20 @@ def active_job(project: Project) -> Job | None:
     )
 
 
+def _replay(project: Project, idempotency_key: str, canonical: str, sealer: Sealer) -> Job | None:
+    """The job this Idempotency-Key already made for the same request, if any."""
+    existing = Job.get_or_none((Job.project == project.id) & (Job.idempotency_key == idempotency_key))
+    if existing is None:
+        return None
+    # Jobs made before request digests were stored (request_hash NULL) replay as before.
+    if existing.request_hash and not sealer.digest_matches(canonical, existing.request_hash):
+        raise IdempotencyKeyReused(
+            f"this Idempotency-Key was already used for a different request (job {existing.id}); "
+            "send a new key for a new request, or resend the original request unchanged"
+        )
+    return existing
+
+
 def start_import(
     project: Project,
     principal: Principal,
@@ -97,11 +123,13 @@ def start_import(
 ) -> tuple[Job, bool]:
     """Create the job (pending, preflight) and enqueue its first stage.
 
-    Returns (job, created). A repeated Idempotency-Key returns the first job with
-    created False. A second active import on the project raises Conflict.
+    Returns (job, created). A repeated Idempotency-Key with the same request returns the
+    first job with created False; with a different request, IdempotencyKeyReused. A
+    second active import on the project raises Conflict.
     """
+    canonical = request.canonical()
     if idempotency_key:
-        existing = Job.get_or_none((Job.project == project.id) & (Job.idempotency_key == idempotency_key))
+        existing = _replay(project, idempotency_key, canonical, sealer)
         if existing:
             return existing, False
     job_id = new_id("job")
@@ -121,6 +149,7 @@ def start_import(
                 upload_key=request.upload_key,
                 recreate=request.recreate,
                 idempotency_key=idempotency_key,
+                request_hash=sealer.digest(canonical) if idempotency_key else None,
                 progress={"phase": "queued"},
             )
             audit.record(
@@ -143,7 +172,7 @@ def start_import(
             )
     except peewee.IntegrityError as err:
         if idempotency_key:
-            existing = Job.get_or_none((Job.project == project.id) & (Job.idempotency_key == idempotency_key))
+            existing = _replay(project, idempotency_key, canonical, sealer)
             if existing:
                 return existing, False
         holder = active_job(project)

@@ -136,6 +136,34 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE projects ADD COLUMN role_password_encrypted text;
         """,
     ),
+    (
+        "0003_auth",
+        """
+        -- API key scopes get the names the API checks: imports:write -> projects:write,
+        -- imports:read -> jobs:read; new keys default to both.
+        UPDATE api_keys SET scopes = (
+            SELECT coalesce(jsonb_agg(DISTINCT CASE s
+                WHEN 'imports:write' THEN 'projects:write'
+                WHEN 'imports:read' THEN 'jobs:read'
+                ELSE s END), '[]'::jsonb)
+            FROM jsonb_array_elements_text(api_keys.scopes) AS s
+        ) WHERE scopes ?| ARRAY['imports:write', 'imports:read'];
+        ALTER TABLE api_keys ALTER COLUMN scopes SET DEFAULT '["projects:write", "jobs:read"]';
+        -- The Idempotency-Key's request: a keyed digest of the canonical request, so a
+        -- reused key with a different body is refused instead of answering the first job.
+        ALTER TABLE jobs ADD COLUMN request_hash text;
+        ALTER TABLE jobs ADD CONSTRAINT jobs_idempotency_key_length
+            CHECK (char_length(idempotency_key) <= 255) NOT VALID;
+        -- Per-credential request counters on fixed one-minute windows, shared by every
+        -- web worker. UNLOGGED: losing counters in a crash only forgives a minute.
+        CREATE UNLOGGED TABLE rate_limits (
+            credential text NOT NULL,
+            window_start timestamptz NOT NULL,
+            hits integer NOT NULL,
+            PRIMARY KEY (credential, window_start)
+        );
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

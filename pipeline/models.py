@@ -134,6 +134,8 @@ class Job(BaseModel):
     facts = BinaryJSONField(default=dict)
     created_at = TZField(default=utcnow)
     updated_at = TZField(default=utcnow)
+    # Keyed digest of the request an Idempotency-Key was first used with.
+    request_hash = peewee.TextField(null=True)
 
     class Meta:
         table_name = "jobs"

@@ -1,4 +1,4 @@
-"""Who is calling, and which projects they may touch."""
+"""Who is calling, what they may do, and which projects they may touch."""
 
 from __future__ import annotations
 
@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from pipeline.errors import Forbidden, NotFound
 from pipeline.models import Project
 
+# Scopes of API keys. Starting imports, creating uploads and preflight need
+# projects:write; reading jobs, job lists and audit events needs jobs:read.
+PROJECTS_WRITE = "projects:write"
+JOBS_READ = "jobs:read"
+SCOPES = (PROJECTS_WRITE, JOBS_READ)
+ALL_SCOPES = frozenset(SCOPES)
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -14,7 +21,21 @@ class Principal:
 
     organization_id: str
     project_id: str | None
-    actor: str  # e.g. "api_key:key_…", shown in audit and job events
+    actor: str  # e.g. "api_key:key_…" or "clerk_user:user_…", shown in audit and job events
+    scopes: frozenset[str] = ALL_SCOPES
+
+    @property
+    def credential(self) -> str:
+        """What rate limits count against: one API key, or one Clerk user."""
+        return self.actor
+
+    def require(self, scope: str, action: str) -> None:
+        """Forbidden, naming the missing scope, unless these credentials carry `scope`."""
+        if scope not in self.scopes:
+            raise Forbidden(
+                f"this API key lacks the scope {scope}, which {action} needs; create a key with "
+                f"capy-imports keys create … --scope {scope}"
+            )
 
     def project(self, project_id: str) -> Project:
         """The project, if this caller may use it; 404 for unknown or other orgs' projects.

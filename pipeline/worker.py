@@ -12,7 +12,7 @@ from typing import Any
 import dramatiq
 
 from pipeline import logs
-from pipeline.config import Settings
+from pipeline.config import ConfigError, Settings
 from pipeline.db import database, init_database
 from pipeline.import_steps import ImportSteps
 from pipeline.queue import StageQueue, make_broker
@@ -38,14 +38,17 @@ class CloseDatabase(dramatiq.Middleware):
 
 def build(settings: Settings) -> StageQueue:
     logs.configure()
+    sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
     init_database(settings.database_url)
     broker = make_broker(settings)
     broker.add_middleware(CloseDatabase())
     queue = StageQueue(broker, settings)
-    steps = ImportSteps(settings, Sealer(settings.secret_key), object_store(settings))
+    steps = ImportSteps(settings, sealer, object_store(settings))
     runner = Runner(settings, steps, queue.wake)
     queue.handler = runner.run
     queue.on_exhausted = runner.exhausted
+    if settings.uses_dev_secret:
+        log.warning("development mode: stored secrets use the public development key (never in production)")
     if settings.allow_private_sources:
         log.warning(
             "CAPY_ALLOW_PRIVATE_SOURCES is on: loopback and private sources are allowed (development only)"
@@ -53,5 +56,15 @@ def build(settings: Settings) -> StageQueue:
     return queue
 
 
-queue = build(Settings.from_env())
+def _build_from_env() -> StageQueue:
+    try:
+        return build(Settings.from_env())
+    except ConfigError as err:
+        # One readable line instead of a traceback; dramatiq then stops its other processes.
+        logs.configure()
+        log.critical("the worker cannot start: %s", err)
+        raise SystemExit(2) from None
+
+
+queue = _build_from_env()
 broker = queue.broker

@@ -32,9 +32,12 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_settings(tmp_path_factory, s3) -> Settings:
-    """Settings of this test run: its own control database, queue names and S3."""
+    """Settings of this test run: its own control database, queue names and S3.
+
+    Tests run in development mode (private sources allowed), with a secret key of their own.
+    """
     return dataclasses.replace(
-        Settings.from_env({}),
+        Settings.from_env({"CAPY_ENV": "development"}),
         s3_endpoint=s3.url,
         s3_public_endpoint=s3.url,
         s3_access_key=s3.access_key,

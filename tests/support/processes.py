@@ -21,6 +21,7 @@ BIN = Path(sys.executable).parent
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPY_")}
     env.update(
+        CAPY_ENV=settings.environment,
         CAPY_DATABASE_URL=settings.database_url,
         CAPY_BROKER_URL=settings.broker_url,
         CAPY_QUEUE_PREFIX=settings.queue_prefix,
@@ -83,7 +84,11 @@ def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Servic
     logs = {"web": log_dir / "web.log", "worker": log_dir / "worker.log"}
     service = Service(f"http://127.0.0.1:{port}", env, logs)
     commands = {
-        "web": [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app.wsgi:get_app()"],
+        # A control socket of its own: gunicorn's default path is shared by every instance.
+        "web": [
+            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--control-socket", str(log_dir / "gunicorn.ctl"), "app.wsgi:get_app()",
+        ],
         "worker": [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
     }
     for name, command in commands.items():

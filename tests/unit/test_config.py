@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import DEFAULT_EXTENSION_ALLOWLIST, ConfigError, Settings
+from pipeline.config import DEFAULT_EXTENSION_ALLOWLIST, DEV_SECRET_KEY, ConfigError, Settings
+from pipeline.sealing import Sealer
 
 
 def test_defaults_run_against_local_services():
@@ -10,7 +11,9 @@ def test_defaults_run_against_local_services():
     assert settings.s3_endpoint == "http://127.0.0.1:8333"
     assert settings.allow_private_sources is False
     assert settings.extension_allowlist == DEFAULT_EXTENSION_ALLOWLIST
-    assert settings.uses_dev_secret
+    assert settings.environment == "production" and not settings.dev_mode
+    assert settings.rate_limit_per_minute == 120
+    assert settings.clerk_jwks_url == "" and settings.clerk_authorized_parties == ()
 
 
 def test_values_are_converted_where_read():
@@ -46,3 +49,50 @@ def test_secrets_are_not_in_repr():
     settings = Settings.from_env({"CAPY_SECRET_KEY": "topsecretvalue", "CAPY_S3_SECRET_KEY": "s3secretvalue"})
     assert "topsecretvalue" not in repr(settings)
     assert "s3secretvalue" not in repr(settings)
+
+
+def test_production_without_a_secret_key_refuses_to_start():
+    settings = Settings.from_env({})
+    with pytest.raises(ConfigError, match="CAPY_SECRET_KEY is not set") as info:
+        settings.secret_keys()
+    assert "CAPY_ENV=development" in str(info.value)
+    with pytest.raises(ConfigError, match="CAPY_SECRET_KEY is not set"):
+        Sealer(settings.secret_key)
+
+
+def test_production_refuses_the_public_development_key():
+    settings = Settings.from_env({"CAPY_SECRET_KEY": DEV_SECRET_KEY})
+    with pytest.raises(ConfigError, match="public development key"):
+        settings.secret_keys()
+
+
+def test_development_mode_implies_the_development_defaults():
+    settings = Settings.from_env({"CAPY_ENV": "development"})
+    assert settings.dev_mode and settings.uses_dev_secret
+    assert settings.secret_keys() == (DEV_SECRET_KEY,)
+    assert settings.allow_private_sources is True
+    assert Settings.from_env({"CAPY_ENV": "development", "CAPY_ALLOW_PRIVATE_SOURCES": "false"}).allow_private_sources is False
+
+
+def test_unknown_environment_names_the_variable():
+    with pytest.raises(ConfigError, match="CAPY_ENV must be production or development"):
+        Settings.from_env({"CAPY_ENV": "staging"})
+
+
+def test_several_keys_are_read_current_first():
+    settings = Settings.from_env({"CAPY_SECRET_KEY": " new-key , old-key ,"})
+    assert settings.secret_keys() == ("new-key", "old-key")
+
+
+def test_clerk_and_rate_limit_settings():
+    settings = Settings.from_env(
+        {
+            "CAPY_CLERK_JWKS_URL": "https://clerk.example.com/.well-known/jwks.json",
+            "CAPY_CLERK_ISSUER": "https://clerk.example.com",
+            "CAPY_CLERK_AUTHORIZED_PARTIES": "https://app.example.com, https://admin.example.com",
+            "CAPY_RATE_LIMIT_PER_MINUTE": "30",
+        }
+    )
+    assert settings.clerk_issuer == "https://clerk.example.com"
+    assert settings.clerk_authorized_parties == ("https://app.example.com", "https://admin.example.com")
+    assert settings.rate_limit_per_minute == 30
