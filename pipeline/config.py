@@ -43,6 +43,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be a whole number of seconds above 0, not {value}")
+    return value
+
+
 def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -74,6 +81,9 @@ class Settings:
     stage_time_limit_seconds: int = 6 * 3600
     replaced_database_retention_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
+    # Below gunicorn's --timeout (30 s in the Procfiles): a synchronous preflight answers first.
+    preflight_deadline_seconds: int = 20
+    source_read_timeout_seconds: int = 1800
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -114,4 +124,8 @@ class Settings:
                 d.replaced_database_retention_seconds,
             ),
             max_body_bytes=_int(env, "CAPY_MAX_BODY_BYTES", d.max_body_bytes),
+            preflight_deadline_seconds=_positive(env, "CAPY_PREFLIGHT_DEADLINE_SECONDS", d.preflight_deadline_seconds),
+            source_read_timeout_seconds=_positive(
+                env, "CAPY_SOURCE_READ_TIMEOUT_SECONDS", d.source_read_timeout_seconds
+            ),
         )

@@ -83,7 +83,7 @@ def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Servic
     logs = {"web": log_dir / "web.log", "worker": log_dir / "worker.log"}
     service = Service(f"http://127.0.0.1:{port}", env, logs)
     commands = {
-        "web": [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "app.wsgi:get_app()"],
+        "web": [str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2", "--worker-class", "gthread", "--threads", "4", "--timeout", "30", "app.wsgi:get_app()"],
         "worker": [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
     }
     for name, command in commands.items():
