@@ -46,3 +46,12 @@ def test_secrets_are_not_in_repr():
     settings = Settings.from_env({"CAPY_SECRET_KEY": "topsecretvalue", "CAPY_S3_SECRET_KEY": "s3secretvalue"})
     assert "topsecretvalue" not in repr(settings)
     assert "s3secretvalue" not in repr(settings)
+
+
+def test_source_deadlines():
+    defaults = Settings.from_env({})
+    assert (defaults.preflight_deadline_seconds, defaults.source_read_timeout_seconds) == (20, 1800)
+    settings = Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "5", "CAPY_SOURCE_READ_TIMEOUT_SECONDS": "60"})
+    assert (settings.preflight_deadline_seconds, settings.source_read_timeout_seconds) == (5, 60)
+    with pytest.raises(ConfigError, match="CAPY_PREFLIGHT_DEADLINE_SECONDS must be a whole number of seconds above 0"):
+        Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "0"})
