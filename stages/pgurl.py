@@ -35,14 +35,15 @@ _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I
 SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
 
 # A path that can never exist: /dev/null is not a directory, so stat() fails with
-# ENOTDIR, which libpq treats like a missing file ("no client certificate").
+# ENOTDIR, which libpq treats like a missing file, silently ("no client certificate",
+# "no password file"; /dev/null itself would make libpq warn it is not a plain file).
 NO_FILE = "/dev/null/capy-imports-no-file"
 
 # Added to every connection to a tenant's source (psycopg2 and the tools' conninfo).
 # Keepalives and tcp_user_timeout (ms) end a connection whose peer stops acknowledging;
 # a peer that acknowledges but never answers is bounded by stages.deadline instead.
 TENANT_CONNECTION_PARAMETERS: dict[str, str] = {
-    "passfile": "/dev/null",
+    "passfile": NO_FILE,
     "sslcert": NO_FILE,
     "sslkey": NO_FILE,
     "sslcrl": NO_FILE,
@@ -59,8 +60,8 @@ TENANT_CONNECTION_PARAMETERS: dict[str, str] = {
 # The environment of a tool run against a tenant's source, besides PGPASSWORD: no
 # password file, no service file, no system configuration directory of ours.
 TENANT_TOOL_ENV: dict[str, str] = {
-    "PGPASSFILE": "/dev/null",
-    "PGSERVICEFILE": "/dev/null",
+    "PGPASSFILE": NO_FILE,
+    "PGSERVICEFILE": NO_FILE,
     "PGSYSCONFDIR": NO_FILE,
 }
 
@@ -311,6 +312,8 @@ class SourceURL:
         env = dict(TENANT_TOOL_ENV) if self.tenant else {}
         if self.password:
             env["PGPASSWORD"] = self.password
+        elif self.tenant:
+            env["PGPASSWORD"] = ""  # set, so an inherited PGPASSWORD of ours is not sent
         return env
 
     def connect_kwargs(self, **extra: str | int) -> dict[str, str | int]:
@@ -318,6 +321,9 @@ class SourceURL:
         kwargs: dict[str, str | int] = {**self.libpq_params(), **extra}
         if self.password:
             kwargs["password"] = self.password
+        elif self.tenant:
+            # Explicitly empty: libpq would otherwise take PGPASSWORD from our environment.
+            kwargs["password"] = ""
         return kwargs
 
     def url(self) -> str:

@@ -1,4 +1,4 @@
-"""A tenant's TLS source: our hardened connections work, and offer nothing of ours.
+"""A tenant's source gets nothing of ours: no client certificate, no password.
 
 A throw-away cluster on 127.0.0.1 serves TLS with a self-signed certificate and asks
 clients for a certificate (ssl_ca_file set). The service's HOME holds a client
@@ -114,3 +114,23 @@ def test_verify_full_checks_against_the_system_authorities(tls_home, monkeypatch
         tool = _psql_who(tenant, home)
         assert tool.returncode != 0 and "certificate verify failed" in tool.stderr
         assert ".postgresql" not in tool.stderr
+
+
+def test_our_pgpassword_is_never_sent_to_a_tenant_without_a_password(password_source, monkeypatch):
+    """The worker's environment may hold a PGPASSWORD (the operator's). libpq falls back
+    to it when a URL has none: fine for our URLs, never for a tenant's."""
+    monkeypatch.setenv("PGPASSWORD", password_source.password)
+    bare = password_source.url("chinook").replace(f":{password_source.password}@", "@")
+    assert _who(SourceURL.parse(bare))[0] is False  # ours: the inherited password logs in
+    with pytest.raises(Exception, match="refused the login") as info:
+        _who(SourceURL.parse_source(bare))
+    assert "no password supplied" in str(info.value.__cause__)  # ours was not sent
+    tenant = SourceURL.parse_source(bare)
+    env = {**os.environ, **tenant.env()}  # what the tools' runner does today: os.environ, then ours
+    tool = subprocess.run(
+        [PSQL, "--no-psqlrc", "--no-password", "-At", f"--dbname={tenant.conninfo()}", "-c", "SELECT 1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert tool.returncode != 0 and "no password supplied" in tool.stderr

@@ -318,7 +318,7 @@ def test_a_tenant_connection_reads_no_file_of_ours_and_has_keepalives():
     url = SourceURL.parse_source(f"postgres://app:{SECRET}@db.invalid/shop")
     params = url.libpq_params()
     assert params["sslmode"] == "require"
-    assert params["passfile"] == "/dev/null"
+    assert params["passfile"] == NO_FILE
     for name in ("sslcert", "sslkey", "sslcrl", "sslcrldir"):
         assert params[name] == NO_FILE
     # With sslmode=require a root certificate file would turn it into verify-ca.
@@ -332,7 +332,7 @@ def test_a_tenant_connection_reads_no_file_of_ours_and_has_keepalives():
         "tcp_user_timeout": "60000",
     }
     kwargs = url.connect_kwargs(connect_timeout=3)
-    assert kwargs["password"] == SECRET and kwargs["passfile"] == "/dev/null" and kwargs["connect_timeout"] == 3
+    assert kwargs["password"] == SECRET and kwargs["passfile"] == NO_FILE and kwargs["connect_timeout"] == 3
     verified = SourceURL.parse_source("postgres://app@db.invalid/shop?sslmode=verify-ca")
     assert verified.libpq_params()["sslrootcert"] == system_ca_bundle()
 
@@ -341,10 +341,16 @@ def test_a_tenant_tool_env_names_no_file_of_ours():
     url = SourceURL.parse_source(f"postgres://app:{SECRET}@db.invalid/shop")
     assert url.env() == {
         "PGPASSWORD": SECRET,
-        "PGPASSFILE": "/dev/null",
-        "PGSERVICEFILE": "/dev/null",
+        "PGPASSFILE": NO_FILE,
+        "PGSERVICEFILE": NO_FILE,
         "PGSYSCONFDIR": NO_FILE,
     }
+    # Without a password in the URL, the password is set empty: an inherited
+    # PGPASSWORD (the operator's) must never be sent to a tenant's server.
+    bare = SourceURL.parse_source("postgres://app@db.invalid/shop")
+    assert bare.env()["PGPASSWORD"] == ""
+    assert bare.connect_kwargs()["password"] == ""
+    assert "password" not in SourceURL.parse("postgres://app@db.invalid/shop").connect_kwargs()
 
 
 def test_tool_environment_drops_inherited_pg_variables():
@@ -364,8 +370,8 @@ def test_tool_environment_drops_inherited_pg_variables():
         "HOME": "/root",
         "PGAPPNAME": "capy-imports",
         "PGPASSWORD": SECRET,
-        "PGPASSFILE": "/dev/null",
-        "PGSERVICEFILE": "/dev/null",
+        "PGPASSFILE": NO_FILE,
+        "PGSERVICEFILE": NO_FILE,
         "PGSYSCONFDIR": NO_FILE,
     }
 
