@@ -138,7 +138,11 @@ class Watchdog:
 
 
 class GuardedCursor(psycopg2.extensions.cursor):
-    """A client-side cursor whose `execute` (the whole round trip) has a deadline."""
+    """A client-side cursor whose `execute` (the whole round trip) has a deadline.
+
+    Only `execute` is guarded: it is all that source reads use. `copy_expert`,
+    `executemany`, `callproc` and named (server-side) cursors would need guarding too
+    before a source read could use them."""
 
     def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
         with self.connection.round_trip():
