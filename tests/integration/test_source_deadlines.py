@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import os
 import time
 
 import pytest
@@ -126,6 +127,48 @@ def test_fetch_fails_transiently_within_its_read_timeout(tmp_path):
         proxy.port, "2 s (the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS)"
     )
     assert not (tmp_path / "dump").exists()  # pg_dump never started
+
+
+def _children(name: str) -> list[int]:
+    """Live (not zombie) child processes of this test process called `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)
+                comm = fields[0].split("(", 1)[1]
+                state, ppid = fields[1].split()[0:2]
+        except (OSError, IndexError):
+            continue
+        if comm == name and int(ppid) == os.getpid() and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_fetch_counting_rows_is_bounded_and_stops_pg_dump(tmp_path):
+    # BEGIN, SET statement_timeout and the snapshot export are answered: pg_dump starts
+    # (through the same proxy), then listing the tables to count never is.
+    tools = PgTools("/usr/lib/postgresql/15/bin")
+    phases: list[str] = []
+    with mute_after_login(answered=3) as proxy:
+        started = time.monotonic()
+        with pytest.raises(SourceTimedOut) as info:
+            dump_live(
+                mute_source(proxy.port),
+                tools,
+                str(tmp_path / "dump"),
+                jobs=1,
+                timeout=5,
+                read_timeout=2,
+                on_progress=lambda progress: phases.append(progress["phase"]),
+            )
+        elapsed = time.monotonic() - started
+    assert elapsed < 2 + MARGIN
+    assert phases == ["counting source rows"]  # it was the count that timed out
+    assert "did not answer within 2 s" in info.value.message
+    assert _children("pg_dump") == []  # the dump was stopped, not left running
 
 
 def test_a_guarded_connection_serves_an_honest_source_and_bounds_each_round_trip():

@@ -20,31 +20,45 @@ from tests.support.pgproxy import ToyPooler, _Listener, _message, _read_message
 
 
 class MuteAfterLogin(_Listener):
-    def __init__(self, upstream_port: int) -> None:
+    """With `answered`, the first that many queries of each connection still get the
+    server's answer (simple query protocol, as psycopg2 and pg_dump speak it)."""
+
+    def __init__(self, upstream_port: int, *, answered: int = 0) -> None:
         self.upstream_port = upstream_port
+        self.answered = answered
         self.logged_in = threading.Event()
-        self.held = threading.Event()  # the client sent something after login, unanswered
+        self.held = threading.Event()  # a message after login (and the answered ones) went unanswered
         super().__init__()
 
     def serve(self, client: socket.socket) -> None:
         startup = ToyPooler._startup(client)  # refuses SSL and GSS encryption
         server = self.track(socket.create_connection(("127.0.0.1", self.upstream_port)))
         server.sendall(startup)
-        while True:
-            kind, body = _read_message(server)
-            if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-                raise ConnectionError("the mute proxy only supports trust authentication")
-            client.sendall(_message(kind, body))
-            if kind == b"Z":
-                break
+        self._relay_until_ready(server, client, login=True)
         self.logged_in.set()
+        for _ in range(self.answered):
+            kind, body = _read_message(client)
+            if kind == b"X":
+                return
+            server.sendall(_message(kind, body))
+            self._relay_until_ready(server, client, login=False)
         while client.recv(4096):
             self.held.set()
 
+    @staticmethod
+    def _relay_until_ready(server: socket.socket, client: socket.socket, *, login: bool) -> None:
+        while True:
+            kind, body = _read_message(server)
+            if login and kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+                raise ConnectionError("the mute proxy only supports trust authentication")
+            client.sendall(_message(kind, body))
+            if kind == b"Z":
+                return
+
 
 @contextlib.contextmanager
-def mute_after_login(upstream_port: int = 5432) -> Iterator[MuteAfterLogin]:
-    proxy = MuteAfterLogin(upstream_port)
+def mute_after_login(upstream_port: int = 5432, *, answered: int = 0) -> Iterator[MuteAfterLogin]:
+    proxy = MuteAfterLogin(upstream_port, answered=answered)
     try:
         yield proxy
     finally:
