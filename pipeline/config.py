@@ -47,6 +47,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name} must be a whole number of seconds above 0, not {value}")
+    return value
+
+
 def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
@@ -100,6 +107,9 @@ class Settings:
     @property
     def dev_mode(self) -> bool:
         return self.environment == DEVELOPMENT
+    # Below gunicorn's --timeout (30 s in the Procfiles): a synchronous preflight answers first.
+    preflight_deadline_seconds: int = 20
+    source_read_timeout_seconds: int = 1800
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -167,4 +177,8 @@ class Settings:
             clerk_issuer=(env.get("CAPY_CLERK_ISSUER") or "").strip(),
             clerk_authorized_parties=_list(env, "CAPY_CLERK_AUTHORIZED_PARTIES", d.clerk_authorized_parties),
             rate_limit_per_minute=_int(env, "CAPY_RATE_LIMIT_PER_MINUTE", d.rate_limit_per_minute),
+            preflight_deadline_seconds=_positive(env, "CAPY_PREFLIGHT_DEADLINE_SECONDS", d.preflight_deadline_seconds),
+            source_read_timeout_seconds=_positive(
+                env, "CAPY_SOURCE_READ_TIMEOUT_SECONDS", d.source_read_timeout_seconds
+            ),
         )

@@ -90,7 +90,7 @@ class ImportSteps:
         return os.path.join(self.settings.work_dir, job.id)
 
     def _source(self, job: Job) -> SourceURL:
-        return SourceURL.parse(self.sealer.open(job.source_url_encrypted))
+        return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
 
     # -- stages -------------------------------------------------------------------
 
@@ -126,6 +126,7 @@ class ImportSteps:
             os.path.join(work, "dump"),
             jobs=self.settings.concurrency,
             timeout=self.settings.source_connect_timeout,
+            read_timeout=self.settings.source_read_timeout_seconds,
             on_progress=context.progress,
         )
         return {

@@ -57,7 +57,7 @@ class ImportRequest:
             )
         if has_url:
             try:
-                return cls(recreate=recreate, source=SourceURL.parse(body["source_url"]))
+                return cls(recreate=recreate, source=SourceURL.parse_source(body["source_url"]))
             except CapyError as err:
                 raise InvalidRequest(err.message) from err
         key = body["upload_key"]

@@ -54,7 +54,11 @@ def target_for(project: Project, settings: Settings, sealer: Sealer, *, recreate
 def preflight_source(project: Project, source: SourceURL, settings: Settings, sealer: Sealer, *, recreate: bool) -> PreflightResult:
     target = target_for(project, settings, sealer, recreate=recreate)
     report = check_live_source(
-        source, target, allow_private=settings.allow_private_sources, timeout=settings.source_connect_timeout
+        source,
+        target,
+        allow_private=settings.allow_private_sources,
+        timeout=settings.source_connect_timeout,
+        deadline_seconds=settings.preflight_deadline_seconds,
     )
     return PreflightResult(report, target)
 

@@ -13,8 +13,11 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from stages.deadline import Deadline, GuardedConnection, SourceTimedOut
 from stages.errors import PermanentError, SourceUnreachable, TransientError
 from stages.pgurl import SourceURL, redact
+
+__all__ = ["SourceTimedOut", "connect", "connection", "explain_connect_error", "server_major"]
 
 
 class SourceAuthenticationFailed(PermanentError):
@@ -27,10 +30,6 @@ class SourceDatabaseMissing(PermanentError):
 
 class SourceConnectionRefused(PermanentError):
     """Nothing accepts connections at the source's host and port."""
-
-
-class SourceTimedOut(SourceUnreachable):
-    """The source did not answer within the connect timeout."""
 
 
 class PoolerRefusedStartupParameter(PermanentError):
@@ -93,16 +92,34 @@ def explain_connect_error(
 
 
 def connect(
-    source: SourceURL, *, role: str = "source database", timeout: int = 10, **options: Any
+    source: SourceURL,
+    *,
+    role: str = "source database",
+    timeout: int = 10,
+    deadline: Deadline | None = None,
+    **options: Any,
 ) -> psycopg2.extensions.connection:
-    """Connect with a bounded timeout; raise a translated CapyError on failure."""
+    """Connect with a bounded timeout; raise a translated CapyError on failure.
+
+    A URL's own connect_timeout may shorten ours, never lengthen it. With a
+    `deadline`, connecting fits in what is left of it and every later round trip on
+    the connection is bounded by it (see stages.deadline).
+    """
+    url_timeout = source.params.get("connect_timeout", "")
+    if url_timeout.isdigit() and int(url_timeout) > 0:
+        timeout = min(timeout, int(url_timeout))
+    if deadline is not None:
+        timeout = deadline.connect_timeout(timeout)
+        options = {**options, "connection_factory": GuardedConnection}
+    kwargs = source.connect_kwargs(connect_timeout=timeout)
+    kwargs.setdefault("application_name", "capy-imports")
     try:
-        return psycopg2.connect(
-            **source.connect_kwargs(connect_timeout=timeout, application_name="capy-imports"),
-            **options,
-        )
+        conn = psycopg2.connect(**kwargs, **options)
     except psycopg2.OperationalError as err:
         raise explain_connect_error(err, source, role, timeout=timeout) from err
+    if deadline is not None:
+        conn.guard(deadline, where=f"{source.host}:{source.port}")
+    return conn
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ import psycopg2.extensions
 from stages import inventory
 from stages.commands import PgTools
 from stages.connect import connection
+from stages.deadline import Deadline
 from stages.errors import PermanentError, SourceUnreachable
 from stages.pgurl import SourceURL, redact
 
@@ -49,22 +50,34 @@ def dump_live(
     *,
     jobs: int,
     timeout: int = 10,
+    read_timeout: float = 1800,
     on_progress: Progress = lambda _p: None,
 ) -> LiveDump:
-    """Dump `source` (already address-pinned) into `out_dir` (directory format)."""
+    """Dump `source` (already address-pinned) into `out_dir` (directory format).
+
+    Every statement on the snapshot connection (exporting the snapshot, counting each
+    table, describing the source) must answer within `read_timeout` seconds: an honest
+    server cancels it itself (statement_timeout), one that never answers has its
+    socket shut down (stages.deadline) and the stage fails with `SourceTimedOut`,
+    a transient error, instead of hanging.
+    """
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)  # a retried fetch starts over
-    with connection(source, timeout=timeout) as conn:
+    deadline = Deadline(per_read=read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+    with connection(source, timeout=timeout, deadline=deadline) as conn:
         conn.set_session(
             isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
             readonly=True,
         )
         with conn.cursor() as cur:
+            # A SET, not a startup option: a pooler in front may refuse startup options.
+            # It is a utility statement, so the snapshot is still taken by the next one.
+            cur.execute("SET statement_timeout = %s", (int(read_timeout * 1000),))
             cur.execute("SELECT pg_export_snapshot(), current_setting('server_version')")
             snapshot, server_version = cur.fetchone()
         pg_dump = tools.pg_dump
         process = pg_dump.start(
-            pg_dump.directory_args(source.conninfo(), out_dir, jobs=jobs, snapshot=snapshot),
+            pg_dump.directory_args(source.conninfo(connect_timeout=str(timeout)), out_dir, jobs=jobs, snapshot=snapshot),
             env=source.env(),
         )
         try:

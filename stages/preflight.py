@@ -12,6 +12,7 @@ The worker runs the same functions as its gate before any destructive step.
 from __future__ import annotations
 
 import os
+import threading
 
 from stages.checks import (
     FAIL,
@@ -30,6 +31,7 @@ from stages.checks import (
     skip_object_warnings,
 )
 from stages.commands import PgTools
+from stages.deadline import Deadline, SourceTimedOut
 from stages.dumpcontents import DumpContents, list_archive, read_sql, sql_lines
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
@@ -81,22 +83,31 @@ def check_live_source(
     *,
     allow_private: bool,
     timeout: int = 10,
+    deadline_seconds: float = 20,
     resolver: Resolver = resolve,
 ) -> Preflight:
     """Run the `LIVE_CHECKS` for a source URL. `report.pinned` is the source with the
     checked address as `hostaddr` (None when it was not allowed): later stages connect
-    to exactly that address."""
+    to exactly that address.
+
+    Resolving, connecting and reading the source together take at most
+    `deadline_seconds` (plus the moment a timed-out socket takes to close): a source
+    that stops answering fails `source_reachable` saying so, it never holds the caller.
+    """
+    deadline = Deadline(total=deadline_seconds, what="the preflight deadline")
     report = Preflight()
     provider = detect_provider(source.host, source.port, source.user)
     report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)
     facts, refused, blocked = None, False, ""
     try:
-        pinned = pin_address(source, allow_private=allow_private, resolver=resolver)
-    except SourceHostUnresolvable as err:
+        pinned = pin_address(
+            source, allow_private=allow_private, resolver=bounded_resolver(resolver, deadline)
+        )
+    except (SourceHostUnresolvable, SourceTimedOut) as err:
         report.not_checked(
             "source_address_allowed", "the source host does not resolve (see source_reachable)"
         )
-        report.add("source_reachable", FAIL, err.message)
+        report.add("source_reachable", FAIL, err.message, transient=isinstance(err, TransientError))
         blocked = "the source database could not be reached (see source_reachable)"
     except CapyError as err:
         report.add("source_address_allowed", FAIL, err.message)
@@ -106,7 +117,7 @@ def check_live_source(
         report.pinned = pinned
         _address_allowed(report, source, pinned.params["hostaddr"])
         try:
-            with read_only_session(pinned, timeout=timeout) as (conn, refused):
+            with read_only_session(pinned, timeout=timeout, deadline=deadline) as (conn, refused):
                 facts = read_source(conn)
             report.add("source_reachable", PASS, f"connected to {source.redacted()} as {source.user}")
         except SourceCatalogUnreadable as err:
@@ -137,13 +148,43 @@ def check_live_source(
     return report
 
 
+def bounded_resolver(resolver: Resolver, deadline: Deadline) -> Resolver:
+    """`resolver`, given what is left of `deadline`: a DNS server that does not answer
+    fails the lookup (SourceTimedOut) instead of holding the caller. The lookup thread
+    itself ends when the system resolver gives up."""
+
+    def lookup(host: str, port: int) -> list[str]:
+        outcome: list[list[str] | BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(resolver(host, port))
+            except BaseException as err:  # handed to the caller below
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, name=f"resolve {host}", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline.remaining()))
+        if not outcome:
+            raise SourceTimedOut(
+                f"the source host {host!r} did not resolve within {deadline.limit()}; "
+                "check the host name, or try again if its DNS is slow"
+            )
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    return lookup
+
+
 def _address_allowed(report: Preflight, source: SourceURL, address: str) -> None:
     problem = address_problem(address)
+    pinned = "; the import connects to that address only"
     if problem:
         detail = f"{source.host} resolves to {address}, {problem}, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)"
     else:
         detail = f"{source.host} resolves to {address}, a public address"
-    report.add("source_address_allowed", PASS, detail)
+    report.add("source_address_allowed", PASS, detail + pinned)
 
 
 def _pooler(

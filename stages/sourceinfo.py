@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg2
@@ -19,6 +19,7 @@ import psycopg2.extensions
 
 from stages.checks import Findings
 from stages.connect import PoolerRefusedStartupParameter, connect
+from stages.deadline import Deadline
 from stages.errors import PermanentError
 from stages.extensions import Extension
 from stages.pgurl import SourceURL
@@ -131,21 +132,23 @@ class SourceFacts:
 
 @contextlib.contextmanager
 def read_only_session(
-    source: SourceURL, *, timeout: int
+    source: SourceURL, *, timeout: int, deadline: Deadline | None = None
 ) -> Iterator[tuple[psycopg2.extensions.connection, bool]]:
     """A connection whose every transaction is read-only, and whether the server
     refused our startup options (as PgBouncer does): then only `BEGIN READ ONLY`
-    guards the session, which is still enough to write nothing."""
+    guards the session, which is still enough to write nothing. With a `deadline`,
+    connecting and every round trip fit in it (`SourceTimedOut` otherwise)."""
     # Ours come last so they win over the URL's own; a URL asking for a read-write
     # session would make libpq refuse our read-only one, so that wish is dropped.
     params = {k: v for k, v in source.params.items() if k not in ("options", "target_session_attrs")}
     options = " ".join(filter(None, (source.params.get("options"), SESSION_OPTIONS)))
+    plain = replace(source, params=params)
     refused = False
     try:
-        conn = connect(SourceURL({**params, "options": options}, source.password), timeout=timeout)
+        conn = connect(plain.with_params(options=options), timeout=timeout, deadline=deadline)
     except PoolerRefusedStartupParameter:
         refused = True
-        conn = connect(SourceURL(params, source.password), timeout=timeout)
+        conn = connect(plain, timeout=timeout, deadline=deadline)
     try:
         conn.set_session(readonly=True)
         yield conn, refused

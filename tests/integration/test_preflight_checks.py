@@ -173,8 +173,8 @@ def live_ok(
     return {
         "source_address_allowed": (
             "pass",
-            f"{url.host} resolves to 127.0.0.1, a loopback address, allowed by the operator "
-            "(CAPY_ALLOW_PRIVATE_SOURCES)",
+            f"{url.host} resolves to 127.0.0.1, a loopback address (127.0.0.0/8), allowed by the operator "
+            "(CAPY_ALLOW_PRIVATE_SOURCES); the import connects to that address only",
         ),
         "source_reachable": ("pass", f"connected to {url.redacted()} as {url.user}"),
         "not_a_transaction_pooler": (
@@ -367,7 +367,8 @@ def test_nothing_listening_is_connection_refused_and_target_checks_still_run(tar
     assert checks_of(report) == {
         "source_address_allowed": (
             "pass",
-            "127.0.0.1 resolves to 127.0.0.1, a loopback address, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)",
+            "127.0.0.1 resolves to 127.0.0.1, a loopback address (127.0.0.0/8), allowed by the operator "
+            "(CAPY_ALLOW_PRIVATE_SOURCES); the import connects to that address only",
         ),
         "source_reachable": (
             "fail",
@@ -429,7 +430,7 @@ def test_loopback_is_refused_unless_private_sources_are_allowed(corpus_source, t
     checks = checks_of(report)
     assert checks["source_address_allowed"] == (
         "fail",
-        "the source host '127.0.0.1' resolves to 127.0.0.1, a loopback address; imports connect only to "
+        "the source host '127.0.0.1' resolves to 127.0.0.1, a loopback address (127.0.0.0/8); imports connect only to "
         "publicly reachable databases. Use the database's public host name (an operator can allow private "
         "sources with CAPY_ALLOW_PRIVATE_SOURCES=true)",
     )
@@ -461,7 +462,8 @@ def test_a_pooler_host_fails_and_the_checked_address_is_the_one_used(corpus_sour
     checks = checks_of(report)
     assert checks["source_address_allowed"] == (
         "pass",
-        f"{host} resolves to 127.0.0.1, a loopback address, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)",
+        f"{host} resolves to 127.0.0.1, a loopback address (127.0.0.0/8), allowed by the operator "
+        "(CAPY_ALLOW_PRIVATE_SOURCES); the import connects to that address only",
     )
     assert checks["source_reachable"] == ("pass", f"connected to {url.redacted()} as postgres")
     assert checks["not_a_transaction_pooler"] == (

@@ -19,7 +19,7 @@ from tests.support.world import World
 
 
 def run_import(settings: Settings, world: World, source_url: str, *, recreate: bool = False) -> Job:
-    return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse(source_url)))
+    return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse_source(source_url)))
 
 
 def upload_and_import(settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False) -> Job:

@@ -87,6 +87,7 @@ def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Servic
         # A control socket of its own: gunicorn's default path is shared by every instance.
         "web": [
             str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--worker-class", "gthread", "--threads", "4", "--timeout", "30",
             "--control-socket", str(log_dir / "gunicorn.ctl"), "app.wsgi:get_app()",
         ],
         "worker": [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],

@@ -96,3 +96,11 @@ def test_clerk_and_rate_limit_settings():
     assert settings.clerk_issuer == "https://clerk.example.com"
     assert settings.clerk_authorized_parties == ("https://app.example.com", "https://admin.example.com")
     assert settings.rate_limit_per_minute == 30
+
+def test_source_deadlines():
+    defaults = Settings.from_env({})
+    assert (defaults.preflight_deadline_seconds, defaults.source_read_timeout_seconds) == (20, 1800)
+    settings = Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "5", "CAPY_SOURCE_READ_TIMEOUT_SECONDS": "60"})
+    assert (settings.preflight_deadline_seconds, settings.source_read_timeout_seconds) == (5, 60)
+    with pytest.raises(ConfigError, match="CAPY_PREFLIGHT_DEADLINE_SECONDS must be a whole number of seconds above 0"):
+        Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "0"})

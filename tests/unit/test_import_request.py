@@ -61,3 +61,12 @@ def test_upload_key_validation_errors_become_invalid_request():
 
     with pytest.raises(InvalidRequest, match="must not contain"):
         ImportRequest.parse({"confirm": True, "upload_key": "imports/../x"}, validate_key=refuse)
+
+
+def test_a_source_url_parameter_outside_the_allowlist_is_a_400_naming_it():
+    with pytest.raises(InvalidRequest) as info:
+        parse({"confirm": True, "source_url": "postgres://u:pw@db.example.com/app?passfile=/root/.pgpass"})
+    assert "source_url parameter 'passfile' is not accepted" in info.value.message
+    assert "/root/.pgpass" not in info.value.message
+    request = parse({"confirm": True, "source_url": "postgres://u:pw@db.example.com/app?sslrootcert=system"})
+    assert request.source.tenant and request.source.params["sslmode"] == "verify-full"

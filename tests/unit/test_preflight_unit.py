@@ -379,7 +379,7 @@ def test_private_address_refused_before_any_connection():
     assert details(report) == {
         "source_address_allowed": (
             FAIL,
-            "the source host 'db.internal.example' resolves to 10.1.2.3, a private or reserved address; "
+            "the source host 'db.internal.example' resolves to 10.1.2.3, a private address (10.0.0.0/8, RFC 1918); "
             "imports connect only to publicly reachable databases. Use the database's public host name "
             "(an operator can allow private sources with CAPY_ALLOW_PRIVATE_SOURCES=true)",
         ),
@@ -416,7 +416,8 @@ def test_metadata_address_is_refused():
         source, target(), allow_private=False, resolver=lambda h, p: ["169.254.169.254"]
     )
     assert details(report)["source_address_allowed"][1].startswith(
-        "the source host 'metadata.example' resolves to 169.254.169.254, a cloud metadata address;"
+        "the source host 'metadata.example' resolves to 169.254.169.254, a cloud metadata address (AWS, GCP, "
+        "Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local);"
     )
 
 

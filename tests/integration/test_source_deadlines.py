@@ -1,0 +1,199 @@
+"""A source that accepts the login and then never answers must not hold anyone.
+
+The source is `MuteAfterLogin` on 127.0.0.1: the login goes through to the local
+PostgreSQL, every query after it is swallowed. TCP keeps acknowledging, so only the
+application deadline (stages.deadline) ends the wait. Deadlines are a few seconds;
+bounds are generous ("returned, well before deadline + 10 s"), never exact timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import time
+
+import pytest
+from falcon import testing
+
+from app.api import Services, create_app
+from pipeline.sealing import Sealer
+from pipeline.uploads import Uploads
+from stages.cluster import ClusterAdmin
+from stages.commands import PgTools
+from stages.connect import connect
+from stages.deadline import Deadline, SourceTimedOut
+from stages.errors import SourceUnreachable, TransientError
+from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
+from stages.fetch import dump_live
+from stages.pgurl import SourceURL
+from stages.preflight import check_live_source
+from stages.targetinfo import describe_target
+from tests.support import pg
+from tests.support.muteproxy import mute_after_login
+from tests.support.world import make_world
+
+DEADLINE = 3
+MARGIN = 10
+
+
+def mute_source(port: int) -> SourceURL:
+    return SourceURL.parse_source(f"postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable")
+
+
+def checks_of(checks) -> dict[str, tuple[str, str]]:
+    return {c["name"]: (c["status"], c["detail"]) for c in checks}
+
+
+def never_answered(port: int, limit: str) -> str:
+    return (
+        f"the source database at 127.0.0.1:{port} did not answer within {limit}; it accepted the "
+        "connection but stopped answering: check that it is not overloaded, locked, or behind a proxy "
+        "that holds queries, then try again"
+    )
+
+
+def test_preflight_returns_within_its_deadline_when_the_source_stops_answering(scratch_db):
+    target = describe_target(
+        ClusterAdmin(pg.ADMIN_URL),
+        scratch_db("capytgt"),
+        recreate=False,
+        storage_limit_bytes=1024**3,
+        allowlist=DEFAULT_EXTENSION_ALLOWLIST,
+    )
+    with mute_after_login() as proxy:
+        started = time.monotonic()
+        report = check_live_source(
+            mute_source(proxy.port), target, allow_private=True, timeout=10, deadline_seconds=DEADLINE
+        )
+        elapsed = time.monotonic() - started
+        assert proxy.logged_in.is_set() and proxy.held.is_set()  # the login worked, the query hung
+    assert elapsed < DEADLINE + MARGIN
+    reachable = next(check for check in report.checks if check.name == "source_reachable")
+    assert (reachable.status, reachable.detail) == (
+        "fail",
+        never_answered(proxy.port, f"{DEADLINE} s (the preflight deadline)"),
+    )
+    assert reachable.transient  # the worker's gate retries it
+    assert not report.ok
+
+
+def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
+    settings = dataclasses.replace(control_db, preflight_deadline_seconds=DEADLINE)
+    world = make_world(settings)
+    client = testing.TestClient(
+        create_app(
+            Services(
+                settings=settings,
+                sealer=Sealer(settings.secret_key),
+                wake=lambda *a: None,
+                uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
+                readiness={},
+            )
+        )
+    )
+    with mute_after_login() as proxy:
+        started = time.monotonic()
+        resp = client.simulate_post(
+            f"/v1/projects/{world.project.id}/imports/preflight",
+            headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+            body=json.dumps({"source_url": mute_source(proxy.port).url()}),
+        )
+        elapsed = time.monotonic() - started
+    assert resp.status_code == 200, resp.text
+    assert elapsed < DEADLINE + MARGIN
+    body = resp.json["preflight"]
+    assert body["ok"] is False
+    checks = checks_of(body["checks"])
+    assert checks["source_reachable"] == ("fail", never_answered(proxy.port, f"{DEADLINE} s (the preflight deadline)"))
+    assert checks["source_version_compatible"] == (
+        "warn",
+        "not checked: the source database could not be reached (see source_reachable)",
+    )
+
+
+def test_fetch_fails_transiently_within_its_read_timeout(tmp_path):
+    tools = PgTools("/usr/lib/postgresql/15/bin")
+    with mute_after_login() as proxy:
+        started = time.monotonic()
+        with pytest.raises(SourceTimedOut) as info:
+            dump_live(mute_source(proxy.port), tools, str(tmp_path / "dump"), jobs=1, timeout=5, read_timeout=2)
+        elapsed = time.monotonic() - started
+        assert proxy.held.is_set()
+    assert elapsed < 2 + MARGIN
+    assert isinstance(info.value, SourceUnreachable) and isinstance(info.value, TransientError)
+    assert info.value.message == never_answered(
+        proxy.port, "2 s (the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS)"
+    )
+    assert not (tmp_path / "dump").exists()  # pg_dump never started
+
+
+def _children(name: str) -> list[int]:
+    """Live (not zombie) child processes of this test process called `name`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)
+                comm = fields[0].split("(", 1)[1]
+                state, ppid = fields[1].split()[0:2]
+        except (OSError, IndexError):
+            continue
+        if comm == name and int(ppid) == os.getpid() and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def test_fetch_counting_rows_is_bounded_and_stops_pg_dump(tmp_path):
+    # BEGIN, SET statement_timeout and the snapshot export are answered: pg_dump starts
+    # (through the same proxy), then listing the tables to count never is.
+    tools = PgTools("/usr/lib/postgresql/15/bin")
+    phases: list[str] = []
+    with mute_after_login(answered=3) as proxy:
+        started = time.monotonic()
+        with pytest.raises(SourceTimedOut) as info:
+            dump_live(
+                mute_source(proxy.port),
+                tools,
+                str(tmp_path / "dump"),
+                jobs=1,
+                timeout=5,
+                read_timeout=2,
+                on_progress=lambda progress: phases.append(progress["phase"]),
+            )
+        elapsed = time.monotonic() - started
+    assert elapsed < 2 + MARGIN
+    assert phases == ["counting source rows"]  # it was the count that timed out
+    assert "did not answer within 2 s" in info.value.message
+    assert _children("pg_dump") == []  # the dump was stopped, not left running
+
+
+def test_a_guarded_connection_serves_an_honest_source_and_bounds_each_round_trip():
+    source = SourceURL.parse_source(pg.url_for("postgres", sslmode="disable"))
+    conn = connect(source, timeout=5, deadline=Deadline(per_read=2, what="test"))
+    try:
+        with conn.cursor() as cur:
+            for _ in range(3):  # each round trip has its own 2 s, not all of them together
+                cur.execute("SELECT pg_sleep(0.8)")
+                cur.fetchone()
+            conn.rollback()
+            with pytest.raises(SourceTimedOut) as info:
+                cur.execute("SELECT pg_sleep(30)")  # an honest but slow answer is cut off too
+        assert "did not answer within 2 s (test)" in info.value.message
+        assert conn.closed  # the socket was shut down: libpq saw the end of the connection
+    finally:
+        conn.close()
+
+
+def test_an_expired_total_deadline_refuses_the_next_round_trip_without_sending_it():
+    source = SourceURL.parse_source(pg.url_for("postgres", sslmode="disable"))
+    conn = connect(source, timeout=5, deadline=Deadline(total=1, what="test"))
+    try:
+        time.sleep(1.2)
+        with pytest.raises(SourceTimedOut), conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        conn.close()
