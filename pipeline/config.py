@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from stages.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
 # Only for local development and tests: a real deployment sets CAPY_SECRET_KEY.
@@ -41,6 +42,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name} must be at least 1, not {value}")
+    return value
 
 
 def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -74,6 +82,18 @@ class Settings:
     stage_time_limit_seconds: int = 6 * 3600
     replaced_database_retention_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
+    # Every external command (pg_dump, pg_restore, psql) is stopped after this long...
+    command_timeout_seconds: int = DEFAULT_COMMAND_TIMEOUT_SECONDS
+    # ...or after this long without progress (output, or a dump's files growing).
+    command_stall_seconds: int = DEFAULT_STALL_SECONDS
+    # The short commands of preflight (pg_restore --list on an upload's head).
+    preflight_command_timeout_seconds: int = 15
+    # A job's whole run, from its first claim: no command runs past it.
+    job_time_limit_seconds: int = 4 * 3600
+    # Fair share: jobs of one organization running a stage at once.
+    org_max_active_jobs: int = 2
+    # How long a job waiting for its organization's other imports waits before it looks again.
+    org_wait_retry_seconds: int = 30
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -114,4 +134,12 @@ class Settings:
                 d.replaced_database_retention_seconds,
             ),
             max_body_bytes=_int(env, "CAPY_MAX_BODY_BYTES", d.max_body_bytes),
+            command_timeout_seconds=_positive(env, "CAPY_COMMAND_TIMEOUT_SECONDS", d.command_timeout_seconds),
+            command_stall_seconds=_positive(env, "CAPY_COMMAND_STALL_SECONDS", d.command_stall_seconds),
+            preflight_command_timeout_seconds=_positive(
+                env, "CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS", d.preflight_command_timeout_seconds
+            ),
+            job_time_limit_seconds=_positive(env, "CAPY_JOB_TIME_LIMIT_SECONDS", d.job_time_limit_seconds),
+            org_max_active_jobs=_positive(env, "CAPY_ORG_MAX_ACTIVE_JOBS", d.org_max_active_jobs),
+            org_wait_retry_seconds=_positive(env, "CAPY_ORG_WAIT_RETRY_SECONDS", d.org_wait_retry_seconds),
         )

@@ -66,6 +66,7 @@ def dump_live(
         process = pg_dump.start(
             pg_dump.directory_args(source.conninfo(), out_dir, jobs=jobs, snapshot=snapshot),
             env=source.env(),
+            secrets=[source.password],
         )
         try:
             on_progress({"phase": "counting source rows"})
