@@ -136,6 +136,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE projects ADD COLUMN role_password_encrypted text;
         """,
     ),
+    (
+        "0005_fair_share",
+        """
+        -- Fair share: a claim counts the organization's jobs that hold a claim.
+        CREATE INDEX jobs_organization_claimed ON jobs (organization_id)
+            WHERE claimed_by IS NOT NULL AND state IN ('pending', 'running');
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

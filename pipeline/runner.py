@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 from pipeline import jobs
 from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
+from pipeline.limits import job_over_time
 from pipeline.models import ACTIVE_STATES, Job, Stage
 from stages.errors import PermanentError, TransientError
 
@@ -24,12 +25,18 @@ LEASE = dt.timedelta(seconds=90)
 HEARTBEAT_SECONDS = 15.0
 
 
+class Wake(Protocol):
+    """Enqueue `stage` of a job, after `delay_ms` (StageQueue.wake)."""
+
+    def __call__(self, job_id: str, stage: str, delay_ms: int = 0) -> None: ...
+
+
 class Runner:
     def __init__(
         self,
         settings: Settings,
         steps: ImportSteps,
-        wake: Callable[[str, str], None],
+        wake: Wake,
         *,
         lease: dt.timedelta = LEASE,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
@@ -42,9 +49,20 @@ class Runner:
 
     def run(self, job_id: str, stage: str) -> None:
         actor = jobs.worker_id()
-        job = jobs.claim(job_id, stage, actor, lease=self.lease)
+        try:
+            job = jobs.claim(job_id, stage, actor, lease=self.lease, org_limit=self.settings.org_max_active_jobs)
+        except jobs.OrganizationAtLimit as busy:
+            # Fair share: look again later. The message is acknowledged, so neither a
+            # Dramatiq retry nor one of the job's attempts is used.
+            log.info("job %s: %s waits: %s", job_id, stage, busy.message)
+            self.wake(job_id, stage, delay_ms=self.settings.org_wait_retry_seconds * 1000)
+            return
         if job is None:
             self._not_claimed(job_id, stage, actor)
+            return
+        over = job_over_time(job, self.settings, stage)
+        if over is not None:
+            self._fail(job, actor, over, "permanent")
             return
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
         context = StageContext(job, actor)
@@ -56,13 +74,11 @@ class Runner:
             return
         except TransientError as err:
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
-            jobs.release(job_id, actor, err.message)
+            self._release(job_id, actor, err.message)
             raise
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
-            jobs.release(
-                job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried"
-            )
+            self._release(job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried")
             raise TransientError(f"internal error in {stage}") from None
         following = jobs.next_stage(stage)
         if following is None:
@@ -72,6 +88,12 @@ class Runner:
             return
         if jobs.advance(job_id, actor, stage, facts=facts):
             self.wake(job_id, following)
+
+    def _release(self, job_id: str, actor: str, error: str) -> None:
+        """Give the claim back for a retry; nothing of this attempt may keep running on
+        the cluster meanwhile (a stopped restore's statement may still be executing)."""
+        released = jobs.release(job_id, actor, error)
+        self.steps.stop_sessions(released or Job.get_by_id(job_id))
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
         failed = jobs.fail(job.id, actor, error, classification=classification)
