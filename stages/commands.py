@@ -56,6 +56,7 @@ SIGNAL_GRACE_SECONDS = 2.0
 # Server side: how often a backend checks that its client (a stopped tool) is still
 # there while it runs a long query (PostgreSQL 14+, client_connection_check_interval).
 CONNECTION_CHECK_MS = 10_000
+SERVER_SLACK_MS = 10_000
 
 TAIL_LINES = 40
 
@@ -366,7 +367,9 @@ class PgCommand:
         """libpq `-c` options bounding the tool's sessions on the server. A dump may
         reset them (pg_dump output starts with `SET statement_timeout = 0`): they are
         a first line of defence, the process deadline is the bound."""
-        options = {"statement_timeout": int(deadline.remaining() * 1000)}
+        # A little after the deadline: the watchdog stops the tool first and says why;
+        # the server ends the statement even if the tool's cancel request is lost.
+        options = {"statement_timeout": int(deadline.remaining() * 1000) + SERVER_SLACK_MS}
         if self.stall_seconds is not None:
             options["idle_in_transaction_session_timeout"] = int(self.stall_seconds * 1000)
         if self.major is not None and self.major >= 14:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import secrets
+import subprocess
 import time
+
+import pytest
 
 from pipeline import jobs
 from pipeline.import_steps import ImportSteps
@@ -16,7 +19,7 @@ from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from stages.commands import PgTools
 from stages.deadline import Limit
-from stages.errors import PermanentCommandTimeout
+from stages.errors import PermanentCommandTimeout, TransientError
 from stages.pgurl import SourceURL
 from tests.support import pg
 from tests.support.imports import upload_and_import
@@ -98,3 +101,54 @@ def test_a_job_past_its_time_limit_fails_at_its_next_stage(control_db, store):
         "preflight stage; split the import into smaller dumps (by schema or by table), or ask the "
         "operator to raise CAPY_JOB_TIME_LIMIT_SECONDS"
     )
+
+
+class RestoreLosingItsConnection(ImportSteps):
+    """A restore attempt that leaves a statement running in the preview, then fails
+    transiently, as a killed pg_restore whose backend has not noticed yet."""
+
+    def __init__(self, *args, marker: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.marker = marker
+        self.sleeper: subprocess.Popen | None = None
+
+    def run(self, stage, context):
+        preview = "capy_preview_" + context.job.id.removeprefix("job_")
+        pg.create_db(preview)
+        context.set_fields(preview_database_id=preview)
+        self.sleeper = subprocess.Popen(
+            ["psql", "-X", "-q", "-d", pg.url_for(preview), "-c", f"SELECT pg_sleep(600), '{self.marker}'"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        until = time.monotonic() + 10
+        while not pg.admin("SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND datname = %s", (f"%{self.marker}%", preview)):
+            assert time.monotonic() < until, "the sleeping session never started"
+            time.sleep(0.1)
+        raise TransientError("lost the connection to the project's cluster")
+
+
+def test_a_transient_failure_ends_what_the_attempt_left_running_in_the_preview(control_db, store):
+    marker = "capy-left-" + secrets.token_hex(4)
+    world = make_world(control_db)
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
+        settings=control_db,
+        sealer=Sealer(control_db.secret_key),
+        wake=lambda job_id, stage: None,
+    )
+    Job.update(stage="restore").where(Job.id == job.id).execute()
+    steps = RestoreLosingItsConnection(control_db, Sealer(control_db.secret_key), store, marker=marker)
+    runner = Runner(control_db, steps, lambda *a, **k: None)
+    with pytest.raises(TransientError):
+        runner.run(job.id, "restore")
+    assert steps.sleeper is not None and steps.sleeper.wait(10) != 0
+    assert sessions_running(marker) == []
+    released = Job.get_by_id(job.id)
+    assert (released.state, released.claimed_by, released.retry_classification) == ("running", None, "transient")
+    # The retry starts from an empty preview: the restore drops it WITH (FORCE) first.
+    assert pg.database_exists(released.preview_database_id)
+    jobs.fail(job.id, "test", "done", classification="permanent")
+    pg.drop_db(released.preview_database_id)
