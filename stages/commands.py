@@ -52,6 +52,7 @@ DEFAULT_LIMIT = Limit(
 )
 # How often the watchdog looks, and how long each polite signal gets before the next.
 POLL_SECONDS = 0.25
+PROBE_SECONDS = 5.0
 SIGNAL_GRACE_SECONDS = 2.0
 # Server side: how often a backend checks that its client (a stopped tool) is still
 # there while it runs a long query (PostgreSQL 14+, client_connection_check_interval).
@@ -211,6 +212,9 @@ class _Watchdog(threading.Thread):
 
     def run(self) -> None:
         size = self._size()
+        # Walking a dump directory of many files is not free: measure now and then.
+        probe_every = min(PROBE_SECONDS, (self.stall_seconds or PROBE_SECONDS) / 4)
+        probed = time.monotonic()
         while not self._finished.wait(POLL_SECONDS):
             # Checked even after the leader exited: something it started may hold on.
             if self.deadline.remaining() <= 0:
@@ -218,11 +222,14 @@ class _Watchdog(threading.Thread):
                 return
             if self.stall_seconds is None or self.process.poll() is not None:
                 continue
-            grown = self._size()
-            if grown != size:
-                size = grown
-                self.activity.touch()
-            if time.monotonic() - self.activity.last >= self.stall_seconds:
+            now = time.monotonic()
+            if self.probe is not None and now - probed >= probe_every:
+                probed = now
+                grown = self._size()
+                if grown != size:
+                    size = grown
+                    self.activity.touch()
+            if now - self.activity.last >= self.stall_seconds:
                 self._halt("stall")
                 return
 
