@@ -67,7 +67,7 @@ class Runner:
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
         context = StageContext(job, actor)
         try:
-            with Heartbeat(job_id, actor, self.heartbeat_seconds):
+            with Heartbeat(job_id, actor, self.heartbeat_seconds, until=self._claim_until(job)):
                 facts = self.steps.run(stage, context)
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")
@@ -88,6 +88,13 @@ class Runner:
             return
         if jobs.advance(job_id, actor, stage, facts=facts):
             self.wake(job_id, following)
+
+    def _claim_until(self, job: Job) -> dt.datetime | None:
+        """When heartbeats stop: the job's time limit, and a lease more for the stage
+        to fail the job itself (its commands are stopped at the limit)."""
+        if job.started_at is None:
+            return None
+        return job.started_at + dt.timedelta(seconds=self.settings.job_time_limit_seconds) + self.lease
 
     def _release(self, job_id: str, actor: str, error: str) -> None:
         """Give the claim back for a retry; nothing of this attempt may keep running on

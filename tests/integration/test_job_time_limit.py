@@ -13,6 +13,7 @@ import pytest
 from pipeline import jobs
 from pipeline.import_steps import ImportSteps
 from pipeline.imports import ImportRequest, start_import
+from pipeline.lease import Heartbeat
 from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.runner import Runner
@@ -152,3 +153,27 @@ def test_a_transient_failure_ends_what_the_attempt_left_running_in_the_preview(c
     assert pg.database_exists(released.preview_database_id)
     jobs.fail(job.id, "test", "done", classification="permanent")
     pg.drop_db(released.preview_database_id)
+
+
+def test_heartbeats_stop_keeping_a_claim_fresh_past_the_time_limit(control_db):
+    world = make_world(control_db)
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
+        settings=control_db,
+        sealer=Sealer(control_db.secret_key),
+        wake=lambda job_id, stage: None,
+    )
+    jobs.claim(job.id, "preflight", "w1", lease=dt.timedelta(seconds=60))
+    old = jobs.utcnow() - dt.timedelta(minutes=10)
+
+    def beats(until: dt.datetime) -> bool:
+        Job.update(heartbeat_at=old).where(Job.id == job.id).execute()
+        with Heartbeat(job.id, "w1", 0.1, until=until):
+            time.sleep(0.6)
+        return Job.get_by_id(job.id).heartbeat_at > old
+
+    assert beats(jobs.utcnow() + dt.timedelta(hours=1))
+    assert not beats(jobs.utcnow() - dt.timedelta(seconds=1))
+    jobs.fail(job.id, "test", "done", classification="permanent")
