@@ -3,6 +3,8 @@
 The next stage is enqueued only after this stage's result is committed. Failures are
 classified: a PermanentError fails the job at once (its message becomes `error`); a
 TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
+A claim refused because the job's organization is at its limit (fair share) is woken
+again later; a job past its time limit fails at the start of its next stage.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class Runner:
         """Give the claim back for a retry; nothing of this attempt may keep running on
         the cluster meanwhile (a stopped restore's statement may still be executing)."""
         released = jobs.release(job_id, actor, error)
-        self.steps.stop_sessions(released or Job.get_by_id(job_id))
+        if released is not None:  # else another worker holds it now: its sessions are its own
+            self.steps.stop_sessions(released)
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
         failed = jobs.fail(job.id, actor, error, classification=classification)
