@@ -20,11 +20,13 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import multiprocessing.util
 import os
 import signal
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -250,6 +252,29 @@ class _Watchdog(threading.Thread):
             self.join()
 
 
+# Commands started by this process and not yet waited for. Each runs in a session of
+# its own, so nothing stops it when the worker exits with a stage still running
+# (Dramatiq's shutdown timeout): the exit hook does.
+_running: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+_hooked_pid: int | None = None
+
+
+def _kill_running() -> None:
+    for process in list(_running):
+        if process.returncode is None:
+            _signal_group(process, signal.SIGKILL)
+
+
+def _track(process: subprocess.Popen[bytes]) -> None:
+    global _hooked_pid
+    if _hooked_pid != os.getpid():
+        # Runs at exit of a plain process and of a multiprocessing child (Dramatiq's
+        # worker processes end with os._exit, after multiprocessing's finalizers).
+        multiprocessing.util.Finalize(None, _kill_running, exitpriority=100)
+        _hooked_pid = os.getpid()
+    _running.add(process)
+
+
 class CommandProcess(subprocess.Popen[bytes]):
     """A started command with what watches it: its deadline, readers and watchdog."""
 
@@ -368,6 +393,7 @@ class PgCommand:
         )
         for thread in (*process.readers, process.watchdog):
             thread.start()
+        _track(process)
         return process
 
     def _session_options(self, deadline: Deadline) -> str:
@@ -429,6 +455,7 @@ class PgCommand:
     def _finish(self, process: CommandProcess, what: str, secrets: Sequence[str | None] = ()) -> CommandResult:
         exit_code = self._wait_for_exit(process)
         process.watchdog.finish()
+        _running.discard(process)
         # Whatever the tool left behind in its group would hold our pipes open.
         _signal_group(process, signal.SIGKILL)
         for reader in process.readers:
@@ -477,6 +504,7 @@ class PgCommand:
         """Kill a started command and everything it started, and release its pipes."""
         _signal_group(process, signal.SIGKILL)
         process.wait()
+        _running.discard(process)
         if isinstance(process, CommandProcess):
             process.watchdog.finish()
             for reader in process.readers:

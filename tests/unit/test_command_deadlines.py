@@ -4,6 +4,8 @@ enforced on its whole process group. Real (tiny) programs, no sockets."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,3 +242,17 @@ def test_deadline_remaining_and_earliest():
     assert deadline.remaining(clock=clock) == 7.0
     sooner = Deadline(105.0, Limit(1, "B", "b"))
     assert Deadline.earliest(deadline, None, sooner) is sooner
+
+
+def test_commands_still_running_when_the_worker_exits_are_killed(tmp_path):
+    """Tools run in sessions of their own: the worker's exit must stop them itself."""
+    write_program(tmp_path, "sleeper", FAMILY.format(pids=tmp_path))
+    script = (
+        "import sys\n"
+        "from tests.unit.test_command_deadlines import Sleeper\n"
+        f"Sleeper({str(tmp_path)!r}).start([])\n"
+        "import time; time.sleep(1)\n"
+        "sys.exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30, cwd=Path(__file__).parents[2])
+    assert gone(read_pid(tmp_path / "child")) and gone(read_pid(tmp_path / "grandchild"))
