@@ -129,7 +129,13 @@ def claim(
             if before.claimed_by and before.claimed_by != actor:
                 reason += f", taking over the stale claim of {before.claimed_by}"
             _event(
-                job, actor, reason, from_state=before.state, to_state=job.state, from_stage=stage, to_stage=stage
+                job,
+                actor,
+                reason,
+                from_state=before.state,
+                to_state=job.state,
+                from_stage=stage,
+                to_stage=stage,
             )
             return job
     raise refused

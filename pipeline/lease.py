@@ -31,7 +31,9 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
             if self.until is not None and jobs.utcnow() >= self.until:
-                log.warning("job %s: past its time limit; %s stops extending its claim", self.job_id, self.actor)
+                log.warning(
+                    "job %s: past its time limit; %s stops extending its claim", self.job_id, self.actor
+                )
                 return
             try:
                 if not jobs.heartbeat(self.job_id, self.actor):

@@ -54,7 +54,9 @@ def job_deadline(job: Job, settings: Settings, *, now: Callable[[], dt.datetime]
     return Deadline.within(limit.seconds - job_elapsed(job, now=now), limit)
 
 
-def job_over_time(job: Job, settings: Settings, stage: str, *, now: Callable[[], dt.datetime] = utcnow) -> str | None:
+def job_over_time(
+    job: Job, settings: Settings, stage: str, *, now: Callable[[], dt.datetime] = utcnow
+) -> str | None:
     """The error for a job that used up its time before `stage`, else None."""
     if job_elapsed(job, now=now) < settings.job_time_limit_seconds:
         return None

@@ -52,7 +52,9 @@ class Runner:
     def run(self, job_id: str, stage: str) -> None:
         actor = jobs.worker_id()
         try:
-            job = jobs.claim(job_id, stage, actor, lease=self.lease, org_limit=self.settings.org_max_active_jobs)
+            job = jobs.claim(
+                job_id, stage, actor, lease=self.lease, org_limit=self.settings.org_max_active_jobs
+            )
         except jobs.OrganizationAtLimit as busy:
             # Fair share: look again later. The message is acknowledged, so neither a
             # Dramatiq retry nor one of the job's attempts is used.
@@ -80,7 +82,9 @@ class Runner:
             raise
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
-            self._release(job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried")
+            self._release(
+                job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried"
+            )
             raise TransientError(f"internal error in {stage}") from None
         following = jobs.next_stage(stage)
         if following is None:

@@ -103,6 +103,7 @@ def is_transient(stderr: str) -> bool:
         return False
     return any(marker in text for marker in _TRANSIENT_MARKERS)
 
+
 @dataclass(frozen=True)
 class CommandResult:
     exit_code: int
@@ -123,7 +124,9 @@ class _Activity:
 class _TailReader(threading.Thread):
     """Drains a pipe, keeping the last lines and logging each one as it comes."""
 
-    def __init__(self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity) -> None:
+    def __init__(
+        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity
+    ) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.label = name
@@ -379,7 +382,9 @@ class PgCommand:
         assert process.stdout is not None and process.stderr is not None
         process.deadline = effective
         process.activity = _Activity()
-        process.readers = [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity)]
+        process.readers = (
+            [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity)]
+        )
         process.readers.append(_TailReader(process.stderr, "stderr", secrets, process.activity))
         probe = self.output_probe(args)
         process.watchdog = _Watchdog(
@@ -452,7 +457,9 @@ class PgCommand:
             stream.close()
         return self._finish(process, what or self.program)
 
-    def _finish(self, process: CommandProcess, what: str, secrets: Sequence[str | None] = ()) -> CommandResult:
+    def _finish(
+        self, process: CommandProcess, what: str, secrets: Sequence[str | None] = ()
+    ) -> CommandResult:
         exit_code = self._wait_for_exit(process)
         process.watchdog.finish()
         _running.discard(process)
@@ -544,10 +551,7 @@ def tree_size(path: str) -> int:
 
 class PgDump(PgCommand):
     program = "pg_dump"
-    stall_hint = (
-        "the source may be stuck (a lock it waits for, or an overloaded server); "
-        "it will be retried"
-    )
+    stall_hint = "the source may be stuck (a lock it waits for, or an overloaded server); it will be retried"
     stall_is_transient = True
 
     def output_probe(self, args: Sequence[str]) -> Callable[[], int] | None:
@@ -566,9 +570,7 @@ class PgDump(PgCommand):
 
 class PgRestore(PgCommand):
     program = "pg_restore"
-    stall_hint = (
-        "the dump may be damaged or truncated; check it with pg_restore --list and upload it again"
-    )
+    stall_hint = "the dump may be damaged or truncated; check it with pg_restore --list and upload it again"
     target_sessions = True
 
     def list_args(self, archive: str) -> list[str]:
@@ -626,9 +628,7 @@ class PgTools:
     major: int | None = None
 
     @classmethod
-    def for_major(
-        cls, major: int, template: str, observer: Observer | None = None, **bounds: Any
-    ) -> PgTools:
+    def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
         """`bounds`: limit, deadline, stall_seconds."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):

@@ -60,13 +60,20 @@ def test_a_second_import_of_a_busy_organization_waits_while_another_organization
     assert jobs.claim(first.id, "preflight", "w1", lease=LEASE, org_limit=1) is not None
 
     woken = []
-    runner = Runner(settings, NoSteps(), lambda job_id, stage, delay_ms=0: woken.append((job_id, stage, delay_ms)))
+    runner = Runner(
+        settings, NoSteps(), lambda job_id, stage, delay_ms=0: woken.append((job_id, stage, delay_ms))
+    )
     runner.run(second.id, "preflight")
 
     # Woken again later, without using an attempt; the user sees why it waits.
     assert woken == [(second.id, "preflight", 30_000)]
     waiting = Job.get_by_id(second.id)
-    assert (waiting.state, waiting.stage, waiting.attempts, waiting.claimed_by) == ("pending", "preflight", 0, None)
+    assert (waiting.state, waiting.stage, waiting.attempts, waiting.claimed_by) == (
+        "pending",
+        "preflight",
+        0,
+        None,
+    )
     assert waiting.progress["phase"] == WAITING
     assert (waiting.progress["active_imports"], waiting.progress["limit"]) == (1, 1)
     assert "CAPY_ORG_MAX_ACTIVE_JOBS" in waiting.progress["detail"]

@@ -42,11 +42,17 @@ def sessions_running(marker: str, wait: float = 5.0) -> list[tuple]:
 
 def test_psql_past_its_deadline_is_stopped_and_its_query_ends(control_db):
     marker = "capy-deadline-" + secrets.token_hex(4)
-    tools = PgTools.for_major(15, control_db.pg_bin_dir_template, limit=Limit(2, "CAPY_COMMAND_TIMEOUT_SECONDS", "raise it"))
+    tools = PgTools.for_major(
+        15, control_db.pg_bin_dir_template, limit=Limit(2, "CAPY_COMMAND_TIMEOUT_SECONDS", "raise it")
+    )
     began = time.monotonic()
     try:
         tools.psql.run(
-            ["--no-psqlrc", f"--dbname={pg.url_for('postgres')}", f"--command=SELECT pg_sleep(60), '{marker}'"],
+            [
+                "--no-psqlrc",
+                f"--dbname={pg.url_for('postgres')}",
+                f"--command=SELECT pg_sleep(60), '{marker}'",
+            ],
             what="psql",
         )
     except PermanentCommandTimeout as err:
@@ -61,7 +67,9 @@ def test_a_sleeping_plain_dump_fails_the_job_at_its_time_limit(control_db, store
     marker = "capy-sleep-" + secrets.token_hex(4)
     settings = dataclasses.replace(control_db, job_time_limit_seconds=8)
     world = make_world(settings)
-    script = f"SET statement_timeout = 0;\nCREATE TABLE t (id int);\nSELECT pg_sleep(3600), '{marker}';\n".encode()
+    script = (
+        f"SET statement_timeout = 0;\nCREATE TABLE t (id int);\nSELECT pg_sleep(3600), '{marker}';\n".encode()
+    )
     began = time.monotonic()
     job = upload_and_import(settings, store, world, script)
     # The worker thread is free again soon after the limit, not after an hour.
@@ -93,7 +101,9 @@ def test_a_job_past_its_time_limit_fails_at_its_next_stage(control_db, store):
     )
     Job.update(started_at=jobs.utcnow() - dt.timedelta(hours=2)).where(Job.id == job.id).execute()
     woken = []
-    runner = Runner(settings, ImportSteps(settings, Sealer(settings.secret_key), store), lambda *a, **k: woken.append(a))
+    runner = Runner(
+        settings, ImportSteps(settings, Sealer(settings.secret_key), store), lambda *a, **k: woken.append(a)
+    )
     runner.run(job.id, "preflight")
     failed = Job.get_by_id(job.id)
     assert (failed.state, failed.retry_classification, woken) == ("failed", "permanent", [])
@@ -123,7 +133,10 @@ class RestoreLosingItsConnection(ImportSteps):
             stderr=subprocess.DEVNULL,
         )
         until = time.monotonic() + 10
-        while not pg.admin("SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND datname = %s", (f"%{self.marker}%", preview)):
+        while not pg.admin(
+            "SELECT 1 FROM pg_stat_activity WHERE query LIKE %s AND datname = %s",
+            (f"%{self.marker}%", preview),
+        ):
             assert time.monotonic() < until, "the sleeping session never started"
             time.sleep(0.1)
         raise TransientError("lost the connection to the project's cluster")
@@ -148,7 +161,11 @@ def test_a_transient_failure_ends_what_the_attempt_left_running_in_the_preview(c
     assert steps.sleeper is not None and steps.sleeper.wait(10) != 0
     assert sessions_running(marker) == []
     released = Job.get_by_id(job.id)
-    assert (released.state, released.claimed_by, released.retry_classification) == ("running", None, "transient")
+    assert (released.state, released.claimed_by, released.retry_classification) == (
+        "running",
+        None,
+        "transient",
+    )
     # The retry starts from an empty preview: the restore drops it WITH (FORCE) first.
     assert pg.database_exists(released.preview_database_id)
     jobs.fail(job.id, "test", "done", classification="permanent")

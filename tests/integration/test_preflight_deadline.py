@@ -15,7 +15,9 @@ from tests.support.uploading import put_file
 from tests.support.world import make_world
 
 
-def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(control_db, store, scratch_db, tmp_path):
+def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(
+    control_db, store, scratch_db, tmp_path
+):
     source = scratch_db()
     pg.psql(source, text="CREATE TABLE t (id int); INSERT INTO t VALUES (1);")
     dump = pg.make_dump(source, "custom", tmp_path / "t.dump")
@@ -29,11 +31,15 @@ def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(control
         control_db, pg_bin_dir_template=str(tmp_path / "{major}" / "bin"), preflight_command_timeout_seconds=1
     )
     world = make_world(settings)
-    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(
+        world.project, Principal(world.org.id, None, "test")
+    )
     put_file(upload["upload_url"], dump)
 
     began = time.monotonic()
-    result = preflight_upload(world.project, upload["object_key"], settings, Sealer(settings.secret_key), store, recreate=False)
+    result = preflight_upload(
+        world.project, upload["object_key"], settings, Sealer(settings.secret_key), store, recreate=False
+    )
     assert time.monotonic() - began < 1 + 8
     check = next(c for c in result.report.checks if c.name == "source_version_compatible")
     assert check.status == "fail"

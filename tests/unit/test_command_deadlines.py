@@ -89,7 +89,10 @@ def test_deadline_kills_the_whole_process_group_and_says_which_limit(tmp_path):
     assert gone(read_pid(tmp_path / "child")) and gone(read_pid(tmp_path / "grandchild"))
     err = info.value
     assert isinstance(err, CommandTimedOut) and isinstance(err, PermanentError)
-    assert err.message == "sleeping did not finish within 1 s (CAPY_COMMAND_TIMEOUT_SECONDS); raise CAPY_COMMAND_TIMEOUT_SECONDS"
+    assert (
+        err.message
+        == "sleeping did not finish within 1 s (CAPY_COMMAND_TIMEOUT_SECONDS); raise CAPY_COMMAND_TIMEOUT_SECONDS"
+    )
     # The job shows what happened: the tool's own output, then why it was stopped.
     assert len(seen) == 1 and seen[0].exit_code != 0
     assert seen[0].stderr_tail.splitlines()[0] == "started, working"
@@ -99,8 +102,12 @@ def test_deadline_kills_the_whole_process_group_and_says_which_limit(tmp_path):
 
 def test_the_earliest_of_the_command_limit_the_job_deadline_and_the_callers_wins(tmp_path):
     write_program(tmp_path, "sleeper", "sleep 30\n")
-    job = Deadline.after(Limit(1, "CAPY_JOB_TIME_LIMIT_SECONDS", "split the import", label="the import's time limit of "))
-    command = Sleeper(str(tmp_path), limit=Limit(60, "CAPY_COMMAND_TIMEOUT_SECONDS", "raise it"), deadline=job)
+    job = Deadline.after(
+        Limit(1, "CAPY_JOB_TIME_LIMIT_SECONDS", "split the import", label="the import's time limit of ")
+    )
+    command = Sleeper(
+        str(tmp_path), limit=Limit(60, "CAPY_COMMAND_TIMEOUT_SECONDS", "raise it"), deadline=job
+    )
     with pytest.raises(PermanentCommandTimeout) as info:
         command.run([], what="psql restoring the plain SQL dump")
     assert info.value.message == (
@@ -108,14 +115,18 @@ def test_the_earliest_of_the_command_limit_the_job_deadline_and_the_callers_wins
         "(CAPY_JOB_TIME_LIMIT_SECONDS); split the import"
     )
     own = Deadline.after(Limit(1, "CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS", "try again"))
-    with pytest.raises(PermanentCommandTimeout, match=r"within 1 s \(CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS\)"):
+    with pytest.raises(
+        PermanentCommandTimeout, match=r"within 1 s \(CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS\)"
+    ):
         Sleeper(str(tmp_path), limit=Limit(60, "X", "y")).run([], deadline=own)
 
 
 def test_an_expired_deadline_does_not_start_the_command(tmp_path):
     marker = tmp_path / "ran"
     write_program(tmp_path, "sleeper", f"touch {marker}\n")
-    expired = Deadline.after(Limit(0, "CAPY_JOB_TIME_LIMIT_SECONDS", "split the import", label="the import's time limit of "))
+    expired = Deadline.after(
+        Limit(0, "CAPY_JOB_TIME_LIMIT_SECONDS", "split the import", label="the import's time limit of ")
+    )
     with pytest.raises(PermanentCommandTimeout, match="CAPY_JOB_TIME_LIMIT_SECONDS"):
         Sleeper(str(tmp_path), deadline=expired).run([], what="pg_restore")
     assert not marker.exists()
@@ -145,10 +156,12 @@ def test_streaming_command_silent_for_the_stall_window_is_stopped(tmp_path):
 
 def test_a_stalled_pg_dump_is_transient(tmp_path):
     """pg_dump waits on the source: a stall is the source's, and may pass."""
-    write_program(tmp_path, "pg_dump", "echo $$ > \"$0.pid\"\nsleep 300\n")
+    write_program(tmp_path, "pg_dump", 'echo $$ > "$0.pid"\nsleep 300\n')
     out = tmp_path / "dump"
     with pytest.raises(TransientCommandTimeout) as info:
-        PgDump(str(tmp_path), stall_seconds=1).run([f"--file={out}", "--format=directory"], what="pg_dump of the source")
+        PgDump(str(tmp_path), stall_seconds=1).run(
+            [f"--file={out}", "--format=directory"], what="pg_dump of the source"
+        )
     assert isinstance(info.value, TransientError)
     assert "pg_dump of the source made no progress for 1 s (CAPY_COMMAND_STALL_SECONDS)" in info.value.message
     assert "the source" in info.value.message
