@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from stages.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
 # Only for development mode (CAPY_ENV=development): it is public, so production refuses it.
@@ -47,10 +48,10 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+def _positive(env: Mapping[str, str], name: str, default: int, *, rule: str = "a whole number of seconds above 0") -> int:
     value = _int(env, name, default)
     if value <= 0:
-        raise ConfigError(f"{name} must be a whole number of seconds above 0, not {value}")
+        raise ConfigError(f"{name} must be {rule}, not {value}")
     return value
 
 
@@ -110,6 +111,18 @@ class Settings:
     # Below gunicorn's --timeout (30 s in the Procfiles): a synchronous preflight answers first.
     preflight_deadline_seconds: int = 20
     source_read_timeout_seconds: int = 1800
+    # Every external command (pg_dump, pg_restore, psql) is stopped after this long...
+    command_timeout_seconds: int = DEFAULT_COMMAND_TIMEOUT_SECONDS
+    # ...or after this long without progress (output, or a dump's files growing).
+    command_stall_seconds: int = DEFAULT_STALL_SECONDS
+    # The short commands of preflight (pg_restore --list on an upload's head).
+    preflight_command_timeout_seconds: int = 15
+    # A job's whole run, from its first claim: no command runs past it.
+    job_time_limit_seconds: int = 4 * 3600
+    # Fair share: jobs of one organization running a stage at once.
+    org_max_active_jobs: int = 2
+    # How long a job waiting for its organization's other imports waits before it looks again.
+    org_wait_retry_seconds: int = 30
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -181,4 +194,12 @@ class Settings:
             source_read_timeout_seconds=_positive(
                 env, "CAPY_SOURCE_READ_TIMEOUT_SECONDS", d.source_read_timeout_seconds
             ),
+            command_timeout_seconds=_positive(env, "CAPY_COMMAND_TIMEOUT_SECONDS", d.command_timeout_seconds),
+            command_stall_seconds=_positive(env, "CAPY_COMMAND_STALL_SECONDS", d.command_stall_seconds),
+            preflight_command_timeout_seconds=_positive(
+                env, "CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS", d.preflight_command_timeout_seconds
+            ),
+            job_time_limit_seconds=_positive(env, "CAPY_JOB_TIME_LIMIT_SECONDS", d.job_time_limit_seconds),
+            org_max_active_jobs=_positive(env, "CAPY_ORG_MAX_ACTIVE_JOBS", d.org_max_active_jobs, rule="at least 1"),
+            org_wait_retry_seconds=_positive(env, "CAPY_ORG_WAIT_RETRY_SECONDS", d.org_wait_retry_seconds),
         )

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import jobs
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
+from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
@@ -78,13 +79,21 @@ class ImportSteps:
         return cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
 
     def _tools(self, job: Job) -> PgTools:
-        """The target cluster's major version of the tools; each run is recorded on the job."""
+        """The target cluster's major version of the tools; each run is recorded on the
+        job, and ends by the command limit or the job's own deadline, whichever is first."""
         cluster = Cluster.get_by_id(job.cluster_id)
 
         def record(result: CommandResult) -> None:
             jobs.record_command(job.id, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail)
 
-        return PgTools.for_major(cluster.server_major, self.settings.pg_bin_dir_template, record)
+        return PgTools.for_major(
+            cluster.server_major,
+            self.settings.pg_bin_dir_template,
+            record,
+            limit=command_limit(self.settings),
+            deadline=job_deadline(job, self.settings),
+            stall_seconds=self.settings.command_stall_seconds,
+        )
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
@@ -306,6 +315,21 @@ class ImportSteps:
                 log.exception("job %s: could not delete upload %s", job.id, job.upload_key)
         if not succeeded and job.preview_database_id:
             try:
+                # WITH (FORCE): sessions still running a stopped restore's statement end too.
                 self._admin(job).drop_database(job.preview_database_id)
             except Exception:
                 log.exception("job %s: could not drop preview %s", job.id, job.preview_database_id)
+
+    def stop_sessions(self, job: Job) -> None:
+        """After an attempt failed and will be retried: end every session still in the
+        job's preview (the retried restore drops and recreates it; a retried finalize
+        opens its own)."""
+        if not job.preview_database_id:
+            return
+        try:
+            ended = self._admin(job).terminate_sessions(job.preview_database_id)
+        except Exception:
+            log.exception("job %s: could not end the sessions in preview %s", job.id, job.preview_database_id)
+            return
+        if ended:
+            log.info("job %s: ended %d session(s) left in preview %s", job.id, ended, job.preview_database_id)

@@ -25,6 +25,7 @@ from pipeline.models import (
     State,
     utcnow,
 )
+from stages.errors import CapyError
 
 OUTPUT_TAIL_CHARS = 4000
 
@@ -50,23 +51,57 @@ def _guarded(job_id: str, where: peewee.Expression, **values: Any) -> Job | None
     return rows[0] if rows else None
 
 
-def claim(job_id: str, stage: str, actor: str, *, lease: dt.timedelta) -> Job | None:
+class OrganizationAtLimit(CapyError):
+    """The job's organization already runs as many imports as it may; the job waits."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(
+            f"{active} other imports of this organization are running; at most {limit} run at once "
+            "(CAPY_ORG_MAX_ACTIVE_JOBS)"
+        )
+        self.active = active
+        self.limit = limit
+
+
+WAITING_FOR_ORGANIZATION = "waiting for other imports of the organization to finish"
+# Namespace (first key) of the per-organization advisory locks that serialise claims.
+_FAIR_SHARE_LOCK = 7_314_005
+
+
+def claim(
+    job_id: str, stage: str, actor: str, *, lease: dt.timedelta, org_limit: int | None = None
+) -> Job | None:
     """Claim `stage` of the job for `actor`, or None when it is not ours to run.
 
     A job can be claimed when it is active, at this stage, and either unclaimed or
-    held by a claim whose heartbeat is older than `lease` (its worker died).
+    held by a claim whose heartbeat is older than `lease` (its worker died). With
+    `org_limit`, also only while fewer than that many other jobs of its organization
+    hold a fresh claim; otherwise the job's progress says it waits and
+    OrganizationAtLimit is raised (no attempt is used).
     """
     now = utcnow()
+    refused: OrganizationAtLimit | None = None
     with database.atomic():
         before = Job.get_or_none(Job.id == job_id)
         if before is None:
             return None
-        job = _guarded(
-            job_id,
+        claimable = (
             (Job.state.in_(ACTIVE_STATES))
             & (Job.stage == stage)
             & (Job.claimed_by.is_null() | (Job.heartbeat_at < now - lease))
-            & (Job.attempts < Job.max_attempts),
+            & (Job.attempts < Job.max_attempts)
+        )
+        where = claimable
+        if org_limit is not None:
+            # Claims of one organization take turns, so two workers cannot both see a
+            # free slot; the lock ends with this transaction.
+            database.execute_sql(
+                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_FAIR_SHARE_LOCK, before.organization_id)
+            )
+            where &= _org_claims(before.organization_id, job_id, now - lease) < org_limit
+        job = _guarded(
+            job_id,
+            where,
             state=State.RUNNING.value,
             claimed_by=actor,
             claimed_at=now,
@@ -75,14 +110,47 @@ def claim(job_id: str, stage: str, actor: str, *, lease: dt.timedelta) -> Job | 
             started_at=peewee.fn.COALESCE(Job.started_at, now),
         )
         if job is None:
-            return None
-        reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
-        if before.claimed_by and before.claimed_by != actor:
-            reason += f", taking over the stale claim of {before.claimed_by}"
-        _event(
-            job, actor, reason, from_state=before.state, to_state=job.state, from_stage=stage, to_stage=stage
-        )
-        return job
+            if org_limit is None or not Job.select().where((Job.id == job_id) & claimable).exists():
+                return None
+            active = _org_claims(before.organization_id, job_id, now - lease).scalar()
+            refused = OrganizationAtLimit(active, org_limit)
+            Job.update(
+                progress={
+                    "stage": stage,
+                    "phase": WAITING_FOR_ORGANIZATION,
+                    "active_imports": active,
+                    "limit": org_limit,
+                    "detail": refused.message,
+                },
+                updated_at=now,
+            ).where((Job.id == job_id) & claimable).execute()
+        else:
+            reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
+            if before.claimed_by and before.claimed_by != actor:
+                reason += f", taking over the stale claim of {before.claimed_by}"
+            _event(
+                job,
+                actor,
+                reason,
+                from_state=before.state,
+                to_state=job.state,
+                from_stage=stage,
+                to_stage=stage,
+            )
+            return job
+    raise refused
+
+
+def _org_claims(organization_id: str, job_id: str, fresh_since: dt.datetime) -> peewee.SelectQuery:
+    """How many other jobs of the organization hold a claim with a fresh heartbeat."""
+    other = Job.alias()
+    return other.select(peewee.fn.COUNT(other.id)).where(
+        (other.organization == organization_id)
+        & (other.id != job_id)
+        & other.state.in_(ACTIVE_STATES)
+        & other.claimed_by.is_null(False)
+        & (other.heartbeat_at >= fresh_since)
+    )
 
 
 def heartbeat(job_id: str, actor: str) -> bool:
@@ -243,6 +311,7 @@ def events(job_id: str) -> list[JobEvent]:
 
 
 __all__ = [
+    "OrganizationAtLimit",
     "Stage",
     "advance",
     "claim",

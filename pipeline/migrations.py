@@ -164,6 +164,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0005_fair_share",
+        """
+        -- Fair share: a claim counts the organization's jobs that hold a claim.
+        CREATE INDEX jobs_organization_claimed ON jobs (organization_id)
+            WHERE claimed_by IS NOT NULL AND state IN ('pending', 'running');
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

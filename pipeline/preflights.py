@@ -16,6 +16,7 @@ from pipeline import audit
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.imports import ImportRequest
+from pipeline.limits import preflight_command_limit
 from pipeline.models import Cluster, Project
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
@@ -69,7 +70,12 @@ def preflight_upload(
     """Checks on the first HEAD_BYTES of the upload (never the whole dump)."""
     target = target_for(project, settings, sealer, recreate=recreate)
     cluster = Cluster.get_by_id(project.cluster_id)
-    tools = PgTools.for_major(cluster.server_major, settings.pg_bin_dir_template)
+    tools = PgTools.for_major(
+        cluster.server_major,
+        settings.pg_bin_dir_template,
+        limit=preflight_command_limit(settings),
+        stall_seconds=settings.command_stall_seconds,
+    )
     os.makedirs(settings.work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
         head = os.path.join(folder, "head")

@@ -98,9 +98,10 @@ class StageQueue:
         job_id = (message.get("args") or [""])[0]
         self.on_exhausted(job_id, stage)
 
-    def wake(self, job_id: str, stage: str) -> None:
-        """Enqueue the stage's actor for the job; TransientError if the broker is down."""
+    def wake(self, job_id: str, stage: str, delay_ms: int = 0) -> None:
+        """Enqueue the stage's actor for the job, to run no sooner than `delay_ms` from
+        now; TransientError if the broker is down."""
         try:
-            self.actors[stage].send(job_id)
+            self.actors[stage].send_with_options(args=(job_id,), delay=delay_ms or None)
         except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError, OSError) as err:
             raise TransientError(f"could not enqueue the {stage} stage: the broker is unavailable") from err

@@ -3,18 +3,21 @@
 The next stage is enqueued only after this stage's result is committed. Failures are
 classified: a PermanentError fails the job at once (its message becomes `error`); a
 TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
+A claim refused because the job's organization is at its limit (fair share) is woken
+again later; a job past its time limit fails at the start of its next stage.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from typing import Protocol
 
 from pipeline import jobs
 from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
+from pipeline.limits import job_over_time
 from pipeline.models import ACTIVE_STATES, Job, Stage
 from stages.errors import PermanentError, TransientError
 
@@ -24,12 +27,18 @@ LEASE = dt.timedelta(seconds=90)
 HEARTBEAT_SECONDS = 15.0
 
 
+class Wake(Protocol):
+    """Enqueue `stage` of a job, after `delay_ms` (StageQueue.wake)."""
+
+    def __call__(self, job_id: str, stage: str, delay_ms: int = 0) -> None: ...
+
+
 class Runner:
     def __init__(
         self,
         settings: Settings,
         steps: ImportSteps,
-        wake: Callable[[str, str], None],
+        wake: Wake,
         *,
         lease: dt.timedelta = LEASE,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
@@ -42,25 +51,38 @@ class Runner:
 
     def run(self, job_id: str, stage: str) -> None:
         actor = jobs.worker_id()
-        job = jobs.claim(job_id, stage, actor, lease=self.lease)
+        try:
+            job = jobs.claim(
+                job_id, stage, actor, lease=self.lease, org_limit=self.settings.org_max_active_jobs
+            )
+        except jobs.OrganizationAtLimit as busy:
+            # Fair share: look again later. The message is acknowledged, so neither a
+            # Dramatiq retry nor one of the job's attempts is used.
+            log.info("job %s: %s waits: %s", job_id, stage, busy.message)
+            self.wake(job_id, stage, delay_ms=self.settings.org_wait_retry_seconds * 1000)
+            return
         if job is None:
             self._not_claimed(job_id, stage, actor)
+            return
+        over = job_over_time(job, self.settings, stage)
+        if over is not None:
+            self._fail(job, actor, over, "permanent")
             return
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
         context = StageContext(job, actor)
         try:
-            with Heartbeat(job_id, actor, self.heartbeat_seconds):
+            with Heartbeat(job_id, actor, self.heartbeat_seconds, until=self._claim_until(job)):
                 facts = self.steps.run(stage, context)
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")
             return
         except TransientError as err:
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
-            jobs.release(job_id, actor, err.message)
+            self._release(job_id, actor, err.message)
             raise
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
-            jobs.release(
+            self._release(
                 job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried"
             )
             raise TransientError(f"internal error in {stage}") from None
@@ -72,6 +94,20 @@ class Runner:
             return
         if jobs.advance(job_id, actor, stage, facts=facts):
             self.wake(job_id, following)
+
+    def _claim_until(self, job: Job) -> dt.datetime | None:
+        """When heartbeats stop: the job's time limit, and a lease more for the stage
+        to fail the job itself (its commands are stopped at the limit)."""
+        if job.started_at is None:
+            return None
+        return job.started_at + dt.timedelta(seconds=self.settings.job_time_limit_seconds) + self.lease
+
+    def _release(self, job_id: str, actor: str, error: str) -> None:
+        """Give the claim back for a retry; nothing of this attempt may keep running on
+        the cluster meanwhile (a stopped restore's statement may still be executing)."""
+        released = jobs.release(job_id, actor, error)
+        if released is not None:  # else another worker holds it now: its sessions are its own
+            self.steps.stop_sessions(released)
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
         failed = jobs.fail(job.id, actor, error, classification=classification)

@@ -169,3 +169,15 @@ class ClusterAdmin:
                     conn.autocommit = True
                     cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(live_id))
                     raise
+
+    def terminate_sessions(self, name: str) -> int:
+        """End every session in database `name` (a stopped tool's backend may still be
+        running its last statement); returns how many there were."""
+        with self.autocommit() as cur:
+            cur.execute(
+                "SELECT pg_catalog.count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "
+                "WHERE datname OPERATOR(pg_catalog.=) %s AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
+                (name,),
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else 0

@@ -1,26 +1,65 @@
-"""One small class per external Postgres tool.
+"""One small class per external Postgres tool, each run under a deadline.
 
 Each wrapper builds an argument list (never a shell string), passes the password
 through the environment (PGPASSWORD), keeps only a bounded, redacted tail of stdout
 and stderr, logs stderr as it arrives, and raises `CommandFailed` on a non-zero exit,
 classified as transient or permanent by what the tool said.
+
+Every run has a wall-clock deadline (the earliest of the command limit, the job's
+deadline and the caller's) enforced on the process itself: the tool is started in a
+session of its own, and a watchdog thread stops the whole process group when the
+deadline passes (SIGINT, on which the Postgres tools cancel their running query on the
+server, then SIGTERM, then SIGKILL) or when a tool whose progress can be seen makes
+none for the stall window. The waiting thread polls, so an interrupt (Dramatiq's time
+limit, shutdown) reaches it too and stops the tool. Either way `CommandTimedOut` says
+which limit was reached and what to do.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import logging
+import multiprocessing.util
 import os
+import signal
 import subprocess
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, TypeVar
 
-from stages.errors import PermanentCommandFailure, PermanentError, TransientCommandFailure
-from stages.pgurl import redact
+from stages.errors import (
+    PermanentCommandFailure,
+    PermanentCommandTimeout,
+    PermanentError,
+    TransientCommandFailure,
+    TransientCommandTimeout,
+)
+from stages.pgurl import redact, tool_environment
+from stages.timelimit import Deadline, Limit, seconds_text
 
 log = logging.getLogger(__name__)
+
+DEFAULT_COMMAND_TIMEOUT_SECONDS = 3 * 3600
+DEFAULT_STALL_SECONDS = 600
+STALL_SETTING = "CAPY_COMMAND_STALL_SECONDS"
+DEFAULT_LIMIT = Limit(
+    DEFAULT_COMMAND_TIMEOUT_SECONDS,
+    "CAPY_COMMAND_TIMEOUT_SECONDS",
+    "the dump may be damaged, or too large for one import: split it into smaller dumps, "
+    "or ask the operator to raise CAPY_COMMAND_TIMEOUT_SECONDS",
+)
+# How often the watchdog looks, and how long each polite signal gets before the next.
+POLL_SECONDS = 0.25
+PROBE_SECONDS = 5.0
+SIGNAL_GRACE_SECONDS = 2.0
+# Server side: how often a backend checks that its client (a stopped tool) is still
+# there while it runs a long query (PostgreSQL 14+, client_connection_check_interval).
+CONNECTION_CHECK_MS = 10_000
+SERVER_SLACK_MS = 10_000
 
 TAIL_LINES = 40
 
@@ -72,18 +111,32 @@ class CommandResult:
     stderr_tail: str
 
 
+class _Activity:
+    """When a command last showed progress (output read, files grown)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+
 class _TailReader(threading.Thread):
     """Drains a pipe, keeping the last lines and logging each one as it comes."""
 
-    def __init__(self, stream: IO[bytes], name: str, secrets: Sequence[str | None]) -> None:
+    def __init__(
+        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity
+    ) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.label = name
         self.secrets = secrets
+        self.activity = activity
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
 
     def run(self) -> None:
         for raw in iter(self.stream.readline, b""):
+            self.activity.touch()
             line = redact(raw.decode("utf-8", "replace").rstrip("\n"), *self.secrets)
             self.lines.append(line)
             if self.label == "stderr":
@@ -94,21 +147,183 @@ class _TailReader(threading.Thread):
         return "\n".join(self.lines)
 
 
+class _ProgressStream(io.RawIOBase):
+    """A command's stdout as handed to a consumer: every read counts as progress."""
+
+    def __init__(self, stream: IO[bytes], activity: _Activity) -> None:
+        self._stream = stream
+        self._activity = activity
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count: int = self._stream.readinto1(buffer)  # type: ignore[attr-defined]
+        if count:
+            self._activity.touch()
+        return count
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> bool:
+    """Send `sig` to the command's process group; False if no member is left."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def stop_group(process: subprocess.Popen[bytes], grace: float = SIGNAL_GRACE_SECONDS) -> None:
+    """Stop a command and everything it started: SIGINT (pg_dump, pg_restore and psql
+    then ask the server to cancel their running query), SIGTERM, and at last SIGKILL
+    for whatever is left in the group."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if not _signal_group(process, sig):
+            break
+        try:
+            process.wait(grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    _signal_group(process, signal.SIGKILL)
+    process.wait()
+
+
+class _Watchdog(threading.Thread):
+    """Stops a command's process group at its deadline, or when a command whose
+    progress can be seen shows none for `stall_seconds`. `verdict` says which."""
+
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        deadline: Deadline,
+        activity: _Activity,
+        *,
+        stall_seconds: float | None,
+        probe: Callable[[], int] | None,
+    ) -> None:
+        super().__init__(daemon=True, name=f"watchdog-{process.pid}")
+        self.process = process
+        self.deadline = deadline
+        self.activity = activity
+        self.stall_seconds = stall_seconds
+        self.probe = probe
+        self.verdict: str | None = None
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        size = self._size()
+        # Walking a dump directory of many files is not free: measure now and then.
+        probe_every = min(PROBE_SECONDS, (self.stall_seconds or PROBE_SECONDS) / 4)
+        probed = time.monotonic()
+        while not self._finished.wait(POLL_SECONDS):
+            # Checked even after the leader exited: something it started may hold on.
+            if self.deadline.remaining() <= 0:
+                self._halt("deadline")
+                return
+            if self.stall_seconds is None or self.process.poll() is not None:
+                continue
+            now = time.monotonic()
+            if self.probe is not None and now - probed >= probe_every:
+                probed = now
+                grown = self._size()
+                if grown != size:
+                    size = grown
+                    self.activity.touch()
+            if now - self.activity.last >= self.stall_seconds:
+                self._halt("stall")
+                return
+
+    def _size(self) -> int | None:
+        try:
+            return self.probe() if self.probe else None
+        except OSError:
+            return None
+
+    def _halt(self, verdict: str) -> None:
+        self.verdict = verdict
+        log.warning("stopping pid %d (%s reached)", self.process.pid, verdict)
+        stop_group(self.process)
+
+    def finish(self) -> None:
+        self._finished.set()
+        if self is not threading.current_thread() and self.ident is not None:
+            self.join()
+
+
+# Commands started by this process and not yet waited for. Each runs in a session of
+# its own, so nothing stops it when the worker exits with a stage still running
+# (Dramatiq's shutdown timeout): the exit hook does.
+_running: weakref.WeakSet[subprocess.Popen[bytes]] = weakref.WeakSet()
+_hooked_pid: int | None = None
+
+
+def _kill_running() -> None:
+    for process in list(_running):
+        if process.returncode is None:
+            _signal_group(process, signal.SIGKILL)
+
+
+def _track(process: subprocess.Popen[bytes]) -> None:
+    global _hooked_pid
+    if _hooked_pid != os.getpid():
+        # Runs at exit of a plain process and of a multiprocessing child (Dramatiq's
+        # worker processes end with os._exit, after multiprocessing's finalizers).
+        multiprocessing.util.Finalize(None, _kill_running, exitpriority=100)
+        _hooked_pid = os.getpid()
+    _running.add(process)
+
+
+class CommandProcess(subprocess.Popen[bytes]):
+    """A started command with what watches it: its deadline, readers and watchdog."""
+
+    deadline: Deadline
+    activity: _Activity
+    readers: list[_TailReader]
+    watchdog: _Watchdog
+
+
 Observer = Callable[[CommandResult], None]
+_Tool = TypeVar("_Tool", bound="PgCommand")
 
 
 class PgCommand:
     """Runs one Postgres client program; subclasses build its argument list.
 
     `observer`, if given, sees the (redacted) result of every run, success or not,
-    so a job can show its last command's exit code and output.
+    so a job can show its last command's exit code and output. A run ends by the
+    earliest of `limit` (counted from its start), `deadline` (e.g. the job's) and the
+    deadline passed to the run. Tools that open sessions on the project's cluster get
+    server-side timeouts too (`PGOPTIONS`).
     """
 
     program = ""
+    # What a stall of this tool most likely means, and whether it may pass by itself.
+    stall_hint = "it was stopped; the input may be damaged"
+    stall_is_transient = False
+    # Sessions on the project's cluster (restores) are bounded on the server side too.
+    target_sessions = False
 
-    def __init__(self, bin_dir: str, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        bin_dir: str,
+        observer: Observer | None = None,
+        *,
+        limit: Limit = DEFAULT_LIMIT,
+        deadline: Deadline | None = None,
+        stall_seconds: float | None = DEFAULT_STALL_SECONDS,
+        major: int | None = None,
+    ) -> None:
         self.path = os.path.join(bin_dir, self.program)
         self.observer = observer
+        self.limit = limit
+        self.deadline = deadline
+        self.stall_seconds = stall_seconds
+        self.major = major
 
     def run(
         self,
@@ -117,51 +332,103 @@ class PgCommand:
         env: dict[str, str] | None = None,
         secrets: Sequence[str | None] = (),
         what: str = "",
+        deadline: Deadline | None = None,
     ) -> CommandResult:
-        """Run and wait; raise CommandFailed (transient or permanent) on failure."""
-        process = self.start(args, env=env)
+        """Run and wait; raise CommandFailed (transient or permanent) on failure, and
+        CommandTimedOut when it was stopped for time."""
+        process = self.start(args, env=env, secrets=secrets, what=what, deadline=deadline)
         return self.wait(process, secrets=secrets, what=what)
 
-    def start(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        secrets: Sequence[str | None] = (),
+        what: str = "",
+        deadline: Deadline | None = None,
+        streaming: bool = False,
+    ) -> CommandProcess:
+        """Start the command in a session of its own, watched until its deadline.
+
+        Its output is drained as it comes (so a tool never blocks on a full pipe);
+        with `streaming`, stdout is left for the caller to read (see run_streaming).
+        """
         if not os.path.exists(self.path):
             raise PermanentError(f"{self.program} is not installed at {self.path} on this worker")
-        full_env = {**os.environ, "PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "capy-imports", **(env or {})}
+        effective = Deadline.earliest(Deadline.after(self.limit), self.deadline, deadline)
+        if effective.remaining() <= 0:
+            limit = effective.limit
+            raise PermanentCommandTimeout(
+                f"{what or self.program} could not start: the time allowed ({limit.describe()}) "
+                f"is used up; {limit.advice}",
+                exit_code=-1,
+            )
+        # No inherited PG* variable (PGSERVICE, PGHOST, PGSSLCERT…) reaches libpq.
+        full_env = tool_environment({"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "capy-imports", **(env or {})})
+        if self.target_sessions:
+            # Ours first: options the caller passes (search_path…) come later and win.
+            full_env["PGOPTIONS"] = " ".join(
+                part for part in (self._session_options(effective), full_env.get("PGOPTIONS", "")) if part
+            )
         log.info("running %s", redact(" ".join([self.program, *args])))
-        return subprocess.Popen(
+        process = CommandProcess(
             [self.path, *args],
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
+            start_new_session=True,
         )
+        assert process.stdout is not None and process.stderr is not None
+        process.deadline = effective
+        process.activity = _Activity()
+        process.readers = (
+            [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity)]
+        )
+        process.readers.append(_TailReader(process.stderr, "stderr", secrets, process.activity))
+        probe = self.output_probe(args)
+        process.watchdog = _Watchdog(
+            process,
+            effective,
+            process.activity,
+            # Only a command whose progress can be seen can be said to have stalled:
+            # a restore prints nothing while COPY loads a large table.
+            stall_seconds=self.stall_seconds if streaming or probe is not None else None,
+            probe=probe,
+        )
+        for thread in (*process.readers, process.watchdog):
+            thread.start()
+        _track(process)
+        return process
+
+    def _session_options(self, deadline: Deadline) -> str:
+        """libpq `-c` options bounding the tool's sessions on the server. A dump may
+        reset them (pg_dump output starts with `SET statement_timeout = 0`): they are
+        a first line of defence, the process deadline is the bound."""
+        # A little after the deadline: the watchdog stops the tool first and says why;
+        # the server ends the statement even if the tool's cancel request is lost.
+        options = {"statement_timeout": int(deadline.remaining() * 1000) + SERVER_SLACK_MS}
+        if self.stall_seconds is not None:
+            options["idle_in_transaction_session_timeout"] = int(self.stall_seconds * 1000)
+        if self.major is not None and self.major >= 14:
+            options["client_connection_check_interval"] = CONNECTION_CHECK_MS
+        return " ".join(f"-c {name}={max(1, value)}" for name, value in options.items())
+
+    def output_probe(self, args: Sequence[str]) -> Callable[[], int] | None:
+        """A measure of the files the command writes, whose growth is its progress."""
+        return None
 
     def wait(
         self,
-        process: subprocess.Popen[bytes],
+        process: CommandProcess,
         *,
         secrets: Sequence[str | None] = (),
         what: str = "",
     ) -> CommandResult:
-        assert process.stdout is not None and process.stderr is not None
-        readers = [
-            _TailReader(process.stdout, "stdout", secrets),
-            _TailReader(process.stderr, "stderr", secrets),
-        ]
-        for reader in readers:
-            reader.start()
-        try:
-            exit_code = process.wait()
-        except BaseException:
-            # An interrupt (time limit, shutdown) must not leave the tool running.
-            self.abort(process)
-            raise
-        for reader in readers:
-            reader.join()
-        result = CommandResult(exit_code, readers[0].tail(), readers[1].tail())
-        self._observe(result)
-        if exit_code != 0:
-            raise self.failure(result, what or self.program)
-        return result
+        """Wait for a started command; raise as `run` does. Its output is redacted with
+        the secrets given to `start` (lines are logged as they come) and these."""
+        return self._finish(process, what or self.program, secrets)
 
     def run_streaming(
         self,
@@ -171,26 +438,70 @@ class PgCommand:
         env: dict[str, str] | None = None,
         secrets: Sequence[str | None] = (),
         what: str = "",
+        deadline: Deadline | None = None,
     ) -> CommandResult:
         """Run, handing stdout to `consume` as it is produced (never held whole)."""
-        process = self.start(args, env=env)
-        assert process.stdout is not None and process.stderr is not None
-        stderr = _TailReader(process.stderr, "stderr", secrets)
-        stderr.start()
+        process = self.start(args, env=env, secrets=secrets, what=what, deadline=deadline, streaming=True)
+        assert process.stdout is not None
+        stream = io.BufferedReader(_ProgressStream(process.stdout, process.activity), 1 << 16)
         try:
-            consume(process.stdout)
+            consume(stream)
+        except Exception:
+            # Output cut short by the watchdog may not parse: then the timeout is the news.
+            if process.watchdog.verdict is None:
+                self.abort(process)
+                raise
         except BaseException:
             self.abort(process)
             raise
         finally:
-            process.stdout.close()
-        exit_code = process.wait()
-        stderr.join()
-        result = CommandResult(exit_code, "", stderr.tail())
-        self._observe(result)
-        if exit_code != 0:
-            raise self.failure(result, what or self.program)
-        return result
+            stream.close()
+        return self._finish(process, what or self.program)
+
+    def _finish(
+        self, process: CommandProcess, what: str, secrets: Sequence[str | None] = ()
+    ) -> CommandResult:
+        exit_code = self._wait_for_exit(process)
+        process.watchdog.finish()
+        _running.discard(process)
+        # Whatever the tool left behind in its group would hold our pipes open.
+        _signal_group(process, signal.SIGKILL)
+        for reader in process.readers:
+            reader.join()
+        stdout_tail = redact(process.readers[0].tail(), *secrets) if len(process.readers) == 2 else ""
+        stderr_tail = redact(process.readers[-1].tail(), *secrets)
+        verdict = process.watchdog.verdict
+        if verdict is None:
+            result = CommandResult(exit_code, stdout_tail, stderr_tail)
+            self._observe(result)
+            if exit_code != 0:
+                raise self.failure(result, what)
+            return result
+        cls: type[PermanentCommandTimeout | TransientCommandTimeout] = PermanentCommandTimeout
+        if verdict == "stall":
+            stall = seconds_text(self.stall_seconds or 0)
+            message = f"{what} made no progress for {stall} s ({STALL_SETTING}); {self.stall_hint}"
+            if self.stall_is_transient:
+                cls = TransientCommandTimeout
+        else:
+            limit = process.deadline.limit
+            message = f"{what} did not finish within {limit.describe()}; {limit.advice}"
+        stderr_tail = "\n".join(part for part in (stderr_tail, f"stopped: {message}") if part)
+        self._observe(CommandResult(exit_code, stdout_tail, stderr_tail))
+        raise cls(message, exit_code=exit_code, stdout_tail=stdout_tail, stderr_tail=stderr_tail)
+
+    def _wait_for_exit(self, process: CommandProcess) -> int:
+        """Wait in short polls, so an exception raised in this thread (Dramatiq's time
+        limit, a shutdown) is noticed at once; it stops the command, then propagates."""
+        try:
+            while True:
+                try:
+                    return process.wait(timeout=POLL_SECONDS)
+                except subprocess.TimeoutExpired:
+                    continue
+        except BaseException:
+            self.abort(process)
+            raise
 
     def _observe(self, result: CommandResult) -> None:
         if self.observer is not None:
@@ -198,9 +509,14 @@ class PgCommand:
 
     @staticmethod
     def abort(process: subprocess.Popen[bytes]) -> None:
-        """Kill a started command and release its pipes."""
-        process.kill()
+        """Kill a started command and everything it started, and release its pipes."""
+        _signal_group(process, signal.SIGKILL)
         process.wait()
+        _running.discard(process)
+        if isinstance(process, CommandProcess):
+            process.watchdog.finish()
+            for reader in process.readers:
+                reader.join(SIGNAL_GRACE_SECONDS)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
@@ -220,8 +536,29 @@ class PgCommand:
         )
 
 
+def tree_size(path: str) -> int:
+    """Bytes in a file, or in all files under a directory (0 while it does not exist)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except FileNotFoundError:  # replaced while we looked
+                continue
+    return total
+
+
 class PgDump(PgCommand):
     program = "pg_dump"
+    stall_hint = "the source may be stuck (a lock it waits for, or an overloaded server); it will be retried"
+    stall_is_transient = True
+
+    def output_probe(self, args: Sequence[str]) -> Callable[[], int] | None:
+        """pg_dump prints nothing while it works: the files it writes growing is its progress."""
+        out = next((arg.removeprefix("--file=") for arg in args if arg.startswith("--file=")), None)
+        return None if out is None else (lambda: tree_size(out))
 
     def directory_args(self, conninfo: str, out_dir: str, *, jobs: int, snapshot: str | None) -> list[str]:
         """Parallel directory-format dump of everything, owners and grants included."""
@@ -234,6 +571,8 @@ class PgDump(PgCommand):
 
 class PgRestore(PgCommand):
     program = "pg_restore"
+    stall_hint = "the dump may be damaged or truncated; check it with pg_restore --list and upload it again"
+    target_sessions = True
 
     def list_args(self, archive: str) -> list[str]:
         """Read the archive's table of contents only: proves this pg_restore can read it."""
@@ -261,6 +600,7 @@ class PgRestore(PgCommand):
 
 class Psql(PgCommand):
     program = "psql"
+    target_sessions = True
 
     def script_args(self, conninfo: str, script: str, *, restrict_key: str) -> list[str]:
         """Run a SQL file, stopping at the first error, ignoring ~/.psqlrc, with every
@@ -278,29 +618,45 @@ class Psql(PgCommand):
 
 @dataclass(frozen=True)
 class PgTools:
-    """The client programs of one Postgres major version."""
+    """The client programs of one Postgres major version, with what bounds their runs:
+    the command `limit`, the job's `deadline` and the stall window (see PgCommand)."""
 
     bin_dir: str
     observer: Observer | None = None
+    limit: Limit = DEFAULT_LIMIT
+    deadline: Deadline | None = None
+    stall_seconds: float | None = DEFAULT_STALL_SECONDS
+    major: int | None = None
 
     @classmethod
-    def for_major(cls, major: int, template: str, observer: Observer | None = None) -> PgTools:
+    def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
+        """`bounds`: limit, deadline, stall_seconds."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
                 f"this worker has no PostgreSQL {major} client tools (looked in {bin_dir}); "
                 f"install postgresql-client-{major}"
             )
-        return cls(bin_dir, observer)
+        return cls(bin_dir, observer, major=major, **bounds)
+
+    def _make(self, tool: type[_Tool]) -> _Tool:
+        return tool(
+            self.bin_dir,
+            self.observer,
+            limit=self.limit,
+            deadline=self.deadline,
+            stall_seconds=self.stall_seconds,
+            major=self.major,
+        )
 
     @property
     def pg_dump(self) -> PgDump:
-        return PgDump(self.bin_dir, self.observer)
+        return self._make(PgDump)
 
     @property
     def pg_restore(self) -> PgRestore:
-        return PgRestore(self.bin_dir, self.observer)
+        return self._make(PgRestore)
 
     @property
     def psql(self) -> Psql:
-        return Psql(self.bin_dir, self.observer)
+        return self._make(Psql)

@@ -6,7 +6,7 @@ import re
 
 from stages.commands import PgTools
 from stages.dumpformat import DumpInfo
-from stages.errors import CommandFailed, PermanentError, TransientError
+from stages.errors import CommandFailed, CommandTimedOut, PermanentError, TransientError
 
 
 class DumpTooNew(PermanentError):
@@ -43,8 +43,8 @@ def check_archive_readable(tools: PgTools, path: str, info: DumpInfo, target_maj
     pg_restore = tools.pg_restore
     try:
         pg_restore.run(pg_restore.list_args(path), what="reading the dump's table of contents")
-    except TransientError:
-        raise
+    except (TransientError, CommandTimedOut):
+        raise  # a timeout's message already says which limit was reached
     except CommandFailed as err:
         if "unsupported version" in err.stderr_tail:
             made_by = f"pg_dump {info.dumped_by}" if info.dumped_by else "a newer pg_dump"

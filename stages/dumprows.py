@@ -12,7 +12,7 @@ import re
 from typing import IO
 
 from stages.commands import PgTools
-from stages.errors import PermanentCommandFailure
+from stages.errors import CommandTimedOut, PermanentCommandFailure
 
 _COPY = re.compile(rb'^COPY ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) .*FROM stdin;\r?\n$')
 _INSERT = re.compile(rb'^INSERT INTO ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) ')
@@ -113,5 +113,7 @@ def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter) -> Non
             lambda stdout: count_stream(stdout, counter),
             what="reading the dump's table data",
         )
+    except CommandTimedOut:
+        raise  # its message says which limit was reached
     except PermanentCommandFailure as err:
         raise err.with_message(f"the archive's table data is damaged or truncated: {err.message}") from err

@@ -57,6 +57,20 @@ class TransientCommandFailure(CommandFailed, TransientError):
     """An external command failed for a reason that may pass (connection lost, busy)."""
 
 
+class CommandTimedOut(CommandFailed):
+    """An external command ran past its deadline, or made no progress for too long, and
+    was stopped together with every process it started."""
+
+
+class PermanentCommandTimeout(CommandTimedOut, PermanentCommandFailure):
+    """An external command did not finish in the time it is allowed; retrying would
+    run into the same limit."""
+
+
+class TransientCommandTimeout(CommandTimedOut, TransientCommandFailure):
+    """An external command stalled on something outside it (the source); it is retried."""
+
+
 class SourceUnreachable(TransientError):
     """The source database could not be reached."""
 

@@ -79,6 +79,7 @@ def dump_live(
         process = pg_dump.start(
             pg_dump.directory_args(source.conninfo(connect_timeout=str(timeout)), out_dir, jobs=jobs, snapshot=snapshot),
             env=source.env(),
+            secrets=[source.password],
         )
         try:
             on_progress({"phase": "counting source rows"})

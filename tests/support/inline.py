@@ -25,7 +25,8 @@ class InlineQueue:
         )
         self.settings = settings
 
-    def wake(self, job_id: str, stage: str) -> None:
+    def wake(self, job_id: str, stage: str, delay_ms: int = 0) -> None:
+        """In-process there is no one else to wait for: a delayed wake-up runs in turn."""
         self.woken.append((job_id, stage))
 
     def drain(self) -> None:

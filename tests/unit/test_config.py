@@ -104,3 +104,24 @@ def test_source_deadlines():
     assert (settings.preflight_deadline_seconds, settings.source_read_timeout_seconds) == (5, 60)
     with pytest.raises(ConfigError, match="CAPY_PREFLIGHT_DEADLINE_SECONDS must be a whole number of seconds above 0"):
         Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "0"})
+
+def test_deadlines_and_fair_share_settings():
+    defaults = Settings.from_env({})
+    assert (defaults.command_timeout_seconds, defaults.command_stall_seconds) == (3 * 3600, 600)
+    assert (defaults.preflight_command_timeout_seconds, defaults.job_time_limit_seconds) == (15, 4 * 3600)
+    assert (defaults.org_max_active_jobs, defaults.org_wait_retry_seconds) == (2, 30)
+    settings = Settings.from_env(
+        {
+            "CAPY_COMMAND_TIMEOUT_SECONDS": "60",
+            "CAPY_COMMAND_STALL_SECONDS": "30",
+            "CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS": "5",
+            "CAPY_JOB_TIME_LIMIT_SECONDS": "120",
+            "CAPY_ORG_MAX_ACTIVE_JOBS": "1",
+            "CAPY_ORG_WAIT_RETRY_SECONDS": "10",
+        }
+    )
+    assert (settings.command_timeout_seconds, settings.command_stall_seconds) == (60, 30)
+    assert (settings.preflight_command_timeout_seconds, settings.job_time_limit_seconds) == (5, 120)
+    assert (settings.org_max_active_jobs, settings.org_wait_retry_seconds) == (1, 10)
+    with pytest.raises(ConfigError, match="CAPY_ORG_MAX_ACTIVE_JOBS must be at least 1, not 0"):
+        Settings.from_env({"CAPY_ORG_MAX_ACTIVE_JOBS": "0"})
