@@ -9,7 +9,15 @@ from typing import Any
 import falcon
 import peewee
 
-from pipeline.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthorized, Unavailable
+from pipeline.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+)
 from stages.errors import CapyError, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -20,6 +28,7 @@ _STATUS = [
     (Forbidden, falcon.HTTP_403),
     (NotFound, falcon.HTTP_404),
     (Conflict, falcon.HTTP_409),
+    (RateLimited, falcon.HTTP_429),
     (Unavailable, falcon.HTTP_503),
     (TransientError, falcon.HTTP_503),
     (PermanentError, falcon.HTTP_400),
@@ -37,6 +46,8 @@ def handle_capy_error(req: falcon.Request, resp: falcon.Response, err: CapyError
     status = next((code for cls, code in _STATUS if isinstance(err, cls)), falcon.HTTP_500)
     if status == falcon.HTTP_401:
         resp.set_header("WWW-Authenticate", 'Bearer realm="capydb"')
+    if isinstance(err, RateLimited):
+        resp.set_header("Retry-After", str(max(1, err.retry_after)))
     if status == falcon.HTTP_500:
         log.error("unmapped error %s: %s", type(err).__name__, err.message)
         _send(resp, status, "internal error; the operators have been notified")

@@ -74,6 +74,13 @@ class Settings:
     stage_time_limit_seconds: int = 6 * 3600
     replaced_database_retention_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
+    max_active_uploads_per_project: int = 5
+    # An upload whose form expired unused is deleted by sweep only this long after.
+    upload_unused_grace_seconds: int = 3600
+    # What the synchronous preflight reads of an upload, at most: compressed bytes
+    # from storage, and text decompressed from a gzipped plain dump.
+    preflight_head_bytes: int = 8 * 1024 * 1024
+    preflight_text_bytes: int = 64 * 1024 * 1024
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -114,4 +121,10 @@ class Settings:
                 d.replaced_database_retention_seconds,
             ),
             max_body_bytes=_int(env, "CAPY_MAX_BODY_BYTES", d.max_body_bytes),
+            max_active_uploads_per_project=_int(
+                env, "CAPY_MAX_ACTIVE_UPLOADS_PER_PROJECT", d.max_active_uploads_per_project
+            ),
+            upload_unused_grace_seconds=_int(env, "CAPY_UPLOAD_UNUSED_GRACE_SECONDS", d.upload_unused_grace_seconds),
+            preflight_head_bytes=_int(env, "CAPY_PREFLIGHT_HEAD_BYTES", d.preflight_head_bytes),
+            preflight_text_bytes=_int(env, "CAPY_PREFLIGHT_TEXT_BYTES", d.preflight_text_bytes),
         )

@@ -27,3 +27,11 @@ class Conflict(CapyError):
 
 class Unavailable(CapyError):
     """A dependency of the service is unavailable; try again shortly."""
+
+
+class RateLimited(CapyError):
+    """Too many requests; try again later."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -8,7 +8,7 @@ from typing import Any
 
 import peewee
 
-from pipeline import audit, jobs
+from pipeline import audit, jobs, uploads
 from pipeline.config import Settings
 from pipeline.db import database
 from pipeline.errors import Conflict, InvalidRequest, Unavailable
@@ -123,6 +123,8 @@ def start_import(
                 idempotency_key=idempotency_key,
                 progress={"phase": "queued"},
             )
+            if request.upload_key:
+                uploads.mark_used(request.upload_key, job_id)
             audit.record(
                 project,
                 audit.IMPORT_STARTED,

@@ -13,7 +13,7 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from tests.support import pg
-from tests.support.uploading import put_file
+from tests.support.uploading import upload_file
 from tests.support.world import make_world
 
 LIVE_CHECKS = [
@@ -98,7 +98,7 @@ def test_failing_preflight_is_200_with_ok_false(control_db, store, corpus_source
 def test_upload_preflight_reads_the_dump_head(control_db, store, corpus_source, tmp_path):
     world = make_world(control_db)
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
-    put_file(upload["upload_url"], pg.make_dump(corpus_source("pagila"), "custom", tmp_path / "p.dump"))
+    upload_file(upload, pg.make_dump(corpus_source("pagila"), "custom", tmp_path / "p.dump"))
     resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"], "confirm": True})
     assert resp.status_code == 200, resp.text
     body = resp.json["preflight"]
@@ -126,5 +126,6 @@ def test_bad_preflight_requests(control_db, store, body, status, message):
 
 def test_missing_upload_is_404(control_db, store):
     world = make_world(control_db)
-    resp = preflight(client_for(control_db, store), world, {"upload_key": f"imports/{world.project.id}/abcd/dump"})
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"]})
     assert resp.status_code == 404 and "nothing has been uploaded at" in resp.json["error"]

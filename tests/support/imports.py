@@ -14,7 +14,7 @@ from pipeline.uploads import Uploads
 from stages.pgurl import SourceURL
 from stages.storage import ObjectStore
 from tests.support.inline import InlineQueue
-from tests.support.uploading import put_file
+from tests.support.uploading import upload_file
 from tests.support.world import World
 
 
@@ -24,7 +24,7 @@ def run_import(settings: Settings, world: World, source_url: str, *, recreate: b
 
 def upload_and_import(settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False) -> Job:
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
-    put_file(upload["upload_url"], data)
+    upload_file(upload, data)
     return _run(settings, world, ImportRequest(recreate=recreate, upload_key=upload["object_key"]))
 
 
