@@ -38,6 +38,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         object_store(settings),
         expiry=dt.timedelta(seconds=settings.upload_url_expiry_seconds),
         max_active=settings.max_active_uploads_per_project,
+        unused_grace=dt.timedelta(seconds=settings.upload_unused_grace_seconds),
     )
     return create_app(
         Services(

@@ -42,12 +42,14 @@ class Uploads:
         *,
         expiry: dt.timedelta,
         max_active: int = DEFAULT_MAX_ACTIVE,
+        unused_grace: dt.timedelta = dt.timedelta(hours=1),
         clock: Callable[[], dt.datetime] = utcnow,
         token: Callable[[], str] = lambda: secrets.token_hex(16),
     ) -> None:
         self.store = store
         self.expiry = expiry
         self.max_active = max_active
+        self.unused_grace = unused_grace
         self.clock = clock
         self.token = token
         self._bucket_ready = threading.Event()
@@ -122,6 +124,12 @@ class Uploads:
             raise NotFound(
                 f"the upload at {key} was deleted on {timestamp(upload.deleted_at)} (it was not imported "
                 "before its upload URL expired, or its import ended); create a new upload"
+            )
+        if upload.job_id is None and upload.expires_at <= self.clock() - self.unused_grace:
+            # `capy-imports sweep` deletes such uploads; refusing them closes the race.
+            raise NotFound(
+                f"the upload at {key} was not imported in time: its upload URL expired on "
+                f"{timestamp(upload.expires_at)}; create a new upload"
             )
         try:
             return self.store.size(key)

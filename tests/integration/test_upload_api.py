@@ -163,3 +163,22 @@ def test_another_projects_key_is_rejected_even_when_the_object_exists(client, wo
     post_file(upload, b"x").raise_for_status()
     resp = import_upload(client, world, upload["object_key"])
     assert resp.status_code == 400 and "is not under this project's prefix" in resp.json["error"]
+
+
+def test_an_upload_not_imported_within_the_grace_after_its_form_expired_is_refused(control_db, store):
+    now = dt.datetime.now(dt.UTC)
+    clock = [now]
+    uploads = Uploads(store, expiry=dt.timedelta(hours=1), unused_grace=dt.timedelta(hours=1), clock=lambda: clock[0])
+    services = Services(
+        settings=control_db, sealer=Sealer(control_db.secret_key), wake=lambda job_id, stage: None, uploads=uploads, readiness={}
+    )
+    client = testing.TestClient(create_app(services))
+    world = make_world(control_db)
+    upload = create_upload(client, world)
+    post_file(upload, b"CREATE TABLE a (id int);\n").raise_for_status()
+    clock[0] = now + dt.timedelta(hours=2, seconds=1)
+    resp = import_upload(client, world, upload["object_key"])
+    assert resp.status_code == 404
+    assert "was not imported in time: its upload URL expired on" in resp.json["error"]
+    clock[0] = now + dt.timedelta(hours=1, minutes=59)
+    assert import_upload(client, world, upload["object_key"]).status_code == 202
