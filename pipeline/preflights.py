@@ -7,6 +7,7 @@ same function before anything is dumped or dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from stages.pgurl import SourceURL
 from stages.preflight import check_live_source, check_upload_head
 from stages.storage import ObjectStore
 from stages.targetinfo import describe_target
+from stages.workpaths import scrub_work_paths
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ def preflight_upload(
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
         report = check_upload_head(head, size, target, tools, max_text=settings.preflight_text_bytes)
+    # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
+    report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]
     return PreflightResult(report, target)
 
 
