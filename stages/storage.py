@@ -318,7 +318,7 @@ def _translated(what: str) -> Iterator[None]:
     except S3Error as err:
         if err.code in _MISSING_CODES:
             raise ObjectMissing(
-                f"no uploaded object {what!r} in storage; PUT the dump to the upload URL "
+                f"no uploaded object {what!r} in storage; POST the dump to the upload form "
                 "first, or create a new upload if it expired"
             ) from err
         # AccessDenied, SignatureDoesNotMatch, InternalError...: an operator problem or
