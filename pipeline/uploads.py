@@ -78,7 +78,8 @@ class Uploads:
                 Upload.select(Upload.expires_at).where((Upload.project == project.id) & unused(now)).order_by(Upload.expires_at)
             )
             if len(active) >= self.max_active:
-                wait = max(1, math.ceil((active[0].expires_at - now).total_seconds()))
+                oldest = active[0].expires_at if active else expires_at  # a limit of 0 refuses all
+                wait = max(1, math.ceil((oldest - now).total_seconds()))
                 raise RateLimited(
                     f"project {project.id} already has {len(active)} upload URLs that are neither used nor "
                     f"expired (at most {self.max_active}); import one of them, or try again in {wait} s "
