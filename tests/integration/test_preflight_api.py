@@ -14,9 +14,9 @@ from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.checks import human_bytes
 from tests.support import pg
+from tests.support.bombs import gzip_bomb
 from tests.support.uploading import upload_file
 from tests.support.world import make_world
-from tests.unit.test_dump_bounds import gzip_bomb
 
 LIVE_CHECKS = [
     "source_address_allowed",

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import zlib
 from pathlib import Path
 
 from stages.dumpcontents import MAX_LINE, read_sql, read_sql_file, sql_lines
+from tests.support.bombs import MiB, gzip_bomb
 
-MiB = 1024 * 1024
 SCRIPT = (
     "--\n-- PostgreSQL database dump\n--\n"
     "-- Name: sales; Type: SCHEMA; Schema: -; Owner: postgres\n"
@@ -24,19 +23,6 @@ SCRIPT = (
     "-- Name: 16400; Type: BLOB; Schema: -; Owner: postgres\n"
     "-- Name: audit; Type: EVENT TRIGGER; Schema: -; Owner: postgres\n"
 )
-
-
-def gzip_bomb(path: Path, unit: bytes, total: int, *, prefix: bytes = b"--\n", suffix: bytes = b"") -> Path:
-    """`prefix`, then `unit` repeated to `total` bytes, then `suffix`, gzipped (~1000:1)."""
-    deflate = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-    block = unit * (MiB // len(unit))
-    with open(path, "wb") as out:
-        out.write(deflate.compress(prefix))
-        for _ in range(total // len(block)):
-            out.write(deflate.compress(block))
-        out.write(deflate.compress(suffix))
-        out.write(deflate.flush())
-    return path
 
 
 def test_the_file_scan_finds_what_the_line_reader_finds(tmp_path: Path) -> None:
