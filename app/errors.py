@@ -50,7 +50,7 @@ def handle_capy_error(req: falcon.Request, resp: falcon.Response, err: CapyError
     if status == falcon.HTTP_401:
         resp.set_header("WWW-Authenticate", 'Bearer realm="capydb"')
     if isinstance(err, RateLimited):
-        resp.set_header("Retry-After", str(err.retry_after))
+        resp.set_header("Retry-After", str(max(1, err.retry_after)))
     if status == falcon.HTTP_500:
         log.error("unmapped error %s: %s", type(err).__name__, err.message)
         _send(resp, status, "internal error; the operators have been notified")

@@ -40,7 +40,7 @@ def _source_request(
     body = read_json(req, max_bytes=settings.max_body_bytes)
     request = parse(body, validate_key=lambda key: uploads.validate_key(key, project))
     if request.upload_key:
-        uploads.require_object(request.upload_key)
+        uploads.require_object(request.upload_key, project)
     return request
 
 

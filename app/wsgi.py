@@ -59,7 +59,12 @@ def get_app(settings: Settings | None = None) -> falcon.App:
     def broker_ready() -> None:
         broker.channel.connection.process_data_events(0)
 
-    uploads = Uploads(object_store(settings), expiry=dt.timedelta(seconds=settings.upload_url_expiry_seconds))
+    uploads = Uploads(
+        object_store(settings),
+        expiry=dt.timedelta(seconds=settings.upload_url_expiry_seconds),
+        max_active=settings.max_active_uploads_per_project,
+        unused_grace=dt.timedelta(seconds=settings.upload_unused_grace_seconds),
+    )
     return create_app(
         Services(
             settings=settings,

@@ -105,9 +105,6 @@ class Settings:
     clerk_authorized_parties: tuple[str, ...] = ()
     rate_limit_per_minute: int = 120
 
-    @property
-    def dev_mode(self) -> bool:
-        return self.environment == DEVELOPMENT
     # Below gunicorn's --timeout (30 s in the Procfiles): a synchronous preflight answers first.
     preflight_deadline_seconds: int = 20
     source_read_timeout_seconds: int = 1800
@@ -123,6 +120,17 @@ class Settings:
     org_max_active_jobs: int = 2
     # How long a job waiting for its organization's other imports waits before it looks again.
     org_wait_retry_seconds: int = 30
+    max_active_uploads_per_project: int = 5
+    # An upload whose form expired unused is deleted by sweep only this long after.
+    upload_unused_grace_seconds: int = 3600
+    # What the synchronous preflight reads of an upload, at most: compressed bytes
+    # from storage, and text decompressed from a gzipped plain dump.
+    preflight_head_bytes: int = 8 * 1024 * 1024
+    preflight_text_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def dev_mode(self) -> bool:
+        return self.environment == DEVELOPMENT
 
     @property
     def uses_dev_secret(self) -> bool:
@@ -202,4 +210,10 @@ class Settings:
             job_time_limit_seconds=_positive(env, "CAPY_JOB_TIME_LIMIT_SECONDS", d.job_time_limit_seconds),
             org_max_active_jobs=_positive(env, "CAPY_ORG_MAX_ACTIVE_JOBS", d.org_max_active_jobs, rule="at least 1"),
             org_wait_retry_seconds=_positive(env, "CAPY_ORG_WAIT_RETRY_SECONDS", d.org_wait_retry_seconds),
+            max_active_uploads_per_project=_int(
+                env, "CAPY_MAX_ACTIVE_UPLOADS_PER_PROJECT", d.max_active_uploads_per_project
+            ),
+            upload_unused_grace_seconds=_int(env, "CAPY_UPLOAD_UNUSED_GRACE_SECONDS", d.upload_unused_grace_seconds),
+            preflight_head_bytes=_int(env, "CAPY_PREFLIGHT_HEAD_BYTES", d.preflight_head_bytes),
+            preflight_text_bytes=_int(env, "CAPY_PREFLIGHT_TEXT_BYTES", d.preflight_text_bytes),
         )

@@ -9,7 +9,7 @@ from typing import Any
 
 import peewee
 
-from pipeline import audit, jobs
+from pipeline import audit, jobs, uploads
 from pipeline.config import Settings
 from pipeline.db import database
 from pipeline.errors import Conflict, IdempotencyKeyReused, InvalidRequest, Unavailable
@@ -152,6 +152,8 @@ def start_import(
                 request_hash=sealer.digest(canonical) if idempotency_key else None,
                 progress={"phase": "queued"},
             )
+            if request.upload_key:
+                uploads.mark_used(request.upload_key, job_id)
             audit.record(
                 project,
                 audit.IMPORT_STARTED,

@@ -26,6 +26,7 @@ from pipeline.models import (
     utcnow,
 )
 from stages.errors import CapyError
+from stages.workpaths import scrub_work_paths
 
 OUTPUT_TAIL_CHARS = 4000
 
@@ -243,7 +244,9 @@ def complete(job_id: str, actor: str, *, facts: dict[str, Any], progress: dict[s
 def fail(
     job_id: str, actor: str, error: str, *, classification: str, holder: str | None = None
 ) -> Job | None:
-    """Fail an active job. With `holder`, only if that claim still holds it."""
+    """Fail an active job. With `holder`, only if that claim still holds it. Worker file
+    paths in `error` are replaced by neutral names (stages.workpaths)."""
+    error = scrub_work_paths(error)
     where = Job.state.in_(ACTIVE_STATES)
     if holder is not None:
         where &= Job.claimed_by == holder
@@ -274,6 +277,7 @@ def fail(
 
 def release(job_id: str, actor: str, error: str) -> Job | None:
     """Give up the claim after a transient failure so a retry can claim again."""
+    error = scrub_work_paths(error)
     with database.atomic():
         job = _guarded(
             job_id,
@@ -297,11 +301,12 @@ def release(job_id: str, actor: str, error: str) -> Job | None:
 
 
 def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> None:
-    """Store the last external command's result (already redacted) on the job."""
+    """Store the last external command's result (already redacted) on the job, with
+    worker file paths replaced by neutral names (stages.workpaths)."""
     Job.update(
         last_exit_code=exit_code,
-        last_stdout=stdout[-OUTPUT_TAIL_CHARS:] or None,
-        last_stderr=stderr[-OUTPUT_TAIL_CHARS:] or None,
+        last_stdout=scrub_work_paths(stdout)[-OUTPUT_TAIL_CHARS:] or None,
+        last_stderr=scrub_work_paths(stderr)[-OUTPUT_TAIL_CHARS:] or None,
         updated_at=utcnow(),
     ).where(Job.id == job_id).execute()
 

@@ -165,6 +165,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        "0004_uploads",
+        """
+        -- Every upload form issued: what it may hold, until when, and which job used it,
+        -- so that an unused or re-uploaded object can be swept and issuance limited.
+        CREATE TABLE uploads (
+            id text PRIMARY KEY,
+            project_id text NOT NULL REFERENCES projects(id),
+            object_key text NOT NULL UNIQUE,
+            max_bytes bigint NOT NULL CHECK (max_bytes >= 0),
+            expires_at timestamptz NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            job_id text REFERENCES jobs(id),
+            deleted_at timestamptz
+        );
+        CREATE INDEX uploads_project_unused ON uploads (project_id, expires_at)
+            WHERE job_id IS NULL AND deleted_at IS NULL;
+        -- Uploads issued before this table existed, from their audit events, so that
+        -- their keys stay importable and sweepable.
+        INSERT INTO uploads (id, project_id, object_key, max_bytes, expires_at, created_at, job_id, deleted_at)
+        SELECT 'upl_' || substr(md5(a.target_id), 1, 20), a.project_id, a.target_id, p.storage_limit_bytes,
+               COALESCE((a.details->>'expires_at')::timestamptz, a.created_at), a.created_at,
+               (SELECT j.id FROM jobs j WHERE j.upload_key = a.target_id ORDER BY j.created_at DESC LIMIT 1),
+               (SELECT now() FROM jobs j WHERE j.upload_key = a.target_id AND j.facts ? 'upload_deleted' LIMIT 1)
+        FROM audit_events a JOIN projects p ON p.id = a.project_id
+        WHERE a.action = 'project.import_upload_created' AND a.target_id IS NOT NULL
+        ON CONFLICT (object_key) DO NOTHING;
+        """,
+    ),
+    (
         "0005_fair_share",
         """
         -- Fair share: a claim counts the organization's jobs that hold a claim.

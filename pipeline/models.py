@@ -184,3 +184,19 @@ class RetiredDatabase(BaseModel):
 
     class Meta:
         table_name = "retired_databases"
+
+
+class Upload(BaseModel):
+    """An upload form issued for a project (see pipeline.uploads)."""
+
+    id = peewee.TextField(primary_key=True)
+    project = peewee.ForeignKeyField(Project, column_name="project_id")
+    object_key = peewee.TextField(unique=True)
+    max_bytes = peewee.BigIntegerField()
+    expires_at = TZField()
+    created_at = TZField(default=utcnow)
+    job = peewee.ForeignKeyField(Job, column_name="job_id", null=True)
+    deleted_at = TZField(null=True)
+
+    class Meta:
+        table_name = "uploads"

@@ -7,6 +7,7 @@ same function before anything is dumped or dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,9 +28,7 @@ from stages.pgurl import SourceURL
 from stages.preflight import check_live_source, check_upload_head
 from stages.storage import ObjectStore
 from stages.targetinfo import describe_target
-
-# Enough of an upload to read its header and, for archives, its table of contents.
-HEAD_BYTES = 32 * 1024 * 1024
+from stages.workpaths import scrub_work_paths
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,9 @@ def preflight_source(project: Project, source: SourceURL, settings: Settings, se
 def preflight_upload(
     project: Project, key: str, settings: Settings, sealer: Sealer, store: ObjectStore, *, recreate: bool
 ) -> PreflightResult:
-    """Checks on the first HEAD_BYTES of the upload (never the whole dump)."""
+    """Checks on the head of the upload (never the whole dump): at most
+    `settings.preflight_head_bytes` from storage, and `settings.preflight_text_bytes`
+    of SQL decompressed from it, so a gzip bomb costs the web process little."""
     target = target_for(project, settings, sealer, recreate=recreate)
     cluster = Cluster.get_by_id(project.cluster_id)
     tools = PgTools.for_major(
@@ -81,10 +82,12 @@ def preflight_upload(
         head = os.path.join(folder, "head")
         try:
             size = store.size(key)
-            store.head(key, head, HEAD_BYTES)
+            store.head(key, head, settings.preflight_head_bytes)
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
-        report = check_upload_head(head, size, target, tools)
+        report = check_upload_head(head, size, target, tools, max_text=settings.preflight_text_bytes)
+    # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
+    report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]
     return PreflightResult(report, target)
 
 

@@ -2,6 +2,10 @@
 
 - uploads of ended jobs whose retention (CAPY_UPLOAD_RETENTION_SECONDS) has passed are
   deleted from storage;
+- uploads whose form expired unused (plus CAPY_UPLOAD_UNUSED_GRACE_SECONDS) are deleted;
+- every object under `imports/` that neither an unused upload nor a job (active, or
+  ended within the retention) holds is deleted: an upload posted again after its job
+  ended, or an object nobody issued;
 - databases replaced by an import are dropped once their `drop_after` has passed;
 - previews of ended jobs that are still on a cluster (a worker died while cleaning
   up) are dropped.
@@ -17,10 +21,12 @@ from typing import Any
 
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
-from pipeline.models import FINAL_STATES, Cluster, Job, RetiredDatabase, utcnow
+from pipeline.models import ACTIVE_STATES, FINAL_STATES, Cluster, Job, RetiredDatabase, Upload, utcnow
 from pipeline.sealing import Sealer
 from stages.errors import CapyError, ObjectMissing
-from stages.storage import ObjectStore
+from stages.storage import KEY_PREFIX, ObjectStore
+
+LIST_PAGE = 500
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,10 @@ def sweep(
             done["errors"].append(f"upload {job.upload_key}: {err.message}")
             continue
         Job.update(facts={**job.facts, "upload_deleted": True}).where(Job.id == job.id).execute()
+        _mark_deleted(job.upload_key, now)
         done["uploads_deleted"].append(job.upload_key)
+    _sweep_unused_uploads(settings, store, now, done)
+    _sweep_orphaned_objects(settings, store, now, retention, done)
     for retired in RetiredDatabase.select().where(RetiredDatabase.dropped_at.is_null() & (RetiredDatabase.drop_after <= now)):
         try:
             cluster_admin(Cluster.get_by_id(retired.cluster_id), sealer).drop_database(retired.database_name)
@@ -64,3 +73,80 @@ def sweep(
         except CapyError as err:
             done["errors"].append(f"preview {job.preview_database_id}: {err.message}")
     return done
+
+
+def _grace(settings: Settings) -> dt.timedelta:
+    return dt.timedelta(seconds=max(0, settings.upload_unused_grace_seconds))
+
+
+def _mark_deleted(key: str, now: dt.datetime) -> None:
+    Upload.update(deleted_at=now).where((Upload.object_key == key) & Upload.deleted_at.is_null()).execute()
+
+
+def _delete(store: ObjectStore, key: str, now: dt.datetime, done: dict[str, Any]) -> None:
+    try:
+        store.delete(key)
+    except CapyError as err:
+        done["errors"].append(f"upload {key}: {err.message}")
+        return
+    _mark_deleted(key, now)
+    if key not in done["uploads_deleted"]:
+        done["uploads_deleted"].append(key)
+
+
+def _sweep_unused_uploads(settings: Settings, store: ObjectStore, now: dt.datetime, done: dict[str, Any]) -> None:
+    """Uploads nobody imported before their form expired (and the grace after it)."""
+    expired = Upload.select().where(
+        Upload.job.is_null() & Upload.deleted_at.is_null() & (Upload.expires_at <= now - _grace(settings))
+    )
+    for upload in expired:
+        if _held_by_active_job([upload.object_key]):
+            continue
+        _delete(store, upload.object_key, now, done)
+        log.info("deleted upload %s: its form expired unused at %s", upload.object_key, upload.expires_at)
+
+
+def _sweep_orphaned_objects(
+    settings: Settings, store: ObjectStore, now: dt.datetime, retention: dt.timedelta, done: dict[str, Any]
+) -> None:
+    """Objects under imports/ that nothing may still read: no unused upload whose form
+    (plus grace) is valid, no active job, no ended job within the retention."""
+    page: list[str] = []
+    try:
+        for found in store.list(f"{KEY_PREFIX}/"):
+            page.append(found.key)
+            if len(page) >= LIST_PAGE:
+                _sweep_page(settings, store, page, now, retention, done)
+                page = []
+    except CapyError as err:
+        done["errors"].append(f"listing {KEY_PREFIX}/: {err.message}")
+    if page:
+        _sweep_page(settings, store, page, now, retention, done)
+
+
+def _sweep_page(
+    settings: Settings,
+    store: ObjectStore,
+    keys: list[str],
+    now: dt.datetime,
+    retention: dt.timedelta,
+    done: dict[str, Any],
+) -> None:
+    unused = Upload.select(Upload.object_key).where(
+        Upload.object_key.in_(keys)
+        & Upload.job.is_null()
+        & Upload.deleted_at.is_null()
+        & (Upload.expires_at > now - _grace(settings))
+    )
+    retained = Job.select(Job.upload_key).where(
+        Job.upload_key.in_(keys) & Job.state.in_(FINAL_STATES) & (Job.completed_at > now - retention)
+    )
+    held = {u.object_key for u in unused} | _held_by_active_job(keys) | {j.upload_key for j in retained}
+    for key in keys:
+        if key not in held:
+            _delete(store, key, now, done)
+            log.info("deleted %s: no unused upload or job holds it", key)
+
+
+def _held_by_active_job(keys: list[str]) -> set[str]:
+    return {j.upload_key for j in Job.select(Job.upload_key).where(Job.upload_key.in_(keys) & Job.state.in_(ACTIVE_STATES))}

@@ -4,7 +4,14 @@ For custom and tar archives the target's `pg_restore --list` prints the table of
 contents (`stages.toc`); it sits at the start of the archive, so the head of an upload
 is enough. For plain SQL, pg_dump writes a ``-- Name: …; Type: …;`` comment before
 every object, and hand-written scripts are read for their CREATE EXTENSION / LANGUAGE
-statements, line by line, never holding the script whole in memory.
+statements, never holding the script whole in memory.
+
+Reading a plain script is bounded and linear whatever it holds, since the API's
+preflight reads uploads in the web process: at most `max_text` bytes of text come out
+of a gzip stream (a bomb stops there), only the first `MAX_LINE` bytes of a line are
+looked at (a 30 MB line is skipped, not joined a chunk at a time), and the file scan
+hands only lines that can matter to the per-line patterns, found by one C-level regex
+pass, instead of running Python code for each of millions of tiny lines.
 """
 
 from __future__ import annotations
@@ -23,12 +30,21 @@ from stages.toc import TRUSTED_LANGUAGES, TocEntry
 
 READ_CHUNK = 1024 * 1024
 # Decompressed SQL read from a gzip head, at most: the objects that matter come first.
-MAX_SQL_TEXT = 256 * 1024 * 1024
+MAX_SQL_TEXT = 64 * 1024 * 1024
+# What is looked at of one line: every statement we recognise starts a line and names
+# its object within a few hundred bytes.
+MAX_LINE = 64 * 1024
+# Lines handed to the per-line patterns, at most: a real dump has one comment and one
+# statement per object; a file made of nothing but "CREATE …" lines stops here.
+MAX_STATEMENT_LINES = 200_000
 
-# pg_dump's plain-format comment before each object (pg_backup_archiver.c, _printTocEntry).
-_SQL_COMMENT = re.compile(
-    r"^-- Name: (?P<name>.*?); Type: (?P<kind>[A-Z ]+); Schema: (?P<schema>.*?); Owner: "
-)
+# pg_dump's plain-format comment before each object (pg_backup_archiver.c, _printTocEntry):
+# "-- Name: <name>; Type: <KIND>; Schema: <schema>; Owner: <owner>". Parsed with one
+# search and a find rather than one regex with two lazy groups, which backtracks
+# quadratically on a line repeating "; Type: X; Schema: " without an owner.
+_COMMENT_START = "-- Name: "
+_COMMENT_KIND = re.compile(r"; Type: (?P<kind>[A-Z ]+); Schema: ")
+_COMMENT_OWNER = "; Owner: "
 _CREATE_EXTENSION = re.compile(
     r'^\s*CREATE\s+EXTENSION\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:"(?P<quoted>[^"]+)"|(?P<name>[\w-]+))', re.I
 )
@@ -59,29 +75,41 @@ class DumpContents:
     publications: list[str] = field(default_factory=list)
     subscriptions: list[str] = field(default_factory=list)
     complete: bool = True
+    # Bytes of SQL text read, and whether `max_text` stopped the reading.
+    text_bytes: int = 0
+    text_capped: bool = False
+    # Names already in each list: membership in O(1), for dumps naming many objects.
+    _seen: dict[str, set[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    def _append(self, attr: str, name: str) -> None:
+        values: list[str] = getattr(self, attr)
+        seen = self._seen.setdefault(attr, set(values))
+        if name not in seen:
+            seen.add(name)
+            values.append(name)
 
     def add(self, kind: str, schema: str, name: str) -> None:
         """Record one object of pg_dump kind `kind` (as a TOC or plain comment names it)."""
         if kind == "EXTENSION":
-            _append(self.extensions, name)
+            self._append("extensions", name)
             if is_untrusted_extension(name):
-                _append(self.untrusted_languages, name)
+                self._append("untrusted_languages", name)
         elif kind == "SCHEMA":
-            _append(self.schemas, name)
+            self._append("schemas", name)
         elif kind == "TABLE":
             self.table_count += 1
         elif kind == "EVENT TRIGGER":
-            _append(self.event_triggers, name)
+            self._append("event_triggers", name)
         elif kind == "PROCEDURAL LANGUAGE":
-            _append(self.languages, name)
+            self._append("languages", name)
         elif kind in ("BLOB", "LARGE OBJECT"):
             self.large_objects += 1
         elif kind == "SERVER":
-            _append(self.foreign_servers, name)
+            self._append("foreign_servers", name)
         elif kind == "PUBLICATION":
-            _append(self.publications, name)
+            self._append("publications", name)
         elif kind == "SUBSCRIPTION":
-            _append(self.subscriptions, name)
+            self._append("subscriptions", name)
 
     def findings(self) -> Findings:
         return Findings(
@@ -98,17 +126,12 @@ class DumpContents:
         # restore does (stages.toc), so the warning names what the restore leaves out.
         for name in self.languages:
             if name not in TRUSTED_LANGUAGES:
-                _append(self.untrusted_languages, name)
+                self._append("untrusted_languages", name)
         return self
 
     def extension_list(self) -> list[Extension]:
         # A dump does not record extension versions: CREATE EXTENSION takes the default.
         return [Extension(name) for name in self.extensions]
-
-
-def _append(values: list[str], name: str) -> None:
-    if name not in values:
-        values.append(name)
 
 
 def read_toc(entries: Iterable[TocEntry]) -> DumpContents:
@@ -128,41 +151,137 @@ def read_sql(lines: Iterable[str], *, complete: bool) -> DumpContents:
     """Contents of a plain SQL script (or its first lines, `complete=False`)."""
     contents = DumpContents(complete=complete)
     for line in lines:
-        if line.startswith("-- "):
-            match = _SQL_COMMENT.match(line)
-            if match:
-                contents.add(match.group("kind").strip(), match.group("schema"), match.group("name"))
-            continue
-        found = _CREATE_EXTENSION.match(line)
-        if found:
-            _append(contents.extensions, found.group("quoted") or found.group("name"))
-            continue
-        found = _CREATE_LANGUAGE.match(line)
-        if found:
-            _append(contents.languages, found.group("name"))
+        _read_line(contents, line)
     return contents._judge_languages()
 
 
+# Where a line `_read_line` reacts to can start: a pg_dump comment or a CREATE. No \n
+# in the class, so a match never spans lines.
+_CANDIDATE = re.compile(rb"^(?:-- Name: |[ \t\r\f\v\x1c-\x1f]*create)", re.M | re.I)
+
+
+def read_sql_file(
+    path: str, *, gzipped: bool, complete: bool, max_text: int = MAX_SQL_TEXT
+) -> DumpContents:
+    """Contents of the plain SQL file at `path` (possibly gzipped, possibly cut short:
+    `complete=False`), reading at most `max_text` bytes of text.
+
+    The same result as `read_sql(sql_lines(...))`, found without a Python step per line.
+    """
+    text = _Text(path, gzipped, max_text)
+    contents = DumpContents()
+    budget = MAX_STATEMENT_LINES
+    for block in _line_blocks(text.chunks()):
+        for match in _CANDIDATE.finditer(block):
+            start = match.start()
+            end = block.find(b"\n", start, start + MAX_LINE)
+            line = block[start : end if end >= 0 else start + MAX_LINE]
+            _read_line(contents, line.decode("utf-8", "replace"))
+            budget -= 1
+            if budget == 0:
+                break
+        if budget == 0:
+            text.capped = True
+            break
+    contents.text_bytes, contents.text_capped = text.produced, text.capped
+    contents.complete = complete and not text.capped
+    return contents._judge_languages()
+
+
+def _read_line(contents: DumpContents, line: str) -> None:
+    if line.startswith("-- "):
+        comment = _comment(line)
+        if comment:
+            contents.add(*comment)
+        return
+    found = _CREATE_EXTENSION.match(line)
+    if found:
+        contents._append("extensions", found.group("quoted") or found.group("name"))
+        return
+    found = _CREATE_LANGUAGE.match(line)
+    if found:
+        contents._append("languages", found.group("name"))
+
+
+def _comment(line: str) -> tuple[str, str, str] | None:
+    """(kind, schema, name) of a pg_dump object comment line, else None."""
+    if not line.startswith(_COMMENT_START):
+        return None
+    kind = _COMMENT_KIND.search(line, len(_COMMENT_START))
+    if kind is None:
+        return None
+    owner = line.find(_COMMENT_OWNER, kind.end())
+    if owner < 0:
+        return None
+    return kind.group("kind").strip(), line[kind.end() : owner], line[len(_COMMENT_START) : kind.start()]
+
+
 def sql_lines(path: str, *, gzipped: bool, max_text: int = MAX_SQL_TEXT) -> Iterator[str]:
-    """The lines of a (possibly gzip-compressed, possibly cut short) SQL file.
+    """The lines of a (possibly gzip-compressed, possibly cut short) SQL file, each cut
+    to its first `MAX_LINE` bytes.
 
     A gzip stream cut anywhere still yields what it holds so far; at most `max_text`
     bytes of text are produced, a chunk at a time, so a small head cannot inflate
-    into gigabytes of memory.
+    into gigabytes of memory. Linear in the text read, whatever its line lengths.
     """
-    pending = b""
-    produced = 0
-    with open(path, "rb") as f:
-        for chunk in _inflated(f) if gzipped else iter(lambda: f.read(READ_CHUNK), b""):
-            chunk = chunk[: max_text - produced]
-            produced += len(chunk)
-            *whole, pending = (pending + chunk).split(b"\n")
-            for line in whole:
-                yield line.decode("utf-8", "replace")
-            if produced >= max_text:
-                return
-    if pending:
-        yield pending.decode("utf-8", "replace")
+    for block in _line_blocks(_Text(path, gzipped, max_text).chunks()):
+        lines = block.split(b"\n")
+        if not lines[-1]:
+            lines.pop()  # the block ended with its last line's newline
+        for line in lines:
+            yield line[:MAX_LINE].decode("utf-8", "replace")
+
+
+class _Text:
+    """The text of a file, gunzipped if asked, in chunks; at most `max_text` bytes."""
+
+    def __init__(self, path: str, gzipped: bool, max_text: int) -> None:
+        self.path = path
+        self.gzipped = gzipped
+        self.max_text = max_text
+        self.produced = 0
+        self.capped = False
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            for chunk in _inflated(f) if self.gzipped else iter(lambda: f.read(READ_CHUNK), b""):
+                room = self.max_text - self.produced
+                if room <= 0 or len(chunk) > room:
+                    self.capped = True  # more text follows what we take
+                    chunk = chunk[: max(0, room)]
+                if chunk:
+                    self.produced += len(chunk)
+                    yield chunk
+                if self.capped:
+                    return
+
+
+def _line_blocks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The text again, as blocks of whole lines (the last may lack its newline), with
+    every line longer than `MAX_LINE` cut to its first `MAX_LINE` bytes.
+
+    Each byte is copied a bounded number of times: a line that spans chunks is carried
+    over only up to `MAX_LINE` bytes, and the rest of it is skipped.
+    """
+    carry = b""
+    skipping = False  # inside the cut-off rest of a long line
+    for chunk in chunks:
+        if skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                continue
+            chunk, skipping = chunk[newline + 1 :], False
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            carry += chunk
+        else:
+            yield carry + chunk[: last + 1]
+            carry = chunk[last + 1 :]
+        if len(carry) > MAX_LINE:
+            yield carry[:MAX_LINE] + b"\n"
+            carry, skipping = b"", True
+    if carry:
+        yield carry
 
 
 def _inflated(f: IO[bytes]) -> Iterator[bytes]:

@@ -32,7 +32,7 @@ from stages.checks import (
 )
 from stages.commands import PgTools
 from stages.deadline import Deadline, SourceTimedOut
-from stages.dumpcontents import DumpContents, list_archive, read_sql, sql_lines
+from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
@@ -73,6 +73,7 @@ UPLOAD_CHECKS = (
     "extensions_available_on_target",
     "target_database_empty",
     *OBJECT_CHECKS,
+    "dump_read_in_full",
 )
 _SOURCE_CHECKS = ("source_version_compatible", "source_size_within_plan", "extensions_available_on_target")
 
@@ -239,12 +240,15 @@ def _not_empty(report: Preflight, size: int) -> None:
         report.add("upload_not_empty", PASS, f"the upload holds {shown}{exact}")
 
 
-def check_upload_head(head_path: str, total_size: int, target: Target, tools: PgTools) -> Preflight:
+def check_upload_head(
+    head_path: str, total_size: int, target: Target, tools: PgTools, *, max_text: int = MAX_SQL_TEXT
+) -> Preflight:
     """Run the `UPLOAD_CHECKS` on the first bytes of an upload of `total_size` bytes.
 
     `head_path` holds a prefix of the upload (all of it when it is small). An archive's
     table of contents comes first, so the target's `pg_restore --list` reads it from
-    the prefix; a plain SQL dump is read for the objects in the prefix.
+    the prefix; a plain SQL dump is read for the objects in the prefix, at most
+    `max_text` bytes of SQL once decompressed. `dump_read_in_full` says what was read.
     """
     report = Preflight()
     head_bytes = os.path.getsize(head_path)
@@ -273,7 +277,7 @@ def check_upload_head(head_path: str, total_size: int, target: Target, tools: Pg
             dumped_from=info.dumped_from,
             server_version=info.dumped_from,
         )
-        contents, blocked = _dump_version(report, head_path, info, target, tools, complete)
+        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text)
     else:
         report.not_checked("source_version_compatible", blocked)
     check_size(report, total_size, target, "the upload")
@@ -281,6 +285,7 @@ def check_upload_head(head_path: str, total_size: int, target: Target, tools: Pg
         report.not_checked("extensions_available_on_target", blocked)
         check_target_empty(report, target)
         skip_object_warnings(report, blocked)
+        _read_in_full(report, info, None, head_bytes, total_size, blocked)
         return report
     report.source.update(
         extensions=[{"name": name, "version": None} for name in contents.extensions],
@@ -299,7 +304,62 @@ def check_upload_head(head_path: str, total_size: int, target: Target, tools: Pg
     check_extensions(report, contents.extension_list(), target, what)
     check_target_empty(report, target)
     add_object_warnings(report, contents.findings(), partial=partial)
+    _read_in_full(report, info, contents, head_bytes, total_size, blocked)
     return report
+
+
+def _read_in_full(
+    report: Preflight,
+    info: DumpInfo | None,
+    contents: DumpContents | None,
+    head_bytes: int,
+    total_size: int,
+    blocked: str,
+) -> None:
+    """`dump_read_in_full`: what preflight read of the upload, which the import reads whole.
+
+    The synchronous preflight reads a bounded head (CAPY_PREFLIGHT_HEAD_BYTES, and at
+    most CAPY_PREFLIGHT_TEXT_BYTES of SQL decompressed from it): objects further on in
+    a plain dump are only seen by the import.
+    """
+    name = "dump_read_in_full"
+    whole = head_bytes >= total_size
+    later = "; the import reads it whole and checks what comes after"
+    if info is None or (contents is None and blocked != _TOC_NOT_IN_HEAD):
+        report.not_checked(name, blocked)
+    elif contents is None:
+        report.add(
+            name,
+            WARN,
+            f"preflight read the first {human_bytes(head_bytes)} of the dump, which does not hold its whole "
+            f"table of contents{later}",
+        )
+    elif info.format in ("custom", "tar"):
+        if whole:
+            report.add(name, PASS, "preflight read the whole upload")
+        else:
+            report.add(
+                name,
+                PASS,
+                f"preflight read the first {human_bytes(head_bytes)} of the {human_bytes(total_size)} upload, "
+                "which holds the archive's whole table of contents; the import reads it whole",
+            )
+    elif contents.complete:
+        report.add(name, PASS, "preflight read the whole upload")
+    elif info.format == "gzip-plain":
+        report.add(
+            name,
+            WARN,
+            f"preflight read the first {human_bytes(contents.text_bytes)} of the dump (decompressed from the first "
+            f"{human_bytes(head_bytes)} of the {human_bytes(total_size)} upload){later}",
+        )
+    else:
+        report.add(
+            name,
+            WARN,
+            f"preflight read the first {human_bytes(contents.text_bytes)} of the dump "
+            f"({human_bytes(total_size)}){later}",
+        )
 
 
 def _describe_format(info: DumpInfo) -> str:
@@ -319,8 +379,11 @@ def _describe_format(info: DumpInfo) -> str:
     return f"the upload is {kind}" + (f", {', '.join(about)}" if about else "")
 
 
+_TOC_NOT_IN_HEAD = "the dump's table of contents is not in the part preflight reads (see source_version_compatible)"
+
+
 def _dump_version(
-    report: Preflight, head_path: str, info: DumpInfo, target: Target, tools: PgTools, complete: bool
+    report: Preflight, head_path: str, info: DumpInfo, target: Target, tools: PgTools, complete: bool, max_text: int
 ) -> tuple[DumpContents | None, str]:
     """`source_version_compatible` for a dump, and what its head contains; or None and
     why the contents were not read."""
@@ -332,7 +395,7 @@ def _dump_version(
         return None, f"the dump cannot be restored into PostgreSQL {target.major} (see {name})"
     made = _provenance(info)
     if info.format in ("plain", "gzip-plain"):
-        contents = read_sql(sql_lines(head_path, gzipped=info.format == "gzip-plain"), complete=complete)
+        contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
         if info.dumped_from is None:
             report.add(
                 name,
@@ -356,7 +419,7 @@ def _dump_version(
                 f"the dump's table of contents is larger than the first {human_bytes(os.path.getsize(head_path))} "
                 "that preflight reads; the import reads it whole before restoring anything",
             )
-            return None, f"the dump's table of contents is not in the part preflight reads (see {name})"
+            return None, _TOC_NOT_IN_HEAD
         report.add(name, FAIL, err.message)
         return None, f"PostgreSQL {target.major}'s pg_restore cannot read the dump (see {name})"
     contents = list_archive(tools, head_path)

@@ -4,6 +4,10 @@
 errors at the boundary: a missing object or bucket becomes `ObjectMissing`, anything
 that means "storage did not answer properly" becomes `StorageUnavailable` (transient).
 
+Users upload with a presigned POST policy (`presign_post`), not a presigned PUT: the
+policy names the exact key, an expiry and a `content-length-range`, so S3 itself
+refuses a body over the limit before storing anything (a PUT URL cannot bound size).
+
 Upload keys are `imports/{project_id}/{token}/{filename}`; `validate_object_key` is
 the one check every caller applies to a key a client sent, so a key of another
 project, or one that tries to escape its prefix, is rejected everywhere.
@@ -16,13 +20,15 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import certifi
 import urllib3
 from minio import Minio
+from minio.datatypes import PostPolicy
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from stages.errors import InvalidObjectKey, ObjectMissing, ObjectTooLarge, StorageUnavailable
@@ -37,15 +43,32 @@ _TOKEN = re.compile(r"[0-9a-f]+")
 ProgressCallback = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class PresignedPost:
+    """An HTML-form upload: POST `fields` (then the file, as the field ``file``) to
+    `url`. The fields hold a signature: they are a credential, never log them."""
+
+    url: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    last_modified: datetime | None
+
+
 class ObjectStore:
     """Dumps in one bucket. `client` does the I/O against the internal endpoint;
-    `presign_client` only signs URLs for the public endpoint (it must have its region
-    set, so that signing never makes a network call)."""
+    `presign_client` only signs for the public endpoint `public_url` (it must have its
+    region set, so that signing never makes a network call)."""
 
-    def __init__(self, client: Minio, presign_client: Minio, bucket: str) -> None:
+    def __init__(self, client: Minio, presign_client: Minio, bucket: str, public_url: str) -> None:
         self.client = client
         self.presign_client = presign_client
         self.bucket = bucket
+        self.public_url = public_url.rstrip("/")
 
     @classmethod
     def from_settings(
@@ -81,7 +104,8 @@ class ObjectStore:
             secure=public_tls,
             region=region,
         )
-        return cls(client, presign_client, bucket)
+        public_url = f"{'https' if public_tls else 'http'}://{public_host}"
+        return cls(client, presign_client, bucket, public_url)
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists; safe when several processes race."""
@@ -101,10 +125,26 @@ class ObjectStore:
         if not exists:
             raise StorageUnavailable(f"object storage is reachable but bucket {self.bucket!r} does not exist")
 
-    def presign_put(self, key: str, expires: timedelta) -> str:
-        """A URL on the public endpoint that lets anyone holding it PUT `key` until
-        `expires` from now. The URL is a credential: never log it."""
-        return self.presign_client.presigned_put_object(self.bucket, key, expires=expires)
+    def presign_post(self, key: str, *, max_bytes: int, expires_at: datetime) -> PresignedPost:
+        """A form that lets anyone holding it upload exactly `key`, at most `max_bytes`
+        bytes, until `expires_at`. S3 checks the policy before it stores the object: a
+        bigger body, another key or a late upload is refused and nothing is stored.
+        Re-posting the same key while the policy holds replaces the object."""
+        if max_bytes < 0:
+            raise ValueError("max_bytes must not be negative")
+        policy = PostPolicy(self.bucket, expires_at)
+        policy.add_equals_condition("key", key)
+        policy.add_content_length_range_condition(0, max_bytes)
+        fields = self.presign_client.presigned_post_policy(policy)
+        return PresignedPost(url=f"{self.public_url}/{self.bucket}", fields={"key": key, **fields})
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with `prefix`, in key order, page by page."""
+        with _translated(prefix):
+            for found in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                if found.is_dir or found.object_name is None:
+                    continue
+                yield StoredObject(found.object_name, found.size or 0, found.last_modified)
 
     def size(self, key: str) -> int:
         """Size of the object in bytes; `ObjectMissing` if there is none."""
@@ -196,7 +236,7 @@ class ObjectStore:
         return done
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        """Upload a local file as `key` (tests and benchmarks; users upload presigned)."""
+        """Upload a local file as `key` (tests and benchmarks; users POST to a presigned form)."""
         with _translated(key):
             self.client.fput_object(
                 self.bucket, key, os.fspath(path), content_type="application/octet-stream"
@@ -278,7 +318,7 @@ def _translated(what: str) -> Iterator[None]:
     except S3Error as err:
         if err.code in _MISSING_CODES:
             raise ObjectMissing(
-                f"no uploaded object {what!r} in storage; PUT the dump to the upload URL "
+                f"no uploaded object {what!r} in storage; POST the dump to the upload form "
                 "first, or create a new upload if it expired"
             ) from err
         # AccessDenied, SignatureDoesNotMatch, InternalError...: an operator problem or

@@ -48,7 +48,7 @@ def test_start_import_creates_a_pending_job_and_wakes_preflight(control_db, worl
         f"project:{world.project.id}",
     )
     assert (
-        "pw" not in job.source_url_encrypted
+        "u:pw@" not in job.source_url_encrypted
         and job.source_url_redacted == "postgresql://u:***@db.example.com:5432/app?sslmode=require"
     )
     assert Sealer(control_db.secret_key).open(job.source_url_encrypted).startswith("postgresql://u:pw@")

@@ -12,8 +12,10 @@ from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
+from stages.checks import human_bytes
 from tests.support import pg
-from tests.support.uploading import put_file
+from tests.support.bombs import gzip_bomb
+from tests.support.uploading import upload_file
 from tests.support.world import make_world
 
 LIVE_CHECKS = [
@@ -98,7 +100,7 @@ def test_failing_preflight_is_200_with_ok_false(control_db, store, corpus_source
 def test_upload_preflight_reads_the_dump_head(control_db, store, corpus_source, tmp_path):
     world = make_world(control_db)
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
-    put_file(upload["upload_url"], pg.make_dump(corpus_source("pagila"), "custom", tmp_path / "p.dump"))
+    upload_file(upload, pg.make_dump(corpus_source("pagila"), "custom", tmp_path / "p.dump"))
     resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"], "confirm": True})
     assert resp.status_code == 200, resp.text
     body = resp.json["preflight"]
@@ -126,5 +128,29 @@ def test_bad_preflight_requests(control_db, store, body, status, message):
 
 def test_missing_upload_is_404(control_db, store):
     world = make_world(control_db)
-    resp = preflight(client_for(control_db, store), world, {"upload_key": f"imports/{world.project.id}/abcd/dump"})
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"]})
     assert resp.status_code == 404 and "nothing has been uploaded at" in resp.json["error"]
+
+
+def test_a_gzip_bomb_upload_preflight_reads_only_up_to_its_caps(control_db, store, tmp_path):
+    # 1 GiB of SQL comment lines, about 1 MiB compressed: it used to cost the web
+    # process 16 s of CPU and more per preflight. The caps are small here to show them.
+    settings = dataclasses.replace(control_db, preflight_head_bytes=256 * 1024, preflight_text_bytes=1024 * 1024)
+    bomb = gzip_bomb(tmp_path / "bomb.sql.gz", b"--\n", 1024 * 1024 * 1024, suffix=b"CREATE EXTENSION plperlu;\n")
+    world = make_world(control_db)
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    upload_file(upload, bomb)
+    resp = preflight(client_for(settings, store), world, {"upload_key": upload["object_key"]})
+    assert resp.status_code == 200, resp.text
+    body = resp.json["preflight"]
+    assert body["source"]["format"] == "gzip-plain"
+    size = bomb.stat().st_size
+    assert checks_of(resp)["dump_read_in_full"] == (
+        "warn",
+        f"preflight read the first 1.0 MiB of the dump (decompressed from the first 256.0 KiB of the "
+        f"{human_bytes(size)} upload); the import reads it whole and checks what comes after",
+    )
+    # The extension at the very end is past the caps: preflight does not claim to have seen it.
+    assert checks_of(resp)["extensions_available_on_target"][0] == "pass"
+    assert body["ok"] is True

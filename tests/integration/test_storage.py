@@ -1,4 +1,4 @@
-"""ObjectStore against a real S3 server (SeaweedFS), presigned URLs included."""
+"""ObjectStore against a real S3 server (SeaweedFS), presigned POST policies included."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from stages.errors import (
     StorageUnavailable,
     TransientError,
 )
-from stages.storage import CHUNK_BYTES, ObjectStore, new_object_key
+from stages.storage import CHUNK_BYTES, ObjectStore, PresignedPost, new_object_key
 from tests.support.s3server import S3Endpoint, S3ServerError, running_seaweedfs
 
 PROJECT = "prj_storage"
@@ -74,17 +74,28 @@ def test_ensure_bucket_creates_it_once(s3: S3Endpoint) -> None:
     store.ping()
 
 
-def test_presigned_put_then_size_and_download_with_progress(
+def post(form: PresignedPost, data: bytes, **overrides: str) -> requests.Response:
+    """POST `data` with the form's fields, as `curl -F` does (the file goes last)."""
+    fields = {**form.fields, **overrides}
+    return requests.post(form.url, data=fields, files={"file": ("app.dump", data, OCTET["Content-Type"])}, timeout=60)
+
+
+def in_an_hour() -> datetime:
+    return datetime.now(UTC) + timedelta(hours=1)
+
+
+def test_presigned_post_then_size_and_download_with_progress(
     s3: S3Endpoint, store: ObjectStore, key: str, tmp_path: Path
 ) -> None:
     data = os.urandom(2 * CHUNK_BYTES + 12345)
-    url = store.presign_put(key, timedelta(hours=1))
+    form = store.presign_post(key, max_bytes=len(data), expires_at=in_an_hour())
     public = s3.url.replace("127.0.0.1", "localhost")
-    assert url.startswith(f"{public}/{store.bucket}/{key}?")
-    assert "X-Amz-Signature=" in url
+    assert form.url == f"{public}/{store.bucket}"
+    assert form.fields["key"] == key
+    assert {"policy", "x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz-algorithm"} <= set(form.fields)
 
-    response = requests.put(url, data=data, headers=OCTET, timeout=30)
-    assert response.status_code == 200, response.text
+    response = post(form, data)
+    assert response.status_code in (200, 201, 204), response.text
     assert store.size(key) == len(data)
 
     progress: list[tuple[int, int]] = []
@@ -95,6 +106,61 @@ def test_presigned_put_then_size_and_download_with_progress(
     assert [done for done, _ in progress] == [CHUNK_BYTES, 2 * CHUNK_BYTES, len(data)]
     assert {total for _, total in progress} == {len(data)}
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_a_presigned_post_above_max_bytes_is_refused_and_stores_nothing(store: ObjectStore, key: str) -> None:
+    form = store.presign_post(key, max_bytes=1000, expires_at=in_an_hour())
+    response = post(form, b"x" * 1001)
+    assert 400 <= response.status_code < 500, response.text
+    assert "EntityTooLarge" in response.text
+    with pytest.raises(ObjectMissing):
+        store.size(key)
+    # Exactly the limit is allowed.
+    assert post(form, b"x" * 1000).status_code in (200, 201, 204)
+    assert store.size(key) == 1000
+
+
+def test_a_presigned_post_cannot_be_used_for_another_key(store: ObjectStore, key: str) -> None:
+    form = store.presign_post(key, max_bytes=1000, expires_at=in_an_hour())
+    other = new_object_key(PROJECT, "0" * 16)
+    response = post(form, b"evil", key=other)
+    assert response.status_code == 403, response.text
+    assert "Policy Condition failed" in response.text
+    for missing in (key, other):
+        with pytest.raises(ObjectMissing):
+            store.size(missing)
+
+
+def test_an_expired_post_policy_is_refused(store: ObjectStore, key: str) -> None:
+    form = store.presign_post(key, max_bytes=1000, expires_at=datetime.now(UTC) + timedelta(seconds=1))
+    time.sleep(2)
+    response = post(form, b"late")
+    assert response.status_code == 403, response.text
+    assert "expired" in response.text
+    with pytest.raises(ObjectMissing):
+        store.size(key)
+
+
+def test_a_tampered_post_policy_is_refused(store: ObjectStore, key: str) -> None:
+    form = store.presign_post(key, max_bytes=1000, expires_at=in_an_hour())
+    signature = form.fields["x-amz-signature"]
+    forged = signature[:-1] + ("0" if signature[-1] != "0" else "1")
+    response = post(form, b"evil", **{"x-amz-signature": forged})
+    assert response.status_code == 403, response.text
+    assert "SignatureDoesNotMatch" in response.text
+    with pytest.raises(ObjectMissing):
+        store.size(key)
+
+
+def test_list_yields_every_object_under_a_prefix(store: ObjectStore, tmp_path: Path) -> None:
+    keys = sorted(new_object_key(PROJECT, secrets.token_hex(8)) for _ in range(3))
+    for n, key in enumerate(keys):
+        upload(store, key, b"x" * (n + 1), tmp_path)
+    upload(store, "elsewhere/file", b"y", tmp_path)
+    listed = list(store.list(f"imports/{PROJECT}/"))
+    assert [(o.key, o.size) for o in listed] == [(key, n + 1) for n, key in enumerate(keys)]
+    assert all(o.last_modified is not None for o in listed)
+    assert [o.key for o in store.list("imports/")] == keys
 
 
 def test_download_refuses_an_object_above_max_bytes(store: ObjectStore, key: str, tmp_path: Path) -> None:
@@ -135,29 +201,6 @@ def test_a_missing_bucket_is_object_missing(s3: S3Endpoint, key: str, tmp_path: 
     store.delete(key)
 
 
-def test_an_expired_presigned_url_is_refused(store: ObjectStore, key: str) -> None:
-    url = store.presign_put(key, timedelta(seconds=1))
-    time.sleep(2)
-    response = requests.put(url, data=b"late", headers=OCTET, timeout=30)
-    assert response.status_code == 403, response.text
-    assert "expired" in response.text
-    with pytest.raises(ObjectMissing):
-        store.size(key)
-
-
-def test_a_tampered_presigned_url_is_refused(store: ObjectStore, key: str) -> None:
-    url = store.presign_put(key, timedelta(hours=1))
-    last = url[-1]
-    forged_signature = url[:-1] + ("0" if last != "0" else "1")
-    other_key = url.replace(key, new_object_key(PROJECT, "0" * 16))
-    for forged in (forged_signature, other_key):
-        response = requests.put(forged, data=b"evil", headers=OCTET, timeout=30)
-        assert response.status_code == 403, response.text
-        assert "SignatureDoesNotMatch" in response.text
-    with pytest.raises(ObjectMissing):
-        store.size(key)
-
-
 def test_unreachable_storage_is_transient(s3: S3Endpoint, key: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -182,9 +225,9 @@ def test_presigning_makes_no_network_call(key: str) -> None:
     store = ObjectStore.from_settings(
         "http://127.0.0.1:9", "https://s3.example.invalid", "eu-west-3", "capy-imports", "ak", "sk", False
     )
-    url = store.presign_put(key, timedelta(minutes=5))
-    assert url.startswith(f"https://s3.example.invalid/capy-imports/{key}?")
-    assert "eu-west-3" in url
+    form = store.presign_post(key, max_bytes=10, expires_at=datetime.now(UTC) + timedelta(minutes=5))
+    assert form.url == "https://s3.example.invalid/capy-imports"
+    assert "/eu-west-3/" in form.fields["x-amz-credential"]
 
 
 def test_running_seaweedfs_fails_loudly_without_weed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,10 +5,12 @@ import random
 
 import pytest
 
+from pipeline import jobs
 from pipeline.models import Project
 from stages.errors import ObjectMissing
 from tests.support import pg
-from tests.support.imports import upload_and_import
+from tests.support.imports import create_upload, import_upload, upload_and_import
+from tests.support.uploading import post_file, upload_file
 from tests.support.world import make_world
 
 
@@ -72,9 +74,21 @@ def test_empty_upload_fails_in_preflight(control_db, store):
     assert job.error == "preflight check upload_not_empty failed: the uploaded object is empty; upload the pg_dump output again"
 
 
-def test_upload_over_the_storage_limit_is_refused(control_db, store, pagila_dumps):
+def test_upload_over_the_storage_limit_is_refused_by_storage(control_db, store, pagila_dumps):
     world = make_world(control_db, storage_limit_bytes=100_000)
-    job = upload_and_import(control_db, store, world, pagila_dumps[1]["custom"])
+    upload = create_upload(store, world)
+    refused = post_file(upload, pagila_dumps[1]["custom"])
+    assert 400 <= refused.status_code < 500 and "EntityTooLarge" in refused.text
+    with pytest.raises(ObjectMissing):
+        store.size(upload["object_key"])
+
+
+def test_storage_limit_lowered_after_the_upload_fails_the_import(control_db, store, pagila_dumps):
+    world = make_world(control_db)
+    upload = create_upload(store, world)
+    upload_file(upload, pagila_dumps[1]["custom"])
+    Project.update(storage_limit_bytes=100_000).where(Project.id == world.project.id).execute()
+    job = import_upload(control_db, world, upload["object_key"])
     assert job.state == "failed"
     assert "preflight check source_size_within_plan failed: the upload is" in job.error
     assert "raise the project's storage limit" in job.error
@@ -90,6 +104,10 @@ def test_plain_sql_failing_half_way_leaves_the_live_database_alone(control_db, s
     assert job.state == "failed" and job.retry_classification == "permanent"
     assert 'relation "nowhere" does not exist' in job.error
     assert job.last_exit_code == 3 and "nowhere" in job.last_stderr
+    # psql names the file it runs; users see a neutral name, not the worker's path.
+    for shown in (job.error, job.last_stderr, *(event.reason for event in jobs.events(job.id))):
+        assert control_db.work_dir not in shown and job.id + "/" not in shown
+    assert "psql:<dump>:3: ERROR:" in job.error and "psql:<dump>:3: ERROR:" in job.last_stderr
     assert pg.row_counts(live) == {"public.mine": 1}
     assert not pg.database_exists(job.preview_database_id)
 

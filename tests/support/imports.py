@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Settings
 from pipeline.imports import ImportRequest, start_import
@@ -14,7 +15,7 @@ from pipeline.uploads import Uploads
 from stages.pgurl import SourceURL
 from stages.storage import ObjectStore
 from tests.support.inline import InlineQueue
-from tests.support.uploading import put_file
+from tests.support.uploading import upload_file
 from tests.support.world import World
 
 
@@ -22,10 +23,20 @@ def run_import(settings: Settings, world: World, source_url: str, *, recreate: b
     return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse_source(source_url)))
 
 
+def create_upload(store: ObjectStore, world: World, *, expiry: dt.timedelta = dt.timedelta(hours=1)) -> dict[str, Any]:
+    """An upload form for the world's project, as POST …/imports/uploads answers it."""
+    return Uploads(store, expiry=expiry).create(world.project, Principal(world.org.id, None, "test"))
+
+
 def upload_and_import(settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False) -> Job:
-    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
-    put_file(upload["upload_url"], data)
-    return _run(settings, world, ImportRequest(recreate=recreate, upload_key=upload["object_key"]))
+    upload = create_upload(store, world)
+    upload_file(upload, data)
+    return import_upload(settings, world, upload["object_key"], recreate=recreate)
+
+
+def import_upload(settings: Settings, world: World, key: str, *, recreate: bool = False) -> Job:
+    """Run a whole import of an uploaded key, in-process."""
+    return _run(settings, world, ImportRequest(recreate=recreate, upload_key=key))
 
 
 def _run(settings: Settings, world: World, request: ImportRequest) -> Job:

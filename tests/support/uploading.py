@@ -1,13 +1,25 @@
-"""Uploading a dump the way a user does: create an upload, PUT to its presigned URL."""
+"""Uploading a dump the way a user does: POST it to the upload's presigned form."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import requests
 
 
-def put_file(upload_url: str, path: Path | bytes) -> None:
-    data = path if isinstance(path, bytes) else path.read_bytes()
-    resp = requests.put(upload_url, data=data, headers={"Content-Type": "application/octet-stream"}, timeout=120)
-    resp.raise_for_status()
+def post_file(upload: dict[str, Any], data: Path | bytes) -> requests.Response:
+    """POST `data` to an upload (the `upload` object of the API) as `curl -F` does:
+    every field of the form, then the file."""
+    body = data if isinstance(data, bytes) else data.read_bytes()
+    return requests.post(
+        upload["upload_url"],
+        data=upload["fields"],
+        files={"file": ("app.dump", body, "application/octet-stream")},
+        timeout=120,
+    )
+
+
+def upload_file(upload: dict[str, Any], data: Path | bytes) -> None:
+    """POST `data` to the upload; raise unless storage accepted it."""
+    post_file(upload, data).raise_for_status()
