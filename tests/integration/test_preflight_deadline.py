@@ -11,7 +11,7 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from tests.support import pg
-from tests.support.uploading import put_file
+from tests.support.uploading import upload_file
 from tests.support.world import make_world
 
 
@@ -34,7 +34,7 @@ def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(
         world.project, Principal(world.org.id, None, "test")
     )
-    put_file(upload["upload_url"], dump)
+    upload_file(upload, dump)
 
     began = time.monotonic()
     result = preflight_upload(
