@@ -402,3 +402,65 @@ def test_migrate_locks_down_the_control_database(control_db):
     pg.admin(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(sql.Identifier(control)))
     migrate(control_db.database_url)
     assert not public_can(control, "CONNECT") and not public_can(control, "TEMPORARY")
+
+
+@pytest.mark.parametrize("crash", ["before dropping the restore role", "before the swap"])
+def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, store, monkeypatch, crash):
+    from stages.cluster import ClusterAdmin
+
+    world = make_world(control_db)
+    job, queue = start_paused_before_finalize(
+        control_db, store, world, b"CREATE TABLE public.a (id int);\nCOPY public.a (id) FROM stdin;\n1\n2\n\\.\n"
+    )
+    method = "drop_role" if crash == "before dropping the restore role" else "swap"
+    real = getattr(ClusterAdmin, method)
+    crashes = []
+
+    def crash_once(self, *args, **kwargs):
+        if not crashes:
+            crashes.append(method)
+            raise RuntimeError(f"the worker died {crash}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClusterAdmin, method, crash_once)
+    queue.drain()
+    done = Job.get_by_id(job.id)
+    assert crashes == [method]
+    assert done.state == "completed", done.error
+    assert done.facts["report"]["tables"] == {"public.a": {"source_rows": 2, "target_rows": 2}}
+    assert done.facts["verification"] is None
+    live = world.project.database_name
+    assert read(live, "SELECT pg_catalog.count(*) FROM public.a") == [(2,)]
+    assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [
+        (world.project.role_name,)
+    ]
+    assert roles_exist(restore_role(job)) == set()
+
+
+def test_sweep_drops_restore_roles_of_ended_jobs_only(control_db, store):
+    from pipeline.sweep import sweep
+
+    world = make_world(control_db)
+    failed = upload_and_import(control_db, store, world, b"CREATE TABLE public.a (id int);\nSELECT 1/0;\n")
+    assert failed.state == "failed"
+    assert roles_exist(restore_role(failed)) == set()
+    # A worker that died while cleaning up leaves the role; another deployment's role
+    # (a job this control database does not know) is not ours to drop.
+    stranger = "capy_restore_" + "z" * 20
+    for role in (restore_role(failed), stranger):
+        pg.admin(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        done = sweep(control_db, Sealer(control_db.secret_key), store)
+        assert restore_role(failed) in done["restore_roles_dropped"]
+        assert stranger not in done["restore_roles_dropped"]
+        assert roles_exist(restore_role(failed), stranger) == {stranger}
+    finally:
+        pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(stranger)))
+
+
+def test_a_tenant_database_is_never_entered_as_a_superuser(scratch_db):
+    from stages.cluster import ClusterAdmin, RoleLogin
+    from stages.errors import PermanentError
+
+    with pytest.raises(PermanentError, match="the role 'postgres' is a superuser"):
+        ClusterAdmin(pg.ADMIN_URL).is_empty(scratch_db("capytgt"), RoleLogin("postgres", "x"))
