@@ -112,9 +112,6 @@ class ClusterAdmin:
             with conn.cursor() as cur:
                 yield cur
 
-    def database_url(self, dbname: str) -> SourceURL:
-        return self.url.with_params(dbname=dbname)
-
     def server_major(self) -> int:
         with self.connection() as conn:
             return server_major(conn)
