@@ -464,3 +464,10 @@ def test_a_tenant_database_is_never_entered_as_a_superuser(scratch_db):
 
     with pytest.raises(PermanentError, match="the role 'postgres' is a superuser"):
         ClusterAdmin(pg.ADMIN_URL).is_empty(scratch_db("capytgt"), RoleLogin("postgres", "x"))
+
+
+def test_a_new_projects_database_admits_only_its_own_role(control_db):
+    world = make_world(control_db)
+    live = world.project.database_name
+    assert not public_can(live, "CONNECT") and not public_can(live, "TEMPORARY")
+    assert pg.admin("SELECT has_database_privilege(%s, %s, 'CONNECT')", (world.project.role_name, live)) == [(True,)]
