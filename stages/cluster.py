@@ -36,9 +36,12 @@ from stages.pgurl import SourceURL
 
 log = logging.getLogger(__name__)
 
-# A startup option, not a SET: it overrides ALTER DATABASE / ALTER ROLE … SET search_path,
-# and pg_temp last means no temporary object can shadow a name either.
+# Startup options, not SETs: they override ALTER DATABASE / ALTER ROLE … SET. With
+# pg_temp last no temporary object can shadow a name either. `role=none` undoes an
+# `ALTER DATABASE … SET role = x` by the database's owner, which would otherwise make a
+# superuser's session in that database run as role x.
 PINNED_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
+PINNED_ROLE = "-c role=none"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,11 @@ class RoleLogin:
 
 
 def pinned(url: SourceURL, *extra: str) -> SourceURL:
-    """`url` with the pinned search_path (and `extra` startup options) added to its options."""
-    options = " ".join(part for part in (url.params.get("options", ""), PINNED_SEARCH_PATH, *extra) if part)
+    """`url` with the pinned search_path and role (and `extra` startup options) added to
+    its options, after any it has, so they win."""
+    options = " ".join(
+        part for part in (url.params.get("options", ""), PINNED_SEARCH_PATH, PINNED_ROLE, *extra) if part
+    )
     return url.with_params(options=options)
 
 

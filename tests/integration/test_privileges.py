@@ -27,7 +27,7 @@ from tests.support.inline import InlineQueue
 from tests.support.uploading import put_file
 from tests.support.world import make_world
 
-PINNED = "-c search_path=pg_catalog,pg_temp"
+PINNED = "-c search_path=pg_catalog,pg_temp -c role=none"
 
 # Everything the dump defines records who ran it: its own roles in `hijack_log`. Any
 # other role makes it raise, naming the role; a superuser also bumps a sequence first,
@@ -471,3 +471,22 @@ def test_a_new_projects_database_admits_only_its_own_role(control_db):
     live = world.project.database_name
     assert not public_can(live, "CONNECT") and not public_can(live, "TEMPORARY")
     assert pg.admin("SELECT has_database_privilege(%s, %s, 'CONNECT')", (world.project.role_name, live)) == [(True,)]
+
+
+def test_a_dump_cannot_make_the_service_run_as_another_role(control_db, store):
+    # A database owner may `ALTER DATABASE … SET role`: a superuser entering that
+    # database would then act as that role (here the restore role, which may not hand
+    # itself over) unless the session resets it.
+    world = make_world(control_db)
+    script = (
+        b"CREATE TABLE public.a (id int);\n"
+        b"DO $$ BEGIN EXECUTE pg_catalog.format('ALTER DATABASE %I SET role = %L', "
+        b"pg_catalog.current_database(), current_user); END $$;\n"
+    )
+    job = upload_and_import(control_db, store, world, script)
+    assert job.state == "completed", job.error
+    live = world.project.database_name
+    assert read(live, "SELECT current_user") == [("postgres",)]
+    assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [
+        (world.project.role_name,)
+    ]

@@ -1,13 +1,16 @@
 """Every session on a project cluster carries the pinned search_path as a startup option."""
 
-from stages.cluster import PINNED_SEARCH_PATH, ClusterAdmin, RoleLogin, pinned
+from stages.cluster import PINNED_ROLE, PINNED_SEARCH_PATH, ClusterAdmin, RoleLogin, pinned
 from stages.pgurl import SourceURL
 
 
 def test_the_pin_is_added_to_a_url_without_options():
     url = SourceURL.parse("postgresql://admin:pw@db.internal:5432/postgres", default_sslmode=None)
-    assert pinned(url).params["options"] == "-c search_path=pg_catalog,pg_temp" == PINNED_SEARCH_PATH
-    assert pinned(url, "-c row_security=off").params["options"] == PINNED_SEARCH_PATH + " -c row_security=off"
+    assert PINNED_SEARCH_PATH == "-c search_path=pg_catalog,pg_temp" and PINNED_ROLE == "-c role=none"
+    assert pinned(url).params["options"] == "-c search_path=pg_catalog,pg_temp -c role=none"
+    assert pinned(url, "-c row_security=off").params["options"] == (
+        "-c search_path=pg_catalog,pg_temp -c role=none -c row_security=off"
+    )
 
 
 def test_the_pin_comes_after_options_the_admin_url_sets_so_it_wins():
@@ -16,7 +19,7 @@ def test_the_pin_comes_after_options_the_admin_url_sets_so_it_wins():
         default_sslmode=None,
     )
     assert pinned(url).params["options"] == (
-        "-c search_path=public -c statement_timeout=5000 -c search_path=pg_catalog,pg_temp"
+        "-c search_path=public -c statement_timeout=5000 -c search_path=pg_catalog,pg_temp -c role=none"
     )
 
 
