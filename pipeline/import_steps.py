@@ -271,6 +271,11 @@ class ImportSteps:
         if retired and not admin.database_exists(preview):
             # A previous attempt swapped and then lost its commit: the swap is done.
             return {"report": job.facts.get("report", {}), "replaced_database": retired.database_name}
+        if not admin.database_exists(preview):
+            raise PermanentError(
+                f"the preview database {preview!r} no longer exists (a failed import drops it); "
+                "retry the import from the restore stage"
+            )
         source = job.facts["source_description"]
         verified = job.facts.get("verification") or self._verify(context, admin, preview)
         target_counts, target = verified["target_counts"], verified["target"]
@@ -317,7 +322,7 @@ class ImportSteps:
         if not admin.role_exists(role):
             raise PermanentError(
                 f"the preview database {preview!r} can no longer be verified (its restore role is gone); "
-                "retry the import"
+                "retry the import from the restore stage"
             )
         context.progress({"phase": "verifying tables, rows and sequences"})
         target_counts, target = verify_preview(
