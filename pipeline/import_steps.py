@@ -325,6 +325,7 @@ class ImportSteps:
                 "retry the import from the restore stage"
             )
         context.progress({"phase": "verifying tables, rows and sequences"})
+        admin.reopen(preview)  # the dump may have set its connection limit to 0
         target_counts, target = verify_preview(
             admin,
             preview,

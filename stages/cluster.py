@@ -87,7 +87,8 @@ class ClusterAdmin:
     def role_connection(
         self, dbname: str, login: RoleLogin, *extra_options: str, readonly: bool = True
     ) -> Iterator[psycopg2.extensions.connection]:
-        """A session in a tenant database as one of the tenant's roles, search_path pinned.
+        """A session in a tenant database as one of the tenant's roles, search_path and
+        role pinned.
 
         Refuses a role that turns out to be a superuser: a tenant database is never
         entered with more than the tenant's own privileges this way.
@@ -231,19 +232,24 @@ class ClusterAdmin:
                     "it can no longer log in, and capy-imports sweep retries dropping it"
                 ) from err
 
+    def reopen(self, database: str) -> None:
+        """Undo what an owner may have done to its database's options: IS_TEMPLATE makes
+        it undroppable, ALLOW_CONNECTIONS false and CONNECTION LIMIT 0 unreachable."""
+        with self.autocommit() as cur:
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1").format(
+                    sql.Identifier(database)
+                )
+            )
+
     def hand_over(self, database: str, *, from_role: str, to_role: str) -> None:
         """Give `database` and everything in it from `from_role` to `to_role`, then drop
         `from_role`. Idempotent: a retry after any part of it finishes the rest.
 
-        Whatever the dump did to the database's own settings is undone first
-        (IS_TEMPLATE would make it undroppable, ALLOW_CONNECTIONS false unreachable).
+        Whatever the dump did to the database's options is undone first (`reopen`).
         REASSIGN and DROP OWNED run no user code; the session's search_path is pinned.
         """
-        name = sql.Identifier(database)
-        with self.autocommit() as cur:
-            cur.execute(
-                sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1").format(name)
-            )
+        self.reopen(database)
         if self.role_exists(from_role):
             with self.autocommit(database) as cur:
                 cur.execute(
@@ -271,8 +277,9 @@ class ClusterAdmin:
     ) -> None:
         """Create extensions (name -> schema) in `database` as the admin, as managed
         platforms do for their allowlist; a schema that does not exist yet is created
-        owned by the project role, so the restore can fill it. The source's comments
-        on them are applied as values, never as SQL text from a dump."""
+        owned by `owner` (the import's restore role), so the restore can fill it. Only
+        in a freshly created preview, before any of the dump's SQL has run there. The
+        source's comments on them are applied as values, never as SQL text from a dump."""
         with self.autocommit(database) as cur:
             self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():

@@ -490,3 +490,22 @@ def test_a_dump_cannot_make_the_service_run_as_another_role(control_db, store):
     assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [
         (world.project.role_name,)
     ]
+
+
+@pytest.mark.parametrize("then", ["completes", "fails"])
+def test_a_dump_that_marks_its_database_a_template_cannot_keep_it_undroppable(control_db, store, then):
+    world = make_world(control_db)
+    script = (
+        b"CREATE TABLE public.a (id int);\n"
+        b"DO $$ BEGIN EXECUTE pg_catalog.format('ALTER DATABASE %I WITH IS_TEMPLATE true CONNECTION LIMIT 0', "
+        b"pg_catalog.current_database()); END $$;\n"
+    ) + (b"SELECT 1/0;\n" if then == "fails" else b"")
+    job = upload_and_import(control_db, store, world, script)
+    if then == "fails":
+        assert job.state == "failed" and "division by zero" in job.error
+        assert not pg.database_exists(job.preview_database_id)
+    else:
+        assert job.state == "completed", job.error
+        live = world.project.database_name
+        assert pg.admin("SELECT datistemplate, datconnlimit FROM pg_database WHERE datname = %s", (live,)) == [(False, -1)]
+    assert roles_exist(restore_role(job)) == set()
