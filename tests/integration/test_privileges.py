@@ -509,3 +509,31 @@ def test_a_dump_that_marks_its_database_a_template_cannot_keep_it_undroppable(co
         live = world.project.database_name
         assert pg.admin("SELECT datistemplate, datconnlimit FROM pg_database WHERE datname = %s", (live,)) == [(False, -1)]
     assert roles_exist(restore_role(job)) == set()
+
+
+def test_role_passwords_work_under_password_authentication(password_source):
+    # The local cluster trusts every login; this one checks SCRAM passwords, which the
+    # service sends only as verifiers it computed (never as plaintext in a statement).
+    from stages.cluster import ClusterAdmin, RoleLogin
+    from stages.errors import CapyError
+
+    admin = ClusterAdmin(password_source.url())
+    name = "capy_restore_" + "p" * 20
+    try:
+        login = admin.ensure_restore_role(name)
+        with admin.role_connection("postgres", login) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user, current_setting('search_path')")
+            assert cur.fetchone() == (name, "pg_catalog,pg_temp")
+        again = admin.ensure_restore_role(name)  # a new password: the old one stops working
+        assert again.password != login.password
+        with pytest.raises(CapyError, match="password authentication failed"):
+            with admin.role_connection("postgres", login):
+                pass
+        with admin.role_connection("postgres", again):
+            pass
+        admin.ensure_role("capy_prj_" + "p" * 20, "project-secret")
+        with admin.role_connection("postgres", RoleLogin("capy_prj_" + "p" * 20, "project-secret")):
+            pass
+    finally:
+        admin.drop_role(name)
+        admin.drop_role("capy_prj_" + "p" * 20)
