@@ -22,7 +22,7 @@ from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
-from stages.cluster import ClusterAdmin
+from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import CommandResult, PgTools
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
@@ -54,6 +54,14 @@ class StageContext:
 
 def preview_name(job: Job) -> str:
     return "capy_preview_" + job.id.removeprefix("job_")
+
+
+RESTORE_ROLE_PREFIX = "capy_restore_"
+
+
+def restore_role_name(job: Job) -> str:
+    """The role that runs this import's dump: it owns the preview and nothing else."""
+    return RESTORE_ROLE_PREFIX + job.id.removeprefix("job_")
 
 
 class ImportSteps:
@@ -229,7 +237,8 @@ class ImportSteps:
         }
 
     def restore(self, context: StageContext) -> dict[str, Any]:
-        """Restore into a fresh preview owned by the project role, as that role."""
+        """Restore into a fresh preview owned by the import's restore role, as that role:
+        the dump's SQL can reach nothing but this preview."""
         job = context.job
         dump_path = job.facts["dump_path"]
         if not os.path.exists(dump_path):
@@ -239,18 +248,20 @@ class ImportSteps:
             )
         admin = self._admin(job)
         project = Project.get_by_id(job.project_id)
-        role, password = project_role(project, admin, self.sealer)
+        # Projects created before the service revoked PUBLIC's access get it revoked now.
+        admin.lock_down(project.database_name)
         preview = preview_name(job)
         context.set_fields(preview_database_id=preview)
         context.progress({"phase": "creating the preview database", "preview_database_id": preview})
         admin.drop_database(preview)  # a retried restore starts from an empty preview
-        admin.create_database(preview, owner=role)
+        restorer = admin.ensure_restore_role(restore_role_name(job))
+        admin.create_database(preview, owner=restorer.name)
+        # In the empty preview, before any of the dump's SQL has run.
         admin.create_extensions(
-            preview, role, job.facts.get("extensions", {}), job.facts.get("extension_comments", {})
+            preview, restorer.name, job.facts.get("extensions", {}), job.facts.get("extension_comments", {})
         )
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
-        base = admin.database_url(preview)
-        target = SourceURL(params={**base.params, "user": role}, password=password)
+        target = admin.role_url(preview, restorer)
         fmt = job.facts["dump_format"]
         if fmt in ("plain", "gzip-plain"):
             restore_plain(self._tools(job), target, dump_path)
@@ -258,7 +269,8 @@ class ImportSteps:
             restore_archive(
                 self._tools(job), target, dump_path, jobs=self.settings.concurrency, fmt=fmt, list_file=job.facts["restore_list"]
             )
-        return {"preview_database": preview}
+        # A verification of an earlier preview (a restore retried by an operator) is void.
+        return {"preview_database": preview, "verification": None}
 
     def finalize(self, context: StageContext) -> dict[str, Any]:
         job = context.job
@@ -269,24 +281,33 @@ class ImportSteps:
         if retired and not admin.database_exists(preview):
             # A previous attempt swapped and then lost its commit: the swap is done.
             return {"report": job.facts.get("report", {}), "replaced_database": retired.database_name}
-        context.progress({"phase": "verifying tables, rows and sequences"})
+        if not admin.database_exists(preview):
+            raise PermanentError(
+                f"the preview database {preview!r} no longer exists (a failed import drops it); "
+                "retry the import from the restore stage"
+            )
         source = job.facts["source_description"]
-        target_counts, target = verify_preview(
-            admin, preview, job.facts["source_counts"], job.facts.get("uncounted_tables", []), source["sequences"]
-        )
+        verified = job.facts.get("verification") or self._verify(context, admin, preview)
+        target_counts, target = verified["target_counts"], verified["target"]
+        context.progress({"phase": "handing the preview over to the project's role"})
+        owner = RoleLogin(*project_role(project, admin, self.sealer))
+        admin.hand_over(preview, from_role=restore_role_name(job), to_role=owner.name)
         # The gate again, just before the destructive step: the project's database
         # may have received data since preflight.
-        if not job.recreate and not admin.is_empty(project.database_name):
+        if not job.recreate and not admin.is_empty(project.database_name, owner):
             raise PermanentError(
                 "the project's database is no longer empty; it received objects after the "
                 'import started. Send "recreate": true to replace them'
             )
         if retired is None:
+            replaced = f"{project.database_name}_replaced_{self.clock():%Y%m%d%H%M%S}"
+            if admin.database_exists(replaced):  # two imports of the project within a second
+                replaced += "_" + job.id.removeprefix("job_")[:6]
             retired = RetiredDatabase.create(
                 cluster=job.cluster_id,
                 project=project.id,
                 job=job.id,
-                database_name=f"{project.database_name}_replaced_{self.clock():%Y%m%d%H%M%S}",
+                database_name=replaced,
                 drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
         context.progress({"phase": "swapping the preview in"})
@@ -301,11 +322,37 @@ class ImportSteps:
             uncounted=job.facts.get("uncounted_tables", []),
         )
         report["replaced_database"] = retired.database_name
-        return {"report": report, "replaced_database": retired.database_name}
+        return {"report": report, "replaced_database": retired.database_name, "verification": None}
+
+    def _verify(self, context: StageContext, admin: ClusterAdmin, preview: str) -> dict[str, Any]:
+        """Verify the preview as its restore role and record the result on the job before
+        the hand-over: a finalize retried after it cannot connect as that role again."""
+        job = context.job
+        role = restore_role_name(job)
+        if not admin.role_exists(role):
+            raise PermanentError(
+                f"the preview database {preview!r} can no longer be verified (its restore role is gone); "
+                "retry the import from the restore stage"
+            )
+        context.progress({"phase": "verifying tables, rows and sequences"})
+        admin.reopen(preview)  # the dump may have set its connection limit to 0
+        target_counts, target = verify_preview(
+            admin,
+            preview,
+            admin.ensure_restore_role(role),  # a new password: none is ever stored
+            job.facts["source_counts"],
+            job.facts.get("uncounted_tables", []),
+            job.facts["source_description"]["sequences"],
+            allowlist=self.settings.extension_allowlist,
+        )
+        verified = {"target_counts": target_counts, "target": target}
+        context.set_fields(facts={**job.facts, "verification": verified})
+        return verified
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:
-        then `capy-imports sweep` deletes it later) and, after a failure, its preview."""
+        then `capy-imports sweep` deletes it later) and, after a failure, its preview;
+        then its restore role."""
         shutil.rmtree(self._work_dir(job), ignore_errors=True)
         if job.upload_key and self.settings.upload_retention_seconds <= 0:
             try:
@@ -319,6 +366,12 @@ class ImportSteps:
                 self._admin(job).drop_database(job.preview_database_id)
             except Exception:
                 log.exception("job %s: could not drop preview %s", job.id, job.preview_database_id)
+        if job.preview_database_id:
+            # After the preview (which it owns) is gone; a completed job's was dropped at the hand-over.
+            try:
+                self._admin(job).drop_role(restore_role_name(job))
+            except Exception:
+                log.exception("job %s: could not drop its restore role", job.id)
 
     def stop_sessions(self, job: Job) -> None:
         """After an attempt failed and will be retried: end every session still in the

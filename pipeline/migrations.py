@@ -1,8 +1,9 @@
 """Schema migrations of the control database, applied in order, each once.
 
 `migrate()` is idempotent: it takes an advisory lock (so two `release` processes do
-not race), creates the control database if it is missing, and applies only the
-versions not yet recorded in `schema_migrations`.
+not race), creates the control database if it is missing, applies only the versions
+not yet recorded in `schema_migrations`, and revokes PUBLIC's CONNECT and TEMPORARY
+on the control database.
 """
 
 from __future__ import annotations
@@ -243,6 +244,10 @@ def migrate(url: str) -> list[str]:
                 cur.execute(statements)
                 cur.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
+            # The control database may share a cluster with tenants' databases: no role
+            # but its owner (and superusers) may connect to it or create temporary
+            # objects there. Idempotent; a no-op with a warning if we are not its owner.
+            cur.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
     finally:
         conn.close()
     return applied

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline import audit
-from pipeline.accounts import cluster_admin
+from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.imports import ImportRequest
 from pipeline.limits import preflight_command_limit
@@ -22,6 +22,7 @@ from pipeline.models import Cluster, Project
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from stages.checks import Preflight, Target
+from stages.cluster import RoleLogin
 from stages.commands import PgTools
 from stages.errors import ObjectMissing, PermanentError
 from stages.pgurl import SourceURL
@@ -45,6 +46,7 @@ def target_for(project: Project, settings: Settings, sealer: Sealer, *, recreate
     return describe_target(
         admin,
         project.database_name,
+        owner=RoleLogin(*project_role(project, admin, sealer)),
         recreate=recreate,
         storage_limit_bytes=project.storage_limit_bytes,
         allowlist=settings.extension_allowlist,

@@ -8,7 +8,8 @@
   ended, or an object nobody issued;
 - databases replaced by an import are dropped once their `drop_after` has passed;
 - previews of ended jobs that are still on a cluster (a worker died while cleaning
-  up) are dropped.
+  up) are dropped;
+- restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews.
 Each action is idempotent; the summary says what was done.
 """
 
@@ -21,8 +22,10 @@ from typing import Any
 
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
+from pipeline.import_steps import RESTORE_ROLE_PREFIX
 from pipeline.models import ACTIVE_STATES, FINAL_STATES, Cluster, Job, RetiredDatabase, Upload, utcnow
 from pipeline.sealing import Sealer
+from stages.cluster import ClusterAdmin
 from stages.errors import CapyError, ObjectMissing
 from stages.storage import KEY_PREFIX, ObjectStore
 
@@ -35,7 +38,13 @@ def sweep(
     settings: Settings, sealer: Sealer, store: ObjectStore, *, clock: Callable[[], dt.datetime] = utcnow
 ) -> dict[str, Any]:
     now = clock()
-    done: dict[str, Any] = {"uploads_deleted": [], "replaced_databases_dropped": [], "previews_dropped": [], "errors": []}
+    done: dict[str, Any] = {
+        "uploads_deleted": [],
+        "replaced_databases_dropped": [],
+        "previews_dropped": [],
+        "restore_roles_dropped": [],
+        "errors": [],
+    }
     retention = dt.timedelta(seconds=max(0, settings.upload_retention_seconds))
     for job in Job.select().where(
         Job.upload_key.is_null(False) & Job.state.in_(FINAL_STATES) & (Job.completed_at <= now - retention)
@@ -72,6 +81,8 @@ def sweep(
                 done["previews_dropped"].append(job.preview_database_id)
         except CapyError as err:
             done["errors"].append(f"preview {job.preview_database_id}: {err.message}")
+    for cluster in Cluster.select():
+        _drop_restore_roles(cluster_admin(cluster, sealer), done)
     return done
 
 
@@ -150,3 +161,23 @@ def _sweep_page(
 
 def _held_by_active_job(keys: list[str]) -> set[str]:
     return {j.upload_key for j in Job.select(Job.upload_key).where(Job.upload_key.in_(keys) & Job.state.in_(ACTIVE_STATES))}
+
+
+def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
+    """Drop the restore roles of this deployment's ended jobs. A role whose job is still
+    active, or unknown here (another deployment sharing the cluster), is left alone."""
+    try:
+        roles = admin.roles_like(RESTORE_ROLE_PREFIX)
+    except CapyError as err:
+        done["errors"].append(f"restore roles: {err.message}")
+        return
+    for role in roles:
+        job = Job.get_or_none(Job.id == "job_" + role.removeprefix(RESTORE_ROLE_PREFIX))
+        if job is None or job.state not in FINAL_STATES:
+            continue
+        try:
+            admin.drop_role(role)
+        except CapyError as err:
+            done["errors"].append(f"role {role}: {err.message}")
+            continue
+        done["restore_roles_dropped"].append(role)

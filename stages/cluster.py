@@ -1,14 +1,28 @@
-"""Administration of a project cluster: databases are created, swapped and retired here.
+"""Administration of a project cluster: databases and roles are created, handed over,
+swapped and retired here.
 
-All statements use the cluster's admin URL. Database names are always passed through
+Statements use the cluster's admin URL (today a superuser: see README, "Security: the
+privilege model"). Database and role names are always passed through
 `psycopg2.sql.Identifier`; nothing user-supplied is interpolated into SQL.
+
+Every session opened here, as the admin or as a tenant's role, pins `search_path` to
+`pg_catalog, pg_temp` with a startup option. A tenant owns objects in `public` of its
+databases and can `ALTER DATABASE … SET search_path`; a startup option overrides that
+setting, so no name in our queries resolves to an operator or function a dump defined
+(the CVE-2018-1058 class of attack). Admin sessions enter a tenant-writable database
+only to create allowlisted extensions in a fresh, empty preview and to hand a verified
+preview over (REASSIGN / DROP OWNED): statements that run no user code. Everything else
+inside a tenant database runs as the tenant's own unprivileged roles.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import secrets
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import psycopg2
 import psycopg2.errors
@@ -19,6 +33,32 @@ from stages import inventory
 from stages.connect import connect, server_major
 from stages.errors import PermanentError, TransientError
 from stages.pgurl import SourceURL
+
+log = logging.getLogger(__name__)
+
+# Startup options, not SETs: they override ALTER DATABASE / ALTER ROLE … SET. With
+# pg_temp last no temporary object can shadow a name either. `role=none` undoes an
+# `ALTER DATABASE … SET role = x` by the database's owner, which would otherwise make a
+# superuser's session in that database run as role x.
+PINNED_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
+PINNED_ROLE = "-c role=none"
+
+
+@dataclass(frozen=True)
+class RoleLogin:
+    """A tenant-side role the service connects as: the project role or a restore role."""
+
+    name: str
+    password: str = field(repr=False)
+
+
+def pinned(url: SourceURL, *extra: str) -> SourceURL:
+    """`url` with the pinned search_path and role (and `extra` startup options) added to
+    its options, after any it has, so they win."""
+    options = " ".join(
+        part for part in (url.params.get("options", ""), PINNED_SEARCH_PATH, PINNED_ROLE, *extra) if part
+    )
+    return url.with_params(options=options)
 
 
 class ClusterAdmin:
@@ -31,9 +71,43 @@ class ClusterAdmin:
 
     @contextlib.contextmanager
     def connection(self, dbname: str | None = None) -> Iterator[psycopg2.extensions.connection]:
+        """An admin session (search_path pinned), in the maintenance database by default."""
         url = self.url if dbname is None else self.url.with_params(dbname=dbname)
+        conn = connect(pinned(url), role="project cluster", timeout=self.timeout)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def role_url(self, dbname: str, login: RoleLogin) -> SourceURL:
+        """The cluster's address, as `login`, in `dbname` (for pg_restore and psql)."""
+        return SourceURL(params={**self.url.params, "dbname": dbname, "user": login.name}, password=login.password)
+
+    @contextlib.contextmanager
+    def role_connection(
+        self, dbname: str, login: RoleLogin, *extra_options: str, readonly: bool = True
+    ) -> Iterator[psycopg2.extensions.connection]:
+        """A session in a tenant database as one of the tenant's roles, search_path and
+        role pinned.
+
+        Refuses a role that turns out to be a superuser: a tenant database is never
+        entered with more than the tenant's own privileges this way.
+        """
+        url = pinned(self.role_url(dbname, login), *extra_options)
         conn = connect(url, role="project cluster", timeout=self.timeout)
         try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_catalog.bool_or(rolsuper) FROM pg_catalog.pg_roles "
+                    "WHERE rolname OPERATOR(pg_catalog.=) ANY (ARRAY[session_user, current_user])"
+                )
+                if cur.fetchone()[0]:
+                    raise PermanentError(
+                        f"the role {login.name!r} is a superuser; the service enters a tenant's "
+                        "database only as an unprivileged role (ALTER ROLE … NOSUPERUSER)"
+                    )
+            conn.rollback()
+            conn.set_session(readonly=readonly)
             yield conn
         finally:
             conn.close()
@@ -45,40 +119,150 @@ class ClusterAdmin:
             with conn.cursor() as cur:
                 yield cur
 
-    def database_url(self, dbname: str) -> SourceURL:
-        return self.url.with_params(dbname=dbname)
-
     def server_major(self) -> int:
         with self.connection() as conn:
             return server_major(conn)
 
     def database_exists(self, name: str) -> bool:
         with self.autocommit() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            cur.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
             return cur.fetchone() is not None
 
     def create_database(self, name: str, *, owner: str | None = None) -> None:
         """Create an empty database from template0 (UTF-8, no leftovers of template1),
-        owned by `owner` (the project role) when given."""
-        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(
+        owned by `owner` when given, that no other role can connect to.
+
+        It is created refusing connections, locked down, then opened: no other role
+        can slip a session in between CREATE and REVOKE.
+        """
+        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false").format(
             sql.Identifier(name)
         )
         if owner:
             statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with self.autocommit() as cur:
             cur.execute(statement)
+            self._lock_down(cur, name)
+            cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+
+    def lock_down(self, name: str) -> None:
+        """Only the owner (and the admin) may connect to `name` or create temporary
+        objects there: CONNECT and TEMPORARY are revoked from PUBLIC and from any other
+        role a grant named."""
+        with self.autocommit() as cur:
+            self._lock_down(cur, name)
+
+    @staticmethod
+    def _lock_down(cur: psycopg2.extensions.cursor, name: str) -> None:
+        cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+        cur.execute(
+            "SELECT DISTINCT pg_catalog.pg_get_userbyid(a.grantee) FROM pg_catalog.pg_database d, "
+            "pg_catalog.aclexplode(d.datacl) a WHERE d.datname OPERATOR(pg_catalog.=) %s "
+            "AND a.grantee OPERATOR(pg_catalog.<>) 0 AND a.grantee OPERATOR(pg_catalog.<>) d.datdba",
+            (name,),
+        )
+        for (grantee,) in cur.fetchall():
+            cur.execute(
+                sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(sql.Identifier(name), sql.Identifier(grantee))
+            )
 
     def ensure_role(self, name: str, password: str) -> None:
         """Create the project's login role, or reset its password: never a superuser,
         no CREATEDB, no CREATEROLE. It owns the project's database and everything in it."""
+        self._ensure_login(name, password, "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION")
+
+    def ensure_restore_role(self, name: str) -> RoleLogin:
+        """Create an import's restore role, or give it a new random password.
+
+        It runs the dump's SQL and may reach only the preview it owns: no superuser,
+        CREATEDB, CREATEROLE or REPLICATION. It keeps INHERIT: the `public` schema of a
+        PostgreSQL 15 database belongs to `pg_database_owner`, whose privileges reach
+        the database's owner only through inheritance; it is a member of no other role.
+        BYPASSRLS (which only a superuser can grant) lets it restore and count tables
+        under FORCE ROW LEVEL SECURITY exactly; within its own preview that reveals
+        nothing it did not load.
+        The password is never stored: each stage that connects as the role sets a new one.
+        """
+        login = RoleLogin(name, secrets.token_urlsafe(32))
+        self._ensure_login(
+            name, login.password, "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT BYPASSRLS"
+        )
+        return login
+
+    def _ensure_login(self, name: str, password: str, attributes: str) -> None:
+        with self.connection() as conn:
+            conn.autocommit = True
+            # Sent as a SCRAM verifier computed here, so the password never appears in
+            # the server's statement log.
+            verifier = psycopg2.extensions.encrypt_password(password, name, scope=conn, algorithm="scram-sha-256")
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s", (name,))
+                verb = "ALTER" if cur.fetchone() else "CREATE"
+                cur.execute(
+                    sql.SQL(verb + " ROLE {} LOGIN " + attributes + " PASSWORD {}").format(
+                        sql.Identifier(name), sql.Literal(verifier)
+                    )
+                )
+
+    def role_exists(self, name: str) -> bool:
         with self.autocommit() as cur:
-            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
-            verb = "ALTER" if cur.fetchone() else "CREATE"
+            cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s", (name,))
+            return cur.fetchone() is not None
+
+    def roles_like(self, prefix: str) -> list[str]:
+        """Names of the roles that start with `prefix`."""
+        with self.autocommit() as cur:
             cur.execute(
-                sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                    sql.Identifier(name), sql.Literal(password)
+                "SELECT rolname FROM pg_catalog.pg_roles "
+                "WHERE pg_catalog.left(rolname::text, %s) OPERATOR(pg_catalog.=) %s ORDER BY 1",
+                (len(prefix), prefix),
+            )
+            return [name for (name,) in cur.fetchall()]
+
+    def drop_role(self, name: str) -> None:
+        """Drop a role if it exists. One that still owns or holds something somewhere is
+        stripped of LOGIN and BYPASSRLS instead, and the failure raised for a later sweep."""
+        with self.autocommit() as cur:
+            try:
+                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            except psycopg2.errors.DependentObjectsStillExist as err:
+                cur.execute(sql.SQL("ALTER ROLE {} NOLOGIN NOBYPASSRLS").format(sql.Identifier(name)))
+                raise TransientError(
+                    f"the role {name!r} still owns objects or holds privileges ({err.pgerror.strip()}); "
+                    "it can no longer log in, and capy-imports sweep retries dropping it"
+                ) from err
+
+    def reopen(self, database: str) -> None:
+        """Undo what an owner may have done to its database's options: IS_TEMPLATE makes
+        it undroppable, ALLOW_CONNECTIONS false and CONNECTION LIMIT 0 unreachable."""
+        with self.autocommit() as cur:
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1").format(
+                    sql.Identifier(database)
                 )
             )
+
+    def hand_over(self, database: str, *, from_role: str, to_role: str) -> None:
+        """Give `database` and everything in it from `from_role` to `to_role`, then drop
+        `from_role`. Idempotent: a retry after any part of it finishes the rest.
+
+        Whatever the dump did to the database's options is undone first (`reopen`).
+        REASSIGN and DROP OWNED run no user code; the session's search_path is pinned.
+        """
+        self.reopen(database)
+        if self.role_exists(from_role):
+            with self.autocommit(database) as cur:
+                cur.execute(
+                    sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(from_role), sql.Identifier(to_role))
+                )
+                cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(from_role)))
+        self.set_owner(database, to_role)
+        self.lock_down(database)
+        try:
+            self.drop_role(from_role)
+        except TransientError as err:
+            # The database is handed over either way; the role can no longer log in.
+            log.warning("%s", err.message)
 
     def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:
@@ -93,8 +277,9 @@ class ClusterAdmin:
     ) -> None:
         """Create extensions (name -> schema) in `database` as the admin, as managed
         platforms do for their allowlist; a schema that does not exist yet is created
-        owned by the project role, so the restore can fill it. The source's comments
-        on them are applied as values, never as SQL text from a dump."""
+        owned by `owner` (the import's restore role), so the restore can fill it. Only
+        in a freshly created preview, before any of the dump's SQL has run there. The
+        source's comments on them are applied as values, never as SQL text from a dump."""
         with self.autocommit(database) as cur:
             self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():
@@ -116,13 +301,21 @@ class ClusterAdmin:
             )
 
     def drop_database(self, name: str) -> None:
-        """Drop a database if it exists, disconnecting anyone still in it."""
+        """Drop a database if it exists, disconnecting anyone still in it (its owner may
+        have marked it a template, which DROP DATABASE refuses)."""
         with self.autocommit() as cur:
+            cur.execute("SELECT datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
+            row = cur.fetchone()
+            if row and row[0]:
+                cur.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
-    def is_empty(self, name: str) -> bool:
-        with self.connection(name) as conn:
-            return inventory.is_empty(conn)
+    def is_empty(self, name: str, owner: RoleLogin) -> bool:
+        """Whether `name` holds no user objects, read as its owner (the project role)."""
+        with self.role_connection(name, owner) as conn:
+            empty = inventory.is_empty(conn)
+            conn.rollback()
+            return empty
 
     def swap(self, *, live: str, preview: str, replaced: str, attempts: int = 5) -> None:
         """Make `preview` the live database, keeping the old live one as `replaced`.

@@ -8,34 +8,48 @@ warnings on a completed job.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from stages import inventory
-from stages.cluster import ClusterAdmin
+from stages.cluster import ClusterAdmin, RoleLogin
 from stages.errors import PermanentError
+from stages.extensions import ALWAYS_ALLOWED
 
 
 class VerificationFailed(PermanentError):
     """The restored database does not match the source."""
 
 
+class ExtensionNotAllowed(PermanentError):
+    """The restored database holds an extension outside the allowlist."""
+
+
 def verify_preview(
     admin: ClusterAdmin,
     preview: str,
+    restorer: RoleLogin,
     source_counts: dict[str, int],
     present: list[str] = (),
     source_sequences: dict[str, int | None] | None = None,
+    *,
+    allowlist: Iterable[str],
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Count every table of the preview and compare with the source's counts; the
     tables in `present` (whose source count is unknown) must merely exist; every
-    sequence of the source must have its value.
+    sequence of the source must have its value; every extension installed must be on
+    the allowlist.
 
-    Raises VerificationFailed naming every problem; returns the preview's row counts
-    and its description (object counts, sequences, extensions) otherwise.
+    Reads the preview as `restorer`, the unprivileged role that restored it (it
+    bypasses row-level security, so counts are exact), never as the admin.
+    Raises ExtensionNotAllowed or VerificationFailed naming every problem; returns the
+    preview's row counts and its description (object counts, sequences, extensions).
     """
-    with admin.connection(preview) as conn:
+    with admin.role_connection(preview, restorer, "-c row_security=off") as conn:
         target_counts = inventory.count_rows(conn)
         description = inventory.describe(conn)
+        conn.rollback()
+    check_extensions(description["extensions"], allowlist)
     problems = inventory.compare_counts(source_counts, target_counts)
     problems += [f"table {table} is missing" for table in present if table not in target_counts]
     target_sequences = description["sequences"]
@@ -52,6 +66,24 @@ def verify_preview(
             "the project's database was not changed"
         )
     return target_counts, description
+
+
+def check_extensions(installed: Iterable[str], allowlist: Iterable[str]) -> None:
+    """Fail naming every installed extension outside the allowlist.
+
+    Extensions the dump names plainly are refused before the restore; this catches the
+    ones it installs any other way (a statement built in a DO block or a function, a
+    statement split over lines): what counts is what the preview holds.
+    """
+    allowed = set(allowlist) | ALWAYS_ALLOWED
+    outside = sorted(set(installed) - allowed)
+    if outside:
+        raise ExtensionNotAllowed(
+            f"the dump installed extensions this platform does not offer: {', '.join(outside)}; "
+            "remove them from the dump (every CREATE EXTENSION, including ones built in DO blocks "
+            f"or functions) and import again (allowed: {', '.join(sorted(allowed))}); "
+            "the project's database was not changed"
+        )
 
 
 def build_report(

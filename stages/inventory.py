@@ -2,6 +2,10 @@
 
 The same queries run on the source (inside the dump's snapshot) and on the restored
 preview, so the two sides are compared like for like.
+
+A tenant may define operators and functions in `public` of the database these queries
+read, so every session that runs them pins its search_path to `pg_catalog, pg_temp`
+(see stages.cluster); the operators and functions are schema-qualified as well.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ FROM pg_class c
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-  AND n.nspname NOT LIKE 'pg\\_toast%%'
-  AND n.nspname NOT LIKE 'pg\\_temp\\_%%'
+  AND NOT (n.nspname OPERATOR(pg_catalog.~~) 'pg\\_toast%%')
+  AND NOT (n.nspname OPERATOR(pg_catalog.~~) 'pg\\_temp\\_%%')
   AND NOT EXISTS (
       SELECT 1 FROM pg_depend d
-      WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+      WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid = c.oid AND d.deptype = 'e'
   )
 ORDER BY 1, 2
 """
@@ -50,7 +54,7 @@ def count_rows(
     counts: dict[str, int] = {}
     with conn.cursor() as cur:
         for done, (schema, name) in enumerate(tables, start=1):
-            cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(sql.Identifier(schema, name)))
+            cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(sql.Identifier(schema, name)))
             counts[table_key(schema, name)] = int(cur.fetchone()[0])
             if on_table:
                 on_table(done, len(tables))
@@ -63,15 +67,15 @@ def is_empty(conn: psycopg2.extensions.connection) -> bool:
         cur.execute(
             """
             SELECT
-              (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              (SELECT pg_catalog.count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-                   AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%')
-            + (SELECT count(*) FROM pg_namespace
+                   AND NOT (n.nspname OPERATOR(pg_catalog.~~) 'pg\\_toast%%') AND NOT (n.nspname OPERATOR(pg_catalog.~~) 'pg\\_temp\\_%%'))
+            + (SELECT pg_catalog.count(*) FROM pg_namespace
                  WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'public')
-                   AND nspname NOT LIKE 'pg\\_toast%%' AND nspname NOT LIKE 'pg\\_temp\\_%%')
-            + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                   AND NOT (nspname OPERATOR(pg_catalog.~~) 'pg\\_toast%%') AND NOT (nspname OPERATOR(pg_catalog.~~) 'pg\\_temp\\_%%'))
+            + (SELECT pg_catalog.count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
                  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
-            + (SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+            + (SELECT pg_catalog.count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
                  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
                    AND t.typtype IN ('d', 'e', 'r', 'm')
                )
@@ -93,12 +97,12 @@ def compare_counts(source: dict[str, int], target: dict[str, int]) -> list[str]:
 
 # Objects that belong to an extension are recreated by it: never counted.
 _NOT_EXTENSION_MEMBER = """NOT EXISTS (SELECT 1 FROM pg_depend d
-    WHERE d.classid = '{cat}'::regclass AND d.objid = {oid} AND d.deptype = 'e')"""
-_USER_NAMESPACE = "NOT IN ('pg_catalog', 'information_schema') AND {ns} NOT LIKE 'pg\\_toast%%' AND {ns} NOT LIKE 'pg\\_temp\\_%%'"
+    WHERE d.classid = 'pg_catalog.{cat}'::pg_catalog.regclass AND d.objid = {oid} AND d.deptype = 'e')"""
+_USER_NAMESPACE = "NOT IN ('pg_catalog', 'information_schema') AND NOT ({ns} OPERATOR(pg_catalog.~~) 'pg\\_toast%%') AND NOT ({ns} OPERATOR(pg_catalog.~~) 'pg\\_temp\\_%%')"
 
 
 def _class_count(relkinds: str, extra: str = "") -> str:
-    return f"""(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    return f"""(SELECT pg_catalog.count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ({relkinds}) AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
         AND {_NOT_EXTENSION_MEMBER.format(cat="pg_class", oid="c.oid")} {extra})"""
 
@@ -110,29 +114,29 @@ OBJECT_KIND_QUERIES = {
     "sequences": _class_count("'S'"),
     "views": _class_count("'v'"),
     "materialized_views": _class_count("'m'"),
-    "constraints": f"""(SELECT count(*) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+    "constraints": f"""(SELECT pg_catalog.count(*) FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE k.contype IN ('p', 'u', 'f', 'c', 'x') AND k.conparentid = 0
         AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
         AND {_NOT_EXTENSION_MEMBER.format(cat="pg_class", oid="c.oid")})""",
-    "functions": f"""(SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    "functions": f"""(SELECT pg_catalog.count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
         AND {_NOT_EXTENSION_MEMBER.format(cat="pg_proc", oid="p.oid")})""",
-    "triggers": f"""(SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+    "triggers": f"""(SELECT pg_catalog.count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")})""",
-    "types": f"""(SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    "types": f"""(SELECT pg_catalog.count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
         LEFT JOIN pg_class c ON c.oid = t.typrelid
         WHERE (t.typtype IN ('e', 'r', 'm') OR (t.typtype = 'c' AND c.relkind = 'c'))
         AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
         AND {_NOT_EXTENSION_MEMBER.format(cat="pg_type", oid="t.oid")})""",
-    "domains": f"""(SELECT count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    "domains": f"""(SELECT pg_catalog.count(*) FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
         WHERE t.typtype = 'd' AND n.nspname {_USER_NAMESPACE.format(ns="n.nspname")}
         AND {_NOT_EXTENSION_MEMBER.format(cat="pg_type", oid="t.oid")})""",
-    "policies": "(SELECT count(*) FROM pg_policy)",
-    "large_objects": "(SELECT count(*) FROM pg_largeobject_metadata)",
-    "extensions": "(SELECT count(*) FROM pg_extension)",
-    "event_triggers": "(SELECT count(*) FROM pg_event_trigger)",
+    "policies": "(SELECT pg_catalog.count(*) FROM pg_policy)",
+    "large_objects": "(SELECT pg_catalog.count(*) FROM pg_largeobject_metadata)",
+    "extensions": "(SELECT pg_catalog.count(*) FROM pg_extension)",
+    "event_triggers": "(SELECT pg_catalog.count(*) FROM pg_event_trigger)",
 }
 
 

@@ -1,11 +1,43 @@
-"""Restore stage: load a dump into a fresh preview database, as the project role."""
+"""Restore stage: load a dump into a fresh preview database, as the import's restore role.
+
+The restore role owns the preview and nothing else (see stages.cluster): whatever SQL
+the dump holds, it cannot reach the project's live database, its replaced ones, other
+tenants' databases or the control database.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import secrets
+from collections.abc import Iterator
 
 from stages.commands import PgTools
+from stages.errors import PermanentCommandFailure
 from stages.pgurl import SourceURL
+
+# What the server answers a restore role that reaches for another database.
+_OTHER_DATABASE = re.compile(
+    r"must be owner of database|permission denied to create database|permission denied for database"
+    r"|cannot drop the currently open database"
+)
+
+
+@contextlib.contextmanager
+def _explained() -> Iterator[None]:
+    """Say what to do when a dump tries to drop, create or change another database
+    (`pg_dump --clean --create` output starts with DROP DATABASE of its source)."""
+    try:
+        yield
+    except PermanentCommandFailure as err:
+        if not _OTHER_DATABASE.search(err.message):
+            raise
+        raise err.with_message(
+            f"{err.message}. A dump restores only into the new database this import creates: it "
+            "cannot drop, create or change any other database. Make the dump without --create "
+            "(and without --clean), e.g. pg_dump -Fc or pg_dump -Fp, and import it again; "
+            "the project's database was not changed"
+        ) from err
 
 # Formats pg_restore can restore with several jobs (tar cannot seek between members).
 PARALLEL_FORMATS = ("custom", "directory")
@@ -18,14 +50,15 @@ def restore_archive(
     (custom, tar or directory) into `target`, in parallel where the format allows;
     owners and grants of the source are not replayed."""
     pg_restore = tools.pg_restore
-    pg_restore.run(
-        pg_restore.restore_args(
-            archive, target.conninfo(), jobs=jobs if fmt in PARALLEL_FORMATS else 1, list_file=list_file
-        ),
-        env=target.env(),
-        secrets=[target.password],
-        what="pg_restore into the preview database",
-    )
+    with _explained():
+        pg_restore.run(
+            pg_restore.restore_args(
+                archive, target.conninfo(), jobs=jobs if fmt in PARALLEL_FORMATS else 1, list_file=list_file
+            ),
+            env=target.env(),
+            secrets=[target.password],
+            what="pg_restore into the preview database",
+        )
 
 
 def restore_plain(tools: PgTools, target: SourceURL, script: str) -> None:
@@ -33,9 +66,10 @@ def restore_plain(tools: PgTools, target: SourceURL, script: str) -> None:
     first error. psql is restricted with a random key, so the script's own backslash
     commands (`\\connect`, `\\!`, `\\i`...) are refused rather than run."""
     psql = tools.psql
-    psql.run(
-        psql.script_args(target.conninfo(), script, restrict_key=secrets.token_hex(16)),
-        env=target.env(),
-        secrets=[target.password],
-        what="psql restoring the plain SQL dump",
-    )
+    with _explained():
+        psql.run(
+            psql.script_args(target.conninfo(), script, restrict_key=secrets.token_hex(16)),
+            env=target.env(),
+            secrets=[target.password],
+            what="psql restoring the plain SQL dump",
+        )

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from stages.checks import Target
-from stages.cluster import ClusterAdmin
+from stages.cluster import ClusterAdmin, RoleLogin
 from stages.connect import server_major
 
 T = TypeVar("T")
@@ -17,6 +17,7 @@ def describe_target(
     admin: ClusterAdmin,
     database_name: str,
     *,
+    owner: RoleLogin,
     recreate: bool,
     storage_limit_bytes: int,
     allowlist: Iterable[str],
@@ -25,6 +26,8 @@ def describe_target(
 
     Reads the server version now (one read-only transaction); whether the database is
     empty and which extensions the cluster can install are read on first use, once.
+    The database is read as `owner`, its owning (project) role, never as the admin:
+    it holds whatever a tenant put there.
     """
     with admin.connection() as conn:
         conn.set_session(readonly=True)
@@ -38,7 +41,7 @@ def describe_target(
         version=version,
         storage_limit_bytes=storage_limit_bytes,
         recreate=recreate,
-        is_empty=_once(lambda: admin.is_empty(database_name)),
+        is_empty=_once(lambda: admin.is_empty(database_name, owner)),
         allowlist=tuple(allowlist),
         available_extensions=_once(lambda: available_extensions(admin)),
     )

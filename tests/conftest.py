@@ -69,7 +69,11 @@ def control_db(base_settings):
     for name in names:
         if name in ours or any(name.startswith(o + "_replaced_") for o in ours):
             pg.drop_db(name)
-    roles = pg.admin("SELECT role_name FROM projects WHERE role_name IS NOT NULL", dbname=f"capy_test_{RUN_ID}")
+    roles = pg.admin(
+        "SELECT role_name FROM projects WHERE role_name IS NOT NULL "
+        "UNION SELECT 'capy_restore_' || substr(id, 5) FROM jobs",
+        dbname=f"capy_test_{RUN_ID}",
+    )
     pg.drop_db(f"capy_test_{RUN_ID}")
     for (role,) in roles:
         pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -18,7 +18,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from stages.cluster import ClusterAdmin
+from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import PgTools
 from stages.errors import ObjectMissing
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
@@ -40,6 +40,8 @@ from tests.support.pgcluster import TempCluster, free_port
 from tests.support.pgproxy import silent_listener, toy_pooler
 
 ADMIN = ClusterAdmin(pg.ADMIN_URL)
+# Target databases are read as an unprivileged role, as a project's are by its own role.
+INSPECTOR = RoleLogin(f"capy_tst_inspector_{secrets.token_hex(3)}", "trust-auth-ignores-it")
 TOOLS = PgTools("/usr/lib/postgresql/15/bin")
 GiB = 1024**3
 ALLOWED = (
@@ -134,6 +136,13 @@ def newer() -> Iterator[TempCluster]:
         yield cluster
 
 
+@pytest.fixture(scope="module", autouse=True)
+def inspector_role() -> Iterator[None]:
+    pg.admin(f'CREATE ROLE "{INSPECTOR.name}" LOGIN')
+    yield
+    pg.admin(f'DROP ROLE "{INSPECTOR.name}"')
+
+
 @pytest.fixture
 def target_db(scratch_db) -> str:
     return scratch_db("capytgt")
@@ -141,7 +150,7 @@ def target_db(scratch_db) -> str:
 
 def target_for(dbname: str, *, recreate: bool = False, limit: int = 10 * GiB) -> Target:
     return describe_target(
-        ADMIN, dbname, recreate=recreate, storage_limit_bytes=limit, allowlist=DEFAULT_EXTENSION_ALLOWLIST
+        ADMIN, dbname, owner=INSPECTOR, recreate=recreate, storage_limit_bytes=limit, allowlist=DEFAULT_EXTENSION_ALLOWLIST
     )
 
 
@@ -261,7 +270,7 @@ def test_objects_a_managed_target_cannot_restore_warn_and_an_unlisted_extension_
 def test_an_allowlisted_extension_passes_and_a_configured_allowlist_refuses_it(warn_source, target_db):
     url = local(warn_source)
     strict = describe_target(
-        ADMIN, target_db, recreate=False, storage_limit_bytes=10 * GiB, allowlist=("cube", "citext")
+        ADMIN, target_db, owner=INSPECTOR, recreate=False, storage_limit_bytes=10 * GiB, allowlist=("cube", "citext")
     )
     assert checks_of(check_live_source(url, strict, allow_private=True))[
         "extensions_available_on_target"
@@ -270,7 +279,7 @@ def test_an_allowlisted_extension_passes_and_a_configured_allowlist_refuses_it(w
         "the source database uses citext 1.6, cube 1.5: all allowed and available on the project's cluster",
     )
     only_cube = describe_target(
-        ADMIN, target_db, recreate=False, storage_limit_bytes=10 * GiB, allowlist=("cube",)
+        ADMIN, target_db, owner=INSPECTOR, recreate=False, storage_limit_bytes=10 * GiB, allowlist=("cube",)
     )
     assert checks_of(check_live_source(url, only_cube, allow_private=True))[
         "extensions_available_on_target"

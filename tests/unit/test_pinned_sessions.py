@@ -1,0 +1,37 @@
+"""Every session on a project cluster carries the pinned search_path as a startup option."""
+
+from stages.cluster import PINNED_ROLE, PINNED_SEARCH_PATH, ClusterAdmin, RoleLogin, pinned
+from stages.pgurl import SourceURL
+
+
+def test_the_pin_is_added_to_a_url_without_options():
+    url = SourceURL.parse("postgresql://admin:pw@db.internal:5432/postgres", default_sslmode=None)
+    assert PINNED_SEARCH_PATH == "-c search_path=pg_catalog,pg_temp" and PINNED_ROLE == "-c role=none"
+    assert pinned(url).params["options"] == "-c search_path=pg_catalog,pg_temp -c role=none"
+    assert pinned(url, "-c row_security=off").params["options"] == (
+        "-c search_path=pg_catalog,pg_temp -c role=none -c row_security=off"
+    )
+
+
+def test_the_pin_comes_after_options_the_admin_url_sets_so_it_wins():
+    url = SourceURL.parse(
+        "postgresql://admin@db.internal/postgres?options=-c%20search_path%3Dpublic%20-c%20statement_timeout%3D5000",
+        default_sslmode=None,
+    )
+    assert pinned(url).params["options"] == (
+        "-c search_path=public -c statement_timeout=5000 -c search_path=pg_catalog,pg_temp -c role=none"
+    )
+
+
+def test_a_role_url_keeps_the_clusters_address_and_carries_the_role_password_apart():
+    admin = ClusterAdmin("postgresql://admin:adminpw@db.internal:6543/postgres?sslmode=verify-full")
+    url = admin.role_url("capy_preview_x", RoleLogin("capy_restore_x", "s3cret"))
+    assert url.params == {
+        "host": "db.internal",
+        "port": "6543",
+        "dbname": "capy_preview_x",
+        "user": "capy_restore_x",
+        "sslmode": "verify-full",
+    }
+    assert url.password == "s3cret" and "s3cret" not in url.conninfo() and "adminpw" not in repr(url)
+    assert "s3cret" not in repr(RoleLogin("r", "s3cret"))
