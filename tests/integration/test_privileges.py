@@ -24,7 +24,7 @@ from pipeline.uploads import Uploads
 from tests.support import pg
 from tests.support.imports import upload_and_import
 from tests.support.inline import InlineQueue
-from tests.support.uploading import put_file
+from tests.support.uploading import upload_file
 from tests.support.world import make_world
 
 PINNED = "-c search_path=pg_catalog,pg_temp -c role=none"
@@ -161,7 +161,7 @@ def public_can(dbname: str, privilege: str) -> bool:
 
 def upload(settings, store, world, data: bytes) -> str:
     made = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
-    put_file(made["upload_url"], data)
+    upload_file(made, data)
     return made["object_key"]
 
 
