@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import secrets
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from falcon import testing
 from app.api import Services, create_app
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
-from stages.cluster import ClusterAdmin
+from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import PgTools
 from stages.connect import connect
 from stages.deadline import Deadline, SourceTimedOut
@@ -54,10 +55,20 @@ def never_answered(port: int, limit: str) -> str:
     )
 
 
-def test_preflight_returns_within_its_deadline_when_the_source_stops_answering(scratch_db):
+@pytest.fixture
+def inspector():
+    """An unprivileged role that reads the target, as a project's own role does."""
+    role = RoleLogin(f"capy_tst_inspector_{secrets.token_hex(3)}", "trust-auth-ignores-it")
+    pg.admin(f'CREATE ROLE "{role.name}" LOGIN')
+    yield role
+    pg.admin(f'DROP ROLE "{role.name}"')
+
+
+def test_preflight_returns_within_its_deadline_when_the_source_stops_answering(scratch_db, inspector):
     target = describe_target(
         ClusterAdmin(pg.ADMIN_URL),
         scratch_db("capytgt"),
+        owner=inspector,
         recreate=False,
         storage_limit_bytes=1024**3,
         allowlist=DEFAULT_EXTENSION_ALLOWLIST,
