@@ -263,7 +263,7 @@ def test_a_dump_cannot_drop_the_live_or_retained_databases(prod, control_db):
     retained = first["report"]["replaced_database"]
     control = control_db.database_url.rsplit("/", 1)[1]
     for victim in (live, retained, control):
-        script = f'DROP DATABASE IF EXISTS "{victim}";\nCREATE TABLE public.after (id int);\n'.encode()
+        script = f'SET client_min_messages = warning;\nDROP DATABASE IF EXISTS "{victim}";\nCREATE TABLE public.after (id int);\n'.encode()
         job = _upload(prod, tenant, script, recreate=True)
         assert job["state"] == "failed" and job["retry_classification"] == "permanent", job
         assert "cannot drop, create or change any other database" in job["error"], job["error"]
