@@ -254,6 +254,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None
         + [f"dropped replaced database {name}" for name in done["replaced_databases_dropped"]]
         + [f"dropped orphaned preview {name}" for name in done["previews_dropped"]]
         + [f"dropped restore role {name}" for name in done["restore_roles_dropped"]]
+        + [f"revoked PUBLIC's access to database {name}" for name in done["databases_locked_down"]]
         + [f"could not clean {item}" for item in done["errors"]]
     )
     out.emit(done, "\n".join(lines) if lines else "nothing to sweep")

@@ -9,7 +9,9 @@
 - databases replaced by an import are dropped once their `drop_after` has passed;
 - previews of ended jobs that are still on a cluster (a worker died while cleaning
   up) are dropped;
-- restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews.
+- restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews;
+- projects' live and retained databases that still admit other roles (made before the
+  service revoked PUBLIC's access) are locked down.
 Each action is idempotent; the summary says what was done.
 """
 
@@ -23,7 +25,16 @@ from typing import Any
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.import_steps import RESTORE_ROLE_PREFIX
-from pipeline.models import ACTIVE_STATES, FINAL_STATES, Cluster, Job, RetiredDatabase, Upload, utcnow
+from pipeline.models import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    Cluster,
+    Job,
+    Project,
+    RetiredDatabase,
+    Upload,
+    utcnow,
+)
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
 from stages.errors import CapyError, ObjectMissing
@@ -43,6 +54,7 @@ def sweep(
         "replaced_databases_dropped": [],
         "previews_dropped": [],
         "restore_roles_dropped": [],
+        "databases_locked_down": [],
         "errors": [],
     }
     retention = dt.timedelta(seconds=max(0, settings.upload_retention_seconds))
@@ -82,7 +94,9 @@ def sweep(
         except CapyError as err:
             done["errors"].append(f"preview {job.preview_database_id}: {err.message}")
     for cluster in Cluster.select():
-        _drop_restore_roles(cluster_admin(cluster, sealer), done)
+        admin = cluster_admin(cluster, sealer)
+        _drop_restore_roles(admin, done)
+        _lock_down_project_databases(cluster, admin, done)
     return done
 
 
@@ -161,6 +175,22 @@ def _sweep_page(
 
 def _held_by_active_job(keys: list[str]) -> set[str]:
     return {j.upload_key for j in Job.select(Job.upload_key).where(Job.upload_key.in_(keys) & Job.state.in_(ACTIVE_STATES))}
+
+
+def _lock_down_project_databases(cluster: Cluster, admin: ClusterAdmin, done: dict[str, Any]) -> None:
+    """Projects' live and retained databases made before the service revoked PUBLIC's
+    CONNECT and TEMPORARY (or opened since) admit only their owner again."""
+    names = [p.database_name for p in Project.select(Project.database_name).where(Project.cluster == cluster.id)]
+    names += [
+        r.database_name
+        for r in RetiredDatabase.select(RetiredDatabase.database_name).where(
+            (RetiredDatabase.cluster == cluster.id) & RetiredDatabase.dropped_at.is_null()
+        )
+    ]
+    try:
+        done["databases_locked_down"] += admin.lock_down_open(names)
+    except CapyError as err:
+        done["errors"].append(f"locking down the databases of cluster {cluster.name}: {err.message}")
 
 
 def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:

@@ -152,6 +152,24 @@ class ClusterAdmin:
         with self.autocommit() as cur:
             self._lock_down(cur, name)
 
+    def lock_down_open(self, names: list[str]) -> list[str]:
+        """Lock down those of `names` that still admit roles other than their owner
+        (databases made before the service revoked PUBLIC's access, or a grant since);
+        returns the ones it changed. One session for all of them."""
+        if not names:
+            return []
+        with self.autocommit() as cur:
+            cur.execute(
+                "SELECT d.datname FROM pg_catalog.pg_database d WHERE d.datname OPERATOR(pg_catalog.=) ANY(%s) "
+                "AND (d.datacl IS NULL OR EXISTS (SELECT 1 FROM pg_catalog.aclexplode(d.datacl) a "
+                "WHERE a.grantee OPERATOR(pg_catalog.<>) d.datdba)) ORDER BY 1",
+                (list(names),),
+            )
+            opened = [name for (name,) in cur.fetchall()]
+            for name in opened:
+                self._lock_down(cur, name)
+        return opened
+
     @staticmethod
     def _lock_down(cur: psycopg2.extensions.cursor, name: str) -> None:
         cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))

@@ -9,6 +9,7 @@ database that is not its own.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from pathlib import Path
 
 import psycopg2
@@ -20,6 +21,7 @@ from pipeline.models import Job, Project, RetiredDatabase
 from pipeline.preflights import preflight_source
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
+from pipeline.sweep import sweep
 from pipeline.uploads import Uploads
 from tests.support import pg
 from tests.support.hostile import HIJACK_OBJECTS, PINNED, PLAIN_HIJACK
@@ -310,6 +312,32 @@ def test_an_import_locks_down_an_older_projects_database(control_db, store):
         assert not public_can(dbname, "CONNECT") and not public_can(dbname, "TEMPORARY"), dbname
 
 
+def test_sweep_locks_down_older_projects_databases(control_db, store):
+    world = make_world(control_db)
+    live = world.project.database_name
+    pg.admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(live + "_replaced_1")))
+    retired = RetiredDatabase.create(
+        cluster=world.cluster.id, project=world.project.id, job=_ended_job(world).id,
+        database_name=live + "_replaced_1", drop_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+    )
+    # Made before the service revoked PUBLIC's access (new databases are created locked).
+    pg.admin(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(sql.Identifier(live)))
+    assert public_can(live, "CONNECT") and public_can(retired.database_name, "CONNECT")
+    done = sweep(control_db, Sealer(control_db.secret_key), store)
+    assert {live, retired.database_name} <= set(done["databases_locked_down"])
+    for dbname in (live, retired.database_name):
+        assert not public_can(dbname, "CONNECT") and not public_can(dbname, "TEMPORARY"), dbname
+    assert live not in sweep(control_db, Sealer(control_db.secret_key), store)["databases_locked_down"]
+
+
+def _ended_job(world) -> Job:
+    return Job.create(
+        id="job_" + secrets.token_hex(6), organization=world.org.id, project=world.project.id, cluster=world.cluster.id,
+        state="failed", stage="preflight", upload_key=f"imports/{world.project.id}/gone/dump",
+        completed_at=dt.datetime.now(dt.UTC),
+    )
+
+
 def test_migrate_locks_down_the_control_database(control_db):
     from pipeline.migrations import migrate
 
@@ -353,7 +381,6 @@ def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, stor
 
 
 def test_sweep_drops_restore_roles_of_ended_jobs_only(control_db, store):
-    from pipeline.sweep import sweep
 
     world = make_world(control_db)
     failed = upload_and_import(control_db, store, world, b"CREATE TABLE public.a (id int);\nSELECT 1/0;\n")
