@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
+from stages.addresses import Resolver, SourceHostUnresolvable, address_problem, pin_address, resolve
 from stages.checks import (
     FAIL,
     OBJECT_CHECKS,
@@ -36,7 +37,7 @@ from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_s
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
-from stages.pgurl import Resolver, SourceHostUnresolvable, SourceURL, address_problem, pin_address, resolve
+from stages.pgurl import SourceURL
 from stages.providers import detect_provider
 from stages.sourceinfo import SourceCatalogUnreadable, SourceFacts, read_only_session, read_source
 

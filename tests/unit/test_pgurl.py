@@ -2,17 +2,14 @@ import socket
 
 import pytest
 
+from stages.addresses import SourceAddressNotAllowed, address_problem, pin_address, resolve
 from stages.commands import PgTools
 from stages.errors import PermanentError
 from stages.pgurl import (
     NO_FILE,
     InvalidSourceURL,
-    SourceAddressNotAllowed,
     SourceURL,
-    address_problem,
-    pin_address,
     redact,
-    resolve,
     system_ca_bundle,
     tool_environment,
 )

@@ -9,6 +9,7 @@ import socket
 import psycopg2
 import pytest
 
+from stages.addresses import SourceHostUnresolvable, resolve
 from stages.checks import (
     FAIL,
     PASS,
@@ -31,7 +32,7 @@ from stages.connect import (
 from stages.dumpcontents import read_sql, read_toc, sql_lines
 from stages.errors import PermanentError
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
-from stages.pgurl import SourceHostUnresolvable, SourceURL, resolve
+from stages.pgurl import SourceURL
 from stages.preflight import LIVE_CHECKS, check_live_source
 from stages.providers import detect_provider
 from stages.toc import parse
