@@ -27,6 +27,19 @@ from tests.support.imports import upload_and_import
 from tests.support.world import make_world
 
 
+def unwoken_job(settings, world) -> Job:
+    """A pending live import whose wake-ups go nowhere: the test drives its stages."""
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
+        settings=settings,
+        sealer=Sealer(settings.secret_key),
+        wake=lambda job_id, stage: None,
+    )
+    return job
+
+
 def sessions_running(marker: str, wait: float = 5.0) -> list[tuple]:
     """Backends whose query holds `marker`, once they had `wait` seconds to go."""
     until = time.monotonic() + wait
@@ -91,14 +104,7 @@ def test_a_sleeping_plain_dump_fails_the_job_at_its_time_limit(control_db, store
 def test_a_job_past_its_time_limit_fails_at_its_next_stage(control_db, store):
     settings = dataclasses.replace(control_db, job_time_limit_seconds=3600)
     world = make_world(settings)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=lambda job_id, stage: None,
-    )
+    job = unwoken_job(settings, world)
     Job.update(started_at=jobs.utcnow() - dt.timedelta(hours=2)).where(Job.id == job.id).execute()
     woken = []
     runner = Runner(
@@ -145,14 +151,7 @@ class RestoreLosingItsConnection(ImportSteps):
 def test_a_transient_failure_ends_what_the_attempt_left_running_in_the_preview(control_db, store):
     marker = "capy-left-" + secrets.token_hex(4)
     world = make_world(control_db)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=control_db,
-        sealer=Sealer(control_db.secret_key),
-        wake=lambda job_id, stage: None,
-    )
+    job = unwoken_job(control_db, world)
     Job.update(stage="restore").where(Job.id == job.id).execute()
     steps = RestoreLosingItsConnection(control_db, Sealer(control_db.secret_key), store, marker=marker)
     runner = Runner(control_db, steps, lambda *a, **k: None)
@@ -174,14 +173,7 @@ def test_a_transient_failure_ends_what_the_attempt_left_running_in_the_preview(c
 
 def test_heartbeats_stop_keeping_a_claim_fresh_past_the_time_limit(control_db):
     world = make_world(control_db)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=control_db,
-        sealer=Sealer(control_db.secret_key),
-        wake=lambda job_id, stage: None,
-    )
+    job = unwoken_job(control_db, world)
     jobs.claim(job.id, "preflight", "w1", lease=dt.timedelta(seconds=60))
     old = jobs.utcnow() - dt.timedelta(minutes=10)
 
