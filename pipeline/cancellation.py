@@ -93,6 +93,7 @@ def request_cancel(
                 locked_resource=None,
                 error=f"cancelled by {actor}; {NOT_CHANGED}",
                 retry_classification="permanent",
+                progress={"stage": before.stage, "phase": "cancelled"},
                 cancel_requested_at=peewee.fn.COALESCE(Job.cancel_requested_at, at),
                 cancel_requested_by=peewee.fn.COALESCE(Job.cancel_requested_by, actor),
             )
@@ -143,6 +144,7 @@ def finish(job_id: str, actor: str) -> Job | None:
             locked_resource=None,
             error=f"cancelled by {by} during the {before.stage} stage; {NOT_CHANGED}",
             retry_classification="permanent",
+            progress={"stage": before.stage, "phase": "cancelled"},
         )
         if job is not None:
             _event(job, actor, f"cancelled by {by}: the {job.stage} stage was stopped", before.state)

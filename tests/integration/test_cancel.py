@@ -87,6 +87,7 @@ def test_a_cancelled_pending_job_never_starts(control_db, store, world):
     )
     assert cancelled.error == "cancelled by operator:tester; the project's database was not changed"
     assert cancelled.completed_at is not None and cancelled.cancel_requested_by == "operator:tester"
+    assert cancelled.progress == {"stage": "preflight", "phase": "cancelled"}
     # The preflight message still arrives, finds the job final and does nothing.
     assert list(queue.woken) == [(job.id, "preflight")]
     queue.drain()
