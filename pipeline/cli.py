@@ -355,7 +355,9 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, out: Output) ->
     if not args.all and not args.job:
         raise InvalidRequest("say which messages to replay: --job ID, or --all")
     now = utcnow()
-    decisions = _dead_letters(settings).replay(operator_actor(), job_id=args.job, dry_run=args.dry_run)
+    decisions = _dead_letters(settings).replay(
+        operator_actor(), job_id=args.job, dry_run=args.dry_run, drop_ended=args.drop_ended
+    )
     rows = [decision.as_dict(now) for decision in decisions]
     lines = [f"{r['action']}: {r['job_id'] or '?'} {r['stage']} ({r['message_id']}): {r['reason']}" for r in rows]
     scope = f"job {args.job}" if args.job else "any job"
@@ -503,6 +505,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--job", help="only this job's messages")
     which.add_argument("--all", action="store_true", help="every message")
     p.add_argument("--dry-run", action="store_true", help="say what would be replayed, change nothing")
+    p.add_argument(
+        "--drop-ended",
+        action="store_true",
+        help="remove the messages of jobs that ended or are unknown (no replay can be right for them)",
+    )
 
     add(sub, "sweep", cmd_sweep, "delete expired uploads, replaced databases and orphaned previews")
 

@@ -117,7 +117,7 @@ def _decode(queue: str, stage: str, tag: int, properties: Any, raw: bytes) -> De
 @dataclass
 class Decision:
     letter: DeadLetter
-    action: str  # "replayed", "would replay", "skipped"
+    action: str  # "replayed", "would replay", "skipped", "dropped", "would drop"
     reason: str
 
     def as_dict(self, now: dt.datetime) -> dict[str, Any]:
@@ -187,9 +187,13 @@ class DeadLetters:
                 raise
             return True
 
-    def replay(self, actor: str, *, job_id: str | None, dry_run: bool) -> list[Decision]:
+    def replay(
+        self, actor: str, *, job_id: str | None, dry_run: bool, drop_ended: bool = False
+    ) -> list[Decision]:
         """Put dead letters (all, or one job's) back on their stage queue where the job
-        allows it; say for each what was done and why."""
+        allows it; say for each what was done and why. With `drop_ended`, messages of
+        jobs that ended or are unknown, which no replay can ever be right for, are
+        removed from the dead-letter queue."""
         now = utcnow()
         decisions: list[Decision] = []
         with self._channel() as channel:
@@ -197,7 +201,12 @@ class DeadLetters:
             for letter in letters:
                 if job_id is not None and letter.job_id != job_id:
                     continue
-                refusal = self._refusal(letter, now)
+                refusal, ended = self._refusal(letter, now)
+                if refusal is not None and ended and drop_ended:
+                    if not dry_run:
+                        channel.basic_ack(letter.delivery_tag)
+                    decisions.append(Decision(letter, "would drop" if dry_run else "dropped", refusal))
+                    continue
                 if refusal is not None:
                     decisions.append(Decision(letter, "skipped", refusal))
                     continue
@@ -212,25 +221,26 @@ class DeadLetters:
                 decisions.append(
                     Decision(letter, "replayed", f"put back on {self.stage_queue(letter.stage)} with retries reset")
                 )
-            if len(letters) > sum(d.action == "replayed" for d in decisions):
+            if len(letters) > sum(d.action in ("replayed", "dropped") for d in decisions):
                 channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
         return decisions
 
-    def _refusal(self, letter: DeadLetter, now: dt.datetime) -> str | None:
-        """Why this message must not be replayed, or None."""
+    def _refusal(self, letter: DeadLetter, now: dt.datetime) -> tuple[str | None, bool]:
+        """Why this message must not be replayed (None if it may be), and whether its
+        job ended or is unknown (then it never may)."""
         if letter.job_id is None:
-            return "the message names no job"
+            return "the message names no job", True
         job = Job.get_or_none(Job.id == letter.job_id)
         if job is None:
-            return "job unknown: no such job in this deployment's control database"
+            return "job unknown: no such job in this deployment's control database", True
         if job.state not in ACTIVE_STATES:
             hint = f"; to run it again: capy-imports jobs retry {job.id}" if job.state != "completed" else ""
-            return f"job {job.state}{hint}"
+            return f"job {job.state}{hint}", True
         if job.stage != letter.stage:
-            return f"stale: the job has moved on to its {job.stage} stage"
+            return f"stale: the job has moved on to its {job.stage} stage", False
         if job.claimed_by and job.heartbeat_at is not None and job.heartbeat_at >= now - self.lease:
-            return f"the job is running this stage now (held by {job.claimed_by})"
-        return None
+            return f"the job is running this stage now (held by {job.claimed_by})", False
+        return None, False
 
     def _reset_attempts(self, letter: DeadLetter, actor: str, now: dt.datetime) -> bool:
         with database.atomic():

@@ -324,4 +324,11 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
     assert queue_depth(settings, xq) == 2
     code, out = run(settings, capsys, "dlq", "replay")
     assert code == 1 and out["error"] == "say which messages to replay: --job ID, or --all"
+
+    code, out = run(settings, capsys, "dlq", "replay", "--all", "--drop-ended", "--dry-run")
+    assert sorted(m["action"] for m in out["messages"]) == ["would drop", "would drop"]
+    assert queue_depth(settings, xq) == 2
+    code, out = run(settings, capsys, "dlq", "replay", "--all", "--drop-ended")
+    assert {m["job_id"]: m["action"] for m in out["messages"]} == {finished.id: "dropped", "job_gone": "dropped"}
+    assert queue_depth(settings, xq) == 0
     jobs.fail(waiting.id, "test", "done", classification="permanent")
