@@ -57,7 +57,12 @@ def _audit(job: Job, actor: str, outcome: str, before: Job) -> None:
         IMPORT_CANCELLED,
         actor,
         target_id=job.id,
-        details={"outcome": outcome, "state": before.state, "stage": before.stage, "claimed_by": before.claimed_by},
+        details={
+            "outcome": outcome,
+            "state": before.state,
+            "stage": before.stage,
+            "claimed_by": before.claimed_by,
+        },
     )
 
 

@@ -211,15 +211,23 @@ class DeadLetters:
                     decisions.append(Decision(letter, "skipped", refusal))
                     continue
                 if dry_run:
-                    decisions.append(Decision(letter, "would replay", "the job is active at this stage and nobody holds it"))
+                    decisions.append(
+                        Decision(
+                            letter, "would replay", "the job is active at this stage and nobody holds it"
+                        )
+                    )
                     continue
                 if not self._reset_attempts(letter, actor, now):
-                    decisions.append(Decision(letter, "skipped", "the job changed while it was replayed; run this again"))
+                    decisions.append(
+                        Decision(letter, "skipped", "the job changed while it was replayed; run this again")
+                    )
                     continue
                 self._publish(channel, letter)
                 channel.basic_ack(letter.delivery_tag)
                 decisions.append(
-                    Decision(letter, "replayed", f"put back on {self.stage_queue(letter.stage)} with retries reset")
+                    Decision(
+                        letter, "replayed", f"put back on {self.stage_queue(letter.stage)} with retries reset"
+                    )
                 )
             if len(letters) > sum(d.action in ("replayed", "dropped") for d in decisions):
                 channel.basic_nack(delivery_tag=0, multiple=True, requeue=True)
@@ -250,7 +258,11 @@ class DeadLetters:
                     (Job.id == letter.job_id)
                     & Job.state.in_(ACTIVE_STATES)
                     & (Job.stage == letter.stage)
-                    & (Job.claimed_by.is_null() | Job.heartbeat_at.is_null() | (Job.heartbeat_at < now - self.lease))
+                    & (
+                        Job.claimed_by.is_null()
+                        | Job.heartbeat_at.is_null()
+                        | (Job.heartbeat_at < now - self.lease)
+                    )
                 )
                 .returning(Job)
                 .execute()

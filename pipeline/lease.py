@@ -54,19 +54,21 @@ class Heartbeat:
         beating = True
         next_beat = time.monotonic() + self.interval
         tick = self.cancel_poll if self.on_cancel is not None else self.interval
-        while not self._stop.wait(tick):
-            try:
-                self._pass_on_cancel()
-                if beating and time.monotonic() >= next_beat:
-                    next_beat = time.monotonic() + self.interval
-                    beating = self._extend()
-                if not beating and (self.on_cancel is None or self._told):
-                    return
-            except Exception:  # the control database may blip; the next beat retries
-                log.exception("job %s: heartbeat failed", self.job_id)
-            finally:
-                if not database.is_closed():  # the connection is this thread's own
-                    database.close()
+        try:
+            while not self._stop.wait(tick):
+                try:
+                    self._pass_on_cancel()
+                    if beating and time.monotonic() >= next_beat:
+                        next_beat = time.monotonic() + self.interval
+                        beating = self._extend()
+                    if not beating and (self.on_cancel is None or self._told):
+                        return
+                except Exception:  # the control database may blip; the next beat retries
+                    log.exception("job %s: heartbeat failed", self.job_id)
+                    database.close()  # reconnect at the next tick
+        finally:
+            if not database.is_closed():  # the connection is this thread's own
+                database.close()
 
     def _extend(self) -> bool:
         """One heartbeat; False once the claim is past the time limit or lost."""

@@ -59,8 +59,12 @@ def retry_job(
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     if job.state not in RETRYABLE_STATES:
-        what = "is still active; cancel it first or let it finish" if job.state in ACTIVE_STATES else "completed"
-        raise Conflict(f"job {job_id} is {job.state}: only a failed or cancelled import can be retried; it {what}")
+        what = (
+            "is still active; cancel it first or let it finish" if job.state in ACTIVE_STATES else "completed"
+        )
+        raise Conflict(
+            f"job {job_id} is {job.state}: only a failed or cancelled import can be retried; it {what}"
+        )
     stage, note = _stage_to_run(job, from_stage, upload_exists, preview_exists)
     project = Project.get_by_id(job.project_id)
     try:
@@ -93,7 +97,12 @@ def retry_job(
     try:
         wake(job.id, stage)
     except CapyError as err:
-        jobs.fail(job.id, actor, "the retry could not be enqueued: the job queue is unavailable", classification="transient")
+        jobs.fail(
+            job.id,
+            actor,
+            "the retry could not be enqueued: the job queue is unavailable",
+            classification="transient",
+        )
         raise Unavailable(
             f"the job queue is unavailable, so job {job_id} was not retried; run this again when RabbitMQ is up"
         ) from err
@@ -122,7 +131,9 @@ def _stage_to_run(
         )
         stage = Stage.FETCH.value
     if stage != Stage.PREFLIGHT.value and "preflight" not in job.facts:
-        raise InvalidRequest(f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight")
+        raise InvalidRequest(
+            f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight"
+        )
     if stage == Stage.RESTORE.value and not os.path.exists(job.facts.get("dump_path") or ""):
         raise InvalidRequest(
             f"the dump job {job.id}'s fetch stage made is no longer in CAPY_WORK_DIR (it is removed when a job "
@@ -180,7 +191,10 @@ def stuck_jobs(
         .where(
             Job.state.in_(ACTIVE_STATES)
             & (
-                (Job.claimed_by.is_null(False) & (Job.heartbeat_at.is_null() | (Job.heartbeat_at < at - lease)))
+                (
+                    Job.claimed_by.is_null(False)
+                    & (Job.heartbeat_at.is_null() | (Job.heartbeat_at < at - lease))
+                )
                 | (Job.claimed_by.is_null() & (Job.updated_at < at - unclaimed_for))
             )
         )
@@ -189,7 +203,11 @@ def stuck_jobs(
     stuck = []
     for job in query:
         if job.claimed_by:
-            since = "never" if job.heartbeat_at is None else f"{int((at - job.heartbeat_at).total_seconds())} s ago"
+            since = (
+                "never"
+                if job.heartbeat_at is None
+                else f"{int((at - job.heartbeat_at).total_seconds())} s ago"
+            )
             why = (
                 f"its holder {job.claimed_by} last beat {since} (lease {int(lease.total_seconds())} s): "
                 "the worker died or hangs"

@@ -563,13 +563,12 @@ class PgCommand:
         if self.observer is not None:
             self.observer(result)
 
-    def abort(self, process: subprocess.Popen[bytes]) -> None:
+    @staticmethod
+    def abort(process: subprocess.Popen[bytes]) -> None:
         """Kill a started command and everything it started, and release its pipes."""
         _signal_group(process, signal.SIGKILL)
         process.wait()
         _running.discard(process)
-        if self.cancellation is not None:
-            self.cancellation.unregister(process)
         if isinstance(process, CommandProcess):
             process.watchdog.finish()
             for reader in process.readers:

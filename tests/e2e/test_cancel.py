@@ -22,10 +22,14 @@ def test_cancel_a_running_import_over_http(service, tenant):
     marker = "capy-e2e-cancel-" + secrets.token_hex(4)
     auth = {"Authorization": f"Bearer {tenant['key']}"}
     project = tenant["project"]["id"]
-    upload = requests.post(f"{service.base_url}/v1/projects/{project}/imports/uploads", headers=auth, timeout=30)
+    upload = requests.post(
+        f"{service.base_url}/v1/projects/{project}/imports/uploads", headers=auth, timeout=30
+    )
     assert upload.status_code == 201, upload.text
     form = upload.json()["upload"]
-    post_file(form, f"CREATE TABLE t (id int);\nSELECT pg_sleep(120), '{marker}';\n".encode()).raise_for_status()
+    post_file(
+        form, f"CREATE TABLE t (id int);\nSELECT pg_sleep(120), '{marker}';\n".encode()
+    ).raise_for_status()
     resp = requests.post(
         f"{service.base_url}/v1/projects/{project}/imports",
         json={"confirm": True, "upload_key": form["object_key"]},
@@ -46,7 +50,11 @@ def test_cancel_a_running_import_over_http(service, tenant):
     assert (body["state"], body["stage"]) == ("running", "restore") and body["cancel_requested_at"]
     job = wait_for_job(service, tenant["key"], job_id, timeout=30)
     assert time.monotonic() - began < 15
-    assert (job["state"], job["retry_classification"], job["locked_resource"]) == ("cancelled", "permanent", None)
+    assert (job["state"], job["retry_classification"], job["locked_resource"]) == (
+        "cancelled",
+        "permanent",
+        None,
+    )
     assert job["error"].startswith("cancelled by api_key:") and "during the restore stage" in job["error"]
     assert sessions(marker) == []
     until = time.monotonic() + 10

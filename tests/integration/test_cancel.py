@@ -312,13 +312,19 @@ def test_cancel_over_http(control_db, store, world, client):
     resp = post_cancel(client, job.id, world.key)
     assert resp.status_code == 202, resp.text
     body = resp.json["job"]
-    assert (body["state"], body["retry_classification"], body["locked_resource"]) == ("cancelled", "permanent", None)
+    assert (body["state"], body["retry_classification"], body["locked_resource"]) == (
+        "cancelled",
+        "permanent",
+        None,
+    )
     assert body["error"].startswith("cancelled by api_key:") and body["cancel_requested_at"]
     assert resp.headers["Location"] == f"/v1/jobs/{job.id}"
 
     again = post_cancel(client, job.id, world.key)
     assert again.status_code == 409
-    assert again.json == {"error": f"job {job.id} is already cancelled; only a pending or running import can be cancelled"}
+    assert again.json == {
+        "error": f"job {job.id} is already cancelled; only a pending or running import can be cancelled"
+    }
     assert post_cancel(client, "job_nosuchjob", world.key).status_code == 404
 
     events = client.simulate_get(

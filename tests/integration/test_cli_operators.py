@@ -46,7 +46,9 @@ def world(control_db):
 @pytest.fixture
 def own_queues(control_db):
     """Settings whose queue names are this test's own (derived from the run's prefix)."""
-    settings = dataclasses.replace(control_db, queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}")
+    settings = dataclasses.replace(
+        control_db, queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}"
+    )
     yield settings
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     try:
@@ -81,7 +83,11 @@ def test_jobs_cancel(control_db, capsys, world):
     job = new_job(control_db, world)
     code, out = run(control_db, capsys, "jobs", "cancel", job.id)
     assert code == 0 and out["cancelled_now"] is True
-    assert (out["state"], out["retry_classification"], out["locked_resource"]) == ("cancelled", "permanent", None)
+    assert (out["state"], out["retry_classification"], out["locked_resource"]) == (
+        "cancelled",
+        "permanent",
+        None,
+    )
     assert out["error"] == f"cancelled by {ACTOR}; the project's database was not changed"
     assert ACTOR.startswith("operator:")
     assert jobs.events(job.id)[-1].actor == ACTOR
@@ -165,7 +171,9 @@ def test_jobs_retry_reruns_a_failed_job_once_its_cause_is_fixed(own_queues, caps
     assert pg.row_counts(world.project.database_name) == {"public.t": 5}
     retried = [e for e in jobs.events(job.id) if e.reason.startswith("retried by")]
     assert len(retried) == 1 and retried[0].actor == ACTOR
-    assert retried[0].reason.startswith(f"retried by {ACTOR} from the preflight stage (it was failed at preflight: ")
+    assert retried[0].reason.startswith(
+        f"retried by {ACTOR} from the preflight stage (it was failed at preflight: "
+    )
     assert ("project.import_retried", ACTOR) in audit_of(job.id)
 
     code, out = run(settings, capsys, "jobs", "retry", job.id)
@@ -174,7 +182,9 @@ def test_jobs_retry_reruns_a_failed_job_once_its_cause_is_fixed(own_queues, caps
 
 def test_jobs_retry_after_restore_starts_again_from_fetch(control_db, capsys, world):
     job = new_job(control_db, world)
-    Job.update(stage="restore", facts={"preflight": {}, "dump_path": "/nonexistent"}).where(Job.id == job.id).execute()
+    Job.update(stage="restore", facts={"preflight": {}, "dump_path": "/nonexistent"}).where(
+        Job.id == job.id
+    ).execute()
     jobs.fail(job.id, "test", "pg_restore failed", classification="permanent")
     code, out = run(control_db, capsys, "jobs", "retry", job.id, "--from-stage", "restore")
     assert code == 1 and out["error"].endswith("retry with --from-stage fetch")
@@ -329,6 +339,9 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
     assert sorted(m["action"] for m in out["messages"]) == ["would drop", "would drop"]
     assert queue_depth(settings, xq) == 2
     code, out = run(settings, capsys, "dlq", "replay", "--all", "--drop-ended")
-    assert {m["job_id"]: m["action"] for m in out["messages"]} == {finished.id: "dropped", "job_gone": "dropped"}
+    assert {m["job_id"]: m["action"] for m in out["messages"]} == {
+        finished.id: "dropped",
+        "job_gone": "dropped",
+    }
     assert queue_depth(settings, xq) == 0
     jobs.fail(waiting.id, "test", "done", classification="permanent")

@@ -39,7 +39,9 @@ def test_a_cancel_stops_the_running_command_and_everything_it_started(tmp_path):
     assert not worker.is_alive() and time.monotonic() - began < MARGIN
     assert gone(child) and gone(grandchild)
     [err] = failures
-    assert isinstance(err, CommandCancelled) and isinstance(err, Cancelled) and isinstance(err, PermanentError)
+    assert (
+        isinstance(err, CommandCancelled) and isinstance(err, Cancelled) and isinstance(err, PermanentError)
+    )
     assert err.message == "sleeping was stopped: cancelled by operator:ann"
     assert seen[-1].stderr_tail.splitlines()[-1] == "stopped: sleeping was stopped: cancelled by operator:ann"
 

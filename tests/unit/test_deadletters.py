@@ -28,7 +28,9 @@ def message(**options) -> bytes:
 
 def test_a_message_that_went_through_its_retries():
     died = NOW - dt.timedelta(minutes=5)
-    properties = pika.BasicProperties(headers={"x-death": [{"reason": "rejected", "queue": "capy.restore", "time": died}]})
+    properties = pika.BasicProperties(
+        headers={"x-death": [{"reason": "rejected", "queue": "capy.restore", "time": died}]}
+    )
     traceback = 'Traceback (most recent call last):\n  File "x.py", line 1\nstages.errors.TransientError: internal error in restore\n'
     letter = _decode("capy.restore.XQ", "restore", 7, properties, message(retries=2, traceback=traceback))
     assert (letter.job_id, letter.stage, letter.retries, letter.delivery_tag) == ("job_abc", "restore", 2, 7)
