@@ -14,6 +14,9 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import peewee
+import psycopg2
+
 from pipeline import jobs
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
@@ -57,9 +60,16 @@ class StageContext:
 
     def cancel_request(self) -> str | None:
         """Why the job is being cancelled, if it is: this process was told, or the
-        control database says so."""
+        control database says so. If the control database cannot be read, what this
+        process was told stands (the caller's own error, or commit, comes next)."""
         if self.cancellation.reason is None:
-            reason = jobs.cancel_reason(self.job.id)
+            try:
+                reason = jobs.cancel_reason(self.job.id)
+            except (peewee.PeeweeException, psycopg2.Error) as err:
+                log.warning(
+                    "job %s: could not read whether it is cancelled: %s", self.job.id, type(err).__name__
+                )
+                reason = None
             if reason is not None:
                 self.cancellation.cancel(reason)
         return self.cancellation.reason
