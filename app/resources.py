@@ -11,7 +11,7 @@ from app.body import read_json
 from app.edge import idempotency_key, query_int
 from pipeline import audit, cancellation
 from pipeline.config import Settings
-from pipeline.errors import NotFound
+from pipeline.errors import Forbidden, NotFound
 from pipeline.import_steps import ImportSteps
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, Project
@@ -97,14 +97,15 @@ class UploadsResource:
         resp.media = {"upload": self.uploads.create(project, _principal(req))}
 
 
-def _job(req: falcon.Request, job_id: str) -> Job:
-    """The job, if the caller may see its project; another organization's job is 404."""
+def _job(req: falcon.Request, job_id: str, *, hidden: tuple[type[Exception], ...] = (NotFound,)) -> Job:
+    """The job, if the caller may see its project; another organization's job is 404
+    (and so are those whose refusal is in `hidden`)."""
     job = Job.get_or_none(Job.id == job_id)
     if job is None:
         raise NotFound(f"job {job_id} does not exist")
     try:
         _principal(req).project(job.project_id)
-    except NotFound:
+    except hidden:
         raise NotFound(f"job {job_id} does not exist") from None
     return job
 
@@ -122,7 +123,8 @@ class CancelResource:
         self.steps = steps
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        job = _job(req, job_id)
+        # A key scoped to another project of the organization may not act on the job: 404.
+        job = _job(req, job_id, hidden=(NotFound, Forbidden))
         outcome = cancellation.request_cancel(
             job.id,
             _principal(req).actor,

@@ -312,7 +312,7 @@ def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> 
 
 
 def cancel_reason(job_id: str) -> str | None:
-    """"cancelled by <actor>" once a cancel of the job was requested, else None."""
+    """The reason ("cancelled by <actor>") once a cancel of the job was requested, else None."""
     row = Job.select(Job.cancel_requested_at, Job.cancel_requested_by).where(Job.id == job_id).first()
     if row is None or row.cancel_requested_at is None:
         return None

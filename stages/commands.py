@@ -532,7 +532,9 @@ class PgCommand:
             message = f"{what} was stopped: {process.watchdog.cancel_reason}"
             stderr_tail = "\n".join(part for part in (stderr_tail, f"stopped: {message}") if part)
             self._observe(CommandResult(exit_code, stdout_tail, stderr_tail))
-            raise CommandCancelled(message, exit_code=exit_code, stdout_tail=stdout_tail, stderr_tail=stderr_tail)
+            raise CommandCancelled(
+                message, exit_code=exit_code, stdout_tail=stdout_tail, stderr_tail=stderr_tail
+            )
         cls: type[PermanentCommandTimeout | TransientCommandTimeout] = PermanentCommandTimeout
         if verdict == "stall":
             stall = seconds_text(self.stall_seconds or 0)

@@ -14,7 +14,7 @@ import pytest
 from falcon import testing
 
 from app.api import Services, create_app
-from pipeline import apikeys, cancellation, jobs
+from pipeline import accounts, apikeys, cancellation, jobs
 from pipeline.errors import Conflict, NotFound
 from pipeline.import_steps import ImportSteps, restore_role_name
 from pipeline.imports import ImportRequest, start_import
@@ -305,8 +305,13 @@ def test_cancel_over_http(control_db, store, world, client):
     refused = post_cancel(client, job.id, reader)
     assert refused.status_code == 403 and "projects:write" in refused.json["error"]
     stranger = make_world(control_db)
-    hidden = post_cancel(client, job.id, stranger.key)
-    assert (hidden.status_code, hidden.json) == (404, {"error": f"job {job.id} does not exist"})
+    sibling = accounts.create_project(
+        world.org, "sibling", Sealer(control_db.secret_key), cluster_id=world.cluster.id
+    )
+    sibling_key = apikeys.create_key(world.org, sibling, name="sibling").plaintext
+    for key in (stranger.key, sibling_key):  # another organization; another project's key
+        hidden = post_cancel(client, job.id, key)
+        assert (hidden.status_code, hidden.json) == (404, {"error": f"job {job.id} does not exist"})
     assert Job.get_by_id(job.id).state == "pending"
 
     resp = post_cancel(client, job.id, world.key)
