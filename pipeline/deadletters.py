@@ -37,6 +37,7 @@ from pipeline.models import ACTIVE_STATES, STAGE_ORDER, Job, JobEvent, Project, 
 log = logging.getLogger(__name__)
 
 IMPORT_REPLAYED = "project.import_replayed"
+IMPORT_DEAD_LETTER_DROPPED = "project.import_dead_letter_dropped"
 # Options Dramatiq's Retries middleware and delayed sends put on a message.
 RETRY_OPTIONS = ("retries", "traceback", "requeue_timestamp", "eta", "max_retries")
 
@@ -205,6 +206,7 @@ class DeadLetters:
                 if refusal is not None and ended and drop_ended:
                     if not dry_run:
                         channel.basic_ack(letter.delivery_tag)
+                        self._record_drop(letter, actor, refusal)
                     decisions.append(Decision(letter, "would drop" if dry_run else "dropped", refusal))
                     continue
                 if refusal is not None:
@@ -290,6 +292,30 @@ class DeadLetters:
                 details={"stage": letter.stage, "message_id": letter.message_id, "failure": letter.failure},
             )
             return True
+
+    def _record_drop(self, letter: DeadLetter, actor: str, why: str) -> None:
+        """A dropped message of a known job is an event of that job (and an audit event)."""
+        job = Job.get_or_none(Job.id == letter.job_id) if letter.job_id else None
+        if job is None:
+            log.info("dropped dead-lettered %s message %s: %s", letter.stage, letter.message_id, why)
+            return
+        with database.atomic():
+            JobEvent.create(
+                job=job.id,
+                actor=actor,
+                reason=f"dead-lettered {letter.stage} message {letter.message_id} dropped by {actor}: {why}",
+                from_state=job.state,
+                to_state=job.state,
+                from_stage=job.stage,
+                to_stage=job.stage,
+            )
+            audit.record(
+                Project.get_by_id(job.project_id),
+                IMPORT_DEAD_LETTER_DROPPED,
+                actor,
+                target_id=job.id,
+                details={"stage": letter.stage, "message_id": letter.message_id, "reason": why},
+            )
 
     def _publish(self, channel: BlockingChannel, letter: DeadLetter) -> None:
         options = {k: v for k, v in (letter.body.get("options") or {}).items() if k not in RETRY_OPTIONS}

@@ -344,4 +344,7 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
         "job_gone": "dropped",
     }
     assert queue_depth(settings, xq) == 0
+    assert jobs.events(finished.id)[-1].reason.startswith("dead-lettered fetch message ")
+    assert jobs.events(finished.id)[-1].reason.endswith(f" dropped by {ACTOR}: job completed")
+    assert ("project.import_dead_letter_dropped", ACTOR) in audit_of(finished.id)
     jobs.fail(waiting.id, "test", "done", classification="permanent")
