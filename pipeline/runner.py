@@ -4,7 +4,9 @@ The next stage is enqueued only after this stage's result is committed. Failures
 classified: a PermanentError fails the job at once (its message becomes `error`); a
 TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
 A claim refused because the job's organization is at its limit (fair share) is woken
-again later; a job past its time limit fails at the start of its next stage.
+again later; a job past its time limit fails at the start of its next stage. A cancel
+requested while a stage runs reaches it through the heartbeat thread, which stops the
+stage's commands; the job then ends `cancelled` (pipeline.cancellation).
 """
 
 from __future__ import annotations
