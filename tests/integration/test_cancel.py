@@ -331,6 +331,7 @@ def test_cancel_over_http(control_db, store, world, client):
         "error": f"job {job.id} is already cancelled; only a pending or running import can be cancelled"
     }
     assert post_cancel(client, "job_nosuchjob", world.key).status_code == 404
+    assert post_cancel(client, "job_" + "x" * 100, world.key).status_code == 400
 
     events = client.simulate_get(
         f"/v1/projects/{world.project.id}/audit-events", headers={"X-API-Key": world.key}
