@@ -168,7 +168,7 @@ class DeadLetters:
         worker or API process that uses it)."""
         for stage in (s.value for s in STAGE_ORDER):
             queue = self.dead_letter_queue(stage)
-            if not self._exists(queue):
+            if not self._exists(channel, queue):
                 continue
             count = channel.queue_declare(queue, passive=True).method.message_count
             for _ in range(count):
@@ -177,16 +177,18 @@ class DeadLetters:
                     break
                 yield _decode(queue, stage, method.delivery_tag, properties, raw)
 
-    def _exists(self, queue: str) -> bool:
-        """A passive declare of a missing queue closes the channel: ask on one of its own."""
-        with self._channel() as probe:
-            try:
-                probe.queue_declare(queue, passive=True)
-            except pika.exceptions.ChannelClosedByBroker as err:
-                if err.reply_code == 404:
-                    return False
-                raise
-            return True
+    @staticmethod
+    def _exists(channel: BlockingChannel, queue: str) -> bool:
+        """A passive declare of a missing queue closes its channel: ask on one of its own."""
+        probe = channel.connection.channel()
+        try:
+            probe.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as err:
+            if err.reply_code == 404:
+                return False
+            raise
+        probe.close()
+        return True
 
     def replay(
         self, actor: str, *, job_id: str | None, dry_run: bool, drop_ended: bool = False
