@@ -13,6 +13,7 @@ from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
 from app.edge import InputValidation
 from app.resources import (
     AuditEventsResource,
+    CancelResource,
     HealthResource,
     ImportsResource,
     JobResource,
@@ -22,6 +23,7 @@ from app.resources import (
     UploadsResource,
 )
 from pipeline.config import Settings
+from pipeline.import_steps import ImportSteps
 from pipeline.ratelimit import RateLimiter
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
@@ -61,4 +63,8 @@ def create_app(services: Services) -> falcon.App:
     app.add_route("/v1/projects/{project_id}/jobs", ProjectJobsResource())
     app.add_route("/v1/projects/{project_id}/audit-events", AuditEventsResource())
     app.add_route("/v1/jobs/{job_id}", JobResource())
+    app.add_route(
+        "/v1/jobs/{job_id}/cancel",
+        CancelResource(ImportSteps(services.settings, services.sealer, services.uploads.store)),
+    )
     return app

@@ -9,13 +9,15 @@ import falcon
 
 from app.body import read_json
 from app.edge import idempotency_key, query_int
-from pipeline import audit
+from pipeline import audit, cancellation
 from pipeline.config import Settings
-from pipeline.errors import NotFound
+from pipeline.errors import Forbidden, NotFound
+from pipeline.import_steps import ImportSteps
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, Project
 from pipeline.preflights import run_preflight
 from pipeline.principals import Principal
+from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
 from pipeline.uploads import Uploads
@@ -95,16 +97,43 @@ class UploadsResource:
         resp.media = {"upload": self.uploads.create(project, _principal(req))}
 
 
+def _job(req: falcon.Request, job_id: str, *, hidden: tuple[type[Exception], ...] = (NotFound,)) -> Job:
+    """The job, if the caller may see its project; another organization's job is 404
+    (and so are those whose refusal is in `hidden`)."""
+    job = Job.get_or_none(Job.id == job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} does not exist")
+    try:
+        _principal(req).project(job.project_id)
+    except hidden:
+        raise NotFound(f"job {job_id} does not exist") from None
+    return job
+
+
 class JobResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        job = Job.get_or_none(Job.id == job_id)
-        if job is None:
-            raise NotFound(f"job {job_id} does not exist")
-        try:
-            _principal(req).project(job.project_id)
-        except NotFound:
-            raise NotFound(f"job {job_id} does not exist") from None
-        resp.media = {"job": job_json(job)}
+        resp.media = {"job": job_json(_job(req, job_id))}
+
+
+class CancelResource:
+    """202 with the job: `cancelled` when nobody was running it, else as it is with
+    `cancel_requested_at` set (the worker ends it `cancelled` within seconds)."""
+
+    def __init__(self, steps: ImportSteps) -> None:
+        self.steps = steps
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
+        # A key scoped to another project of the organization may not act on the job: 404.
+        job = _job(req, job_id, hidden=(NotFound, Forbidden))
+        outcome = cancellation.request_cancel(
+            job.id,
+            _principal(req).actor,
+            lease=LEASE,
+            cleanup=lambda done: self.steps.cleanup(done, succeeded=False),
+        )
+        resp.status = falcon.HTTP_202
+        resp.location = f"/v1/jobs/{job.id}"
+        resp.media = {"job": job_json(outcome.job)}
 
 
 class ProjectJobsResource:

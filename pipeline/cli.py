@@ -15,20 +15,27 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import accounts, apikeys, jobs
+from pipeline import accounts, apikeys, cancellation, jobs
+from pipeline.accounts import cluster_admin
 from pipeline.config import ConfigError, Settings
 from pipeline.db import init_database
+from pipeline.deadletters import DeadLetters
 from pipeline.errors import InvalidRequest, NotFound
+from pipeline.import_steps import ImportSteps, preview_name
 from pipeline.migrations import migrate
 from pipeline.models import ApiKey, Cluster, Job, Organization, Project, utcnow
+from pipeline.operator_actions import operator_actor, retry_job, stage_names, stuck_jobs
 from pipeline.principals import SCOPES
+from pipeline.queue import StageQueue, make_broker
 from pipeline.rotation import rotate_secrets
+from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from pipeline.storage import object_store
 from pipeline.sweep import sweep
-from stages.errors import CapyError
+from stages.errors import CapyError, ObjectMissing
 from stages.pgurl import redact
+from stages.storage import ObjectStore
 
 
 def _org(org: Organization) -> dict[str, Any]:
@@ -202,26 +209,45 @@ def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings, out: Output
     out.emit(done, summary.replace("; ", "\n"))
 
 
+def _operator_job(job: Job) -> dict[str, Any]:
+    """The published job object plus what operators need: the holder's last heartbeat."""
+    return {**job_json(job), "heartbeat_at": timestamp(job.heartbeat_at)}
+
+
+def _holder(j: dict[str, Any]) -> str:
+    if not j["claimed_by"]:
+        return "unclaimed"
+    return f"held by {j['claimed_by']}, heartbeat {j['heartbeat_at'] or 'never'}"
+
+
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    query = Job.select().order_by(Job.created_at.desc()).limit(args.limit)
-    if args.project:
-        query = query.where(Job.project == args.project)
-    if args.state:
-        query = query.where(Job.state == args.state)
-    rows = [job_json(job) for job in query]
+    if args.stuck:
+        found = stuck_jobs(lease=LEASE, unclaimed_for=dt.timedelta(seconds=args.stuck_after))
+        picked = [s for s in found if (not args.project or s.job.project_id == args.project)][: args.limit]
+        rows = [{**_operator_job(s.job), "stuck": s.why} for s in picked]
+    else:
+        query = Job.select().order_by(Job.created_at.desc()).limit(args.limit)
+        if args.project:
+            query = query.where(Job.project == args.project)
+        if args.state:
+            query = query.where(Job.state == args.state)
+        rows = [_operator_job(job) for job in query]
     lines = [
         f"{j['id']}  {j['state']:<9}  {j['stage']:<9}  {j['project_id']}  {j['created_at']}"
+        + (f"  {_holder(j)}" if j["state"] in ("pending", "running") else "")
+        + (f"  stuck: {j['stuck']}" if "stuck" in j else "")
         + (f"  {j['error']}" if j["error"] else "")
         for j in rows
     ]
-    out.emit({"jobs": rows}, "\n".join(lines) if lines else "no jobs")
+    empty = "no stuck jobs" if args.stuck else "no jobs"
+    out.emit({"jobs": rows}, "\n".join(lines) if lines else empty)
 
 
 def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     job = Job.get_or_none(Job.id == args.job)
     if job is None:
         raise NotFound(f"job {args.job} does not exist")
-    obj = job_json(job)
+    obj = _operator_job(job)
     obj["events"] = [
         {
             "at": timestamp(e.at),
@@ -245,6 +271,100 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
         ]
     )
     out.emit(obj, text)
+
+
+def _steps(settings: Settings) -> ImportSteps:
+    return ImportSteps(settings, _sealer(settings), object_store(settings))
+
+
+def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    steps = _steps(settings)
+    outcome = cancellation.request_cancel(
+        args.job, operator_actor(), lease=LEASE, cleanup=lambda job: steps.cleanup(job, succeeded=False)
+    )
+    job = outcome.job
+    if outcome.done:
+        text = f"cancelled job {job.id} at its {job.stage} stage; project {job.project_id} is free for a new import"
+    else:
+        text = (
+            f"asked {job.claimed_by}, which runs the {job.stage} stage of job {job.id}, to stop it; "
+            f"the job ends cancelled within seconds (capy-imports jobs show {job.id})"
+        )
+    out.emit({**_operator_job(job), "cancelled_now": outcome.done}, text)
+
+
+def cmd_jobs_retry(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    sealer = _sealer(settings)
+    store = object_store(settings)
+    broker = make_broker(settings)
+    try:
+        outcome = retry_job(
+            args.job,
+            operator_actor(),
+            from_stage=args.from_stage,
+            wake=StageQueue(broker, settings).wake,
+            upload_exists=lambda key: _stored(store, key),
+            preview_exists=lambda job: cluster_admin(Cluster.get_by_id(job.cluster_id), sealer).database_exists(
+                preview_name(job)
+            ),
+        )
+    finally:
+        broker.close()
+    job = outcome.job
+    text = (
+        f"job {job.id} ({outcome.from_state} at {outcome.from_stage}) is pending again at its {job.stage} "
+        f"stage with its attempts reset; a worker picks it up now"
+        + (f"; {outcome.note}" if outcome.note else "")
+    )
+    out.emit({**_operator_job(job), "note": outcome.note}, text)
+
+
+def _stored(store: ObjectStore, key: str) -> bool:
+    try:
+        store.size(key)
+    except ObjectMissing:
+        return False
+    return True
+
+
+def _dead_letters(settings: Settings) -> DeadLetters:
+    return DeadLetters(settings.broker_url, settings.queue_prefix, lease=LEASE)
+
+
+def _age(seconds: int | None) -> str:
+    if seconds is None:
+        return "age unknown"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    now = utcnow()
+    letters = [letter.summary(now) for letter in _dead_letters(settings).read()]
+    lines = [
+        f"{m['job_id'] or '?'}  {m['stage']:<9}  {_age(m['age_seconds']):<9}  retries {m['retries'] if m['retries'] is not None else 0}  {m['failure']}"
+        for m in letters
+    ]
+    empty = f"no dead-lettered messages in {settings.queue_prefix}.<stage>.XQ"
+    out.emit({"messages": letters}, "\n".join(lines) if lines else empty)
+
+
+def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    if not args.all and not args.job:
+        raise InvalidRequest("say which messages to replay: --job ID, or --all")
+    now = utcnow()
+    decisions = _dead_letters(settings).replay(
+        operator_actor(), job_id=args.job, dry_run=args.dry_run, drop_ended=args.drop_ended
+    )
+    rows = [decision.as_dict(now) for decision in decisions]
+    lines = [f"{r['action']}: {r['job_id'] or '?'} {r['stage']} ({r['message_id']}): {r['reason']}" for r in rows]
+    scope = f"job {args.job}" if args.job else "any job"
+    out.emit(
+        {"messages": rows, "dry_run": args.dry_run},
+        "\n".join(lines) if lines else f"no dead-lettered messages for {scope}",
+    )
 
 
 def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
@@ -364,8 +484,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project")
     p.add_argument("--state", choices=["pending", "running", "completed", "failed", "cancelled"])
     p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--stuck",
+        action="store_true",
+        help="only active jobs whose holder stopped heartbeating, or that nobody claimed for --stuck-after",
+    )
+    p.add_argument("--stuck-after", type=int, default=300, metavar="SECONDS")
     p = add(jobs_parser, "show", cmd_jobs_show, "show a job with its events")
     p.add_argument("job")
+    p = add(jobs_parser, "cancel", cmd_jobs_cancel, "cancel a pending or running import")
+    p.add_argument("job")
+    p = add(jobs_parser, "retry", cmd_jobs_retry, "run a failed or cancelled import again")
+    p.add_argument("job")
+    p.add_argument("--from-stage", choices=stage_names(), help="default: the stage it failed at (fetch after restore or finalize)")
+
+    dlq = sub.add_parser("dlq", help="dead-lettered stage messages").add_subparsers(dest="sub", required=True)
+    add(dlq, "list", cmd_dlq_list, "list dead-lettered messages (they stay in the queue)")
+    p = add(dlq, "replay", cmd_dlq_replay, "put dead-lettered messages back on their stage queue")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--job", help="only this job's messages")
+    which.add_argument("--all", action="store_true", help="every message")
+    p.add_argument("--dry-run", action="store_true", help="say what would be replayed, change nothing")
+    p.add_argument(
+        "--drop-ended",
+        action="store_true",
+        help="remove the messages of jobs that ended or are unknown (no replay can be right for them)",
+    )
 
     add(sub, "sweep", cmd_sweep, "delete expired uploads, replaced databases and orphaned previews")
 

@@ -14,6 +14,9 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import peewee
+import psycopg2
+
 from pipeline import jobs
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
@@ -23,11 +26,11 @@ from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
 from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import CommandResult, PgTools
+from stages.commands import Cancellation, CommandResult, PgTools
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
-from stages.errors import CapyError, PermanentError
+from stages.errors import Cancelled, CapyError, PermanentError
 from stages.fetch import dump_live
 from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
@@ -39,14 +42,44 @@ log = logging.getLogger(__name__)
 
 
 class StageContext:
-    """The job being worked on, with the few things a step may do to it."""
+    """The job being worked on, with the few things a step may do to it.
+
+    `cancellation` holds the stage's running commands: when the job is cancelled (the
+    heartbeat thread sees the request) they are stopped, and the stage's next progress
+    report or cancellation point raises Cancelled.
+    """
 
     def __init__(self, job: Job, actor: str) -> None:
         self.job = job
         self.actor = actor
+        self.cancellation = Cancellation()
 
     def progress(self, progress: dict[str, Any]) -> None:
+        self.check_cancelled(ask=False)
         jobs.set_progress(self.job.id, self.actor, {"stage": self.job.stage, **progress})
+
+    def cancel_request(self) -> str | None:
+        """Why the job is being cancelled, if it is: this process was told, or the
+        control database says so. If the control database cannot be read, what this
+        process was told stands (the caller's own error, or commit, comes next)."""
+        if self.cancellation.reason is None:
+            try:
+                reason = jobs.cancel_reason(self.job.id)
+            except (peewee.PeeweeException, psycopg2.Error) as err:
+                log.warning(
+                    "job %s: could not read whether it is cancelled: %s", self.job.id, type(err).__name__
+                )
+                reason = None
+            if reason is not None:
+                self.cancellation.cancel(reason)
+        return self.cancellation.reason
+
+    def check_cancelled(self, *, ask: bool = True) -> None:
+        """A cancellation point: raise Cancelled if the job is being cancelled (`ask`:
+        read the control database too, not only what the heartbeat thread passed on)."""
+        reason = self.cancel_request() if ask else self.cancellation.reason
+        if reason is not None:
+            raise Cancelled(reason)
 
     def set_fields(self, **values: Any) -> None:
         jobs.update_fields(self.job.id, self.actor, **values)
@@ -81,14 +114,25 @@ class ImportSteps:
     # -- helpers -----------------------------------------------------------------
 
     def run(self, stage: str, context: StageContext) -> dict[str, Any]:
-        return getattr(self, stage)(context)
+        """Run one stage. Whatever a stage stopped by a cancel raises (a killed tool's
+        error, a dropped connection) becomes Cancelled."""
+        try:
+            return getattr(self, stage)(context)
+        except Cancelled:
+            raise
+        except Exception as err:
+            reason = context.cancel_request()
+            if reason is not None:
+                raise Cancelled(reason) from err
+            raise
 
     def _admin(self, job: Job) -> ClusterAdmin:
         return cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
 
-    def _tools(self, job: Job) -> PgTools:
+    def _tools(self, job: Job, cancellation: Cancellation | None = None) -> PgTools:
         """The target cluster's major version of the tools; each run is recorded on the
-        job, and ends by the command limit or the job's own deadline, whichever is first."""
+        job, and ends by the command limit or the job's own deadline, whichever is first,
+        or when the job is cancelled."""
         cluster = Cluster.get_by_id(job.cluster_id)
 
         def record(result: CommandResult) -> None:
@@ -101,6 +145,7 @@ class ImportSteps:
             limit=command_limit(self.settings),
             deadline=job_deadline(job, self.settings),
             stall_seconds=self.settings.command_stall_seconds,
+            cancellation=cancellation,
         )
 
     def _work_dir(self, job: Job) -> str:
@@ -136,7 +181,7 @@ class ImportSteps:
         work = self._work_dir(job)
         os.makedirs(work, exist_ok=True)
         context.progress({"phase": "dumping the source"})
-        tools = self._tools(job)
+        tools = self._tools(job, context.cancellation)
         dump = dump_live(
             source,
             tools,
@@ -198,7 +243,7 @@ class ImportSteps:
 
         size = self.store.download(job.upload_key, download, max_bytes=limit, on_progress=downloaded)
         info = detect_format(download)
-        tools = self._tools(job)
+        tools = self._tools(job, context.cancellation)
         major = Cluster.get_by_id(job.cluster_id).server_major
         check_versions(info, major)
         facts: dict[str, Any] = {
@@ -263,11 +308,13 @@ class ImportSteps:
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         target = admin.role_url(preview, restorer)
         fmt = job.facts["dump_format"]
+        context.check_cancelled()
+        tools = self._tools(job, context.cancellation)
         if fmt in ("plain", "gzip-plain"):
-            restore_plain(self._tools(job), target, dump_path)
+            restore_plain(tools, target, dump_path)
         else:
             restore_archive(
-                self._tools(job), target, dump_path, jobs=self.settings.concurrency, fmt=fmt, list_file=job.facts["restore_list"]
+                tools, target, dump_path, jobs=self.settings.concurrency, fmt=fmt, list_file=job.facts["restore_list"]
             )
         # A verification of an earlier preview (a restore retried by an operator) is void.
         return {"preview_database": preview, "verification": None}
@@ -311,6 +358,8 @@ class ImportSteps:
                 drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
         context.progress({"phase": "swapping the preview in"})
+        # The last cancellation point: once the swap has committed, the import completes.
+        context.check_cancelled()
         admin.swap(live=project.database_name, preview=preview, replaced=retired.database_name)
         report = build_report(
             source_counts=job.facts["source_counts"],

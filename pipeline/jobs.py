@@ -311,6 +311,14 @@ def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> 
     ).where(Job.id == job_id).execute()
 
 
+def cancel_reason(job_id: str) -> str | None:
+    """The reason ("cancelled by <actor>") once a cancel of the job was requested, else None."""
+    row = Job.select(Job.cancel_requested_at, Job.cancel_requested_by).where(Job.id == job_id).first()
+    if row is None or row.cancel_requested_at is None:
+        return None
+    return f"cancelled by {row.cancel_requested_by or 'an operator'}"
+
+
 def events(job_id: str) -> list[JobEvent]:
     return list(JobEvent.select().where(JobEvent.job == job_id).order_by(JobEvent.id))
 

@@ -202,6 +202,15 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE claimed_by IS NOT NULL AND state IN ('pending', 'running');
         """,
     ),
+    (
+        "0007_operators",
+        """
+        -- Cancel: a request against a running stage is a marker its worker's heartbeat
+        -- thread reads (it then stops the stage's tools); who asked, for the job's error.
+        ALTER TABLE jobs ADD COLUMN cancel_requested_at timestamptz;
+        ALTER TABLE jobs ADD COLUMN cancel_requested_by text;
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

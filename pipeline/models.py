@@ -136,6 +136,9 @@ class Job(BaseModel):
     updated_at = TZField(default=utcnow)
     # Keyed digest of the request an Idempotency-Key was first used with.
     request_hash = peewee.TextField(null=True)
+    # A cancel asked for while a worker held the stage (pipeline.cancellation).
+    cancel_requested_at = TZField(null=True)
+    cancel_requested_by = peewee.TextField(null=True)
 
     class Meta:
         table_name = "jobs"

@@ -4,7 +4,9 @@ The next stage is enqueued only after this stage's result is committed. Failures
 classified: a PermanentError fails the job at once (its message becomes `error`); a
 TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
 A claim refused because the job's organization is at its limit (fair share) is woken
-again later; a job past its time limit fails at the start of its next stage.
+again later; a job past its time limit fails at the start of its next stage. A cancel
+requested while a stage runs reaches it through the heartbeat thread, which stops the
+stage's commands; the job then ends `cancelled` (pipeline.cancellation).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import datetime as dt
 import logging
 from typing import Protocol
 
-from pipeline import jobs
+from pipeline import cancellation, jobs
 from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
 from pipeline.limits import job_over_time
 from pipeline.models import ACTIVE_STATES, Job, Stage
-from stages.errors import PermanentError, TransientError
+from stages.errors import Cancelled, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,28 @@ class Runner:
         if job is None:
             self._not_claimed(job_id, stage, actor)
             return
+        if job.cancel_requested_at is not None:  # asked while the stage was between workers
+            self._cancelled(job, actor)
+            return
         over = job_over_time(job, self.settings, stage)
         if over is not None:
             self._fail(job, actor, over, "permanent")
             return
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
         context = StageContext(job, actor)
+        beat = Heartbeat(
+            job_id,
+            actor,
+            self.heartbeat_seconds,
+            until=self._claim_until(job),
+            on_cancel=context.cancellation.cancel,
+        )
         try:
-            with Heartbeat(job_id, actor, self.heartbeat_seconds, until=self._claim_until(job)):
+            with beat:
                 facts = self.steps.run(stage, context)
+        except Cancelled:
+            self._cancelled(job, actor)
+            return
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")
             return
@@ -87,8 +102,13 @@ class Runner:
             )
             raise TransientError(f"internal error in {stage}") from None
         following = jobs.next_stage(stage)
+        if following is not None and context.cancel_request() is not None:
+            self._cancelled(job, actor)
+            return
         if following is None:
             jobs.complete(job_id, actor, facts=facts, progress={"phase": "completed"})
+            if context.cancel_request() is not None:
+                cancellation.note_completed_anyway(job_id, actor)
             self.steps.cleanup(Job.get_by_id(job_id), succeeded=True)
             log.info("job %s: completed", job_id)
             return
@@ -108,6 +128,15 @@ class Runner:
         released = jobs.release(job_id, actor, error)
         if released is not None:  # else another worker holds it now: its sessions are its own
             self.steps.stop_sessions(released)
+
+    def _cancelled(self, job: Job, actor: str) -> None:
+        """End a job whose cancel was requested, then drop what it made."""
+        cancelled = cancellation.finish(job.id, actor)
+        if cancelled is None:  # another worker holds it now, or it already ended
+            log.info("job %s: cancelled, but no longer held by %s; nothing to do", job.id, actor)
+            return
+        log.warning("job %s: %s", job.id, cancelled.error)
+        self.steps.cleanup(cancelled, succeeded=False)
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
         failed = jobs.fail(job.id, actor, error, classification=classification)

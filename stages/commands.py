@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 from stages.errors import (
+    CommandCancelled,
     PermanentCommandFailure,
     PermanentCommandTimeout,
     PermanentError,
@@ -213,7 +214,12 @@ class _Watchdog(threading.Thread):
         self.stall_seconds = stall_seconds
         self.probe = probe
         self.verdict: str | None = None
+        self.cancel_reason: str | None = None
         self._finished = threading.Event()
+
+    def cancel(self, reason: str) -> None:
+        """Stop the command at the next look, because its import was cancelled."""
+        self.cancel_reason = reason
 
     def run(self) -> None:
         size = self._size()
@@ -221,6 +227,9 @@ class _Watchdog(threading.Thread):
         probe_every = min(PROBE_SECONDS, (self.stall_seconds or PROBE_SECONDS) / 4)
         probed = time.monotonic()
         while not self._finished.wait(POLL_SECONDS):
+            if self.cancel_reason is not None:
+                self._halt("cancelled")
+                return
             # Checked even after the leader exited: something it started may hold on.
             if self.deadline.remaining() <= 0:
                 self._halt("deadline")
@@ -287,6 +296,42 @@ class CommandProcess(subprocess.Popen[bytes]):
     watchdog: _Watchdog
 
 
+class Cancellation:
+    """The commands one stage has running, so that a cancel stops them all (and any
+    started after it) within a watchdog poll: each one's process group gets SIGINT,
+    SIGTERM, then SIGKILL, and its run raises CommandCancelled."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[CommandProcess] = set()
+        self.reason: str | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.reason is not None
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            running = list(self._processes)
+        for process in running:
+            process.watchdog.cancel(self.reason or reason)
+        if running:
+            log.warning("stopping %d command(s): %s", len(running), reason)
+
+    def register(self, process: CommandProcess) -> None:
+        with self._lock:
+            self._processes.add(process)
+            reason = self.reason
+        if reason is not None:
+            process.watchdog.cancel(reason)
+
+    def unregister(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._processes.discard(process)  # type: ignore[arg-type]
+
+
 Observer = Callable[[CommandResult], None]
 _Tool = TypeVar("_Tool", bound="PgCommand")
 
@@ -317,6 +362,7 @@ class PgCommand:
         deadline: Deadline | None = None,
         stall_seconds: float | None = DEFAULT_STALL_SECONDS,
         major: int | None = None,
+        cancellation: Cancellation | None = None,
     ) -> None:
         self.path = os.path.join(bin_dir, self.program)
         self.observer = observer
@@ -324,6 +370,7 @@ class PgCommand:
         self.deadline = deadline
         self.stall_seconds = stall_seconds
         self.major = major
+        self.cancellation = cancellation
 
     def run(
         self,
@@ -400,6 +447,8 @@ class PgCommand:
         for thread in (*process.readers, process.watchdog):
             thread.start()
         _track(process)
+        if self.cancellation is not None:
+            self.cancellation.register(process)
         return process
 
     def _session_options(self, deadline: Deadline) -> str:
@@ -464,6 +513,8 @@ class PgCommand:
         exit_code = self._wait_for_exit(process)
         process.watchdog.finish()
         _running.discard(process)
+        if self.cancellation is not None:
+            self.cancellation.unregister(process)
         # Whatever the tool left behind in its group would hold our pipes open.
         _signal_group(process, signal.SIGKILL)
         for reader in process.readers:
@@ -477,6 +528,13 @@ class PgCommand:
             if exit_code != 0:
                 raise self.failure(result, what)
             return result
+        if verdict == "cancelled":
+            message = f"{what} was stopped: {process.watchdog.cancel_reason}"
+            stderr_tail = "\n".join(part for part in (stderr_tail, f"stopped: {message}") if part)
+            self._observe(CommandResult(exit_code, stdout_tail, stderr_tail))
+            raise CommandCancelled(
+                message, exit_code=exit_code, stdout_tail=stdout_tail, stderr_tail=stderr_tail
+            )
         cls: type[PermanentCommandTimeout | TransientCommandTimeout] = PermanentCommandTimeout
         if verdict == "stall":
             stall = seconds_text(self.stall_seconds or 0)
@@ -627,10 +685,11 @@ class PgTools:
     deadline: Deadline | None = None
     stall_seconds: float | None = DEFAULT_STALL_SECONDS
     major: int | None = None
+    cancellation: Cancellation | None = None
 
     @classmethod
     def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
-        """`bounds`: limit, deadline, stall_seconds."""
+        """`bounds`: limit, deadline, stall_seconds, cancellation."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
@@ -647,6 +706,7 @@ class PgTools:
             deadline=self.deadline,
             stall_seconds=self.stall_seconds,
             major=self.major,
+            cancellation=self.cancellation,
         )
 
     @property

@@ -71,6 +71,15 @@ class TransientCommandTimeout(CommandTimedOut, TransientCommandFailure):
     """An external command stalled on something outside it (the source); it is retried."""
 
 
+class Cancelled(PermanentError):
+    """The import was cancelled; the project's database was not changed."""
+
+
+class CommandCancelled(CommandFailed, Cancelled):
+    """An external command was stopped, with every process it started, because its
+    import was cancelled."""
+
+
 class SourceUnreachable(TransientError):
     """The source database could not be reached."""
 
