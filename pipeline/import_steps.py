@@ -384,11 +384,15 @@ class ImportSteps:
                 "retry the import from the restore stage"
             )
         context.progress({"phase": "verifying tables, rows and sequences"})
+        # A new password (none is ever stored; the dump may have set its own) and no
+        # members, then nobody else in the preview: what is verified is what is swapped in.
+        restorer = admin.ensure_restore_role(role)
+        admin.terminate_sessions(preview)
         admin.reopen(preview)  # the dump may have set its connection limit to 0
         target_counts, target = verify_preview(
             admin,
             preview,
-            admin.ensure_restore_role(role),  # a new password: none is ever stored
+            restorer,
             job.facts["source_counts"],
             job.facts.get("uncounted_tables", []),
             job.facts["source_description"]["sequences"],

@@ -42,6 +42,21 @@ log = logging.getLogger(__name__)
 # superuser's session in that database run as role x.
 PINNED_SEARCH_PATH = "-c search_path=pg_catalog,pg_temp"
 PINNED_ROLE = "-c role=none"
+# The rest of what a database's owner may set for every session in it, pinned to what
+# our sessions need: no library of the owner's choosing loaded, writable transactions,
+# no session ended on its first error. A lock a tenant's open transaction holds (on a
+# table of its preview, or on its database's catalog row) makes our statement fail
+# after LOCK_TIMEOUT_MS instead of holding a worker thread: the stage is retried.
+LOCK_TIMEOUT_MS = 10_000
+PINNED_SESSION = (
+    "-c local_preload_libraries= -c default_transaction_read_only=off -c exit_on_error=off "
+    f"-c idle_in_transaction_session_timeout=0 -c lock_timeout={LOCK_TIMEOUT_MS}"
+)
+# Statements of admin sessions (DDL, a drop of a large database) and of verification
+# (exact counts of large tables) may take long on an honest server; the emptiness check
+# reads only the catalog.
+NO_STATEMENT_TIMEOUT = "-c statement_timeout=0"
+CATALOG_STATEMENT_TIMEOUT = "-c statement_timeout=60000"
 
 
 @dataclass(frozen=True)
@@ -56,9 +71,27 @@ def pinned(url: SourceURL, *extra: str) -> SourceURL:
     """`url` with the pinned search_path and role (and `extra` startup options) added to
     its options, after any it has, so they win."""
     options = " ".join(
-        part for part in (url.params.get("options", ""), PINNED_SEARCH_PATH, PINNED_ROLE, *extra) if part
+        part
+        for part in (url.params.get("options", ""), PINNED_SEARCH_PATH, PINNED_ROLE, PINNED_SESSION, *extra)
+        if part
     )
     return url.with_params(options=options)
+
+
+@contextlib.contextmanager
+def _waits_explained(dbname: str) -> Iterator[None]:
+    """A statement that waited past the pinned lock_timeout, or ran past its
+    statement_timeout, becomes a TransientError saying so: the stage is retried."""
+    try:
+        yield
+    except psycopg2.errors.LockNotAvailable as err:
+        raise TransientError(
+            f"another session holds a lock in {dbname!r} (an open transaction of the project's own "
+            f"role?) and the service waited {LOCK_TIMEOUT_MS // 1000} s; it will try again"
+        ) from err
+    except psycopg2.errors.QueryCanceled as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "canceled"
+        raise TransientError(f"a statement in {dbname!r} ran past its time limit ({first})") from err
 
 
 class ClusterAdmin:
@@ -73,9 +106,10 @@ class ClusterAdmin:
     def connection(self, dbname: str | None = None) -> Iterator[psycopg2.extensions.connection]:
         """An admin session (search_path pinned), in the maintenance database by default."""
         url = self.url if dbname is None else self.url.with_params(dbname=dbname)
-        conn = connect(pinned(url), role="project cluster", timeout=self.timeout)
+        conn = connect(pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout)
         try:
-            yield conn
+            with _waits_explained(dbname or "the maintenance database"):
+                yield conn
         finally:
             conn.close()
 
@@ -96,19 +130,20 @@ class ClusterAdmin:
         url = pinned(self.role_url(dbname, login), *extra_options)
         conn = connect(url, role="project cluster", timeout=self.timeout)
         try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT pg_catalog.bool_or(rolsuper) FROM pg_catalog.pg_roles "
-                    "WHERE rolname OPERATOR(pg_catalog.=) ANY (ARRAY[session_user, current_user])"
-                )
-                if cur.fetchone()[0]:
-                    raise PermanentError(
-                        f"the role {login.name!r} is a superuser; the service enters a tenant's "
-                        "database only as an unprivileged role (ALTER ROLE … NOSUPERUSER)"
+            with _waits_explained(dbname):
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT pg_catalog.bool_or(rolsuper) FROM pg_catalog.pg_roles "
+                        "WHERE rolname OPERATOR(pg_catalog.=) ANY (ARRAY[session_user, current_user])"
                     )
-            conn.rollback()
-            conn.set_session(readonly=readonly)
-            yield conn
+                    if cur.fetchone()[0]:
+                        raise PermanentError(
+                            f"the role {login.name!r} is a superuser; the service enters a tenant's "
+                            "database only as an unprivileged role (ALTER ROLE … NOSUPERUSER)"
+                        )
+                conn.rollback()
+                conn.set_session(readonly=readonly)
+                yield conn
         finally:
             conn.close()
 
@@ -205,7 +240,23 @@ class ClusterAdmin:
         self._ensure_login(
             name, login.password, "NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION INHERIT BYPASSRLS"
         )
+        self._revoke_memberships(name)
         return login
+
+    def _revoke_memberships(self, name: str) -> None:
+        """Undo every membership grant to or from `name`. A dump may change its restore
+        role's password and, before PostgreSQL 16, grant the role to others; with a new
+        password and no members, no session but ours can act as it."""
+        with self.autocommit() as cur:
+            cur.execute(
+                "SELECT g.rolname, m.rolname FROM pg_catalog.pg_auth_members a "
+                "JOIN pg_catalog.pg_roles g ON g.oid OPERATOR(pg_catalog.=) a.roleid "
+                "JOIN pg_catalog.pg_roles m ON m.oid OPERATOR(pg_catalog.=) a.member "
+                "WHERE g.rolname OPERATOR(pg_catalog.=) %s OR m.rolname OPERATOR(pg_catalog.=) %s",
+                (name, name),
+            )
+            for granted, member in cur.fetchall():
+                cur.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(sql.Identifier(granted), sql.Identifier(member)))
 
     def _ensure_login(self, name: str, password: str, attributes: str) -> None:
         with self.connection() as conn:
@@ -269,6 +320,11 @@ class ClusterAdmin:
         """
         self.reopen(database)
         if self.role_exists(from_role):
+            # Nobody may act as the role any more, nor still be in the database.
+            with self.autocommit() as cur:
+                cur.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(from_role)))
+            self._revoke_memberships(from_role)
+            self.terminate_sessions(database)
             with self.autocommit(database) as cur:
                 cur.execute(
                     sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(from_role), sql.Identifier(to_role))
@@ -330,7 +386,7 @@ class ClusterAdmin:
 
     def is_empty(self, name: str, owner: RoleLogin) -> bool:
         """Whether `name` holds no user objects, read as its owner (the project role)."""
-        with self.role_connection(name, owner) as conn:
+        with self.role_connection(name, owner, CATALOG_STATEMENT_TIMEOUT) as conn:
             empty = inventory.is_empty(conn)
             conn.rollback()
             return empty

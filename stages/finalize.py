@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from stages import inventory
-from stages.cluster import ClusterAdmin, RoleLogin
+from stages.cluster import NO_STATEMENT_TIMEOUT, ClusterAdmin, RoleLogin
 from stages.errors import PermanentError
 from stages.extensions import ALWAYS_ALLOWED
 
@@ -45,7 +45,7 @@ def verify_preview(
     Raises ExtensionNotAllowed or VerificationFailed naming every problem; returns the
     preview's row counts and its description (object counts, sequences, extensions).
     """
-    with admin.role_connection(preview, restorer, "-c row_security=off") as conn:
+    with admin.role_connection(preview, restorer, "-c row_security=off", NO_STATEMENT_TIMEOUT) as conn:
         target_counts = inventory.count_rows(conn)
         description = inventory.describe(conn)
         conn.rollback()

@@ -23,6 +23,7 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.sweep import sweep
 from pipeline.uploads import Uploads
+from stages.errors import TransientError
 from tests.support import pg
 from tests.support.hostile import HIJACK_OBJECTS, PINNED, PLAIN_HIJACK
 from tests.support.imports import upload_and_import
@@ -479,3 +480,95 @@ def test_role_passwords_work_under_password_authentication(password_source):
     finally:
         admin.drop_role(name)
         admin.drop_role("capy_prj_" + "p" * 20)
+
+
+def _hold(dbname: str, role: str, statement: str) -> psycopg2.extensions.connection:
+    """A tenant's session in `dbname` as `role`, left in an open transaction after
+    `statement` (trust auth: the local cluster does not ask for the password a dump
+    may have set)."""
+    conn = connect_as(role, dbname)
+    with conn.cursor() as cur:
+        cur.execute(statement)
+    return conn
+
+
+def _finishes(work, seconds: float = 90) -> object:
+    """Run `work` in a thread; it must return within `seconds` (a hung worker thread
+    is what these tests are about)."""
+    import threading
+
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # the caller asserts on it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome.get("value")
+
+
+def test_a_tenant_session_in_the_preview_cannot_hold_finalize(control_db, store):
+    """A dump that set its restore role's password lets the tenant log in and lock a
+    table of the preview: finalize ends every session but its own and completes."""
+    world = make_world(control_db)
+    script = (
+        b"CREATE TABLE public.t (id int);\nCOPY public.t (id) FROM stdin;\n1\n\\.\n"
+        b"DO $$ BEGIN EXECUTE pg_catalog.format('ALTER ROLE %I PASSWORD %L', current_user, 'tenant-knows-this'); END $$;\n"
+    )
+    job, queue = start_paused_before_finalize(control_db, store, world, script)
+    locker = _hold(job.preview_database_id, restore_role(job), "BEGIN; LOCK TABLE public.t IN ACCESS EXCLUSIVE MODE")
+    try:
+        _finishes(lambda: queue.drain())
+        done = Job.get_by_id(job.id)
+        assert done.state == "completed", (done.error, done.last_stderr)
+        with pytest.raises(psycopg2.Error):
+            with locker.cursor() as cur:
+                cur.execute("SELECT 1")
+    finally:
+        locker.close()
+    assert read(world.project.database_name, "SELECT id FROM public.t") == [(1,)]
+
+
+def test_a_tenant_transaction_on_its_live_database_does_not_hold_a_worker(control_db):
+    """The project role's open `ALTER DATABASE` locks its catalog row: our DDL on that
+    database gives up after the pinned lock_timeout, as a transient error, not never."""
+    from stages.cluster import ClusterAdmin
+
+    world = make_world(control_db)
+    live = world.project.database_name
+    holder = _hold(live, world.project.role_name, f'BEGIN; ALTER DATABASE "{live}" CONNECTION LIMIT 50')
+    try:
+        with pytest.raises(TransientError, match="holds a lock"):
+            _finishes(lambda: ClusterAdmin(pg.ADMIN_URL).lock_down(live), seconds=60)
+    finally:
+        holder.close()
+
+
+def test_settings_an_owner_puts_on_its_database_do_not_reach_our_sessions(control_db):
+    """statement_timeout, local_preload_libraries and read-only transactions set on the
+    project's live database by its owner change nothing in the service's sessions."""
+    from stages.cluster import ClusterAdmin, RoleLogin
+
+    world = make_world(control_db)
+    live = world.project.database_name
+    owner = world.project.role_name
+    conn = connect_as(owner, live)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for setting in ("statement_timeout = '1ms'", "local_preload_libraries = 'auto_explain'",
+                        "default_transaction_read_only = on", "lock_timeout = '1ms'"):
+            cur.execute(f'ALTER DATABASE "{live}" SET {setting}')
+    conn.close()
+    admin = ClusterAdmin(pg.ADMIN_URL)
+    assert admin.is_empty(live, RoleLogin(owner, "trust-auth-ignores-it")) is True
+    admin.lock_down(live)
+    with admin.autocommit(live) as cur:
+        cur.execute("SELECT pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('transaction_read_only')")
+        assert cur.fetchone() == ("0", "off")
