@@ -127,6 +127,8 @@ class Settings:
     # from storage, and text decompressed from a gzipped plain dump.
     preflight_head_bytes: int = 8 * 1024 * 1024
     preflight_text_bytes: int = 64 * 1024 * 1024
+    # Synchronous preflights one organization may run at once (each holds a web thread).
+    org_max_concurrent_preflights: int = 2
 
     @property
     def dev_mode(self) -> bool:
@@ -216,4 +218,7 @@ class Settings:
             upload_unused_grace_seconds=_int(env, "CAPY_UPLOAD_UNUSED_GRACE_SECONDS", d.upload_unused_grace_seconds),
             preflight_head_bytes=_int(env, "CAPY_PREFLIGHT_HEAD_BYTES", d.preflight_head_bytes),
             preflight_text_bytes=_int(env, "CAPY_PREFLIGHT_TEXT_BYTES", d.preflight_text_bytes),
+            org_max_concurrent_preflights=_positive(
+                env, "CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS", d.org_max_concurrent_preflights, rule="at least 1"
+            ),
         )

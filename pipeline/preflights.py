@@ -19,6 +19,7 @@ from pipeline.config import Settings
 from pipeline.imports import ImportRequest
 from pipeline.limits import preflight_command_limit
 from pipeline.models import Cluster, Project
+from pipeline.preflight_slots import preflight_slot
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from stages.checks import Preflight, Target
@@ -101,12 +102,18 @@ def run_preflight(
     sealer: Sealer,
     store: ObjectStore,
 ) -> PreflightResult:
-    """The synchronous preflight of POST …/imports/preflight, audited."""
-    if request.upload_key:
-        result = preflight_upload(project, request.upload_key, settings, sealer, store, recreate=request.recreate)
-    else:
-        assert request.source is not None
-        result = preflight_source(project, request.source, settings, sealer, recreate=request.recreate)
+    """The synchronous preflight of POST …/imports/preflight, audited; RateLimited when
+    the organization already runs CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS of them."""
+    with preflight_slot(
+        project.organization_id,
+        slots=settings.org_max_concurrent_preflights,
+        retry_after=settings.preflight_deadline_seconds,
+    ):
+        if request.upload_key:
+            result = preflight_upload(project, request.upload_key, settings, sealer, store, recreate=request.recreate)
+        else:
+            assert request.source is not None
+            result = preflight_source(project, request.source, settings, sealer, recreate=request.recreate)
     audit.record(
         project,
         audit.IMPORT_PREFLIGHT,

@@ -208,3 +208,50 @@ def test_an_expired_total_deadline_refuses_the_next_round_trip_without_sending_i
             cur.execute("SELECT 1")
     finally:
         conn.close()
+
+
+def test_one_organization_cannot_take_every_web_thread_with_preflights(control_db, store):
+    """Each preflight against a source that never answers holds a web thread until the
+    deadline: past CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS the organization gets a 429 at
+    once, while another organization's preflight still runs."""
+    import threading
+
+    settings = dataclasses.replace(control_db, preflight_deadline_seconds=6, org_max_concurrent_preflights=2)
+    tenant, other = make_world(settings), make_world(settings)
+    client = testing.TestClient(
+        create_app(
+            Services(
+                settings=settings,
+                sealer=Sealer(settings.secret_key),
+                wake=lambda *a: None,
+                uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
+                readiness={},
+            )
+        )
+    )
+
+    def preflight(world, port: int):
+        return client.simulate_post(
+            f"/v1/projects/{world.project.id}/imports/preflight",
+            headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+            body=json.dumps({"source_url": mute_source(port).url()}),
+        )
+
+    with mute_after_login() as proxy:
+        answers: list = []
+        holders = [threading.Thread(target=lambda: answers.append(preflight(tenant, proxy.port))) for _ in range(2)]
+        for thread in holders:
+            thread.start()
+        assert proxy.held.wait(10)
+        time.sleep(1)  # both holders are past their slot by now
+        started = time.monotonic()
+        refused = preflight(tenant, proxy.port)
+        assert time.monotonic() - started < 3
+        assert refused.status_code == 429, refused.text
+        assert "2 preflights of this organization are already running" in refused.json["error"]
+        assert refused.headers["Retry-After"] == "6"
+        assert preflight(other, proxy.port).status_code == 200
+        for thread in holders:
+            thread.join(30)
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert preflight(tenant, 1).status_code == 200  # the slots were given back
