@@ -15,6 +15,7 @@ from stages.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECON
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
 # Only for development mode (CAPY_ENV=development): it is public, so production refuses it.
+MIN_SECRET_KEY_LENGTH = 32
 DEV_SECRET_KEY = "capy-imports-development-secret-do-not-use-in-production"
 
 PRODUCTION = "production"
@@ -154,6 +155,12 @@ class Settings:
             raise ConfigError(
                 "CAPY_SECRET_KEY holds the public development key, which production refuses: "
                 "set it to a long random string of your own"
+            )
+        if not self.dev_mode and len(keys[0]) < MIN_SECRET_KEY_LENGTH:
+            # Only the current key: older ones are kept to open what they sealed.
+            raise ConfigError(
+                f"CAPY_SECRET_KEY's current (first) key has {len(keys[0])} characters; production needs "
+                f"at least {MIN_SECRET_KEY_LENGTH}: set it to a long random string, e.g. `openssl rand -hex 32`"
             )
         return keys
 

@@ -47,7 +47,7 @@ def base_settings(tmp_path_factory, s3) -> Settings:
         queue_prefix=f"capytest_{RUN_ID}",
         allow_private_sources=True,
         work_dir=str(tmp_path_factory.mktemp("work")),
-        secret_key="test-secret-key-" + RUN_ID,
+        secret_key="test-secret-key-" + RUN_ID + "-" + secrets.token_hex(16),
     )
 
 

@@ -80,8 +80,16 @@ def test_unknown_environment_names_the_variable():
 
 
 def test_several_keys_are_read_current_first():
-    settings = Settings.from_env({"CAPY_SECRET_KEY": " new-key , old-key ,"})
-    assert settings.secret_keys() == ("new-key", "old-key")
+    new = "n" * 32
+    settings = Settings.from_env({"CAPY_SECRET_KEY": f" {new} , old-key ,"})
+    assert settings.secret_keys() == (new, "old-key")
+
+
+def test_production_refuses_a_short_current_key():
+    with pytest.raises(ConfigError, match="has 1 characters; production needs at least 32"):
+        Settings.from_env({"CAPY_SECRET_KEY": "x"}).secret_keys()
+    # A short key may stay behind the current one, to open what it sealed.
+    assert Settings.from_env({"CAPY_SECRET_KEY": "k" * 32 + ",old"}).secret_keys() == ("k" * 32, "old")
 
 
 def test_clerk_and_rate_limit_settings():

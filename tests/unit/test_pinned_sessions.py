@@ -1,13 +1,14 @@
 """Every session on a project cluster carries the pinned search_path as a startup option."""
 
-from stages.cluster import PINNED_ROLE, PINNED_SEARCH_PATH, ClusterAdmin, RoleLogin, pinned
+from stages.cluster import PINNED_ROLE, PINNED_SEARCH_PATH, PINNED_SESSION, ClusterAdmin, RoleLogin, pinned
 from stages.pgurl import SourceURL
 
 
 def test_the_pin_is_added_to_a_url_without_options():
     url = SourceURL.parse("postgresql://admin:pw@db.internal:5432/postgres", default_sslmode=None)
     assert PINNED_SEARCH_PATH == "-c search_path=pg_catalog,pg_temp" and PINNED_ROLE == "-c role=none"
-    assert pinned(url).params["options"] == "-c search_path=pg_catalog,pg_temp -c role=none"
+    assert pinned(url).params["options"] == f"-c search_path=pg_catalog,pg_temp -c role=none {PINNED_SESSION}"
+    assert "-c lock_timeout=10000" in PINNED_SESSION and "-c local_preload_libraries=" in PINNED_SESSION
     assert pinned(url, "-c row_security=off").params["options"] == (
         "-c search_path=pg_catalog,pg_temp -c role=none -c row_security=off"
     )
