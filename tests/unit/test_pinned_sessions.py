@@ -10,7 +10,7 @@ def test_the_pin_is_added_to_a_url_without_options():
     assert pinned(url).params["options"] == f"-c search_path=pg_catalog,pg_temp -c role=none {PINNED_SESSION}"
     assert "-c lock_timeout=10000" in PINNED_SESSION and "-c local_preload_libraries=" in PINNED_SESSION
     assert pinned(url, "-c row_security=off").params["options"] == (
-        "-c search_path=pg_catalog,pg_temp -c role=none -c row_security=off"
+        f"-c search_path=pg_catalog,pg_temp -c role=none {PINNED_SESSION} -c row_security=off"
     )
 
 
@@ -20,7 +20,8 @@ def test_the_pin_comes_after_options_the_admin_url_sets_so_it_wins():
         default_sslmode=None,
     )
     assert pinned(url).params["options"] == (
-        "-c search_path=public -c statement_timeout=5000 -c search_path=pg_catalog,pg_temp -c role=none"
+        "-c search_path=public -c statement_timeout=5000 -c search_path=pg_catalog,pg_temp -c role=none "
+        + PINNED_SESSION
     )
 
 
