@@ -247,17 +247,51 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
     out.emit(obj, text)
 
 
-def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    done = sweep(settings, _sealer(settings), object_store(settings))
+def _sweep_once(settings: Settings) -> dict[str, Any]:
+    """One sweep, re-waking stuck jobs through the broker."""
+    from pipeline.queue import StageQueue, make_broker
+
+    queue = StageQueue(make_broker(settings), settings)
+    try:
+        return sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
+    finally:
+        queue.broker.close()
+
+
+def _sweep_text(done: dict[str, Any]) -> str:
     lines = (
-        [f"deleted upload {key}" for key in done["uploads_deleted"]]
-        + [f"dropped replaced database {name}" for name in done["replaced_databases_dropped"]]
-        + [f"dropped orphaned preview {name}" for name in done["previews_dropped"]]
-        + [f"dropped restore role {name}" for name in done["restore_roles_dropped"]]
-        + [f"revoked PUBLIC's access to database {name}" for name in done["databases_locked_down"]]
-        + [f"could not clean {item}" for item in done["errors"]]
+        [f"woke job {w['job']} ({w['stage']}): {w['why']}" for w in done.get("jobs_woken", [])]
+        + [f"removed work directory {name}" for name in done.get("work_dirs_removed", [])]
+        + [f"re-enabled connections to database {name}" for name in done.get("databases_reopened", [])]
+        + [f"deleted upload {key}" for key in done.get("uploads_deleted", [])]
+        + [f"dropped replaced database {name}" for name in done.get("replaced_databases_dropped", [])]
+        + [f"dropped orphaned preview {name}" for name in done.get("previews_dropped", [])]
+        + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
+        + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
+        + [f"could not clean {item}" for item in done.get("errors", [])]
     )
-    out.emit(done, "\n".join(lines) if lines else "nothing to sweep")
+    return "\n".join(lines) if lines else "nothing to sweep"
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    done = _sweep_once(settings)
+    out.emit(done, _sweep_text(done))
+
+
+def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    from pipeline import logs
+    from pipeline.clock import run_clock
+
+    logs.configure()
+    _sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
+    if args.every <= 0:
+        raise InvalidRequest(f"--every must be a number of seconds above 0, not {args.every}")
+
+    def report(done: dict[str, Any]) -> None:
+        out.emit(done, f"[{timestamp(utcnow())}] " + _sweep_text(done).replace("\n", "\n  "))
+        sys.stdout.flush()
+
+    run_clock(args.every, lambda: _sweep_once(settings), report)
 
 
 def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
@@ -367,7 +401,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(jobs_parser, "show", cmd_jobs_show, "show a job with its events")
     p.add_argument("job")
 
-    add(sub, "sweep", cmd_sweep, "delete expired uploads, replaced databases and orphaned previews")
+    add(
+        sub,
+        "sweep",
+        cmd_sweep,
+        "re-wake stuck jobs; delete expired uploads, replaced databases, orphaned previews and work files",
+    )
+    p = add(sub, "clock", cmd_clock, "run sweep every --every seconds until SIGTERM (the Procfile's clock)")
+    p.add_argument("--every", type=float, default=60.0, metavar="SECONDS")
 
     p = add(sub, "dev-seed", cmd_dev_seed, "set up a local organization, cluster, project and key")
     p.add_argument("--cluster-url", default="postgresql://postgres@127.0.0.1:5432/postgres")

@@ -11,6 +11,8 @@ import datetime as dt
 import logging
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,7 @@ from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
 from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import CommandResult, PgTools
+from stages.commands import CommandResult, PgTools, kill_process_group
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
@@ -57,6 +59,17 @@ def preview_name(job: Job) -> str:
 
 
 RESTORE_ROLE_PREFIX = "capy_restore_"
+
+
+def host_identity() -> str:
+    """This host, as recorded with a tool's process group: its name and boot (a group
+    id means nothing on another host, or on this one after a reboot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
 
 
 def restore_role_name(job: Job) -> str:
@@ -94,6 +107,12 @@ class ImportSteps:
         def record(result: CommandResult) -> None:
             jobs.record_command(job.id, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail)
 
+        def started(pgid: int, program: str) -> None:
+            if job.claimed_by:
+                jobs.record_tool_process(
+                    job.id, job.claimed_by, {"host": host_identity(), "pgid": pgid, "program": program}
+                )
+
         return PgTools.for_major(
             cluster.server_major,
             self.settings.pg_bin_dir_template,
@@ -101,10 +120,51 @@ class ImportSteps:
             limit=command_limit(self.settings),
             deadline=job_deadline(job, self.settings),
             stall_seconds=self.settings.command_stall_seconds,
+            on_start=started,
         )
+
+    def _hold(self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None) -> None:
+        """Tests only (CAPY_TEST_HOLDS): the first attempt of a stage waits at `point`,
+        for a fault-injection test to kill the worker there; with `tools` and `url` the
+        wait is a real tool (psql running pg_sleep there), as a slow pg_dump or restore
+        would be."""
+        seconds = self.settings.hold_seconds(point)
+        if not seconds or context.job.attempts != 1:
+            return
+        context.progress({"phase": f"test hold: {point}"})
+        log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", context.job.id, seconds, point)
+        if tools is None or url is None:
+            time.sleep(seconds)
+            return
+        psql = tools.psql
+        psql.run(
+            ["--no-psqlrc", "--no-password", f"--dbname={url.conninfo()}", f"--command=SELECT pg_catalog.pg_sleep({seconds})"],
+            env=url.env(),
+            secrets=[url.password],
+            what=f"test hold at {point}",
+        )
+
+    def take_over(self, job: Job) -> None:
+        """Before a stage runs again after another claim of it: make sure the tool that
+        claim started is gone. On this host (same boot) its process group is killed if
+        it is still there; on another host the kernel killed it with its worker (the
+        parent-death signal, see stages.commands). Sessions it left in the preview end."""
+        process = job.facts.get("tool_process")
+        if process and process.get("host") == host_identity():
+            killed = kill_process_group(int(process["pgid"]), str(process["program"]))
+            if killed:
+                log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process["program"], killed)
+        self.stop_sessions(job)
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
+
+    def _fresh_work_dir(self, job: Job) -> str:
+        """The job's work directory, emptied of what an earlier attempt left."""
+        work = self._work_dir(job)
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        return work
 
     def _source(self, job: Job) -> SourceURL:
         return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
@@ -133,10 +193,10 @@ class ImportSteps:
             return self._fetch_upload(context)
         job = context.job
         source = self._source(job).with_params(hostaddr=job.facts["source_address"])
-        work = self._work_dir(job)
-        os.makedirs(work, exist_ok=True)
+        work = self._fresh_work_dir(job)
         context.progress({"phase": "dumping the source"})
         tools = self._tools(job)
+        self._hold(context, "fetch", tools, source)
         dump = dump_live(
             source,
             tools,
@@ -188,8 +248,7 @@ class ImportSteps:
         """Download the upload (bounded memory), identify it, and prove the target's
         tools can read it; count its rows and sequences for finalize to compare."""
         job = context.job
-        work = self._work_dir(job)
-        os.makedirs(work, exist_ok=True)
+        work = self._fresh_work_dir(job)
         limit = Project.get_by_id(job.project_id).storage_limit_bytes
         download = os.path.join(work, "upload")
 
@@ -262,6 +321,7 @@ class ImportSteps:
         )
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         target = admin.role_url(preview, restorer)
+        self._hold(context, "restore", self._tools(job), target)
         fmt = job.facts["dump_format"]
         if fmt in ("plain", "gzip-plain"):
             restore_plain(self._tools(job), target, dump_path)
@@ -286,6 +346,10 @@ class ImportSteps:
                 f"the preview database {preview!r} no longer exists (a failed import drops it); "
                 "retry the import from the restore stage"
             )
+        # A swap that crashed before swaps were one transaction left the live database
+        # refusing connections; it must accept them again (and the is_empty gate below
+        # must be able to connect).
+        admin.reopen_disabled([project.database_name])
         source = job.facts["source_description"]
         verified = job.facts.get("verification") or self._verify(context, admin, preview)
         target_counts, target = verified["target_counts"], verified["target"]
@@ -311,7 +375,13 @@ class ImportSteps:
                 drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
         context.progress({"phase": "swapping the preview in"})
-        admin.swap(live=project.database_name, preview=preview, replaced=retired.database_name)
+        hold = self.settings.hold_seconds("swap") and job.attempts == 1
+        admin.swap(
+            live=project.database_name,
+            preview=preview,
+            replaced=retired.database_name,
+            hold=(lambda: self._hold(context, "swap")) if hold else None,
+        )
         report = build_report(
             source_counts=job.facts["source_counts"],
             target_counts=target_counts,

@@ -311,6 +311,14 @@ def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> 
     ).where(Job.id == job_id).execute()
 
 
+def record_tool_process(job_id: str, actor: str, process: dict[str, Any]) -> None:
+    """Note the external tool a claim just started (host, process group, program) in the
+    job's facts, so whoever takes the stage over can make sure it is gone."""
+    Job.update(facts=Job.facts.concat({"tool_process": process})).where(
+        (Job.id == job_id) & (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES)
+    ).execute()
+
+
 def events(job_id: str) -> list[JobEvent]:
     return list(JobEvent.select().where(JobEvent.job == job_id).order_by(JobEvent.id))
 

@@ -13,6 +13,10 @@ server, then SIGTERM, then SIGKILL) or when a tool whose progress can be seen ma
 none for the stall window. The waiting thread polls, so an interrupt (Dramatiq's time
 limit, shutdown) reaches it too and stops the tool. Either way `CommandTimedOut` says
 which limit was reached and what to do.
+
+A tool also dies with the worker: it is started through `setpriv --pdeathsig KILL`,
+so the kernel kills it when the worker thread that started it ends, however the worker
+ends (SIGKILL, OOM killer) — see `_with_parent_death_signal`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import io
 import logging
 import multiprocessing.util
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -62,6 +67,30 @@ CONNECTION_CHECK_MS = 10_000
 SERVER_SLACK_MS = 10_000
 
 TAIL_LINES = 40
+
+# util-linux's setpriv (in every Debian/Ubuntu base image, the Dockerfile's included).
+SETPRIV = shutil.which("setpriv")
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    """`argv` run so that the kernel SIGKILLs it when its parent dies (PR_SET_PDEATHSIG).
+
+    Why setpriv rather than prctl in `preexec_fn`: the worker is threaded (Dramatiq's
+    worker threads, heartbeats, watchdogs), and code run between fork and exec in a
+    threaded process can deadlock on a lock another thread held at fork time (the
+    subprocess documentation warns against preexec_fn there); setpriv calls prctl after
+    exec, in a process of its own, then execs the tool, which keeps the setting (it
+    survives execve of a program that is not set-user-ID). The signal fires when the
+    *thread* that forked exits: tools are started by the stage's own thread, which
+    waits for them, so that thread outlives every tool it starts unless the worker dies.
+    A parent that dies in the instant between fork and setpriv's prctl leaves its tool
+    unsignalled: then the exit hook below, or a later takeover (which kills the recorded
+    process group, see pipeline.import_steps), stops it. Pipes of its own workers
+    (pg_dump --jobs) close with it, and they exit.
+    """
+    if SETPRIV is None:
+        return argv
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 # libpq and server messages that mean "the connection, not the data, failed".
 _TRANSIENT_MARKERS = (
@@ -288,6 +317,8 @@ class CommandProcess(subprocess.Popen[bytes]):
 
 
 Observer = Callable[[CommandResult], None]
+# Told (process group id, program path) when a tool starts, e.g. to record it on the job.
+Started = Callable[[int, str], None]
 _Tool = TypeVar("_Tool", bound="PgCommand")
 
 
@@ -317,8 +348,10 @@ class PgCommand:
         deadline: Deadline | None = None,
         stall_seconds: float | None = DEFAULT_STALL_SECONDS,
         major: int | None = None,
+        on_start: Started | None = None,
     ) -> None:
         self.path = os.path.join(bin_dir, self.program)
+        self.on_start = on_start
         self.observer = observer
         self.limit = limit
         self.deadline = deadline
@@ -373,7 +406,7 @@ class PgCommand:
             )
         log.info("running %s", redact(" ".join([self.program, *args])))
         process = CommandProcess(
-            [self.path, *args],
+            _with_parent_death_signal([self.path, *args]),
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -400,6 +433,9 @@ class PgCommand:
         for thread in (*process.readers, process.watchdog):
             thread.start()
         _track(process)
+        if self.on_start is not None:
+            # Its own session: the pid is also the process group's id.
+            self.on_start(process.pid, self.path)
         return process
 
     def _session_options(self, deadline: Deadline) -> str:
@@ -627,10 +663,11 @@ class PgTools:
     deadline: Deadline | None = None
     stall_seconds: float | None = DEFAULT_STALL_SECONDS
     major: int | None = None
+    on_start: Started | None = None
 
     @classmethod
     def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
-        """`bounds`: limit, deadline, stall_seconds."""
+        """`bounds`: limit, deadline, stall_seconds, on_start."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
@@ -647,6 +684,7 @@ class PgTools:
             deadline=self.deadline,
             stall_seconds=self.stall_seconds,
             major=self.major,
+            on_start=self.on_start,
         )
 
     @property
@@ -660,3 +698,36 @@ class PgTools:
     @property
     def psql(self) -> Psql:
         return self._make(Psql)
+
+
+def process_group_members(pgid: int, program: str) -> list[int]:
+    """Pids of this host's processes in group `pgid` running `program` (read from
+    /proc): the program check keeps a reused group id from being mistaken for a tool."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and argv0 in (program, SETPRIV):
+            members.append(int(entry))
+    return members
+
+
+def kill_process_group(pgid: int, program: str) -> list[int]:
+    """SIGKILL what is left of a tool's process group `pgid` (see process_group_members);
+    returns the pids that were in it."""
+    members = process_group_members(pgid, program)
+    if members:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return []
+    return members
