@@ -30,6 +30,8 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import peewee
+
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.import_steps import RESTORE_ROLE_PREFIX
@@ -140,15 +142,13 @@ def stuck_jobs(settings: Settings, now: dt.datetime) -> list[tuple[Job, str]]:
         (Job.state == "running") & Job.claimed_by.is_null() & (Job.updated_at < now - UNCLAIMED_AFTER)
     )
     found += [(job, f"unclaimed since {job.updated_at:%H:%M:%S}") for job in unclaimed]
-    created_only = JobEvent.select(JobEvent.job).group_by(JobEvent.job).having(
-        JobEvent.id.count() > 1  # type: ignore[attr-defined]
-    )
+    events = JobEvent.select(peewee.fn.COUNT(JobEvent.id)).where(JobEvent.job == Job.id)
     unpublished = Job.select().where(
         (Job.state == "pending")
         & Job.claimed_by.is_null()
         & (Job.created_at < now - UNPUBLISHED_AFTER)
         & (Job.updated_at < now - UNPUBLISHED_AFTER)
-        & Job.id.not_in(created_only)
+        & (events <= 1)  # nothing since its creation
     )
     found += [(job, "pending and never picked up") for job in unpublished]
     return found
