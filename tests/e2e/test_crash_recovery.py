@@ -165,8 +165,11 @@ def test_a_job_whose_worker_dies_finishes_by_itself(deployment, corpus_source, t
             service.kill(holder, signal.SIGKILL)
 
         if tool is not None:
-            # The tool died with its worker (parent-death signal), not at the next claim.
+            # The tool died with its worker (parent-death signal), not at the next claim
+            # (a takeover would kill it too, but only after the lease).
             assert _wait_gone(tool["pgid"], tool["program"]) == []
+            if "SIGTERM" not in how:  # (at a SIGTERM the stage stops it and hands the claim back)
+                assert Job.get_by_id(job_id).claimed_by == held["claimed_by"], "the tool outlived its worker"
         if point == "swap":
             # The swap's transaction died with its session: the live database was never
             # left refusing connections.
