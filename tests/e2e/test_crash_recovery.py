@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import os
 import signal
+import subprocess
 import time
 
 import psycopg2
@@ -28,7 +29,7 @@ from pipeline.sealing import Sealer
 from stages.commands import process_group_members
 from stages.pgurl import SourceURL
 from tests.support import pg
-from tests.support.processes import cli, service_env, start_service
+from tests.support.processes import BIN, cli, service_env, start_service
 from tests.support.world import make_world
 
 LEASE = "6"
@@ -242,3 +243,51 @@ def test_sweep_wakes_jobs_that_no_message_will_wake(deployment, corpus_source, t
         assert not set(stuck) & {w["job"] for w in cli(service.env, "sweep")["jobs_woken"]}
     finally:
         service.stop()
+
+
+@pytest.mark.e2e
+def test_the_worker_refuses_a_stage_limit_the_broker_would_cut_short(deployment, tmp_path):
+    from tests.e2e.test_deployments import procfile_command, start, stop
+
+    env = service_env(deployment, CAPY_STAGE_TIME_LIMIT_SECONDS="21600")
+    log = tmp_path / "worker.log"
+    process = start(procfile_command("worker"), env, log)
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        stop(process)
+    output = log.read_text(errors="replace")
+    assert code != 0, output
+    assert "CAPY_STAGE_TIME_LIMIT_SECONDS (21600) must be below CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS (1800)" in output
+
+
+@pytest.mark.e2e
+def test_the_clock_sweeps_every_interval_and_stops_on_sigterm(deployment, store, tmp_path):
+    from tests.e2e.test_deployments import procfile_command
+
+    assert procfile_command("clock") == procfile_command("clock", "Procfile.dev") == "capy-imports clock --every 60"
+    log = tmp_path / "clock.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            [str(BIN / "capy-imports"), "clock", "--every", "1"],
+            env=service_env(deployment),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while log.read_text(errors="replace").count("] ") < 2 and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text(errors="replace")
+            time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGTERM)
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log.read_text(errors="replace")
+    assert code == 0, output
+    assert output.count("] ") >= 2, output  # one timestamped summary per round
+    assert "could not" not in output, output
+    assert "clock stopped after" in output, output
