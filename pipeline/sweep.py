@@ -134,8 +134,13 @@ def stuck_jobs(settings: Settings, now: dt.datetime) -> list[tuple[Job, str]]:
     """Active jobs nothing will move unless woken, each with why."""
     lease = dt.timedelta(seconds=settings.lease_seconds)
     found: list[tuple[Job, str]] = []
+    # updated_at: the reaper touches what it wakes, so a job whose worker is still
+    # down is woken once per lease, not at every round.
     stale = Job.select().where(
-        (Job.state == "running") & Job.claimed_by.is_null(False) & (Job.heartbeat_at < now - lease)
+        (Job.state == "running")
+        & Job.claimed_by.is_null(False)
+        & (Job.heartbeat_at < now - lease)
+        & (Job.updated_at < now - lease)
     )
     found += [(job, f"the claim of {job.claimed_by} went stale at {job.heartbeat_at:%H:%M:%S}") for job in stale]
     unclaimed = Job.select().where(
@@ -163,6 +168,7 @@ def reap(settings: Settings, wake: Wake, now: dt.datetime, done: dict[str, Any])
         except CapyError as err:
             done["errors"].append(f"waking {job.id}: {err.message}")
             continue
+        Job.update(updated_at=now).where((Job.id == job.id) & (Job.updated_at == job.updated_at)).execute()
         log.info("woke job %s (%s): %s", job.id, job.stage, why)
         done["jobs_woken"].append({"job": job.id, "stage": job.stage, "why": why})
 

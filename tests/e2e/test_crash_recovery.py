@@ -224,6 +224,7 @@ def test_sweep_wakes_jobs_that_no_message_will_wake(deployment, corpus_source, t
             claimed_by="gone-host:1:1",
             claimed_at=long_ago,
             heartbeat_at=long_ago,
+            updated_at=long_ago,
             started_at=long_ago,
             attempts=1,
         ).where(Job.id == stuck[1]).execute()

@@ -163,7 +163,7 @@ def test_a_redelivery_that_meets_a_live_foreign_lease_looks_again_after_it(contr
 def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, store):
     now = jobs.utcnow()
     old = now - dt.timedelta(minutes=30)
-    stale = new_job(control_db, state="running", claimed_by="gone:1:1", heartbeat_at=old, attempts=1)
+    stale = new_job(control_db, state="running", claimed_by="gone:1:1", heartbeat_at=old, updated_at=old, attempts=1)
     live = new_job(control_db, state="running", claimed_by="alive:1:1", heartbeat_at=now, attempts=1)
     lost = new_job(control_db, stage="restore", state="running", updated_at=old)
     unpublished = new_job(control_db, stage="preflight", created_at=old, updated_at=old)
@@ -184,6 +184,10 @@ def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, sto
     assert {w["job"] for w in done["jobs_woken"]} == {job_id for job_id, _ in woken}
     assert ended.id in done["work_dirs_removed"] and not os.path.exists(os.path.join(control_db.work_dir, ended.id))
     assert os.path.isdir(os.path.join(control_db.work_dir, live.id))
+    # Woken once: the next round leaves them to the message it sent.
+    again = []
+    sweep(control_db, Sealer(control_db.secret_key), store, wake=lambda job_id, stage: again.append(job_id))
+    assert not {stale.id, lost.id, unpublished.id} & set(again)
     assert disabled in done["databases_reopened"]
     assert pg.admin("SELECT datallowconn FROM pg_database WHERE datname = %s", (disabled,)) == [(True,)]
 
