@@ -95,7 +95,10 @@ class Runner:
             # hand the stage back now rather than leave it to the lease.
             log.warning("job %s: %s interrupted by the worker's shutdown; handing it back", job_id, stage)
             self._release(job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed")
-            self.wake(job_id, stage)
+            try:
+                self.wake(job_id, stage)
+            except TransientError as err:  # the broker is going too: sweep's reaper wakes it
+                log.warning("job %s: could not re-queue %s: %s", job_id, stage, err.message)
             return
         except TimeLimitExceeded:
             self._fail(

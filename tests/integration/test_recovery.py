@@ -245,3 +245,33 @@ def test_a_takeover_kills_the_tool_an_earlier_claim_left_on_this_host(control_db
     steps.take_over(mine)
     assert process.wait(10) == -9
     tool.abort(process)  # joins its readers, closes its pipes
+
+
+def test_a_finalize_retried_after_an_old_swap_crash_reopens_the_live_database(control_db, corpus_source):
+    """A swap that crashed before swaps were one transaction left the live database
+    refusing connections; the retried finalize (recreate: false, so it must read the
+    live database to check it is still empty) re-enables it and completes."""
+    from pipeline.imports import ImportRequest
+    from tests.support.inline import InlineQueue
+
+    world = make_world(control_db)
+    live = world.project.database_name
+    queue = InlineQueue(control_db)
+    source = SourceURL.parse_source(pg.url_for(corpus_source("chinook"), sslmode="disable"))
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        ImportRequest(recreate=False, source=source),
+        settings=control_db,
+        sealer=Sealer(control_db.secret_key),
+        wake=queue.wake,
+    )
+    while queue.woken:
+        job_id, stage = queue.woken.popleft()
+        if stage == "finalize":
+            pg.admin(f'ALTER DATABASE "{live}" ALLOW_CONNECTIONS false')
+        queue.runner.run(job_id, stage)
+    done = Job.get_by_id(job.id)
+    assert done.state == "completed", done.error
+    assert pg.admin("SELECT datallowconn FROM pg_database WHERE datname = %s", (live,)) == [(True,)]
+    assert pg.row_counts(live) == pg.row_counts(corpus_source("chinook"))
