@@ -62,7 +62,9 @@ def _tenant(env: dict[str, str]) -> dict:
 
 def _get(service, tenant, job_id: str) -> dict:
     resp = requests.get(
-        f"{service.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {tenant['key']}"}, timeout=10
+        f"{service.base_url}/v1/jobs/{job_id}",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+        timeout=10,
     )
     assert resp.status_code == 200, resp.text
     return resp.json()["job"]
@@ -97,9 +99,7 @@ def _wait_for_end(services, tenant, job_id: str, timeout: float = 180) -> dict:
         if job["state"] in ("completed", "failed", "cancelled"):
             return job
         time.sleep(0.5)
-    raise AssertionError(
-        f"job {job_id} did not end by itself:\n" + "\n".join(s.log_tail() for s in services)
-    )
+    raise AssertionError(f"job {job_id} did not end by itself:\n" + "\n".join(s.log_tail() for s in services))
 
 
 def _recorded_tool(job_id: str) -> dict:
@@ -177,9 +177,7 @@ def test_a_job_whose_worker_dies_finishes_by_itself(deployment, corpus_source, t
             conn = psycopg2.connect(pg.url_for(live))
             conn.close()
         if how.startswith("every"):
-            services.append(
-                start_service(deployment, tmp_path / "second", worker_env=_worker_env(point))
-            )
+            services.append(start_service(deployment, tmp_path / "second", worker_env=_worker_env(point)))
 
         job = _wait_for_end(services, tenant, job_id)
         _assert_recovered(deployment, job, source, live)
@@ -259,14 +257,21 @@ def test_the_worker_refuses_a_stage_limit_the_broker_would_cut_short(deployment,
         stop(process)
     output = log.read_text(errors="replace")
     assert code != 0, output
-    assert "CAPY_STAGE_TIME_LIMIT_SECONDS (21600) must be below CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS (1800)" in output
+    assert (
+        "CAPY_STAGE_TIME_LIMIT_SECONDS (21600) must be below CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS (1800)"
+        in output
+    )
 
 
 @pytest.mark.e2e
 def test_the_clock_sweeps_every_interval_and_stops_on_sigterm(deployment, store, tmp_path):
     from tests.e2e.test_deployments import procfile_command
 
-    assert procfile_command("clock") == procfile_command("clock", "Procfile.dev") == "capy-imports clock --every 60"
+    assert (
+        procfile_command("clock")
+        == procfile_command("clock", "Procfile.dev")
+        == "capy-imports clock --every 60"
+    )
     log = tmp_path / "clock.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen(

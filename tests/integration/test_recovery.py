@@ -47,7 +47,9 @@ class SlowStage:
         self.started.set()
 
     def run(self, stage, context):
-        Sleep("/usr/bin", on_start=self._started, stall_seconds=None).run([str(self.seconds)], what="a slow tool")
+        Sleep("/usr/bin", on_start=self._started, stall_seconds=None).run(
+            [str(self.seconds)], what="a slow tool"
+        )
         return {}
 
     def cleanup(self, job, *, succeeded):
@@ -150,7 +152,9 @@ def test_a_redelivery_that_meets_a_live_foreign_lease_looks_again_after_it(contr
     beat = jobs.utcnow() - dt.timedelta(seconds=20)
     job = new_job(control_db, state="running", claimed_by="dead-host:1:1", heartbeat_at=beat, attempts=1)
     woken = []
-    runner = Runner(control_db, SlowStage(), lambda job_id, stage, delay_ms=0: woken.append((job_id, stage, delay_ms)))
+    runner = Runner(
+        control_db, SlowStage(), lambda job_id, stage, delay_ms=0: woken.append((job_id, stage, delay_ms))
+    )
     runner.run(job.id, "fetch")
     [(job_id, stage, delay_ms)] = woken
     remaining = (beat + runner.lease - jobs.utcnow()).total_seconds() * 1000
@@ -163,7 +167,9 @@ def test_a_redelivery_that_meets_a_live_foreign_lease_looks_again_after_it(contr
 def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, store):
     now = jobs.utcnow()
     old = now - dt.timedelta(minutes=30)
-    stale = new_job(control_db, state="running", claimed_by="gone:1:1", heartbeat_at=old, updated_at=old, attempts=1)
+    stale = new_job(
+        control_db, state="running", claimed_by="gone:1:1", heartbeat_at=old, updated_at=old, attempts=1
+    )
     live = new_job(control_db, state="running", claimed_by="alive:1:1", heartbeat_at=now, attempts=1)
     lost = new_job(control_db, stage="restore", state="running", updated_at=old)
     unpublished = new_job(control_db, stage="preflight", created_at=old, updated_at=old)
@@ -177,12 +183,19 @@ def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, sto
     pg.admin(f'ALTER DATABASE "{disabled}" ALLOW_CONNECTIONS false')
 
     woken = []
-    done = sweep(control_db, Sealer(control_db.secret_key), store, wake=lambda job_id, stage: woken.append((job_id, stage)))
+    done = sweep(
+        control_db,
+        Sealer(control_db.secret_key),
+        store,
+        wake=lambda job_id, stage: woken.append((job_id, stage)),
+    )
 
     assert {(stale.id, "fetch"), (lost.id, "restore"), (unpublished.id, "preflight")} <= set(woken)
     assert not {live.id, fresh.id, moved.id, ended.id} & {job_id for job_id, _ in woken}
     assert {w["job"] for w in done["jobs_woken"]} == {job_id for job_id, _ in woken}
-    assert ended.id in done["work_dirs_removed"] and not os.path.exists(os.path.join(control_db.work_dir, ended.id))
+    assert ended.id in done["work_dirs_removed"] and not os.path.exists(
+        os.path.join(control_db.work_dir, ended.id)
+    )
     assert os.path.isdir(os.path.join(control_db.work_dir, live.id))
     # Woken once: the next round leaves them to the message it sent.
     again = []
@@ -228,20 +241,29 @@ def test_a_takeover_kills_the_tool_an_earlier_claim_left_on_this_host(control_db
     from pipeline.import_steps import ImportSteps, host_identity
 
     started = []
-    tool = Sleep("/usr/bin", stall_seconds=None, on_start=lambda pgid, program: started.append((pgid, program)))
+    tool = Sleep(
+        "/usr/bin", stall_seconds=None, on_start=lambda pgid, program: started.append((pgid, program))
+    )
     process = tool.start(["300"])
     [(pgid, program)] = started
     assert pgid == process.pid and program == "/usr/bin/sleep"
     steps = ImportSteps(control_db, Sealer(control_db.secret_key), store=None)
     # Recorded for another host (or another boot): not ours to judge.
-    elsewhere = new_job(control_db, facts={"tool_process": {"host": "elsewhere/boot", "pgid": pgid, "program": program}})
+    elsewhere = new_job(
+        control_db, facts={"tool_process": {"host": "elsewhere/boot", "pgid": pgid, "program": program}}
+    )
     steps.take_over(elsewhere)
     assert process.poll() is None
     # A group id now used by another program is left alone.
-    reused = new_job(control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": "/usr/bin/pg_dump"}})
+    reused = new_job(
+        control_db,
+        facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": "/usr/bin/pg_dump"}},
+    )
     steps.take_over(reused)
     assert process.poll() is None
-    mine = new_job(control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program}})
+    mine = new_job(
+        control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program}}
+    )
     steps.take_over(mine)
     assert process.wait(10) == -9
     tool.abort(process)  # joins its readers, closes its pipes
