@@ -123,16 +123,25 @@ class ImportSteps:
             on_start=started,
         )
 
+    def _hold_seconds(self, job: Job, point: str) -> float:
+        """How long a test hold at `point` lasts for this job: only the first time the
+        job reaches it (CAPY_TEST_HOLDS; 0 in production)."""
+        seconds = self.settings.hold_seconds(point)
+        return 0.0 if point in job.facts.get("test_holds_done", []) else seconds
+
     def _hold(self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None) -> None:
-        """Tests only (CAPY_TEST_HOLDS): the first attempt of a stage waits at `point`,
-        for a fault-injection test to kill the worker there; with `tools` and `url` the
+        """Tests only (CAPY_TEST_HOLDS): the first time a job reaches `point` it waits
+        there, for a fault-injection test to kill the worker; with `tools` and `url` the
         wait is a real tool (psql running pg_sleep there), as a slow pg_dump or restore
         would be."""
-        seconds = self.settings.hold_seconds(point)
-        if not seconds or context.job.attempts != 1:
+        job = context.job
+        seconds = self._hold_seconds(job, point)
+        if not seconds:
             return
+        done = [*job.facts.get("test_holds_done", []), point]
+        Job.update(facts=Job.facts.concat({"test_holds_done": done})).where(Job.id == job.id).execute()
         context.progress({"phase": f"test hold: {point}"})
-        log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", context.job.id, seconds, point)
+        log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", job.id, seconds, point)
         if tools is None or url is None:
             time.sleep(seconds)
             return
@@ -375,7 +384,7 @@ class ImportSteps:
                 drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
         context.progress({"phase": "swapping the preview in"})
-        hold = self.settings.hold_seconds("swap") and job.attempts == 1
+        hold = self._hold_seconds(job, "swap")
         admin.swap(
             live=project.database_name,
             preview=preview,

@@ -94,7 +94,9 @@ class Runner:
             # The worker is stopping (SIGTERM; its tools were stopped as this unwound):
             # hand the stage back now rather than leave it to the lease.
             log.warning("job %s: %s interrupted by the worker's shutdown; handing it back", job_id, stage)
-            self._release(job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed")
+            self._release(
+                job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed", refund_attempt=True
+            )
             try:
                 self.wake(job_id, stage)
             except TransientError as err:  # the broker is going too: sweep's reaper wakes it
@@ -136,10 +138,10 @@ class Runner:
             return None
         return job.started_at + dt.timedelta(seconds=self.settings.job_time_limit_seconds) + self.lease
 
-    def _release(self, job_id: str, actor: str, error: str) -> None:
+    def _release(self, job_id: str, actor: str, error: str, *, refund_attempt: bool = False) -> None:
         """Give the claim back for a retry; nothing of this attempt may keep running on
         the cluster meanwhile (a stopped restore's statement may still be executing)."""
-        released = jobs.release(job_id, actor, error)
+        released = jobs.release(job_id, actor, error, refund_attempt=refund_attempt)
         if released is not None:  # else another worker holds it now: its sessions are its own
             self.steps.stop_sessions(released)
 

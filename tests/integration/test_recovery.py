@@ -141,6 +141,7 @@ def test_a_worker_shutdown_hands_the_stage_back_and_requeues_it(control_db, stub
     worker.stop(timeout=20_000)  # what dramatiq does on SIGTERM
     handed_back = Job.get_by_id(job.id)
     assert (handed_back.state, handed_back.stage, handed_back.claimed_by) == ("running", "fetch", None)
+    assert handed_back.attempts == 0  # a shutdown is not a failed attempt
     assert "shut down; it will be resumed" in jobs.events(job.id)[-1].reason
     # Woken again at once for another worker, not after the lease.
     [enqueued] = [m for m in queue.broker.middleware if isinstance(m, Enqueued)]
