@@ -110,7 +110,9 @@ class ImportSteps:
         def started(pgid: int, program: str) -> None:
             if job.claimed_by:
                 jobs.record_tool_process(
-                    job.id, job.claimed_by, {"host": host_identity(), "pgid": pgid, "program": program}
+                    job.id,
+                    job.claimed_by,
+                    {"host": host_identity(), "pgid": pgid, "program": program, "label": job.id},
                 )
 
         return PgTools.for_major(
@@ -121,6 +123,7 @@ class ImportSteps:
             deadline=job_deadline(job, self.settings),
             stall_seconds=self.settings.command_stall_seconds,
             on_start=started,
+            label=job.id,
         )
 
     def _hold_seconds(self, job: Job, point: str) -> float:
@@ -160,7 +163,7 @@ class ImportSteps:
         parent-death signal, see stages.commands). Sessions it left in the preview end."""
         process = job.facts.get("tool_process")
         if process and process.get("host") == host_identity():
-            killed = kill_process_group(int(process["pgid"]), str(process["program"]))
+            killed = kill_process_group(int(process["pgid"]), str(process["program"]), process.get("label"))
             if killed:
                 log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process["program"], killed)
         self.stop_sessions(job)

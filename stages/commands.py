@@ -68,6 +68,10 @@ SERVER_SLACK_MS = 10_000
 
 TAIL_LINES = 40
 
+# Set in every tool's environment to what it works for (a job): a takeover kills only
+# processes that carry it, never a stranger that reused the process group id.
+LABEL_VARIABLE = "CAPY_TOOL_FOR"
+
 # util-linux's setpriv (in every Debian/Ubuntu base image, the Dockerfile's included).
 SETPRIV = shutil.which("setpriv")
 
@@ -349,9 +353,11 @@ class PgCommand:
         stall_seconds: float | None = DEFAULT_STALL_SECONDS,
         major: int | None = None,
         on_start: Started | None = None,
+        label: str | None = None,
     ) -> None:
         self.path = os.path.join(bin_dir, self.program)
         self.on_start = on_start
+        self.label = label
         self.observer = observer
         self.limit = limit
         self.deadline = deadline
@@ -399,6 +405,9 @@ class PgCommand:
             )
         # No inherited PG* variable (PGSERVICE, PGHOST, PGSSLCERT…) reaches libpq.
         full_env = tool_environment({"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "capy-imports", **(env or {})})
+        if self.label:
+            # Inherited by everything it starts: how a later takeover recognises them.
+            full_env[LABEL_VARIABLE] = self.label
         if self.target_sessions:
             # Ours first: options the caller passes (search_path…) come later and win.
             full_env["PGOPTIONS"] = " ".join(
@@ -664,10 +673,11 @@ class PgTools:
     stall_seconds: float | None = DEFAULT_STALL_SECONDS
     major: int | None = None
     on_start: Started | None = None
+    label: str | None = None
 
     @classmethod
     def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
-        """`bounds`: limit, deadline, stall_seconds, on_start."""
+        """`bounds`: limit, deadline, stall_seconds, on_start, label."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
@@ -685,6 +695,7 @@ class PgTools:
             stall_seconds=self.stall_seconds,
             major=self.major,
             on_start=self.on_start,
+            label=self.label,
         )
 
     @property
@@ -700,9 +711,11 @@ class PgTools:
         return self._make(Psql)
 
 
-def process_group_members(pgid: int, program: str) -> list[int]:
-    """Pids of this host's processes in group `pgid` running `program` (read from
-    /proc): the program check keeps a reused group id from being mistaken for a tool."""
+def process_group_members(pgid: int, program: str, label: str | None = None) -> list[int]:
+    """Pids of this host's processes in group `pgid` running `program` and, with
+    `label`, started for it (LABEL_VARIABLE in their environment), read from /proc:
+    so a reused group id is never mistaken for a tool."""
+    wanted = None if label is None else f"{LABEL_VARIABLE}={label}".encode()
     members = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -710,24 +723,31 @@ def process_group_members(pgid: int, program: str) -> list[int]:
         try:
             with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
                 stat = fh.read()
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) <= 2 or int(fields[2]) != pgid:
+                continue
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 argv0 = fh.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+            if argv0 not in (program, SETPRIV):
+                continue
+            if wanted is not None:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if wanted not in fh.read().split(b"\0"):
+                        continue
         except OSError:  # gone meanwhile, or not ours to read
             continue
-        # Fields after the command name, which is in parentheses and may hold spaces.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and argv0 in (program, SETPRIV):
-            members.append(int(entry))
+        members.append(int(entry))
     return members
 
 
-def kill_process_group(pgid: int, program: str) -> list[int]:
-    """SIGKILL what is left of a tool's process group `pgid` (see process_group_members);
-    returns the pids that were in it."""
-    members = process_group_members(pgid, program)
-    if members:
+def kill_process_group(pgid: int, program: str, label: str | None = None) -> list[int]:
+    """SIGKILL the processes of a tool's group `pgid` (see process_group_members);
+    returns their pids."""
+    members = process_group_members(pgid, program, label)
+    for pid in members:
         try:
-            os.killpg(pgid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
-            return []
+            continue
     return members

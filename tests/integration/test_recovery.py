@@ -242,30 +242,29 @@ def test_a_takeover_kills_the_tool_an_earlier_claim_left_on_this_host(control_db
     from pipeline.import_steps import ImportSteps, host_identity
 
     started = []
+    label = "job_" + secrets.token_hex(8)
     tool = Sleep(
-        "/usr/bin", stall_seconds=None, on_start=lambda pgid, program: started.append((pgid, program))
+        "/usr/bin",
+        stall_seconds=None,
+        on_start=lambda pgid, program: started.append((pgid, program)),
+        label=label,
     )
     process = tool.start(["300"])
     [(pgid, program)] = started
     assert pgid == process.pid and program == "/usr/bin/sleep"
     steps = ImportSteps(control_db, Sealer(control_db.secret_key), store=None)
-    # Recorded for another host (or another boot): not ours to judge.
-    elsewhere = new_job(
-        control_db, facts={"tool_process": {"host": "elsewhere/boot", "pgid": pgid, "program": program}}
-    )
-    steps.take_over(elsewhere)
+
+    def recorded(**changes):
+        tool_process = {"host": host_identity(), "pgid": pgid, "program": program, "label": label, **changes}
+        return new_job(control_db, facts={"tool_process": tool_process})
+
+    # Recorded on another host (or before a reboot): the parent-death signal's business.
+    steps.take_over(recorded(host="elsewhere/boot"))
+    # A group id now used by another program, or by a tool of another job: left alone.
+    steps.take_over(recorded(program="/usr/bin/pg_dump"))
+    steps.take_over(recorded(label="job_someone_else"))
     assert process.poll() is None
-    # A group id now used by another program is left alone.
-    reused = new_job(
-        control_db,
-        facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": "/usr/bin/pg_dump"}},
-    )
-    steps.take_over(reused)
-    assert process.poll() is None
-    mine = new_job(
-        control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program}}
-    )
-    steps.take_over(mine)
+    steps.take_over(recorded())
     assert process.wait(10) == -9
     tool.abort(process)  # joins its readers, closes its pipes
 
