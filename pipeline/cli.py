@@ -15,13 +15,15 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import accounts, apikeys, jobs
+from pipeline import accounts, apikeys, jobs, logs
+from pipeline.clock import run_clock
 from pipeline.config import ConfigError, Settings
 from pipeline.db import init_database
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.migrations import migrate
 from pipeline.models import ApiKey, Cluster, Job, Organization, Project, utcnow
 from pipeline.principals import SCOPES
+from pipeline.queue import StageQueue, make_broker
 from pipeline.rotation import rotate_secrets
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
@@ -249,8 +251,6 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
 
 def _sweep_once(settings: Settings) -> dict[str, Any]:
     """One sweep, re-waking stuck jobs through the broker."""
-    from pipeline.queue import StageQueue, make_broker
-
     queue = StageQueue(make_broker(settings), settings)
     try:
         return sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
@@ -279,9 +279,6 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None
 
 
 def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    from pipeline import logs
-    from pipeline.clock import run_clock
-
     logs.configure()
     _sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
     if args.every <= 0:
