@@ -1,7 +1,7 @@
 # The service image: Python, the project, and the PostgreSQL client tools it drives.
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
- && apt-get install -y --no-install-recommends postgresql-client-15 \
+ && apt-get install -y --no-install-recommends postgresql-client-15 util-linux \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /srv
 COPY setup.cfg pyproject.toml README.md ./

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,6 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, Project
 from pipeline.preflights import run_preflight
 from pipeline.principals import Principal
-from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
 from pipeline.uploads import Uploads
@@ -128,7 +128,7 @@ class CancelResource:
         outcome = cancellation.request_cancel(
             job.id,
             _principal(req).actor,
-            lease=LEASE,
+            lease=dt.timedelta(seconds=self.steps.settings.lease_seconds),
             cleanup=lambda done: self.steps.cleanup(done, succeeded=False),
         )
         resp.status = falcon.HTTP_202

@@ -15,8 +15,9 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import accounts, apikeys, cancellation, jobs
+from pipeline import accounts, apikeys, cancellation, jobs, logs
 from pipeline.accounts import cluster_admin
+from pipeline.clock import run_clock
 from pipeline.config import ConfigError, Settings
 from pipeline.db import init_database
 from pipeline.deadletters import DeadLetters
@@ -28,7 +29,6 @@ from pipeline.operator_actions import operator_actor, retry_job, stage_names, st
 from pipeline.principals import SCOPES
 from pipeline.queue import StageQueue, make_broker
 from pipeline.rotation import rotate_secrets
-from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from pipeline.storage import object_store
@@ -222,7 +222,7 @@ def _holder(j: dict[str, Any]) -> str:
 
 def cmd_jobs_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     if args.stuck:
-        found = stuck_jobs(lease=LEASE, unclaimed_for=dt.timedelta(seconds=args.stuck_after))
+        found = stuck_jobs(lease=_lease(settings), unclaimed_for=dt.timedelta(seconds=args.stuck_after))
         picked = [s for s in found if (not args.project or s.job.project_id == args.project)][: args.limit]
         rows = [{**_operator_job(s.job), "stuck": s.why} for s in picked]
     else:
@@ -273,6 +273,11 @@ def cmd_jobs_show(args: argparse.Namespace, settings: Settings, out: Output) -> 
     out.emit(obj, text)
 
 
+def _lease(settings: Settings) -> dt.timedelta:
+    """How long a claim holds without a heartbeat (CAPY_LEASE_SECONDS)."""
+    return dt.timedelta(seconds=settings.lease_seconds)
+
+
 def _steps(settings: Settings) -> ImportSteps:
     return ImportSteps(settings, _sealer(settings), object_store(settings))
 
@@ -280,7 +285,7 @@ def _steps(settings: Settings) -> ImportSteps:
 def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     steps = _steps(settings)
     outcome = cancellation.request_cancel(
-        args.job, operator_actor(), lease=LEASE, cleanup=lambda job: steps.cleanup(job, succeeded=False)
+        args.job, operator_actor(), lease=_lease(settings), cleanup=lambda job: steps.cleanup(job, succeeded=False)
     )
     job = outcome.job
     if outcome.done:
@@ -328,7 +333,7 @@ def _stored(store: ObjectStore, key: str) -> bool:
 
 
 def _dead_letters(settings: Settings) -> DeadLetters:
-    return DeadLetters(settings.broker_url, settings.queue_prefix, lease=LEASE)
+    return DeadLetters(settings.broker_url, settings.queue_prefix, lease=_lease(settings))
 
 
 def _age(seconds: int | None) -> str:
@@ -367,17 +372,46 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, out: Output) ->
     )
 
 
-def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    done = sweep(settings, _sealer(settings), object_store(settings))
+def _sweep_once(settings: Settings) -> dict[str, Any]:
+    """One sweep, re-waking stuck jobs through the broker."""
+    queue = StageQueue(make_broker(settings), settings)
+    try:
+        return sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
+    finally:
+        queue.broker.close()
+
+
+def _sweep_text(done: dict[str, Any]) -> str:
     lines = (
-        [f"deleted upload {key}" for key in done["uploads_deleted"]]
-        + [f"dropped replaced database {name}" for name in done["replaced_databases_dropped"]]
-        + [f"dropped orphaned preview {name}" for name in done["previews_dropped"]]
-        + [f"dropped restore role {name}" for name in done["restore_roles_dropped"]]
-        + [f"revoked PUBLIC's access to database {name}" for name in done["databases_locked_down"]]
-        + [f"could not clean {item}" for item in done["errors"]]
+        [f"woke job {w['job']} ({w['stage']}): {w['why']}" for w in done.get("jobs_woken", [])]
+        + [f"removed work directory {name}" for name in done.get("work_dirs_removed", [])]
+        + [f"re-enabled connections to database {name}" for name in done.get("databases_reopened", [])]
+        + [f"deleted upload {key}" for key in done.get("uploads_deleted", [])]
+        + [f"dropped replaced database {name}" for name in done.get("replaced_databases_dropped", [])]
+        + [f"dropped orphaned preview {name}" for name in done.get("previews_dropped", [])]
+        + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
+        + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
+        + [f"could not clean {item}" for item in done.get("errors", [])]
     )
-    out.emit(done, "\n".join(lines) if lines else "nothing to sweep")
+    return "\n".join(lines) if lines else "nothing to sweep"
+
+
+def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    done = _sweep_once(settings)
+    out.emit(done, _sweep_text(done))
+
+
+def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    logs.configure()
+    _sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
+    if args.every <= 0:
+        raise InvalidRequest(f"--every must be a number of seconds above 0, not {args.every}")
+
+    def report(done: dict[str, Any]) -> None:
+        out.emit(done, f"[{timestamp(utcnow())}] " + _sweep_text(done).replace("\n", "\n  "))
+        sys.stdout.flush()
+
+    run_clock(args.every, lambda: _sweep_once(settings), report)
 
 
 def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
@@ -511,7 +545,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove the messages of jobs that ended or are unknown (no replay can be right for them)",
     )
 
-    add(sub, "sweep", cmd_sweep, "delete expired uploads, replaced databases and orphaned previews")
+    add(
+        sub,
+        "sweep",
+        cmd_sweep,
+        "re-wake stuck jobs; delete expired uploads, replaced databases, orphaned previews and work files",
+    )
+    p = add(sub, "clock", cmd_clock, "run sweep every --every seconds until SIGTERM (the Procfile's clock)")
+    p.add_argument("--every", type=float, default=60.0, metavar="SECONDS")
 
     p = add(sub, "dev-seed", cmd_dev_seed, "set up a local organization, cluster, project and key")
     p.add_argument("--cluster-url", default="postgresql://postgres@127.0.0.1:5432/postgres")

@@ -97,7 +97,8 @@ class Settings:
     pg_bin_dir_template: str = "/usr/lib/postgresql/{major}/bin"
     source_connect_timeout: int = 10
     max_attempts: int = 3
-    stage_time_limit_seconds: int = 6 * 3600
+    # Below the broker's consumer timeout (see broker_consumer_timeout_seconds).
+    stage_time_limit_seconds: int = 25 * 60
     replaced_database_retention_seconds: int = 7 * 24 * 3600
     max_body_bytes: int = 64 * 1024
     environment: str = PRODUCTION
@@ -130,6 +131,25 @@ class Settings:
     preflight_text_bytes: int = 64 * 1024 * 1024
     # Synchronous preflights one organization may run at once (each holds a web thread).
     org_max_concurrent_preflights: int = 2
+    # RabbitMQ's consumer_timeout as the deployment configures it (rabbitmq.conf; 30 min
+    # by default): a message unacknowledged for longer is taken back and its channel
+    # closed, so every stage must end (by its time limit) before it.
+    broker_consumer_timeout_seconds: int = 1800
+    # A claim whose heartbeat is older than this can be taken over (its worker died);
+    # heartbeats come every sixth of it.
+    lease_seconds: int = 90
+    # Tests only: "point=seconds,…" makes the first attempt of a stage hold at a point
+    # (restore: a psql sleeping in the preview; swap: inside the swap's transaction),
+    # so a fault-injection test can kill the worker there. Never set in production.
+    test_holds: str = ""
+
+    def hold_seconds(self, point: str) -> float:
+        """How long the first attempt holds at `point` (CAPY_TEST_HOLDS), 0 if not at all."""
+        for item in _split_keys(self.test_holds):
+            name, _, seconds = item.partition("=")
+            if name.strip() == point:
+                return float(seconds or 0)
+        return 0.0
 
     @property
     def dev_mode(self) -> bool:
@@ -195,7 +215,7 @@ class Settings:
             pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
             source_connect_timeout=_int(env, "CAPY_SOURCE_CONNECT_TIMEOUT", d.source_connect_timeout),
             max_attempts=_int(env, "CAPY_MAX_ATTEMPTS", d.max_attempts),
-            stage_time_limit_seconds=_int(env, "CAPY_STAGE_TIME_LIMIT_SECONDS", d.stage_time_limit_seconds),
+            stage_time_limit_seconds=_positive(env, "CAPY_STAGE_TIME_LIMIT_SECONDS", d.stage_time_limit_seconds),
             replaced_database_retention_seconds=_int(
                 env,
                 "CAPY_REPLACED_DATABASE_RETENTION_SECONDS",
@@ -228,4 +248,23 @@ class Settings:
             org_max_concurrent_preflights=_positive(
                 env, "CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS", d.org_max_concurrent_preflights, rule="at least 1"
             ),
-        )
+            broker_consumer_timeout_seconds=_positive(
+                env, "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS", d.broker_consumer_timeout_seconds
+            ),
+            lease_seconds=_positive(env, "CAPY_LEASE_SECONDS", d.lease_seconds),
+            test_holds=env.get("CAPY_TEST_HOLDS") or d.test_holds,
+        ).checked()
+
+    def checked(self) -> Settings:
+        """Refuse combinations the service cannot run with (ConfigError)."""
+        if self.stage_time_limit_seconds >= self.broker_consumer_timeout_seconds:
+            raise ConfigError(
+                f"CAPY_STAGE_TIME_LIMIT_SECONDS ({self.stage_time_limit_seconds}) must be below "
+                f"CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS ({self.broker_consumer_timeout_seconds}), RabbitMQ's "
+                "consumer_timeout: a stage still running when the broker's timeout passes loses its message. "
+                "For big imports raise both together: consumer_timeout in rabbitmq.conf and "
+                "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS, then CAPY_STAGE_TIME_LIMIT_SECONDS below it"
+            )
+        if self.test_holds and not self.dev_mode:
+            raise ConfigError("CAPY_TEST_HOLDS is for fault-injection tests only (development mode); unset it")
+        return self

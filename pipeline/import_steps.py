@@ -11,6 +11,8 @@ import datetime as dt
 import logging
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,7 @@ from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
 from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import Cancellation, CommandResult, PgTools
+from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
 from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
@@ -92,6 +94,17 @@ def preview_name(job: Job) -> str:
 RESTORE_ROLE_PREFIX = "capy_restore_"
 
 
+def host_identity() -> str:
+    """This host, as recorded with a tool's process group: its name and boot (a group
+    id means nothing on another host, or on this one after a reboot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = "unknown-boot"
+    return f"{socket.gethostname()}/{boot}"
+
+
 def restore_role_name(job: Job) -> str:
     """The role that runs this import's dump: it owns the preview and nothing else."""
     return RESTORE_ROLE_PREFIX + job.id.removeprefix("job_")
@@ -138,6 +151,14 @@ class ImportSteps:
         def record(result: CommandResult) -> None:
             jobs.record_command(job.id, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail)
 
+        def started(pgid: int, program: str) -> None:
+            if job.claimed_by:
+                jobs.record_tool_process(
+                    job.id,
+                    job.claimed_by,
+                    {"host": host_identity(), "pgid": pgid, "program": program, "label": job.id},
+                )
+
         return PgTools.for_major(
             cluster.server_major,
             self.settings.pg_bin_dir_template,
@@ -146,10 +167,61 @@ class ImportSteps:
             deadline=job_deadline(job, self.settings),
             stall_seconds=self.settings.command_stall_seconds,
             cancellation=cancellation,
+            on_start=started,
+            label=job.id,
         )
+
+    def _hold_seconds(self, job: Job, point: str) -> float:
+        """How long a test hold at `point` lasts for this job: only the first time the
+        job reaches it (CAPY_TEST_HOLDS; 0 in production)."""
+        seconds = self.settings.hold_seconds(point)
+        return 0.0 if point in job.facts.get("test_holds_done", []) else seconds
+
+    def _hold(self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None) -> None:
+        """Tests only (CAPY_TEST_HOLDS): the first time a job reaches `point` it waits
+        there, for a fault-injection test to kill the worker; with `tools` and `url` the
+        wait is a real tool (psql running pg_sleep there), as a slow pg_dump or restore
+        would be."""
+        job = context.job
+        seconds = self._hold_seconds(job, point)
+        if not seconds:
+            return
+        done = [*job.facts.get("test_holds_done", []), point]
+        Job.update(facts=Job.facts.concat({"test_holds_done": done})).where(Job.id == job.id).execute()
+        context.progress({"phase": f"test hold: {point}"})
+        log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", job.id, seconds, point)
+        if tools is None or url is None:
+            time.sleep(seconds)
+            return
+        psql = tools.psql
+        psql.run(
+            ["--no-psqlrc", "--no-password", f"--dbname={url.conninfo()}", f"--command=SELECT pg_catalog.pg_sleep({seconds})"],
+            env=url.env(),
+            secrets=[url.password],
+            what=f"test hold at {point}",
+        )
+
+    def take_over(self, job: Job) -> None:
+        """Before a stage runs again after another claim of it: make sure the tool that
+        claim started is gone. On this host (same boot) its process group is killed if
+        it is still there; on another host the kernel killed it with its worker (the
+        parent-death signal, see stages.commands). Sessions it left in the preview end."""
+        process = job.facts.get("tool_process")
+        if process and process.get("host") == host_identity():
+            killed = kill_process_group(int(process["pgid"]), str(process["program"]), process.get("label"))
+            if killed:
+                log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process["program"], killed)
+        self.stop_sessions(job)
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
+
+    def _fresh_work_dir(self, job: Job) -> str:
+        """The job's work directory, emptied of what an earlier attempt left."""
+        work = self._work_dir(job)
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        return work
 
     def _source(self, job: Job) -> SourceURL:
         return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
@@ -178,10 +250,10 @@ class ImportSteps:
             return self._fetch_upload(context)
         job = context.job
         source = self._source(job).with_params(hostaddr=job.facts["source_address"])
-        work = self._work_dir(job)
-        os.makedirs(work, exist_ok=True)
+        work = self._fresh_work_dir(job)
         context.progress({"phase": "dumping the source"})
         tools = self._tools(job, context.cancellation)
+        self._hold(context, "fetch", tools, source)
         dump = dump_live(
             source,
             tools,
@@ -233,8 +305,7 @@ class ImportSteps:
         """Download the upload (bounded memory), identify it, and prove the target's
         tools can read it; count its rows and sequences for finalize to compare."""
         job = context.job
-        work = self._work_dir(job)
-        os.makedirs(work, exist_ok=True)
+        work = self._fresh_work_dir(job)
         limit = Project.get_by_id(job.project_id).storage_limit_bytes
         download = os.path.join(work, "upload")
 
@@ -307,6 +378,7 @@ class ImportSteps:
         )
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         target = admin.role_url(preview, restorer)
+        self._hold(context, "restore", self._tools(job), target)
         fmt = job.facts["dump_format"]
         context.check_cancelled()
         tools = self._tools(job, context.cancellation)
@@ -333,6 +405,10 @@ class ImportSteps:
                 f"the preview database {preview!r} no longer exists (a failed import drops it); "
                 "retry the import from the restore stage"
             )
+        # A swap that crashed before swaps were one transaction left the live database
+        # refusing connections; it must accept them again (and the is_empty gate below
+        # must be able to connect).
+        admin.reopen_disabled([project.database_name])
         source = job.facts["source_description"]
         verified = job.facts.get("verification") or self._verify(context, admin, preview)
         target_counts, target = verified["target_counts"], verified["target"]
@@ -358,9 +434,15 @@ class ImportSteps:
                 drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
             )
         context.progress({"phase": "swapping the preview in"})
+        hold = self._hold_seconds(job, "swap")
         # The last cancellation point: once the swap has committed, the import completes.
         context.check_cancelled()
-        admin.swap(live=project.database_name, preview=preview, replaced=retired.database_name)
+        admin.swap(
+            live=project.database_name,
+            preview=preview,
+            replaced=retired.database_name,
+            hold=(lambda: self._hold(context, "swap")) if hold else None,
+        )
         report = build_report(
             source_counts=job.facts["source_counts"],
             target_counts=target_counts,

@@ -275,8 +275,9 @@ def fail(
         return job
 
 
-def release(job_id: str, actor: str, error: str) -> Job | None:
-    """Give up the claim after a transient failure so a retry can claim again."""
+def release(job_id: str, actor: str, error: str, *, refund_attempt: bool = False) -> Job | None:
+    """Give up the claim after a transient failure so a retry can claim again. With
+    `refund_attempt` (a worker's shutdown, not a failure) the claim's attempt is not counted."""
     error = scrub_work_paths(error)
     with database.atomic():
         job = _guarded(
@@ -286,12 +287,13 @@ def release(job_id: str, actor: str, error: str) -> Job | None:
             heartbeat_at=None,
             error=error,
             retry_classification="transient",
+            **({"attempts": peewee.fn.GREATEST(Job.attempts - 1, 0)} if refund_attempt else {}),
         )
         if job:
             _event(
                 job,
                 actor,
-                f"{job.stage} will be retried: {error}",
+                f"{job.stage} will be retried: {error}" + (" (this attempt is not counted)" if refund_attempt else ""),
                 from_state=job.state,
                 to_state=job.state,
                 from_stage=job.stage,
@@ -317,6 +319,14 @@ def cancel_reason(job_id: str) -> str | None:
     if row is None or row.cancel_requested_at is None:
         return None
     return f"cancelled by {row.cancel_requested_by or 'an operator'}"
+
+
+def record_tool_process(job_id: str, actor: str, process: dict[str, Any]) -> None:
+    """Note the external tool a claim just started (host, process group, program) in the
+    job's facts, so whoever takes the stage over can make sure it is gone."""
+    Job.update(facts=Job.facts.concat({"tool_process": process})).where(
+        (Job.id == job_id) & (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES)
+    ).execute()
 
 
 def events(job_id: str) -> list[JobEvent]:

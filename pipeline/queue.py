@@ -75,7 +75,12 @@ class StageQueue:
                     isinstance(exc, TransientError) and retries < settings.max_attempts - 1
                 ),
                 throws=(PermanentError,),
+                # Below the broker's consumer_timeout (Settings.checked): a stage is
+                # stopped, and its message settled, before RabbitMQ takes it back.
                 time_limit=settings.stage_time_limit_seconds * 1000,
+                # On SIGTERM the stage is interrupted at once (its tools stopped) and hands
+                # its claim back (Runner), so a deploy does not wait for the lease.
+                notify_shutdown=True,
                 on_retry_exhausted=exhausted_name,
             )
 

@@ -7,6 +7,12 @@ A claim refused because the job's organization is at its limit (fair share) is w
 again later; a job past its time limit fails at the start of its next stage. A cancel
 requested while a stage runs reaches it through the heartbeat thread, which stops the
 stage's commands; the job then ends `cancelled` (pipeline.cancellation).
+
+A message that finds the stage held by another worker whose lease is still fresh is
+sent again for when that lease can have expired: the holder may have died (RabbitMQ
+redelivers its message at once), and then only a later look can take the job over.
+A stage interrupted by a worker's shutdown hands its claim back and wakes itself, so
+another worker takes it at once instead of after the lease.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from typing import Protocol
+
+from dramatiq.middleware.shutdown import Shutdown
+from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from pipeline import cancellation, jobs
 from pipeline.config import Settings
@@ -25,8 +34,8 @@ from stages.errors import Cancelled, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
-LEASE = dt.timedelta(seconds=90)
-HEARTBEAT_SECONDS = 15.0
+# A message that finds a fresh foreign lease comes back this long after it can expire.
+RECHECK_MARGIN = dt.timedelta(seconds=5)
 
 
 class Wake(Protocol):
@@ -42,14 +51,15 @@ class Runner:
         steps: ImportSteps,
         wake: Wake,
         *,
-        lease: dt.timedelta = LEASE,
-        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        lease: dt.timedelta | None = None,
+        heartbeat_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.steps = steps
         self.wake = wake
-        self.lease = lease
-        self.heartbeat_seconds = heartbeat_seconds
+        self.lease = lease or dt.timedelta(seconds=settings.lease_seconds)
+        # Several beats per lease: one lost to a database blip does not lose the claim.
+        self.heartbeat_seconds = heartbeat_seconds or self.lease.total_seconds() / 6
 
     def run(self, job_id: str, stage: str) -> None:
         actor = jobs.worker_id()
@@ -83,6 +93,10 @@ class Runner:
             on_cancel=context.cancellation.cancel,
         )
         try:
+            if job.attempts > 1:
+                # An earlier claim of this stage ended, perhaps with its worker: its
+                # tools and sessions must be gone before the stage runs again.
+                self.steps.take_over(job)
             with beat:
                 facts = self.steps.run(stage, context)
         except Cancelled:
@@ -90,6 +104,28 @@ class Runner:
             return
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")
+            return
+        except Shutdown:
+            # The worker is stopping (SIGTERM; its tools were stopped as this unwound):
+            # hand the stage back now rather than leave it to the lease.
+            log.warning("job %s: %s interrupted by the worker's shutdown; handing it back", job_id, stage)
+            self._release(
+                job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed", refund_attempt=True
+            )
+            try:
+                self.wake(job_id, stage)
+            except TransientError as err:  # the broker is going too: sweep's reaper wakes it
+                log.warning("job %s: could not re-queue %s: %s", job_id, stage, err.message)
+            return
+        except TimeLimitExceeded:
+            self._fail(
+                job,
+                actor,
+                f"the {stage} stage ran longer than its time limit of {self.settings.stage_time_limit_seconds} s "
+                "(CAPY_STAGE_TIME_LIMIT_SECONDS); split the import into smaller dumps, or ask the operator "
+                "to raise CAPY_STAGE_TIME_LIMIT_SECONDS together with the broker's consumer timeout",
+                "permanent",
+            )
             return
         except TransientError as err:
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
@@ -122,10 +158,10 @@ class Runner:
             return None
         return job.started_at + dt.timedelta(seconds=self.settings.job_time_limit_seconds) + self.lease
 
-    def _release(self, job_id: str, actor: str, error: str) -> None:
+    def _release(self, job_id: str, actor: str, error: str, *, refund_attempt: bool = False) -> None:
         """Give the claim back for a retry; nothing of this attempt may keep running on
         the cluster meanwhile (a stopped restore's statement may still be executing)."""
-        released = jobs.release(job_id, actor, error)
+        released = jobs.release(job_id, actor, error, refund_attempt=refund_attempt)
         if released is not None:  # else another worker holds it now: its sessions are its own
             self.steps.stop_sessions(released)
 
@@ -164,6 +200,19 @@ class Runner:
             # The previous run committed this stage but its wake-up was lost.
             log.info("job %s: re-waking %s", job_id, job.stage)
             self.wake(job_id, job.stage)
+            return
+        if job.stage == stage and job.claimed_by is not None and job.heartbeat_at is not None:
+            # A foreign lease: its holder may be alive (a duplicate message) or dead
+            # (RabbitMQ redelivered its message at once). Look again once the lease can
+            # have expired; the claim is then taken over, or this repeats while the
+            # holder lives. The new message uses none of the job's attempts.
+            remaining = job.heartbeat_at + self.lease - jobs.utcnow()
+            delay = max(remaining, dt.timedelta(0)) + RECHECK_MARGIN
+            log.info(
+                "job %s: %s is held by %s; looking again in %d s",
+                job_id, stage, job.claimed_by, delay.total_seconds(),
+            )
+            self.wake(job_id, stage, delay_ms=int(delay.total_seconds() * 1000))
             return
         log.info("job %s: %s is held by %s; nothing to do", job_id, job.stage, job.claimed_by)
 

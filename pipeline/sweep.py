@@ -11,16 +11,26 @@
   up) are dropped;
 - restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews;
 - projects' live and retained databases that still admit other roles (made before the
-  service revoked PUBLIC's access) are locked down.
-Each action is idempotent; the summary says what was done.
+  service revoked PUBLIC's access) are locked down, and those left refusing connections
+  (a worker that died inside a swap, before swaps became one transaction) reopened;
+- the reaper: running jobs whose claim's heartbeat is older than the lease (their worker
+  died), running jobs left unclaimed between stages for long (a wake-up lost with its
+  worker) and pending jobs whose first message was never published are woken again;
+- work directories of ended (or unknown) jobs left in CAPY_WORK_DIR are removed.
+Each action is idempotent (a wake-up that finds the job claimed does nothing); the
+summary says what was done.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from typing import Any
+
+import peewee
 
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
@@ -30,6 +40,7 @@ from pipeline.models import (
     FINAL_STATES,
     Cluster,
     Job,
+    JobEvent,
     Project,
     RetiredDatabase,
     Upload,
@@ -41,15 +52,31 @@ from stages.errors import CapyError, ObjectMissing
 from stages.storage import KEY_PREFIX, ObjectStore
 
 LIST_PAGE = 500
+# A pending job this old with nothing after its creation was never published.
+UNPUBLISHED_AFTER = dt.timedelta(minutes=1)
+# A running job unclaimed this long between stages lost its wake-up (Dramatiq's retry
+# backoff is at most 5 minutes; the fair-share wait touches the job every 30 s).
+UNCLAIMED_AFTER = dt.timedelta(minutes=10)
+
+Wake = Callable[..., None]
 
 log = logging.getLogger(__name__)
 
 
 def sweep(
-    settings: Settings, sealer: Sealer, store: ObjectStore, *, clock: Callable[[], dt.datetime] = utcnow
+    settings: Settings,
+    sealer: Sealer,
+    store: ObjectStore,
+    *,
+    wake: Wake | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
 ) -> dict[str, Any]:
+    """Do what is due; with `wake` (StageQueue.wake) also re-wake stuck jobs."""
     now = clock()
     done: dict[str, Any] = {
+        "jobs_woken": [],
+        "work_dirs_removed": [],
+        "databases_reopened": [],
         "uploads_deleted": [],
         "replaced_databases_dropped": [],
         "previews_dropped": [],
@@ -57,6 +84,9 @@ def sweep(
         "databases_locked_down": [],
         "errors": [],
     }
+    if wake is not None:
+        reap(settings, wake, now, done)
+    _remove_work_dirs(settings, done)
     retention = dt.timedelta(seconds=max(0, settings.upload_retention_seconds))
     for job in Job.select().where(
         Job.upload_key.is_null(False) & Job.state.in_(FINAL_STATES) & (Job.completed_at <= now - retention)
@@ -98,6 +128,76 @@ def sweep(
         _drop_restore_roles(admin, done)
         _lock_down_project_databases(cluster, admin, done)
     return done
+
+
+def stuck_jobs(settings: Settings, now: dt.datetime) -> list[tuple[Job, str]]:
+    """Active jobs nothing will move unless woken, each with why."""
+    lease = dt.timedelta(seconds=settings.lease_seconds)
+    found: list[tuple[Job, str]] = []
+    # updated_at: the reaper touches what it wakes, so a job whose worker is still
+    # down is woken once per lease, not at every round.
+    stale = Job.select().where(
+        (Job.state == "running")
+        & Job.claimed_by.is_null(False)
+        & (Job.heartbeat_at < now - lease)
+        & (Job.updated_at < now - lease)
+    )
+    found += [(job, f"the claim of {job.claimed_by} went stale at {job.heartbeat_at:%H:%M:%S}") for job in stale]
+    unclaimed = Job.select().where(
+        (Job.state == "running") & Job.claimed_by.is_null() & (Job.updated_at < now - UNCLAIMED_AFTER)
+    )
+    found += [(job, f"unclaimed since {job.updated_at:%H:%M:%S}") for job in unclaimed]
+    events = JobEvent.select(peewee.fn.COUNT(JobEvent.id)).where(JobEvent.job == Job.id)
+    unpublished = Job.select().where(
+        (Job.state == "pending")
+        & Job.claimed_by.is_null()
+        & (Job.created_at < now - UNPUBLISHED_AFTER)
+        & (Job.updated_at < now - UNPUBLISHED_AFTER)
+        & (events <= 1)  # nothing since its creation
+    )
+    found += [(job, "pending and never picked up") for job in unpublished]
+    return found
+
+
+def reap(settings: Settings, wake: Wake, now: dt.datetime, done: dict[str, Any]) -> None:
+    """Wake the stage of every stuck job. A duplicate wake-up is harmless: the claim is
+    a guarded update, and a message that finds a live claim only looks again later."""
+    for job, why in stuck_jobs(settings, now):
+        try:
+            wake(job.id, job.stage)
+        except CapyError as err:
+            done["errors"].append(f"waking {job.id}: {err.message}")
+            continue
+        Job.update(updated_at=now).where((Job.id == job.id) & (Job.updated_at == job.updated_at)).execute()
+        log.info("woke job %s (%s): %s", job.id, job.stage, why)
+        done["jobs_woken"].append({"job": job.id, "stage": job.stage, "why": why})
+
+
+def _remove_work_dirs(settings: Settings, done: dict[str, Any]) -> None:
+    """Work directories (CAPY_WORK_DIR/job_…) of jobs that ended, or that this control
+    database does not know, left by a worker that died."""
+    try:
+        names = [n for n in os.listdir(settings.work_dir) if n.startswith("job_")]
+    except FileNotFoundError:
+        return
+    if not names:
+        return
+    active = {j.id for j in Job.select(Job.id).where(Job.id.in_(names) & Job.state.in_(ACTIVE_STATES))}
+    known = {j.id for j in Job.select(Job.id).where(Job.id.in_(names))}
+    for name in names:
+        if name in active or (name not in known and not _old_enough(os.path.join(settings.work_dir, name))):
+            continue
+        shutil.rmtree(os.path.join(settings.work_dir, name), ignore_errors=True)
+        done["work_dirs_removed"].append(name)
+
+
+def _old_enough(path: str, *, age: dt.timedelta = dt.timedelta(days=1)) -> bool:
+    """An unknown job's directory may belong to another deployment sharing the
+    directory, or to a job being created: only a day-old one is removed."""
+    try:
+        return utcnow().timestamp() - os.path.getmtime(path) > age.total_seconds()
+    except OSError:
+        return False
 
 
 def _grace(settings: Settings) -> dt.timedelta:
@@ -189,6 +289,7 @@ def _lock_down_project_databases(cluster: Cluster, admin: ClusterAdmin, done: di
     ]
     try:
         done["databases_locked_down"] += admin.lock_down_open(names)
+        done["databases_reopened"] += admin.reopen_disabled(names)
     except CapyError as err:
         done["errors"].append(f"locking down the databases of cluster {cluster.name}: {err.message}")
 

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -391,17 +391,25 @@ class ClusterAdmin:
             conn.rollback()
             return empty
 
-    def swap(self, *, live: str, preview: str, replaced: str, attempts: int = 5) -> None:
+    def swap(
+        self, *, live: str, preview: str, replaced: str, attempts: int = 5, hold: Callable[[], None] | None = None
+    ) -> None:
         """Make `preview` the live database, keeping the old live one as `replaced`.
 
-        Connections to the live database are closed first: ALTER DATABASE RENAME
-        refuses while anyone is connected. New connections are refused for the short
-        window, and both renames commit in one transaction, so the project's database
-        name always points to a complete database.
+        One transaction, so a crash anywhere in it changes nothing: sessions in the live
+        database are ended, then both renames commit together and the project's database
+        name always points to a complete database. Nothing is set outside it (an
+        `ALLOW_CONNECTIONS false` that only the crashed process could undo would leave
+        the live database refusing everyone). New connections cannot slip in once the
+        first rename holds its lock: RENAME takes an AccessExclusiveLock on the database,
+        which a starting session must share (postinit.c), and a session that waited
+        finds the name renamed and retries. One that connects between the termination
+        and the rename makes it fail with ObjectInUse: then it is tried again.
+        `hold` (tests only) runs inside the transaction, before the commit.
         """
         for attempt in range(1, attempts + 1):
             try:
-                self._swap_once(live=live, preview=preview, replaced=replaced)
+                self._swap_once(live=live, preview=preview, replaced=replaced, hold=hold)
                 return
             except psycopg2.errors.ObjectInUse as err:
                 if attempt == attempts:
@@ -411,31 +419,45 @@ class ClusterAdmin:
                     ) from err
                 time.sleep(0.5 * attempt)
 
-    def _swap_once(self, *, live: str, preview: str, replaced: str) -> None:
+    def _swap_once(self, *, live: str, preview: str, replaced: str, hold: Callable[[], None] | None) -> None:
         live_id, preview_id, replaced_id = map(sql.Identifier, (live, preview, replaced))
-        with self.connection() as conn:
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (preview,))
+        with self.connection() as conn, conn.cursor() as cur:
+            try:
+                cur.execute(
+                    "SELECT 1 FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (preview,)
+                )
                 if cur.fetchone() is None:
                     raise PermanentError(f"the preview database {preview!r} no longer exists")
-                cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(live_id))
-                try:
-                    cur.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = %s AND pid <> pg_backend_pid()",
-                        (live,),
-                    )
-                    conn.autocommit = False
-                    cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live_id, replaced_id))
-                    cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(preview_id, live_id))
-                    cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(replaced_id))
-                    conn.commit()
-                except BaseException:
-                    conn.rollback()
-                    conn.autocommit = True
-                    cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(live_id))
-                    raise
+                cur.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity "
+                    "WHERE datname OPERATOR(pg_catalog.=) ANY(%s) AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
+                    ([live, preview],),
+                )
+                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(live_id, replaced_id))
+                cur.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(preview_id, live_id))
+                if hold is not None:
+                    hold()
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+    def reopen_disabled(self, names: list[str]) -> list[str]:
+        """Let those of `names` that refuse every connection (ALLOW_CONNECTIONS false,
+        left by a swap that crashed before swaps were one transaction) accept them
+        again; returns the ones it changed."""
+        if not names:
+            return []
+        with self.autocommit() as cur:
+            cur.execute(
+                "SELECT datname FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) ANY(%s) "
+                "AND NOT datallowconn ORDER BY 1",
+                (list(names),),
+            )
+            disabled = [name for (name,) in cur.fetchall()]
+            for name in disabled:
+                cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+        return disabled
 
     def terminate_sessions(self, name: str) -> int:
         """End every session in database `name` (a stopped tool's backend may still be

@@ -13,6 +13,10 @@ server, then SIGTERM, then SIGKILL) or when a tool whose progress can be seen ma
 none for the stall window. The waiting thread polls, so an interrupt (Dramatiq's time
 limit, shutdown) reaches it too and stops the tool. Either way `CommandTimedOut` says
 which limit was reached and what to do.
+
+A tool also dies with the worker: it is started through `setpriv --pdeathsig KILL`,
+so the kernel kills it when the worker thread that started it ends, however the worker
+ends (SIGKILL, OOM killer) — see `_with_parent_death_signal`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import io
 import logging
 import multiprocessing.util
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -63,6 +68,34 @@ CONNECTION_CHECK_MS = 10_000
 SERVER_SLACK_MS = 10_000
 
 TAIL_LINES = 40
+
+# Set in every tool's environment to what it works for (a job): a takeover kills only
+# processes that carry it, never a stranger that reused the process group id.
+LABEL_VARIABLE = "CAPY_TOOL_FOR"
+
+# util-linux's setpriv (in every Debian/Ubuntu base image, the Dockerfile's included).
+SETPRIV = shutil.which("setpriv")
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    """`argv` run so that the kernel SIGKILLs it when its parent dies (PR_SET_PDEATHSIG).
+
+    Why setpriv rather than prctl in `preexec_fn`: the worker is threaded (Dramatiq's
+    worker threads, heartbeats, watchdogs), and code run between fork and exec in a
+    threaded process can deadlock on a lock another thread held at fork time (the
+    subprocess documentation warns against preexec_fn there); setpriv calls prctl after
+    exec, in a process of its own, then execs the tool, which keeps the setting (it
+    survives execve of a program that is not set-user-ID). The signal fires when the
+    *thread* that forked exits: tools are started by the stage's own thread, which
+    waits for them, so that thread outlives every tool it starts unless the worker dies.
+    A parent that dies in the instant between fork and setpriv's prctl leaves its tool
+    unsignalled: then the exit hook below, or a later takeover (which kills the recorded
+    process group, see pipeline.import_steps), stops it. Pipes of its own workers
+    (pg_dump --jobs) close with it, and they exit.
+    """
+    if SETPRIV is None:
+        return argv
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 # libpq and server messages that mean "the connection, not the data, failed".
 _TRANSIENT_MARKERS = (
@@ -333,6 +366,8 @@ class Cancellation:
 
 
 Observer = Callable[[CommandResult], None]
+# Told (process group id, program path) when a tool starts, e.g. to record it on the job.
+Started = Callable[[int, str], None]
 _Tool = TypeVar("_Tool", bound="PgCommand")
 
 
@@ -363,8 +398,12 @@ class PgCommand:
         stall_seconds: float | None = DEFAULT_STALL_SECONDS,
         major: int | None = None,
         cancellation: Cancellation | None = None,
+        on_start: Started | None = None,
+        label: str | None = None,
     ) -> None:
         self.path = os.path.join(bin_dir, self.program)
+        self.on_start = on_start
+        self.label = label
         self.observer = observer
         self.limit = limit
         self.deadline = deadline
@@ -413,6 +452,9 @@ class PgCommand:
             )
         # No inherited PG* variable (PGSERVICE, PGHOST, PGSSLCERT…) reaches libpq.
         full_env = tool_environment({"PGCONNECT_TIMEOUT": "10", "PGAPPNAME": "capy-imports", **(env or {})})
+        if self.label:
+            # Inherited by everything it starts: how a later takeover recognises them.
+            full_env[LABEL_VARIABLE] = self.label
         if self.target_sessions:
             # Ours first: options the caller passes (search_path…) come later and win.
             full_env["PGOPTIONS"] = " ".join(
@@ -420,7 +462,7 @@ class PgCommand:
             )
         log.info("running %s", redact(" ".join([self.program, *args])))
         process = CommandProcess(
-            [self.path, *args],
+            _with_parent_death_signal([self.path, *args]),
             env=full_env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -449,6 +491,9 @@ class PgCommand:
         _track(process)
         if self.cancellation is not None:
             self.cancellation.register(process)
+        if self.on_start is not None:
+            # Its own session: the pid is also the process group's id.
+            self.on_start(process.pid, self.path)
         return process
 
     def _session_options(self, deadline: Deadline) -> str:
@@ -686,10 +731,12 @@ class PgTools:
     stall_seconds: float | None = DEFAULT_STALL_SECONDS
     major: int | None = None
     cancellation: Cancellation | None = None
+    on_start: Started | None = None
+    label: str | None = None
 
     @classmethod
     def for_major(cls, major: int, template: str, observer: Observer | None = None, **bounds: Any) -> PgTools:
-        """`bounds`: limit, deadline, stall_seconds, cancellation."""
+        """`bounds`: limit, deadline, stall_seconds, cancellation, on_start, label."""
         bin_dir = template.format(major=major)
         if not os.path.isdir(bin_dir):
             raise PermanentError(
@@ -707,6 +754,8 @@ class PgTools:
             stall_seconds=self.stall_seconds,
             major=self.major,
             cancellation=self.cancellation,
+            on_start=self.on_start,
+            label=self.label,
         )
 
     @property
@@ -720,3 +769,45 @@ class PgTools:
     @property
     def psql(self) -> Psql:
         return self._make(Psql)
+
+
+def process_group_members(pgid: int, program: str, label: str | None = None) -> list[int]:
+    """Pids of this host's processes in group `pgid` running `program` and, with
+    `label`, started for it (LABEL_VARIABLE in their environment), read from /proc:
+    so a reused group id is never mistaken for a tool."""
+    wanted = None if label is None else f"{LABEL_VARIABLE}={label}".encode()
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                stat = fh.read()
+            # Fields after the command name, which is in parentheses and may hold spaces.
+            fields = stat.rsplit(")", 1)[-1].split()
+            if len(fields) <= 2 or int(fields[2]) != pgid:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv0 = fh.read().split(b"\0", 1)[0].decode("utf-8", "replace")
+            if argv0 not in (program, SETPRIV):
+                continue
+            if wanted is not None:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if wanted not in fh.read().split(b"\0"):
+                        continue
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        members.append(int(entry))
+    return members
+
+
+def kill_process_group(pgid: int, program: str, label: str | None = None) -> list[int]:
+    """SIGKILL the processes of a tool's group `pgid` (see process_group_members);
+    returns their pids."""
+    members = process_group_members(pgid, program, label)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members

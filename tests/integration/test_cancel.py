@@ -20,7 +20,6 @@ from pipeline.import_steps import ImportSteps, restore_role_name
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import AuditEvent, Job
 from pipeline.principals import Principal
-from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.cluster import ClusterAdmin
@@ -37,6 +36,9 @@ SOURCE = "postgres://u:pw@db.example.com/app"
 @pytest.fixture
 def world(control_db):
     return make_world(control_db)
+
+
+LEASE = dt.timedelta(seconds=90)
 
 
 def steps(settings, store) -> ImportSteps:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,6 +67,9 @@ class Service:
             out.append(f"--- {name} ---\n" + "\n".join(text))
         return "\n".join(out)
 
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    log_dir: Path | None = None
+
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
@@ -77,12 +81,68 @@ class Service:
                 process.kill()
                 process.wait()
 
+    def start_worker(self, name: str, **env: str) -> subprocess.Popen:
+        """Another dramatiq worker (a process group of its own: its master and worker
+        processes), with `env` on top of the service's."""
+        assert self.log_dir is not None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs[name] = self.log_dir / f"{name}.log"
+        with open(self.logs[name], "ab") as handle:
+            process = subprocess.Popen(
+                [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
+                env={**self.env, **env},
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2],
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        self.workers[name] = process
+        return process
 
-def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Service:
+    def worker_holding(self, pid: int) -> str:
+        """The name of the worker whose process tree has `pid` (claimed_by's pid)."""
+        for name, process in self.workers.items():
+            if pid == process.pid or parent_pid(pid) == process.pid:
+                return name
+        raise AssertionError(f"no worker of this service runs pid {pid}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a worker's whole process group, as a crash or a deploy would."""
+        try:
+            os.killpg(self.workers[name].pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the service, as a host that loses power."""
+        for process in self.processes:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    process.kill()
+        for process in self.processes:
+            process.wait()
+
+
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def start_service(
+    settings: Settings, log_dir: Path, *, workers: int = 1, worker_env: dict[str, str] | None = None, **extra_env: str
+) -> Service:
+    """gunicorn and `workers` dramatiq workers (named worker, worker2, …; each a process
+    group of its own) over `settings`; `worker_env` goes to the workers only."""
     port = free_port()
     env = service_env(settings, PORT=str(port), **extra_env)
-    logs = {"web": log_dir / "web.log", "worker": log_dir / "worker.log"}
-    service = Service(f"http://127.0.0.1:{port}", env, logs)
+    logs = {"web": log_dir / "web.log"}
+    service = Service(f"http://127.0.0.1:{port}", env, logs, log_dir=log_dir)
     commands = {
         # A control socket of its own: gunicorn's default path is shared by every instance.
         "web": [
@@ -90,8 +150,9 @@ def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Servic
             "--worker-class", "gthread", "--threads", "4", "--timeout", "30",
             "--control-socket", str(log_dir / "gunicorn.ctl"), "app.wsgi:get_app()",
         ],
-        "worker": [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
     }
+    for number in range(workers):
+        service.start_worker("worker" if number == 0 else f"worker{number + 1}", **(worker_env or {}))
     for name, command in commands.items():
         handle = open(logs[name], "wb")  # noqa: SIM115 - owned by the process for its lifetime
         service.processes.append(
@@ -101,6 +162,7 @@ def start_service(settings: Settings, log_dir: Path, **extra_env: str) -> Servic
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[2],
+                start_new_session=True,  # kill_all reaches its workers too
             )
         )
         handle.close()

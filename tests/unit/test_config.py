@@ -133,3 +133,42 @@ def test_deadlines_and_fair_share_settings():
     assert (settings.org_max_active_jobs, settings.org_wait_retry_seconds) == (1, 10)
     with pytest.raises(ConfigError, match="CAPY_ORG_MAX_ACTIVE_JOBS must be at least 1, not 0"):
         Settings.from_env({"CAPY_ORG_MAX_ACTIVE_JOBS": "0"})
+
+
+def test_the_stage_time_limit_stays_below_the_brokers_consumer_timeout():
+    settings = Settings.from_env({})
+    # RabbitMQ's default consumer_timeout is 30 min: a stage is stopped before it.
+    assert settings.broker_consumer_timeout_seconds == 1800
+    assert settings.stage_time_limit_seconds == 1500
+    raised = Settings.from_env(
+        {"CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS": "25200", "CAPY_STAGE_TIME_LIMIT_SECONDS": "21600"}
+    )
+    assert (raised.broker_consumer_timeout_seconds, raised.stage_time_limit_seconds) == (25200, 21600)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CAPY_STAGE_TIME_LIMIT_SECONDS": "21600"},
+        {"CAPY_STAGE_TIME_LIMIT_SECONDS": "1800"},
+        {"CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS": "600"},
+    ],
+)
+def test_a_stage_time_limit_not_below_the_consumer_timeout_refuses_to_start(env):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert "CAPY_STAGE_TIME_LIMIT_SECONDS" in message and "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS" in message
+    assert "consumer_timeout" in message and "raise both together" in message
+
+
+def test_test_holds_are_read_per_point():
+    settings = Settings.from_env({"CAPY_ENV": "development", "CAPY_TEST_HOLDS": "restore=30, swap=2.5"})
+    assert (settings.hold_seconds("restore"), settings.hold_seconds("swap"), settings.hold_seconds("fetch")) == (
+        30.0,
+        2.5,
+        0.0,
+    )
+    assert Settings.from_env({}).hold_seconds("restore") == 0.0
+    with pytest.raises(ConfigError, match="CAPY_TEST_HOLDS is for fault-injection tests only"):
+        Settings.from_env({"CAPY_TEST_HOLDS": "restore=30"})
