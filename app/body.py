@@ -34,6 +34,17 @@ def _constant(name: str) -> Any:
     raise InvalidRequest(f"the request body is not valid JSON: {name} is not a JSON value")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are all different: `{"recreate": false, "recreate": true}`
+    would otherwise mean whichever came last."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise InvalidRequest(f"the request body names {key!r} twice; send each field once")
+        seen[key] = value
+    return seen
+
+
 def _check_string(text: str) -> None:
     if "\x00" in text:
         raise InvalidRequest("strings in the request body must not contain NUL (\\u0000) characters")
@@ -67,7 +78,11 @@ def read_json(req: falcon.Request, *, max_bytes: int, required: bool = True) -> 
     length = req.content_length
     if length is not None and length > max_bytes:
         raise falcon.HTTPContentTooLarge(description=f"the request body is larger than {max_bytes} bytes")
-    raw = req.bounded_stream.read(max_bytes + 1)
+    # A chunked body has no Content-Length (gunicorn decodes the chunks and ends the
+    # stream); anything else without one is empty.
+    chunked = "chunked" in (req.get_header("Transfer-Encoding") or "").lower()
+    stream = req.stream if length is None and chunked else req.bounded_stream
+    raw = stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise falcon.HTTPContentTooLarge(description=f"the request body is larger than {max_bytes} bytes")
     if not raw.strip():
@@ -84,7 +99,9 @@ def read_json(req: falcon.Request, *, max_bytes: int, required: bool = True) -> 
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid JSON: it must be UTF-8") from None
     try:
-        body = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
+        body = json.loads(
+            text, parse_int=_int, parse_float=_float, parse_constant=_constant, object_pairs_hook=_unique_keys
+        )
     except RecursionError:
         raise InvalidRequest(f"the request body nests deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as err:

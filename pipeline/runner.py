@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from typing import Protocol
 
 from dramatiq.middleware.shutdown import Shutdown
@@ -33,6 +34,9 @@ from pipeline.models import ACTIVE_STATES, Job, Stage
 from stages.errors import Cancelled, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
+
+# What a transient error promised ("…; it will be retried"), untrue once retries ran out.
+_RETRY_PROMISE = re.compile(r";\s*(it|the \w+) will (be retried|try again)\s*$")
 
 # A message that finds a fresh foreign lease comes back this long after it can expire.
 RECHECK_MARGIN = dt.timedelta(seconds=5)
@@ -221,7 +225,7 @@ class Runner:
         job = Job.get_or_none(Job.id == job_id)
         if job is None or job.state not in ACTIVE_STATES:
             return
-        last = job.error or "no error was recorded"
+        last = _RETRY_PROMISE.sub("", job.error or "no error was recorded")
         error = f"gave up on the {stage} stage after {job.attempts} attempts; last error: {last}"
         self._fail(job, "worker", error, "transient")
 

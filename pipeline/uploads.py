@@ -19,7 +19,7 @@ import peewee
 
 from pipeline import audit
 from pipeline.db import database
-from pipeline.errors import InvalidRequest, NotFound, RateLimited
+from pipeline.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from pipeline.ids import new_id
 from pipeline.models import Project, Upload, utcnow
 from pipeline.principals import Principal
@@ -142,5 +142,14 @@ class Uploads:
 
 
 def mark_used(key: str, job_id: str) -> None:
-    """Record that job `job_id` imports the upload at `key` (it no longer counts as unused)."""
-    Upload.update(job=job_id).where(Upload.object_key == key).execute()
+    """Record that job `job_id` imports the upload at `key` (it no longer counts as
+    unused). An upload is imported once: Conflict if another job already took it (its
+    presigned form stays valid until it expires, so the object may have been sent again)."""
+    if Upload.update(job=job_id).where((Upload.object_key == key) & Upload.job.is_null()).execute():
+        return
+    upload = Upload.get_or_none(Upload.object_key == key)
+    taken_by = upload.job_id if upload is not None else None
+    raise Conflict(
+        f"the upload at {key} was already imported by job {taken_by}; each upload is imported once: "
+        "create a new upload for another import"
+    )

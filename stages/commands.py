@@ -705,16 +705,18 @@ class Psql(PgCommand):
     program = "psql"
     target_sessions = True
 
-    def script_args(self, conninfo: str, script: str, *, restrict_key: str) -> list[str]:
+    def script_args(self, conninfo: str, script: str, *, restrict_file: str) -> list[str]:
         """Run a SQL file, stopping at the first error, ignoring ~/.psqlrc, with every
-        backslash command of the file refused (`\\restrict` with a key the file cannot know)."""
+        backslash command of the file refused: `restrict_file` holds `\\restrict <key>`
+        with a key the file cannot know, read first in the same session (a file, not an
+        argument, so the key is in no process listing or log)."""
         return [
             "--no-psqlrc",
             "--quiet",
             "--no-password",
             "--set=ON_ERROR_STOP=1",
             f"--dbname={conninfo}",
-            f"--command=\\restrict {restrict_key}",
+            f"--file={restrict_file}",
             f"--file={script}",
         ]
 

@@ -240,7 +240,7 @@ class SourceURL:
             raise InvalidSourceURL("source_url must name a host, e.g. postgres://user@db.example.com/app")
         if "," in params["host"]:
             raise InvalidSourceURL("source_url must name exactly one host")
-        if params["host"].startswith("/"):
+        if params["host"].startswith(("/", "@")):  # "@name": libpq's abstract Unix socket
             raise InvalidSourceURL("source_url must name a network host, not a Unix socket")
         if not params.get("user"):
             raise InvalidSourceURL("source_url must name a user, e.g. postgres://user:password@host/db")

@@ -8,6 +8,7 @@ tenants' databases or the control database.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -66,10 +67,17 @@ def restore_plain(tools: PgTools, target: SourceURL, script: str) -> None:
     first error. psql is restricted with a random key, so the script's own backslash
     commands (`\\connect`, `\\!`, `\\i`...) are refused rather than run."""
     psql = tools.psql
-    with _explained():
-        psql.run(
-            psql.script_args(target.conninfo(), script, restrict_key=secrets.token_hex(16)),
-            env=target.env(),
-            secrets=[target.password],
-            what="psql restoring the plain SQL dump",
-        )
+    restrict_file = script + ".restrict"
+    descriptor = os.open(restrict_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as fh:
+        fh.write(f"\\restrict {secrets.token_hex(16)}\n")
+    try:
+        with _explained():
+            psql.run(
+                psql.script_args(target.conninfo(), script, restrict_file=restrict_file),
+                env=target.env(),
+                secrets=[target.password],
+                what="psql restoring the plain SQL dump",
+            )
+    finally:
+        os.remove(restrict_file)

@@ -270,3 +270,20 @@ def test_a_dump_cannot_drop_the_live_or_retained_databases(prod, control_db):
         assert "/tmp" not in job["error"] and "/tmp" not in (job["last_stderr"] or "")
     assert pg.database_exists(live) and pg.database_exists(retained)
     assert _read(live, "SELECT count(*) FROM public.kept") == [(2,)]
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_is_read(prod, tenants):
+    """A client that streams its body (Transfer-Encoding: chunked, no Content-Length)
+    is answered for what it sent, not for an empty body."""
+    me, _ = tenants
+    body = json.dumps({"source_url": f"postgres://app:{SECRET_PASSWORD}@db.invalid:5432/app"}).encode()
+    resp = requests.post(
+        f"{prod.base_url}/v1/projects/{me.project['id']}/imports/preflight",
+        data=iter([body[:10], body[10:]]),
+        headers={"Authorization": f"Bearer {me.key}", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    checks = {c["name"]: c for c in resp.json()["preflight"]["checks"]}
+    assert checks["source_reachable"]["status"] == "fail" and "does not resolve" in checks["source_reachable"]["detail"]

@@ -103,6 +103,12 @@ HOSTILE = [
     # (request, status, message)
     pytest.param(_post(IMPORTS, "[" * 30_000 + "]" * 30_000), 400, "nests deeper than 32 levels", id="deep-json"),
     pytest.param(
+        _post(IMPORTS, '{"confirm": true, "recreate": false, "source_url": "%s", "recreate": true}' % SOURCE),
+        400,
+        "names 'recreate' twice; send each field once",
+        id="duplicate-key",
+    ),
+    pytest.param(
         _post(IMPORTS, '{"confirm": true, "source_url": "%s", "recreate": %s}' % (SOURCE, "9" * 5000)),
         400,
         "at most 30 digits",

@@ -148,3 +148,21 @@ def test_release_keeps_the_job_running_for_a_retry(control_db, world):
     )
     again = jobs.claim(job.id, "preflight", "w2", lease=LEASE)
     assert again.attempts == 2
+
+
+def test_a_job_that_gave_up_does_not_promise_another_retry(control_db, world):
+    from pipeline.runner import Runner
+
+    job, _, _ = new_job(control_db, world)
+    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    jobs.release(job.id, "w1", "an internal error interrupted the preflight stage; it will be retried")
+
+    class NoSteps:
+        def cleanup(self, job, *, succeeded):
+            pass
+
+    Runner(control_db, NoSteps(), lambda *a, **k: None).exhausted(job.id, "preflight")
+    failed = Job.get_by_id(job.id)
+    assert failed.state == "failed" and failed.error == (
+        "gave up on the preflight stage after 1 attempts; last error: an internal error interrupted the preflight stage"
+    )

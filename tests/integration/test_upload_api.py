@@ -8,7 +8,7 @@ import pytest
 from falcon import testing
 
 from app.api import Services, create_app
-from pipeline.models import Upload
+from pipeline.models import Job, Upload, utcnow
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.errors import ObjectMissing
@@ -182,3 +182,20 @@ def test_an_upload_not_imported_within_the_grace_after_its_form_expired_is_refus
     assert "was not imported in time: its upload URL expired on" in resp.json["error"]
     clock[0] = now + dt.timedelta(hours=1, minutes=59)
     assert import_upload(client, world, upload["object_key"]).status_code == 202
+
+
+def test_an_upload_is_imported_once(client, world, store):
+    """The presigned form stays valid until it expires, so after the first import ended
+    the object can be sent again: a second import of the same key is refused."""
+    upload = create_upload(client, world)
+    assert post_file(upload, b"--\n-- PostgreSQL database dump\n--\nCREATE TABLE t (id int);\n").status_code in (200, 201, 204)
+    first = import_upload(client, world, upload["object_key"])
+    assert first.status_code == 202, first.text
+    job_id = first.json["job"]["id"]
+    Job.update(state="failed", completed_at=utcnow()).where(Job.id == job_id).execute()
+    again = import_upload(client, world, upload["object_key"])
+    assert again.status_code == 409, again.text
+    assert again.json["error"] == (
+        f"the upload at {upload['object_key']} was already imported by job {job_id}; each upload is "
+        "imported once: create a new upload for another import"
+    )

@@ -30,9 +30,11 @@ def test_pg_restore_arguments_do_not_replay_owners_or_grants():
 
 
 def test_psql_stops_on_first_error_and_ignores_psqlrc():
-    args = Psql("/bin").script_args("dbname='p'", "/w/dump.sql", restrict_key="k1")
+    args = Psql("/bin").script_args("dbname='p'", "/w/dump.sql", restrict_file="/w/dump.sql.restrict")
     assert "--set=ON_ERROR_STOP=1" in args and "--no-psqlrc" in args
-    assert args[-2:] == ["--command=\\restrict k1", "--file=/w/dump.sql"]
+    # The restrict key is read from a file first, never passed as an argument.
+    assert args[-2:] == ["--file=/w/dump.sql.restrict", "--file=/w/dump.sql"]
+    assert not any("restrict " in arg for arg in args)
 
 
 def test_tools_for_a_missing_major_say_what_to_install(tmp_path):

@@ -55,6 +55,8 @@ def test_url_round_trips_with_special_characters():
         ("postgres://u@h1.example.com,h2.example.com/db", "exactly one host"),
         ("postgres://u:p@h.example.com:99999/db", "invalid port"),
         ("postgres://u:p@[::1/db", "could not be parsed"),
+        ("postgres://u@%2Fvar%2Frun%2Fpostgresql/db", "not a Unix socket"),
+        ("postgres://u@%40abstract/db", "not a Unix socket"),
     ],
 )
 def test_parse_rejects_with_actionable_messages(raw, fragment):
