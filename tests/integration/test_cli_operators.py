@@ -20,7 +20,6 @@ from pipeline.models import AuditEvent, Job
 from pipeline.operator_actions import operator_actor
 from pipeline.principals import Principal
 from pipeline.queue import StageQueue
-from pipeline.runner import LEASE
 from pipeline.sealing import Sealer
 from stages.pgurl import SourceURL
 from tests.support import pg
@@ -29,6 +28,8 @@ from tests.support.world import make_world
 
 ACTOR = operator_actor()
 STAGES = ("preflight", "fetch", "restore", "finalize", "exhausted")
+
+LEASE = dt.timedelta(seconds=90)
 
 
 def run(settings, capsys, *argv):
