@@ -80,13 +80,19 @@ def control_db(base_settings):
     _delete_queues(base_settings)
 
 
+# Queue prefixes of the run: the e2e modules that start services of their own use
+# their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py).
+QUEUE_SUFFIXES = ("", "_prod", "_crash")
+
+
 def _delete_queues(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     try:
         channel = connection.channel()
-        for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
-            for suffix in ("", ".DQ", ".XQ"):
-                channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
+        for prefix in (settings.queue_prefix + suffix for suffix in QUEUE_SUFFIXES):
+            for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
+                for suffix in ("", ".DQ", ".XQ"):
+                    channel.queue_delete(f"{prefix}.{stage}{suffix}")
     finally:
         connection.close()
 

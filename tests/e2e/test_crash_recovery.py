@@ -38,7 +38,9 @@ HOLD = "90"
 
 @pytest.fixture(scope="module")
 def deployment(control_db):
-    """The control database migrated, with the local cluster registered."""
+    """The control database migrated, with the local cluster registered, and queues of
+    this module's own: the other e2e services' workers must not run its held jobs."""
+    control_db = dataclasses.replace(control_db, queue_prefix=control_db.queue_prefix + "_crash")
     env = service_env(control_db)
     cli(env, "migrate")
     clusters = pg.admin(
