@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import peewee
+import psycopg2
 
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
@@ -61,6 +62,16 @@ UNCLAIMED_AFTER = dt.timedelta(minutes=10)
 Wake = Callable[..., None]
 
 log = logging.getLogger(__name__)
+
+# One item sweep cannot clean is reported and skipped: it must not stop the others
+# (a database error of a cluster as much as our own errors).
+_CLEANUP_ERRORS = (CapyError, psycopg2.Error)
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, CapyError):
+        return err.message
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def sweep(
@@ -97,8 +108,8 @@ def sweep(
             store.delete(job.upload_key)
         except ObjectMissing:
             pass
-        except CapyError as err:
-            done["errors"].append(f"upload {job.upload_key}: {err.message}")
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"upload {job.upload_key}: {_why(err)}")
             continue
         Job.update(facts={**job.facts, "upload_deleted": True}).where(Job.id == job.id).execute()
         _mark_deleted(job.upload_key, now)
@@ -108,8 +119,8 @@ def sweep(
     for retired in RetiredDatabase.select().where(RetiredDatabase.dropped_at.is_null() & (RetiredDatabase.drop_after <= now)):
         try:
             cluster_admin(Cluster.get_by_id(retired.cluster_id), sealer).drop_database(retired.database_name)
-        except CapyError as err:
-            done["errors"].append(f"database {retired.database_name}: {err.message}")
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"database {retired.database_name}: {_why(err)}")
             continue
         RetiredDatabase.update(dropped_at=now).where(RetiredDatabase.id == retired.id).execute()
         done["replaced_databases_dropped"].append(retired.database_name)
@@ -121,8 +132,8 @@ def sweep(
             if admin.database_exists(job.preview_database_id):
                 admin.drop_database(job.preview_database_id)
                 done["previews_dropped"].append(job.preview_database_id)
-        except CapyError as err:
-            done["errors"].append(f"preview {job.preview_database_id}: {err.message}")
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"preview {job.preview_database_id}: {_why(err)}")
     for cluster in Cluster.select():
         admin = cluster_admin(cluster, sealer)
         _drop_restore_roles(admin, done)
@@ -165,8 +176,8 @@ def reap(settings: Settings, wake: Wake, now: dt.datetime, done: dict[str, Any])
     for job, why in stuck_jobs(settings, now):
         try:
             wake(job.id, job.stage)
-        except CapyError as err:
-            done["errors"].append(f"waking {job.id}: {err.message}")
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"waking {job.id}: {_why(err)}")
             continue
         Job.update(updated_at=now).where((Job.id == job.id) & (Job.updated_at == job.updated_at)).execute()
         log.info("woke job %s (%s): %s", job.id, job.stage, why)
@@ -211,8 +222,8 @@ def _mark_deleted(key: str, now: dt.datetime) -> None:
 def _delete(store: ObjectStore, key: str, now: dt.datetime, done: dict[str, Any]) -> None:
     try:
         store.delete(key)
-    except CapyError as err:
-        done["errors"].append(f"upload {key}: {err.message}")
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"upload {key}: {_why(err)}")
         return
     _mark_deleted(key, now)
     if key not in done["uploads_deleted"]:
@@ -243,8 +254,8 @@ def _sweep_orphaned_objects(
             if len(page) >= LIST_PAGE:
                 _sweep_page(settings, store, page, now, retention, done)
                 page = []
-    except CapyError as err:
-        done["errors"].append(f"listing {KEY_PREFIX}/: {err.message}")
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"listing {KEY_PREFIX}/: {_why(err)}")
     if page:
         _sweep_page(settings, store, page, now, retention, done)
 
@@ -290,8 +301,8 @@ def _lock_down_project_databases(cluster: Cluster, admin: ClusterAdmin, done: di
     try:
         done["databases_locked_down"] += admin.lock_down_open(names)
         done["databases_reopened"] += admin.reopen_disabled(names)
-    except CapyError as err:
-        done["errors"].append(f"locking down the databases of cluster {cluster.name}: {err.message}")
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"locking down the databases of cluster {cluster.name}: {_why(err)}")
 
 
 def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
@@ -299,8 +310,8 @@ def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
     active, or unknown here (another deployment sharing the cluster), is left alone."""
     try:
         roles = admin.roles_like(RESTORE_ROLE_PREFIX)
-    except CapyError as err:
-        done["errors"].append(f"restore roles: {err.message}")
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"restore roles: {_why(err)}")
         return
     for role in roles:
         job = Job.get_or_none(Job.id == "job_" + role.removeprefix(RESTORE_ROLE_PREFIX))
@@ -308,7 +319,7 @@ def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
             continue
         try:
             admin.drop_role(role)
-        except CapyError as err:
-            done["errors"].append(f"role {role}: {err.message}")
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"role {role}: {_why(err)}")
             continue
         done["restore_roles_dropped"].append(role)

@@ -326,6 +326,7 @@ class ClusterAdmin:
             self._revoke_memberships(from_role)
             self.terminate_sessions(database)
             with self.autocommit(database) as cur:
+                self._reassign_one_by_one(cur, from_role, to_role)
                 cur.execute(
                     sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(from_role), sql.Identifier(to_role))
                 )
@@ -337,6 +338,42 @@ class ClusterAdmin:
         except TransientError as err:
             # The database is handed over either way; the role can no longer log in.
             log.warning("%s", err.message)
+
+    @staticmethod
+    def _reassign_one_by_one(cur: psycopg2.extensions.cursor, from_role: str, to_role: str) -> None:
+        """Give `from_role`'s relations and large objects to `to_role` one statement
+        (one transaction) at a time. REASSIGN OWNED takes a lock on every object it
+        changes in a single transaction; a dump of some thousands of tables would need
+        more locks than the cluster's shared lock table holds (max_locks_per_transaction
+        × max_connections, shared with every tenant) and fail with "out of shared
+        memory". What is left afterwards (functions, types, schemas…) is few and takes
+        no relation locks. Indexes, TOAST tables and sequences owned by a column follow
+        their table."""
+        cur.execute(
+            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+            "WHERE c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r "
+            "  WHERE r.rolname OPERATOR(pg_catalog.=) %s) "
+            "AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f', 'S']::\"char\"[]) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
+            "  WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
+            "  AND d.objid OPERATOR(pg_catalog.=) c.oid "
+            "  AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
+            "  AND d.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::\"char\"[])) "
+            "ORDER BY c.oid",
+            (from_role,),
+        )
+        for schema, name in cur.fetchall():
+            cur.execute(
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(schema, name), sql.Identifier(to_role))
+            )
+        cur.execute(
+            "SELECT m.oid FROM pg_catalog.pg_largeobject_metadata m WHERE m.lomowner OPERATOR(pg_catalog.=) "
+            "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) %s) ORDER BY 1",
+            (from_role,),
+        )
+        for (oid,) in cur.fetchall():
+            cur.execute(sql.SQL("ALTER LARGE OBJECT {} OWNER TO {}").format(sql.Literal(int(oid)), sql.Identifier(to_role)))
 
     def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:
@@ -374,9 +411,30 @@ class ClusterAdmin:
                 )
             )
 
+    def rollback_prepared(self, name: str) -> list[str]:
+        """Roll back every prepared transaction of database `name` (a dump may end with
+        `PREPARE TRANSACTION`, on a cluster that allows them): it would hold its locks
+        across sessions and keep the database from being dropped. Returns their ids."""
+        with self.autocommit() as cur:
+            cur.execute(
+                "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) %s", (name,)
+            )
+            gids = [gid for (gid,) in cur.fetchall()]
+        if gids:
+            # ROLLBACK PREPARED runs in the database the transaction was prepared in; it
+            # runs no user code.
+            with self.autocommit(name) as cur:
+                for gid in gids:
+                    cur.execute(sql.SQL("ROLLBACK PREPARED {}").format(sql.Literal(gid)))
+            log.warning("rolled back %d transaction(s) a dump prepared in %s", len(gids), name)
+        return gids
+
     def drop_database(self, name: str) -> None:
         """Drop a database if it exists, disconnecting anyone still in it (its owner may
-        have marked it a template, which DROP DATABASE refuses)."""
+        have marked it a template, which DROP DATABASE refuses) and rolling back what a
+        dump prepared in it."""
+        if self.database_exists(name):
+            self.rollback_prepared(name)
         with self.autocommit() as cur:
             cur.execute("SELECT datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
             row = cur.fetchone()
@@ -461,7 +519,9 @@ class ClusterAdmin:
 
     def terminate_sessions(self, name: str) -> int:
         """End every session in database `name` (a stopped tool's backend may still be
-        running its last statement); returns how many there were."""
+        running its last statement), and roll back the transactions a dump prepared
+        there; returns how many sessions there were."""
+        self.rollback_prepared(name)
         with self.autocommit() as cur:
             cur.execute(
                 "SELECT pg_catalog.count(pg_catalog.pg_terminate_backend(pid)) FROM pg_catalog.pg_stat_activity "

@@ -151,13 +151,31 @@ def object_counts(conn: psycopg2.extensions.connection) -> dict[str, int]:
 
 
 def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | None]:
-    """Every sequence's last value ("schema.name" -> value, None if never used)."""
+    """Every sequence's last value ("schema.name" -> value, None if never used).
+
+    In one statement on a connection inside a transaction (the source's snapshot); on
+    an autocommit connection (the preview) one sequence per statement, since reading a
+    sequence locks it until the transaction ends, and a database of some thousands of
+    sequences would fill the cluster's shared lock table."""
     with conn.cursor() as cur:
+        if not conn.autocommit:
+            cur.execute(
+                "SELECT schemaname, sequencename, last_value FROM pg_sequences "
+                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+            )
+            return {f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()}
         cur.execute(
-            "SELECT schemaname, sequencename, last_value FROM pg_sequences "
-            "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+            "WHERE c.relkind OPERATOR(pg_catalog.=) 'S' AND n.nspname <> ALL (ARRAY['pg_catalog', 'information_schema']) "
+            "ORDER BY 2, 3"
         )
-        return {f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()}
+        values: dict[str, int | None] = {}
+        for oid, schema, name in cur.fetchall():
+            cur.execute("SELECT pg_catalog.pg_sequence_last_value(%s::pg_catalog.oid)", (oid,))
+            value = cur.fetchone()[0]
+            values[f"{schema}.{name}"] = int(value) if value is not None else None
+        return values
 
 
 def extension_versions(conn: psycopg2.extensions.connection) -> dict[str, str]:

@@ -44,9 +44,10 @@ def _as_postgres(args: list[str]) -> list[str]:
 
 @contextlib.contextmanager
 def temporary_cluster(
-    bin_dir: str = "/usr/lib/postgresql/15/bin", password: str = "capy-source-pw"
+    bin_dir: str = "/usr/lib/postgresql/15/bin", password: str = "capy-source-pw", *, settings: str = ""
 ) -> Iterator[TempCluster]:
-    """Start a cluster on a free loopback port; stop and delete it on exit."""
+    """Start a cluster on a free loopback port (`settings`: more `-c name=value` server
+    options); stop and delete it on exit."""
     root = tempfile.mkdtemp(prefix="capy-pg-")
     os.chmod(root, 0o755)
     data = os.path.join(root, "data")
@@ -87,7 +88,7 @@ def temporary_cluster(
                 "-t",
                 "60",
                 "-o",
-                f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root}",
+                f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root} {settings}".strip(),
                 "start",
             ]
         ),
