@@ -65,6 +65,18 @@ def retry_job(
         raise Conflict(
             f"job {job_id} is {job.state}: only a failed or cancelled import can be retried; it {what}"
         )
+    newer = (
+        Job.select()
+        .where((Job.project == job.project_id) & (Job.state == "completed") & (Job.created_at > job.created_at))
+        .order_by(Job.completed_at.desc())
+        .first()
+    )
+    if newer is not None:
+        # Its swap would replace what the newer import brought in, without a word.
+        raise Conflict(
+            f"job {newer.id}, started after job {job_id}, has since completed an import of project "
+            f"{job.project_id}; retrying job {job_id} would replace that data. Start a new import instead"
+        )
     stage, note = _stage_to_run(job, from_stage, upload_exists, preview_exists)
     project = Project.get_by_id(job.project_id)
     try:

@@ -349,3 +349,18 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
     assert jobs.events(finished.id)[-1].reason.endswith(f" dropped by {ACTOR}: job completed")
     assert ("project.import_dead_letter_dropped", ACTOR) in audit_of(finished.id)
     jobs.fail(waiting.id, "test", "done", classification="permanent")
+
+
+def test_jobs_retry_refuses_to_undo_a_newer_import(control_db, capsys, world):
+    """Retrying an old failed job would swap its (older) data over what a newer import
+    of the project brought in since: refused, naming the newer job."""
+    old = new_job(control_db, world)
+    jobs.fail(old.id, "test", "the source was down", classification="transient")
+    newer = new_job(control_db, world)
+    Job.update(state="completed", completed_at=jobs.utcnow(), locked_resource=None).where(Job.id == newer.id).execute()
+    code, out = run(control_db, capsys, "jobs", "retry", old.id)
+    assert code == 1 and out["error"] == (
+        f"job {newer.id}, started after job {old.id}, has since completed an import of project "
+        f"{world.project.id}; retrying job {old.id} would replace that data. Start a new import instead"
+    )
+    assert Job.get_by_id(old.id).state == "failed"
