@@ -131,6 +131,9 @@ class Settings:
     preflight_text_bytes: int = 64 * 1024 * 1024
     # Synchronous preflights one organization may run at once (each holds a web thread).
     org_max_concurrent_preflights: int = 2
+    # How long the fetch stage waits for a lock on a source table (its row counts and
+    # pg_dump's --lock-wait-timeout) before failing as transient.
+    source_lock_timeout_seconds: int = 60
     # RabbitMQ's consumer_timeout as the deployment configures it (rabbitmq.conf; 30 min
     # by default): a message unacknowledged for longer is taken back and its channel
     # closed, so every stage must end (by its time limit) before it.
@@ -248,6 +251,7 @@ class Settings:
             org_max_concurrent_preflights=_positive(
                 env, "CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS", d.org_max_concurrent_preflights, rule="at least 1"
             ),
+            source_lock_timeout_seconds=_positive(env, "CAPY_SOURCE_LOCK_TIMEOUT_SECONDS", d.source_lock_timeout_seconds),
             broker_consumer_timeout_seconds=_positive(
                 env, "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS", d.broker_consumer_timeout_seconds
             ),

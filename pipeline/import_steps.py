@@ -261,6 +261,7 @@ class ImportSteps:
             jobs=self.settings.concurrency,
             timeout=self.settings.source_connect_timeout,
             read_timeout=self.settings.source_read_timeout_seconds,
+            lock_timeout=self.settings.source_lock_timeout_seconds,
             on_progress=context.progress,
         )
         return {

@@ -112,6 +112,8 @@ _TRANSIENT_MARKERS = (
     "ssl syscall error",
     "timeout expired",
     "canceling statement due to conflict with recovery",
+    "canceling statement due to lock timeout",
+    "could not obtain lock on relation",
     "deadlock detected",
 )
 # ...unless the server answered and refused us for a reason that will not pass.
@@ -337,7 +339,25 @@ class Cancellation:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._processes: set[CommandProcess] = set()
+        self._callbacks: list[Callable[[], None]] = []
         self.reason: str | None = None
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when the stage is cancelled (at once if it already is): how a
+        query of the stage's own, which no process kill reaches, is interrupted (e.g.
+        `connection.cancel()`). Returns the function that unsubscribes it."""
+        with self._lock:
+            self._callbacks.append(callback)
+            already = self.reason is not None
+        if already:
+            callback()
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._callbacks:
+                    self._callbacks.remove(callback)
+
+        return unsubscribe
 
     @property
     def cancelled(self) -> bool:
@@ -348,8 +368,14 @@ class Cancellation:
             if self.reason is None:
                 self.reason = reason
             running = list(self._processes)
+            callbacks = list(self._callbacks)
         for process in running:
             process.watchdog.cancel(self.reason or reason)
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a connection already gone: nothing left to interrupt
+                log.debug("cancel callback failed", exc_info=True)
         if running:
             log.warning("stopping %d command(s): %s", len(running), reason)
 
@@ -663,9 +689,15 @@ class PgDump(PgCommand):
         out = next((arg.removeprefix("--file=") for arg in args if arg.startswith("--file=")), None)
         return None if out is None else (lambda: tree_size(out))
 
-    def directory_args(self, conninfo: str, out_dir: str, *, jobs: int, snapshot: str | None) -> list[str]:
-        """Parallel directory-format dump of everything, owners and grants included."""
+    def directory_args(
+        self, conninfo: str, out_dir: str, *, jobs: int, snapshot: str | None, lock_wait_ms: int | None = None
+    ) -> list[str]:
+        """Parallel directory-format dump of everything, owners and grants included;
+        with `lock_wait_ms`, a table locked exclusively by another session on the source
+        fails the dump after that long instead of holding it."""
         args = ["--format=directory", f"--jobs={max(1, jobs)}", f"--file={out_dir}", "--no-password"]
+        if lock_wait_ms:
+            args.append(f"--lock-wait-timeout={lock_wait_ms}")
         if snapshot:
             args.append(f"--snapshot={snapshot}")
         args.append(f"--dbname={conninfo}")

@@ -20,10 +20,14 @@ from stages import inventory
 from stages.commands import PgTools
 from stages.connect import connection
 from stages.deadline import Deadline
-from stages.errors import PermanentError, SourceUnreachable
+from stages.errors import PermanentError, SourceUnreachable, TransientError
 from stages.pgurl import SourceURL, redact
 
 Progress = Callable[[dict], None]
+
+
+class SourceBusy(TransientError):
+    """A table on the source stayed locked by another session past the lock timeout."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def dump_live(
     jobs: int,
     timeout: int = 10,
     read_timeout: float = 1800,
+    lock_timeout: float = 60,
     on_progress: Progress = lambda _p: None,
 ) -> LiveDump:
     """Dump `source` (already address-pinned) into `out_dir` (directory format).
@@ -69,15 +74,30 @@ def dump_live(
             isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
             readonly=True,
         )
+        # A cancel of the job interrupts our own queries too (the server cancels them),
+        # not only pg_dump.
+        # (The subscription lives as long as the stage's Cancellation; a cancel after
+        # the connection closed finds nothing to interrupt.)
+        if tools.cancellation is not None:
+            tools.cancellation.on_cancel(conn.cancel)
         with conn.cursor() as cur:
-            # A SET, not a startup option: a pooler in front may refuse startup options.
-            # It is a utility statement, so the snapshot is still taken by the next one.
+            # SETs, not startup options: a pooler in front may refuse startup options.
+            # They are utility statements, so the snapshot is still taken by the next one.
+            # A table the source's own sessions lock exclusively makes the count fail after
+            # lock_timeout (transient: retried) rather than wait for as long as they hold it.
             cur.execute("SET statement_timeout = %s", (int(read_timeout * 1000),))
+            cur.execute("SET lock_timeout = %s", (int(lock_timeout * 1000),))
             cur.execute("SELECT pg_export_snapshot(), current_setting('server_version')")
             snapshot, server_version = cur.fetchone()
         pg_dump = tools.pg_dump
         process = pg_dump.start(
-            pg_dump.directory_args(source.conninfo(connect_timeout=str(timeout)), out_dir, jobs=jobs, snapshot=snapshot),
+            pg_dump.directory_args(
+                source.conninfo(connect_timeout=str(timeout)),
+                out_dir,
+                jobs=jobs,
+                snapshot=snapshot,
+                lock_wait_ms=int(lock_timeout * 1000),
+            ),
             env=source.env(),
             secrets=[source.password],
         )
@@ -96,6 +116,13 @@ def dump_live(
                 f"the source user {source.user!r} cannot read every table "
                 f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
                 "database owner's credentials"
+            ) from err
+        except psycopg2.errors.LockNotAvailable as err:
+            pg_dump.abort(process)
+            raise SourceBusy(
+                f"a table on the source is locked by another session (an open transaction holding an "
+                f"exclusive lock, a schema change, a VACUUM FULL) and stayed locked for {lock_timeout:g} s; "
+                "the import is retried, and succeeds once the lock is released"
             ) from err
         except psycopg2.OperationalError as err:
             pg_dump.abort(process)

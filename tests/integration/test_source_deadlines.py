@@ -255,3 +255,73 @@ def test_one_organization_cannot_take_every_web_thread_with_preflights(control_d
             thread.join(30)
     assert [answer.status_code for answer in answers] == [200, 200]
     assert preflight(tenant, 1).status_code == 200  # the slots were given back
+
+
+def _locked_source(scratch_db) -> tuple[str, object]:
+    """A source whose table another session of the source holds exclusively."""
+    import psycopg2
+
+    name = scratch_db("capysrc_locked")
+    pg.psql(name, text="CREATE TABLE public.busy (id int); INSERT INTO public.busy VALUES (1);")
+    holder = psycopg2.connect(pg.url_for(name))
+    with holder.cursor() as cur:
+        cur.execute("BEGIN; LOCK TABLE public.busy IN ACCESS EXCLUSIVE MODE")
+    return name, holder
+
+
+def test_a_table_locked_on_the_source_fails_the_fetch_as_transient_after_the_lock_timeout(scratch_db, tmp_path):
+    from stages.fetch import SourceBusy
+
+    name, holder = _locked_source(scratch_db)
+    try:
+        started = time.monotonic()
+        with pytest.raises(SourceBusy, match="stayed locked for 2 s") as info:
+            dump_live(
+                SourceURL.parse_source(pg.url_for(name, sslmode="disable")),
+                PgTools("/usr/lib/postgresql/15/bin"),
+                str(tmp_path / "dump"),
+                jobs=1,
+                lock_timeout=2,
+            )
+        assert time.monotonic() - started < 2 + MARGIN
+        assert isinstance(info.value, TransientError)
+    finally:
+        holder.close()
+
+
+def test_a_cancel_interrupts_the_fetchs_own_queries(scratch_db, tmp_path):
+    """pg_dump is a process the cancel kills; the row counts are a query of the stage
+    itself, which the cancel asks the source to cancel."""
+    import threading
+
+    from stages.commands import Cancellation
+
+    name, holder = _locked_source(scratch_db)
+    cancellation = Cancellation()
+    outcome: dict = {}
+
+    def fetch() -> None:
+        try:
+            dump_live(
+                SourceURL.parse_source(pg.url_for(name, sslmode="disable")),
+                PgTools("/usr/lib/postgresql/15/bin", cancellation=cancellation),
+                str(tmp_path / "dump"),
+                jobs=1,
+                lock_timeout=600,
+            )
+        except Exception as err:
+            outcome["error"] = err
+
+    try:
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        time.sleep(3)  # counting, waiting for the lock
+        assert thread.is_alive()
+        started = time.monotonic()
+        cancellation.cancel("cancelled by a test")
+        thread.join(MARGIN)
+        assert not thread.is_alive(), "the fetch went on waiting after the cancel"
+        assert time.monotonic() - started < MARGIN
+        assert "canceling statement due to user request" in str(outcome["error"])
+    finally:
+        holder.close()
