@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -572,6 +573,10 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
         return _error(args, err.message)
     except ConfigError as err:
         return _error(args, str(err))
+    except BrokenPipeError:
+        # The reader went away (`capy-imports jobs list | head`): nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (peewee.PeeweeException, psycopg2.Error) as err:
         reason = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
         return _error(
