@@ -159,11 +159,12 @@ def _children(name: str) -> list[int]:
 
 
 def test_fetch_counting_rows_is_bounded_and_stops_pg_dump(tmp_path):
-    # BEGIN, SET statement_timeout and the snapshot export are answered: pg_dump starts
-    # (through the same proxy), then listing the tables to count never is.
+    # BEGIN, SET statement_timeout, SET lock_timeout and the snapshot export are
+    # answered: pg_dump starts (through the same proxy), then listing the tables to
+    # count never is.
     tools = PgTools("/usr/lib/postgresql/15/bin")
     phases: list[str] = []
-    with mute_after_login(answered=3) as proxy:
+    with mute_after_login(answered=4) as proxy:
         started = time.monotonic()
         with pytest.raises(SourceTimedOut) as info:
             dump_live(

@@ -71,6 +71,9 @@ class Service:
     log_dir: Path | None = None
 
     def stop(self) -> None:
+        """Stop every process and its children: each runs in a session of its own, so a
+        dramatiq master's worker processes go with it (an orphaned worker would go on
+        consuming this run's queues in a later test)."""
         for process in self.processes:
             if process.poll() is None:
                 process.terminate()
@@ -80,6 +83,11 @@ class Service:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen:
         """Another dramatiq worker (a process group of its own: its master and worker
