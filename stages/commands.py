@@ -146,7 +146,7 @@ LOCAL = "local"  # no server: a file on this worker (pg_restore --list)
 
 # libpq's words for a session that could not be opened or was lost, whatever the cause.
 _CONNECTION_LOST = re.compile(
-    r"connection to server (at|on socket) .*failed|could not connect to server|"
+    r"connection to server .*failed|could not connect to server|"
     r"server closed the connection unexpectedly|terminating connection due to administrator command|"
     r"the database system is (starting up|shutting down|in recovery mode)|too many connections|"
     r"remaining connection slots are reserved|could not (receive|send) data (from|to) server|ssl syscall error",

@@ -97,11 +97,19 @@ class SourceUnreachable(TransientError):
     """The source database could not be reached."""
 
 
-class ClusterUnavailable(TransientError):
-    """The project's database cluster is unavailable; try again shortly."""
+CLUSTER_UNAVAILABLE = "the project's database cluster is unavailable; try again shortly"
 
-    # Ours, not the user's: never permanent, and its message never names the cluster's
-    # internal address (operators find the cause in the worker's log).
+
+class ClusterUnavailable(TransientError):
+    """The project's database cluster could not be reached, or lost our session.
+
+    Ours, not the user's: never permanent, and its message (the API's 503 body, a job's
+    error) never names the cluster's internal address; operators find the cause in the
+    log.
+    """
+
+    def __init__(self, message: str = CLUSTER_UNAVAILABLE) -> None:
+        super().__init__(message)
 
 
 class ObjectMissing(PermanentError):
