@@ -25,8 +25,8 @@ from pipeline.queue import StageQueue
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
-from stages.commands import CLUSTER, Psql
-from stages.errors import ClusterUnavailable, TransientCommandFailure, TransientError
+from stages.commands import Psql
+from stages.errors import TransientCommandFailure, TransientError
 from stages.pgurl import SourceURL
 from tests.integration.test_preflight_api import client_for, preflight
 from tests.support.pgcluster import free_port
@@ -125,10 +125,10 @@ def test_a_source_refusing_connections_is_retried_then_fails_saying_it_kept_refu
 
 def test_the_project_cluster_unreachable_is_transient_and_names_no_address():
     port = free_port()
-    with pytest.raises(ClusterUnavailable) as caught:
+    with pytest.raises(TransientError) as caught:
         with ClusterAdmin(dead_url(port)).connection():
             pass
-    assert isinstance(caught.value, TransientError)
+    assert type(caught.value).__name__ == "ClusterUnavailable"
     assert caught.value.message == UNAVAILABLE
 
 
@@ -163,7 +163,6 @@ def test_a_tool_that_cannot_reach_our_cluster_fails_transiently_without_its_addr
     bin_dir = f"/usr/lib/postgresql/{_local_major()}/bin"
     recorded = []
     psql = Psql(bin_dir, recorded.append)
-    assert psql.server == CLUSTER
     with pytest.raises(TransientCommandFailure) as caught:
         psql.run(
             ["--no-psqlrc", f"--dbname=host=127.0.0.1 port={port} dbname=postgres", "--command=SELECT 1"],
@@ -183,5 +182,5 @@ def _local_major() -> int:
 
 
 def test_registering_a_cluster_that_does_not_answer_says_it_is_unavailable(control_db):
-    with pytest.raises(ClusterUnavailable):
+    with pytest.raises(TransientError, match=UNAVAILABLE):
         add_cluster(f"gone-{secrets.token_hex(3)}", dead_url(free_port()), Sealer(control_db.secret_key))

@@ -50,6 +50,14 @@ def take_over(job_id: str, stage: str, old: str, new: str) -> Job:
     return taken
 
 
+def new_holders_preview(job: Job) -> str:
+    """The new holder's restore creates its preview (a real database) and records it."""
+    preview = preview_name(job)
+    pg.create_db(preview)
+    Job.update(preview_database_id=preview).where(Job.id == job.id).execute()
+    return preview
+
+
 def reasons(job_id: str) -> list[str]:
     return [event.reason for event in jobs.events(job_id)]
 
@@ -65,9 +73,7 @@ class TakenOverMidStage(ImportSteps):
 
     def run(self, stage, context):
         taken = take_over(context.job.id, stage, context.actor, "w2")
-        preview = preview_name(taken)
-        pg.create_db(preview)
-        assert jobs.set_preview(taken.id, "w2", preview)
+        new_holders_preview(taken)
         if self.fail_with is not None:
             raise self.fail_with
         context.progress({"phase": "dropping the old preview"})  # the old holder's next write
@@ -105,9 +111,7 @@ def test_the_old_holders_fail_is_refused_and_cleans_nothing(control_db, store, r
     runner, _steps = runner_with(control_db, store)
     old = jobs.claim(restore_job.id, "restore", "w1", lease=LEASE)
     taken = take_over(old.id, "restore", "w1", "w2")
-    preview = preview_name(taken)
-    pg.create_db(preview)
-    jobs.set_preview(taken.id, "w2", preview)
+    preview = new_holders_preview(taken)
     runner._fail(old, "w1", "the old holder's late failure", "permanent")
     job = Job.get_by_id(old.id)
     assert (job.state, job.claimed_by, job.error, job.preview_database_id) == ("running", "w2", None, preview)
