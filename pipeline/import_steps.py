@@ -70,6 +70,12 @@ class StageContext:
         if self.lost:
             raise jobs.ClaimLost(f"{self.actor} no longer holds job {self.job.id}; its new holder runs it")
 
+    def confirm_claim(self) -> None:
+        """Prove in the control database, just before a destructive step on the cluster
+        (dropping a preview, the swap), that this worker still holds the job."""
+        self.check_claim()
+        self._written(jobs.heartbeat(self.job.id, self.actor))
+
     def _written(self, held: bool) -> None:
         if not held:
             self.lose_claim()
@@ -406,6 +412,7 @@ class ImportSteps:
         preview = preview_name(job)
         context.set_preview(preview)
         context.progress({"phase": "creating the preview database", "preview_database_id": preview})
+        context.confirm_claim()
         admin.drop_database(preview)  # a retried restore starts from an empty preview
         restorer = admin.ensure_restore_role(restore_role_name(job))
         admin.create_database(preview, owner=restorer.name)
@@ -474,6 +481,7 @@ class ImportSteps:
         hold = self._hold_seconds(job, "swap")
         # The last cancellation point: once the swap has committed, the import completes.
         context.check_cancelled()
+        context.confirm_claim()
         admin.swap(
             live=project.database_name,
             preview=preview,

@@ -161,6 +161,8 @@ def test_writes_of_a_stale_holder_are_ignored(control_db):
         context.progress({"phase": "w1 again"})
     with pytest.raises(jobs.ClaimLost):
         context.merge_facts({"by": "w1"})
+    with pytest.raises(jobs.ClaimLost):  # what the restore and the swap ask first
+        StageContext(before, "w1").confirm_claim()
     after = Job.get_by_id(job.id)
     assert (after.progress, after.facts, after.last_exit_code, after.last_stdout, after.last_stderr) == (
         {"phase": "w2 works"},
