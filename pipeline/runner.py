@@ -12,6 +12,7 @@ Every write of the stage is guarded by its claim: a worker whose claim was taken
 (its heartbeat went stale, another worker claimed the stage) learns it from the
 heartbeat or from its next write (`ClaimLost`), stops its commands, and leaves the job
 and its preview to the new holder: it neither fails nor cleans up anything.
+
 A claim refused because the job's organization is at its limit (fair share) is woken
 again later; a job past its time limit fails at the start of its next stage. A cancel
 requested while a stage runs reaches it through the heartbeat thread, which stops the
