@@ -19,6 +19,7 @@ from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from stages.commands import PgCommand, process_group_members
 from stages.errors import PermanentError
 from stages.pgurl import SourceURL
 from tests.support import pg
@@ -235,3 +236,72 @@ def test_every_transition_writes_its_event_with_what_it_changed(control_db):
     ]
     assert jobs.transition(job.id, "w1", "never", where=Job.stage == "restore", stage="finalize") is None
     assert len(jobs.events(job.id)) == 3
+
+
+class Sleep(PgCommand):
+    """A tool that takes as long as it is told: /usr/bin/sleep, run like a pg tool."""
+
+    program = "sleep"
+
+
+class SlowTool:
+    """Steps whose stage runs one long tool under the stage's cancellation."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.tool: tuple[int, str] | None = None
+
+    def _started(self, pgid: int, program: str) -> None:
+        self.tool = (pgid, program)
+        self.started.set()
+
+    def run(self, stage, context):
+        Sleep("/usr/bin", on_start=self._started, stall_seconds=None, cancellation=context.cancellation).run(
+            ["60"], what="a slow tool"
+        )
+        return {"slow tool": "done"}
+
+    def cleanup(self, job, *, succeeded):
+        raise AssertionError("a worker that lost its claim cleans nothing up")
+
+    def stop_sessions(self, job):
+        raise AssertionError("a worker that lost its claim stops no sessions")
+
+    def take_over(self, job):
+        pass
+
+
+def test_a_claim_lost_while_a_tool_runs_stops_the_tool_and_changes_nothing(control_db):
+    job = new_job(control_db)
+    steps = SlowTool()
+    runner = Runner(control_db, steps, lambda *a, **k: None, heartbeat_seconds=0.5)
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            runner.run(job.id, "preflight")
+            outcome.append(None)
+        except BaseException as err:  # handed to the test below
+            outcome.append(err)
+        finally:
+            database.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert steps.started.wait(30)
+    holder = Job.get_by_id(job.id).claimed_by
+    deadline = time.monotonic() + 30
+    while Job.get_by_id(job.id).claimed_by != "w2" and time.monotonic() < deadline:
+        Job.update(heartbeat_at=jobs.utcnow() - dt.timedelta(minutes=5)).where(
+            (Job.id == job.id) & (Job.claimed_by == holder)
+        ).execute()
+        jobs.claim(job.id, "preflight", "w2", lease=LEASE)
+    # The old holder's heartbeat finds the claim gone and stops its tool: well before
+    # the tool would end by itself (60 s), the stage has returned.
+    thread.join(20)
+    assert not thread.is_alive() and outcome == [None]
+    assert process_group_members(*steps.tool) == []
+    after = Job.get_by_id(job.id)
+    assert (after.state, after.stage, after.claimed_by, after.error) == ("running", "preflight", "w2", None)
+    assert "slow tool" not in after.facts
+    assert not any(reason.startswith(("failed", "preflight done")) for reason in reasons(job.id))
