@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import peewee
 
-from pipeline import audit
+from pipeline import audit, jobs
 from pipeline.db import database
 from pipeline.errors import Conflict, NotFound
 from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, State, utcnow
@@ -37,18 +37,6 @@ class CancelOutcome:
     # True: cancelled now, by the caller. False: the worker running the stage was asked
     # to stop it and ends the job `cancelled` within seconds.
     done: bool
-
-
-def _event(job: Job, actor: str, reason: str, from_state: str) -> None:
-    JobEvent.create(
-        job=job.id,
-        actor=actor,
-        reason=reason,
-        from_state=from_state,
-        to_state=job.state,
-        from_stage=job.stage,
-        to_stage=job.stage,
-    )
 
 
 def _audit(job: Job, actor: str, outcome: str, before: Job) -> None:
@@ -88,9 +76,12 @@ def request_cancel(
         at = now()
         unattended = Job.claimed_by.is_null() | Job.heartbeat_at.is_null() | (Job.heartbeat_at < at - lease)
         with database.atomic():
-            job = _update(
+            job = jobs.transition(
                 job_id,
-                Job.state.in_(ACTIVE_STATES) & unattended,
+                actor,
+                lambda prior, job: f"cancelled by {actor} at the {job.stage} stage"
+                + (f" (its stale claim by {prior.claimed_by} was dropped)" if prior.claimed_by else ""),
+                where=Job.state.in_(ACTIVE_STATES) & unattended,
                 state=State.CANCELLED.value,
                 completed_at=at,
                 claimed_by=None,
@@ -103,27 +94,21 @@ def request_cancel(
                 cancel_requested_by=peewee.fn.COALESCE(Job.cancel_requested_by, actor),
             )
             if job is not None:
-                held = f" (its stale claim by {before.claimed_by} was dropped)" if before.claimed_by else ""
-                _event(job, actor, f"cancelled by {actor} at the {job.stage} stage{held}", before.state)
                 _audit(job, actor, "cancelled", before)
         if job is not None:
             log.info("job %s: cancelled by %s", job_id, actor)
             cleanup(job)
             return CancelOutcome(job, done=True)
         with database.atomic():
-            job = _update(
+            job = jobs.transition(
                 job_id,
-                Job.state.in_(ACTIVE_STATES) & ~unattended,
+                actor,
+                lambda prior, job: f"cancel requested by {actor}; {job.claimed_by} stops the {job.stage} stage",
+                where=Job.state.in_(ACTIVE_STATES) & ~unattended,
                 cancel_requested_at=peewee.fn.COALESCE(Job.cancel_requested_at, at),
                 cancel_requested_by=peewee.fn.COALESCE(Job.cancel_requested_by, actor),
             )
             if job is not None:
-                _event(
-                    job,
-                    actor,
-                    f"cancel requested by {actor}; {job.claimed_by} stops the {job.stage} stage",
-                    before.state,
-                )
                 _audit(job, actor, "requested", before)
         if job is not None:
             log.info("job %s: cancel requested by %s; %s stops it", job_id, actor, job.claimed_by)
@@ -134,26 +119,24 @@ def request_cancel(
 
 def finish(job_id: str, actor: str) -> Job | None:
     """The worker holding the stage ends the cancelled job (None if it no longer holds it)."""
-    with database.atomic():
-        before = Job.get_or_none(Job.id == job_id)
-        if before is None or before.cancel_requested_at is None:
-            return None
-        by = before.cancel_requested_by or "an operator"
-        job = _update(
-            job_id,
-            Job.state.in_(ACTIVE_STATES) & (Job.claimed_by == actor),
-            state=State.CANCELLED.value,
-            completed_at=utcnow(),
-            claimed_by=None,
-            heartbeat_at=None,
-            locked_resource=None,
-            error=f"cancelled by {by} during the {before.stage} stage; {NOT_CHANGED}",
-            retry_classification="permanent",
-            progress={"stage": before.stage, "phase": "cancelled"},
-        )
-        if job is not None:
-            _event(job, actor, f"cancelled by {by}: the {job.stage} stage was stopped", before.state)
-        return job
+    before = Job.get_or_none(Job.id == job_id)
+    if before is None or before.cancel_requested_at is None:
+        return None
+    by = before.cancel_requested_by or "an operator"
+    return jobs.transition(
+        job_id,
+        actor,
+        f"cancelled by {by}: the {before.stage} stage was stopped",
+        where=Job.state.in_(ACTIVE_STATES) & (Job.claimed_by == actor) & (Job.stage == before.stage),
+        state=State.CANCELLED.value,
+        completed_at=utcnow(),
+        claimed_by=None,
+        heartbeat_at=None,
+        locked_resource=None,
+        error=f"cancelled by {by} during the {before.stage} stage; {NOT_CHANGED}",
+        retry_classification="permanent",
+        progress={"stage": before.stage, "phase": "cancelled"},
+    )
 
 
 def note_completed_anyway(job_id: str, actor: str) -> None:
@@ -173,9 +156,3 @@ def note_completed_anyway(job_id: str, actor: str) -> None:
         from_stage=job.stage,
         to_stage=job.stage,
     )
-
-
-def _update(job_id: str, where: peewee.Expression, **values: object) -> Job | None:
-    values.setdefault("updated_at", utcnow())
-    rows = list(Job.update(**values).where((Job.id == job_id) & where).returning(Job).execute())
-    return rows[0] if rows else None

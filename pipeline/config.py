@@ -217,7 +217,12 @@ class Settings:
             concurrency=_int(env, "CAPY_CONCURRENCY", d.concurrency),
             pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
             source_connect_timeout=_int(env, "CAPY_SOURCE_CONNECT_TIMEOUT", d.source_connect_timeout),
-            max_attempts=_int(env, "CAPY_MAX_ATTEMPTS", d.max_attempts),
+            max_attempts=_positive(
+                env,
+                "CAPY_MAX_ATTEMPTS",
+                d.max_attempts,
+                rule="at least 1 (how many times a stage may be tried; 1 means no retry)",
+            ),
             stage_time_limit_seconds=_positive(env, "CAPY_STAGE_TIME_LIMIT_SECONDS", d.stage_time_limit_seconds),
             replaced_database_retention_seconds=_int(
                 env,
@@ -261,6 +266,11 @@ class Settings:
 
     def checked(self) -> Settings:
         """Refuse combinations the service cannot run with (ConfigError)."""
+        if self.max_attempts < 1:
+            raise ConfigError(
+                f"CAPY_MAX_ATTEMPTS must be at least 1 (how many times a stage may be tried; 1 means no retry), "
+                f"not {self.max_attempts}: with {self.max_attempts} every job would fail before it starts"
+            )
         if self.stage_time_limit_seconds >= self.broker_consumer_timeout_seconds:
             raise ConfigError(
                 f"CAPY_STAGE_TIME_LIMIT_SECONDS ({self.stage_time_limit_seconds}) must be below "

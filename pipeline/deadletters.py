@@ -29,7 +29,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from pipeline import audit
+from pipeline import audit, jobs
 from pipeline.db import database
 from pipeline.errors import Unavailable
 from pipeline.models import ACTIVE_STATES, STAGE_ORDER, Job, JobEvent, Project, utcnow
@@ -256,36 +256,21 @@ class DeadLetters:
 
     def _reset_attempts(self, letter: DeadLetter, actor: str, now: dt.datetime) -> bool:
         with database.atomic():
-            rows = list(
-                Job.update(attempts=0, claimed_by=None, heartbeat_at=None, updated_at=now)
-                .where(
-                    (Job.id == letter.job_id)
-                    & Job.state.in_(ACTIVE_STATES)
-                    & (Job.stage == letter.stage)
-                    & (
-                        Job.claimed_by.is_null()
-                        | Job.heartbeat_at.is_null()
-                        | (Job.heartbeat_at < now - self.lease)
-                    )
-                )
-                .returning(Job)
-                .execute()
+            job = jobs.transition(
+                letter.job_id,
+                actor,
+                f"dead-lettered {letter.stage} message {letter.message_id} replayed by {actor}; "
+                f"attempts reset (it had failed with: {letter.failure})",
+                where=Job.state.in_(ACTIVE_STATES)
+                & (Job.stage == letter.stage)
+                & (Job.claimed_by.is_null() | Job.heartbeat_at.is_null() | (Job.heartbeat_at < now - self.lease)),
+                attempts=0,
+                claimed_by=None,
+                heartbeat_at=None,
+                updated_at=now,
             )
-            if not rows:
+            if job is None:
                 return False
-            job = rows[0]
-            JobEvent.create(
-                job=job.id,
-                actor=actor,
-                reason=(
-                    f"dead-lettered {letter.stage} message {letter.message_id} replayed by {actor}; "
-                    f"attempts reset (it had failed with: {letter.failure})"
-                ),
-                from_state=job.state,
-                to_state=job.state,
-                from_stage=job.stage,
-                to_stage=job.stage,
-            )
             audit.record(
                 Project.get_by_id(job.project_id),
                 IMPORT_REPLAYED,

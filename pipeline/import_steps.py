@@ -49,16 +49,42 @@ class StageContext:
     `cancellation` holds the stage's running commands: when the job is cancelled (the
     heartbeat thread sees the request) they are stopped, and the stage's next progress
     report or cancellation point raises Cancelled.
+
+    Every write goes through the job's claim: once the claim is lost (taken over by
+    another worker, or the job ended), a write raises ClaimLost and the heartbeat stops
+    the stage's commands, so nothing more of this attempt reaches the cluster.
     """
 
     def __init__(self, job: Job, actor: str) -> None:
         self.job = job
         self.actor = actor
         self.cancellation = Cancellation()
+        self.lost = False
+
+    def lose_claim(self) -> None:
+        """The claim was taken over: stop the stage's commands (the heartbeat calls this)."""
+        self.lost = True
+        self.cancellation.cancel(f"{self.actor} lost its claim of the job to another worker")
+
+    def check_claim(self) -> None:
+        if self.lost:
+            raise jobs.ClaimLost(f"{self.actor} no longer holds job {self.job.id}; its new holder runs it")
+
+    def confirm_claim(self) -> None:
+        """Prove in the control database, just before a destructive step on the cluster
+        (dropping a preview, the swap), that this worker still holds the job."""
+        self.check_claim()
+        self._written(jobs.heartbeat(self.job.id, self.actor))
+
+    def _written(self, held: bool) -> None:
+        if not held:
+            self.lose_claim()
+            self.check_claim()
 
     def progress(self, progress: dict[str, Any]) -> None:
+        self.check_claim()
         self.check_cancelled(ask=False)
-        jobs.set_progress(self.job.id, self.actor, {"stage": self.job.stage, **progress})
+        self._written(jobs.set_progress(self.job.id, self.actor, {"stage": self.job.stage, **progress}))
 
     def cancel_request(self) -> str | None:
         """Why the job is being cancelled, if it is: this process was told, or the
@@ -79,12 +105,25 @@ class StageContext:
     def check_cancelled(self, *, ask: bool = True) -> None:
         """A cancellation point: raise Cancelled if the job is being cancelled (`ask`:
         read the control database too, not only what the heartbeat thread passed on)."""
+        self.check_claim()
         reason = self.cancel_request() if ask else self.cancellation.reason
         if reason is not None:
             raise Cancelled(reason)
 
-    def set_fields(self, **values: Any) -> None:
-        jobs.update_fields(self.job.id, self.actor, **values)
+    def set_preview(self, preview: str) -> None:
+        self._written(jobs.set_preview(self.job.id, self.actor, preview))
+
+    def merge_facts(self, facts: dict[str, Any]) -> None:
+        """Add facts to the job now (before the stage's result), merged in the database."""
+        self._written(jobs.merge_facts(self.job.id, self.actor, facts))
+
+    def record_command(self, result: CommandResult) -> None:
+        """The last external command's result, on the job (a lost claim is noted: the
+        heartbeat stops the stage, and the command's own error propagates meanwhile)."""
+        if not jobs.record_command(
+            self.job.id, self.actor, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail
+        ):
+            self.lose_claim()
 
 
 def preview_name(job: Job) -> str:
@@ -128,12 +167,19 @@ class ImportSteps:
 
     def run(self, stage: str, context: StageContext) -> dict[str, Any]:
         """Run one stage. Whatever a stage stopped by a cancel raises (a killed tool's
-        error, a dropped connection) becomes Cancelled."""
+        error, a dropped connection) becomes Cancelled; by a lost claim, ClaimLost."""
         try:
             return getattr(self, stage)(context)
-        except Cancelled:
+        except jobs.ClaimLost:
             raise
+        except Cancelled as err:
+            context.check_claim()  # stopped because the claim was lost, not by a cancel
+            raise err
         except Exception as err:
+            if context.lost:
+                raise jobs.ClaimLost(
+                    f"{context.actor} no longer holds job {context.job.id}; its new holder runs it"
+                ) from err
             reason = context.cancel_request()
             if reason is not None:
                 raise Cancelled(reason) from err
@@ -142,31 +188,29 @@ class ImportSteps:
     def _admin(self, job: Job) -> ClusterAdmin:
         return cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
 
-    def _tools(self, job: Job, cancellation: Cancellation | None = None) -> PgTools:
+    def _tools(self, context: StageContext, *, cancellable: bool = True) -> PgTools:
         """The target cluster's major version of the tools; each run is recorded on the
-        job, and ends by the command limit or the job's own deadline, whichever is first,
-        or when the job is cancelled."""
+        job (through its claim), and ends by the command limit or the job's own
+        deadline, whichever is first, or when the job is cancelled (`cancellable`) or
+        the claim lost."""
+        job = context.job
         cluster = Cluster.get_by_id(job.cluster_id)
 
-        def record(result: CommandResult) -> None:
-            jobs.record_command(job.id, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail)
-
         def started(pgid: int, program: str) -> None:
-            if job.claimed_by:
-                jobs.record_tool_process(
-                    job.id,
-                    job.claimed_by,
-                    {"host": host_identity(), "pgid": pgid, "program": program, "label": job.id},
-                )
+            jobs.record_tool_process(
+                job.id,
+                context.actor,
+                {"host": host_identity(), "pgid": pgid, "program": program, "label": job.id},
+            )
 
         return PgTools.for_major(
             cluster.server_major,
             self.settings.pg_bin_dir_template,
-            record,
+            context.record_command,
             limit=command_limit(self.settings),
             deadline=job_deadline(job, self.settings),
             stall_seconds=self.settings.command_stall_seconds,
-            cancellation=cancellation,
+            cancellation=context.cancellation if cancellable else None,
             on_start=started,
             label=job.id,
         )
@@ -186,8 +230,7 @@ class ImportSteps:
         seconds = self._hold_seconds(job, point)
         if not seconds:
             return
-        done = [*job.facts.get("test_holds_done", []), point]
-        Job.update(facts=Job.facts.concat({"test_holds_done": done})).where(Job.id == job.id).execute()
+        context.merge_facts({"test_holds_done": [*job.facts.get("test_holds_done", []), point]})
         context.progress({"phase": f"test hold: {point}"})
         log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", job.id, seconds, point)
         if tools is None or url is None:
@@ -252,7 +295,7 @@ class ImportSteps:
         source = self._source(job).with_params(hostaddr=job.facts["source_address"])
         work = self._fresh_work_dir(job)
         context.progress({"phase": "dumping the source"})
-        tools = self._tools(job, context.cancellation)
+        tools = self._tools(context)
         self._hold(context, "fetch", tools, source)
         dump = dump_live(
             source,
@@ -315,7 +358,7 @@ class ImportSteps:
 
         size = self.store.download(job.upload_key, download, max_bytes=limit, on_progress=downloaded)
         info = detect_format(download)
-        tools = self._tools(job, context.cancellation)
+        tools = self._tools(context)
         major = Cluster.get_by_id(job.cluster_id).server_major
         check_versions(info, major)
         facts: dict[str, Any] = {
@@ -368,8 +411,9 @@ class ImportSteps:
         # Projects created before the service revoked PUBLIC's access get it revoked now.
         admin.lock_down(project.database_name)
         preview = preview_name(job)
-        context.set_fields(preview_database_id=preview)
+        context.set_preview(preview)
         context.progress({"phase": "creating the preview database", "preview_database_id": preview})
+        context.confirm_claim()
         admin.drop_database(preview)  # a retried restore starts from an empty preview
         restorer = admin.ensure_restore_role(restore_role_name(job))
         admin.create_database(preview, owner=restorer.name)
@@ -379,10 +423,10 @@ class ImportSteps:
         )
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         target = admin.role_url(preview, restorer)
-        self._hold(context, "restore", self._tools(job), target)
+        self._hold(context, "restore", self._tools(context, cancellable=False), target)
         fmt = job.facts["dump_format"]
         context.check_cancelled()
-        tools = self._tools(job, context.cancellation)
+        tools = self._tools(context)
         if fmt in ("plain", "gzip-plain"):
             restore_plain(tools, target, dump_path)
         else:
@@ -438,6 +482,7 @@ class ImportSteps:
         hold = self._hold_seconds(job, "swap")
         # The last cancellation point: once the swap has committed, the import completes.
         context.check_cancelled()
+        context.confirm_claim()
         admin.swap(
             live=project.database_name,
             preview=preview,
@@ -482,7 +527,7 @@ class ImportSteps:
             allowlist=self.settings.extension_allowlist,
         )
         verified = {"target_counts": target_counts, "target": target}
-        context.set_fields(facts={**job.facts, "verification": verified})
+        context.merge_facts({"verification": verified})
         return verified
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
@@ -493,7 +538,7 @@ class ImportSteps:
         if job.upload_key and self.settings.upload_retention_seconds <= 0:
             try:
                 self.store.delete(job.upload_key)
-                Job.update(facts={**job.facts, "upload_deleted": True}).where(Job.id == job.id).execute()
+                jobs.mark_upload_deleted(job.id)
             except CapyError:
                 log.exception("job %s: could not delete upload %s", job.id, job.upload_key)
         if not succeeded and job.preview_database_id:

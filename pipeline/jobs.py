@@ -1,8 +1,13 @@
 """The job state machine. The job table is the source of truth; messages are wake-ups.
 
-Every change is a guarded UPDATE (`... WHERE id = ? AND state IN (...)`) that writes a
-job event in the same transaction. A guard that matches no row means someone else
-already moved the job, and the caller does nothing.
+`transition()` is the only way a job's state, stage or claim changes: a guarded UPDATE
+(`... WHERE id = ? AND <guard>`) that writes its job event in the same transaction. A
+guard that matches no row means someone else already moved the job, and the caller
+does nothing. What a stage writes while it runs (progress, facts, the last command's
+output, its preview) is guarded by its claim (`claimed_by = actor AND state =
+'running'`): a worker whose claim was taken over changes nothing, and learns so
+(`ClaimLost`). Facts are merged in the statement (jsonb `||`), never read, modified
+and written back.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import datetime as dt
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import peewee
@@ -42,14 +48,50 @@ def next_stage(stage: str) -> str | None:
     return order[index + 1] if index + 1 < len(order) else None
 
 
-def _event(job: Job, actor: str, reason: str, **changes: Any) -> None:
-    JobEvent.create(job=job.id, actor=actor, reason=reason, **changes)
-
-
 def _guarded(job_id: str, where: peewee.Expression, **values: Any) -> Job | None:
     values.setdefault("updated_at", utcnow())
     rows = list(Job.update(**values).where((Job.id == job_id) & where).returning(Job).execute())
     return rows[0] if rows else None
+
+
+Reason = str | Callable[[Job, Job], str]
+
+
+def transition(job_id: str, actor: str, reason: Reason, *, where: peewee.Expression, **values: Any) -> Job | None:
+    """Change the job (state, stage, claim and what goes with them) if `where` still
+    holds, and record the change as a job event in the same transaction; None when the
+    guard matched nothing (someone else moved the job: do nothing).
+
+    `reason` is the event's text, or a function of (the row before, the row after).
+    The row is locked first, so the event's `from_*` are what the update changed.
+    """
+    with database.atomic():
+        before = Job.select().where(Job.id == job_id).for_update().first()
+        if before is None:
+            return None
+        job = _guarded(job_id, where, **values)
+        if job is None:
+            return None
+        JobEvent.create(
+            job=job.id,
+            actor=actor,
+            reason=reason if isinstance(reason, str) else reason(before, job),
+            from_state=before.state,
+            to_state=job.state,
+            from_stage=before.stage,
+            to_stage=job.stage,
+        )
+        return job
+
+
+def held_by(actor: str) -> peewee.Expression:
+    """The guard of every write a running stage makes: it still holds the job."""
+    return (Job.claimed_by == actor) & (Job.state == State.RUNNING.value)
+
+
+class ClaimLost(CapyError):
+    """This worker's claim of the job was taken over, or the job ended meanwhile; the
+    stage stops and changes nothing more (whoever holds the job now owns its preview)."""
 
 
 class OrganizationAtLimit(CapyError):
@@ -100,9 +142,18 @@ def claim(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_FAIR_SHARE_LOCK, before.organization_id)
             )
             where &= _org_claims(before.organization_id, job_id, now - lease) < org_limit
-        job = _guarded(
+
+        def claimed(prior: Job, job: Job) -> str:
+            reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
+            if prior.claimed_by and prior.claimed_by != actor:
+                reason += f", taking over the stale claim of {prior.claimed_by}"
+            return reason
+
+        job = transition(
             job_id,
-            where,
+            actor,
+            claimed,
+            where=where,
             state=State.RUNNING.value,
             claimed_by=actor,
             claimed_at=now,
@@ -110,35 +161,23 @@ def claim(
             attempts=Job.attempts + 1,
             started_at=peewee.fn.COALESCE(Job.started_at, now),
         )
-        if job is None:
-            if org_limit is None or not Job.select().where((Job.id == job_id) & claimable).exists():
-                return None
-            active = _org_claims(before.organization_id, job_id, now - lease).scalar()
-            refused = OrganizationAtLimit(active, org_limit)
-            Job.update(
-                progress={
-                    "stage": stage,
-                    "phase": WAITING_FOR_ORGANIZATION,
-                    "active_imports": active,
-                    "limit": org_limit,
-                    "detail": refused.message,
-                },
-                updated_at=now,
-            ).where((Job.id == job_id) & claimable).execute()
-        else:
-            reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
-            if before.claimed_by and before.claimed_by != actor:
-                reason += f", taking over the stale claim of {before.claimed_by}"
-            _event(
-                job,
-                actor,
-                reason,
-                from_state=before.state,
-                to_state=job.state,
-                from_stage=stage,
-                to_stage=stage,
-            )
+        if job is not None:
             return job
+        if org_limit is None or not Job.select().where((Job.id == job_id) & claimable).exists():
+            return None
+        active = _org_claims(before.organization_id, job_id, now - lease).scalar()
+        refused = OrganizationAtLimit(active, org_limit)
+        # Only progress: the job stays unclaimed, in its state and stage.
+        Job.update(
+            progress={
+                "stage": stage,
+                "phase": WAITING_FOR_ORGANIZATION,
+                "active_imports": active,
+                "limit": org_limit,
+                "detail": refused.message,
+            },
+            updated_at=now,
+        ).where((Job.id == job_id) & claimable).execute()
     raise refused
 
 
@@ -167,150 +206,135 @@ def heartbeat(job_id: str, actor: str) -> bool:
     )
 
 
-def set_progress(job_id: str, actor: str, progress: dict[str, Any]) -> None:
-    _guarded(
-        job_id,
-        (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES),
-        progress=progress,
-        heartbeat_at=utcnow(),
-    )
+def set_progress(job_id: str, actor: str, progress: dict[str, Any]) -> bool:
+    """Replace the progress of a job this actor holds; False if it no longer does."""
+    return _guarded(job_id, held_by(actor), progress=progress, heartbeat_at=utcnow()) is not None
 
 
-def update_fields(job_id: str, actor: str, **values: Any) -> None:
-    """Set fields of a job this actor holds (e.g. preview_database_id)."""
-    _guarded(job_id, (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES), **values)
+def set_preview(job_id: str, actor: str, preview: str) -> bool:
+    """Record the preview database a stage of a job this actor holds is making."""
+    return _guarded(job_id, held_by(actor), preview_database_id=preview) is not None
+
+
+def merge_facts(job_id: str, actor: str, facts: dict[str, Any]) -> bool:
+    """Merge `facts` into the facts of a job this actor holds, in one statement (jsonb
+    `||`: what another writer merged meanwhile stays); False if it no longer holds it."""
+    return _guarded(job_id, held_by(actor), facts=Job.facts.concat(facts)) is not None
+
+
+def mark_upload_deleted(job_id: str) -> None:
+    """Note in an ended job's facts that its upload was deleted (cleanup, sweep)."""
+    Job.update(facts=Job.facts.concat({"upload_deleted": True})).where(
+        (Job.id == job_id) & ~Job.state.in_(ACTIVE_STATES)
+    ).execute()
 
 
 def advance(job_id: str, actor: str, stage: str, *, facts: dict[str, Any]) -> Job | None:
     """Commit `stage`'s result and move to the next stage, unclaimed, for a wake-up."""
     to_stage = next_stage(stage)
-    assert to_stage is not None, "the last stage completes the job instead"
-    with database.atomic():
-        current = Job.get_by_id(job_id)
-        job = _guarded(
-            job_id,
-            (Job.state == State.RUNNING.value) & (Job.stage == stage) & (Job.claimed_by == actor),
-            stage=to_stage,
-            claimed_by=None,
-            claimed_at=None,
-            heartbeat_at=None,
-            attempts=0,
-            error=None,
-            retry_classification=None,
-            facts={**current.facts, **facts},
-        )
-        if job:
-            _event(
-                job,
-                actor,
-                f"{stage} done",
-                from_state=job.state,
-                to_state=job.state,
-                from_stage=stage,
-                to_stage=to_stage,
-            )
-        return job
+    if to_stage is None:
+        raise ValueError(f"{stage} is the last stage: complete the job instead")
+    return transition(
+        job_id,
+        actor,
+        f"{stage} done",
+        where=held_by(actor) & (Job.stage == stage),
+        stage=to_stage,
+        claimed_by=None,
+        claimed_at=None,
+        heartbeat_at=None,
+        attempts=0,
+        error=None,
+        retry_classification=None,
+        facts=Job.facts.concat(facts),
+    )
 
 
-def complete(job_id: str, actor: str, *, facts: dict[str, Any], progress: dict[str, Any]) -> Job | None:
-    now = utcnow()
-    with database.atomic():
-        current = Job.get_by_id(job_id)
-        job = _guarded(
-            job_id,
-            (Job.state == State.RUNNING.value) & (Job.claimed_by == actor),
-            state=State.COMPLETED.value,
-            completed_at=now,
-            claimed_by=None,
-            heartbeat_at=None,
-            error=None,
-            retry_classification=None,
-            progress=progress,
-            facts={**current.facts, **facts},
-        )
-        if job:
-            _event(
-                job,
-                actor,
-                "import completed",
-                from_state=State.RUNNING.value,
-                to_state=job.state,
-                from_stage=job.stage,
-                to_stage=job.stage,
-            )
-        return job
+def complete(
+    job_id: str, actor: str, stage: str, *, facts: dict[str, Any], progress: dict[str, Any]
+) -> Job | None:
+    """Complete a job this actor holds at its last stage, `stage`."""
+    if next_stage(stage) is not None:
+        raise ValueError(f"a job completes only at its last stage, not at {stage}")
+    return transition(
+        job_id,
+        actor,
+        "import completed",
+        where=held_by(actor) & (Job.stage == stage),
+        state=State.COMPLETED.value,
+        completed_at=utcnow(),
+        claimed_by=None,
+        heartbeat_at=None,
+        error=None,
+        retry_classification=None,
+        progress=progress,
+        facts=Job.facts.concat(facts),
+    )
 
 
 def fail(
-    job_id: str, actor: str, error: str, *, classification: str, holder: str | None = None
+    job_id: str,
+    actor: str,
+    error: str,
+    *,
+    classification: str,
+    holder: str | None = None,
+    stale_before: dt.datetime | None = None,
 ) -> Job | None:
-    """Fail an active job. With `holder`, only if that claim still holds it. Worker file
+    """Fail an active job. With `holder`, only if that claim still holds it; with
+    `stale_before`, only if nobody holds it with a heartbeat since then. Worker file
     paths in `error` are replaced by neutral names (stages.workpaths)."""
     error = scrub_work_paths(error)
     where = Job.state.in_(ACTIVE_STATES)
     if holder is not None:
         where &= Job.claimed_by == holder
-    with database.atomic():
-        before = Job.get_or_none(Job.id == job_id)
-        job = _guarded(
-            job_id,
-            where,
-            state=State.FAILED.value,
-            completed_at=utcnow(),
-            claimed_by=None,
-            heartbeat_at=None,
-            error=error,
-            retry_classification=classification,
-        )
-        if job and before:
-            _event(
-                job,
-                actor,
-                f"failed ({classification}): {error}",
-                from_state=before.state,
-                to_state=job.state,
-                from_stage=job.stage,
-                to_stage=job.stage,
-            )
-        return job
+    if stale_before is not None:
+        where &= Job.claimed_by.is_null() | Job.heartbeat_at.is_null() | (Job.heartbeat_at < stale_before)
+    return transition(
+        job_id,
+        actor,
+        f"failed ({classification}): {error}",
+        where=where,
+        state=State.FAILED.value,
+        completed_at=utcnow(),
+        claimed_by=None,
+        heartbeat_at=None,
+        error=error,
+        retry_classification=classification,
+    )
 
 
 def release(job_id: str, actor: str, error: str, *, refund_attempt: bool = False) -> Job | None:
     """Give up the claim after a transient failure so a retry can claim again. With
     `refund_attempt` (a worker's shutdown, not a failure) the claim's attempt is not counted."""
     error = scrub_work_paths(error)
-    with database.atomic():
-        job = _guarded(
+    return transition(
+        job_id,
+        actor,
+        lambda before, job: f"{job.stage} will be retried: {error}"
+        + (" (this attempt is not counted)" if refund_attempt else ""),
+        where=held_by(actor),
+        claimed_by=None,
+        heartbeat_at=None,
+        error=error,
+        retry_classification="transient",
+        **({"attempts": peewee.fn.GREATEST(Job.attempts - 1, 0)} if refund_attempt else {}),
+    )
+
+
+def record_command(job_id: str, actor: str, *, exit_code: int, stdout: str, stderr: str) -> bool:
+    """Store the last external command's result (already redacted) on a job this actor
+    holds, with worker file paths replaced by neutral names (stages.workpaths)."""
+    return (
+        _guarded(
             job_id,
-            (Job.state == State.RUNNING.value) & (Job.claimed_by == actor),
-            claimed_by=None,
-            heartbeat_at=None,
-            error=error,
-            retry_classification="transient",
-            **({"attempts": peewee.fn.GREATEST(Job.attempts - 1, 0)} if refund_attempt else {}),
+            held_by(actor),
+            last_exit_code=exit_code,
+            last_stdout=scrub_work_paths(stdout)[-OUTPUT_TAIL_CHARS:] or None,
+            last_stderr=scrub_work_paths(stderr)[-OUTPUT_TAIL_CHARS:] or None,
         )
-        if job:
-            _event(
-                job,
-                actor,
-                f"{job.stage} will be retried: {error}" + (" (this attempt is not counted)" if refund_attempt else ""),
-                from_state=job.state,
-                to_state=job.state,
-                from_stage=job.stage,
-                to_stage=job.stage,
-            )
-        return job
-
-
-def record_command(job_id: str, *, exit_code: int, stdout: str, stderr: str) -> None:
-    """Store the last external command's result (already redacted) on the job, with
-    worker file paths replaced by neutral names (stages.workpaths)."""
-    Job.update(
-        last_exit_code=exit_code,
-        last_stdout=scrub_work_paths(stdout)[-OUTPUT_TAIL_CHARS:] or None,
-        last_stderr=scrub_work_paths(stderr)[-OUTPUT_TAIL_CHARS:] or None,
-        updated_at=utcnow(),
-    ).where(Job.id == job_id).execute()
+        is not None
+    )
 
 
 def cancel_reason(job_id: str) -> str | None:
@@ -321,12 +345,10 @@ def cancel_reason(job_id: str) -> str | None:
     return f"cancelled by {row.cancel_requested_by or 'an operator'}"
 
 
-def record_tool_process(job_id: str, actor: str, process: dict[str, Any]) -> None:
+def record_tool_process(job_id: str, actor: str, process: dict[str, Any]) -> bool:
     """Note the external tool a claim just started (host, process group, program) in the
     job's facts, so whoever takes the stage over can make sure it is gone."""
-    Job.update(facts=Job.facts.concat({"tool_process": process})).where(
-        (Job.id == job_id) & (Job.claimed_by == actor) & Job.state.in_(ACTIVE_STATES)
-    ).execute()
+    return merge_facts(job_id, actor, {"tool_process": process})
 
 
 def events(job_id: str) -> list[JobEvent]:
@@ -334,6 +356,7 @@ def events(job_id: str) -> list[JobEvent]:
 
 
 __all__ = [
+    "ClaimLost",
     "OrganizationAtLimit",
     "Stage",
     "advance",
@@ -341,6 +364,10 @@ __all__ = [
     "complete",
     "fail",
     "heartbeat",
+    "merge_facts",
+    "record_command",
     "release",
+    "set_preview",
     "set_progress",
+    "transition",
 ]

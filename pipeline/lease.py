@@ -24,7 +24,8 @@ class Heartbeat:
     the stage ends or the claim is found taken over (then the stage's own guarded
     commit will find it is no longer the holder and change nothing).
 
-    With `on_cancel`, it also reads every `cancel_poll` seconds whether the job is
+    With `on_lost`, it says so when the claim is found lost (the stage then stops its
+    commands and changes nothing more). With `on_cancel`, it also reads every `cancel_poll` seconds whether the job is
     being cancelled, and calls `on_cancel(reason)` once when it is (e.g. stopping the
     stage's running commands)."""
 
@@ -36,6 +37,7 @@ class Heartbeat:
         *,
         until: dt.datetime | None = None,
         on_cancel: Callable[[str], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
         cancel_poll: float = CANCEL_POLL_SECONDS,
     ) -> None:
         self.job_id = job_id
@@ -45,6 +47,8 @@ class Heartbeat:
         # keep its claim fresh: the claim goes stale and the next claim fails the job.
         self.until = until
         self.on_cancel = on_cancel
+        # Told once when the claim is found taken over: the stage must stop its work.
+        self.on_lost = on_lost
         self.cancel_poll = min(cancel_poll, interval)
         self._told = False
         self._stop = threading.Event()
@@ -77,6 +81,8 @@ class Heartbeat:
             return False
         if not jobs.heartbeat(self.job_id, self.actor):
             log.warning("job %s: claim lost by %s", self.job_id, self.actor)
+            if self.on_lost is not None:
+                self.on_lost()
             return False
         return True
 

@@ -16,7 +16,7 @@ from pipeline import audit, jobs
 from pipeline.db import database
 from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from pipeline.imports import active_job
-from pipeline.models import ACTIVE_STATES, STAGE_ORDER, Job, JobEvent, Project, Stage, State, utcnow
+from pipeline.models import ACTIVE_STATES, STAGE_ORDER, Job, Project, Stage, State, utcnow
 from stages.errors import CapyError
 
 IMPORT_RETRIED = "project.import_retried"
@@ -81,18 +81,9 @@ def retry_job(
     project = Project.get_by_id(job.project_id)
     try:
         with database.atomic():
-            retried = _retry_update(job, stage)
+            retried = _retry_update(job, stage, actor)
             if retried is None:
                 raise Conflict(f"job {job_id} changed while it was being retried; look at it again")
-            JobEvent.create(
-                job=job.id,
-                actor=actor,
-                reason=f"retried by {actor} from the {stage} stage (it was {job.state} at {job.stage}: {job.error})",
-                from_state=job.state,
-                to_state=retried.state,
-                from_stage=job.stage,
-                to_stage=stage,
-            )
             audit.record(
                 project,
                 IMPORT_RETRIED,
@@ -159,31 +150,28 @@ def _stage_to_run(
     return stage, note
 
 
-def _retry_update(job: Job, stage: str) -> Job | None:
-    rows = list(
-        Job.update(
-            state=State.PENDING.value,
-            stage=stage,
-            attempts=0,
-            claimed_by=None,
-            claimed_at=None,
-            heartbeat_at=None,
-            # A fresh time limit (CAPY_JOB_TIME_LIMIT_SECONDS counts from the first claim).
-            started_at=None,
-            completed_at=None,
-            error=None,
-            retry_classification=None,
-            locked_resource=f"project:{job.project_id}",
-            cancel_requested_at=None,
-            cancel_requested_by=None,
-            progress={"stage": stage, "phase": "queued"},
-            updated_at=utcnow(),
-        )
-        .where((Job.id == job.id) & Job.state.in_(RETRYABLE_STATES) & (Job.updated_at == job.updated_at))
-        .returning(Job)
-        .execute()
+def _retry_update(job: Job, stage: str, actor: str) -> Job | None:
+    return jobs.transition(
+        job.id,
+        actor,
+        f"retried by {actor} from the {stage} stage (it was {job.state} at {job.stage}: {job.error})",
+        where=Job.state.in_(RETRYABLE_STATES) & (Job.updated_at == job.updated_at),
+        state=State.PENDING.value,
+        stage=stage,
+        attempts=0,
+        claimed_by=None,
+        claimed_at=None,
+        heartbeat_at=None,
+        # A fresh time limit (CAPY_JOB_TIME_LIMIT_SECONDS counts from the first claim).
+        started_at=None,
+        completed_at=None,
+        error=None,
+        retry_classification=None,
+        locked_resource=f"project:{job.project_id}",
+        cancel_requested_at=None,
+        cancel_requested_by=None,
+        progress={"stage": stage, "phase": "queued"},
     )
-    return rows[0] if rows else None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,17 @@
 
 The next stage is enqueued only after this stage's result is committed. Failures are
 classified: a PermanentError fails the job at once (its message becomes `error`); a
-TransientError releases the claim and is re-raised for Dramatiq to retry with backoff.
+TransientError releases the claim and is re-raised for Dramatiq to retry with backoff,
+until the claim that failed was the job's last attempt (`max_attempts`): then the job
+fails saying it gave up, with the real last error, as `transient`, or as `permanent`
+when the error says what failing every time means (a source that kept refusing
+connections: `TransientError.when_repeated`).
+
+Every write of the stage is guarded by its claim: a worker whose claim was taken over
+(its heartbeat went stale, another worker claimed the stage) learns it from the
+heartbeat or from its next write (`ClaimLost`), stops its commands, and leaves the job
+and its preview to the new holder: it neither fails nor cleans up anything.
+
 A claim refused because the job's organization is at its limit (fair share) is woken
 again later; a job past its time limit fails at the start of its next stage. A cancel
 requested while a stage runs reaches it through the heartbeat thread, which stops the
@@ -22,11 +32,13 @@ import logging
 import re
 from typing import Protocol
 
+import peewee
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from pipeline import cancellation, jobs
 from pipeline.config import Settings
+from pipeline.db import database
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
 from pipeline.limits import job_over_time
@@ -95,6 +107,7 @@ class Runner:
             self.heartbeat_seconds,
             until=self._claim_until(job),
             on_cancel=context.cancellation.cancel,
+            on_lost=context.lose_claim,
         )
         try:
             if job.attempts > 1:
@@ -103,6 +116,10 @@ class Runner:
                 self.steps.take_over(job)
             with beat:
                 facts = self.steps.run(stage, context)
+            context.check_claim()
+        except jobs.ClaimLost as lost:
+            log.warning("job %s: %s stopped: %s", job_id, stage, lost.message)
+            return
         except Cancelled:
             self._cancelled(job, actor)
             return
@@ -133,23 +150,41 @@ class Runner:
             return
         except TransientError as err:
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
+            if job.attempts >= job.max_attempts:
+                self._give_up(job, actor, stage, err.message, err.when_repeated)
+                return
             self._release(job_id, actor, err.message)
             raise
+        except (peewee.OperationalError, peewee.InterfaceError) as err:
+            # Ours, not the user's: transient, and the message names no server.
+            log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
+            database.close()  # the next statement reconnects
+            lost = f"the service's control database was unavailable during the {stage} stage; it will be retried"
+            if job.attempts >= job.max_attempts:
+                self._give_up(job, actor, stage, lost, None)
+                return
+            self._release(job_id, actor, lost)
+            raise TransientError(lost) from None
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
-            self._release(
-                job_id, actor, f"an internal error interrupted the {stage} stage; it will be retried"
-            )
+            internal = f"an internal error interrupted the {stage} stage; it will be retried"
+            if job.attempts >= job.max_attempts:
+                self._give_up(job, actor, stage, internal, None)
+                return
+            self._release(job_id, actor, internal)
             raise TransientError(f"internal error in {stage}") from None
         following = jobs.next_stage(stage)
         if following is not None and context.cancel_request() is not None:
             self._cancelled(job, actor)
             return
         if following is None:
-            jobs.complete(job_id, actor, facts=facts, progress={"phase": "completed"})
+            completed = jobs.complete(job_id, actor, stage, facts=facts, progress={"phase": "completed"})
+            if completed is None:
+                log.warning("job %s: %s finished, but %s no longer holds the job; nothing to do", job_id, stage, actor)
+                return
             if context.cancel_request() is not None:
                 cancellation.note_completed_anyway(job_id, actor)
-            self.steps.cleanup(Job.get_by_id(job_id), succeeded=True)
+            self.steps.cleanup(completed, succeeded=True)
             log.info("job %s: completed", job_id)
             return
         if jobs.advance(job_id, actor, stage, facts=facts):
@@ -179,9 +214,21 @@ class Runner:
         self.steps.cleanup(cancelled, succeeded=False)
 
     def _fail(self, job: Job, actor: str, error: str, classification: str) -> None:
-        failed = jobs.fail(job.id, actor, error, classification=classification)
+        """Fail the job this claim holds, then drop what it made. A claim that was taken
+        over fails nothing and drops nothing: the preview is the new holder's."""
+        failed = jobs.fail(job.id, actor, error, classification=classification, holder=actor)
+        if failed is None:
+            log.warning(
+                "job %s: not failed (%s: %s): %s no longer holds it", job.id, classification, error, actor
+            )
+            return
         log.warning("job %s: failed (%s): %s", job.id, classification, error)
-        self.steps.cleanup(failed or Job.get_by_id(job.id), succeeded=False)
+        self.steps.cleanup(failed, succeeded=False)
+
+    def _give_up(self, job: Job, actor: str, stage: str, last: str, when_repeated: str | None) -> None:
+        """The job's last attempt failed transiently: fail it, saying so."""
+        error, classification = gave_up(stage, job.attempts, last, when_repeated)
+        self._fail(job, actor, error, classification)
 
     def _not_claimed(self, job_id: str, stage: str, actor: str) -> None:
         """A message we cannot act on: a duplicate, a stale wake-up, or retries spent."""
@@ -225,9 +272,26 @@ class Runner:
         job = Job.get_or_none(Job.id == job_id)
         if job is None or job.state not in ACTIVE_STATES:
             return
-        last = _RETRY_PROMISE.sub("", job.error or "no error was recorded")
-        error = f"gave up on the {stage} stage after {job.attempts} attempts; last error: {last}"
-        self._fail(job, "worker", error, "transient")
+        error, classification = gave_up(stage, job.attempts, job.error or "no error was recorded", None)
+        # Only a job nobody is running: a live claim's holder decides for itself.
+        failed = jobs.fail(
+            job.id, "worker", error, classification=classification, stale_before=jobs.utcnow() - self.lease
+        )
+        if failed is None:
+            log.info("job %s: retries of %s ran out, but a worker holds it now; left to it", job_id, stage)
+            return
+        log.warning("job %s: failed (%s): %s", job_id, classification, error)
+        self.steps.cleanup(failed, succeeded=False)
 
 
-__all__ = ["Runner", "Stage"]
+def gave_up(stage: str, attempts: int, last: str, when_repeated: str | None) -> tuple[str, str]:
+    """The job's `error` and `retry_classification` once its retries ran out: the real
+    last error (without its promise of a retry), or, for a failure that means something
+    else when it repeats (a source that kept refusing), that meaning, as permanent."""
+    if when_repeated:
+        return f"gave up on the {stage} stage after {attempts} attempts: {when_repeated}", "permanent"
+    last = _RETRY_PROMISE.sub("", last)
+    return f"gave up on the {stage} stage after {attempts} attempts; last error: {last}", "transient"
+
+
+__all__ = ["Runner", "Stage", "gave_up"]

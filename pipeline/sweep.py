@@ -33,6 +33,7 @@ from typing import Any
 import peewee
 import psycopg2
 
+from pipeline import jobs
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.import_steps import RESTORE_ROLE_PREFIX
@@ -111,7 +112,7 @@ def sweep(
         except _CLEANUP_ERRORS as err:
             done["errors"].append(f"upload {job.upload_key}: {_why(err)}")
             continue
-        Job.update(facts={**job.facts, "upload_deleted": True}).where(Job.id == job.id).execute()
+        jobs.mark_upload_deleted(job.id)
         _mark_deleted(job.upload_key, now)
         done["uploads_deleted"].append(job.upload_key)
     _sweep_unused_uploads(settings, store, now, done)

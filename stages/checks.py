@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stages.errors import PermanentError, TransientError
+from stages.errors import CapyError, PermanentError, TransientError
 from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
 from stages.pgurl import SourceURL
 
@@ -29,6 +29,8 @@ class Check:
     status: str
     detail: str
     transient: bool = False  # a failure that may pass on its own (not shown to users)
+    # What a transient failure means when every attempt meets it (TransientError.when_repeated).
+    when_repeated: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {"name": self.name, "status": self.status, "detail": self.detail}
@@ -67,8 +69,16 @@ class Preflight:
         """False iff some check failed."""
         return all(check.status != FAIL for check in self.checks)
 
-    def add(self, name: str, status: str, detail: str, *, transient: bool = False) -> None:
-        self.checks.append(Check(name, status, detail, transient))
+    def add(
+        self, name: str, status: str, detail: str, *, transient: bool = False, when_repeated: str | None = None
+    ) -> None:
+        self.checks.append(Check(name, status, detail, transient, when_repeated))
+
+    def add_error(self, name: str, err: CapyError) -> None:
+        """A failed check whose detail is `err`: transient (with what it means when it
+        repeats) if the error is."""
+        repeated = err.when_repeated if isinstance(err, TransientError) else None
+        self.add(name, FAIL, err.message, transient=isinstance(err, TransientError), when_repeated=repeated)
 
     def not_checked(self, name: str, why: str) -> None:
         self.add(name, WARN, f"not checked: {why}")
@@ -80,9 +90,13 @@ class Preflight:
         """Raise with the first failing check's detail, if any: TransientError when
         that failure may pass (a timeout), PermanentError otherwise."""
         failed = self.first_failure()
-        if failed:
-            error = TransientError if failed.transient else PermanentError
-            raise error(f"preflight check {failed.name} failed: {failed.detail}")
+        if failed is None:
+            return
+        message = f"preflight check {failed.name} failed: {failed.detail}"
+        if not failed.transient:
+            raise PermanentError(message)
+        repeated = failed.when_repeated and f"preflight check {failed.name} failed: {failed.when_repeated}"
+        raise TransientError(message, when_repeated=repeated or None)
 
     def as_response(self, target: Target) -> dict[str, Any]:
         """The `preflight` object of the HTTP API (SPEC.md, HTTP API item 3)."""

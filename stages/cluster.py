@@ -31,7 +31,7 @@ from psycopg2 import sql
 
 from stages import inventory
 from stages.connect import connect, server_major
-from stages.errors import PermanentError, TransientError
+from stages.errors import ClusterUnavailable, PermanentError, TransientError
 from stages.pgurl import SourceURL
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ def pinned(url: SourceURL, *extra: str) -> SourceURL:
 @contextlib.contextmanager
 def _waits_explained(dbname: str) -> Iterator[None]:
     """A statement that waited past the pinned lock_timeout, or ran past its
-    statement_timeout, becomes a TransientError saying so: the stage is retried."""
+    statement_timeout, becomes a TransientError saying so: the stage is retried. A
+    session the cluster lost (restarted, shut down, out of connections) becomes
+    ClusterUnavailable: ours, transient, with no address in its message."""
     try:
         yield
     except psycopg2.errors.LockNotAvailable as err:
@@ -92,6 +94,9 @@ def _waits_explained(dbname: str) -> Iterator[None]:
     except psycopg2.errors.QueryCanceled as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "canceled"
         raise TransientError(f"a statement in {dbname!r} ran past its time limit ({first})") from err
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
+        log.warning("lost the session to the project cluster in %r: %s", dbname, str(err).strip())
+        raise ClusterUnavailable() from err
 
 
 class ClusterAdmin:
@@ -106,7 +111,7 @@ class ClusterAdmin:
     def connection(self, dbname: str | None = None) -> Iterator[psycopg2.extensions.connection]:
         """An admin session (search_path pinned), in the maintenance database by default."""
         url = self.url if dbname is None else self.url.with_params(dbname=dbname)
-        conn = connect(pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout)
+        conn = connect(pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True)
         try:
             with _waits_explained(dbname or "the maintenance database"):
                 yield conn
@@ -128,7 +133,7 @@ class ClusterAdmin:
         entered with more than the tenant's own privileges this way.
         """
         url = pinned(self.role_url(dbname, login), *extra_options)
-        conn = connect(url, role="project cluster", timeout=self.timeout)
+        conn = connect(url, role="project cluster", timeout=self.timeout, ours=True)
         try:
             with _waits_explained(dbname):
                 with conn.cursor() as cur:

@@ -26,6 +26,7 @@ import io
 import logging
 import multiprocessing.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -138,6 +139,67 @@ def is_transient(stderr: str) -> bool:
     if any(marker in text for marker in _PERMANENT_MARKERS):
         return False
     return any(marker in text for marker in _TRANSIENT_MARKERS)
+
+
+# Whose server a tool talks to decides how its failures are classified (`PgCommand.server`).
+SOURCE = "source"  # the user's: a refused login is theirs to fix (permanent)
+CLUSTER = "cluster"  # ours (the project's cluster): failing to reach it is never the user's fault
+LOCAL = "local"  # no server: a file on this worker (pg_restore --list)
+
+# libpq's words for a session that could not be opened or was lost, whatever the cause.
+_CONNECTION_LOST = re.compile(
+    r"connection to server .*failed|could not connect to server|"
+    r"server closed the connection unexpectedly|terminating connection due to administrator command|"
+    r"the database system is (starting up|shutting down|in recovery mode)|too many connections|"
+    r"remaining connection slots are reserved|could not (receive|send) data (from|to) server|ssl syscall error",
+    re.IGNORECASE,
+)
+# Where libpq names the server it tried: hidden when the server is ours.
+_SERVER_ADDRESS = re.compile(r'server (at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*")')
+CLUSTER_NAME = "the project's database cluster"
+
+
+def hide_cluster_address(text: str) -> str:
+    """`text` with libpq's naming of the server (`server at "10.0.0.5", port 5432`)
+    replaced by "the project's database cluster": a user never sees our addresses."""
+    return _SERVER_ADDRESS.sub(f"server ({CLUSTER_NAME})", text)
+
+
+def classify_failure(result: CommandResult, what: str, server: str) -> TransientCommandFailure | PermanentCommandFailure:
+    """The CommandFailed for a tool that exited non-zero, classified by whose server it
+    talked to and what it said (deadlines are classified where they are enforced):
+
+    - our cluster that could not be reached, or lost the session: transient, the
+      message naming no address;
+    - the user's source refusing connections: transient (it may be restarting), and
+      permanent once every attempt met it (`when_repeated`);
+    - otherwise what libpq or the server said (`is_transient`): a lost connection,
+      a busy server, a deadlock are transient; a refused login, a missing object, a
+      damaged dump are permanent.
+    """
+    stderr = result.stderr_tail
+    last = next(
+        (line for line in reversed(stderr.splitlines()) if "error" in line.lower()),
+        stderr.splitlines()[-1] if stderr else "no output",
+    ).strip()
+    output = {"exit_code": result.exit_code, "stdout_tail": result.stdout_tail, "stderr_tail": stderr}
+    if server == CLUSTER and _CONNECTION_LOST.search(stderr):
+        return TransientCommandFailure(
+            f"{what} failed (exit code {result.exit_code}): {CLUSTER_NAME} is unavailable; it will be retried",
+            **output,
+        )
+    message = f"{what} failed (exit code {result.exit_code}): {last}"
+    if server == CLUSTER:
+        message = hide_cluster_address(message)
+    if server == SOURCE and "connection refused" in stderr.lower():
+        failure = TransientCommandFailure(message, **output)
+        failure.when_repeated = (
+            f"the source database kept refusing connections ({last}); "
+            "check the host and port and that the database is running"
+        )
+        return failure
+    cls = TransientCommandFailure if is_transient(stderr) else PermanentCommandFailure
+    return cls(message, **output)
 
 
 @dataclass(frozen=True)
@@ -413,6 +475,8 @@ class PgCommand:
     stall_is_transient = False
     # Sessions on the project's cluster (restores) are bounded on the server side too.
     target_sessions = False
+    # Whose server the tool talks to (SOURCE, CLUSTER, LOCAL): see classify_failure.
+    server = LOCAL
 
     def __init__(
         self,
@@ -592,6 +656,8 @@ class PgCommand:
             reader.join()
         stdout_tail = redact(process.readers[0].tail(), *secrets) if len(process.readers) == 2 else ""
         stderr_tail = redact(process.readers[-1].tail(), *secrets)
+        if self.server == CLUSTER:  # the job shows these tails to its user
+            stdout_tail, stderr_tail = hide_cluster_address(stdout_tail), hide_cluster_address(stderr_tail)
         verdict = process.watchdog.verdict
         if verdict is None:
             result = CommandResult(exit_code, stdout_tail, stderr_tail)
@@ -651,18 +717,7 @@ class PgCommand:
                 stream.close()
 
     def failure(self, result: CommandResult, what: str) -> Exception:
-        last = next(
-            (line for line in reversed(result.stderr_tail.splitlines()) if "error" in line.lower()),
-            result.stderr_tail.splitlines()[-1] if result.stderr_tail else "no output",
-        )
-        message = f"{what} failed (exit code {result.exit_code}): {last.strip()}"
-        cls = TransientCommandFailure if is_transient(result.stderr_tail) else PermanentCommandFailure
-        return cls(
-            message,
-            exit_code=result.exit_code,
-            stdout_tail=result.stdout_tail,
-            stderr_tail=result.stderr_tail,
-        )
+        return classify_failure(result, what, self.server)
 
 
 def tree_size(path: str) -> int:
@@ -681,6 +736,7 @@ def tree_size(path: str) -> int:
 
 class PgDump(PgCommand):
     program = "pg_dump"
+    server = SOURCE
     stall_hint = "the source may be stuck (a lock it waits for, or an overloaded server); it will be retried"
     stall_is_transient = True
 
@@ -708,6 +764,8 @@ class PgRestore(PgCommand):
     program = "pg_restore"
     stall_hint = "the dump may be damaged or truncated; check it with pg_restore --list and upload it again"
     target_sessions = True
+    # Restores go into a preview on the project's cluster; --list reads only a file.
+    server = CLUSTER
 
     def list_args(self, archive: str) -> list[str]:
         """Read the archive's table of contents only: proves this pg_restore can read it."""
@@ -736,6 +794,7 @@ class PgRestore(PgCommand):
 class Psql(PgCommand):
     program = "psql"
     target_sessions = True
+    server = CLUSTER
 
     def script_args(self, conninfo: str, script: str, *, restrict_file: str) -> list[str]:
         """Run a SQL file, stopping at the first error, ignoring ~/.psqlrc, with every

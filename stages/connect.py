@@ -7,6 +7,7 @@ password or the full URL, only the redacted one.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,8 +15,10 @@ import psycopg2
 import psycopg2.extensions
 
 from stages.deadline import Deadline, GuardedConnection, SourceTimedOut
-from stages.errors import PermanentError, SourceUnreachable, TransientError
+from stages.errors import ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
 from stages.pgurl import SourceURL, redact
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SourceTimedOut", "connect", "connection", "explain_connect_error", "server_major"]
 
@@ -28,8 +31,9 @@ class SourceDatabaseMissing(PermanentError):
     """The source database does not exist."""
 
 
-class SourceConnectionRefused(PermanentError):
-    """Nothing accepts connections at the source's host and port."""
+class SourceConnectionRefused(SourceUnreachable):
+    """Nothing accepts connections at the source's host and port (yet: a server that
+    restarts refuses connections for a few seconds); retried, then permanent."""
 
 
 class PoolerRefusedStartupParameter(PermanentError):
@@ -37,15 +41,27 @@ class PoolerRefusedStartupParameter(PermanentError):
 
 
 def explain_connect_error(
-    err: psycopg2.OperationalError, source: SourceURL, role: str, *, timeout: int | None = None
+    err: psycopg2.OperationalError,
+    source: SourceURL,
+    role: str,
+    *,
+    timeout: int | None = None,
+    ours: bool = False,
 ) -> Exception:
     """Turn a libpq connection error into an exception whose message says what to fix.
 
-    Each cause a person fixes differently gets its own class and message: a refused
-    login, a missing database, nothing listening (refused), no answer (timed out), a
-    pooler that refuses startup parameters.
+    Whose server it is decides first: one of ours (`ours`: the project's cluster) that
+    cannot be connected to is always `ClusterUnavailable` (transient, no address in
+    its message; the cause is logged for operators), whatever libpq said. For a user's
+    source, each cause a person fixes differently gets its own class and message: a
+    refused login, a missing database, nothing listening (refused: transient for a few
+    attempts, as a restarting server refuses too), no answer (timed out), a pooler that
+    refuses startup parameters.
     """
     text = redact(str(err), source.password).strip()
+    if ours:
+        log.warning("could not connect to the %s at %s:%s: %s", role, source.host, source.port, text)
+        return ClusterUnavailable()
     lower = text.lower()
     where = f"{source.host}:{source.port}"
     if "password authentication failed" in lower or "no password supplied" in lower:
@@ -73,8 +89,11 @@ def explain_connect_error(
         )
     if "connection refused" in lower:
         return SourceConnectionRefused(
-            f"nothing accepts connections at {where} (connection refused); "
-            "check the host and port and that the database is running"
+            f"the {role} at {where} refused the connection (connection refused): nothing accepts "
+            "connections there, or the server is restarting; check the host and port and that the "
+            "database is running",
+            when_repeated=f"the {role} at {where} kept refusing connections (connection refused); "
+            "check the host and port and that the database is running",
         )
     if "timeout expired" in lower or "timed out" in lower:
         within = f"the {timeout} s connect timeout" if timeout else "the connect timeout"
@@ -97,9 +116,11 @@ def connect(
     role: str = "source database",
     timeout: int = 10,
     deadline: Deadline | None = None,
+    ours: bool = False,
     **options: Any,
 ) -> psycopg2.extensions.connection:
-    """Connect with a bounded timeout; raise a translated CapyError on failure.
+    """Connect with a bounded timeout; raise a translated CapyError on failure (see
+    explain_connect_error: `ours` for the service's own servers, e.g. a project cluster).
 
     A URL's own connect_timeout may shorten ours, never lengthen it. With a
     `deadline`, connecting fits in what is left of it and every later round trip on
@@ -116,7 +137,7 @@ def connect(
     try:
         conn = psycopg2.connect(**kwargs, **options)
     except psycopg2.OperationalError as err:
-        raise explain_connect_error(err, source, role, timeout=timeout) from err
+        raise explain_connect_error(err, source, role, timeout=timeout, ours=ours) from err
     if deadline is not None:
         conn.guard(deadline, where=f"{source.host}:{source.port}")
     return conn

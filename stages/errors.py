@@ -22,7 +22,20 @@ class CapyError(Exception):
 
 
 class TransientError(CapyError):
-    """A dependency failed in a way that may go away on its own; the job is retried."""
+    """A dependency failed in a way that may go away on its own; the job is retried.
+
+    `when_repeated`, if given, is what the failure means once every attempt failed the
+    same way (a source refusing connections is restarting once, misconfigured if it
+    never stops): the job then fails as permanent with that message. Without it, a job
+    whose retries ran out fails as transient, with this error as its last.
+    """
+
+    when_repeated: str | None = None
+
+    def __init__(self, message: str | None = None, *, when_repeated: str | None = None) -> None:
+        super().__init__(message)
+        if when_repeated is not None:
+            self.when_repeated = when_repeated
 
 
 class PermanentError(CapyError):
@@ -82,6 +95,21 @@ class CommandCancelled(CommandFailed, Cancelled):
 
 class SourceUnreachable(TransientError):
     """The source database could not be reached."""
+
+
+CLUSTER_UNAVAILABLE = "the project's database cluster is unavailable; try again shortly"
+
+
+class ClusterUnavailable(TransientError):
+    """The project's database cluster could not be reached, or lost our session.
+
+    Ours, not the user's: never permanent, and its message (the API's 503 body, a job's
+    error) never names the cluster's internal address; operators find the cause in the
+    log.
+    """
+
+    def __init__(self, message: str = CLUSTER_UNAVAILABLE) -> None:
+        super().__init__(message)
 
 
 class ObjectMissing(PermanentError):

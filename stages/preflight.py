@@ -109,7 +109,7 @@ def check_live_source(
         report.not_checked(
             "source_address_allowed", "the source host does not resolve (see source_reachable)"
         )
-        report.add("source_reachable", FAIL, err.message, transient=isinstance(err, TransientError))
+        report.add_error("source_reachable", err)
         blocked = "the source database could not be reached (see source_reachable)"
     except CapyError as err:
         report.add("source_address_allowed", FAIL, err.message)
@@ -131,8 +131,8 @@ def check_live_source(
             )
             blocked = "the source's catalog could not be read (see source_reachable)"
         except CapyError as err:
-            # A timeout or a busy server may pass: the worker's gate retries those.
-            report.add("source_reachable", FAIL, err.message, transient=isinstance(err, TransientError))
+            # A timeout, a busy or a restarting server may pass: the worker's gate retries those.
+            report.add_error("source_reachable", err)
             blocked = "the source database could not be reached (see source_reachable)"
     _pooler(report, source, provider.pooler, facts, refused, blocked)
     if facts is None:

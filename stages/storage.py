@@ -15,6 +15,7 @@ project, or one that tries to escape its prefix, is rejected everywhere.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import unicodedata
@@ -32,6 +33,8 @@ from minio.datatypes import PostPolicy
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from stages.errors import InvalidObjectKey, ObjectMissing, ObjectTooLarge, StorageUnavailable
+
+log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 KEY_PREFIX = "imports"
@@ -325,9 +328,16 @@ def _translated(what: str) -> Iterator[None]:
         # a hiccup, never the user's; retrying gives the operator a chance to fix it.
         raise StorageUnavailable(f"object storage refused the request for {what!r}: {err.code}") from err
     except (ServerError, InvalidResponseError) as err:
-        raise StorageUnavailable(f"object storage answered badly for {what!r}: {err}") from err
+        # Ours, like the cluster: the endpoint's address stays in the log, out of what users see.
+        log.warning("object storage answered badly for %r: %s", what, err)
+        raise StorageUnavailable(
+            f"object storage answered badly for {what!r} ({type(err).__name__})"
+        ) from err
     except urllib3.exceptions.HTTPError as err:
-        raise StorageUnavailable(f"object storage could not be reached: {err}") from err
+        log.warning("object storage could not be reached for %r: %s", what, err)
+        raise StorageUnavailable(
+            f"object storage could not be reached ({type(err).__name__})"
+        ) from err
 
 
 def _split_endpoint(url: str, secure: bool) -> tuple[str, bool]:

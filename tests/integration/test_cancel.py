@@ -103,8 +103,9 @@ def test_a_cancelled_pending_job_never_starts(control_db, store, world):
 
 def test_a_finished_job_cannot_be_cancelled(control_db, store, world):
     job = start(control_db, world, lambda job_id, stage: None)
-    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
-    jobs.complete(job.id, "w1", facts={}, progress={"phase": "completed"})
+    Job.update(stage="finalize").where(Job.id == job.id).execute()
+    jobs.claim(job.id, "finalize", "w1", lease=LEASE)
+    jobs.complete(job.id, "w1", "finalize", facts={}, progress={"phase": "completed"})
     with pytest.raises(Conflict) as info:
         cancel(control_db, store, job.id)
     assert info.value.message == (

@@ -287,8 +287,9 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
     ).execute()
     finished_world = make_world(settings)
     finished = new_job(settings, finished_world)
-    jobs.claim(finished.id, "preflight", "w", lease=LEASE)
-    jobs.complete(finished.id, "w", facts={}, progress={})
+    Job.update(stage="finalize").where(Job.id == finished.id).execute()
+    jobs.claim(finished.id, "finalize", "w", lease=LEASE)
+    jobs.complete(finished.id, "w", "finalize", facts={}, progress={})
     ids = {
         dead_letter(settings, "fetch", waiting.id): waiting.id,
         dead_letter(settings, "fetch", finished.id): finished.id,

@@ -122,8 +122,9 @@ def test_advance_and_complete_are_guarded_and_recorded(control_db, world):
         {"a": 1},
     )
     assert jobs.advance(job.id, "w1", "preflight", facts={}) is None  # duplicate message
-    jobs.claim(job.id, "fetch", "w1", lease=LEASE)
-    done = jobs.complete(job.id, "w1", facts={"b": 2}, progress={"phase": "completed"})
+    Job.update(stage="finalize").where(Job.id == job.id).execute()
+    jobs.claim(job.id, "finalize", "w1", lease=LEASE)
+    done = jobs.complete(job.id, "w1", "finalize", facts={"b": 2}, progress={"phase": "completed"})
     assert done.state == "completed" and done.completed_at and done.facts == {"a": 1, "b": 2}
     assert jobs.fail(job.id, "w1", "late", classification="permanent") is None
     reasons = [e.reason for e in JobEvent.select().where(JobEvent.job == job.id).order_by(JobEvent.id)]
@@ -131,7 +132,7 @@ def test_advance_and_complete_are_guarded_and_recorded(control_db, world):
         "import requested",
         "preflight claimed (attempt 1 of 3)",
         "preflight done",
-        "fetch claimed (attempt 1 of 3)",
+        "finalize claimed (attempt 1 of 3)",
         "import completed",
     ]
 

@@ -132,7 +132,7 @@ class RestoreLosingItsConnection(ImportSteps):
     def run(self, stage, context):
         preview = "capy_preview_" + context.job.id.removeprefix("job_")
         pg.create_db(preview)
-        context.set_fields(preview_database_id=preview)
+        context.set_preview(preview)
         self.sleeper = subprocess.Popen(
             ["psql", "-X", "-q", "-d", pg.url_for(preview), "-c", f"SELECT pg_sleep(600), '{self.marker}'"],
             stdout=subprocess.DEVNULL,

@@ -156,4 +156,6 @@ def test_a_source_that_never_answers_is_retried_then_given_up(control_db):
     assert job.error.startswith("gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:")
     assert "did not answer" in job.error
     reasons = [e.reason for e in jobs.events(job.id)]
-    assert sum("preflight will be retried" in r for r in reasons) == 3
+    # The third (last) attempt fails the job itself: it promises no retry it will not get.
+    assert sum("preflight will be retried" in r for r in reasons) == 2
+    assert reasons[-1].startswith("failed (transient): gave up on the preflight stage after 3 attempts")

@@ -381,8 +381,9 @@ def test_nothing_listening_is_connection_refused_and_target_checks_still_run(tar
         ),
         "source_reachable": (
             "fail",
-            f"nothing accepts connections at 127.0.0.1:{port} (connection refused); check the host and port "
-            "and that the database is running",
+            f"the source database at 127.0.0.1:{port} refused the connection (connection refused): nothing "
+            "accepts connections there, or the server is restarting; check the host and port and that the "
+            "database is running",
         ),
         "not_a_transaction_pooler": (
             "warn",

@@ -1,5 +1,6 @@
 import pytest
 
+from stages import commands
 from stages.commands import CommandResult, PgDump, PgRestore, PgTools, Psql, is_transient
 from stages.errors import PermanentCommandFailure, PermanentError, TransientCommandFailure
 
@@ -82,3 +83,37 @@ def test_command_output_is_redacted(tmp_path):
     assert info.value.exit_code == 3
     assert "hunter22" not in info.value.stderr_tail
     assert "hunter22" not in info.value.message
+
+
+# -- classification by whose server it was ---------------------------------------------
+
+
+def test_a_source_refusing_connections_is_transient_until_it_keeps_refusing():
+    stderr = 'pg_dump: error: connection to server at "203.0.113.7", port 5432 failed: Connection refused'
+    failure = commands.classify_failure(CommandResult(1, "", stderr), "pg_dump of the source", commands.SOURCE)
+    assert isinstance(failure, TransientCommandFailure)
+    assert failure.when_repeated == (
+        f"the source database kept refusing connections ({stderr}); "
+        "check the host and port and that the database is running"
+    )
+
+
+def test_our_cluster_lost_is_transient_and_never_named():
+    lost = (
+        'pg_restore: error: connection to server at "10.0.0.5", port 5432 failed: FATAL:  password '
+        'authentication failed for user "capy_restore_x"'
+    )
+    failure = commands.classify_failure(
+        CommandResult(1, "", lost), "pg_restore into the preview database", commands.CLUSTER
+    )
+    assert isinstance(failure, TransientCommandFailure) and failure.when_repeated is None
+    assert failure.message == (
+        "pg_restore into the preview database failed (exit code 1): the project's database cluster is "
+        "unavailable; it will be retried"
+    )
+    # What the dump itself got wrong stays permanent, with no address either.
+    bad = 'pg_restore: error: could not execute query: ERROR:  relation "t" does not exist'
+    failure = commands.classify_failure(
+        CommandResult(1, "", bad), "pg_restore into the preview database", commands.CLUSTER
+    )
+    assert isinstance(failure, PermanentCommandFailure)

@@ -172,3 +172,19 @@ def test_test_holds_are_read_per_point():
     assert Settings.from_env({}).hold_seconds("restore") == 0.0
     with pytest.raises(ConfigError, match="CAPY_TEST_HOLDS is for fault-injection tests only"):
         Settings.from_env({"CAPY_TEST_HOLDS": "restore=30"})
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_max_attempts_below_one_refuses_to_start(value):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"CAPY_ENV": "development", "CAPY_MAX_ATTEMPTS": value})
+    assert str(info.value) == (
+        f"CAPY_MAX_ATTEMPTS must be at least 1 (how many times a stage may be tried; 1 means no retry), not {value}"
+    )
+
+
+def test_max_attempts_below_one_is_refused_however_settings_are_made():
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="CAPY_MAX_ATTEMPTS must be at least 1"):
+        dataclasses.replace(Settings.from_env({"CAPY_ENV": "development"}), max_attempts=0).checked()

@@ -501,8 +501,9 @@ def test_sslmode_require_is_added_unless_the_url_sets_it():
         (
             'connection to server at "203.0.113.7", port 5432 failed: Connection refused\n\tIs the server running',
             SourceConnectionRefused,
-            "nothing accepts connections at db.example.com:5432 (connection refused); check the host and "
-            "port and that the database is running",
+            "the source database at db.example.com:5432 refused the connection (connection refused): nothing "
+            "accepts connections there, or the server is restarting; check the host and port and that the "
+            "database is running",
         ),
         (
             "connection to server failed: FATAL:  unsupported startup parameter: options",
