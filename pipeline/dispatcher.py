@@ -321,6 +321,6 @@ def _describe(err: BaseException) -> str:
         return err.message
     if isinstance(err, pika.exceptions.ConnectionBlockedTimeout):
         return f"{BLOCKED}, for longer than the blocked-connection timeout"
-    if isinstance(err, (pika.exceptions.AMQPConnectionError, dramatiq.errors.ConnectionError, OSError)):
+    if isinstance(err, (pika.exceptions.AMQPConnectionError, dramatiq.errors.BrokerConnectionError, OSError)):
         return f"the broker could not be reached ({type(err).__name__})"
     return f"the broker failed ({type(err).__name__})"

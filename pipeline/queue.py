@@ -130,5 +130,5 @@ class StageQueue:
         now; TransientError if the broker is down."""
         try:
             self.actors[stage].send_with_options(args=(job_id,), delay=delay_ms or None)
-        except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError, OSError) as err:
+        except (dramatiq.errors.BrokerConnectionError, pika.exceptions.AMQPError, OSError) as err:
             raise TransientError(f"could not enqueue the {stage} stage: the broker is unavailable") from err
