@@ -9,11 +9,15 @@ machine's own RabbitMQ and Postgres are never stopped.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 
+import pika
 import pytest
 import requests
 
+from tests.support import pg
+from tests.support.holdproxy import hold_proxy
 from tests.support.pgcluster import temporary_cluster
 from tests.support.processes import cli, service_env, start_service
 from tests.support.rabbitnode import temporary_rabbitmq
@@ -25,10 +29,17 @@ SOURCE = "postgres://alice:secret@db.example.com:5432/shop"
 PUBLISH_DEADLINE = 3
 
 
-def _tenant(env: dict[str, str], admin_url: str, cluster_name: str) -> dict[str, str]:
+def _tenant(env: dict[str, str], admin_url: str | None = None) -> dict[str, str]:
+    """An organization, project and key; the project on the run's `local` cluster (in
+    the run's control database), or on a cluster `admin_url` registered here."""
     org = cli(env, "orgs", "create", "--name", "Outage org")
-    clusters = cli(env, "clusters", "add", "--name", cluster_name, "--admin-url", admin_url)
-    project = cli(env, "projects", "create", "--org", org["id"], "--name", "outage", "--cluster", clusters["id"])
+    if admin_url is None:
+        database = env["CAPY_DATABASE_URL"].rsplit("/", 1)[1]
+        known = pg.admin("SELECT id FROM clusters WHERE name = 'local'", dbname=database)
+        cluster = known[0][0] if known else cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)["id"]
+    else:
+        cluster = cli(env, "clusters", "add", "--name", "own", "--admin-url", admin_url)["id"]
+    project = cli(env, "projects", "create", "--org", org["id"], "--name", "outage", "--cluster", cluster)
     key = cli(env, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "outage")
     return {"project": project["id"], "key": key["key"]}
 
@@ -48,7 +59,7 @@ def broker_service(control_db, rabbit, tmp_path):
     )
     env = service_env(settings)
     cli(env, "migrate")
-    tenant = _tenant(env, _local_admin_url(), f"local-outage-{rabbit.port}")
+    tenant = _tenant(env)
     service = start_service(
         settings, tmp_path, workers=0, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE)
     )
@@ -56,12 +67,6 @@ def broker_service(control_db, rabbit, tmp_path):
         yield service, tenant, settings
     finally:
         service.stop()
-
-
-def _local_admin_url() -> str:
-    from tests.support import pg
-
-    return pg.ADMIN_URL
 
 
 def _ready(service) -> requests.Response:
@@ -168,7 +173,7 @@ def test_control_database_restart_answers_503_at_most_once_then_serves(control_d
         )
         env = service_env(settings)
         cli(env, "migrate")
-        tenant = _tenant(env, cluster.url("postgres"), "own")
+        tenant = _tenant(env, cluster.url("postgres"))
         service = start_service(settings, tmp_path, workers=0)
         url = f"{service.base_url}/v1/projects/{tenant['project']}/jobs"
         headers = {"Authorization": f"Bearer {tenant['key']}"}
@@ -189,3 +194,59 @@ def test_control_database_restart_answers_503_at_most_once_then_serves(control_d
             assert _ready(service).status_code == 200
         finally:
             service.stop()
+
+
+def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatched_later(control_db, tmp_path):
+    """A proxy in front of the machine's RabbitMQ stops passing bytes (nothing is
+    refused or closed: only timeouts notice), then lets them through again."""
+    prefix = f"{control_db.queue_prefix}_held_{secrets.token_hex(2)}"
+    with hold_proxy(5672) as proxy:
+        settings = dataclasses.replace(
+            control_db,
+            broker_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F?heartbeat=2",
+            queue_prefix=prefix,
+        )
+        env = service_env(settings)
+        tenant = _tenant(env)
+        service = start_service(settings, tmp_path, workers=0, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE))
+        try:
+            assert _ready(service).status_code == 200
+            proxy.hold()
+            started = time.monotonic()
+            resp = _post(service, tenant, "held-1")
+            assert time.monotonic() - started < PUBLISH_DEADLINE + 5
+            assert resp.status_code == 202, resp.text
+            job = resp.json()["job"]
+            assert job["state"] == "pending" and "queued for dispatch" in job["progress"]["detail"]
+            started = time.monotonic()
+            held = _ready(service)
+            assert held.status_code == 503 and time.monotonic() - started < 10, held.text
+            proxy.release()
+            _wait_for(lambda: _shared_messages(f"{prefix}.preflight") >= 1, 60, f"{job['id']} was not dispatched")
+            _wait_for(lambda: _ready(service).status_code == 200, 30, "readiness did not come back")
+            _cancel(service, tenant, job["id"])
+        finally:
+            service.stop()
+            _delete_shared_queues(prefix)
+
+
+def _shared_messages(queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0  # not declared yet
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _delete_shared_queues(prefix: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
+    try:
+        channel = connection.channel()
+        for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(f"{prefix}.{stage}{suffix}")
+    finally:
+        connection.close()
