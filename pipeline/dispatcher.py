@@ -25,16 +25,18 @@ nothing is left behind unqueued.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import dramatiq
 import pika
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from stages.errors import TransientError
 
@@ -82,7 +84,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        broker: Any,
+        broker: RabbitmqBroker,
         actors: dict[str, dramatiq.Actor],
         *,
         deadline: float,
@@ -167,21 +169,28 @@ class Dispatcher:
 
     def _handle(self, request: _Request) -> None:
         if request.kind == "check":
-            try:
-                self._check_now()
-                request.error = None
-            except Exception as err:
-                request.error = _describe(err)
-                self._reset()
+            # Twice: a connection that died unnoticed (a broker restart) fails the first
+            # round trip; the check answers for a fresh one, as the next publish would.
+            for _ in range(2):
+                try:
+                    self._check_now()
+                    request.error = None
+                    break
+                except BrokerUnavailable as err:
+                    request.error = err.message
+                    break
+                except Exception as err:
+                    request.error = _describe(err)
+                    self._reset()
             request.done.set()
             return
         self._attempt(request)
 
     def _check_now(self) -> None:
-        if self._alarm and self._retries:
-            raise BrokerUnavailable(BLOCKED)
         with self._busy():
-            self._open()
+            self._open()  # also delivers a pending connection.blocked
+            # Blocked, and a wake-up still waits: a publish would block too. (A notice with
+            # nothing waiting is cleared by the round trip below: the next publish tells.)
             if self._alarm and self._retries:
                 raise BrokerUnavailable(BLOCKED)
             # A round trip: the broker answers, not just the socket being open.
@@ -295,24 +304,17 @@ class Dispatcher:
         with self._lock:
             self._alarm = False
 
-    def _busy(self) -> _Busy:
-        return _Busy(self)
-
-
-class _Busy:
-    """Marks the dispatcher as inside a broker call, so a readiness check that finds it
-    stuck there answers at once instead of queueing behind it."""
-
-    def __init__(self, dispatcher: Dispatcher) -> None:
-        self.dispatcher = dispatcher
-
-    def __enter__(self) -> None:
-        with self.dispatcher._lock:
-            self.dispatcher._busy_since = self.dispatcher.clock()
-
-    def __exit__(self, *exc: object) -> None:
-        with self.dispatcher._lock:
-            self.dispatcher._busy_since = None
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """Marks the thread as inside a broker call, so that a readiness check finding it
+        stuck there answers at once instead of queueing behind it."""
+        with self._lock:
+            self._busy_since = self.clock()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy_since = None
 
 
 def _describe(err: BaseException) -> str:
