@@ -172,3 +172,14 @@ def test_test_holds_are_read_per_point():
     assert Settings.from_env({}).hold_seconds("restore") == 0.0
     with pytest.raises(ConfigError, match="CAPY_TEST_HOLDS is for fault-injection tests only"):
         Settings.from_env({"CAPY_TEST_HOLDS": "restore=30"})
+
+
+def test_the_publish_deadline_is_a_few_seconds_and_bounded():
+    d = Settings.from_env({})
+    assert (d.publish_deadline_seconds, d.broker_blocked_timeout_seconds) == (3, 30)
+    s = Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "5", "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS": "10"})
+    assert (s.publish_deadline_seconds, s.broker_blocked_timeout_seconds) == (5, 10)
+    with pytest.raises(ConfigError, match="CAPY_PUBLISH_DEADLINE_SECONDS .* at most 20"):
+        Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "25"})
+    with pytest.raises(ConfigError, match="CAPY_PUBLISH_DEADLINE_SECONDS"):
+        Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "0"})
