@@ -266,6 +266,17 @@ def test_limits_and_unknown_routes(client, world):
     assert resp.status_code == 405 and "not allowed" in resp.json["error"]
 
 
+def test_each_request_closes_its_control_database_connection(client, world):
+    """A connection per request: none outlives its response, so a restarted Postgres
+    costs at most the one request that met it (tests/e2e/test_web_outages.py)."""
+    from pipeline.db import database
+
+    database.connect(reuse_if_open=True)
+    resp = client.simulate_get(f"/v1/projects/{world.project.id}/jobs", headers={"X-API-Key": world.key})
+    assert resp.status_code == 200
+    assert database.is_closed()
+
+
 def test_health_and_readiness(control_db, uploads):
     def down():
         raise ConnectionError("broker down")
