@@ -127,7 +127,7 @@ class Dispatcher:
         if busy_since is not None and self.clock() - busy_since > self.deadline:
             waited = self.clock() - busy_since
             cause = BLOCKED if alarm else "blocked by a resource alarm, or unreachable"
-            raise BrokerUnavailable(f"RabbitMQ has not answered a publish for {waited:.0f} s ({cause})")
+            raise BrokerUnavailable(f"RabbitMQ has not answered for {waited:.0f} s ({cause})")
         request = _Request("check", since=self.clock())
         if not self._submit(request):
             raise BrokerUnavailable(f"{MAX_WAITING} wake-ups wait for the job queue")
