@@ -10,6 +10,7 @@ import falcon
 
 from app import errors
 from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
+from app.dbsession import DatabaseSession
 from app.edge import InputValidation
 from app.resources import (
     AuditEventsResource,
@@ -46,7 +47,8 @@ def create_app(services: Services) -> falcon.App:
     auth = AuthMiddleware(
         services.authenticators, services.rate_limiter, unknown_token_message=services.unknown_token_message
     )
-    app = falcon.App(middleware=[InputValidation(), auth])
+    # The database session comes first, so every other component's queries are in it.
+    app = falcon.App(middleware=[DatabaseSession(), InputValidation(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     app.add_route("/healthz", HealthResource())

@@ -21,6 +21,7 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
 from pipeline.uploads import Uploads
+from stages.errors import CapyError
 
 
 def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
@@ -162,7 +163,12 @@ class HealthResource:
 
 
 class ReadyResource:
-    """Ready when every dependency answers; 503 naming the ones that do not."""
+    """Ready when every dependency answers now; 503 naming the ones that do not.
+
+    Each check asks its dependency afresh, within a few seconds: the database on this
+    request's own connection, the broker through the dispatcher that publishes (a
+    round trip on its connection, reopened if it was lost), storage with short timeouts.
+    """
 
     auth_required = False
 
@@ -175,7 +181,9 @@ class ReadyResource:
             try:
                 check()
                 results[name] = "ok"
-            except Exception as err:  # any failure means "not ready"; say which
+            except CapyError as err:  # ours say what is wrong, without secrets
+                results[name] = f"unavailable: {err.message}"
+            except Exception as err:  # any other failure means "not ready"; say which
                 results[name] = f"unavailable: {type(err).__name__}"
         down = [name for name, state in results.items() if state != "ok"]
         if down:

@@ -13,6 +13,7 @@ from app.clerk import ClerkAuthenticator, JwksCache
 from pipeline import logs
 from pipeline.config import ConfigError, Settings
 from pipeline.db import database, init_database
+from pipeline.dispatcher import Dispatcher
 from pipeline.queue import StageQueue, make_broker
 from pipeline.ratelimit import RateLimiter
 from pipeline.sealing import Sealer
@@ -48,16 +49,15 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         log.critical("the API cannot start: %s", err)
         raise
     init_database(settings.database_url)
-    broker = make_broker(settings)
-    queue = StageQueue(broker, settings)
+    broker = make_broker(settings, publisher=True)
+    # Request threads hand wake-ups to one thread that owns the broker connection.
+    dispatcher = Dispatcher(broker, StageQueue(broker, settings).actors, deadline=settings.publish_deadline_seconds)
     if settings.uses_dev_secret:
         log.warning("development mode: stored secrets use the public development key (never in production)")
 
     def database_ready() -> None:
+        # A connection of this request's own (DatabaseSession closes it at the response).
         database.execute_sql("SELECT 1")
-
-    def broker_ready() -> None:
-        broker.channel.connection.process_data_events(0)
 
     uploads = Uploads(
         object_store(settings),
@@ -69,10 +69,9 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         Services(
             settings=settings,
             sealer=sealer,
-            wake=queue.wake,
+            wake=dispatcher.wake,
             uploads=uploads,
-            # Creating the bucket if missing doubles as the storage check.
-            readiness={"database": database_ready, "broker": broker_ready, "storage": uploads.ensure_bucket},
+            readiness={"database": database_ready, "broker": dispatcher.check, "storage": uploads.check_storage},
             authenticators=auth,
             rate_limiter=RateLimiter(settings.rate_limit_per_minute),
             unknown_token_message=(

@@ -145,6 +145,14 @@ class Settings:
     # (restore: a psql sleeping in the preview; swap: inside the swap's transaction),
     # so a fault-injection test can kill the worker there. Never set in production.
     test_holds: str = ""
+    # How long `POST …/imports` waits for RabbitMQ to confirm the job's first wake-up (and
+    # the readiness check for the broker to answer). Past it the job is answered 202,
+    # recorded and "queued for dispatch": the web process and the sweep publish it later.
+    publish_deadline_seconds: int = 3
+    # pika's blocked_connection_timeout for the web's publishing connection: a connection
+    # RabbitMQ keeps blocked (connection.blocked: a memory or disk alarm) this long is
+    # closed and opened again, so one stuck publish does not hold every later one.
+    broker_blocked_timeout_seconds: int = 30
 
     def hold_seconds(self, point: str) -> float:
         """How long the first attempt holds at `point` (CAPY_TEST_HOLDS), 0 if not at all."""
@@ -262,6 +270,10 @@ class Settings:
             ),
             lease_seconds=_positive(env, "CAPY_LEASE_SECONDS", d.lease_seconds),
             test_holds=env.get("CAPY_TEST_HOLDS") or d.test_holds,
+            publish_deadline_seconds=_positive(env, "CAPY_PUBLISH_DEADLINE_SECONDS", d.publish_deadline_seconds),
+            broker_blocked_timeout_seconds=_positive(
+                env, "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS", d.broker_blocked_timeout_seconds
+            ),
         ).checked()
 
     def checked(self) -> Settings:
@@ -278,6 +290,11 @@ class Settings:
                 "consumer_timeout: a stage still running when the broker's timeout passes loses its message. "
                 "For big imports raise both together: consumer_timeout in rabbitmq.conf and "
                 "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS, then CAPY_STAGE_TIME_LIMIT_SECONDS below it"
+            )
+        if self.publish_deadline_seconds > 20:
+            raise ConfigError(
+                f"CAPY_PUBLISH_DEADLINE_SECONDS ({self.publish_deadline_seconds}) must be at most 20: a POST "
+                "waits that long for the broker, well inside gunicorn's 30 s request timeout"
             )
         if self.test_holds and not self.dev_mode:
             raise ConfigError("CAPY_TEST_HOLDS is for fault-injection tests only (development mode); unset it")

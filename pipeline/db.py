@@ -9,6 +9,8 @@ from playhouse.postgres_ext import PostgresqlExtDatabase
 
 database = peewee.DatabaseProxy()
 
+CONTROL_DB_TCP_TIMEOUT_MS = 10_000
+
 
 def connect_params(url: str) -> tuple[str, dict]:
     parsed = urlparse(url)
@@ -27,6 +29,20 @@ def connect_params(url: str) -> tuple[str, dict]:
 def init_database(url: str) -> PostgresqlExtDatabase:
     """Point the proxy at the control database (no connection is opened here)."""
     name, params = connect_params(url)
-    db = PostgresqlExtDatabase(name, connect_timeout=5, application_name="capy-imports", **params)
+    db = PostgresqlExtDatabase(
+        name,
+        connect_timeout=5,
+        application_name="capy-imports",
+        # A control database that stops answering mid-query (a network that drops
+        # packets, a host gone in a failover) ends the query with an error, answered 503,
+        # instead of holding the request until gunicorn's timeout: unacknowledged data
+        # fails after tcp_user_timeout, a silent idle peer after the keepalives.
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+        tcp_user_timeout=CONTROL_DB_TCP_TIMEOUT_MS,
+        **params,
+    )
     database.initialize(db)
     return db

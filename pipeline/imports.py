@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import peewee
 
-from pipeline import audit, jobs, uploads
+from pipeline import audit, uploads
 from pipeline.config import Settings
 from pipeline.db import database
-from pipeline.errors import Conflict, IdempotencyKeyReused, InvalidRequest, Unavailable
+from pipeline.errors import Conflict, IdempotencyKeyReused, InvalidRequest
 from pipeline.ids import new_id
-from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State
+from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State, utcnow
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from stages.errors import CapyError
 from stages.pgurl import SourceURL
+
+log = logging.getLogger(__name__)
 
 IMPORT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")
 PREFLIGHT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")  # confirm is accepted, not needed
@@ -123,6 +126,8 @@ def start_import(
 ) -> tuple[Job, bool]:
     """Create the job (pending, preflight) and enqueue its first stage.
 
+    `wake` raises CapyError when the broker did not confirm the wake-up; the job is then
+    returned all the same, pending and queued for dispatch (see _queued_for_dispatch).
     Returns (job, created). A repeated Idempotency-Key with the same request returns the
     first job with created False; with a different request, IdempotencyKeyReused. A
     second active import on the project raises Conflict.
@@ -187,11 +192,30 @@ def start_import(
     try:
         wake(job_id, Stage.PREFLIGHT.value)
     except CapyError as err:
-        jobs.fail(
-            job_id,
-            "api",
-            "the job queue is unavailable; the import was not started, try again",
-            classification="transient",
-        )
-        raise Unavailable("the job queue is unavailable; try again shortly") from err
+        return _queued_for_dispatch(job, err), True
     return job, True
+
+
+def _queued_for_dispatch(job: Job, err: CapyError) -> Job:
+    """The job is recorded but its wake-up was not confirmed: say so in its progress.
+
+    The job row is the outbox (pipeline/dispatcher.py says why): the web process keeps
+    publishing the wake-up, and `capy-imports sweep` re-wakes a pending job never
+    picked up. Only a job nobody has claimed yet is touched, and no event is written:
+    nothing changed state, and the sweep counts events to find jobs never published.
+    """
+    log.warning("job %s is recorded but not yet dispatched: %s", job.id, err.message)
+    progress = {
+        "phase": "queued",
+        "detail": (
+            "queued for dispatch: the job queue did not accept the job in time; it is recorded and "
+            "starts automatically when the queue is back (no need to send the request again)"
+        ),
+    }
+    rows = list(
+        Job.update(progress=progress, updated_at=utcnow())
+        .where((Job.id == job.id) & (Job.state == State.PENDING.value) & Job.claimed_by.is_null())
+        .returning(Job)
+        .execute()
+    )
+    return rows[0] if rows else Job.get_by_id(job.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import dramatiq
 import pika.exceptions
@@ -21,13 +22,34 @@ from stages.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
+# The web's connection attempts: a broker that does not complete TCP within this is down.
+PUBLISHER_CONNECT_TIMEOUT_SECONDS = 3
+
 Handler = Callable[[str, str], None]
 ExhaustedHandler = Callable[[str, str], None]
 
 
-def make_broker(settings: Settings) -> RabbitmqBroker:
-    """A RabbitMQ broker with publisher confirms; connects lazily, on first use."""
+def make_broker(settings: Settings, *, publisher: bool = False) -> RabbitmqBroker:
+    """A RabbitMQ broker with publisher confirms; connects lazily, on first use.
+
+    `publisher` (the web process, which only publishes, through its Dispatcher): every
+    wait on the broker is bounded — connecting (socket and handshake timeouts) and a
+    connection RabbitMQ keeps blocked (`blocked_connection_timeout`). Workers keep pika's
+    defaults: their consumer connections must not be recycled during a resource alarm.
+    Parameters the URL sets itself (e.g. `?heartbeat=`) are left as the URL says.
+    """
     broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True)
+    if publisher:
+        query = parse_qs(urlsplit(settings.broker_url).query)
+        parameters = broker.parameters if isinstance(broker.parameters, list) else [broker.parameters]
+        for params in parameters:
+            if "blocked_connection_timeout" not in query:
+                params.blocked_connection_timeout = settings.broker_blocked_timeout_seconds
+            if "socket_timeout" not in query:
+                params.socket_timeout = PUBLISHER_CONNECT_TIMEOUT_SECONDS
+            if "stack_timeout" not in query:
+                params.stack_timeout = PUBLISHER_CONNECT_TIMEOUT_SECONDS + 2
+            params.connection_attempts = 1
     dramatiq.set_broker(broker)
     return broker
 
@@ -108,5 +130,5 @@ class StageQueue:
         now; TransientError if the broker is down."""
         try:
             self.actors[stage].send_with_options(args=(job_id,), delay=delay_ms or None)
-        except (dramatiq.errors.ConnectionError, pika.exceptions.AMQPError, OSError) as err:
+        except (dramatiq.errors.BrokerConnectionError, pika.exceptions.AMQPError, OSError) as err:
             raise TransientError(f"could not enqueue the {stage} stage: the broker is unavailable") from err

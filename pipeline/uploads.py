@@ -60,6 +60,11 @@ class Uploads:
             self.store.ensure_bucket()
             self._bucket_ready.set()
 
+    def check_storage(self) -> None:
+        """Readiness: storage answers now (asked every time, with short timeouts)."""
+        self.store.check()
+        self._bucket_ready.set()
+
     def create(self, project: Project, principal: Principal) -> dict[str, Any]:
         """A new object key and a presigned POST form for it, bounded by the project's
         storage limit; records the upload and the audit event.

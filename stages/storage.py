@@ -37,6 +37,8 @@ from stages.errors import InvalidObjectKey, ObjectMissing, ObjectTooLarge, Stora
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+# The readiness probe's connect and read timeouts.
+PROBE_TIMEOUT_SECONDS = 3
 KEY_PREFIX = "imports"
 # S3 limits keys to 1024 bytes of UTF-8.
 MAX_KEY_BYTES = 1024
@@ -67,9 +69,13 @@ class ObjectStore:
     `presign_client` only signs for the public endpoint `public_url` (it must have its
     region set, so that signing never makes a network call)."""
 
-    def __init__(self, client: Minio, presign_client: Minio, bucket: str, public_url: str) -> None:
+    def __init__(
+        self, client: Minio, presign_client: Minio, bucket: str, public_url: str, probe_client: Minio | None = None
+    ) -> None:
         self.client = client
         self.presign_client = presign_client
+        # Readiness asks with short timeouts and no retries: "does storage answer now?"
+        self.probe_client = probe_client or client
         self.bucket = bucket
         self.public_url = public_url.rstrip("/")
 
@@ -107,8 +113,24 @@ class ObjectStore:
             secure=public_tls,
             region=region,
         )
+        probe_client = Minio(
+            host,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=tls,
+            region=region,
+            http_client=_http_client(connect=PROBE_TIMEOUT_SECONDS, read=PROBE_TIMEOUT_SECONDS, retries=0),
+        )
         public_url = f"{'https' if public_tls else 'http'}://{public_host}"
-        return cls(client, presign_client, bucket, public_url)
+        return cls(client, presign_client, bucket, public_url, probe_client)
+
+    def check(self) -> None:
+        """Whether the bucket answers now, within a few seconds (readiness); a missing
+        bucket is created, as at startup. StorageUnavailable otherwise."""
+        with _translated(self.bucket):
+            exists = self.probe_client.bucket_exists(self.bucket)
+        if not exists:
+            self.ensure_bucket()
 
     def ensure_bucket(self) -> None:
         """Create the bucket unless it exists; safe when several processes race."""
@@ -352,14 +374,14 @@ def _split_endpoint(url: str, secure: bool) -> tuple[str, bool]:
     return parts.netloc, (parts.scheme == "https") if parts.scheme else secure
 
 
-def _http_client() -> urllib3.PoolManager:
+def _http_client(connect: float = 5, read: float = 60, retries: int = 3) -> urllib3.PoolManager:
     # minio's default waits 5 minutes to connect and retries 5 times; a readiness
     # probe or a stalled download should notice a dead endpoint much sooner.
     return urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=5, read=60),
+        timeout=urllib3.Timeout(connect=connect, read=read),
         maxsize=10,
         cert_reqs="CERT_REQUIRED",
         # The same CA lookup as minio's own default client.
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )

@@ -8,7 +8,8 @@ from falcon import testing
 
 from app.api import Services, create_app
 from pipeline import apikeys
-from pipeline.models import ApiKey
+from pipeline.dispatcher import DispatchDelayed
+from pipeline.models import ApiKey, JobEvent
 from pipeline.sealing import Sealer
 from pipeline.serialize import JOB_FIELDS
 from pipeline.uploads import Uploads
@@ -107,6 +108,35 @@ def test_idempotency_key_replays_the_same_job(client, world, queue):
     b = post_import(client, world, {"confirm": True, "source_url": SOURCE}, **{"Idempotency-Key": "k1"})
     assert a.status_code == 202 and b.status_code == 200
     assert a.json["job"]["id"] == b.json["job"]["id"] and len(queue.woken) == 1
+
+
+def test_a_job_whose_wake_up_is_not_confirmed_is_accepted_and_queued_for_dispatch(control_db, uploads, world):
+    """The job row is the outbox: a broker that does not confirm in time (down, blocking
+    publishers, dropping packets) gets 202 with the pending job, never a failed one."""
+    attempts = []
+
+    def unconfirmed(job_id, stage):
+        attempts.append((job_id, stage))
+        raise DispatchDelayed("the job queue did not confirm within 3 s")
+
+    services = Services(
+        settings=control_db, sealer=Sealer(control_db.secret_key), wake=unconfirmed, uploads=uploads, readiness={}
+    )
+    client = testing.TestClient(create_app(services))
+    body = {"confirm": True, "recreate": True, "source_url": SOURCE}
+    resp = post_import(client, world, body, **{"Idempotency-Key": "outage"})
+    assert resp.status_code == 202, resp.text
+    job = resp.json["job"]
+    assert (job["state"], job["error"], job["retry_classification"]) == ("pending", None, None)
+    assert job["progress"]["phase"] == "queued" and job["progress"]["detail"].startswith("queued for dispatch")
+    assert attempts == [(job["id"], "preflight")]
+    # The same key after (or during) the outage: the same job, still pending, not sent twice.
+    again = post_import(client, world, body, **{"Idempotency-Key": "outage"})
+    assert again.status_code == 200 and again.json["job"]["id"] == job["id"]
+    assert again.json["job"]["state"] == "pending" and len(attempts) == 1
+    # Exactly one event (its creation): the sweep's reaper knows it was never picked up.
+    events = JobEvent.select().where(JobEvent.job == job["id"])
+    assert [e.reason for e in events] == ["import requested"]
 
 
 @pytest.mark.parametrize(
@@ -234,6 +264,17 @@ def test_limits_and_unknown_routes(client, world):
     assert resp.status_code == 404 and resp.json == {"error": "no such route: GET /v1/nothing-here"}
     resp = client.simulate_delete(f"/v1/projects/{world.project.id}/imports", headers=auth)
     assert resp.status_code == 405 and "not allowed" in resp.json["error"]
+
+
+def test_each_request_closes_its_control_database_connection(client, world):
+    """A connection per request: none outlives its response, so a restarted Postgres
+    costs at most the one request that met it (tests/e2e/test_web_outages.py)."""
+    from pipeline.db import database
+
+    database.connect(reuse_if_open=True)
+    resp = client.simulate_get(f"/v1/projects/{world.project.id}/jobs", headers={"X-API-Key": world.key})
+    assert resp.status_code == 200
+    assert database.is_closed()
 
 
 def test_health_and_readiness(control_db, uploads):

@@ -70,18 +70,25 @@ def test_idempotency_key_returns_the_same_job(control_db, world):
     assert created and not created_again and again.id == first.id and woken == []
 
 
-def test_enqueue_failure_fails_the_job_and_frees_the_project(control_db, world):
-    from pipeline.errors import Unavailable
+def test_an_unconfirmed_wake_up_leaves_the_job_pending_and_queued_for_dispatch(control_db, world):
+    """The job row is the outbox (pipeline/dispatcher.py): the job is not failed, it keeps
+    the project, and the sweep's reaper wakes it if the web process could not."""
+    from pipeline import sweep
     from stages.errors import TransientError
 
     def broken(job_id, stage):
         raise TransientError("broker down")
 
-    with pytest.raises(Unavailable):
-        new_job(control_db, world, wake=broken)
-    job = Job.select().where(Job.project == world.project.id).get()
-    assert job.state == "failed" and job.retry_classification == "transient"
-    new_job(control_db, world)  # the project is free again
+    job, created, _ = new_job(control_db, world, wake=broken, idempotency_key="down")
+    assert created and (job.state, job.error) == ("pending", None)
+    assert job.progress["detail"].startswith("queued for dispatch")
+    assert Job.get_by_id(job.id).progress == job.progress
+    with pytest.raises(Conflict):
+        new_job(control_db, world)
+    replayed, created_again, _ = new_job(control_db, world, idempotency_key="down")
+    assert replayed.id == job.id and not created_again
+    later = jobs.utcnow() + dt.timedelta(minutes=2)
+    assert job.id in [stuck.id for stuck, _ in sweep.stuck_jobs(control_db, later)]
 
 
 def test_claim_is_exclusive_and_counts_attempts(control_db, world):

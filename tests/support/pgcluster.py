@@ -23,6 +23,27 @@ class TempCluster:
     port: int
     superuser: str
     password: str
+    data_dir: str = ""
+    bin_dir: str = "/usr/lib/postgresql/15/bin"
+
+    def stop(self) -> None:
+        """Stop the server at once (as a crash or a failover would), keeping its data."""
+        subprocess.run(
+            _as_postgres([f"{self.bin_dir}/pg_ctl", "-D", self.data_dir, "-m", "immediate", "-w", "stop"]),
+            check=True, capture_output=True,
+        )
+
+    def start(self) -> None:
+        """Start it again on the same port, with the options it was first started with."""
+        root = os.path.dirname(self.data_dir)
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root}"
+        subprocess.run(
+            _as_postgres(
+                [f"{self.bin_dir}/pg_ctl", "-D", self.data_dir, "-l", os.path.join(root, "log"), "-w", "-t", "60",
+                 "-o", options, "start"]
+            ),
+            check=True, capture_output=True,
+        )
 
     def url(self, dbname: str = "postgres", *, user: str | None = None, password: str | None = None) -> str:
         user = user or self.superuser
@@ -96,7 +117,7 @@ def temporary_cluster(
         capture_output=True,
     )
     try:
-        yield TempCluster(port=port, superuser="capy_admin", password=password)
+        yield TempCluster(port=port, superuser="capy_admin", password=password, data_dir=data, bin_dir=bin_dir)
     finally:
         subprocess.run(
             _as_postgres([f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]),

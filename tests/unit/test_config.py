@@ -188,3 +188,13 @@ def test_max_attempts_below_one_is_refused_however_settings_are_made():
 
     with pytest.raises(ConfigError, match="CAPY_MAX_ATTEMPTS must be at least 1"):
         dataclasses.replace(Settings.from_env({"CAPY_ENV": "development"}), max_attempts=0).checked()
+
+def test_the_publish_deadline_is_a_few_seconds_and_bounded():
+    d = Settings.from_env({})
+    assert (d.publish_deadline_seconds, d.broker_blocked_timeout_seconds) == (3, 30)
+    s = Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "5", "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS": "10"})
+    assert (s.publish_deadline_seconds, s.broker_blocked_timeout_seconds) == (5, 10)
+    with pytest.raises(ConfigError, match="CAPY_PUBLISH_DEADLINE_SECONDS .* at most 20"):
+        Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "25"})
+    with pytest.raises(ConfigError, match="CAPY_PUBLISH_DEADLINE_SECONDS"):
+        Settings.from_env({"CAPY_PUBLISH_DEADLINE_SECONDS": "0"})

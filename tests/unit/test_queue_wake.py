@@ -20,3 +20,22 @@ def test_wake_can_be_delayed_for_a_job_that_must_wait():
     delayed = later.get_nowait()
     assert b'"job_2"' in delayed and b'"eta"' in delayed
     broker.close()
+
+
+def test_the_web_publishers_broker_waits_for_nothing_unbounded():
+    import dramatiq
+
+    from pipeline.queue import make_broker
+
+    before = dramatiq.get_broker()
+    try:
+        web = make_broker(Settings(broker_blocked_timeout_seconds=12), publisher=True)
+        assert (web.parameters.blocked_connection_timeout, web.parameters.socket_timeout) == (12, 3)
+        assert web.parameters.connection_attempts == 1
+        url = "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=2&blocked_connection_timeout=7"
+        own = make_broker(Settings(broker_url=url), publisher=True)
+        assert (own.parameters.heartbeat, own.parameters.blocked_connection_timeout) == (2, 7)
+        worker = make_broker(Settings())
+        assert worker.parameters.blocked_connection_timeout is None  # consumers are never recycled
+    finally:
+        dramatiq.set_broker(before)
