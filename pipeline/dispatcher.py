@@ -51,6 +51,8 @@ MAX_BACKOFF_SECONDS = 30
 # sweep dispatches the job), so an outage cannot grow a web process's memory.
 MAX_WAITING = 1000
 
+# No queue is bound to it: a readiness probe's message is confirmed and dropped.
+READINESS_ROUTING_KEY = "capy-imports.readiness.probe"
 BLOCKED = "RabbitMQ is blocking publishers (connection.blocked: a memory or disk alarm)"
 
 
@@ -193,8 +195,11 @@ class Dispatcher:
             # nothing waiting is cleared by the round trip below: the next publish tells.)
             if self._alarm and self._retries:
                 raise BrokerUnavailable(BLOCKED)
-            # A round trip: the broker answers, not just the socket being open.
-            self.broker.channel.exchange_declare("amq.direct", exchange_type="direct", passive=True)
+            # A publish, confirmed: RabbitMQ blocks a connection only when it publishes
+            # (a resource alarm lets every other command through), so only a publish
+            # tells whether the next wake-up would go out. Unroutable and not mandatory:
+            # the broker confirms and drops it.
+            self.broker.channel.basic_publish(exchange="", routing_key=READINESS_ROUTING_KEY, body=b"")
         with self._lock:
             self._alarm = False
 

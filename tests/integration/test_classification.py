@@ -61,6 +61,19 @@ def wait_until(predicate, timeout: float) -> bool:
     return False
 
 
+@pytest.fixture(autouse=True)
+def forget_dead_clusters():
+    """A dead cluster stays registered no longer than its test: later tests' sweeps
+    would report it. Its projects and jobs go back to the live cluster they came from."""
+    yield
+    live = Cluster.get_or_none(Cluster.name == "local")
+    for cluster in Cluster.select().where(Cluster.name.startswith("gone-")):
+        if live is not None:
+            Project.update(cluster=live.id).where(Project.cluster == cluster.id).execute()
+            Job.update(cluster=live.id).where(Job.cluster == cluster.id).execute()
+        cluster.delete_instance()
+
+
 def on_dead_cluster(settings, world, port: int) -> Cluster:
     """Move the world's project to a registered cluster that has stopped answering."""
     cluster = Cluster.create(
