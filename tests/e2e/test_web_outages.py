@@ -60,8 +60,11 @@ def broker_service(control_db, rabbit, tmp_path):
     env = service_env(settings)
     cli(env, "migrate")
     tenant = _tenant(env)
+    # One web worker: readiness is asked of the dispatcher whose publish the alarm
+    # blocked (another worker's first publish may still be taken before RabbitMQ blocks
+    # its connection too).
     service = start_service(
-        settings, tmp_path, workers=0, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE)
+        settings, tmp_path, workers=0, web_workers=1, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE)
     )
     try:
         yield service, tenant, settings

@@ -143,7 +143,13 @@ def parent_pid(pid: int) -> int | None:
 
 
 def start_service(
-    settings: Settings, log_dir: Path, *, workers: int = 1, worker_env: dict[str, str] | None = None, **extra_env: str
+    settings: Settings,
+    log_dir: Path,
+    *,
+    workers: int = 1,
+    web_workers: int = 2,
+    worker_env: dict[str, str] | None = None,
+    **extra_env: str,
 ) -> Service:
     """gunicorn and `workers` dramatiq workers (named worker, worker2, …; each a process
     group of its own) over `settings`; `worker_env` goes to the workers only."""
@@ -154,7 +160,7 @@ def start_service(
     commands = {
         # A control socket of its own: gunicorn's default path is shared by every instance.
         "web": [
-            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(web_workers),
             "--worker-class", "gthread", "--threads", "4", "--timeout", "30",
             "--control-socket", str(log_dir / "gunicorn.ctl"), "app.wsgi:get_app()",
         ],
