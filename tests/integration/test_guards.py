@@ -14,15 +14,13 @@ import pytest
 from pipeline import jobs
 from pipeline.db import database
 from pipeline.import_steps import ImportSteps, StageContext, preview_name
-from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job
-from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from stages.commands import PgCommand, process_group_members
 from stages.errors import PermanentError
-from stages.pgurl import SourceURL
 from tests.support import pg
+from tests.support.imports import unwoken_job
 from tests.support.world import make_world
 
 LEASE = dt.timedelta(seconds=60)
@@ -30,14 +28,7 @@ LEASE = dt.timedelta(seconds=60)
 
 def new_job(settings):
     world = make_world(settings)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=lambda job_id, stage: None,
-    )
+    job = unwoken_job(settings, world)
     return job
 
 

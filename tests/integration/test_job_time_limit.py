@@ -12,32 +12,16 @@ import pytest
 
 from pipeline import jobs
 from pipeline.import_steps import ImportSteps
-from pipeline.imports import ImportRequest, start_import
 from pipeline.lease import Heartbeat
 from pipeline.models import Job
-from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from stages.commands import PgTools
 from stages.errors import PermanentCommandTimeout, TransientError
-from stages.pgurl import SourceURL
 from stages.timelimit import Limit
 from tests.support import pg
-from tests.support.imports import upload_and_import
+from tests.support.imports import unwoken_job, upload_and_import
 from tests.support.world import make_world
-
-
-def unwoken_job(settings, world) -> Job:
-    """A pending live import whose wake-ups go nowhere: the test drives its stages."""
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=lambda job_id, stage: None,
-    )
-    return job
 
 
 def sessions_running(marker: str, wait: float = 5.0) -> list[tuple]:

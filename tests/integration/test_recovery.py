@@ -25,6 +25,7 @@ from pipeline.sweep import sweep
 from stages.commands import PgCommand, process_group_members
 from stages.pgurl import SourceURL
 from tests.support import pg
+from tests.support.imports import unwoken_job
 from tests.support.world import make_world
 
 
@@ -64,14 +65,7 @@ class SlowStage:
 
 def new_job(settings, stage="fetch", **fields):
     world = make_world(settings)
-    job, _ = start_import(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=lambda job_id, stage: None,
-    )
+    job = unwoken_job(settings, world)
     Job.update(stage=stage, **fields).where(Job.id == job.id).execute()
     return Job.get_by_id(job.id)
 
@@ -273,7 +267,6 @@ def test_a_finalize_retried_after_an_old_swap_crash_reopens_the_live_database(co
     """A swap that crashed before swaps were one transaction left the live database
     refusing connections; the retried finalize (recreate: false, so it must read the
     live database to check it is still empty) re-enables it and completes."""
-    from pipeline.imports import ImportRequest
     from tests.support.inline import InlineQueue
 
     world = make_world(control_db)

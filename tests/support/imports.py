@@ -19,6 +19,20 @@ from tests.support.uploading import upload_file
 from tests.support.world import World
 
 
+def unwoken_job(settings: Settings, world: World) -> Job:
+    """A pending live import of a source nobody connects to, whose wake-ups go nowhere:
+    the test drives (or fakes) its stages itself."""
+    job, _ = start_import(
+        world.project,
+        Principal(world.org.id, None, "test"),
+        ImportRequest(recreate=False, source=SourceURL.parse("postgres://u:pw@db.example.com/app")),
+        settings=settings,
+        sealer=Sealer(settings.secret_key),
+        wake=lambda job_id, stage: None,
+    )
+    return job
+
+
 def run_import(settings: Settings, world: World, source_url: str, *, recreate: bool = False) -> Job:
     return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse_source(source_url)))
 
