@@ -443,7 +443,7 @@ def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> N
             "dev mode (CAPY_ENV=development): loopback and private source addresses are allowed, "
             "secrets are sealed with the public development key",
             "",
-            "Load a sample source:  psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -f ../shared/corpus/chinook.sql",
+            "Load a sample source:  psql -h 127.0.0.1 -U postgres -d postgres -v ON_ERROR_STOP=1 -f tests/corpus/chinook.sql",
             "Import it:",
             example,
             f"Then poll:  curl -sS {base}/v1/jobs/<job id> -H 'Authorization: Bearer {key}'",

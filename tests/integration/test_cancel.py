@@ -11,9 +11,7 @@ import threading
 import time
 
 import pytest
-from falcon import testing
 
-from app.api import Services, create_app
 from pipeline import accounts, apikeys, cancellation, jobs
 from pipeline.errors import Conflict, NotFound
 from pipeline.import_steps import ImportSteps, restore_role_name
@@ -21,10 +19,10 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import AuditEvent, Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from pipeline.uploads import Uploads
 from stages.cluster import ClusterAdmin
 from stages.pgurl import SourceURL
 from tests.support import pg
+from tests.support.api import api_client
 from tests.support.imports import create_upload
 from tests.support.inline import InlineQueue
 from tests.support.uploading import upload_file
@@ -288,14 +286,7 @@ def test_a_cancel_during_finalize_never_half_swaps(control_db, store, world, cor
 
 @pytest.fixture
 def client(control_db, store):
-    services = Services(
-        settings=control_db,
-        sealer=Sealer(control_db.secret_key),
-        wake=lambda job_id, stage: None,
-        uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
-        readiness={},
-    )
-    return testing.TestClient(create_app(services))
+    return api_client(control_db, store)
 
 
 def post_cancel(client, job_id: str, key: str):

@@ -5,14 +5,11 @@ Retries run through the real stage actors on Dramatiq's StubBroker and Worker.""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import time
 
-import dramatiq
 import pytest
-from dramatiq.brokers.stub import StubBroker
 
 from pipeline import jobs
 from pipeline.accounts import add_cluster
@@ -21,7 +18,6 @@ from pipeline.import_steps import ImportSteps
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Cluster, Job, Project
 from pipeline.principals import Principal
-from pipeline.queue import StageQueue
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
@@ -30,6 +26,7 @@ from stages.errors import TransientCommandFailure, TransientError
 from stages.pgurl import SourceURL
 from tests.integration.test_preflight_api import client_for, preflight
 from tests.support.pgcluster import free_port
+from tests.support.stubworker import stage_workers
 from tests.support.world import make_world
 
 UNAVAILABLE = "the project's database cluster is unavailable; try again shortly"
@@ -90,24 +87,15 @@ def on_dead_cluster(settings, world, port: int) -> Cluster:
 @pytest.fixture
 def stage_worker(control_db, store):
     """The real stage actors and steps on a StubBroker, served by a real Worker."""
-    made = []
+    with stage_workers(control_db) as workers:
 
-    def make(**overrides):
-        settings = dataclasses.replace(control_db, queue_prefix=f"stub_{secrets.token_hex(3)}", **overrides)
-        broker = StubBroker()
-        broker.emit_after("process_boot")
-        queue = StageQueue(broker, settings)
-        steps = ImportSteps(settings, Sealer(settings.secret_key), store)
-        runner = Runner(settings, steps, queue.wake, heartbeat_seconds=1)
-        queue.handler, queue.on_exhausted = runner.run, runner.exhausted
-        worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=1)
-        worker.start()
-        made.append(worker)
-        return settings, queue
+        def make(**overrides):
+            settings, queue, _worker = workers.start(
+                steps_for=lambda settings: ImportSteps(settings, Sealer(settings.secret_key), store), **overrides
+            )
+            return settings, queue
 
-    yield make
-    for worker in made:
-        worker.stop(timeout=10_000)
+        yield make
 
 
 def test_a_source_refusing_connections_is_retried_then_fails_saying_it_kept_refusing(control_db, stage_worker):

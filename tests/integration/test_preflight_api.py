@@ -5,15 +5,13 @@ import datetime as dt
 import json
 
 import pytest
-from falcon import testing
 
-from app.api import Services, create_app
 from pipeline.models import Job
 from pipeline.principals import Principal
-from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.checks import human_bytes
 from tests.support import pg
+from tests.support.api import api_client
 from tests.support.bombs import gzip_bomb
 from tests.support.uploading import upload_file
 from tests.support.world import make_world
@@ -35,14 +33,7 @@ LIVE_CHECKS = [
 
 
 def client_for(settings, store):
-    services = Services(
-        settings=settings,
-        sealer=Sealer(settings.secret_key),
-        wake=lambda *a: None,
-        uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
-        readiness={},
-    )
-    return testing.TestClient(create_app(services))
+    return api_client(settings, store)
 
 
 def preflight(client, world, body):

@@ -3,7 +3,6 @@ Dramatiq's real Worker (StubBroker), a foreign lease met by a redelivery, the re
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import secrets
@@ -12,13 +11,11 @@ import time
 
 import dramatiq
 import pytest
-from dramatiq.brokers.stub import StubBroker
 
 from pipeline import jobs
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, JobEvent
 from pipeline.principals import Principal
-from pipeline.queue import StageQueue
 from pipeline.runner import RECHECK_MARGIN, Runner
 from pipeline.sealing import Sealer
 from pipeline.sweep import sweep
@@ -26,6 +23,7 @@ from stages.commands import PgCommand, process_group_members
 from stages.pgurl import SourceURL
 from tests.support import pg
 from tests.support.imports import unwoken_job
+from tests.support.stubworker import stage_workers
 from tests.support.world import make_world
 
 
@@ -92,24 +90,13 @@ class Enqueued(dramatiq.Middleware):
 @pytest.fixture
 def stub_queue(control_db):
     """The real stage actors on a StubBroker, served by a real dramatiq Worker."""
-    made = []
+    with stage_workers(control_db) as workers:
 
-    def make(steps, **overrides):
-        settings = dataclasses.replace(control_db, queue_prefix=f"stub_{secrets.token_hex(3)}", **overrides)
-        broker = StubBroker()
-        broker.add_middleware(Enqueued())
-        broker.emit_after("process_boot")  # as the dramatiq command does: starts the time limit's timer
-        queue = StageQueue(broker, settings)
-        runner = Runner(settings, steps, queue.wake, heartbeat_seconds=1)
-        queue.handler, queue.on_exhausted = runner.run, runner.exhausted
-        worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=1)
-        worker.start()
-        made.append(worker)
-        return queue, worker
+        def make(steps, **overrides):
+            _settings, queue, worker = workers.start(steps, middleware=[Enqueued()], **overrides)
+            return queue, worker
 
-    yield make
-    for worker in made:
-        worker.stop(timeout=10_000)
+        yield make
 
 
 def test_the_stage_time_limit_stops_the_tool_and_fails_the_job(control_db, stub_queue):

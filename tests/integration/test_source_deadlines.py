@@ -9,18 +9,13 @@ bounds are generous ("returned, well before deadline + 10 s"), never exact timin
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import os
 import secrets
 import time
 
 import pytest
-from falcon import testing
 
-from app.api import Services, create_app
-from pipeline.sealing import Sealer
-from pipeline.uploads import Uploads
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import PgTools
 from stages.connect import connect
@@ -32,6 +27,7 @@ from stages.pgurl import SourceURL
 from stages.preflight import check_live_source
 from stages.targetinfo import describe_target
 from tests.support import pg
+from tests.support.api import api_client
 from tests.support.muteproxy import mute_after_login
 from tests.support.world import make_world
 
@@ -93,17 +89,7 @@ def test_preflight_returns_within_its_deadline_when_the_source_stops_answering(s
 def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
     settings = dataclasses.replace(control_db, preflight_deadline_seconds=DEADLINE)
     world = make_world(settings)
-    client = testing.TestClient(
-        create_app(
-            Services(
-                settings=settings,
-                sealer=Sealer(settings.secret_key),
-                wake=lambda *a: None,
-                uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
-                readiness={},
-            )
-        )
-    )
+    client = api_client(settings, store)
     with mute_after_login() as proxy:
         started = time.monotonic()
         resp = client.simulate_post(
@@ -219,17 +205,7 @@ def test_one_organization_cannot_take_every_web_thread_with_preflights(control_d
 
     settings = dataclasses.replace(control_db, preflight_deadline_seconds=6, org_max_concurrent_preflights=2)
     tenant, other = make_world(settings), make_world(settings)
-    client = testing.TestClient(
-        create_app(
-            Services(
-                settings=settings,
-                sealer=Sealer(settings.secret_key),
-                wake=lambda *a: None,
-                uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
-                readiness={},
-            )
-        )
-    )
+    client = api_client(settings, store)
 
     def preflight(world, port: int):
         return client.simulate_post(

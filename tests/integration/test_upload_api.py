@@ -12,20 +12,14 @@ from pipeline.models import Job, Upload, utcnow
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.errors import ObjectMissing
+from tests.support.api import api_client
 from tests.support.uploading import post_file
 from tests.support.world import make_world
 
 
 @pytest.fixture
 def client(control_db, store):
-    services = Services(
-        settings=control_db,
-        sealer=Sealer(control_db.secret_key),
-        wake=lambda job_id, stage: None,
-        uploads=Uploads(store, expiry=dt.timedelta(hours=1)),
-        readiness={},
-    )
-    return testing.TestClient(create_app(services))
+    return api_client(control_db, store)
 
 
 @pytest.fixture
