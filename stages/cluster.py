@@ -438,8 +438,7 @@ class ClusterAdmin:
         """Drop a database if it exists, disconnecting anyone still in it (its owner may
         have marked it a template, which DROP DATABASE refuses) and rolling back what a
         dump prepared in it."""
-        if self.database_exists(name):
-            self.rollback_prepared(name)
+        self.rollback_prepared(name)  # connects to `name` only if it holds prepared transactions
         with self.autocommit() as cur:
             cur.execute("SELECT datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
             row = cur.fetchone()
