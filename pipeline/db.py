@@ -7,9 +7,17 @@ from urllib.parse import unquote, urlparse
 import peewee
 from playhouse.postgres_ext import PostgresqlExtDatabase
 
+from stages.errors import TransientError
+
 database = peewee.DatabaseProxy()
 
 CONTROL_DB_TCP_TIMEOUT_MS = 10_000
+# Errors of the control database's connection (down, restarted, unreachable).
+CONNECTION_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
+
+
+class ControlDatabaseUnavailable(TransientError):
+    """The service's control database was unavailable; the work will be tried again."""
 
 
 def connect_params(url: str) -> tuple[str, dict]:

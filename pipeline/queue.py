@@ -17,6 +17,7 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from pipeline.config import Settings
+from pipeline.db import ControlDatabaseUnavailable
 from pipeline.models import STAGE_ORDER
 from stages.errors import PermanentError, TransientError
 
@@ -24,6 +25,17 @@ log = logging.getLogger(__name__)
 
 # The web's connection attempts: a broker that does not complete TCP within this is down.
 PUBLISHER_CONNECT_TIMEOUT_SECONDS = 3
+# How often a stage's message is retried while the control database is away (backoff
+# doubling from 5 s to 5 min: about 1.5 hours). Such retries use none of the job's
+# attempts: nothing of the job could be run or recorded.
+CONTROL_DATABASE_RETRIES = 22
+
+
+def _retried(retries: int, exc: BaseException, max_attempts: int) -> bool:
+    """Whether Dramatiq retries a stage's message after `exc` (its `retries` so far)."""
+    if isinstance(exc, ControlDatabaseUnavailable):
+        return retries < CONTROL_DATABASE_RETRIES
+    return isinstance(exc, TransientError) and retries < max_attempts - 1
 
 Handler = Callable[[str, str], None]
 ExhaustedHandler = Callable[[str, str], None]
@@ -93,9 +105,7 @@ class StageQueue:
                 max_retries=max(0, settings.max_attempts - 1),
                 min_backoff=5_000,
                 max_backoff=300_000,
-                retry_when=lambda retries, exc: (
-                    isinstance(exc, TransientError) and retries < settings.max_attempts - 1
-                ),
+                retry_when=lambda retries, exc: _retried(retries, exc, settings.max_attempts),
                 throws=(PermanentError,),
                 # Below the broker's consumer_timeout (Settings.checked): a stage is
                 # stopped, and its message settled, before RabbitMQ takes it back.

@@ -32,13 +32,12 @@ import logging
 import re
 from typing import Protocol
 
-import peewee
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
 from pipeline import cancellation, jobs
 from pipeline.config import Settings
-from pipeline.db import database
+from pipeline.db import CONNECTION_ERRORS, ControlDatabaseUnavailable, database
 from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
 from pipeline.limits import job_over_time
@@ -78,6 +77,20 @@ class Runner:
         self.heartbeat_seconds = heartbeat_seconds or self.lease.total_seconds() / 6
 
     def run(self, job_id: str, stage: str) -> None:
+        """Run `stage` of the job if it is ours to run. Raises TransientError for
+        Dramatiq to retry the message; ControlDatabaseUnavailable when what failed was
+        the control database itself (claiming, committing, releasing): then nothing of
+        the attempt could be recorded, and the message is retried until it is back."""
+        try:
+            self._run(job_id, stage)
+        except CONNECTION_ERRORS as err:
+            database.close()  # the next statement reconnects
+            log.warning("job %s: %s could not reach the control database: %s", job_id, stage, err)
+            raise ControlDatabaseUnavailable(
+                f"the service's control database was unavailable during the {stage} stage; it will be retried"
+            ) from None
+
+    def _run(self, job_id: str, stage: str) -> None:
         actor = jobs.worker_id()
         try:
             job = jobs.claim(
@@ -155,16 +168,16 @@ class Runner:
                 return
             self._release(job_id, actor, err.message)
             raise
-        except (peewee.OperationalError, peewee.InterfaceError) as err:
-            # Ours, not the user's: transient, and the message names no server.
+        except CONNECTION_ERRORS as err:
+            # Ours, not the user's: the attempt is handed back without being counted,
+            # and the message names no server. When the release cannot be written
+            # either, run() says the control database is unavailable and the claim
+            # goes stale for a later message to take over.
             log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
             database.close()  # the next statement reconnects
             lost = f"the service's control database was unavailable during the {stage} stage; it will be retried"
-            if job.attempts >= job.max_attempts:
-                self._give_up(job, actor, stage, lost, None)
-                return
-            self._release(job_id, actor, lost)
-            raise TransientError(lost) from None
+            self._release(job_id, actor, lost, refund_attempt=True)
+            raise ControlDatabaseUnavailable(lost) from None
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
             internal = f"an internal error interrupted the {stage} stage; it will be retried"
@@ -268,11 +281,22 @@ class Runner:
         log.info("job %s: %s is held by %s; nothing to do", job_id, job.stage, job.claimed_by)
 
     def exhausted(self, job_id: str, stage: str) -> None:
-        """Retries ran out: fail the job with the last error it recorded."""
+        """The message's retries ran out: fail the job with the last error it recorded,
+        unless the job still has attempts left (its attempts failed without claiming,
+        e.g. while the control database was away): then wake the stage again."""
         job = Job.get_or_none(Job.id == job_id)
         if job is None or job.state not in ACTIVE_STATES:
             return
-        error, classification = gave_up(stage, job.attempts, job.error or "no error was recorded", None)
+        stale = job.claimed_by is None or job.heartbeat_at is None or job.heartbeat_at < jobs.utcnow() - self.lease
+        if job.stage == stage and job.attempts < job.max_attempts and stale:
+            log.warning(
+                "job %s: the %s message ran out of retries with %d of %d attempts used; waking it again",
+                job_id, stage, job.attempts, job.max_attempts,
+            )
+            self.wake(job_id, stage, delay_ms=int(self.lease.total_seconds() * 1000))
+            return
+        last = job.error or "the last attempt ended without recording an error"
+        error, classification = gave_up(stage, job.attempts, last, None)
         # Only a job nobody is running: a live claim's holder decides for itself.
         failed = jobs.fail(
             job.id, "worker", error, classification=classification, stale_before=jobs.utcnow() - self.lease

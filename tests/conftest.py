@@ -82,7 +82,7 @@ def control_db(base_settings):
 
 # Queue prefixes of the run: the e2e modules that start services of their own use
 # their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py).
-QUEUE_SUFFIXES = ("", "_prod", "_crash")
+QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak")
 
 
 def _delete_queues(settings: Settings) -> None:

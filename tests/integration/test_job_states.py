@@ -162,6 +162,7 @@ def test_a_job_that_gave_up_does_not_promise_another_retry(control_db, world):
     from pipeline.runner import Runner
 
     job, _, _ = new_job(control_db, world)
+    Job.update(max_attempts=1).where(Job.id == job.id).execute()
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
     jobs.release(job.id, "w1", "an internal error interrupted the preflight stage; it will be retried")
 
@@ -174,3 +175,22 @@ def test_a_job_that_gave_up_does_not_promise_another_retry(control_db, world):
     assert failed.state == "failed" and failed.error == (
         "gave up on the preflight stage after 1 attempts; last error: an internal error interrupted the preflight stage"
     )
+
+
+def test_a_message_out_of_retries_wakes_a_job_with_attempts_left_instead_of_failing_it(control_db, world):
+    """Its runs failed before they could claim (the control database was away): none
+    of the job's attempts were used, so the job is woken again, not failed with no
+    error to show."""
+    from pipeline.runner import Runner
+
+    job, _, _ = new_job(control_db, world)
+    woken = []
+
+    class NoSteps:
+        def cleanup(self, job, *, succeeded):
+            raise AssertionError("nothing to clean up: the job goes on")
+
+    Runner(control_db, NoSteps(), lambda *a, **k: woken.append((a, k))).exhausted(job.id, "preflight")
+    after = Job.get_by_id(job.id)
+    assert after.state == job.state and after.error is None
+    assert woken == [((job.id, "preflight"), {"delay_ms": control_db.lease_seconds * 1000})]

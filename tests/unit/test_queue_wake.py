@@ -39,3 +39,17 @@ def test_the_web_publishers_broker_waits_for_nothing_unbounded():
         assert worker.parameters.blocked_connection_timeout is None  # consumers are never recycled
     finally:
         dramatiq.set_broker(before)
+
+
+def test_a_control_database_outage_is_retried_beyond_the_jobs_attempts():
+    from pipeline.db import ControlDatabaseUnavailable
+    from pipeline.queue import CONTROL_DATABASE_RETRIES, _retried
+    from stages.errors import PermanentError, TransientError
+
+    assert _retried(1, TransientError("source timed out"), 3)
+    assert not _retried(2, TransientError("source timed out"), 3)
+    assert not _retried(0, PermanentError("bad dump"), 3)
+    assert not _retried(0, RuntimeError("bug"), 3)
+    assert _retried(2, ControlDatabaseUnavailable("down"), 3)
+    assert _retried(CONTROL_DATABASE_RETRIES - 1, ControlDatabaseUnavailable("down"), 3)
+    assert not _retried(CONTROL_DATABASE_RETRIES, ControlDatabaseUnavailable("down"), 3)
