@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 PYTHON ?= python3
 
-.PHONY: install run test lint seed
+.PHONY: install run test soak lint seed
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# 30 imports across 3 workers while a random worker is SIGKILLed every few seconds
+# (about 10 minutes; CAPY_SOAK_SEED picks another sequence of kills).
+soak: install
+	$(BIN)/python -m pytest -m soak -s tests/soak
 
 lint: install
 	$(BIN)/ruff check app pipeline stages tests

@@ -183,10 +183,10 @@ def start_service(
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if requests.get(service.base_url + "/readyz", timeout=2).status_code == 200:
+            if requests.get(service.base_url + "/readyz", timeout=5).status_code == 200:
                 return service
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or slow to answer on a busy machine
         if any(p.poll() is not None for p in service.processes):
             break
         time.sleep(0.3)
