@@ -280,7 +280,15 @@ class ImportSteps:
         if job.upload_key:
             result = preflight_upload(project, job.upload_key, self.settings, self.sealer, self.store, recreate=job.recreate)
         else:
-            result = preflight_source(project, self._source(job), self.settings, self.sealer, recreate=job.recreate)
+            result = preflight_source(
+                project,
+                self._source(job),
+                self.settings,
+                self.sealer,
+                recreate=job.recreate,
+                cancellation=context.cancellation,
+            )
+        context.check_cancelled()  # a cancel that interrupted the checks is not their failure
         result.report.raise_for_failure()
         facts: dict[str, Any] = {"preflight": result.response()}
         if result.report.pinned is not None:

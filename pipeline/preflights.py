@@ -24,7 +24,8 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from stages.checks import Preflight, Target
 from stages.cluster import RoleLogin
-from stages.commands import PgTools
+from stages.commands import Cancellation, PgTools
+from stages.deadline import Deadline
 from stages.errors import ObjectMissing, PermanentError
 from stages.pgurl import SourceURL
 from stages.preflight import check_live_source, check_upload_head
@@ -54,15 +55,31 @@ def target_for(project: Project, settings: Settings, sealer: Sealer, *, recreate
     )
 
 
-def preflight_source(project: Project, source: SourceURL, settings: Settings, sealer: Sealer, *, recreate: bool) -> PreflightResult:
+def preflight_source(
+    project: Project,
+    source: SourceURL,
+    settings: Settings,
+    sealer: Sealer,
+    *,
+    recreate: bool,
+    cancellation: Cancellation | None = None,
+) -> PreflightResult:
+    """The live source's checks; a cancel of `cancellation` (the worker's stage) ends
+    the source session at once instead of at the preflight deadline."""
     target = target_for(project, settings, sealer, recreate=recreate)
-    report = check_live_source(
-        source,
-        target,
-        allow_private=settings.allow_private_sources,
-        timeout=settings.source_connect_timeout,
-        deadline_seconds=settings.preflight_deadline_seconds,
-    )
+    deadline = Deadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
+    unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else None
+    try:
+        report = check_live_source(
+            source,
+            target,
+            allow_private=settings.allow_private_sources,
+            timeout=settings.source_connect_timeout,
+            deadline=deadline,
+        )
+    finally:
+        if unsubscribe is not None:
+            unsubscribe()
     return PreflightResult(report, target)
 
 

@@ -63,9 +63,30 @@ class Deadline:
         self.what = what
         self.clock = clock
         self.expires_at = None if total is None else clock() + total
+        self.cancelled = False
+        self._watchdogs: list[Watchdog] = []
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """End the deadline now (the work it bounds was cancelled): every round trip
+        under it is interrupted at once and none starts."""
+        with self._lock:
+            self.cancelled = True
+            watchdogs = list(self._watchdogs)
+        for watchdog in watchdogs:
+            watchdog.fire()
+
+    def watch(self, watchdog: Watchdog) -> None:
+        with self._lock:
+            self._watchdogs.append(watchdog)
+            cancelled = self.cancelled
+        if cancelled:
+            watchdog.fire()
 
     def remaining(self) -> float:
         """Seconds the next round trip may take (0 or less: none left)."""
+        if self.cancelled:
+            return 0.0
         budgets = []
         if self.per_read is not None:
             budgets.append(self.per_read)
@@ -96,8 +117,11 @@ class Watchdog:
         self._lock = threading.Lock()
         self._released = False
         self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        deadline.watch(self)
 
     def expired(self) -> SourceTimedOut:
+        if self.deadline.cancelled:
+            return SourceTimedOut(f"the session with the source database at {self.where} was interrupted: cancelled")
         return SourceTimedOut(
             f"the source database at {self.where} did not answer within {self.deadline.limit()}; "
             "it accepted the connection but stopped answering: check that it is not overloaded, "
@@ -109,7 +133,7 @@ class Watchdog:
         budget = self.deadline.remaining()
         if self.fired or budget <= 0:
             raise self.expired()
-        timer = threading.Timer(budget, self._fire)
+        timer = threading.Timer(budget, self.fire)
         timer.daemon = True
         timer.start()
         try:
@@ -123,7 +147,8 @@ class Watchdog:
         if self.fired:  # the answer and the deadline came together: the socket is gone
             raise self.expired()
 
-    def _fire(self) -> None:
+    def fire(self) -> None:
+        """Shut the socket down: the round trip under way (or the next) fails."""
         with self._lock:
             if self._released:
                 return

@@ -87,6 +87,7 @@ def check_live_source(
     timeout: int = 10,
     deadline_seconds: float = 20,
     resolver: Resolver = resolve,
+    deadline: Deadline | None = None,
 ) -> Preflight:
     """Run the `LIVE_CHECKS` for a source URL. `report.pinned` is the source with the
     checked address as `hostaddr` (None when it was not allowed): later stages connect
@@ -95,8 +96,10 @@ def check_live_source(
     Resolving, connecting and reading the source together take at most
     `deadline_seconds` (plus the moment a timed-out socket takes to close): a source
     that stops answering fails `source_reachable` saying so, it never holds the caller.
+    A caller that passes its own `deadline` may cancel it (`Deadline.cancel`) to end
+    the checks at once.
     """
-    deadline = Deadline(total=deadline_seconds, what="the preflight deadline")
+    deadline = deadline or Deadline(total=deadline_seconds, what="the preflight deadline")
     report = Preflight()
     provider = detect_provider(source.host, source.port, source.user)
     report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)

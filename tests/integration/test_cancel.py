@@ -3,6 +3,7 @@ seconds, drop their preview and restore role, and free the project."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -343,3 +344,38 @@ def test_cancel_of_a_running_job_over_http_answers_the_job_with_its_marker(contr
     assert (body["state"], body["claimed_by"]) == ("running", "busy-worker") and body["cancel_requested_at"]
     # The worker holding it ends it (here by hand: its stage is not really running).
     assert cancellation.finish(job.id, "busy-worker").state == "cancelled"
+
+
+def test_a_cancel_during_preflight_interrupts_the_source_session(control_db, store, world):
+    """The worker's preflight waits on a source that stopped answering: a cancel ends
+    that wait within seconds (the watchdog shuts the socket down), not at the
+    preflight deadline, and the job ends cancelled, not failed by the timeout."""
+    from tests.support.muteproxy import mute_after_login
+
+    settings = dataclasses.replace(control_db, preflight_deadline_seconds=60)
+    with mute_after_login() as proxy:
+        source = SourceURL.parse(f"postgres://postgres@127.0.0.1:{proxy.port}/postgres?sslmode=disable")
+        queue = InlineQueue(settings)
+        job = start(settings, world, queue.wake, ImportRequest(recreate=False, source=source))
+        queue.woken.popleft()
+        failures: list[BaseException] = []
+
+        def preflight() -> None:
+            try:
+                queue.runner.run(job.id, "preflight")
+            except BaseException as err:  # reported by the test, not lost in the thread
+                failures.append(err)
+
+        worker = threading.Thread(target=preflight)
+        worker.start()
+        assert proxy.held.wait(30), "the preflight never reached the source"
+        began = time.monotonic()
+        cancel(settings, store, job.id, actor="api_key:key_abc")
+        worker.join(30)
+        assert not worker.is_alive() and failures == []
+        assert time.monotonic() - began < 15  # the preflight deadline is 60 s
+    done = Job.get_by_id(job.id)
+    assert (done.state, done.error) == (
+        "cancelled",
+        "cancelled by api_key:key_abc during the preflight stage; the project's database was not changed",
+    )
