@@ -319,10 +319,10 @@ def cmd_jobs_retry(args: argparse.Namespace, settings: Settings, out: Output) ->
     job = outcome.job
     text = (
         f"job {job.id} ({outcome.from_state} at {outcome.from_stage}) is pending again at its {job.stage} "
-        f"stage with its attempts reset; a worker picks it up now"
+        f"stage with its attempts reset" + ("; a worker picks it up now" if outcome.woken else "")
         + (f"; {outcome.note}" if outcome.note else "")
     )
-    out.emit({**_operator_job(job), "note": outcome.note}, text)
+    out.emit({**_operator_job(job), "note": outcome.note, "woken": outcome.woken}, text)
 
 
 def _stored(store: ObjectStore, key: str) -> bool:

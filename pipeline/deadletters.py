@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class DeadLetter:
     queue: str
     stage: str
     job_id: str | None
+    actor_name: str | None
     message_id: str | None
     retries: int | None
     failure: str
@@ -70,11 +72,21 @@ class DeadLetter:
         }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_JOB_ID = re.compile(r"^job_[0-9a-z]{1,64}$")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (terminal escapes among them) shown as `\\xNN`:
+    a dead letter's contents are anybody's, and operators read them in a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def _failure(options: dict[str, Any], headers: dict[str, Any]) -> str:
     """The last line of the traceback Dramatiq kept, else why RabbitMQ dead-lettered it."""
     lines = [line.strip() for line in str(options.get("traceback") or "").splitlines() if line.strip()]
     if lines:
-        return lines[-1][:500]
+        return printable(lines[-1][:500])
     deaths = headers.get("x-death") or []
     if deaths:
         return f"{deaths[0].get('reason', 'rejected')} without a recorded error (no retry was attempted)"
@@ -101,12 +113,17 @@ def _decode(queue: str, stage: str, tag: int, properties: Any, raw: bytes) -> De
     options = body.get("options") if isinstance(body.get("options"), dict) else {}
     args = body.get("args") if isinstance(body.get("args"), list) else []
     job_id = args[0] if args and isinstance(args[0], str) else None
+    if job_id is not None and not _JOB_ID.match(job_id):
+        job_id = None
     retries = options.get("retries")
+    message_id = body.get("message_id")
+    actor_name = body.get("actor_name")
     return DeadLetter(
         queue=queue,
         stage=stage,
         job_id=job_id,
-        message_id=body.get("message_id"),
+        actor_name=printable(actor_name) if isinstance(actor_name, str) else None,
+        message_id=printable(message_id) if isinstance(message_id, str) else None,
         retries=retries if isinstance(retries, int) else None,
         failure=_failure(options, headers) if body else "the message is not a Dramatiq message (undecodable)",
         dead_since=_dead_since(body, headers),
@@ -242,6 +259,9 @@ class DeadLetters:
         job ended or is unknown (then it never may)."""
         if letter.job_id is None:
             return "the message names no job", True
+        expected = f"{self.prefix}_{letter.stage}"
+        if letter.actor_name != expected:
+            return f"foreign: the message is for actor {letter.actor_name!r}, not this deployment's {expected}", True
         job = Job.get_or_none(Job.id == letter.job_id)
         if job is None:
             return "job unknown: no such job in this deployment's control database", True

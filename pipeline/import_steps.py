@@ -249,12 +249,19 @@ class ImportSteps:
         claim started is gone. On this host (same boot) its process group is killed if
         it is still there; on another host the kernel killed it with its worker (the
         parent-death signal, see stages.commands). Sessions it left in the preview end."""
+        self.stop_left_tool(job)
+        self.stop_sessions(job)
+
+    @staticmethod
+    def stop_left_tool(job: Job) -> None:
+        """Kill what is left on this host of the last tool a claim of the job started
+        (its process group, recognised by program and job label). On another host the
+        parent-death signal and the group's reaper stopped it (stages.commands)."""
         process = job.facts.get("tool_process")
         if process and process.get("host") == host_identity():
             killed = kill_process_group(int(process["pgid"]), str(process["program"]), process.get("label"))
             if killed:
                 log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process["program"], killed)
-        self.stop_sessions(job)
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
@@ -541,7 +548,9 @@ class ImportSteps:
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:
         then `capy-imports sweep` deletes it later) and, after a failure, its preview;
-        then its restore role."""
+        then its restore role. A tool an earlier claim left running here is killed first."""
+        if not succeeded:
+            self.stop_left_tool(job)
         shutil.rmtree(self._work_dir(job), ignore_errors=True)
         if job.upload_key and self.settings.upload_retention_seconds <= 0:
             try:

@@ -14,7 +14,7 @@ import peewee
 
 from pipeline import audit, jobs
 from pipeline.db import database
-from pipeline.errors import Conflict, InvalidRequest, NotFound, Unavailable
+from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.imports import active_job
 from pipeline.models import ACTIVE_STATES, STAGE_ORDER, Job, Project, Stage, State, utcnow
 from stages.errors import CapyError
@@ -41,6 +41,8 @@ class RetryOutcome:
     from_state: str
     from_stage: str
     note: str | None
+    # False when the wake-up could not be sent (the broker is down): sweep sends it.
+    woken: bool = True
 
 
 def retry_job(
@@ -99,16 +101,12 @@ def retry_job(
         ) from err
     try:
         wake(job.id, stage)
-    except CapyError as err:
-        jobs.fail(
-            job.id,
-            actor,
-            "the retry could not be enqueued: the job queue is unavailable",
-            classification="transient",
-        )
-        raise Unavailable(
-            f"the job queue is unavailable, so job {job_id} was not retried; run this again when RabbitMQ is up"
-        ) from err
+    except CapyError:
+        # The job row is the outbox: pending and unclaimed, it is woken by
+        # `capy-imports sweep` (the clock) once it has waited a minute.
+        queued = "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
+        note = f"{note}; {queued}" if note else queued
+        return RetryOutcome(retried, job.state, job.stage, note, woken=False)
     return RetryOutcome(retried, job.state, job.stage, note)
 
 

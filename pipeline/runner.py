@@ -123,9 +123,10 @@ class Runner:
             on_lost=context.lose_claim,
         )
         try:
-            if job.attempts > 1:
-                # An earlier claim of this stage ended, perhaps with its worker: its
-                # tools and sessions must be gone before the stage runs again.
+            if job.attempts > 1 or job.facts.get("tool_process"):
+                # An earlier claim ended, perhaps with its worker (after a replay or a
+                # retry its attempts start again at 1): its tools and sessions must be
+                # gone before the stage runs again.
                 self.steps.take_over(job)
             with beat:
                 facts = self.steps.run(stage, context)
@@ -295,7 +296,15 @@ class Runner:
             )
             self.wake(job_id, stage, delay_ms=int(self.lease.total_seconds() * 1000))
             return
-        last = job.error or "the last attempt ended without recording an error"
+        if job.error:
+            last = job.error
+        elif job.claimed_by:
+            last = (
+                f"the worker running it ({job.claimed_by}) stopped heartbeating: it was killed, ran out "
+                "of memory or lost its host"
+            )
+        else:
+            last = "the last attempt ended without recording an error"
         error, classification = gave_up(stage, job.attempts, last, None)
         # Only a job nobody is running: a live claim's holder decides for itself.
         failed = jobs.fail(

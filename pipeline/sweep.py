@@ -30,7 +30,6 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import peewee
 import psycopg2
 
 from pipeline import jobs
@@ -42,7 +41,6 @@ from pipeline.models import (
     FINAL_STATES,
     Cluster,
     Job,
-    JobEvent,
     Project,
     RetiredDatabase,
     Upload,
@@ -159,13 +157,10 @@ def stuck_jobs(settings: Settings, now: dt.datetime) -> list[tuple[Job, str]]:
         (Job.state == "running") & Job.claimed_by.is_null() & (Job.updated_at < now - UNCLAIMED_AFTER)
     )
     found += [(job, f"unclaimed since {job.updated_at:%H:%M:%S}") for job in unclaimed]
-    events = JobEvent.select(peewee.fn.COUNT(JobEvent.id)).where(JobEvent.job == Job.id)
+    # Pending (never claimed since it was created or retried) and unchanged for a
+    # minute: its wake-up was not published, or was lost.
     unpublished = Job.select().where(
-        (Job.state == "pending")
-        & Job.claimed_by.is_null()
-        & (Job.created_at < now - UNPUBLISHED_AFTER)
-        & (Job.updated_at < now - UNPUBLISHED_AFTER)
-        & (events <= 1)  # nothing since its creation
+        (Job.state == "pending") & Job.claimed_by.is_null() & (Job.updated_at < now - UNPUBLISHED_AFTER)
     )
     found += [(job, "pending and never picked up") for job in unpublished]
     return found

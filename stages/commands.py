@@ -98,6 +98,49 @@ def _with_parent_death_signal(argv: list[str]) -> list[str]:
         return argv
     return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
+
+# The group reaper's script: on SIGTERM (its parent-death signal) the tool's whole group
+# gets SIGTERM (pg_dump's and pg_restore's parallel workers cancel their queries and
+# exit), then SIGKILL; otherwise it exits once the group is empty. `wait` on a
+# background `sleep` returns at once when the trapped signal arrives.
+_REAPER_SCRIPT = (
+    'trap "kill -TERM -$1 2>/dev/null; sleep 2; kill -KILL -$1 2>/dev/null; exit 0" TERM; '
+    "while kill -0 -$1 2>/dev/null; do sleep 1 & wait $!; done"
+)
+REAPER_NAME = "capy-tool-reaper"
+
+
+def start_group_reaper(pgid: int) -> subprocess.Popen[bytes] | None:
+    """A tiny process (dash) that stops the tool's whole process group `pgid` when the
+    worker thread that started them dies.
+
+    The tool's own parent-death signal reaches only the tool: the workers pg_dump and
+    pg_restore fork for `--jobs` are re-parented to init when it dies and, blocked on a
+    source that stopped answering, would go on holding their sessions and writing files.
+    The reaper has the parent-death signal too (SIGTERM, which it traps) and is in a
+    session of its own, so stopping the tool's group does not stop it; `stop_group_reaper`
+    ends it when the tool has ended."""
+    if SETPRIV is None:
+        return None
+    return subprocess.Popen(
+        [SETPRIV, "--pdeathsig", "TERM", "--", "/bin/sh", "-c", _REAPER_SCRIPT, REAPER_NAME, str(pgid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_group_reaper(reaper: subprocess.Popen[bytes] | None) -> None:
+    """End a reaper whose tool has ended (SIGKILL: its trap must not run)."""
+    if reaper is None:
+        return
+    try:
+        os.killpg(reaper.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    reaper.wait()
+
 # libpq and server messages that mean "the connection, not the data, failed".
 _TRANSIENT_MARKERS = (
     "could not connect to server",
@@ -391,6 +434,14 @@ class CommandProcess(subprocess.Popen[bytes]):
     activity: _Activity
     readers: list[_TailReader]
     watchdog: _Watchdog
+    reaper: subprocess.Popen[bytes] | None = None
+
+
+def _run_callback(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a connection already gone: nothing left to interrupt
+        log.debug("cancel callback failed", exc_info=True)
 
 
 class Cancellation:
@@ -412,7 +463,7 @@ class Cancellation:
             self._callbacks.append(callback)
             already = self.reason is not None
         if already:
-            callback()
+            threading.Thread(target=_run_callback, args=(callback,), name="cancel-callback", daemon=True).start()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -434,10 +485,10 @@ class Cancellation:
         for process in running:
             process.watchdog.cancel(self.reason or reason)
         for callback in callbacks:
-            try:
-                callback()
-            except Exception:  # a connection already gone: nothing left to interrupt
-                log.debug("cancel callback failed", exc_info=True)
+            # Each in a thread of its own: interrupting a session (psycopg2's cancel
+            # opens a connection to the server) can block on a source that stopped
+            # answering, and the caller is the heartbeat thread, which must go on.
+            threading.Thread(target=_run_callback, args=(callback,), name="cancel-callback", daemon=True).start()
         if running:
             log.warning("stopping %d command(s): %s", len(running), reason)
 
@@ -560,6 +611,7 @@ class PgCommand:
             start_new_session=True,
         )
         assert process.stdout is not None and process.stderr is not None
+        process.reaper = start_group_reaper(process.pid)
         process.deadline = effective
         process.activity = _Activity()
         process.readers = (
@@ -652,6 +704,7 @@ class PgCommand:
             self.cancellation.unregister(process)
         # Whatever the tool left behind in its group would hold our pipes open.
         _signal_group(process, signal.SIGKILL)
+        stop_group_reaper(process.reaper)
         for reader in process.readers:
             reader.join()
         stdout_tail = redact(process.readers[0].tail(), *secrets) if len(process.readers) == 2 else ""
@@ -709,6 +762,7 @@ class PgCommand:
         process.wait()
         _running.discard(process)
         if isinstance(process, CommandProcess):
+            stop_group_reaper(process.reaper)
             process.watchdog.finish()
             for reader in process.readers:
                 reader.join(SIGNAL_GRACE_SECONDS)

@@ -13,7 +13,7 @@ import pika
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from pipeline import jobs
+from pipeline import cancellation, jobs
 from pipeline.cli import main
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import AuditEvent, Job
@@ -229,7 +229,7 @@ def test_jobs_list_stuck_shows_stale_leases_and_unclaimed_jobs(control_db, capsy
         jobs.fail(job.id, "test", "done", classification="permanent")
 
 
-def dead_letter(settings, stage: str, job_id: str, *, retries: int = 2) -> str:
+def dead_letter(settings, stage: str, job_id: str, *, retries: int = 2, actor_name: str | None = None, failure: str = "") -> str:
     """Dead-letter a stage message as Dramatiq does: a message that went through its
     retries (options set by the Retries middleware) is rejected without requeue, and
     RabbitMQ moves it to `<queue>.XQ`."""
@@ -242,7 +242,7 @@ def dead_letter(settings, stage: str, job_id: str, *, retries: int = 2) -> str:
     message_id = str(uuid.uuid4())
     body = {
         "queue_name": f"{settings.queue_prefix}.{stage}",
-        "actor_name": f"{settings.queue_prefix}_{stage}",
+        "actor_name": actor_name or f"{settings.queue_prefix}_{stage}",
         "args": [job_id],
         "kwargs": {},
         "options": {
@@ -250,7 +250,8 @@ def dead_letter(settings, stage: str, job_id: str, *, retries: int = 2) -> str:
             "requeue_timestamp": int(time.time() * 1000),
             "traceback": (
                 'Traceback (most recent call last):\n  File "pipeline/runner.py", line 80, in run\n'
-                f"stages.errors.TransientError: could not reach the source during {stage}\n"
+                + (failure or f"stages.errors.TransientError: could not reach the source during {stage}")
+                + "\n"
             ),
         },
         "message_id": message_id,
@@ -365,3 +366,45 @@ def test_jobs_retry_refuses_to_undo_a_newer_import(control_db, capsys, world):
         f"{world.project.id}; retrying job {old.id} would replace that data. Start a new import instead"
     )
     assert Job.get_by_id(old.id).state == "failed"
+
+
+def test_a_retry_while_the_broker_is_down_stays_pending_for_sweep_to_wake(control_db, store, capsys, world):
+    """The job row is the outbox: a retry whose wake-up cannot be sent is not turned
+    into a failure (the cancel or failure it replaced stays in its events), and sweep
+    wakes it once it has waited a minute."""
+    from pipeline.sweep import sweep
+
+    down = dataclasses.replace(control_db, broker_url="amqp://guest:guest@127.0.0.1:1/%2F")
+    job = new_job(control_db, world)
+    cancellation.request_cancel(job.id, "operator:tester", lease=LEASE, cleanup=lambda job: None)
+    code, out = run(down, capsys, "jobs", "retry", job.id)
+    assert code == 0, out
+    assert (out["state"], out["woken"]) == ("pending", False)
+    assert out["note"] == "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
+    assert [e.action for e in AuditEvent.select().where(AuditEvent.target_id == job.id)].count("project.import_retried") == 1
+    woken = []
+    Job.update(updated_at=jobs.utcnow() - dt.timedelta(minutes=2)).where(Job.id == job.id).execute()
+    sweep(control_db, Sealer(control_db.secret_key), store, wake=lambda job_id, stage: woken.append((job_id, stage)))
+    assert (job.id, "preflight") in woken
+    jobs.fail(job.id, "test", "done", classification="permanent")
+
+
+def test_dlq_replays_only_this_deployments_stage_messages_and_shows_no_terminal_escapes(own_queues, capsys, world):
+    settings = own_queues
+    job = new_job(settings, world)
+    Job.update(state="running", stage="fetch", attempts=3, facts={"preflight": {}}).where(Job.id == job.id).execute()
+    dead_letter(
+        settings, "fetch", job.id, actor_name="otherapp_send_email", failure="Boom: \x1b[31mRED\x1b[0m \x1b]0;pwned\x07"
+    )
+    code, out = run(settings, capsys, "dlq", "list")
+    [listed] = out["messages"]
+    assert listed["failure"] == "Boom: \\x1b[31mRED\\x1b[0m \\x1b]0;pwned\\x07"
+    code, out = run(settings, capsys, "dlq", "replay", "--all")
+    [decision] = out["messages"]
+    assert decision["action"] == "skipped"
+    assert decision["reason"] == (
+        f"foreign: the message is for actor 'otherapp_send_email', not this deployment's {settings.queue_prefix}_fetch"
+    )
+    assert Job.get_by_id(job.id).attempts == 3  # nothing reset
+    assert not [e for e in jobs.events(job.id) if "replayed" in e.reason]
+    jobs.fail(job.id, "test", "done", classification="permanent")

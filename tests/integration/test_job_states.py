@@ -194,3 +194,22 @@ def test_a_message_out_of_retries_wakes_a_job_with_attempts_left_instead_of_fail
     after = Job.get_by_id(job.id)
     assert after.state == job.state and after.error is None
     assert woken == [((job.id, "preflight"), {"delay_ms": control_db.lease_seconds * 1000})]
+
+
+def test_a_job_whose_workers_kept_dying_gives_up_saying_so(control_db, world):
+    from pipeline.runner import Runner
+
+    job, _, _ = new_job(control_db, world)
+    Job.update(max_attempts=1).where(Job.id == job.id).execute()
+    jobs.claim(job.id, "preflight", "host:4242:1", lease=LEASE)
+    Job.update(heartbeat_at=jobs.utcnow() - dt.timedelta(hours=1)).where(Job.id == job.id).execute()
+
+    class NoSteps:
+        def cleanup(self, job, *, succeeded):
+            pass
+
+    Runner(control_db, NoSteps(), lambda *a, **k: None).exhausted(job.id, "preflight")
+    assert Job.get_by_id(job.id).error == (
+        "gave up on the preflight stage after 1 attempts; last error: the worker running it (host:4242:1) "
+        "stopped heartbeating: it was killed, ran out of memory or lost its host"
+    )

@@ -156,8 +156,9 @@ def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, sto
     lost = new_job(control_db, stage="restore", state="running", updated_at=old)
     unpublished = new_job(control_db, stage="preflight", created_at=old, updated_at=old)
     fresh = new_job(control_db, stage="preflight")
-    moved = new_job(control_db, stage="preflight", created_at=old, updated_at=old)
-    JobEvent.create(job=moved.id, actor="w", reason="preflight claimed")
+    # Created long ago, but retried (or woken) a moment ago: its wake-up is on its way.
+    moved = new_job(control_db, stage="preflight", created_at=old, updated_at=now)
+    JobEvent.create(job=moved.id, actor="operator:tester", reason="retried by operator:tester")
     ended = new_job(control_db, state="completed", completed_at=now)
     for job in (ended, live):
         os.makedirs(os.path.join(control_db.work_dir, job.id, "dump"), exist_ok=True)
@@ -219,6 +220,39 @@ def test_a_tool_dies_with_the_worker_that_started_it():
         worker.stdout.close()
 
 
+FORKING_CHILD = """
+import sys, time
+from stages.commands import PgCommand
+class Forker(PgCommand):
+    program = "sh"
+tool = Forker("/bin", stall_seconds=None)
+# As pg_dump --jobs does: workers of its own, which outlive it unless told.
+process = tool.start(["-c", "/usr/bin/sleep 300 & /usr/bin/sleep 300 & wait"])
+print(process.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_the_workers_a_tool_forked_die_with_the_worker_too():
+    """The parent-death signal reaches only the tool; what the tool forked (pg_dump's
+    and pg_restore's --jobs workers) is stopped by the group's reaper."""
+    import signal
+    import subprocess
+    import sys
+
+    worker = subprocess.Popen([sys.executable, "-c", FORKING_CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        tool = int(worker.stdout.readline())
+        assert wait_until(lambda: len(process_group_members(tool, "/usr/bin/sleep")) == 2, timeout=10)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+        assert wait_until(lambda: process_group_members(tool, "/usr/bin/sleep") == [], timeout=20)
+    finally:
+        worker.kill()
+        worker.wait()
+        worker.stdout.close()
+
+
 def test_a_takeover_kills_the_tool_an_earlier_claim_left_on_this_host(control_db):
     from pipeline.import_steps import ImportSteps, host_identity
 
@@ -248,6 +282,23 @@ def test_a_takeover_kills_the_tool_an_earlier_claim_left_on_this_host(control_db
     steps.take_over(recorded())
     assert process.wait(10) == -9
     tool.abort(process)  # joins its readers, closes its pipes
+
+
+def test_ending_a_job_kills_the_tool_an_earlier_claim_left_on_this_host(control_db):
+    """A cancel of a stale claim, a job failed when its retries ran out, a replay or a
+    retry that starts again at attempt 1: none of them leaves the dead claim's tool."""
+    from pipeline.import_steps import ImportSteps, host_identity
+
+    started = []
+    label = "job_" + secrets.token_hex(8)
+    tool = Sleep("/usr/bin", stall_seconds=None, on_start=lambda pgid, program: started.append((pgid, program)), label=label)
+    process = tool.start(["300"])
+    [(pgid, program)] = started
+    steps = ImportSteps(control_db, Sealer(control_db.secret_key), store=None)
+    job = new_job(control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program, "label": label}})
+    steps.cleanup(job, succeeded=False)
+    assert process.wait(10) == -9
+    tool.abort(process)
 
 
 def test_a_finalize_retried_after_an_old_swap_crash_reopens_the_live_database(control_db, corpus_source):

@@ -61,3 +61,26 @@ def test_commands_of_other_stages_are_left_alone(tmp_path):
     write_program(tmp_path, "sleeper", "echo done\n")
     Cancellation().cancel("cancelled by operator:ann")
     assert Sleeper(str(tmp_path), cancellation=Cancellation()).run([]).stdout_tail == "done"
+
+
+def test_a_cancel_callback_that_blocks_does_not_hold_the_canceller():
+    """Interrupting a session can block on a source that stopped answering; the caller
+    (the heartbeat thread) must go on beating meanwhile."""
+    cancellation = Cancellation()
+    entered, release = threading.Event(), threading.Event()
+
+    def blocking() -> None:
+        entered.set()
+        release.wait(30)
+
+    cancellation.on_cancel(blocking)
+    caller = threading.Thread(target=cancellation.cancel, args=("cancelled by tester",))
+    caller.start()
+    try:
+        assert entered.wait(10), "the callback was not called"
+        caller.join(5)
+        assert not caller.is_alive(), "cancel() waited for its callback"
+        assert cancellation.reason == "cancelled by tester"
+    finally:
+        release.set()
+        caller.join()
