@@ -21,19 +21,14 @@ import pytest
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import PgTools
 from stages.errors import ObjectMissing
-from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.pgurl import SourceURL
-from stages.preflight import (
-    LIVE_CHECKS,
-    UPLOAD_CHECKS,
-    Preflight,
-    Target,
-    check_live_source,
-    check_upload_head,
-)
-from stages.sourceinfo import read_only_session
+from stages.preflight import LIVE_CHECKS, UPLOAD_CHECKS, Preflight, Target
+from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
+from stages.preflight.live import check_live_source
+from stages.preflight.sourceinfo import read_only_session
+from stages.preflight.targetinfo import describe_target
+from stages.preflight.upload import check_upload_head
 from stages.storage import new_object_key
-from stages.targetinfo import describe_target
 from tests.support import pg
 from tests.support.newer_postgres import NEWER_MAJOR, newer_cluster, newer_tool
 from tests.support.pgcluster import TempCluster, free_port
