@@ -96,12 +96,14 @@ class Node:
 class Rehearsal:
     """What the rehearsal found. `skipped`: {"object", "reason", "key"} per entry left
     out; `refused`: one line per problem a table depends on (or of an unknown kind);
-    `timed_out`: the limit it ran out of, when it did not finish."""
+    `timed_out`: the limit it ran out of, when it did not finish; `unavailable`: why
+    the schema could not be read at all (then nothing was rehearsed)."""
 
     rehearsed: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     timed_out: str | None = None
+    unavailable: str | None = None
 
     def skip_map(self) -> dict[Key, str]:
         return skip_map(self.skipped)
@@ -194,7 +196,7 @@ def rehearse_archive(
     except CommandTimedOut:
         return Rehearsal(timed_out=deadline.limit.describe())
     except CommandFailed as err:
-        return Rehearsal(refused=[f"pg_restore could not read the dump's schema: {err.message}"])
+        return Rehearsal(unavailable=f"pg_restore could not read the dump's schema ({err.message})")
     with sandbox.database(extensions) as scratch:
         errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
         checks = [] if timed_out else risky_checks(scratch, deadline)
@@ -237,7 +239,9 @@ def rehearse_live(
     except CommandTimedOut:
         return Rehearsal(timed_out=deadline.limit.describe())
     except CommandFailed as err:
-        return Rehearsal(refused=[f"pg_dump could not dump the source's schema: {err.message}"])
+        # The source's own problem (a table its user may not read…): the import's
+        # dump meets it too and says what to do; it is not the target's to judge.
+        return Rehearsal(unavailable=f"pg_dump could not dump the source's schema ({err.message})")
     return rehearse_archive(tools, path, sandbox, work_dir, deadline, allowed_extensions=allowed_extensions)
 
 
@@ -276,13 +280,13 @@ def run_entries(
     with scratch.admin.role_connection(scratch.database, scratch.login, readonly=False) as conn:
         conn.autocommit = True
         with _cancel_at(conn, deadline) as fired, conn.cursor() as cur:
-            if preamble.strip():
+            if _has_sql(preamble):
                 cur.execute(preamble)
             for dump_id, sql_text in blocks.items():
                 if fired.is_set() or deadline.remaining() <= 0:
                     return errors, True
-                if not sql_text.strip():
-                    continue
+                if not _has_sql(sql_text):
+                    continue  # only comments ("*not* creating schema, since initdb creates it")
                 try:
                     cur.execute(sql_text)
                 except psycopg2.errors.QueryCanceled:
@@ -294,6 +298,10 @@ def run_entries(
                 except psycopg2.Error as err:
                     errors[dump_id] = _message(err)
     return errors, False
+
+
+def _has_sql(text: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("--") for line in text.splitlines())
 
 
 def _message(err: psycopg2.Error) -> str:
@@ -426,7 +434,9 @@ def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool) -> Non
     """The `schema_rehearsal` check, from a rehearsal's result."""
     report.skipped = list(result.skipped)
     skipped = "; ".join(f"{item['object']} ({item['reason']})" for item in result.skipped)
-    if result.refused:
+    if result.unavailable:
+        report.not_checked(SCHEMA_REHEARSAL, result.unavailable)
+    elif result.refused:
         also = f". Besides, the import would leave out: {skipped}" if skipped else ""
         report.add(
             SCHEMA_REHEARSAL,
