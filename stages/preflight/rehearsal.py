@@ -430,8 +430,9 @@ class RehearsalSetup:
     lock_wait_ms: int = 10_000
 
 
-def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool) -> None:
-    """The `schema_rehearsal` check, from a rehearsal's result."""
+def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool, scope: str = "") -> None:
+    """The `schema_rehearsal` check, from a rehearsal's result; `scope` says what part
+    was rehearsed when not all of it (" in the first 8.0 MiB of the dump")."""
     report.skipped = list(result.skipped)
     skipped = "; ".join(f"{item['object']} ({item['reason']})" for item in result.skipped)
     if result.unavailable:
@@ -463,7 +464,7 @@ def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool) -> Non
         report.add(
             SCHEMA_REHEARSAL,
             WARN,
-            f"the schema restored as the project's role into a throw-away database, except "
+            f"the schema{scope} restored as the project's role into a throw-away database, except "
             f"{len(result.skipped)} object(s) a managed database cannot hold, which the import leaves out "
             f"(listed in its report as skipped): {skipped}",
         )
@@ -471,7 +472,7 @@ def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool) -> Non
         report.add(
             SCHEMA_REHEARSAL,
             PASS,
-            f"the schema ({result.rehearsed} objects) restored as the project's role into a throw-away "
+            f"the schema{scope} ({result.rehearsed} objects) restored as the project's role into a throw-away "
             "database without errors",
         )
 

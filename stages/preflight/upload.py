@@ -24,16 +24,12 @@ from stages.preflight.checks import (
     check_target_empty,
     skip_object_warnings,
 )
+from stages.preflight.plainrehearsal import rehearse_plain
 from stages.preflight.registry import SCHEMA_REHEARSAL, UPLOAD_CHECKS
 from stages.preflight.rehearsal import RehearsalSetup, rehearse_archive, report_rehearsal
 from stages.preflight.report import FAIL, PASS, WARN, Preflight, Target, human_bytes
 
 NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
-PLAIN_NOT_REHEARSED = (
-    "not rehearsed: a plain SQL script is restored by psql statement by statement and stops at "
-    "the first statement the project's role cannot run; a custom-format dump (pg_dump -Fc) is "
-    "rehearsed here, and objects a managed database cannot hold are then left out with their reasons"
-)
 
 
 def _not_empty(report: Preflight, size: int) -> None:
@@ -119,33 +115,51 @@ def check_upload_head(
     check_target_empty(report, target)
     add_object_warnings(report, contents.findings(), partial=partial)
     _read_in_full(report, info, contents, head_bytes, total_size, blocked)
-    _rehearse(report, head_path, info, target, rehearsal)
+    _rehearse(report, head_path, info, target, rehearsal, complete=head_bytes >= total_size, max_text=max_text)
     report.in_order(UPLOAD_CHECKS)
     return report
 
 
 def _rehearse(
-    report: Preflight, head_path: str, info: DumpInfo | None, target: Target, setup: RehearsalSetup | None
+    report: Preflight,
+    head_path: str,
+    info: DumpInfo | None,
+    target: Target,
+    setup: RehearsalSetup | None,
+    *,
+    complete: bool,
+    max_text: int,
 ) -> None:
-    """`schema_rehearsal` of an upload whose contents could be read."""
+    """`schema_rehearsal` of an upload whose contents could be read: an archive's whole
+    schema (its table of contents is in the head), a plain script's objects in the head."""
     extensions = next(check for check in report.checks if check.name == "extensions_available_on_target")
-    if info is None or info.format not in ("custom", "tar"):
-        report.add(SCHEMA_REHEARSAL, WARN, PLAIN_NOT_REHEARSED)
+    allowed = set(target.allowlist) | {"plpgsql"}
+    if info is None:
+        report.not_checked(SCHEMA_REHEARSAL, "the upload is not a pg_dump output")
     elif setup is None:
         report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
     elif extensions.status == FAIL:
         report.not_checked(SCHEMA_REHEARSAL, "the dump uses extensions the project cannot have (see extensions_available_on_target)")
-    else:
+    elif info.format in ("custom", "tar"):
         with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
             result = rehearse_archive(
-                setup.tools,
+                setup.tools, head_path, setup.sandbox, folder, setup.deadline, allowed_extensions=allowed
+            )
+        report_rehearsal(report, result, full=setup.full)
+    else:
+        with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
+            result = rehearse_plain(
                 head_path,
                 setup.sandbox,
                 folder,
                 setup.deadline,
-                allowed_extensions=set(target.allowlist) | {"plpgsql"},
+                gzipped=info.format == "gzip-plain",
+                complete=complete,
+                max_bytes=max_text,
+                allowed_extensions=allowed,
             )
-        report_rehearsal(report, result, full=setup.full)
+        scope = "" if complete else f" in the first {human_bytes(os.path.getsize(head_path))} of the dump"
+        report_rehearsal(report, result, full=setup.full, scope=scope)
 
 
 def _read_in_full(

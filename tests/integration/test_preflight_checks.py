@@ -27,7 +27,7 @@ from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.preflight.live import NO_REHEARSAL, check_live_source
 from stages.preflight.sourceinfo import read_only_session
 from stages.preflight.targetinfo import describe_target
-from stages.preflight.upload import PLAIN_NOT_REHEARSED, check_upload_head
+from stages.preflight.upload import check_upload_head
 from stages.storage import new_object_key
 from tests.support import pg
 from tests.support.newer_postgres import NEWER_MAJOR, newer_cluster, newer_tool
@@ -648,7 +648,7 @@ def upload_ok(fmt: str, path: str, *, limit: int = 10 * GiB) -> dict[str, tuple[
         "target_database_empty": ("pass", "the project's database is empty"),
         **CLEAN_OBJECTS,
         "dump_read_in_full": ("pass", "preflight read the whole upload"),
-        "schema_rehearsal": NOT_REHEARSED if fmt in ("custom", "tar") else ("warn", PLAIN_NOT_REHEARSED),
+        "schema_rehearsal": NOT_REHEARSED,
     }
 
 

@@ -258,3 +258,35 @@ def test_regression_suite_style_objects_are_all_listed_before_the_dump_is_fetche
     # The transform nothing needs is listed too, as what the import would leave out.
     assert "Besides, the import would leave out: " in job.error
     assert "TRANSFORM TRANSFORM FOR integer LANGUAGE plpgsql" in job.error
+
+
+def test_a_plain_dump_with_objects_a_managed_target_cannot_hold_is_refused_with_each_named(
+    control_db, store, tmp_path, outsider
+):
+    """psql stops at the first of them: preflight names them all, and the way out."""
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(SUPABASE_STYLE, tmp_path, "plain", outsider=outsider))
+    assert job.state == "failed"
+    assert job.stage == "preflight", (job.stage, job.error)
+    assert job.error.startswith(
+        "preflight check schema_rehearsal failed: the schema does not restore as the project's role (1 problem(s)): "
+        "objects a managed database cannot hold: "
+    )
+    for named in (
+        f'POLICY public.profiles profiles are readable (a managed database cannot hold it as the project\'s role (role "{outsider}" does not exist))',
+        "PUBLICATION supabase_realtime (a managed database cannot hold it as the project's role (must be superuser to create FOR ALL TABLES publication))",
+        "PUBLICATION TABLES IN SCHEMA public.capy_schema_pub public",
+    ):
+        assert named in job.error
+    assert job.error.endswith(
+        "psql restores a plain SQL script as it is and stops at the first of these: remove them from the "
+        "source, or make a custom-format dump (pg_dump -Fc), from which the import leaves them out"
+    )
+
+
+def test_a_plain_dump_whose_check_reads_another_table_is_refused(control_db, store, tmp_path):
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE, tmp_path, "plain"))
+    assert job.state == "failed"
+    assert job.stage == "preflight", (job.stage, job.error)
+    assert "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone()" in job.error
