@@ -37,10 +37,9 @@ _HEADER = re.compile(
     re.M,
 )
 _PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)
-# What loads or derives data: not part of a schema rehearsal.
-_DATA_TYPES = frozenset(
-    {"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB", "BLOB DATA", "LARGE OBJECT", "MATERIALIZED VIEW DATA"}
-)
+# What loads or derives data: not part of a schema rehearsal. (A large object's own
+# entry, "BLOB", creates it empty: comments and grants on it need it.)
+_DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MATERIALIZED VIEW DATA"})
 PLAIN_ADVICE = (
     "psql restores a plain SQL script as it is and stops at the first of these: remove them from the "
     "source, or make a custom-format dump (pg_dump -Fc), from which the import leaves them out"
@@ -82,7 +81,12 @@ def rehearse_plain(
     except CapyError as err:
         return Rehearsal(unavailable=f"the SQL of the upload's head could not be read ({err.message})")
     with open(prepared, encoding="utf-8", errors="replace") as fh:
-        preamble, objects = split_plain(fh.read(), complete=complete)
+        script = fh.read()
+    if not _HEADER.search(script):
+        # Not pg_dump's output (a hand-written script, COPY data anywhere): psql alone
+        # knows how to run it, statement by statement.
+        return Rehearsal(unavailable="the script has none of pg_dump's object headers (-- Name: …; Type: …)")
+    preamble, objects = split_plain(script, complete=complete)
     extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
     blocks = {entry.dump_id: body for entry, body in objects}
     with sandbox.database(extensions) as scratch:

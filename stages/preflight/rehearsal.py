@@ -20,8 +20,8 @@ The verdict on each failed entry and its dependents:
 - anything a table's data depends on (a column type, a CHECK or default function, a
   constraint, an index) or an error of any other kind is **refused**, all listed.
 
-A CHECK constraint that calls a function which is not IMMUTABLE, or whose body names a
-table, is refused too: pg_dump restores a table's rows with its CHECK constraints
+A CHECK constraint that calls a function whose body names another table is refused
+too: pg_dump restores a table's rows with its CHECK constraints
 already in place, table after table, with `search_path` empty, so such a check fails
 (or passes wrongly) when the table it reads is not loaded yet.
 """
@@ -80,6 +80,8 @@ _PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)
 _DEPENDS = re.compile(r"^;\s*depends on:((?: \d+)+)\s*$")
 
 Key = tuple[str, str, str]
+# The id under which an error of the statements before the first entry is kept.
+PREAMBLE = 0
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,12 @@ def run_entries(
         conn.autocommit = True
         with _cancel_at(conn, deadline) as fired, conn.cursor() as cur:
             if _has_sql(preamble):
-                cur.execute(preamble)
+                try:
+                    cur.execute(preamble)
+                except psycopg2.OperationalError as err:
+                    raise TransientError("lost the session to the project cluster during the schema rehearsal") from err
+                except psycopg2.Error as err:
+                    errors[PREAMBLE] = _message(err)
             for dump_id, sql_text in blocks.items():
                 if fired.is_set() or deadline.remaining() <= 0:
                     return errors, True
@@ -313,7 +320,8 @@ def _message(err: psycopg2.Error) -> str:
 
 
 _RISKY_CHECKS = """
-SELECT DISTINCT n.nspname, c.relname, k.conname, pn.nspname, p.proname
+SELECT n.nspname, c.relname, k.conname, pn.nspname, p.proname,
+       pg_catalog.string_agg(DISTINCT tn.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) t.relname, ', ')
 FROM pg_catalog.pg_constraint k
 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.conrelid
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -321,23 +329,22 @@ JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_c
   AND d.objid OPERATOR(pg_catalog.=) k.oid AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
 JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) d.refobjid
 JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.pronamespace
+JOIN pg_catalog.pg_class t ON t.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f']::"char"[])
+  AND t.oid OPERATOR(pg_catalog.<>) c.oid
+JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
 WHERE k.contype OPERATOR(pg_catalog.=) 'c' AND k.convalidated
   AND pn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
-  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend e WHERE e.classid OPERATOR(pg_catalog.=)
-      'pg_catalog.pg_proc'::pg_catalog.regclass AND e.objid OPERATOR(pg_catalog.=) p.oid
-      AND e.deptype OPERATOR(pg_catalog.=) 'e')
-  AND (p.provolatile OPERATOR(pg_catalog.<>) 'i' OR EXISTS (
-      SELECT 1 FROM pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
-      WHERE t.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f']::"char"[])
-        AND tn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
-        AND p.prosrc OPERATOR(pg_catalog.~*) ('\\m' OPERATOR(pg_catalog.||) t.relname OPERATOR(pg_catalog.||) '\\M')))
-ORDER BY 1, 2, 3
+  AND tn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
+  AND p.prosrc OPERATOR(pg_catalog.~*) ('\\m' OPERATOR(pg_catalog.||) t.relname OPERATOR(pg_catalog.||) '\\M')
+GROUP BY 1, 2, 3, 4, 5
+ORDER BY 1, 2, 3, 4, 5
 """
 
 
 def risky_checks(scratch: Scratch, deadline: Deadline) -> list[str]:
-    """CHECK constraints that call a function that is not IMMUTABLE or whose body names
-    a table: refused, with what to change."""
+    """CHECK constraints that call a function whose body names another table: refused,
+    with what to change. (Functions of extensions are in their schemas' names too, but
+    their bodies are C symbols or the extension's own SQL, which names no user table.)"""
     with scratch.admin.role_connection(scratch.database, scratch.login) as conn, _cancel_at(conn, deadline):
         with conn.cursor() as cur:
             cur.execute(_RISKY_CHECKS)
@@ -345,12 +352,16 @@ def risky_checks(scratch: Scratch, deadline: Deadline) -> list[str]:
         conn.rollback()
     return [
         f"CHECK constraint {constraint} of table {schema}.{table} calls {fschema}.{function}(), which reads "
-        "other tables or is not IMMUTABLE: a restore loads each table's rows with its CHECK constraints in "
-        "place, before the other tables are loaded and with search_path empty, so the rows fail it. Make it a "
+        f"another table ({tables}): a restore loads each table's rows with its CHECK constraints in place, "
+        "before the other tables are loaded and with search_path empty, so the rows fail it. Make it a "
         f"trigger, or re-add it as NOT VALID (ALTER TABLE {schema}.{table} ADD CONSTRAINT … NOT VALID: pg_dump "
         "then adds it after the data), and dump again"
-        for schema, table, constraint, fschema, function in rows
+        for schema, table, constraint, fschema, function, tables in rows
     ]
+
+
+def _unlisted(dump_id: int) -> str:
+    return "the statements before the first object" if dump_id == PREAMBLE else f"TOC entry {dump_id}"
 
 
 def _left_out_reason(plan: toc.RestorePlan, entry: toc.TocEntry) -> str | None:
@@ -409,7 +420,7 @@ def judge(nodes: list[Node], errors: Mapping[int, str], left_out: Mapping[int, s
         )
     for dump_id, message in errors.items():
         if dump_id not in covered:
-            label = by_id[dump_id].entry.label if dump_id in by_id else f"TOC entry {dump_id}"
+            label = by_id[dump_id].entry.label if dump_id in by_id else _unlisted(dump_id)
             result.refused.append(f"{label}: {message}")
     return result
 

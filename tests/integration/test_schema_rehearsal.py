@@ -217,7 +217,7 @@ def test_a_check_calling_a_function_that_reads_another_table_is_refused_before_a
     assert job.error.startswith("preflight check schema_rehearsal failed: the schema does not restore as the project's role (1 problem(s)): ")
     assert (
         "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone(), which reads "
-        "other tables or is not IMMUTABLE" in job.error
+        "another table (public.zone_codes)" in job.error
     )
     assert "re-add it as NOT VALID" in job.error
     assert pg.row_counts(live) == {"public.keep_me": 1}
