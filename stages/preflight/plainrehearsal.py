@@ -37,6 +37,7 @@ _HEADER = re.compile(
     re.M,
 )
 _PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)
+_META_COMMAND = re.compile(r"^\\[a-zA-Z!]", re.M)
 # What loads or derives data: not part of a schema rehearsal. (A large object's own
 # entry, "BLOB", creates it empty: comments and grants on it need it.)
 _DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MATERIALIZED VIEW DATA"})
@@ -87,6 +88,10 @@ def rehearse_plain(
         # knows how to run it, statement by statement.
         return Rehearsal(unavailable="the script has none of pg_dump's object headers (-- Name: …; Type: …)")
     preamble, objects = split_plain(script, complete=complete)
+    if any(_META_COMMAND.search(text) for text in (preamble, *(body for _entry, body in objects))):
+        # `\connect` (pg_dump --create) and the like, outside data: the restore refuses
+        # them, and says which pg_dump options to use instead.
+        return Rehearsal(unavailable="the script holds psql commands (such as \\connect), which the import refuses")
     extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
     blocks = {entry.dump_id: body for entry, body in objects}
     with sandbox.database(extensions) as scratch:
