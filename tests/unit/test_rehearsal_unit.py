@@ -16,7 +16,7 @@ LISTING = """\
 10; 1255 1 FUNCTION public capy_in(cstring) postgres
 11; 1247 2 TYPE public capy_cube postgres
 12; 1259 3 TABLE public shapes postgres
-13; 2605 4 CAST - CAST (text AS public.capy_cube) 
+13; 2605 4 CAST - CAST (text AS public.capy_cube) postgres
 14; 3256 5 POLICY public notes notes_read postgres
 15; 0 0 COMMENT public POLICY notes_read ON notes postgres
 16; 1255 6 FUNCTION public odd() postgres
