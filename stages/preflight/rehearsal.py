@@ -335,15 +335,18 @@ JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
 WHERE k.contype OPERATOR(pg_catalog.=) 'c' AND k.convalidated
   AND pn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
   AND tn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
-  AND p.prosrc OPERATOR(pg_catalog.~*) ('\\m' OPERATOR(pg_catalog.||) t.relname OPERATOR(pg_catalog.||) '\\M')
+  AND p.prosrc OPERATOR(pg_catalog.~*) (
+      '\\m(from|join|update|into)\\s+("?[^\\s."]+"?\\.)?"?'
+      OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(t.relname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
+      OPERATOR(pg_catalog.||) '("|\\M)')
 GROUP BY 1, 2, 3, 4, 5
 ORDER BY 1, 2, 3, 4, 5
 """
 
 
 def risky_checks(scratch: Scratch, deadline: Deadline) -> list[str]:
-    """CHECK constraints that call a function whose body names another table: refused,
-    with what to change. (Functions of extensions are in their schemas' names too, but
+    """CHECK constraints that call a function whose body reads another table (names it
+    after FROM, JOIN, UPDATE or INTO): refused, with what to change. (Functions of extensions are in their schemas' names too, but
     their bodies are C symbols or the extension's own SQL, which names no user table.)"""
     with scratch.admin.role_connection(scratch.database, scratch.login) as conn, _cancel_at(conn, deadline):
         with conn.cursor() as cur:

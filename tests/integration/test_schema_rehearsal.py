@@ -290,3 +290,27 @@ def test_a_plain_dump_whose_check_reads_another_table_is_refused(control_db, sto
     assert job.state == "failed"
     assert job.stage == "preflight", (job.stage, job.error)
     assert "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone()" in job.error
+
+
+CHECK_READS_NOTHING_ELSE = """
+CREATE TABLE public.status (code text PRIMARY KEY);
+CREATE FUNCTION public.valid_code(code text) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE status boolean;
+BEGIN
+    status := code ~ '^[a-z]+$';
+    RETURN status;
+END $$;
+CREATE TABLE public.items (id int PRIMARY KEY, code text CHECK (public.valid_code(code)));
+INSERT INTO public.status VALUES ('open');
+INSERT INTO public.items VALUES (1, 'abc'), (2, 'def');
+"""
+
+
+def test_a_check_whose_function_reads_no_other_table_imports(control_db, store, tmp_path):
+    """A word in the body that happens to be a table's name is not a read of it."""
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_NOTHING_ELSE, tmp_path))
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert pg.row_counts(world.project.database_name) == {"public.items": 2, "public.status": 1}
+    rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
+    assert rehearsal["status"] == "pass"
