@@ -3,7 +3,14 @@
 One package: the report's vocabulary (`report`), the ordered registry of named checks
 (`registry`), the checks live sources and uploads share (`checks`), the two sequences
 (`live`, `upload`), what they read (`sourceinfo`, `targetinfo`, `providers`,
-`extensions`) and the schema rehearsal (`rehearsal`, in a `sandbox` database).
+`extensions`) and the schema rehearsal (`rehearsal` for archives and live sources,
+`plainrehearsal` for plain scripts, in a `sandbox` database).
+
+Where to add a check: its function in the module of what it reads, one line in
+`registry.REGISTRY` (its name, which sequences run it, what it asks), and its call in
+`live.check_live_source` and/or `upload.check_upload_head`; reports are put in registry
+order (`Preflight.in_order`), and the tests, which read the names from the registry,
+fail until the sequences report it.
 The sequences are imported from their modules (`stages.preflight.live`,
 `stages.preflight.upload`): the dump readers they use import this package's vocabulary.
 """
