@@ -391,6 +391,7 @@ def _sweep_text(done: dict[str, Any]) -> str:
         + [f"dropped replaced database {name}" for name in done.get("replaced_databases_dropped", [])]
         + [f"dropped orphaned preview {name}" for name in done.get("previews_dropped", [])]
         + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
+        + [f"dropped schema rehearsal {name}" for name in done.get("rehearsals_dropped", [])]
         + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
         + [f"could not clean {item}" for item in done.get("errors", [])]
     )

@@ -37,6 +37,8 @@ from stages.fetch import dump_live
 from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
 from stages.plainsql import prepare_plain_sql
+from stages.preflight.extensions import require_allowlisted
+from stages.preflight.rehearsal import skip_map
 from stages.restore import restore_archive, restore_plain
 from stages.storage import ObjectStore
 
@@ -285,7 +287,16 @@ class ImportSteps:
         context.progress({"phase": "checking the source and the target"})
         project = Project.get_by_id(job.project_id)
         if job.upload_key:
-            result = preflight_upload(project, job.upload_key, self.settings, self.sealer, self.store, recreate=job.recreate)
+            result = preflight_upload(
+                project,
+                job.upload_key,
+                self.settings,
+                self.sealer,
+                self.store,
+                recreate=job.recreate,
+                full=True,
+                cancellation=context.cancellation,
+            )
         else:
             result = preflight_source(
                 project,
@@ -293,11 +304,13 @@ class ImportSteps:
                 self.settings,
                 self.sealer,
                 recreate=job.recreate,
+                full=True,
                 cancellation=context.cancellation,
             )
         context.check_cancelled()  # a cancel that interrupted the checks is not their failure
         result.report.raise_for_failure()
-        facts: dict[str, Any] = {"preflight": result.response()}
+        # What the schema rehearsal found the project cannot hold: the restore plan leaves it out.
+        facts: dict[str, Any] = {"preflight": result.response(), "rehearsal_skipped": result.report.skipped}
         if result.report.pinned is not None:
             # Later stages connect to exactly the address that was checked.
             facts["source_address"] = result.report.pinned.params["hostaddr"]
@@ -323,7 +336,7 @@ class ImportSteps:
             on_progress=context.progress,
         )
         return {
-            **self._plan_archive(tools, dump.path, work),
+            **self._plan_archive(tools, dump.path, work, job.facts.get("rehearsal_skipped", [])),
             "dump_path": dump.path,
             "dump_format": "directory",
             "dump_bytes": dump.bytes,
@@ -334,13 +347,13 @@ class ImportSteps:
             "source_basis": "source snapshot",
         }
 
-    def _plan_archive(self, tools: PgTools, archive: str, work: str) -> dict[str, Any]:
+    def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> dict[str, Any]:
         """Read the archive's TOC: what the project role restores, what it skips and
         why, and which extensions (in which schemas) the service creates first."""
         entries = toc.read(tools, archive)
         extensions = toc.extension_schemas(tools, archive, entries, work)
-        self._check_allowlist(extensions)
-        plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"})
+        require_allowlisted(extensions, self.settings.extension_allowlist)
+        plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"}, skip=skip_map(rehearsal_skipped))
         list_path = os.path.join(work, "restore.list")
         with open(list_path, "w", encoding="utf-8") as fh:
             fh.write(plan.list_file())
@@ -351,14 +364,6 @@ class ImportSteps:
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),
         }
-
-    def _check_allowlist(self, extensions: dict[str, str]) -> None:
-        outside = sorted(set(extensions) - set(self.settings.extension_allowlist) - {"plpgsql"})
-        if outside:
-            raise PermanentError(
-                f"the source uses extensions this platform does not offer: {', '.join(outside)}; "
-                f"drop them from the source (allowed: {', '.join(self.settings.extension_allowlist)})"
-            )
 
     def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
         """Download the upload (bounded memory), identify it, and prove the target's
@@ -384,7 +389,7 @@ class ImportSteps:
         counter = RowCounter()
         if info.format in ("custom", "tar"):
             check_archive_readable(tools, download, info, major)
-            facts.update(self._plan_archive(tools, download, work))
+            facts.update(self._plan_archive(tools, download, work, job.facts.get("rehearsal_skipped", [])))
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
             count_archive_rows(tools, download, counter)
             dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
@@ -394,7 +399,7 @@ class ImportSteps:
             # Decompressed SQL may be larger than the data it loads, but not without bound.
             plain = prepare_plain_sql(download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter)
             os.remove(download)
-            self._check_allowlist(plain.extensions)
+            require_allowlisted(plain.extensions, self.settings.extension_allowlist)
             facts.update(
                 extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped
             )

@@ -17,20 +17,24 @@ from pipeline import audit
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.imports import ImportRequest
-from pipeline.limits import preflight_command_limit
+from pipeline.limits import command_limit, preflight_command_limit
 from pipeline.models import Cluster, Project
 from pipeline.preflight_slots import preflight_slot
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from stages.checks import Preflight, Target
 from stages.cluster import RoleLogin
 from stages.commands import Cancellation, PgTools
-from stages.deadline import Deadline
+from stages.deadline import Deadline as SourceDeadline
 from stages.errors import ObjectMissing, PermanentError
 from stages.pgurl import SourceURL
-from stages.preflight import check_live_source, check_upload_head
+from stages.preflight.live import check_live_source
+from stages.preflight.rehearsal import RehearsalSetup
+from stages.preflight.report import Preflight, Target
+from stages.preflight.sandbox import Sandbox
+from stages.preflight.targetinfo import describe_target
+from stages.preflight.upload import check_upload_head
 from stages.storage import ObjectStore
-from stages.targetinfo import describe_target
+from stages.timelimit import Deadline, Limit
 from stages.workpaths import scrub_work_paths
 
 
@@ -55,6 +59,47 @@ def target_for(project: Project, settings: Settings, sealer: Sealer, *, recreate
     )
 
 
+def rehearsal_setup(
+    project: Project,
+    settings: Settings,
+    sealer: Sealer,
+    work_dir: str,
+    *,
+    full: bool,
+    cancellation: Cancellation | None = None,
+) -> RehearsalSetup:
+    """Where and how long a preflight rehearses the schema. The API's synchronous
+    preflight has what is left of CAPY_PREFLIGHT_DEADLINE_SECONDS (it answers well
+    inside gunicorn's timeout, and only warns when the rehearsal did not finish); the
+    worker's gate (`full`) has the command limit and fails when it runs out. A cancel of
+    `cancellation` (the worker's stage) stops the rehearsal's tools."""
+    cluster = Cluster.get_by_id(project.cluster_id)
+    if full:
+        limit = command_limit(settings)
+    else:
+        limit = Limit(
+            settings.preflight_deadline_seconds,
+            "CAPY_PREFLIGHT_DEADLINE_SECONDS",
+            "the import rehearses the whole schema before anything is dropped",
+            label="the preflight deadline of ",
+        )
+    tools = PgTools.for_major(
+        cluster.server_major,
+        settings.pg_bin_dir_template,
+        limit=limit,
+        stall_seconds=settings.command_stall_seconds,
+        cancellation=cancellation,
+    )
+    return RehearsalSetup(
+        sandbox=Sandbox(cluster_admin(cluster, sealer)),
+        tools=tools,
+        deadline=Deadline.after(limit),
+        work_dir=work_dir,
+        full=full,
+        lock_wait_ms=int(settings.source_lock_timeout_seconds * 1000),
+    )
+
+
 def preflight_source(
     project: Project,
     source: SourceURL,
@@ -62,12 +107,15 @@ def preflight_source(
     sealer: Sealer,
     *,
     recreate: bool,
+    full: bool = False,
     cancellation: Cancellation | None = None,
 ) -> PreflightResult:
-    """The live source's checks; a cancel of `cancellation` (the worker's stage) ends
-    the source session at once instead of at the preflight deadline."""
+    """The live-source checks; `full`: the worker's gate (see `rehearsal_setup`). A
+    cancel of `cancellation` (the worker's stage) ends the source session at once
+    instead of at the preflight deadline."""
+    setup = rehearsal_setup(project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation)
     target = target_for(project, settings, sealer, recreate=recreate)
-    deadline = Deadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
+    deadline = SourceDeadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
     unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else None
     try:
         report = check_live_source(
@@ -76,6 +124,7 @@ def preflight_source(
             allow_private=settings.allow_private_sources,
             timeout=settings.source_connect_timeout,
             deadline=deadline,
+            rehearsal=setup,
         )
     finally:
         if unsubscribe is not None:
@@ -83,12 +132,27 @@ def preflight_source(
     return PreflightResult(report, target)
 
 
+def _work_dir(settings: Settings) -> str:
+    os.makedirs(settings.work_dir, exist_ok=True)
+    return settings.work_dir
+
+
 def preflight_upload(
-    project: Project, key: str, settings: Settings, sealer: Sealer, store: ObjectStore, *, recreate: bool
+    project: Project,
+    key: str,
+    settings: Settings,
+    sealer: Sealer,
+    store: ObjectStore,
+    *,
+    recreate: bool,
+    full: bool = False,
+    cancellation: Cancellation | None = None,
 ) -> PreflightResult:
     """Checks on the head of the upload (never the whole dump): at most
     `settings.preflight_head_bytes` from storage, and `settings.preflight_text_bytes`
-    of SQL decompressed from it, so a gzip bomb costs the web process little."""
+    of SQL decompressed from it, so a gzip bomb costs the web process little.
+    `full`: the worker's gate (see `rehearsal_setup`)."""
+    setup = rehearsal_setup(project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation)
     target = target_for(project, settings, sealer, recreate=recreate)
     cluster = Cluster.get_by_id(project.cluster_id)
     tools = PgTools.for_major(
@@ -105,7 +169,9 @@ def preflight_upload(
             store.head(key, head, settings.preflight_head_bytes)
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
-        report = check_upload_head(head, size, target, tools, max_text=settings.preflight_text_bytes)
+        report = check_upload_head(
+            head, size, target, tools, max_text=settings.preflight_text_bytes, rehearsal=setup
+        )
     # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
     report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]
     return PreflightResult(report, target)

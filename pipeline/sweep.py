@@ -10,6 +10,8 @@
 - previews of ended jobs that are still on a cluster (a worker died while cleaning
   up) are dropped;
 - restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews;
+- schema-rehearsal databases and roles (`capy_rehearsal_<time>_…`) older than an hour
+  (a process killed while rehearsing) are dropped;
 - projects' live and retained databases that still admit other roles (made before the
   service revoked PUBLIC's access) are locked down, and those left refusing connections
   (a worker that died inside a swap, before swaps became one transaction) reopened;
@@ -49,6 +51,7 @@ from pipeline.models import (
 from pipeline.sealing import Sealer
 from stages.cluster import ClusterAdmin
 from stages.errors import CapyError, ObjectMissing
+from stages.preflight.sandbox import REHEARSAL_PREFIX, is_stale
 from stages.storage import KEY_PREFIX, ObjectStore
 
 LIST_PAGE = 500
@@ -91,6 +94,7 @@ def sweep(
         "replaced_databases_dropped": [],
         "previews_dropped": [],
         "restore_roles_dropped": [],
+        "rehearsals_dropped": [],
         "databases_locked_down": [],
         "errors": [],
     }
@@ -136,6 +140,7 @@ def sweep(
     for cluster in Cluster.select():
         admin = cluster_admin(cluster, sealer)
         _drop_restore_roles(admin, done)
+        _drop_stale_rehearsals(admin, now.timestamp(), done)
         _lock_down_project_databases(cluster, admin, done)
     return done
 
@@ -319,3 +324,30 @@ def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
             done["errors"].append(f"role {role}: {_why(err)}")
             continue
         done["restore_roles_dropped"].append(role)
+
+
+def _drop_stale_rehearsals(admin: ClusterAdmin, now: float, done: dict[str, Any]) -> None:
+    """Drop the schema-rehearsal databases and roles a killed preflight left behind
+    (their names carry their creation time; a live rehearsal is never that old)."""
+    try:
+        with admin.autocommit() as cur:
+            cur.execute(
+                "SELECT datname FROM pg_catalog.pg_database "
+                "WHERE pg_catalog.left(datname::text, %s) OPERATOR(pg_catalog.=) %s ORDER BY 1",
+                (len(REHEARSAL_PREFIX), REHEARSAL_PREFIX),
+            )
+            databases = [name for (name,) in cur.fetchall()]
+        roles = admin.roles_like(REHEARSAL_PREFIX)
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"rehearsals: {_why(err)}")
+        return
+    for name in sorted(set(databases) | set(roles)):
+        if not is_stale(name, now):
+            continue
+        try:
+            admin.drop_database(name)  # first: the role owns it
+            admin.drop_role(name)
+        except _CLEANUP_ERRORS as err:
+            done["errors"].append(f"rehearsal {name}: {_why(err)}")
+            continue
+        done["rehearsals_dropped"].append(name)

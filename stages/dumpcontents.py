@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import IO
 
 from stages import toc
-from stages.checks import Findings
 from stages.commands import PgTools
-from stages.extensions import Extension
+from stages.preflight.extensions import Extension
+from stages.preflight.report import Findings
 from stages.toc import TRUSTED_LANGUAGES, TocEntry
 
 READ_CHUNK = 1024 * 1024

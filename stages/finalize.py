@@ -14,7 +14,7 @@ from typing import Any
 from stages import inventory
 from stages.cluster import NO_STATEMENT_TIMEOUT, ClusterAdmin, RoleLogin
 from stages.errors import PermanentError
-from stages.extensions import ALWAYS_ALLOWED
+from stages.preflight.extensions import ALWAYS_ALLOWED
 
 
 class VerificationFailed(PermanentError):

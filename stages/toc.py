@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from stages.commands import PgTools
@@ -69,6 +70,7 @@ _DESCS = sorted(
         "SEQUENCE OWNED BY",
         "SEQUENCE SET",
         "SERVER",
+        "SHELL TYPE",
         "STATISTICS",
         "STDSTRINGS",
         "SUBSCRIPTION",
@@ -142,8 +144,13 @@ class RestorePlan:
         return "\n".join(entry.line for entry in self.keep) + "\n"
 
 
-def plan(entries: list[TocEntry], *, precreated_schemas: set[str]) -> RestorePlan:
-    """Split the TOC into what the project role restores and what it skips (with why)."""
+def plan(
+    entries: list[TocEntry], *, precreated_schemas: set[str], skip: Mapping[tuple[str, str, str], str] | None = None
+) -> RestorePlan:
+    """Split the TOC into what the project role restores and what it skips (with why).
+    `skip`: (desc, namespace, name) -> reason, what preflight's schema rehearsal found
+    the project cannot hold (stages.preflight.rehearsal)."""
+    skip = skip or {}
     keep: list[TocEntry] = []
     skipped: list[dict[str, str]] = []
     extensions = [e.name for e in entries if e.desc == "EXTENSION"]
@@ -151,6 +158,8 @@ def plan(entries: list[TocEntry], *, precreated_schemas: set[str]) -> RestorePla
         reason = None
         if entry.desc in SUPERUSER_ONLY:
             reason = SUPERUSER_ONLY[entry.desc]
+        elif (entry.desc, entry.namespace, entry.name) in skip:
+            reason = skip[(entry.desc, entry.namespace, entry.name)]
         elif entry.desc == "PROCEDURAL LANGUAGE" and entry.name not in TRUSTED_LANGUAGES:
             reason = f"the untrusted language {entry.name} needs superuser"
         elif entry.desc == "COMMENT" and entry.name.startswith("EXTENSION "):

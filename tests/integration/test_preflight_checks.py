@@ -21,19 +21,14 @@ import pytest
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import PgTools
 from stages.errors import ObjectMissing
-from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.pgurl import SourceURL
-from stages.preflight import (
-    LIVE_CHECKS,
-    UPLOAD_CHECKS,
-    Preflight,
-    Target,
-    check_live_source,
-    check_upload_head,
-)
-from stages.sourceinfo import read_only_session
+from stages.preflight import LIVE_CHECKS, UPLOAD_CHECKS, Preflight, Target
+from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
+from stages.preflight.live import NO_REHEARSAL, check_live_source
+from stages.preflight.sourceinfo import read_only_session
+from stages.preflight.targetinfo import describe_target
+from stages.preflight.upload import check_upload_head
 from stages.storage import new_object_key
-from stages.targetinfo import describe_target
 from tests.support import pg
 from tests.support.newer_postgres import NEWER_MAJOR, newer_cluster, newer_tool
 from tests.support.pgcluster import TempCluster, free_port
@@ -49,6 +44,7 @@ ALLOWED = (
     "pgcrypto, plpgsql, postgis, unaccent, uuid-ossp, vector"
 )
 UNREACHABLE = "not checked: the source database could not be reached (see source_reachable)"
+NOT_REHEARSED = ("warn", f"not checked: {NO_REHEARSAL}")
 CLEAN_OBJECTS = {
     "no_event_triggers": ("pass", "no event triggers"),
     "no_untrusted_languages": ("pass", "no untrusted procedural languages"),
@@ -205,6 +201,7 @@ def live_ok(
         ),
         "target_database_empty": ("pass", "the project's database is empty"),
         **CLEAN_OBJECTS,
+        "schema_rehearsal": NOT_REHEARSED,
     }
 
 
@@ -395,6 +392,7 @@ def test_nothing_listening_is_connection_refused_and_target_checks_still_run(tar
         "extensions_available_on_target": ("warn", UNREACHABLE),
         "target_database_empty": ("pass", "the project's database is empty"),
         **{name: ("warn", UNREACHABLE) for name in CLEAN_OBJECTS},
+        "schema_rehearsal": ("warn", UNREACHABLE),
     }
     assert report.source == {
         "database_size_bytes": None,
@@ -650,6 +648,7 @@ def upload_ok(fmt: str, path: str, *, limit: int = 10 * GiB) -> dict[str, tuple[
         "target_database_empty": ("pass", "the project's database is empty"),
         **CLEAN_OBJECTS,
         "dump_read_in_full": ("pass", "preflight read the whole upload"),
+        "schema_rehearsal": NOT_REHEARSED,
     }
 
 
@@ -824,6 +823,7 @@ def test_an_upload_that_is_not_a_dump_fails_format_recognition(target_db, tmp_pa
         "target_database_empty": ("pass", "the project's database is empty"),
         **{name: ("warn", blocked) for name in CLEAN_OBJECTS},
         "dump_read_in_full": ("warn", blocked),
+        "schema_rehearsal": ("warn", blocked),
     }
 
 

@@ -21,11 +21,11 @@ from stages.commands import PgTools
 from stages.connect import connect
 from stages.deadline import Deadline, SourceTimedOut
 from stages.errors import SourceUnreachable, TransientError
-from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.fetch import dump_live
 from stages.pgurl import SourceURL
-from stages.preflight import check_live_source
-from stages.targetinfo import describe_target
+from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
+from stages.preflight.live import check_live_source
+from stages.preflight.targetinfo import describe_target
 from tests.support import pg
 from tests.support.api import api_client
 from tests.support.muteproxy import mute_after_login

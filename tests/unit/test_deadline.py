@@ -9,7 +9,8 @@ import pytest
 from stages.deadline import Deadline, SourceTimedOut
 from stages.errors import TransientError
 from stages.pgurl import SourceURL
-from stages.preflight import Target, bounded_resolver, check_live_source
+from stages.preflight import Target
+from stages.preflight.live import bounded_resolver, check_live_source
 
 
 class FakeClock:

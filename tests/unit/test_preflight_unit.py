@@ -10,18 +10,6 @@ import psycopg2
 import pytest
 
 from stages.addresses import SourceHostUnresolvable, resolve
-from stages.checks import (
-    FAIL,
-    PASS,
-    WARN,
-    Findings,
-    Preflight,
-    Target,
-    add_object_warnings,
-    check_extensions,
-    check_major,
-    check_size,
-)
 from stages.connect import (
     PoolerRefusedStartupParameter,
     SourceAuthenticationFailed,
@@ -31,10 +19,12 @@ from stages.connect import (
 )
 from stages.dumpcontents import read_sql, read_toc, sql_lines
 from stages.errors import PermanentError
-from stages.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
 from stages.pgurl import SourceURL
-from stages.preflight import LIVE_CHECKS, check_live_source
-from stages.providers import detect_provider
+from stages.preflight import FAIL, LIVE_CHECKS, PASS, WARN, Findings, Preflight, Target
+from stages.preflight.checks import add_object_warnings, check_extensions, check_major, check_size
+from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
+from stages.preflight.live import check_live_source
+from stages.preflight.providers import detect_provider
 from stages.toc import parse
 
 MiB = 1024 * 1024
@@ -399,6 +389,7 @@ def test_private_address_refused_before_any_connection():
         "no_large_objects": (WARN, blocked),
         "no_foreign_servers": (WARN, blocked),
         "no_logical_replication": (WARN, blocked),
+        "schema_rehearsal": (WARN, blocked),
     }
     assert report.pinned is None and not report.ok
     assert report.source == {

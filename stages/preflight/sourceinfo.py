@@ -17,12 +17,12 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from stages.checks import Findings
 from stages.connect import PoolerRefusedStartupParameter, connect
 from stages.deadline import Deadline
 from stages.errors import PermanentError
-from stages.extensions import Extension
 from stages.pgurl import SourceURL
+from stages.preflight.extensions import Extension
+from stages.preflight.report import Findings
 
 # Bounded so that a huge or locked catalog cannot hold preflight (and its caller) long.
 SESSION_OPTIONS = "-c default_transaction_read_only=on -c statement_timeout=60000 -c lock_timeout=10000"

@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from stages.errors import PermanentError
+
 DEFAULT_EXTENSION_ALLOWLIST = (
     "pg_stat_statements",
     "pgcrypto",
@@ -118,6 +120,18 @@ def judge_extensions(
         allowlist=tuple(allowlist),
         availability_checked=available is not None,
     )
+
+
+def require_allowlisted(extensions: Iterable[str], allowlist: Iterable[str]) -> None:
+    """The gate at fetch, on what the whole dump creates (preflight may have read only
+    its head): PermanentError naming every extension outside `allowlist`."""
+    allowed = tuple(allowlist)
+    outside = sorted(set(extensions) - set(allowed) - ALWAYS_ALLOWED)
+    if outside:
+        raise PermanentError(
+            f"the source uses extensions this platform does not offer: {', '.join(outside)}; "
+            f"drop them from the source (allowed: {', '.join(allowed)})"
+        )
 
 
 def _labels(extensions: Iterable[Extension]) -> str:

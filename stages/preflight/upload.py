@@ -1,238 +1,35 @@
-"""Preflight: every reason an import would fail, found before anything changes.
+"""Preflight of an uploaded dump: every reason its import would fail, found from the
+first bytes of the upload before anything changes.
 
-`check_live_source` resolves and checks the source address once, connects to exactly
-that address in a read-only session and reads its catalog; `check_upload_head` reads
-the first bytes of an uploaded dump. Neither of them writes anything to the source, the
-target or storage. Each returns a `Preflight` whose checks come in a fixed order (see
-`LIVE_CHECKS`, `UPLOAD_CHECKS`); a failed check is a result, not an exception: they
-raise only for a transient problem of our own (the project's cluster unreachable).
-The worker runs the same functions as its gate before any destructive step.
+`check_upload_head` reads a prefix of the upload (an archive's table of contents comes
+first; a plain script is read for the objects in the prefix) and, for an archive,
+rehearses its schema in a throw-away database of the project's cluster. Its checks come
+in the order of `UPLOAD_CHECKS` (stages.preflight.registry).
 """
 
 from __future__ import annotations
 
 import os
-import threading
+import tempfile
 
-from stages.addresses import Resolver, SourceHostUnresolvable, address_problem, pin_address, resolve
-from stages.checks import (
-    FAIL,
-    OBJECT_CHECKS,
-    PASS,
-    WARN,
-    Check,
-    Preflight,
-    Target,
-    add_object_warnings,
-    check_extensions,
-    check_major,
-    check_size,
-    check_target_empty,
-    human_bytes,
-    skip_object_warnings,
-)
 from stages.commands import PgTools
-from stages.deadline import Deadline, SourceTimedOut
 from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
-from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
-from stages.pgurl import SourceURL
-from stages.providers import detect_provider
-from stages.sourceinfo import SourceCatalogUnreadable, SourceFacts, read_only_session, read_source
-
-__all__ = [
-    "FAIL",
-    "LIVE_CHECKS",
-    "PASS",
-    "UPLOAD_CHECKS",
-    "WARN",
-    "Check",
-    "Preflight",
-    "Target",
-    "check_live_source",
-    "check_size",
-    "check_target_empty",
-    "check_upload_head",
-]
-
-LIVE_CHECKS = (
-    "source_address_allowed",
-    "source_reachable",
-    "not_a_transaction_pooler",
-    "source_version_compatible",
-    "source_size_within_plan",
-    "extensions_available_on_target",
-    "target_database_empty",
-    *OBJECT_CHECKS,
+from stages.errors import CommandFailed, TransientError, UnrecognizedDump
+from stages.preflight.checks import (
+    add_object_warnings,
+    check_extensions,
+    check_size,
+    check_target_empty,
+    skip_object_warnings,
 )
-UPLOAD_CHECKS = (
-    "upload_not_empty",
-    "dump_format_recognized",
-    "source_version_compatible",
-    "source_size_within_plan",
-    "extensions_available_on_target",
-    "target_database_empty",
-    *OBJECT_CHECKS,
-    "dump_read_in_full",
-)
-_SOURCE_CHECKS = ("source_version_compatible", "source_size_within_plan", "extensions_available_on_target")
+from stages.preflight.plainrehearsal import rehearse_plain
+from stages.preflight.registry import SCHEMA_REHEARSAL, UPLOAD_CHECKS
+from stages.preflight.rehearsal import RehearsalSetup, rehearse_archive, report_rehearsal
+from stages.preflight.report import FAIL, PASS, WARN, Preflight, Target, human_bytes
 
-
-def check_live_source(
-    source: SourceURL,
-    target: Target,
-    *,
-    allow_private: bool,
-    timeout: int = 10,
-    deadline_seconds: float = 20,
-    resolver: Resolver = resolve,
-    deadline: Deadline | None = None,
-) -> Preflight:
-    """Run the `LIVE_CHECKS` for a source URL. `report.pinned` is the source with the
-    checked address as `hostaddr` (None when it was not allowed): later stages connect
-    to exactly that address.
-
-    Resolving, connecting and reading the source together take at most
-    `deadline_seconds` (plus the moment a timed-out socket takes to close): a source
-    that stops answering fails `source_reachable` saying so, it never holds the caller.
-    A caller that passes its own `deadline` may cancel it (`Deadline.cancel`) to end
-    the checks at once.
-    """
-    deadline = deadline or Deadline(total=deadline_seconds, what="the preflight deadline")
-    report = Preflight()
-    provider = detect_provider(source.host, source.port, source.user)
-    report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)
-    facts, refused, blocked = None, False, ""
-    try:
-        pinned = pin_address(
-            source, allow_private=allow_private, resolver=bounded_resolver(resolver, deadline)
-        )
-    except (SourceHostUnresolvable, SourceTimedOut) as err:
-        report.not_checked(
-            "source_address_allowed", "the source host does not resolve (see source_reachable)"
-        )
-        report.add_error("source_reachable", err)
-        blocked = "the source database could not be reached (see source_reachable)"
-    except CapyError as err:
-        report.add("source_address_allowed", FAIL, err.message)
-        blocked = "the source address is not allowed (see source_address_allowed)"
-        report.not_checked("source_reachable", blocked)
-    else:
-        report.pinned = pinned
-        _address_allowed(report, source, pinned.params["hostaddr"])
-        try:
-            with read_only_session(pinned, timeout=timeout, deadline=deadline) as (conn, refused):
-                facts = read_source(conn)
-            report.add("source_reachable", PASS, f"connected to {source.redacted()} as {source.user}")
-        except SourceCatalogUnreadable as err:
-            report.add(
-                "source_reachable",
-                FAIL,
-                f"connected to {source.redacted()} as {source.user}, but could not read its catalog "
-                f"({err.message}); the user needs to be able to read the system catalogs",
-            )
-            blocked = "the source's catalog could not be read (see source_reachable)"
-        except CapyError as err:
-            # A timeout, a busy or a restarting server may pass: the worker's gate retries those.
-            report.add_error("source_reachable", err)
-            blocked = "the source database could not be reached (see source_reachable)"
-    _pooler(report, source, provider.pooler, facts, refused, blocked)
-    if facts is None:
-        for name in _SOURCE_CHECKS:
-            report.not_checked(name, blocked)
-        check_target_empty(report, target)
-        skip_object_warnings(report, blocked)
-        return report
-    report.source.update(facts.as_source())
-    check_major(report, facts.server_version_num, target, label=facts.version_label)
-    check_size(report, facts.database_size_bytes, target, "the source database")
-    check_extensions(report, facts.extensions, target, "the source database")
-    check_target_empty(report, target)
-    add_object_warnings(report, facts.findings)
-    return report
-
-
-def bounded_resolver(resolver: Resolver, deadline: Deadline) -> Resolver:
-    """`resolver`, given what is left of `deadline`: a DNS server that does not answer
-    fails the lookup (SourceTimedOut) instead of holding the caller. The lookup thread
-    itself ends when the system resolver gives up."""
-
-    def lookup(host: str, port: int) -> list[str]:
-        outcome: list[list[str] | BaseException] = []
-
-        def run() -> None:
-            try:
-                outcome.append(resolver(host, port))
-            except BaseException as err:  # handed to the caller below
-                outcome.append(err)
-
-        thread = threading.Thread(target=run, name=f"resolve {host}", daemon=True)
-        thread.start()
-        thread.join(max(0.0, deadline.remaining()))
-        if not outcome:
-            raise SourceTimedOut(
-                f"the source host {host!r} did not resolve within {deadline.limit()}; "
-                "check the host name, or try again if its DNS is slow"
-            )
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
-
-    return lookup
-
-
-def _address_allowed(report: Preflight, source: SourceURL, address: str) -> None:
-    problem = address_problem(address)
-    pinned = "; the import connects to that address only"
-    if problem:
-        detail = f"{source.host} resolves to {address}, {problem}, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)"
-    else:
-        detail = f"{source.host} resolves to {address}, a public address"
-    report.add("source_address_allowed", PASS, detail + pinned)
-
-
-def _pooler(
-    report: Preflight,
-    source: SourceURL,
-    by_host: str | None,
-    facts: SourceFacts | None,
-    refused: bool,
-    blocked: str,
-) -> None:
-    """`not_a_transaction_pooler`: known pooler addresses, then what the session showed."""
-    name = "not_a_transaction_pooler"
-    direct = "; use the direct (session) connection string of the database"
-    where = f"{source.host}:{source.port}"
-    if by_host:
-        report.add(name, FAIL, f"{by_host}: pg_dump needs one session for its consistent snapshot")
-    elif facts is None:
-        report.not_checked(name, f"{where} is not a known pooler address, but {blocked}")
-    elif facts.session == "transaction-pooled":
-        report.add(
-            name,
-            FAIL,
-            f"{where} is a transaction pooler: two consecutive transactions ran in different "
-            f"server sessions, so pg_dump could not keep one snapshot{direct}",
-        )
-    elif facts.session == "proxied" or refused:
-        why = (
-            "it refused the startup parameter options, as PgBouncer does"
-            if refused
-            else "the backend pid it announced at login is not the pid of the session that answers"
-        )
-        report.add(
-            name,
-            WARN,
-            f"{where} answers through a connection pooler or proxy ({why}); if it pools "
-            f"transactions the import will fail{direct}",
-        )
-    else:
-        report.add(
-            name,
-            PASS,
-            f"{where} is not a known pooler address, and the connection kept one server session",
-        )
+NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
 
 
 def _not_empty(report: Preflight, size: int) -> None:
@@ -245,7 +42,13 @@ def _not_empty(report: Preflight, size: int) -> None:
 
 
 def check_upload_head(
-    head_path: str, total_size: int, target: Target, tools: PgTools, *, max_text: int = MAX_SQL_TEXT
+    head_path: str,
+    total_size: int,
+    target: Target,
+    tools: PgTools,
+    *,
+    max_text: int = MAX_SQL_TEXT,
+    rehearsal: RehearsalSetup | None = None,
 ) -> Preflight:
     """Run the `UPLOAD_CHECKS` on the first bytes of an upload of `total_size` bytes.
 
@@ -253,6 +56,8 @@ def check_upload_head(
     table of contents comes first, so the target's `pg_restore --list` reads it from
     the prefix; a plain SQL dump is read for the objects in the prefix, at most
     `max_text` bytes of SQL once decompressed. `dump_read_in_full` says what was read.
+    With `rehearsal`, an archive's schema is rehearsed (`schema_rehearsal`) by
+    `rehearsal.deadline`.
     """
     report = Preflight()
     head_bytes = os.path.getsize(head_path)
@@ -290,6 +95,7 @@ def check_upload_head(
         check_target_empty(report, target)
         skip_object_warnings(report, blocked)
         _read_in_full(report, info, None, head_bytes, total_size, blocked)
+        report.not_checked(SCHEMA_REHEARSAL, blocked or "the dump's table of contents was not read")
         return report
     report.source.update(
         extensions=[{"name": name, "version": None} for name in contents.extensions],
@@ -309,7 +115,51 @@ def check_upload_head(
     check_target_empty(report, target)
     add_object_warnings(report, contents.findings(), partial=partial)
     _read_in_full(report, info, contents, head_bytes, total_size, blocked)
+    _rehearse(report, head_path, info, target, rehearsal, complete=head_bytes >= total_size, max_text=max_text)
+    report.in_order(UPLOAD_CHECKS)
     return report
+
+
+def _rehearse(
+    report: Preflight,
+    head_path: str,
+    info: DumpInfo | None,
+    target: Target,
+    setup: RehearsalSetup | None,
+    *,
+    complete: bool,
+    max_text: int,
+) -> None:
+    """`schema_rehearsal` of an upload whose contents could be read: an archive's whole
+    schema (its table of contents is in the head), a plain script's objects in the head."""
+    extensions = next(check for check in report.checks if check.name == "extensions_available_on_target")
+    allowed = set(target.allowlist) | {"plpgsql"}
+    if info is None:
+        report.not_checked(SCHEMA_REHEARSAL, "the upload is not a pg_dump output")
+    elif setup is None:
+        report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
+    elif extensions.status == FAIL:
+        report.not_checked(SCHEMA_REHEARSAL, "the dump uses extensions the project cannot have (see extensions_available_on_target)")
+    elif info.format in ("custom", "tar"):
+        with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
+            result = rehearse_archive(
+                setup.tools, head_path, setup.sandbox, folder, setup.deadline, allowed_extensions=allowed
+            )
+        report_rehearsal(report, result, full=setup.full)
+    else:
+        with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
+            result = rehearse_plain(
+                head_path,
+                setup.sandbox,
+                folder,
+                setup.deadline,
+                gzipped=info.format == "gzip-plain",
+                complete=complete,
+                max_bytes=max_text,
+                allowed_extensions=allowed,
+            )
+        scope = "" if complete else f" in the first {human_bytes(os.path.getsize(head_path))} of the dump"
+        report_rehearsal(report, result, full=setup.full, scope=scope)
 
 
 def _read_in_full(

@@ -6,9 +6,9 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from stages.checks import Target
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.connect import server_major
+from stages.preflight.report import Target
 
 T = TypeVar("T")
 

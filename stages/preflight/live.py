@@ -1,0 +1,221 @@
+"""Preflight of a live source: every reason its import would fail, found before anything
+changes.
+
+`check_live_source` resolves and checks the source address once, connects to exactly
+that address in a read-only session and reads its catalog, then rehearses its schema
+(pg_dump --schema-only, read-only) in a throw-away database of the project's cluster.
+It writes nothing to the source or the project's database. Its checks come in the
+order of `LIVE_CHECKS` (stages.preflight.registry); a failed check is a result, not an
+exception: it raises only for a transient problem of our own (the project's cluster
+unreachable). The worker runs the same function as its gate before any destructive step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+
+from stages.addresses import Resolver, SourceHostUnresolvable, address_problem, pin_address, resolve
+from stages.deadline import Deadline, SourceTimedOut
+from stages.errors import CapyError
+from stages.pgurl import SourceURL
+from stages.preflight.checks import (
+    add_object_warnings,
+    check_extensions,
+    check_major,
+    check_size,
+    check_target_empty,
+    skip_object_warnings,
+)
+from stages.preflight.providers import detect_provider
+from stages.preflight.registry import LIVE_CHECKS, SCHEMA_REHEARSAL
+from stages.preflight.rehearsal import RehearsalSetup, rehearse_live, report_rehearsal
+from stages.preflight.report import FAIL, PASS, WARN, Preflight, Target
+from stages.preflight.sourceinfo import SourceCatalogUnreadable, SourceFacts, read_only_session, read_source
+
+_SOURCE_CHECKS = ("source_version_compatible", "source_size_within_plan", "extensions_available_on_target")
+NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
+
+
+def check_live_source(
+    source: SourceURL,
+    target: Target,
+    *,
+    allow_private: bool,
+    timeout: int = 10,
+    deadline_seconds: float = 20,
+    resolver: Resolver = resolve,
+    rehearsal: RehearsalSetup | None = None,
+    deadline: Deadline | None = None,
+) -> Preflight:
+    """Run the `LIVE_CHECKS` for a source URL. `report.pinned` is the source with the
+    checked address as `hostaddr` (None when it was not allowed): later stages connect
+    to exactly that address.
+
+    Resolving, connecting and reading the source together take at most
+    `deadline_seconds` (plus the moment a timed-out socket takes to close): a source
+    that stops answering fails `source_reachable` saying so, it never holds the caller.
+    A caller that passes its own `deadline` may cancel it (`Deadline.cancel`) to end
+    the checks at once.
+    """
+    deadline = deadline or Deadline(total=deadline_seconds, what="the preflight deadline")
+    report = Preflight()
+    provider = detect_provider(source.host, source.port, source.user)
+    report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)
+    facts, refused, blocked = None, False, ""
+    try:
+        pinned = pin_address(
+            source, allow_private=allow_private, resolver=bounded_resolver(resolver, deadline)
+        )
+    except (SourceHostUnresolvable, SourceTimedOut) as err:
+        report.not_checked(
+            "source_address_allowed", "the source host does not resolve (see source_reachable)"
+        )
+        report.add_error("source_reachable", err)
+        blocked = "the source database could not be reached (see source_reachable)"
+    except CapyError as err:
+        report.add("source_address_allowed", FAIL, err.message)
+        blocked = "the source address is not allowed (see source_address_allowed)"
+        report.not_checked("source_reachable", blocked)
+    else:
+        report.pinned = pinned
+        _address_allowed(report, source, pinned.params["hostaddr"])
+        try:
+            with read_only_session(pinned, timeout=timeout, deadline=deadline) as (conn, refused):
+                facts = read_source(conn)
+            report.add("source_reachable", PASS, f"connected to {source.redacted()} as {source.user}")
+        except SourceCatalogUnreadable as err:
+            report.add(
+                "source_reachable",
+                FAIL,
+                f"connected to {source.redacted()} as {source.user}, but could not read its catalog "
+                f"({err.message}); the user needs to be able to read the system catalogs",
+            )
+            blocked = "the source's catalog could not be read (see source_reachable)"
+        except CapyError as err:
+            # A timeout, a busy or a restarting server may pass: the worker's gate retries those.
+            report.add_error("source_reachable", err)
+            blocked = "the source database could not be reached (see source_reachable)"
+    _pooler(report, source, provider.pooler, facts, refused, blocked)
+    if facts is None:
+        for name in _SOURCE_CHECKS:
+            report.not_checked(name, blocked)
+        check_target_empty(report, target)
+        skip_object_warnings(report, blocked)
+        report.not_checked(SCHEMA_REHEARSAL, blocked)
+        return report
+    report.source.update(facts.as_source())
+    check_major(report, facts.server_version_num, target, label=facts.version_label)
+    check_size(report, facts.database_size_bytes, target, "the source database")
+    check_extensions(report, facts.extensions, target, "the source database")
+    check_target_empty(report, target)
+    add_object_warnings(report, facts.findings)
+    _rehearse(report, report.pinned, target, rehearsal)
+    report.in_order(LIVE_CHECKS)
+    return report
+
+
+def _rehearse(report: Preflight, pinned: SourceURL | None, target: Target, setup: RehearsalSetup | None) -> None:
+    """`schema_rehearsal` of a live source whose other checks could run."""
+    if setup is None or pinned is None:
+        report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
+        return
+    extensions = next(check for check in report.checks if check.name == "extensions_available_on_target")
+    if extensions.status == FAIL:
+        report.not_checked(SCHEMA_REHEARSAL, "the source uses extensions the project cannot have (see extensions_available_on_target)")
+        return
+    with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
+        result = rehearse_live(
+            setup.tools,
+            pinned,
+            setup.sandbox,
+            folder,
+            setup.deadline,
+            allowed_extensions=set(target.allowlist) | {"plpgsql"},
+            lock_wait_ms=setup.lock_wait_ms,
+        )
+    report_rehearsal(report, result, full=setup.full)
+
+
+def bounded_resolver(resolver: Resolver, deadline: Deadline) -> Resolver:
+    """`resolver`, given what is left of `deadline`: a DNS server that does not answer
+    fails the lookup (SourceTimedOut) instead of holding the caller. The lookup thread
+    itself ends when the system resolver gives up."""
+
+    def lookup(host: str, port: int) -> list[str]:
+        outcome: list[list[str] | BaseException] = []
+
+        def run() -> None:
+            try:
+                outcome.append(resolver(host, port))
+            except BaseException as err:  # handed to the caller below
+                outcome.append(err)
+
+        thread = threading.Thread(target=run, name=f"resolve {host}", daemon=True)
+        thread.start()
+        thread.join(max(0.0, deadline.remaining()))
+        if not outcome:
+            raise SourceTimedOut(
+                f"the source host {host!r} did not resolve within {deadline.limit()}; "
+                "check the host name, or try again if its DNS is slow"
+            )
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
+
+    return lookup
+
+
+def _address_allowed(report: Preflight, source: SourceURL, address: str) -> None:
+    problem = address_problem(address)
+    pinned = "; the import connects to that address only"
+    if problem:
+        detail = f"{source.host} resolves to {address}, {problem}, allowed by the operator (CAPY_ALLOW_PRIVATE_SOURCES)"
+    else:
+        detail = f"{source.host} resolves to {address}, a public address"
+    report.add("source_address_allowed", PASS, detail + pinned)
+
+
+def _pooler(
+    report: Preflight,
+    source: SourceURL,
+    by_host: str | None,
+    facts: SourceFacts | None,
+    refused: bool,
+    blocked: str,
+) -> None:
+    """`not_a_transaction_pooler`: known pooler addresses, then what the session showed."""
+    name = "not_a_transaction_pooler"
+    direct = "; use the direct (session) connection string of the database"
+    where = f"{source.host}:{source.port}"
+    if by_host:
+        report.add(name, FAIL, f"{by_host}: pg_dump needs one session for its consistent snapshot")
+    elif facts is None:
+        report.not_checked(name, f"{where} is not a known pooler address, but {blocked}")
+    elif facts.session == "transaction-pooled":
+        report.add(
+            name,
+            FAIL,
+            f"{where} is a transaction pooler: two consecutive transactions ran in different "
+            f"server sessions, so pg_dump could not keep one snapshot{direct}",
+        )
+    elif facts.session == "proxied" or refused:
+        why = (
+            "it refused the startup parameter options, as PgBouncer does"
+            if refused
+            else "the backend pid it announced at login is not the pid of the session that answers"
+        )
+        report.add(
+            name,
+            WARN,
+            f"{where} answers through a connection pooler or proxy ({why}); if it pools "
+            f"transactions the import will fail{direct}",
+        )
+    else:
+        report.add(
+            name,
+            PASS,
+            f"{where} is not a known pooler address, and the connection kept one server session",
+        )
+
+

@@ -1,0 +1,128 @@
+"""The schema rehearsal of a plain SQL dump (see stages.preflight.rehearsal).
+
+A plain script has no table of contents, but pg_dump writes a header before each
+object, the same description and names the archive's TOC holds:
+
+    --
+    -- Name: profiles profiles are readable; Type: POLICY; Schema: public; Owner: app
+    --
+
+The script, as the import prepares it (stages.plainsql), is cut at those headers; the
+data sections ("-- Data for Name: …", sequence values, large objects, materialized view
+refreshes) are left out, and every other object runs in a transaction of its own.
+Without dependency data, an error that names an object that failed for a managed
+target (`type "public.capy_cube" does not exist`) counts as depending on it.
+
+psql restores a plain script statement by statement and stops at the first error, and
+the objects a managed target cannot hold are not left out of a plain script (only
+those stages.plainsql removes), so for a plain dump those are refused too, each named,
+with the advice to make a custom-format dump, from which the import leaves them out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from stages.dumprows import RowCounter
+from stages.errors import CapyError
+from stages.plainsql import prepare_plain_sql
+from stages.preflight.rehearsal import Node, Rehearsal, judge, risky_checks, run_entries
+from stages.preflight.sandbox import Sandbox
+from stages.timelimit import Deadline
+from stages.toc import TocEntry
+
+_HEADER = re.compile(
+    r"^--\n-- (Data for )?Name: ([^\n]*?); Type: ([^\n;]*); Schema: ([^\n;]*); Owner: [^\n;]*(?:; Tablespace: [^\n]*)?\n--\n",
+    re.M,
+)
+_PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)
+_META_COMMAND = re.compile(r"^\\[a-zA-Z!]", re.M)
+# What loads or derives data: not part of a schema rehearsal. (A large object's own
+# entry, "BLOB", creates it empty: comments and grants on it need it.)
+_DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MATERIALIZED VIEW DATA"})
+PLAIN_ADVICE = (
+    "psql restores a plain SQL script as it is and stops at the first of these: remove them from the "
+    "source, or make a custom-format dump (pg_dump -Fc), from which the import leaves them out"
+)
+
+
+def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntry, str]]]:
+    """(preamble, [(entry, SQL)]) of a plain script's schema objects, in order. The last
+    object of an incomplete script (a head) may be cut short: it is left out."""
+    script = _PG_DUMP_RESTRICT.sub("", script)
+    parts = _HEADER.split(script)
+    objects: list[tuple[TocEntry, str]] = []
+    for index in range(1, len(parts) - 1, 5):
+        data, name, desc, schema, body = parts[index : index + 5]
+        if data or desc in _DATA_TYPES:
+            continue
+        dump_id = len(objects) + 1
+        objects.append((TocEntry("", dump_id, desc, schema, name), body))
+    if not complete and objects:
+        objects.pop()
+    return parts[0], objects
+
+
+def rehearse_plain(
+    head_path: str,
+    sandbox: Sandbox,
+    work_dir: str,
+    deadline: Deadline,
+    *,
+    gzipped: bool,
+    complete: bool,
+    max_bytes: int,
+    allowed_extensions: set[str],
+) -> Rehearsal:
+    """Rehearse the schema objects of a plain script (or of its head)."""
+    prepared = os.path.join(work_dir, "rehearsal.sql")
+    try:
+        plain = prepare_plain_sql(head_path, prepared, gzipped=gzipped, max_bytes=max_bytes, counter=RowCounter())
+    except CapyError as err:
+        return Rehearsal(unavailable=f"the SQL of the upload's head could not be read ({err.message})")
+    with open(prepared, encoding="utf-8", errors="replace") as fh:
+        script = fh.read()
+    if not _HEADER.search(script):
+        # Not pg_dump's output (a hand-written script, COPY data anywhere): psql alone
+        # knows how to run it, statement by statement.
+        return Rehearsal(unavailable="the script has none of pg_dump's object headers (-- Name: …; Type: …)")
+    preamble, objects = split_plain(script, complete=complete)
+    if any(_META_COMMAND.search(text) for text in (preamble, *(body for _entry, body in objects))):
+        # `\connect` (pg_dump --create) and the like, outside data: the restore refuses
+        # them, and says which pg_dump options to use instead.
+        return Rehearsal(unavailable="the script holds psql commands (such as \\connect), which the import refuses")
+    extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
+    blocks = {entry.dump_id: body for entry, body in objects}
+    with sandbox.database(extensions) as scratch:
+        errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
+        checks = [] if timed_out else risky_checks(scratch, deadline)
+    result = judge(_nodes(objects, errors), errors)
+    result.rehearsed = len(blocks)
+    if result.skipped:
+        # Nothing leaves them out of a plain script: each is a problem to fix.
+        listed = "; ".join(f"{item['object']} ({item['reason']})" for item in result.skipped)
+        result.refused.insert(0, f"objects a managed database cannot hold: {listed}. {PLAIN_ADVICE}")
+        result.skipped = []
+    result.refused.extend(checks)
+    if timed_out:
+        result.timed_out = deadline.limit.describe()
+    return result
+
+
+def _nodes(objects: list[tuple[TocEntry, str]], errors: dict[int, str]) -> list[Node]:
+    """Nodes whose dependencies are the earlier failed objects an error names."""
+    nodes: list[Node] = []
+    failed: list[tuple[int, re.Pattern[str]]] = []
+    for entry, _body in objects:
+        message = errors.get(entry.dump_id)
+        depends = tuple(dump_id for dump_id, named in failed if message and named.search(message))
+        nodes.append(Node(entry, depends))
+        if message is not None:
+            failed.append((entry.dump_id, re.compile(rf"\b{re.escape(_bare(entry.name))}\b")))
+    return nodes
+
+
+def _bare(name: str) -> str:
+    """ "capy_cube_in" of "capy_cube_in(cstring)"; the last word of "notes notes_read"."""
+    return name.split("(", 1)[0].rsplit(" ", 1)[-1]

@@ -1,0 +1,79 @@
+"""Throw-away databases on the project's cluster, for the schema rehearsal.
+
+A rehearsal database is made the way an import's preview is (stages.cluster): a fresh
+database from template0, owned by a role of its own with exactly a restore role's
+privileges (no superuser, CREATEDB, CREATEROLE or REPLICATION; a member of no role),
+the allowlisted extensions created first by the admin. Both are named
+``capy_rehearsal_<unix time>_<random>`` and dropped when the rehearsal ends, whatever
+ended it; `capy-imports sweep` drops any a killed process left behind once they are
+older than `STALE_AFTER_SECONDS` (the time tells it, no record is needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from stages.cluster import ClusterAdmin, RoleLogin
+
+log = logging.getLogger(__name__)
+
+REHEARSAL_PREFIX = "capy_rehearsal_"
+# Far longer than any rehearsal may run (the stage time limit is 25 min).
+STALE_AFTER_SECONDS = 3600
+
+
+def rehearsal_name(clock: Callable[[], float] = time.time) -> str:
+    return f"{REHEARSAL_PREFIX}{int(clock())}_{secrets.token_hex(4)}"
+
+
+def is_stale(name: str, now: float, *, after: float = STALE_AFTER_SECONDS) -> bool:
+    """Whether `name` is a rehearsal database or role made more than `after` seconds
+    before `now` (a name of another shape is never stale: it is not ours)."""
+    stamp, _, rest = name.removeprefix(REHEARSAL_PREFIX).partition("_")
+    if not name.startswith(REHEARSAL_PREFIX) or not stamp.isdigit() or not rest:
+        return False
+    return now - int(stamp) > after
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """One rehearsal database and the role that owns it."""
+
+    admin: ClusterAdmin
+    database: str
+    login: RoleLogin
+
+
+class Sandbox:
+    """Makes rehearsal databases on one cluster (`admin`)."""
+
+    def __init__(self, admin: ClusterAdmin, *, clock: Callable[[], float] = time.time) -> None:
+        self.admin = admin
+        self.clock = clock
+
+    @contextlib.contextmanager
+    def database(self, extensions: dict[str, str]) -> Iterator[Scratch]:
+        """A fresh rehearsal database with `extensions` (name -> schema) created,
+        dropped with its role on the way out (errors, timeouts and cancels included)."""
+        name = rehearsal_name(self.clock)
+        try:
+            login = self.admin.ensure_restore_role(name)
+            self.admin.create_database(name, owner=login.name)
+            self.admin.create_extensions(name, login.name, extensions)
+            yield Scratch(self.admin, name, login)
+        finally:
+            self.drop(name)
+
+    def drop(self, name: str) -> None:
+        """Drop a rehearsal database and its role; a failure is logged, and left to the
+        sweep (a rehearsal's result does not depend on its cleanup)."""
+        for what, drop in (("database", self.admin.drop_database), ("role", self.admin.drop_role)):
+            try:
+                drop(name)
+            except Exception:  # the sweep retries; the caller's own error matters more
+                log.exception("could not drop the rehearsal %s %s", what, name)

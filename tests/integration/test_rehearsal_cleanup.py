@@ -1,0 +1,62 @@
+"""Rehearsal databases and roles never outlive their rehearsal: dropped when it ends,
+however it ends, and swept by name (with its creation time) when a process was killed."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import pytest
+
+from pipeline.sealing import Sealer
+from pipeline.sweep import sweep
+from stages.cluster import ClusterAdmin
+from stages.preflight.sandbox import REHEARSAL_PREFIX, STALE_AFTER_SECONDS, Sandbox, is_stale
+from tests.support import pg
+from tests.support.world import make_world
+
+
+def exists(name: str) -> tuple[bool, bool]:
+    database = pg.admin("SELECT 1 FROM pg_database WHERE datname = %s", (name,)) != []
+    role = pg.admin("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)) != []
+    return database, role
+
+
+def test_a_rehearsal_database_is_dropped_even_when_the_rehearsal_fails():
+    sandbox = Sandbox(ClusterAdmin(pg.ADMIN_URL))
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"), sandbox.database({}) as scratch:
+        seen.append(scratch.database)
+        assert exists(scratch.database) == (True, True)
+        raise RuntimeError("boom")
+    assert seen[0].startswith(REHEARSAL_PREFIX)
+    assert exists(seen[0]) == (False, False)
+
+
+def test_sweep_drops_stale_rehearsals_and_keeps_running_ones(control_db, store):
+    make_world(control_db)  # the cluster the sweep visits
+    admin = ClusterAdmin(pg.ADMIN_URL)
+    now = time.time()
+    stale = f"{REHEARSAL_PREFIX}{int(now - STALE_AFTER_SECONDS - 60)}_{secrets.token_hex(4)}"
+    fresh = f"{REHEARSAL_PREFIX}{int(now)}_{secrets.token_hex(4)}"
+    for name in (stale, fresh):
+        login = admin.ensure_restore_role(name)
+        admin.create_database(name, owner=login.name)
+    try:
+        done = sweep(control_db, Sealer(control_db.secret_key), store)
+        assert stale in done["rehearsals_dropped"]
+        assert fresh not in done["rehearsals_dropped"]
+        assert exists(stale) == (False, False)
+        assert exists(fresh) == (True, True)
+    finally:
+        for name in (stale, fresh):
+            admin.drop_database(name)
+            admin.drop_role(name)
+
+
+def test_only_names_of_the_rehearsal_shape_are_ever_stale():
+    now = 10_000_000.0
+    assert is_stale(f"{REHEARSAL_PREFIX}{int(now) - STALE_AFTER_SECONDS - 1}_ab12", now)
+    assert not is_stale(f"{REHEARSAL_PREFIX}{int(now) - 10}_ab12", now)
+    assert not is_stale(f"{REHEARSAL_PREFIX}older_ab12", now)
+    assert not is_stale("capy_restore_123_ab12", now)
