@@ -27,6 +27,7 @@ from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
+from stages.archivecheck import check_complete
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
 from stages.dumpformat import detect_format
@@ -368,6 +369,8 @@ class ImportSteps:
         }
         counter = RowCounter()
         if info.format in ("custom", "tar"):
+            # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
+            check_complete(download, info.format)
             check_archive_readable(tools, download, info, major)
             facts.update(self._plan_archive(tools, download, work))
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})

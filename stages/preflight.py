@@ -34,6 +34,7 @@ from stages.checks import (
 from stages.commands import PgTools
 from stages.deadline import Deadline, SourceTimedOut
 from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
+from stages.archivecheck import cut_short_in_head
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
@@ -268,6 +269,9 @@ def check_upload_head(
         except UnrecognizedDump as err:
             report.add("dump_format_recognized", FAIL, err.message)
             blocked = "the upload is not a pg_dump output (see dump_format_recognized)"
+    if info is not None and (cut := cut_short_in_head(head_path, info.format, total_size)):
+        report.add("dump_format_recognized", FAIL, cut)
+        info, blocked = None, "the upload is cut short (see dump_format_recognized)"
     contents = None
     if info is not None:
         report.add("dump_format_recognized", PASS, _describe_format(info))
