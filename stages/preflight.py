@@ -15,6 +15,7 @@ import os
 import threading
 
 from stages.addresses import Resolver, SourceHostUnresolvable, address_problem, pin_address, resolve
+from stages.archivecheck import cut_short_in_head
 from stages.checks import (
     FAIL,
     OBJECT_CHECKS,
@@ -34,7 +35,6 @@ from stages.checks import (
 from stages.commands import PgTools
 from stages.deadline import Deadline, SourceTimedOut
 from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
-from stages.archivecheck import cut_short_in_head
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
