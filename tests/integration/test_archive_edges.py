@@ -14,9 +14,11 @@ import pytest
 
 from stages.commands import PgTools
 from stages.dumprows import RowCounter, count_archive_rows
-from stages.errors import CommandTimedOut
+from stages.errors import CommandTimedOut, PermanentCommandFailure
+from stages.pgurl import SourceURL
+from stages.restore import restore_plain
 from tests.support import pg
-from tests.support.imports import upload_and_import
+from tests.support.imports import run_import, upload_and_import
 from tests.support.world import make_world
 
 ROWS = """
@@ -96,3 +98,70 @@ def test_a_pg_restore_that_makes_no_progress_is_stopped(rows_source, tmp_path):
     assert time.monotonic() - started < 30
     assert "made no progress for 2 s (CAPY_COMMAND_STALL_SECONDS)" in caught.value.message
     assert "truncated" in caught.value.message
+
+
+# -- the error of a failed job names the cause ------------------------------------------
+
+
+def test_a_parallel_restore_failure_names_the_first_error_not_the_dying_worker(control_db, store, tmp_path):
+    """pg_restore -j ends with "a worker process died unexpectedly"; the job's error
+    must say what failed (the statement and the role it names), the tail stays."""
+    role = pg.scratch_name("capy_gone_role")
+    source = pg.create_db(pg.scratch_name("capysrc_policy"))
+    try:
+        pg.admin(f"CREATE ROLE {role}")
+        pg.psql(
+            source,
+            text=ROWS
+            + f"ALTER TABLE big ENABLE ROW LEVEL SECURITY; CREATE POLICY readers ON big TO {role} USING (true);",
+        )
+        data = dump(source, tmp_path / "policy.dump", "--format=custom").read_bytes()
+    finally:
+        pg.drop_db(source)
+        pg.admin(f"DROP ROLE IF EXISTS {role}")
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, data)
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert f'role "{role}" does not exist; the dump names the role {role}' in job.error, job.error
+    assert f"the statement was: CREATE POLICY readers ON public.big TO {role} USING (true);" in job.error
+    assert "worker process died" not in job.error
+    assert "a worker process died unexpectedly" in job.last_stderr
+    assert pg.row_counts(world.project.database_name) == {}
+
+
+def test_a_live_source_behind_row_level_security_names_the_cause(control_db, tmp_path):
+    reader = pg.scratch_name("capy_rls_reader")
+    source = pg.create_db(pg.scratch_name("capysrc_rls"))
+    try:
+        pg.admin(f"CREATE ROLE {reader} LOGIN")
+        pg.psql(
+            source,
+            text=ROWS
+            + "ALTER TABLE big ENABLE ROW LEVEL SECURITY; CREATE POLICY mine ON big USING (id < 10);"
+            + f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader};",
+        )
+        world = make_world(control_db)
+        url = pg.url_for(source, sslmode="disable").replace("postgres@", f"{reader}@", 1)
+        job = run_import(control_db, world, url)
+    finally:
+        pg.drop_db(source)
+        pg.admin(f"DROP ROLE IF EXISTS {reader}")
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert 'query would be affected by row-level security policy for table "big"' in job.error, job.error
+    assert "connect as the table's owner or a role with BYPASSRLS" in job.error
+    assert "the statement was: COPY public.big" in job.error
+    assert "worker process died" not in job.error
+    assert pg.row_counts(world.project.database_name) == {}
+
+
+def test_a_psql_failure_names_the_line_of_the_users_file(scratch_db, tmp_path):
+    target = scratch_db("capytgt_psql")
+    script = tmp_path / "prepared.sql"
+    script.write_text("CREATE TABLE a (id int);\n\nSELECT nope FROM a;\n", encoding="utf-8")
+    tools = PgTools(os.path.dirname(shutil.which("psql")))
+    with pytest.raises(PermanentCommandFailure) as caught:
+        restore_plain(tools, SourceURL.parse(pg.url_for(target, sslmode="disable")), str(script), user_line=lambda line: line + 40)
+    assert caught.value.message == (
+        'psql restoring the plain SQL dump failed (exit code 3): column "nope" does not exist (at line 43 of the dump)'
+    )
+    assert str(tmp_path) not in caught.value.message
