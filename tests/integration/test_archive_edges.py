@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from psycopg2 import sql
 
 from stages.commands import PgTools
 from stages.dumprows import RowCounter, count_archive_rows
@@ -165,3 +166,62 @@ def test_a_psql_failure_names_the_line_of_the_users_file(scratch_db, tmp_path):
         'psql restoring the plain SQL dump failed (exit code 3): column "nope" does not exist (at line 43 of the dump)'
     )
     assert str(tmp_path) not in caught.value.message
+
+
+# -- valid dumps that must import whole ---------------------------------------------
+
+
+def table_hashes(dbname: str) -> dict[str, str]:
+    """A content hash of every table: its rows as text, sorted."""
+    hashes = {}
+    for table in pg.row_counts(dbname):
+        schema, name = table.split(".", 1)
+        query = sql.SQL(
+            "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
+        ).format(sql.Identifier(schema, name))
+        hashes[table] = pg.admin(query, dbname=dbname)[0][0]
+    return hashes
+
+
+def sequences(dbname: str) -> list[tuple]:
+    return pg.admin(
+        "SELECT schemaname, sequencename, last_value FROM pg_sequences ORDER BY 1, 2", dbname=dbname
+    )
+
+
+def assert_identical(source: str, live: str) -> None:
+    assert pg.schema_dump(live) == pg.schema_dump(source)
+    assert pg.row_counts(live) == pg.row_counts(source)
+    assert table_hashes(live) == table_hashes(source)
+    assert sequences(live) == sequences(source)
+
+
+PARTITIONED = """
+CREATE TABLE payment (id serial, paid date NOT NULL, amount numeric)
+  PARTITION BY RANGE (paid);
+CREATE TABLE payment_2022 PARTITION OF payment FOR VALUES FROM ('2022-01-01') TO ('2023-01-01')
+  PARTITION BY LIST (amount);
+CREATE TABLE payment_2022_small PARTITION OF payment_2022 FOR VALUES IN (1, 2, 3);
+CREATE TABLE payment_2022_other PARTITION OF payment_2022 DEFAULT;
+CREATE TABLE payment_2023 PARTITION OF payment FOR VALUES FROM ('2023-01-01') TO ('2024-01-01');
+CREATE TABLE payment_empty PARTITION OF payment FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+INSERT INTO payment (paid, amount)
+  SELECT date '2022-01-01' + (g % 700), g % 7 FROM generate_series(1, 5000) g;
+CREATE INDEX payment_paid ON payment (paid);
+CREATE TABLE plain_table (id int PRIMARY KEY, note text);
+INSERT INTO plain_table SELECT g, 'n' || g FROM generate_series(1, 300) g;
+"""
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_a_dump_loaded_via_the_partition_root_imports_exactly(control_db, store, scratch_db, tmp_path, fmt):
+    source = scratch_db("capysrc_viaroot")
+    pg.psql(source, text=PARTITIONED)
+    data = dump(source, tmp_path / "dump", f"--format={fmt}", "--load-via-partition-root").read_bytes()
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, data)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert_identical(source, world.project.database_name)
+    tables = job.facts["report"]["tables"]
+    assert tables["public.payment"] == {"source_rows": 5000, "target_rows": 5000}
+    assert tables["public.plain_table"] == {"source_rows": 300, "target_rows": 300}
