@@ -27,7 +27,7 @@ from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
 from stages import toc
-from stages.archivecheck import check_complete
+from stages.archivecheck import check_complete, encoding_of
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
 from stages.dumpformat import detect_format
@@ -323,7 +323,8 @@ class ImportSteps:
     def _plan_archive(self, tools: PgTools, archive: str, work: str) -> dict[str, Any]:
         """Read the archive's TOC: what the project role restores, what it skips and
         why, and which extensions (in which schemas) the service creates first."""
-        entries = toc.read(tools, archive)
+        encoding = encoding_of(archive)
+        entries = toc.read(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
         self._check_allowlist(extensions)
         plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"})
@@ -336,6 +337,7 @@ class ImportSteps:
             "skipped": plan.skipped,
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),
+            "dump_encoding": encoding,
         }
 
     def _check_allowlist(self, extensions: dict[str, str]) -> None:
@@ -374,7 +376,7 @@ class ImportSteps:
             check_archive_readable(tools, download, info, major)
             facts.update(self._plan_archive(tools, download, work))
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
-            count_archive_rows(tools, download, counter)
+            count_archive_rows(tools, download, counter, encoding=facts["dump_encoding"])
             dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
         else:
             dump_path = os.path.join(work, "dump.sql")

@@ -20,6 +20,7 @@ it was cut. Only seeks and small reads: the data itself is never decompressed.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -30,6 +31,7 @@ _MAGIC = b"PGDMP"
 # pg_backup_archiver.h: ReadOffset's flags, and the custom format's block types.
 _OFFSET_NOT_SET, _OFFSET_SET, _NO_DATA = 1, 2, 3
 _BLK_DATA, _BLK_BLOBS = 1, 3
+_ARCH_CUSTOM = 1
 
 ADVICE = "the file is cut short: upload it again (the whole file pg_dump wrote)"
 
@@ -48,6 +50,7 @@ class _Entry:
     desc: str
     offset_flag: int  # custom format only (0 for tar)
     offset: int
+    definition: bytes | None = None
 
 
 class _Reader:
@@ -125,7 +128,7 @@ def _toc(reader: _Reader, version: tuple[int, int, int], custom: bool) -> list[_
         desc = (reader.string() or b"").decode("utf-8", "replace")
         if version >= (1, 11, 0):
             reader.integer()  # section
-        reader.string()  # definition
+        definition = reader.string()
         reader.string()  # drop statement
         if version >= (1, 3, 0):
             reader.string()  # copy statement
@@ -149,7 +152,7 @@ def _toc(reader: _Reader, version: tuple[int, int, int], custom: bool) -> list[_
             offset = int.from_bytes(reader.take(reader.off_size), "little")
         else:
             reader.string()  # tar: the member holding the entry's data
-        entries.append(_Entry(dump_id, desc, flag, offset))
+        entries.append(_Entry(dump_id, desc, flag, offset, definition if desc == "ENCODING" else None))
     return entries
 
 
@@ -268,3 +271,29 @@ def cut_short_in_head(head_path: str, fmt: str, size: int) -> str | None:
     object of `size` bytes was cut short; None when they do not."""
     why = problem(head_path, fmt, size=size)
     return None if why is None else message(fmt, why)
+
+
+_CLIENT_ENCODING = re.compile(rb"SET client_encoding = '([A-Za-z0-9_]+)';")
+
+
+def encoding_of(path: str) -> str:
+    """The server encoding of the database an archive was dumped from (its ENCODING
+    entry: "SET client_encoding = 'LATIN1';"): the encoding of every name and string
+    in the archive. `path` is a custom or tar archive, or a directory-format dump.
+    UTF8 when the archive does not say."""
+    toc_path, start = (os.path.join(path, "toc.dat"), 0) if os.path.isdir(path) else (path, 0)
+    with open(toc_path, "rb") as fh:
+        if fh.read(len(_MAGIC)) != _MAGIC:
+            start = BLOCK  # tar: the first member, toc.dat, follows its header
+        fh.seek(start)
+        reader = _Reader(fh, os.path.getsize(toc_path))
+        try:
+            version, fmt = _header(reader)
+            entries = _toc(reader, version, custom=fmt == _ARCH_CUSTOM and not os.path.isdir(path))
+        except (_End, ValueError):
+            return "UTF8"
+    for entry in entries:
+        found = _CLIENT_ENCODING.search(entry.definition or b"")
+        if found:
+            return found.group(1).decode("ascii")
+    return "UTF8"

@@ -5,14 +5,17 @@ pg_dump 15 and imported through the product (preflight, fetch, restore, finalize
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import subprocess
 import time
 
+import psycopg2
 import pytest
 from psycopg2 import sql
 
+from stages import inventory
 from stages.commands import PgTools
 from stages.dumprows import RowCounter, count_archive_rows
 from stages.errors import CommandTimedOut, PermanentCommandFailure
@@ -171,15 +174,35 @@ def test_a_psql_failure_names_the_line_of_the_users_file(scratch_db, tmp_path):
 # -- valid dumps that must import whole ---------------------------------------------
 
 
+def query(dbname: str, text, params: tuple = ()) -> list[tuple]:
+    """Rows of a query, on a UTF8 connection whatever the database's encoding."""
+    conn = psycopg2.connect(pg.url_for(dbname), client_encoding="UTF8")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(text, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def row_counts(dbname: str) -> dict[str, int]:
+    conn = psycopg2.connect(pg.url_for(dbname), client_encoding="UTF8")
+    try:
+        return inventory.count_rows(conn)
+    finally:
+        conn.close()
+
+
 def table_hashes(dbname: str) -> dict[str, str]:
     """A content hash of every table: its rows as text, sorted."""
     hashes = {}
-    for table in pg.row_counts(dbname):
+    for table in row_counts(dbname):
         schema, name = table.split(".", 1)
-        query = sql.SQL(
-            "SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {} t"
-        ).format(sql.Identifier(schema, name))
-        hashes[table] = pg.admin(query, dbname=dbname)[0][0]
+        text = sql.SQL("SELECT t::text FROM ONLY {} t").format(sql.Identifier(schema, name))
+        # Hashed here, in UTF-8 and sorted by code point: the same whatever the
+        # database's encoding and collation.
+        rows = sorted(row for (row,) in query(dbname, text))
+        hashes[table] = hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
     return hashes
 
 
@@ -191,7 +214,7 @@ def sequences(dbname: str) -> list[tuple]:
 
 def assert_identical(source: str, live: str) -> None:
     assert pg.schema_dump(live) == pg.schema_dump(source)
-    assert pg.row_counts(live) == pg.row_counts(source)
+    assert row_counts(live) == row_counts(source)
     assert table_hashes(live) == table_hashes(source)
     assert sequences(live) == sequences(source)
 
@@ -225,3 +248,41 @@ def test_a_dump_loaded_via_the_partition_root_imports_exactly(control_db, store,
     tables = job.facts["report"]["tables"]
     assert tables["public.payment"] == {"source_rows": 5000, "target_rows": 5000}
     assert tables["public.plain_table"] == {"source_rows": 300, "target_rows": 300}
+
+
+@pytest.fixture
+def latin1_source():
+    """A LATIN1 database with a non-ASCII table, column and value."""
+    name = pg.scratch_name("capysrc_latin1")
+    pg.admin(
+        sql.SQL("CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0").format(
+            sql.Identifier(name)
+        )
+    )
+    conn = psycopg2.connect(pg.url_for(name))
+    conn.set_client_encoding("UTF8")
+    with conn, conn.cursor() as cur:
+        cur.execute('CREATE TABLE "café" (id serial PRIMARY KEY, "crème" text)')
+        cur.execute("""INSERT INTO "café" ("crème") SELECT 'brûlée ' || g FROM generate_series(1, 250) g""")
+        cur.execute("CREATE TABLE plain_ascii (id int)")
+        cur.execute("INSERT INTO plain_ascii SELECT generate_series(1, 10)")
+    conn.close()
+    yield name
+    pg.drop_db(name)
+
+
+@pytest.mark.parametrize("fmt", ["custom", "tar", "live"])
+def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store, latin1_source, tmp_path, fmt):
+    world = make_world(control_db)
+    if fmt == "live":
+        job = run_import(control_db, world, pg.url_for(latin1_source, sslmode="disable"))
+    else:
+        data = dump(latin1_source, tmp_path / "dump", f"--format={fmt}").read_bytes()
+        job = upload_and_import(control_db, store, world, data)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    live = world.project.database_name
+    assert pg.admin("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (live,)) == [("UTF8",)]
+    assert row_counts(live) == row_counts(latin1_source) == {"public.café": 250, "public.plain_ascii": 10}
+    assert query(live, 'SELECT "crème" FROM "café" WHERE id = 7') == [("brûlée 7",)]
+    assert job.facts["report"]["tables"]["public.café"] == {"source_rows": 250, "target_rows": 250}
+    assert table_hashes(live) == table_hashes(latin1_source)
