@@ -885,7 +885,9 @@ class PgRestore(PgCommand):
     def restore_args(
         self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None
     ) -> list[str]:
-        """Restore into an existing database without replaying owners or grants.
+        """Restore into an existing database without replaying owners, grants or
+        tablespaces (the cluster's, not the project's: every object goes to the
+        database's default tablespace).
 
         `--exit-on-error` makes any failed object fail the restore: an import that
         silently skips a table is worse than one that stops and says why.
@@ -894,6 +896,7 @@ class PgRestore(PgCommand):
             f"--dbname={conninfo}",
             "--no-owner",
             "--no-privileges",
+            "--no-tablespaces",
             "--exit-on-error",
             f"--jobs={max(1, jobs)}",
             "--no-password",

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 
 import psycopg2
@@ -286,3 +287,49 @@ def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store,
     assert query(live, 'SELECT "crème" FROM "café" WHERE id = 7') == [("brûlée 7",)]
     assert job.facts["report"]["tables"]["public.café"] == {"source_rows": 250, "target_rows": 250}
     assert table_hashes(live) == table_hashes(latin1_source)
+
+
+def schema_without_tablespaces(dbname: str) -> str:
+    return subprocess.run(
+        ["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "--no-tablespaces", "-d", pg.url_for(dbname)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def _comparable(schema: str) -> list[str]:
+    return [
+        line
+        for line in schema.splitlines()
+        if line.strip() and not line.startswith(("\\restrict", "\\unrestrict", "-- Dumped from", "-- Dumped by"))
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["custom", "tar"])
+def test_an_archive_naming_a_tablespace_the_target_lacks_imports(control_db, store, tmp_path, fmt):
+    """Tablespaces are the cluster's, never the project's: objects go to the default."""
+    location = tempfile.mkdtemp(prefix="capy_ts_")
+    shutil.chown(location, "postgres", "postgres")
+    space = pg.scratch_name("capy_ts")
+    source = pg.scratch_name("capysrc_ts")
+    pg.admin(sql.SQL("CREATE TABLESPACE {} LOCATION %s").format(sql.Identifier(space)), (location,))
+    try:
+        pg.create_db(source)
+        pg.psql(
+            source,
+            text=ROWS + f"CREATE TABLE placed (id int PRIMARY KEY USING INDEX TABLESPACE {space}) TABLESPACE {space};"
+            "INSERT INTO placed SELECT generate_series(1, 77);",
+        )
+        data = dump(source, tmp_path / "dump", f"--format={fmt}").read_bytes()
+        expected = (_comparable(schema_without_tablespaces(source)), row_counts(source), table_hashes(source))
+    finally:
+        pg.drop_db(source)
+        pg.admin(sql.SQL("DROP TABLESPACE IF EXISTS {}").format(sql.Identifier(space)))
+        shutil.rmtree(location, ignore_errors=True)
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, data)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    live = world.project.database_name
+    assert (_comparable(schema_without_tablespaces(live)), row_counts(live), table_hashes(live)) == expected
+    assert query(live, "SELECT reltablespace FROM pg_class WHERE relname = 'placed'") == [(0,)]
