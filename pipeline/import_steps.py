@@ -26,7 +26,7 @@ from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
-from stages import toc
+from stages import dbsettings, toc
 from stages.archivecheck import check_complete, encoding_of
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
@@ -338,6 +338,7 @@ class ImportSteps:
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),
             "dump_encoding": encoding,
+            "database_properties": dbsettings.read_archive(tools, archive, work, encoding=encoding).facts(),
         }
 
     def _check_allowlist(self, extensions: dict[str, str]) -> None:
@@ -465,6 +466,10 @@ class ImportSteps:
         context.progress({"phase": "handing the preview over to the project's role"})
         owner = RoleLogin(*project_role(project, admin, self.sealer))
         admin.hand_over(preview, from_role=restore_role_name(job), to_role=owner.name)
+        # As the owner, on the preview: they belong to the database, so the swap keeps them.
+        database = dbsettings.apply(
+            admin, preview, owner, dbsettings.DatabaseProperties.from_facts(job.facts.get("database_properties"))
+        )
         # The gate again, just before the destructive step: the project's database
         # may have received data since preflight.
         if not job.recreate and not admin.is_empty(project.database_name, owner):
@@ -500,9 +505,10 @@ class ImportSteps:
             source=source,
             target=target,
             source_basis=job.facts["source_basis"],
-            skipped=job.facts.get("skipped", []),
+            skipped=job.facts.get("skipped", []) + database["skipped"],
             uncounted=job.facts.get("uncounted_tables", []),
         )
+        report["database"] = {"settings": database["settings"], "comment": database["comment"]}
         report["replaced_database"] = retired.database_name
         return {"report": report, "replaced_database": retired.database_name, "verification": None}
 

@@ -333,3 +333,71 @@ def test_an_archive_naming_a_tablespace_the_target_lacks_imports(control_db, sto
     live = world.project.database_name
     assert (_comparable(schema_without_tablespaces(live)), row_counts(live), table_hashes(live)) == expected
     assert query(live, "SELECT reltablespace FROM pg_class WHERE relname = 'placed'") == [(0,)]
+
+
+# -- database settings and comment ----------------------------------------------------
+
+
+def database_settings(dbname: str) -> list[tuple]:
+    return pg.admin(
+        "SELECT unnest(s.setconfig) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase "
+        "WHERE d.datname = %s AND s.setrole = 0 ORDER BY 1",
+        (dbname,),
+    )
+
+
+def database_comment(dbname: str):
+    return pg.admin(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (dbname,)
+    )[0][0]
+
+
+@pytest.mark.parametrize("fmt", ["custom", "tar", "live"])
+def test_database_settings_and_comment_are_carried_or_reported(control_db, store, scratch_db, tmp_path, fmt):
+    source = scratch_db("capysrc_dbset")
+    role = pg.scratch_name("capy_dbset_role")
+    pg.psql(source, text=ROWS)
+    identifier = sql.Identifier(source)
+    for statement in (
+        "ALTER DATABASE {} SET work_mem TO '7MB'",
+        "ALTER DATABASE {} SET search_path TO public, \"$user\", 'odd''s'",
+        "ALTER DATABASE {} SET statement_timeout TO '90s'",
+        "ALTER DATABASE {} SET log_min_duration_statement TO 1000",  # superuser-only
+        "COMMENT ON DATABASE {} IS 'the shop''s database'",
+    ):
+        pg.admin(sql.SQL(statement).format(identifier))
+    pg.admin(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        pg.admin(
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET work_mem TO '1MB'").format(sql.Identifier(role), identifier)
+        )
+        world = make_world(control_db)
+        if fmt == "live":
+            job = run_import(control_db, world, pg.url_for(source, sslmode="disable"))
+        else:
+            data = dump(source, tmp_path / "dump", f"--format={fmt}").read_bytes()
+            job = upload_and_import(control_db, store, world, data)
+    finally:
+        pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))  # drops its setting too
+    assert job.state == "completed", (job.error, job.last_stderr)
+    live = world.project.database_name
+    expected = [row for row in database_settings(source) if not row[0].startswith("log_min_duration_statement")]
+    assert len(expected) == 3
+    assert database_settings(live) == expected
+    assert database_comment(live) == "the shop's database"
+    report = job.facts["report"]
+    assert report["database"] == {
+        "settings": ["work_mem = 7MB", "search_path = public, $user, odd's", "statement_timeout = 90s"],
+        "comment": "the shop's database",
+    }
+    skipped = {item["object"]: item["reason"] for item in report["skipped"]}
+    assert skipped["DATABASE SETTING log_min_duration_statement = 1000"] == (
+        'the project\'s role may not set it (permission denied to set parameter "log_min_duration_statement")'
+    )
+    assert skipped[f"DATABASE SETTING work_mem = 1MB for role {role}"].startswith("roles are not imported")
+    assert (
+        "skipped DATABASE SETTING log_min_duration_statement = 1000: the project's role may not set it "
+        '(permission denied to set parameter "log_min_duration_statement")'
+    ) in report["warnings"]
+    # A session in the imported database gets them.
+    assert pg.admin("SHOW work_mem", dbname=live) == [("7MB",)]
