@@ -225,7 +225,10 @@ def _custom(fh: BinaryIO, size: int, *, whole: bool, available: int) -> str | No
         return None  # damaged, not cut: pg_restore's own check names that
     beyond = [e for e in entries if e.offset_flag == _OFFSET_SET and e.offset >= size]
     if beyond:
-        return f"the data of {len(beyond)} entries starts past its end (at byte {max(e.offset for e in beyond):,}; the file has {size:,})"
+        return (
+            f"the data of {_entries(len(beyond))} starts past its end "
+            f"(at byte {max(e.offset for e in beyond):,}; the file has {size:,})"
+        )
     if not whole:
         return None
     try:
@@ -236,8 +239,12 @@ def _custom(fh: BinaryIO, size: int, *, whole: bool, available: int) -> str | No
         return None
     missing = [e for e in entries if e.offset_flag in (_OFFSET_SET, _OFFSET_NOT_SET) and e.dump_id not in seen]
     if missing:
-        return f"the data of {len(missing)} entries ({', '.join(sorted({e.desc for e in missing}))}) is not in it"
+        return f"the data of {_entries(len(missing))} ({', '.join(sorted({e.desc for e in missing}))}) is not in it"
     return None
+
+
+def _entries(count: int) -> str:
+    return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 def problem(path: str, fmt: str, *, size: int | None = None) -> str | None:
