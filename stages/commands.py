@@ -879,8 +879,9 @@ class PgRestore(PgCommand):
     server = CLUSTER
 
     def list_args(self, archive: str) -> list[str]:
-        """Read the archive's table of contents only: proves this pg_restore can read it."""
-        return ["--list", "--file=/dev/null", archive]
+        """Read the archive's table of contents only: proves this pg_restore can read it.
+        Printed to stdout, so the stall window applies (see `run_streaming`)."""
+        return ["--list", "--file=-", archive]
 
     def restore_args(
         self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None
