@@ -333,7 +333,7 @@ class ImportSteps:
             fh.write(plan.list_file())
         return {
             "extensions": extensions,
-            "extension_comments": toc.extension_comments(tools, archive, entries, work),
+            "extension_comments": toc.extension_comments(tools, archive, entries, work, encoding=encoding),
             "skipped": plan.skipped,
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),

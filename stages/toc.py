@@ -252,8 +252,11 @@ def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEnt
     return parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
 
 
-def render(tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str) -> str:
-    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed)."""
+def render(
+    tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str, *, encoding: str = "UTF8"
+) -> str:
+    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed),
+    decoded from the archive's `encoding`."""
     if not wanted:
         return ""
     list_path = os.path.join(work_dir, f"{name}.list")
@@ -265,7 +268,7 @@ def render(tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, 
         lambda out: chunks.append(out.read()),
         what=f"reading the dump's {name}",
     )
-    return b"".join(chunks).decode("utf-8", "replace")
+    return b"".join(chunks).decode(python_codec(encoding), "replace")
 
 
 _COMMENT_ON_EXTENSION = re.compile(
@@ -279,9 +282,11 @@ def extension_schemas(tools: PgTools, archive: str, entries: list[TocEntry], wor
     return {unquote(name): unquote(schema) for name, schema in _CREATE_EXTENSION.findall(text)}
 
 
-def extension_comments(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
+def extension_comments(
+    tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str, *, encoding: str = "UTF8"
+) -> dict[str, str]:
     """Extension name -> comment text. Only the service (the extensions' owner) may set
     them; the text is parsed strictly and re-issued as a parameter, never run as SQL."""
     wanted = [e for e in entries if e.desc == "COMMENT" and e.name.startswith("EXTENSION ")]
-    text = render(tools, archive, wanted, work_dir, "extension comments")
+    text = render(tools, archive, wanted, work_dir, "extension comments", encoding=encoding)
     return {unquote(name): body.replace("''", "'") for name, body in _COMMENT_ON_EXTENSION.findall(text)}
