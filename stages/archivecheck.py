@@ -15,6 +15,9 @@ restores without some tables' data. So both formats are walked here first:
 `cut_short_in_head` needs only the first bytes and the object's size (the upload
 preflight): a data offset or a tar member reaching past the end of the object proves
 it was cut. Only seeks and small reads: the data itself is never decompressed.
+
+`encoding_of` reads the same table of contents for the source database's encoding,
+in which every name and row of the archive is written.
 """
 
 from __future__ import annotations
