@@ -322,7 +322,9 @@ class ImportSteps:
 
     def _plan_archive(self, tools: PgTools, archive: str, work: str) -> dict[str, Any]:
         """Read the archive's TOC: what the project role restores, what it skips and
-        why, and which extensions (in which schemas) the service creates first."""
+        why, which extensions (in which schemas) the service creates first, the
+        source's encoding (names and rows are decoded from it), and the database's
+        settings and comment (set at finalize, see stages.dbsettings)."""
         encoding = encoding_of(archive)
         entries = toc.read(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
