@@ -26,7 +26,8 @@ from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.sealing import Sealer
-from stages import toc
+from stages import dbsettings, toc
+from stages.archivecheck import check_complete, encoding_of
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
 from stages.dumpformat import detect_format
@@ -349,8 +350,11 @@ class ImportSteps:
 
     def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> dict[str, Any]:
         """Read the archive's TOC: what the project role restores, what it skips and
-        why, and which extensions (in which schemas) the service creates first."""
-        entries = toc.read(tools, archive)
+        why, which extensions (in which schemas) the service creates first, the
+        source's encoding (names and rows are decoded from it), and the database's
+        settings and comment (set at finalize, see stages.dbsettings)."""
+        encoding = encoding_of(archive)
+        entries = toc.read(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
         require_allowlisted(extensions, self.settings.extension_allowlist)
         plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"}, skip=skip_map(rehearsal_skipped))
@@ -359,10 +363,12 @@ class ImportSteps:
             fh.write(plan.list_file())
         return {
             "extensions": extensions,
-            "extension_comments": toc.extension_comments(tools, archive, entries, work),
+            "extension_comments": toc.extension_comments(tools, archive, entries, work, encoding=encoding),
             "skipped": plan.skipped,
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),
+            "dump_encoding": encoding,
+            "database_properties": dbsettings.read_archive(tools, archive, work, encoding=encoding).facts(),
         }
 
     def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
@@ -388,10 +394,12 @@ class ImportSteps:
         }
         counter = RowCounter()
         if info.format in ("custom", "tar"):
+            # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
+            check_complete(download, info.format)
             check_archive_readable(tools, download, info, major)
             facts.update(self._plan_archive(tools, download, work, job.facts.get("rehearsal_skipped", [])))
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
-            count_archive_rows(tools, download, counter)
+            count_archive_rows(tools, download, counter, encoding=facts["dump_encoding"])
             dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
         else:
             dump_path = os.path.join(work, "dump.sql")
@@ -480,6 +488,10 @@ class ImportSteps:
         context.progress({"phase": "handing the preview over to the project's role"})
         owner = RoleLogin(*project_role(project, admin, self.sealer))
         admin.hand_over(preview, from_role=restore_role_name(job), to_role=owner.name)
+        # As the owner, on the preview: they belong to the database, so the swap keeps them.
+        database = dbsettings.apply(
+            admin, preview, owner, dbsettings.DatabaseProperties.from_facts(job.facts.get("database_properties"))
+        )
         # The gate again, just before the destructive step: the project's database
         # may have received data since preflight.
         if not job.recreate and not admin.is_empty(project.database_name, owner):
@@ -515,9 +527,10 @@ class ImportSteps:
             source=source,
             target=target,
             source_basis=job.facts["source_basis"],
-            skipped=job.facts.get("skipped", []),
+            skipped=job.facts.get("skipped", []) + database["skipped"],
             uncounted=job.facts.get("uncounted_tables", []),
         )
+        report["database"] = {"settings": database["settings"], "comment": database["comment"]}
         report["replaced_database"] = retired.database_name
         return {"report": report, "replaced_database": retired.database_name, "verification": None}
 

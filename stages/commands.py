@@ -208,9 +208,104 @@ def hide_cluster_address(text: str) -> str:
     return _SERVER_ADDRESS.sub(f"server ({CLUSTER_NAME})", text)
 
 
+# What the tools print around the real error, which says nothing about its cause: a
+# parallel run's other workers dying after the first failed, the summary of an
+# --exit-on-error restore, the framing before the server's words.
+_NOISE = re.compile(
+    r"a worker process died unexpectedly|warning: errors ignored on restore|"
+    r"error: (?:could not execute query|query failed):?\s*$|^\s*$",
+    re.IGNORECASE,
+)
+# The server's own words: "...: ERROR:  role "x" does not exist".
+_SERVER_ERROR = re.compile(r"\b(?:ERROR|FATAL|PANIC):\s+(.*\S)")
+# A tool's own error (no server involved): "pg_restore: error: could not read ...".
+_TOOL_ERROR = re.compile(r"^(?:pg_restore|pg_dump|pg_dumpall|psql)\S*: error: ")
+# What the failing statement was, as each tool says it.
+_STATEMENT = re.compile(r"^(?:\S+: detail: )?(?:Command was|Query was):\s*(.*\S)")
+_DETAIL = re.compile(r"^(?:\S+: detail: )?(?:DETAIL|HINT):\s+(.*\S)")
+# psql names the script and line of a failing statement: "psql:/work/x/dump.sql:12: ERROR:".
+_PSQL_LOCATION = re.compile(r"^psql:(.*):(\d+): ")
+ERROR_CONTEXT_LINES = 8
+STATEMENT_CHARS = 300
+
+# Causes a user can act on, with what to change (matched against the server's words).
+_ADVICE = (
+    (
+        re.compile(r'^role "([^"]+)" does not exist'),
+        "the dump names the role {0}, which the project's database does not have (roles are not "
+        "imported): drop or change the policies, grants and ownership that name it in the source "
+        "(or dump with --no-owner --no-privileges), then dump again",
+    ),
+    (
+        re.compile(r'^query would be affected by row-level security policy for table "([^"]+)"'),
+        "the source user cannot read every row of table {0} (row-level security): connect as the "
+        "table's owner or a role with BYPASSRLS",
+    ),
+)
+
+
+def _is_error_line(line: str) -> bool:
+    return bool(_SERVER_ERROR.search(line) or _TOOL_ERROR.match(line)) and not _NOISE.search(line)
+
+
+@dataclass(frozen=True)
+class ToolError:
+    """The first real error a tool printed: the server's (or the tool's) words, the
+    statement that failed, the server's DETAIL or HINT, and for psql the line of the
+    script it was running."""
+
+    text: str
+    statement: str | None = None
+    detail: str | None = None
+    script_line: int | None = None
+    line: str = ""
+
+    def describe(self, *, located: bool = True) -> str:
+        """In the user's terms: the error, what to change for causes we know, the
+        detail and the statement. psql's own naming of the script and line is kept
+        (`located`) unless the caller says where in the user's file it was."""
+        text = self.line.strip() if located and self.script_line is not None else self.text
+        for pattern, advice in _ADVICE:
+            match = pattern.match(self.text)
+            if match:
+                text = f"{self.text}; {advice.format(*match.groups())}"
+                break
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.statement:
+            statement = self.statement
+            if len(statement) > STATEMENT_CHARS:
+                statement = statement[:STATEMENT_CHARS] + "…"
+            text += f"; the statement was: {statement}"
+        return text
+
+
+def first_error(stderr: str) -> ToolError | None:
+    """The first real error in a tool's stderr (see _NOISE for what is skipped), with
+    the lines after it that say which statement failed; None if it printed none."""
+    lines = stderr.splitlines()
+    for index, line in enumerate(lines):
+        if not _is_error_line(line):
+            continue
+        server = _SERVER_ERROR.search(line)
+        text = server.group(1) if server else line.strip()
+        location = _PSQL_LOCATION.match(line)
+        statement = detail = None
+        for after in lines[index + 1 : index + 1 + ERROR_CONTEXT_LINES]:
+            if _is_error_line(after):
+                break
+            if statement is None and (found := _STATEMENT.match(after)):
+                statement = found.group(1)
+            elif detail is None and (found := _DETAIL.match(after)):
+                detail = found.group(1)
+        return ToolError(text, statement, detail, int(location.group(2)) if location else None, line)
+    return None
+
+
 def classify_failure(result: CommandResult, what: str, server: str) -> TransientCommandFailure | PermanentCommandFailure:
     """The CommandFailed for a tool that exited non-zero, classified by whose server it
-    talked to and what it said (deadlines are classified where they are enforced):
+    talked to and what it said (deadlines are classified where they are enforced). Its
+    message names the tool's first real error (`first_error`), its tails stay whole.
 
     - our cluster that could not be reached, or lost the session: transient, the
       message naming no address;
@@ -231,7 +326,10 @@ def classify_failure(result: CommandResult, what: str, server: str) -> Transient
             f"{what} failed (exit code {result.exit_code}): {CLUSTER_NAME} is unavailable; it will be retried",
             **output,
         )
-    message = f"{what} failed (exit code {result.exit_code}): {last}"
+    # The first real error names the cause (a parallel restore ends with "a worker
+    # process died unexpectedly"); the tail stays in stderr_tail.
+    cause = first_error(result.error_lines or stderr)
+    message = f"{what} failed (exit code {result.exit_code}): {cause.describe() if cause else last}"
     if server == CLUSTER:
         message = hide_cluster_address(message)
     if server == SOURCE and "connection refused" in stderr.lower():
@@ -242,14 +340,20 @@ def classify_failure(result: CommandResult, what: str, server: str) -> Transient
         )
         return failure
     cls = TransientCommandFailure if is_transient(stderr) else PermanentCommandFailure
-    return cls(message, **output)
+    failure = cls(message, **output)
+    failure.cause = cause
+    return failure
 
 
 @dataclass(frozen=True)
 class CommandResult:
+    """`error_lines`: stderr from its first error line on (a few lines), kept even
+    when later output pushed it out of the tail."""
+
     exit_code: int
     stdout_tail: str
     stderr_tail: str
+    error_lines: str = ""
 
 
 class _Activity:
@@ -274,12 +378,17 @@ class _TailReader(threading.Thread):
         self.secrets = secrets
         self.activity = activity
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.first_error: list[str] = []
 
     def run(self) -> None:
         for raw in iter(self.stream.readline, b""):
             self.activity.touch()
             line = redact(raw.decode("utf-8", "replace").rstrip("\n"), *self.secrets)
             self.lines.append(line)
+            if self.first_error and len(self.first_error) <= ERROR_CONTEXT_LINES:
+                self.first_error.append(line)
+            elif not self.first_error and self.label == "stderr" and _is_error_line(line):
+                self.first_error.append(line)
             if self.label == "stderr":
                 log.info("%s", line)
         self.stream.close()
@@ -709,11 +818,13 @@ class PgCommand:
             reader.join()
         stdout_tail = redact(process.readers[0].tail(), *secrets) if len(process.readers) == 2 else ""
         stderr_tail = redact(process.readers[-1].tail(), *secrets)
+        error_lines = redact("\n".join(process.readers[-1].first_error), *secrets)
         if self.server == CLUSTER:  # the job shows these tails to its user
             stdout_tail, stderr_tail = hide_cluster_address(stdout_tail), hide_cluster_address(stderr_tail)
+            error_lines = hide_cluster_address(error_lines)
         verdict = process.watchdog.verdict
         if verdict is None:
-            result = CommandResult(exit_code, stdout_tail, stderr_tail)
+            result = CommandResult(exit_code, stdout_tail, stderr_tail, error_lines)
             self._observe(result)
             if exit_code != 0:
                 raise self.failure(result, what)
@@ -822,13 +933,16 @@ class PgRestore(PgCommand):
     server = CLUSTER
 
     def list_args(self, archive: str) -> list[str]:
-        """Read the archive's table of contents only: proves this pg_restore can read it."""
-        return ["--list", "--file=/dev/null", archive]
+        """Read the archive's table of contents only: proves this pg_restore can read it.
+        Printed to stdout, so the stall window applies (see `run_streaming`)."""
+        return ["--list", "--file=-", archive]
 
     def restore_args(
         self, archive: str, conninfo: str, *, jobs: int, list_file: str | None = None
     ) -> list[str]:
-        """Restore into an existing database without replaying owners or grants.
+        """Restore into an existing database without replaying owners, grants or
+        tablespaces (the cluster's, not the project's: every object goes to the
+        database's default tablespace).
 
         `--exit-on-error` makes any failed object fail the restore: an import that
         silently skips a table is worse than one that stops and says why.
@@ -837,6 +951,7 @@ class PgRestore(PgCommand):
             f"--dbname={conninfo}",
             "--no-owner",
             "--no-privileges",
+            "--no-tablespaces",
             "--exit-on-error",
             f"--jobs={max(1, jobs)}",
             "--no-password",

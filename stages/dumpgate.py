@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import IO
 
 from stages.commands import PgTools
 from stages.dumpformat import DumpInfo
@@ -38,11 +39,19 @@ def check_versions(info: DumpInfo, target_major: int) -> None:
         )
 
 
+def _drain(stream: IO[bytes]) -> None:
+    while stream.read(1 << 16):
+        pass
+
+
 def check_archive_readable(tools: PgTools, path: str, info: DumpInfo, target_major: int) -> None:
     """Read the archive's table of contents with the target's pg_restore."""
     pg_restore = tools.pg_restore
     try:
-        pg_restore.run(pg_restore.list_args(path), what="reading the dump's table of contents")
+        # Streamed (and dropped): a pg_restore that stops printing is stopped too.
+        pg_restore.run_streaming(
+            pg_restore.list_args(path), _drain, what="reading the dump's table of contents"
+        )
     except (TransientError, CommandTimedOut):
         raise  # a timeout's message already says which limit was reached
     except CommandFailed as err:

@@ -13,6 +13,7 @@ from typing import IO
 
 from stages.commands import PgTools
 from stages.errors import CommandTimedOut, PermanentCommandFailure
+from stages.toc import Utf8Lines, python_codec
 
 _COPY = re.compile(rb'^COPY ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) .*FROM stdin;\r?\n$')
 _INSERT = re.compile(rb'^INSERT INTO ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) ')
@@ -103,14 +104,15 @@ def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024
         at_line_start = piece.endswith(b"\n")
 
 
-def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter) -> None:
+def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter, *, encoding: str = "UTF8") -> None:
     """Rows per table and sequence values of a custom or tar archive, from
-    `pg_restore --data-only` output, into `counter`."""
+    `pg_restore --data-only` output (in the source's `encoding`), into `counter`."""
     pg_restore = tools.pg_restore
+    codec = python_codec(encoding)
     try:
         pg_restore.run_streaming(
             ["--data-only", "--file=-", archive],
-            lambda stdout: count_stream(stdout, counter),
+            lambda stdout: count_stream(stdout if codec == "utf-8" else Utf8Lines(stdout, codec), counter),  # type: ignore[arg-type]
             what="reading the dump's table data",
         )
     except CommandTimedOut:

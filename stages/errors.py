@@ -46,8 +46,11 @@ class CommandFailed(CapyError):
     """An external command (pg_dump, pg_restore, psql) exited with an error.
 
     Carries the exit code and the redacted tails of its output so the job can show
-    them as `last_exit_code`, `last_stdout` and `last_stderr`.
+    them as `last_exit_code`, `last_stdout` and `last_stderr`; `cause` is the tool's
+    first real error (a stages.commands.ToolError), when it printed one.
     """
+
+    cause: object = None
 
     def __init__(self, message: str, *, exit_code: int, stdout_tail: str = "", stderr_tail: str = "") -> None:
         super().__init__(message)
@@ -57,9 +60,11 @@ class CommandFailed(CapyError):
 
     def with_message(self, message: str) -> CommandFailed:
         """The same failure (class, exit code, output) explained differently."""
-        return type(self)(
+        failure = type(self)(
             message, exit_code=self.exit_code, stdout_tail=self.stdout_tail, stderr_tail=self.stderr_tail
         )
+        failure.cause = self.cause
+        return failure
 
 
 class PermanentCommandFailure(CommandFailed, PermanentError):

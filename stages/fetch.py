@@ -69,7 +69,9 @@ def dump_live(
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)  # a retried fetch starts over
     deadline = Deadline(per_read=read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
-    with connection(source, timeout=timeout, deadline=deadline) as conn:
+    # UTF8, the target's encoding: the server converts names from the source's own
+    # (psycopg2 quotes identifiers wrongly on a connection in another encoding).
+    with connection(source, timeout=timeout, deadline=deadline, client_encoding="UTF8") as conn:
         conn.set_session(
             isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ,
             readonly=True,

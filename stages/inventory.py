@@ -61,6 +61,29 @@ def count_rows(
     return counts
 
 
+def count_partition_trees(conn: psycopg2.extensions.connection, keys: list[str]) -> dict[str, int]:
+    """Exact `count(*)` of the whole partition tree of each partitioned table among
+    `keys` ("schema.table"); keys that name no partitioned table are left out.
+
+    A dump made with `pg_dump --load-via-partition-root` loads every partition's rows
+    through the root (`COPY root FROM stdin`), so what it says it holds is counted by
+    root: the tree's total is what compares with it."""
+    counts: dict[str, int] = {}
+    with conn.cursor() as cur:
+        for key in keys:
+            # By the whole key: a schema or table name may itself hold a dot.
+            cur.execute(
+                "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE c.relkind OPERATOR(pg_catalog.=) 'p' "
+                "AND n.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.relname OPERATOR(pg_catalog.=) %s",
+                (key,),
+            )
+            for schema, name in cur.fetchall():
+                cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM {}").format(sql.Identifier(schema, name)))
+                counts[key] = int(cur.fetchone()[0])
+    return counts
+
+
 def is_empty(conn: psycopg2.extensions.connection) -> bool:
     """True when the database holds no user objects beyond the default public schema."""
     with conn.cursor() as cur:

@@ -11,10 +11,10 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from stages.commands import PgTools
-from stages.errors import PermanentCommandFailure
+from stages.errors import CommandFailed, PermanentCommandFailure
 from stages.pgurl import SourceURL
 
 # What the server answers a restore role that reaches for another database.
@@ -40,6 +40,21 @@ def _explained() -> Iterator[None]:
             "the project's database was not changed"
         ) from err
 
+@contextlib.contextmanager
+def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
+    """Add to a psql failure the line of the user's file its statement came from."""
+    try:
+        yield
+    except CommandFailed as err:
+        cause = err.cause
+        line = getattr(cause, "script_line", None)
+        mapped = user_line(line) if user_line is not None and line is not None else None
+        if mapped is None:
+            raise
+        head = err.message.split(": ", 1)[0]  # "psql restoring … failed (exit code 3)"
+        raise err.with_message(f"{head}: {cause.describe(located=False)} (at line {mapped} of the dump)") from err
+
+
 # Formats pg_restore can restore with several jobs (tar cannot seek between members).
 PARALLEL_FORMATS = ("custom", "directory")
 
@@ -62,17 +77,22 @@ def restore_archive(
         )
 
 
-def restore_plain(tools: PgTools, target: SourceURL, script: str) -> None:
+def restore_plain(
+    tools: PgTools, target: SourceURL, script: str, *, user_line: Callable[[int], int | None] | None = None
+) -> None:
     """Run a prepared plain-SQL dump (see stages.plainsql) with psql, stopping at the
     first error. psql is restricted with a random key, so the script's own backslash
-    commands (`\\connect`, `\\!`, `\\i`...) are refused rather than run."""
+    commands (`\\connect`, `\\!`, `\\i`...) are refused rather than run.
+
+    `user_line` maps a line of the prepared script to the line of the user's file
+    (the plain-SQL stage knows both); a failure then says where in their file."""
     psql = tools.psql
     restrict_file = script + ".restrict"
     descriptor = os.open(restrict_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as fh:
         fh.write(f"\\restrict {secrets.token_hex(16)}\n")
     try:
-        with _explained():
+        with _explained(), _located(user_line):
             psql.run(
                 psql.script_args(target.conninfo(), script, restrict_file=restrict_file),
                 env=target.env(),

@@ -9,11 +9,14 @@ entries are left out too.
 
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import IO
 
 from stages.commands import PgTools
 
@@ -217,8 +220,37 @@ def unquote(identifier: str) -> str:
     return identifier
 
 
-def read(tools: PgTools, archive: str) -> list[TocEntry]:
-    """The archive's TOC, as the target's pg_restore reads it."""
+def python_codec(encoding: str) -> str:
+    """Python's codec for a PostgreSQL encoding name (LATIN1, WIN1252, EUC_JP…);
+    utf-8 for UTF8, SQL_ASCII and any name Python does not know."""
+    name = encoding.upper()
+    special = {"SQL_ASCII": "utf-8", "SJIS": "shift_jis", "UHC": "cp949", "KOI8R": "koi8_r", "KOI8U": "koi8_u"}
+    candidates = [special.get(name, ""), "cp" + name[3:] if name.startswith("WIN") else "", name.lower()]
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            return codecs.lookup(candidate).name
+        except LookupError:
+            continue
+    return "utf-8"
+
+
+class Utf8Lines:
+    """A byte stream in `codec` read as UTF-8 lines (`readline(limit)` as a binary
+    stream has it): what a dump in the source's encoding says, in the target's."""
+
+    def __init__(self, stream: IO[bytes], codec: str) -> None:
+        self._text = io.TextIOWrapper(stream, encoding=codec, errors="replace", newline="")  # type: ignore[arg-type]
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._text.readline(limit).encode("utf-8")
+
+
+def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEntry]:
+    """The archive's TOC, as the target's pg_restore reads it. pg_restore prints names
+    as the archive holds them, in the source's `encoding` (see
+    stages.archivecheck.encoding_of); they are decoded from it."""
     chunks: list[bytes] = []
     pg_restore = tools.pg_restore
     pg_restore.run_streaming(
@@ -226,11 +258,14 @@ def read(tools: PgTools, archive: str) -> list[TocEntry]:
         lambda out: chunks.append(out.read()),
         what="reading the dump's table of contents",
     )
-    return parse(b"".join(chunks).decode("utf-8", "replace"))
+    return parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
 
 
-def render(tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str) -> str:
-    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed)."""
+def render(
+    tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str, *, encoding: str = "UTF8"
+) -> str:
+    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed),
+    decoded from the archive's `encoding`."""
     if not wanted:
         return ""
     list_path = os.path.join(work_dir, f"{name}.list")
@@ -242,7 +277,7 @@ def render(tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, 
         lambda out: chunks.append(out.read()),
         what=f"reading the dump's {name}",
     )
-    return b"".join(chunks).decode("utf-8", "replace")
+    return b"".join(chunks).decode(python_codec(encoding), "replace")
 
 
 _COMMENT_ON_EXTENSION = re.compile(
@@ -256,9 +291,11 @@ def extension_schemas(tools: PgTools, archive: str, entries: list[TocEntry], wor
     return {unquote(name): unquote(schema) for name, schema in _CREATE_EXTENSION.findall(text)}
 
 
-def extension_comments(tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str) -> dict[str, str]:
+def extension_comments(
+    tools: PgTools, archive: str, entries: list[TocEntry], work_dir: str, *, encoding: str = "UTF8"
+) -> dict[str, str]:
     """Extension name -> comment text. Only the service (the extensions' owner) may set
     them; the text is parsed strictly and re-issued as a parameter, never run as SQL."""
     wanted = [e for e in entries if e.desc == "COMMENT" and e.name.startswith("EXTENSION ")]
-    text = render(tools, archive, wanted, work_dir, "extension comments")
+    text = render(tools, archive, wanted, work_dir, "extension comments", encoding=encoding)
     return {unquote(name): body.replace("''", "'") for name, body in _COMMENT_ON_EXTENSION.findall(text)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+from stages.archivecheck import cut_short_in_head
 from stages.commands import PgTools
 from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
 from stages.dumpformat import DumpInfo, detect_format
@@ -76,6 +77,9 @@ def check_upload_head(
         except UnrecognizedDump as err:
             report.add("dump_format_recognized", FAIL, err.message)
             blocked = "the upload is not a pg_dump output (see dump_format_recognized)"
+    if info is not None and (cut := cut_short_in_head(head_path, info.format, total_size)):
+        report.add("dump_format_recognized", FAIL, cut)
+        info, blocked = None, "the upload is cut short (see dump_format_recognized)"
     contents = None
     if info is not None:
         report.add("dump_format_recognized", PASS, _describe_format(info))

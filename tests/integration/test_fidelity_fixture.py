@@ -1,62 +1,53 @@
-"""The fidelity fixture (tests/fixtures/fidelity.sql) and what a managed restore does with it.
+"""The fidelity fixture (tests/fixtures/fidelity.sql) through the product's own restore path.
 
-(a) the fixture loads into an empty database and holds what it promises;
-(b) it survives the round trip the managed target performs, as a NON-superuser:
+(a) the fixture loads into an empty database and holds what it promises (so the tests
+    that import it, here and in test_fidelity_import.py, cover every kind of object);
+(b) the product's planner (`stages.toc.read` and `plan`) decides what the project's
+    role restores of its archive: exactly the objects the service creates itself (the
+    allowlisted extensions, their comments, the schema one of them lives in) are left
+    out, and nothing is skipped; the product's restore (`stages.restore.restore_archive`,
+    one job and several) into a preview prepared as an import prepares it
+    (`stages.cluster.ClusterAdmin`: the restore role owns it, the service created the
+    extensions) gives back the source: schema, data, counts, sequences, large objects,
+    materialized-view population;
+(c) with tests/fixtures/superuser_objects.sql on top, the planner skips exactly the event
+    trigger and its comment, with their reasons, the restore completes without them,
+    and the extension's own comment is the source's (the service applies it).
 
-    superuser:  CREATE ROLE capy_fx_<hex> LOGIN (no superuser, no createdb, no createrole)
-                CREATE DATABASE <target> OWNER capy_fx_<hex>
-                in <target>: CREATE SCHEMA ext AUTHORIZATION capy_fx_<hex>;
-                             CREATE EXTENSION citext WITH SCHEMA ext;
-                             CREATE EXTENSION hstore WITH SCHEMA public;
-                             CREATE EXTENSION pg_trgm WITH SCHEMA public;
-    source:     pg_dump -Fc
-    list:       pg_restore -l <archive>, with the entries of the pre-created objects
-                commented out (';' prefix):  "EXTENSION - <name>",
-                "COMMENT - EXTENSION <name>" and "SCHEMA - ext"
-    role:       pg_restore --no-owner --no-privileges --exit-on-error --use-list=<list>
-                --dbname=postgresql://capy_fx_<hex>@.../<target> <archive>
-
-    and compares schema dumps, data dumps, exact row counts, sequences, large
-    objects and materialized-view population;
-(c) what tests/fixtures/superuser_objects.sql does to that same restore: the event
-    trigger (and its comment) fail, the extension comment is lost or fails.
-
-Gotchas pinned here as tests: without the list filtering, the pre-created schema and
-the extensions' comments fail; with schema ext owned by the superuser instead of the
-target role, everything that uses ext.citext fails. Trusted extensions (citext, hstore
-and pg_trgm are trusted) need no superuser at all: the database owner can restore the
-archive unfiltered into a database where nothing was pre-created.
+Whole imports of the fixture (live, custom, plain; the report field by field) are in
+tests/integration/test_fidelity_import.py.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 
+from stages import toc
+from stages.cluster import ClusterAdmin, RoleLogin
+from stages.commands import PgTools
+from stages.pgurl import SourceURL
+from stages.restore import restore_archive
 from tests.support import pg
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FIDELITY = FIXTURES / "fidelity.sql"
 SUPERUSER_OBJECTS = FIXTURES / "superuser_objects.sql"
 
-# Extensions the managed target pre-creates (as a superuser), and where.
+# Extensions the fixture uses, and where (all on the service's allowlist).
 EXTENSIONS = {"citext": "ext", "hstore": "public", "pg_trgm": "public"}
-PRECREATED_SCHEMAS = ("ext",)
-
-# The error messages a non-superuser restore gets (server lc_messages is C here).
-EVENT_TRIGGER_DENIED = 'permission denied to create event trigger "capy_ddl_watch"'
-EVENT_TRIGGER_HINT = "Must be superuser to create an event trigger."
-EVENT_TRIGGER_MISSING = 'event trigger "capy_ddl_watch" does not exist'
-CITEXT_COMMENT_DENIED = "must be owner of extension citext"
 SUPERUSER_CITEXT_COMMENT = "Case-insensitive text, commented by the fidelity fixture"
+
+ADMIN = ClusterAdmin(pg.ADMIN_URL)
+TOOLS = PgTools(os.path.dirname(shutil.which("pg_restore") or "/usr/bin/pg_restore"))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -73,74 +64,10 @@ def load(dbname: str, script: Path) -> None:
     assert result.stderr == "", f"{script.name} printed to stderr:\n{result.stderr}"
 
 
-def url_as(role: str, dbname: str) -> str:
-    """The URL of `dbname` on the test cluster, connecting as `role` (trust auth)."""
-    parts = urlsplit(pg.url_for(dbname))
-    host = parts.hostname or "127.0.0.1"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{role}@{host}{port}{parts.path}"
-
-
 def dump_custom(dbname: str, path: Path) -> Path:
     result = run(["pg_dump", "--format=custom", f"--file={path}", f"--dbname={pg.url_for(dbname)}"])
     assert result.returncode == 0, result.stderr
     return path
-
-
-def toc(archive: Path) -> list[str]:
-    result = run(["pg_restore", "--list", str(archive)])
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
-
-
-_TOC_ENTRY = re.compile(r"^(?P<id>\d+); (?P<catalog>\d+) (?P<oid>\d+) (?P<rest>.*)$")
-
-
-def is_precreated(line: str, schemas: tuple[str, ...] = PRECREATED_SCHEMAS) -> bool:
-    """Whether a `pg_restore --list` line restores something the target pre-created.
-
-    A line is "<dump id>; <catalog oid> <object oid> <desc> <schema> <name> <owner>";
-    names are printed unquoted (a table "a""b" shows as a"b) and may hold spaces, so
-    entries are recognised by their description, and the owner (the last word; empty
-    for extensions) is split off before comparing a schema's name exactly.
-    """
-    m = _TOC_ENTRY.match(line)
-    if m is None:
-        return False
-    rest = m["rest"]
-    if rest.startswith(("EXTENSION - ", "COMMENT - EXTENSION ")):
-        return True
-    without_owner = rest.rsplit(" ", 1)[0]
-    return any(without_owner == f"SCHEMA - {schema}" for schema in schemas)
-
-
-def managed_use_list(archive: Path, out: Path) -> tuple[Path, list[str]]:
-    """Write the --use-list of the managed restore: pre-created entries commented out."""
-    lines, skipped = [], []
-    for line in toc(archive):
-        if is_precreated(line):
-            skipped.append(line)
-            line = ";" + line
-        lines.append(line)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out, skipped
-
-
-def restore_as(
-    role: str, dbname: str, archive: Path, *, use_list: Path | None, exit_on_error: bool = True
-) -> subprocess.CompletedProcess[str]:
-    args = ["pg_restore", "--no-owner", "--no-privileges", "--no-password"]
-    if exit_on_error:
-        args.append("--exit-on-error")
-    if use_list is not None:
-        args.append(f"--use-list={use_list}")
-    args += [f"--dbname={url_as(role, dbname)}", str(archive)]
-    return run(args)
-
-
-def server_errors(stderr: str) -> list[str]:
-    """The server's ERROR lines in pg_restore's stderr, in order."""
-    return re.findall(r"ERROR:  (.+)", stderr)
 
 
 def data_dump(dbname: str) -> str:
@@ -223,58 +150,12 @@ def extension_comment(dbname: str, name: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Target:
-    role: str
+class Preview:
     dbname: str
+    restorer: RoleLogin
 
-
-@pytest.fixture
-def managed_target() -> Iterator[Callable[..., Target]]:
-    """A non-superuser role and target databases it owns, prepared as the managed
-    target prepares them: `managed_target()` -> Target. Role and databases are dropped
-    afterwards, whatever happens."""
-    role = pg.scratch_name("capy_fx")
-    made: list[str] = []
-
-    def make(*, precreate: bool = True, ext_owner_is_role: bool = True) -> Target:
-        dbname = pg.scratch_name("capyfx_tgt")
-        pg.admin(
-            sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING 'UTF8'").format(
-                sql.Identifier(dbname), sql.Identifier(role)
-            )
-        )
-        made.append(dbname)
-        if precreate:
-            for schema in PRECREATED_SCHEMAS:
-                owner = role if ext_owner_is_role else "postgres"
-                query(
-                    dbname,
-                    sql.SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
-                        sql.Identifier(schema), sql.Identifier(owner)
-                    ),
-                )
-            for name, schema in EXTENSIONS.items():
-                query(
-                    dbname,
-                    sql.SQL("CREATE EXTENSION {} WITH SCHEMA {}").format(
-                        sql.Identifier(name), sql.Identifier(schema)
-                    ),
-                )
-        return Target(role, dbname)
-
-    try:
-        pg.admin(
-            sql.SQL(
-                "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
-            ).format(sql.Identifier(role))
-        )
-        yield make
-    finally:
-        try:
-            for dbname in made:
-                pg.drop_db(dbname)
-        finally:
-            pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    def url(self) -> SourceURL:
+        return ADMIN.role_url(self.dbname, self.restorer).with_params(sslmode="disable")
 
 
 @pytest.fixture
@@ -282,6 +163,38 @@ def fidelity_source(scratch_db) -> str:
     dbname = scratch_db("capyfx_src")
     load(dbname, FIDELITY)
     return dbname
+
+
+@pytest.fixture
+def preview_for() -> Iterator[Callable[[Path, str], tuple[Preview, toc.RestorePlan]]]:
+    """`preview_for(archive, work_dir)`: plan the archive as an import does and prepare
+    a preview for it the same way (restore role, database it owns, the service's
+    extensions with the source's comments). Dropped afterwards."""
+    made: list[Preview] = []
+
+    def make(archive: Path, work: str) -> tuple[Preview, toc.RestorePlan]:
+        entries = toc.read(TOOLS, str(archive))
+        extensions = toc.extension_schemas(TOOLS, str(archive), entries, work)
+        comments = toc.extension_comments(TOOLS, str(archive), entries, work)
+        plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"})
+        preview = Preview(pg.scratch_name("capyfx_preview"), ADMIN.ensure_restore_role(pg.scratch_name("capyfx_restore")))
+        made.append(preview)
+        ADMIN.create_database(preview.dbname, owner=preview.restorer.name)
+        ADMIN.create_extensions(preview.dbname, preview.restorer.name, extensions, comments)
+        return preview, plan
+
+    try:
+        yield make
+    finally:
+        for preview in made:
+            ADMIN.drop_database(preview.dbname)
+            ADMIN.drop_role(preview.restorer.name)
+
+
+def restore(preview: Preview, archive: Path, plan: toc.RestorePlan, work: Path, *, jobs: int) -> None:
+    list_file = work / "restore.list"
+    list_file.write_text(plan.list_file(), encoding="utf-8")
+    restore_archive(TOOLS, preview.url(), str(archive), jobs=jobs, fmt="custom", list_file=str(list_file))
 
 
 # --------------------------------------------------------------------------- (a) the fixture itself
@@ -571,7 +484,7 @@ def test_fixture_is_deterministic(fidelity_source, scratch_db):
     assert data_dump(again) == data_dump(fidelity_source)
 
 
-# --------------------------------------------------------------------------- (b) the managed round trip
+# --------------------------------------------------------------------------- (b) the product's restore
 
 
 def assert_same_database(source: str, target: str) -> None:
@@ -587,179 +500,76 @@ def assert_same_database(source: str, target: str) -> None:
     assert matviews(target)["sales.customer_totals"] is False
 
 
-def test_managed_restore_as_non_superuser_round_trips(fidelity_source, managed_target, tmp_path):
+def test_the_planner_leaves_out_only_what_the_service_creates(fidelity_source, preview_for, tmp_path):
     archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
-    use_list, skipped = managed_use_list(archive, tmp_path / "restore.list")
-    # Exactly the pre-created objects are skipped: 3 extensions, their comments, schema ext.
-    described = sorted(_TOC_ENTRY.match(line)["rest"].rsplit(" ", 1)[0] for line in skipped)
-    assert described == [
-        "COMMENT - EXTENSION citext",
-        "COMMENT - EXTENSION hstore",
-        "COMMENT - EXTENSION pg_trgm",
-        "EXTENSION - citext",
-        "EXTENSION - hstore",
-        "EXTENSION - pg_trgm",
-        "SCHEMA - ext",
+    entries = toc.read(TOOLS, str(archive))
+    _, plan = preview_for(archive, str(tmp_path))
+    assert plan.skipped == []
+    assert sorted(plan.extensions) == sorted(EXTENSIONS)
+    left_out = sorted(e.label for e in entries if e not in plan.keep)
+    assert left_out == [
+        "COMMENT EXTENSION citext",
+        "COMMENT EXTENSION hstore",
+        "COMMENT EXTENSION pg_trgm",
+        "EXTENSION citext",
+        "EXTENSION hstore",
+        "EXTENSION pg_trgm",
+        "SCHEMA ext",
     ]
 
-    target = managed_target()
-    result = restore_as(target.role, target.dbname, archive, use_list=use_list)
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
 
-    assert_same_database(fidelity_source, target.dbname)
-    # Owned by the restoring role, as --no-owner leaves it; RLS still enforced on it.
+@pytest.mark.parametrize("jobs", [1, 4])
+def test_the_products_restore_gives_back_the_fixture(fidelity_source, preview_for, tmp_path, jobs):
+    archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
+    preview, plan = preview_for(archive, str(tmp_path))
+    restore(preview, archive, plan, tmp_path, jobs=jobs)
+    assert_same_database(fidelity_source, preview.dbname)
+    # Owned by the restore role, as --no-owner leaves it; row-level security kept, forced.
     assert query(
-        target.dbname,
-        "SELECT relowner::regrole::text FROM pg_class WHERE oid = 'public.tenant_notes'::regclass",
-    ) == [(target.role,)]
-    assert query(
-        target.dbname,
-        "SELECT relrowsecurity AND relforcerowsecurity FROM pg_class "
+        preview.dbname,
+        "SELECT relowner::regrole::text, relrowsecurity, relforcerowsecurity FROM pg_class "
         "WHERE oid = 'public.tenant_notes'::regclass",
-    ) == [(True,)]
-    conn = psycopg2.connect(url_as(target.role, target.dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM public.tenant_notes")  # FORCE: the owner sees no tenant's rows
-            assert cur.fetchone()[0] == 0
-            cur.execute("SET capy.tenant = 'acme'")
-            cur.execute("SELECT count(*) FROM public.tenant_notes")
-            assert cur.fetchone()[0] == 2
-    finally:
-        conn.close()
-
-
-def test_parallel_restore_with_the_same_list_round_trips(fidelity_source, managed_target, tmp_path):
-    """The product restores with --jobs; the use-list works the same way there."""
-    archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
-    use_list, _ = managed_use_list(archive, tmp_path / "restore.list")
-    target = managed_target()
-    result = run(
-        [
-            "pg_restore",
-            "--no-owner",
-            "--no-privileges",
-            "--exit-on-error",
-            "--jobs=4",
-            f"--use-list={use_list}",
-            f"--dbname={url_as(target.role, target.dbname)}",
-            str(archive),
-        ]
-    )
-    assert result.returncode == 0, result.stderr
-    assert_same_database(fidelity_source, target.dbname)
-
-
-def test_gotcha_unfiltered_list_fails_on_precreated_objects(fidelity_source, managed_target, tmp_path):
-    """Without the use-list, the pre-created schema and the superuser-owned extensions'
-    comments fail (CREATE EXTENSION IF NOT EXISTS itself is a harmless no-op)."""
-    archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
-    target = managed_target()
-
-    first = restore_as(target.role, target.dbname, archive, use_list=None)
-    assert first.returncode == 1
-    assert server_errors(first.stderr) == ['schema "ext" already exists']
-
-    target = managed_target()
-    every = restore_as(target.role, target.dbname, archive, use_list=None, exit_on_error=False)
-    assert every.returncode == 1
-    assert server_errors(every.stderr) == [
-        'schema "ext" already exists',
-        "must be owner of extension citext",
-        "must be owner of extension hstore",
-        "must be owner of extension pg_trgm",
+    ) == [(preview.restorer.name, True, True)]
+    # The schema the service created for citext belongs to the restore role.
+    assert query(preview.dbname, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'ext'") == [
+        (preview.restorer.name,)
     ]
-    assert "errors ignored on restore: 4" in every.stderr
-
-
-def test_gotcha_schema_ext_must_belong_to_the_restoring_role(fidelity_source, managed_target, tmp_path):
-    """With `CREATE SCHEMA ext` owned by the superuser, the role may neither comment on
-    it nor use ext.citext (no USAGE): the first failure is the schema's comment."""
-    archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
-    use_list, _ = managed_use_list(archive, tmp_path / "restore.list")
-    target = managed_target(ext_owner_is_role=False)
-    result = restore_as(target.role, target.dbname, archive, use_list=use_list, exit_on_error=False)
-    assert result.returncode == 1
-    errors = server_errors(result.stderr)
-    assert errors[0] == "must be owner of schema ext"
-    assert errors[1] == "permission denied for schema ext"  # CREATE DOMAIN public.email AS ext.citext
-
-
-def test_alternative_trusted_extensions_need_no_precreation(fidelity_source, managed_target, tmp_path):
-    """citext, hstore and pg_trgm are trusted extensions: the database owner may create
-    them, so into a database where nothing was pre-created the UNFILTERED archive
-    restores as the owner, and the extensions (and their comments) belong to it."""
-    archive = dump_custom(fidelity_source, tmp_path / "fidelity.dump")
-    target = managed_target(precreate=False)
-    result = restore_as(target.role, target.dbname, archive, use_list=None)
-    assert result.returncode == 0, result.stderr
-    assert_same_database(fidelity_source, target.dbname)
-    owners = dict(
-        query(
-            target.dbname,
-            "SELECT extname, extowner::regrole::text FROM pg_extension WHERE extname <> 'plpgsql'",
-        )
-    )
-    assert owners == dict.fromkeys(EXTENSIONS, target.role)
 
 
 # --------------------------------------------------------------------------- (c) superuser-only objects
 
 
-def test_superuser_objects_fail_a_non_superuser_restore(fidelity_source, managed_target, tmp_path):
-    """superuser_objects.sql on top of the fixture, restored the managed way.
-
-    TOC entries it adds:  FUNCTION public capy_ddl_watch_fn() (+ COMMENT)  -> restores
-                          EVENT TRIGGER - capy_ddl_watch                 -> fails
-                          COMMENT - EVENT TRIGGER capy_ddl_watch         -> fails
-                          (COMMENT - EXTENSION citext, changed text)     -> skipped by the list
-    """
+def test_superuser_objects_are_planned_out_and_the_rest_restores(fidelity_source, preview_for, tmp_path):
+    """superuser_objects.sql on top of the fixture: an event trigger (and its comment),
+    the ordinary function it calls, and a new comment on the extension citext."""
     load(fidelity_source, SUPERUSER_OBJECTS)
     archive = dump_custom(fidelity_source, tmp_path / "superuser.dump")
-    entries = [_TOC_ENTRY.match(line)["rest"] for line in toc(archive) if _TOC_ENTRY.match(line)]
-    assert "EVENT TRIGGER - capy_ddl_watch postgres" in entries
-    assert "COMMENT - EVENT TRIGGER capy_ddl_watch postgres" in entries
-    use_list, _ = managed_use_list(archive, tmp_path / "restore.list")
-
-    # --exit-on-error (as the product runs it): stops at the event trigger.
-    target = managed_target()
-    stopped = restore_as(target.role, target.dbname, archive, use_list=use_list)
-    assert stopped.returncode == 1
-    assert server_errors(stopped.stderr) == [EVENT_TRIGGER_DENIED]
-    assert f"HINT:  {EVENT_TRIGGER_HINT}" in stopped.stderr
-    assert "Command was: CREATE EVENT TRIGGER capy_ddl_watch ON ddl_command_end" in stopped.stderr
-
-    # Without --exit-on-error: exactly two entries fail, everything else restores.
-    target = managed_target()
-    every = restore_as(target.role, target.dbname, archive, use_list=use_list, exit_on_error=False)
-    assert every.returncode == 1
-    assert server_errors(every.stderr) == [EVENT_TRIGGER_DENIED, EVENT_TRIGGER_MISSING]
-    assert "errors ignored on restore: 2" in every.stderr
+    preview, plan = preview_for(archive, str(tmp_path))
+    assert plan.skipped == [
+        {
+            "object": "EVENT TRIGGER capy_ddl_watch",
+            "reason": "event triggers need superuser, which a managed database does not grant",
+        },
+        {
+            "object": "COMMENT EVENT TRIGGER capy_ddl_watch",
+            "reason": "the object it comments on needs superuser and was skipped",
+        },
+    ]
+    restore(preview, archive, plan, tmp_path, jobs=2)
 
     source_blocks = dump_blocks(pg.schema_dump(fidelity_source))
-    target_blocks = dump_blocks(pg.schema_dump(target.dbname))
-    missing = sorted(set(source_blocks) - set(target_blocks))
-    assert missing == [
+    target_blocks = dump_blocks(pg.schema_dump(preview.dbname))
+    assert sorted(set(source_blocks) - set(target_blocks)) == [
         "-- Name: EVENT TRIGGER capy_ddl_watch; Type: COMMENT; Schema: -; Owner: -",
         "-- Name: capy_ddl_watch; Type: EVENT TRIGGER; Schema: -; Owner: -",
     ]
     assert set(target_blocks) - set(source_blocks) == set()
-    changed = [h for h in source_blocks if h in target_blocks and source_blocks[h] != target_blocks[h]]
-    assert changed == ["-- Name: EXTENSION citext; Type: COMMENT; Schema: -; Owner: -"]
+    assert [h for h in source_blocks if h in target_blocks and source_blocks[h] != target_blocks[h]] == []
     # The function the event trigger calls is an ordinary function: it was restored.
-    assert query(target.dbname, "SELECT 'public.capy_ddl_watch_fn()'::regprocedure::text") == [
+    assert query(preview.dbname, "SELECT 'public.capy_ddl_watch_fn()'::regprocedure::text") == [
         ("capy_ddl_watch_fn()",)
     ]
-    # The list skipped the extension comment: the target keeps the extension's own.
-    assert extension_comment(fidelity_source, "citext") == SUPERUSER_CITEXT_COMMENT
-    assert extension_comment(target.dbname, "citext") == "data type for case-insensitive character strings"
-    assert data_dump(target.dbname) == data_dump(fidelity_source)
-    assert pg.row_counts(target.dbname) == pg.row_counts(fidelity_source)
-
-    # Unfiltered, the extension comment fails too (the superuser owns citext).
-    target = managed_target()
-    unfiltered = restore_as(target.role, target.dbname, archive, use_list=None, exit_on_error=False)
-    errors = server_errors(unfiltered.stderr)
-    assert CITEXT_COMMENT_DENIED in errors
-    assert errors[-2:] == [EVENT_TRIGGER_DENIED, EVENT_TRIGGER_MISSING]
+    # The service, the extension's owner, applied the source's comment on it.
+    assert extension_comment(preview.dbname, "citext") == SUPERUSER_CITEXT_COMMENT
+    assert data_dump(preview.dbname) == data_dump(fidelity_source)
+    assert pg.row_counts(preview.dbname) == pg.row_counts(fidelity_source)

@@ -796,10 +796,10 @@ def test_a_table_of_contents_beyond_the_head_warns_and_a_cut_file_fails(chinook_
     assert report.ok
     # The same 4 KiB as the whole upload: a truncated file, not a head.
     truncated = check_upload_head(str(head), 4096, target_for(target_db), TOOLS)
-    assert checks_of(truncated)["source_version_compatible"] == (
+    assert checks_of(truncated)["dump_format_recognized"] == (
         "fail",
-        "the custom archive is damaged or truncated: reading the dump's table of contents failed (exit code 1): "
-        "pg_restore: error: could not read from input file: end of file; upload a complete pg_dump output",
+        "the custom-format archive (-Fc) is incomplete: it ends inside its table of contents; "
+        "the file is cut short: upload it again (the whole file pg_dump wrote)",
     )
 
 

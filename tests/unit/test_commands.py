@@ -23,6 +23,7 @@ def test_pg_restore_arguments_do_not_replay_owners_or_grants():
         "--dbname=dbname='p'",
         "--no-owner",
         "--no-privileges",
+        "--no-tablespaces",
         "--exit-on-error",
         "--jobs=1",
         "--no-password",
