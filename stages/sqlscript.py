@@ -1,0 +1,459 @@
+"""The one reader of plain-SQL dumps: a psql script split as psql splits it.
+
+`read_script` streams a script (a pg_dump ``-Fp`` output, or any psql script) and yields
+`Piece`s that, put back together in order, are the script's bytes unchanged:
+
+- ``STATEMENT``: one SQL statement, from its first token up to and including the `;`
+  that ends it as psql sees it: outside single quotes (``'…'``, ``E'…'`` with backslash
+  escapes, and every string while ``standard_conforming_strings`` is off), double-quoted
+  identifiers, dollar quotes (``$$…$$``, ``$tag$…$tag$``), comments (``--`` and nested
+  ``/* */``), parentheses, and the ``BEGIN ATOMIC … END`` body of a function;
+- ``COPY``: the data lines of a ``COPY … FROM stdin`` statement, up to and including
+  the ``\\.`` line that ends them;
+- ``META``: a psql backslash command between statements (``\\connect``, ``\\restrict``…),
+  to the end of its line;
+- ``SPACE``: whitespace and comments between statements.
+
+A long statement or COPY block comes in several pieces (`first`/`last` say which);
+the first piece of a statement holds all of it, or at least its first `HEAD_BYTES`,
+which is what any decision about it looks at. Memory is bounded by `CHUNK` plus
+`HEAD_BYTES` whatever the line lengths. The scan is driven by compiled regexes that
+jump to the next character that can matter, and COPY data is passed on in blocks, so
+Python runs per token of interest, never per byte.
+
+`line` is the line of the script (1-based) where a piece starts, for messages in the
+user's terms. When the script ends, `Script` says whether it ended cleanly (not inside
+a statement, string or COPY block) and whether it carried pg_dump's header and the
+footer that ends every complete dump.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+STATEMENT = "statement"
+COPY = "copy"
+META = "meta"
+SPACE = "space"
+
+CHUNK = 1024 * 1024
+HEAD_BYTES = 1024 * 1024
+BOM = b"\xef\xbb\xbf"
+
+# pg_dump's first and last comments (pg_backup_archiver.c: "PostgreSQL database dump",
+# "PostgreSQL database dump complete"), the same in every version since 7.x.
+_HEADER = re.compile(rb"--[ \t]*PostgreSQL database dump[ \t]*\r?$")
+_FOOTER = re.compile(rb"--[ \t]*PostgreSQL database dump complete[ \t]*\r?$")
+_CLUSTER_HEADER = re.compile(rb"--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$")
+
+_SPACE = re.compile(rb"[ \t\r\n\f\v]+")
+# In a statement: the characters after which the state can change.
+_STMT_SPECIAL = re.compile(rb"['\"$\-/;()]")
+_WORD = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")
+_IDENT_CHAR = re.compile(rb"[A-Za-z0-9_$\x80-\xff]")
+_DOLLAR_TAG = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_FUNCTION_START = re.compile(rb"CREATE\s+(?:OR\s+REPLACE\s+)?(?:FUNCTION|PROCEDURE)\b", re.I)
+_COPY_FROM_STDIN = re.compile(rb"COPY\b.*\bFROM\s+stdin\b", re.I | re.S)
+_STD_STRINGS = re.compile(
+    rb"SET\s+(?:SESSION\s+|LOCAL\s+)?standard_conforming_strings\s*(?:=|TO)\s*'?(\w+)'?\s*;", re.I
+)
+_SQ_STD = re.compile(rb"'")
+_SQ_ESC = re.compile(rb"['\\]")
+_DQ = re.compile(rb'"')
+_BLOCK = re.compile(rb"/\*|\*/")
+_END_OF_COPY = re.compile(rb"\n\\\.\r?\n")
+
+
+@dataclass(slots=True)
+class Piece:
+    """A run of the script's bytes; see the module docstring for the kinds."""
+
+    kind: str
+    data: bytes
+    line: int
+    first: bool = True
+    last: bool = True
+
+
+@dataclass
+class Script:
+    """What the whole scan saw. `unfinished` names where the script stopped (None when
+    it ended between statements): a script cut short ends inside something."""
+
+    lines: int = 0
+    bytes: int = 0
+    pg_dump_header: bool = False
+    pg_dumpall_header: bool = False
+    footer: bool = False
+    unfinished: str | None = None
+    unfinished_line: int = 0
+    statements: int = 0
+    # The line of a last statement without its ";" (psql runs it all the same).
+    trailing_statement: int | None = None
+
+    @property
+    def cut_short(self) -> bool:
+        """True when the script is certainly incomplete: it ends inside a statement or
+        COPY data, or it is a pg_dump output without pg_dump's closing footer."""
+        return self.unfinished is not None or (self.pg_dump_header and not self.footer)
+
+
+class ScriptError(Exception):
+    """The script cannot be split as psql would (a COPY statement not ending its line)."""
+
+
+def read_script(chunks: Iterable[bytes], script: Script | None = None) -> Iterator[Piece]:
+    """The pieces of the script whose bytes `chunks` yields (of any sizes), in order.
+
+    `script`, if given, is filled in as the scan goes; its end-of-script fields are
+    final once the iterator is exhausted.
+    """
+    return _Scanner(iter(chunks), script if script is not None else Script()).pieces()
+
+
+def statement_words(text: bytes, count: int = 6) -> list[str]:
+    """The first `count` words of a statement, upper-cased, with comments skipped:
+    enough to say what kind of statement it is (``["ALTER", "TABLE", …]``)."""
+    words: list[str] = []
+    pos = 0
+    while len(words) < count and pos < len(text):
+        space = _SPACE.match(text, pos)
+        if space:
+            pos = space.end()
+            continue
+        if text.startswith(b"--", pos):
+            end = text.find(b"\n", pos)
+            pos = len(text) if end < 0 else end + 1
+            continue
+        if text.startswith(b"/*", pos):
+            end = text.find(b"*/", pos)
+            pos = len(text) if end < 0 else end + 2
+            continue
+        word = _WORD.match(text, pos)
+        if not word:
+            break
+        words.append(word.group().decode("utf-8", "replace").upper())
+        pos = word.end()
+    return words
+
+
+class _Scanner:
+    """The scan's state between chunks. Positions are offsets into `buf`, whose first
+    byte is at line `line` of the script; `_take` hands bytes on and drops them."""
+
+    def __init__(self, chunks: Iterator[bytes], script: Script) -> None:
+        self.chunks = chunks
+        self.script = script
+        self.buf = b""
+        self.eof = False
+        self.line = 1
+        self.std_strings = True
+        self.ends_with_newline = True
+
+    def _more(self) -> bool:
+        """Append the next chunk to the buffer; False at the end of the script."""
+        if self.eof:
+            return False
+        for chunk in self.chunks:
+            if chunk:
+                self.buf += chunk
+                self.script.bytes += len(chunk)
+                return True
+        self.eof = True
+        return False
+
+    def _take(self, end: int, kind: str, first: bool = True, last: bool = True) -> Piece:
+        """The buffer's first `end` bytes as a piece; the buffer keeps the rest."""
+        data, self.buf = self.buf[:end], self.buf[end:]
+        piece = Piece(kind, data, self.line, first, last)
+        newlines = data.count(b"\n")
+        self.line += newlines
+        self.script.lines += newlines
+        if data:
+            self.ends_with_newline = data.endswith(b"\n")
+        return piece
+
+    def _unfinished(self, what: str, line: int) -> None:
+        self.script.unfinished, self.script.unfinished_line = what, line
+
+    def pieces(self) -> Iterator[Piece]:
+        while len(self.buf) < len(BOM) and self._more():
+            pass
+        if self.buf.startswith(BOM):
+            yield self._take(len(BOM), SPACE)
+        while True:
+            if len(self.buf) < 2 and self._more():
+                continue
+            if not self.buf:
+                if not self.ends_with_newline:
+                    self.script.lines += 1  # a last line without its newline
+                return
+            head = self.buf[:2]
+            if head[:1] in b" \t\r\n\f\v":
+                space = _SPACE.match(self.buf)
+                assert space is not None
+                if space.end() == len(self.buf) and self._more():
+                    continue
+                yield self._take(space.end(), SPACE)
+            elif head == b"--":
+                yield from self._line_comment()
+            elif head == b"/*":
+                yield from self._block_comment()
+            elif head[:1] == b"\\":
+                yield from self._meta()
+            else:
+                yield from self._statement()
+
+    def _line_comment(self) -> Iterator[Piece]:
+        """A `--` comment between statements, with its newline (pg_dump's header and
+        footer are such comments)."""
+        first = True
+        while self.buf.find(b"\n") < 0 and self._more():
+            if len(self.buf) > HEAD_BYTES:  # an absurdly long comment: pass it on
+                yield self._take(len(self.buf), SPACE, first, False)
+                first = False
+        end = self.buf.find(b"\n")
+        end = len(self.buf) if end < 0 else end + 1
+        if first:
+            text = self.buf[:end].rstrip(b"\n")
+            if _FOOTER.match(text):
+                self.script.footer = True
+            elif _HEADER.match(text) and self.script.statements == 0:
+                self.script.pg_dump_header = True
+            elif _CLUSTER_HEADER.match(text) and self.script.statements == 0:
+                self.script.pg_dumpall_header = True
+        yield self._take(end, SPACE, first, True)
+
+    def _block_comment(self) -> Iterator[Piece]:
+        depth, pos, first, line = 0, 0, True, self.line
+        while True:
+            found = _BLOCK.search(self.buf, pos)
+            if found is None:
+                pos = max(pos, len(self.buf) - 1)  # a "/" or "*" may start the next mark
+                if pos > HEAD_BYTES:
+                    yield self._take(pos, SPACE, first, False)
+                    first, pos = False, 0
+                if not self._more():
+                    self._unfinished("a /* comment */", line)
+                    yield self._take(len(self.buf), SPACE, first, True)
+                    return
+                continue
+            depth += 1 if found.group() == b"/*" else -1
+            pos = found.end()
+            if depth == 0:
+                yield self._take(pos, SPACE, first, True)
+                return
+
+    def _meta(self) -> Iterator[Piece]:
+        """A backslash command: psql reads it to the end of its line."""
+        while self.buf.find(b"\n") < 0 and self._more():
+            if len(self.buf) > HEAD_BYTES:
+                raise ScriptError(f"line {self.line}: a psql backslash command longer than {HEAD_BYTES} bytes")
+        end = self.buf.find(b"\n")
+        yield self._take(len(self.buf) if end < 0 else end + 1, META)
+
+    def _statement(self) -> Iterator[Piece]:
+        """One statement, up to and including its `;`, then its COPY data if any.
+
+        `mode` is what the scan is inside: None (plain SQL), a quote (``'``, ``E``
+        for a string with backslash escapes, ``"``), ``$`` (dollar quote `delimiter`),
+        ``-`` (a line comment) or ``/`` (a block comment `depth` deep)."""
+        self.script.statements += 1
+        start_line = self.line
+        while len(self.buf) < 64 and self._more():
+            pass
+        function = _FUNCTION_START.match(self.buf) is not None
+        head = b""
+        first = True
+        mode: str | None = None
+        delimiter = b""
+        paren = begin = depth = 0
+        pos = 0
+        while True:
+            if pos > HEAD_BYTES:
+                # Pass a long statement on in pieces, at a point where `mode` says it all.
+                if first:
+                    head = self.buf[:pos]
+                yield self._take(pos, STATEMENT, first, False)
+                first, pos = False, 0
+            need_more = False
+            if mode is None:
+                found = _STMT_SPECIAL.search(self.buf, pos)
+                if found is None:
+                    end = len(self.buf)
+                    if function:
+                        while end > pos and _IDENT_CHAR.match(self.buf, end - 1):
+                            end -= 1  # a word the next chunk may continue
+                        begin = self._words(pos, end, paren, begin)
+                    pos, need_more = end, True
+                else:
+                    at = found.start()
+                    if function:
+                        begin = self._words(pos, at, paren, begin)
+                    char = found.group()
+                    if char == b";":
+                        pos = at + 1
+                        if paren == 0 and begin == 0:
+                            if first:
+                                head = self.buf[:pos]
+                            yield self._take(pos, STATEMENT, first, True)
+                            self._after(head)
+                            yield from self._copy_data(head, start_line)
+                            return
+                    elif char == b"(":
+                        paren, pos = paren + 1, at + 1
+                    elif char == b")":
+                        paren, pos = max(0, paren - 1), at + 1
+                    elif char == b"'":
+                        mode = "E" if not self.std_strings or self._e_prefix(at) else "'"
+                        pos = at + 1
+                    elif char == b'"':
+                        mode, pos = '"', at + 1
+                    elif at + 1 >= len(self.buf) and not self.eof:
+                        need_more, pos = True, at  # "$", "-" or "/": what follows decides
+                    elif char == b"$":
+                        tag = _DOLLAR_TAG.match(self.buf, at)
+                        if at > 0 and _IDENT_CHAR.match(self.buf, at - 1):
+                            pos = at + 1  # inside an identifier (a$b)
+                        elif tag:
+                            mode, delimiter, pos = "$", tag.group(), tag.end()
+                        elif _TAG_PREFIX.fullmatch(self.buf, at) and not self.eof:
+                            need_more, pos = True, at  # the chunk ends inside a tag
+                        else:
+                            pos = at + 1  # a parameter ($1) or a lone $
+                    elif char == b"-" and self.buf[at + 1 : at + 2] == b"-":
+                        mode, pos = "-", at + 2
+                    elif char == b"/" and self.buf[at + 1 : at + 2] == b"*":
+                        mode, depth, pos = "/", 1, at + 2
+                    else:
+                        pos = at + 1
+            elif mode in ("'", "E", '"'):
+                found = (_SQ_ESC if mode == "E" else _DQ if mode == '"' else _SQ_STD).search(self.buf, pos)
+                if found is None:
+                    pos, need_more = len(self.buf), True
+                else:
+                    at = found.start()
+                    if at + 1 >= len(self.buf) and not self.eof:
+                        need_more, pos = True, at  # an escape or a doubled quote?
+                    elif found.group() == b"\\":
+                        pos = at + 2
+                    elif self.buf[at + 1 : at + 2] == found.group():
+                        pos = at + 2  # '' or "" stands for one quote
+                    else:
+                        mode, pos = None, at + 1
+            elif mode == "$":
+                close = self.buf.find(delimiter, pos)
+                if close < 0:
+                    pos, need_more = max(pos, len(self.buf) - len(delimiter) + 1), True
+                else:
+                    mode, pos = None, close + len(delimiter)
+            elif mode == "-":
+                end = self.buf.find(b"\n", pos)
+                if end < 0:
+                    pos, need_more = len(self.buf), True
+                else:
+                    mode, pos = None, end + 1
+            else:  # "/"
+                found = _BLOCK.search(self.buf, pos)
+                if found is None:
+                    pos, need_more = max(pos, len(self.buf) - 1), True
+                else:
+                    depth += 1 if found.group() == b"/*" else -1
+                    pos = found.end()
+                    if depth == 0:
+                        mode = None
+            if need_more and not self._more():
+                if mode is None:
+                    # psql sends a last statement without its ";" at the end of a script.
+                    self.script.trailing_statement = start_line
+                    if first:
+                        head = self.buf
+                    yield self._take(len(self.buf), STATEMENT, first, True)
+                    return
+                what = {
+                    "'": "a quoted string",
+                    "E": "a quoted string",
+                    '"': "a quoted identifier",
+                    "$": "a dollar-quoted body",
+                }.get(mode, "a /* comment */")
+                self._unfinished(what, start_line)
+                if first:
+                    head = self.buf
+                yield self._take(len(self.buf), STATEMENT, first, True)
+                return
+
+    def _words(self, start: int, end: int, paren: int, begin: int) -> int:
+        """psql's heuristic for SQL-standard function bodies (psqlscan.l): in CREATE
+        FUNCTION/PROCEDURE, BEGIN … END (and CASE … END inside it) hold semicolons."""
+        if paren:
+            return begin
+        for word in _WORD.finditer(self.buf, start, end):
+            text = word.group().lower()
+            if text == b"begin":
+                begin += 1
+            elif text == b"case" and begin:
+                begin += 1
+            elif text == b"end" and begin:
+                begin -= 1
+        return begin
+
+    def _e_prefix(self, at: int) -> bool:
+        """Whether the quote at `at` opens an E'…' string (the E a token of its own)."""
+        if at == 0 or self.buf[at - 1 : at] not in (b"e", b"E"):
+            return False
+        return at == 1 or not _IDENT_CHAR.match(self.buf, at - 2)
+
+    def _after(self, head: bytes) -> None:
+        found = _STD_STRINGS.match(head)
+        if found:
+            self.std_strings = found.group(1).lower() in (b"on", b"true", b"1", b"yes")
+
+    def _copy_data(self, head: bytes, statement_line: int) -> Iterator[Piece]:
+        """The data after `COPY … FROM stdin;`: from the next line to the `\\.` line."""
+        if not _COPY_FROM_STDIN.match(head):
+            return
+        # psql reads the data from the line after the statement's.
+        while self.buf.find(b"\n") < 0 and self._more():
+            pass
+        end = self.buf.find(b"\n")
+        rest = self.buf[: len(self.buf) if end < 0 else end + 1]
+        if rest.strip():
+            raise ScriptError(
+                f"line {self.line}: text follows a COPY … FROM stdin statement on its line, "
+                "where pg_dump ends the line"
+            )
+        if rest:
+            yield self._take(len(rest), SPACE)
+        first = True
+        while len(self.buf) < 4 and self._more():
+            pass
+        if _END_AT_START.match(self.buf):
+            yield self._take(_END_AT_START.match(self.buf).end(), COPY)  # type: ignore[union-attr]
+            return
+        pos = 0
+        while True:
+            found = _END_OF_COPY.search(self.buf, pos)
+            if found is not None:
+                yield self._take(found.end(), COPY, first, True)
+                return
+            # Pass on whole lines; the last, maybe unfinished, one may be the end marker.
+            last = self.buf.rfind(b"\n")
+            if last >= CHUNK // 2:
+                yield self._take(last, COPY, first, False)
+                first = False
+            pos = max(0, len(self.buf) - 4)
+            if not self._more():
+                finished = _LAST_LINE_END.search(self.buf) is not None
+                if self.buf:
+                    yield self._take(len(self.buf), COPY, first, True)
+                if not finished:
+                    self._unfinished("the data of a COPY statement", statement_line)
+                return
+
+
+_TAG_PREFIX = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?")
+_END_AT_START = re.compile(rb"\\\.\r?\n")
+# The data ends with the script after "\." without its newline (psql accepts it).
+_LAST_LINE_END = re.compile(rb"(?:^|\n)\\\.\r?\Z")
