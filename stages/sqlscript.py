@@ -439,7 +439,10 @@ class _Scanner:
                 yield self._take(found.end(), COPY, first, True)
                 return
             # Pass on whole lines; the last, maybe unfinished, one may be the end marker.
+            # (or, for a line longer than a chunk, all but its last bytes).
             last = self.buf.rfind(b"\n")
+            if last < CHUNK // 2 and len(self.buf) > CHUNK:
+                last = len(self.buf) - 4
             if last >= CHUNK // 2:
                 yield self._take(last, COPY, first, False)
                 first = False
