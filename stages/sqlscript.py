@@ -39,16 +39,18 @@ META = "meta"
 SPACE = "space"
 
 CHUNK = 1024 * 1024
+STEP = 64 * 1024
 HEAD_BYTES = 1024 * 1024
 BOM = b"\xef\xbb\xbf"
 
 # pg_dump's first and last comments (pg_backup_archiver.c: "PostgreSQL database dump",
 # "PostgreSQL database dump complete"), the same in every version since 7.x.
-_HEADER = re.compile(rb"--[ \t]*PostgreSQL database dump[ \t]*\r?$")
-_FOOTER = re.compile(rb"--[ \t]*PostgreSQL database dump complete[ \t]*\r?$")
-_CLUSTER_HEADER = re.compile(rb"--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$")
+_HEADER = re.compile(rb"^--[ \t]*PostgreSQL database dump[ \t]*\r?$", re.M)
+_FOOTER = re.compile(rb"^--[ \t]*PostgreSQL database dump complete[ \t]*\r?$", re.M)
+_CLUSTER_HEADER = re.compile(rb"^--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$", re.M)
 
 _SPACE = re.compile(rb"[ \t\r\n\f\v]+")
+_SPACE_RUN = re.compile(rb"(?:[ \t\r\n\f\v]+|--[^\n]*\n)+")
 # In a statement: the characters after which the state can change.
 _STMT_SPECIAL = re.compile(rb"['\"$\-/;()]")
 _WORD = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")
@@ -147,22 +149,32 @@ class _Scanner:
         self.chunks = chunks
         self.script = script
         self.buf = b""
+        self.pending, self.pending_at = memoryview(b""), 0
         self.eof = False
         self.line = 1
         self.std_strings = True
         self.ends_with_newline = True
 
     def _more(self) -> bool:
-        """Append the next chunk to the buffer; False at the end of the script."""
+        """Append the next `STEP` bytes to the buffer; False at the end of the script.
+
+        The buffer grows a step at a time, so handing a piece on (which copies the rest
+        of the buffer) costs little however large the chunks read are."""
         if self.eof:
             return False
-        for chunk in self.chunks:
-            if chunk:
-                self.buf += chunk
-                self.script.bytes += len(chunk)
-                return True
-        self.eof = True
-        return False
+        if self.pending_at >= len(self.pending):
+            for chunk in self.chunks:
+                if chunk:
+                    self.pending, self.pending_at = memoryview(chunk), 0
+                    break
+            else:
+                self.eof = True
+                return False
+        step = self.pending[self.pending_at : self.pending_at + STEP].tobytes()
+        self.pending_at += len(step)
+        self.buf += step
+        self.script.bytes += len(step)
+        return True
 
     def _take(self, end: int, kind: str, first: bool = True, last: bool = True) -> Piece:
         """The buffer's first `end` bytes as a piece; the buffer keeps the rest."""
@@ -191,14 +203,16 @@ class _Scanner:
                     self.script.lines += 1  # a last line without its newline
                 return
             head = self.buf[:2]
-            if head[:1] in b" \t\r\n\f\v":
-                space = _SPACE.match(self.buf)
-                assert space is not None
-                if space.end() == len(self.buf) and self._more():
+            if head[:1] in b" \t\r\n\f\v" or head == b"--":
+                # Whitespace and whole comment lines, as one piece: a dump has millions.
+                run = _SPACE_RUN.match(self.buf)
+                if run is None:
+                    yield from self._line_comment()  # a comment whose newline is not read yet
                     continue
-                yield self._take(space.end(), SPACE)
-            elif head == b"--":
-                yield from self._line_comment()
+                if run.end() == len(self.buf) and run.end() < STEP and self._more():
+                    continue
+                self._comments(run.group())
+                yield self._take(run.end(), SPACE)
             elif head == b"/*":
                 yield from self._block_comment()
             elif head[:1] == b"\\":
@@ -217,14 +231,18 @@ class _Scanner:
         end = self.buf.find(b"\n")
         end = len(self.buf) if end < 0 else end + 1
         if first:
-            text = self.buf[:end].rstrip(b"\n")
-            if _FOOTER.match(text):
-                self.script.footer = True
-            elif _HEADER.match(text) and self.script.statements == 0:
-                self.script.pg_dump_header = True
-            elif _CLUSTER_HEADER.match(text) and self.script.statements == 0:
-                self.script.pg_dumpall_header = True
+            self._comments(self.buf[:end])
         yield self._take(end, SPACE, first, True)
+
+    def _comments(self, text: bytes) -> None:
+        """Note pg_dump's header and footer among comment lines between statements."""
+        if b"PostgreSQL database" not in text:
+            return
+        if _FOOTER.search(text):
+            self.script.footer = True
+        if self.script.statements == 0:
+            self.script.pg_dump_header |= _HEADER.search(text) is not None
+            self.script.pg_dumpall_header |= _CLUSTER_HEADER.search(text) is not None
 
     def _block_comment(self) -> Iterator[Piece]:
         depth, pos, first, line = 0, 0, True, self.line
@@ -261,6 +279,7 @@ class _Scanner:
         for a string with backslash escapes, ``"``), ``$`` (dollar quote `delimiter`),
         ``-`` (a line comment) or ``/`` (a block comment `depth` deep)."""
         self.script.statements += 1
+        self.script.footer = False  # a footer counts only after the last statement
         start_line = self.line
         while len(self.buf) < 64 and self._more():
             pass
@@ -441,9 +460,9 @@ class _Scanner:
             # Pass on whole lines; the last, maybe unfinished, one may be the end marker.
             # (or, for a line longer than a chunk, all but its last bytes).
             last = self.buf.rfind(b"\n")
-            if last < CHUNK // 2 and len(self.buf) > CHUNK:
+            if last < STEP // 2 and len(self.buf) > STEP:
                 last = len(self.buf) - 4
-            if last >= CHUNK // 2:
+            if last >= STEP // 2:
                 yield self._take(last, COPY, first, False)
                 first = False
             pos = max(0, len(self.buf) - 4)
