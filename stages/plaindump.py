@@ -17,14 +17,63 @@ the first reason to refuse it, or None:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from stages.sqlscript import META, STATEMENT, Piece, Script, statement_words
 
 AGAIN = "e.g. pg_dump -Fc -f dump.dump DBNAME, and import that file"
 FOOTER_LINE = "-- PostgreSQL database dump complete"
 
+IDENT = rb'(?:"(?:[^"]|"")*"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff-]*)'
+_CREATE_EXTENSION = re.compile(
+    rb"CREATE\s+EXTENSION\s+(IF\s+NOT\s+EXISTS\s+)?(" + IDENT + rb")(?:\s+WITH)?(?:\s+SCHEMA\s+(" + IDENT + rb"))?",
+    re.I,
+)
+_LANGUAGE = re.compile(
+    rb"(CREATE|ALTER|COMMENT\s+ON)\s+(?:OR\s+REPLACE\s+)?(?:TRUSTED\s+)?(?:PROCEDURAL\s+)?LANGUAGE\s+("
+    + IDENT
+    + rb")",
+    re.I,
+)
 _IF_EXISTS = re.compile(rb"\bIF\s+EXISTS\b", re.I)
 _PG_DUMP_RESTRICT = re.compile(rb"\\(?:un)?restrict\s+[A-Za-z0-9]+\s*\Z")
+
+
+def unquote(identifier: str) -> str:
+    if identifier.startswith('"') and identifier.endswith('"'):
+        return identifier[1:-1].replace('""', '"')
+    return identifier
+
+
+@dataclass(frozen=True)
+class ExtensionStatement:
+    """A CREATE EXTENSION statement: pg_dump writes `IF NOT EXISTS name WITH SCHEMA s`."""
+
+    name: str
+    schema: str | None
+    if_not_exists: bool
+
+
+def create_extension(statement: bytes) -> ExtensionStatement | None:
+    """The extension a statement creates, if it is a CREATE EXTENSION."""
+    found = _CREATE_EXTENSION.match(statement)
+    if found is None:
+        return None
+    schema = found.group(3)
+    return ExtensionStatement(
+        unquote(found.group(2).decode("utf-8", "replace")),
+        unquote(schema.decode("utf-8", "replace")) if schema else None,
+        found.group(1) is not None,
+    )
+
+
+def language_statement(statement: bytes) -> tuple[str, str] | None:
+    """("CREATE" | "ALTER" | "COMMENT ON", language) of a statement about a procedural
+    language, else None."""
+    found = _LANGUAGE.match(statement)
+    if found is None:
+        return None
+    return " ".join(found.group(1).decode().upper().split()), unquote(found.group(2).decode("utf-8", "replace"))
 
 
 def dumpall_message() -> str:

@@ -37,31 +37,21 @@ from typing import BinaryIO
 
 from stages.dumprows import RowCounter
 from stages.errors import ObjectTooLarge, PermanentError
-from stages.plaindump import PlainDumpShape, is_pg_dump_restrict
+from stages.plaindump import IDENT, PlainDumpShape, create_extension, is_pg_dump_restrict, language_statement
 from stages.sqlscript import CHUNK, META, STATEMENT, Piece, Script, ScriptError, read_script, statement_words
 from stages.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, unquote
 
 PIECE = CHUNK
 # Statements the filter rewrites or parses are short; longer ones are kept as they are.
 _DECIDE_BYTES = 64 * 1024
-_IDENT = rb'(?:"(?:[^"]|"")*"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)'
-_QUALIFIED = _IDENT + rb"(?:\s*\.\s*" + _IDENT + rb")?"
+_IDENT = IDENT
 _OWNER_TO = re.compile(rb"\sOWNER\s+TO\s+" + _IDENT + rb"\s*;\Z", re.I)
 _CREATE_SCHEMA = re.compile(rb"CREATE\s+SCHEMA\s+(?!IF\s+NOT\s+EXISTS\b)(" + _IDENT + rb")\s*;\Z", re.I)
-_CREATE_EXTENSION = re.compile(
-    rb"CREATE\s+EXTENSION\s+IF\s+NOT\s+EXISTS\s+(" + _IDENT + rb")\s+WITH\s+SCHEMA\s+(" + _IDENT + rb")\s*;\Z", re.I
-)
 _COMMENT_ON_EXTENSION = re.compile(
     rb"COMMENT\s+ON\s+EXTENSION\s+(" + _IDENT + rb")\s+IS\s+'((?:[^']|'')*)'\s*;\Z", re.I
 )
 _SUPERUSER_OBJECT = re.compile(
     rb"(CREATE|ALTER|COMMENT\s+ON)\s+(EVENT\s+TRIGGER|SUBSCRIPTION)\s+(" + _IDENT + rb")", re.I
-)
-_LANGUAGE = re.compile(
-    rb"(CREATE|ALTER|COMMENT\s+ON)\s+(?:OR\s+REPLACE\s+)?(?:TRUSTED\s+)?(?:PROCEDURAL\s+)?LANGUAGE\s+("
-    + _IDENT
-    + rb")",
-    re.I,
 )
 _USER_LINE = re.compile(r"psql:[^\n]*?:(\d+): (?=ERROR|FATAL|WARNING|NOTICE)")
 
@@ -165,10 +155,11 @@ class _Filter:
         found = _CREATE_SCHEMA.match(text)
         if found:
             return b"CREATE SCHEMA IF NOT EXISTS " + found.group(1) + b";"
-        found = _CREATE_EXTENSION.match(text)
-        if found:
-            name, schema = (unquote(g.decode()) for g in found.groups())
-            self.result.extensions[name] = schema
+        extension = create_extension(text)
+        if extension:
+            # pg_dump's form; the service creates these in the preview before the restore.
+            if extension.if_not_exists and extension.schema is not None:
+                self.result.extensions[extension.name] = extension.schema
             return text
         found = _COMMENT_ON_EXTENSION.match(text)
         if found:
@@ -182,11 +173,11 @@ class _Filter:
             if found.group(1).upper() == b"CREATE":
                 self._skip(f"{kind} {unquote(found.group(3).decode())}", SUPERUSER_ONLY[kind])
             return None
-        found = _LANGUAGE.match(text)
-        if found:
-            language = unquote(found.group(2).decode())
+        about_language = language_statement(text)
+        if about_language:
+            verb, language = about_language
             if language not in TRUSTED_LANGUAGES:
-                if found.group(1).upper() == b"CREATE":
+                if verb == "CREATE":
                     self._skip(
                         f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser"
                     )
