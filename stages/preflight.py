@@ -397,6 +397,9 @@ def _dump_version(
     made = _provenance(info)
     if info.format in ("plain", "gzip-plain"):
         contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
+        if contents.refusal:  # how the script was made rules it out (stages.plaindump): the format fails
+            at = next(i for i, check in enumerate(report.checks) if check.name == "dump_format_recognized")
+            report.checks[at] = Check("dump_format_recognized", FAIL, contents.refusal)
         if info.dumped_from is None:
             report.add(
                 name,

@@ -14,8 +14,9 @@ import secrets
 from collections.abc import Iterator
 
 from stages.commands import PgTools
-from stages.errors import PermanentCommandFailure
+from stages.errors import CommandFailed, PermanentCommandFailure
 from stages.pgurl import SourceURL
+from stages.plainsql import user_terms
 
 # What the server answers a restore role that reaches for another database.
 _OTHER_DATABASE = re.compile(
@@ -79,5 +80,8 @@ def restore_plain(tools: PgTools, target: SourceURL, script: str) -> None:
                 secrets=[target.password],
                 what="psql restoring the plain SQL dump",
             )
+    except CommandFailed as err:
+        # The prepared script keeps the user's line numbers: say so in their terms.
+        raise err.with_message(user_terms(err.message)) from err
     finally:
         os.remove(restrict_file)
