@@ -25,6 +25,7 @@ from pipeline.sealing import Sealer
 from stages.checks import Preflight, Target
 from stages.cluster import RoleLogin
 from stages.commands import PgTools
+from stages.dumpcontents import TAIL_BYTES
 from stages.errors import ObjectMissing, PermanentError
 from stages.pgurl import SourceURL
 from stages.preflight import check_live_source, check_upload_head
@@ -82,13 +83,16 @@ def preflight_upload(
     )
     os.makedirs(settings.work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
-        head = os.path.join(folder, "head")
+        head, tail = os.path.join(folder, "head"), None
         try:
             size = store.size(key)
             store.head(key, head, settings.preflight_head_bytes)
+            if size > settings.preflight_head_bytes:  # the end, where pg_dump's footer is
+                tail = os.path.join(folder, "tail")
+                store.tail(key, tail, TAIL_BYTES)
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
-        report = check_upload_head(head, size, target, tools, max_text=settings.preflight_text_bytes)
+        report = check_upload_head(head, size, target, tools, max_text=settings.preflight_text_bytes, tail_path=tail)
     # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
     report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]
     return PreflightResult(report, target)

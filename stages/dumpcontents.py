@@ -26,8 +26,8 @@ from stages import toc
 from stages.checks import Findings
 from stages.commands import PgTools
 from stages.extensions import Extension
-from stages.plaindump import PlainDumpShape, create_extension, language_statement
-from stages.sqlscript import SPACE, STATEMENT, Piece, Script, read_script
+from stages.plaindump import PlainDumpShape, create_extension, cut_short_message, language_statement
+from stages.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, read_script
 from stages.toc import TRUSTED_LANGUAGES, TocEntry
 
 READ_CHUNK = 1024 * 1024
@@ -73,6 +73,8 @@ class DumpContents:
     complete: bool = True
     # Why a plain script cannot be imported as it is, naming the fix (see stages.plaindump).
     refusal: str | None = None
+    # The script starts with pg_dump's header, so it must end with pg_dump's footer.
+    pg_dump_header: bool = False
     # Bytes of SQL text read, and whether `max_text` stopped the reading.
     text_bytes: int = 0
     text_capped: bool = False
@@ -169,6 +171,25 @@ def read_sql_file(
     return contents
 
 
+# The end of an uncompressed upload that preflight reads besides its head: pg_dump's
+# footer and the `\\unrestrict` line after it take a few hundred bytes.
+TAIL_BYTES = 64 * 1024
+
+
+def read_tail(contents: DumpContents, tail_path: str) -> None:
+    """Judge the end of an uncompressed pg_dump script whose head `contents` describes
+    (read cheaply with a ranged GET of its last `TAIL_BYTES`): without pg_dump's footer
+    it is cut short, and `contents.refusal` says so. A gzip stream's end cannot be read
+    without the whole stream, so compressed uploads are checked whole by the worker,
+    before anything is restored."""
+    if contents.refusal or not contents.pg_dump_header:
+        return
+    with open(tail_path, "rb") as f:
+        tail = f.read(TAIL_BYTES)
+    if not FOOTER.search(tail):
+        contents.refusal = cut_short_message(Script(pg_dump_header=True))
+
+
 def _read_script(chunks: Iterable[bytes], *, complete: bool, text: _Text | None = None) -> DumpContents:
     contents = DumpContents(complete=complete)
     script = Script()
@@ -184,6 +205,7 @@ def _read_script(chunks: Iterable[bytes], *, complete: bool, text: _Text | None 
                 contents.complete = False
                 break
     contents.refusal = shape.refusal(script, whole=complete and budget > 0 and not (text and text.capped))
+    contents.pg_dump_header = script.pg_dump_header
     return contents._judge_languages()
 
 

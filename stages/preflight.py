@@ -33,7 +33,7 @@ from stages.checks import (
 )
 from stages.commands import PgTools
 from stages.deadline import Deadline, SourceTimedOut
-from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
+from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file, read_tail
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CapyError, CommandFailed, TransientError, UnrecognizedDump
@@ -242,7 +242,13 @@ def _not_empty(report: Preflight, size: int) -> None:
 
 
 def check_upload_head(
-    head_path: str, total_size: int, target: Target, tools: PgTools, *, max_text: int = MAX_SQL_TEXT
+    head_path: str,
+    total_size: int,
+    target: Target,
+    tools: PgTools,
+    *,
+    max_text: int = MAX_SQL_TEXT,
+    tail_path: str | None = None,
 ) -> Preflight:
     """Run the `UPLOAD_CHECKS` on the first bytes of an upload of `total_size` bytes.
 
@@ -250,6 +256,8 @@ def check_upload_head(
     table of contents comes first, so the target's `pg_restore --list` reads it from
     the prefix; a plain SQL dump is read for the objects in the prefix, at most
     `max_text` bytes of SQL once decompressed. `dump_read_in_full` says what was read.
+    `tail_path`, if given, holds the upload's last bytes: an uncompressed pg_dump script
+    without its footer there is cut short (`stages.dumpcontents.read_tail`).
     """
     report = Preflight()
     head_bytes = os.path.getsize(head_path)
@@ -278,7 +286,7 @@ def check_upload_head(
             dumped_from=info.dumped_from,
             server_version=info.dumped_from,
         )
-        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text)
+        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text, tail_path)
     else:
         report.not_checked("source_version_compatible", blocked)
     check_size(report, total_size, target, "the upload")
@@ -384,7 +392,14 @@ _TOC_NOT_IN_HEAD = "the dump's table of contents is not in the part preflight re
 
 
 def _dump_version(
-    report: Preflight, head_path: str, info: DumpInfo, target: Target, tools: PgTools, complete: bool, max_text: int
+    report: Preflight,
+    head_path: str,
+    info: DumpInfo,
+    target: Target,
+    tools: PgTools,
+    complete: bool,
+    max_text: int,
+    tail_path: str | None = None,
 ) -> tuple[DumpContents | None, str]:
     """`source_version_compatible` for a dump, and what its head contains; or None and
     why the contents were not read."""
@@ -397,6 +412,8 @@ def _dump_version(
     made = _provenance(info)
     if info.format in ("plain", "gzip-plain"):
         contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
+        if tail_path and not complete and info.format == "plain":
+            read_tail(contents, tail_path)
         if contents.refusal:  # how the script was made rules it out (stages.plaindump): the format fails
             at = next(i for i, check in enumerate(report.checks) if check.name == "dump_format_recognized")
             report.checks[at] = Check("dump_format_recognized", FAIL, contents.refusal)

@@ -46,7 +46,7 @@ BOM = b"\xef\xbb\xbf"
 # pg_dump's first and last comments (pg_backup_archiver.c: "PostgreSQL database dump",
 # "PostgreSQL database dump complete"), the same in every version since 7.x.
 _HEADER = re.compile(rb"^--[ \t]*PostgreSQL database dump[ \t]*\r?$", re.M)
-_FOOTER = re.compile(rb"^--[ \t]*PostgreSQL database dump complete[ \t]*\r?$", re.M)
+FOOTER = re.compile(rb"^--[ \t]*PostgreSQL database dump complete[ \t]*\r?$", re.M)
 _CLUSTER_HEADER = re.compile(rb"^--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$", re.M)
 
 _SPACE = re.compile(rb"[ \t\r\n\f\v]+")
@@ -238,7 +238,7 @@ class _Scanner:
         """Note pg_dump's header and footer among comment lines between statements."""
         if b"PostgreSQL database" not in text:
             return
-        if _FOOTER.search(text):
+        if FOOTER.search(text):
             self.script.footer = True
         if self.script.statements == 0:
             self.script.pg_dump_header |= _HEADER.search(text) is not None

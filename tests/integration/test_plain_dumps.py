@@ -4,14 +4,18 @@ with a message naming the pg_dump options to use."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.support import pg
-from tests.support.imports import upload_and_import
+from tests.support.api import api_client
+from tests.support.imports import create_upload, upload_and_import
+from tests.support.uploading import upload_file
 from tests.support.world import make_world
 
 # Lines a line-by-line filter takes for statements it drops or rewrites.
@@ -190,3 +194,34 @@ def test_psql_errors_name_the_line_of_the_users_dump(control_db, store):
     job = upload_and_import(control_db, store, world, script)
     assert job.state == "failed"
     assert 'line 8 of your dump: ERROR:  relation "nowhere" does not exist' in job.error
+
+
+def _api_preflight(settings, store, world, data: bytes):
+    upload = create_upload(store, world)
+    upload_file(upload, data)
+    resp = api_client(settings, store).simulate_post(
+        f"/v1/projects/{world.project.id}/imports/preflight",
+        headers={"X-API-Key": world.key, "Content-Type": "application/json"},
+        body=json.dumps({"upload_key": upload["object_key"]}),
+    )
+    assert resp.status_code == 200, resp.text
+    return {c["name"]: (c["status"], c["detail"]) for c in resp.json["preflight"]["checks"]}
+
+
+def test_api_preflight_reads_the_end_of_a_large_plain_upload(control_db, store, corpus_source, tmp_path):
+    # The head is small here: preflight reads it and the last bytes, where the footer is.
+    settings = dataclasses.replace(control_db, preflight_head_bytes=256 * 1024)
+    data = pg.make_dump(corpus_source("pagila"), "plain", tmp_path / "pagila.sql").read_bytes()
+    world = make_world(control_db)
+    whole = _api_preflight(settings, store, world, data)
+    assert whole["dump_format_recognized"][0] == "pass"
+    cut = _api_preflight(settings, store, world, data[: data.rfind(b"\n", 0, len(data) // 2) + 1])
+    assert cut["dump_format_recognized"][0] == "fail"
+    assert cut["dump_format_recognized"][1].startswith("the dump is cut short: its last line is not")
+
+
+def test_api_preflight_names_the_fix_for_a_create_dump(control_db, store, source, tmp_path):
+    dump = pg_dump(source, tmp_path / "dump.sql", "-Fp", "--create")
+    checks = _api_preflight(control_db, store, make_world(control_db), dump.read_bytes())
+    assert checks["dump_format_recognized"][0] == "fail"
+    assert "run pg_dump again without --create" in checks["dump_format_recognized"][1]
