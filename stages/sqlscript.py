@@ -142,13 +142,17 @@ def statement_words(text: bytes, count: int = 6) -> list[str]:
 
 
 class _Scanner:
-    """The scan's state between chunks. Positions are offsets into `buf`, whose first
-    byte is at line `line` of the script; `_take` hands bytes on and drops them."""
+    """The scan's state between chunks. The unread part of the script is `buf[at:]`,
+    whose first byte is at line `line`; positions are offsets into `buf`. `_take`
+    hands bytes on by moving `at` (no copy of the rest), and drops the bytes before
+    `at` once they are a step long; a position held across `_take` is re-derived from
+    `at`."""
 
     def __init__(self, chunks: Iterator[bytes], script: Script) -> None:
         self.chunks = chunks
         self.script = script
         self.buf = b""
+        self.at = 0
         self.pending, self.pending_at = memoryview(b""), 0
         self.eof = False
         self.line = 1
@@ -158,8 +162,8 @@ class _Scanner:
     def _more(self) -> bool:
         """Append the next `STEP` bytes to the buffer; False at the end of the script.
 
-        The buffer grows a step at a time, so handing a piece on (which copies the rest
-        of the buffer) costs little however large the chunks read are."""
+        The buffer grows a step at a time, so it stays small however large the chunks
+        read are (a long token makes it grow, up to `HEAD_BYTES` and a step)."""
         if self.eof:
             return False
         if self.pending_at >= len(self.pending):
@@ -172,47 +176,58 @@ class _Scanner:
                 return False
         step = self.pending[self.pending_at : self.pending_at + STEP].tobytes()
         self.pending_at += len(step)
-        self.buf += step
+        if self.at >= STEP:
+            self.buf, self.at = self.buf[self.at :] + step, 0
+        else:
+            self.buf += step
         self.script.bytes += len(step)
         return True
 
     def _take(self, end: int, kind: str, first: bool = True, last: bool = True) -> Piece:
-        """The buffer's first `end` bytes as a piece; the buffer keeps the rest."""
-        data, self.buf = self.buf[:end], self.buf[end:]
+        """`buf[at:end]` as a piece; the unread part starts at `end`."""
+        data = self.buf[self.at : end]
+        self.at = end
         piece = Piece(kind, data, self.line, first, last)
         newlines = data.count(b"\n")
-        self.line += newlines
-        self.script.lines += newlines
+        if newlines:
+            self.line += newlines
+            self.script.lines += newlines
         if data:
-            self.ends_with_newline = data.endswith(b"\n")
+            self.ends_with_newline = data[-1:] == b"\n"
         return piece
+
+    def _unread(self) -> int:
+        return len(self.buf) - self.at
 
     def _unfinished(self, what: str, line: int) -> None:
         self.script.unfinished, self.script.unfinished_line = what, line
 
     def pieces(self) -> Iterator[Piece]:
-        while len(self.buf) < len(BOM) and self._more():
+        while self._unread() < len(BOM) and self._more():
             pass
         if self.buf.startswith(BOM):
             yield self._take(len(BOM), SPACE)
         while True:
-            if len(self.buf) < 2 and self._more():
+            if self._unread() < 2 and self._more():
                 continue
-            if not self.buf:
+            at = self.at
+            if at >= len(self.buf):
                 if not self.ends_with_newline:
                     self.script.lines += 1  # a last line without its newline
                 return
-            head = self.buf[:2]
+            head = self.buf[at : at + 2]
             if head[:1] in b" \t\r\n\f\v" or head == b"--":
                 # Whitespace and whole comment lines, as one piece: a dump has millions.
-                run = _SPACE_RUN.match(self.buf)
+                run = _SPACE_RUN.match(self.buf, at)
                 if run is None:
                     yield from self._line_comment()  # a comment whose newline is not read yet
                     continue
-                if run.end() == len(self.buf) and run.end() < STEP and self._more():
+                end = run.end()
+                if end == len(self.buf) and end - at < STEP and self._more():
                     continue
-                self._comments(run.group())
-                yield self._take(run.end(), SPACE)
+                if b"PostgreSQL database" in self.buf[at:end]:
+                    self._comments(self.buf[at:end])
+                yield self._take(end, SPACE)
             elif head == b"/*":
                 yield from self._block_comment()
             elif head[:1] == b"\\":
@@ -224,14 +239,14 @@ class _Scanner:
         """A `--` comment between statements, with its newline (pg_dump's header and
         footer are such comments)."""
         first = True
-        while self.buf.find(b"\n") < 0 and self._more():
-            if len(self.buf) > HEAD_BYTES:  # an absurdly long comment: pass it on
+        while self.buf.find(b"\n", self.at) < 0 and self._more():
+            if self._unread() > HEAD_BYTES:  # an absurdly long comment: pass it on
                 yield self._take(len(self.buf), SPACE, first, False)
                 first = False
-        end = self.buf.find(b"\n")
+        end = self.buf.find(b"\n", self.at)
         end = len(self.buf) if end < 0 else end + 1
         if first:
-            self._comments(self.buf[:end])
+            self._comments(self.buf[self.at : end])
         yield self._take(end, SPACE, first, True)
 
     def _comments(self, text: bytes) -> None:
@@ -245,18 +260,20 @@ class _Scanner:
             self.script.pg_dumpall_header |= _CLUSTER_HEADER.search(text) is not None
 
     def _block_comment(self) -> Iterator[Piece]:
-        depth, pos, first, line = 0, 0, True, self.line
+        depth, pos, first, line = 0, self.at, True, self.line
         while True:
             found = _BLOCK.search(self.buf, pos)
             if found is None:
                 pos = max(pos, len(self.buf) - 1)  # a "/" or "*" may start the next mark
-                if pos > HEAD_BYTES:
+                if pos - self.at > HEAD_BYTES:
                     yield self._take(pos, SPACE, first, False)
-                    first, pos = False, 0
+                    first = False
+                base = self.at
                 if not self._more():
                     self._unfinished("a /* comment */", line)
                     yield self._take(len(self.buf), SPACE, first, True)
                     return
+                pos -= base - self.at  # the buffer may have dropped what was handed on
                 continue
             depth += 1 if found.group() == b"/*" else -1
             pos = found.end()
@@ -266,10 +283,10 @@ class _Scanner:
 
     def _meta(self) -> Iterator[Piece]:
         """A backslash command: psql reads it to the end of its line."""
-        while self.buf.find(b"\n") < 0 and self._more():
-            if len(self.buf) > HEAD_BYTES:
+        while self.buf.find(b"\n", self.at) < 0 and self._more():
+            if self._unread() > HEAD_BYTES:
                 raise ScriptError(f"line {self.line}: a psql backslash command longer than {HEAD_BYTES} bytes")
-        end = self.buf.find(b"\n")
+        end = self.buf.find(b"\n", self.at)
         yield self._take(len(self.buf) if end < 0 else end + 1, META)
 
     def _statement(self) -> Iterator[Piece]:
@@ -278,32 +295,34 @@ class _Scanner:
         `mode` is what the scan is inside: None (plain SQL), a quote (``'``, ``E``
         for a string with backslash escapes, ``"``), ``$`` (dollar quote `delimiter`),
         ``-`` (a line comment) or ``/`` (a block comment `depth` deep)."""
-        self.script.statements += 1
-        self.script.footer = False  # a footer counts only after the last statement
+        script = self.script
+        script.statements += 1
+        script.footer = False  # a footer counts only after the last statement
         start_line = self.line
-        while len(self.buf) < 64 and self._more():
+        while self._unread() < 64 and self._more():
             pass
-        function = _FUNCTION_START.match(self.buf) is not None
+        function = _FUNCTION_START.match(self.buf, self.at) is not None
         head = b""
         first = True
         mode: str | None = None
         delimiter = b""
         paren = begin = depth = 0
-        pos = 0
+        pos = self.at
         while True:
-            if pos > HEAD_BYTES:
+            if pos - self.at > HEAD_BYTES:
                 # Pass a long statement on in pieces, at a point where `mode` says it all.
                 if first:
-                    head = self.buf[:pos]
+                    head = self.buf[self.at : pos]
                 yield self._take(pos, STATEMENT, first, False)
-                first, pos = False, 0
+                first = False
             need_more = False
+            buf = self.buf
             if mode is None:
-                found = _STMT_SPECIAL.search(self.buf, pos)
+                found = _STMT_SPECIAL.search(buf, pos)
                 if found is None:
-                    end = len(self.buf)
+                    end = len(buf)
                     if function:
-                        while end > pos and _IDENT_CHAR.match(self.buf, end - 1):
+                        while end > pos and _IDENT_CHAR.match(buf, end - 1):
                             end -= 1  # a word the next chunk may continue
                         begin = self._words(pos, end, paren, begin)
                     pos, need_more = end, True
@@ -316,10 +335,13 @@ class _Scanner:
                         pos = at + 1
                         if paren == 0 and begin == 0:
                             if first:
-                                head = self.buf[:pos]
+                                head = buf[self.at : pos]
                             yield self._take(pos, STATEMENT, first, True)
-                            self._after(head)
-                            yield from self._copy_data(head, start_line)
+                            verb = head[:4].upper()
+                            if verb == b"SET ":
+                                self._after(head)
+                            elif verb == b"COPY":
+                                yield from self._copy_data(head, start_line)
                             return
                     elif char == b"(":
                         paren, pos = paren + 1, at + 1
@@ -330,76 +352,77 @@ class _Scanner:
                         pos = at + 1
                     elif char == b'"':
                         mode, pos = '"', at + 1
-                    elif at + 1 >= len(self.buf) and not self.eof:
+                    elif at + 1 >= len(buf) and not self.eof:
                         need_more, pos = True, at  # "$", "-" or "/": what follows decides
                     elif char == b"$":
-                        tag = _DOLLAR_TAG.match(self.buf, at)
-                        if at > 0 and _IDENT_CHAR.match(self.buf, at - 1):
+                        tag = _DOLLAR_TAG.match(buf, at)
+                        if at > self.at and _IDENT_CHAR.match(buf, at - 1):
                             pos = at + 1  # inside an identifier (a$b)
                         elif tag:
                             mode, delimiter, pos = "$", tag.group(), tag.end()
-                        elif _TAG_PREFIX.fullmatch(self.buf, at) and not self.eof:
+                        elif _TAG_PREFIX.fullmatch(buf, at) and not self.eof:
                             need_more, pos = True, at  # the chunk ends inside a tag
                         else:
                             pos = at + 1  # a parameter ($1) or a lone $
-                    elif char == b"-" and self.buf[at + 1 : at + 2] == b"-":
+                    elif char == b"-" and buf[at + 1 : at + 2] == b"-":
                         mode, pos = "-", at + 2
-                    elif char == b"/" and self.buf[at + 1 : at + 2] == b"*":
+                    elif char == b"/" and buf[at + 1 : at + 2] == b"*":
                         mode, depth, pos = "/", 1, at + 2
                     else:
                         pos = at + 1
             elif mode in ("'", "E", '"'):
-                found = (_SQ_ESC if mode == "E" else _DQ if mode == '"' else _SQ_STD).search(self.buf, pos)
+                found = (_SQ_ESC if mode == "E" else _DQ if mode == '"' else _SQ_STD).search(buf, pos)
                 if found is None:
-                    pos, need_more = len(self.buf), True
+                    pos, need_more = len(buf), True
                 else:
                     at = found.start()
-                    if at + 1 >= len(self.buf) and not self.eof:
+                    if at + 1 >= len(buf) and not self.eof:
                         need_more, pos = True, at  # an escape or a doubled quote?
                     elif found.group() == b"\\":
                         pos = at + 2
-                    elif self.buf[at + 1 : at + 2] == found.group():
+                    elif buf[at + 1 : at + 2] == found.group():
                         pos = at + 2  # '' or "" stands for one quote
                     else:
                         mode, pos = None, at + 1
             elif mode == "$":
-                close = self.buf.find(delimiter, pos)
+                close = buf.find(delimiter, pos)
                 if close < 0:
-                    pos, need_more = max(pos, len(self.buf) - len(delimiter) + 1), True
+                    pos, need_more = max(pos, len(buf) - len(delimiter) + 1), True
                 else:
                     mode, pos = None, close + len(delimiter)
             elif mode == "-":
-                end = self.buf.find(b"\n", pos)
+                end = buf.find(b"\n", pos)
                 if end < 0:
-                    pos, need_more = len(self.buf), True
+                    pos, need_more = len(buf), True
                 else:
                     mode, pos = None, end + 1
             else:  # "/"
-                found = _BLOCK.search(self.buf, pos)
+                found = _BLOCK.search(buf, pos)
                 if found is None:
-                    pos, need_more = max(pos, len(self.buf) - 1), True
+                    pos, need_more = max(pos, len(buf) - 1), True
                 else:
                     depth += 1 if found.group() == b"/*" else -1
                     pos = found.end()
                     if depth == 0:
                         mode = None
-            if need_more and not self._more():
+            if need_more:
+                base = self.at
+                if self._more():
+                    pos -= base - self.at  # the buffer may have dropped what was handed on
+                    continue
+                if first:
+                    head = self.buf[self.at :]
                 if mode is None:
                     # psql sends a last statement without its ";" at the end of a script.
-                    self.script.trailing_statement = start_line
-                    if first:
-                        head = self.buf
-                    yield self._take(len(self.buf), STATEMENT, first, True)
-                    return
-                what = {
-                    "'": "a quoted string",
-                    "E": "a quoted string",
-                    '"': "a quoted identifier",
-                    "$": "a dollar-quoted body",
-                }.get(mode, "a /* comment */")
-                self._unfinished(what, start_line)
-                if first:
-                    head = self.buf
+                    script.trailing_statement = start_line
+                else:
+                    what = {
+                        "'": "a quoted string",
+                        "E": "a quoted string",
+                        '"': "a quoted identifier",
+                        "$": "a dollar-quoted body",
+                    }.get(mode, "a /* comment */")
+                    self._unfinished(what, start_line)
                 yield self._take(len(self.buf), STATEMENT, first, True)
                 return
 
@@ -420,9 +443,9 @@ class _Scanner:
 
     def _e_prefix(self, at: int) -> bool:
         """Whether the quote at `at` opens an E'…' string (the E a token of its own)."""
-        if at == 0 or self.buf[at - 1 : at] not in (b"e", b"E"):
+        if at <= self.at or self.buf[at - 1 : at] not in (b"e", b"E"):
             return False
-        return at == 1 or not _IDENT_CHAR.match(self.buf, at - 2)
+        return at - 1 == self.at or not _IDENT_CHAR.match(self.buf, at - 2)
 
     def _after(self, head: bytes) -> None:
         found = _STD_STRINGS.match(head)
@@ -434,45 +457,48 @@ class _Scanner:
         if not _COPY_FROM_STDIN.match(head):
             return
         # psql reads the data from the line after the statement's.
-        while self.buf.find(b"\n") < 0 and self._more():
+        while self.buf.find(b"\n", self.at) < 0 and self._more():
             pass
-        end = self.buf.find(b"\n")
-        rest = self.buf[: len(self.buf) if end < 0 else end + 1]
-        if rest.strip():
+        end = self.buf.find(b"\n", self.at)
+        end = len(self.buf) if end < 0 else end + 1
+        if self.buf[self.at : end].strip():
             raise ScriptError(
                 f"line {self.line}: text follows a COPY … FROM stdin statement on its line, "
                 "where pg_dump ends the line"
             )
-        if rest:
-            yield self._take(len(rest), SPACE)
+        if end > self.at:
+            yield self._take(end, SPACE)
         first = True
-        while len(self.buf) < 4 and self._more():
+        while self._unread() < 4 and self._more():
             pass
-        if _END_AT_START.match(self.buf):
-            yield self._take(_END_AT_START.match(self.buf).end(), COPY)  # type: ignore[union-attr]
+        marker = _END_AT_START.match(self.buf, self.at)
+        if marker:
+            yield self._take(marker.end(), COPY)
             return
-        pos = 0
+        pos = self.at
         while True:
             found = _END_OF_COPY.search(self.buf, pos)
             if found is not None:
                 yield self._take(found.end(), COPY, first, True)
                 return
-            # Pass on whole lines; the last, maybe unfinished, one may be the end marker.
-            # (or, for a line longer than a chunk, all but its last bytes).
-            last = self.buf.rfind(b"\n")
-            if last < STEP // 2 and len(self.buf) > STEP:
+            # Pass on whole lines; the last, maybe unfinished, one may be the end marker
+            # (or, for a line longer than a step, all but its last bytes).
+            last = self.buf.rfind(b"\n", self.at)
+            if last - self.at < STEP // 2 and self._unread() > STEP:
                 last = len(self.buf) - 4
-            if last >= STEP // 2:
+            if last - self.at >= STEP // 2:
                 yield self._take(last, COPY, first, False)
                 first = False
-            pos = max(0, len(self.buf) - 4)
+            pos = max(self.at, len(self.buf) - 4)
+            base = self.at
             if not self._more():
-                finished = _LAST_LINE_END.search(self.buf) is not None
-                if self.buf:
+                finished = _LAST_LINE_END.search(self.buf, self.at) is not None
+                if self._unread():
                     yield self._take(len(self.buf), COPY, first, True)
                 if not finished:
                     self._unfinished("the data of a COPY statement", statement_line)
                 return
+            pos -= base - self.at
 
 
 _TAG_PREFIX = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?")
