@@ -16,10 +16,11 @@
 
 A long statement or COPY block comes in several pieces (`first`/`last` say which);
 the first piece of a statement holds all of it, or at least its first `HEAD_BYTES`,
-which is what any decision about it looks at. Memory is bounded by `CHUNK` plus
-`HEAD_BYTES` whatever the line lengths. The scan is driven by compiled regexes that
-jump to the next character that can matter, and COPY data is passed on in blocks, so
-Python runs per token of interest, never per byte.
+which is what any decision about it looks at. Memory is bounded by the chunk being
+read plus `HEAD_BYTES` and a `STEP`, whatever the line lengths. The scan is driven by
+compiled regexes that jump to the next character that can matter, runs of whitespace
+and comment lines and COPY data are passed on in blocks, and pieces are handed on by
+offset, so Python runs per token of interest, never per byte or per data line.
 
 `line` is the line of the script (1-based) where a piece starts, for messages in the
 user's terms. When the script ends, `Script` says whether it ended cleanly (not inside
@@ -50,7 +51,7 @@ FOOTER = re.compile(rb"^--[ \t]*PostgreSQL database dump complete[ \t]*\r?$", re
 _CLUSTER_HEADER = re.compile(rb"^--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$", re.M)
 
 _SPACE = re.compile(rb"[ \t\r\n\f\v]+")
-_SPACE_RUN = re.compile(rb"(?:[ \t\r\n\f\v]+|--[^\n]*\n)+")
+_SPACE_RUN = re.compile(rb"(?:[ \t\r\n\f\v]++|--[^\n]*+\n)++")
 # In a statement: the characters after which the state can change.
 _STMT_SPECIAL = re.compile(rb"['\"$\-/;()]")
 _WORD = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")

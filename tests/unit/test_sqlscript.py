@@ -125,3 +125,22 @@ def test_very_long_lines_come_in_bounded_pieces():
 
 def test_statement_words_skip_comments():
     assert statement_words(b"/* x */ ALTER -- y\n table ONLY t", 3) == ["ALTER", "TABLE", "ONLY"]
+
+
+@pytest.mark.parametrize("size", [1, 5, 1 << 20])
+def test_a_dollar_body_holding_copy_from_stdin_is_one_statement(size):
+    data = (
+        b"CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $fn$\nbegin\n"
+        b"COPY public.t (a) FROM stdin;\n\\.\nEXECUTE $x$ GRANT a TO b; $x$;\nend\n$fn$;\n"
+        b"COPY public.t (a) FROM stdin;\n\\\\.\n\\.\n"
+    )
+    pieces = [p for p in split(data, size) if p.kind != SPACE]
+    assert [(p.kind, p.line) for p in pieces] == [(STATEMENT, 1), (STATEMENT, 9), (COPY, 10)]
+    assert pieces[2].data == b"\\\\.\n\\.\n"  # a value "\." is escaped in COPY data
+
+
+def test_a_doubled_quote_at_a_chunk_boundary_stays_inside_the_string():
+    data = b"SELECT 'a'';b';\nSELECT 2;\n"
+    for size in range(1, len(data)):
+        statements = [p.data for p in split(data, size) if p.kind == STATEMENT]
+        assert statements == [b"SELECT 'a'';b';", b"SELECT 2;"], size
