@@ -135,7 +135,7 @@ def test_a_dollar_body_holding_copy_from_stdin_is_one_statement(size):
         b"COPY public.t (a) FROM stdin;\n\\\\.\n\\.\n"
     )
     pieces = [p for p in split(data, size) if p.kind != SPACE]
-    assert [(p.kind, p.line) for p in pieces] == [(STATEMENT, 1), (STATEMENT, 9), (COPY, 10)]
+    assert [(p.kind, p.line) for p in pieces] == [(STATEMENT, 1), (STATEMENT, 8), (COPY, 9)]
     assert pieces[2].data == b"\\\\.\n\\.\n"  # a value "\." is escaped in COPY data
 
 
