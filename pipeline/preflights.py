@@ -25,6 +25,7 @@ from pipeline.sealing import Sealer
 from stages.cluster import RoleLogin
 from stages.commands import Cancellation, PgTools
 from stages.deadline import Deadline as SourceDeadline
+from stages.dumpcontents import TAIL_BYTES
 from stages.errors import ObjectMissing, PermanentError
 from stages.pgurl import SourceURL
 from stages.preflight.live import check_live_source
@@ -163,14 +164,17 @@ def preflight_upload(
     )
     os.makedirs(settings.work_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
-        head = os.path.join(folder, "head")
+        head, tail = os.path.join(folder, "head"), None
         try:
             size = store.size(key)
             store.head(key, head, settings.preflight_head_bytes)
+            if size > settings.preflight_head_bytes:  # the end, where pg_dump's footer is
+                tail = os.path.join(folder, "tail")
+                store.tail(key, tail, TAIL_BYTES)
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
         report = check_upload_head(
-            head, size, target, tools, max_text=settings.preflight_text_bytes, rehearsal=setup
+            head, size, target, tools, max_text=settings.preflight_text_bytes, rehearsal=setup, tail_path=tail
         )
     # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
     report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]

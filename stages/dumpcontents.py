@@ -24,8 +24,10 @@ from typing import IO
 
 from stages import toc
 from stages.commands import PgTools
+from stages.plaindump import PlainDumpShape, create_extension, cut_short_message, language_statement
 from stages.preflight.extensions import Extension
 from stages.preflight.report import Findings
+from stages.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, read_script
 from stages.toc import TRUSTED_LANGUAGES, TocEntry
 
 READ_CHUNK = 1024 * 1024
@@ -45,12 +47,6 @@ MAX_STATEMENT_LINES = 200_000
 _COMMENT_START = "-- Name: "
 _COMMENT_KIND = re.compile(r"; Type: (?P<kind>[A-Z ]+); Schema: ")
 _COMMENT_OWNER = "; Owner: "
-_CREATE_EXTENSION = re.compile(
-    r'^\s*CREATE\s+EXTENSION\s+(?:IF\s+NOT\s+EXISTS\s+)?(?:"(?P<quoted>[^"]+)"|(?P<name>[\w-]+))', re.I
-)
-_CREATE_LANGUAGE = re.compile(
-    r'^\s*CREATE\s+(?:OR\s+REPLACE\s+)?(?:TRUSTED\s+)?(?:PROCEDURAL\s+)?LANGUAGE\s+"?(?P<name>[\w-]+)', re.I
-)
 # Untrusted languages ship as extensions of the same name (plperlu, plpython3u...): by
 # convention their names end in "u".
 KNOWN_UNTRUSTED = frozenset({"plperlu", "plpython3u", "plpythonu", "plpython2u", "pltclu", "pljavau"})
@@ -75,6 +71,10 @@ class DumpContents:
     publications: list[str] = field(default_factory=list)
     subscriptions: list[str] = field(default_factory=list)
     complete: bool = True
+    # Why a plain script cannot be imported as it is, naming the fix (see stages.plaindump).
+    refusal: str | None = None
+    # The script starts with pg_dump's header, so it must end with pg_dump's footer.
+    pg_dump_header: bool = False
     # Bytes of SQL text read, and whether `max_text` stopped the reading.
     text_bytes: int = 0
     text_capped: bool = False
@@ -148,59 +148,92 @@ def list_archive(tools: PgTools, path: str) -> DumpContents:
 
 
 def read_sql(lines: Iterable[str], *, complete: bool) -> DumpContents:
-    """Contents of a plain SQL script (or its first lines, `complete=False`)."""
-    contents = DumpContents(complete=complete)
-    for line in lines:
-        _read_line(contents, line)
-    return contents._judge_languages()
+    """Contents of a plain SQL script given as lines (or its first lines, `complete=False`)."""
+    text = "".join(line + "\n" for line in lines).encode()
+    return _read_script([text], complete=complete)
 
 
-# Where a line `_read_line` reacts to can start: a pg_dump comment or a CREATE. No \n
-# in the class, so a match never spans lines.
-_CANDIDATE = re.compile(rb"^(?:-- Name: |[ \t\r\f\v\x1c-\x1f]*create)", re.M | re.I)
+# Where a pg_dump object comment starts, among the comment lines between statements.
+_NAME_COMMENT = re.compile(rb"^-- Name: ", re.M)
 
 
 def read_sql_file(
     path: str, *, gzipped: bool, complete: bool, max_text: int = MAX_SQL_TEXT
 ) -> DumpContents:
     """Contents of the plain SQL file at `path` (possibly gzipped, possibly cut short:
-    `complete=False`), reading at most `max_text` bytes of text.
-
-    The same result as `read_sql(sql_lines(...))`, found without a Python step per line.
-    """
+    `complete=False`), reading at most `max_text` bytes of text."""
     text = _Text(path, gzipped, max_text)
-    contents = DumpContents()
-    budget = MAX_STATEMENT_LINES
-    for block in _line_blocks(text.chunks()):
-        for match in _CANDIDATE.finditer(block):
-            start = match.start()
-            end = block.find(b"\n", start, start + MAX_LINE)
-            line = block[start : end if end >= 0 else start + MAX_LINE]
-            _read_line(contents, line.decode("utf-8", "replace"))
-            budget -= 1
-            if budget == 0:
-                break
-        if budget == 0:
-            text.capped = True
-            break
+    contents = _read_script(text.chunks(), complete=complete, text=text)
     contents.text_bytes, contents.text_capped = text.produced, text.capped
     contents.complete = complete and not text.capped
+    if not contents.complete and contents.refusal and contents.refusal.startswith("the dump is cut short"):
+        contents.refusal = None  # only the head was read: the rest may follow
+    return contents
+
+
+# The end of an uncompressed upload that preflight reads besides its head: pg_dump's
+# footer and the `\\unrestrict` line after it take a few hundred bytes.
+TAIL_BYTES = 64 * 1024
+
+
+def read_tail(contents: DumpContents, tail_path: str) -> None:
+    """Judge the end of an uncompressed pg_dump script whose head `contents` describes
+    (read cheaply with a ranged GET of its last `TAIL_BYTES`): without pg_dump's footer
+    it is cut short, and `contents.refusal` says so. A gzip stream's end cannot be read
+    without the whole stream, so compressed uploads are checked whole by the worker,
+    before anything is restored."""
+    if contents.refusal or not contents.pg_dump_header:
+        return
+    with open(tail_path, "rb") as f:
+        tail = f.read(TAIL_BYTES)
+    if not FOOTER.search(tail):
+        contents.refusal = cut_short_message(Script(pg_dump_header=True))
+
+
+def _read_script(chunks: Iterable[bytes], *, complete: bool, text: _Text | None = None) -> DumpContents:
+    contents = DumpContents(complete=complete)
+    script = Script()
+    shape = PlainDumpShape()
+    budget = MAX_STATEMENT_LINES
+    for piece in read_script(chunks, script):
+        shape.see(piece)
+        if piece.first and _read_piece(contents, piece):
+            budget -= 1
+            if budget == 0:
+                if text is not None:
+                    text.capped = True
+                contents.complete = False
+                break
+    contents.refusal = shape.refusal(script, whole=complete and budget > 0 and not (text and text.capped))
+    contents.pg_dump_header = script.pg_dump_header
     return contents._judge_languages()
 
 
-def _read_line(contents: DumpContents, line: str) -> None:
-    if line.startswith("-- "):
-        comment = _comment(line)
-        if comment:
-            contents.add(*comment)
-        return
-    found = _CREATE_EXTENSION.match(line)
-    if found:
-        contents._append("extensions", found.group("quoted") or found.group("name"))
-        return
-    found = _CREATE_LANGUAGE.match(line)
-    if found:
-        contents._append("languages", found.group("name"))
+def _read_piece(contents: DumpContents, piece: Piece) -> bool:
+    """Note what a piece says; True if it was looked at (it counts to the budget)."""
+    if piece.kind == SPACE:
+        found = False
+        for match in _NAME_COMMENT.finditer(piece.data):
+            start = match.start()
+            end = piece.data.find(b"\n", start, start + MAX_LINE)
+            line = piece.data[start : end if end >= 0 else start + MAX_LINE]
+            comment = _comment(line.decode("utf-8", "replace").rstrip("\r"))
+            if comment:
+                contents.add(*comment)
+            found = True
+        return found
+    if piece.kind != STATEMENT:
+        return False
+    head = piece.data[:MAX_LINE]
+    extension = create_extension(head)
+    if extension:
+        contents._append("extensions", extension.name)
+        return True
+    about_language = language_statement(head)
+    if about_language and about_language[0] == "CREATE":
+        contents._append("languages", about_language[1])
+        return True
+    return False
 
 
 def _comment(line: str) -> tuple[str, str, str] | None:

@@ -4,7 +4,10 @@
 (``-Ft``), plain SQL (``-Fp``) or plain SQL compressed with gzip — and, when the file
 says so, which archive format version it uses, which pg_dump made it and which server
 it was dumped from. Anything else raises `UnrecognizedDump` with a message naming
-what was found, because that message is shown to the user as the job's error.
+what was found, because that message is shown to the user as the job's error. Common
+near-misses are named with the pg_dump command to use instead: a tar, zip or gzipped
+tar of a directory-format (``-Fd``) dump, a UTF-16 file (Windows PowerShell's ``>``
+redirect) and pg_dumpall output.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 
 from stages.errors import UnrecognizedDump
+from stages.plaindump import dumpall_message
 
 HEAD_BYTES = 8192
 ADVICE = "upload a file made by pg_dump -Fc, -Ft or plain SQL"
@@ -45,6 +49,16 @@ _SQL_STARTS = re.compile(r"(--|/\*|\\connect\b|\\restrict\b|(SET|CREATE|SELECT|B
 _DUMPED_FROM = re.compile(r"^-- Dumped from database version (.+?)\s*$", re.M)
 _DUMPED_BY = re.compile(r"^-- Dumped by pg_dump version (.+?)\s*$", re.M)
 _CLIENT_ENCODING = re.compile(rb"^SET client_encoding = '([A-Za-z0-9_]+)';", re.M)
+_CLUSTER_DUMP = re.compile(r"^--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$", re.M)
+# The files of a directory-format dump (pg_backup_directory.c): toc.dat, one NNNN.dat
+# per table (compressed: .dat.gz, .lz4, .zst) and blobs.toc / blob_NNNN.dat.
+_DIRECTORY_MEMBER = re.compile(r"(?:^|/)(?:toc\.dat|\d+\.dat(?:\.gz|\.lz4|\.zst)?|blobs\.toc|blob_\d+\.dat(?:\.gz)?)$")
+SINGLE_FILE = "pg_dump -Fc -f dump.dump DBNAME (or pg_dump -Ft -f dump.tar DBNAME)"
+UTF16 = (
+    "the upload is UTF-16 text, as Windows PowerShell writes the output of pg_dump ... > dump.sql; "
+    "let pg_dump write the file itself instead of redirecting its output, e.g. pg_dump -Fc -f "
+    "dump.dump DBNAME (or pg_dump -Fp -f dump.sql DBNAME), and upload that file"
+)
 
 
 @dataclass(frozen=True)
@@ -69,12 +83,16 @@ def detect_format(path: str | os.PathLike[str]) -> DumpInfo:
     complete = len(head) < HEAD_BYTES
     if not head:
         raise UnrecognizedDump("the upload is empty")
+    if _utf16(head):
+        raise UnrecognizedDump(UTF16)
     if head.startswith(_MAGIC):
         return _archive(head, 0, complete)
     if head[_TAR_MAGIC_AT] == b"ustar":
         return _tar(head, complete)
     if head.startswith(b"\x1f\x8b"):
         return _gzip(head)
+    if head.startswith(b"PK\x03\x04") and _zip_of_directory(head):
+        raise UnrecognizedDump(_directory_message("a zip archive"))
     for magic, what, compressed in _FOREIGN:
         if head.startswith(magic):
             if compressed:
@@ -122,6 +140,8 @@ def _tar(head: bytes, complete: bool) -> DumpInfo:
     # pg_dump -Ft always writes toc.dat first, and it starts with the archive header.
     first = head[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     if first != "toc.dat" or not head[_TAR_BLOCK:].startswith(_MAGIC):
+        if first != "toc.dat" and _tar_of_directory(head):
+            raise UnrecognizedDump(_directory_message("a tar archive"))
         raise UnrecognizedDump(
             f"the upload is a tar archive but not one made by pg_dump -Ft (its first "
             f"member is {first[:60]!r}, not toc.dat); {ADVICE}"
@@ -143,10 +163,14 @@ def _gzip(head: bytes) -> DumpInfo:
             "compressed, so upload the file pg_dump -Fc made without gzipping it"
         )
     if inner[_TAR_MAGIC_AT] == b"ustar":
+        if _tar_of_directory(inner):
+            raise UnrecognizedDump(_directory_message("a gzip-compressed tar archive"))
         raise UnrecognizedDump(
             "the upload is a gzip-compressed tar archive; upload the file pg_dump -Ft "
             "made without compressing it"
         )
+    if _utf16(inner):
+        raise UnrecognizedDump(UTF16)
     text, problem = _sql_text(inner)
     if text is None:
         raise UnrecognizedDump(f"the upload is gzip-compressed, but inside it {problem}; {ADVICE}")
@@ -172,7 +196,52 @@ def _sql_text(data: bytes) -> tuple[str | None, str]:
         return None, (
             f"is text but does not look like a pg_dump SQL script (it starts with {first_line[:40]!r})"
         )
+    if _CLUSTER_DUMP.search(text):
+        raise UnrecognizedDump(dumpall_message())
     return text, ""
+
+
+def _utf16(data: bytes) -> bool:
+    """A byte-order mark of UTF-16, or ASCII text with every other byte zero."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
+    sample = data[:64]
+    return len(sample) >= 8 and (not any(sample[1::2]) or not any(sample[0::2])) and any(sample)
+
+
+def _directory_message(what: str) -> str:
+    return (
+        f"the upload is {what} of a directory-format dump (pg_dump -Fd), which pg_restore cannot "
+        f"read as one file; make a single-file dump instead, e.g. {SINGLE_FILE}, and upload that"
+    )
+
+
+def _tar_of_directory(data: bytes) -> bool:
+    """Whether the tar members in `data` (a head: as many headers as it holds) are the
+    files of a directory-format dump."""
+    at = 0
+    while at + _TAR_BLOCK <= len(data) and data[at + 257 : at + 262] == b"ustar":
+        name = data[at : at + 100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if _DIRECTORY_MEMBER.search(name):
+            return True
+        try:
+            size = int(data[at + 124 : at + 136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return False
+        at += _TAR_BLOCK + (size + _TAR_BLOCK - 1) // _TAR_BLOCK * _TAR_BLOCK
+    return False
+
+
+def _zip_of_directory(data: bytes) -> bool:
+    """Whether a local file header in `data` names a file of a directory-format dump."""
+    at = data.find(b"PK\x03\x04")
+    while 0 <= at and at + 30 <= len(data):
+        length = int.from_bytes(data[at + 26 : at + 28], "little")
+        name = data[at + 30 : at + 30 + length].decode("utf-8", "replace")
+        if _DIRECTORY_MEMBER.search(name):
+            return True
+        at = data.find(b"PK\x03\x04", at + 30)
+    return False
 
 
 def _search(pattern: re.Pattern[str], text: str) -> str | None:

@@ -1,9 +1,12 @@
 """Counting the rows a dump holds, table by table, from its COPY data.
 
 For an upload there is no live source to count, so the dump itself is the source:
-every `COPY <table> (...) FROM stdin;` block is counted line by line up to its `\\.`.
+the script is split by `stages.sqlscript` (the one reader of plain SQL), and every
+`COPY <table> (...) FROM stdin;` block's data lines are counted up to its `\\.`.
 Tables a dump fills with INSERT statements (pg_dump --inserts) cannot be counted
 exactly this way; they are reported as `uncounted` and only their presence is checked.
+Statement kinds and sequence values are read from whole statements, never from lines
+inside strings, function bodies or COPY data.
 """
 
 from __future__ import annotations
@@ -13,28 +16,31 @@ from typing import IO
 
 from stages.commands import PgTools
 from stages.errors import CommandTimedOut, PermanentCommandFailure
+from stages.sqlscript import COPY, STATEMENT, Piece, read_script
 from stages.toc import Utf8Lines, python_codec
 
-_COPY = re.compile(rb'^COPY ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) .*FROM stdin;\r?\n$')
-_INSERT = re.compile(rb'^INSERT INTO ((?:"(?:[^"]|"")*"|[^\s."(]+)\.(?:"(?:[^"]|"")*"|[^\s."(]+)) ')
-_END = re.compile(rb"^\\\.\r?\n$")
-_SETVAL = re.compile(rb"^SELECT pg_catalog\.setval\('((?:[^']|'')+)', (-?\d+), (true|false)\);\r?\n$")
+_NAME = rb'(?:"(?:[^"]|"")*"|[^\s."(]+)'
+_QUALIFIED = rb"(" + _NAME + rb"\." + _NAME + rb")"
+_COPY = re.compile(rb"COPY " + _QUALIFIED + rb" .*FROM stdin;\Z", re.S)
+_INSERT = re.compile(rb"INSERT INTO " + _QUALIFIED + rb" ")
+_SETVAL = re.compile(rb"SELECT pg_catalog\.setval\('((?:[^']|'')+)', (-?\d+), (true|false)\);\Z")
+_END_MARKER = re.compile(rb"(?:^|\n)\\\.\r?\n?\Z")
 # Statement starts of a plain dump, by report kind (archives use their TOC instead).
 _KINDS = [
-    (re.compile(rb"^CREATE (UNLOGGED |FOREIGN )?TABLE "), "tables"),
-    (re.compile(rb"^CREATE (UNIQUE )?INDEX "), "indexes"),
-    (re.compile(rb"^    ADD CONSTRAINT "), "constraints"),
-    (re.compile(rb"^CREATE (OR REPLACE )?VIEW "), "views"),
-    (re.compile(rb"^CREATE MATERIALIZED VIEW "), "materialized_views"),
-    (re.compile(rb"^CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|AGGREGATE) "), "functions"),
-    (re.compile(rb"^CREATE (CONSTRAINT )?TRIGGER "), "triggers"),
-    (re.compile(rb"^CREATE TYPE "), "types"),
-    (re.compile(rb"^CREATE DOMAIN "), "domains"),
-    (re.compile(rb"^CREATE POLICY "), "policies"),
-    (re.compile(rb"^SELECT pg_catalog\.lo_create\("), "large_objects"),
-    (re.compile(rb"^CREATE SEQUENCE "), "sequences"),
-    (re.compile(rb"^CREATE SCHEMA "), "schemas"),
-    (re.compile(rb"^CREATE EXTENSION "), "extensions"),
+    (re.compile(rb"CREATE (UNLOGGED |FOREIGN )?TABLE "), "tables"),
+    (re.compile(rb"CREATE (UNIQUE )?INDEX "), "indexes"),
+    (re.compile(rb"ALTER TABLE (?:ONLY )?" + _QUALIFIED + rb"\s+ADD CONSTRAINT "), "constraints"),
+    (re.compile(rb"CREATE (OR REPLACE )?VIEW "), "views"),
+    (re.compile(rb"CREATE MATERIALIZED VIEW "), "materialized_views"),
+    (re.compile(rb"CREATE (OR REPLACE )?(FUNCTION|PROCEDURE|AGGREGATE) "), "functions"),
+    (re.compile(rb"CREATE (CONSTRAINT )?TRIGGER "), "triggers"),
+    (re.compile(rb"CREATE TYPE "), "types"),
+    (re.compile(rb"CREATE DOMAIN "), "domains"),
+    (re.compile(rb"CREATE POLICY "), "policies"),
+    (re.compile(rb"SELECT pg_catalog\.lo_create\("), "large_objects"),
+    (re.compile(rb"CREATE SEQUENCE "), "sequences"),
+    (re.compile(rb"CREATE SCHEMA "), "schemas"),
+    (re.compile(rb"CREATE EXTENSION "), "extensions"),
 ]
 _PART = re.compile(r'"((?:[^"]|"")*)"|([^."]+)')
 
@@ -51,7 +57,7 @@ def table_key(qualified: bytes) -> str:
 
 
 class RowCounter:
-    """Feed it a dump's lines (in pieces, each flagged as starting a line or not)."""
+    """Show it a script's pieces (`see`), as `stages.sqlscript.read_script` yields them."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -60,32 +66,38 @@ class RowCounter:
         self.kinds: dict[str, int] = {}
         self._table: str | None = None
 
-    def feed(self, piece: bytes, at_line_start: bool) -> None:
-        if not at_line_start:
+    def see(self, piece: Piece) -> None:
+        if piece.kind == COPY:
+            if self._table is not None:
+                rows = piece.data.count(b"\n")
+                if piece.last and _END_MARKER.search(piece.data[-4:]):
+                    rows -= piece.data.endswith(b"\n")  # the "\\." line is no row
+                elif piece.last and not piece.data.endswith(b"\n"):
+                    rows += 1  # a last row without its newline (a script cut short)
+                self.counts[self._table] += rows
+                if piece.last:
+                    self._table = None
             return
-        if self._table is not None:
-            if _END.match(piece):
-                self._table = None
-            else:
-                self.counts[self._table] += 1
+        if piece.kind != STATEMENT or not piece.first:
             return
-        if piece.startswith(b"COPY "):
-            match = _COPY.match(piece)
+        text = piece.data
+        if text.startswith(b"COPY "):
+            match = _COPY.match(text)
             if match:
                 self._table = table_key(match.group(1))
                 self.counts.setdefault(self._table, 0)
-        elif piece.startswith(b"INSERT INTO "):
-            match = _INSERT.match(piece)
+        elif text.startswith(b"INSERT INTO "):
+            match = _INSERT.match(text)
             if match:
                 self.uncounted.add(table_key(match.group(1)))
-        elif piece.startswith(b"SELECT pg_catalog.setval("):
-            match = _SETVAL.match(piece)
+        elif text.startswith(b"SELECT pg_catalog.setval("):
+            match = _SETVAL.match(text)
             if match:
                 # The literal is a regclass: 'public."Mixed"' (quotes doubled inside).
                 name = table_key(match.group(1).replace(b"''", b"'"))
                 self.sequences[name] = int(match.group(2)) if match.group(3) == b"true" else None
         for pattern, kind in _KINDS:
-            if pattern.match(piece):
+            if pattern.match(text):
                 self.kinds[kind] = self.kinds.get(kind, 0) + 1
                 break
 
@@ -95,13 +107,9 @@ class RowCounter:
 
 
 def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024 * 1024) -> None:
-    at_line_start = True
-    while True:
-        piece = stream.readline(piece_bytes)
-        if not piece:
-            return
-        counter.feed(piece, at_line_start)
-        at_line_start = piece.endswith(b"\n")
+    """Count the script `stream` holds (pg_restore's plain output of an archive)."""
+    for piece in read_script(iter(lambda: stream.read(piece_bytes), b"")):
+        counter.see(piece)
 
 
 def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter, *, encoding: str = "UTF8") -> None:

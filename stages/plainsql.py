@@ -3,9 +3,11 @@
 A plain dump is a psql script, and psql scripts can run shell commands (`\\!`), read
 files (`\\i`) or connect elsewhere (`\\connect`). We restore with psql restricted by a
 key only we know (`\\restrict`, PostgreSQL 15.14+), so no backslash command in the
-dump can run. While the file is copied (in bounded memory: lines are read in 1 MiB
-pieces, a COPY row can be far longer) it is also made fit for a managed target, as
-`pg_restore --no-owner --no-privileges` and the TOC plan do for archives:
+dump can run. While the file is copied (in bounded memory, split into statements by
+`stages.sqlscript`, the one reader of plain SQL) it is checked whole and made fit for a
+managed target, as `pg_restore --no-owner --no-privileges` and the TOC plan do for
+archives. Every decision is about a whole statement (or a meta-command between
+statements), never about a line inside a string, a function body or COPY data:
 
 - pg_dump's own `\\restrict` / `\\unrestrict` lines are removed;
 - owner and grant statements are removed;
@@ -15,8 +17,13 @@ pieces, a COPY row can be far longer) it is also made fit for a managed target, 
 - objects only a superuser may create (event triggers, subscriptions, untrusted
   languages) are removed and reported as skipped.
 
-Only statements pg_dump writes at the start of a line, outside COPY data, are touched
-(a function body line that looks exactly like one would be touched as well).
+A removed statement leaves as many newlines as it held, so the prepared file has the
+user's line numbers: psql's errors (`psql:<file>:<line>: ERROR: …`) name lines of the
+user's dump, which `user_terms` puts in words.
+
+The script is refused (`PermanentError`, before anything is restored) when it is cut
+short or was made with pg_dump options an import cannot restore (see
+`stages.plaindump`).
 """
 
 from __future__ import annotations
@@ -24,33 +31,29 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from stages.dumprows import RowCounter
 from stages.errors import ObjectTooLarge, PermanentError
+from stages.plaindump import IDENT, PlainDumpShape, create_extension, is_pg_dump_restrict, language_statement
+from stages.sqlscript import CHUNK, META, STATEMENT, Piece, Script, ScriptError, read_script, statement_words
 from stages.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, unquote
 
-PIECE = 1024 * 1024
-_PG_DUMP_RESTRICT = re.compile(rb"^\\(un)?restrict [A-Za-z0-9]+\r?\n?$")
-_OWNER_OR_GRANT = re.compile(
-    rb"^(ALTER [A-Z ]+ .+ OWNER TO .+|(GRANT|REVOKE) .+ (TO|FROM) .+|ALTER DEFAULT PRIVILEGES .+"
-    rb"|SET SESSION AUTHORIZATION .+|RESET SESSION AUTHORIZATION);\r?\n$"
+PIECE = CHUNK
+# Statements the filter rewrites or parses are short; longer ones are kept as they are.
+_DECIDE_BYTES = 64 * 1024
+_IDENT = IDENT
+_OWNER_TO = re.compile(rb"\sOWNER\s+TO\s+" + _IDENT + rb"\s*;\Z", re.I)
+_CREATE_SCHEMA = re.compile(rb"CREATE\s+SCHEMA\s+(?!IF\s+NOT\s+EXISTS\b)(" + _IDENT + rb")\s*;\Z", re.I)
+_COMMENT_ON_EXTENSION = re.compile(
+    rb"COMMENT\s+ON\s+EXTENSION\s+(" + _IDENT + rb")\s+IS\s+'((?:[^']|'')*)'\s*;\Z", re.I
 )
-_COPY_FROM_STDIN = re.compile(rb"^COPY .+ FROM stdin;\r?\n$")
-_END_OF_COPY = re.compile(rb"^\\\.\r?\n$")
-_CREATE_SCHEMA = re.compile(rb"^CREATE SCHEMA (?!IF NOT EXISTS )(.+);\r?\n$")
-_CREATE_EXTENSION = re.compile(
-    rb'^CREATE EXTENSION IF NOT EXISTS ("(?:[^"]|"")*"|\S+) WITH SCHEMA ("(?:[^"]|"")*"|\S+);\r?\n$'
+_SUPERUSER_OBJECT = re.compile(
+    rb"(CREATE|ALTER|COMMENT\s+ON)\s+(EVENT\s+TRIGGER|SUBSCRIPTION)\s+(" + _IDENT + rb")", re.I
 )
-_COMMENT_ON_EXTENSION = re.compile(rb'^COMMENT ON EXTENSION ("(?:[^"]|"")*"|\S+) IS \'((?:[^\']|\'\')*)\';\r?\n$')
-_SUPERUSER_BLOCK = re.compile(
-    rb'^(CREATE|ALTER|COMMENT ON) (EVENT TRIGGER|SUBSCRIPTION) ("(?:[^"]|"")*"|\S+)'
-)
-_LANGUAGE = re.compile(
-    rb'^CREATE (?:OR REPLACE )?(?:TRUSTED )?(?:PROCEDURAL )?LANGUAGE ("(?:[^"]|"")*"|[^\s;]+)'
-)
+_USER_LINE = re.compile(r"psql:[^\n]*?:(\d+): (?=ERROR|FATAL|WARNING|NOTICE)")
 
 
 @dataclass
@@ -74,16 +77,26 @@ def prepare_plain_sql(
 ) -> PlainSql:
     """Copy `src` (optionally gunzipping it) to `dst`, made fit for the project role
     (see the module docstring), counting rows into `counter` on the way; refuse
-    output larger than `max_bytes`."""
+    output larger than `max_bytes`, and scripts cut short or made with pg_dump options
+    an import cannot restore (`PermanentError` naming the fix)."""
     counter = counter or RowCounter()
     try:
         with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
-            return _Filter(out, max_bytes, counter, on_progress).run(reader)
+            return _Filter(out, max_bytes, counter, on_progress).run(iter(lambda: reader.read(PIECE), b""))
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise PermanentError(
-            f"the gzip-compressed dump is truncated or corrupt ({err}); upload it again, "
-            "e.g. pg_dump ... | gzip > dump.sql.gz"
+            f"the gzip-compressed dump is cut short or corrupt ({err}); upload the whole file again, "
+            "or run pg_dump again if it stopped early, e.g. pg_dump ... | gzip > dump.sql.gz"
         ) from err
+    except ScriptError as err:
+        raise PermanentError(f"the SQL script cannot be read as psql reads it: {err}") from err
+
+
+def user_terms(message: str) -> str:
+    """psql's `psql:<file>:<line>: ERROR: …` in the user's terms: `line <line> of your
+    dump: ERROR: …`. The prepared file keeps the user's line numbers (see the module
+    docstring); psql names the line where the failing statement ends."""
+    return _USER_LINE.sub(lambda m: f"line {m.group(1)} of your dump: ", message)
 
 
 class _Filter:
@@ -95,74 +108,88 @@ class _Filter:
         self.counter = counter
         self.on_progress = on_progress
         self.result = PlainSql()
-        self.in_copy_data = False
-        self.skipping_statement = False
+        self.shape = PlainDumpShape()
+        self.skipped_languages: set[str] = set()
 
-    def run(self, reader: BinaryIO) -> PlainSql:
-        at_line_start = True
-        dropping_line = False
-        while True:
-            piece = reader.readline(PIECE)
-            if not piece:
-                return self.result
-            starts_line, at_line_start = at_line_start, piece.endswith(b"\n")
-            if starts_line:
-                kept = self._line(piece)
-                dropping_line = not kept and not at_line_start
+    def run(self, chunks: Iterator[bytes]) -> PlainSql:
+        script = Script()
+        dropping = False
+        for piece in read_script(chunks, script):
+            self.shape.see(piece)
+            if piece.kind == STATEMENT and piece.first:
+                kept = self._statement(piece)
+                dropping = kept is None
+            elif piece.kind == META:
+                kept = None if is_pg_dump_restrict(piece.data) else piece.data
+            elif piece.kind == STATEMENT:
+                kept = None if dropping else piece.data
             else:
-                kept = b"" if dropping_line else piece
-            if kept:
-                self.counter.feed(kept, starts_line)
-                self._write(kept)
+                kept = piece.data
+            if kept is None:
+                # Keep the line numbers: a removed statement leaves its newlines.
+                self._write(b"\n" * piece.data.count(b"\n"))
+                continue
+            self.counter.see(piece)
+            self._write(kept)
+        refusal = self.shape.refusal(script, whole=True)
+        if refusal:
+            raise PermanentError(refusal)
+        return self.result
 
-    def _line(self, piece: bytes) -> bytes:
-        """The piece to write for a piece that starts a line (b"" to drop it)."""
-        if self.in_copy_data:
-            self.in_copy_data = not _END_OF_COPY.match(piece)
-            return piece
-        if self.skipping_statement:
-            self.skipping_statement = not piece.rstrip().endswith(b";")
-            return b""
-        if _PG_DUMP_RESTRICT.match(piece) or _OWNER_OR_GRANT.match(piece):
-            return b""
-        if _COPY_FROM_STDIN.match(piece):
-            self.in_copy_data = True
-            return piece
-        match = _CREATE_EXTENSION.match(piece)
-        if match:
-            name, schema = (unquote(g.decode()) for g in match.groups())
-            self.result.extensions[name] = schema
-            return piece
-        match = _CREATE_SCHEMA.match(piece)
-        if match:
-            return b"CREATE SCHEMA IF NOT EXISTS " + match.group(1) + b";\n"
-        match = _COMMENT_ON_EXTENSION.match(piece)
-        if match:
+    def _statement(self, piece: Piece) -> bytes | None:
+        """The bytes to write for a statement's first piece (None to drop the statement)."""
+        text = piece.data
+        words = statement_words(text, 4)
+        if not words:
+            return text
+        verb = words[0]
+        if verb in ("GRANT", "REVOKE") or words[:3] == ["ALTER", "DEFAULT", "PRIVILEGES"]:
+            return None
+        if words[1:3] == ["SESSION", "AUTHORIZATION"] and verb in ("SET", "RESET"):
+            return None
+        if not piece.last or len(text) > _DECIDE_BYTES:
+            return text
+        # pg_dump's owner statements hold no string literal: one that does is not one.
+        if verb == "ALTER" and b"'" not in text and _OWNER_TO.search(text):
+            return None
+        found = _CREATE_SCHEMA.match(text)
+        if found:
+            return b"CREATE SCHEMA IF NOT EXISTS " + found.group(1) + b";"
+        extension = create_extension(text)
+        if extension:
+            # pg_dump's form; the service creates these in the preview before the restore.
+            if extension.if_not_exists and extension.schema is not None:
+                self.result.extensions[extension.name] = extension.schema
+            return text
+        found = _COMMENT_ON_EXTENSION.match(text)
+        if found:
             # Applied by the service, which owns the extensions (parsed, never run as SQL).
-            name, body = unquote(match.group(1).decode()), match.group(2).decode().replace("''", "'")
+            name, body = unquote(found.group(1).decode()), found.group(2).decode().replace("''", "'")
             self.result.extension_comments[name] = body
-            return b""
-        match = _SUPERUSER_BLOCK.match(piece)
-        if match:
-            kind = match.group(2).decode()
-            if match.group(1) == b"CREATE":
-                self._skip(f"{kind} {unquote(match.group(3).decode())}", SUPERUSER_ONLY[kind])
-            self.skipping_statement = not piece.rstrip().endswith(b";")
-            return b""
-        match = _LANGUAGE.match(piece)
-        if match and unquote(match.group(1).decode()) not in TRUSTED_LANGUAGES:
-            language = unquote(match.group(1).decode())
-            self._skip(
-                f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser"
-            )
-            self.skipping_statement = not piece.rstrip().endswith(b";")
-            return b""
-        return piece
+            return None
+        found = _SUPERUSER_OBJECT.match(text)
+        if found:
+            kind = " ".join(found.group(2).decode().upper().split())
+            if found.group(1).upper() == b"CREATE":
+                self._skip(f"{kind} {unquote(found.group(3).decode())}", SUPERUSER_ONLY[kind])
+            return None
+        about_language = language_statement(text)
+        if about_language:
+            verb, language = about_language
+            if language not in TRUSTED_LANGUAGES:
+                if verb == "CREATE":
+                    self._skip(
+                        f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser"
+                    )
+                return None
+        return text
 
     def _skip(self, what: str, reason: str) -> None:
         self.result.skipped.append({"object": what, "reason": reason})
 
     def _write(self, piece: bytes) -> None:
+        if not piece:
+            return
         self.result.bytes += len(piece)
         if self.result.bytes > self.max_bytes:
             raise ObjectTooLarge(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from stages.commands import PgTools
 from stages.errors import CommandFailed, PermanentCommandFailure
 from stages.pgurl import SourceURL
+from stages.plainsql import user_terms
 
 # What the server answers a restore role that reaches for another database.
 _OTHER_DATABASE = re.compile(
@@ -99,5 +100,8 @@ def restore_plain(
                 secrets=[target.password],
                 what="psql restoring the plain SQL dump",
             )
+    except CommandFailed as err:
+        # The prepared script keeps the user's line numbers: say so in their terms.
+        raise err.with_message(user_terms(err.message)) from err
     finally:
         os.remove(restrict_file)

@@ -236,14 +236,25 @@ class ObjectStore:
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         # An empty object has no byte range to ask for (S3 answers 416): stat first.
-        length = min(self.size(key), max_bytes)
+        return self._range(key, path, 0, min(self.size(key), max_bytes))
+
+    def tail(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
+        """Write the last `max_bytes` bytes of the object (all of it when it is shorter)
+        to `path` and return how many were written; one ranged GET, as `head`."""
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        size = self.size(key)
+        length = min(size, max_bytes)
+        return self._range(key, path, size - length, length)
+
+    def _range(self, key: str, path: str | os.PathLike[str], offset: int, length: int) -> int:
         target = Path(path)
         done = 0
         try:
             with open(target, "wb") as out:
                 if length:
                     with _translated(key):
-                        response = self.client.get_object(self.bucket, key, offset=0, length=length)
+                        response = self.client.get_object(self.bucket, key, offset=offset, length=length)
                         try:
                             for chunk in response.stream(CHUNK_BYTES, decode_content=False):
                                 # Never more than asked, even if the server ignored the range.

@@ -246,6 +246,10 @@ class Utf8Lines:
     def readline(self, limit: int = -1) -> bytes:
         return self._text.readline(limit).encode("utf-8")
 
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` characters, as UTF-8 bytes (b"" at the end)."""
+        return self._text.read(size).encode("utf-8")
+
 
 def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEntry]:
     """The archive's TOC, as the target's pg_restore reads it. pg_restore prints names

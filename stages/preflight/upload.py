@@ -14,7 +14,7 @@ import tempfile
 
 from stages.archivecheck import cut_short_in_head
 from stages.commands import PgTools
-from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file
+from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file, read_tail
 from stages.dumpformat import DumpInfo, detect_format
 from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CommandFailed, TransientError, UnrecognizedDump
@@ -28,7 +28,7 @@ from stages.preflight.checks import (
 from stages.preflight.plainrehearsal import rehearse_plain
 from stages.preflight.registry import SCHEMA_REHEARSAL, UPLOAD_CHECKS
 from stages.preflight.rehearsal import RehearsalSetup, rehearse_archive, report_rehearsal
-from stages.preflight.report import FAIL, PASS, WARN, Preflight, Target, human_bytes
+from stages.preflight.report import FAIL, PASS, WARN, Check, Preflight, Target, human_bytes
 
 NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
 
@@ -50,6 +50,7 @@ def check_upload_head(
     *,
     max_text: int = MAX_SQL_TEXT,
     rehearsal: RehearsalSetup | None = None,
+    tail_path: str | None = None,
 ) -> Preflight:
     """Run the `UPLOAD_CHECKS` on the first bytes of an upload of `total_size` bytes.
 
@@ -58,7 +59,9 @@ def check_upload_head(
     the prefix; a plain SQL dump is read for the objects in the prefix, at most
     `max_text` bytes of SQL once decompressed. `dump_read_in_full` says what was read.
     With `rehearsal`, an archive's schema is rehearsed (`schema_rehearsal`) by
-    `rehearsal.deadline`.
+    `rehearsal.deadline`. `tail_path`, if given, holds the upload's last bytes: an
+    uncompressed pg_dump script without its footer there is cut short
+    (`stages.dumpcontents.read_tail`).
     """
     report = Preflight()
     head_bytes = os.path.getsize(head_path)
@@ -90,7 +93,7 @@ def check_upload_head(
             dumped_from=info.dumped_from,
             server_version=info.dumped_from,
         )
-        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text)
+        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text, tail_path)
     else:
         report.not_checked("source_version_compatible", blocked)
     check_size(report, total_size, target, "the upload")
@@ -241,7 +244,14 @@ _TOC_NOT_IN_HEAD = "the dump's table of contents is not in the part preflight re
 
 
 def _dump_version(
-    report: Preflight, head_path: str, info: DumpInfo, target: Target, tools: PgTools, complete: bool, max_text: int
+    report: Preflight,
+    head_path: str,
+    info: DumpInfo,
+    target: Target,
+    tools: PgTools,
+    complete: bool,
+    max_text: int,
+    tail_path: str | None = None,
 ) -> tuple[DumpContents | None, str]:
     """`source_version_compatible` for a dump, and what its head contains; or None and
     why the contents were not read."""
@@ -254,6 +264,11 @@ def _dump_version(
     made = _provenance(info)
     if info.format in ("plain", "gzip-plain"):
         contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
+        if tail_path and not complete and info.format == "plain":
+            read_tail(contents, tail_path)
+        if contents.refusal:  # how the script was made rules it out (stages.plaindump): the format fails
+            at = next(i for i, check in enumerate(report.checks) if check.name == "dump_format_recognized")
+            report.checks[at] = Check("dump_format_recognized", FAIL, contents.refusal)
         if info.dumped_from is None:
             report.add(
                 name,

@@ -6,6 +6,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,11 +99,12 @@ def test_plain_piped_through_gzip(dumped_db: str, versions: tuple[str, str], tmp
     assert detect_format(target) == DumpInfo("gzip-plain", None, *versions)
 
 
-def test_pg_dumpall_globals_are_plain(tmp_path: Path) -> None:
+def test_pg_dumpall_output_is_refused_naming_pg_dump(tmp_path: Path) -> None:
     target = tmp_path / "globals.sql"
     args = ["-h", CONNECTION["host"], "-p", str(CONNECTION["port"]), "-U", CONNECTION["user"]]
     subprocess.run([tool("pg_dumpall"), *args, "--globals-only", "-f", str(target)], check=True)
-    assert detect_format(target).format == "plain"
+    with pytest.raises(UnrecognizedDump, match="pg_dumpall output .* dump the one database with pg_dump"):
+        detect_format(target)
 
 
 def test_directory_format_toc_is_refused(dumped_db: str, tmp_path: Path) -> None:
@@ -115,5 +117,15 @@ def test_tar_of_a_directory_dump_is_refused(dumped_db: str, tmp_path: Path) -> N
     pg_dump(dumped_db, tmp_path / "dir", "-Fd")
     archive = tmp_path / "dir.tar"
     subprocess.run([tool("tar"), "-cf", str(archive), "-C", str(tmp_path), "dir"], check=True)
-    with pytest.raises(UnrecognizedDump, match="tar archive but not one made by pg_dump -Ft"):
+    with pytest.raises(UnrecognizedDump, match=r"tar archive of a directory-format dump \(pg_dump -Fd\)"):
+        detect_format(archive)
+
+
+def test_zip_of_a_directory_dump_is_refused(dumped_db: str, tmp_path: Path) -> None:
+    directory = pg_dump(dumped_db, tmp_path / "dir", "-Fd")
+    archive = tmp_path / "dir.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for member in sorted(directory.iterdir()):
+            zf.write(member, f"dir/{member.name}")
+    with pytest.raises(UnrecognizedDump, match="zip archive of a directory-format dump"):
         detect_format(archive)

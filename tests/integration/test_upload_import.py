@@ -106,7 +106,7 @@ def test_plain_sql_failing_half_way_leaves_the_live_database_alone(control_db, s
     # psql names the file it runs; users see a neutral name, not the worker's path.
     for shown in (job.error, job.last_stderr, *(event.reason for event in jobs.events(job.id))):
         assert control_db.work_dir not in shown and job.id + "/" not in shown
-    assert "psql:<dump>:3: ERROR:" in job.error and "psql:<dump>:3: ERROR:" in job.last_stderr
+    assert "line 3 of your dump: ERROR:" in job.error and "psql:<dump>:3: ERROR:" in job.last_stderr
     assert pg.row_counts(live) == {"public.mine": 1}
     assert not pg.database_exists(job.preview_database_id)
 

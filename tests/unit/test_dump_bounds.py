@@ -6,7 +6,7 @@ import dataclasses
 import gzip
 from pathlib import Path
 
-from stages.dumpcontents import MAX_LINE, read_sql, read_sql_file, sql_lines
+from stages.dumpcontents import MAX_LINE, read_sql, read_sql_file, read_tail, sql_lines
 from tests.support.bombs import MiB, gzip_bomb
 
 SCRIPT = (
@@ -83,3 +83,41 @@ def test_a_gzip_stream_cut_short_still_yields_what_it_holds(tmp_path: Path) -> N
     head.write_bytes(data[: len(data) // 2])
     contents = read_sql_file(str(head), gzipped=True, complete=False)
     assert contents.extensions == ["citext", "uuid-ossp"] and not contents.complete
+
+
+def test_lines_inside_strings_and_bodies_are_not_read_as_objects(tmp_path: Path) -> None:
+    path = tmp_path / "dump.sql"
+    path.write_bytes(
+        b"CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $$\nbegin\n"
+        b"CREATE EXTENSION plperlu;\n-- Name: audit; Type: EVENT TRIGGER; Schema: -; Owner: postgres\nend $$;\n"
+        b"INSERT INTO t VALUES ('\nCREATE LANGUAGE plsampleu HANDLER h;\n');\n"
+    )
+    contents = read_sql_file(str(path), gzipped=False, complete=True)
+    assert contents.extensions == [] and contents.untrusted_languages == [] and contents.event_triggers == []
+
+
+def test_a_pg_dump_script_without_its_footer_is_cut_short_only_when_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "dump.sql"
+    path.write_text(SCRIPT)
+    assert "the dump is cut short" in (read_sql_file(str(path), gzipped=False, complete=True).refusal or "")
+    assert read_sql_file(str(path), gzipped=False, complete=False).refusal is None
+    path.write_text(SCRIPT + "--\n-- PostgreSQL database dump complete\n--\n")
+    assert read_sql_file(str(path), gzipped=False, complete=True).refusal is None
+
+
+def test_the_tail_of_a_large_upload_says_whether_it_is_cut_short(tmp_path: Path) -> None:
+    head, tail = tmp_path / "head.sql", tmp_path / "tail"
+    head.write_text(SCRIPT)
+    tail.write_bytes(b"1\tx\n\\.\n\n--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc\n\n")
+    contents = read_sql_file(str(head), gzipped=False, complete=False)
+    read_tail(contents, str(tail))
+    assert contents.refusal is None
+    tail.write_bytes(b"1\tx\n2\ty\n")
+    read_tail(contents, str(tail))
+    assert (contents.refusal or "").startswith("the dump is cut short: its last line is not")
+
+
+def test_a_create_dump_is_refused_from_its_head(tmp_path: Path) -> None:
+    path = tmp_path / "head.sql"
+    path.write_text(SCRIPT.replace("CREATE SCHEMA sales;", "CREATE DATABASE app;\n\\connect app\nCREATE SCHEMA sales;"))
+    assert "pg_dump --create" in (read_sql_file(str(path), gzipped=False, complete=False).refusal or "")

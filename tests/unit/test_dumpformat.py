@@ -125,9 +125,10 @@ def test_gzip_plain(dump) -> None:
     assert info == DumpInfo("gzip-plain", None, "16.4", PG15)
 
 
-def test_pg_dumpall_script_without_version_comments(dump) -> None:
+def test_pg_dumpall_output_is_refused_naming_pg_dump(dump) -> None:
     data = b"--\n-- PostgreSQL database cluster dump\n--\n\nSET default_transaction_read_only = off;\n"
-    assert detect_format(dump(data)) == DumpInfo("plain")
+    with pytest.raises(UnrecognizedDump, match="pg_dumpall output .* dump the one database with pg_dump"):
+        detect_format(dump(data))
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,14 @@ def test_dump_info_is_frozen() -> None:
         DumpInfo("plain").format = "custom"  # type: ignore[misc]
 
 
+def zip_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
 def zip_bytes() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -175,7 +184,10 @@ def zip_bytes() -> bytes:
         ),
         (bytes(range(7, 200)), "starts with bytes 0x07 0x08 0x09"),
         (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "starts with bytes 0x89 0x50 0x4e 0x47"),
-        (bytes([0xFF, 0xFE, 0x41]) * 10, "not UTF-8 text"),
+        (bytes([0xFF, 0xFE, 0x41]) * 10, "UTF-16 text, as Windows PowerShell writes"),
+        ("\ufeff--\n-- PostgreSQL database dump\n".encode("utf-16-le"), "pg_dump -Fc -f dump.dump DBNAME"),
+        ("--\n-- PostgreSQL database dump\n".encode("utf-16-be"), "UTF-16 text"),
+        (gzip.compress("--\n-- PostgreSQL database dump\n".encode("utf-16")), "UTF-16 text"),
         (gzip.compress(bytes(range(256)) * 8), "is gzip-compressed, but inside it starts with bytes"),
         (gzip.compress(PG15_CUSTOM_HEAD), "gzip-compressed pg_dump archive"),
         (gzip.compress(tar_with({"toc.dat": archive_header(fmt=3)})), "gzip-compressed tar archive"),
@@ -187,8 +199,13 @@ def zip_bytes() -> bytes:
         (archive_header(fmt=5), "format code 5"),
         (
             tar_with({"dump/toc.dat": archive_header(fmt=3)}),
-            "its first member is 'dump/toc.dat', not toc.dat",
+            "a tar archive of a directory-format dump (pg_dump -Fd), which pg_restore cannot read as one file; "
+            "make a single-file dump instead, e.g. pg_dump -Fc -f dump.dump DBNAME",
         ),
+        (tar_with({"dump/3456.dat.gz": b"x" * 600, "dump/toc.dat": b""}), "directory-format dump (pg_dump -Fd)"),
+        (gzip.compress(tar_with({"d/toc.dat": b""})), "gzip-compressed tar archive of a directory-format dump"),
+        (zip_of({"dump/toc.dat": b"", "dump/3456.dat.gz": b""}), "a zip archive of a directory-format dump"),
+        (tar_with({"backup/data.csv": b"x"}), "its first member is 'backup/data.csv', not toc.dat"),
         (tar_with({"toc.dat": b"hello"}), "not one made by pg_dump -Ft"),
         (tar_with({"toc.dat": archive_header(fmt=1)}), "format code 1"),
         (PG15_CUSTOM_HEAD[:40], "ends inside its header; it looks truncated"),

@@ -34,3 +34,24 @@ def test_sequences_and_statement_kinds():
     count_stream(io.BytesIO(dump), counter)
     assert counter.sequences == {"public.a_id_seq": 42, "public.Odd'Seq": None}
     assert counter.kinds == {"tables": 1, "indexes": 1}
+
+
+def test_copy_rows_of_any_length_are_counted_in_any_chunking():
+    rows = [b"x" * n for n in (0, 1, 70000, 200000, 5, 65535, 65536, 131072, 3)]
+    dump = b"COPY public.t (a) FROM stdin;\n" + b"".join(r + b"\n" for r in rows) + b"\\.\nSELECT 1;\n"
+    for size in (7, 1000, 65536, 100000, 1 << 20):
+        counter = RowCounter()
+        count_stream(io.BytesIO(dump), counter, piece_bytes=size)
+        assert counter.result() == ({"public.t": len(rows)}, [])
+
+
+def test_lines_inside_strings_and_bodies_are_not_counted_as_statements():
+    dump = (
+        b"CREATE FUNCTION public.f() RETURNS void LANGUAGE plpgsql AS $$\nbegin\n"
+        b"CREATE TABLE public.x (id int);\nCOPY public.x (id) FROM stdin;\nend $$;\n"
+        b"INSERT INTO public.t VALUES ('\nCOPY public.y (id) FROM stdin;\n1\n');\n"
+    )
+    counter = RowCounter()
+    count_stream(io.BytesIO(dump), counter)
+    assert counter.kinds == {"functions": 1}
+    assert counter.result() == ({}, ["public.t"])

@@ -563,7 +563,7 @@ def test_plain_sql_is_read_from_comments_and_statements():
         "-- Name: citext; Type: EXTENSION; Schema: -; Owner: -",
         "CREATE EXTENSION IF NOT EXISTS citext WITH SCHEMA public;",
         'create extension "uuid-ossp";',
-        "CREATE EXTENSION seg",
+        "CREATE EXTENSION seg;",
         "CREATE TRUSTED LANGUAGE plmine HANDLER h;",
         "CREATE LANGUAGE plsampleu HANDLER h;",
         "-- Name: t; Type: TABLE; Schema: public; Owner: postgres",
