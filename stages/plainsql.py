@@ -10,7 +10,8 @@ archives. Every decision is about a whole statement (or a meta-command between
 statements), never about a line inside a string, a function body or COPY data:
 
 - pg_dump's own `\\restrict` / `\\unrestrict` lines are removed;
-- owner and grant statements are removed;
+- owner and grant statements are removed, and so are `SET default_tablespace`s
+  (objects go to the database's default, as `pg_restore --no-tablespaces` does);
 - `CREATE SCHEMA s;` becomes `CREATE SCHEMA IF NOT EXISTS s;`, since schemas that hold
   extensions are created by the service before the restore;
 - comments on extensions are taken out, for the service to apply (it owns them);
@@ -146,6 +147,9 @@ class _Filter:
         if verb in ("GRANT", "REVOKE") or words[:3] == ["ALTER", "DEFAULT", "PRIVILEGES"]:
             return None
         if words[1:3] == ["SESSION", "AUTHORIZATION"] and verb in ("SET", "RESET"):
+            return None
+        if verb == "SET" and words[1:2] == ["DEFAULT_TABLESPACE"]:
+            # Tablespaces are the cluster's, never the project's (pg_restore --no-tablespaces).
             return None
         if not piece.last or len(text) > _DECIDE_BYTES:
             return text

@@ -148,7 +148,7 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
         fh.write("\n".join(entry.line for entry in wanted) + "\n")
     chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
-        ["--schema-only", "--no-owner", "--no-privileges", "--verbose", f"--use-list={list_path}", "--file=-", archive],
+        ["--schema-only", "--no-owner", "--no-privileges", "--no-tablespaces", "--verbose", f"--use-list={list_path}", "--file=-", archive],
         lambda out: chunks.append(out.read()),
         what="reading the dump's schema",
     )

@@ -306,7 +306,7 @@ def _comparable(schema: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("fmt", ["custom", "tar"])
+@pytest.mark.parametrize("fmt", ["custom", "tar", "plain"])
 def test_an_archive_naming_a_tablespace_the_target_lacks_imports(control_db, store, tmp_path, fmt):
     """Tablespaces are the cluster's, never the project's: objects go to the default."""
     location = tempfile.mkdtemp(prefix="capy_ts_")
