@@ -405,7 +405,14 @@ class ImportSteps:
             dump_path = os.path.join(work, "dump.sql")
             context.progress({"phase": "preparing the SQL", "bytes_total": size})
             # Decompressed SQL may be larger than the data it loads, but not without bound.
-            plain = prepare_plain_sql(download, dump_path, gzipped=info.format == "gzip-plain", max_bytes=2 * limit, counter=counter)
+            plain = prepare_plain_sql(
+                download,
+                dump_path,
+                gzipped=info.format == "gzip-plain",
+                max_bytes=2 * limit,
+                counter=counter,
+                skip=skip_map(job.facts.get("rehearsal_skipped", [])),
+            )
             os.remove(download)
             require_allowlisted(plain.extensions, self.settings.extension_allowlist)
             facts.update(

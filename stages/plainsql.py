@@ -32,15 +32,25 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from stages.dumprows import RowCounter
 from stages.errors import ObjectTooLarge, PermanentError
 from stages.plaindump import IDENT, PlainDumpShape, create_extension, is_pg_dump_restrict, language_statement
-from stages.sqlscript import CHUNK, META, STATEMENT, Piece, Script, ScriptError, read_script, statement_words
-from stages.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, unquote
+from stages.sqlscript import (
+    CHUNK,
+    META,
+    SPACE,
+    STATEMENT,
+    Piece,
+    Script,
+    ScriptError,
+    read_script,
+    statement_words,
+)
+from stages.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, TocEntry, unquote
 
 PIECE = CHUNK
 # Statements the filter rewrites or parses are short; longer ones are kept as they are.
@@ -55,6 +65,11 @@ _SUPERUSER_OBJECT = re.compile(
     rb"(CREATE|ALTER|COMMENT\s+ON)\s+(EVENT\s+TRIGGER|SUBSCRIPTION)\s+(" + _IDENT + rb")", re.I
 )
 _USER_LINE = re.compile(r"psql:[^\n]*?:(\d+): (?=ERROR|FATAL|WARNING|NOTICE)")
+# pg_dump's header before each object (and "-- Data for Name: …" before its data): the
+# (desc, namespace, name) keys an archive's TOC has too.
+_OBJECT_HEADER = re.compile(
+    rb"^-- (Data for )?Name: ([^\n]*?); Type: ([^\n;]*); Schema: ([^\n;]*); Owner: ", re.M
+)
 
 
 @dataclass
@@ -75,15 +90,19 @@ def prepare_plain_sql(
     max_bytes: int,
     counter: RowCounter | None = None,
     on_progress: Callable[[int], None] = lambda _n: None,
+    skip: Mapping[tuple[str, str, str], str] | None = None,
 ) -> PlainSql:
     """Copy `src` (optionally gunzipping it) to `dst`, made fit for the project role
     (see the module docstring), counting rows into `counter` on the way; refuse
     output larger than `max_bytes`, and scripts cut short or made with pg_dump options
-    an import cannot restore (`PermanentError` naming the fix)."""
+    an import cannot restore (`PermanentError` naming the fix). `skip`: (desc,
+    namespace, name) -> reason, objects the schema rehearsal found the project cannot
+    hold (stages.preflight.rehearsal): the statements under their pg_dump header are
+    left out and reported as skipped."""
     counter = counter or RowCounter()
     try:
         with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
-            return _Filter(out, max_bytes, counter, on_progress).run(iter(lambda: reader.read(PIECE), b""))
+            return _Filter(out, max_bytes, counter, on_progress, skip or {}).run(iter(lambda: reader.read(PIECE), b""))
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise PermanentError(
             f"the gzip-compressed dump is cut short or corrupt ({err}); upload the whole file again, "
@@ -102,8 +121,16 @@ def user_terms(message: str) -> str:
 
 class _Filter:
     def __init__(
-        self, out: BinaryIO, max_bytes: int, counter: RowCounter, on_progress: Callable[[int], None]
+        self,
+        out: BinaryIO,
+        max_bytes: int,
+        counter: RowCounter,
+        on_progress: Callable[[int], None],
+        skip: Mapping[tuple[str, str, str], str],
     ) -> None:
+        self.skip = skip
+        # The reason to leave out the statements of the object whose header came last.
+        self.skipping: str | None = None
         self.out = out
         self.max_bytes = max_bytes
         self.counter = counter
@@ -117,7 +144,11 @@ class _Filter:
         dropping = False
         for piece in read_script(chunks, script):
             self.shape.see(piece)
-            if piece.kind == STATEMENT and piece.first:
+            if piece.kind == SPACE and self.skip:
+                self._header(piece.data)
+            if piece.kind == STATEMENT and piece.first and self.skipping is not None:
+                kept, dropping = None, True
+            elif piece.kind == STATEMENT and piece.first:
                 kept = self._statement(piece)
                 dropping = kept is None
             elif piece.kind == META:
@@ -187,6 +218,20 @@ class _Filter:
                     )
                 return None
         return text
+
+    def _header(self, text: bytes) -> None:
+        """Follow pg_dump's object headers: the statements after one of an object to
+        skip are left out, until the next header."""
+        headers = list(_OBJECT_HEADER.finditer(text))
+        if not headers:
+            return
+        found = headers[-1]
+        data, name, desc, schema = (group.decode("utf-8", "replace") if group else None for group in found.groups())
+        assert name is not None and desc is not None and schema is not None
+        reason = None if data else self.skip.get((desc, schema, name))
+        if reason is not None:
+            self._skip(TocEntry("", 0, desc, schema, name).label, reason)
+        self.skipping = reason
 
     def _skip(self, what: str, reason: str) -> None:
         self.result.skipped.append({"object": what, "reason": reason})

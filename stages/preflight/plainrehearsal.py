@@ -13,10 +13,11 @@ refreshes) are left out, and every other object runs in a transaction of its own
 Without dependency data, an error that names an object that failed for a managed
 target (`type "public.capy_cube" does not exist`) counts as depending on it.
 
-psql restores a plain script statement by statement and stops at the first error, and
-the objects a managed target cannot hold are not left out of a plain script (only
-those stages.plainsql removes), so for a plain dump those are refused too, each named,
-with the advice to make a custom-format dump, from which the import leaves them out.
+Objects a managed target cannot hold, that no table needs, are skipped as for an
+archive: the import leaves the statements under their headers out of the script
+(stages.plainsql). Only the head preflight reads is rehearsed: an object past it that
+the project cannot hold fails the restore (into the preview, before the live database
+changes), with the line of the user's dump.
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ _META_COMMAND = re.compile(r"^\\[a-zA-Z!]", re.M)
 # What loads or derives data: not part of a schema rehearsal. (A large object's own
 # entry, "BLOB", creates it empty: comments and grants on it need it.)
 _DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MATERIALIZED VIEW DATA"})
-PLAIN_ADVICE = (
-    "psql restores a plain SQL script as it is and stops at the first of these: remove them from the "
-    "source, or make a custom-format dump (pg_dump -Fc), from which the import leaves them out"
-)
 
 
 def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntry, str]]]:
@@ -99,11 +96,8 @@ def rehearse_plain(
         checks = [] if timed_out else risky_checks(scratch, deadline)
     result = judge(_nodes(objects, errors), errors)
     result.rehearsed = len(blocks)
-    if result.skipped:
-        # Nothing leaves them out of a plain script: each is a problem to fix.
-        listed = "; ".join(f"{item['object']} ({item['reason']})" for item in result.skipped)
-        result.refused.insert(0, f"objects a managed database cannot hold: {listed}. {PLAIN_ADVICE}")
-        result.skipped = []
+    # The skipped ones (and what depends on them) are left out of the script by their
+    # pg_dump headers when the import prepares it (stages.plainsql, `skip`).
     result.refused.extend(checks)
     if timed_out:
         result.timed_out = deadline.limit.describe()
