@@ -218,6 +218,7 @@ _NOISE = re.compile(
 )
 # The server's own words: "...: ERROR:  role "x" does not exist".
 _SERVER_ERROR = re.compile(r"\b(?:ERROR|FATAL|PANIC):\s+(.*\S)")
+_COPY_FAILED = re.compile(r'COPY failed for table "((?:[^"]|"")+)"')
 # A tool's own error (no server involved): "pg_restore: error: could not read ...".
 _TOOL_ERROR = re.compile(r"^(?:pg_restore|pg_dump|pg_dumpall|psql)\S*: error: ")
 # What the failing statement was, as each tool says it.
@@ -259,6 +260,8 @@ class ToolError:
     detail: str | None = None
     script_line: int | None = None
     line: str = ""
+    # pg_restore's "COPY failed for table "t"": the rows of that table were loading.
+    loading: str | None = None
 
     def describe(self, *, located: bool = True) -> str:
         """In the user's terms: the error, what to change for causes we know, the
@@ -272,6 +275,8 @@ class ToolError:
                 break
         if self.detail:
             text += f" ({self.detail})"
+        if self.loading:
+            text += f'; while loading the rows of table "{self.loading}"'
         if self.statement:
             statement = self.statement
             if len(statement) > STATEMENT_CHARS:
@@ -298,7 +303,15 @@ def first_error(stderr: str) -> ToolError | None:
                 statement = found.group(1)
             elif detail is None and (found := _DETAIL.match(after)):
                 detail = found.group(1)
-        return ToolError(text, statement, detail, int(location.group(2)) if location else None, line)
+        copying = _COPY_FAILED.search(line)
+        return ToolError(
+            text,
+            statement,
+            detail,
+            int(location.group(2)) if location else None,
+            line,
+            loading=copying.group(1) if copying else None,
+        )
     return None
 
 

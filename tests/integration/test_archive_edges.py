@@ -110,25 +110,28 @@ def test_a_pg_restore_that_makes_no_progress_is_stopped(rows_source, tmp_path):
 
 def test_a_parallel_restore_failure_names_the_first_error_not_the_dying_worker(control_db, store, tmp_path):
     """pg_restore -j ends with "a worker process died unexpectedly"; the job's error
-    must say what failed (the statement and the role it names), the tail stays."""
-    role = pg.scratch_name("capy_gone_role")
-    source = pg.create_db(pg.scratch_name("capysrc_policy"))
+    must say what failed (the server's words and the statement), the tail stays.
+
+    The failure comes with the data, where no schema rehearsal sees it: a CHECK whose
+    SQL function calls another function without its schema, which pg_dump's empty
+    search_path no longer finds while the rows are loaded."""
+    source = pg.create_db(pg.scratch_name("capysrc_check"))
     try:
-        pg.admin(f"CREATE ROLE {role}")
         pg.psql(
             source,
             text=ROWS
-            + f"ALTER TABLE big ENABLE ROW LEVEL SECURITY; CREATE POLICY readers ON big TO {role} USING (true);",
+            + "CREATE FUNCTION helper(int) RETURNS bool LANGUAGE sql AS 'SELECT $1 > 0';"
+            + "CREATE FUNCTION positive(int) RETURNS bool LANGUAGE sql AS 'SELECT helper($1)';"
+            + "ALTER TABLE big ADD CONSTRAINT big_positive CHECK (positive(id));",
         )
-        data = dump(source, tmp_path / "policy.dump", "--format=custom").read_bytes()
+        data = dump(source, tmp_path / "check.dump", "--format=custom").read_bytes()
     finally:
         pg.drop_db(source)
-        pg.admin(f"DROP ROLE IF EXISTS {role}")
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, data)
-    assert job.state == "failed" and job.retry_classification == "permanent"
-    assert f'role "{role}" does not exist; the dump names the role {role}' in job.error, job.error
-    assert f"the statement was: CREATE POLICY readers ON public.big TO {role} USING (true);" in job.error
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert "function helper(integer) does not exist" in job.error, job.error
+    assert 'while loading the rows of table "big"' in job.error, job.error
     assert "worker process died" not in job.error
     assert "a worker process died unexpectedly" in job.last_stderr
     assert pg.row_counts(world.project.database_name) == {}
