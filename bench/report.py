@@ -77,7 +77,9 @@ def _cell(text: str) -> str:
 
 
 def _mb(value: float | None) -> str:
-    return "" if value is None else f"{value:.0f}"
+    if value is None:
+        return ""
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def table(results: list[Result]) -> str:

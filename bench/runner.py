@@ -99,6 +99,8 @@ def run_bench(
                 try:
                     by_method[method.name].rounds.append(run_once(method, trial, expected, say))
                 finally:
+                    # Also after an interruption (Ctrl+C) in the middle of a copy.
+                    cluster.drop(trial.target)
                     shutil.rmtree(folder, ignore_errors=True)
         if dump_file is not None:
             dump_file.unlink(missing_ok=True)

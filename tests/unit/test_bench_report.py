@@ -65,7 +65,7 @@ def test_the_table_shows_medians_ratios_and_peaks():
     assert lines[0].startswith("| dataset | scale | mode | method | median s |")
     assert lines[1].count("---") == lines[0].count("|") - 1
     assert lines[2] == "| tiny | 0.02 | live | pg_dump -Fc \\| pg_restore | 0.50 | 1/1 | 2.00 |  |  |  |"
-    assert lines[3] == "| tiny | 0.02 | live | the service | 1.00 | 1/1 | 1.00 | 61 | 80 | 3 |"
+    assert lines[3] == "| tiny | 0.02 | live | the service | 1.00 | 1/1 | 1.00 | 61 | 80 | 3.4 |"
 
 
 def test_the_json_holds_every_round_the_medians_and_the_ratios():
