@@ -94,7 +94,7 @@ def table(results: list[Result]) -> str:
         ok = sum(1 for x in r.rounds if x.ok)
         status = f"{ok}/{len(r.rounds)}" + (" **FAILED**" if r.failed else "")
         if r.method == SERVICE_METHODS.get(r.mode):
-            ratio = "1.00"
+            ratio = "-" if r.failed or r.median is None else "1.00"
         else:
             quotient = quotients.get((r.dataset, r.mode, r.method))
             ratio = "-" if quotient is None else f"{quotient:.2f}"
