@@ -77,3 +77,21 @@ def test_a_copy_missing_a_table_fails_verification(tiny_scale, tmp_path):
     assert pg.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"capybench_t_{run_id}_%",)) == []
     assert "public.orders" in shape(cluster, source.database).rows
     assert ensure_source(cluster, "tiny", tiny_scale).built is False
+
+
+def _content(cluster: Cluster, dbname: str) -> list[tuple]:
+    return cluster.query(
+        "SELECT (SELECT md5(string_agg(c::text, ',' ORDER BY id)) FROM customers c), "
+        "(SELECT md5(string_agg(o::text, ',' ORDER BY id)) FROM orders o), "
+        "(SELECT last_value FROM orders_id_seq)",
+        dbname=dbname,
+    )
+
+
+def test_a_rebuilt_source_holds_identical_rows(tiny_scale):
+    cluster = Cluster(pg.ADMIN_URL)
+    first = ensure_source(cluster, "tiny", tiny_scale)
+    before = _content(cluster, first.database)
+    again = ensure_source(cluster, "tiny", tiny_scale, rebuild=True, say=lambda line: None)
+    assert again.built is True and again.database == first.database
+    assert _content(cluster, again.database) == before
