@@ -50,7 +50,7 @@ def test_a_failed_method_gives_no_ratio_and_is_flagged_in_the_table():
 def test_a_failed_service_gives_no_ratio():
     results = [result("dump-pipe", "live", [40.0]), result("service", "live", [1.0], failed_round=1)]
     assert ratios(results) == {}
-    assert "| - | 0/1 **FAILED** |" in table(results)
+    assert "| - | 0/1 **FAILED** | - |" in table(results)
 
 
 def test_the_table_shows_medians_ratios_and_peaks():
