@@ -34,7 +34,7 @@ soak: install
 
 # The copy benchmark (bench/README.md): the service against pg_dump | pg_restore, pg_dump -Fd -j2
 # + pg_restore -j2 and pgcopydb on the generated sources. Default: every dataset at scale 1, 3
-# rounds (about an hour on 2 cores, plus the sources' first build); options go in BENCH_ARGS, e.g.
+# rounds (1 to 1.5 hours on 2 cores, plus the sources' first build); options go in BENCH_ARGS, e.g.
 # make bench BENCH_ARGS="--datasets mix,tiny --scale 0.3 --rounds 3".
 BENCH_ARGS ?=
 bench: install
