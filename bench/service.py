@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import requests
@@ -35,6 +35,9 @@ from bench.methods import LIVE, UPLOAD, Timed, Trial
 from bench.pg import Cluster
 from bench.sampling import PeakSampler
 from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from tests.support.processes import Service
 
 POLL_SECONDS = 0.1
 JOB_TIMEOUT_SECONDS = 4 * 3600
@@ -55,7 +58,7 @@ class Project:
 class ServiceBench:
     """A running private instance of the service (see `running_service`)."""
 
-    def __init__(self, service: Any, settings: Settings, cluster: Cluster, org_id: str):
+    def __init__(self, service: Service, settings: Settings, cluster: Cluster, org_id: str):
         self.service, self.settings, self.cluster, self.org_id = service, settings, cluster, org_id
         self.projects = 0
 
