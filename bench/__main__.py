@@ -78,8 +78,8 @@ def _version(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rounds < 1:
-        print("--rounds must be at least 1", file=sys.stderr)
+    if args.rounds < 1 or args.scale <= 0:
+        print(f"--rounds must be at least 1 and --scale above 0, not {args.rounds} and {args.scale:g}", file=sys.stderr)
         return 2
     names = chosen_methods(args)
     if not names:
