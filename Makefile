@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 PYTHON ?= python3
 
-.PHONY: install run test soak lint seed
+.PHONY: install run test soak lint seed bench
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,22 @@ test: install
 # (about 10 minutes; CAPY_SOAK_SEED picks another sequence of kills).
 soak: install
 	$(BIN)/python -m pytest -m soak -s tests/soak
+
+# The copy benchmark (bench/README.md): the service against pg_dump | pg_restore, pg_dump -Fd -j2
+# + pg_restore -j2 and pgcopydb on the generated sources. Default: every dataset at scale 1, 3
+# rounds (1 to 1.5 hours on 2 cores, plus the sources' first build); options go in BENCH_ARGS, e.g.
+# make bench BENCH_ARGS="--datasets mix,tiny --scale 0.3 --rounds 3".
+BENCH_ARGS ?=
+bench: install
+	@command -v pgcopydb >/dev/null || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "make bench: installing pgcopydb with apt-get"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgcopydb || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgcopydb; }; \
+	    else \
+	        echo "make bench: pgcopydb is missing: install it as root with \`apt-get install pgcopydb\` (Debian)," \
+	             "or leave it out: BENCH_ARGS=\"--methods dump-pipe,dump-dir-j2,service,restore-j2,service-upload\"" >&2; \
+	    fi; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check app pipeline stages tests

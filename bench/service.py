@@ -1,0 +1,275 @@
+"""The service under test: a private instance, driven over HTTP like a user.
+
+`running_service(...)` starts what `make run` starts, on the bench's own resources so it
+can run next to a developer's instance and the test suites: its own SeaweedFS (free
+ports), its own control database (`capybench_ctl_<run>`) and RabbitMQ queue prefix
+(`capybench_<run>`), its own CAPY_WORK_DIR, gunicorn and one dramatiq worker with
+CAPY_CONCURRENCY=2. On exit it stops every process and drops every database, role and
+queue it made. It reuses the e2e tests' process helpers (tests/support), which start
+exactly these processes.
+
+Each round imports into a fresh project (so no `recreate` and no replaced database to
+keep), and is timed from `POST /v1/projects/{id}/imports` to the poll that sees the job
+`completed`. For an upload, the file is sent to the presigned form first, untimed; the
+worker's fetch from object storage is inside the time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pika
+import requests
+from psycopg2 import sql
+
+from bench.methods import LIVE, UPLOAD, Timed, Trial
+from bench.pg import Cluster
+from bench.sampling import PeakSampler
+from pipeline.config import Settings
+
+if TYPE_CHECKING:
+    from tests.support.processes import Service
+
+POLL_SECONDS = 0.1
+JOB_TIMEOUT_SECONDS = 4 * 3600
+STAGES = ("preflight", "fetch", "restore", "finalize", "exhausted")
+
+
+class ServiceFailed(RuntimeError):
+    """The service's import did not complete (its job failed, was cancelled, or hung)."""
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    database: str
+    key: str
+
+
+class ServiceBench:
+    """A running private instance of the service (see `running_service`)."""
+
+    def __init__(self, service: Service, settings: Settings, cluster: Cluster, org_id: str):
+        self.service, self.settings, self.cluster, self.org_id = service, settings, cluster, org_id
+        self.projects = 0
+
+    def cli(self, *args: str) -> dict:
+        from tests.support.processes import cli
+
+        return cli(self.service.env, *args)
+
+    def new_project(self) -> Project:
+        self.projects += 1
+        project = self.cli("projects", "create", "--org", self.org_id, "--name", f"bench {self.projects}")
+        key = self.cli("keys", "create", "--org", self.org_id, "--project", project["id"], "--name", "bench")
+        return Project(project["id"], project["database_name"], key["key"])
+
+    def drop_project_databases(self, project: Project) -> None:
+        """The project's database and any database the import left beside it."""
+        for (name,) in self.cluster.query(
+            "SELECT datname FROM pg_database WHERE datname = %s OR datname LIKE %s",
+            (project.database, project.database + "\\_replaced\\_%"),
+        ):
+            self.cluster.drop(name)
+
+    def _auth(self, project: Project) -> dict[str, str]:
+        return {"Authorization": f"Bearer {project.key}"}
+
+    def upload(self, project: Project, dump_file: Path) -> str:
+        """Send `dump_file` to a new upload of `project` (as `curl -F` does); its object key."""
+        resp = requests.post(
+            f"{self.service.base_url}/v1/projects/{project.id}/imports/uploads", headers=self._auth(project), timeout=30
+        )
+        if resp.status_code != 201:
+            raise ServiceFailed(f"creating an upload answered {resp.status_code}: {resp.text[:500]}")
+        upload = resp.json()["upload"]
+        # curl streams the file; requests would hold all of it in memory.
+        argv = ["curl", "--silent", "--show-error", "--fail"]
+        for name, value in upload["fields"].items():
+            argv += ["--form-string", f"{name}={value}"]
+        argv += ["--form", f"file=@{dump_file};type=application/octet-stream", upload["upload_url"]]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ServiceFailed(f"uploading {dump_file.name} failed: {done.stderr.strip()[:500]}")
+        return str(upload["object_key"])
+
+    def run_import(self, project: Project, body: dict[str, Any]) -> Timed:
+        """POST the import, wait for `completed`; the time and the peaks sampled meanwhile."""
+        masters = [process.pid for process in self.service.workers.values()]
+        with PeakSampler(masters, Path(self.settings.work_dir)) as peaks:
+            started = time.monotonic()
+            resp = requests.post(
+                f"{self.service.base_url}/v1/projects/{project.id}/imports",
+                json={"confirm": True, **body},
+                headers=self._auth(project),
+                timeout=60,
+            )
+            if resp.status_code != 202:
+                raise ServiceFailed(f"POST …/imports answered {resp.status_code}: {resp.text[:500]}")
+            job_id = resp.json()["job"]["id"]
+            try:
+                job = self._wait(project, job_id)
+            except BaseException:
+                # The next method must not run beside an import still going on.
+                self._cancel(project, job_id)
+                raise
+            seconds = time.monotonic() - started
+        if job["state"] != "completed":
+            raise ServiceFailed(
+                f"the import {job['id']} ended {job['state']}: {job.get('error')}; "
+                f"stderr: {(job.get('last_stderr') or '')[-800:]}"
+            )
+        extra = {**peaks.as_dict(), "job_id": job["id"], "attempts": job.get("attempts"), **_server_times(job)}
+        return Timed(seconds, project.database, extra=extra, cleanup=lambda: self.drop_project_databases(project))
+
+    def _wait(self, project: Project, job_id: str, timeout: float = JOB_TIMEOUT_SECONDS) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            resp = requests.get(f"{self.service.base_url}/v1/jobs/{job_id}", headers=self._auth(project), timeout=30)
+            if resp.status_code == 429:  # the instance's limit is raised, but never poll faster than told
+                time.sleep(float(resp.headers.get("Retry-After", "1")))
+                continue
+            if resp.status_code != 200:
+                raise ServiceFailed(f"GET /v1/jobs/{job_id} answered {resp.status_code}: {resp.text[:500]}")
+            job = resp.json()["job"]
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job
+            time.sleep(POLL_SECONDS)
+        raise ServiceFailed(f"the import {job_id} did not finish within {timeout:.0f} s")
+
+    def _cancel(self, project: Project, job_id: str) -> None:
+        """Cancel `job_id` and wait (a while) for it to stop; best effort, on the way out of a failure."""
+        try:
+            requests.post(f"{self.service.base_url}/v1/jobs/{job_id}/cancel", headers=self._auth(project), timeout=30)
+            self._wait(project, job_id, timeout=300)
+        except (requests.RequestException, ServiceFailed):
+            pass  # the failure being raised says more than this one
+
+
+def _server_times(job: dict) -> dict[str, float]:
+    """The job's own clock: from its creation (the POST) and from its first claim to completion.
+
+    A cross-check of the bench's time, which also holds the last poll's interval.
+    """
+    try:
+        created, completed = (dt.datetime.fromisoformat(job[k]) for k in ("created_at", "completed_at"))
+        started = dt.datetime.fromisoformat(job["started_at"]) if job.get("started_at") else created
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {
+        "server_s": round((completed - created).total_seconds(), 3),
+        "server_from_claim_s": round((completed - started).total_seconds(), 3),
+    }
+
+
+class ServiceLive:
+    """The service importing from the source's URL."""
+
+    name, label, mode = "service", "the service, live URL, POST to completed", LIVE
+
+    def __init__(self, bench: ServiceBench):
+        self.bench = bench
+
+    def run(self, trial: Trial) -> Timed:
+        project = self.bench.new_project()
+        try:
+            return self.bench.run_import(project, {"source_url": trial.cluster.url(trial.source, sslmode="disable")})
+        except BaseException:
+            self.bench.drop_project_databases(project)
+            raise
+
+
+class ServiceUpload:
+    """The service importing the source's `-Fc` file, uploaded first (untimed)."""
+
+    name, label, mode = "service-upload", "the service, the same -Fc uploaded, POST to completed", UPLOAD
+
+    def __init__(self, bench: ServiceBench):
+        self.bench = bench
+
+    def run(self, trial: Trial) -> Timed:
+        assert trial.dump_file is not None, "upload methods need the source's -Fc file"
+        project = self.bench.new_project()
+        try:
+            key = self.bench.upload(project, trial.dump_file)
+            return self.bench.run_import(project, {"upload_key": key})
+        except BaseException:
+            self.bench.drop_project_databases(project)
+            raise
+
+
+@contextmanager
+def running_service(cluster: Cluster, base: Path, *, concurrency: int = 2) -> Iterator[ServiceBench]:
+    """Start a private instance of the service under `base` (see the module docstring)."""
+    from tests.support.processes import cli, service_env, start_service
+    from tests.support.s3server import running_seaweedfs
+
+    run_id = secrets.token_hex(3)
+    with ExitStack() as stack:
+        s3 = stack.enter_context(running_seaweedfs(base / "s3"))
+        (base / "work").mkdir(parents=True, exist_ok=True)
+        settings = dataclasses.replace(
+            Settings.from_env({"CAPY_ENV": "development"}),
+            s3_endpoint=s3.url,
+            s3_public_endpoint=s3.url,
+            s3_access_key=s3.access_key,
+            s3_secret_key=s3.secret_key,
+            s3_bucket=f"capybench-{run_id}",
+            database_url=cluster.url(f"capybench_ctl_{run_id}"),
+            queue_prefix=f"capybench_{run_id}",
+            allow_private_sources=True,
+            work_dir=str(base / "work"),
+            concurrency=concurrency,
+            secret_key="capybench-" + secrets.token_hex(24),
+        )
+        stack.callback(_clean_up, cluster, settings)
+        env = service_env(settings)
+        cli(env, "migrate")
+        cli(env, "clusters", "add", "--name", "local", "--admin-url", cluster.admin_url)
+        org = cli(env, "orgs", "create", "--name", "bench")
+        # The bench polls each job ten times a second, past the default per-key rate limit.
+        service = start_service(settings, base / "logs", CAPY_RATE_LIMIT_PER_MINUTE="100000")
+        stack.callback(service.stop)
+        yield ServiceBench(service, settings, cluster, org["id"])
+
+
+def _clean_up(cluster: Cluster, settings: Settings) -> None:
+    """Drop every database, role and queue the instance made, then its control database."""
+    control = settings.database_url.rsplit("/", 1)[1]
+    if cluster.exists(control):
+        made = {
+            name
+            for (name,) in cluster.query(
+                "SELECT database_name FROM projects UNION SELECT database_name FROM retired_databases "
+                "UNION SELECT preview_database_id FROM jobs WHERE preview_database_id IS NOT NULL",
+                dbname=control,
+            )
+        }
+        roles = cluster.query(
+            "SELECT role_name FROM projects WHERE role_name IS NOT NULL "
+            "UNION SELECT 'capy_restore_' || substr(id, 5) FROM jobs",
+            dbname=control,
+        )
+        for (name,) in cluster.query("SELECT datname FROM pg_database"):
+            if name in made or any(name.startswith(m + "_replaced_") for m in made):
+                cluster.drop(name)
+        cluster.drop(control)
+        for (role,) in roles:
+            cluster.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
+    try:
+        channel = connection.channel()
+        for stage in STAGES:
+            for suffix in ("", ".DQ", ".XQ"):
+                channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
+    finally:
+        connection.close()
