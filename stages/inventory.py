@@ -223,3 +223,27 @@ def describe(conn: psycopg2.extensions.connection) -> dict[str, object]:
         "sequences": sequence_values(conn),
         "extensions": extension_versions(conn),
     }
+
+
+# Policies for roles other than PUBLIC. Any role of the cluster can be named in a
+# policy without being a member of it (another tenant's, the superuser, the import's
+# own restore role): such a policy ties the project's database to a role that is not
+# the project's (the role could then not be dropped) and tells which role names exist.
+_POLICIES_FOR_ROLES = """
+SELECT n.nspname, c.relname, p.polname,
+       pg_catalog.array_to_string(ARRAY(
+           SELECT pg_catalog.quote_ident(r.rolname) FROM pg_catalog.pg_roles r
+           WHERE r.oid OPERATOR(pg_catalog.=) ANY (p.polroles) ORDER BY 1), ', ')
+FROM pg_catalog.pg_policy p
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.polrelid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+WHERE p.polroles OPERATOR(pg_catalog.<>) '{0}'::pg_catalog.oid[]
+ORDER BY 1, 2, 3
+"""
+
+
+def policies_for_roles(conn: psycopg2.extensions.connection) -> list[tuple[str, str, str, str]]:
+    """(schema, table, policy, roles) of every policy for roles other than PUBLIC."""
+    with conn.cursor() as cur:
+        cur.execute(_POLICIES_FOR_ROLES)
+        return cur.fetchall()

@@ -28,7 +28,14 @@ import re
 from stages.dumprows import RowCounter
 from stages.errors import CapyError
 from stages.plainsql import prepare_plain_sql
-from stages.preflight.rehearsal import Node, Rehearsal, judge, risky_checks, run_entries
+from stages.preflight.rehearsal import (
+    Node,
+    Rehearsal,
+    foreign_role_policies,
+    judge,
+    risky_checks,
+    run_entries,
+)
 from stages.preflight.sandbox import Sandbox
 from stages.timelimit import Deadline
 from stages.toc import TocEntry
@@ -94,8 +101,10 @@ def rehearse_plain(
     with sandbox.database(extensions) as scratch:
         errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
         checks = [] if timed_out else risky_checks(scratch, deadline)
+        foreign = [] if timed_out else foreign_role_policies(scratch, deadline)
     result = judge(_nodes(objects, errors), errors)
     result.rehearsed = len(blocks)
+    result.skipped.extend(foreign)
     # The skipped ones (and what depends on them) are left out of the script by their
     # pg_dump headers when the import prepares it (stages.plainsql, `skip`).
     result.refused.extend(checks)

@@ -40,7 +40,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from stages import toc
+from stages import inventory, toc
 from stages.commands import PgTools
 from stages.errors import CommandFailed, CommandTimedOut, TransientError
 from stages.pgurl import SourceURL
@@ -202,8 +202,10 @@ def rehearse_archive(
     with sandbox.database(extensions) as scratch:
         errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
         checks = [] if timed_out else risky_checks(scratch, deadline)
+        foreign = [] if timed_out else foreign_role_policies(scratch, deadline)
     result = judge(nodes, errors, left_out)
     result.rehearsed = len(blocks)
+    result.skipped.extend(foreign)
     result.refused.extend(checks)
     if timed_out:
         result.timed_out = deadline.limit.describe()
@@ -360,6 +362,23 @@ def risky_checks(scratch: Scratch, deadline: Deadline) -> list[str]:
         f"trigger, or re-add it as NOT VALID (ALTER TABLE {schema}.{table} ADD CONSTRAINT … NOT VALID: pg_dump "
         "then adds it after the data), and dump again"
         for schema, table, constraint, fschema, function, tables in rows
+    ]
+
+
+def foreign_role_policies(scratch: Scratch, deadline: Deadline) -> list[dict[str, Any]]:
+    """Policies the rehearsal created for roles other than PUBLIC (which only exist on
+    the cluster as other tenants' or the service's): skipped, with the reason."""
+    with scratch.admin.role_connection(scratch.database, scratch.login) as conn, _cancel_at(conn, deadline):
+        rows = inventory.policies_for_roles(conn)
+        conn.rollback()
+    return [
+        {
+            "object": f"POLICY {schema}.{table} {policy}",
+            "reason": f"it is for role(s) {roles}, which a project cannot have: a project's policies are for "
+            "PUBLIC or roles the project creates; recreate it for the project's roles after the import",
+            "key": ["POLICY", schema, f"{table} {policy}"],
+        }
+        for schema, table, policy, roles in rows
     ]
 
 

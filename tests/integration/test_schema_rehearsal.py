@@ -304,3 +304,27 @@ def test_a_check_whose_function_reads_no_other_table_imports(control_db, store, 
     assert pg.row_counts(world.project.database_name) == {"public.items": 2, "public.status": 1}
     rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
     assert rehearsal["status"] == "pass"
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_a_policy_for_another_tenants_role_is_skipped_never_imported(control_db, store, tmp_path, fmt):
+    """Any role of the cluster can be named in a policy: another project's role would be
+    tied to this project's database (it could not be dropped) and its name confirmed."""
+    victim = make_world(control_db)
+    role = victim.project.role_name
+    world = make_world(control_db)
+    source = "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 5);\n"
+    source += f'ALTER TABLE t ENABLE ROW LEVEL SECURITY; CREATE POLICY other_tenant ON t TO "{role}" USING (true);\n'
+    source += "CREATE POLICY everyone ON t USING (true);\n"
+    job = upload_and_import(control_db, store, world, build_and_dump(source, tmp_path, fmt))
+    assert job.state == "completed", (job.error, job.last_stderr)
+    skipped = {item["object"]: item["reason"] for item in job.facts["report"]["skipped"]}
+    assert skipped == {
+        "POLICY public.t other_tenant": (
+            f"it is for role(s) {role}, which a project cannot have: a project's policies are for PUBLIC or "
+            "roles the project creates; recreate it for the project's roles after the import"
+        )
+    }
+    live = world.project.database_name
+    assert pg.admin("SELECT polname FROM pg_policy", dbname=live) == [("everyone",)]
+    assert pg.row_counts(live) == {"public.t": 5}
