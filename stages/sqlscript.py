@@ -60,8 +60,11 @@ _DOLLAR_TAG = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _FUNCTION_START = re.compile(rb"CREATE\s+(?:OR\s+REPLACE\s+)?(?:FUNCTION|PROCEDURE)\b", re.I)
 _COPY_FROM_STDIN = re.compile(rb"COPY\b.*\bFROM\s+stdin\b", re.I | re.S)
 _STD_STRINGS = re.compile(
-    rb"SET\s+(?:SESSION\s+|LOCAL\s+)?standard_conforming_strings\s*(?:=|TO)\s*'?(\w+)'?\s*;", re.I
+    rb"SET\s+(?:SESSION\s+)?standard_conforming_strings\s*(?:=|TO)\s*'?(\w+)'?\s*;\Z", re.I
 )
+_MENTIONS_STD_STRINGS = re.compile(rb"standard_conforming_strings", re.I)
+_RESET_STD_STRINGS = re.compile(rb"RESET\s+standard_conforming_strings\s*;\Z", re.I)
+_RESET_ALL = re.compile(rb"(?:RESET|DISCARD)\s+ALL\s*;\Z", re.I)
 _SQ_STD = re.compile(rb"'")
 _SQ_ESC = re.compile(rb"['\\]")
 _DQ = re.compile(rb'"')
@@ -338,11 +341,10 @@ class _Scanner:
                             if first:
                                 head = buf[self.at : pos]
                             yield self._take(pos, STATEMENT, first, True)
-                            verb = head[:4].upper()
-                            if verb == b"SET ":
-                                self._after(head)
-                            elif verb == b"COPY":
+                            if head[:4].upper() == b"COPY":
                                 yield from self._copy_data(head, start_line)
+                            else:
+                                self._after(head, start_line)
                             return
                     elif char == b"(":
                         paren, pos = paren + 1, at + 1
@@ -448,10 +450,28 @@ class _Scanner:
             return False
         return at - 1 == self.at or not _IDENT_CHAR.match(self.buf, at - 2)
 
-    def _after(self, head: bytes) -> None:
+    def _after(self, head: bytes, line: int) -> None:
+        """Follow `standard_conforming_strings`, which decides how backslashes in later
+        strings read. Only the forms psql's own lexer would agree on are followed; any
+        other statement naming it (set_config, SET LOCAL in a function, a DO block) is
+        refused rather than guessed at, since a wrong guess reads data as statements."""
+        if _RESET_ALL.match(head):
+            self.std_strings = True
+            return
+        if _MENTIONS_STD_STRINGS.search(head) is None:
+            return
         found = _STD_STRINGS.match(head)
-        if found:
-            self.std_strings = found.group(1).lower() in (b"on", b"true", b"1", b"yes")
+        value = found.group(1).lower() if found else None
+        if value in (b"on", b"true", b"1", b"yes", b"default") or _RESET_STD_STRINGS.match(head):
+            self.std_strings = True
+        elif value in (b"off", b"false", b"0", b"no"):
+            self.std_strings = False
+        else:
+            raise ScriptError(
+                f"line {line}: a statement changes standard_conforming_strings (or names it) other than as "
+                "`SET standard_conforming_strings = on;` or `= off;`, so how its later strings read cannot "
+                "be told; use that form (pg_dump's), or remove the statement, and upload the dump again"
+            )
 
     def _copy_data(self, head: bytes, statement_line: int) -> Iterator[Piece]:
         """The data after `COPY … FROM stdin;`: from the next line to the `\\.` line."""

@@ -144,3 +144,32 @@ def test_a_doubled_quote_at_a_chunk_boundary_stays_inside_the_string():
     for size in range(1, len(data)):
         statements = [p.data for p in split(data, size) if p.kind == STATEMENT]
         assert statements == [b"SELECT 'a'';b';", b"SELECT 2;"], size
+
+
+def test_standard_conforming_strings_changed_other_than_by_set_is_refused_not_guessed():
+    """psql follows set_config too; a reader that did not would take the middle of
+    'a\\'; GRANT …; --\\'' for a statement (and the filter would drop it)."""
+    from stages.sqlscript import ScriptError
+
+    script = (
+        b"SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false);\n"
+        b"INSERT INTO t VALUES ('a\\'; GRANT ALL ON t TO bob; --\\'');\n"
+    )
+    with pytest.raises(ScriptError, match="standard_conforming_strings"):
+        list(read_script([script]))
+
+
+def test_set_reset_and_default_forms_of_standard_conforming_strings_are_followed():
+    script = (
+        b"SET standard_conforming_strings = off;\n"
+        b"INSERT INTO t VALUES ('a\\'; b');\n"
+        b"RESET ALL;\n"
+        b"INSERT INTO t VALUES ('c\\');\n"
+        b"SET standard_conforming_strings TO off;\n"
+        b"SET standard_conforming_strings = DEFAULT;\n"
+        b"INSERT INTO t VALUES ('d\\');\n"
+    )
+    statements = [p.data for p in read_script([script]) if p.kind == "statement"]
+    assert statements[1] == b"INSERT INTO t VALUES ('a\\'; b');"
+    assert statements[3] == b"INSERT INTO t VALUES ('c\\');"
+    assert statements[6] == b"INSERT INTO t VALUES ('d\\');"
