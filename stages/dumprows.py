@@ -45,10 +45,14 @@ _KINDS = [
 _PART = re.compile(r'"((?:[^"]|"")*)"|([^."]+)')
 
 
-def table_key(qualified: bytes) -> str:
-    """The inventory's "schema.table" key for a qualified name as pg_dump writes it,
-    with quoted identifiers unquoted (doubled quotes become one)."""
-    text = qualified.decode("utf-8", "replace")
+_CLIENT_ENCODING = re.compile(rb"SET\s+client_encoding\s*(?:=|TO)\s*'([A-Za-z0-9_]+)'\s*;\Z", re.I)
+
+
+def table_key(qualified: bytes, codec: str = "utf-8") -> str:
+    """The inventory's "schema.table" key for a qualified name as pg_dump writes it (in
+    the script's client encoding, `codec`), with quoted identifiers unquoted (doubled
+    quotes become one)."""
+    text = qualified.decode(codec, "replace")
     parts = []
     for match in _PART.finditer(text):
         quoted, plain = match.group(1), match.group(2)
@@ -65,6 +69,12 @@ class RowCounter:
         self.sequences: dict[str, int | None] = {}
         self.kinds: dict[str, int] = {}
         self._table: str | None = None
+        # The script's names are in its client encoding (pg_dump writes
+        # `SET client_encoding = 'LATIN1';` for a LATIN1 database, or with --encoding).
+        self.codec = "utf-8"
+        # False when the script was already turned into UTF-8 (pg_restore's output of
+        # an archive, see count_archive_rows): its SET client_encoding no longer holds.
+        self.follows_client_encoding = True
 
     def see(self, piece: Piece) -> None:
         if piece.kind == COPY:
@@ -81,20 +91,22 @@ class RowCounter:
         if piece.kind != STATEMENT or not piece.first:
             return
         text = piece.data
+        if self.follows_client_encoding and text[:4].upper() == b"SET " and (encoding := _CLIENT_ENCODING.match(text)):
+            self.codec = python_codec(encoding.group(1).decode())
         if text.startswith(b"COPY "):
             match = _COPY.match(text)
             if match:
-                self._table = table_key(match.group(1))
+                self._table = table_key(match.group(1), self.codec)
                 self.counts.setdefault(self._table, 0)
         elif text.startswith(b"INSERT INTO "):
             match = _INSERT.match(text)
             if match:
-                self.uncounted.add(table_key(match.group(1)))
+                self.uncounted.add(table_key(match.group(1), self.codec))
         elif text.startswith(b"SELECT pg_catalog.setval("):
             match = _SETVAL.match(text)
             if match:
                 # The literal is a regclass: 'public."Mixed"' (quotes doubled inside).
-                name = table_key(match.group(1).replace(b"''", b"'"))
+                name = table_key(match.group(1).replace(b"''", b"'"), self.codec)
                 self.sequences[name] = int(match.group(2)) if match.group(3) == b"true" else None
         for pattern, kind in _KINDS:
             if pattern.match(text):
@@ -117,6 +129,7 @@ def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter, *, enc
     `pg_restore --data-only` output (in the source's `encoding`), into `counter`."""
     pg_restore = tools.pg_restore
     codec = python_codec(encoding)
+    counter.follows_client_encoding = False  # what it reads is UTF-8 (Utf8Lines)
     try:
         pg_restore.run_streaming(
             ["--data-only", "--file=-", archive],

@@ -275,7 +275,7 @@ def latin1_source():
     pg.drop_db(name)
 
 
-@pytest.mark.parametrize("fmt", ["custom", "tar", "live"])
+@pytest.mark.parametrize("fmt", ["custom", "tar", "plain", "live"])
 def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store, latin1_source, tmp_path, fmt):
     world = make_world(control_db)
     if fmt == "live":
