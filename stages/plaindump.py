@@ -107,6 +107,9 @@ class PlainDumpShape:
         self.created = False  # a CREATE statement has been seen
         self.create_database: int | None = None
         self.connect: list[int] = []
+        # The databases the \connect lines name: pg_dump --create connects to its one
+        # database (twice when it sets the database's properties); pg_dumpall to several.
+        self.connected_to: set[bytes] = set()
         self.roles: int | None = None
         self.clean: int | None = None
         self.data_only: int | None = None
@@ -115,6 +118,8 @@ class PlainDumpShape:
         if piece.kind == META and not is_pg_dump_restrict(piece.data):
             if re.match(rb"\\(?:c|connect)\b", piece.data):
                 self.connect.append(piece.line)
+                words = piece.data.split()
+                self.connected_to.add(words[1] if len(words) > 1 else b"")
             return
         if piece.kind != STATEMENT or not piece.first:
             return
@@ -140,7 +145,7 @@ class PlainDumpShape:
     def refusal(self, script: Script, *, whole: bool) -> str | None:
         """The first reason to refuse the script, naming the fix; None if there is none.
         `whole` says the script was read to its end (so a missing footer counts)."""
-        if script.pg_dumpall_header or self.roles is not None or len(self.connect) > 1:
+        if script.pg_dumpall_header or self.roles is not None or len(self.connected_to) > 1:
             return dumpall_message()
         if self.create_database is not None or self.connect:
             line = self.create_database if self.create_database is not None else self.connect[0]

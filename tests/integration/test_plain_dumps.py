@@ -153,6 +153,20 @@ def test_dumps_made_with_options_an_import_cannot_restore_are_refused_with_the_f
     assert pg.row_counts(live) == {"public.mine": 1}
 
 
+def test_a_create_dump_of_a_database_with_settings_gets_the_create_message(control_db, store, source, tmp_path):
+    """Its properties make pg_dump --create connect to the database twice: still one
+    database, not pg_dumpall's output."""
+    pg.admin(f'ALTER DATABASE "{source}" SET work_mem = \'8MB\'')
+    pg.admin(f'COMMENT ON DATABASE "{source}" IS \'the shop\'')
+    dump = pg_dump(source, tmp_path / "dump.sql", "-Fp", "--create")
+    assert dump.read_bytes().count(b"\\connect") >= 2
+    world, live = _with_mine(control_db)
+    job = upload_and_import(control_db, store, world, dump, recreate=True)
+    assert job.state == "failed"
+    assert "made with pg_dump --create (-C)" in job.error and "pg_dumpall" not in job.error, job.error
+    assert pg.row_counts(live) == {"public.mine": 1}
+
+
 def test_clean_with_if_exists_is_restored(control_db, store, source, tmp_path):
     dump = pg_dump(source, tmp_path / "dump.sql", "-Fp", "--clean", "--if-exists")
     world = make_world(control_db)
