@@ -80,6 +80,8 @@ class PlainSql:
     extensions: dict[str, str] = field(default_factory=dict)
     extension_comments: dict[str, str] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    # psql meta-commands between statements, other than pg_dump's \restrict lines.
+    meta_commands: int = 0
 
 
 def prepare_plain_sql(
@@ -153,6 +155,7 @@ class _Filter:
                 dropping = kept is None
             elif piece.kind == META:
                 kept = None if is_pg_dump_restrict(piece.data) else piece.data
+                self.result.meta_commands += kept is not None
             elif piece.kind == STATEMENT:
                 kept = None if dropping else piece.data
             else:

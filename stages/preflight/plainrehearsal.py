@@ -45,7 +45,6 @@ _HEADER = re.compile(
     re.M,
 )
 _PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)
-_META_COMMAND = re.compile(r"^\\[a-zA-Z!]", re.M)
 # What loads or derives data: not part of a schema rehearsal. (A large object's own
 # entry, "BLOB", creates it empty: comments and grants on it need it.)
 _DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MATERIALIZED VIEW DATA"})
@@ -54,7 +53,7 @@ _DATA_TYPES = frozenset({"TABLE DATA", "SEQUENCE SET", "BLOBS", "BLOB DATA", "MA
 def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntry, str]]]:
     """(preamble, [(entry, SQL)]) of a plain script's schema objects, in order. The last
     object of an incomplete script (a head) may be cut short: it is left out."""
-    script = _PG_DUMP_RESTRICT.sub("", script)
+    script = _PG_DUMP_RESTRICT.sub("", script).removeprefix("\ufeff")  # psql skips a BOM too
     parts = _HEADER.split(script)
     objects: list[tuple[TocEntry, str]] = []
     for index in range(1, len(parts) - 1, 5):
@@ -92,7 +91,7 @@ def rehearse_plain(
         # knows how to run it, statement by statement.
         return Rehearsal(unavailable="the script has none of pg_dump's object headers (-- Name: …; Type: …)")
     preamble, objects = split_plain(script, complete=complete)
-    if any(_META_COMMAND.search(text) for text in (preamble, *(body for _entry, body in objects))):
+    if plain.meta_commands:
         # `\connect` (pg_dump --create) and the like, outside data: the restore refuses
         # them, and says which pg_dump options to use instead.
         return Rehearsal(unavailable="the script holds psql commands (such as \\connect), which the import refuses")
@@ -121,11 +120,14 @@ def _nodes(objects: list[tuple[TocEntry, str]], errors: dict[int, str]) -> list[
         message = errors.get(entry.dump_id)
         depends = tuple(dump_id for dump_id, named in failed if message and named.search(message))
         nodes.append(Node(entry, depends))
-        if message is not None:
-            failed.append((entry.dump_id, re.compile(rf"\b{re.escape(_bare(entry.name))}\b")))
+        if message is not None and (bare := _bare(entry.name)):
+            failed.append((entry.dump_id, re.compile(rf"\b{re.escape(bare)}\b")))
     return nodes
 
 
 def _bare(name: str) -> str:
-    """ "capy_cube_in" of "capy_cube_in(cstring)"; the last word of "notes notes_read"."""
-    return name.split("(", 1)[0].rsplit(" ", 1)[-1]
+    """ "capy_cube_in" of "capy_cube_in(cstring)"; the last word of "notes notes_read";
+    "mytype" of a cast's "(public.mytype AS integer)" (its source type)."""
+    if name.startswith(("CAST (", "(")):
+        name = name.split("(", 1)[1].split(" AS ", 1)[0]
+    return name.split("(", 1)[0].rsplit(" ", 1)[-1].rsplit(".", 1)[-1].strip('"')

@@ -239,3 +239,33 @@ def test_api_preflight_names_the_fix_for_a_create_dump(control_db, store, source
     checks = _api_preflight(control_db, store, make_world(control_db), dump.read_bytes())
     assert checks["dump_format_recognized"][0] == "fail"
     assert "run pg_dump again without --create" in checks["dump_format_recognized"][1]
+
+
+def test_a_plain_dump_with_a_bom_and_backslash_lines_in_a_body_is_rehearsed_and_skips_what_it_cannot_hold(
+    control_db, store, tmp_path
+):
+    """A BOM before the first statement, and lines of a function body that start with a
+    backslash, are not psql commands: the rehearsal runs, and the internal-language
+    function (superuser only) is skipped, not left to fail the restore."""
+    name = pg.create_db(pg.scratch_name("capysrc_bom"))
+    try:
+        pg.psql(
+            name,
+            text="CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 3);\n"
+            "CREATE FUNCTION slashes() RETURNS text LANGUAGE plpgsql AS $$\nBEGIN\n  RETURN '\n\\x not a command\n"
+            "\\connect nowhere\n';\nEND\n$$;\n"
+            "CREATE FUNCTION c_abs(int4) RETURNS int4 AS 'int4abs' LANGUAGE internal;\n",
+        )
+        dump = pg_dump(name, tmp_path / "dump.sql", "-Fp")
+        expected = pg.admin("SELECT public.slashes()", dbname=name)
+    finally:
+        pg.drop_db(name)
+    dump.write_bytes(b"\xef\xbb\xbf" + dump.read_bytes())
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, dump)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    skipped = {item["object"] for item in job.facts["report"]["skipped"]}
+    assert skipped == {"FUNCTION public.c_abs(integer)"}, job.facts["report"]["skipped"]
+    live = world.project.database_name
+    assert pg.admin("SELECT public.slashes()", dbname=live) == expected
+    assert pg.row_counts(live) == {"public.t": 3}
