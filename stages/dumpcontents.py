@@ -318,9 +318,18 @@ def _line_blocks(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def _inflated(f: IO[bytes]) -> Iterator[bytes]:
+    """The gzip stream `f` inflated, member after member (`gzip a; gzip b; cat` makes
+    several, as gunzip and the worker read them), in bounded pieces."""
     inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    while not inflater.eof:
-        data = inflater.unconsumed_tail or f.read(READ_CHUNK)
+    pending = b""
+    while True:
+        if inflater.eof:
+            pending = inflater.unused_data or f.read(READ_CHUNK)
+            if not pending:
+                return  # the last member ended
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        data = inflater.unconsumed_tail or pending or f.read(READ_CHUNK)
+        pending = b""
         if not data:
             return  # cut short: what came before still counts
         try:
