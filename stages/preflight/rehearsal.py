@@ -322,23 +322,43 @@ def _message(err: psycopg2.Error) -> str:
 
 
 _RISKY_CHECKS = """
+WITH RECURSIVE reach(constraint_oid, root, fn, depth) AS (
+    SELECT k.oid, d.refobjid, d.refobjid, 0
+    FROM pg_catalog.pg_constraint k
+    JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_constraint'::pg_catalog.regclass
+      AND d.objid OPERATOR(pg_catalog.=) k.oid
+      AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+    WHERE k.contype OPERATOR(pg_catalog.=) 'c' AND k.convalidated
+  UNION
+    -- Functions those call, told by their names followed by "(" in the caller's body.
+    SELECT r.constraint_oid, r.root, callee.oid, r.depth OPERATOR(pg_catalog.+) 1
+    FROM reach r
+    JOIN pg_catalog.pg_proc caller ON caller.oid OPERATOR(pg_catalog.=) r.fn
+    JOIN pg_catalog.pg_proc callee ON callee.oid OPERATOR(pg_catalog.<>) caller.oid
+    JOIN pg_catalog.pg_namespace cn ON cn.oid OPERATOR(pg_catalog.=) callee.pronamespace
+      AND cn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
+    WHERE r.depth OPERATOR(pg_catalog.<) 4
+      AND caller.prosrc OPERATOR(pg_catalog.~*) (
+          '\\m"?' OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(callee.proname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
+          OPERATOR(pg_catalog.||) '"?\\s*\\(')
+)
 SELECT n.nspname, c.relname, k.conname, pn.nspname, p.proname,
        pg_catalog.string_agg(DISTINCT tn.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) t.relname, ', ')
-FROM pg_catalog.pg_constraint k
+FROM reach r
+JOIN pg_catalog.pg_constraint k ON k.oid OPERATOR(pg_catalog.=) r.constraint_oid
 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.conrelid
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_constraint'::pg_catalog.regclass
-  AND d.objid OPERATOR(pg_catalog.=) k.oid AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) d.refobjid
+JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) r.root
 JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.pronamespace
+JOIN pg_catalog.pg_proc body ON body.oid OPERATOR(pg_catalog.=) r.fn
+JOIN pg_catalog.pg_namespace bn ON bn.oid OPERATOR(pg_catalog.=) body.pronamespace
 JOIN pg_catalog.pg_class t ON t.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f']::"char"[])
   AND t.oid OPERATOR(pg_catalog.<>) c.oid
 JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
-WHERE k.contype OPERATOR(pg_catalog.=) 'c' AND k.convalidated
-  AND pn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
+WHERE bn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
   AND tn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
-  AND p.prosrc OPERATOR(pg_catalog.~*) (
-      '\\m(from|join|update|into)\\s+("?[^\\s."]+"?\\.)?"?'
+  AND body.prosrc OPERATOR(pg_catalog.~*) (
+      '\\m(from|join|update|into)\\s+(only\\s+)?("?[^\\s."]+"?\\.)?"?'
       OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(t.relname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
       OPERATOR(pg_catalog.||) '("|\\M)')
 GROUP BY 1, 2, 3, 4, 5

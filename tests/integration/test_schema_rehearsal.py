@@ -237,6 +237,28 @@ def test_a_check_calling_a_function_that_reads_another_table_is_refused_before_a
     assert pg.row_counts(live) == {"public.keep_me": 1}
 
 
+CHECK_READS_ANOTHER_TABLE_INDIRECTLY = """
+CREATE TABLE public.z_cust (id int PRIMARY KEY);
+CREATE FUNCTION public.inner_ok(int) RETURNS boolean LANGUAGE sql
+    AS $$ SELECT EXISTS (SELECT 1 FROM ONLY public.z_cust WHERE id = $1) $$;
+CREATE FUNCTION public.cust_ok(int) RETURNS boolean LANGUAGE sql AS $$ SELECT public.inner_ok($1) $$;
+CREATE TABLE public.a_orders (id int PRIMARY KEY, cust int CHECK (public.cust_ok(cust)));
+INSERT INTO public.z_cust VALUES (1), (2);
+INSERT INTO public.a_orders VALUES (1, 1), (2, 2);
+"""
+
+
+def test_a_check_reading_another_table_through_another_function_is_refused(control_db, store, tmp_path):
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE_INDIRECTLY, tmp_path))
+    assert job.state == "failed"
+    assert job.stage == "preflight", (job.stage, job.error)
+    assert (
+        "CHECK constraint a_orders_cust_check of table public.a_orders calls public.cust_ok(), which reads "
+        "another table (public.z_cust)" in job.error
+    ), job.error
+
+
 C_TYPE_IN_A_TABLE = """
 CREATE TYPE public.capy_cube;
 CREATE FUNCTION public.capy_cube_in(cstring) RETURNS public.capy_cube
