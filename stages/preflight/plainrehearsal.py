@@ -35,6 +35,7 @@ from stages.preflight.rehearsal import (
     judge,
     risky_checks,
     run_entries,
+    split_at_headers,
 )
 from stages.preflight.sandbox import Sandbox
 from stages.timelimit import Deadline
@@ -54,17 +55,17 @@ def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntr
     """(preamble, [(entry, SQL)]) of a plain script's schema objects, in order. The last
     object of an incomplete script (a head) may be cut short: it is left out."""
     script = _PG_DUMP_RESTRICT.sub("", script).removeprefix("\ufeff")  # psql skips a BOM too
-    parts = _HEADER.split(script)
+    preamble, parts = split_at_headers(script, _HEADER)
     objects: list[tuple[TocEntry, str]] = []
-    for index in range(1, len(parts) - 1, 5):
-        data, name, desc, schema, body = parts[index : index + 5]
+    for found, body in parts:
+        data, name, desc, schema = found.groups()
         if data or desc in _DATA_TYPES:
             continue
         dump_id = len(objects) + 1
         objects.append((TocEntry("", dump_id, desc, schema, name), body))
     if not complete and objects:
         objects.pop()
-    return parts[0], objects
+    return preamble, objects
 
 
 def rehearse_plain(

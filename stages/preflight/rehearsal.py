@@ -47,6 +47,7 @@ from stages.pgurl import SourceURL
 from stages.preflight.registry import SCHEMA_REHEARSAL
 from stages.preflight.report import FAIL, PASS, WARN, Preflight
 from stages.preflight.sandbox import Sandbox, Scratch
+from stages.sqlscript import SPACE, ScriptError, read_script
 from stages.timelimit import Deadline
 
 # Errors that mean "a managed target cannot hold this as the project's role".
@@ -155,13 +156,51 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tuple[re.Match[str], str]]]:
+    """(preamble, [(header, the SQL after it)]) of a pg_dump script cut at the header
+    comments pg_dump writes before each entry: only comments between statements count,
+    never text inside a string or a body that looks like one (stages.sqlscript)."""
+    preamble: str | None = None
+    blocks: list[tuple[re.Match[str], str]] = []
+    current: re.Match[str] | None = None
+    pending: list[str] = []
+
+    def flush() -> None:
+        nonlocal preamble
+        text = "".join(pending)
+        pending.clear()
+        if current is None:
+            preamble = text
+        else:
+            blocks.append((current, text))
+
+    try:
+        pieces = list(read_script([script.encode("utf-8")]))
+    except ScriptError:
+        pieces = []
+    if not pieces:
+        return script, []
+    for piece in pieces:
+        text = piece.data.decode("utf-8", "replace")
+        if piece.kind != SPACE:
+            pending.append(text)
+            continue
+        at = 0
+        for found in header.finditer(text):
+            pending.append(text[at : found.start()])
+            flush()
+            current, at = found, found.end()
+        pending.append(text[at:])
+    flush()
+    return preamble or "", blocks
+
+
 def split_script(script: str) -> tuple[str, dict[int, str]]:
     """(preamble, entry id -> SQL) of a `render_schema` script; pg_dump's `\\restrict`
     lines (psql commands) are left out."""
     script = _PG_DUMP_RESTRICT.sub("", script)
-    parts = _HEADER.split(script)
-    blocks = {int(parts[i]): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
-    return parts[0], blocks
+    preamble, parts = split_at_headers(script, _HEADER)
+    return preamble, {int(found.group(1)): body for found, body in parts}
 
 
 def rehearse_archive(

@@ -350,3 +350,19 @@ def test_a_policy_for_another_tenants_role_is_skipped_never_imported(control_db,
     live = world.project.database_name
     assert pg.admin("SELECT polname FROM pg_policy", dbname=live) == [("everyone",)]
     assert pg.row_counts(live) == {"public.t": 5}
+
+
+@pytest.mark.parametrize("fmt", ["custom", "plain"])
+def test_text_that_looks_like_pg_dumps_headers_inside_a_string_is_not_a_header(control_db, store, tmp_path, fmt):
+    source = (
+        "CREATE TABLE notes (id int PRIMARY KEY); INSERT INTO notes VALUES (1);\n"
+        "COMMENT ON TABLE notes IS E'docs:\\n--\\n-- Name: fake; Type: TABLE; Schema: public; Owner: postgres\\n--\\n"
+        "\\n--\\n-- TOC entry 9999 (class 1259 OID 1)\\n-- Dependencies: none\\n--\\nend';\n"
+    )
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(source, tmp_path, fmt))
+    assert job.state == "completed", (job.error, job.last_stderr)
+    rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
+    assert rehearsal["status"] == "pass", rehearsal
+    comment = pg.admin("SELECT obj_description('public.notes'::regclass)", dbname=world.project.database_name)
+    assert comment[0][0].startswith("docs:\n--\n-- Name: fake;") and comment[0][0].endswith("--\nend")
