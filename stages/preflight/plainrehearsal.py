@@ -28,15 +28,7 @@ import re
 from stages.dumprows import RowCounter
 from stages.errors import CapyError
 from stages.plainsql import prepare_plain_sql
-from stages.preflight.rehearsal import (
-    Node,
-    Rehearsal,
-    foreign_role_policies,
-    judge,
-    risky_checks,
-    run_entries,
-    split_at_headers,
-)
+from stages.preflight.rehearsal import Node, Rehearsal, rehearse_blocks, split_at_headers
 from stages.preflight.sandbox import Sandbox
 from stages.timelimit import Deadline
 from stages.toc import TocEntry
@@ -98,19 +90,9 @@ def rehearse_plain(
         return Rehearsal(unavailable="the script holds psql commands (such as \\connect), which the import refuses")
     extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
     blocks = {entry.dump_id: body for entry, body in objects}
-    with sandbox.database(extensions) as scratch:
-        errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
-        checks = [] if timed_out else risky_checks(scratch, deadline)
-        foreign = [] if timed_out else foreign_role_policies(scratch, deadline)
-    result = judge(_nodes(objects, errors), errors)
-    result.rehearsed = len(blocks)
-    result.skipped.extend(foreign)
     # The skipped ones (and what depends on them) are left out of the script by their
     # pg_dump headers when the import prepares it (stages.plainsql, `skip`).
-    result.refused.extend(checks)
-    if timed_out:
-        result.timed_out = deadline.limit.describe()
-    return result
+    return rehearse_blocks(sandbox, extensions, preamble, blocks, deadline, lambda errors: _nodes(objects, errors))
 
 
 def _nodes(objects: list[tuple[TocEntry, str]], errors: dict[int, str]) -> list[Node]:

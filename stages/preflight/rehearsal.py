@@ -33,7 +33,7 @@ import dataclasses
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,11 +238,26 @@ def rehearse_archive(
         return Rehearsal(timed_out=deadline.limit.describe())
     except CommandFailed as err:
         return Rehearsal(unavailable=f"pg_restore could not read the dump's schema ({err.message})")
+    return rehearse_blocks(sandbox, extensions, preamble, blocks, deadline, lambda errors: nodes, left_out)
+
+
+def rehearse_blocks(
+    sandbox: Sandbox,
+    extensions: Mapping[str, str],
+    preamble: str,
+    blocks: Mapping[int, str],
+    deadline: Deadline,
+    nodes_for: Callable[[Mapping[int, str]], list[Node]],
+    left_out: Mapping[int, str] | None = None,
+) -> Rehearsal:
+    """Run the entries' SQL in a throw-away database with `extensions`, then judge the
+    errors (`nodes_for(errors)`: the entries and what each depends on), and look for
+    CHECKs that read other tables and policies for roles a project cannot have."""
     with sandbox.database(extensions) as scratch:
         errors, timed_out = run_entries(scratch, preamble, blocks, deadline)
         checks = [] if timed_out else risky_checks(scratch, deadline)
         foreign = [] if timed_out else foreign_role_policies(scratch, deadline)
-    result = judge(nodes, errors, left_out)
+    result = judge(nodes_for(errors), errors, left_out)
     result.rehearsed = len(blocks)
     result.skipped.extend(foreign)
     result.refused.extend(checks)
