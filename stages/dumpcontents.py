@@ -27,7 +27,7 @@ from stages.commands import PgTools
 from stages.plaindump import PlainDumpShape, create_extension, cut_short_message, language_statement
 from stages.preflight.extensions import Extension
 from stages.preflight.report import Findings
-from stages.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, read_script
+from stages.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, ScriptError, read_script
 from stages.toc import TRUSTED_LANGUAGES, TocEntry
 
 READ_CHUNK = 1024 * 1024
@@ -195,16 +195,22 @@ def _read_script(chunks: Iterable[bytes], *, complete: bool, text: _Text | None 
     script = Script()
     shape = PlainDumpShape()
     budget = MAX_STATEMENT_LINES
-    for piece in read_script(chunks, script):
-        shape.see(piece)
-        if piece.first and _read_piece(contents, piece):
-            budget -= 1
-            if budget == 0:
-                if text is not None:
-                    text.capped = True
-                contents.complete = False
-                break
-    contents.refusal = shape.refusal(script, whole=complete and budget > 0 and not (text and text.capped))
+    unreadable = None
+    try:
+        for piece in read_script(chunks, script):
+            shape.see(piece)
+            if piece.first and _read_piece(contents, piece):
+                budget -= 1
+                if budget == 0:
+                    if text is not None:
+                        text.capped = True
+                    contents.complete = False
+                    break
+    except ScriptError as err:  # the same words as the worker's (stages.plainsql)
+        unreadable = f"the SQL script cannot be read as psql reads it: {err}"
+    contents.refusal = unreadable or shape.refusal(
+        script, whole=complete and budget > 0 and not (text and text.capped)
+    )
     contents.pg_dump_header = script.pg_dump_header
     return contents._judge_languages()
 

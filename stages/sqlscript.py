@@ -64,6 +64,10 @@ _STD_STRINGS = re.compile(
 )
 _MENTIONS_STD_STRINGS = re.compile(rb"standard_conforming_strings", re.I)
 _RESET_STD_STRINGS = re.compile(rb"RESET\s+standard_conforming_strings\s*;\Z", re.I)
+# Statements whose SET clauses are an object's own setting, not the session's.
+_PER_OBJECT_SETTING = re.compile(
+    rb"(?:CREATE\s+(?:OR\s+REPLACE\s+)?|ALTER\s+)(?:FUNCTION|PROCEDURE|ROUTINE|DATABASE|ROLE|USER)\b", re.I
+)
 _RESET_ALL = re.compile(rb"(?:RESET|DISCARD)\s+ALL\s*;\Z", re.I)
 _SQ_STD = re.compile(rb"'")
 _SQ_ESC = re.compile(rb"['\\]")
@@ -161,6 +165,8 @@ class _Scanner:
         self.eof = False
         self.line = 1
         self.std_strings = True
+        # Its value when the open transaction block began (None outside one).
+        self.transaction_std_strings: bool | None = None
         self.ends_with_newline = True
 
     def _more(self) -> bool:
@@ -455,11 +461,26 @@ class _Scanner:
         strings read. Only the forms psql's own lexer would agree on are followed; any
         other statement naming it (set_config, SET LOCAL in a function, a DO block) is
         refused rather than guessed at, since a wrong guess reads data as statements."""
+        words = statement_words(head, 2)
+        if words[:1] in (["BEGIN"], ["START"]):
+            self.transaction_std_strings = self.std_strings
+            return
+        if words[:1] in (["COMMIT"], ["END"]) or (words[:1] in (["ROLLBACK"], ["ABORT"]) and words[1:2] != ["TO"]):
+            if words[0] in ("ROLLBACK", "ABORT") and self.transaction_std_strings is not None:
+                self.std_strings = self.transaction_std_strings  # a rolled-back SET is undone
+            self.transaction_std_strings = None
+            return
         if _RESET_ALL.match(head):
             self.std_strings = True
             return
-        if _MENTIONS_STD_STRINGS.search(head) is None:
-            return
+        if _MENTIONS_STD_STRINGS.search(head) is None or _PER_OBJECT_SETTING.match(head):
+            return  # (a function's or a database's own setting does not change this session)
+        if self.transaction_std_strings is not None:
+            raise ScriptError(
+                f"line {line}: standard_conforming_strings is changed inside a transaction block, where a "
+                "savepoint or rollback may undo it, so how later strings read cannot be told; set it outside "
+                "transactions (as pg_dump does) and upload the dump again"
+            )
         found = _STD_STRINGS.match(head)
         value = found.group(1).lower() if found else None
         if value in (b"on", b"true", b"1", b"yes", b"default") or _RESET_STD_STRINGS.match(head):

@@ -396,27 +396,31 @@ WITH RECURSIVE reach(constraint_oid, root, fn, depth) AS (
           '\\m"?' OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(callee.proname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
           OPERATOR(pg_catalog.||) '"?\\s*\\(')
 )
-SELECT n.nspname, c.relname, k.conname, pn.nspname, p.proname,
+SELECT CASE WHEN c.oid IS NULL THEN 'domain' ELSE 'table' END,
+       COALESCE(n.nspname, yn.nspname), COALESCE(c.relname, y.typname),
+       k.conname, pn.nspname, p.proname,
        pg_catalog.string_agg(DISTINCT tn.nspname OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) t.relname, ', ')
 FROM reach r
 JOIN pg_catalog.pg_constraint k ON k.oid OPERATOR(pg_catalog.=) r.constraint_oid
-JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.conrelid
-JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.conrelid
+LEFT JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+LEFT JOIN pg_catalog.pg_type y ON y.oid OPERATOR(pg_catalog.=) k.contypid
+LEFT JOIN pg_catalog.pg_namespace yn ON yn.oid OPERATOR(pg_catalog.=) y.typnamespace
 JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) r.root
 JOIN pg_catalog.pg_namespace pn ON pn.oid OPERATOR(pg_catalog.=) p.pronamespace
 JOIN pg_catalog.pg_proc body ON body.oid OPERATOR(pg_catalog.=) r.fn
 JOIN pg_catalog.pg_namespace bn ON bn.oid OPERATOR(pg_catalog.=) body.pronamespace
 JOIN pg_catalog.pg_class t ON t.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f']::"char"[])
-  AND t.oid OPERATOR(pg_catalog.<>) c.oid
+  AND (c.oid IS NULL OR t.oid OPERATOR(pg_catalog.<>) c.oid)
 JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
 WHERE bn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
   AND tn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
   AND body.prosrc OPERATOR(pg_catalog.~*) (
-      '\\m(from|join|update|into)\\s+(only\\s+)?("?[^\\s."]+"?\\.)?"?'
+      '\\m(from|join|update|into|table)\\s+(only\\s+)?("?[^\\s."]+"?\\.)?"?'
       OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(t.relname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
       OPERATOR(pg_catalog.||) '("|\\M)')
-GROUP BY 1, 2, 3, 4, 5
-ORDER BY 1, 2, 3, 4, 5
+GROUP BY 1, 2, 3, 4, 5, 6
+ORDER BY 1, 2, 3, 4, 5, 6
 """
 
 
@@ -429,13 +433,17 @@ def risky_checks(scratch: Scratch, deadline: Deadline) -> list[str]:
             cur.execute(_RISKY_CHECKS)
             rows = cur.fetchall()
         conn.rollback()
+    fix = {
+        "table": "Make it a trigger, or re-add it as NOT VALID (ALTER TABLE {0} ADD CONSTRAINT … NOT VALID: "
+        "pg_dump then adds it after the data), and dump again",
+        "domain": "Move the check to a trigger on the tables whose columns use the domain, and dump again",
+    }
     return [
-        f"CHECK constraint {constraint} of table {schema}.{table} calls {fschema}.{function}(), which reads "
+        f"CHECK constraint {constraint} of {kind} {schema}.{name} calls {fschema}.{function}(), which reads "
         f"another table ({tables}): a restore loads each table's rows with its CHECK constraints in place, "
-        "before the other tables are loaded and with search_path empty, so the rows fail it. Make it a "
-        f"trigger, or re-add it as NOT VALID (ALTER TABLE {schema}.{table} ADD CONSTRAINT … NOT VALID: pg_dump "
-        "then adds it after the data), and dump again"
-        for schema, table, constraint, fschema, function, tables in rows
+        "before the other tables are loaded and with search_path empty, so the rows fail it. "
+        + fix[kind].format(f"{schema}.{name}")
+        for kind, schema, name, constraint, fschema, function, tables in rows
     ]
 
 

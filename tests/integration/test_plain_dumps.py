@@ -269,3 +269,39 @@ def test_a_plain_dump_with_a_bom_and_backslash_lines_in_a_body_is_rehearsed_and_
     live = world.project.database_name
     assert pg.admin("SELECT public.slashes()", dbname=live) == expected
     assert pg.row_counts(live) == {"public.t": 3}
+
+
+def test_a_script_the_reader_cannot_follow_is_refused_by_preflight_and_the_worker_with_the_fix(
+    control_db, store, source, tmp_path
+):
+    """Never an internal error: the API's preflight fails dump_format_recognized, and
+    the job fails at preflight, each saying what to change."""
+    data = pg_dump(source, tmp_path / "dump.sql", "-Fp").read_bytes()
+    footer = data.rindex(b"--\n-- PostgreSQL database dump complete")
+    data = data[:footer] + b"SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false);\n" + data[footer:]
+    checks = _api_preflight(control_db, store, make_world(control_db), data)
+    assert checks["dump_format_recognized"][0] == "fail"
+    assert "SET standard_conforming_strings = on;" in checks["dump_format_recognized"][1]
+    world, live = _with_mine(control_db)
+    job = upload_and_import(control_db, store, world, data, recreate=True)
+    assert (job.state, job.stage, job.retry_classification) == ("failed", "preflight", "permanent"), job.error
+    assert "standard_conforming_strings" in job.error and "internal error" not in job.error
+    assert pg.row_counts(live) == {"public.mine": 1}
+
+
+def test_a_function_with_its_own_standard_conforming_strings_setting_imports(control_db, store, tmp_path):
+    name = pg.create_db(pg.scratch_name("capysrc_fnscs"))
+    try:
+        pg.psql(
+            name,
+            text="CREATE FUNCTION g() RETURNS int LANGUAGE sql SET standard_conforming_strings = off AS 'SELECT 1';\n"
+            "CREATE TABLE t (v text); INSERT INTO t VALUES ('a\\b'), ('c''d');\n",
+        )
+        dump = pg_dump(name, tmp_path / "dump.sql", "-Fp")
+        expected = pg.admin("SELECT v FROM t ORDER BY v", dbname=name)
+    finally:
+        pg.drop_db(name)
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, dump)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert pg.admin("SELECT v FROM t ORDER BY v", dbname=world.project.database_name) == expected

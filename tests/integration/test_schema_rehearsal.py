@@ -259,6 +259,28 @@ def test_a_check_reading_another_table_through_another_function_is_refused(contr
     ), job.error
 
 
+CHECK_OF_A_DOMAIN_READS_ANOTHER_TABLE = """
+CREATE TABLE public.z_ref (id int PRIMARY KEY);
+CREATE FUNCTION public.ok(int) RETURNS boolean LANGUAGE plpgsql
+    AS $$ BEGIN RETURN EXISTS (WITH c AS (TABLE public.z_ref) SELECT 1 FROM c WHERE c.id = $1); END $$;
+CREATE DOMAIN public.d_ok AS int CHECK (public.ok(VALUE));
+CREATE TABLE public.a_uses (id int PRIMARY KEY, ref public.d_ok);
+INSERT INTO public.z_ref VALUES (1), (2);
+INSERT INTO public.a_uses VALUES (1, 1), (2, 2);
+"""
+
+
+def test_a_domain_check_reading_another_table_is_refused(control_db, store, tmp_path):
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_OF_A_DOMAIN_READS_ANOTHER_TABLE, tmp_path))
+    assert (job.state, job.stage) == ("failed", "preflight"), (job.stage, job.error)
+    assert (
+        "CHECK constraint d_ok_check of domain public.d_ok calls public.ok(), which reads another table "
+        "(public.z_ref)" in job.error
+    ), job.error
+    assert "trigger on the tables whose columns use the domain" in job.error
+
+
 C_TYPE_IN_A_TABLE = """
 CREATE TYPE public.capy_cube;
 CREATE FUNCTION public.capy_cube_in(cstring) RETURNS public.capy_cube

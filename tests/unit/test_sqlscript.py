@@ -173,3 +173,28 @@ def test_set_reset_and_default_forms_of_standard_conforming_strings_are_followed
     assert statements[1] == b"INSERT INTO t VALUES ('a\\'; b');"
     assert statements[3] == b"INSERT INTO t VALUES ('c\\');"
     assert statements[6] == b"INSERT INTO t VALUES ('d\\');"
+
+
+def test_a_rolled_back_change_of_standard_conforming_strings_is_undone_and_one_inside_a_block_refused():
+    from stages.sqlscript import ScriptError
+
+    rolled_back = (
+        b"SET standard_conforming_strings = off;\n"
+        b"BEGIN;\nROLLBACK;\n"
+        b"INSERT INTO t VALUES ('a\\'; b');\n"
+    )
+    statements = [p.data for p in read_script([rolled_back]) if p.kind == "statement"]
+    assert statements[-1] == b"INSERT INTO t VALUES ('a\\'; b');"
+    inside = b"SET standard_conforming_strings = off;\nBEGIN;\nSET standard_conforming_strings = on;\nROLLBACK;\n"
+    with pytest.raises(ScriptError, match="inside a transaction block"):
+        list(read_script([inside]))
+
+
+def test_a_functions_own_standard_conforming_strings_setting_is_not_the_sessions():
+    script = (
+        b"CREATE FUNCTION public.g() RETURNS int LANGUAGE sql\n    SET standard_conforming_strings TO 'off'\n"
+        b"    AS $$SELECT 1$$;\n"
+        b"INSERT INTO t VALUES ('c\\');\n"
+    )
+    statements = [p.data for p in read_script([script]) if p.kind == "statement"]
+    assert statements[-1] == b"INSERT INTO t VALUES ('c\\');"
