@@ -24,7 +24,7 @@ from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
-from pipeline.preflights import preflight_source, preflight_upload
+from pipeline.preflights import preflight_source, preflight_upload, rehearsal_setup
 from pipeline.sealing import Sealer
 from stages import dbsettings, toc
 from stages.archivecheck import check_complete, encoding_of
@@ -39,8 +39,11 @@ from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
 from stages.plainsql import prepare_plain_sql
 from stages.preflight.extensions import require_allowlisted
-from stages.preflight.rehearsal import skip_map
+from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
+from stages.preflight.rehearsal import report_rehearsal, skip_map
+from stages.preflight.report import Preflight
 from stages.restore import restore_archive, restore_plain
+from stages.sqlscript import ScriptError
 from stages.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -403,15 +406,19 @@ class ImportSteps:
             dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
         else:
             dump_path = os.path.join(work, "dump.sql")
+            gzipped = info.format == "gzip-plain"
+            skipped = job.facts.get("rehearsal_skipped", [])
+            if size > self.settings.preflight_head_bytes:  # preflight rehearsed only the head
+                skipped = self._rehearse_plain_schema(context, download, gzipped=gzipped, max_bytes=2 * limit)
             context.progress({"phase": "preparing the SQL", "bytes_total": size})
             # Decompressed SQL may be larger than the data it loads, but not without bound.
             plain = prepare_plain_sql(
                 download,
                 dump_path,
-                gzipped=info.format == "gzip-plain",
+                gzipped=gzipped,
                 max_bytes=2 * limit,
                 counter=counter,
-                skip=skip_map(job.facts.get("rehearsal_skipped", [])),
+                skip=skip_map(skipped),
             )
             os.remove(download)
             require_allowlisted(plain.extensions, self.settings.extension_allowlist)
@@ -430,6 +437,39 @@ class ImportSteps:
             "source_description": description,
             "source_basis": basis,
         }
+
+    def _rehearse_plain_schema(
+        self, context: StageContext, path: str, *, gzipped: bool, max_bytes: int
+    ) -> list[dict[str, Any]]:
+        """Preflight rehearsed the head of a plain upload; here, before anything is
+        restored, the schema of the whole script is (its data left out): what the project
+        cannot hold and no table needs is returned to be skipped, anything else fails
+        the job as preflight would (PermanentError naming every problem)."""
+        job = context.job
+        work = self._work_dir(job)
+        schema = os.path.join(work, "schema.sql")
+        context.progress({"phase": "rehearsing the whole schema"})
+        try:
+            keep_schema(path, schema, gzipped=gzipped)
+        except ScriptError as err:
+            raise PermanentError(f"the SQL script cannot be read as psql reads it: {err}") from err
+        project = Project.get_by_id(job.project_id)
+        setup = rehearsal_setup(project, self.settings, self.sealer, work, full=True, cancellation=context.cancellation)
+        result = rehearse_plain(
+            schema,
+            setup.sandbox,
+            work,
+            setup.deadline,
+            gzipped=False,
+            complete=True,
+            max_bytes=max_bytes,
+            allowed_extensions=set(self.settings.extension_allowlist) | {"plpgsql"},
+        )
+        os.remove(schema)
+        report = Preflight()
+        report_rehearsal(report, result, full=True)
+        report.raise_for_failure()
+        return result.skipped
 
     def restore(self, context: StageContext) -> dict[str, Any]:
         """Restore into a fresh preview owned by the import's restore role, as that role:

@@ -22,6 +22,7 @@ changes), with the line of the user's dump.
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 
@@ -30,6 +31,7 @@ from stages.errors import CapyError
 from stages.plainsql import prepare_plain_sql
 from stages.preflight.rehearsal import Node, Rehearsal, rehearse_blocks, split_at_headers
 from stages.preflight.sandbox import Sandbox
+from stages.sqlscript import CHUNK, COPY, STATEMENT, read_script, statement_words
 from stages.timelimit import Deadline
 from stages.toc import TocEntry
 
@@ -58,6 +60,25 @@ def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntr
     if not complete and objects:
         objects.pop()
     return preamble, objects
+
+
+def keep_schema(src: str, dst: str, *, gzipped: bool) -> None:
+    """Copy the plain script `src` to `dst` without its data (COPY blocks and INSERT
+    statements), so that the schema of a dump of any size can be rehearsed: what is
+    left is pg_dump's headers and the schema statements, a small file (bounded memory;
+    a script psql could not read raises stages.sqlscript.ScriptError)."""
+    dropping = False
+    with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
+        for piece in read_script(iter(lambda: reader.read(CHUNK), b"")):
+            if piece.kind == COPY:
+                continue
+            if piece.kind == STATEMENT:
+                if piece.first:
+                    words = statement_words(piece.data, 1)
+                    dropping = words[:1] in (["COPY"], ["INSERT"])
+                if dropping:
+                    continue
+            out.write(piece.data)
 
 
 def rehearse_plain(

@@ -305,3 +305,36 @@ def test_a_function_with_its_own_standard_conforming_strings_setting_imports(con
     job = upload_and_import(control_db, store, world, dump)
     assert job.state == "completed", (job.error, job.last_stderr)
     assert pg.admin("SELECT v FROM t ORDER BY v", dbname=world.project.database_name) == expected
+
+
+def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehearsed(control_db, store, tmp_path):
+    """Preflight reads the head; the objects after the data (policies come there) are
+    rehearsed by the worker before anything is restored, and skipped the same way."""
+    settings = dataclasses.replace(control_db, preflight_head_bytes=4096)
+    outsider = pg.scratch_name("capy_tst_gone")
+    name = pg.create_db(pg.scratch_name("capysrc_bigplain"))
+    try:
+        pg.admin(f'CREATE ROLE "{outsider}" NOLOGIN')
+        pg.psql(
+            name,
+            text="CREATE TABLE t (id int PRIMARY KEY, v text);"
+            "INSERT INTO t SELECT g, repeat('x', 100) FROM generate_series(1, 2000) g;"
+            f'ALTER TABLE t ENABLE ROW LEVEL SECURITY; CREATE POLICY gone ON t TO "{outsider}" USING (true);'
+            "CREATE POLICY everyone ON t USING (true);"
+            "CREATE FUNCTION c_abs(int4) RETURNS int4 AS 'int4abs' LANGUAGE internal;",
+        )
+        dump = pg_dump(name, tmp_path / "dump.sql", "-Fp")
+    finally:
+        pg.drop_db(name)
+        pg.admin(f'DROP ROLE IF EXISTS "{outsider}"')
+    assert dump.stat().st_size > 10 * settings.preflight_head_bytes
+    world = make_world(settings)
+    job = upload_and_import(settings, store, world, dump)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert {item["object"] for item in job.facts["report"]["skipped"]} == {
+        "POLICY public.t gone",
+        "FUNCTION public.c_abs(integer)",
+    }
+    live = world.project.database_name
+    assert pg.admin("SELECT polname FROM pg_policy", dbname=live) == [("everyone",)]
+    assert pg.row_counts(live) == {"public.t": 2000}
