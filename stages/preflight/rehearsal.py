@@ -392,9 +392,19 @@ WITH RECURSIVE reach(constraint_oid, root, fn, depth) AS (
     JOIN pg_catalog.pg_namespace cn ON cn.oid OPERATOR(pg_catalog.=) callee.pronamespace
       AND cn.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
     WHERE r.depth OPERATOR(pg_catalog.<) 4
-      AND caller.prosrc OPERATOR(pg_catalog.~*) (
-          '\\m"?' OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(callee.proname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
-          OPERATOR(pg_catalog.||) '"?\\s*\\(')
+      AND (
+          -- Called unqualified (not as another schema's function of the same name)...
+          caller.prosrc OPERATOR(pg_catalog.~*) (
+              '(^|[^."[:alnum:]_])"?'
+              OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(callee.proname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
+              OPERATOR(pg_catalog.||) '"?\\s*\\(')
+          -- ...or qualified with its own schema.
+          OR caller.prosrc OPERATOR(pg_catalog.~*) (
+              '\\m"?' OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(cn.nspname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
+              OPERATOR(pg_catalog.||) '"?\\."?'
+              OPERATOR(pg_catalog.||) pg_catalog.regexp_replace(callee.proname, '([^a-zA-Z0-9_])', '\\\\\\1', 'g')
+              OPERATOR(pg_catalog.||) '"?\\s*\\(')
+      )
 )
 SELECT CASE WHEN c.oid IS NULL THEN 'domain' ELSE 'table' END,
        COALESCE(n.nspname, yn.nspname), COALESCE(c.relname, y.typname),

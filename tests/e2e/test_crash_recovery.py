@@ -104,13 +104,16 @@ def _wait_for_end(services, tenant, job_id: str, timeout: float = 180) -> dict:
     raise AssertionError(f"job {job_id} did not end by itself:\n" + "\n".join(s.log_tail() for s in services))
 
 
-def _recorded_tool(job_id: str) -> dict:
-    """The tool the held stage started, as recorded on the job for a takeover."""
+def _recorded_tool(job_id: str, program: str = "/psql") -> dict:
+    """The tool the held stage started (a psql), as recorded on the job for a takeover;
+    an earlier stage's last tool may still be the one recorded for a moment."""
     deadline = time.monotonic() + 30
-    while not (tool := Job.get_by_id(job_id).facts.get("tool_process")) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        tool = Job.get_by_id(job_id).facts.get("tool_process")
+        if tool and tool["program"].endswith(program):
+            return tool
         time.sleep(0.2)
-    assert tool, "no tool was recorded on the job"
-    return tool
+    raise AssertionError(f"no {program} was recorded on the job (last: {tool})")
 
 
 def _wait_gone(pgid: int, program: str) -> list[int]:
