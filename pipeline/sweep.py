@@ -255,6 +255,8 @@ def _sweep_orphaned_objects(
             if len(page) >= LIST_PAGE:
                 _sweep_page(settings, store, page, now, retention, done)
                 page = []
+    except ObjectMissing:
+        pass  # no bucket yet (a deployment's first minute): nothing was ever uploaded
     except _CLEANUP_ERRORS as err:
         done["errors"].append(f"listing {KEY_PREFIX}/: {_why(err)}")
     if page:
