@@ -170,14 +170,17 @@ class Runner:
             self._release(job_id, actor, err.message)
             raise
         except CONNECTION_ERRORS as err:
-            # Ours, not the user's: the attempt is handed back without being counted,
-            # and the message names no server. When the release cannot be written
-            # either, run() says the control database is unavailable and the claim
-            # goes stale for a later message to take over.
+            # Ours, not the user's, and the message names no server. The attempt counts
+            # (an error that repeats, a statement timeout, must end by max_attempts).
+            # When the release cannot be written either, run() says the control
+            # database is unavailable and the claim goes stale for a later message.
             log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
             database.close()  # the next statement reconnects
             lost = f"the service's control database was unavailable during the {stage} stage; it will be retried"
-            self._release(job_id, actor, lost, refund_attempt=True)
+            if job.attempts >= job.max_attempts:
+                self._give_up(job, actor, stage, lost, None)
+                return
+            self._release(job_id, actor, lost)
             raise ControlDatabaseUnavailable(lost) from None
         except Exception:
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
