@@ -68,6 +68,9 @@ _RESET_STD_STRINGS = re.compile(rb"RESET\s+standard_conforming_strings\s*;\Z", r
 _PER_OBJECT_SETTING = re.compile(
     rb"(?:CREATE\s+(?:OR\s+REPLACE\s+)?|ALTER\s+)(?:FUNCTION|PROCEDURE|ROUTINE|DATABASE|ROLE|USER)\b", re.I
 )
+# BEGIN / START TRANSACTION, and COMMIT / END / ROLLBACK / ABORT (group 2: ROLLBACK TO
+# a savepoint, which does not end the block).
+_TRANSACTION_CONTROL = re.compile(rb"(BEGIN|START|COMMIT|END|ROLLBACK|ABORT)\b(\s+TO\b)?", re.I)
 _RESET_ALL = re.compile(rb"(?:RESET|DISCARD)\s+ALL\s*;\Z", re.I)
 _SQ_STD = re.compile(rb"'")
 _SQ_ESC = re.compile(rb"['\\]")
@@ -461,12 +464,13 @@ class _Scanner:
         strings read. Only the forms psql's own lexer would agree on are followed; any
         other statement naming it (set_config, SET LOCAL in a function, a DO block) is
         refused rather than guessed at, since a wrong guess reads data as statements."""
-        words = statement_words(head, 2)
-        if words[:1] in (["BEGIN"], ["START"]):
+        # One C-level match per statement (this runs for every INSERT of a dump).
+        control = _TRANSACTION_CONTROL.match(head)
+        if control and control.group(1).upper() in (b"BEGIN", b"START"):
             self.transaction_std_strings = self.std_strings
             return
-        if words[:1] in (["COMMIT"], ["END"]) or (words[:1] in (["ROLLBACK"], ["ABORT"]) and words[1:2] != ["TO"]):
-            if words[0] in ("ROLLBACK", "ABORT") and self.transaction_std_strings is not None:
+        if control and not control.group(2):
+            if control.group(1).upper() in (b"ROLLBACK", b"ABORT") and self.transaction_std_strings is not None:
                 self.std_strings = self.transaction_std_strings  # a rolled-back SET is undone
             self.transaction_std_strings = None
             return
