@@ -8,6 +8,7 @@ services (Postgres and RabbitMQ on 127.0.0.1, SeaweedFS on :8333) with nothing s
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -37,6 +38,14 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, not {raw!r}")
+
+
+def _memory(env: Mapping[str, str], name: str, default: str) -> str:
+    """A Postgres memory setting ("256MB", "1GB", "65536kB"), checked before it reaches a server."""
+    value = (env.get(name) or default).strip()
+    if not re.fullmatch(r"[1-9][0-9]*(kB|MB|GB)", value):
+        raise ConfigError(f"{name} must be a size such as 256MB or 1GB (kB, MB or GB), not {value!r}")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -94,6 +103,8 @@ class Settings:
     allow_private_sources: bool = False
     work_dir: str = "/tmp/capy-imports"
     concurrency: int = 2
+    # Per session of the copy on the target cluster (index builds): memory of the cluster, not the worker.
+    maintenance_work_mem: str = "256MB"
     pg_bin_dir_template: str = "/usr/lib/postgresql/{major}/bin"
     source_connect_timeout: int = 10
     max_attempts: int = 3
@@ -223,6 +234,7 @@ class Settings:
             allow_private_sources=_bool(env, "CAPY_ALLOW_PRIVATE_SOURCES", dev or d.allow_private_sources),
             work_dir=env.get("CAPY_WORK_DIR") or d.work_dir,
             concurrency=_int(env, "CAPY_CONCURRENCY", d.concurrency),
+            maintenance_work_mem=_memory(env, "CAPY_MAINTENANCE_WORK_MEM", d.maintenance_work_mem),
             pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
             source_connect_timeout=_int(env, "CAPY_SOURCE_CONNECT_TIMEOUT", d.source_connect_timeout),
             max_attempts=_positive(

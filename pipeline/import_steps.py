@@ -26,6 +26,7 @@ from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload, rehearsal_setup
 from pipeline.sealing import Sealer
+from pipeline.steps import live
 from stages import dbsettings, toc
 from stages.archivecheck import check_complete, encoding_of
 from stages.cluster import ClusterAdmin, RoleLogin
@@ -34,7 +35,6 @@ from stages.dumpformat import detect_format
 from stages.dumpgate import check_archive_readable, check_versions
 from stages.dumprows import RowCounter, count_archive_rows
 from stages.errors import Cancelled, CapyError, PermanentError
-from stages.fetch import dump_live
 from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
 from stages.plainsql import prepare_plain_sql
@@ -323,35 +323,9 @@ class ImportSteps:
     def fetch(self, context: StageContext) -> dict[str, Any]:
         if context.job.upload_key:
             return self._fetch_upload(context)
-        job = context.job
-        source = self._source(job).with_params(hostaddr=job.facts["source_address"])
-        work = self._fresh_work_dir(job)
-        context.progress({"phase": "dumping the source"})
-        tools = self._tools(context)
-        self._hold(context, "fetch", tools, source)
-        dump = dump_live(
-            source,
-            tools,
-            os.path.join(work, "dump"),
-            jobs=self.settings.concurrency,
-            timeout=self.settings.source_connect_timeout,
-            read_timeout=self.settings.source_read_timeout_seconds,
-            lock_timeout=self.settings.source_lock_timeout_seconds,
-            on_progress=context.progress,
-        )
-        return {
-            **self._plan_archive(tools, dump.path, work, job.facts.get("rehearsal_skipped", [])),
-            "dump_path": dump.path,
-            "dump_format": "directory",
-            "dump_bytes": dump.bytes,
-            "source_counts": dump.source_counts,
-            "uncounted_tables": [],
-            "source_server_version": dump.server_version,
-            "source_description": dump.source_description,
-            "source_basis": "source snapshot",
-        }
+        return live.fetch(self, context)
 
-    def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> tuple[dict[str, Any], list[toc.TocEntry]]:
         """Read the archive's TOC: what the project role restores, what it skips and
         why, which extensions (in which schemas) the service creates first, the
         source's encoding (names and rows are decoded from it), and the database's
@@ -372,7 +346,7 @@ class ImportSteps:
             "toc_kinds": toc.kind_counts(entries),
             "dump_encoding": encoding,
             "database_properties": dbsettings.read_archive(tools, archive, work, encoding=encoding).facts(),
-        }
+        }, plan.keep
 
     def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
         """Download the upload (bounded memory), identify it, and prove the target's
@@ -400,7 +374,7 @@ class ImportSteps:
             # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
             check_complete(download, info.format)
             check_archive_readable(tools, download, info, major)
-            facts.update(self._plan_archive(tools, download, work, job.facts.get("rehearsal_skipped", [])))
+            facts.update(self._plan_archive(tools, download, work, job.facts.get("rehearsal_skipped", []))[0])
             context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
             count_archive_rows(tools, download, counter, encoding=facts["dump_encoding"])
             dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
@@ -475,29 +449,19 @@ class ImportSteps:
         """Restore into a fresh preview owned by the import's restore role, as that role:
         the dump's SQL can reach nothing but this preview."""
         job = context.job
+        if not job.upload_key:
+            return live.restore(self, context)
         dump_path = job.facts["dump_path"]
         if not os.path.exists(dump_path):
             raise PermanentError(
                 "the dump made by the fetch stage is not in this worker's work directory; "
                 "CAPY_WORK_DIR must be shared by all workers"
             )
-        admin = self._admin(job)
         project = Project.get_by_id(job.project_id)
         # Projects created before the service revoked PUBLIC's access get it revoked now.
-        admin.lock_down(project.database_name)
-        preview = preview_name(job)
-        context.set_preview(preview)
-        context.progress({"phase": "creating the preview database", "preview_database_id": preview})
-        context.confirm_claim()
-        admin.drop_database(preview)  # a retried restore starts from an empty preview
-        restorer = admin.ensure_restore_role(restore_role_name(job))
-        admin.create_database(preview, owner=restorer.name)
-        # In the empty preview, before any of the dump's SQL has run.
-        admin.create_extensions(
-            preview, restorer.name, job.facts.get("extensions", {}), job.facts.get("extension_comments", {})
-        )
+        self._admin(job).lock_down(project.database_name)
+        target, _restorer, preview = self._new_preview(context, job.facts)
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
-        target = admin.role_url(preview, restorer)
         self._hold(context, "restore", self._tools(context, cancellable=False), target)
         fmt = job.facts["dump_format"]
         context.check_cancelled()
@@ -510,6 +474,23 @@ class ImportSteps:
             )
         # A verification of an earlier preview (a restore retried by an operator) is void.
         return {"preview_database": preview, "verification": None}
+
+    def _new_preview(self, context: StageContext, facts: dict[str, Any]) -> tuple[SourceURL, RoleLogin, str]:
+        """A new, empty preview owned by the import's restore role (an earlier attempt's
+        is dropped), with the extensions of `facts` created in it: the URL the restore
+        connects to, the role, and the preview's name."""
+        job = context.job
+        admin = self._admin(job)
+        preview = preview_name(job)
+        context.set_preview(preview)
+        context.progress({"phase": "creating the preview database", "preview_database_id": preview})
+        context.confirm_claim()
+        admin.drop_database(preview)  # a retried restore starts from an empty preview
+        restorer = admin.ensure_restore_role(restore_role_name(job))
+        admin.create_database(preview, owner=restorer.name)
+        # In the empty preview, before any of the dump's SQL has run.
+        admin.create_extensions(preview, restorer.name, facts.get("extensions", {}), facts.get("extension_comments", {}))
+        return admin.role_url(preview, restorer), restorer, preview
 
     def finalize(self, context: StageContext) -> dict[str, Any]:
         job = context.job
@@ -605,6 +586,7 @@ class ImportSteps:
             job.facts.get("uncounted_tables", []),
             job.facts["source_description"]["sequences"],
             allowlist=self.settings.extension_allowlist,
+            copied=job.facts.get("copied_counts"),
         )
         verified = {"target_counts": target_counts, "target": target}
         context.merge_facts({"verification": verified})

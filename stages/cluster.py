@@ -132,6 +132,16 @@ class ClusterAdmin:
         Refuses a role that turns out to be a superuser: a tenant database is never
         entered with more than the tenant's own privileges this way.
         """
+        conn = self.open_role_connection(dbname, login, *extra_options, readonly=readonly)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def open_role_connection(
+        self, dbname: str, login: RoleLogin, *extra_options: str, readonly: bool = True
+    ) -> psycopg2.extensions.connection:
+        """`role_connection`'s session, which the caller closes."""
         url = pinned(self.role_url(dbname, login), *extra_options)
         conn = connect(url, role="project cluster", timeout=self.timeout, ours=True)
         try:
@@ -148,9 +158,10 @@ class ClusterAdmin:
                         )
                 conn.rollback()
                 conn.set_session(readonly=readonly)
-                yield conn
-        finally:
+                return conn
+        except BaseException:
             conn.close()
+            raise
 
     @contextlib.contextmanager
     def autocommit(self, dbname: str | None = None) -> Iterator[psycopg2.extensions.cursor]:

@@ -34,6 +34,7 @@ def verify_preview(
     source_sequences: dict[str, int | None] | None = None,
     *,
     allowlist: Iterable[str],
+    copied: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Count every table of the preview and compare with the source's counts; the
     tables in `present` (whose source count is unknown) must merely exist; every
@@ -44,13 +45,21 @@ def verify_preview(
     bypasses row-level security, so counts are exact), never as the admin.
     Raises ExtensionNotAllowed or VerificationFailed naming every problem; returns the
     preview's row counts and its description (object counts, sequences, extensions).
+
+    `copied`: the rows the copy engine's COPY put in each table (its own `COPY n`, in
+    the preview that only the restore role has touched since); those tables are not
+    counted again.
     """
     with admin.role_connection(preview, restorer, "-c row_security=off", NO_STATEMENT_TIMEOUT) as conn:
         # A statement per transaction: counting a table locks it until the transaction
         # ends, and the preview's tables must not fill the cluster's shared lock table.
         # Nobody else is in the preview, so the counts are as consistent as in one.
         conn.autocommit = True
-        target_counts = inventory.count_rows(conn)
+        copied = copied or {}
+        tables = [(schema, name) for schema, name in inventory.list_tables(conn) if inventory.table_key(schema, name) not in copied]
+        target_counts = inventory.count_rows(conn, tables)
+        present = {inventory.table_key(schema, name) for schema, name in inventory.list_tables(conn)}
+        target_counts.update({key: rows for key, rows in copied.items() if key in present})
         # Counted by partition root in a dump made with --load-via-partition-root.
         target_counts.update(inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts))))
         description = inventory.describe(conn)

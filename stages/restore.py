@@ -105,3 +105,32 @@ def restore_plain(
         raise err.with_message(user_terms(err.message)) from err
     finally:
         os.remove(restrict_file)
+
+
+def restore_section(
+    tools: PgTools, target: SourceURL, archive: str, section: str, *, list_file: str, jobs: int = 1
+) -> None:
+    """pg_restore one section (pre-data, data, post-data) of the entries of `list_file`
+    from a custom archive into `target`, as `restore_archive` does the whole."""
+    pg_restore = tools.pg_restore
+    args = pg_restore.restore_args(archive, target.conninfo(), jobs=jobs, list_file=list_file)
+    with _explained():
+        pg_restore.run(
+            [*args[:-1], f"--section={section}", args[-1]],
+            env=target.env(),
+            secrets=[target.password],
+            what=f"pg_restore of the schema's {section} into the preview database",
+        )
+
+
+def render_section(tools: PgTools, archive: str, section: str, *, list_file: str) -> str:
+    """The SQL pg_restore would run for one section of the entries of `list_file`
+    (nothing is executed), as the restore runs it: no owners, grants or tablespaces."""
+    chunks: list[bytes] = []
+    tools.pg_restore.run_streaming(
+        ["--no-owner", "--no-privileges", "--no-tablespaces", f"--section={section}", f"--use-list={list_file}", "--file=-", archive],
+        lambda out: chunks.append(out.read()),
+        what=f"reading the schema's {section}",
+    )
+    # The live copy's archive is made by our pg_dump with the UTF8 client encoding.
+    return b"".join(chunks).decode("utf-8", "replace")

@@ -1,0 +1,2 @@
+"""What each stage does for one kind of import: the glue between a job row and the
+Postgres toolkit in `stages` (live sources in `live`, uploads in `upload`)."""

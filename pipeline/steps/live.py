@@ -1,0 +1,113 @@
+"""The fetch and restore stages of a live import.
+
+fetch reads what the copy will move (tables and their size) for progress and the
+report; it leaves nothing on disk. restore does the whole copy in one stage, from one
+exported snapshot (stages.copy.engine): the schema archive it makes is its own, small,
+and removed when the stage ends, so a retry on any worker starts afresh.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from pipeline.limits import job_deadline
+from pipeline.models import Project
+from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
+from stages.copy.postdata import split
+from stages.restore import render_section, restore_section
+from stages.toc import TocEntry
+
+if TYPE_CHECKING:
+    from pipeline.import_steps import ImportSteps, StageContext
+
+
+def source_settings(steps: ImportSteps) -> SourceSettings:
+    s = steps.settings
+    return SourceSettings(
+        connect_timeout=s.source_connect_timeout,
+        read_timeout=s.source_read_timeout_seconds,
+        lock_timeout=s.source_lock_timeout_seconds,
+        stall_seconds=s.command_stall_seconds,
+    )
+
+
+def fetch(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
+    """Size up the source in a snapshot of its own: how many tables and bytes the copy
+    moves (the restore stage copies from a new snapshot, the one its counts come from)."""
+    job = context.job
+    source = steps._source(job).with_params(hostaddr=job.facts["source_address"])
+    context.progress({"step": "schema", "phase": "sizing up the source"})
+    tools = steps._tools(context)
+    steps._hold(context, "fetch", tools, source)
+    with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
+        tables = snapshot.catalog.tables
+        return {
+            "source_server_version": snapshot.server_version,
+            "source_tables": len(tables),
+            "source_bytes": sum(t.bytes for t in tables),
+            "dump_format": "live",
+        }
+
+
+def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
+    """Create the preview as the import's restore role and copy the source into it."""
+    job = context.job
+    settings = steps.settings
+    source = steps._source(job).with_params(hostaddr=job.facts["source_address"])
+    admin = steps._admin(job)
+    project = Project.get_by_id(job.project_id)
+    admin.lock_down(project.database_name)
+    work = steps._fresh_work_dir(job)
+    try:
+        tools = steps._tools(context)
+        context.progress({"step": "schema", "phase": "reading the source's schema"})
+        with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
+            archive = os.path.join(work, "schema.dump")
+            snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
+            planned, keep = steps._plan_archive(tools, archive, work, job.facts.get("rehearsal_skipped", []))
+            list_file = planned.pop("restore_list")
+            target, restorer, preview = steps._new_preview(context, planned)
+            context.progress({"step": "schema", "phase": "creating the schema", "preview_database_id": preview})
+            steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
+            context.check_cancelled()
+            restore_section(tools, target, archive, "pre-data", list_file=list_file)
+            rendered = split(render_section(tools, archive, "post-data", list_file=list_file), keep)
+            plan: CopyPlan = plan_copy(snapshot, keep, rendered)
+
+            def restore_rest(entries: list[TocEntry]) -> None:
+                if entries:
+                    rest_file = os.path.join(work, "rest.list")
+                    with open(rest_file, "w", encoding="utf-8") as fh:
+                        fh.write("\n".join(e.line for e in entries) + "\n")
+                    restore_section(tools, target, archive, "post-data", list_file=rest_file, jobs=settings.concurrency)
+
+            remaining_ms = int(job_deadline(job, settings).remaining() * 1000)
+            result = copy_rows(
+                snapshot,
+                plan,
+                lanes=settings.concurrency,
+                open_target=lambda: admin.open_role_connection(preview, restorer, readonly=False),
+                restore_rest=restore_rest,
+                restore_data_section=lambda: restore_section(tools, target, archive, "data", list_file=list_file),
+                maintenance_work_mem=settings.maintenance_work_mem,
+                cancellation=context.cancellation,
+                on_progress=context.progress,
+                statement_timeout_ms=remaining_ms,
+            )
+            planned.pop("toc_kinds", None)
+            return {
+                **planned,
+                "source_counts": result.source_counts,
+                "copied_counts": result.target_counts,
+                "uncounted_tables": [],
+                "dump_bytes": result.bytes,
+                "source_server_version": snapshot.server_version,
+                "source_description": snapshot.description,
+                "source_basis": "source snapshot",
+                "preview_database": preview,
+                "verification": None,
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

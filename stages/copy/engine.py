@@ -1,0 +1,559 @@
+"""The copy of a live import: schema and rows from one exported snapshot, rows streamed
+in parallel straight into the preview, each table's indexes and constraints built as
+soon as its rows are in.
+
+The order of work (see `copy_rows` for the schedule):
+1. `Snapshot.open`: a repeatable-read, read-only session on the source exports its
+   snapshot, reads what to copy (stages.copy.catalog), locks those tables (ACCESS
+   SHARE) and describes the source; it stays open until the copy ends.
+2. `Snapshot.dump_schema`: `pg_dump --snapshot` writes the schema archive: everything
+   but the copied tables' rows (sequence values, large objects and materialized views'
+   definitions are in it). It is the only file, small, and removed with the stage.
+3. The caller restores its pre-data section (pg_restore, as the restore role).
+4. `copy_rows`: N lanes, each with a source session in the snapshot and a preview
+   session, run the tasks (stages.copy.scheduler): every table's COPY, its indexes
+   (a primary key's or unique constraint's index too, built as a plain unique index),
+   then its constraints, then foreign keys once both tables are done, the archive's
+   data section (sequences, large objects) alongside; then the rest of the post-data
+   section (triggers, policies, materialized views refreshed after their indexes…) with
+   pg_restore; then ANALYZE of every table, in parallel.
+
+Preview sessions run with synchronous_commit off and a sized maintenance_work_mem: an
+interrupted copy is restarted from the beginning anyway, so nothing is lost by it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2 import sql
+
+from stages import inventory
+from stages.commands import Cancellation, PgTools
+from stages.connect import connect
+from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
+from stages.copy.postdata import Block, Rendered, first_statement
+from stages.copy.scheduler import Schedule, Task
+from stages.copy.stream import CountMismatch, Flow, SourceTable, stream_table
+from stages.deadline import Deadline as SourceDeadline
+from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
+from stages.pgurl import SourceURL, redact
+from stages.toc import TocEntry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+# Relative cost of building an index, per byte of its table, by access method: a
+# trigram GIN index takes many times a btree's time (issue 11: 35-46 s on 60k rows).
+INDEX_COST = {"btree": 0.4, "hash": 0.4, "brin": 0.05, "gist": 3.0, "spgist": 2.0, "gin": 8.0}
+FOREIGN_KEY_COST = 0.2
+# Each task also costs a fixed amount: thousands of small tables are not free.
+TASK_OVERHEAD = 256 * 1024
+PROGRESS_SECONDS = 2.0
+
+
+
+class SourceBusy(TransientError):
+    """A table on the source stayed locked by another session past the lock timeout."""
+
+
+class CopyStalled(SourceUnreachable):
+    """A table's rows stopped coming from the source."""
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    connect_timeout: int = 10
+    read_timeout: float = 1800
+    lock_timeout: float = 60
+    stall_seconds: float = 300
+
+
+@dataclass
+class Snapshot:
+    """The source's exported snapshot and the session that holds it (with its locks)."""
+
+    source: SourceURL
+    conn: psycopg2.extensions.connection
+    snapshot_id: str
+    server_version: str
+    catalog: SourceCatalog
+    description: dict[str, Any]
+    settings: SourceSettings
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
+    ) -> Iterator[Snapshot]:
+        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+        conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
+        unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
+        try:
+            with _source_errors(source, settings):
+                conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
+                    cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
+                    cur.execute("SET search_path = pg_catalog, pg_temp")
+                    cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
+                    snapshot_id, server_version = cur.fetchone()
+                catalog = read_catalog(conn)
+                lock_tables(conn, catalog.tables)
+                description = inventory.describe(conn)
+            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings)
+        finally:
+            unsubscribe()
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+
+    def dump_schema(self, tools: PgTools, path: str, copied: Sequence[SourceTable]) -> None:
+        """The schema archive (custom format): everything of the snapshot but the rows
+        of `copied`, which stream instead. Materialized views keep their data entries
+        (refreshed on the target) and the sequences their values."""
+        exclude = [f"--exclude-table-data={_pattern(t)}" for t in copied]
+        args = [
+            "--format=custom",
+            "--compress=0",
+            f"--file={path}",
+            "--no-password",
+            f"--lock-wait-timeout={int(self.settings.lock_timeout * 1000)}",
+            f"--snapshot={self.snapshot_id}",
+            *exclude,
+            f"--dbname={self.source.conninfo(connect_timeout=str(self.settings.connect_timeout))}",
+        ]
+        tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
+
+    def counted_keys(self) -> list[str]:
+        return [t.key for t in self.catalog.tables]
+
+
+def _pattern(table: SourceTable) -> str:
+    """A pg_dump pattern naming exactly one table: quoted, so nothing in it is a wildcard."""
+    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
+
+
+@contextlib.contextmanager
+def _source_errors(source: SourceURL, settings: SourceSettings) -> Iterator[None]:
+    try:
+        yield
+    except psycopg2.errors.InsufficientPrivilege as err:
+        raise PermanentError(
+            f"the source user {source.user!r} cannot read every table "
+            f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
+            "database owner's credentials"
+        ) from err
+    except psycopg2.errors.LockNotAvailable as err:
+        raise SourceBusy(
+            f"a table on the source is locked by another session (an open transaction holding an "
+            f"exclusive lock, a schema change, a VACUUM FULL) and stayed locked for {settings.lock_timeout:g} s; "
+            "the import is retried, and succeeds once the lock is released"
+        ) from err
+    except psycopg2.OperationalError as err:
+        raise SourceUnreachable(
+            f"lost the connection to the source while reading it: {redact(str(err), source.password).strip()}"
+        ) from err
+
+
+@dataclass
+class CopyPlan:
+    """What `copy_rows` does: the tables to stream, the post-data blocks it runs itself
+    (by table), and the post-data entries left for pg_restore at the end."""
+
+    tables: list[SourceTable]
+    owned_blocks: list[tuple[Block, Owned]]
+    rest: list[TocEntry]
+    preamble: str
+
+
+def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> CopyPlan:
+    """Split the restore plan's post-data: the indexes, constraints and foreign keys of
+    copied tables are scheduled with the copy; the rest (and everything, if pg_restore's
+    rendering could not be split exactly) is left to pg_restore."""
+    restored_tables = {(e.namespace, e.name) for e in kept if e.desc == "TABLE"}
+    tables = [t for t in snapshot.catalog.tables if (t.schema, t.name) in restored_tables]
+    keys = {t.key for t in tables}
+    post = {e.dump_id for e in kept}
+    owned_blocks: list[tuple[Block, Owned]] = []
+    taken: set[int] = set()
+    if rendered.exact:
+        for block in rendered.blocks:
+            owned = snapshot.catalog.owned.get((block.entry.desc, block.entry.namespace, block.entry.name))
+            if owned is None or owned.table not in keys or (owned.references and owned.references not in keys):
+                continue
+            owned_blocks.append((block, owned))
+            taken.add(block.entry.dump_id)
+    rest = [e for e in kept if e.dump_id in post and e.dump_id not in taken]
+    return CopyPlan(tables, owned_blocks, rest, rendered.preamble)
+
+
+@dataclass
+class Lane:
+    """One lane's sessions: a source session in the snapshot (opened on first use) and a
+    preview session."""
+
+    target: psycopg2.extensions.connection
+    open_source: Callable[[], psycopg2.extensions.connection]
+    source: psycopg2.extensions.connection | None = None
+
+    def source_session(self) -> psycopg2.extensions.connection:
+        if self.source is None:
+            self.source = self.open_source()
+        return self.source
+
+
+@dataclass
+class CopyResult:
+    source_counts: dict[str, int]
+    target_counts: dict[str, int]
+    bytes: int
+
+
+@dataclass
+class _Progress:
+    """What the reporter thread reads; changed under `lock`."""
+
+    tables_total: int
+    bytes_total: int
+    cost_total: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    tables_done: int = 0
+    bytes_done: int = 0
+    rows_done: int = 0
+    cost_done: float = 0.0
+    step: str = "data"
+    phase: str = "copying rows"
+    flows: dict[str, Flow] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def copy_rows(
+    snapshot: Snapshot,
+    plan: CopyPlan,
+    *,
+    lanes: int,
+    open_target: Callable[[], psycopg2.extensions.connection],
+    restore_rest: Callable[[list[TocEntry]], None],
+    restore_data_section: Callable[[], None],
+    maintenance_work_mem: str,
+    cancellation: Cancellation | None,
+    on_progress: Progress,
+    statement_timeout_ms: int,
+) -> CopyResult:
+    """Run the copy (see the module's docstring); return both sides' row counts.
+
+    `open_target` opens a session in the preview as the restore role; `restore_rest`
+    restores post-data entries with pg_restore, `restore_data_section` the archive's
+    data section (sequences, large objects). A cancel (`cancellation`), a lost claim or
+    cancel raised by `on_progress`, or the first failing task stops every lane."""
+    settings = snapshot.settings
+    counts: dict[str, tuple[int, int]] = {}
+    progress = _Progress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
+    tasks = _tasks(snapshot, plan, counts, restore_data_section, progress)
+    progress.cost_total = sum(t.cost for t in tasks)
+    sessions: list[Lane] = []
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def open_source() -> psycopg2.extensions.connection:
+        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
+        with _source_errors(snapshot.source, settings), conn.cursor() as cur:
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+            cur.execute("SET row_security = off")
+            cur.execute("SET statement_timeout = 0")
+            cur.execute("SET search_path = pg_catalog, pg_temp")
+        return conn
+
+    def interrupt(err: BaseException) -> None:
+        """Stop every running statement of every lane (the first failure, a cancel)."""
+        with progress.lock:
+            if not failure:
+                failure.append(err)
+            lanes_now = list(sessions)
+        stop.set()
+        for lane in lanes_now:
+            for conn in (lane.source, lane.target):
+                if conn is not None and not conn.closed:
+                    with contextlib.suppress(psycopg2.Error):
+                        conn.cancel()
+
+    def started(_task: Task[Lane]) -> None:
+        if stop.is_set():
+            raise failure[0] if failure else PermanentError("the copy was stopped")
+
+    def finished(task: Task[Lane]) -> None:
+        with progress.lock:
+            progress.cost_done += task.cost
+
+    unsubscribe = (
+        cancellation.on_cancel(lambda: interrupt(Cancelled(cancellation.reason or "cancelled")))
+        if cancellation is not None
+        else (lambda: None)
+    )
+    reporter = threading.Thread(
+        target=_report, args=(progress, stop, on_progress, interrupt, settings.stall_seconds), daemon=True
+    )
+    try:
+        for _ in range(max(1, lanes)):
+            conn = _open_lane_target(open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms)
+            sessions.append(Lane(conn, open_source))
+        reporter.start()
+        Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
+        _raise_first(failure)
+        progress.step, progress.phase = "indexes", "restoring triggers, policies and materialized views"
+        restore_rest(plan.rest)
+        progress.step, progress.phase = "analyze", "analyzing the tables"
+        analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
+        Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
+        _raise_first(failure)
+    except BaseException as err:
+        # A lane's error caused by the interruption (a cancelled statement) is not the news.
+        if failure and err is not failure[0]:
+            raise failure[0] from err
+        raise
+    finally:
+        stop.set()
+        unsubscribe()
+        if reporter.is_alive():
+            reporter.join()
+        for lane in sessions:
+            for conn in (lane.source, lane.target):
+                if conn is not None:
+                    with contextlib.suppress(psycopg2.Error):
+                        conn.close()
+    return CopyResult(
+        {key: source for key, (source, _target) in counts.items()},
+        {key: target for key, (_source, target) in counts.items()},
+        progress.bytes_done,
+    )
+
+
+def _raise_first(failure: list[BaseException]) -> None:
+    if failure:
+        raise failure[0]
+
+
+def _open_lane_target(
+    open_target: Callable[[], psycopg2.extensions.connection], preamble: str, maintenance_work_mem: str, timeout_ms: int
+) -> psycopg2.extensions.connection:
+    conn = open_target()
+    conn.autocommit = True
+    with _target_errors("opening a session in the preview"), conn.cursor() as cur:
+        if preamble.strip():
+            cur.execute(preamble)
+        cur.execute("SET synchronous_commit = off")
+        cur.execute("SET maintenance_work_mem = %s", (maintenance_work_mem,))
+        cur.execute("SET statement_timeout = %s", (max(1, timeout_ms),))
+        cur.execute("SET lock_timeout = 0")
+    conn.autocommit = False
+    return conn
+
+
+@contextlib.contextmanager
+def _target_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg2.OperationalError as err:
+        if isinstance(err, psycopg2.errors.QueryCanceled):
+            raise PermanentError(f"{what} was stopped: {str(err).splitlines()[0]}") from err
+        log.warning("%s: lost the preview session: %s", what, str(err).strip())
+        raise ClusterUnavailable() from err
+    except psycopg2.Error as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PermanentError(f"{what} failed: {first}") from err
+
+
+def _tasks(
+    snapshot: Snapshot,
+    plan: CopyPlan,
+    counts: dict[str, tuple[int, int]],
+    restore_data_section: Callable[[], None],
+    progress: _Progress,
+) -> list[Task[Lane]]:
+    """The schedule: copy → indexes → constraints → foreign keys, per table."""
+    by_table = {t.key: t for t in plan.tables}
+    copies: dict[str, Task[Lane]] = {}
+    for table in plan.tables:
+        copies[table.key] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), frozenset({table.key}))
+    indexes: dict[str, list[Task[Lane]]] = {key: [] for key in by_table}
+    attach: dict[str, list[tuple[Block, Owned]]] = {key: [] for key in by_table}
+    foreign: list[tuple[Block, Owned]] = []
+    for block, owned in plan.owned_blocks:
+        size = by_table[owned.table].bytes
+        what = f"{block.entry.desc.lower()} {block.entry.name}"
+        if owned.kind == "index" or (owned.kind == "constraint" and owned.unique_index):
+            definition = block.sql if owned.kind == "index" else owned.unique_index + ";"
+            cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
+            indexes[owned.table].append(
+                Task(f"index {block.entry.name}", cost, _execute(definition, what), frozenset({owned.table}), exclusive=False, after=[copies[owned.table]])
+            )
+        if owned.kind == "constraint":
+            attach[owned.table].append((block, owned))
+        elif owned.kind == "foreign key":
+            foreign.append((block, owned))
+    done: dict[str, Task[Lane]] = {}
+    tasks: list[Task[Lane]] = list(copies.values())
+    for key, table_indexes in indexes.items():
+        tasks.extend(table_indexes)
+        statements = [_constraint_sql(block, owned) for block, owned in attach[key]]
+        if statements:
+            last = Task[Lane](
+                f"constraints of {key}",
+                TASK_OVERHEAD + sum(by_table[key].bytes * INDEX_COST["btree"] for b, o in attach[key] if not o.unique_index),
+                _execute("\n".join(statements), f"the constraints of table {key}"),
+                frozenset({key}),
+                after=[copies[key], *table_indexes],
+            )
+            tasks.append(last)
+            done[key] = last
+        elif table_indexes:
+            done[key] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[key], *table_indexes])
+            tasks.append(done[key])
+        else:
+            done[key] = copies[key]
+    for block, owned in foreign:
+        assert owned.references is not None
+        tables = frozenset({owned.table, owned.references})
+        tasks.append(
+            Task(
+                f"foreign key {block.entry.name}",
+                TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
+                _execute(block.sql, f"foreign key {block.entry.name}"),
+                tables,
+                after=[done[owned.table], done[owned.references]],
+            )
+        )
+
+    def data_section(_lane: Lane) -> None:
+        restore_data_section()
+
+    tasks.append(Task[Lane]("sequences and large objects", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
+    return tasks
+
+
+def _constraint_sql(block: Block, owned: Owned) -> str:
+    if not owned.unique_index:
+        return block.sql
+    statement, rest = first_statement(block.sql)
+    table, _, name = block.entry.name.partition(" ")
+    kind = "PRIMARY KEY" if " PRIMARY KEY " in statement else "UNIQUE"
+    target = re.match(r"\s*ALTER TABLE ONLY (.+?)\s+ADD CONSTRAINT", statement, re.S)
+    if target is None:
+        raise PermanentError(f"cannot read the definition of constraint {block.entry.name}")
+    index = re.match(r"CREATE UNIQUE INDEX (\S+|\"(?:[^\"]|\"\")*\") ON", owned.unique_index)
+    index_name = index.group(1) if index else '"{}"'.format(name.replace('"', '""'))
+    flags = (" DEFERRABLE" if owned.deferrable else "") + (" INITIALLY DEFERRED" if owned.deferred else "")
+    return f"ALTER TABLE ONLY {target.group(1)}\n    ADD CONSTRAINT {index_name} {kind} USING INDEX {index_name}{flags};\n{rest}"
+
+
+def _copy(
+    snapshot: Snapshot, table: SourceTable, counts: dict[str, tuple[int, int]], progress: _Progress
+) -> Callable[[Lane], None]:
+    def run(lane: Lane) -> None:
+        flow = Flow()
+        with progress.lock:
+            progress.flows[table.key] = flow
+        try:
+            source = lane.source_session()
+            with _source_errors(snapshot.source, snapshot.settings):
+                try:
+                    copied = stream_table(table, source, lane.target, flow)
+                except (psycopg2.Error, CountMismatch) as err:
+                    if isinstance(err, psycopg2.Error) and _from_source(err, source):
+                        raise
+                    with _target_errors(f"loading the rows of table {table.key} into the preview"):
+                        raise
+        finally:
+            with progress.lock:
+                progress.flows.pop(table.key, None)
+                progress.bytes_done += flow.bytes
+                progress.rows_done += flow.rows
+        counts[table.key] = (copied.source_rows, copied.target_rows)
+        with progress.lock:
+            progress.tables_done += 1
+            if progress.tables_done == progress.tables_total:
+                progress.step, progress.phase = "indexes", "building indexes and constraints"
+
+    return run
+
+
+def _from_source(err: psycopg2.Error, source: psycopg2.extensions.connection) -> bool:
+    return getattr(err, "cursor", None) is not None and err.cursor.connection is source
+
+
+def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], None]:
+    def run(lane: Lane) -> None:
+        with _target_errors(f"creating {what} in the preview"):
+            try:
+                with lane.target.cursor() as cur:
+                    cur.execute(statement)
+                lane.target.commit()
+            except BaseException:
+                with contextlib.suppress(psycopg2.Error):
+                    lane.target.rollback()
+                raise
+
+    return run
+
+
+def _analyze(table: SourceTable) -> Callable[[Lane], None]:
+    return _execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table.schema, table.name)), f"statistics of table {table.key}")
+
+
+def _report(
+    progress: _Progress,
+    stop: threading.Event,
+    on_progress: Progress,
+    interrupt: Callable[[BaseException], None],
+    stall_seconds: float,
+) -> None:
+    """Every PROGRESS_SECONDS: report the step, tables and bytes done of total, rows
+    per second and an ETA (from the work done so far, in cost units); stop the copy when
+    a table's rows stop coming for `stall_seconds`."""
+    while not stop.wait(PROGRESS_SECONDS):
+        now = time.monotonic()
+        with progress.lock:
+            flows = list(progress.flows.items())
+            streaming = sum(flow.bytes for _key, flow in flows)
+            rows = progress.rows_done + sum(flow.rows for _key, flow in flows)
+            done_cost = progress.cost_done + streaming
+            report: dict[str, Any] = {
+                "step": progress.step,
+                "phase": progress.phase,
+                "tables_done": progress.tables_done,
+                "tables_total": progress.tables_total,
+                "bytes_done": min(progress.bytes_done + streaming, progress.bytes_total),
+                "bytes_total": progress.bytes_total,
+                "rows_done": rows,
+            }
+        for key, flow in flows:
+            if now - flow.last > stall_seconds:
+                interrupt(
+                    CopyStalled(
+                        f"the rows of table {key} stopped coming from the source for {stall_seconds:g} s "
+                        "(CAPY_COMMAND_STALL_SECONDS); the source may be locked or overloaded; the import is retried"
+                    )
+                )
+                return
+        elapsed = max(now - progress.started, 0.001)
+        rate = done_cost / elapsed
+        report["rows_per_second"] = round(rows / elapsed)
+        report["eta_seconds"] = max(0, round((progress.cost_total - done_cost) / rate)) if rate > 0 else None
+        try:
+            on_progress(report)
+        except BaseException as err:  # noqa: BLE001 - a lost claim or a cancel stops the copy
+            interrupt(err)
+            return

@@ -1,0 +1,169 @@
+"""A list scheduler for the copy: tasks with dependencies, run on N lanes, the ready
+task on the longest remaining chain first (critical path), never two at once that
+would wait on each other's table locks.
+
+Each task names the tables it locks and whether it locks them exclusively (a COPY into
+a table truncated in its own transaction, ALTER TABLE, ANALYZE) or shares them (CREATE
+INDEX takes a SHARE lock: several builds on one table run side by side). A task starts
+only when every task it depends on has finished and no running task holds one of its
+tables in a conflicting way: lanes never wait on one another, and two ALTER TABLE …
+FOREIGN KEY on tables that reference each other cannot deadlock.
+
+The first task that fails stops the schedule: no new task starts, running tasks are
+told to stop (`on_failure`), and `run` raises that first error once every lane is idle.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Lane = TypeVar("Lane")
+
+
+@dataclass(eq=False)
+class Task(Generic[Lane]):
+    """One unit of work. `cost` is an estimate in arbitrary units (bytes to copy or
+    index); only its relative size matters. `run(lane)` does the work on a lane's
+    resources (its connections)."""
+
+    name: str
+    cost: float
+    run: Callable[[Lane], None]
+    tables: frozenset[str] = frozenset()
+    exclusive: bool = True
+    after: list[Task[Lane]] = field(default_factory=list)
+    # Set by the scheduler: the cost of the longest chain from this task to the end.
+    rank: float = 0.0
+
+    def conflicts(self, other: Task[Lane]) -> bool:
+        return bool(self.tables & other.tables) and (self.exclusive or other.exclusive)
+
+
+def rank(tasks: Sequence[Task[Lane]]) -> None:
+    """Set each task's rank: its cost plus the largest rank among the tasks that wait
+    for it (the "bottom level" of list scheduling)."""
+    waiting: dict[int, list[Task[Lane]]] = {id(t): [] for t in tasks}
+    for task in tasks:
+        for before in task.after:
+            waiting[id(before)].append(task)
+    done: dict[int, float] = {}
+
+    def bottom(task: Task[Lane]) -> float:
+        # Iterative: a chain of thousands of tasks must not exhaust the stack.
+        stack = [task]
+        while stack:
+            top = stack[-1]
+            pending = [t for t in waiting[id(top)] if id(t) not in done]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            done[id(top)] = top.cost + max((done[id(t)] for t in waiting[id(top)]), default=0.0)
+        return done[id(task)]
+
+    for task in tasks:
+        task.rank = bottom(task)
+
+
+class Schedule(Generic[Lane]):
+    """Run `tasks` on `lanes` (one thread each). `on_start`/`on_finish` see each task
+    as it starts and ends (progress); `on_failure` is called once, with the first error,
+    to stop the running tasks (e.g. cancel their connections)."""
+
+    def __init__(
+        self,
+        tasks: Iterable[Task[Lane]],
+        lanes: Sequence[Lane],
+        *,
+        on_start: Callable[[Task[Lane]], None] = lambda _t: None,
+        on_finish: Callable[[Task[Lane]], None] = lambda _t: None,
+        on_failure: Callable[[BaseException], None] = lambda _e: None,
+    ) -> None:
+        self.tasks = list(tasks)
+        self.lanes = list(lanes)
+        if not self.lanes:
+            raise ValueError("a schedule needs at least one lane")
+        rank(self.tasks)
+        self.on_start, self.on_finish, self.on_failure = on_start, on_finish, on_failure
+        self._cond = threading.Condition()
+        self._pending = sorted(self.tasks, key=lambda t: -t.rank)
+        self._finished: set[int] = set()
+        self._running: list[Task[Lane]] = []
+        self._error: BaseException | None = None
+
+    def _ready(self, task: Task[Lane]) -> bool:
+        return all(id(t) in self._finished for t in task.after) and not any(
+            task.conflicts(other) for other in self._running
+        )
+
+    def _next(self) -> Task[Lane] | None:
+        """The highest-ranked task that may start now; None when none is left to run
+        (blocks while tasks remain that must wait for running ones)."""
+        with self._cond:
+            while True:
+                if self._error is not None or not self._pending:
+                    return None
+                task = next((t for t in self._pending if self._ready(t)), None)
+                if task is not None:
+                    self._pending.remove(task)
+                    self._running.append(task)
+                    return task
+                if not self._running:
+                    names = ", ".join(t.name for t in self._pending[:5])
+                    raise RuntimeError(f"the copy schedule is stuck: nothing runs and {names} cannot start")
+                self._cond.wait()
+
+    def _lane(self, lane: Lane) -> None:
+        while True:
+            try:
+                task = self._next()
+            except RuntimeError as err:
+                self._fail(err)
+                return
+            if task is None:
+                return
+            try:
+                self.on_start(task)
+                task.run(lane)
+                self.on_finish(task)
+            except BaseException as err:  # noqa: BLE001 - re-raised by run() in the caller's thread
+                self._fail(err)
+            finally:
+                with self._cond:
+                    self._running.remove(task)
+                    if self._error is None:
+                        self._finished.add(id(task))
+                    self._cond.notify_all()
+
+    def _fail(self, err: BaseException) -> None:
+        with self._cond:
+            first = self._error is None
+            if first:
+                self._error = err
+            self._cond.notify_all()
+        if first:
+            self.on_failure(err)
+
+    def run(self) -> None:
+        """Run every task; raise the first error once every lane has stopped."""
+        threads = [
+            threading.Thread(target=self._lane, args=(lane,), name=f"copy-lane-{i}", daemon=True)
+            for i, lane in enumerate(self.lanes)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # in short waits: an exception raised in this thread is seen
+        except BaseException as err:
+            # Stopped from outside (a time limit, a shutdown): stop the lanes, then go.
+            self._fail(err)
+            for thread in threads:
+                thread.join()
+            raise
+        if self._error is not None:
+            raise self._error

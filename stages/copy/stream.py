@@ -1,0 +1,194 @@
+"""One table's rows, from the source's snapshot into the preview, without a file.
+
+`COPY … TO STDOUT` on the source writes each row into a pipe; `COPY … FROM STDIN` on the
+preview reads the pipe in large chunks. Nothing is compressed and nothing lands on disk;
+the pipe and one write buffer are all the memory a stream holds. The preview's side runs
+in the table's own transaction, after `TRUNCATE`, with `FREEZE`: the rows are written
+frozen, so the first VACUUM has nothing to do, and a failed copy leaves the table empty.
+
+Both sides' row counts come back (`COPY n`): they are the same snapshot's rows, so the
+source count is exact without a separate `count(*)`, and a difference is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+PIPE_BYTES = 1 << 20
+WRITE_BUFFER = 1 << 18
+READ_CHUNK = 1 << 17
+STOP_GRACE_SECONDS = 5.0
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' fcntl
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A table whose rows are copied: `key` is "schema.table" (the report's name),
+    `columns` the stored columns in order (generated and dropped ones left out),
+    `bytes` its size on the source (heap and TOAST), an estimate of what streams."""
+
+    key: str
+    schema: str
+    name: str
+    columns: tuple[str, ...]
+    bytes: int
+
+    def column_list(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
+
+    def copy_out(self) -> sql.Composable:
+        if not self.columns:
+            return sql.SQL("COPY {} TO STDOUT").format(sql.Identifier(self.schema, self.name))
+        return sql.SQL("COPY {} ({}) TO STDOUT").format(sql.Identifier(self.schema, self.name), self.column_list())
+
+    def copy_in(self) -> sql.Composable:
+        if not self.columns:
+            return sql.SQL("COPY {} FROM STDIN WITH (FREEZE)").format(sql.Identifier(self.schema, self.name))
+        return sql.SQL("COPY {} ({}) FROM STDIN WITH (FREEZE)").format(
+            sql.Identifier(self.schema, self.name), self.column_list()
+        )
+
+
+class Flow:
+    """What has streamed so far (rows, bytes) and when the last row came: read by the
+    progress reporter and the stall watchdog from other threads (plain ints: a reader
+    may see a value one row old, never a torn one)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bytes = 0
+        self.last = time.monotonic()
+
+
+class _Sink:
+    """Where psycopg2 writes the source's rows (one `write` per row)."""
+
+    def __init__(self, fd: int, flow: Flow) -> None:
+        self._out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._flow = flow
+
+    def write(self, data: bytes) -> int:
+        flow = self._flow
+        flow.rows += 1
+        flow.bytes += len(data)
+        flow.last = time.monotonic()
+        return self._out.write(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._out.close()
+
+
+class UpstreamFailed(Exception):
+    """The source side of a stream failed: the preview's COPY is aborted, not ended."""
+
+
+class _Tap:
+    """What psycopg2 reads the preview's rows from: the pipe, until the source side has
+    finished; an end of the pipe without a finished source aborts the COPY."""
+
+    def __init__(self, fd: int, finished: threading.Event, failed: list[BaseException]) -> None:
+        self._fd = fd
+        self._finished = finished
+        self._failed = failed
+
+    def read(self, size: int = READ_CHUNK) -> bytes:
+        data = os.read(self._fd, max(size, READ_CHUNK))
+        if not data:
+            self._finished.wait()
+            if self._failed:
+                raise UpstreamFailed("the source side of the copy failed")
+        return data
+
+
+@dataclass(frozen=True)
+class Copied:
+    source_rows: int
+    target_rows: int
+    bytes: int
+
+
+class CountMismatch(Exception):
+    """The preview received a different number of rows than the source sent."""
+
+
+def stream_table(
+    table: SourceTable,
+    source: psycopg2.extensions.connection,
+    target: psycopg2.extensions.connection,
+    flow: Flow,
+) -> Copied:
+    """Copy `table` from `source` (a session in the exported snapshot) into `target`
+    (a session in the preview, not in autocommit), and commit the preview's side.
+
+    Raises the source's error (psycopg2's) if the source side fails, the preview's if
+    that side fails (the preview's transaction is rolled back either way), and
+    CountMismatch if the counts differ."""
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    finished = threading.Event()
+    failed: list[BaseException] = []
+    sink = _Sink(write_fd, flow)
+    counts: list[int] = []
+
+    def produce() -> None:
+        try:
+            with source.cursor() as cur:
+                cur.copy_expert(table.copy_out(), sink, size=WRITE_BUFFER)
+                counts.append(cur.rowcount)
+            sink.close()
+        except BaseException as err:  # noqa: BLE001 - handed to the consuming thread
+            failed.append(err)
+            sink.close()
+        finally:
+            finished.set()
+
+    producer = threading.Thread(target=produce, name=f"copy-out-{table.key}", daemon=True)
+    tap = _Tap(read_fd, finished, failed)
+    try:
+        with target.cursor() as cur:
+            cur.execute(sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(table.schema, table.name)))
+            producer.start()
+            try:
+                cur.copy_expert(table.copy_in(), tap, size=READ_CHUNK)
+            except BaseException:
+                if failed:  # the source failed first: that is the news
+                    raise failed[0] from None
+                raise
+            target_rows = cur.rowcount
+        if failed:
+            raise failed[0]
+        source_rows = counts[0]
+        if source_rows != target_rows:
+            raise CountMismatch(
+                f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}"
+            )
+        target.commit()
+        return Copied(source_rows, target_rows, flow.bytes)
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            target.rollback()
+        raise
+    finally:
+        os.close(read_fd)  # a producer still writing gets EPIPE and stops
+        if producer.ident is None:  # never started (the TRUNCATE failed)
+            sink.close()
+        elif producer.is_alive():
+            # One that waits on the source instead is interrupted there.
+            with contextlib.suppress(psycopg2.Error):
+                source.cancel()
+            producer.join(STOP_GRACE_SECONDS)
+            watchdog = getattr(source, "watchdog", None)
+            if producer.is_alive() and watchdog is not None:
+                watchdog.fire()  # the source ignores cancels: its socket is shut
+            producer.join()
