@@ -173,6 +173,10 @@ class CopyPlan:
 
     tables: list[SourceTable]
     owned_blocks: list[tuple[Block, Owned]]
+    # The rest of post-data: as blocks run in the archive's order (pg_restore -L would
+    # leave out the comments of entries it is not given), or, when pg_restore's
+    # rendering could not be split, every post-data entry, for pg_restore.
+    rest_blocks: list[Block]
     rest: list[TocEntry]
     preamble: str
 
@@ -184,7 +188,6 @@ def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> C
     restored_tables = {(e.namespace, e.name) for e in kept if e.desc == "TABLE"}
     tables = [t for t in snapshot.catalog.tables if (t.schema, t.name) in restored_tables]
     keys = {t.key for t in tables}
-    post = {e.dump_id for e in kept}
     owned_blocks: list[tuple[Block, Owned]] = []
     taken: set[int] = set()
     if rendered.exact:
@@ -194,8 +197,10 @@ def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> C
                 continue
             owned_blocks.append((block, owned))
             taken.add(block.entry.dump_id)
-    rest = [e for e in kept if e.dump_id in post and e.dump_id not in taken]
-    return CopyPlan(tables, owned_blocks, rest, rendered.preamble)
+    if rendered.exact:
+        rest_blocks = [block for block in rendered.blocks if block.entry.dump_id not in taken]
+        return CopyPlan(tables, owned_blocks, rest_blocks, [], rendered.preamble)
+    return CopyPlan(tables, [], [], list(kept), rendered.preamble)
 
 
 @dataclass
@@ -290,9 +295,12 @@ def copy_rows(
                     with contextlib.suppress(psycopg2.Error):
                         conn.cancel()
 
-    def started(_task: Task[Lane]) -> None:
+    def check_stopped() -> None:
         if stop.is_set():
             raise failure[0] if failure else PermanentError("the copy was stopped")
+
+    def started(_task: Task[Lane]) -> None:
+        check_stopped()
 
     def finished(task: Task[Lane]) -> None:
         with progress.lock:
@@ -314,7 +322,11 @@ def copy_rows(
         Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
         _raise_first(failure)
         progress.step, progress.phase = "indexes", "restoring triggers, policies and materialized views"
-        restore_rest(plan.rest)
+        if plan.rest:
+            restore_rest(plan.rest)
+        for block in plan.rest_blocks:
+            check_stopped()
+            _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
         progress.step, progress.phase = "analyze", "analyzing the tables"
         analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
         Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()

@@ -79,7 +79,7 @@ def test_live_import_of_every_object_kind(control_db, fidelity_source):
     job = run_import(control_db, world, pg.url_for(fidelity_source, sslmode="disable"))
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
-    assert pg.schema_dump(live) == pg.schema_dump(fidelity_source)
+    assert pg.schema_dump(live) == pg.schema_dump(fidelity_source), pg.schema_difference(fidelity_source, live)
     report = job.facts["report"]
     assert_report_matches(report, fidelity_source, live, basis="source snapshot")
     assert {k: v["source"] for k, v in report["objects"].items()} == {k: v["target"] for k, v in report["objects"].items()}

@@ -71,6 +71,13 @@ def load_corpus(name: str, dbname: str, *, url: str | None = None) -> None:
         raise ValueError(name)
 
 
+def schema_difference(a: str, b: str) -> str:
+    """The unified diff of two databases' schema dumps ("" when they are the same)."""
+    import difflib
+
+    return "\n".join(difflib.unified_diff(schema_dump(a).splitlines(), schema_dump(b).splitlines(), a, b, lineterm="", n=2))
+
+
 def schema_dump(dbname: str) -> str:
     """pg_dump --schema-only, normalised for comparison between two databases."""
     out = subprocess.run(
