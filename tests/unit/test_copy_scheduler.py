@@ -1,0 +1,98 @@
+"""The copy's list scheduler: dependencies, critical path first, no conflicting locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from stages.copy.scheduler import Schedule, Task, rank
+
+
+def _recorder():
+    log: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+
+    def make(name: str, seconds: float = 0.0):
+        def run(_lane: object) -> None:
+            with lock:
+                log.append(("start", name, time.monotonic()))
+            if seconds:
+                time.sleep(seconds)
+            with lock:
+                log.append(("end", name, time.monotonic()))
+
+        return run
+
+    return log, make
+
+
+def test_rank_is_the_longest_chain_to_the_end():
+    a = Task[None]("a", 1, lambda _l: None)
+    b = Task[None]("b", 10, lambda _l: None, after=[a])
+    c = Task[None]("c", 2, lambda _l: None, after=[a])
+    d = Task[None]("d", 5, lambda _l: None, after=[c])
+    rank([a, b, c, d])
+    assert (a.rank, b.rank, c.rank, d.rank) == (11, 10, 7, 5)
+
+
+def test_the_table_with_the_longest_index_build_is_copied_first_even_if_smaller():
+    log, make = _recorder()
+    big = Task[None]("copy big", 100, make("copy big"), frozenset({"big"}))
+    small = Task[None]("copy small", 10, make("copy small"), frozenset({"small"}))
+    gin = Task[None]("gin on small", 500, make("gin on small"), frozenset({"small"}), exclusive=False, after=[small])
+    btree = Task[None]("btree on big", 40, make("btree on big"), frozenset({"big"}), exclusive=False, after=[big])
+    Schedule([big, small, gin, btree], [None]).run()
+    starts = [name for event, name, _ in log if event == "start"]
+    assert starts[0] == "copy small"
+    assert starts.index("gin on small") < starts.index("btree on big")
+
+
+def test_dependencies_are_honoured_on_many_lanes():
+    log, make = _recorder()
+    tasks: list[Task[None]] = []
+    for i in range(20):
+        copy = Task[None](f"copy {i}", i, make(f"copy {i}", 0.005), frozenset({f"t{i}"}))
+        index = Task[None](f"index {i}", 2 * i, make(f"index {i}", 0.005), frozenset({f"t{i}"}), exclusive=False, after=[copy])
+        tasks += [copy, index]
+    Schedule(tasks, [1, 2, 3, 4]).run()
+    when = {(event, name): at for event, name, at in log}
+    for i in range(20):
+        assert when[("end", f"copy {i}")] <= when[("start", f"index {i}")]
+
+
+def test_exclusive_tasks_on_a_table_never_overlap_shared_ones_may():
+    log, make = _recorder()
+    copy = Task[None]("copy", 1, make("copy"), frozenset({"t"}))
+    indexes = [
+        Task[None](f"index {i}", 5, make(f"index {i}", 0.05), frozenset({"t"}), exclusive=False, after=[copy])
+        for i in range(3)
+    ]
+    fk_a = Task[None]("fk a", 1, make("fk a", 0.05), frozenset({"t", "u"}), after=indexes)
+    fk_b = Task[None]("fk b", 1, make("fk b", 0.05), frozenset({"u", "t"}), after=indexes)
+    Schedule([copy, *indexes, fk_a, fk_b], [1, 2, 3]).run()
+    spans: dict[str, list[float]] = {}
+    for event, name, at in log:
+        spans.setdefault(name, []).append(at)
+
+    def overlap(x: str, y: str) -> bool:
+        return spans[x][0] < spans[y][1] and spans[y][0] < spans[x][1]
+
+    assert not overlap("fk a", "fk b")  # they lock the same tables: one after the other
+    assert any(overlap(f"index {i}", f"index {j}") for i in range(3) for j in range(3) if i < j)
+
+
+def test_the_first_failure_stops_the_schedule_and_is_raised():
+    ran: list[str] = []
+    stopped: list[BaseException] = []
+
+    def fail(_lane: object) -> None:
+        raise ValueError("boom")
+
+    first = Task[None]("first", 10, fail)
+    later = Task[None]("later", 1, lambda _l: ran.append("later"), after=[first])
+    with pytest.raises(ValueError, match="boom"):
+        Schedule([first, later], [None, None], on_failure=stopped.append).run()
+    assert ran == []
+    assert [str(e) for e in stopped] == ["boom"]
