@@ -8,10 +8,15 @@ and removed when the stage ends, so a retry on any worker starts afresh.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from typing import TYPE_CHECKING, Any
 
+import peewee
+import psycopg2
+
+from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
@@ -21,6 +26,25 @@ from stages.toc import TocEntry
 
 if TYPE_CHECKING:
     from pipeline.import_steps import ImportSteps, StageContext
+
+log = logging.getLogger(__name__)
+
+
+def _report(context: StageContext, report: dict[str, Any]) -> None:
+    """Progress from the copy's reporter thread. A control database that blips loses a
+    report, not the copy (the heartbeat holds the claim); a lost claim or a cancel
+    raised here stops the copy."""
+    try:
+        context.progress(report)
+    except (peewee.PeeweeException, psycopg2.Error, ControlDatabaseUnavailable) as err:
+        log.warning("job %s: could not record progress: %s", context.job.id, type(err).__name__)
+        _close_thread_connection()
+
+
+def _close_thread_connection() -> None:
+    """The reporter thread's own control-database connection, if it opened one."""
+    if not database.is_closed():
+        database.close()
 
 
 def source_settings(steps: ImportSteps) -> SourceSettings:
@@ -93,7 +117,8 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
                 restore_data_section=lambda: restore_section(tools, target, archive, "data", list_file=list_file),
                 maintenance_work_mem=settings.maintenance_work_mem,
                 cancellation=context.cancellation,
-                on_progress=context.progress,
+                on_progress=lambda report: _report(context, report),
+                on_report_end=_close_thread_connection,
                 statement_timeout_ms=remaining_ms,
             )
             planned.pop("toc_kinds", None)

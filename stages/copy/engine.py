@@ -255,6 +255,7 @@ def copy_rows(
     cancellation: Cancellation | None,
     on_progress: Progress,
     statement_timeout_ms: int,
+    on_report_end: Callable[[], None] = lambda: None,
 ) -> CopyResult:
     """Run the copy (see the module's docstring); return both sides' row counts.
 
@@ -312,7 +313,7 @@ def copy_rows(
         else (lambda: None)
     )
     reporter = threading.Thread(
-        target=_report, args=(progress, stop, on_progress, interrupt, settings.stall_seconds), daemon=True
+        target=_report, args=(progress, stop, on_progress, interrupt, settings.stall_seconds, on_report_end), daemon=True
     )
     try:
         for _ in range(max(1, lanes)):
@@ -531,10 +532,24 @@ def _report(
     on_progress: Progress,
     interrupt: Callable[[BaseException], None],
     stall_seconds: float,
+    on_end: Callable[[], None],
 ) -> None:
     """Every PROGRESS_SECONDS: report the step, tables and bytes done of total, rows
     per second and an ETA (from the work done so far, in cost units); stop the copy when
     a table's rows stop coming for `stall_seconds`."""
+    try:
+        _report_until_stopped(progress, stop, on_progress, interrupt, stall_seconds)
+    finally:
+        on_end()
+
+
+def _report_until_stopped(
+    progress: _Progress,
+    stop: threading.Event,
+    on_progress: Progress,
+    interrupt: Callable[[BaseException], None],
+    stall_seconds: float,
+) -> None:
     while not stop.wait(PROGRESS_SECONDS):
         now = time.monotonic()
         with progress.lock:
