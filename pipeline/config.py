@@ -233,7 +233,7 @@ class Settings:
             extension_allowlist=_list(env, "CAPY_EXTENSION_ALLOWLIST", d.extension_allowlist),
             allow_private_sources=_bool(env, "CAPY_ALLOW_PRIVATE_SOURCES", dev or d.allow_private_sources),
             work_dir=env.get("CAPY_WORK_DIR") or d.work_dir,
-            concurrency=_int(env, "CAPY_CONCURRENCY", d.concurrency),
+            concurrency=_positive(env, "CAPY_CONCURRENCY", d.concurrency, rule="a whole number above 0"),
             maintenance_work_mem=_memory(env, "CAPY_MAINTENANCE_WORK_MEM", d.maintenance_work_mem),
             pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
             source_connect_timeout=_int(env, "CAPY_SOURCE_CONNECT_TIMEOUT", d.source_connect_timeout),

@@ -135,7 +135,8 @@ def _stage_to_run(
         raise InvalidRequest(
             f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight"
         )
-    if stage == Stage.RESTORE.value and not os.path.exists(job.facts.get("dump_path") or ""):
+    # A live import's restore copies from the source again; an upload's needs fetch's dump.
+    if stage == Stage.RESTORE.value and job.upload_key and not os.path.exists(job.facts.get("dump_path") or ""):
         raise InvalidRequest(
             f"the dump job {job.id}'s fetch stage made is no longer in CAPY_WORK_DIR (it is removed when a job "
             "ends); retry with --from-stage fetch"

@@ -28,6 +28,8 @@ def test_values_are_converted_where_read():
     )
     assert settings.allow_private_sources is True
     assert settings.concurrency == 8
+    assert settings.maintenance_work_mem == "256MB"
+    assert Settings.from_env({"CAPY_MAINTENANCE_WORK_MEM": "1GB"}).maintenance_work_mem == "1GB"
     assert settings.extension_allowlist == ("citext", "hstore")
     assert settings.s3_public_endpoint == "http://minio:9000"
     assert not settings.uses_dev_secret
@@ -37,6 +39,9 @@ def test_values_are_converted_where_read():
     ("env", "message"),
     [
         ({"CAPY_CONCURRENCY": "many"}, "CAPY_CONCURRENCY must be a whole number"),
+        ({"CAPY_CONCURRENCY": "0"}, "CAPY_CONCURRENCY must be"),
+        ({"CAPY_MAINTENANCE_WORK_MEM": "lots"}, "CAPY_MAINTENANCE_WORK_MEM must be a size such as 256MB"),
+        ({"CAPY_MAINTENANCE_WORK_MEM": "256MB; DROP"}, "CAPY_MAINTENANCE_WORK_MEM must be a size"),
         ({"CAPY_ALLOW_PRIVATE_SOURCES": "maybe"}, "CAPY_ALLOW_PRIVATE_SOURCES must be true or false"),
     ],
 )
