@@ -300,10 +300,12 @@ def copy_rows(
         if stop.is_set():
             raise failure[0] if failure else PermanentError("the copy was stopped")
 
-    def started(_task: Task[Lane]) -> None:
+    def started(task: Task[Lane]) -> None:
         check_stopped()
+        log.debug("copy: %.1f s: %s starts (rank %.0f)", time.monotonic() - progress.started, task.name, task.rank)
 
     def finished(task: Task[Lane]) -> None:
+        log.debug("copy: %.1f s: %s done", time.monotonic() - progress.started, task.name)
         with progress.lock:
             progress.cost_done += task.cost
 
@@ -570,8 +572,9 @@ def _report_until_stopped(
             if now - flow.last > stall_seconds:
                 interrupt(
                     CopyStalled(
-                        f"the rows of table {key} stopped coming from the source for {stall_seconds:g} s "
-                        "(CAPY_COMMAND_STALL_SECONDS); the source may be locked or overloaded; the import is retried"
+                        f"the copy of table {key} made no progress for {stall_seconds:g} s "
+                        "(CAPY_COMMAND_STALL_SECONDS): its rows stopped coming from the source, which may be "
+                        "locked or overloaded; the import is retried"
                     )
                 )
                 return

@@ -48,7 +48,7 @@ def test_a_table_whose_rows_stop_coming_stops_the_copy(monkeypatch):
     engine._report(progress, threading.Event(), lambda report: None, stopped.append, 60, lambda: ended.append(True))
     (err,) = stopped
     assert isinstance(err, engine.CopyStalled)
-    assert "public.t stopped coming from the source for 60 s" in str(err)
+    assert "the copy of table public.t made no progress for 60 s" in str(err)
     assert ended == [True]  # the reporter's own resources are released
 
 
