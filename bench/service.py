@@ -128,8 +128,33 @@ class ServiceBench:
                 f"the import {job['id']} ended {job['state']}: {job.get('error')}; "
                 f"stderr: {(job.get('last_stderr') or '')[-800:]}"
             )
-        extra = {**peaks.as_dict(), "job_id": job["id"], "attempts": job.get("attempts"), **_server_times(job)}
+        extra = {
+            **peaks.as_dict(),
+            "job_id": job["id"],
+            "attempts": job.get("attempts"),
+            **_server_times(job),
+            "stage_s": self._stage_seconds(job_id),
+        }
         return Timed(seconds, project.database, extra=extra, cleanup=lambda: self.drop_project_databases(project))
+
+    def _stage_seconds(self, job_id: str) -> dict[str, float]:
+        """Seconds from each stage's claim to the next event of the job (its end), from
+        the job's events in the instance's control database: where the time went."""
+        import psycopg2
+
+        with psycopg2.connect(self.settings.database_url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT at, reason FROM job_events WHERE job_id = %s ORDER BY id", (job_id,))
+            events = cur.fetchall()
+        conn.close()
+        seconds: dict[str, float] = {}
+        for (at, reason), (next_at, _next) in zip(events, events[1:]):
+            stage = reason.split(" ", 1)[0]
+            if " claimed" in reason:
+                seconds[stage] = round(seconds.get(stage, 0.0) + (next_at - at).total_seconds(), 3)
+        if events:
+            claimed = next((at for at, reason in events if " claimed" in reason), events[0][0])
+            seconds["before first claim"] = round((claimed - events[0][0]).total_seconds(), 3)
+        return seconds
 
     def _wait(self, project: Project, job_id: str, timeout: float = JOB_TIMEOUT_SECONDS) -> dict:
         deadline = time.monotonic() + timeout

@@ -168,14 +168,19 @@ class ImportSteps:
         self.sealer = sealer
         self.store = store
         self.clock = clock
+        # The admin of each job whose stage runs now (one per job: a job runs one stage at a time).
+        self._stage_admins: dict[str, ClusterAdmin] = {}
 
     # -- helpers -----------------------------------------------------------------
 
     def run(self, stage: str, context: StageContext) -> dict[str, Any]:
         """Run one stage. Whatever a stage stopped by a cancel raises (a killed tool's
         error, a dropped connection) becomes Cancelled; by a lost claim, ClaimLost."""
+        admin = cluster_admin(Cluster.get_by_id(context.job.cluster_id), self.sealer)
+        self._stage_admins[context.job.id] = admin
         try:
-            return getattr(self, stage)(context)
+            with admin.held_session():
+                return getattr(self, stage)(context)
         except jobs.ClaimLost:
             raise
         except Cancelled as err:
@@ -190,9 +195,14 @@ class ImportSteps:
             if reason is not None:
                 raise Cancelled(reason) from err
             raise
+        finally:
+            self._stage_admins.pop(context.job.id, None)
 
     def _admin(self, job: Job) -> ClusterAdmin:
-        return cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
+        """The job's cluster's admin; during a stage the same one (its maintenance
+        session held for the stage, see ClusterAdmin.held_session)."""
+        admin = self._stage_admins.get(job.id)
+        return admin if admin is not None else cluster_admin(Cluster.get_by_id(job.cluster_id), self.sealer)
 
     def _tools(self, context: StageContext, *, cancellable: bool = True) -> PgTools:
         """The target cluster's major version of the tools; each run is recorded on the

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -106,10 +107,30 @@ class ClusterAdmin:
         # The admin URL is ours, not a user's: no sslmode is forced on it.
         self.url = SourceURL.parse(admin_url, default_sslmode=None)
         self.timeout = timeout
+        self._held = threading.local()
+
+    @contextlib.contextmanager
+    def held_session(self) -> Iterator[None]:
+        """Within it, this thread's sessions in the maintenance database are one, opened
+        on first use and closed at the end (a stage makes dozens of short admin calls;
+        connecting for each costs more than most of them)."""
+        if getattr(self._held, "active", False):
+            yield
+            return
+        self._held.active, self._held.conn = True, None
+        try:
+            yield
+        finally:
+            conn, self._held.active, self._held.conn = self._held.conn, False, None
+            if conn is not None:
+                conn.close()
 
     @contextlib.contextmanager
     def connection(self, dbname: str | None = None) -> Iterator[psycopg2.extensions.connection]:
         """An admin session (search_path pinned), in the maintenance database by default."""
+        if dbname is None and getattr(self._held, "active", False):
+            yield from self._held_connection()
+            return
         url = self.url if dbname is None else self.url.with_params(dbname=dbname)
         conn = connect(pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True)
         try:
@@ -117,6 +138,25 @@ class ClusterAdmin:
                 yield conn
         finally:
             conn.close()
+
+    def _held_connection(self) -> Iterator[psycopg2.extensions.connection]:
+        """The held session, handed back as a fresh one would be: not in a transaction,
+        not in autocommit. One that failed in any way is closed, not reused."""
+        conn = self._held.conn
+        if conn is None or conn.closed:
+            conn = connect(pinned(self.url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True)
+            self._held.conn = conn
+        try:
+            with _waits_explained("the maintenance database"):
+                yield conn
+            if conn.autocommit:
+                conn.autocommit = False
+            else:
+                conn.rollback()
+        except BaseException:
+            self._held.conn = None
+            conn.close()
+            raise
 
     def role_url(self, dbname: str, login: RoleLogin) -> SourceURL:
         """The cluster's address, as `login`, in `dbname` (for pg_restore and psql)."""

@@ -7,6 +7,10 @@ the allowlisted extensions created first by the admin. Both are named
 ``capy_rehearsal_<unix time>_<random>`` and dropped when the rehearsal ends, whatever
 ended it; `capy-imports sweep` drops any a killed process left behind once they are
 older than `STALE_AFTER_SECONDS` (the time tells it, no record is needed).
+
+The drop runs in a thread of its own, after the rehearsal's result is known: DROP
+DATABASE waits for a checkpoint of the cluster (a fraction of a second, more on a busy
+one), which no preflight should wait for. `wait_for_drops` waits for those under way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,9 +57,10 @@ class Scratch:
 class Sandbox:
     """Makes rehearsal databases on one cluster (`admin`)."""
 
-    def __init__(self, admin: ClusterAdmin, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, admin: ClusterAdmin, *, clock: Callable[[], float] = time.time, background: bool = True) -> None:
         self.admin = admin
         self.clock = clock
+        self.background = background
 
     @contextlib.contextmanager
     def database(self, extensions: dict[str, str]) -> Iterator[Scratch]:
@@ -67,7 +73,10 @@ class Sandbox:
             self.admin.create_extensions(name, login.name, extensions)
             yield Scratch(self.admin, name, login)
         finally:
-            self.drop(name)
+            if self.background:
+                _start_drop(self, name)
+            else:
+                self.drop(name)
 
     def drop(self, name: str) -> None:
         """Drop a rehearsal database and its role; a failure is logged, and left to the
@@ -77,3 +86,36 @@ class Sandbox:
                 drop(name)
             except Exception:  # the sweep retries; the caller's own error matters more
                 log.exception("could not drop the rehearsal %s %s", what, name)
+
+
+_dropping: set[threading.Thread] = set()
+_dropping_lock = threading.Lock()
+
+
+def _start_drop(sandbox: Sandbox, name: str) -> None:
+    def run() -> None:
+        try:
+            sandbox.drop(name)
+        finally:
+            with _dropping_lock:
+                _dropping.discard(thread)
+
+    thread = threading.Thread(target=run, name=f"drop-{name}", daemon=True)
+    with _dropping_lock:
+        _dropping.add(thread)
+    thread.start()
+
+
+def wait_for_drops(timeout: float = 60.0) -> None:
+    """Wait for the rehearsal databases being dropped in the background (tests, and a
+    process on its way out)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _dropping_lock:
+            threads = list(_dropping)
+        if not threads:
+            return
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if time.monotonic() >= deadline:
+            return

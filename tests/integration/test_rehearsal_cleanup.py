@@ -11,7 +11,7 @@ import pytest
 from pipeline.sealing import Sealer
 from pipeline.sweep import sweep
 from stages.cluster import ClusterAdmin
-from stages.preflight.sandbox import REHEARSAL_PREFIX, STALE_AFTER_SECONDS, Sandbox, is_stale
+from stages.preflight.sandbox import REHEARSAL_PREFIX, STALE_AFTER_SECONDS, Sandbox, is_stale, wait_for_drops
 from tests.support import pg
 from tests.support.world import make_world
 
@@ -30,6 +30,7 @@ def test_a_rehearsal_database_is_dropped_even_when_the_rehearsal_fails():
         assert exists(scratch.database) == (True, True)
         raise RuntimeError("boom")
     assert seen[0].startswith(REHEARSAL_PREFIX)
+    wait_for_drops()
     assert exists(seen[0]) == (False, False)
 
 
