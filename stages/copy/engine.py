@@ -14,9 +14,10 @@ The order of work (see `copy_rows` for the schedule):
    session, run the tasks (stages.copy.scheduler): every table's COPY, its indexes
    (a primary key's or unique constraint's index too, built as a plain unique index),
    then its constraints, then foreign keys once both tables are done, the archive's
-   data section (sequences, large objects) alongside; then the rest of the post-data
-   section (triggers, policies, materialized views refreshed after their indexes…) with
-   pg_restore; then ANALYZE of every table, in parallel.
+   data section (sequences, large objects) alongside, and each table's ANALYZE once
+   nothing more is built on it; then the rest of the post-data section (triggers,
+   policies, materialized views refreshed after their indexes…) in the archive's order.
+   (With extended statistics in the schema, every ANALYZE waits for them, at the end.)
 
 Preview sessions run with synchronous_commit off and a sized maintenance_work_mem: an
 interrupted copy is restarted from the beginning anyway, so nothing is lost by it.
@@ -58,6 +59,7 @@ Progress = Callable[[dict[str, Any]], None]
 # trigram GIN index takes many times a btree's time (issue 11: 35-46 s on 60k rows).
 INDEX_COST = {"btree": 0.4, "hash": 0.4, "brin": 0.05, "gist": 3.0, "spgist": 2.0, "gin": 8.0}
 FOREIGN_KEY_COST = 0.2
+ANALYZE_COST = 64 * 1024
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
@@ -266,7 +268,10 @@ def copy_rows(
     settings = snapshot.settings
     counts: dict[str, tuple[int, int]] = {}
     progress = _Progress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
-    tasks = _tasks(snapshot, plan, counts, restore_data_section, progress)
+    # Extended statistics (CREATE STATISTICS, with the rest of post-data) are only
+    # computed by an ANALYZE after them: with any, every table is analyzed at the end.
+    analyze_each = not any(block.entry.desc == "STATISTICS" for block in plan.rest_blocks) and not plan.rest
+    tasks = _tasks(snapshot, plan, counts, restore_data_section, progress, analyze_each=analyze_each)
     progress.cost_total = sum(t.cost for t in tasks)
     sessions: list[Lane] = []
     stop = threading.Event()
@@ -330,10 +335,11 @@ def copy_rows(
         for block in plan.rest_blocks:
             check_stopped()
             _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
-        progress.step, progress.phase = "analyze", "analyzing the tables"
-        analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
-        Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
-        _raise_first(failure)
+        if not analyze_each:
+            progress.step, progress.phase = "analyze", "analyzing the tables"
+            analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
+            Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
+            _raise_first(failure)
     except BaseException as err:
         # A lane's error caused by the interruption (a cancelled statement) is not the news.
         if failure and err is not failure[0]:
@@ -397,6 +403,8 @@ def _tasks(
     counts: dict[str, tuple[int, int]],
     restore_data_section: Callable[[], None],
     progress: _Progress,
+    *,
+    analyze_each: bool,
 ) -> list[Task[Lane]]:
     """The schedule: copy → indexes → constraints → foreign keys, per table."""
     by_table = {t.key: t for t in plan.tables}
@@ -439,18 +447,24 @@ def _tasks(
             tasks.append(done[key])
         else:
             done[key] = copies[key]
+    last: dict[str, list[Task[Lane]]] = {key: [task] for key, task in done.items()}
     for block, owned in foreign:
         assert owned.references is not None
         tables = frozenset({owned.table, owned.references})
-        tasks.append(
-            Task(
-                f"foreign key {block.entry.name}",
-                TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
-                _execute(block.sql, f"foreign key {block.entry.name}"),
-                tables,
-                after=[done[owned.table], done[owned.references]],
-            )
+        fk = Task[Lane](
+            f"foreign key {block.entry.name}",
+            TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
+            _execute(block.sql, f"foreign key {block.entry.name}"),
+            tables,
+            after=[done[owned.table], done[owned.references]],
         )
+        tasks.append(fk)
+        last[owned.table].append(fk)
+        last[owned.references].append(fk)
+    if analyze_each:
+        # Each table's statistics as soon as nothing more is built on it, beside the others' work.
+        for key, table in by_table.items():
+            tasks.append(Task[Lane](f"analyze {key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), frozenset({key}), after=last[key]))
 
     def data_section(_lane: Lane) -> None:
         restore_data_section()
