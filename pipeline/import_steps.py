@@ -25,6 +25,7 @@ from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload, rehearsal_setup
+from pipeline.restore_slots import wait_for_restore_slot
 from pipeline.sealing import Sealer
 from stages import dbsettings, toc
 from stages.archivecheck import check_complete, encoding_of
@@ -474,6 +475,7 @@ class ImportSteps:
     def restore(self, context: StageContext) -> dict[str, Any]:
         """Restore into a fresh preview owned by the import's restore role, as that role:
         the dump's SQL can reach nothing but this preview."""
+        wait_for_restore_slot(context, self.settings)  # held until this claim of the stage ends
         job = context.job
         dump_path = job.facts["dump_path"]
         if not os.path.exists(dump_path):

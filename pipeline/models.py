@@ -64,6 +64,8 @@ class Cluster(BaseModel):
     admin_url_encrypted = peewee.TextField()
     server_major = peewee.IntegerField()
     created_at = TZField(default=utcnow)
+    # Restores into this cluster at once; None follows CAPY_CLUSTER_RESTORE_LIMIT.
+    restore_limit = peewee.IntegerField(null=True)
 
     class Meta:
         table_name = "clusters"
@@ -203,3 +205,17 @@ class Upload(BaseModel):
 
     class Meta:
         table_name = "uploads"
+
+
+class RestoreSlot(BaseModel):
+    """One of a cluster's restore slots, held by one claim of a job's restore stage
+    (pipeline.restore_slots): it counts only while that claim holds the job."""
+
+    job = peewee.ForeignKeyField(Job, column_name="job_id", primary_key=True)
+    cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    claimed_by = peewee.TextField()
+    claimed_at = TZField()
+    acquired_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "restore_slots"
