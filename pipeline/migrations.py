@@ -216,7 +216,8 @@ MIGRATIONS: list[tuple[str, str]] = [
         """
         -- Per-cluster limit on concurrent restores; NULL follows CAPY_CLUSTER_RESTORE_LIMIT.
         ALTER TABLE clusters ADD COLUMN restore_limit integer CHECK (restore_limit > 0);
-        -- A restore slot belongs to one claim of a job's restore stage (claimed_by and
+        -- A restore slot (acquired_at set), or a place in the cluster's queue for one
+        -- (queued_at), belongs to one claim of a job's restore stage (claimed_by and
         -- claimed_at as the job row had them): it counts only while that claim still
         -- holds the job with a fresh heartbeat (pipeline.restore_slots), so a dead
         -- worker's slot frees itself; rows of ended claims are deleted lazily.
@@ -225,7 +226,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             cluster_id text NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
             claimed_by text NOT NULL,
             claimed_at timestamptz NOT NULL,
-            acquired_at timestamptz NOT NULL DEFAULT now()
+            queued_at timestamptz NOT NULL,
+            acquired_at timestamptz
         );
         CREATE INDEX restore_slots_cluster ON restore_slots (cluster_id);
         """,

@@ -208,14 +208,17 @@ class Upload(BaseModel):
 
 
 class RestoreSlot(BaseModel):
-    """One of a cluster's restore slots, held by one claim of a job's restore stage
-    (pipeline.restore_slots): it counts only while that claim holds the job."""
+    """One claim of a job's restore stage holding one of its cluster's restore slots, or
+    waiting for one (pipeline.restore_slots): it counts only while that claim holds the job."""
 
     job = peewee.ForeignKeyField(Job, column_name="job_id", primary_key=True)
     cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
     claimed_by = peewee.TextField()
     claimed_at = TZField()
-    acquired_at = TZField(default=utcnow)
+    # When the job began to wait for a slot (its place in the cluster's queue)...
+    queued_at = TZField()
+    # ...and when it got one; None while it waits.
+    acquired_at = TZField(null=True)
 
     class Meta:
         table_name = "restore_slots"

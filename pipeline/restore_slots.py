@@ -4,12 +4,16 @@ Each cluster has a limit (its own `restore_limit`, else CAPY_CLUSTER_RESTORE_LIM
 imports running their restore stage there. The restore step takes a slot before it
 touches the cluster (`wait_for_restore_slot`); a job that finds every slot taken waits
 in its worker, says so in its progress, stays cancellable, and starts as soon as a slot
-frees. It waits at most a window (`WAIT_WINDOW_SECONDS`) in one worker, so the wait does
-not eat its stage's time limit: then `StillWaiting` makes the Runner hand the stage back
-to the queue with the claim's attempt not counted, and it waits on wherever it lands.
+frees and it is its turn: waiting restores take free slots in the order they began to
+wait (a row with `queued_at` and no `acquired_at` is a place in the cluster's queue). It
+waits at most a window (`WAIT_WINDOW_SECONDS`) in one worker, so the wait does not eat
+its stage's time limit: then `StillWaiting` makes the Runner hand the stage back to the
+queue with the claim's attempt not counted, and it waits on wherever it lands, with its
+place (when it began to wait travels in its progress, `waiting_since`). Between the
+two claims, for the moment the message takes, it holds no place.
 
 **A slot is a claim's, not a connection's.** A row of `restore_slots` records the claim
-that took it (the job's `claimed_by` and `claimed_at` at that moment) and counts only
+that took it (or waits for it) (the job's `claimed_by` and `claimed_at` at that moment) and counts only
 while that same claim still holds the job at its restore stage with a heartbeat younger
 than the lease. So a slot needs no release to end: the stage's commit (restore done),
 a failure, a retry, a cancel or a takeover all change the claim, and a worker that was
@@ -48,6 +52,7 @@ from pipeline.config import Settings
 from pipeline.db import database
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.models import Cluster, Job, JobEvent, RestoreSlot, Stage, State, utcnow
+from pipeline.serialize import timestamp
 from stages.errors import CapyError
 
 log = logging.getLogger(__name__)
@@ -63,11 +68,13 @@ POLL_SECONDS = 1.0
 @dataclass(frozen=True)
 class SlotUse:
     """Restore slots of a cluster: how many are in use (counting the caller's, once it
-    has one) of how many it has."""
+    has one) of how many it has, and how many restores that queued before the caller
+    still wait for one (they go first)."""
 
     cluster_id: str
     in_use: int
     limit: int
+    ahead: int = 0
 
 
 class StillWaiting(CapyError):
@@ -92,7 +99,8 @@ def limit_of(cluster: Cluster, default: int) -> int:
 
 
 def _live(cluster_id: str, fresh_since: dt.datetime) -> Any:
-    """The cluster's slots whose claim still holds its job's restore stage, heartbeating."""
+    """The cluster's rows (slots held, places in the queue) whose claim still holds its
+    job's restore stage, heartbeating."""
     return (
         RestoreSlot.select(RestoreSlot.job)
         .join(Job, on=(Job.id == RestoreSlot.job))
@@ -108,7 +116,7 @@ def _live(cluster_id: str, fresh_since: dt.datetime) -> Any:
 
 
 def _ended(cluster_id: str) -> Any:
-    """The cluster's slots whose claim is gone for good (not merely stale)."""
+    """The cluster's rows whose claim is gone for good (not merely stale)."""
     still_held = Job.select(Job.id).where(
         (Job.id == RestoreSlot.job)
         & (Job.state == State.RUNNING.value)
@@ -123,16 +131,30 @@ def in_use(
     cluster: Cluster, *, default_limit: int, lease: dt.timedelta, now: dt.datetime | None = None
 ) -> SlotUse:
     """The cluster's restore slots in use now (for operators and progress)."""
-    fresh_since = (now or utcnow()) - lease
-    return SlotUse(cluster.id, _live(cluster.id, fresh_since).count(), limit_of(cluster, default_limit))
+    live = _live(cluster.id, (now or utcnow()) - lease)
+    return SlotUse(
+        cluster.id,
+        live.where(RestoreSlot.acquired_at.is_null(False)).count(),
+        limit_of(cluster, default_limit),
+        live.where(RestoreSlot.acquired_at.is_null()).count(),
+    )
 
 
 def try_acquire(
-    job_id: str, actor: str, *, default_limit: int, lease: dt.timedelta, now: dt.datetime | None = None
+    job_id: str,
+    actor: str,
+    *,
+    default_limit: int,
+    lease: dt.timedelta,
+    queued_at: dt.datetime | None = None,
+    now: dt.datetime | None = None,
 ) -> tuple[bool, SlotUse]:
-    """Take a restore slot of the job's cluster for `actor`'s claim of its restore stage,
-    if one is free: (True, use counting it) or (False, use). Taking it again under the same
-    claim is harmless. Raises ClaimLost when `actor` no longer holds the job's restore."""
+    """Take a restore slot of the job's cluster for `actor`'s claim of its restore stage
+    if one is free and no restore that queued earlier still waits for it: (True, use
+    counting it). Otherwise the claim keeps (or takes) its place in the cluster's queue,
+    from `queued_at` (default: now) the first time: (False, use). Taking it again under
+    the same claim is harmless. Raises ClaimLost when `actor` no longer holds the job's
+    restore stage."""
     at = now or utcnow()
     with database.atomic():
         job = (
@@ -146,27 +168,46 @@ def try_acquire(
         cluster = Cluster.select().where(Cluster.id == job.cluster_id).for_update("FOR NO KEY UPDATE").get()
         limit = limit_of(cluster, default_limit)
         RestoreSlot.delete().where(_ended(cluster.id)).execute()
+        # What is left of this job is this claim's (the claim was checked above).
+        mine = RestoreSlot.get_or_none(RestoreSlot.job == job_id)
         live = _live(cluster.id, at - lease)
-        if live.where(RestoreSlot.job == job_id).exists():
-            return True, SlotUse(cluster.id, live.count(), limit)
-        taken = live.count()
-        if taken >= limit:
-            return False, SlotUse(cluster.id, taken, limit)
-        # The claim is copied from the job row in the statement: the slot is exactly this claim's.
-        database.execute_sql(
-            "INSERT INTO restore_slots (job_id, cluster_id, claimed_by, claimed_at, acquired_at) "
-            "SELECT id, cluster_id, claimed_by, claimed_at, %s FROM jobs WHERE id = %s AND claimed_by = %s "
-            "ON CONFLICT (job_id) DO UPDATE SET claimed_by = EXCLUDED.claimed_by, "
-            "claimed_at = EXCLUDED.claimed_at, acquired_at = EXCLUDED.acquired_at",
-            (at, job_id, actor),
-        )
-        use = SlotUse(cluster.id, taken + 1, limit)
+        held = live.where(RestoreSlot.acquired_at.is_null(False)).count()
+        if mine is not None and mine.acquired_at is not None:
+            return True, SlotUse(cluster.id, held, limit)
+        queued = mine.queued_at if mine is not None else (queued_at or at)
+        ahead = live.where(
+            RestoreSlot.acquired_at.is_null()
+            & (RestoreSlot.job != job_id)
+            & (
+                (RestoreSlot.queued_at < queued)
+                | ((RestoreSlot.queued_at == queued) & (RestoreSlot.job < job_id))
+            )
+        ).count()
+        if held + ahead >= limit:
+            if mine is None:
+                _record(job_id, actor, queued=queued, acquired=None)
+            return False, SlotUse(cluster.id, held, limit, ahead)
+        _record(job_id, actor, queued=queued, acquired=at)
+        use = SlotUse(cluster.id, held + 1, limit)
         _note(job_id, actor, f"restore slot taken on cluster {cluster.id} ({use.in_use} of {limit} in use)")
         return True, use
 
 
+def _record(job_id: str, actor: str, *, queued: dt.datetime, acquired: dt.datetime | None) -> None:
+    """Write the claim's row: its place in the queue, or (`acquired`) its slot. The claim
+    is copied from the job row in the statement: the row is exactly this claim's."""
+    database.execute_sql(
+        "INSERT INTO restore_slots (job_id, cluster_id, claimed_by, claimed_at, queued_at, acquired_at) "
+        "SELECT id, cluster_id, claimed_by, claimed_at, %s, %s FROM jobs WHERE id = %s AND claimed_by = %s "
+        "ON CONFLICT (job_id) DO UPDATE SET claimed_by = EXCLUDED.claimed_by, claimed_at = EXCLUDED.claimed_at, "
+        "queued_at = EXCLUDED.queued_at, acquired_at = EXCLUDED.acquired_at",
+        (queued, acquired, job_id, actor),
+    )
+
+
 def release(job_id: str, actor: str) -> bool:
-    """Give back the slot `actor`'s claim holds, at once; False if it held none."""
+    """Give back the slot (or place in the queue) `actor`'s claim holds, at once; False
+    if it held none."""
     with database.atomic():
         gone = (
             RestoreSlot.delete()
@@ -194,18 +235,45 @@ def _note(job_id: str, actor: str, reason: str) -> None:
     )
 
 
-def waiting_progress(use: SlotUse) -> dict[str, Any]:
-    """What a job waiting for a slot shows in its progress."""
+def _counts(use: SlotUse) -> str:
+    """ "4 of 4 in use", and how many restores queued before this one still wait."""
+    return f"{use.in_use} of {use.limit} in use" + (f", {use.ahead} queued ahead" if use.ahead else "")
+
+
+def waiting_progress(use: SlotUse, since: dt.datetime) -> dict[str, Any]:
+    """What a job waiting for a slot since `since` shows in its progress."""
+    restoring = "1 import is" if use.in_use == 1 else f"{use.in_use} imports are"
+    ahead = ""
+    if use.ahead:
+        ahead = (
+            "; 1 restore that queued before it goes"
+            if use.ahead == 1
+            else f"; {use.ahead} restores that queued before it go"
+        )
+        ahead += " first"
     return {
-        "phase": f"{WAITING} ({use.in_use} of {use.limit} in use)",
+        "phase": f"{WAITING} ({_counts(use)})",
         "restore_slots_in_use": use.in_use,
         "restore_slot_limit": use.limit,
+        "restore_slot_queued_ahead": use.ahead,
+        "waiting_since": timestamp(since),
         "detail": (
-            f"{use.in_use} imports are restoring into this project's cluster, which takes at most "
-            f"{use.limit} at once; this one starts as soon as one of them finishes (waiting uses none "
-            "of its attempts)"
+            f"{restoring} restoring into this project's cluster, which takes at most {use.limit} at once"
+            f"{ahead}; this one starts as soon as a slot is its turn (waiting uses none of its attempts)"
         ),
     }
+
+
+def _waiting_since(job: Job) -> dt.datetime | None:
+    """When the job began to wait, if an earlier claim of its restore stage was waiting
+    when it was handed back (its progress says so): it keeps its place in the queue."""
+    progress = job.progress or {}
+    if not str(progress.get("phase", "")).startswith(WAITING) or not progress.get("waiting_since"):
+        return None
+    try:
+        return dt.datetime.fromisoformat(progress["waiting_since"])
+    except (TypeError, ValueError):
+        return None
 
 
 def window_for(settings: Settings) -> float:
@@ -229,11 +297,12 @@ def wait_for_restore_slot(
     job = context.job
     lease = dt.timedelta(seconds=settings.lease_seconds)
     until = monotonic() + (window_for(settings) if window is None else window)
+    since = _waiting_since(job) or utcnow()
     shown: SlotUse | None = None
     while True:
         context.check_cancelled()
         acquired, use = try_acquire(
-            job.id, context.actor, default_limit=settings.cluster_restore_limit, lease=lease
+            job.id, context.actor, default_limit=settings.cluster_restore_limit, lease=lease, queued_at=since
         )
         if acquired:
             if shown is not None:
@@ -241,20 +310,16 @@ def wait_for_restore_slot(
             return use
         if shown is None:
             log.info(
-                "job %s: waits for a restore slot on cluster %s (%d of %d in use)",
-                job.id,
-                use.cluster_id,
-                use.in_use,
-                use.limit,
+                "job %s: waits for a restore slot on cluster %s (%s)", job.id, use.cluster_id, _counts(use)
             )
-            _note(job.id, context.actor, f"{WAITING} {use.cluster_id} ({use.in_use} of {use.limit} in use)")
+            _note(job.id, context.actor, f"{WAITING} {use.cluster_id} ({_counts(use)})")
         if use != shown:
-            context.progress(waiting_progress(use))
+            context.progress(waiting_progress(use, since))
             shown = use
         if monotonic() >= until:
             raise StillWaiting(
-                f"the restore waited for a slot on cluster {use.cluster_id} ({use.in_use} of {use.limit} in use) "
-                "for as long as it may in one worker; it waits on"
+                f"the restore waited for a slot on cluster {use.cluster_id} ({_counts(use)}) "
+                "for as long as it may in one worker; it keeps its place in the queue"
             )
         sleep(poll)
 

@@ -167,6 +167,47 @@ def test_a_slot_ends_with_the_claim_of_the_restore_stage(settings, cluster, made
     assert RestoreSlot.get_or_none(RestoreSlot.job == holder.id) is None
 
 
+def test_waiting_restores_take_free_slots_in_the_order_they_began_to_wait(settings, cluster, made):
+    restore_slots.set_cluster_limit(cluster.id, 1)
+    holder, first, second, stale = (restoring(settings, cluster, made, f"w{i}") for i in range(4))
+    assert acquire(settings, holder, "w0")[0]
+    assert acquire(settings, first, "w1") == (False, restore_slots.SlotUse(cluster.id, 1, 1, ahead=0))
+    assert acquire(settings, second, "w2") == (False, restore_slots.SlotUse(cluster.id, 1, 1, ahead=1))
+    _advance(holder, "w0")
+    # The slot is free, but the first in line gets it, however fast the second asks.
+    assert acquire(settings, second, "w2") == (False, restore_slots.SlotUse(cluster.id, 0, 1, ahead=1))
+    assert acquire(settings, first, "w1") == (True, restore_slots.SlotUse(cluster.id, 1, 1))
+    assert acquire(settings, stale, "w3") == (False, restore_slots.SlotUse(cluster.id, 1, 1, ahead=1))
+    _fail(first, "w1")
+    # A waiter whose worker died (stale heartbeat) holds no place.
+    Job.update(heartbeat_at=jobs.utcnow() - LEASE - dt.timedelta(seconds=1)).where(
+        Job.id == second.id
+    ).execute()
+    assert acquire(settings, stale, "w3") == (True, restore_slots.SlotUse(cluster.id, 1, 1))
+
+
+def test_a_restore_handed_back_keeps_its_place_in_the_queue(settings, cluster, made):
+    restore_slots.set_cluster_limit(cluster.id, 1)
+    holder = restoring(settings, cluster, made, "holder")
+    assert acquire(settings, holder, "holder")[0]
+    early = restoring(settings, cluster, made, "w1")
+    with pytest.raises(restore_slots.StillWaiting):
+        restore_slots.wait_for_restore_slot(StageContext(early, "w1"), settings, window=0)
+    queued = RestoreSlot.get_by_id(early.id).queued_at
+    assert jobs.hand_back(early.id, "w1", "restore handed back") is not None
+    late = restoring(settings, cluster, made, "w2")
+    assert not acquire(settings, late, "w2")[0]  # queued while the early one was between workers
+    again = jobs.claim(early.id, "restore", "w3", lease=LEASE)
+    assert again is not None and again.attempts == 1
+    with pytest.raises(restore_slots.StillWaiting):
+        restore_slots.wait_for_restore_slot(StageContext(again, "w3"), settings, window=0)
+    assert RestoreSlot.get_by_id(early.id).queued_at == queued
+    assert Job.get_by_id(early.id).progress["restore_slot_queued_ahead"] == 0
+    _advance(holder, "holder")
+    assert acquire(settings, late, "w2") == (False, restore_slots.SlotUse(cluster.id, 0, 1, ahead=1))
+    assert acquire(settings, again, "w3")[0]
+
+
 def test_a_dead_holders_slot_is_free_once_its_heartbeat_is_stale(settings, cluster, made):
     restore_slots.set_cluster_limit(cluster.id, 1)
     dead = restoring(settings, cluster, made, "killed-worker")
@@ -184,7 +225,9 @@ def test_a_dead_holders_slot_is_free_once_its_heartbeat_is_stale(settings, clust
     taken = jobs.claim(dead.id, "restore", "new-worker", lease=LEASE)
     assert taken is not None and taken.attempts == 2
     assert acquire(settings, taken, "new-worker") == (False, restore_slots.SlotUse(cluster.id, 1, 1))
-    assert RestoreSlot.get_or_none(RestoreSlot.job == dead.id) is None
+    # The killed worker's slot is gone; the job's row is now the new claim's place in the queue.
+    row = RestoreSlot.get_by_id(dead.id)
+    assert (row.claimed_by, row.acquired_at) == ("new-worker", None)
     # The killed worker's claim is gone: it can take nothing.
     with pytest.raises(jobs.ClaimLost):
         acquire(settings, dead, "killed-worker")
@@ -347,9 +390,9 @@ def test_a_waiting_restore_can_be_cancelled(settings, cluster, made):
     ended = Job.get_by_id(waiter.id)
     assert (ended.state, ended.claimed_by) == ("cancelled", None)
     assert ended.error.startswith("cancelled by tester during the restore stage")
-    assert RestoreSlot.get_or_none(RestoreSlot.job == waiter.id) is None
-    # The holder kept its slot all along.
-    assert restore_slots.in_use(cluster, default_limit=2, lease=LEASE).in_use == 1
+    # It holds no place in the queue any more; the holder kept its slot all along.
+    use = restore_slots.in_use(Cluster.get_by_id(cluster.id), default_limit=2, lease=LEASE)
+    assert use == restore_slots.SlotUse(cluster.id, 1, 1, ahead=0)
 
 
 def test_with_a_limit_of_one_two_imports_restore_one_after_the_other(settings, cluster, made, corpus_source):
@@ -386,12 +429,15 @@ def test_with_a_limit_of_one_two_imports_restore_one_after_the_other(settings, c
         finally:
             database.close()
 
-    threads = [threading.Thread(target=drain, args=(queue,)) for _job, queue in imports]
-    for thread in threads:
-        thread.start()
-    for job, _queue in imports:
+    threads = []
+    for ahead, (job, queue) in enumerate(imports):  # the first begins to wait first
+        threads.append(threading.Thread(target=drain, args=(queue,)))
+        threads[-1].start()
+        counts = "1 of 1 in use" + (", 1 queued ahead" if ahead else "")
         wait_until(
-            lambda job=job: Job.get_by_id(job.id).progress.get("phase") == f"{WAITING} (1 of 1 in use)",
+            lambda job=job, counts=counts: (
+                Job.get_by_id(job.id).progress.get("phase") == f"{WAITING} ({counts})"
+            ),
             f"{job.id} to wait for the slot",
         )
     jobs.fail(blocker.id, "blocker", "done blocking", classification="permanent", holder="blocker")
@@ -405,12 +451,14 @@ def test_with_a_limit_of_one_two_imports_restore_one_after_the_other(settings, c
         assert ended.state == "completed", ended.error
         assert sum(pg.row_counts(ended.project.database_name).values()) == 15607
         ids = {event.reason: event.id for event in jobs.events(job.id)}
-        waited = ids[f"{WAITING} {cluster.id} (1 of 1 in use)"]
+        waited = next(
+            i for reason, i in ids.items() if reason.startswith(f"{WAITING} {cluster.id} (1 of 1 in use")
+        )
         taken = ids[f"restore slot taken on cluster {cluster.id} (1 of 1 in use)"]
         done = ids["restore done"]
         assert waited < taken < done
         spans.append((taken, done))
     # Event ids come from one sequence: the second restore took the slot only after the
-    # first one's stage was done.
-    (_, first_done), (second_taken, _) = sorted(spans)
-    assert first_done < second_taken
+    # first one's stage was done, and in the order they began to wait.
+    (first_taken, first_done), (second_taken, _) = spans
+    assert first_taken < first_done < second_taken
