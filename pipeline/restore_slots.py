@@ -13,9 +13,9 @@ place (when it began to wait travels in its progress, `waiting_since`). Between 
 two claims, for the moment the message takes, it holds no place.
 
 **A slot is a claim's, not a connection's.** A row of `restore_slots` records the claim
-that took it (or waits for it) (the job's `claimed_by` and `claimed_at` at that moment) and counts only
-while that same claim still holds the job at its restore stage with a heartbeat younger
-than the lease. So a slot needs no release to end: the stage's commit (restore done),
+that took it, or waits for it (the job's `claimed_by` and `claimed_at` at that moment),
+and counts only while that same claim still holds the job at its restore stage with a
+heartbeat younger than the lease. So a slot needs no release to end: the stage's commit (restore done),
 a failure, a retry, a cancel or a takeover all change the claim, and a worker that was
 SIGKILLed stops heartbeating: its slot is free one lease later, exactly when its claim
 can be taken over. `restore_slot` (a context manager) also releases at once, for callers
@@ -25,7 +25,7 @@ silent for longer than the lease is presumed dead.
 
 **Race-free acquisition.** Taking a slot is one transaction in the control database
 that first locks the cluster's row (`SELECT … FOR NO KEY UPDATE`), then counts the live
-slots and inserts its own: acquirers of one cluster take turns, acquirers of different
+slots and the places ahead in the queue, and writes its own row: acquirers of one cluster take turns, acquirers of different
 clusters do not wait for each other, and the lock ends with the transaction, so it can
 never be left behind. (`FOR NO KEY UPDATE` rather than `FOR UPDATE`: it does not block the
 foreign-key checks of jobs and projects being created on the cluster meanwhile.) A
