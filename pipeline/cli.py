@@ -159,11 +159,17 @@ def cmd_clusters_list(args: argparse.Namespace, settings: Settings, out: Output)
             cluster, default_limit=settings.cluster_restore_limit, lease=_lease(settings)
         )
         rows.append(
-            {**_cluster(cluster), "restores_in_use": use.in_use, "effective_restore_limit": use.limit}
+            {
+                **_cluster(cluster),
+                "restores_in_use": use.in_use,
+                "restores_waiting": use.ahead,
+                "effective_restore_limit": use.limit,
+            }
         )
         lines.append(
             f"{cluster.id}  {cluster.name}  PostgreSQL {cluster.server_major}  restores {use.in_use} of "
             f"{use.limit} in use" + ("" if cluster.restore_limit is not None else " (default limit)")
+            + (f", {use.ahead} waiting" if use.ahead else "")
         )
     out.emit({"clusters": rows}, "\n".join(lines) if lines else "no clusters")
 

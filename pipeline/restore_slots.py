@@ -130,7 +130,7 @@ def _ended(cluster_id: str) -> Any:
 def in_use(
     cluster: Cluster, *, default_limit: int, lease: dt.timedelta, now: dt.datetime | None = None
 ) -> SlotUse:
-    """The cluster's restore slots in use now (for operators and progress)."""
+    """The cluster's restore slots in use now, and (`ahead`) how many restores wait for one."""
     live = _live(cluster.id, (now or utcnow()) - lease)
     return SlotUse(
         cluster.id,

@@ -43,6 +43,7 @@ def test_an_operator_sets_and_clears_a_clusters_restore_limit(settings, cluster,
     code, listed = run(settings, capsys, "clusters", "list")
     ours = next(c for c in listed["clusters"] if c["id"] == cluster.id)
     assert (ours["restore_limit"], ours["effective_restore_limit"], ours["restores_in_use"]) == (2, 2, 0)
+    assert ours["restores_waiting"] == 0
 
     assert main(["clusters", "list"], settings) == 0
     assert f"{cluster.id}  {cluster.name}  PostgreSQL" in capsys.readouterr().out
