@@ -16,7 +16,7 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import accounts, apikeys, cancellation, jobs, logs
+from pipeline import accounts, apikeys, cancellation, jobs, logs, restore_slots
 from pipeline.accounts import cluster_admin
 from pipeline.clock import run_clock
 from pipeline.config import ConfigError, Settings
@@ -54,8 +54,15 @@ def _cluster(cluster: Cluster) -> dict[str, Any]:
         "id": cluster.id,
         "name": cluster.name,
         "server_major": cluster.server_major,
+        "restore_limit": cluster.restore_limit,
         "created_at": timestamp(cluster.created_at),
     }
+
+
+def _restore_limit_text(cluster: Cluster, settings: Settings) -> str:
+    if cluster.restore_limit is not None:
+        return f"at most {cluster.restore_limit} restores at once (its own limit)"
+    return f"at most {settings.cluster_restore_limit} restores at once (CAPY_CLUSTER_RESTORE_LIMIT)"
 
 
 def _project(project: Project) -> dict[str, Any]:
@@ -141,6 +148,45 @@ def cmd_clusters_add(args: argparse.Namespace, settings: Settings, out: Output) 
     cluster = accounts.add_cluster(args.name, args.admin_url, _sealer(settings))
     out.emit(
         _cluster(cluster), f"added cluster {cluster.id} ({cluster.name}, PostgreSQL {cluster.server_major})"
+    )
+
+
+def cmd_clusters_list(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    rows = []
+    lines = []
+    for cluster in Cluster.select().order_by(Cluster.created_at):
+        use = restore_slots.in_use(
+            cluster, default_limit=settings.cluster_restore_limit, lease=_lease(settings)
+        )
+        rows.append(
+            {
+                **_cluster(cluster),
+                "restores_in_use": use.in_use,
+                "restores_waiting": use.ahead,
+                "effective_restore_limit": use.limit,
+            }
+        )
+        lines.append(
+            f"{cluster.id}  {cluster.name}  PostgreSQL {cluster.server_major}  restores {use.in_use} of "
+            f"{use.limit} in use" + ("" if cluster.restore_limit is not None else " (default limit)")
+            + (f", {use.ahead} waiting" if use.ahead else "")
+        )
+    out.emit({"clusters": rows}, "\n".join(lines) if lines else "no clusters")
+
+
+def cmd_clusters_set_restore_limit(args: argparse.Namespace, settings: Settings, out: Output) -> None:
+    if args.default == (args.limit is not None):
+        raise InvalidRequest(
+            "give either a limit (a whole number, at least 1) or --default, not both or neither"
+        )
+    cluster = restore_slots.set_cluster_limit(args.cluster, None if args.default else args.limit)
+    out.emit(
+        {
+            **_cluster(cluster),
+            "effective_restore_limit": restore_slots.limit_of(cluster, settings.cluster_restore_limit),
+        },
+        f"cluster {cluster.id} ({cluster.name}) now takes {_restore_limit_text(cluster, settings)}; "
+        "restores already running keep their slots",
     )
 
 
@@ -478,6 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(clusters, "add", cmd_clusters_add, "register a cluster")
     p.add_argument("--name", required=True)
     p.add_argument("--admin-url", required=True)
+    add(clusters, "list", cmd_clusters_list, "list clusters with their restore limits and restores in use")
+    p = add(
+        clusters,
+        "set-restore-limit",
+        cmd_clusters_set_restore_limit,
+        "set how many imports may restore into a cluster at once, or --default (CAPY_CLUSTER_RESTORE_LIMIT)",
+    )
+    p.add_argument("cluster", metavar="CLUSTER_ID")
+    p.add_argument("limit", metavar="N", type=int, nargs="?", help="at most N restores at once (at least 1)")
+    p.add_argument("--default", action="store_true", help="follow CAPY_CLUSTER_RESTORE_LIMIT again")
 
     projects = sub.add_parser("projects", help="projects").add_subparsers(dest="sub", required=True)
     p = add(projects, "create", cmd_projects_create, "create a project and its empty database")

@@ -133,6 +133,9 @@ class Settings:
     org_max_active_jobs: int = 2
     # How long a job waiting for its organization's other imports waits before it looks again.
     org_wait_retry_seconds: int = 30
+    # Imports restoring into one target cluster at once (its restore stage), unless the
+    # cluster has a limit of its own (`capy-imports clusters set-restore-limit`).
+    cluster_restore_limit: int = 4
     max_active_uploads_per_project: int = 5
     # An upload whose form expired unused is deleted by sweep only this long after.
     upload_unused_grace_seconds: int = 3600
@@ -267,6 +270,9 @@ class Settings:
             job_time_limit_seconds=_positive(env, "CAPY_JOB_TIME_LIMIT_SECONDS", d.job_time_limit_seconds),
             org_max_active_jobs=_positive(env, "CAPY_ORG_MAX_ACTIVE_JOBS", d.org_max_active_jobs, rule="at least 1"),
             org_wait_retry_seconds=_positive(env, "CAPY_ORG_WAIT_RETRY_SECONDS", d.org_wait_retry_seconds),
+            cluster_restore_limit=_positive(
+                env, "CAPY_CLUSTER_RESTORE_LIMIT", d.cluster_restore_limit, rule="at least 1"
+            ),
             max_active_uploads_per_project=_int(
                 env, "CAPY_MAX_ACTIVE_UPLOADS_PER_PROJECT", d.max_active_uploads_per_project
             ),

@@ -25,6 +25,7 @@ from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
 from pipeline.preflights import preflight_source, preflight_upload, rehearsal_setup
+from pipeline.restore_slots import wait_for_restore_slot
 from pipeline.sealing import Sealer
 from pipeline.steps import live
 from stages import dbsettings, toc
@@ -458,6 +459,7 @@ class ImportSteps:
     def restore(self, context: StageContext) -> dict[str, Any]:
         """Restore into a fresh preview owned by the import's restore role, as that role:
         the dump's SQL can reach nothing but this preview."""
+        wait_for_restore_slot(context, self.settings)  # held until this claim of the stage ends
         job = context.job
         if not job.upload_key:
             return live.restore(self, context)
@@ -582,7 +584,7 @@ class ImportSteps:
                 f"the preview database {preview!r} can no longer be verified (its restore role is gone); "
                 "retry the import from the restore stage"
             )
-        context.progress({"phase": "verifying tables, rows and sequences"})
+        context.progress({"step": "verify", "phase": "verifying tables, rows and sequences"})
         # A new password (none is ever stored; the dump may have set its own) and no
         # members, then nobody else in the preview: what is verified is what is swapped in.
         restorer = admin.ensure_restore_role(role)

@@ -322,6 +322,21 @@ def release(job_id: str, actor: str, error: str, *, refund_attempt: bool = False
     )
 
 
+def hand_back(job_id: str, actor: str, reason: str) -> Job | None:
+    """Give up the claim without a failure, the claim's attempt not counted: the stage
+    waits for something outside the job (a restore slot) and is claimed again later.
+    The job's `error` and progress are left as they are."""
+    return transition(
+        job_id,
+        actor,
+        reason,
+        where=held_by(actor),
+        claimed_by=None,
+        heartbeat_at=None,
+        attempts=peewee.fn.GREATEST(Job.attempts - 1, 0),
+    )
+
+
 def record_command(job_id: str, actor: str, *, exit_code: int, stdout: str, stderr: str) -> bool:
     """Store the last external command's result (already redacted) on a job this actor
     holds, with worker file paths replaced by neutral names (stages.workpaths)."""
@@ -363,6 +378,7 @@ __all__ = [
     "claim",
     "complete",
     "fail",
+    "hand_back",
     "heartbeat",
     "merge_facts",
     "record_command",

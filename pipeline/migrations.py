@@ -211,6 +211,27 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE jobs ADD COLUMN cancel_requested_by text;
         """,
     ),
+    (
+        "0008_restore_slots",
+        """
+        -- Per-cluster limit on concurrent restores; NULL follows CAPY_CLUSTER_RESTORE_LIMIT.
+        ALTER TABLE clusters ADD COLUMN restore_limit integer CHECK (restore_limit > 0);
+        -- A restore slot (acquired_at set), or a place in the cluster's queue for one
+        -- (queued_at), belongs to one claim of a job's restore stage (claimed_by and
+        -- claimed_at as the job row had them): it counts only while that claim still
+        -- holds the job with a fresh heartbeat (pipeline.restore_slots), so a dead
+        -- worker's slot frees itself; rows of ended claims are deleted lazily.
+        CREATE TABLE restore_slots (
+            job_id text PRIMARY KEY REFERENCES jobs(id) ON DELETE CASCADE,
+            cluster_id text NOT NULL REFERENCES clusters(id) ON DELETE CASCADE,
+            claimed_by text NOT NULL,
+            claimed_at timestamptz NOT NULL,
+            queued_at timestamptz NOT NULL,
+            acquired_at timestamptz
+        );
+        CREATE INDEX restore_slots_cluster ON restore_slots (cluster_id);
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

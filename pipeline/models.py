@@ -64,6 +64,8 @@ class Cluster(BaseModel):
     admin_url_encrypted = peewee.TextField()
     server_major = peewee.IntegerField()
     created_at = TZField(default=utcnow)
+    # Restores into this cluster at once; None follows CAPY_CLUSTER_RESTORE_LIMIT.
+    restore_limit = peewee.IntegerField(null=True)
 
     class Meta:
         table_name = "clusters"
@@ -203,3 +205,20 @@ class Upload(BaseModel):
 
     class Meta:
         table_name = "uploads"
+
+
+class RestoreSlot(BaseModel):
+    """One claim of a job's restore stage holding one of its cluster's restore slots, or
+    waiting for one (pipeline.restore_slots): it counts only while that claim holds the job."""
+
+    job = peewee.ForeignKeyField(Job, column_name="job_id", primary_key=True)
+    cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    claimed_by = peewee.TextField()
+    claimed_at = TZField()
+    # When the job began to wait for a slot (its place in the cluster's queue)...
+    queued_at = TZField()
+    # ...and when it got one; None while it waits.
+    acquired_at = TZField(null=True)
+
+    class Meta:
+        table_name = "restore_slots"

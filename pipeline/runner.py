@@ -14,8 +14,10 @@ heartbeat or from its next write (`ClaimLost`), stops its commands, and leaves t
 and its preview to the new holder: it neither fails nor cleans up anything.
 
 A claim refused because the job's organization is at its limit (fair share) is woken
-again later; a job past its time limit fails at the start of its next stage. A cancel
-requested while a stage runs reaches it through the heartbeat thread, which stops the
+again later; a restore that waited its window for a slot on its cluster
+(pipeline.restore_slots) is handed back, its attempt not counted, and woken at once; a
+job past its time limit fails at the start of its next stage. A cancel requested
+while a stage runs reaches it through the heartbeat thread, which stops the
 stage's commands; the job then ends `cancelled` (pipeline.cancellation).
 
 A message that finds the stage held by another worker whose lease is still fresh is
@@ -42,6 +44,7 @@ from pipeline.import_steps import ImportSteps, StageContext
 from pipeline.lease import Heartbeat
 from pipeline.limits import job_over_time
 from pipeline.models import ACTIVE_STATES, Job, Stage
+from pipeline.restore_slots import StillWaiting
 from stages.errors import Cancelled, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -136,6 +139,13 @@ class Runner:
             return
         except Cancelled:
             self._cancelled(job, actor)
+            return
+        except StillWaiting as waiting:
+            # Every restore slot of the cluster stayed taken for as long as the stage may
+            # wait in one worker: back to the queue, the attempt not counted, at once.
+            log.info("job %s: %s handed back: %s", job_id, stage, waiting.message)
+            if jobs.hand_back(job_id, actor, f"{stage} handed back to the queue: {waiting.message}"):
+                self.wake(job_id, stage)
             return
         except PermanentError as err:
             self._fail(job, actor, err.message, "permanent")

@@ -52,7 +52,8 @@ def deployment(control_db):
 
 
 def _worker_env(point: str) -> dict[str, str]:
-    return {"CAPY_LEASE_SECONDS": LEASE, "CAPY_TEST_HOLDS": f"{point}={HOLD}"}
+    # One restore slot on the cluster: a killed holder's slot must not outlive its claim.
+    return {"CAPY_LEASE_SECONDS": LEASE, "CAPY_TEST_HOLDS": f"{point}={HOLD}", "CAPY_CLUSTER_RESTORE_LIMIT": "1"}
 
 
 def _tenant(env: dict[str, str]) -> dict:
@@ -195,6 +196,8 @@ def test_a_job_whose_worker_dies_finishes_by_itself(deployment, corpus_source, t
         # No stage ran twice at once: every claim of the held stage after the first
         # came after the first's claim had gone stale or was handed back.
         assert sum(f"{'finalize' if point == 'swap' else point} claimed" in r for r in reasons) == 2, reasons
+        if point == "restore":  # each claim took the cluster's only restore slot in turn
+            assert sum(r.startswith("restore slot taken") for r in reasons) == 2, reasons
     finally:
         for running in services:
             running.stop()
