@@ -73,7 +73,7 @@ def test_exclusive_tasks_on_a_table_never_overlap_shared_ones_may():
     fk_b = Task[None]("fk b", 1, make("fk b", 0.05), frozenset({"u", "t"}), after=indexes)
     Schedule([copy, *indexes, fk_a, fk_b], [1, 2, 3]).run()
     spans: dict[str, list[float]] = {}
-    for event, name, at in log:
+    for _event, name, at in log:
         spans.setdefault(name, []).append(at)
 
     def overlap(x: str, y: str) -> bool:
