@@ -151,6 +151,12 @@ def _source_errors(source: SourceURL, settings: SourceSettings) -> Iterator[None
     try:
         yield
     except psycopg2.errors.InsufficientPrivilege as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "row-level security" in first:
+            raise PermanentError(
+                f"the source user {source.user!r} cannot read every row ({first}): row-level security "
+                "hides rows from it; connect as the table's owner or a role with BYPASSRLS"
+            ) from err
         raise PermanentError(
             f"the source user {source.user!r} cannot read every table "
             f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
