@@ -147,10 +147,11 @@ class ServiceBench:
             events = cur.fetchall()
         conn.close()
         seconds: dict[str, float] = {}
-        for (at, reason), (next_at, _next) in zip(events, events[1:]):
-            stage = reason.split(" ", 1)[0]
-            if " claimed" in reason:
-                seconds[stage] = round(seconds.get(stage, 0.0) + (next_at - at).total_seconds(), 3)
+        claims = [(at, reason.split(" ", 1)[0]) for at, reason in events if " claimed" in reason]
+        ends = [at for at, _stage in claims[1:]] + ([events[-1][0]] if events else [])
+        for (at, stage), end in zip(claims, ends):
+            # From a stage's claim to the next claim (or the job's last event): the hop included.
+            seconds[stage] = round(seconds.get(stage, 0.0) + (end - at).total_seconds(), 3)
         if events:
             claimed = next((at for at, reason in events if " claimed" in reason), events[0][0])
             seconds["before first claim"] = round((claimed - events[0][0]).total_seconds(), 3)
