@@ -7,14 +7,14 @@ The order of work (see `copy_rows` for the schedule):
    snapshot, reads what to copy (stages.copy.catalog), locks those tables (ACCESS
    SHARE) and describes the source; it stays open until the copy ends.
 2. `Snapshot.dump_schema`: `pg_dump --snapshot` writes the schema archive: everything
-   but the copied tables' rows (sequence values, large objects and materialized views'
-   definitions are in it). It is the only file, small, and removed with the stage.
+   but the copied tables' rows and the large objects (sequence values and materialized
+   views' definitions are in it). It is the only file, small, and removed with the stage.
 3. The caller restores its pre-data section (pg_restore, as the restore role).
 4. `copy_rows`: N lanes, each with a source session in the snapshot and a preview
    session, run the tasks (stages.copy.scheduler): every table's COPY, its indexes
    (a primary key's or unique constraint's index too, built as a plain unique index),
    then its constraints, then foreign keys once both tables are done, the archive's
-   data section (sequences, large objects) alongside, and each table's ANALYZE once
+   data section (sequence values) and the large objects (stages.copy.largeobjects) alongside, and each table's ANALYZE once
    nothing more is built on it; then the rest of the post-data section (triggers,
    policies, materialized views refreshed after their indexes…) in the archive's order.
    (With extended statistics in the schema, every ANALYZE waits for them, at the end.)
@@ -43,6 +43,7 @@ from stages import inventory
 from stages.commands import Cancellation, PgTools
 from stages.connect import connect
 from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
+from stages.copy.largeobjects import copy_large_objects
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task
 from stages.copy.stream import CountMismatch, Flow, SourceTable, stream_table
@@ -128,6 +129,7 @@ class Snapshot:
         args = [
             "--format=custom",
             "--compress=0",
+            "--no-blobs",  # streamed by the copy instead (stages.copy.largeobjects)
             f"--file={path}",
             "--no-password",
             f"--lock-wait-timeout={int(self.settings.lock_timeout * 1000)}",
@@ -475,8 +477,35 @@ def _tasks(
     def data_section(_lane: Lane) -> None:
         restore_data_section()
 
-    tasks.append(Task[Lane]("sequences and large objects", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
+    tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
+    objects = int(snapshot.description.get("objects", {}).get("large_objects", 0) or 0)  # type: ignore[union-attr]
+    if objects:
+        tasks.append(Task[Lane]("large objects", TASK_OVERHEAD * (1 + objects), _large_objects(snapshot, progress), frozenset({"<large objects>"})))
     return tasks
+
+
+def _large_objects(snapshot: Snapshot, progress: _Progress) -> Callable[[Lane], None]:
+    def run(lane: Lane) -> None:
+        flow = Flow()
+        with progress.lock:
+            progress.flows["large objects"] = flow
+        try:
+            source = lane.source_session()
+            with _source_errors(snapshot.source, snapshot.settings):
+                try:
+                    copy_large_objects(source, lane.target, flow)
+                except psycopg2.Error as err:
+                    with contextlib.suppress(psycopg2.Error):
+                        lane.target.rollback()
+                    if _from_source(err, source):
+                        raise
+                    with _target_errors("copying the large objects into the preview"):
+                        raise
+        finally:
+            with progress.lock:
+                progress.flows.pop("large objects", None)
+
+    return run
 
 
 def _constraint_sql(block: Block, owned: Owned) -> str:
