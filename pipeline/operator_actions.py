@@ -135,7 +135,10 @@ def _stage_to_run(
         raise InvalidRequest(
             f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight"
         )
-    if stage == Stage.RESTORE.value and not os.path.exists(job.facts.get("dump_path") or ""):
+    if stage == Stage.RESTORE.value and job.upload_key and "source_counts" not in job.facts:
+        # An upload's restore reads the upload and the facts fetch recorded, on any worker.
+        raise InvalidRequest(f"job {job.id} never passed its fetch stage; retry with --from-stage fetch")
+    if stage == Stage.RESTORE.value and not job.upload_key and not os.path.exists(job.facts.get("dump_path") or ""):
         raise InvalidRequest(
             f"the dump job {job.id}'s fetch stage made is no longer in CAPY_WORK_DIR (it is removed when a job "
             "ends); retry with --from-stage fetch"
