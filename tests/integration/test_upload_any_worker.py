@@ -12,8 +12,10 @@ import os
 
 import pytest
 
+from pipeline import jobs
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job
+from pipeline.operator_actions import retry_job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from stages.errors import StorageUnavailable
@@ -148,3 +150,30 @@ def test_an_upload_replaced_after_fetch_fails_the_restore(control_db, store, tmp
     assert "was replaced while the import was running" in done.error
     assert pg.row_counts(world.project.database_name) == {}
     assert left_in(second, job.id) == []
+
+
+def test_an_operator_retries_an_upload_import_from_its_restore_stage(control_db, store, pagila_dumps, tmp_path):
+    """A kept upload (CAPY_UPLOAD_RETENTION_SECONDS) and fetch's facts are all a restore
+    needs: `jobs retry --from-stage restore` runs it on any worker."""
+    source, dumps = pagila_dumps
+    kept = dataclasses.replace(control_db, upload_retention_seconds=3600)
+    world = make_world(kept)
+    first, second = worker(kept, tmp_path, "first"), worker(kept, tmp_path, "second")
+    job = start_upload_import(kept, store, world, dumps["tar"], first.wake)
+    for stage in ("preflight", "fetch"):
+        run_stage(first, job.id, stage)
+    jobs.fail(job.id, "test", "the restore failed", classification="permanent")
+    outcome = retry_job(
+        job.id,
+        "operator:tester",
+        from_stage="restore",
+        wake=second.wake,
+        upload_exists=lambda key: store.size(key) > 0,
+        preview_exists=lambda _job: False,
+    )
+    assert outcome.job.stage == "restore"
+    second.drain()
+    done = Job.get_by_id(job.id)
+    assert done.state == "completed", (done.error, done.last_stderr)
+    assert pg.row_counts(world.project.database_name) == pg.row_counts(source)
+    store.delete(job.upload_key)
