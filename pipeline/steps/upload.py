@@ -125,7 +125,14 @@ def fetch_upload(
             if upload.size > settings.preflight_head_bytes:  # preflight rehearsed only the head
                 skipped = _rehearse_plain_schema(context, settings, sealer, store, upload, folder, gzipped=gzipped, max_bytes=sql_limit(project))
             plain = _filter_upload(
-                context, store, upload, gzipped, sql_limit(project), skipped, "reading the SQL", counter=counter, out=None
+                store,
+                upload,
+                gzipped,
+                sql_limit(project),
+                skipped,
+                _bytes_progress(context, "counting the rows in the dump"),
+                counter=counter,
+                out=None,
             )
             require_allowlisted(plain.extensions, settings.extension_allowlist)
             facts.update(extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped)
@@ -182,8 +189,10 @@ def restore_upload(
         gzipped = fmt == "gzip-plain"
         context.check_cancelled()
 
+        progress = _bytes_progress(context, "restoring", tables_total=len(facts.get("source_counts", {})))
+
         def feed(out: BinaryIO) -> None:
-            _filter_upload(context, store, upload, gzipped, sql_limit(project), skipped, "restoring", counter=None, out=out)
+            _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)
 
         restore_plain_stream(tools, target, feed, folder)
 
@@ -212,20 +221,18 @@ def _archive_facts(
 
 
 def _filter_upload(
-    context: StageContext,
     store: ObjectStore,
     upload: StoredObject,
     gzipped: bool,
     max_bytes: int,
     skipped: list[dict[str, Any]],
-    phase: str,
+    progress: Callable[[int, int], None],
     *,
     counter: RowCounter | None,
     out: BinaryIO | None,
 ) -> PlainSql:
     """Stream the plain upload from storage through the filter into `out` (nowhere
     when None: counting only), in bounded memory."""
-    progress = _bytes_progress(context, phase)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(store.reader(upload.key, expected=upload, on_progress=progress))
         sink = out if out is not None else stack.enter_context(open(os.devnull, "wb"))
@@ -280,9 +287,9 @@ def _rehearse_plain_schema(
     return result.skipped
 
 
-def _bytes_progress(context: StageContext, phase: str) -> Callable[[int, int], None]:
-    """Report bytes streamed so far (each report a write to the job row, and a
-    cancellation point): the first, the last, and at most one per PROGRESS_SECONDS."""
+def _bytes_progress(context: StageContext, phase: str, **more: Any) -> Callable[[int, int], None]:
+    """Report bytes streamed so far, with `more` (each report a write to the job row,
+    and a cancellation point): the first, the last, and at most one per PROGRESS_SECONDS."""
     last = [float("-inf")]
 
     def report(done: int, total: int) -> None:
@@ -290,6 +297,6 @@ def _bytes_progress(context: StageContext, phase: str) -> Callable[[int, int], N
         if done < total and now - last[0] < PROGRESS_SECONDS:
             return
         last[0] = now
-        context.progress({"phase": phase, "bytes_done": done, "bytes_total": total})
+        context.progress({"phase": phase, "bytes_done": done, "bytes_total": total, **more})
 
     return report
