@@ -64,10 +64,15 @@ PROGRESS_SECONDS = 1.0
 def stage_folder(settings: Settings, job: Job, stage: str) -> Iterator[str]:
     """A folder of this stage's own under CAPY_WORK_DIR/<job id>/, removed (with the
     job's folder, when nothing else is in it) when the block ends, however it ends.
-    Its own name: an earlier attempt of the stage still ending on this host removes
-    only its folder."""
+
+    What is already in the job's folder was left by an attempt whose worker was killed
+    on this host (one attempt of one stage of a job runs at a time; one whose claim was
+    lost is being stopped): it is removed first. The new folder has a name of its own,
+    so such an attempt, as it ends, removes only its own."""
     job_dir = os.path.join(settings.work_dir, job.id)
     os.makedirs(job_dir, exist_ok=True)
+    for left in os.listdir(job_dir):
+        shutil.rmtree(os.path.join(job_dir, left), ignore_errors=True)
     folder = tempfile.mkdtemp(prefix=f"{stage}-", dir=job_dir)
     try:
         yield folder

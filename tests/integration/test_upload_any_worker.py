@@ -177,3 +177,18 @@ def test_an_operator_retries_an_upload_import_from_its_restore_stage(control_db,
     assert done.state == "completed", (done.error, done.last_stderr)
     assert pg.row_counts(world.project.database_name) == pg.row_counts(source)
     store.delete(job.upload_key)
+
+
+def test_what_a_killed_worker_left_is_removed_by_the_next_stage_on_its_host(control_db, store, tmp_path):
+    """A worker killed mid-stage leaves its stage folder; whichever stage of the job
+    runs next on that host removes it."""
+    world = make_world(control_db)
+    first = worker(control_db, tmp_path, "first")
+    job = start_upload_import(control_db, store, world, b"CREATE TABLE t (id int);\n", first.wake)
+    left = os.path.join(first.settings.work_dir, job.id, "fetch-k1lled")
+    os.makedirs(left)
+    with open(os.path.join(left, "upload"), "wb") as fh:
+        fh.write(b"half a download")
+    run_stage(first, job.id, "preflight")
+    run_stage(first, job.id, "fetch")
+    assert left_in(first, job.id) == []
