@@ -13,12 +13,14 @@ longer dumps to the fetch worker's disk for the restore to read (the copy engine
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
 import requests
 
 from pipeline import jobs
+from pipeline.models import Job
 from tests.support import pg
 from tests.support.processes import cli, service_env, start_service, wait_for_job
 from tests.support.uploading import post_file
@@ -111,9 +113,9 @@ def _placement(service, job_id: str) -> dict[str, str]:
 
 
 def _check(deployment, started: list[tuple[str, str, dict]]) -> None:
-    """Every import completed with its source's rows and schema, and nothing is left in
-    either work directory; with alternating workers, each stage ran on the other worker
-    than the stage before it."""
+    """Every import completed with its source's rows and schema, its facts name no
+    worker's file, and nothing is left in either work directory; with alternating
+    workers, each stage ran on the other worker than the stage before it."""
     service, work, placement = deployment
     for job_id, source, tenant in started:
         job = wait_for_job(service, tenant["key"], job_id)
@@ -122,6 +124,10 @@ def _check(deployment, started: list[tuple[str, str, dict]]) -> None:
         live = tenant["project"]["database_name"]
         assert pg.row_counts(live) == pg.row_counts(source), (source, ran)
         assert pg.schema_dump(live) == pg.schema_dump(source), (source, ran)
+        # No stage hands a later one a path on its own disk (on another host it would
+        # not be there, even where, as here, both workers share one file system).
+        facts = json.dumps(Job.get_by_id(job_id).facts)
+        assert not [name for name, folder in work.items() if str(folder) in facts], (source, ran)
         if placement == "alternating":
             assert ran == {"preflight": "worker", "fetch": "worker2", "restore": "worker", "finalize": "worker2"}
     for name, folder in work.items():
