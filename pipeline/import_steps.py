@@ -24,27 +24,20 @@ from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
-from pipeline.preflights import preflight_source, preflight_upload, rehearsal_setup
+from pipeline.preflights import preflight_source, preflight_upload
 from pipeline.restore_slots import wait_for_restore_slot
 from pipeline.sealing import Sealer
 from pipeline.steps import live
+from pipeline.steps import upload as upload_steps
 from stages import dbsettings, toc
-from stages.archivecheck import check_complete, encoding_of
+from stages.archivecheck import encoding_of
 from stages.cluster import ClusterAdmin, RoleLogin
 from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
-from stages.dumpformat import detect_format
-from stages.dumpgate import check_archive_readable, check_versions
-from stages.dumprows import RowCounter, count_archive_rows
 from stages.errors import Cancelled, CapyError, PermanentError
 from stages.finalize import build_report, verify_preview
 from stages.pgurl import SourceURL
-from stages.plainsql import prepare_plain_sql
 from stages.preflight.extensions import require_allowlisted
-from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
-from stages.preflight.rehearsal import report_rehearsal, skip_map
-from stages.preflight.report import Preflight
-from stages.restore import restore_archive, restore_plain
-from stages.sqlscript import ScriptError
+from stages.preflight.rehearsal import skip_map
 from stages.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -283,13 +276,6 @@ class ImportSteps:
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
 
-    def _fresh_work_dir(self, job: Job) -> str:
-        """The job's work directory, emptied of what an earlier attempt left."""
-        work = self._work_dir(job)
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
-        return work
-
     def _source(self, job: Job) -> SourceURL:
         return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
 
@@ -360,101 +346,10 @@ class ImportSteps:
         }, plan.keep
 
     def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
-        """Download the upload (bounded memory), identify it, and prove the target's
-        tools can read it; count its rows and sequences for finalize to compare."""
-        job = context.job
-        work = self._fresh_work_dir(job)
-        limit = Project.get_by_id(job.project_id).storage_limit_bytes
-        download = os.path.join(work, "upload")
-
-        def downloaded(done: int, total: int) -> None:
-            context.progress({"phase": "downloading the upload", "bytes_done": done, "bytes_total": total})
-
-        size = self.store.download(job.upload_key, download, max_bytes=limit, on_progress=downloaded)
-        info = detect_format(download)
-        tools = self._tools(context)
-        major = Cluster.get_by_id(job.cluster_id).server_major
-        check_versions(info, major)
-        facts: dict[str, Any] = {
-            "upload_bytes": size,
-            "dump_format": info.format,
-            "dump_info": {"archive_version": info.archive_version, "dumped_by": info.dumped_by, "dumped_from": info.dumped_from},
-        }
-        counter = RowCounter()
-        if info.format in ("custom", "tar"):
-            # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
-            check_complete(download, info.format)
-            check_archive_readable(tools, download, info, major)
-            facts.update(self._plan_archive(tools, download, work, job.facts.get("rehearsal_skipped", []))[0])
-            context.progress({"phase": "counting the rows in the dump", "bytes_total": size})
-            count_archive_rows(tools, download, counter, encoding=facts["dump_encoding"])
-            dump_path, kinds, basis = download, facts.pop("toc_kinds"), "dump table of contents"
-        else:
-            dump_path = os.path.join(work, "dump.sql")
-            gzipped = info.format == "gzip-plain"
-            skipped = job.facts.get("rehearsal_skipped", [])
-            if size > self.settings.preflight_head_bytes:  # preflight rehearsed only the head
-                skipped = self._rehearse_plain_schema(context, download, gzipped=gzipped, max_bytes=2 * limit)
-            context.progress({"phase": "preparing the SQL", "bytes_total": size})
-            # Decompressed SQL may be larger than the data it loads, but not without bound.
-            plain = prepare_plain_sql(
-                download,
-                dump_path,
-                gzipped=gzipped,
-                max_bytes=2 * limit,
-                counter=counter,
-                skip=skip_map(skipped),
-            )
-            os.remove(download)
-            require_allowlisted(plain.extensions, self.settings.extension_allowlist)
-            facts.update(
-                extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped
-            )
-            kinds, basis = counter.kinds, "dump statements"
-        counts, uncounted = counter.result()
-        description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
-        return {
-            **facts,
-            "dump_path": dump_path,
-            "dump_bytes": os.path.getsize(dump_path),
-            "source_counts": counts,
-            "uncounted_tables": uncounted,
-            "source_description": description,
-            "source_basis": basis,
-        }
-
-    def _rehearse_plain_schema(
-        self, context: StageContext, path: str, *, gzipped: bool, max_bytes: int
-    ) -> list[dict[str, Any]]:
-        """Preflight rehearsed the head of a plain upload; here, before anything is
-        restored, the schema of the whole script is (its data left out): what the project
-        cannot hold and no table needs is returned to be skipped, anything else fails
-        the job as preflight would (PermanentError naming every problem)."""
-        job = context.job
-        work = self._work_dir(job)
-        schema = os.path.join(work, "schema.sql")
-        context.progress({"phase": "rehearsing the whole schema"})
-        try:
-            keep_schema(path, schema, gzipped=gzipped)
-        except ScriptError as err:
-            raise PermanentError(f"the SQL script cannot be read as psql reads it: {err}") from err
-        project = Project.get_by_id(job.project_id)
-        setup = rehearsal_setup(project, self.settings, self.sealer, work, full=True, cancellation=context.cancellation)
-        result = rehearse_plain(
-            schema,
-            setup.sandbox,
-            work,
-            setup.deadline,
-            gzipped=False,
-            complete=True,
-            max_bytes=max_bytes,
-            allowed_extensions=set(self.settings.extension_allowlist) | {"plpgsql"},
+        """Check the upload and count it; nothing is left on this worker (pipeline.steps.upload)."""
+        return upload_steps.fetch_upload(
+            context, settings=self.settings, sealer=self.sealer, store=self.store, tools=self._tools(context)
         )
-        os.remove(schema)
-        report = Preflight()
-        report_rehearsal(report, result, full=True)
-        report.raise_for_failure()
-        return result.skipped
 
     def restore(self, context: StageContext) -> dict[str, Any]:
         """Restore into a fresh preview owned by the import's restore role, as that role:
@@ -463,27 +358,15 @@ class ImportSteps:
         job = context.job
         if not job.upload_key:
             return live.restore(self, context)
-        dump_path = job.facts["dump_path"]
-        if not os.path.exists(dump_path):
-            raise PermanentError(
-                "the dump made by the fetch stage is not in this worker's work directory; "
-                "CAPY_WORK_DIR must be shared by all workers"
-            )
         project = Project.get_by_id(job.project_id)
         # Projects created before the service revoked PUBLIC's access get it revoked now.
         self._admin(job).lock_down(project.database_name)
         target, _restorer, preview = self._new_preview(context, job.facts)
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         self._hold(context, "restore", self._tools(context, cancellable=False), target)
-        fmt = job.facts["dump_format"]
         context.check_cancelled()
-        tools = self._tools(context)
-        if fmt in ("plain", "gzip-plain"):
-            restore_plain(tools, target, dump_path)
-        else:
-            restore_archive(
-                tools, target, dump_path, jobs=self.settings.concurrency, fmt=fmt, list_file=job.facts["restore_list"]
-            )
+        # From object storage, on whichever worker runs this stage.
+        upload_steps.restore_upload(context, settings=self.settings, store=self.store, tools=self._tools(context), target=target)
         # A verification of an earlier preview (a restore retried by an operator) is void.
         return {"preview_database": preview, "verification": None}
 

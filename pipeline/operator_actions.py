@@ -135,12 +135,10 @@ def _stage_to_run(
         raise InvalidRequest(
             f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight"
         )
-    # A live import's restore copies from the source again; an upload's needs fetch's dump.
-    if stage == Stage.RESTORE.value and job.upload_key and not os.path.exists(job.facts.get("dump_path") or ""):
-        raise InvalidRequest(
-            f"the dump job {job.id}'s fetch stage made is no longer in CAPY_WORK_DIR (it is removed when a job "
-            "ends); retry with --from-stage fetch"
-        )
+    if stage == Stage.RESTORE.value and job.upload_key and "source_counts" not in job.facts:
+        # An upload's restore reads the upload and the facts fetch recorded, on any worker;
+        # a live import's restore copies from the source again.
+        raise InvalidRequest(f"job {job.id} never passed its fetch stage; retry with --from-stage fetch")
     if stage == Stage.FINALIZE.value and not preview_exists(job):
         raise InvalidRequest(
             f"job {job.id}'s preview database no longer exists (it is dropped when a job ends); "

@@ -133,5 +133,9 @@ class ObjectTooLarge(PermanentError):
     """The uploaded dump is larger than this import allows."""
 
 
+class ObjectChanged(PermanentError):
+    """The uploaded object was replaced after its import had read it."""
+
+
 class UnrecognizedDump(PermanentError):
     """The upload is not a pg_dump output; upload a file made by pg_dump -Fc, -Ft or plain SQL."""

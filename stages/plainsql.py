@@ -29,6 +29,7 @@ short or was made with pg_dump options an import cannot restore (see
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 import zlib
@@ -94,16 +95,36 @@ def prepare_plain_sql(
     on_progress: Callable[[int], None] = lambda _n: None,
     skip: Mapping[tuple[str, str, str], str] | None = None,
 ) -> PlainSql:
-    """Copy `src` (optionally gunzipping it) to `dst`, made fit for the project role
-    (see the module docstring), counting rows into `counter` on the way; refuse
-    output larger than `max_bytes`, and scripts cut short or made with pg_dump options
-    an import cannot restore (`PermanentError` naming the fix). `skip`: (desc,
-    namespace, name) -> reason, objects the schema rehearsal found the project cannot
-    hold (stages.preflight.rehearsal): the statements under their pg_dump header are
-    left out and reported as skipped."""
+    """Copy the file `src` to `dst` through `filter_plain_sql`."""
+    with open(src, "rb") as source, open(dst, "wb") as out:
+        return filter_plain_sql(
+            source, out, gzipped=gzipped, max_bytes=max_bytes, counter=counter, on_progress=on_progress, skip=skip
+        )
+
+
+def filter_plain_sql(
+    source: BinaryIO,
+    out: BinaryIO,
+    *,
+    gzipped: bool,
+    max_bytes: int,
+    counter: RowCounter | None = None,
+    on_progress: Callable[[int], None] = lambda _n: None,
+    skip: Mapping[tuple[str, str, str], str] | None = None,
+) -> PlainSql:
+    """Write the script read from `source` (gunzipped if `gzipped`) to `out`, made fit
+    for the project role (see the module docstring), counting rows into `counter` on the
+    way, in bounded memory: `source` and `out` may be streams (object storage, psql).
+    Refuse output larger than `max_bytes`, and scripts cut short or made with pg_dump
+    options an import cannot restore (`PermanentError` naming the fix), the latter only
+    once the whole script was read: whoever reads `out` must not act on a script that
+    is then refused (the restore stops psql before the end, see stages.restore).
+    `skip`: (desc, namespace, name) -> reason, objects the schema rehearsal found the
+    project cannot hold (stages.preflight.rehearsal): the statements under their
+    pg_dump header are left out and reported as skipped."""
     counter = counter or RowCounter()
     try:
-        with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
+        with gzip.GzipFile(fileobj=source, mode="rb") if gzipped else contextlib.nullcontext(source) as reader:
             return _Filter(out, max_bytes, counter, on_progress, skip or {}).run(iter(lambda: reader.read(PIECE), b""))
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise PermanentError(

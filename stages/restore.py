@@ -8,10 +8,14 @@ tenants' databases or the control database.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
+import subprocess
+import time
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 from stages.commands import PgTools
 from stages.errors import CommandFailed, PermanentCommandFailure
@@ -56,6 +60,9 @@ def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
         raise err.with_message(f"{head}: {cause.describe(located=False)} (at line {mapped} of the dump)") from err
 
 
+# How often to look whether psql opened the named pipe of a streamed script yet.
+_PIPE_POLL_SECONDS = 0.02
+
 # Formats pg_restore can restore with several jobs (tar cannot seek between members).
 PARALLEL_FORMATS = ("custom", "directory")
 
@@ -87,24 +94,100 @@ def restore_plain(
 
     `user_line` maps a line of the prepared script to the line of the user's file
     (the plain-SQL stage knows both); a failure then says where in their file."""
-    psql = tools.psql
     restrict_file = script + ".restrict"
-    descriptor = os.open(restrict_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_restrict_file(restrict_file)
+    try:
+        _run_psql(tools, target, script, restrict_file, user_line, feed=None)
+    finally:
+        os.remove(restrict_file)
+
+
+def restore_plain_stream(
+    tools: PgTools,
+    target: SourceURL,
+    feed: Callable[[BinaryIO], object],
+    folder: str,
+    *,
+    user_line: Callable[[int], int | None] | None = None,
+) -> None:
+    """As `restore_plain`, for a script that is never whole on disk: `feed(out)` writes
+    the prepared script to `out`, which psql reads as it runs it (a named pipe
+    `dump.sql` in `folder`, so psql names the script and its lines as for a file).
+
+    psql stops at the first error; the rest of the feed then fails to be written and
+    psql's error is raised. If `feed` raises (the script is refused once read whole,
+    storage failed), psql is killed before it sees the end of its input, so a statement
+    cut short is never run; the error from `feed` is raised."""
+    script = os.path.join(folder, "dump.sql")
+    restrict_file = script + ".restrict"
+    os.mkfifo(script, 0o600)
+    _write_restrict_file(restrict_file)
+    try:
+        _run_psql(tools, target, script, restrict_file, user_line, feed=feed)
+    finally:
+        os.remove(restrict_file)
+        os.remove(script)
+
+
+def _write_restrict_file(path: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as fh:
         fh.write(f"\\restrict {secrets.token_hex(16)}\n")
+
+
+def _run_psql(
+    tools: PgTools,
+    target: SourceURL,
+    script: str,
+    restrict_file: str,
+    user_line: Callable[[int], int | None] | None,
+    *,
+    feed: Callable[[BinaryIO], object] | None,
+) -> None:
+    psql = tools.psql
+    what = "psql restoring the plain SQL dump"
     try:
         with _explained(), _located(user_line):
-            psql.run(
-                psql.script_args(target.conninfo(), script, restrict_file=restrict_file),
-                env=target.env(),
-                secrets=[target.password],
-                what="psql restoring the plain SQL dump",
-            )
+            args = psql.script_args(target.conninfo(), script, restrict_file=restrict_file)
+            if feed is None:
+                psql.run(args, env=target.env(), secrets=[target.password], what=what)
+                return
+            process = psql.start(args, env=target.env(), secrets=[target.password], what=what)
+            try:
+                _feed_pipe(script, process, feed)
+            except BaseException:
+                psql.abort(process)
+                raise
+            psql.wait(process, secrets=[target.password], what=what)
     except CommandFailed as err:
         # The prepared script keeps the user's line numbers: say so in their terms.
         raise err.with_message(user_terms(err.message)) from err
+
+
+def _feed_pipe(fifo: str, process: subprocess.Popen[bytes], feed: Callable[[BinaryIO], object]) -> None:
+    """Write the script into the named pipe psql reads. Returns early, without error,
+    when psql ended first (before opening the pipe, or while reading it): its exit
+    says why."""
+    while True:
+        try:
+            descriptor = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as err:
+            if err.errno != errno.ENXIO:  # no reader yet: psql is still connecting
+                raise
+        if process.poll() is not None:
+            return
+        time.sleep(_PIPE_POLL_SECONDS)
+    os.set_blocking(descriptor, True)
+    out = os.fdopen(descriptor, "wb", buffering=1 << 16)
+    try:
+        feed(out)
+        out.flush()
+    except BrokenPipeError:
+        return  # psql stopped at an error (or was stopped); its exit is the news
     finally:
-        os.remove(restrict_file)
+        with contextlib.suppress(BrokenPipeError):
+            out.close()
 
 
 def restore_section(

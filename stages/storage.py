@@ -15,6 +15,7 @@ project, or one that tries to escape its prefix, is rejected everywhere.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
@@ -32,11 +34,14 @@ from minio import Minio
 from minio.datatypes import PostPolicy
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from stages.errors import InvalidObjectKey, ObjectMissing, ObjectTooLarge, StorageUnavailable
+from stages.errors import InvalidObjectKey, ObjectChanged, ObjectMissing, ObjectTooLarge, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
+# One ranged GET of a streamed object; a reader that stops past one asks for the rest again.
+RANGE_BYTES = 8 * CHUNK_BYTES
+RESUMES = 5
 # The readiness probe's connect and read timeouts.
 PROBE_TIMEOUT_SECONDS = 3
 KEY_PREFIX = "imports"
@@ -62,6 +67,8 @@ class StoredObject:
     key: str
     size: int
     last_modified: datetime | None
+    # What storage says identifies this version of the object (stat; None from `list`).
+    etag: str | None = None
 
 
 class ObjectStore:
@@ -173,58 +180,111 @@ class ObjectStore:
 
     def size(self, key: str) -> int:
         """Size of the object in bytes; `ObjectMissing` if there is none."""
+        return self.stat(key).size
+
+    def stat(self, key: str) -> StoredObject:
+        """Size, ETag and time of the object; `ObjectMissing` if there is none."""
         with _translated(key):
             stat = self.client.stat_object(self.bucket, key)
         if stat.size is None:
             raise StorageUnavailable(f"object storage did not report the size of {key!r}")
-        return stat.size
+        return StoredObject(key, stat.size, stat.last_modified, _etag(stat.etag))
+
+    def chunks(
+        self,
+        key: str,
+        *,
+        expected: StoredObject | None = None,
+        max_bytes: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> Iterator[bytes]:
+        """The object's bytes in chunks of at most 1 MiB, in bounded memory.
+
+        It is read by ranged GETs of `RANGE_BYTES`, each held open only while its bytes
+        are read: a reader that pauses (psql building an index while the script waits)
+        holds no long-lived response, and a range the server cut short after sending
+        some of it is asked for again from where it stopped (up to `RESUMES` times in
+        a row). `expected` (as
+        `stat` returned it) pins the object: one that was replaced since (another size
+        or ETag) raises `ObjectChanged` rather than mixing two files. Refuses
+        (`ObjectTooLarge`) an object above `max_bytes` before reading it;
+        `on_progress(bytes_done, bytes_total)` is called after every chunk.
+        """
+        found = expected or self.stat(key)
+        total = found.size
+        _check_limit(key, total, max_bytes)
+        done = failures = 0
+        while done < total:
+            length = min(RANGE_BYTES, total - done)
+            got = 0
+            try:
+                with _translated(key):
+                    response = self.client.get_object(self.bucket, key, offset=done, length=length)
+                    try:
+                        _same_object(key, found, response.headers)
+                        # Raw bytes as stored, even if the uploader set a Content-Encoding.
+                        for chunk in response.stream(CHUNK_BYTES, decode_content=False):
+                            # Never more than asked, even if the server ignored the range.
+                            chunk = chunk[: length - got]
+                            got += len(chunk)
+                            done += len(chunk)
+                            if chunk:
+                                yield chunk
+                                if on_progress is not None:
+                                    on_progress(done, total)
+                            if got >= length:
+                                break
+                    finally:
+                        response.close()
+                        response.release_conn()
+                if got < length:
+                    raise StorageUnavailable(f"object storage sent {got} of {length} bytes of {key!r} from {done - got}")
+                failures = 0
+            except StorageUnavailable:
+                failures += 1
+                if not got or failures > RESUMES:
+                    raise  # (the client itself retried the request: storage does not answer)
+                log.warning("reading %r stopped at byte %d of %d; asking again from there", key, done, total)
 
     def download(
         self,
         key: str,
         path: str | os.PathLike[str],
         *,
+        expected: StoredObject | None = None,
         max_bytes: int | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> int:
-        """Stream the object to `path` in 1 MiB chunks and return its size.
+        """Stream the object to `path` (see `chunks`) and return its size.
 
-        Refuses (`ObjectTooLarge`) an object above `max_bytes` before reading it, and
-        again while streaming in case it was replaced by a bigger one meanwhile.
-        `on_progress(bytes_done, bytes_total)` is called after every chunk. The data
-        goes to a ``.part`` file renamed into place at the end, so `path` only ever
-        holds a complete download.
+        The data goes to a ``.part`` file renamed into place at the end, so `path` only
+        ever holds a complete download.
         """
         target = Path(path)
         partial = target.with_name(target.name + ".part")
-        total = self.size(key)
-        _check_limit(key, total, max_bytes)
         done = 0
         try:
-            with _translated(key):
-                response = self.client.get_object(self.bucket, key)
-                try:
-                    # The object may have changed since stat; trust this response.
-                    total = int(response.headers.get("Content-Length", total))
-                    _check_limit(key, total, max_bytes)
-                    with open(partial, "wb") as out:
-                        # Raw bytes as stored, even if the uploader set a Content-Encoding.
-                        for chunk in response.stream(CHUNK_BYTES, decode_content=False):
-                            done += len(chunk)
-                            _check_limit(key, done, max_bytes)
-                            out.write(chunk)
-                            if on_progress is not None:
-                                on_progress(done, total)
-                finally:
-                    response.close()
-                    response.release_conn()
-            if done != total:
-                raise StorageUnavailable(f"download of {key!r} ended after {done} of {total} bytes")
+            with open(partial, "wb") as out:
+                for chunk in self.chunks(key, expected=expected, max_bytes=max_bytes, on_progress=on_progress):
+                    out.write(chunk)
+                    done += len(chunk)
             os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         return done
+
+    def reader(
+        self,
+        key: str,
+        *,
+        expected: StoredObject | None = None,
+        max_bytes: int | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> io.BufferedReader:
+        """The object as a binary file to read once from start to end (see `chunks`):
+        what a stream consumer (gzip, the SQL reader) takes, without a local copy."""
+        return io.BufferedReader(_ChunkReader(self.chunks(key, expected=expected, max_bytes=max_bytes, on_progress=on_progress)), CHUNK_BYTES)
 
     def head(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
         """Write the first `max_bytes` bytes of the object to `path` and return how many
@@ -335,6 +395,51 @@ def _check_limit(key: str, size: int, max_bytes: int | None) -> None:
             f"the upload {key!r} is larger than the {_human(max_bytes)} ({max_bytes} bytes) "
             f"allowed for this import (found at least {size} bytes)"
         )
+
+
+def _etag(value: str | None) -> str | None:
+    """An ETag without its quotes (headers quote it, minio's stat does not)."""
+    return value.strip().removeprefix("W/").strip('"') or None if value else None
+
+
+def _same_object(key: str, expected: StoredObject, headers: Any) -> None:
+    """Raise ObjectChanged unless a ranged response is of the object `expected` describes."""
+    etag = _etag(headers.get("ETag"))
+    content_range = headers.get("Content-Range") or ""
+    size = content_range.rsplit("/", 1)[-1] if "/" in content_range else None
+    if (expected.etag and etag and etag != expected.etag) or (size not in (None, "*") and int(size) != expected.size):
+        raise ObjectChanged(
+            f"the upload {key!r} was replaced while the import was running; import it again "
+            "(an upload must not change once its import has started)"
+        )
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-once binary stream over an iterator of byte chunks."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = memoryview(chunk)
+        size = min(len(buffer), len(self._left))
+        buffer[:size] = self._left[:size]
+        self._left = self._left[size:]
+        return size
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()  # a generator's response is released now, not when collected
+        super().close()
 
 
 def _human(n: int) -> str:

@@ -4,7 +4,8 @@ Tools name the files they were given: psql prefixes each error with
 ``psql:/tmp/capy-imports/job_…/dump.sql:123:``, pg_restore names its archive and its
 ``--use-list`` file. A user needs to know *which* input failed, not where a worker
 keeps it (its work directory, job layout, other jobs' names), so every path inside a
-job's work directory (``…/job_<id>/…``) or a preflight's scratch directory
+job's work directory (``…/job_<id>/…``, also inside a stage's folder there,
+``…/job_<id>/restore-<random>/…``) or a preflight's scratch directory
 (``…/preflight-<random>/…``) becomes a neutral name: ``<dump>``, ``<restore list>`` or
 ``<work file>``. The shapes are those `pipeline.import_steps` and `pipeline.preflights`
 create, whatever CAPY_WORK_DIR is.
@@ -28,6 +29,7 @@ _DELIMITERS = frozenset(" \t\n\r\f\v:'\"")
 # What the import and preflight stages call their files (pipeline.import_steps,
 # pipeline.preflights): the upload, the prepared SQL, a directory dump and its members.
 _DUMP_FILES = frozenset({"upload", "upload.part", "dump.sql", "dump", "head"})
+_STAGE_FOLDER = re.compile(r"(?:fetch|restore)-[0-9A-Za-z_]+")
 
 
 def scrub_work_paths(text: str) -> str:
@@ -53,6 +55,8 @@ def scrub_work_paths(text: str) -> str:
 
 def _name(rest: str) -> str:
     parts = [part for part in rest.split("/") if part]
+    if parts and _STAGE_FOLDER.fullmatch(parts[0]):
+        parts = parts[1:]  # a stage's own folder in the job's (pipeline.steps.upload)
     if not parts:
         return WORK_FILE
     if parts[-1] == "restore.list":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import TYPE_CHECKING, Any
 
 import peewee
@@ -19,6 +18,7 @@ import psycopg2
 from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
+from pipeline.steps.folders import stage_folder
 from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
 from stages.restore import render_section, restore_section
@@ -83,8 +83,7 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
     admin = steps._admin(job)
     project = Project.get_by_id(job.project_id)
     admin.lock_down(project.database_name)
-    work = steps._fresh_work_dir(job)
-    try:
+    with stage_folder(steps.settings, job, "restore") as work:
         tools = steps._tools(context)
         context.progress({"step": "schema", "phase": "reading the source's schema"})
         with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
@@ -134,5 +133,3 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
                 "preview_database": preview,
                 "verification": None,
             }
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

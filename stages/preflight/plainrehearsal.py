@@ -22,9 +22,11 @@ changes), with the line of the user's dump.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
+from typing import BinaryIO
 
 from stages.dumprows import RowCounter
 from stages.errors import CapyError
@@ -62,13 +64,17 @@ def split_plain(script: str, *, complete: bool) -> tuple[str, list[tuple[TocEntr
     return preamble, objects
 
 
-def keep_schema(src: str, dst: str, *, gzipped: bool) -> None:
-    """Copy the plain script `src` to `dst` without its data (COPY blocks and INSERT
+def keep_schema(src: str | BinaryIO, dst: str, *, gzipped: bool) -> None:
+    """Copy the plain script `src` (a path, or a binary stream read once, such as the
+    upload in object storage) to `dst` without its data (COPY blocks and INSERT
     statements), so that the schema of a dump of any size can be rehearsed: what is
     left is pg_dump's headers and the schema statements, a small file (bounded memory;
     a script psql could not read raises stages.sqlscript.ScriptError)."""
     dropping = False
-    with gzip.open(src, "rb") if gzipped else open(src, "rb") as reader, open(dst, "wb") as out:
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(src, "rb")) if isinstance(src, str) else src
+        reader = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")) if gzipped else raw
+        out = stack.enter_context(open(dst, "wb"))
         for piece in read_script(iter(lambda: reader.read(CHUNK), b"")):
             if piece.kind == COPY:
                 continue

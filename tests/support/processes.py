@@ -89,15 +89,17 @@ class Service:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def start_worker(self, name: str, **env: str) -> subprocess.Popen:
+    def start_worker(self, name: str, *, queues: tuple[str, ...] = (), **env: str) -> subprocess.Popen:
         """Another dramatiq worker (a process group of its own: its master and worker
-        processes), with `env` on top of the service's."""
+        processes), with `env` on top of the service's; `queues`: only these queues'
+        messages (every queue's when empty)."""
         assert self.log_dir is not None
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.logs[name] = self.log_dir / f"{name}.log"
         with open(self.logs[name], "ab") as handle:
             process = subprocess.Popen(
-                [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"],
+                [str(BIN / "dramatiq"), "--processes", "1", "--threads", "3", "pipeline.worker"]
+                + (["--queues", *queues] if queues else []),
                 env={**self.env, **env},
                 stdout=handle,
                 stderr=subprocess.STDOUT,

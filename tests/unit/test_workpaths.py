@@ -38,3 +38,18 @@ def test_other_text_is_left_alone():
 def test_a_long_line_of_slashes_is_scrubbed_in_one_pass():
     text = "/a" * 200_000 + f" {JOB}/dump.sql:1: ERROR"
     assert scrub_work_paths(text) == "/a" * 200_000 + " <dump>:1: ERROR"
+
+
+def test_files_in_a_stages_own_folder_get_the_same_names():
+    text = (
+        f"psql:{JOB}/restore-k2_9xq/dump.sql:7: ERROR:  boom\n"
+        f'pg_restore: error: could not open input file "{JOB}/fetch-a1b2c3/upload"\n'
+        f"could not open TOC file {JOB}/restore-zz9/restore.list\n"
+        f"mkdir {JOB}/restore-zz9/x"
+    )
+    assert scrub_work_paths(text) == (
+        "psql:<dump>:7: ERROR:  boom\n"
+        'pg_restore: error: could not open input file "<dump>"\n'
+        "could not open TOC file <restore list>\n"
+        "mkdir <work file>"
+    )

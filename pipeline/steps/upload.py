@@ -1,0 +1,284 @@
+"""The fetch and restore stages of an uploaded dump (called by pipeline.import_steps).
+
+No stage reads a file another stage left on local disk, so any worker, on any host,
+runs any stage. What restore needs from fetch travels in the job's facts (small JSON:
+the format, the upload's size and ETag, what to skip, the counts); the dump itself is
+read from object storage again, pinned to the version fetch checked (a replaced upload
+fails the import, see `ObjectStore.chunks`). Each stage keeps its files in a folder of
+its own, `CAPY_WORK_DIR/<job id>/<stage>-<random>/`, removed when the stage ends,
+whether it succeeded or not:
+
+- fetch checks the upload and counts its rows. An archive (custom, tar) is downloaded,
+  as pg_restore needs a file it can seek in; plain SQL streams from storage through the
+  filter (stages.plainsql) and is never whole on disk (a large script's schema, without
+  its data, is written for the whole-schema rehearsal).
+- restore downloads an archive again into its own folder and restores the plan it
+  recomputes from the archive and the facts (the rehearsal's skip list); plain SQL
+  streams from storage through the same filter into psql (stages.restore).
+
+Local disk: an archive's size during fetch and restore; for plain SQL, a few small files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import time
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pipeline.config import Settings
+from pipeline.models import Cluster, Project
+from pipeline.preflights import rehearsal_setup
+from pipeline.sealing import Sealer
+from pipeline.steps.folders import stage_folder
+from stages import dbsettings, toc
+from stages.archivecheck import check_complete, encoding_of
+from stages.commands import PgTools
+from stages.dumpformat import HEAD_BYTES, detect_format
+from stages.dumpgate import check_archive_readable, check_versions
+from stages.dumprows import RowCounter, count_archive_rows
+from stages.errors import PermanentError
+from stages.pgurl import SourceURL
+from stages.plainsql import PlainSql, filter_plain_sql
+from stages.preflight.extensions import require_allowlisted
+from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
+from stages.preflight.rehearsal import report_rehearsal, skip_map
+from stages.preflight.report import Preflight
+from stages.restore import restore_archive, restore_plain_stream
+from stages.sqlscript import ScriptError
+from stages.storage import ObjectStore, StoredObject
+
+if TYPE_CHECKING:
+    from pipeline.import_steps import StageContext
+
+ARCHIVES = ("custom", "tar")
+# Progress while bytes stream: at most one write to the job row this often.
+PROGRESS_SECONDS = 1.0
+
+
+def sql_limit(project: Project) -> int:
+    """Decompressed SQL may be larger than the data it loads, but not without bound."""
+    return 2 * project.storage_limit_bytes
+
+
+def fetch_upload(
+    context: StageContext, *, settings: Settings, sealer: Sealer, store: ObjectStore, tools: PgTools
+) -> dict[str, Any]:
+    """Identify the upload, prove the target's tools can read it, plan what the project
+    role restores, and count its rows and sequences for finalize to compare. Leaves no
+    file behind: the facts it returns are all restore needs."""
+    job = context.job
+    assert job.upload_key is not None
+    project = Project.get_by_id(job.project_id)
+    limit = project.storage_limit_bytes
+    upload = store.stat(job.upload_key)
+    with stage_folder(settings, job, "fetch") as folder:
+        head = os.path.join(folder, "head")
+        store.head(job.upload_key, head, HEAD_BYTES)
+        info = detect_format(head)
+        os.remove(head)
+        major = Cluster.get_by_id(job.cluster_id).server_major
+        check_versions(info, major)
+        facts: dict[str, Any] = {
+            "upload_bytes": upload.size,
+            "upload_etag": upload.etag,
+            "dump_format": info.format,
+            "dump_info": {"archive_version": info.archive_version, "dumped_by": info.dumped_by, "dumped_from": info.dumped_from},
+        }
+        counter = RowCounter()
+        skipped: list[dict[str, Any]] = job.facts.get("rehearsal_skipped", [])
+        if info.format in ARCHIVES:
+            archive = os.path.join(folder, "upload")
+            store.download(
+                job.upload_key, archive, expected=upload, max_bytes=limit, on_progress=_bytes_progress(context, "downloading the upload")
+            )
+            # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
+            check_complete(archive, info.format)
+            check_archive_readable(tools, archive, info, major)
+            facts.update(_archive_facts(tools, archive, folder, skipped, settings.extension_allowlist))
+            context.progress({"phase": "counting the rows in the dump", "bytes_total": upload.size})
+            count_archive_rows(tools, archive, counter, encoding=facts["dump_encoding"])
+            kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
+        else:
+            gzipped = info.format == "gzip-plain"
+            if upload.size > settings.preflight_head_bytes:  # preflight rehearsed only the head
+                skipped = _rehearse_plain_schema(context, settings, sealer, store, upload, folder, gzipped=gzipped, max_bytes=sql_limit(project))
+            plain = _filter_upload(
+                store,
+                upload,
+                gzipped,
+                sql_limit(project),
+                skipped,
+                _bytes_progress(context, "counting the rows in the dump"),
+                counter=counter,
+                out=None,
+            )
+            require_allowlisted(plain.extensions, settings.extension_allowlist)
+            facts.update(extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped)
+            kinds, basis, dump_bytes = counter.kinds, "dump statements", plain.bytes
+    counts, uncounted = counter.result()
+    description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
+    return {
+        **facts,
+        # What the schema rehearsal found the project cannot hold (of the whole script,
+        # for a large plain one): restore leaves it out again.
+        "restore_skip": skipped,
+        "dump_bytes": dump_bytes,
+        "source_counts": counts,
+        "uncounted_tables": uncounted,
+        "source_description": description,
+        "source_basis": basis,
+    }
+
+
+def restore_upload(
+    context: StageContext, *, settings: Settings, store: ObjectStore, tools: PgTools, target: SourceURL
+) -> None:
+    """Restore the upload into `target` (the empty preview, as the restore role), from
+    object storage and the facts fetch recorded: the archive downloaded into this
+    stage's folder and its plan recomputed, or the SQL streamed into psql."""
+    job = context.job
+    assert job.upload_key is not None
+    facts = job.facts
+    project = Project.get_by_id(job.project_id)
+    # The version fetch checked; a job fetched before uploads were pinned has no ETag.
+    upload = StoredObject(job.upload_key, int(facts["upload_bytes"]), None, facts.get("upload_etag"))
+    skipped = facts.get("restore_skip", facts.get("rehearsal_skipped", []))
+    fmt = facts["dump_format"]
+    with stage_folder(settings, job, "restore") as folder:
+        if fmt in ARCHIVES:
+            archive = os.path.join(folder, "upload")
+            store.download(
+                job.upload_key,
+                archive,
+                expected=upload,
+                max_bytes=project.storage_limit_bytes,
+                on_progress=_bytes_progress(context, "downloading the upload"),
+            )
+            entries = toc.read(tools, archive, encoding=facts["dump_encoding"])
+            precreated = set(facts.get("extensions", {}).values()) - {"public"}
+            plan = toc.plan(entries, precreated_schemas=precreated, skip=skip_map(skipped))
+            list_file = os.path.join(folder, "restore.list")
+            with open(list_file, "w", encoding="utf-8") as fh:
+                fh.write(plan.list_file())
+            context.progress({"phase": "restoring", "tables_total": len(facts.get("source_counts", {}))})
+            context.check_cancelled()
+            restore_archive(tools, target, archive, jobs=settings.concurrency, fmt=fmt, list_file=list_file)
+            return
+        gzipped = fmt == "gzip-plain"
+        context.check_cancelled()
+
+        progress = _bytes_progress(context, "restoring", tables_total=len(facts.get("source_counts", {})))
+
+        def feed(out: BinaryIO) -> None:
+            _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)
+
+        restore_plain_stream(tools, target, feed, folder)
+
+
+def _archive_facts(
+    tools: PgTools, archive: str, folder: str, skipped: list[dict[str, Any]], allowlist: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
+    """Read the archive's TOC: what the project role restores, what it skips and why,
+    which extensions (in which schemas) the service creates first, the source's
+    encoding (names and rows are decoded from it), and the database's settings and
+    comment (set at finalize, see stages.dbsettings). restore computes the same plan
+    again from these facts (`extensions`, the skip list) and the same archive."""
+    encoding = encoding_of(archive)
+    entries = toc.read(tools, archive, encoding=encoding)
+    extensions = toc.extension_schemas(tools, archive, entries, folder)
+    require_allowlisted(extensions, allowlist)
+    plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"}, skip=skip_map(skipped))
+    return {
+        "extensions": extensions,
+        "extension_comments": toc.extension_comments(tools, archive, entries, folder, encoding=encoding),
+        "skipped": plan.skipped,
+        "toc_kinds": toc.kind_counts(entries),
+        "dump_encoding": encoding,
+        "database_properties": dbsettings.read_archive(tools, archive, folder, encoding=encoding).facts(),
+    }
+
+
+def _filter_upload(
+    store: ObjectStore,
+    upload: StoredObject,
+    gzipped: bool,
+    max_bytes: int,
+    skipped: list[dict[str, Any]],
+    progress: Callable[[int, int], None],
+    *,
+    counter: RowCounter | None,
+    out: BinaryIO | None,
+) -> PlainSql:
+    """Stream the plain upload from storage through the filter into `out` (nowhere
+    when None: counting only), in bounded memory."""
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(store.reader(upload.key, expected=upload, on_progress=progress))
+        sink = out if out is not None else stack.enter_context(open(os.devnull, "wb"))
+        return filter_plain_sql(source, sink, gzipped=gzipped, max_bytes=max_bytes, counter=counter, skip=skip_map(skipped))
+
+
+def _rehearse_plain_schema(
+    context: StageContext,
+    settings: Settings,
+    sealer: Sealer,
+    store: ObjectStore,
+    upload: StoredObject,
+    folder: str,
+    *,
+    gzipped: bool,
+    max_bytes: int,
+) -> list[dict[str, Any]]:
+    """Preflight rehearsed the head of a plain upload; here, before anything is
+    restored, the schema of the whole script is (its data left out, read from storage
+    as it streams): what the project cannot hold and no table needs is returned to be
+    skipped, anything else fails the job as preflight would (PermanentError naming
+    every problem)."""
+    job = context.job
+    schema = os.path.join(folder, "schema.sql")
+    context.progress({"phase": "rehearsing the whole schema"})
+    try:
+        with store.reader(upload.key, expected=upload) as source:
+            keep_schema(source, schema, gzipped=gzipped)
+    except ScriptError as err:
+        raise PermanentError(f"the SQL script cannot be read as psql reads it: {err}") from err
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise PermanentError(
+            f"the gzip-compressed dump is cut short or corrupt ({err}); upload the whole file again, "
+            "or run pg_dump again if it stopped early, e.g. pg_dump ... | gzip > dump.sql.gz"
+        ) from err
+    project = Project.get_by_id(job.project_id)
+    setup = rehearsal_setup(project, settings, sealer, folder, full=True, cancellation=context.cancellation)
+    result = rehearse_plain(
+        schema,
+        setup.sandbox,
+        folder,
+        setup.deadline,
+        gzipped=False,
+        complete=True,
+        max_bytes=max_bytes,
+        allowed_extensions=set(settings.extension_allowlist) | {"plpgsql"},
+    )
+    os.remove(schema)
+    report = Preflight()
+    report_rehearsal(report, result, full=True)
+    report.raise_for_failure()
+    return result.skipped
+
+
+def _bytes_progress(context: StageContext, phase: str, **more: Any) -> Callable[[int, int], None]:
+    """Report bytes streamed so far, with `more` (each report a write to the job row,
+    and a cancellation point): the first, the last, and at most one per PROGRESS_SECONDS."""
+    last = [float("-inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < PROGRESS_SECONDS:
+            return
+        last[0] = now
+        context.progress({"phase": phase, "bytes_done": done, "bytes_total": total, **more})
+
+    return report
