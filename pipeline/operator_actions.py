@@ -139,6 +139,10 @@ def _stage_to_run(
         # An upload's restore reads the upload and the facts fetch recorded, on any worker;
         # a live import's restore copies from the source again.
         raise InvalidRequest(f"job {job.id} never passed its fetch stage; retry with --from-stage fetch")
+    if stage == Stage.RESTORE.value and not job.upload_key and "source_address" not in job.facts:
+        raise InvalidRequest(
+            f"job {job.id} has no source address its preflight pinned; retry with --from-stage preflight"
+        )
     if stage == Stage.FINALIZE.value and not preview_exists(job):
         raise InvalidRequest(
             f"job {job.id}'s preview database no longer exists (it is dropped when a job ends); "

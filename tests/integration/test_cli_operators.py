@@ -183,12 +183,11 @@ def test_jobs_retry_reruns_a_failed_job_once_its_cause_is_fixed(own_queues, caps
 
 def test_jobs_retry_after_restore_starts_again_from_fetch(control_db, capsys, world):
     job = new_job(control_db, world)
-    Job.update(stage="restore", facts={"preflight": {}, "dump_path": "/nonexistent"}).where(
-        Job.id == job.id
-    ).execute()
+    Job.update(stage="restore", facts={"preflight": {}}).where(Job.id == job.id).execute()
     jobs.fail(job.id, "test", "pg_restore failed", classification="permanent")
+    # A live import's restore copies from the source again, but needs the address preflight pinned.
     code, out = run(control_db, capsys, "jobs", "retry", job.id, "--from-stage", "restore")
-    assert code == 1 and out["error"].endswith("retry with --from-stage fetch")
+    assert code == 1 and out["error"].endswith("retry with --from-stage preflight")
     code, out = run(control_db, capsys, "jobs", "retry", job.id, "--from-stage", "finalize")
     assert code == 1 and out["error"] == (
         f"job {job.id}'s preview database no longer exists (it is dropped when a job ends); "
@@ -197,6 +196,15 @@ def test_jobs_retry_after_restore_starts_again_from_fetch(control_db, capsys, wo
     code, out = run(control_db, capsys, "jobs", "retry", job.id)
     assert code == 0 and out["stage"] == "fetch" and out["state"] == "pending"
     assert out["note"].endswith("so it starts again from fetch")
+    jobs.fail(job.id, "test", "done", classification="permanent")
+
+
+def test_a_live_import_may_be_retried_from_restore(control_db, capsys, world):
+    job = new_job(control_db, world)
+    Job.update(stage="restore", facts={"preflight": {}, "source_address": "127.0.0.1"}).where(Job.id == job.id).execute()
+    jobs.fail(job.id, "test", "the copy failed", classification="permanent")
+    code, out = run(control_db, capsys, "jobs", "retry", job.id, "--from-stage", "restore")
+    assert code == 0 and out["stage"] == "restore" and out["state"] == "pending"
     jobs.fail(job.id, "test", "done", classification="permanent")
 
 
