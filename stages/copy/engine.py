@@ -271,15 +271,24 @@ def copy_rows(
     stop = threading.Event()
     failure: list[BaseException] = []
 
+    # Every lane's source session is under this one deadline: cancelling it shuts their
+    # sockets (stages.deadline). Never psycopg2's cancel() on a source: it holds the GIL
+    # through its round trip to the source (connect, send, wait for the close), so a
+    # source that stops answering would freeze every thread of the worker.
+    source_deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+
     def open_source() -> psycopg2.extensions.connection:
-        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
-        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
-        with _source_errors(snapshot.source, settings), conn.cursor() as cur:
-            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
-            cur.execute("SET row_security = off")
-            cur.execute("SET statement_timeout = 0")
-            cur.execute("SET search_path = pg_catalog, pg_temp")
+        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=source_deadline, client_encoding="UTF8")
+        try:
+            with _source_errors(snapshot.source, settings), conn.cursor() as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+                cur.execute("SET row_security = off")
+                cur.execute("SET statement_timeout = 0")
+                cur.execute("SET search_path = pg_catalog, pg_temp")
+        except BaseException:
+            conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled
+            raise
         return conn
 
     def interrupt(err: BaseException) -> None:
@@ -289,11 +298,12 @@ def copy_rows(
                 failure.append(err)
             lanes_now = list(sessions)
         stop.set()
+        source_deadline.cancel()
         for lane in lanes_now:
-            for conn in (lane.source, lane.target):
-                if conn is not None and not conn.closed:
-                    with contextlib.suppress(psycopg2.Error):
-                        conn.cancel()
+            # The preview is ours (the project's cluster): its cancel is a local round trip.
+            if not lane.target.closed:
+                with contextlib.suppress(psycopg2.Error):
+                    lane.target.cancel()
 
     def check_stopped() -> None:
         if stop.is_set():
