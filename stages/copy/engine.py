@@ -68,6 +68,10 @@ class SourceBusy(TransientError):
     """A table on the source stayed locked by another session past the lock timeout."""
 
 
+class SnapshotLost(SourceUnreachable):
+    """The session holding the source's exported snapshot ended before a lane joined it."""
+
+
 class CopyStalled(SourceUnreachable):
     """A table's rows stopped coming from the source."""
 
@@ -106,6 +110,9 @@ class Snapshot:
                 with conn.cursor() as cur:
                     cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
                     cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
+                    # It holds the snapshot, idle in its transaction, until the copy ends:
+                    # a source's own idle timeout must not end it (pg_dump does the same).
+                    cur.execute("SET idle_in_transaction_session_timeout = 0")
                     cur.execute("SET search_path = pg_catalog, pg_temp")
                     cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
                     snapshot_id, server_version = cur.fetchone()
@@ -282,9 +289,17 @@ def copy_rows(
         try:
             with _source_errors(snapshot.source, settings), conn.cursor() as cur:
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+                try:
+                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+                except psycopg2.errors.InvalidParameterValue as err:
+                    raise SnapshotLost(
+                        "lost the source's snapshot: the session that holds it ended (the source closed it, "
+                        "or restarted) before every table was read; the import is retried"
+                    ) from err
                 cur.execute("SET row_security = off")
                 cur.execute("SET statement_timeout = 0")
+                # Idle in its transaction while its lane builds indexes.
+                cur.execute("SET idle_in_transaction_session_timeout = 0")
                 cur.execute("SET search_path = pg_catalog, pg_temp")
         except BaseException:
             conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled

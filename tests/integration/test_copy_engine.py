@@ -124,6 +124,36 @@ def test_counts_from_copy_equal_count_on_the_source(scratch_db, tmp_path):
     assert_nothing_left(target)
 
 
+def test_a_source_that_ends_idle_transactions_does_not_break_the_copy(scratch_db, tmp_path):
+    """The snapshot's session sits idle in its transaction while the schema is restored
+    (and lane sessions while their lane builds indexes): a source's
+    idle_in_transaction_session_timeout must not end them."""
+    source, target = scratch_db("capysrc_idle"), scratch_db("capytgt_idle")
+    pg.psql(source, text=SMALL_TABLES + f"ALTER DATABASE {source} SET idle_in_transaction_session_timeout = '1s';")
+    run = CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lambda: time.sleep(2.5))
+    result = run.run()
+    assert result.target_counts == pg.row_counts(source) == {"public.small": 500, "public.child": 2000}
+    assert_nothing_left(target)
+
+
+def test_a_lost_snapshot_session_fails_transiently_and_leaves_no_session(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_lost"), scratch_db("capytgt_lost")
+    pg.psql(source, text=SMALL_TABLES)
+
+    def lose_the_snapshot() -> None:
+        pg.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (source,),
+        )
+        wait_until(lambda: sessions_in(source) == [], "the snapshot's session did not end")
+
+    with pytest.raises(TransientError) as info:
+        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lose_the_snapshot).run()
+    assert info.value.message.startswith("lost the source's snapshot"), info.value.message
+    assert_nothing_left(target)
+    wait_until(lambda: sessions_in(source) == [], f"sessions left on the source: {sessions_in(source)}")
+
+
 def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_window(scratch_db, tmp_path):
     source, target = scratch_db("capysrc_stall"), scratch_db("capytgt_stall")
     pg.psql(source, text=BIG_TABLE)
