@@ -192,14 +192,14 @@ def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> C
     """Split the restore plan's post-data: the indexes, constraints and foreign keys of
     copied tables are scheduled with the copy; the rest (and everything, if pg_restore's
     rendering could not be split exactly) is left to pg_restore."""
-    restored_tables = {(e.namespace, e.name) for e in kept if e.desc == "TABLE"}
-    tables = [t for t in snapshot.catalog.tables if (t.schema, t.name) in restored_tables]
-    keys = {t.key for t in tables}
+    restored_tables = {e.catalog_id[1] for e in kept if e.desc == "TABLE"}
+    tables = [t for t in snapshot.catalog.tables if t.oid in restored_tables]
+    keys = {t.oid for t in tables}
     owned_blocks: list[tuple[Block, Owned]] = []
     taken: set[int] = set()
     if rendered.exact:
         for block in rendered.blocks:
-            owned = snapshot.catalog.owned.get((block.entry.desc, block.entry.namespace, block.entry.name))
+            owned = snapshot.catalog.owned.get(block.entry.catalog_id)
             if owned is None or owned.table not in keys or (owned.references and owned.references not in keys):
                 continue
             owned_blocks.append((block, owned))
@@ -246,7 +246,7 @@ class _Progress:
     cost_done: float = 0.0
     step: str = "data"
     phase: str = "copying rows"
-    flows: dict[str, Flow] = field(default_factory=dict)
+    flows: dict[SourceTable, Flow] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -270,7 +270,7 @@ def copy_rows(
     data section (sequences, large objects). A cancel (`cancellation`), a lost claim or
     cancel raised by `on_progress`, or the first failing task stops every lane."""
     settings = snapshot.settings
-    counts: dict[str, tuple[int, int]] = {}
+    counts: dict[int, tuple[int, int]] = {}  # by table oid
     progress = _Progress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
     tasks = _tasks(snapshot, plan, counts, restore_data_section, progress)
     progress.cost_total = sum(t.cost for t in tasks)
@@ -353,7 +353,7 @@ def copy_rows(
             check_stopped()
             _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
         progress.step, progress.phase = "analyze", "analyzing the tables"
-        analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
+        analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), _locks(t.oid)) for t in plan.tables]
         Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
         _raise_first(failure)
     except BaseException as err:
@@ -372,8 +372,9 @@ def copy_rows(
                     with contextlib.suppress(psycopg2.Error):
                         conn.close()
     return CopyResult(
-        {key: source for key, (source, _target) in counts.items()},
-        {key: target for key, (_source, target) in counts.items()},
+        # In the catalog's order, as stages.inventory counts (two tables may share a key).
+        {t.key: counts[t.oid][0] for t in plan.tables if t.oid in counts},
+        {t.key: counts[t.oid][1] for t in plan.tables if t.oid in counts},
         progress.bytes_done,
     )
 
@@ -416,17 +417,17 @@ def _target_errors(what: str) -> Iterator[None]:
 def _tasks(
     snapshot: Snapshot,
     plan: CopyPlan,
-    counts: dict[str, tuple[int, int]],
+    counts: dict[int, tuple[int, int]],
     restore_data_section: Callable[[], None],
     progress: _Progress,
 ) -> list[Task[Lane]]:
-    """The schedule: copy → indexes → constraints → foreign keys, per table."""
-    by_table = {t.key: t for t in plan.tables}
-    copies: dict[str, Task[Lane]] = {}
+    """The schedule: copy → indexes → constraints → foreign keys, per table (by oid)."""
+    by_table = {t.oid: t for t in plan.tables}
+    copies: dict[int, Task[Lane]] = {}
     for table in plan.tables:
-        copies[table.key] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), frozenset({table.key}))
-    indexes: dict[str, list[Task[Lane]]] = {key: [] for key in by_table}
-    attach: dict[str, list[tuple[Block, Owned]]] = {key: [] for key in by_table}
+        copies[table.oid] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), _locks(table.oid))
+    indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
+    attach: dict[int, list[tuple[Block, Owned]]] = {oid: [] for oid in by_table}
     foreign: list[tuple[Block, Owned]] = []
     for block, owned in plan.owned_blocks:
         size = by_table[owned.table].bytes
@@ -435,35 +436,36 @@ def _tasks(
             definition = block.sql if owned.kind == "index" else owned.unique_index + ";"
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
             indexes[owned.table].append(
-                Task(f"index {block.entry.name}", cost, _execute(definition, what), frozenset({owned.table}), exclusive=False, after=[copies[owned.table]])
+                Task(f"index {block.entry.name}", cost, _execute(definition, what), _locks(owned.table), exclusive=False, after=[copies[owned.table]])
             )
         if owned.kind == "constraint":
             attach[owned.table].append((block, owned))
         elif owned.kind == "foreign key":
             foreign.append((block, owned))
-    done: dict[str, Task[Lane]] = {}
+    done: dict[int, Task[Lane]] = {}
     tasks: list[Task[Lane]] = list(copies.values())
-    for key, table_indexes in indexes.items():
+    for oid, table_indexes in indexes.items():
+        key = by_table[oid].key
         tasks.extend(table_indexes)
-        statements = [_constraint_sql(block, owned) for block, owned in attach[key]]
+        statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
         if statements:
             last = Task[Lane](
                 f"constraints of {key}",
-                TASK_OVERHEAD + sum(by_table[key].bytes * INDEX_COST["btree"] for b, o in attach[key] if not o.unique_index),
+                TASK_OVERHEAD + sum(by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index),
                 _execute("\n".join(statements), f"the constraints of table {key}"),
-                frozenset({key}),
-                after=[copies[key], *table_indexes],
+                _locks(oid),
+                after=[copies[oid], *table_indexes],
             )
             tasks.append(last)
-            done[key] = last
+            done[oid] = last
         elif table_indexes:
-            done[key] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[key], *table_indexes])
-            tasks.append(done[key])
+            done[oid] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[oid], *table_indexes])
+            tasks.append(done[oid])
         else:
-            done[key] = copies[key]
+            done[oid] = copies[oid]
     for block, owned in foreign:
         assert owned.references is not None
-        tables = frozenset({owned.table, owned.references})
+        tables = _locks(owned.table, owned.references)
         tasks.append(
             Task(
                 f"foreign key {block.entry.name}",
@@ -479,6 +481,11 @@ def _tasks(
 
     tasks.append(Task[Lane]("sequences and large objects", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
     return tasks
+
+
+def _locks(*oids: int) -> frozenset[str]:
+    """What a task locks, for the scheduler: tables by oid ("schema.table" is not unique)."""
+    return frozenset(f"table {oid}" for oid in oids)
 
 
 def _constraint_sql(block: Block, owned: Owned) -> str:
@@ -497,12 +504,12 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
 
 
 def _copy(
-    snapshot: Snapshot, table: SourceTable, counts: dict[str, tuple[int, int]], progress: _Progress
+    snapshot: Snapshot, table: SourceTable, counts: dict[int, tuple[int, int]], progress: _Progress
 ) -> Callable[[Lane], None]:
     def run(lane: Lane) -> None:
         flow = Flow()
         with progress.lock:
-            progress.flows[table.key] = flow
+            progress.flows[table] = flow
         try:
             source = lane.source_session()
             with _source_errors(snapshot.source, snapshot.settings):
@@ -515,10 +522,10 @@ def _copy(
                         raise
         finally:
             with progress.lock:
-                progress.flows.pop(table.key, None)
+                progress.flows.pop(table, None)
                 progress.bytes_done += flow.bytes
                 progress.rows_done += flow.rows
-        counts[table.key] = (copied.source_rows, copied.target_rows)
+        counts[table.oid] = (copied.source_rows, copied.target_rows)
         with progress.lock:
             progress.tables_done += 1
             if progress.tables_done == progress.tables_total:
@@ -576,11 +583,11 @@ def _report(
                 "bytes_total": progress.bytes_total,
                 "rows_done": rows,
             }
-        for key, flow in flows:
+        for table, flow in flows:
             if now - flow.last > stall_seconds:
                 interrupt(
                     CopyStalled(
-                        f"the rows of table {key} stopped coming from the source for {stall_seconds:g} s "
+                        f"the rows of table {table.key} stopped coming from the source for {stall_seconds:g} s "
                         "(CAPY_COMMAND_STALL_SECONDS); the source may be locked or overloaded; the import is retried"
                     )
                 )

@@ -33,13 +33,15 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' f
 class SourceTable:
     """A table whose rows are copied: `key` is "schema.table" (the report's name),
     `columns` the stored columns in order (generated and dropped ones left out),
-    `bytes` its size on the source (heap and TOAST), an estimate of what streams."""
+    `bytes` its size on the source (heap and TOAST), an estimate of what streams;
+    `oid` its pg_class oid on the source (how the schema archive's TOC names it)."""
 
     key: str
     schema: str
     name: str
     columns: tuple[str, ...]
     bytes: int
+    oid: int = 0
 
     def column_list(self) -> sql.Composable:
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
