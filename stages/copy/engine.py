@@ -129,17 +129,13 @@ class Snapshot:
         """The schema archive (custom format): everything of the snapshot but the rows
         of `copied`, which stream instead. Materialized views keep their data entries
         (refreshed on the target) and the sequences their values."""
-        exclude = [f"--exclude-table-data={_pattern(t)}" for t in copied]
-        args = [
-            "--format=custom",
-            "--compress=0",
-            f"--file={path}",
-            "--no-password",
-            f"--lock-wait-timeout={int(self.settings.lock_timeout * 1000)}",
-            f"--snapshot={self.snapshot_id}",
-            *exclude,
-            f"--dbname={self.source.conninfo(connect_timeout=str(self.settings.connect_timeout))}",
-        ]
+        args = tools.pg_dump.schema_args(
+            self.source.conninfo(connect_timeout=str(self.settings.connect_timeout)),
+            path,
+            snapshot=self.snapshot_id,
+            lock_wait_ms=int(self.settings.lock_timeout * 1000),
+            exclude_data=[_pattern(t) for t in copied],
+        )
         tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
 
     def counted_keys(self) -> list[str]:
