@@ -64,8 +64,8 @@ class Owned:
     """What a post-data entry of the schema dump does to which table (`table`, its
     oid: names "schema.table" can be the same text for two tables): `kind` is "index",
     "constraint" or "foreign key"; `references` the table a foreign key points to; `method` the index's access method (its build cost); `unique_index` the
-    definition of a primary key's or unique constraint's index, built first as a plain
-    unique index (alongside the table's other indexes) and then attached."""
+    definition of a primary key's (`primary`) or unique constraint's index, built first
+    as a plain unique index (alongside the table's other indexes) and then attached."""
 
     table: int
     kind: str
@@ -74,6 +74,7 @@ class Owned:
     unique_index: str | None = None
     deferrable: bool = False
     deferred: bool = False
+    primary: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,13 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
                 continue
             unique = indexdef if contype in ("p", "u") and method == "btree" and indexdef else None
             owned[(int(catalog), int(oid))] = Owned(
-                int(table), "constraint", method or "btree", unique_index=unique, deferrable=deferrable, deferred=deferred
+                int(table),
+                "constraint",
+                method or "btree",
+                unique_index=unique,
+                deferrable=deferrable,
+                deferred=deferred,
+                primary=contype == "p",
             )
     return SourceCatalog(tables, owned)
 

@@ -489,7 +489,7 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
         return block.sql
     statement, rest = first_statement(block.sql)
     table, _, name = block.entry.name.partition(" ")
-    kind = "PRIMARY KEY" if " PRIMARY KEY " in statement else "UNIQUE"
+    kind = "PRIMARY KEY" if owned.primary else "UNIQUE"  # not from the text: a name may say "PRIMARY KEY"
     target = re.match(r"\s*ALTER TABLE ONLY (.+?)\s+ADD CONSTRAINT", statement, re.S)
     if target is None:
         raise PermanentError(f"cannot read the definition of constraint {block.entry.name}")

@@ -92,6 +92,8 @@ CASES = {
         INSERT INTO public."UPPER" VALUES (1);
         CREATE TABLE public.upper (x int PRIMARY KEY);
         INSERT INTO public.upper VALUES (1), (2);
+        CREATE TABLE public.nullable (v int CONSTRAINT "not a PRIMARY KEY here" UNIQUE);
+        INSERT INTO public.nullable VALUES (1), (NULL), (NULL);
     ''',
     "two tables whose schema.table names are the same text": '''
         CREATE SCHEMA "a.b";
