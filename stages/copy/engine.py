@@ -293,6 +293,12 @@ def copy_rows(
                         "or restarted) before every table was read; the import is retried"
                     ) from err
                 cur.execute("SET row_security = off")
+                # COPY prints values as the session's settings say, which the source's
+                # database or role may change: as pg_dump, print them so the preview reads
+                # back exactly the same (extra_float_digits -3 drops float digits).
+                cur.execute("SET DateStyle = ISO")
+                cur.execute("SET IntervalStyle = postgres")
+                cur.execute("SET extra_float_digits = 3")
                 cur.execute("SET statement_timeout = 0")
                 # Idle in its transaction while its lane builds indexes.
                 cur.execute("SET idle_in_transaction_session_timeout = 0")

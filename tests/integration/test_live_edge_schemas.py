@@ -206,3 +206,40 @@ def test_edge_schema_survives_a_live_import(control_db, scratch_db, case):
     report = job.facts["report"]
     assert report["warnings"] == [] and report["skipped"] == []
     assert {t: r["source_rows"] for t, r in report["tables"].items()} == pg.row_counts(source)
+
+
+def values_of(dbname: str, query: str) -> list[tuple]:
+    """Rows of `query`, read with fixed output settings (whatever the database's are)."""
+    import psycopg2
+
+    conn = psycopg2.connect(pg.url_for(dbname), options="-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=3")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_source_whose_settings_change_how_values_print_is_copied_exactly(control_db, scratch_db):
+    """COPY writes dates, intervals and floats as the session's DateStyle, IntervalStyle
+    and extra_float_digits say; the preview reads them with its own. A source database
+    that sets them must not change a value on the way (3 April read as 4 March)."""
+    source = scratch_db("capysrc_styles")
+    pg.psql(
+        source,
+        text=f"""
+        ALTER DATABASE {source} SET DateStyle = 'SQL, DMY';
+        ALTER DATABASE {source} SET IntervalStyle = 'sql_standard';
+        ALTER DATABASE {source} SET extra_float_digits = -3;
+        CREATE TABLE v (id int PRIMARY KEY, d date, ts timestamp, tz timestamptz, i interval, f float8, r real);
+        INSERT INTO v VALUES
+            (1, '2026-04-03', '2026-04-03 01:02:03.456789', '2026-04-03 01:02:03+05', '1 year 2 mons -3 days 04:05:06', 0.1::float8 + 0.2::float8, 1.1),
+            (2, '2026-12-31', '2026-01-02 23:59:59', '2026-01-02 00:00:00-08', '-1 days +02:03:00', pi(), 1 / 3::real);
+        """,
+    )
+    world = make_world(control_db)
+    job = run_import(control_db, world, pg.url_for(source, sslmode="disable"))
+    assert job.state == "completed", (job.error, job.last_stderr)
+    query = "SELECT id, d::text, ts::text, tz::text, i::text, f::text, r::text FROM v ORDER BY id"
+    assert values_of(world.project.database_name, query) == values_of(source, query)
