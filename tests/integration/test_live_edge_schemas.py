@@ -159,6 +159,19 @@ CASES = {
         CREATE INDEX empty_partial ON empty (w) WHERE w > 10;
         CREATE UNIQUE INDEX empty_expr ON empty (lower(v));
     ''',
+    "inheritance, a foreign key to a unique index, NOT VALID constraints the rows break": '''
+        CREATE TABLE base (id int, kind text);
+        CREATE TABLE derived (extra int, CHECK (id > 0) NO INHERIT) INHERITS (base);
+        INSERT INTO base SELECT g, 'base' FROM generate_series(1, 20) g;
+        INSERT INTO derived SELECT g, 'derived', g FROM generate_series(1, 30) g;
+        CREATE UNIQUE INDEX base_id ON base (id);
+        CREATE TABLE uses_base (base_id int REFERENCES base (id));
+        INSERT INTO uses_base SELECT generate_series(1, 20);
+        CREATE TABLE loose (id int, parent int);
+        INSERT INTO loose VALUES (1, 99), (-5, NULL);
+        ALTER TABLE loose ADD CONSTRAINT loose_parent FOREIGN KEY (parent) REFERENCES base (id) NOT VALID;
+        ALTER TABLE loose ADD CONSTRAINT loose_positive CHECK (id > 0) NOT VALID;
+    ''',
     "many small tables": "\n".join(
         f"CREATE TABLE t{i} (id int PRIMARY KEY, parent int REFERENCES t{max(i - 1, 0)}, v text);"
         f"CREATE INDEX t{i}_v ON t{i} (v);"
