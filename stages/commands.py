@@ -930,10 +930,15 @@ class PgDump(PgCommand):
         this worker) in the exported `snapshot`: everything but the rows of the tables
         matching `exclude_data` (pg_dump patterns), which stream instead. A table locked
         exclusively by another session on the source fails the dump after
-        `lock_wait_ms` instead of holding it."""
+        `lock_wait_ms` instead of holding it.
+
+        In UTF8 whatever the source's encoding: the copy's sessions (and the rows they
+        stream) are UTF8, and they run pg_restore's rendering of it, whose first line
+        sets the archive's encoding as the client's."""
         return [
             "--format=custom",
             "--compress=0",
+            "--encoding=UTF8",
             f"--file={path}",
             "--no-password",
             f"--lock-wait-timeout={lock_wait_ms}",

@@ -12,6 +12,7 @@ def test_pg_dump_schema_arguments():
     assert args == [
         "--format=custom",
         "--compress=0",
+        "--encoding=UTF8",
         "--file=/w/schema.dump",
         "--no-password",
         "--lock-wait-timeout=60000",
