@@ -142,16 +142,29 @@ class Snapshot:
         return [t.key for t in self.catalog.tables]
 
 
+def _shown(name: str) -> str:
+    """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
+
+
 def _pattern(table: SourceTable) -> str:
     """A pg_dump pattern naming exactly one table: quoted, so nothing in it is a wildcard."""
     return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
 
 
 @contextlib.contextmanager
-def _source_errors(source: SourceURL, settings: SourceSettings) -> Iterator[None]:
+def _source_errors(source: SourceURL, settings: SourceSettings, statement: str | None = None) -> Iterator[None]:
+    """Source errors in the user's terms; `statement` is what was running (named when
+    row-level security refuses it)."""
     try:
         yield
     except psycopg2.errors.InsufficientPrivilege as err:
+        first = str(err).splitlines()[0]
+        if "row-level security" in first:
+            raise PermanentError(
+                f"{first}: the source user {source.user!r} cannot read every row; connect as the table's "
+                "owner or a role with BYPASSRLS" + (f"; the statement was: {statement}" if statement else "")
+            ) from err
         raise PermanentError(
             f"the source user {source.user!r} cannot read every table "
             f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
@@ -514,7 +527,7 @@ def _copy(
             progress.flows[table] = flow
         try:
             source = lane.source_session()
-            with _source_errors(snapshot.source, snapshot.settings):
+            with _source_errors(snapshot.source, snapshot.settings, f"COPY {_shown(table.schema)}.{_shown(table.name)}"):
                 try:
                     copied = stream_table(table, source, lane.target, flow)
                 except (psycopg2.Error, CountMismatch) as err:
