@@ -145,8 +145,8 @@ class Settings:
     preflight_text_bytes: int = 64 * 1024 * 1024
     # Synchronous preflights one organization may run at once (each holds a web thread).
     org_max_concurrent_preflights: int = 2
-    # How long the fetch stage waits for a lock on a source table (its row counts and
-    # pg_dump's --lock-wait-timeout) before failing as transient.
+    # How long a live import waits for a lock on a source table (the snapshot's LOCK
+    # TABLE and pg_dump's --lock-wait-timeout) before failing as transient.
     source_lock_timeout_seconds: int = 60
     # RabbitMQ's consumer_timeout as the deployment configures it (rabbitmq.conf; 30 min
     # by default): a message unacknowledged for longer is taken back and its channel

@@ -923,19 +923,31 @@ class PgDump(PgCommand):
         out = next((arg.removeprefix("--file=") for arg in args if arg.startswith("--file=")), None)
         return None if out is None else (lambda: tree_size(out))
 
-    def directory_args(
-        self, conninfo: str, out_dir: str, *, jobs: int, snapshot: str | None, lock_wait_ms: int | None = None
+    def schema_args(
+        self, conninfo: str, path: str, *, snapshot: str, lock_wait_ms: int, exclude_data: Sequence[str] = ()
     ) -> list[str]:
-        """Parallel directory-format dump of everything, owners and grants included;
-        with `lock_wait_ms`, a table locked exclusively by another session on the source
-        fails the dump after that long instead of holding it."""
-        args = ["--format=directory", f"--jobs={max(1, jobs)}", f"--file={out_dir}", "--no-password"]
-        if lock_wait_ms:
-            args.append(f"--lock-wait-timeout={lock_wait_ms}")
-        if snapshot:
-            args.append(f"--snapshot={snapshot}")
-        args.append(f"--dbname={conninfo}")
-        return args
+        """The schema archive of a live copy (custom format, uncompressed: it stays on
+        this worker) in the exported `snapshot`: everything but the large objects and
+        the rows of the tables matching `exclude_data` (pg_dump patterns), which stream
+        instead. A table locked
+        exclusively by another session on the source fails the dump after
+        `lock_wait_ms` instead of holding it.
+
+        In UTF8 whatever the source's encoding: the copy's sessions (and the rows they
+        stream) are UTF8, and they run pg_restore's rendering of it, whose first line
+        sets the archive's encoding as the client's."""
+        return [
+            "--format=custom",
+            "--compress=0",
+            "--encoding=UTF8",
+            "--no-blobs",  # large objects stream instead (stages.copy.largeobjects)
+            f"--file={path}",
+            "--no-password",
+            f"--lock-wait-timeout={lock_wait_ms}",
+            f"--snapshot={snapshot}",
+            *(f"--exclude-table-data={pattern}" for pattern in exclude_data),
+            f"--dbname={conninfo}",
+        ]
 
 
 class PgRestore(PgCommand):

@@ -6,9 +6,7 @@ password or the full URL, only the redacted one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg2
@@ -20,7 +18,7 @@ from stages.pgurl import SourceURL, redact
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SourceTimedOut", "connect", "connection", "explain_connect_error", "server_major"]
+__all__ = ["SourceTimedOut", "connect", "explain_connect_error", "server_major"]
 
 
 class SourceAuthenticationFailed(PermanentError):
@@ -141,15 +139,6 @@ def connect(
     if deadline is not None:
         conn.guard(deadline, where=f"{source.host}:{source.port}")
     return conn
-
-
-@contextlib.contextmanager
-def connection(source: SourceURL, **kwargs: Any) -> Iterator[psycopg2.extensions.connection]:
-    conn = connect(source, **kwargs)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 def server_major(conn: psycopg2.extensions.connection) -> int:

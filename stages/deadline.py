@@ -9,7 +9,8 @@ a web worker, or a stage — forever, and libpq cannot be interrupted from Pytho
 Why a watchdog that shuts the socket down, rather than psycopg2's alternatives:
 `psycopg2.extensions.set_wait_callback` is process-wide (it would change every
 connection, the control database's too), and async connections (`async_=1`) have no
-transactions, no `set_session`, no `with` blocks, which preflight and fetch rely on.
+transactions, no `set_session`, no `with` blocks, which preflight and the copy's
+snapshot (stages.copy.engine) rely on.
 Instead, while a round trip runs, a timer waits for the deadline; when it passes, the
 timer calls `shutdown(SHUT_RDWR)` on the connection's socket through a duplicate of its
 file descriptor. libpq's blocked read returns end-of-file, psycopg2 raises

@@ -10,8 +10,6 @@ read, so every session that runs them pins its search_path to `pg_catalog, pg_te
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -43,21 +41,15 @@ def list_tables(conn: psycopg2.extensions.connection) -> list[tuple[str, str]]:
         return [(schema, name) for schema, name in cur.fetchall()]
 
 
-def count_rows(
-    conn: psycopg2.extensions.connection,
-    tables: list[tuple[str, str]] | None = None,
-    on_table: Callable[[int, int], None] | None = None,
-) -> dict[str, int]:
+def count_rows(conn: psycopg2.extensions.connection, tables: list[tuple[str, str]] | None = None) -> dict[str, int]:
     """Exact `count(*)` of every table, keyed "schema.table"."""
     if tables is None:
         tables = list_tables(conn)
     counts: dict[str, int] = {}
     with conn.cursor() as cur:
-        for done, (schema, name) in enumerate(tables, start=1):
+        for schema, name in tables:
             cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(sql.Identifier(schema, name)))
             counts[table_key(schema, name)] = int(cur.fetchone()[0])
-            if on_table:
-                on_table(done, len(tables))
     return counts
 
 

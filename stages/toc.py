@@ -108,6 +108,10 @@ SUPERUSER_ONLY = {
 }
 
 
+# (pg_class oid of the system catalog, oid of the object in it), e.g. (1259, 16384).
+CatalogId = tuple[int, int]
+
+
 @dataclass(frozen=True)
 class TocEntry:
     line: str
@@ -115,6 +119,13 @@ class TocEntry:
     desc: str
     namespace: str
     name: str
+
+    @property
+    def catalog_id(self) -> CatalogId:
+        """The object's (catalog oid, oid) on the source, as pg_dump recorded it: what
+        names it unambiguously (names in the listing are not quoted)."""
+        match = _LINE.match(self.line)
+        return (int(match.group(2)), int(match.group(3))) if match else (0, 0)
 
     @property
     def label(self) -> str:

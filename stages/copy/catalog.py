@@ -14,11 +14,12 @@ from psycopg2 import sql
 
 from stages.copy.stream import SourceTable
 from stages.inventory import table_key
+from stages.toc import CatalogId
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not members
 # of an extension (as stages.inventory lists them for the counts).
 _TABLES = """
-SELECT n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
+SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
                AND NOT a.attisdropped {generated}
@@ -33,30 +34,25 @@ WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
       SELECT 1 FROM pg_catalog.pg_depend d
       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
         AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
-ORDER BY 1, 2
+ORDER BY 2, 3
 """
 
 # Indexes that back no constraint (those come with their CONSTRAINT entry).
 _INDEXES = """
-SELECT n.nspname, ic.relname, tn.nspname, t.relname, am.amname
+SELECT ic.tableoid, ic.oid, t.oid, am.amname
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
-JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) ic.relnamespace
 JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) i.indrelid
-JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
 JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ic.relam
 WHERE t.relkind OPERATOR(pg_catalog.=) 'r'
 """
 
 _CONSTRAINTS = """
-SELECT tn.nspname, t.relname, k.conname, k.contype, fn.nspname, f.relname,
+SELECT k.tableoid, k.oid, k.conrelid, k.contype, k.confrelid,
        CASE WHEN k.conindid OPERATOR(pg_catalog.<>) 0 THEN pg_catalog.pg_get_indexdef(k.conindid) END,
        k.condeferrable, k.condeferred, am.amname
 FROM pg_catalog.pg_constraint k
 JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) k.conrelid
-JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace
-LEFT JOIN pg_catalog.pg_class f ON f.oid OPERATOR(pg_catalog.=) k.confrelid
-LEFT JOIN pg_catalog.pg_namespace fn ON fn.oid OPERATOR(pg_catalog.=) f.relnamespace
 LEFT JOIN pg_catalog.pg_class ki ON ki.oid OPERATOR(pg_catalog.=) k.conindid
 LEFT JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ki.relam
 WHERE t.relkind OPERATOR(pg_catalog.=) 'r' AND k.contype OPERATOR(pg_catalog.=) ANY (ARRAY['p', 'u', 'x', 'f']::"char"[])
@@ -65,29 +61,30 @@ WHERE t.relkind OPERATOR(pg_catalog.=) 'r' AND k.contype OPERATOR(pg_catalog.=) 
 
 @dataclass(frozen=True)
 class Owned:
-    """What a post-data entry of the schema dump does to which table: `kind` is
-    "index", "constraint" or "foreign key"; `references` the table a foreign key points
-    to; `method` the index's access method (its build cost); `unique_index` the
-    definition of a primary key's or unique constraint's index, built first as a plain
-    unique index (alongside the table's other indexes) and then attached."""
+    """What a post-data entry of the schema dump does to which table (`table`, its
+    oid: names "schema.table" can be the same text for two tables): `kind` is "index",
+    "constraint" or "foreign key"; `references` the table a foreign key points to; `method` the index's access method (its build cost); `unique_index` the
+    definition of a primary key's (`primary`) or unique constraint's index, built first
+    as a plain unique index (alongside the table's other indexes) and then attached."""
 
-    table: str
+    table: int
     kind: str
     method: str = "btree"
-    references: str | None = None
+    references: int | None = None
     unique_index: str | None = None
     deferrable: bool = False
     deferred: bool = False
-
-
-# TOC entries are keyed as pg_restore --list names them: (desc, namespace, tag).
-EntryKey = tuple[str, str, str]
+    primary: bool = False
 
 
 @dataclass(frozen=True)
 class SourceCatalog:
+    """`owned` is keyed by the catalog id of the index or constraint, as the schema
+    archive's TOC entries carry it (stages.toc.TocEntry.catalog_id): names cannot be
+    told apart reliably in pg_restore's listing (a schema's name may hold a space)."""
+
     tables: list[SourceTable]
-    owned: dict[EntryKey, Owned]
+    owned: dict[CatalogId, Owned]
 
 
 def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
@@ -99,24 +96,27 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
         )
         cur.execute(_TABLES.format(generated=generated))
         tables = [
-            SourceTable(table_key(schema, name), schema, name, tuple(columns), int(size or 0))
-            for schema, name, size, columns in cur.fetchall()
+            SourceTable(table_key(schema, name), schema, name, tuple(columns), int(size or 0), int(oid))
+            for oid, schema, name, size, columns in cur.fetchall()
         ]
-        owned: dict[EntryKey, Owned] = {}
+        owned: dict[CatalogId, Owned] = {}
         cur.execute(_INDEXES)
-        for schema, index, table_schema, table, method in cur.fetchall():
-            owned[("INDEX", schema, index)] = Owned(table_key(table_schema, table), "index", method)
+        for catalog, oid, table, method in cur.fetchall():
+            owned[(int(catalog), int(oid))] = Owned(int(table), "index", method)
         cur.execute(_CONSTRAINTS)
-        for schema, table, name, contype, ref_schema, ref_table, indexdef, deferrable, deferred, method in cur.fetchall():
-            key = table_key(schema, table)
+        for catalog, oid, table, contype, references, indexdef, deferrable, deferred, method in cur.fetchall():
             if contype == "f":
-                owned[("FK CONSTRAINT", schema, f"{table} {name}")] = Owned(
-                    key, "foreign key", references=table_key(ref_schema, ref_table)
-                )
+                owned[(int(catalog), int(oid))] = Owned(int(table), "foreign key", references=int(references))
                 continue
             unique = indexdef if contype in ("p", "u") and method == "btree" and indexdef else None
-            owned[("CONSTRAINT", schema, f"{table} {name}")] = Owned(
-                key, "constraint", method or "btree", unique_index=unique, deferrable=deferrable, deferred=deferred
+            owned[(int(catalog), int(oid))] = Owned(
+                int(table),
+                "constraint",
+                method or "btree",
+                unique_index=unique,
+                deferrable=deferrable,
+                deferred=deferred,
+                primary=contype == "p",
             )
     return SourceCatalog(tables, owned)
 

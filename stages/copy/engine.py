@@ -61,6 +61,7 @@ Progress = Callable[[dict[str, Any]], None]
 INDEX_COST = {"btree": 0.4, "hash": 0.4, "brin": 0.05, "gist": 3.0, "spgist": 2.0, "gin": 8.0}
 FOREIGN_KEY_COST = 0.2
 ANALYZE_COST = 64 * 1024
+LARGE_OBJECTS = "the large objects"
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
@@ -69,6 +70,10 @@ PROGRESS_SECONDS = 2.0
 
 class SourceBusy(TransientError):
     """A table on the source stayed locked by another session past the lock timeout."""
+
+
+class SnapshotLost(SourceUnreachable):
+    """The session holding the source's exported snapshot ended before a lane joined it."""
 
 
 class CopyStalled(SourceUnreachable):
@@ -109,6 +114,9 @@ class Snapshot:
                 with conn.cursor() as cur:
                     cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
                     cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
+                    # It holds the snapshot, idle in its transaction, until the copy ends:
+                    # a source's own idle timeout must not end it (pg_dump does the same).
+                    cur.execute("SET idle_in_transaction_session_timeout = 0")
                     cur.execute("SET search_path = pg_catalog, pg_temp")
                     cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
                     snapshot_id, server_version = cur.fetchone()
@@ -125,22 +133,22 @@ class Snapshot:
         """The schema archive (custom format): everything of the snapshot but the rows
         of `copied`, which stream instead. Materialized views keep their data entries
         (refreshed on the target) and the sequences their values."""
-        exclude = [f"--exclude-table-data={_pattern(t)}" for t in copied]
-        args = [
-            "--format=custom",
-            "--compress=0",
-            "--no-blobs",  # streamed by the copy instead (stages.copy.largeobjects)
-            f"--file={path}",
-            "--no-password",
-            f"--lock-wait-timeout={int(self.settings.lock_timeout * 1000)}",
-            f"--snapshot={self.snapshot_id}",
-            *exclude,
-            f"--dbname={self.source.conninfo(connect_timeout=str(self.settings.connect_timeout))}",
-        ]
+        args = tools.pg_dump.schema_args(
+            self.source.conninfo(connect_timeout=str(self.settings.connect_timeout)),
+            path,
+            snapshot=self.snapshot_id,
+            lock_wait_ms=int(self.settings.lock_timeout * 1000),
+            exclude_data=[_pattern(t) for t in copied],
+        )
         tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
 
     def counted_keys(self) -> list[str]:
         return [t.key for t in self.catalog.tables]
+
+
+def _shown(name: str) -> str:
+    """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
 
 
 def _pattern(table: SourceTable) -> str:
@@ -149,15 +157,17 @@ def _pattern(table: SourceTable) -> str:
 
 
 @contextlib.contextmanager
-def _source_errors(source: SourceURL, settings: SourceSettings) -> Iterator[None]:
+def _source_errors(source: SourceURL, settings: SourceSettings, statement: str | None = None) -> Iterator[None]:
+    """Source errors in the user's terms; `statement` is what was running (named when
+    row-level security refuses it)."""
     try:
         yield
     except psycopg2.errors.InsufficientPrivilege as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = str(err).splitlines()[0]
         if "row-level security" in first:
             raise PermanentError(
-                f"the source user {source.user!r} cannot read every row ({first}): row-level security "
-                "hides rows from it; connect as the table's owner or a role with BYPASSRLS"
+                f"{first}: the source user {source.user!r} cannot read every row; connect as the table's "
+                "owner or a role with BYPASSRLS" + (f"; the statement was: {statement}" if statement else "")
             ) from err
         raise PermanentError(
             f"the source user {source.user!r} cannot read every table "
@@ -195,14 +205,14 @@ def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> C
     """Split the restore plan's post-data: the indexes, constraints and foreign keys of
     copied tables are scheduled with the copy; the rest (and everything, if pg_restore's
     rendering could not be split exactly) is left to pg_restore."""
-    restored_tables = {(e.namespace, e.name) for e in kept if e.desc == "TABLE"}
-    tables = [t for t in snapshot.catalog.tables if (t.schema, t.name) in restored_tables]
-    keys = {t.key for t in tables}
+    restored_tables = {e.catalog_id[1] for e in kept if e.desc == "TABLE"}
+    tables = [t for t in snapshot.catalog.tables if t.oid in restored_tables]
+    keys = {t.oid for t in tables}
     owned_blocks: list[tuple[Block, Owned]] = []
     taken: set[int] = set()
     if rendered.exact:
         for block in rendered.blocks:
-            owned = snapshot.catalog.owned.get((block.entry.desc, block.entry.namespace, block.entry.name))
+            owned = snapshot.catalog.owned.get(block.entry.catalog_id)
             if owned is None or owned.table not in keys or (owned.references and owned.references not in keys):
                 continue
             owned_blocks.append((block, owned))
@@ -249,7 +259,7 @@ class _Progress:
     cost_done: float = 0.0
     step: str = "data"
     phase: str = "copying rows"
-    flows: dict[str, Flow] = field(default_factory=dict)
+    flows: dict[SourceTable | str, Flow] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -274,7 +284,7 @@ def copy_rows(
     data section (sequences, large objects). A cancel (`cancellation`), a lost claim or
     cancel raised by `on_progress`, or the first failing task stops every lane."""
     settings = snapshot.settings
-    counts: dict[str, tuple[int, int]] = {}
+    counts: dict[int, tuple[int, int]] = {}  # by table oid
     progress = _Progress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
     # Extended statistics (CREATE STATISTICS, with the rest of post-data) are only
     # computed by an ANALYZE after them: with any, every table is analyzed at the end.
@@ -285,15 +295,38 @@ def copy_rows(
     stop = threading.Event()
     failure: list[BaseException] = []
 
+    # Every lane's source session is under this one deadline: cancelling it shuts their
+    # sockets (stages.deadline). Never psycopg2's cancel() on a source: it holds the GIL
+    # through its round trip to the source (connect, send, wait for the close), so a
+    # source that stops answering would freeze every thread of the worker.
+    source_deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+
     def open_source() -> psycopg2.extensions.connection:
-        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
-        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
-        with _source_errors(snapshot.source, settings), conn.cursor() as cur:
-            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
-            cur.execute("SET row_security = off")
-            cur.execute("SET statement_timeout = 0")
-            cur.execute("SET search_path = pg_catalog, pg_temp")
+        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=source_deadline, client_encoding="UTF8")
+        try:
+            with _source_errors(snapshot.source, settings), conn.cursor() as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+                except psycopg2.errors.InvalidParameterValue as err:
+                    raise SnapshotLost(
+                        "lost the source's snapshot: the session that holds it ended (the source closed it, "
+                        "or restarted) before every table was read; the import is retried"
+                    ) from err
+                cur.execute("SET row_security = off")
+                # COPY prints values as the session's settings say, which the source's
+                # database or role may change: as pg_dump, print them so the preview reads
+                # back exactly the same (extra_float_digits -3 drops float digits).
+                cur.execute("SET DateStyle = ISO")
+                cur.execute("SET IntervalStyle = postgres")
+                cur.execute("SET extra_float_digits = 3")
+                cur.execute("SET statement_timeout = 0")
+                # Idle in its transaction while its lane builds indexes.
+                cur.execute("SET idle_in_transaction_session_timeout = 0")
+                cur.execute("SET search_path = pg_catalog, pg_temp")
+        except BaseException:
+            conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled
+            raise
         return conn
 
     def interrupt(err: BaseException) -> None:
@@ -303,11 +336,12 @@ def copy_rows(
                 failure.append(err)
             lanes_now = list(sessions)
         stop.set()
+        source_deadline.cancel()
         for lane in lanes_now:
-            for conn in (lane.source, lane.target):
-                if conn is not None and not conn.closed:
-                    with contextlib.suppress(psycopg2.Error):
-                        conn.cancel()
+            # The preview is ours (the project's cluster): its cancel is a local round trip.
+            if not lane.target.closed:
+                with contextlib.suppress(psycopg2.Error):
+                    lane.target.cancel()
 
     def check_stopped() -> None:
         if stop.is_set():
@@ -345,7 +379,7 @@ def copy_rows(
             _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
         if not analyze_each:
             progress.step, progress.phase = "analyze", "analyzing the tables"
-            analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), frozenset({t.key})) for t in plan.tables]
+            analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), _locks(t.oid)) for t in plan.tables]
             Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
             _raise_first(failure)
     except BaseException as err:
@@ -364,8 +398,9 @@ def copy_rows(
                     with contextlib.suppress(psycopg2.Error):
                         conn.close()
     return CopyResult(
-        {key: source for key, (source, _target) in counts.items()},
-        {key: target for key, (_source, target) in counts.items()},
+        # In the catalog's order, as stages.inventory counts (two tables may share a key).
+        {t.key: counts[t.oid][0] for t in plan.tables if t.oid in counts},
+        {t.key: counts[t.oid][1] for t in plan.tables if t.oid in counts},
         progress.bytes_done,
     )
 
@@ -408,19 +443,19 @@ def _target_errors(what: str) -> Iterator[None]:
 def _tasks(
     snapshot: Snapshot,
     plan: CopyPlan,
-    counts: dict[str, tuple[int, int]],
+    counts: dict[int, tuple[int, int]],
     restore_data_section: Callable[[], None],
     progress: _Progress,
     *,
     analyze_each: bool,
 ) -> list[Task[Lane]]:
-    """The schedule: copy → indexes → constraints → foreign keys, per table."""
-    by_table = {t.key: t for t in plan.tables}
-    copies: dict[str, Task[Lane]] = {}
+    """The schedule: copy → indexes → constraints → foreign keys, per table (by oid)."""
+    by_table = {t.oid: t for t in plan.tables}
+    copies: dict[int, Task[Lane]] = {}
     for table in plan.tables:
-        copies[table.key] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), frozenset({table.key}))
-    indexes: dict[str, list[Task[Lane]]] = {key: [] for key in by_table}
-    attach: dict[str, list[tuple[Block, Owned]]] = {key: [] for key in by_table}
+        copies[table.oid] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), _locks(table.oid))
+    indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
+    attach: dict[int, list[tuple[Block, Owned]]] = {oid: [] for oid in by_table}
     foreign: list[tuple[Block, Owned]] = []
     for block, owned in plan.owned_blocks:
         size = by_table[owned.table].bytes
@@ -429,41 +464,41 @@ def _tasks(
             definition = block.sql if owned.kind == "index" else owned.unique_index + ";"
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
             indexes[owned.table].append(
-                Task(f"index {block.entry.name}", cost, _execute(definition, what), frozenset({owned.table}), exclusive=False, after=[copies[owned.table]])
+                Task(f"index {block.entry.name}", cost, _execute(definition, what), _locks(owned.table), exclusive=False, after=[copies[owned.table]])
             )
         if owned.kind == "constraint":
             attach[owned.table].append((block, owned))
         elif owned.kind == "foreign key":
             foreign.append((block, owned))
-    done: dict[str, Task[Lane]] = {}
+    done: dict[int, Task[Lane]] = {}
     tasks: list[Task[Lane]] = list(copies.values())
-    for key, table_indexes in indexes.items():
+    for oid, table_indexes in indexes.items():
+        key = by_table[oid].key
         tasks.extend(table_indexes)
-        statements = [_constraint_sql(block, owned) for block, owned in attach[key]]
+        statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
         if statements:
             last = Task[Lane](
                 f"constraints of {key}",
-                TASK_OVERHEAD + sum(by_table[key].bytes * INDEX_COST["btree"] for b, o in attach[key] if not o.unique_index),
+                TASK_OVERHEAD + sum(by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index),
                 _execute("\n".join(statements), f"the constraints of table {key}"),
-                frozenset({key}),
-                after=[copies[key], *table_indexes],
+                _locks(oid),
+                after=[copies[oid], *table_indexes],
             )
             tasks.append(last)
-            done[key] = last
+            done[oid] = last
         elif table_indexes:
-            done[key] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[key], *table_indexes])
-            tasks.append(done[key])
+            done[oid] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[oid], *table_indexes])
+            tasks.append(done[oid])
         else:
-            done[key] = copies[key]
-    last: dict[str, list[Task[Lane]]] = {key: [task] for key, task in done.items()}
+            done[oid] = copies[oid]
+    last: dict[int, list[Task[Lane]]] = {oid: [task] for oid, task in done.items()}
     for block, owned in foreign:
         assert owned.references is not None
-        tables = frozenset({owned.table, owned.references})
         fk = Task[Lane](
             f"foreign key {block.entry.name}",
             TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
             _execute(block.sql, f"foreign key {block.entry.name}"),
-            tables,
+            _locks(owned.table, owned.references),
             after=[done[owned.table], done[owned.references]],
         )
         tasks.append(fk)
@@ -471,8 +506,10 @@ def _tasks(
         last[owned.references].append(fk)
     if analyze_each:
         # Each table's statistics as soon as nothing more is built on it, beside the others' work.
-        for key, table in by_table.items():
-            tasks.append(Task[Lane](f"analyze {key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), frozenset({key}), after=last[key]))
+        for oid, table in by_table.items():
+            tasks.append(
+                Task[Lane](f"analyze {table.key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), _locks(oid), after=last[oid])
+            )
 
     def data_section(_lane: Lane) -> None:
         restore_data_section()
@@ -488,7 +525,7 @@ def _large_objects(snapshot: Snapshot, progress: _Progress) -> Callable[[Lane], 
     def run(lane: Lane) -> None:
         flow = Flow()
         with progress.lock:
-            progress.flows["large objects"] = flow
+            progress.flows[LARGE_OBJECTS] = flow
         try:
             source = lane.source_session()
             with _source_errors(snapshot.source, snapshot.settings):
@@ -503,9 +540,14 @@ def _large_objects(snapshot: Snapshot, progress: _Progress) -> Callable[[Lane], 
                         raise
         finally:
             with progress.lock:
-                progress.flows.pop("large objects", None)
+                progress.flows.pop(LARGE_OBJECTS, None)
 
     return run
+
+
+def _locks(*oids: int) -> frozenset[str]:
+    """What a task locks, for the scheduler: tables by oid ("schema.table" is not unique)."""
+    return frozenset(f"table {oid}" for oid in oids)
 
 
 def _constraint_sql(block: Block, owned: Owned) -> str:
@@ -513,7 +555,7 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
         return block.sql
     statement, rest = first_statement(block.sql)
     table, _, name = block.entry.name.partition(" ")
-    kind = "PRIMARY KEY" if " PRIMARY KEY " in statement else "UNIQUE"
+    kind = "PRIMARY KEY" if owned.primary else "UNIQUE"  # not from the text: a name may say "PRIMARY KEY"
     target = re.match(r"\s*ALTER TABLE ONLY (.+?)\s+ADD CONSTRAINT", statement, re.S)
     if target is None:
         raise PermanentError(f"cannot read the definition of constraint {block.entry.name}")
@@ -524,15 +566,15 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
 
 
 def _copy(
-    snapshot: Snapshot, table: SourceTable, counts: dict[str, tuple[int, int]], progress: _Progress
+    snapshot: Snapshot, table: SourceTable, counts: dict[int, tuple[int, int]], progress: _Progress
 ) -> Callable[[Lane], None]:
     def run(lane: Lane) -> None:
         flow = Flow()
         with progress.lock:
-            progress.flows[table.key] = flow
+            progress.flows[table] = flow
         try:
             source = lane.source_session()
-            with _source_errors(snapshot.source, snapshot.settings):
+            with _source_errors(snapshot.source, snapshot.settings, f"COPY {_shown(table.schema)}.{_shown(table.name)}"):
                 try:
                     copied = stream_table(table, source, lane.target, flow)
                 except (psycopg2.Error, CountMismatch) as err:
@@ -542,10 +584,10 @@ def _copy(
                         raise
         finally:
             with progress.lock:
-                progress.flows.pop(table.key, None)
+                progress.flows.pop(table, None)
                 progress.bytes_done += flow.bytes
                 progress.rows_done += flow.rows
-        counts[table.key] = (copied.source_rows, copied.target_rows)
+        counts[table.oid] = (copied.source_rows, copied.target_rows)
         with progress.lock:
             progress.tables_done += 1
             if progress.tables_done == progress.tables_total:
@@ -575,6 +617,11 @@ def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], Non
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:
     return _execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table.schema, table.name)), f"statistics of table {table.key}")
+
+
+def _what(flowing: object) -> str:
+    """What a flow copies, in a message: "table public.t", or "the large objects"."""
+    return f"table {flowing.key}" if isinstance(flowing, SourceTable) else str(flowing)
 
 
 def _report(
@@ -617,11 +664,11 @@ def _report_until_stopped(
                 "bytes_total": progress.bytes_total,
                 "rows_done": rows,
             }
-        for key, flow in flows:
+        for table, flow in flows:
             if now - flow.last > stall_seconds:
                 interrupt(
                     CopyStalled(
-                        f"the copy of table {key} made no progress for {stall_seconds:g} s "
+                        f"the copy of {_what(table)} made no progress for {stall_seconds:g} s "
                         "(CAPY_COMMAND_STALL_SECONDS): its rows stopped coming from the source, which may be "
                         "locked or overloaded; the import is retried"
                     )

@@ -52,7 +52,9 @@ def split(script: str, entries: list[TocEntry]) -> Rendered:
         name, desc, schema = header.group(1), header.group(2), header.group(3)
         end = headers[i + 1].start() if i + 1 < len(headers) else len(script)
         for entry in remaining:
-            if entry.desc == desc and _same(entry.name, name) and _same(entry.namespace, schema):
+            # Schema and name together: the listing's split between them is a guess
+            # when the schema's name holds a space (stages.toc.parse).
+            if entry.desc == desc and _same(f"{entry.namespace} {entry.name}", f"{schema} {name}"):
                 blocks.append(Block(entry, script[header.end() : end]))
                 break
         else:

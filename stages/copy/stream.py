@@ -26,7 +26,6 @@ from psycopg2 import sql
 PIPE_BYTES = 1 << 20
 WRITE_BUFFER = 1 << 18
 READ_CHUNK = 1 << 17
-STOP_GRACE_SECONDS = 5.0
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' fcntl
 
 
@@ -34,13 +33,15 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' f
 class SourceTable:
     """A table whose rows are copied: `key` is "schema.table" (the report's name),
     `columns` the stored columns in order (generated and dropped ones left out),
-    `bytes` its size on the source (heap and TOAST), an estimate of what streams."""
+    `bytes` its size on the source (heap and TOAST), an estimate of what streams;
+    `oid` its pg_class oid on the source (how the schema archive's TOC names it)."""
 
     key: str
     schema: str
     name: str
     columns: tuple[str, ...]
     bytes: int
+    oid: int = 0
 
     def column_list(self) -> sql.Composable:
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
@@ -184,12 +185,16 @@ def stream_table(
         os.close(read_fd)  # a producer still writing gets EPIPE and stops
         if producer.ident is None:  # never started (the TRUNCATE failed)
             sink.close()
-        elif producer.is_alive():
-            # One that waits on the source instead is interrupted there.
-            with contextlib.suppress(psycopg2.Error):
-                source.cancel()
-            producer.join(STOP_GRACE_SECONDS)
-            watchdog = getattr(source, "watchdog", None)
-            if producer.is_alive() and watchdog is not None:
-                watchdog.fire()  # the source ignores cancels: its socket is shut
+        else:
+            if not finished.is_set():
+                # One that waits on the source instead is stopped there: its socket is
+                # shut (stages.deadline). The copy has failed, so the session is not
+                # needed again; psycopg2's cancel() would hold the GIL through a round
+                # trip to the source.
+                watchdog = getattr(source, "watchdog", None)
+                if watchdog is not None:
+                    watchdog.fire()
+                else:
+                    with contextlib.suppress(psycopg2.Error):
+                        source.cancel()
             producer.join()

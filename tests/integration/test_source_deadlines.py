@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import time
 
 import pytest
 
 from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import PgTools
 from stages.connect import connect
+from stages.copy.engine import Snapshot, SourceBusy, SourceSettings
 from stages.deadline import Deadline, SourceTimedOut
 from stages.errors import SourceUnreachable, TransientError
-from stages.fetch import dump_live
 from stages.pgurl import SourceURL
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.preflight.live import check_live_source
@@ -110,12 +108,11 @@ def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
     )
 
 
-def test_fetch_fails_transiently_within_its_read_timeout(tmp_path):
-    tools = PgTools("/usr/lib/postgresql/15/bin")
+def test_the_snapshot_fails_transiently_within_its_read_timeout():
     with mute_after_login() as proxy:
         started = time.monotonic()
-        with pytest.raises(SourceTimedOut) as info:
-            dump_live(mute_source(proxy.port), tools, str(tmp_path / "dump"), jobs=1, timeout=5, read_timeout=2)
+        with pytest.raises(SourceTimedOut) as info, Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)):
+            pass
         elapsed = time.monotonic() - started
         assert proxy.held.is_set()
     assert elapsed < 2 + MARGIN
@@ -123,50 +120,19 @@ def test_fetch_fails_transiently_within_its_read_timeout(tmp_path):
     assert info.value.message == never_answered(
         proxy.port, "2 s (the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS)"
     )
-    assert not (tmp_path / "dump").exists()  # pg_dump never started
 
 
-def _children(name: str) -> list[int]:
-    """Live (not zombie) child processes of this test process called `name`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)
-                comm = fields[0].split("(", 1)[1]
-                state, ppid = fields[1].split()[0:2]
-        except (OSError, IndexError):
-            continue
-        if comm == name and int(ppid) == os.getpid() and state != "Z":
-            found.append(int(entry))
-    return found
-
-
-def test_fetch_counting_rows_is_bounded_and_stops_pg_dump(tmp_path):
-    # BEGIN, SET statement_timeout, SET lock_timeout and the snapshot export are
-    # answered: pg_dump starts (through the same proxy), then listing the tables to
-    # count never is.
-    tools = PgTools("/usr/lib/postgresql/15/bin")
-    phases: list[str] = []
-    with mute_after_login(answered=4) as proxy:
+def test_reading_the_snapshots_catalog_is_bounded():
+    # BEGIN, the four SETs and the snapshot export are answered; reading what to copy
+    # (the catalog) never is.
+    with mute_after_login(answered=6) as proxy:
         started = time.monotonic()
-        with pytest.raises(SourceTimedOut) as info:
-            dump_live(
-                mute_source(proxy.port),
-                tools,
-                str(tmp_path / "dump"),
-                jobs=1,
-                timeout=5,
-                read_timeout=2,
-                on_progress=lambda progress: phases.append(progress["phase"]),
-            )
+        with pytest.raises(SourceTimedOut) as info, Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)):
+            pass
         elapsed = time.monotonic() - started
+        assert proxy.held.is_set()
     assert elapsed < 2 + MARGIN
-    assert phases == ["counting source rows"]  # it was the count that timed out
     assert "did not answer within 2 s" in info.value.message
-    assert _children("pg_dump") == []  # the dump was stopped, not left running
 
 
 def test_a_guarded_connection_serves_an_honest_source_and_bounds_each_round_trip():
@@ -246,29 +212,25 @@ def _locked_source(scratch_db) -> tuple[str, object]:
     return name, holder
 
 
-def test_a_table_locked_on_the_source_fails_the_fetch_as_transient_after_the_lock_timeout(scratch_db, tmp_path):
-    from stages.fetch import SourceBusy
-
+def test_a_table_locked_on_the_source_fails_the_snapshot_as_transient_after_the_lock_timeout(scratch_db):
     name, holder = _locked_source(scratch_db)
     try:
         started = time.monotonic()
-        with pytest.raises(SourceBusy, match="stayed locked for 2 s") as info:
-            dump_live(
-                SourceURL.parse_source(pg.url_for(name, sslmode="disable")),
-                PgTools("/usr/lib/postgresql/15/bin"),
-                str(tmp_path / "dump"),
-                jobs=1,
-                lock_timeout=2,
-            )
+        with pytest.raises(SourceBusy, match="stayed locked for 2 s") as info, Snapshot.open(
+            SourceURL.parse_source(pg.url_for(name, sslmode="disable")), SourceSettings(lock_timeout=2)
+        ):
+            pass
         assert time.monotonic() - started < 2 + MARGIN
         assert isinstance(info.value, TransientError)
     finally:
         holder.close()
 
 
-def test_a_cancel_interrupts_the_fetchs_own_queries(scratch_db, tmp_path):
-    """pg_dump is a process the cancel kills; the row counts are a query of the stage
-    itself, which the cancel asks the source to cancel."""
+def test_a_cancel_interrupts_the_snapshot_sessions_own_queries(scratch_db):
+    """Locking the tables to copy is a query of the stage itself (no process a cancel
+    kills): the cancel shuts its session's socket (never psycopg2's cancel(), which holds
+    the GIL through a round trip to the source). The server notices the closed session
+    when its lock wait ends (lock_timeout)."""
     import threading
 
     from stages.commands import Cancellation
@@ -277,28 +239,30 @@ def test_a_cancel_interrupts_the_fetchs_own_queries(scratch_db, tmp_path):
     cancellation = Cancellation()
     outcome: dict = {}
 
-    def fetch() -> None:
+    def open_snapshot() -> None:
         try:
-            dump_live(
-                SourceURL.parse_source(pg.url_for(name, sslmode="disable")),
-                PgTools("/usr/lib/postgresql/15/bin", cancellation=cancellation),
-                str(tmp_path / "dump"),
-                jobs=1,
-                lock_timeout=600,
-            )
+            with Snapshot.open(
+                SourceURL.parse_source(pg.url_for(name, sslmode="disable")), SourceSettings(lock_timeout=600), cancellation
+            ):
+                pass
         except Exception as err:
             outcome["error"] = err
 
     try:
-        thread = threading.Thread(target=fetch, daemon=True)
+        thread = threading.Thread(target=open_snapshot, daemon=True)
         thread.start()
-        time.sleep(3)  # counting, waiting for the lock
-        assert thread.is_alive()
+        waiting = "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE NOT l.granted AND c.relname = 'busy'"
+        give_up = time.monotonic() + MARGIN
+        while not pg.admin(waiting, dbname=name):  # locking the tables, waiting for the holder
+            assert time.monotonic() < give_up and thread.is_alive()
+            time.sleep(0.1)
         started = time.monotonic()
         cancellation.cancel("cancelled by a test")
         thread.join(MARGIN)
-        assert not thread.is_alive(), "the fetch went on waiting after the cancel"
+        assert not thread.is_alive(), "the snapshot session went on waiting after the cancel"
         assert time.monotonic() - started < MARGIN
-        assert "canceling statement due to user request" in str(outcome["error"])
+        error = outcome["error"]
+        assert isinstance(error, SourceTimedOut)
+        assert error.message == "the session with the source database at 127.0.0.1:5432 was interrupted: cancelled"
     finally:
         holder.close()

@@ -178,7 +178,7 @@ def test_pg_dump_writing_its_directory_silently_is_not_stalled(tmp_path):
     )
     out = tmp_path / "dump"
     dump = PgDump(str(tmp_path), stall_seconds=1)
-    process = dump.start(dump.directory_args("dbname=x", str(out), jobs=1, snapshot=None))
+    process = dump.start(["--format=directory", f"--file={out}", "--dbname=dbname=x"])
     result = dump.wait(process, what="pg_dump")
     assert result.exit_code == 0 and (out / "1.dat").read_text().count("row") == 10
 

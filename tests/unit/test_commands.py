@@ -5,14 +5,20 @@ from stages.commands import CommandResult, PgDump, PgRestore, PgTools, Psql, is_
 from stages.errors import PermanentCommandFailure, PermanentError, TransientCommandFailure
 
 
-def test_pg_dump_arguments():
-    args = PgDump("/bin").directory_args("host='h' dbname='d'", "/w/dump", jobs=4, snapshot="0003-1")
+def test_pg_dump_schema_arguments():
+    args = PgDump("/bin").schema_args(
+        "host='h' dbname='d'", "/w/schema.dump", snapshot="0003-1", lock_wait_ms=60000, exclude_data=['"public"."t"']
+    )
     assert args == [
-        "--format=directory",
-        "--jobs=4",
-        "--file=/w/dump",
+        "--format=custom",
+        "--compress=0",
+        "--encoding=UTF8",
+        "--no-blobs",
+        "--file=/w/schema.dump",
         "--no-password",
+        "--lock-wait-timeout=60000",
         "--snapshot=0003-1",
+        '--exclude-table-data="public"."t"',
         "--dbname=host='h' dbname='d'",
     ]
 

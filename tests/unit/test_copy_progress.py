@@ -6,7 +6,9 @@ import threading
 import time
 
 from stages.copy import engine
-from stages.copy.stream import Flow
+from stages.copy.stream import Flow, SourceTable
+
+TABLE = SourceTable("public.t", "public", "t", ("id",), 1000, oid=16384)
 
 
 def _progress() -> engine._Progress:
@@ -15,7 +17,7 @@ def _progress() -> engine._Progress:
     progress.tables_done, progress.bytes_done, progress.rows_done, progress.cost_done = 1, 300, 30, 500.0
     flow = Flow()
     flow.rows, flow.bytes = 20, 200
-    progress.flows["public.t"] = flow
+    progress.flows[TABLE] = flow
     return progress
 
 
@@ -42,7 +44,7 @@ def test_a_report_has_the_step_tables_bytes_rows_per_second_and_an_eta(monkeypat
 def test_a_table_whose_rows_stop_coming_stops_the_copy(monkeypatch):
     monkeypatch.setattr(engine, "PROGRESS_SECONDS", 0.01)
     progress = _progress()
-    progress.flows["public.t"].last = time.monotonic() - 61
+    progress.flows[TABLE].last = time.monotonic() - 61
     stopped: list[BaseException] = []
     ended: list[bool] = []
     engine._report(progress, threading.Event(), lambda report: None, stopped.append, 60, lambda: ended.append(True))

@@ -391,7 +391,7 @@ def test_cluster_admin_urls_keep_their_parameters():
 def test_secrets_never_leave_a_source_url():
     url = SourceURL.parse_source(f"postgres://app:{SECRET}@db.invalid/shop")
     assert SECRET not in url.redacted() and SECRET not in repr(url) and SECRET not in url.conninfo()
-    args = PgTools("/usr/lib/postgresql/15/bin").pg_dump.directory_args(url.conninfo(), "/tmp/out", jobs=2, snapshot="s")
+    args = PgTools("/usr/lib/postgresql/15/bin").pg_dump.schema_args(url.conninfo(), "/tmp/out", snapshot="s", lock_wait_ms=1)
     assert not any(SECRET in arg for arg in args)
     assert url.url() == f"postgresql://app:{SECRET}@db.invalid:5432/shop?sslmode=require"
     # A URL built by hand (never parsed) that carries sslpassword still never shows it.

@@ -1,0 +1,239 @@
+"""The copy engine (stages.copy.engine) driven directly against scratch databases: its
+counts, and how it stops — a source that stalls mid-table, a cancel, a row the preview
+refuses, a failure in one lane while others run.
+
+Waits are bounded generously (MARGIN) so a hang fails the test instead of holding the
+run; nothing asserts how long a step takes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg2
+import pytest
+
+from stages.commands import Cancellation
+from stages.copy.engine import CopyStalled, SourceSettings
+from stages.errors import Cancelled, PermanentError, TransientError
+from tests.support import pg
+from tests.support.copying import CopyRun, sessions_in, source_url
+from tests.support.muteproxy import cut_off_relay
+
+MARGIN = 60
+BIG_ROWS = 300_000  # about 40 MB: far more than the relay lets through
+
+SMALL_TABLES = """
+CREATE TABLE public.small (id int PRIMARY KEY, note text);
+INSERT INTO public.small SELECT g, 'n' || g FROM generate_series(1, 500) g;
+CREATE TABLE public.child (id int PRIMARY KEY, small_id int REFERENCES public.small);
+INSERT INTO public.child SELECT g, 1 + g % 500 FROM generate_series(1, 2000) g;
+"""
+BIG_TABLE = f"""
+CREATE TABLE public.big (id int PRIMARY KEY, pad text);
+INSERT INTO public.big SELECT g, repeat('x', 100) FROM generate_series(1, {BIG_ROWS}) g;
+"""
+
+
+def lane_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("copy-lane-", "copy-out-"))]
+
+
+def wait_until(predicate, what: str) -> None:
+    give_up = time.monotonic() + MARGIN
+    while not predicate():
+        assert time.monotonic() < give_up, what
+        time.sleep(0.1)
+
+
+def assert_nothing_left(target: str) -> None:
+    assert lane_threads() == []
+    # A closed session's backend exits on its own, a moment after the client has gone.
+    wait_until(lambda: sessions_in(target) == [], f"sessions left in the preview: {sessions_in(target)}")
+
+
+def run_in_thread(run: CopyRun) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = run.run()
+        except BaseException as err:  # noqa: BLE001 - examined by the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="test-copy", daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def waiting_for_lock(dbname: str, table: str) -> bool:
+    return bool(
+        pg.admin(
+            "SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE NOT l.granted AND c.relname = %s",
+            (table,),
+            dbname=dbname,
+        )
+    )
+
+
+@pytest.fixture
+def preview_lock():
+    """Hold ACCESS EXCLUSIVE on a table of a database (a session of the test): the lane
+    that copies into it waits until it is stopped."""
+    held: list = []
+
+    def lock(dbname: str, table: str) -> None:
+        conn = psycopg2.connect(pg.url_for(dbname))
+        held.append(conn)
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+
+    yield lock
+    for conn in held:
+        conn.close()
+
+
+def test_counts_from_copy_equal_count_on_the_source(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_engine"), scratch_db("capytgt_engine")
+    pg.psql(
+        source,
+        text=SMALL_TABLES
+        + """
+        CREATE TABLE public.empty (id int PRIMARY KEY);
+        CREATE TABLE public.gen (id int GENERATED ALWAYS AS IDENTITY, a int, doubled int GENERATED ALWAYS AS (a * 2) STORED);
+        INSERT INTO public.gen (a) SELECT g FROM generate_series(1, 300) g;
+        CREATE TABLE public.dropped (id int, gone text, kept text);
+        INSERT INTO public.dropped SELECT g, 'g', 'k' FROM generate_series(1, 40) g;
+        ALTER TABLE public.dropped DROP COLUMN gone;
+        CREATE TABLE public.nocols ();
+        INSERT INTO public.nocols SELECT FROM generate_series(1, 7);
+        CREATE TABLE public.parted (id int, at date) PARTITION BY RANGE (at);
+        CREATE TABLE public.parted_a PARTITION OF public.parted FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+        CREATE TABLE public.parted_b PARTITION OF public.parted FOR VALUES FROM ('2021-01-01') TO ('2022-01-01');
+        INSERT INTO public.parted SELECT g, date '2020-01-01' + g FROM generate_series(1, 600) g;
+        """,
+    )
+    result = CopyRun(source_url(source), target, tmp_path, lanes=3).run()
+    expected = pg.row_counts(source)
+    assert result.source_counts == expected
+    assert result.target_counts == expected
+    assert pg.row_counts(target) == expected
+    assert expected["public.nocols"] == 7 and expected["public.parted_b"] > 0
+    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+    assert_nothing_left(target)
+
+
+def test_a_source_that_ends_idle_transactions_does_not_break_the_copy(scratch_db, tmp_path):
+    """The snapshot's session sits idle in its transaction while the schema is restored
+    (and lane sessions while their lane builds indexes): a source's
+    idle_in_transaction_session_timeout must not end them."""
+    source, target = scratch_db("capysrc_idle"), scratch_db("capytgt_idle")
+    pg.psql(source, text=SMALL_TABLES + f"ALTER DATABASE {source} SET idle_in_transaction_session_timeout = '1s';")
+    run = CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lambda: time.sleep(2.5))
+    result = run.run()
+    assert result.target_counts == pg.row_counts(source) == {"public.small": 500, "public.child": 2000}
+    assert_nothing_left(target)
+
+
+def test_a_lost_snapshot_session_fails_transiently_and_leaves_no_session(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_lost"), scratch_db("capytgt_lost")
+    pg.psql(source, text=SMALL_TABLES)
+
+    def lose_the_snapshot() -> None:
+        pg.admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (source,),
+        )
+        wait_until(lambda: sessions_in(source) == [], "the snapshot's session did not end")
+
+    with pytest.raises(TransientError) as info:
+        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lose_the_snapshot).run()
+    assert info.value.message.startswith("lost the source's snapshot"), info.value.message
+    assert_nothing_left(target)
+    wait_until(lambda: sessions_in(source) == [], f"sessions left on the source: {sessions_in(source)}")
+
+
+def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_window(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_stall"), scratch_db("capytgt_stall")
+    pg.psql(source, text=BIG_TABLE)
+    with cut_off_relay(after_bytes=2 * 1024 * 1024) as relay:
+        run = CopyRun(
+            source_url(source, port=relay.port),
+            target,
+            tmp_path,
+            lanes=2,
+            settings=SourceSettings(stall_seconds=3, read_timeout=600),
+        )
+        thread, outcome = run_in_thread(run)
+        thread.join(3 + MARGIN)
+        assert not thread.is_alive(), "the copy went on waiting for a source that stopped sending"
+        assert relay.cut.is_set()
+    error = outcome["error"]
+    assert isinstance(error, CopyStalled) and isinstance(error, TransientError)
+    assert error.message.startswith("the rows of table public.big stopped coming from the source for 3 s")
+    assert_nothing_left(target)
+    assert pg.row_counts(target) == {"public.big": 0}
+
+
+def test_a_cancel_stops_every_lane_and_raises_cancelled(scratch_db, tmp_path, preview_lock):
+    """One lane streams from a source that stopped sending (a cancel request cannot
+    reach its COPY), the other waits for a lock in the preview: both stop."""
+    source, target = scratch_db("capysrc_cancel"), scratch_db("capytgt_cancel")
+    pg.psql(source, text=BIG_TABLE + SMALL_TABLES)
+    cancellation = Cancellation()
+    with cut_off_relay(after_bytes=2 * 1024 * 1024) as relay:
+        run = CopyRun(
+            source_url(source, port=relay.port),
+            target,
+            tmp_path,
+            lanes=2,
+            settings=SourceSettings(stall_seconds=600, read_timeout=600),
+            cancellation=cancellation,
+            before_copy=lambda: preview_lock(target, "small"),
+        )
+        thread, outcome = run_in_thread(run)
+        wait_until(relay.cut.is_set, "the big table's copy never reached the cut-off")
+        wait_until(lambda: waiting_for_lock(target, "small"), "no lane waited for the preview's lock")
+        cancellation.cancel("cancelled by a test")
+        thread.join(MARGIN)
+        assert not thread.is_alive(), "a lane went on after the cancel"
+    error = outcome["error"]
+    assert isinstance(error, Cancelled), repr(error)
+    assert error.message == "cancelled by a test"
+    assert lane_threads() == []
+
+
+def test_a_row_the_preview_refuses_fails_permanently_naming_the_table(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_refused"), scratch_db("capytgt_refused")
+    pg.psql(source, text=SMALL_TABLES)
+    run = CopyRun(
+        source_url(source),
+        target,
+        tmp_path,
+        before_copy=lambda: pg.psql(target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)"),
+    )
+    with pytest.raises(PermanentError) as info:
+        run.run()
+    assert not isinstance(info.value, TransientError)
+    assert info.value.message.startswith("loading the rows of table public.child into the preview failed:")
+    assert 'violates check constraint "low"' in info.value.message
+    assert_nothing_left(target)
+
+
+def test_a_failure_in_one_lane_stops_the_others(scratch_db, tmp_path, preview_lock):
+    """The lane copying `small` waits for a lock in the preview that is never released;
+    the other lane's failure must stop it (or the copy would wait forever)."""
+    source, target = scratch_db("capysrc_onefails"), scratch_db("capytgt_onefails")
+    pg.psql(source, text=SMALL_TABLES)
+
+    def prepare() -> None:
+        pg.psql(target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)")
+        preview_lock(target, "small")
+
+    thread, outcome = run_in_thread(CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=prepare))
+    thread.join(MARGIN)
+    assert not thread.is_alive(), "the lane waiting for the lock was not stopped"
+    error = outcome["error"]
+    assert isinstance(error, PermanentError) and "table public.child" in error.message, repr(error)
+    assert lane_threads() == []

@@ -1,0 +1,87 @@
+"""Driving the copy engine directly: a source database copied into a scratch target as
+the live restore stage does (pipeline.steps.live), without the job around it.
+
+The target is written as the admin (a superuser); what the project role may or may not
+do is covered by the imports run through `run_import`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+
+from stages import toc
+from stages.commands import Cancellation, PgTools
+from stages.copy.engine import CopyResult, Snapshot, SourceSettings, copy_rows, plan_copy
+from stages.copy.postdata import split
+from stages.pgurl import SourceURL
+from stages.restore import render_section, restore_section
+from tests.support import pg
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+def source_url(dbname: str, *, port: int | None = None) -> SourceURL:
+    url = pg.url_for(dbname, sslmode="disable")
+    if port is not None:
+        url = url.replace(":5432/", f":{port}/")
+    return SourceURL.parse_source(url)
+
+
+@dataclass
+class CopyRun:
+    """One copy's options; `before_copy` runs once pre-data is in the target (e.g. to
+    add a constraint the rows break, or to lock a table there)."""
+
+    source: SourceURL
+    target: str
+    work: Path
+    lanes: int = 2
+    settings: SourceSettings = field(default_factory=SourceSettings)
+    cancellation: Cancellation | None = None
+    before_copy: Callable[[], None] = lambda: None
+    progress: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self) -> CopyResult:
+        tools = PgTools(PG_BIN, cancellation=self.cancellation)
+        target_url = source_url(self.target)
+        with Snapshot.open(self.source, self.settings, self.cancellation) as snapshot:
+            archive = str(self.work / "schema.dump")
+            snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
+            plan = toc.plan(toc.read(tools, archive), precreated_schemas=set())
+            list_file = str(self.work / "restore.list")
+            Path(list_file).write_text(plan.list_file(), encoding="utf-8")
+            restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
+            self.before_copy()
+            rendered = split(render_section(tools, archive, "post-data", list_file=list_file), plan.keep)
+            copy_plan = plan_copy(snapshot, plan.keep, rendered)
+
+            def restore_rest(entries: list[toc.TocEntry]) -> None:
+                rest_file = self.work / "rest.list"
+                rest_file.write_text("\n".join(e.line for e in entries) + "\n", encoding="utf-8")
+                restore_section(tools, target_url, archive, "post-data", list_file=str(rest_file))
+
+            return copy_rows(
+                snapshot,
+                copy_plan,
+                lanes=self.lanes,
+                open_target=lambda: psycopg2.connect(pg.url_for(self.target)),
+                restore_rest=restore_rest,
+                restore_data_section=lambda: restore_section(tools, target_url, archive, "data", list_file=list_file),
+                maintenance_work_mem="64MB",
+                cancellation=self.cancellation,
+                on_progress=self.progress.append,
+                statement_timeout_ms=3600 * 1000,
+            )
+
+
+def sessions_in(dbname: str) -> list[tuple[Any, ...]]:
+    """Other sessions connected to `dbname` (pid, application, state, query)."""
+    return pg.admin(
+        "SELECT pid, application_name, state, query FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        (dbname,),
+    )
