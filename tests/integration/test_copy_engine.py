@@ -171,7 +171,7 @@ def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_windo
         assert relay.cut.is_set()
     error = outcome["error"]
     assert isinstance(error, CopyStalled) and isinstance(error, TransientError)
-    assert error.message.startswith("the rows of table public.big stopped coming from the source for 3 s")
+    assert error.message.startswith("the copy of table public.big made no progress for 3 s")
     assert_nothing_left(target)
     assert pg.row_counts(target) == {"public.big": 0}
 
