@@ -1,20 +1,13 @@
 """The operators' CLI, in-process against the real control database and cluster."""
 
-import json
 
 import pytest
 
 from pipeline.cli import main
 from pipeline.db import init_database
 from tests.support import pg
+from tests.support.cli import run
 from tests.support.world import local_cluster
-
-
-def run(settings, capsys, *argv):
-    code = main(["--json", *argv], settings)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1, out
-    return code, json.loads(out[0])
 
 
 def test_create_everything_and_show_it(control_db, capsys):

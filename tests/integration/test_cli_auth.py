@@ -3,7 +3,6 @@ revoke, `secrets rotate`, and refusing to seal without CAPY_SECRET_KEY."""
 
 import dataclasses
 import datetime as dt
-import json
 
 import pytest
 
@@ -12,14 +11,8 @@ from pipeline.cli import main
 from pipeline.models import ApiKey, Cluster, Job, Project
 from pipeline.sealing import Sealer
 from tests.support import pg
+from tests.support.cli import run
 from tests.support.world import make_world
-
-
-def run(settings, capsys, *argv):
-    code = main(["--json", *argv], settings)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1, out
-    return code, json.loads(out[0])
 
 
 def test_keys_create_with_scopes_and_expiry_then_list_and_revoke(control_db, capsys):

@@ -23,6 +23,7 @@ from pipeline.queue import StageQueue
 from pipeline.sealing import Sealer
 from stages.pgurl import SourceURL
 from tests.support import pg
+from tests.support.cli import run
 from tests.support.inline import InlineQueue
 from tests.support.world import make_world
 
@@ -30,13 +31,6 @@ ACTOR = operator_actor()
 STAGES = ("preflight", "fetch", "restore", "finalize", "exhausted")
 
 LEASE = dt.timedelta(seconds=90)
-
-
-def run(settings, capsys, *argv):
-    code = main(["--json", *argv], settings)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1, out
-    return code, json.loads(out[0])
 
 
 @pytest.fixture

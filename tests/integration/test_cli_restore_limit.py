@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import secrets
 
 import pytest
@@ -13,13 +12,7 @@ from pipeline.cli import main
 from pipeline.models import Cluster
 from pipeline.sealing import Sealer
 from tests.support import pg
-
-
-def run(settings, capsys, *argv):
-    code = main(["--json", *argv], settings)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1, out
-    return code, json.loads(out[0])
+from tests.support.cli import run
 
 
 @pytest.fixture
