@@ -28,7 +28,7 @@ test: install
 	$(BIN)/python -m pytest
 
 # 30 imports across 3 workers while a random worker is SIGKILLed every few seconds
-# (about 10 minutes; CAPY_SOAK_SEED picks another sequence of kills).
+# (a few minutes; CAPY_SOAK_SEED picks another sequence of kills).
 soak: install
 	$(BIN)/python -m pytest -m soak -s tests/soak
 

@@ -8,7 +8,7 @@ claim of a stage follows the end of the previous claim, or takes over a claim wh
 worker had been killed before the takeover; no worker writes to a job it no longer
 holds.
 
-Run it with `make soak` (about 10 minutes); `make test` leaves it out.
+Run it with `make soak` (a few minutes); `make test` leaves it out.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ WORKERS = 3
 LEASE = "6"
 SEED = int(os.environ.get("CAPY_SOAK_SEED", "20261129"))
 # A random worker is killed every KILL_EVERY seconds (uniformly in this range).
-KILL_EVERY = (2.0, 6.0)
+KILL_EVERY = (1.5, 4.0)
 _CLAIM = re.compile(r"^(\w+) claimed \(attempt \d+ of \d+\)(?:, taking over the stale claim of (\S+))?$")
 
 
