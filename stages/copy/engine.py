@@ -281,7 +281,7 @@ def copy_rows(
 
     `open_target` opens a session in the preview as the restore role; `restore_rest`
     restores post-data entries with pg_restore, `restore_data_section` the archive's
-    data section (sequences, large objects). A cancel (`cancellation`), a lost claim or
+    data section (sequence values). A cancel (`cancellation`), a lost claim or
     cancel raised by `on_progress`, or the first failing task stops every lane."""
     settings = snapshot.settings
     counts: dict[int, tuple[int, int]] = {}  # by table oid
