@@ -952,6 +952,8 @@ class PgDump(PgCommand):
 
 class PgRestore(PgCommand):
     program = "pg_restore"
+    # What a restore leaves out (see restore_args); a rendering "as restored" too.
+    AS_RESTORED = ("--no-owner", "--no-privileges", "--no-tablespaces")
     stall_hint = "the dump may be damaged or truncated; check it with pg_restore --list and upload it again"
     target_sessions = True
     # Restores go into a preview on the project's cluster; --list reads only a file.
@@ -974,9 +976,7 @@ class PgRestore(PgCommand):
         """
         return [
             f"--dbname={conninfo}",
-            "--no-owner",
-            "--no-privileges",
-            "--no-tablespaces",
+            *self.AS_RESTORED,
             "--exit-on-error",
             f"--jobs={max(1, jobs)}",
             "--no-password",

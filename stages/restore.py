@@ -204,16 +204,3 @@ def restore_section(
             secrets=[target.password],
             what=f"pg_restore of the schema's {section} into the preview database",
         )
-
-
-def render_section(tools: PgTools, archive: str, section: str, *, list_file: str) -> str:
-    """The SQL pg_restore would run for one section of the entries of `list_file`
-    (nothing is executed), as the restore runs it: no owners, grants or tablespaces."""
-    chunks: list[bytes] = []
-    tools.pg_restore.run_streaming(
-        ["--no-owner", "--no-privileges", "--no-tablespaces", f"--section={section}", f"--use-list={list_file}", "--file=-", archive],
-        lambda out: chunks.append(out.read()),
-        what=f"reading the schema's {section}",
-    )
-    # The live copy's archive is made by our pg_dump with the UTF8 client encoding.
-    return b"".join(chunks).decode("utf-8", "replace")

@@ -14,7 +14,7 @@ import io
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -277,10 +277,17 @@ def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEnt
 
 
 def render(
-    tools: PgTools, archive: str, wanted: list[TocEntry], work_dir: str, name: str, *, encoding: str = "UTF8"
+    tools: PgTools,
+    archive: str,
+    wanted: list[TocEntry],
+    work_dir: str,
+    name: str,
+    *,
+    encoding: str = "UTF8",
+    options: Sequence[str] = (),
 ) -> str:
-    """The SQL of some TOC entries, as pg_restore would run it (nothing is executed),
-    decoded from the archive's `encoding`."""
+    """The SQL of some TOC entries, as pg_restore would run it with `options` (e.g.
+    `--section=post-data`; nothing is executed), decoded from the archive's `encoding`."""
     if not wanted:
         return ""
     list_path = os.path.join(work_dir, f"{name}.list")
@@ -288,7 +295,7 @@ def render(
         fh.write("\n".join(e.line for e in wanted) + "\n")
     chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
-        [f"--use-list={list_path}", "--file=-", archive],
+        [*options, f"--use-list={list_path}", "--file=-", archive],
         lambda out: chunks.append(out.read()),
         what=f"reading the dump's {name}",
     )

@@ -19,9 +19,11 @@ from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
+from stages import toc
+from stages.commands import PgRestore
 from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
-from stages.restore import render_section, restore_section
+from stages.restore import restore_section
 from stages.toc import TocEntry
 
 if TYPE_CHECKING:
@@ -96,7 +98,10 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
             steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
             context.check_cancelled()
             restore_section(tools, target, archive, "pre-data", list_file=list_file)
-            rendered = split(render_section(tools, archive, "post-data", list_file=list_file), keep)
+            post_data = toc.render(
+                tools, archive, keep, work, "post-data", options=[*PgRestore.AS_RESTORED, "--section=post-data"]
+            )
+            rendered = split(post_data, keep)
             plan: CopyPlan = plan_copy(snapshot, keep, rendered)
 
             def restore_rest(entries: list[TocEntry]) -> None:

@@ -142,9 +142,6 @@ class Snapshot:
         )
         tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
 
-    def counted_keys(self) -> list[str]:
-        return [t.key for t in self.catalog.tables]
-
 
 def _shown(name: str) -> str:
     """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
@@ -523,26 +520,43 @@ def _tasks(
 
 def _large_objects(snapshot: Snapshot, progress: _Progress) -> Callable[[Lane], None]:
     def run(lane: Lane) -> None:
-        flow = Flow()
-        with progress.lock:
-            progress.flows[LARGE_OBJECTS] = flow
-        try:
+        with _flowing(progress, LARGE_OBJECTS, counted=False) as flow:
             source = lane.source_session()
-            with _source_errors(snapshot.source, snapshot.settings):
-                try:
-                    copy_large_objects(source, lane.target, flow)
-                except psycopg2.Error as err:
-                    with contextlib.suppress(psycopg2.Error):
-                        lane.target.rollback()
-                    if _from_source(err, source):
-                        raise
-                    with _target_errors("copying the large objects into the preview"):
-                        raise
-        finally:
-            with progress.lock:
-                progress.flows.pop(LARGE_OBJECTS, None)
+            with _either_side(snapshot, source, "copying the large objects into the preview"):
+                copy_large_objects(source, lane.target, flow)
 
     return run
+
+
+@contextlib.contextmanager
+def _flowing(progress: _Progress, key: SourceTable | str, *, counted: bool) -> Iterator[Flow]:
+    """A flow the reporter and the stall watchdog see while the block runs; `counted`:
+    what streamed is added to the copy's rows and bytes done when it ends."""
+    flow = Flow()
+    with progress.lock:
+        progress.flows[key] = flow
+    try:
+        yield flow
+    finally:
+        with progress.lock:
+            progress.flows.pop(key, None)
+            if counted:
+                progress.bytes_done += flow.bytes
+                progress.rows_done += flow.rows
+
+
+@contextlib.contextmanager
+def _either_side(snapshot: Snapshot, source: psycopg2.extensions.connection, target_what: str, statement: str | None = None) -> Iterator[None]:
+    """A stream's error in the terms of the side it came from: the source's (see
+    `_source_errors`), or the preview's (`target_what` failed)."""
+    with _source_errors(snapshot.source, snapshot.settings, statement):
+        try:
+            yield
+        except (psycopg2.Error, CountMismatch) as err:
+            if isinstance(err, psycopg2.Error) and _from_source(err, source):
+                raise
+            with _target_errors(target_what):
+                raise
 
 
 def _locks(*oids: int) -> frozenset[str]:
@@ -569,24 +583,11 @@ def _copy(
     snapshot: Snapshot, table: SourceTable, counts: dict[int, tuple[int, int]], progress: _Progress
 ) -> Callable[[Lane], None]:
     def run(lane: Lane) -> None:
-        flow = Flow()
-        with progress.lock:
-            progress.flows[table] = flow
-        try:
+        with _flowing(progress, table, counted=True) as flow:
             source = lane.source_session()
-            with _source_errors(snapshot.source, snapshot.settings, f"COPY {_shown(table.schema)}.{_shown(table.name)}"):
-                try:
-                    copied = stream_table(table, source, lane.target, flow)
-                except (psycopg2.Error, CountMismatch) as err:
-                    if isinstance(err, psycopg2.Error) and _from_source(err, source):
-                        raise
-                    with _target_errors(f"loading the rows of table {table.key} into the preview"):
-                        raise
-        finally:
-            with progress.lock:
-                progress.flows.pop(table, None)
-                progress.bytes_done += flow.bytes
-                progress.rows_done += flow.rows
+            statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
+            with _either_side(snapshot, source, f"loading the rows of table {table.key} into the preview", statement):
+                copied = stream_table(table, source, lane.target, flow)
         counts[table.oid] = (copied.source_rows, copied.target_rows)
         with progress.lock:
             progress.tables_done += 1

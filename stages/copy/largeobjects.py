@@ -10,8 +10,10 @@ after the hand-over).
 
 from __future__ import annotations
 
+import contextlib
 import time
 
+import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -30,17 +32,23 @@ ORDER BY m.oid
 """
 
 
-def count_large_objects(source: psycopg2.extensions.connection) -> int:
-    with source.cursor() as cur:
-        cur.execute("SELECT pg_catalog.count(*) FROM pg_catalog.pg_largeobject_metadata")
-        return int(cur.fetchone()[0])
-
-
 def copy_large_objects(
     source: psycopg2.extensions.connection, target: psycopg2.extensions.connection, flow: Flow
 ) -> int:
     """Copy every large object of `source` (a session in the snapshot) into `target`
-    (a preview session, not in autocommit); return how many. `flow` counts their bytes."""
+    (a preview session, not in autocommit); return how many. `flow` counts their bytes.
+    On failure the preview's open transaction is rolled back."""
+    try:
+        return _copy_all(source, target, flow)
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            target.rollback()
+        raise
+
+
+def _copy_all(
+    source: psycopg2.extensions.connection, target: psycopg2.extensions.connection, flow: Flow
+) -> int:
     with source.cursor() as cur:
         cur.execute(_OBJECTS)
         objects = cur.fetchall()

@@ -62,27 +62,6 @@ def split(script: str, entries: list[TocEntry]) -> Rendered:
     return Rendered(preamble, blocks, True)
 
 
-POST_DATA_DESCS = frozenset(
-    {
-        "INDEX",
-        "INDEX ATTACH",
-        "CONSTRAINT",
-        "CHECK CONSTRAINT",
-        "FK CONSTRAINT",
-        "TRIGGER",
-        "EVENT TRIGGER",
-        "RULE",
-        "POLICY",
-        "ROW SECURITY",
-        "MATERIALIZED VIEW DATA",
-        "STATISTICS",
-        "PUBLICATION TABLE",
-        "PUBLICATION TABLES IN SCHEMA",
-        "DEFAULT ACL",
-    }
-)
-
-
 def first_statement(block: str) -> tuple[str, str]:
     """A CONSTRAINT block split after its ALTER TABLE … ADD CONSTRAINT statement (pg_dump
     ends it with ";" and a newline; nothing inside it holds that pair), and the rest

@@ -15,11 +15,11 @@ from typing import Any
 import psycopg2
 
 from stages import toc
-from stages.commands import Cancellation, PgTools
+from stages.commands import Cancellation, PgRestore, PgTools
 from stages.copy.engine import CopyResult, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
 from stages.pgurl import SourceURL
-from stages.restore import render_section, restore_section
+from stages.restore import restore_section
 from tests.support import pg
 
 PG_BIN = "/usr/lib/postgresql/15/bin"
@@ -57,7 +57,10 @@ class CopyRun:
             Path(list_file).write_text(plan.list_file(), encoding="utf-8")
             restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
             self.before_copy()
-            rendered = split(render_section(tools, archive, "post-data", list_file=list_file), plan.keep)
+            post_data = toc.render(
+                tools, archive, plan.keep, str(self.work), "post-data", options=[*PgRestore.AS_RESTORED, "--section=post-data"]
+            )
+            rendered = split(post_data, plan.keep)
             copy_plan = plan_copy(snapshot, plan.keep, rendered)
 
             def restore_rest(entries: list[toc.TocEntry]) -> None:
