@@ -149,7 +149,7 @@ class ServiceBench:
         seconds: dict[str, float] = {}
         claims = [(at, reason.split(" ", 1)[0]) for at, reason in events if " claimed" in reason]
         ends = [at for at, _stage in claims[1:]] + ([events[-1][0]] if events else [])
-        for (at, stage), end in zip(claims, ends):
+        for (at, stage), end in zip(claims, ends, strict=True):
             # From a stage's claim to the next claim (or the job's last event): the hop included.
             seconds[stage] = round(seconds.get(stage, 0.0) + (end - at).total_seconds(), 3)
         if events:

@@ -8,7 +8,7 @@ from pipeline.errors import InvalidRequest, NotFound
 from pipeline.ids import new_id
 from pipeline.models import Cluster, Organization, Project
 from pipeline.sealing import Sealer
-from stages.cluster import ClusterAdmin
+from stages.database.cluster import ClusterAdmin
 
 DEFAULT_STORAGE_LIMIT_BYTES = 10 * 1024**3
 

@@ -34,8 +34,8 @@ from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from pipeline.storage import object_store
 from pipeline.sweep import sweep
+from stages.connections.pgurl import redact
 from stages.errors import CapyError, ObjectMissing
-from stages.pgurl import redact
 from stages.storage import ObjectStore
 
 

@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from stages.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
+from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 
 # Only for development mode (CAPY_ENV=development): it is public, so production refuses it.
 MIN_SECRET_KEY_LENGTH = 32

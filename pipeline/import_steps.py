@@ -29,16 +29,17 @@ from pipeline.restore_slots import wait_for_restore_slot
 from pipeline.sealing import Sealer
 from pipeline.steps import live
 from pipeline.steps import upload as upload_steps
-from stages import dbsettings, toc
-from stages.archivecheck import encoding_of
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import Cancellation, CommandResult, PgTools, kill_process_group
+from stages.connections.pgurl import SourceURL
+from stages.database import dbsettings
+from stages.database.cluster import ClusterAdmin, RoleLogin
+from stages.dumps import toc
+from stages.dumps.archivecheck import encoding_of
 from stages.errors import Cancelled, CapyError, PermanentError
 from stages.finalize import build_report, verify_preview
-from stages.pgurl import SourceURL
 from stages.preflight.extensions import require_allowlisted
 from stages.preflight.rehearsal import skip_map
 from stages.storage import ObjectStore
+from stages.tools.commands import Cancellation, CommandResult, PgTools, kill_process_group
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ class ImportSteps:
         """Before a stage runs again after another claim of it: make sure the tool that
         claim started is gone. On this host (same boot) its process group is killed if
         it is still there; on another host the kernel killed it with its worker (the
-        parent-death signal, see stages.commands). Sessions it left in the preview end."""
+        parent-death signal, see stages.tools.commands). Sessions it left in the preview end."""
         self.stop_left_tool(job)
         self.stop_sessions(job)
 
@@ -266,7 +267,7 @@ class ImportSteps:
     def stop_left_tool(job: Job) -> None:
         """Kill what is left on this host of the last tool a claim of the job started
         (its process group, recognised by program and job label). On another host the
-        parent-death signal and the group's reaper stopped it (stages.commands)."""
+        parent-death signal and the group's reaper stopped it (stages.tools.commands)."""
         process = job.facts.get("tool_process")
         if process and process.get("host") == host_identity():
             killed = kill_process_group(int(process["pgid"]), str(process["program"]), process.get("label"))
@@ -326,7 +327,7 @@ class ImportSteps:
         """Read the archive's TOC: what the project role restores, what it skips and
         why, which extensions (in which schemas) the service creates first, the
         source's encoding (names and rows are decoded from it), and the database's
-        settings and comment (set at finalize, see stages.dbsettings)."""
+        settings and comment (set at finalize, see stages.database.dbsettings)."""
         encoding = encoding_of(archive)
         entries = toc.read(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)

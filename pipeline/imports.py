@@ -18,8 +18,8 @@ from pipeline.ids import new_id
 from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State, utcnow
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
+from stages.connections.pgurl import SourceURL
 from stages.errors import CapyError
-from stages.pgurl import SourceURL
 
 log = logging.getLogger(__name__)
 

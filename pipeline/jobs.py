@@ -32,7 +32,7 @@ from pipeline.models import (
     utcnow,
 )
 from stages.errors import CapyError
-from stages.workpaths import scrub_work_paths
+from stages.tools.workpaths import scrub_work_paths
 
 OUTPUT_TAIL_CHARS = 4000
 
@@ -283,7 +283,7 @@ def fail(
 ) -> Job | None:
     """Fail an active job. With `holder`, only if that claim still holds it; with
     `stale_before`, only if nobody holds it with a heartbeat since then. Worker file
-    paths in `error` are replaced by neutral names (stages.workpaths)."""
+    paths in `error` are replaced by neutral names (stages.tools.workpaths)."""
     error = scrub_work_paths(error)
     where = Job.state.in_(ACTIVE_STATES)
     if holder is not None:
@@ -339,7 +339,7 @@ def hand_back(job_id: str, actor: str, reason: str) -> Job | None:
 
 def record_command(job_id: str, actor: str, *, exit_code: int, stdout: str, stderr: str) -> bool:
     """Store the last external command's result (already redacted) on a job this actor
-    holds, with worker file paths replaced by neutral names (stages.workpaths)."""
+    holds, with worker file paths replaced by neutral names (stages.tools.workpaths)."""
     return (
         _guarded(
             job_id,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from pipeline.config import Settings
 from pipeline.models import Job, utcnow
-from stages.commands import DEFAULT_LIMIT
-from stages.timelimit import Deadline, Limit
+from stages.tools.commands import DEFAULT_LIMIT
+from stages.tools.timelimit import Deadline, Limit
 
 JOB_LIMIT_ADVICE = (
     "split the import into smaller dumps (by schema or by table), or ask the operator to raise "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from stages.pgurl import redact
+from stages.connections.pgurl import redact
 
 
 class RedactingFilter(logging.Filter):

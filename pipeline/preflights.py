@@ -22,12 +22,11 @@ from pipeline.models import Cluster, Project
 from pipeline.preflight_slots import preflight_slot
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from stages.cluster import RoleLogin
-from stages.commands import Cancellation, PgTools
-from stages.deadline import Deadline as SourceDeadline
-from stages.dumpcontents import TAIL_BYTES
+from stages.connections.deadline import Deadline as SourceDeadline
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import RoleLogin
+from stages.dumps.contents import TAIL_BYTES
 from stages.errors import ObjectMissing, PermanentError
-from stages.pgurl import SourceURL
 from stages.preflight.live import check_live_source
 from stages.preflight.rehearsal import RehearsalSetup
 from stages.preflight.report import Preflight, Target
@@ -35,8 +34,9 @@ from stages.preflight.sandbox import Sandbox
 from stages.preflight.targetinfo import describe_target
 from stages.preflight.upload import check_upload_head
 from stages.storage import ObjectStore
-from stages.timelimit import Deadline, Limit
-from stages.workpaths import scrub_work_paths
+from stages.tools.commands import Cancellation, PgTools
+from stages.tools.timelimit import Deadline, Limit
+from stages.tools.workpaths import scrub_work_paths
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from pipeline.models import (
     utcnow,
 )
 from pipeline.sealing import Sealer
-from stages.cluster import ClusterAdmin
+from stages.database.cluster import ClusterAdmin
 from stages.errors import CapyError, ObjectMissing
 from stages.preflight.sandbox import REHEARSAL_PREFIX, is_stale
 from stages.storage import KEY_PREFIX, ObjectStore

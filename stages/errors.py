@@ -47,7 +47,7 @@ class CommandFailed(CapyError):
 
     Carries the exit code and the redacted tails of its output so the job can show
     them as `last_exit_code`, `last_stdout` and `last_stderr`; `cause` is the tool's
-    first real error (a stages.commands.ToolError), when it printed one.
+    first real error (a stages.tools.commands.ToolError), when it printed one.
     """
 
     cause: object = None

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from stages import inventory
-from stages.cluster import NO_STATEMENT_TIMEOUT, ClusterAdmin, RoleLogin
+from stages.database import inventory
+from stages.database.cluster import NO_STATEMENT_TIMEOUT, ClusterAdmin, RoleLogin
 from stages.errors import PermanentError
 from stages.preflight.extensions import ALWAYS_ALLOWED
 

@@ -19,12 +19,12 @@ from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
-from stages import toc
-from stages.commands import PgRestore
 from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
-from stages.restore import restore_section
-from stages.toc import TocEntry
+from stages.dumps import toc
+from stages.dumps.toc import TocEntry
+from stages.tools.commands import PgRestore
+from stages.tools.restore import restore_section
 
 if TYPE_CHECKING:
     from pipeline.import_steps import ImportSteps, StageContext

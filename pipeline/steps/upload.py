@@ -10,11 +10,11 @@ whether it succeeded or not:
 
 - fetch checks the upload and counts its rows. An archive (custom, tar) is downloaded,
   as pg_restore needs a file it can seek in; plain SQL streams from storage through the
-  filter (stages.plainsql) and is never whole on disk (a large script's schema, without
+  filter (stages.dumps.plainsql) and is never whole on disk (a large script's schema, without
   its data, is written for the whole-schema rehearsal).
 - restore downloads an archive again into its own folder and restores the plan it
   recomputes from the archive and the facts (the rehearsal's skip list); plain SQL
-  streams from storage through the same filter into psql (stages.restore).
+  streams from storage through the same filter into psql (stages.tools.restore).
 
 Local disk: an archive's size during fetch and restore; for plain SQL, a few small files.
 """
@@ -34,22 +34,23 @@ from pipeline.models import Cluster, Project
 from pipeline.preflights import rehearsal_setup
 from pipeline.sealing import Sealer
 from pipeline.steps.folders import stage_folder
-from stages import dbsettings, toc
-from stages.archivecheck import check_complete, encoding_of
-from stages.commands import PgTools
-from stages.dumpformat import HEAD_BYTES, detect_format
-from stages.dumpgate import check_archive_readable, check_versions
-from stages.dumprows import RowCounter, count_archive_rows
+from stages.connections.pgurl import SourceURL
+from stages.database import dbsettings
+from stages.dumps import toc
+from stages.dumps.archivecheck import check_complete, encoding_of
+from stages.dumps.formats import HEAD_BYTES, detect_format
+from stages.dumps.gate import check_archive_readable, check_versions
+from stages.dumps.plainsql import PlainSql, filter_plain_sql
+from stages.dumps.rows import RowCounter, count_archive_rows
+from stages.dumps.sqlscript import ScriptError
 from stages.errors import PermanentError
-from stages.pgurl import SourceURL
-from stages.plainsql import PlainSql, filter_plain_sql
 from stages.preflight.extensions import require_allowlisted
 from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
 from stages.preflight.rehearsal import report_rehearsal, skip_map
 from stages.preflight.report import Preflight
-from stages.restore import restore_archive, restore_plain_stream
-from stages.sqlscript import ScriptError
 from stages.storage import ObjectStore, StoredObject
+from stages.tools.commands import PgTools
+from stages.tools.restore import restore_archive, restore_plain_stream
 
 if TYPE_CHECKING:
     from pipeline.import_steps import StageContext
@@ -185,7 +186,7 @@ def _archive_facts(
     """Read the archive's TOC: what the project role restores, what it skips and why,
     which extensions (in which schemas) the service creates first, the source's
     encoding (names and rows are decoded from it), and the database's settings and
-    comment (set at finalize, see stages.dbsettings). restore computes the same plan
+    comment (set at finalize, see stages.database.dbsettings). restore computes the same plan
     again from these facts (`extensions`, the skip list) and the same archive."""
     encoding = encoding_of(archive)
     entries = toc.read(tools, archive, encoding=encoding)

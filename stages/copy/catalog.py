@@ -13,11 +13,11 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from stages.copy.stream import SourceTable
-from stages.inventory import table_key
-from stages.toc import CatalogId
+from stages.database.inventory import table_key
+from stages.dumps.toc import CatalogId
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not members
-# of an extension (as stages.inventory lists them for the counts).
+# of an extension (as stages.database.inventory lists them for the counts).
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
@@ -80,7 +80,7 @@ class Owned:
 @dataclass(frozen=True)
 class SourceCatalog:
     """`owned` is keyed by the catalog id of the index or constraint, as the schema
-    archive's TOC entries carry it (stages.toc.TocEntry.catalog_id): names cannot be
+    archive's TOC entries carry it (stages.dumps.toc.TocEntry.catalog_id): names cannot be
     told apart reliably in pg_restore's listing (a schema's name may hold a space)."""
 
     tables: list[SourceTable]

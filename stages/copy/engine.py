@@ -39,18 +39,18 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
-from stages import inventory
-from stages.commands import Cancellation, PgTools
-from stages.connect import connect
+from stages.connections.connect import connect
+from stages.connections.deadline import Deadline as SourceDeadline
+from stages.connections.pgurl import SourceURL, redact
 from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
 from stages.copy.largeobjects import copy_large_objects
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task
 from stages.copy.stream import CountMismatch, Flow, SourceTable, stream_table
-from stages.deadline import Deadline as SourceDeadline
+from stages.database import inventory
+from stages.dumps.toc import TocEntry
 from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
-from stages.pgurl import SourceURL, redact
-from stages.toc import TocEntry
+from stages.tools.commands import Cancellation, PgTools
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def copy_rows(
     failure: list[BaseException] = []
 
     # Every lane's source session is under this one deadline: cancelling it shuts their
-    # sockets (stages.deadline). Never psycopg2's cancel() on a source: it holds the GIL
+    # sockets (stages.connections.deadline). Never psycopg2's cancel() on a source: it holds the GIL
     # through its round trip to the source (connect, send, wait for the close), so a
     # source that stops answering would freeze every thread of the worker.
     source_deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
@@ -395,7 +395,7 @@ def copy_rows(
                     with contextlib.suppress(psycopg2.Error):
                         conn.close()
     return CopyResult(
-        # In the catalog's order, as stages.inventory counts (two tables may share a key).
+        # In the catalog's order, as stages.database.inventory counts (two tables may share a key).
         {t.key: counts[t.oid][0] for t in plan.tables if t.oid in counts},
         {t.key: counts[t.oid][1] for t in plan.tables if t.oid in counts},
         progress.bytes_done,

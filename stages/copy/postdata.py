@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stages.toc import TocEntry
+from stages.dumps.toc import TocEntry
 
 # pg_restore (15.14 and later) frames its output in \restrict … \unrestrict, psql's commands.
 _META = re.compile(r"^\\(?:restrict|unrestrict)\b.*$", re.M)
@@ -53,7 +53,7 @@ def split(script: str, entries: list[TocEntry]) -> Rendered:
         end = headers[i + 1].start() if i + 1 < len(headers) else len(script)
         for entry in remaining:
             # Schema and name together: the listing's split between them is a guess
-            # when the schema's name holds a space (stages.toc.parse).
+            # when the schema's name holds a space (stages.dumps.toc.parse).
             if entry.desc == desc and _same(f"{entry.namespace} {entry.name}", f"{schema} {name}"):
                 blocks.append(Block(entry, script[header.end() : end]))
                 break

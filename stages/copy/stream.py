@@ -188,7 +188,7 @@ def stream_table(
         else:
             if not finished.is_set():
                 # One that waits on the source instead is stopped there: its socket is
-                # shut (stages.deadline). The copy has failed, so the session is not
+                # shut (stages.connections.deadline). The copy has failed, so the session is not
                 # needed again; psycopg2's cancel() would hold the GIL through a round
                 # trip to the source.
                 watchdog = getattr(source, "watchdog", None)

@@ -15,10 +15,16 @@ from __future__ import annotations
 import tempfile
 import threading
 
-from stages.addresses import Resolver, SourceHostUnresolvable, address_problem, pin_address, resolve
-from stages.deadline import Deadline, SourceTimedOut
+from stages.connections.addresses import (
+    Resolver,
+    SourceHostUnresolvable,
+    address_problem,
+    pin_address,
+    resolve,
+)
+from stages.connections.deadline import Deadline, SourceTimedOut
+from stages.connections.pgurl import SourceURL
 from stages.errors import CapyError
-from stages.pgurl import SourceURL
 from stages.preflight.checks import (
     add_object_warnings,
     check_extensions,

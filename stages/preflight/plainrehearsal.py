@@ -7,7 +7,7 @@ object, the same description and names the archive's TOC holds:
     -- Name: profiles profiles are readable; Type: POLICY; Schema: public; Owner: app
     --
 
-The script, as the import prepares it (stages.plainsql), is cut at those headers; the
+The script, as the import prepares it (stages.dumps.plainsql), is cut at those headers; the
 data sections ("-- Data for Name: …", sequence values, large objects, materialized view
 refreshes) are left out, and every other object runs in a transaction of its own.
 Without dependency data, an error that names an object that failed for a managed
@@ -15,7 +15,7 @@ target (`type "public.capy_cube" does not exist`) counts as depending on it.
 
 Objects a managed target cannot hold, that no table needs, are skipped as for an
 archive: the import leaves the statements under their headers out of the script
-(stages.plainsql). Only the head preflight reads is rehearsed: an object past it that
+(stages.dumps.plainsql). Only the head preflight reads is rehearsed: an object past it that
 the project cannot hold fails the restore (into the preview, before the live database
 changes), with the line of the user's dump.
 """
@@ -28,14 +28,14 @@ import os
 import re
 from typing import BinaryIO
 
-from stages.dumprows import RowCounter
+from stages.dumps.plainsql import prepare_plain_sql
+from stages.dumps.rows import RowCounter
+from stages.dumps.sqlscript import CHUNK, COPY, STATEMENT, read_script, statement_words
+from stages.dumps.toc import TocEntry
 from stages.errors import CapyError
-from stages.plainsql import prepare_plain_sql
 from stages.preflight.rehearsal import Node, Rehearsal, rehearse_blocks, split_at_headers
 from stages.preflight.sandbox import Sandbox
-from stages.sqlscript import CHUNK, COPY, STATEMENT, read_script, statement_words
-from stages.timelimit import Deadline
-from stages.toc import TocEntry
+from stages.tools.timelimit import Deadline
 
 _HEADER = re.compile(
     r"^--\n-- (Data for )?Name: ([^\n]*?); Type: ([^\n;]*); Schema: ([^\n;]*); Owner: [^\n;]*(?:; Tablespace: [^\n]*)?\n--\n",
@@ -69,7 +69,7 @@ def keep_schema(src: str | BinaryIO, dst: str, *, gzipped: bool) -> None:
     upload in object storage) to `dst` without its data (COPY blocks and INSERT
     statements), so that the schema of a dump of any size can be rehearsed: what is
     left is pg_dump's headers and the schema statements, a small file (bounded memory;
-    a script psql could not read raises stages.sqlscript.ScriptError)."""
+    a script psql could not read raises stages.dumps.sqlscript.ScriptError)."""
     dropping = False
     with contextlib.ExitStack() as stack:
         raw = stack.enter_context(open(src, "rb")) if isinstance(src, str) else src
@@ -118,7 +118,7 @@ def rehearse_plain(
     extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
     blocks = {entry.dump_id: body for entry, body in objects}
     # The skipped ones (and what depends on them) are left out of the script by their
-    # pg_dump headers when the import prepares it (stages.plainsql, `skip`).
+    # pg_dump headers when the import prepares it (stages.dumps.plainsql, `skip`).
     return rehearse_blocks(sandbox, extensions, preamble, blocks, deadline, lambda errors: _nodes(objects, errors))
 
 

@@ -15,7 +15,7 @@ The verdict on each failed entry and its dependents:
 - an object a managed target cannot hold (it needs superuser, a role the project
   cannot have, a library the cluster lacks, ownership of a built-in type) that no
   table's data depends on is **skipped** with its reason: `Rehearsal.skipped` is the
-  data the restore plan takes (stages.toc.plan's `skip`), keyed by (desc, namespace,
+  data the restore plan takes (stages.dumps.toc.plan's `skip`), keyed by (desc, namespace,
   name) so that it matches the entries of a later, full dump of the same source;
 - anything a table's data depends on (a column type, a CHECK or default function, a
   constraint, an index) or an error of any other kind is **refused**, all listed.
@@ -40,15 +40,16 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from stages import inventory, toc
-from stages.commands import PgTools
+from stages.connections.pgurl import SourceURL
+from stages.database import inventory
+from stages.dumps import toc
+from stages.dumps.sqlscript import SPACE, ScriptError, read_script
 from stages.errors import CommandFailed, CommandTimedOut, TransientError
-from stages.pgurl import SourceURL
 from stages.preflight.registry import SCHEMA_REHEARSAL
 from stages.preflight.report import FAIL, PASS, WARN, Preflight
 from stages.preflight.sandbox import Sandbox, Scratch
-from stages.sqlscript import SPACE, ScriptError, read_script
-from stages.timelimit import Deadline
+from stages.tools.commands import PgTools
+from stages.tools.timelimit import Deadline
 
 # Errors that mean "a managed target cannot hold this as the project's role".
 _MANAGED = re.compile(
@@ -159,7 +160,7 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
 def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tuple[re.Match[str], str]]]:
     """(preamble, [(header, the SQL after it)]) of a pg_dump script cut at the header
     comments pg_dump writes before each entry: only comments between statements count,
-    never text inside a string or a body that looks like one (stages.sqlscript)."""
+    never text inside a string or a body that looks like one (stages.dumps.sqlscript)."""
     preamble: str | None = None
     blocks: list[tuple[re.Match[str], str]] = []
     current: re.Match[str] | None = None

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from stages.connections.pgurl import SourceURL
 from stages.errors import CapyError, PermanentError, TransientError
-from stages.pgurl import SourceURL
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -63,7 +63,7 @@ class Preflight:
     checks: list[Check] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
     pinned: SourceURL | None = None
-    # What the schema rehearsal leaves out: {"object", "reason", "key"} (see stages.toc.plan).
+    # What the schema rehearsal leaves out: {"object", "reason", "key"} (see stages.dumps.toc.plan).
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -1,6 +1,6 @@
 """Throw-away databases on the project's cluster, for the schema rehearsal.
 
-A rehearsal database is made the way an import's preview is (stages.cluster): a fresh
+A rehearsal database is made the way an import's preview is (stages.database.cluster): a fresh
 database from template0, owned by a role of its own with exactly a restore role's
 privileges (no superuser, CREATEDB, CREATEROLE or REPLICATION; a member of no role),
 the allowlisted extensions created first by the admin. Both are named
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from stages.cluster import ClusterAdmin, RoleLogin
+from stages.database.cluster import ClusterAdmin, RoleLogin
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from stages.connect import PoolerRefusedStartupParameter, connect
-from stages.deadline import Deadline
+from stages.connections.connect import PoolerRefusedStartupParameter, connect
+from stages.connections.deadline import Deadline
+from stages.connections.pgurl import SourceURL
 from stages.errors import PermanentError
-from stages.pgurl import SourceURL
 from stages.preflight.extensions import Extension
 from stages.preflight.report import Findings
 

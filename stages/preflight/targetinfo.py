@@ -6,8 +6,8 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.connect import server_major
+from stages.connections.connect import server_major
+from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.preflight.report import Target
 
 T = TypeVar("T")

@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 import tempfile
 
-from stages.archivecheck import cut_short_in_head
-from stages.commands import PgTools
-from stages.dumpcontents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file, read_tail
-from stages.dumpformat import DumpInfo, detect_format
-from stages.dumpgate import DumpTooNew, check_archive_readable, check_versions
+from stages.dumps.archivecheck import cut_short_in_head
+from stages.dumps.contents import MAX_SQL_TEXT, DumpContents, list_archive, read_sql_file, read_tail
+from stages.dumps.formats import DumpInfo, detect_format
+from stages.dumps.gate import DumpTooNew, check_archive_readable, check_versions
 from stages.errors import CommandFailed, TransientError, UnrecognizedDump
 from stages.preflight.checks import (
     add_object_warnings,
@@ -29,6 +28,7 @@ from stages.preflight.plainrehearsal import rehearse_plain
 from stages.preflight.registry import SCHEMA_REHEARSAL, UPLOAD_CHECKS
 from stages.preflight.rehearsal import RehearsalSetup, rehearse_archive, report_rehearsal
 from stages.preflight.report import FAIL, PASS, WARN, Check, Preflight, Target, human_bytes
+from stages.tools.commands import PgTools
 
 NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
 
@@ -61,7 +61,7 @@ def check_upload_head(
     With `rehearsal`, an archive's schema is rehearsed (`schema_rehearsal`) by
     `rehearsal.deadline`. `tail_path`, if given, holds the upload's last bytes: an
     uncompressed pg_dump script without its footer there is cut short
-    (`stages.dumpcontents.read_tail`).
+    (`stages.dumps.contents.read_tail`).
     """
     report = Preflight()
     head_bytes = os.path.getsize(head_path)
@@ -266,7 +266,7 @@ def _dump_version(
         contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
         if tail_path and not complete and info.format == "plain":
             read_tail(contents, tail_path)
-        if contents.refusal:  # how the script was made rules it out (stages.plaindump): the format fails
+        if contents.refusal:  # how the script was made rules it out (stages.dumps.plaindump): the format fails
             at = next(i for i, check in enumerate(report.checks) if check.name == "dump_format_recognized")
             report.checks[at] = Check("dump_format_recognized", FAIL, contents.refusal)
         if info.dumped_from is None:

@@ -26,8 +26,8 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from stages.commands import process_group_members
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
+from stages.tools.commands import process_group_members
 from tests.support import pg
 from tests.support.processes import BIN, cli, service_env, start_service
 from tests.support.world import make_world

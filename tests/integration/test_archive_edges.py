@@ -16,12 +16,12 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from stages import inventory
-from stages.commands import PgTools
-from stages.dumprows import RowCounter, count_archive_rows
+from stages.connections.pgurl import SourceURL
+from stages.database import inventory
+from stages.dumps.rows import RowCounter, count_archive_rows
 from stages.errors import CommandTimedOut, PermanentCommandFailure
-from stages.pgurl import SourceURL
-from stages.restore import restore_plain
+from stages.tools.commands import PgTools
+from stages.tools.restore import restore_plain
 from tests.support import pg
 from tests.support.imports import run_import, upload_and_import
 from tests.support.world import make_world

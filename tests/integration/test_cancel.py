@@ -20,8 +20,8 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import AuditEvent, Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from stages.cluster import ClusterAdmin
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import ClusterAdmin
 from tests.support import pg
 from tests.support.api import api_client
 from tests.support.imports import create_upload

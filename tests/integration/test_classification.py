@@ -20,10 +20,10 @@ from pipeline.models import Cluster, Job, Project
 from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from stages.cluster import ClusterAdmin
-from stages.commands import Psql
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import ClusterAdmin
 from stages.errors import TransientCommandFailure, TransientError
-from stages.pgurl import SourceURL
+from stages.tools.commands import Psql
 from tests.integration.test_preflight_api import client_for, preflight
 from tests.support.pgcluster import free_port
 from tests.support.stubworker import stage_workers

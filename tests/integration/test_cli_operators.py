@@ -21,7 +21,7 @@ from pipeline.operator_actions import operator_actor
 from pipeline.principals import Principal
 from pipeline.queue import StageQueue
 from pipeline.sealing import Sealer
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
 from tests.support import pg
 from tests.support.cli import run
 from tests.support.inline import InlineQueue

@@ -14,9 +14,9 @@ import time
 import psycopg2
 import pytest
 
-from stages.commands import Cancellation
 from stages.copy.engine import CopyStalled, SourceSettings
 from stages.errors import Cancelled, PermanentError, TransientError
+from stages.tools.commands import Cancellation
 from tests.support import pg
 from tests.support.copying import CopyRun, sessions_in, source_url
 from tests.support.muteproxy import cut_off_relay

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from stages.dumpformat import DumpInfo, detect_format
+from stages.dumps.formats import DumpInfo, detect_format
 from stages.errors import UnrecognizedDump
 
 CONNECTION = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}

@@ -15,7 +15,7 @@ from pipeline.models import Job, Organization, Project
 from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
 from tests.support.world import make_world
 
 LEASE = dt.timedelta(seconds=60)

@@ -2,12 +2,12 @@
 
 (a) the fixture loads into an empty database and holds what it promises (so the tests
     that import it, here and in test_fidelity_import.py, cover every kind of object);
-(b) the product's planner (`stages.toc.read` and `plan`) decides what the project's
+(b) the product's planner (`stages.dumps.toc.read` and `plan`) decides what the project's
     role restores of its archive: exactly the objects the service creates itself (the
     allowlisted extensions, their comments, the schema one of them lives in) are left
-    out, and nothing is skipped; the product's restore (`stages.restore.restore_archive`,
+    out, and nothing is skipped; the product's restore (`stages.tools.restore.restore_archive`,
     one job and several) into a preview prepared as an import prepares it
-    (`stages.cluster.ClusterAdmin`: the restore role owns it, the service created the
+    (`stages.database.cluster.ClusterAdmin`: the restore role owns it, the service created the
     extensions) gives back the source: schema, data, counts, sequences, large objects,
     materialized-view population;
 (c) with tests/fixtures/superuser_objects.sql on top, the planner skips exactly the event
@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 from psycopg2 import sql
 
-from stages import toc
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import PgTools
-from stages.pgurl import SourceURL
-from stages.restore import restore_archive
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import ClusterAdmin, RoleLogin
+from stages.dumps import toc
+from stages.tools.commands import PgTools
+from stages.tools.restore import restore_archive
 from tests.support import pg
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import inventory
+from stages.database import inventory
 from tests.support import pg
 from tests.support.imports import run_import, upload_and_import
 from tests.support.world import make_world

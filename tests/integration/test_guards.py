@@ -17,8 +17,8 @@ from pipeline.import_steps import ImportSteps, StageContext, preview_name
 from pipeline.models import Job
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from stages.commands import PgCommand, process_group_members
 from stages.errors import PermanentError
+from stages.tools.commands import PgCommand, process_group_members
 from tests.support import pg
 from tests.support.imports import unwoken_job
 from tests.support.world import make_world

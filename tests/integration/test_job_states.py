@@ -10,7 +10,7 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, JobEvent
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
 from tests.support.world import make_world
 
 LEASE = dt.timedelta(seconds=60)

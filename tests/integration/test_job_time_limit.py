@@ -16,9 +16,9 @@ from pipeline.lease import Heartbeat
 from pipeline.models import Job
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from stages.commands import PgTools
 from stages.errors import PermanentCommandTimeout, TransientError
-from stages.timelimit import Limit
+from stages.tools.commands import PgTools
+from stages.tools.timelimit import Limit
 from tests.support import pg
 from tests.support.imports import unwoken_job, upload_and_import
 from tests.support.world import make_world

@@ -1,4 +1,4 @@
-"""Plain SQL streamed into psql through a named pipe (stages.restore.restore_plain_stream)
+"""Plain SQL streamed into psql through a named pipe (stages.tools.restore.restore_plain_stream)
 and read from object storage in ranged pieces (stages.storage.ObjectStore.chunks)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import shutil
 import pytest
 
 from stages import storage
-from stages.commands import PgTools
+from stages.connections.pgurl import SourceURL
 from stages.errors import ObjectChanged, PermanentCommandFailure, PermanentError
-from stages.pgurl import SourceURL
-from stages.restore import restore_plain_stream
+from stages.tools.commands import PgTools
+from stages.tools.restore import restore_plain_stream
 from tests.support import pg
 
 

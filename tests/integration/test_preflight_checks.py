@@ -18,10 +18,9 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import PgTools
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.errors import ObjectMissing
-from stages.pgurl import SourceURL
 from stages.preflight import LIVE_CHECKS, UPLOAD_CHECKS, Preflight, Target
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.preflight.live import NO_REHEARSAL, check_live_source
@@ -29,6 +28,7 @@ from stages.preflight.sourceinfo import read_only_session
 from stages.preflight.targetinfo import describe_target
 from stages.preflight.upload import check_upload_head
 from stages.storage import new_object_key
+from stages.tools.commands import PgTools
 from tests.support import pg
 from tests.support.newer_postgres import NEWER_MAJOR, newer_cluster, newer_tool
 from tests.support.pgcluster import TempCluster, free_port

@@ -159,7 +159,7 @@ def test_a_dump_cannot_run_code_in_a_service_session(control_db, store, scratch_
 
 
 def _local(dbname: str):
-    from stages.pgurl import SourceURL
+    from stages.connections.pgurl import SourceURL
 
     return SourceURL.parse(pg.url_for(dbname, sslmode="disable"))
 
@@ -359,7 +359,7 @@ def test_migrate_locks_down_the_control_database(control_db):
 
 @pytest.mark.parametrize("crash", ["before dropping the restore role", "before the swap"])
 def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, store, monkeypatch, crash):
-    from stages.cluster import ClusterAdmin
+    from stages.database.cluster import ClusterAdmin
 
     world = make_world(control_db)
     job, queue = start_paused_before_finalize(
@@ -411,7 +411,7 @@ def test_sweep_drops_restore_roles_of_ended_jobs_only(control_db, store):
 
 
 def test_a_tenant_database_is_never_entered_as_a_superuser(scratch_db):
-    from stages.cluster import ClusterAdmin, RoleLogin
+    from stages.database.cluster import ClusterAdmin, RoleLogin
     from stages.errors import PermanentError
 
     with pytest.raises(PermanentError, match="the role 'postgres' is a superuser"):
@@ -466,7 +466,7 @@ def test_a_dump_that_marks_its_database_a_template_cannot_keep_it_undroppable(co
 def test_role_passwords_work_under_password_authentication(password_source):
     # The local cluster trusts every login; this one checks SCRAM passwords, which the
     # service sends only as verifiers it computed (never as plaintext in a statement).
-    from stages.cluster import ClusterAdmin, RoleLogin
+    from stages.database.cluster import ClusterAdmin, RoleLogin
     from stages.errors import ClusterUnavailable
 
     admin = ClusterAdmin(password_source.url())
@@ -550,7 +550,7 @@ def test_a_tenant_session_in_the_preview_cannot_hold_finalize(control_db, store)
 def test_a_tenant_transaction_on_its_live_database_does_not_hold_a_worker(control_db):
     """The project role's open `ALTER DATABASE` locks its catalog row: our DDL on that
     database gives up after the pinned lock_timeout, as a transient error, not never."""
-    from stages.cluster import ClusterAdmin
+    from stages.database.cluster import ClusterAdmin
 
     world = make_world(control_db)
     live = world.project.database_name
@@ -565,7 +565,7 @@ def test_a_tenant_transaction_on_its_live_database_does_not_hold_a_worker(contro
 def test_settings_an_owner_puts_on_its_database_do_not_reach_our_sessions(control_db):
     """statement_timeout, local_preload_libraries and read-only transactions set on the
     project's live database by its owner change nothing in the service's sessions."""
-    from stages.cluster import ClusterAdmin, RoleLogin
+    from stages.database.cluster import ClusterAdmin, RoleLogin
 
     world = make_world(control_db)
     live = world.project.database_name

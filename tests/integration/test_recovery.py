@@ -19,8 +19,8 @@ from pipeline.principals import Principal
 from pipeline.runner import RECHECK_MARGIN, Runner
 from pipeline.sealing import Sealer
 from pipeline.sweep import sweep
-from stages.commands import PgCommand, process_group_members
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
+from stages.tools.commands import PgCommand, process_group_members
 from tests.support import pg
 from tests.support.imports import unwoken_job
 from tests.support.stubworker import stage_workers
@@ -190,7 +190,7 @@ def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, sto
 
 CHILD = """
 import sys, time
-from stages.commands import PgCommand
+from stages.tools.commands import PgCommand
 class Sleep(PgCommand):
     program = "sleep"
 tool = Sleep("/usr/bin", stall_seconds=None)
@@ -222,7 +222,7 @@ def test_a_tool_dies_with_the_worker_that_started_it():
 
 FORKING_CHILD = """
 import sys, time
-from stages.commands import PgCommand
+from stages.tools.commands import PgCommand
 class Forker(PgCommand):
     program = "sh"
 tool = Forker("/bin", stall_seconds=None)

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.sealing import Sealer
 from pipeline.sweep import sweep
-from stages.cluster import ClusterAdmin
+from stages.database.cluster import ClusterAdmin
 from stages.preflight.sandbox import REHEARSAL_PREFIX, STALE_AFTER_SECONDS, Sandbox, is_stale, wait_for_drops
 from tests.support import pg
 from tests.support.world import make_world

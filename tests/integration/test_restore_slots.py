@@ -25,7 +25,7 @@ from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
 from tests.support import pg
 from tests.support.inline import InlineQueue
 

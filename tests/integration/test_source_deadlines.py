@@ -2,7 +2,7 @@
 
 The source is `MuteAfterLogin` on 127.0.0.1: the login goes through to the local
 PostgreSQL, every query after it is swallowed. TCP keeps acknowledging, so only the
-application deadline (stages.deadline) ends the wait. Deadlines are a few seconds;
+application deadline (stages.connections.deadline) ends the wait. Deadlines are a few seconds;
 bounds are generous ("returned, well before deadline + 10 s"), never exact timings.
 """
 
@@ -15,12 +15,12 @@ import time
 
 import pytest
 
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.connect import connect
+from stages.connections.connect import connect
+from stages.connections.deadline import Deadline, SourceTimedOut
+from stages.connections.pgurl import SourceURL
 from stages.copy.engine import Snapshot, SourceBusy, SourceSettings
-from stages.deadline import Deadline, SourceTimedOut
+from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.errors import SourceUnreachable, TransientError
-from stages.pgurl import SourceURL
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.preflight.live import check_live_source
 from stages.preflight.targetinfo import describe_target
@@ -233,7 +233,7 @@ def test_a_cancel_interrupts_the_snapshot_sessions_own_queries(scratch_db):
     when its lock wait ends (lock_timeout)."""
     import threading
 
-    from stages.commands import Cancellation
+    from stages.tools.commands import Cancellation
 
     name, holder = _locked_source(scratch_db)
     cancellation = Cancellation()

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 import psycopg2
 import pytest
 
-from stages.connect import connect
-from stages.pgurl import SourceURL
+from stages.connections.connect import connect
+from stages.connections.pgurl import SourceURL
 from tests.support.pgcluster import TempCluster, temporary_cluster
 
 PSQL = "/usr/lib/postgresql/15/bin/psql"

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from pipeline.models import Job, JobEvent
-from stages.commands import process_group_members
+from stages.tools.commands import process_group_members
 from tests.support import pg
 from tests.support.processes import cli, service_env, start_service
 

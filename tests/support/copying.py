@@ -14,12 +14,12 @@ from typing import Any
 
 import psycopg2
 
-from stages import toc
-from stages.commands import Cancellation, PgRestore, PgTools
+from stages.connections.pgurl import SourceURL
 from stages.copy.engine import CopyResult, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
-from stages.pgurl import SourceURL
-from stages.restore import restore_section
+from stages.dumps import toc
+from stages.tools.commands import Cancellation, PgRestore, PgTools
+from stages.tools.restore import restore_section
 from tests.support import pg
 
 PG_BIN = "/usr/lib/postgresql/15/bin"

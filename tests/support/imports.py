@@ -12,7 +12,7 @@ from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
 from stages.storage import ObjectStore
 from tests.support.inline import InlineQueue
 from tests.support.uploading import upload_file

@@ -105,7 +105,7 @@ def schema_dump(dbname: str) -> str:
 def row_counts(dbname: str) -> dict[str, int]:
     conn = psycopg2.connect(url_for(dbname))
     try:
-        from stages.inventory import count_rows
+        from stages.database.inventory import count_rows
 
         return count_rows(conn)
     finally:

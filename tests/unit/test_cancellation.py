@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from stages.commands import Cancellation, PgCommand
 from stages.errors import Cancelled, CommandCancelled, PermanentError
+from stages.tools.commands import Cancellation, PgCommand
 from tests.unit.test_command_deadlines import FAMILY, MARGIN, gone, read_pid, write_program
 
 

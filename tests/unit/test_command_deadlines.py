@@ -14,7 +14,6 @@ import pytest
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 from dramatiq.threading import raise_thread_exception
 
-from stages.commands import CommandResult, Deadline, Limit, PgCommand, PgDump, PgRestore, PgTools
 from stages.errors import (
     CommandTimedOut,
     PermanentCommandTimeout,
@@ -22,6 +21,7 @@ from stages.errors import (
     TransientCommandTimeout,
     TransientError,
 )
+from stages.tools.commands import CommandResult, Deadline, Limit, PgCommand, PgDump, PgRestore, PgTools
 
 # Seconds a stopped command may take beyond its deadline: the watchdog's poll, the
 # SIGINT and SIGTERM graces, process start-up on a busy machine.

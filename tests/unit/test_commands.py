@@ -1,8 +1,8 @@
 import pytest
 
-from stages import commands
-from stages.commands import CommandResult, PgDump, PgRestore, PgTools, Psql, is_transient
 from stages.errors import PermanentCommandFailure, PermanentError, TransientCommandFailure
+from stages.tools import commands
+from stages.tools.commands import CommandResult, PgDump, PgRestore, PgTools, Psql, is_transient
 
 
 def test_pg_dump_schema_arguments():

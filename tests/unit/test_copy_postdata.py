@@ -7,7 +7,7 @@ from __future__ import annotations
 from stages.copy.catalog import Owned
 from stages.copy.engine import _constraint_sql
 from stages.copy.postdata import Block, first_statement, split
-from stages.toc import TocEntry
+from stages.dumps.toc import TocEntry
 
 # pg_restore 15.20 --no-owner --section=post-data of a table "We""ird t" (as rendered).
 RENDERED = '''--
@@ -71,7 +71,7 @@ UNIQUE = TocEntry('3200; 2606 157336 CONSTRAINT public We"ird t u postgres', 320
 COMMENT = TocEntry(
     '3350; 0 0 COMMENT public CONSTRAINT u ON "We""ird t" postgres', 3350, "COMMENT", "public", 'CONSTRAINT u ON "We""ird t"'
 )
-# As stages.toc.parse splits a listing line whose schema's name holds a space.
+# As stages.dumps.toc.parse splits a listing line whose schema's name holds a space.
 INDEX = TocEntry("3196; 1259 157342 INDEX my schema ix postgres", 3196, "INDEX", "my", "schema ix")
 
 

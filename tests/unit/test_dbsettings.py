@@ -1,6 +1,6 @@
 """Reading pg_dump's statements for a database's settings and comment."""
 
-from stages.dbsettings import DatabaseProperties, Setting, parse
+from stages.database.dbsettings import DatabaseProperties, Setting, parse
 
 PG_DUMP_OUTPUT = """
 --

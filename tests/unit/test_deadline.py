@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from stages.deadline import Deadline, SourceTimedOut
+from stages.connections.deadline import Deadline, SourceTimedOut
+from stages.connections.pgurl import SourceURL
 from stages.errors import TransientError
-from stages.pgurl import SourceURL
 from stages.preflight import Target
 from stages.preflight.live import bounded_resolver, check_live_source
 

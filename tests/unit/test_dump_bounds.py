@@ -6,7 +6,7 @@ import dataclasses
 import gzip
 from pathlib import Path
 
-from stages.dumpcontents import MAX_LINE, read_sql, read_sql_file, read_tail, sql_lines
+from stages.dumps.contents import MAX_LINE, read_sql, read_sql_file, read_tail, sql_lines
 from tests.support.bombs import MiB, gzip_bomb
 
 SCRIPT = (
@@ -128,7 +128,7 @@ def test_a_gzip_file_of_several_members_is_read_whole(tmp_path):
     both, and so must preflight, or the script looks cut short."""
     import gzip as gz
 
-    from stages.dumpcontents import sql_lines
+    from stages.dumps.contents import sql_lines
 
     path = tmp_path / "dump.sql.gz"
     path.write_bytes(gz.compress(b"CREATE TABLE a (id int);\n") + gz.compress(b"CREATE TABLE b (id int);\n"))

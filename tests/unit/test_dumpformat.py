@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.dumpformat import HEAD_BYTES, DumpInfo, detect_format
+from stages.dumps.formats import HEAD_BYTES, DumpInfo, detect_format
 from stages.errors import PermanentError, UnrecognizedDump
 
 # The first 138 bytes of `pg_dump -Fc` 15.20 (Debian) of a database "capy_probe".

@@ -1,6 +1,6 @@
 import io
 
-from stages.dumprows import RowCounter, count_stream, table_key
+from stages.dumps.rows import RowCounter, count_stream, table_key
 
 
 def test_table_keys_unquote_identifiers():

@@ -1,4 +1,4 @@
-from stages.inventory import compare_counts
+from stages.database.inventory import compare_counts
 
 
 def test_compare_counts_names_missing_tables_and_mismatches():

@@ -2,10 +2,8 @@ import socket
 
 import pytest
 
-from stages.addresses import SourceAddressNotAllowed, address_problem, pin_address, resolve
-from stages.commands import PgTools
-from stages.errors import PermanentError
-from stages.pgurl import (
+from stages.connections.addresses import SourceAddressNotAllowed, address_problem, pin_address, resolve
+from stages.connections.pgurl import (
     NO_FILE,
     InvalidSourceURL,
     SourceURL,
@@ -13,6 +11,8 @@ from stages.pgurl import (
     system_ca_bundle,
     tool_environment,
 )
+from stages.errors import PermanentError
+from stages.tools.commands import PgTools
 
 
 def test_parse_keeps_password_apart_and_adds_sslmode():

@@ -1,7 +1,14 @@
 """Every session on a project cluster carries the pinned search_path as a startup option."""
 
-from stages.cluster import PINNED_ROLE, PINNED_SEARCH_PATH, PINNED_SESSION, ClusterAdmin, RoleLogin, pinned
-from stages.pgurl import SourceURL
+from stages.connections.pgurl import SourceURL
+from stages.database.cluster import (
+    PINNED_ROLE,
+    PINNED_SEARCH_PATH,
+    PINNED_SESSION,
+    ClusterAdmin,
+    RoleLogin,
+    pinned,
+)
 
 
 def test_the_pin_is_added_to_a_url_without_options():

@@ -1,10 +1,10 @@
-"""How a plain dump was made, judged from its statements (stages.plaindump)."""
+"""How a plain dump was made, judged from its statements (stages.dumps.plaindump)."""
 
 import pytest
 
-from stages.plaindump import PlainDumpShape, create_extension, language_statement
-from stages.plainsql import user_terms
-from stages.sqlscript import Script, read_script
+from stages.dumps.plaindump import PlainDumpShape, create_extension, language_statement
+from stages.dumps.plainsql import user_terms
+from stages.dumps.sqlscript import Script, read_script
 
 HEADER = b"--\n-- PostgreSQL database dump\n--\n\\restrict k1\nSET client_encoding = 'UTF8';\n"
 FOOTER = b"--\n-- PostgreSQL database dump complete\n--\n\\unrestrict k1\n"

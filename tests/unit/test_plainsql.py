@@ -2,8 +2,8 @@ import gzip
 
 import pytest
 
+from stages.dumps.plainsql import prepare_plain_sql
 from stages.errors import ObjectTooLarge, PermanentError
-from stages.plainsql import prepare_plain_sql
 
 DUMP = b"""--
 -- PostgreSQL database dump

@@ -9,23 +9,23 @@ import socket
 import psycopg2
 import pytest
 
-from stages.addresses import SourceHostUnresolvable, resolve
-from stages.connect import (
+from stages.connections.addresses import SourceHostUnresolvable, resolve
+from stages.connections.connect import (
     PoolerRefusedStartupParameter,
     SourceAuthenticationFailed,
     SourceConnectionRefused,
     SourceTimedOut,
     explain_connect_error,
 )
-from stages.dumpcontents import read_sql, read_toc, sql_lines
+from stages.connections.pgurl import SourceURL
+from stages.dumps.contents import read_sql, read_toc, sql_lines
+from stages.dumps.toc import parse
 from stages.errors import PermanentError
-from stages.pgurl import SourceURL
 from stages.preflight import FAIL, LIVE_CHECKS, PASS, WARN, Findings, Preflight, Target
 from stages.preflight.checks import add_object_warnings, check_extensions, check_major, check_size
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST, Extension, judge_extensions
 from stages.preflight.live import check_live_source
 from stages.preflight.providers import detect_provider
-from stages.toc import parse
 
 MiB = 1024 * 1024
 

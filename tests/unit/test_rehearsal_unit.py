@@ -3,9 +3,9 @@ into objects (no sockets: the integration tests run real restores)."""
 
 from __future__ import annotations
 
+from stages.dumps.toc import parse
 from stages.preflight.plainrehearsal import split_plain
 from stages.preflight.rehearsal import PREAMBLE, Node, judge, skip_map, split_script
-from stages.toc import parse
 
 
 def nodes(listing: str, deps: dict[int, tuple[int, ...]]) -> list[Node]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages.sqlscript import COPY, META, SPACE, STATEMENT, Script, read_script, statement_words
+from stages.dumps.sqlscript import COPY, META, SPACE, STATEMENT, Script, read_script, statement_words
 
 HOSTILE = (
     b"SET standard_conforming_strings = on;\n"
@@ -149,7 +149,7 @@ def test_a_doubled_quote_at_a_chunk_boundary_stays_inside_the_string():
 def test_standard_conforming_strings_changed_other_than_by_set_is_refused_not_guessed():
     """psql follows set_config too; a reader that did not would take the middle of
     'a\\'; GRANT …; --\\'' for a statement (and the filter would drop it)."""
-    from stages.sqlscript import ScriptError
+    from stages.dumps.sqlscript import ScriptError
 
     script = (
         b"SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false);\n"
@@ -176,7 +176,7 @@ def test_set_reset_and_default_forms_of_standard_conforming_strings_are_followed
 
 
 def test_a_rolled_back_change_of_standard_conforming_strings_is_undone_and_one_inside_a_block_refused():
-    from stages.sqlscript import ScriptError
+    from stages.dumps.sqlscript import ScriptError
 
     rolled_back = (
         b"SET standard_conforming_strings = off;\n"

@@ -1,6 +1,6 @@
 """The first real error of a tool's stderr, as a failed job names it."""
 
-from stages.commands import CLUSTER, CommandResult, classify_failure, first_error
+from stages.tools.commands import CLUSTER, CommandResult, classify_failure, first_error
 
 
 def test_the_first_server_error_wins_over_the_noise_after_it():

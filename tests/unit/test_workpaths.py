@@ -1,6 +1,6 @@
 """Worker file paths are kept out of what users see."""
 
-from stages.workpaths import scrub_work_paths
+from stages.tools.workpaths import scrub_work_paths
 
 JOB = "/tmp/capy-imports/job_0123456789abcdefghjk"
 

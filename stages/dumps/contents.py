@@ -1,7 +1,7 @@
 """What an uploaded dump contains, read from its table of contents or its first lines.
 
 For custom and tar archives the target's `pg_restore --list` prints the table of
-contents (`stages.toc`); it sits at the start of the archive, so the head of an upload
+contents (`stages.dumps.toc`); it sits at the start of the archive, so the head of an upload
 is enough. For plain SQL, pg_dump writes a ``-- Name: …; Type: …;`` comment before
 every object, and hand-written scripts are read for their CREATE EXTENSION / LANGUAGE
 statements, never holding the script whole in memory.
@@ -22,13 +22,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from stages import toc
-from stages.commands import PgTools
-from stages.plaindump import PlainDumpShape, create_extension, cut_short_message, language_statement
+from stages.dumps import toc
+from stages.dumps.plaindump import PlainDumpShape, create_extension, cut_short_message, language_statement
+from stages.dumps.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, ScriptError, read_script
+from stages.dumps.toc import TRUSTED_LANGUAGES, TocEntry
 from stages.preflight.extensions import Extension
 from stages.preflight.report import Findings
-from stages.sqlscript import FOOTER, SPACE, STATEMENT, Piece, Script, ScriptError, read_script
-from stages.toc import TRUSTED_LANGUAGES, TocEntry
+from stages.tools.commands import PgTools
 
 READ_CHUNK = 1024 * 1024
 # Decompressed SQL read from a gzip head, at most: the objects that matter come first.
@@ -71,7 +71,7 @@ class DumpContents:
     publications: list[str] = field(default_factory=list)
     subscriptions: list[str] = field(default_factory=list)
     complete: bool = True
-    # Why a plain script cannot be imported as it is, naming the fix (see stages.plaindump).
+    # Why a plain script cannot be imported as it is, naming the fix (see stages.dumps.plaindump).
     refusal: str | None = None
     # The script starts with pg_dump's header, so it must end with pg_dump's footer.
     pg_dump_header: bool = False
@@ -123,7 +123,7 @@ class DumpContents:
 
     def _judge_languages(self) -> DumpContents:
         # A dump does not say whether a language is trusted; judge it by name as the
-        # restore does (stages.toc), so the warning names what the restore leaves out.
+        # restore does (stages.dumps.toc), so the warning names what the restore leaves out.
         for name in self.languages:
             if name not in TRUSTED_LANGUAGES:
                 self._append("untrusted_languages", name)
@@ -206,7 +206,7 @@ def _read_script(chunks: Iterable[bytes], *, complete: bool, text: _Text | None 
                         text.capped = True
                     contents.complete = False
                     break
-    except ScriptError as err:  # the same words as the worker's (stages.plainsql)
+    except ScriptError as err:  # the same words as the worker's (stages.dumps.plainsql)
         unreadable = f"the SQL script cannot be read as psql reads it: {err}"
     contents.refusal = unreadable or shape.refusal(
         script, whole=complete and budget > 0 and not (text and text.capped)

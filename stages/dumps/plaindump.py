@@ -1,7 +1,7 @@
 """How a plain dump was made, judged from its statements: what an import cannot restore,
 with the pg_dump options to use instead.
 
-`PlainDumpShape` watches the pieces of `stages.sqlscript.read_script` (the worker's
+`PlainDumpShape` watches the pieces of `stages.dumps.sqlscript.read_script` (the worker's
 filter sees the whole script, the API's preflight its head) and `refusal()` answers
 the first reason to refuse it, or None:
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from stages.sqlscript import META, STATEMENT, Piece, Script, statement_words
+from stages.dumps.sqlscript import META, STATEMENT, Piece, Script, statement_words
 
 AGAIN = "e.g. pg_dump -Fc -f dump.dump DBNAME, and import that file"
 FOOTER_LINE = "-- PostgreSQL database dump complete"

@@ -1,7 +1,7 @@
 """Counting the rows a dump holds, table by table, from its COPY data.
 
 For an upload there is no live source to count, so the dump itself is the source:
-the script is split by `stages.sqlscript` (the one reader of plain SQL), and every
+the script is split by `stages.dumps.sqlscript` (the one reader of plain SQL), and every
 `COPY <table> (...) FROM stdin;` block's data lines are counted up to its `\\.`.
 Tables a dump fills with INSERT statements (pg_dump --inserts) cannot be counted
 exactly this way; they are reported as `uncounted` and only their presence is checked.
@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 from typing import IO
 
-from stages.commands import PgTools
+from stages.dumps.sqlscript import COPY, STATEMENT, Piece, read_script
+from stages.dumps.toc import Utf8Lines, python_codec
 from stages.errors import CommandTimedOut, PermanentCommandFailure
-from stages.sqlscript import COPY, STATEMENT, Piece, read_script
-from stages.toc import Utf8Lines, python_codec
+from stages.tools.commands import PgTools
 
 _NAME = rb'(?:"(?:[^"]|"")*"|[^\s."(]+)'
 _QUALIFIED = rb"(" + _NAME + rb"\." + _NAME + rb")"
@@ -61,7 +61,7 @@ def table_key(qualified: bytes, codec: str = "utf-8") -> str:
 
 
 class RowCounter:
-    """Show it a script's pieces (`see`), as `stages.sqlscript.read_script` yields them."""
+    """Show it a script's pieces (`see`), as `stages.dumps.sqlscript.read_script` yields them."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}

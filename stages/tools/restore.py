@@ -1,6 +1,6 @@
 """Restore stage: load a dump into a fresh preview database, as the import's restore role.
 
-The restore role owns the preview and nothing else (see stages.cluster): whatever SQL
+The restore role owns the preview and nothing else (see stages.database.cluster): whatever SQL
 the dump holds, it cannot reach the project's live database, its replaced ones, other
 tenants' databases or the control database.
 """
@@ -17,10 +17,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from stages.commands import PgTools
+from stages.connections.pgurl import SourceURL
+from stages.dumps.plainsql import user_terms
 from stages.errors import CommandFailed, PermanentCommandFailure
-from stages.pgurl import SourceURL
-from stages.plainsql import user_terms
+from stages.tools.commands import PgTools
 
 # What the server answers a restore role that reaches for another database.
 _OTHER_DATABASE = re.compile(
@@ -70,7 +70,7 @@ PARALLEL_FORMATS = ("custom", "directory")
 def restore_archive(
     tools: PgTools, target: SourceURL, archive: str, *, jobs: int, fmt: str, list_file: str
 ) -> None:
-    """pg_restore the entries of `list_file` (see stages.toc.plan) from an archive
+    """pg_restore the entries of `list_file` (see stages.dumps.toc.plan) from an archive
     (custom, tar or directory) into `target`, in parallel where the format allows;
     owners and grants of the source are not replayed."""
     pg_restore = tools.pg_restore
@@ -88,7 +88,7 @@ def restore_archive(
 def restore_plain(
     tools: PgTools, target: SourceURL, script: str, *, user_line: Callable[[int], int | None] | None = None
 ) -> None:
-    """Run a prepared plain-SQL dump (see stages.plainsql) with psql, stopping at the
+    """Run a prepared plain-SQL dump (see stages.dumps.plainsql) with psql, stopping at the
     first error. psql is restricted with a random key, so the script's own backslash
     commands (`\\connect`, `\\!`, `\\i`...) are refused rather than run.
 

@@ -29,9 +29,9 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from stages import toc
-from stages.cluster import ClusterAdmin, RoleLogin
-from stages.commands import PgTools
+from stages.database.cluster import ClusterAdmin, RoleLogin
+from stages.dumps import toc
+from stages.tools.commands import PgTools
 
 _IDENT = r'(?:"(?:[^"]|"")*"|[^\s".;]+)'
 _LITERALS = r"'(?:[^']|'')*'(?:, '(?:[^']|'')*')*"

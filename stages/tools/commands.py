@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
+from stages.connections.pgurl import redact, tool_environment
 from stages.errors import (
     CommandCancelled,
     PermanentCommandFailure,
@@ -45,8 +46,7 @@ from stages.errors import (
     TransientCommandFailure,
     TransientCommandTimeout,
 )
-from stages.pgurl import redact, tool_environment
-from stages.timelimit import Deadline, Limit, seconds_text
+from stages.tools.timelimit import Deadline, Limit, seconds_text
 
 log = logging.getLogger(__name__)
 

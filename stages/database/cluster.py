@@ -30,10 +30,10 @@ import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
-from stages import inventory
-from stages.connect import connect, server_major
+from stages.connections.connect import connect, server_major
+from stages.connections.pgurl import SourceURL
+from stages.database import inventory
 from stages.errors import ClusterUnavailable, PermanentError, TransientError
-from stages.pgurl import SourceURL
 
 log = logging.getLogger(__name__)
 

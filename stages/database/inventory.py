@@ -5,7 +5,7 @@ preview, so the two sides are compared like for like.
 
 A tenant may define operators and functions in `public` of the database these queries
 read, so every session that runs them pins its search_path to `pg_catalog, pg_temp`
-(see stages.cluster); the operators and functions are schema-qualified as well.
+(see stages.database.cluster); the operators and functions are schema-qualified as well.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import IO
 
-from stages.commands import PgTools
-from stages.dumpformat import DumpInfo
+from stages.dumps.formats import DumpInfo
 from stages.errors import CommandFailed, CommandTimedOut, PermanentError, TransientError
+from stages.tools.commands import PgTools
 
 
 class DumpTooNew(PermanentError):

@@ -12,9 +12,9 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from stages.deadline import Deadline, GuardedConnection, SourceTimedOut
+from stages.connections.deadline import Deadline, GuardedConnection, SourceTimedOut
+from stages.connections.pgurl import SourceURL, redact
 from stages.errors import ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
-from stages.pgurl import SourceURL, redact
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def connect(
 
     A URL's own connect_timeout may shorten ours, never lengthen it. With a
     `deadline`, connecting fits in what is left of it and every later round trip on
-    the connection is bounded by it (see stages.deadline).
+    the connection is bounded by it (see stages.connections.deadline).
     """
     url_timeout = source.params.get("connect_timeout", "")
     if url_timeout.isdigit() and int(url_timeout) > 0:

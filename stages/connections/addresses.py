@@ -12,8 +12,8 @@ import ipaddress
 import socket
 from collections.abc import Callable
 
+from stages.connections.pgurl import SourceURL
 from stages.errors import PermanentError
-from stages.pgurl import SourceURL
 
 
 class SourceAddressNotAllowed(PermanentError):

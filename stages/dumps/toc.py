@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
-from stages.commands import PgTools
+from stages.tools.commands import PgTools
 
 # "3302; 3466 73077 EVENT TRIGGER - et postgres": id; catalog oid, desc, namespace, rest.
 _LINE = re.compile(r"^(\d+); (\d+) (\d+) (.+)$")
@@ -265,7 +265,7 @@ class Utf8Lines:
 def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEntry]:
     """The archive's TOC, as the target's pg_restore reads it. pg_restore prints names
     as the archive holds them, in the source's `encoding` (see
-    stages.archivecheck.encoding_of); they are decoded from it."""
+    stages.dumps.archivecheck.encoding_of); they are decoded from it."""
     chunks: list[bytes] = []
     pg_restore = tools.pg_restore
     pg_restore.run_streaming(

@@ -1,5 +1,5 @@
 """Postgres connection URLs: parsing, validation and redaction (the address gate is
-`stages.addresses`).
+`stages.connections.addresses`).
 
 A `SourceURL` keeps the password apart from everything else: `conninfo()` never holds
 it, `env()` passes it to libpq tools as PGPASSWORD, and `redacted()` is the only form
@@ -40,7 +40,7 @@ NO_FILE = "/dev/null/capy-imports-no-file"
 
 # Added to every connection to a tenant's source (psycopg2 and the tools' conninfo).
 # Keepalives and tcp_user_timeout (ms) end a connection whose peer stops acknowledging;
-# a peer that acknowledges but never answers is bounded by stages.deadline instead.
+# a peer that acknowledges but never answers is bounded by stages.connections.deadline instead.
 TENANT_CONNECTION_PARAMETERS: dict[str, str] = {
     "passfile": NO_FILE,
     "sslcert": NO_FILE,

@@ -4,7 +4,7 @@ A plain dump is a psql script, and psql scripts can run shell commands (`\\!`), 
 files (`\\i`) or connect elsewhere (`\\connect`). We restore with psql restricted by a
 key only we know (`\\restrict`, PostgreSQL 15.14+), so no backslash command in the
 dump can run. While the file is copied (in bounded memory, split into statements by
-`stages.sqlscript`, the one reader of plain SQL) it is checked whole and made fit for a
+`stages.dumps.sqlscript`, the one reader of plain SQL) it is checked whole and made fit for a
 managed target, as `pg_restore --no-owner --no-privileges` and the TOC plan do for
 archives. Every decision is about a whole statement (or a meta-command between
 statements), never about a line inside a string, a function body or COPY data:
@@ -24,7 +24,7 @@ user's dump, which `user_terms` puts in words.
 
 The script is refused (`PermanentError`, before anything is restored) when it is cut
 short or was made with pg_dump options an import cannot restore (see
-`stages.plaindump`).
+`stages.dumps.plaindump`).
 """
 
 from __future__ import annotations
@@ -37,10 +37,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from stages.dumprows import RowCounter
-from stages.errors import ObjectTooLarge, PermanentError
-from stages.plaindump import IDENT, PlainDumpShape, create_extension, is_pg_dump_restrict, language_statement
-from stages.sqlscript import (
+from stages.dumps.plaindump import (
+    IDENT,
+    PlainDumpShape,
+    create_extension,
+    is_pg_dump_restrict,
+    language_statement,
+)
+from stages.dumps.rows import RowCounter
+from stages.dumps.sqlscript import (
     CHUNK,
     META,
     SPACE,
@@ -51,7 +56,8 @@ from stages.sqlscript import (
     read_script,
     statement_words,
 )
-from stages.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, TocEntry, unquote
+from stages.dumps.toc import SUPERUSER_ONLY, TRUSTED_LANGUAGES, TocEntry, unquote
+from stages.errors import ObjectTooLarge, PermanentError
 
 PIECE = CHUNK
 # Statements the filter rewrites or parses are short; longer ones are kept as they are.
@@ -118,7 +124,7 @@ def filter_plain_sql(
     Refuse output larger than `max_bytes`, and scripts cut short or made with pg_dump
     options an import cannot restore (`PermanentError` naming the fix), the latter only
     once the whole script was read: whoever reads `out` must not act on a script that
-    is then refused (the restore stops psql before the end, see stages.restore).
+    is then refused (the restore stops psql before the end, see stages.tools.restore).
     `skip`: (desc, namespace, name) -> reason, objects the schema rehearsal found the
     project cannot hold (stages.preflight.rehearsal): the statements under their
     pg_dump header are left out and reported as skipped."""

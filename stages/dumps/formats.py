@@ -18,8 +18,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
+from stages.dumps.plaindump import dumpall_message
 from stages.errors import UnrecognizedDump
-from stages.plaindump import dumpall_message
 
 HEAD_BYTES = 8192
 ADVICE = "upload a file made by pg_dump -Fc, -Ft or plain SQL"

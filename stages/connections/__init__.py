@@ -1,0 +1,1 @@
+"""Reaching Postgres: connection URLs, the address gate, connections and their deadlines."""

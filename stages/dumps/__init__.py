@@ -1,0 +1,1 @@
+"""Reading dumps: formats, tables of contents, plain SQL scripts and the rows they hold."""
