@@ -75,10 +75,11 @@ class Io:
 
 
 def _console(file: TextIO, env: Mapping[str, str]) -> Console:
-    console = Console(file=file, highlight=False)
+    # No markup: the API's messages and names may hold brackets, which are text here.
+    console = Console(file=file, highlight=False, markup=False)
     if not console.is_terminal and "COLUMNS" not in env:
         # Rich's 80 columns folds table names in logs; logs have room.
-        console = Console(file=file, highlight=False, width=160)
+        console = Console(file=file, highlight=False, markup=False, width=160)
     return console
 
 

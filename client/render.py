@@ -72,7 +72,7 @@ def progress_line(job: dict[str, Any]) -> str:
     head = state if state in ("pending", "completed", "failed", "cancelled") or not where else where
     phase = progress.get("phase")
     step = progress.get("step")
-    parts = [f"{head}: {phase}" if phase else head]
+    parts = [f"{head}: {phase}" if phase and phase != head else head]
     if step and step not in (phase or ""):
         parts[0] += f" [{step}]"
     if progress.get("tables_total"):
@@ -102,10 +102,6 @@ def job_summary(job: dict[str, Any]) -> Text:
     text = Text()
     text.append(f"Import {job.get('id')} ")
     text.append(state, style=STATE_STYLE.get(state, ""))
-    source = job.get("source") or {}
-    origin = source.get("url") or source.get("upload_key")
-    if origin:
-        text.append(f" (from {origin})")
     if state == "completed":
         report = job.get("report") or {}
         took = job_duration(job)
@@ -126,6 +122,10 @@ def job_summary(job: dict[str, Any]) -> Text:
         text.append(": the project's database was left as it was.")
     else:
         text.append(f": {progress_line(job)}")
+    source = job.get("source") or {}
+    origin = source.get("url") or source.get("upload_key")
+    if origin:
+        text.append(f"\nsource: {origin}", style="dim")
     return text
 
 

@@ -71,7 +71,7 @@ class LiveView:
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.fields[line]}"),
+            TextColumn("{task.fields[line]}", markup=False),
             BarColumn(),
             TimeElapsedColumn(),
             console=console,
@@ -128,7 +128,7 @@ class UploadBar:
             return self
         if self.console.is_terminal:
             self.bar = Progress(
-                TextColumn("uploading {task.description}"),
+                TextColumn("uploading {task.description}", markup=False),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
