@@ -55,9 +55,9 @@ def test_client_imports_a_dump_file_and_prints_the_report(service, tenant, corpu
     done = capydb_import(service, tenant, "import", "--file", str(dump), "--wait")
     assert done.returncode == 0, done.stdout + done.stderr
     job_id = job_id_of(done)
-    # The upload, then the job's stages as they go by.
+    # The upload, then the job's progress (how many polls see it running depends on timing).
     assert "uploading pagila.dump (" in done.stderr and "uploaded pagila.dump in " in done.stderr
-    assert "fetch: " in done.stderr and "restore: " in done.stderr
+    assert done.stderr.splitlines()[-1] == "completed"
     assert f"Import {job_id} completed in " in done.stdout
     counts = pg.row_counts(source)
     assert f"{len(counts)} tables, {sum(counts.values()):,} rows" in done.stdout
