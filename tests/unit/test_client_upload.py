@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import io
 
 from client.cli import run
 from client.errors import Exit
@@ -137,3 +138,29 @@ def test_progress_of_an_upload_stage_shows_its_bytes():
     assert progress_line(fetching) == "fetch: downloading the upload · 512 B of 2.0 KiB (25%)"
     restoring = job("running", stage="restore", progress={"phase": "restoring", "tables_total": 21})
     assert progress_line(restoring) == "restore: restoring · 21 tables"
+
+
+def test_the_report_of_a_dump_sorts_tables_and_does_not_compare_object_counts():
+    from rich.console import Console
+
+    from client.render import report_tables
+
+    report = {
+        "tables": {
+            "public.film": {"source_rows": 10, "target_rows": 10},
+            "public.actor": {"source_rows": 2, "target_rows": 1},
+        },
+        "table_count": 2,
+        "row_count": 12,
+        "objects": {"indexes": {"source": 34, "target": 56}},
+        "objects_source": "dump table of contents",
+        "extensions": {"plpgsql": {"source": None, "target": "1.0"}},
+    }
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(report_tables(report))
+    lines = console.export_text().splitlines()
+    rows = [line for line in lines if "public." in line]
+    assert [row.split()[1] for row in rows] == ["public.actor", "public.film"]
+    assert "differs" in rows[0] and "ok" in rows[1]
+    assert "differs" not in next(line for line in lines if "indexes" in line)
+    assert "differs" not in next(line for line in lines if "plpgsql" in line)
