@@ -1,6 +1,7 @@
 """`capydb-import`: import a Postgres database into a CapyDB project over the HTTP API.
 
-    capydb-import import --api URL --key KEY --project ID (--source-url URL | --file DUMP) [--recreate] [--wait]
+    capydb-import import --api URL --key KEY --project ID (--source-url URL | --file DUMP | --upload-key KEY)
+                         [--recreate] [--wait] [--idempotency-key KEY]
     capydb-import preflight --project ID (--source-url URL | --file DUMP | --upload-key KEY) [--recreate]
     capydb-import upload --project ID --file DUMP
     capydb-import status JOB [--wait]
@@ -131,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     project(p)
     source(p)
     p.add_argument("--wait", action="store_true", help="follow the import until it ends and print its report")
+    p.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="sent as Idempotency-Key: the same key and request give back the same job, so a script "
+        "may run the command again safely (default: a new UUID per run; retries within a run reuse it)",
+    )
     p = commands.add_parser(
         "preflight", parents=[common], help="check a source or dump against the project; changes nothing"
     )
@@ -256,7 +263,9 @@ class Command:
 
     def run_import(self) -> Exit:
         body = {"confirm": True, "recreate": self.args.recreate, **self.source()}
-        job, created = self.api.start_import(self.project, body, self.io.new_idempotency_key())
+        job, created = self.api.start_import(
+            self.project, body, self.args.idempotency_key or self.io.new_idempotency_key()
+        )
         self.say(f"{'started' if created else 'already started:'} import {job['id']}")
         if not self.args.wait:
             if self.args.json:

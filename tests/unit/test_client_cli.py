@@ -104,6 +104,16 @@ def test_import_sends_an_idempotency_key_and_returns_at_once_without_wait():
     assert_no_secrets(outputs)
 
 
+def test_a_given_idempotency_key_is_sent_and_a_found_job_is_said_so():
+    session = FakeSession(("POST", IMPORTS, ok({"job": job("running")}, 200)))
+    code, outputs = run_cli(
+        ["import", *COMMON, "--source-url", SOURCE, "--idempotency-key", "deploy-42"], session
+    )
+    assert code == Exit.OK
+    assert session.calls[0].headers["Idempotency-Key"] == "deploy-42"
+    assert "already started: import job_1" in outputs.err
+
+
 def test_import_wait_shows_progress_and_prints_the_report():
     running = job(
         "running",
