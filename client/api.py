@@ -20,6 +20,10 @@ from client.errors import ApiRefused, ApiUnreachable, UsageError
 
 USER_AGENT = "capydb-import/0.1.0"
 TIMEOUT_SECONDS = 30
+# A synchronous preflight connects to the source and rehearses the schema: the API
+# answers within its deadline (CAPY_PREFLIGHT_DEADLINE_SECONDS, 20 s by default), which
+# an operator may raise with gunicorn's timeout.
+PREFLIGHT_TIMEOUT_SECONDS = 180
 # A 429 is waited out this many times, each wait at most MAX_RETRY_AFTER seconds.
 RATE_LIMIT_ATTEMPTS = 5
 MAX_RETRY_AFTER = 120
@@ -45,7 +49,10 @@ def base_url(value: str) -> str:
     """The API's base URL without a trailing `/` or `/v1`; UsageError unless http(s)."""
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise UsageError(f"the API URL must start with http:// or https:// and name a host (got {value!r})")
+        # Not echoed: a mistyped URL may hold a password.
+        raise UsageError(
+            "the API URL must start with http:// or https:// and name a host, like https://imports.example.com"
+        )
     if parts.query or parts.fragment or parts.username or parts.password:
         raise UsageError(
             "the API URL must not hold credentials, a query or a fragment; pass the key with --key"
@@ -115,9 +122,13 @@ class Api:
         return answer["job"], status == 202
 
     def preflight(self, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.call("POST", f"/v1/projects/{project_id}/imports/preflight", json=body, retry=True)[
-            "preflight"
-        ]
+        return self.call(
+            "POST",
+            f"/v1/projects/{project_id}/imports/preflight",
+            json=body,
+            retry=True,
+            timeout=PREFLIGHT_TIMEOUT_SECONDS,
+        )["preflight"]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/jobs/{job_id}", retry=True)["job"]
@@ -144,6 +155,7 @@ class Api:
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
         retry: bool = False,
+        timeout: float = TIMEOUT_SECONDS,
     ) -> tuple[dict[str, Any], int]:
         """The JSON body of a 2xx answer and its status; ApiRefused or ApiUnreachable otherwise."""
         sent = {
@@ -156,11 +168,11 @@ class Api:
         while True:
             try:
                 response = self.session.request(
-                    method, self.url + path, json=json, params=params, headers=sent, timeout=TIMEOUT_SECONDS
+                    method, self.url + path, json=json, params=params, headers=sent, timeout=timeout
                 )
             except requests.RequestException as err:
                 failed += 1
-                problem = f"could not reach the API at {self.url} ({_network_reason(err)})"
+                problem = f"could not reach the API at {self.url} ({_network_reason(err, timeout)})"
                 transient = isinstance(err, requests.ConnectionError | requests.Timeout)
                 if not (retry and transient) or failed >= NETWORK_ATTEMPTS:
                     raise ApiUnreachable(problem) from None
@@ -195,10 +207,10 @@ class Api:
         self.sleep(seconds)
 
 
-def _network_reason(err: Exception) -> str:
+def _network_reason(err: Exception, timeout: float) -> str:
     """A short reason without the exception's repr (which can be long and nested)."""
     if isinstance(err, requests.Timeout):
-        return f"no answer within {TIMEOUT_SECONDS} s"
+        return f"no answer within {timeout:g} s"
     text = str(err)
     for hint in ("Connection refused", "Name or service not known", "No route to host", "Connection reset"):
         if hint in text:

@@ -416,3 +416,34 @@ def test_preflight_prints_the_checks_and_exits_by_ok(ok_, code):
     else:
         assert any("extensions_available_on_target" in line and "fail" in line for line in lines)
         assert "Preflight failed: fix the failing checks before importing." in outputs.out
+
+
+def test_a_timeout_says_how_long_the_client_waited():
+    session = FakeSession(*[("GET", JOB, requests.ReadTimeout("read timed out"))] * 4)
+    code, outputs = run_cli(["status", "job_1", "--api", API, "--key", KEY], session)
+    assert code == Exit.UNREACHABLE
+    assert f"capydb-import: error: could not reach the API at {API} (no answer within 30 s)" in outputs.err
+    assert session.calls[0].kwargs["timeout"] == 30
+
+
+@pytest.mark.parametrize(
+    ("given", "base"),
+    [
+        ("http://api.capydb.invalid", "http://api.capydb.invalid"),
+        ("https://api.capydb.invalid/v1/", "https://api.capydb.invalid"),
+        ("https://capydb.invalid/imports/", "https://capydb.invalid/imports"),
+    ],
+)
+def test_the_api_url_may_end_with_a_slash_or_v1(given, base):
+    from client.api import base_url
+
+    assert base_url(given) == base
+
+
+def test_an_api_url_with_credentials_is_refused_without_echoing_them():
+    code, outputs = run_cli(
+        ["status", "job_1", "--api", "https://u:hunter2@api.capydb.invalid", "--key", KEY], FakeSession()
+    )
+    assert code == Exit.USAGE
+    assert "must not hold credentials" in outputs.err
+    assert_no_secrets(outputs)
