@@ -129,6 +129,12 @@ def job_summary(job: dict[str, Any]) -> Text:
     return text
 
 
+def _add_row(table: Table, *cells: str | Text) -> None:
+    """Add a row whose strings are plain text: names and messages from the API may hold
+    brackets, which rich would otherwise read as markup."""
+    table.add_row(*(Text(cell) if isinstance(cell, str) else cell for cell in cells))
+
+
 def _rows(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else ("—" if value is None else str(value))
 
@@ -155,11 +161,11 @@ def report_tables(report: dict[str, Any]) -> RenderableType:
     # Sorted here: the API's JSON objects come back in no particular key order.
     for name, counts in sorted((report.get("tables") or {}).items()):
         source, target = counts.get("source_rows"), counts.get("target_rows")
-        tables.add_row(name, _rows(source), _rows(target), _mark(source, target))
+        _add_row(tables, name, _rows(source), _rows(target), _mark(source, target))
     for name in report.get("uncounted_tables") or []:
-        tables.add_row(name, "—", "—", Text("not counted", style="yellow"))
+        _add_row(tables, name, "—", "—", Text("not counted", style="yellow"))
     tables.add_section()
-    tables.add_row(f"{report.get('table_count', 0)} tables", _rows(report.get("row_count")), "", "")
+    _add_row(tables, f"{report.get('table_count', 0)} tables", _rows(report.get("row_count")), "", "")
     parts.append(tables)
     for title, key in (("Objects", "objects"), ("Sequences", "sequences"), ("Extensions", "extensions")):
         pairs = report.get(key) or {}
@@ -177,7 +183,8 @@ def report_tables(report: dict[str, Any]) -> RenderableType:
         # compares them only for a live source (README, "The report"), and so does this.
         compared = key != "objects" or report.get("objects_source") == "source snapshot"
         for name, pair in sorted(pairs.items()):
-            table.add_row(
+            _add_row(
+                table,
                 name,
                 _rows(pair.get("source")),
                 _rows(pair.get("target")),
@@ -190,7 +197,7 @@ def report_tables(report: dict[str, Any]) -> RenderableType:
         table.add_column("object")
         table.add_column("reason")
         for item in skipped:
-            table.add_row(str(item.get("object", "?")), str(item.get("reason", "")))
+            _add_row(table, str(item.get("object", "?")), str(item.get("reason", "")))
         parts.append(table)
     for warning in report.get("warnings") or []:
         parts.append(Text(f"warning: {warning}", style="yellow"))
@@ -205,7 +212,8 @@ def preflight_table(preflight: dict[str, Any]) -> RenderableType:
     table.add_column("detail", overflow="fold")
     for check in preflight.get("checks") or []:
         status = str(check.get("status", "?"))
-        table.add_row(
+        _add_row(
+            table,
             str(check.get("name", "?")),
             Text(status, style=STATUS_STYLE.get(status, "")),
             str(check.get("detail", "")),
@@ -245,7 +253,8 @@ def jobs_table(jobs: list[dict[str, Any]]) -> Table:
             if state == "failed"
             else ("" if state in ("completed", "cancelled") else progress_line(job))
         )
-        table.add_row(
+        _add_row(
+            table,
             str(job.get("id")),
             Text(state, style=STATE_STYLE.get(state, "")),
             str(job.get("stage") or ""),

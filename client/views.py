@@ -59,7 +59,7 @@ class LineView:
         key = (job.get("state"), job.get("stage"), progress.get("step"), progress.get("phase"))
         now = self.clock()
         if key != self._last or now - self._at >= LINE_EVERY_SECONDS:
-            self.console.print(progress_line(job), highlight=False, soft_wrap=True)
+            self.console.print(progress_line(job), markup=False, highlight=False, soft_wrap=True)
             self._last, self._at = key, now
 
     def close(self) -> None:
@@ -138,7 +138,9 @@ class UploadBar:
             self.bar.start()
             self.task = self.bar.add_task(self.name, total=self.size)
         else:
-            self.console.print(f"uploading {self.name} ({human_bytes(self.size)})", highlight=False)
+            self.console.print(
+                f"uploading {self.name} ({human_bytes(self.size)})", markup=False, highlight=False
+            )
         return self
 
     def advance(self, sent: int) -> None:
@@ -150,5 +152,7 @@ class UploadBar:
             self.bar.stop()
         if kind is None and not self.quiet:
             self.console.print(
-                f"uploaded {self.name} in {duration(self.clock() - self.started)}", highlight=False
+                f"uploaded {self.name} in {duration(self.clock() - self.started)}",
+                markup=False,
+                highlight=False,
             )

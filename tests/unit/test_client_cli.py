@@ -447,3 +447,39 @@ def test_an_api_url_with_credentials_is_refused_without_echoing_them():
     assert code == Exit.USAGE
     assert "must not hold credentials" in outputs.err
     assert_no_secrets(outputs)
+
+
+def test_the_client_loads_nothing_of_the_server():
+    """The client talks to the API only: importing it loads no app, pipeline or stages module."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, client.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'pipeline', 'stages', 'peewee', 'psycopg2')))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_without_a_terminal_progress_prints_on_change_and_every_15_s():
+    import io
+
+    from rich.console import Console
+
+    from client.views import LineView
+
+    now = [0.0]
+    file = io.StringIO()
+    view = LineView(Console(file=file, width=200), clock=lambda: now[0])
+    copying = {"phase": "copying rows", "step": "data", "rows_done": 10}
+    for at, rows in ((0, 10), (5, 20), (14.9, 30), (15, 40), (16, 50)):
+        now[0] = at
+        view.update(job("running", stage="restore", progress={**copying, "rows_done": rows}))
+    now[0] = 17
+    view.update(job("running", stage="restore", progress={"phase": "building indexes", "step": "indexes"}))
+    assert file.getvalue().splitlines() == [
+        "restore: copying rows [data] · 10 rows",
+        "restore: copying rows [data] · 40 rows",
+        "restore: building indexes",
+    ]
