@@ -371,3 +371,17 @@ def test_the_first_attempts_are_sent_once_the_change_committed(control_db, world
         assert len(deliveries_of(other.id)) == 1
     finally:
         events.install(None)
+
+
+def test_sweep_sends_deliveries_whose_message_was_lost(control_db, world, capsys):
+    endpoint(control_db, world, "http://127.0.0.1:9/unused")
+    job = unwoken_job(control_db, world)
+    end(job.id, "failed")
+    [delivery] = deliveries_of(job.id)
+    past = delivery.created_at - RELAY_AFTER * 2
+    WebhookDelivery.update(next_attempt_at=past, updated_at=past).where(WebhookDelivery.id == delivery.id).execute()
+    code, done = run(control_db, capsys, "sweep")
+    assert code == 0, done
+    assert {"delivery": delivery.id, "attempt": 1} in done["webhook_deliveries_sent"]
+    assert main(["sweep"], control_db) == 0
+    assert f"sent webhook delivery {delivery.id}" not in capsys.readouterr().out  # touched: not again at once
