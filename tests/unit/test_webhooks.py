@@ -230,3 +230,25 @@ def test_attempts_go_to_the_webhooks_queue_and_long_waits_travel_in_hops():
     assert delayed["args"] == ["whd_1", 2]
     assert delayed["options"]["eta"] - delayed["message_timestamp"] <= MAX_HOP_SECONDS * 1000 + 1000
     broker.close()
+
+
+# -- the README's receiver snippet ------------------------------------------------------
+
+
+def test_the_readme_verification_snippet_accepts_our_signature_and_nothing_else():
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2].joinpath("README.md").read_text()
+    section = readme.split("\n## Webhooks\n", 1)[1].split("\n## ", 1)[0]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - our own documentation
+    verify = namespace["verify"]
+    import time
+
+    now = int(time.time())
+    header = signing.signature_header(SECRET, now, BODY)
+    assert verify(SECRET, header, BODY)
+    assert not verify(SECRET, header, BODY + b" ")
+    assert not verify("whsec_other", header, BODY)
+    assert not verify(SECRET, signing.signature_header(SECRET, now - 3600, BODY), BODY)
