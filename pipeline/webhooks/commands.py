@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pipeline import accounts
 from pipeline.config import Settings
@@ -22,7 +22,7 @@ from pipeline.webhooks.endpoints import (
 )
 
 
-class _Out:
+class _Out(Protocol):
     """What pipeline.cli.Output offers: `emit(obj, text)`."""
 
     def emit(self, obj: dict[str, Any], text: str) -> None: ...
