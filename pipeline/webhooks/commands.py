@@ -56,7 +56,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
         + (f"  {e['description']}" if e["description"] else "")
         for e in rows
     ]
-    out.emit({"endpoints": rows}, "\n".join(lines) if lines else f"organization {org.id} has no webhook endpoints")
+    out.emit(
+        {"endpoints": rows}, "\n".join(lines) if lines else f"organization {org.id} has no webhook endpoints"
+    )
 
 
 def cmd_remove(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
@@ -69,7 +71,9 @@ def cmd_remove(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
     out.emit({**endpoint_json(endpoint), "removed": removed}, text)
 
 
-def delivery_json(delivery: WebhookDelivery, event: WebhookEvent, attempts: list[WebhookAttempt]) -> dict[str, Any]:
+def delivery_json(
+    delivery: WebhookDelivery, event: WebhookEvent, attempts: list[WebhookAttempt]
+) -> dict[str, Any]:
     return {
         "id": delivery.id,
         "endpoint_id": delivery.endpoint_id,

@@ -103,7 +103,9 @@ class Deliverer:
         if delivery.state != PENDING or delivery.attempts != attempt - 1:
             return Outcome("skipped", f"the delivery is {delivery.state} after {delivery.attempts} attempts")
         if attempt > self.max_attempts:  # the last attempt's worker died before recording it
-            self._give_up(delivery_id, attempt - 1, f"the last of {self.max_attempts} attempts was interrupted")
+            self._give_up(
+                delivery_id, attempt - 1, f"the last of {self.max_attempts} attempts was interrupted"
+            )
             return Outcome("failed", "no attempts left")
         endpoint = WebhookEndpoint.get_by_id(delivery.endpoint_id)
         if endpoint.removed_at is not None:
@@ -141,7 +143,8 @@ class Deliverer:
                 endpoint.url, dev_mode=self.dev_mode, allow_private=self.allow_private, resolver=self.resolver
             )
             secret = self.sealer.open(endpoint.secret_encrypted)
-        except CapyError as err:  # a refused address (EndpointAddressNotAllowed), a sealed secret no key opens
+        # A refused or unresolvable address (EndpointAddressNotAllowed), a secret no key opens.
+        except CapyError as err:
             return transport.Answer(None, err.message, int((time.monotonic() - started) * 1000))
         body = event.payload.encode()
         stamp = int(now.timestamp())
@@ -183,20 +186,35 @@ class Deliverer:
             ).execute()
         detail = f"HTTP {answer.status_code}" if answer.error is None else answer.error
         if action == "retry":
-            log.info("webhook delivery %s: attempt %d failed (%s); attempt %d follows", delivery_id, attempt, detail, attempt + 1)
+            log.info(
+                "webhook delivery %s: attempt %d failed (%s); attempt %d follows",
+                delivery_id,
+                attempt,
+                detail,
+                attempt + 1,
+            )
             try:
                 self.send(delivery_id, attempt + 1, min(self.backoff(attempt), self.max_hop_seconds))
             except CapyError as err:  # the broker is away: the relay sends it when it is due
-                log.warning("webhook delivery %s: could not queue attempt %d (%s)", delivery_id, attempt + 1, err.message)
+                log.warning(
+                    "webhook delivery %s: could not queue attempt %d (%s)",
+                    delivery_id,
+                    attempt + 1,
+                    err.message,
+                )
         elif action == "failed":
-            log.warning("webhook delivery %s: gave up after %d attempts; last: %s", delivery_id, attempt, detail)
+            log.warning(
+                "webhook delivery %s: gave up after %d attempts; last: %s", delivery_id, attempt, detail
+            )
         else:
             log.info("webhook delivery %s: delivered at attempt %d (%s)", delivery_id, attempt, detail)
         return Outcome(action, detail, attempt)
 
     def _give_up(self, delivery_id: str, attempts: int, why: str) -> None:
         now = self.clock()
-        WebhookDelivery.update(state=FAILED, last_error=why, completed_at=now, updated_at=now, locked_until=None).where(
+        WebhookDelivery.update(
+            state=FAILED, last_error=why, completed_at=now, updated_at=now, locked_until=None
+        ).where(
             (WebhookDelivery.id == delivery_id)
             & (WebhookDelivery.state == PENDING)
             & (WebhookDelivery.attempts == attempts)

@@ -65,7 +65,11 @@ def parse_url(url: str, *, dev_mode: bool) -> tuple[str, str, int, str]:
     if parts.scheme not in allowed:
         raise InvalidRequest(
             "the webhook URL must start with https://"
-            + (" (or http:// in development mode)" if dev_mode else " (plain http is allowed only in development mode)")
+            + (
+                " (or http:// in development mode)"
+                if dev_mode
+                else " (plain http is allowed only in development mode)"
+            )
         )
     if parts.username is not None or parts.password is not None:
         raise InvalidRequest(
@@ -80,9 +84,7 @@ def parse_url(url: str, *, dev_mode: bool) -> tuple[str, str, int, str]:
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
 
 
-def check_address(
-    url: str, *, dev_mode: bool, allow_private: bool, resolver: Resolver = resolve
-) -> Target:
+def check_address(url: str, *, dev_mode: bool, allow_private: bool, resolver: Resolver = resolve) -> Target:
     """Resolve the endpoint's host once and check every address it resolves to, as the
     source gate does; the Target connects to the first. InvalidRequest for a malformed
     URL, EndpointAddressNotAllowed (a PermanentError) for a refused or unresolvable host."""

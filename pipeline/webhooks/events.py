@@ -101,9 +101,14 @@ def notify(deliveries: list[str]) -> None:
     if not deliveries or _notifier is None:
         return
     if database.in_transaction():
-        log.info("webhook deliveries %s wait for the relay (recorded inside a larger transaction)", ", ".join(deliveries))
+        log.info(
+            "webhook deliveries %s wait for the relay (recorded inside a larger transaction)",
+            ", ".join(deliveries),
+        )
         return
     try:
         _notifier(deliveries)
     except Exception as err:  # the broker is away: the relay sends them later
-        log.warning("could not queue webhook deliveries %s (%s); the relay sends them", ", ".join(deliveries), err)
+        log.warning(
+            "could not queue webhook deliveries %s (%s); the relay sends them", ", ".join(deliveries), err
+        )

@@ -40,7 +40,9 @@ class WebhookQueue:
     """Declares the delivery actor on `broker` and sends attempts to it. The worker sets
     `deliverer`; other processes (the CLI's sweep) only send."""
 
-    def __init__(self, broker: dramatiq.Broker, settings: Settings, deliverer: Deliverer | None = None) -> None:
+    def __init__(
+        self, broker: dramatiq.Broker, settings: Settings, deliverer: Deliverer | None = None
+    ) -> None:
         self.deliverer = deliverer
         self.actor = dramatiq.actor(
             self._run,
@@ -66,7 +68,9 @@ class WebhookQueue:
         except CONNECTION_ERRORS as err:
             database.close()  # the next statement reconnects
             log.warning("webhook delivery %s: the control database is unavailable: %s", delivery_id, err)
-            raise ControlDatabaseUnavailable("the control database was unavailable for a webhook delivery") from None
+            raise ControlDatabaseUnavailable(
+                "the control database was unavailable for a webhook delivery"
+            ) from None
 
     def send(self, delivery_id: str, attempt: int, delay_seconds: float = 0) -> None:
         """Queue attempt `attempt` of the delivery, to run no sooner than `delay_seconds`

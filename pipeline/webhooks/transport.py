@@ -51,7 +51,9 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
-    def __init__(self, target: Target, connect_timeout: float, read_timeout: float, context: ssl.SSLContext) -> None:
+    def __init__(
+        self, target: Target, connect_timeout: float, read_timeout: float, context: ssl.SSLContext
+    ) -> None:
         super().__init__(target.host, target.port, timeout=connect_timeout, context=context)
         self._address = target.address
         self._read_timeout = read_timeout
@@ -133,4 +135,8 @@ def _describe(err: BaseException, target: Target, connect_timeout: float, read_t
         return f"{where} did not answer in time (connect {connect_timeout:g} s, read {read_timeout:g} s)"
     if isinstance(err, http.client.HTTPException):
         return f"{where} sent an answer that is not valid HTTP ({type(err).__name__})"
-    return f"could not reach {where} ({type(err).__name__}: {err.strerror or err})" if isinstance(err, OSError) else str(err)
+    return (
+        f"could not reach {where} ({type(err).__name__}: {err.strerror or err})"
+        if isinstance(err, OSError)
+        else str(err)
+    )

@@ -50,7 +50,11 @@ def test_a_completed_import_is_announced_signed_and_a_500_is_retried(service, te
     assert sorted({e["type"] for _, e in envelopes}) == ["import.completed", "job.completed"]
     for _, envelope in envelopes:
         data = envelope["data"]
-        assert (data["id"], data["state"], data["project_id"]) == (job_id, "completed", tenant["project"]["id"])
+        assert (data["id"], data["state"], data["project_id"]) == (
+            job_id,
+            "completed",
+            tenant["project"]["id"],
+        )
         assert data["report"] == job["report"] and data["completed_at"] == job["completed_at"]
     # The retried delivery sent the same event again, under the same delivery id.
     first = got[0]
@@ -76,7 +80,9 @@ def test_a_failed_import_is_announced_as_job_failed(service, tenant):
     [(delivery_id, envelope)] = verified(added["secret"], got)
     assert envelope["type"] == "job.failed"
     assert (envelope["data"]["id"], envelope["data"]["state"], envelope["data"]["error"]) == (
-        job_id, "failed", job["error"],
+        job_id,
+        "failed",
+        job["error"],
     )
     [delivery] = cli(service.env, "webhooks", "deliveries", "--endpoint", added["id"])["deliveries"]
     assert (delivery["id"], delivery["state"], len(delivery["attempts"])) == (delivery_id, "delivered", 1)

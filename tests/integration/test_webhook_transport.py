@@ -42,7 +42,9 @@ def self_signed(tmp_path) -> tuple[str, str, bytes]:
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(pem)
     key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
     )
     return str(cert_file), str(key_file), pem
 
@@ -96,7 +98,9 @@ def test_an_endpoint_that_never_answers_is_cut_at_the_deadline():
     thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
     thread.start()
     try:
-        answer = post(Target("http", "127.0.0.1", port, "/", "127.0.0.1"), b"{}", {}, read_timeout=30, deadline=0.5)
+        answer = post(
+            Target("http", "127.0.0.1", port, "/", "127.0.0.1"), b"{}", {}, read_timeout=30, deadline=0.5
+        )
         assert answer.status_code is None and answer.error == "no complete answer within 0.5 s"
     finally:
         thread.join()
@@ -109,4 +113,6 @@ def test_a_closed_port_is_a_refused_connection():
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]
     answer = post(Target("http", "127.0.0.1", port, "/", "127.0.0.1"), b"{}", {})
-    assert answer.status_code is None and answer.error == f"127.0.0.1 (127.0.0.1:{port}) refused the connection"
+    assert (
+        answer.status_code is None and answer.error == f"127.0.0.1 (127.0.0.1:{port}) refused the connection"
+    )

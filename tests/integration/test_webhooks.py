@@ -61,7 +61,11 @@ def deliverer(settings, queue: Queue, **options) -> Deliverer:
 
 def endpoint(settings, world, url):
     return add_endpoint(
-        world.org, url, Sealer(settings.secret_key), dev_mode=True, allow_private=settings.allow_private_sources
+        world.org,
+        url,
+        Sealer(settings.secret_key),
+        dev_mode=True,
+        allow_private=settings.allow_private_sources,
     )
 
 
@@ -81,7 +85,10 @@ def end(job_id: str, state: str) -> Job | None:
 
 def deliveries_of(job_id: str) -> list[WebhookDelivery]:
     return list(
-        WebhookDelivery.select().join(WebhookEvent).where(WebhookEvent.job == job_id).order_by(WebhookEvent.type)
+        WebhookDelivery.select()
+        .join(WebhookEvent)
+        .where(WebhookEvent.job == job_id)
+        .order_by(WebhookEvent.type)
     )
 
 
@@ -105,7 +112,9 @@ def test_a_completed_import_is_delivered_signed_to_a_loopback_receiver(control_d
     bodies = {r.headers["X-CapyDB-Event"]: r for r in got}
     assert set(bodies) == {"job.completed", "import.completed"}
     for event_type, request in bodies.items():
-        assert signing.verify(created.secret, request.headers["X-CapyDB-Signature"], request.body, now=time.time())
+        assert signing.verify(
+            created.secret, request.headers["X-CapyDB-Signature"], request.body, now=time.time()
+        )
         stamp = int(request.headers["X-CapyDB-Signature"].split(",")[0].removeprefix("t="))
         assert before - 2 <= stamp <= time.time() + 2
         envelope = json.loads(request.body)
@@ -177,10 +186,14 @@ def test_a_500_is_retried_up_to_eight_attempts_each_recorded(control_db, world):
     assert {r.headers["X-CapyDB-Delivery"] for r in got} == {delivery.id}
     assert {r.body for r in got} == {got[0].body}  # the same event every time...
     for request in got:  # ...signed again at each attempt
-        assert signing.verify(created.secret, request.headers["X-CapyDB-Signature"], request.body, now=time.time())
+        assert signing.verify(
+            created.secret, request.headers["X-CapyDB-Signature"], request.body, now=time.time()
+        )
     delivery = WebhookDelivery.get_by_id(delivery.id)
     assert (delivery.state, delivery.attempts, delivery.last_status_code) == ("failed", MAX_ATTEMPTS, 500)
-    attempts = list(WebhookAttempt.select().where(WebhookAttempt.delivery == delivery.id).order_by(WebhookAttempt.attempt))
+    attempts = list(
+        WebhookAttempt.select().where(WebhookAttempt.delivery == delivery.id).order_by(WebhookAttempt.attempt)
+    )
     assert [(a.attempt, a.status_code, a.error) for a in attempts] == [
         (n, 500, "the endpoint answered 500") for n in range(1, MAX_ATTEMPTS + 1)
     ]
@@ -207,7 +220,12 @@ def test_the_backoff_schedules_each_next_attempt(control_db, world):
         worker.clock = lambda: WebhookDelivery.get_by_id(delivery.id).next_attempt_at
         assert worker.deliver(delivery.id, 3).action == "delivered"
         hook.wait_for(3)
-    assert [a.status_code for a in WebhookAttempt.select().where(WebhookAttempt.delivery == delivery.id).order_by(WebhookAttempt.attempt)] == [500, 503, 204]
+    assert [
+        a.status_code
+        for a in WebhookAttempt.select()
+        .where(WebhookAttempt.delivery == delivery.id)
+        .order_by(WebhookAttempt.attempt)
+    ] == [500, 503, 204]
 
 
 def test_a_duplicate_or_stale_message_does_nothing(control_db, world):
@@ -228,7 +246,13 @@ def test_a_duplicate_or_stale_message_does_nothing(control_db, world):
 def test_a_refused_address_is_refused_at_add_and_at_each_delivery(control_db, world):
     strict = dataclasses.replace(control_db, allow_private_sources=False)
     with pytest.raises(InvalidRequest, match="127.0.0.1, a loopback address"):
-        add_endpoint(world.org, "http://127.0.0.1:9/hook", Sealer(strict.secret_key), dev_mode=True, allow_private=False)
+        add_endpoint(
+            world.org,
+            "http://127.0.0.1:9/hook",
+            Sealer(strict.secret_key),
+            dev_mode=True,
+            allow_private=False,
+        )
     # Added while its name resolved to a public address; then DNS changed to a private one.
     created = add_endpoint(
         world.org,
@@ -285,7 +309,9 @@ def test_a_removed_endpoint_gets_nothing_more(control_db, world):
         job = unwoken_job(control_db, world)
         end(job.id, "failed")
         [delivery] = deliveries_of(job.id)
-        WebhookEndpoint.update(removed_at=jobs.utcnow()).where(WebhookEndpoint.id == created.record.id).execute()
+        WebhookEndpoint.update(removed_at=jobs.utcnow()).where(
+            WebhookEndpoint.id == created.record.id
+        ).execute()
         assert deliverer(control_db, Queue()).deliver(delivery.id, 1).action == "failed"
         assert hook.requests == []
     delivery = WebhookDelivery.get_by_id(delivery.id)
@@ -327,7 +353,10 @@ def test_the_cli_adds_lists_removes_and_shows_deliveries(control_db, world, caps
     assert code == 0
     [row] = shown["deliveries"]
     assert (row["id"], row["state"], row["event_type"], row["endpoint_id"]) == (
-        delivery.id, "delivered", "job.failed", added["id"],
+        delivery.id,
+        "delivered",
+        "job.failed",
+        added["id"],
     )
     assert [(a["attempt"], a["status_code"]) for a in row["attempts"]] == [(1, 500), (2, 200)]
     assert main(["webhooks", "deliveries", "--org", world.org.id], control_db) == 0
@@ -343,9 +372,13 @@ def test_the_cli_adds_lists_removes_and_shows_deliveries(control_db, world, caps
 
 def test_the_cli_add_refuses_what_it_must_and_shows_the_secret_once_in_text(control_db, world, capsys):
     strict = dataclasses.replace(control_db, allow_private_sources=False)
-    code, refused = run(strict, capsys, "webhooks", "add", "--org", world.org.id, "--url", "http://127.0.0.1:9/")
+    code, refused = run(
+        strict, capsys, "webhooks", "add", "--org", world.org.id, "--url", "http://127.0.0.1:9/"
+    )
     assert code == 1 and "loopback" in refused["error"]
-    code, missing = run(control_db, capsys, "webhooks", "add", "--org", "org_missing", "--url", "http://127.0.0.1:9/")
+    code, missing = run(
+        control_db, capsys, "webhooks", "add", "--org", "org_missing", "--url", "http://127.0.0.1:9/"
+    )
     assert code == 1 and "org_missing does not exist" in missing["error"]
     assert main(["webhooks", "add", "--org", world.org.id, "--url", "http://127.0.0.1:9/x"], control_db) == 0
     text = capsys.readouterr().out
@@ -379,7 +412,9 @@ def test_sweep_sends_deliveries_whose_message_was_lost(control_db, world, capsys
     end(job.id, "failed")
     [delivery] = deliveries_of(job.id)
     past = delivery.created_at - RELAY_AFTER * 2
-    WebhookDelivery.update(next_attempt_at=past, updated_at=past).where(WebhookDelivery.id == delivery.id).execute()
+    WebhookDelivery.update(next_attempt_at=past, updated_at=past).where(
+        WebhookDelivery.id == delivery.id
+    ).execute()
     code, done = run(control_db, capsys, "sweep")
     assert code == 0, done
     assert {"delivery": delivery.id, "attempt": 1} in done["webhook_deliveries_sent"]

@@ -63,7 +63,9 @@ def test_secrets_are_whsec_and_unique():
 
 
 def test_envelope_has_exactly_id_type_created_at_data():
-    body = signing.envelope("evt_1", "import.completed", "2026-11-29T12:00:00Z", {"id": "job_1", "state": "completed"})
+    body = signing.envelope(
+        "evt_1", "import.completed", "2026-11-29T12:00:00Z", {"id": "job_1", "state": "completed"}
+    )
     parsed = json.loads(body)
     assert parsed == {
         "id": "evt_1",
@@ -117,7 +119,11 @@ def test_a_public_https_endpoint_is_pinned_to_its_checked_address():
         "https://hooks.example.invalid/capy/events?x=1", dev_mode=False, allow_private=False, resolver=public
     )
     assert (target.scheme, target.host, target.port, target.path, target.address) == (
-        "https", "hooks.example.invalid", 443, "/capy/events?x=1", "93.184.215.14",
+        "https",
+        "hooks.example.invalid",
+        443,
+        "/capy/events?x=1",
+        "93.184.215.14",
     )
 
 
@@ -134,7 +140,10 @@ def test_a_public_https_endpoint_is_pinned_to_its_checked_address():
 def test_non_public_addresses_are_refused_outside_development(address, problem):
     with pytest.raises(EndpointAddressNotAllowed, match=problem) as info:
         check_address(
-            "https://hooks.example.invalid/", dev_mode=False, allow_private=False, resolver=lambda h, p: [address]
+            "https://hooks.example.invalid/",
+            dev_mode=False,
+            allow_private=False,
+            resolver=lambda h, p: [address],
         )
     assert "CAPY_ALLOW_PRIVATE_SOURCES" in info.value.message
 
@@ -151,7 +160,10 @@ def test_one_private_address_among_public_ones_is_refused():
 
 def test_development_mode_allows_a_loopback_http_receiver():
     target = check_address(
-        "http://localhost.invalid:8765/hook", dev_mode=True, allow_private=True, resolver=lambda h, p: ["127.0.0.1"]
+        "http://localhost.invalid:8765/hook",
+        dev_mode=True,
+        allow_private=True,
+        resolver=lambda h, p: ["127.0.0.1"],
     )
     assert (target.scheme, target.port, target.address) == ("http", 8765, "127.0.0.1")
 
