@@ -11,6 +11,7 @@ answer cannot hold a worker thread longer than that.
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import ssl
 import threading
@@ -24,6 +25,7 @@ READ_TIMEOUT_SECONDS = 10.0
 # The whole attempt, connecting included: past it the socket is closed.
 DEADLINE_SECONDS = 20.0
 MAX_RESPONSE_BYTES = 64 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
     def connect(self) -> None:
         raw = socket.create_connection((self._address, self.port), self.timeout)
         raw.settimeout(self._read_timeout)
+        # Held before the handshake, so the watchdog can cut a handshake that trickles
+        # and close() releases the socket if the handshake fails.
+        self.sock = raw
         self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
 
 
@@ -119,7 +124,9 @@ def _ms(started: float) -> int:
 
 def _status_error(status: int, location: str | None) -> str:
     if 300 <= status < 400:
-        return f"the endpoint answered {status} (a redirect{' to ' + location[:200] if location else ''}); redirects are not followed: register the final URL"
+        # The endpoint's text, shown in a terminal by `webhooks deliveries`: no control characters.
+        location = _CONTROL.sub("?", location[:200]) if location else None
+        return f"the endpoint answered {status} (a redirect{' to ' + location if location else ''}); redirects are not followed: register the final URL"
     return f"the endpoint answered {status}"
 
 

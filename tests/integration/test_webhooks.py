@@ -283,7 +283,7 @@ def test_a_refused_address_is_refused_at_add_and_at_each_delivery(control_db, wo
 
 
 def test_a_redirect_is_not_followed(control_db, world):
-    with receiver(default=302, location="http://127.0.0.1:9/elsewhere") as hook:
+    with receiver(default=302, location="http://127.0.0.1:9/elsewhere\x1b[2J") as hook:
         endpoint(control_db, world, hook.url)
         job = unwoken_job(control_db, world)
         end(job.id, "failed")
@@ -292,6 +292,7 @@ def test_a_redirect_is_not_followed(control_db, world):
         assert len(hook.wait_for(1)) == 1
     [attempt] = WebhookAttempt.select().where(WebhookAttempt.delivery == delivery.id)
     assert attempt.status_code == 302 and "redirects are not followed" in attempt.error
+    assert "to http://127.0.0.1:9/elsewhere?[2J" in attempt.error  # no terminal escapes for the CLI
 
 
 def test_a_large_answer_is_not_read_past_the_cap(control_db, world):
