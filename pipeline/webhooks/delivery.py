@@ -7,7 +7,7 @@ no two attempts of one delivery run at once. Every attempt is recorded (status c
 error, duration, time) with the delivery's new state in one transaction; then, unless
 it was delivered or that was the last attempt, the next one is scheduled after
 `backoff(n)` seconds. A message that comes before its attempt is due (a long backoff
-travels as several shorter hops, see queue.MAX_HOP_SECONDS) sends itself on again.
+travels as several hops of at most MAX_HOP_SECONDS) sends itself on again.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ MAX_ATTEMPTS = 8
 # Seconds to wait after failed attempt n (1-based) before attempt n + 1
 # (CAPY_WEBHOOK_RETRY_SECONDS): about 3 h 43 min from the first attempt to the eighth.
 DEFAULT_BACKOFF_SECONDS = WEBHOOK_RETRY_SECONDS
+# The longest a message waits in the broker before it is due: RabbitMQ takes back a
+# message a worker holds unacknowledged past its consumer_timeout (30 min by default),
+# and a delayed message is held so until it is due (see queue.py).
+MAX_HOP_SECONDS = 600
 # How long an attempt holds its delivery: above the transport's whole deadline.
 LOCK = dt.timedelta(seconds=2 * transport.DEADLINE_SECONDS)
 
@@ -58,7 +62,8 @@ def backoff_schedule(seconds: Sequence[float] = DEFAULT_BACKOFF_SECONDS) -> Back
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a message did: `ran` an attempt (numbered `attempt`), or nothing and why."""
+    """What a message did: made attempt `attempt` (delivered, retry, failed), sent itself
+    on (rescheduled), or nothing (skipped), and why."""
 
     action: str  # "delivered", "retry", "failed", "rescheduled", "skipped"
     detail: str = ""
@@ -78,7 +83,7 @@ class Deliverer:
         allow_private: bool,
         backoff: Backoff | None = None,
         max_attempts: int = MAX_ATTEMPTS,
-        max_hop_seconds: float = 600,
+        max_hop_seconds: float = MAX_HOP_SECONDS,
         post: Post = transport.post,
         resolver: Resolver = resolve,
         clock: Callable[[], dt.datetime] = utcnow,

@@ -23,12 +23,11 @@ import pika.exceptions
 from pipeline.config import Settings
 from pipeline.db import CONNECTION_ERRORS, ControlDatabaseUnavailable, database
 from pipeline.models import WebhookDelivery, utcnow
-from pipeline.webhooks.delivery import PENDING, Deliverer
+from pipeline.webhooks.delivery import MAX_HOP_SECONDS, PENDING, Deliverer
 from stages.errors import TransientError
 
 log = logging.getLogger(__name__)
 
-MAX_HOP_SECONDS = 600
 # A due delivery this long without an attempt lost its message (or never had one: it
 # was recorded by a process that sends none, such as the web's cancel).
 RELAY_AFTER = dt.timedelta(seconds=30)
