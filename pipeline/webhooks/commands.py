@@ -1,18 +1,23 @@
-"""`capy-imports webhooks add|list|remove|deliveries`: an organization's endpoints and
-what was sent to them. `register(sub, add)` hangs the group on the CLI's parser."""
+"""`capy-imports webhooks add|list|remove|deliveries|redeliver`: an organization's
+endpoints, what was sent to them, and sending an event again. `register(sub, add)` hangs
+the group on the CLI's parser."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from pipeline import accounts
 from pipeline.config import Settings
-from pipeline.errors import InvalidRequest
-from pipeline.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent
+from pipeline.errors import Conflict, InvalidRequest, NotFound
+from pipeline.ids import new_id
+from pipeline.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent, utcnow
+from pipeline.queue import make_broker
 from pipeline.sealing import Sealer
 from pipeline.serialize import timestamp
+from pipeline.webhooks.delivery import PENDING
 from pipeline.webhooks.endpoints import (
     add_endpoint,
     endpoint_json,
@@ -20,6 +25,8 @@ from pipeline.webhooks.endpoints import (
     list_endpoints,
     remove_endpoint,
 )
+from pipeline.webhooks.queue import WebhookQueue
+from stages.errors import TransientError
 
 
 class _Out(Protocol):
@@ -152,6 +159,47 @@ def cmd_deliveries(args: argparse.Namespace, settings: Settings, out: _Out) -> N
     out.emit({"deliveries": rows}, "\n".join(lines) if lines else "no webhook deliveries")
 
 
+def redeliver(delivery_id: str, *, now: dt.datetime | None = None) -> WebhookDelivery:
+    """A new delivery of the same event to the same endpoint, with its own attempts.
+    NotFound for an unknown delivery; Conflict while it is still pending or when its
+    endpoint was removed."""
+    old = WebhookDelivery.get_or_none(WebhookDelivery.id == delivery_id)
+    if old is None:
+        raise NotFound(f"webhook delivery {delivery_id} does not exist")
+    if old.state == PENDING:
+        raise Conflict(
+            f"webhook delivery {delivery_id} is still pending (attempt {old.attempts + 1} is next); wait for it"
+        )
+    if get_endpoint(old.endpoint_id).removed_at is not None:
+        raise Conflict(f"the endpoint of webhook delivery {delivery_id} ({old.endpoint_id}) was removed")
+    now = now or utcnow()
+    return WebhookDelivery.create(
+        id=new_id("whd"),
+        event=old.event_id,
+        endpoint=old.endpoint_id,
+        next_attempt_at=now,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def cmd_redeliver(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
+    delivery = redeliver(args.delivery)
+    broker = make_broker(settings)
+    try:
+        WebhookQueue(broker, settings).send(delivery.id, 1)
+        how = "its first attempt is queued"
+    except TransientError:
+        how = "the broker is unavailable: `capy-imports sweep` (the clock) sends it once it is back"
+    finally:
+        broker.close()
+    row = delivery_json(delivery, WebhookEvent.get_by_id(delivery.event_id), [])
+    out.emit(
+        {**row, "redelivery_of": args.delivery},
+        f"new delivery {delivery.id} of event {row['event_id']} ({row['event_type']}) to {delivery.endpoint_id}; {how}",
+    )
+
+
 def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the `webhooks` group to the CLI (`add(parent, name, func, help)` as cli.py's)."""
     group = sub.add_parser("webhooks", help="webhook endpoints and deliveries").add_subparsers(
@@ -171,3 +219,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--endpoint")
     p.add_argument("--job")
     p.add_argument("--limit", type=int, default=50)
+    p = add(
+        group, "redeliver", cmd_redeliver, "send a delivered or failed delivery's event to its endpoint again"
+    )
+    p.add_argument("delivery", metavar="DELIVERY_ID")

@@ -421,3 +421,27 @@ def test_sweep_sends_deliveries_whose_message_was_lost(control_db, world, capsys
     assert {"delivery": delivery.id, "attempt": 1} in done["webhook_deliveries_sent"]
     assert main(["sweep"], control_db) == 0
     assert f"sent webhook delivery {delivery.id}" not in capsys.readouterr().out  # touched: not again at once
+
+
+def test_redeliver_sends_the_same_event_again_as_a_new_delivery(control_db, world, capsys):
+    with receiver(default=500) as hook:
+        endpoint(control_db, world, hook.url)
+        job = unwoken_job(control_db, world)
+        end(job.id, "failed")
+        [delivery] = deliveries_of(job.id)
+        code, pending = run(control_db, capsys, "webhooks", "redeliver", delivery.id)
+        assert code == 1 and "still pending" in pending["error"]
+        queue = Queue()
+        queue.send(delivery.id, 1)
+        queue.drain(deliverer(control_db, queue, max_attempts=2))
+        assert WebhookDelivery.get_by_id(delivery.id).state == "failed"
+        hook.default = 200
+        code, again = run(control_db, capsys, "webhooks", "redeliver", delivery.id)
+        assert code == 0, again
+        assert again["redelivery_of"] == delivery.id and again["id"] != delivery.id
+        assert (again["state"], again["event_id"], again["attempts"]) == ("pending", delivery.event_id, [])
+        assert deliverer(control_db, Queue()).deliver(again["id"], 1).action == "delivered"
+        got = hook.wait_for(3)
+    assert got[-1].body == got[0].body and got[-1].headers["X-CapyDB-Delivery"] == again["id"]
+    code, unknown = run(control_db, capsys, "webhooks", "redeliver", "whd_unknown")
+    assert code == 1 and "does not exist" in unknown["error"]
