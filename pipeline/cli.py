@@ -426,7 +426,10 @@ def _sweep_once(settings: Settings) -> dict[str, Any]:
     queue = StageQueue(make_broker(settings), settings)
     try:
         done = sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
-        done["webhook_deliveries_sent"] = relay(WebhookQueue(queue.broker, settings).send)
+        try:
+            done["webhook_deliveries_sent"] = relay(WebhookQueue(queue.broker, settings).send)
+        except CapyError as err:  # the broker went away: the next round sends them
+            done["errors"].append(f"webhook deliveries: {err.message}")
         return done
     finally:
         queue.broker.close()

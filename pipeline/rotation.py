@@ -1,8 +1,8 @@
 """`capy-imports secrets rotate`: re-seal every stored secret with the current key.
 
 After putting a new key first in CAPY_SECRET_KEY (the old one after it), this rewrites
-clusters' admin URLs, projects' role passwords, jobs' source URLs and webhook secrets so the old key can
-then be dropped. Each row is a guarded update (`… WHERE column = <old token>`), so a
+clusters' admin URLs, projects' role passwords, jobs' source URLs and webhook endpoints'
+secrets so the old key can then be dropped. Each row is a guarded update (`… WHERE column = <old token>`), so a
 value changed meanwhile is left alone; running it twice does nothing the second time.
 """
 
