@@ -34,6 +34,8 @@ from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
 from pipeline.storage import object_store
 from pipeline.sweep import sweep
+from pipeline.webhooks import commands as webhook_commands
+from pipeline.webhooks.queue import WebhookQueue, relay
 from stages.connections.pgurl import redact
 from stages.errors import CapyError, ObjectMissing
 from stages.storage import ObjectStore
@@ -423,7 +425,12 @@ def _sweep_once(settings: Settings) -> dict[str, Any]:
     """One sweep, re-waking stuck jobs through the broker."""
     queue = StageQueue(make_broker(settings), settings)
     try:
-        return sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
+        done = sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
+        try:
+            done["webhook_deliveries_sent"] = relay(WebhookQueue(queue.broker, settings).send)
+        except CapyError as err:  # the broker went away: the next round sends them
+            done["errors"].append(f"webhook deliveries: {err.message}")
+        return done
     finally:
         queue.broker.close()
 
@@ -439,6 +446,7 @@ def _sweep_text(done: dict[str, Any]) -> str:
         + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
         + [f"dropped schema rehearsal {name}" for name in done.get("rehearsals_dropped", [])]
         + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
+        + [f"sent webhook delivery {w['delivery']} (attempt {w['attempt']})" for w in done.get("webhook_deliveries_sent", [])]
         + [f"could not clean {item}" for item in done.get("errors", [])]
     )
     return "\n".join(lines) if lines else "nothing to sweep"
@@ -602,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="remove the messages of jobs that ended or are unknown (no replay can be right for them)",
     )
+
+    webhook_commands.register(sub, add)
 
     add(
         sub,

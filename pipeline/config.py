@@ -19,6 +19,9 @@ from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL
 MIN_SECRET_KEY_LENGTH = 32
 DEV_SECRET_KEY = "capy-imports-development-secret-do-not-use-in-production"
 
+# Seconds between failed webhook attempts: after attempt 1, 2, …; the last repeats.
+WEBHOOK_RETRY_SECONDS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200)
+
 PRODUCTION = "production"
 DEVELOPMENT = "development"
 ENVIRONMENTS = (PRODUCTION, DEVELOPMENT)
@@ -70,6 +73,19 @@ def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[
     if raw is None or raw.strip() == "":
         return default
     return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        values = tuple(float(item) for item in raw.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"{name} must be numbers of seconds (0 or more) separated by commas, not {raw!r}")
+    return values
 
 
 def _split_keys(raw: str) -> tuple[str, ...]:
@@ -167,6 +183,8 @@ class Settings:
     # RabbitMQ keeps blocked (connection.blocked: a memory or disk alarm) this long is
     # closed and opened again, so one stuck publish does not hold every later one.
     broker_blocked_timeout_seconds: int = 30
+    # The waits between a webhook delivery's attempts (pipeline.webhooks.delivery).
+    webhook_retry_seconds: tuple[float, ...] = WEBHOOK_RETRY_SECONDS
 
     def hold_seconds(self, point: str) -> float:
         """How long the first attempt holds at `point` (CAPY_TEST_HOLDS), 0 if not at all."""
@@ -292,6 +310,7 @@ class Settings:
             broker_blocked_timeout_seconds=_positive(
                 env, "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS", d.broker_blocked_timeout_seconds
             ),
+            webhook_retry_seconds=_delays(env, "CAPY_WEBHOOK_RETRY_SECONDS", d.webhook_retry_seconds),
         ).checked()
 
     def checked(self) -> Settings:

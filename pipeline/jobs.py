@@ -31,6 +31,7 @@ from pipeline.models import (
     State,
     utcnow,
 )
+from pipeline.webhooks import events as webhook_events
 from stages.errors import CapyError
 from stages.tools.workpaths import scrub_work_paths
 
@@ -64,6 +65,8 @@ def transition(job_id: str, actor: str, reason: Reason, *, where: peewee.Express
 
     `reason` is the event's text, or a function of (the row before, the row after).
     The row is locked first, so the event's `from_*` are what the update changed.
+    A change that ends the job also records its webhook events in the same transaction
+    (pipeline.webhooks.events), sent once it has committed.
     """
     with database.atomic():
         before = Job.select().where(Job.id == job_id).for_update().first()
@@ -81,7 +84,9 @@ def transition(job_id: str, actor: str, reason: Reason, *, where: peewee.Express
             from_stage=before.stage,
             to_stage=job.stage,
         )
-        return job
+        deliveries = webhook_events.record(before, job)
+    webhook_events.notify(deliveries)
+    return job
 
 
 def held_by(actor: str) -> peewee.Expression:

@@ -232,6 +232,65 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX restore_slots_cluster ON restore_slots (cluster_id);
         """,
     ),
+    (
+        "0009_webhooks",
+        """
+        -- Webhook endpoints of an organization; the secret that signs deliveries is
+        -- stored sealed like every other secret. Removing one keeps it (removed_at),
+        -- so its deliveries stay listable.
+        CREATE TABLE webhook_endpoints (
+            id text PRIMARY KEY,
+            organization_id text NOT NULL REFERENCES organizations(id),
+            url text NOT NULL CHECK (char_length(url) <= 2048),
+            description text NOT NULL DEFAULT '',
+            secret_encrypted text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            removed_at timestamptz
+        );
+        CREATE INDEX webhook_endpoints_organization ON webhook_endpoints (organization_id)
+            WHERE removed_at IS NULL;
+        -- An event, recorded in the transaction of the job's state change it tells of
+        -- (the outbox): `payload` is the exact body every attempt sends.
+        CREATE TABLE webhook_events (
+            id text PRIMARY KEY,
+            organization_id text NOT NULL REFERENCES organizations(id),
+            type text NOT NULL CHECK (type IN ('job.completed', 'job.failed', 'import.completed')),
+            job_id text REFERENCES jobs(id),
+            payload text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        -- One event to one endpoint: up to 8 attempts, each recorded below.
+        CREATE TABLE webhook_deliveries (
+            id text PRIMARY KEY,
+            event_id text NOT NULL REFERENCES webhook_events(id),
+            endpoint_id text NOT NULL REFERENCES webhook_endpoints(id),
+            state text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts integer NOT NULL DEFAULT 0,
+            next_attempt_at timestamptz NOT NULL DEFAULT now(),
+            -- Set while an attempt is in flight, so no second one starts meanwhile.
+            locked_until timestamptz,
+            last_status_code integer,
+            last_error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            completed_at timestamptz
+        );
+        CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries (endpoint_id, created_at DESC);
+        CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
+        CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (next_attempt_at)
+            WHERE state = 'pending';
+        CREATE TABLE webhook_attempts (
+            id bigserial PRIMARY KEY,
+            delivery_id text NOT NULL REFERENCES webhook_deliveries(id),
+            attempt integer NOT NULL,
+            at timestamptz NOT NULL,
+            status_code integer,
+            error text,
+            duration_ms integer NOT NULL,
+            UNIQUE (delivery_id, attempt)
+        );
+        """,
+    ),
 ]
 
 _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs

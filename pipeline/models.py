@@ -222,3 +222,68 @@ class RestoreSlot(BaseModel):
 
     class Meta:
         table_name = "restore_slots"
+
+
+class WebhookEndpoint(BaseModel):
+    """Where an organization's webhook events go (pipeline.webhooks)."""
+
+    id = peewee.TextField(primary_key=True)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    url = peewee.TextField()
+    description = peewee.TextField(default="")
+    # The `whsec_…` signing secret, sealed (pipeline.sealing); shown once, at creation.
+    secret_encrypted = peewee.TextField()
+    created_at = TZField(default=utcnow)
+    removed_at = TZField(null=True)
+
+    class Meta:
+        table_name = "webhook_endpoints"
+
+
+class WebhookEvent(BaseModel):
+    """An event recorded with the job state change it tells of; `payload` is the body sent."""
+
+    id = peewee.TextField(primary_key=True)
+    organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    type = peewee.TextField()
+    job = peewee.ForeignKeyField(Job, column_name="job_id", null=True)
+    payload = peewee.TextField()
+    created_at = TZField(default=utcnow)
+
+    class Meta:
+        table_name = "webhook_events"
+
+
+class WebhookDelivery(BaseModel):
+    """One event to one endpoint, until delivered or its attempts run out."""
+
+    id = peewee.TextField(primary_key=True)
+    event = peewee.ForeignKeyField(WebhookEvent, column_name="event_id")
+    endpoint = peewee.ForeignKeyField(WebhookEndpoint, column_name="endpoint_id")
+    state = peewee.TextField(default="pending")
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = TZField(default=utcnow)
+    locked_until = TZField(null=True)
+    last_status_code = peewee.IntegerField(null=True)
+    last_error = peewee.TextField(null=True)
+    created_at = TZField(default=utcnow)
+    updated_at = TZField(default=utcnow)
+    completed_at = TZField(null=True)
+
+    class Meta:
+        table_name = "webhook_deliveries"
+
+
+class WebhookAttempt(BaseModel):
+    """One HTTP attempt of a delivery: what the endpoint answered, or why it did not."""
+
+    id = peewee.BigAutoField()
+    delivery = peewee.ForeignKeyField(WebhookDelivery, column_name="delivery_id")
+    attempt = peewee.IntegerField()
+    at = TZField()
+    status_code = peewee.IntegerField(null=True)
+    error = peewee.TextField(null=True)
+    duration_ms = peewee.IntegerField()
+
+    class Meta:
+        table_name = "webhook_attempts"

@@ -1,8 +1,8 @@
 """`capy-imports secrets rotate`: re-seal every stored secret with the current key.
 
 After putting a new key first in CAPY_SECRET_KEY (the old one after it), this rewrites
-clusters' admin URLs, projects' role passwords and jobs' source URLs so the old key can
-then be dropped. Each row is a guarded update (`… WHERE column = <old token>`), so a
+clusters' admin URLs, projects' role passwords, jobs' source URLs and webhook endpoints'
+secrets so the old key can then be dropped. Each row is a guarded update (`… WHERE column = <old token>`), so a
 value changed meanwhile is left alone; running it twice does nothing the second time.
 """
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import peewee
 
-from pipeline.models import Cluster, Job, Project
+from pipeline.models import Cluster, Job, Project, WebhookEndpoint
 from pipeline.sealing import Sealer
 from stages.errors import PermanentError
 
@@ -21,6 +21,7 @@ SEALED_COLUMNS: list[tuple[str, type[peewee.Model], peewee.Field]] = [
     ("cluster_admin_urls", Cluster, Cluster.admin_url_encrypted),
     ("project_role_passwords", Project, Project.role_password_encrypted),
     ("job_source_urls", Job, Job.source_url_encrypted),
+    ("webhook_secrets", WebhookEndpoint, WebhookEndpoint.secret_encrypted),
 ]
 
 

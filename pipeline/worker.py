@@ -19,6 +19,9 @@ from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from pipeline.storage import object_store
+from pipeline.webhooks import events as webhook_events
+from pipeline.webhooks.delivery import Deliverer, backoff_schedule
+from pipeline.webhooks.queue import WebhookQueue
 
 log = logging.getLogger("pipeline.worker")
 
@@ -47,6 +50,16 @@ def build(settings: Settings) -> StageQueue:
     runner = Runner(settings, steps, queue.wake)
     queue.handler = runner.run
     queue.on_exhausted = runner.exhausted
+    # Webhook deliveries, on this broker's `<prefix>.webhooks` queue (consumed with the stages').
+    webhooks = WebhookQueue(broker, settings)
+    webhooks.deliverer = Deliverer(
+        sealer,
+        webhooks.send,
+        dev_mode=settings.dev_mode,
+        allow_private=settings.allow_private_sources,
+        backoff=backoff_schedule(settings.webhook_retry_seconds),
+    )
+    webhook_events.install(webhooks.send_first)
     if settings.uses_dev_secret:
         log.warning("development mode: stored secrets use the public development key (never in production)")
     if settings.allow_private_sources:

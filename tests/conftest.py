@@ -90,7 +90,7 @@ def _delete_queues(settings: Settings) -> None:
     try:
         channel = connection.channel()
         for prefix in (settings.queue_prefix + suffix for suffix in QUEUE_SUFFIXES):
-            for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
+            for stage in ("preflight", "fetch", "restore", "finalize", "exhausted", "webhooks"):
                 for suffix in ("", ".DQ", ".XQ"):
                     channel.queue_delete(f"{prefix}.{stage}{suffix}")
     finally:

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import apikeys
 from pipeline.cli import main
-from pipeline.models import ApiKey, Cluster, Job, Project
+from pipeline.models import ApiKey, Cluster, Job, Project, WebhookEndpoint
 from pipeline.sealing import Sealer
 from tests.support import pg
 from tests.support.cli import run
@@ -93,6 +93,10 @@ def test_secrets_rotate_reseals_everything_with_the_current_key(control_db, caps
         id="job_rotate_" + world.project.id[-8:], organization=world.org.id, project=world.project.id,
         cluster=world.cluster.id, state="failed", source_url_encrypted=old.seal("postgresql://u:pw@h/db"),
     )
+    endpoint = WebhookEndpoint.create(
+        id="whe_rotate_" + world.project.id[-8:], organization=world.org.id, url="https://hooks.example.com/",
+        secret_encrypted=old.seal("whsec_rotate"),
+    )
     rotating = dataclasses.replace(control_db, secret_key=f"{current},the-old-key")
     code, done = run(rotating, capsys, "secrets", "rotate")
     assert code == 0, done
@@ -102,6 +106,7 @@ def test_secrets_rotate_reseals_everything_with_the_current_key(control_db, caps
     assert only_current.open(Cluster.get_by_id(cluster.id).admin_url_encrypted) == pg.ADMIN_URL
     assert only_current.open(Project.get_by_id(world.project.id).role_password_encrypted) == "role-pw"
     assert only_current.open(Job.get_by_id(job.id).source_url_encrypted) == "postgresql://u:pw@h/db"
+    assert only_current.open(WebhookEndpoint.get_by_id(endpoint.id).secret_encrypted) == "whsec_rotate"
     # Twice is harmless: nothing is left to re-seal.
     code, again = run(rotating, capsys, "secrets", "rotate")
     assert code == 0 and all(c["resealed"] == 0 for c in again["secrets"].values())
