@@ -8,6 +8,7 @@ COPY setup.cfg pyproject.toml README.md ./
 COPY app app
 COPY pipeline pipeline
 COPY stages stages
+COPY client client
 RUN pip install --no-cache-dir .
 ENV CAPY_BIND_HOST=0.0.0.0 PORT=8000
 EXPOSE 8000

@@ -49,4 +49,4 @@ bench: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check app pipeline stages tests
+	$(BIN)/ruff check app pipeline stages client tests
