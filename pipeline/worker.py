@@ -37,7 +37,7 @@ class CloseDatabase(dramatiq.Middleware):
 
 
 def build(settings: Settings) -> StageQueue:
-    logs.configure()
+    logs.configure(settings.log_format)
     sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
     init_database(settings.database_url)
     broker = make_broker(settings)
