@@ -50,7 +50,9 @@ class RequestObservation:
         req.context.request_started = self.clock()
         req.context.log_token = logs.push(request_id=req.context.request_id)
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
         rid = getattr(req.context, "request_id", None)
         if rid is None:  # process_request did not run (cannot happen with this first)
             return
@@ -65,7 +67,12 @@ class RequestObservation:
             req.path,
             status,
             seconds * 1000,
-            extra={"method": req.method, "route": route, "status": status, "duration_ms": round(seconds * 1000, 1)},
+            extra={
+                "method": req.method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 1),
+            },
         )
         logs.pop(req.context.log_token)
 

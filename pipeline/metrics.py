@@ -40,6 +40,7 @@ def _never_fails(record: Callable[P, None]) -> Callable[P, None]:
 
     return guarded
 
+
 # Route templates, never raw paths: no IDs in labels.
 HTTP_REQUESTS = Counter(
     "capy_http_requests_total",

@@ -82,7 +82,13 @@ class QueueGauges:
     """`capy_queue_messages{queue}` (each stage queue and its delay queue, `.DQ`) and
     `capy_dead_letter_messages{queue}` (`.XQ`); a queue not declared yet is left out."""
 
-    def __init__(self, broker_url: str, queues: Sequence[str], *, depth: Callable[[list[str]], dict[str, int]] | None = None) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        queues: Sequence[str],
+        *,
+        depth: Callable[[list[str]], dict[str, int]] | None = None,
+    ) -> None:
         self.broker_url = broker_url
         self.queues = list(queues)
         self.depth = depth or self._declare
@@ -96,10 +102,14 @@ class QueueGauges:
             yield source_up("broker", False)
             return
         waiting = GaugeMetricFamily(
-            "capy_queue_messages", "Messages waiting in a stage queue or its delay queue (.DQ).", labels=["queue"]
+            "capy_queue_messages",
+            "Messages waiting in a stage queue or its delay queue (.DQ).",
+            labels=["queue"],
         )
         dead = GaugeMetricFamily(
-            "capy_dead_letter_messages", "Messages in a stage queue's dead-letter queue (.XQ).", labels=["queue"]
+            "capy_dead_letter_messages",
+            "Messages in a stage queue's dead-letter queue (.XQ).",
+            labels=["queue"],
         )
         for name, count in sorted(depths.items()):
             (dead if name.endswith(".XQ") else waiting).add_metric([name], count)

@@ -79,7 +79,9 @@ def test_secrets_are_redacted_in_the_message_and_the_traceback(captured):
 
 
 def test_the_text_format_keeps_the_development_layout_with_the_fields():
-    record = logging.LogRecord("pipeline.runner", logging.INFO, __file__, 1, "job %s started", ("job_1",), None)
+    record = logging.LogRecord(
+        "pipeline.runner", logging.INFO, __file__, 1, "job %s started", ("job_1",), None
+    )
     with logs.bound(job_id="job_1", stage="fetch", attempt=1):
         logs.ContextFilter().filter(record)
     text = logs.TextFormatter().format(record)
