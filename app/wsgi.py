@@ -46,6 +46,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         logs.configure(settings.log_format)
         sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
         auth = authenticators(settings)
+        shared_metrics = scrape.check_multiprocess_dir()
     except ConfigError as err:
         log.critical("the API cannot start: %s", err)
         raise
@@ -54,7 +55,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
     queues = StageQueue(broker, settings)
     # Request threads hand wake-ups to one thread that owns the broker connection.
     dispatcher = Dispatcher(broker, queues.actors, deadline=settings.publish_deadline_seconds)
-    if scrape.multiprocess_dir() is None:
+    if shared_metrics is None:
         log.warning(
             "PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows this web process's own counters, "
             "not the workers' (see README, Metrics)"

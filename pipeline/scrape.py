@@ -31,6 +31,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from pipeline.config import ConfigError
 from pipeline.models import STAGE_ORDER, Job, State
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,20 @@ def multiprocess_dir() -> str | None:
     """PROMETHEUS_MULTIPROC_DIR as prometheus-client read it, if it is a directory."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return path if path and os.path.isdir(path) else None
+
+
+def check_multiprocess_dir() -> str | None:
+    """At start-up: PROMETHEUS_MULTIPROC_DIR, if set, must be a directory, or every
+    metric written would fail (ConfigError). None when unset (each process counts alone)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return None
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR is {path!r}, which is not a directory: create it (the run "
+            "commands do, see README, Metrics) or unset it"
+        )
+    return path
 
 
 def registry(gauges: Sequence[Collector] = (), *, process_dir: str | None = None) -> CollectorRegistry:

@@ -148,3 +148,15 @@ def test_the_heartbeat_thread_logs_in_the_stages_context(captured, monkeypatch):
 def test_one_line_per_record_even_with_newlines(captured):
     logging.getLogger("x").info("two\nlines")
     assert [line["message"] for line in captured()] == ["two\nlines"]
+
+
+def test_the_log_format_is_json_in_production_and_text_in_development():
+    from pipeline.config import ConfigError, Settings
+
+    assert Settings.from_env({}).log_format == "json"
+    assert Settings.from_env({"CAPY_ENV": "development"}).log_format == "text"
+    assert Settings.from_env({"CAPY_ENV": "development", "CAPY_LOG_FORMAT": "JSON"}).log_format == "json"
+    with pytest.raises(ConfigError, match="CAPY_LOG_FORMAT must be json or text, not 'yaml'"):
+        Settings.from_env({"CAPY_LOG_FORMAT": "yaml"})
+    settings = Settings.from_env({"CAPY_METRICS_TOKEN": " s3cret-token "})
+    assert settings.metrics_token == "s3cret-token" and "s3cret-token" not in repr(settings)

@@ -231,3 +231,15 @@ def test_metrics_need_the_token_when_one_is_set_and_are_closed_in_production_wit
     closed = client().simulate_get("/metrics")
     assert closed.status_code == 401 and "CAPY_METRICS_TOKEN" in closed.json["error"]
     assert client(open_without_token=True).simulate_get("/metrics").status_code == 200
+
+
+def test_a_metrics_directory_that_is_not_one_stops_the_start(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    assert scrape.check_multiprocess_dir() is None
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert scrape.check_multiprocess_dir() == str(tmp_path)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="not a directory: create it"):
+        scrape.check_multiprocess_dir()
