@@ -93,10 +93,6 @@ class ContextFilter(logging.Filter):
         return True
 
 
-# The name existing handlers were given; kept so a handler set up before is recognised.
-RedactingFilter = ContextFilter
-
-
 def _fields(record: logging.LogRecord, names: tuple[str, ...] = CONTEXT_FIELDS) -> dict[str, Any]:
     return {name: getattr(record, name) for name in names if getattr(record, name, None) is not None}
 
