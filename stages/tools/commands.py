@@ -386,7 +386,7 @@ class _TailReader(threading.Thread):
     the tool (the job and stage it runs for, see pipeline.logs)."""
 
     def __init__(
-        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity, tool: str = ""
+        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity, tool: str | None = None
     ) -> None:
         super().__init__(daemon=True)
         self.stream = stream
