@@ -12,4 +12,4 @@ COPY client client
 RUN pip install --no-cache-dir .
 ENV CAPY_BIND_HOST=0.0.0.0 PORT=8000
 EXPOSE 8000
-CMD ["sh", "-c", "gunicorn --bind ${CAPY_BIND_HOST}:${PORT} --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --timeout 30 --access-logfile - --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]
+CMD ["sh", "-c", "gunicorn --bind ${CAPY_BIND_HOST}:${PORT} --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --timeout 30 --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]

@@ -19,7 +19,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # private sources allowed. Production (the default) refuses to start without CAPY_SECRET_KEY.
 run: export CAPY_ENV ?= development
 run: export PATH := $(CURDIR)/$(BIN):$(PATH)
+# Every process of the run (gunicorn's and dramatiq's) writes its metrics here and
+# GET /metrics adds them up; emptied at start (README, Metrics).
+run: export PROMETHEUS_MULTIPROC_DIR ?= $(CURDIR)/.metrics
 run: install
+	mkdir -p "$$PROMETHEUS_MULTIPROC_DIR" && rm -f "$$PROMETHEUS_MULTIPROC_DIR"/*.db "$$PROMETHEUS_MULTIPROC_DIR"/*/*.db
 	$(BIN)/capy-imports migrate
 	$(BIN)/capy-imports dev-seed --port $(PORT)
 	$(BIN)/honcho --procfile Procfile.dev start --port $(PORT)

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import falcon
+from prometheus_client.registry import Collector
 
 from app import errors
 from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
 from app.dbsession import DatabaseSession
 from app.edge import InputValidation
+from app.observability import MetricsResource, RequestObservation
 from app.resources import (
     AuditEventsResource,
     CancelResource,
@@ -40,6 +42,8 @@ class Services:
     authenticators: tuple[Authenticator, ...] = (api_key_authenticator,)
     rate_limiter: RateLimiter | None = None
     unknown_token_message: str = "the token is not a CapyDB API key (capy_live_…)"
+    # What /metrics reads when scraped besides the processes' counters (pipeline.scrape).
+    gauges: tuple[Collector, ...] = ()
 
 
 def create_app(services: Services) -> falcon.App:
@@ -47,12 +51,19 @@ def create_app(services: Services) -> falcon.App:
     auth = AuthMiddleware(
         services.authenticators, services.rate_limiter, unknown_token_message=services.unknown_token_message
     )
-    # The database session comes first, so every other component's queries are in it.
-    app = falcon.App(middleware=[DatabaseSession(), InputValidation(), auth])
+    # Observation first, so it times and logs everything (errors of the others too);
+    # then the database session, so every other component's queries are in it.
+    app = falcon.App(middleware=[RequestObservation(), DatabaseSession(), InputValidation(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(services.readiness))
+    app.add_route(
+        "/metrics",
+        MetricsResource(
+            services.gauges, token=services.settings.metrics_token, open_without_token=services.settings.dev_mode
+        ),
+    )
     app.add_route(
         "/v1/projects/{project_id}/imports",
         ImportsResource(services.settings, services.sealer, services.wake, services.uploads),

@@ -10,7 +10,7 @@ import falcon
 from app.api import Services, create_app
 from app.auth import Authenticator, api_key_authenticator
 from app.clerk import ClerkAuthenticator, JwksCache
-from pipeline import logs
+from pipeline import logs, scrape
 from pipeline.config import ConfigError, Settings
 from pipeline.db import database, init_database
 from pipeline.dispatcher import Dispatcher
@@ -43,15 +43,23 @@ def get_app(settings: Settings | None = None) -> falcon.App:
     logs.configure()
     try:
         settings = settings or Settings.from_env()
+        logs.configure(settings.log_format)
         sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
         auth = authenticators(settings)
+        shared_metrics = scrape.check_multiprocess_dir()
     except ConfigError as err:
         log.critical("the API cannot start: %s", err)
         raise
     init_database(settings.database_url)
     broker = make_broker(settings, publisher=True)
+    queues = StageQueue(broker, settings)
     # Request threads hand wake-ups to one thread that owns the broker connection.
-    dispatcher = Dispatcher(broker, StageQueue(broker, settings).actors, deadline=settings.publish_deadline_seconds)
+    dispatcher = Dispatcher(broker, queues.actors, deadline=settings.publish_deadline_seconds)
+    if shared_metrics is None:
+        log.warning(
+            "PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows this web process's own counters, "
+            "not the workers' (see README, Metrics)"
+        )
     if settings.uses_dev_secret:
         log.warning("development mode: stored secrets use the public development key (never in production)")
 
@@ -73,6 +81,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
             uploads=uploads,
             readiness={"database": database_ready, "broker": dispatcher.check, "storage": uploads.check_storage},
             authenticators=auth,
+            gauges=(scrape.JobGauges(), scrape.QueueGauges(settings.broker_url, queues.queue_names())),
             rate_limiter=RateLimiter(settings.rate_limit_per_minute),
             unknown_token_message=(
                 "the token is neither a CapyDB API key (capy_live_…) nor a Clerk session token"

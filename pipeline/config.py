@@ -92,6 +92,16 @@ def _split_keys(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+LOG_FORMATS = ("json", "text")
+
+
+def _log_format(env: Mapping[str, str], dev: bool) -> str:
+    raw = (env.get("CAPY_LOG_FORMAT") or ("text" if dev else "json")).strip().lower()
+    if raw not in LOG_FORMATS:
+        raise ConfigError(f"CAPY_LOG_FORMAT must be json or text, not {raw!r}")
+    return raw
+
+
 def _environment(env: Mapping[str, str]) -> str:
     raw = (env.get("CAPY_ENV") or PRODUCTION).strip().lower()
     if raw not in ENVIRONMENTS:
@@ -185,6 +195,11 @@ class Settings:
     broker_blocked_timeout_seconds: int = 30
     # The waits between a webhook delivery's attempts (pipeline.webhooks.delivery).
     webhook_retry_seconds: tuple[float, ...] = WEBHOOK_RETRY_SECONDS
+    # Log lines: "json" (one object a line) or "text"; json unless in development mode.
+    log_format: str = "json"
+    # The bearer token that reads GET /metrics; without one /metrics is open in
+    # development mode and refused in production.
+    metrics_token: str = field(default="", repr=False)
 
     def hold_seconds(self, point: str) -> float:
         """How long the first attempt holds at `point` (CAPY_TEST_HOLDS), 0 if not at all."""
@@ -311,6 +326,8 @@ class Settings:
                 env, "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS", d.broker_blocked_timeout_seconds
             ),
             webhook_retry_seconds=_delays(env, "CAPY_WEBHOOK_RETRY_SECONDS", d.webhook_retry_seconds),
+            log_format=_log_format(env, dev),
+            metrics_token=(env.get("CAPY_METRICS_TOKEN") or "").strip(),
         ).checked()
 
     def checked(self) -> Settings:

@@ -3,6 +3,7 @@ and it hears about a cancel, so the stage's tools are stopped within seconds."""
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import logging
 import threading
@@ -52,7 +53,10 @@ class Heartbeat:
         self.cancel_poll = min(cancel_poll, interval)
         self._told = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        # In a copy of the caller's context: its lines carry the stage's job_id, stage, attempt.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(self._beat,), name=f"heartbeat-{job_id}", daemon=True
+        )
 
     def _beat(self) -> None:
         beating = True

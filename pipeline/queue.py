@@ -16,6 +16,7 @@ import dramatiq
 import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from pipeline import logs
 from pipeline.config import Settings
 from pipeline.db import ControlDatabaseUnavailable
 from pipeline.models import STAGE_ORDER
@@ -133,7 +134,8 @@ class StageQueue:
             return
         stage = message.get("actor_name", "").removeprefix(f"{self.prefix}_")
         job_id = (message.get("args") or [""])[0]
-        self.on_exhausted(job_id, stage)
+        with logs.bound(job_id=job_id, stage=stage):
+            self.on_exhausted(job_id, stage)
 
     def wake(self, job_id: str, stage: str, delay_ms: int = 0) -> None:
         """Enqueue the stage's actor for the job, to run no sooner than `delay_ms` from

@@ -37,7 +37,7 @@ from typing import Protocol
 from dramatiq.middleware.shutdown import Shutdown
 from dramatiq.middleware.time_limit import TimeLimitExceeded
 
-from pipeline import cancellation, jobs
+from pipeline import cancellation, jobs, logs, metrics
 from pipeline.config import Settings
 from pipeline.db import CONNECTION_ERRORS, ControlDatabaseUnavailable, database
 from pipeline.import_steps import ImportSteps, StageContext
@@ -85,7 +85,8 @@ class Runner:
         the control database itself (claiming, committing, releasing): then nothing of
         the attempt could be recorded, and the message is retried until it is back."""
         try:
-            self._run(job_id, stage)
+            with logs.bound(job_id=job_id, stage=stage, attempt=None):
+                self._run(job_id, stage)
         except CONNECTION_ERRORS as err:
             database.close()  # the next statement reconnects
             log.warning("job %s: %s could not reach the control database: %s", job_id, stage, err)
@@ -115,7 +116,9 @@ class Runner:
         if over is not None:
             self._fail(job, actor, over, "permanent")
             return
+        logs.bind(attempt=job.attempts)
         log.info("job %s: %s started by %s (attempt %d)", job_id, stage, actor, job.attempts)
+        timed = metrics.StageRun(stage)
         context = StageContext(job, actor)
         beat = Heartbeat(
             job_id,
@@ -134,13 +137,17 @@ class Runner:
             with beat:
                 facts = self.steps.run(stage, context)
             context.check_claim()
+            timed.end(metrics.SUCCEEDED)
         except jobs.ClaimLost as lost:
+            timed.end("claim_lost")
             log.warning("job %s: %s stopped: %s", job_id, stage, lost.message)
             return
         except Cancelled:
+            timed.end("cancelled")
             self._cancelled(job, actor)
             return
         except StillWaiting as waiting:
+            timed.end("handed_back")
             # Every restore slot of the cluster stayed taken for as long as the stage may
             # wait in one worker: back to the queue, the attempt not counted, at once.
             log.info("job %s: %s handed back: %s", job_id, stage, waiting.message)
@@ -148,11 +155,13 @@ class Runner:
                 self.wake(job_id, stage)
             return
         except PermanentError as err:
+            timed.end("permanent")
             self._fail(job, actor, err.message, "permanent")
             return
         except Shutdown:
             # The worker is stopping (SIGTERM; its tools were stopped as this unwound):
             # hand the stage back now rather than leave it to the lease.
+            timed.end("interrupted")
             log.warning("job %s: %s interrupted by the worker's shutdown; handing it back", job_id, stage)
             self._release(
                 job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed", refund_attempt=True
@@ -163,6 +172,7 @@ class Runner:
                 log.warning("job %s: could not re-queue %s: %s", job_id, stage, err.message)
             return
         except TimeLimitExceeded:
+            timed.end("time_limit")
             self._fail(
                 job,
                 actor,
@@ -173,6 +183,7 @@ class Runner:
             )
             return
         except TransientError as err:
+            timed.end("transient")
             log.warning("job %s: %s failed transiently: %s", job_id, stage, err.message)
             if job.attempts >= job.max_attempts:
                 self._give_up(job, actor, stage, err.message, err.when_repeated)
@@ -184,6 +195,7 @@ class Runner:
             # (an error that repeats, a statement timeout, must end by max_attempts).
             # When the release cannot be written either, run() says the control
             # database is unavailable and the claim goes stale for a later message.
+            timed.end("control_database")
             log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
             database.close()  # the next statement reconnects
             lost = f"the service's control database was unavailable during the {stage} stage; it will be retried"
@@ -193,6 +205,7 @@ class Runner:
             self._release(job_id, actor, lost)
             raise ControlDatabaseUnavailable(lost) from None
         except Exception:
+            timed.end("internal")
             log.exception("job %s: %s failed unexpectedly", job_id, stage)
             internal = f"an internal error interrupted the {stage} stage; it will be retried"
             if job.attempts >= job.max_attempts:
@@ -211,6 +224,7 @@ class Runner:
                 return
             if context.cancel_request() is not None:
                 cancellation.note_completed_anyway(job_id, actor)
+            metrics.import_completed(completed.upload_key, completed.facts)
             self.steps.cleanup(completed, succeeded=True)
             log.info("job %s: completed", job_id)
             return
@@ -249,6 +263,7 @@ class Runner:
                 "job %s: not failed (%s: %s): %s no longer holds it", job.id, classification, error, actor
             )
             return
+        metrics.job_failed(failed.stage, classification)
         log.warning("job %s: failed (%s): %s", job.id, classification, error)
         self.steps.cleanup(failed, succeeded=False)
 
@@ -326,6 +341,7 @@ class Runner:
         if failed is None:
             log.info("job %s: retries of %s ran out, but a worker holds it now; left to it", job_id, stage)
             return
+        metrics.job_failed(failed.stage, classification)
         log.warning("job %s: failed (%s): %s", job_id, classification, error)
         self.steps.cleanup(failed, succeeded=False)
 

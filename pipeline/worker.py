@@ -11,7 +11,7 @@ from typing import Any
 
 import dramatiq
 
-from pipeline import logs
+from pipeline import logs, scrape
 from pipeline.config import ConfigError, Settings
 from pipeline.db import database, init_database
 from pipeline.import_steps import ImportSteps
@@ -40,7 +40,8 @@ class CloseDatabase(dramatiq.Middleware):
 
 
 def build(settings: Settings) -> StageQueue:
-    logs.configure()
+    logs.configure(settings.log_format)
+    scrape.check_multiprocess_dir()  # a metric that cannot be written is a start-up error
     sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
     init_database(settings.database_url)
     broker = make_broker(settings)

@@ -22,6 +22,7 @@ ends (SIGKILL, OOM killer) — see `_with_parent_death_signal`.
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
 import logging
 import multiprocessing.util
@@ -380,20 +381,27 @@ class _Activity:
 
 
 class _TailReader(threading.Thread):
-    """Drains a pipe, keeping the last lines and logging each one as it comes."""
+    """Drains a pipe, keeping the last lines and logging each one as it comes, with the
+    tool's name (`tool` on the log record) and the context of the thread that started
+    the tool (the job and stage it runs for, see pipeline.logs)."""
 
     def __init__(
-        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity
+        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity, tool: str | None = None
     ) -> None:
         super().__init__(daemon=True)
         self.stream = stream
         self.label = name
         self.secrets = secrets
         self.activity = activity
+        self.tool = tool
+        self.context = contextvars.copy_context()
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.first_error: list[str] = []
 
     def run(self) -> None:
+        self.context.run(self._drain)
+
+    def _drain(self) -> None:
         for raw in iter(self.stream.readline, b""):
             self.activity.touch()
             line = redact(raw.decode("utf-8", "replace").rstrip("\n"), *self.secrets)
@@ -403,7 +411,7 @@ class _TailReader(threading.Thread):
             elif not self.first_error and self.label == "stderr" and _is_error_line(line):
                 self.first_error.append(line)
             if self.label == "stderr":
-                log.info("%s", line)
+                log.info("%s", line, extra={"tool": self.tool})
         self.stream.close()
 
     def tail(self) -> str:
@@ -723,7 +731,7 @@ class PgCommand:
             full_env["PGOPTIONS"] = " ".join(
                 part for part in (self._session_options(effective), full_env.get("PGOPTIONS", "")) if part
             )
-        log.info("running %s", redact(" ".join([self.program, *args])))
+        log.info("running %s", redact(" ".join([self.program, *args])), extra={"tool": self.program})
         process = CommandProcess(
             _with_parent_death_signal([self.path, *args]),
             env=full_env,
@@ -737,9 +745,9 @@ class PgCommand:
         process.deadline = effective
         process.activity = _Activity()
         process.readers = (
-            [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity)]
+            [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity, self.program)]
         )
-        process.readers.append(_TailReader(process.stderr, "stderr", secrets, process.activity))
+        process.readers.append(_TailReader(process.stderr, "stderr", secrets, process.activity, self.program))
         probe = self.output_probe(args)
         process.watchdog = _Watchdog(
             process,
