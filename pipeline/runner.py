@@ -126,7 +126,7 @@ class Runner:
             on_lost=context.lose_claim,
         )
         try:
-            if job.attempts > 1 or job.facts.get("tool_process"):
+            if job.attempts > 1 or job.facts.tool_process:
                 # An earlier claim ended, perhaps with its worker (after a replay or a
                 # retry its attempts start again at 1): its tools and sessions must be
                 # gone before the stage runs again.
