@@ -151,6 +151,10 @@ def restore_role_name(job: Job) -> str:
 
 
 class ImportSteps:
+    """Runs the stages of pipeline.steps.registry for the Runner, with what they share:
+    the settings, the sealer, object storage, the job's cluster admin and tools, the
+    test holds, the preview, and the cleanup after a job ends or a claim is taken over."""
+
     def __init__(
         self,
         settings: Settings,
@@ -165,8 +169,6 @@ class ImportSteps:
         self.clock = clock
         # The admin of each job whose stage runs now (one per job: a job runs one stage at a time).
         self._stage_admins: dict[str, ClusterAdmin] = {}
-
-    # -- helpers -----------------------------------------------------------------
 
     def run(self, stage: str, context: StageContext) -> StageResult:
         """Run one stage (pipeline.steps.registry). Whatever a stage stopped by a cancel
@@ -197,6 +199,8 @@ class ImportSteps:
             raise
         finally:
             self._stage_admins.pop(context.job.id, None)
+
+    # -- helpers -----------------------------------------------------------------
 
     def _admin(self, job: Job) -> ClusterAdmin:
         """The job's cluster's admin; during a stage the same one (its maintenance

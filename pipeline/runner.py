@@ -132,7 +132,7 @@ class Runner:
                 # gone before the stage runs again.
                 self.steps.take_over(job)
             with beat:
-                facts = self.steps.run(stage, context)
+                result = self.steps.run(stage, context)
             context.check_claim()
         except jobs.ClaimLost as lost:
             log.warning("job %s: %s stopped: %s", job_id, stage, lost.message)
@@ -205,7 +205,7 @@ class Runner:
             self._cancelled(job, actor)
             return
         if following is None:
-            completed = jobs.complete(job_id, actor, stage, facts=facts, progress={"phase": "completed"})
+            completed = jobs.complete(job_id, actor, stage, facts=result, progress={"phase": "completed"})
             if completed is None:
                 log.warning("job %s: %s finished, but %s no longer holds the job; nothing to do", job_id, stage, actor)
                 return
@@ -214,7 +214,7 @@ class Runner:
             self.steps.cleanup(completed, succeeded=True)
             log.info("job %s: completed", job_id)
             return
-        if jobs.advance(job_id, actor, stage, facts=facts):
+        if jobs.advance(job_id, actor, stage, facts=result):
             self.wake(job_id, following)
 
     def _claim_until(self, job: Job) -> dt.datetime | None:
