@@ -1,8 +1,11 @@
-"""What each stage does for an import job: the glue between a job row and `stages`.
+"""What the stages of an import job share: the job being worked on (StageContext) and
+the services, tools and helpers every stage uses (ImportSteps).
 
-Each step reads what it needs from the job (request, earlier stages' `facts`), calls
-the stage functions, and returns the facts it adds. Steps never change the job's state:
-the Runner does that from what they return or raise.
+Each stage is a module of pipeline.steps, listed in pipeline.steps.registry: it reads
+what it needs from the job (the request, earlier stages' facts, typed as
+pipeline.steps.results.JobFacts), calls the Postgres toolkit in `stages`, and returns
+its result model, which the Runner merges into the job's facts. Stages never change the
+job's state: the Runner does that from what they return or raise.
 """
 
 from __future__ import annotations
@@ -20,22 +23,19 @@ import peewee
 import psycopg2
 
 from pipeline import jobs
-from pipeline.accounts import cluster_admin, project_role
+from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
-from pipeline.models import Cluster, Job, Project, RetiredDatabase, utcnow
-from pipeline.preflights import preflight_source, preflight_upload
-from pipeline.restore_slots import wait_for_restore_slot
+from pipeline.models import Cluster, Job, utcnow
 from pipeline.sealing import Sealer
-from pipeline.steps import live
-from pipeline.steps import upload as upload_steps
+from pipeline.steps.registry import spec_of
+from pipeline.steps.results import JobFacts, StageFacts, StageResult, ToolProcess
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.dumps import toc
 from stages.dumps.archivecheck import encoding_of
-from stages.errors import Cancelled, CapyError, PermanentError
-from stages.finalize import build_report, verify_preview
+from stages.errors import Cancelled, CapyError
 from stages.preflight.extensions import require_allowlisted
 from stages.preflight.rehearsal import skip_map
 from stages.storage import ObjectStore
@@ -114,7 +114,7 @@ class StageContext:
     def set_preview(self, preview: str) -> None:
         self._written(jobs.set_preview(self.job.id, self.actor, preview))
 
-    def merge_facts(self, facts: dict[str, Any]) -> None:
+    def merge_facts(self, facts: StageFacts) -> None:
         """Add facts to the job now (before the stage's result), merged in the database."""
         self._written(jobs.merge_facts(self.job.id, self.actor, facts))
 
@@ -151,6 +151,10 @@ def restore_role_name(job: Job) -> str:
 
 
 class ImportSteps:
+    """Runs the stages of pipeline.steps.registry for the Runner, with what they share:
+    the settings, the sealer, object storage, the job's cluster admin and tools, the
+    test holds, the preview, and the cleanup after a job ends or a claim is taken over."""
+
     def __init__(
         self,
         settings: Settings,
@@ -166,16 +170,19 @@ class ImportSteps:
         # The admin of each job whose stage runs now (one per job: a job runs one stage at a time).
         self._stage_admins: dict[str, ClusterAdmin] = {}
 
-    # -- helpers -----------------------------------------------------------------
-
-    def run(self, stage: str, context: StageContext) -> dict[str, Any]:
-        """Run one stage. Whatever a stage stopped by a cancel raises (a killed tool's
-        error, a dropped connection) becomes Cancelled; by a lost claim, ClaimLost."""
+    def run(self, stage: str, context: StageContext) -> StageResult:
+        """Run one stage (pipeline.steps.registry). Whatever a stage stopped by a cancel
+        raises (a killed tool's error, a dropped connection) becomes Cancelled; by a lost
+        claim, ClaimLost."""
+        spec = spec_of(stage)
         admin = cluster_admin(Cluster.get_by_id(context.job.cluster_id), self.sealer)
         self._stage_admins[context.job.id] = admin
         try:
             with admin.held_session():
-                return getattr(self, stage)(context)
+                result = spec.run(self, context)
+                if not isinstance(result, spec.result):
+                    raise TypeError(f"the {stage} stage returned {type(result).__name__}, not {spec.result.__name__}")
+                return result
         except jobs.ClaimLost:
             raise
         except Cancelled as err:
@@ -193,6 +200,8 @@ class ImportSteps:
         finally:
             self._stage_admins.pop(context.job.id, None)
 
+    # -- helpers -----------------------------------------------------------------
+
     def _admin(self, job: Job) -> ClusterAdmin:
         """The job's cluster's admin; during a stage the same one (its maintenance
         session held for the stage, see ClusterAdmin.held_session)."""
@@ -209,9 +218,7 @@ class ImportSteps:
 
         def started(pgid: int, program: str) -> None:
             jobs.record_tool_process(
-                job.id,
-                context.actor,
-                {"host": host_identity(), "pgid": pgid, "program": program, "label": job.id},
+                job.id, context.actor, ToolProcess(host=host_identity(), pgid=pgid, program=program, label=job.id)
             )
 
         return PgTools.for_major(
@@ -230,7 +237,7 @@ class ImportSteps:
         """How long a test hold at `point` lasts for this job: only the first time the
         job reaches it (CAPY_TEST_HOLDS; 0 in production)."""
         seconds = self.settings.hold_seconds(point)
-        return 0.0 if point in job.facts.get("test_holds_done", []) else seconds
+        return 0.0 if point in job.facts.test_holds_done else seconds
 
     def _hold(self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None) -> None:
         """Tests only (CAPY_TEST_HOLDS): the first time a job reaches `point` it waits
@@ -241,7 +248,7 @@ class ImportSteps:
         seconds = self._hold_seconds(job, point)
         if not seconds:
             return
-        context.merge_facts({"test_holds_done": [*job.facts.get("test_holds_done", []), point]})
+        context.merge_facts(JobFacts(test_holds_done=[*job.facts.test_holds_done, point]))
         context.progress({"phase": f"test hold: {point}"})
         log.warning("job %s: holding %s s at %s (CAPY_TEST_HOLDS, tests only)", job.id, seconds, point)
         if tools is None or url is None:
@@ -268,11 +275,11 @@ class ImportSteps:
         """Kill what is left on this host of the last tool a claim of the job started
         (its process group, recognised by program and job label). On another host the
         parent-death signal and the group's reaper stopped it (stages.tools.commands)."""
-        process = job.facts.get("tool_process")
-        if process and process.get("host") == host_identity():
-            killed = kill_process_group(int(process["pgid"]), str(process["program"]), process.get("label"))
+        process = job.facts.tool_process
+        if process and process.host == host_identity():
+            killed = kill_process_group(process.pgid, process.program, process.label)
             if killed:
-                log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process["program"], killed)
+                log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process.program, killed)
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
@@ -280,48 +287,7 @@ class ImportSteps:
     def _source(self, job: Job) -> SourceURL:
         return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
 
-    # -- stages -------------------------------------------------------------------
-
-    def preflight(self, context: StageContext) -> dict[str, Any]:
-        """The same checks as POST …/imports/preflight; a failing one fails the job as
-        permanent with its detail, before anything is dumped or dropped."""
-        job = context.job
-        context.progress({"phase": "checking the source and the target"})
-        project = Project.get_by_id(job.project_id)
-        if job.upload_key:
-            result = preflight_upload(
-                project,
-                job.upload_key,
-                self.settings,
-                self.sealer,
-                self.store,
-                recreate=job.recreate,
-                full=True,
-                cancellation=context.cancellation,
-            )
-        else:
-            result = preflight_source(
-                project,
-                self._source(job),
-                self.settings,
-                self.sealer,
-                recreate=job.recreate,
-                full=True,
-                cancellation=context.cancellation,
-            )
-        context.check_cancelled()  # a cancel that interrupted the checks is not their failure
-        result.report.raise_for_failure()
-        # What the schema rehearsal found the project cannot hold: the restore plan leaves it out.
-        facts: dict[str, Any] = {"preflight": result.response(), "rehearsal_skipped": result.report.skipped}
-        if result.report.pinned is not None:
-            # Later stages connect to exactly the address that was checked.
-            facts["source_address"] = result.report.pinned.params["hostaddr"]
-        return facts
-
-    def fetch(self, context: StageContext) -> dict[str, Any]:
-        if context.job.upload_key:
-            return self._fetch_upload(context)
-        return live.fetch(self, context)
+    # -- shared by the stages (pipeline.steps) ------------------------------------
 
     def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> tuple[dict[str, Any], list[toc.TocEntry]]:
         """Read the archive's TOC: what the project role restores, what it skips and
@@ -346,35 +312,12 @@ class ImportSteps:
             "database_properties": dbsettings.read_archive(tools, archive, work, encoding=encoding).facts(),
         }, plan.keep
 
-    def _fetch_upload(self, context: StageContext) -> dict[str, Any]:
-        """Check the upload and count it; nothing is left on this worker (pipeline.steps.upload)."""
-        return upload_steps.fetch_upload(
-            context, settings=self.settings, sealer=self.sealer, store=self.store, tools=self._tools(context)
-        )
-
-    def restore(self, context: StageContext) -> dict[str, Any]:
-        """Restore into a fresh preview owned by the import's restore role, as that role:
-        the dump's SQL can reach nothing but this preview."""
-        wait_for_restore_slot(context, self.settings)  # held until this claim of the stage ends
-        job = context.job
-        if not job.upload_key:
-            return live.restore(self, context)
-        project = Project.get_by_id(job.project_id)
-        # Projects created before the service revoked PUBLIC's access get it revoked now.
-        self._admin(job).lock_down(project.database_name)
-        target, _restorer, preview = self._new_preview(context, job.facts)
-        context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
-        self._hold(context, "restore", self._tools(context, cancellable=False), target)
-        context.check_cancelled()
-        # From object storage, on whichever worker runs this stage.
-        upload_steps.restore_upload(context, settings=self.settings, store=self.store, tools=self._tools(context), target=target)
-        # A verification of an earlier preview (a restore retried by an operator) is void.
-        return {"preview_database": preview, "verification": None}
-
-    def _new_preview(self, context: StageContext, facts: dict[str, Any]) -> tuple[SourceURL, RoleLogin, str]:
+    def _new_preview(
+        self, context: StageContext, extensions: dict[str, str], extension_comments: dict[str, str]
+    ) -> tuple[SourceURL, RoleLogin, str]:
         """A new, empty preview owned by the import's restore role (an earlier attempt's
-        is dropped), with the extensions of `facts` created in it: the URL the restore
-        connects to, the role, and the preview's name."""
+        is dropped), with `extensions` (name -> schema) created in it, and their
+        comments: the URL the restore connects to, the role, and the preview's name."""
         job = context.job
         admin = self._admin(job)
         preview = preview_name(job)
@@ -385,108 +328,8 @@ class ImportSteps:
         restorer = admin.ensure_restore_role(restore_role_name(job))
         admin.create_database(preview, owner=restorer.name)
         # In the empty preview, before any of the dump's SQL has run.
-        admin.create_extensions(preview, restorer.name, facts.get("extensions", {}), facts.get("extension_comments", {}))
+        admin.create_extensions(preview, restorer.name, extensions, extension_comments)
         return admin.role_url(preview, restorer), restorer, preview
-
-    def finalize(self, context: StageContext) -> dict[str, Any]:
-        job = context.job
-        admin = self._admin(job)
-        project = Project.get_by_id(job.project_id)
-        preview = job.facts["preview_database"]
-        retired = RetiredDatabase.get_or_none(RetiredDatabase.job == job.id)
-        if retired and not admin.database_exists(preview):
-            # A previous attempt swapped and then lost its commit: the swap is done.
-            return {"report": job.facts.get("report", {}), "replaced_database": retired.database_name}
-        if not admin.database_exists(preview):
-            raise PermanentError(
-                f"the preview database {preview!r} no longer exists (a failed import drops it); "
-                "retry the import from the restore stage"
-            )
-        # A swap that crashed before swaps were one transaction left the live database
-        # refusing connections; it must accept them again (and the is_empty gate below
-        # must be able to connect).
-        admin.reopen_disabled([project.database_name])
-        source = job.facts["source_description"]
-        verified = job.facts.get("verification") or self._verify(context, admin, preview)
-        target_counts, target = verified["target_counts"], verified["target"]
-        context.progress({"phase": "handing the preview over to the project's role"})
-        owner = RoleLogin(*project_role(project, admin, self.sealer))
-        admin.hand_over(preview, from_role=restore_role_name(job), to_role=owner.name)
-        # As the owner, on the preview: they belong to the database, so the swap keeps them.
-        database = dbsettings.apply(
-            admin, preview, owner, dbsettings.DatabaseProperties.from_facts(job.facts.get("database_properties"))
-        )
-        # The gate again, just before the destructive step: the project's database
-        # may have received data since preflight.
-        if not job.recreate and not admin.is_empty(project.database_name, owner):
-            raise PermanentError(
-                "the project's database is no longer empty; it received objects after the "
-                'import started. Send "recreate": true to replace them'
-            )
-        if retired is None:
-            replaced = f"{project.database_name}_replaced_{self.clock():%Y%m%d%H%M%S}"
-            if admin.database_exists(replaced):  # two imports of the project within a second
-                replaced += "_" + job.id.removeprefix("job_")[:6]
-            retired = RetiredDatabase.create(
-                cluster=job.cluster_id,
-                project=project.id,
-                job=job.id,
-                database_name=replaced,
-                drop_after=self.clock() + dt.timedelta(seconds=self.settings.replaced_database_retention_seconds),
-            )
-        context.progress({"phase": "swapping the preview in"})
-        hold = self._hold_seconds(job, "swap")
-        # The last cancellation point: once the swap has committed, the import completes.
-        context.check_cancelled()
-        context.confirm_claim()
-        admin.swap(
-            live=project.database_name,
-            preview=preview,
-            replaced=retired.database_name,
-            hold=(lambda: self._hold(context, "swap")) if hold else None,
-        )
-        report = build_report(
-            source_counts=job.facts["source_counts"],
-            target_counts=target_counts,
-            source=source,
-            target=target,
-            source_basis=job.facts["source_basis"],
-            skipped=job.facts.get("skipped", []) + database["skipped"],
-            uncounted=job.facts.get("uncounted_tables", []),
-        )
-        report["database"] = {"settings": database["settings"], "comment": database["comment"]}
-        report["replaced_database"] = retired.database_name
-        return {"report": report, "replaced_database": retired.database_name, "verification": None}
-
-    def _verify(self, context: StageContext, admin: ClusterAdmin, preview: str) -> dict[str, Any]:
-        """Verify the preview as its restore role and record the result on the job before
-        the hand-over: a finalize retried after it cannot connect as that role again."""
-        job = context.job
-        role = restore_role_name(job)
-        if not admin.role_exists(role):
-            raise PermanentError(
-                f"the preview database {preview!r} can no longer be verified (its restore role is gone); "
-                "retry the import from the restore stage"
-            )
-        context.progress({"step": "verify", "phase": "verifying tables, rows and sequences"})
-        # A new password (none is ever stored; the dump may have set its own) and no
-        # members, then nobody else in the preview: what is verified is what is swapped in.
-        restorer = admin.ensure_restore_role(role)
-        admin.terminate_sessions(preview)
-        admin.reopen(preview)  # the dump may have set its connection limit to 0
-        target_counts, target = verify_preview(
-            admin,
-            preview,
-            restorer,
-            job.facts["source_counts"],
-            job.facts.get("uncounted_tables", []),
-            job.facts["source_description"]["sequences"],
-            allowlist=self.settings.extension_allowlist,
-            copied=job.facts.get("copied_counts"),
-        )
-        verified = {"target_counts": target_counts, "target": target}
-        context.merge_facts({"verification": verified})
-        return verified
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:

@@ -24,13 +24,14 @@ import peewee
 from pipeline.db import database
 from pipeline.models import (
     ACTIVE_STATES,
-    STAGE_ORDER,
     Job,
     JobEvent,
     Stage,
     State,
     utcnow,
 )
+from pipeline.steps.registry import STAGE_NAMES
+from pipeline.steps.results import JobFacts, StageFacts, ToolProcess
 from pipeline.webhooks import events as webhook_events
 from stages.errors import CapyError
 from stages.tools.workpaths import scrub_work_paths
@@ -44,9 +45,9 @@ def worker_id() -> str:
 
 
 def next_stage(stage: str) -> str | None:
-    order = [s.value for s in STAGE_ORDER]
-    index = order.index(stage)
-    return order[index + 1] if index + 1 < len(order) else None
+    """The stage after `stage` in the registry (pipeline.steps.registry); None after the last."""
+    index = STAGE_NAMES.index(stage)
+    return STAGE_NAMES[index + 1] if index + 1 < len(STAGE_NAMES) else None
 
 
 def _guarded(job_id: str, where: peewee.Expression, **values: Any) -> Job | None:
@@ -221,21 +222,23 @@ def set_preview(job_id: str, actor: str, preview: str) -> bool:
     return _guarded(job_id, held_by(actor), preview_database_id=preview) is not None
 
 
-def merge_facts(job_id: str, actor: str, facts: dict[str, Any]) -> bool:
-    """Merge `facts` into the facts of a job this actor holds, in one statement (jsonb
-    `||`: what another writer merged meanwhile stays); False if it no longer holds it."""
+def merge_facts(job_id: str, actor: str, facts: StageFacts) -> bool:
+    """Merge the fields set in `facts` into the facts of a job this actor holds, in one
+    statement (jsonb `||`: what another writer merged meanwhile stays); False if it no
+    longer holds it."""
     return _guarded(job_id, held_by(actor), facts=Job.facts.concat(facts)) is not None
 
 
 def mark_upload_deleted(job_id: str) -> None:
     """Note in an ended job's facts that its upload was deleted (cleanup, sweep)."""
-    Job.update(facts=Job.facts.concat({"upload_deleted": True})).where(
+    Job.update(facts=Job.facts.concat(JobFacts(upload_deleted=True))).where(
         (Job.id == job_id) & ~Job.state.in_(ACTIVE_STATES)
     ).execute()
 
 
-def advance(job_id: str, actor: str, stage: str, *, facts: dict[str, Any]) -> Job | None:
-    """Commit `stage`'s result and move to the next stage, unclaimed, for a wake-up."""
+def advance(job_id: str, actor: str, stage: str, *, facts: StageFacts) -> Job | None:
+    """Commit `stage`'s result (merged into the job's facts) and move to the next stage,
+    unclaimed, for a wake-up."""
     to_stage = next_stage(stage)
     if to_stage is None:
         raise ValueError(f"{stage} is the last stage: complete the job instead")
@@ -256,9 +259,10 @@ def advance(job_id: str, actor: str, stage: str, *, facts: dict[str, Any]) -> Jo
 
 
 def complete(
-    job_id: str, actor: str, stage: str, *, facts: dict[str, Any], progress: dict[str, Any]
+    job_id: str, actor: str, stage: str, *, facts: StageFacts, progress: dict[str, Any]
 ) -> Job | None:
-    """Complete a job this actor holds at its last stage, `stage`."""
+    """Complete a job this actor holds at its last stage, `stage`, its result merged
+    into the job's facts."""
     if next_stage(stage) is not None:
         raise ValueError(f"a job completes only at its last stage, not at {stage}")
     return transition(
@@ -365,10 +369,10 @@ def cancel_reason(job_id: str) -> str | None:
     return f"cancelled by {row.cancel_requested_by or 'an operator'}"
 
 
-def record_tool_process(job_id: str, actor: str, process: dict[str, Any]) -> bool:
+def record_tool_process(job_id: str, actor: str, process: ToolProcess) -> bool:
     """Note the external tool a claim just started (host, process group, program) in the
     job's facts, so whoever takes the stage over can make sure it is gone."""
-    return merge_facts(job_id, actor, {"tool_process": process})
+    return merge_facts(job_id, actor, JobFacts(tool_process=process))
 
 
 def events(job_id: str) -> list[JobEvent]:

@@ -18,9 +18,12 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
 
 from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from pipeline.steps.results import JobFacts
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +123,13 @@ def job_failed(stage: str, classification: str) -> None:
 
 
 @_never_fails
-def import_completed(upload_key: str | None, facts: dict[str, Any]) -> None:
+def import_completed(upload_key: str | None, facts: JobFacts) -> None:
     """Count a completed import's bytes and rows, from what its stages recorded."""
     source = "upload" if upload_key else "live"
-    dump_bytes = facts.get("dump_bytes")
+    dump_bytes = facts.dump_bytes
     if isinstance(dump_bytes, int | float) and dump_bytes > 0:
         COPIED_BYTES.labels(source).inc(dump_bytes)
-    rows = (facts.get("report") or {}).get("row_count")
+    rows = (facts.report or {}).get("row_count")
     if isinstance(rows, int | float) and rows > 0:
         COPIED_ROWS.labels(source).inc(rows)
 

@@ -116,7 +116,7 @@ def _stage_to_run(
     upload_exists: Callable[[str], bool],
     preview_exists: Callable[[Job], bool],
 ) -> tuple[str, str | None]:
-    if job.upload_key and (job.facts.get("upload_deleted") or not upload_exists(job.upload_key)):
+    if job.upload_key and (job.facts.upload_deleted or not upload_exists(job.upload_key)):
         raise InvalidRequest(
             f"job {job.id}'s upload {job.upload_key} was deleted when the job ended "
             "(CAPY_UPLOAD_RETENTION_SECONDS keeps uploads longer); upload the dump again and start a new import"
@@ -131,15 +131,15 @@ def _stage_to_run(
             "so it starts again from fetch"
         )
         stage = Stage.FETCH.value
-    if stage != Stage.PREFLIGHT.value and "preflight" not in job.facts:
+    if stage != Stage.PREFLIGHT.value and job.facts.preflight is None:
         raise InvalidRequest(
             f"job {job.id} never passed its preflight stage; retry it with --from-stage preflight"
         )
-    if stage == Stage.RESTORE.value and job.upload_key and "source_counts" not in job.facts:
+    if stage == Stage.RESTORE.value and job.upload_key and job.facts.source_counts is None:
         # An upload's restore reads the upload and the facts fetch recorded, on any worker;
         # a live import's restore copies from the source again.
         raise InvalidRequest(f"job {job.id} never passed its fetch stage; retry with --from-stage fetch")
-    if stage == Stage.RESTORE.value and not job.upload_key and "source_address" not in job.facts:
+    if stage == Stage.RESTORE.value and not job.upload_key and job.facts.source_address is None:
         raise InvalidRequest(
             f"job {job.id} has no source address its preflight pinned; retry with --from-stage preflight"
         )

@@ -19,7 +19,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from pipeline import logs
 from pipeline.config import Settings
 from pipeline.db import ControlDatabaseUnavailable
-from pipeline.models import STAGE_ORDER
+from pipeline.steps.registry import STAGE_NAMES
 from stages.errors import PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,12 @@ class StageQueue:
             max_retries=3,
         )
         self.actors: dict[str, dramatiq.Actor] = {}
-        for stage in STAGE_ORDER:
-            self.actors[stage.value] = dramatiq.actor(
-                self._runner_for(stage.value),
+        for stage in STAGE_NAMES:  # one actor and queue per stage of the registry
+            self.actors[stage] = dramatiq.actor(
+                self._runner_for(stage),
                 broker=broker,
-                actor_name=f"{self.prefix}_{stage.value}",
-                queue_name=f"{self.prefix}.{stage.value}",
+                actor_name=f"{self.prefix}_{stage}",
+                queue_name=f"{self.prefix}.{stage}",
                 # Attempts are also bounded by the job's own max_attempts at claim.
                 max_retries=max(0, settings.max_attempts - 1),
                 min_backoff=5_000,

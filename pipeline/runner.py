@@ -129,13 +129,13 @@ class Runner:
             on_lost=context.lose_claim,
         )
         try:
-            if job.attempts > 1 or job.facts.get("tool_process"):
+            if job.attempts > 1 or job.facts.tool_process:
                 # An earlier claim ended, perhaps with its worker (after a replay or a
                 # retry its attempts start again at 1): its tools and sessions must be
                 # gone before the stage runs again.
                 self.steps.take_over(job)
             with beat:
-                facts = self.steps.run(stage, context)
+                result = self.steps.run(stage, context)
             context.check_claim()
             timed.end(metrics.SUCCEEDED)
         except jobs.ClaimLost as lost:
@@ -218,7 +218,7 @@ class Runner:
             self._cancelled(job, actor)
             return
         if following is None:
-            completed = jobs.complete(job_id, actor, stage, facts=facts, progress={"phase": "completed"})
+            completed = jobs.complete(job_id, actor, stage, facts=result, progress={"phase": "completed"})
             if completed is None:
                 log.warning("job %s: %s finished, but %s no longer holds the job; nothing to do", job_id, stage, actor)
                 return
@@ -228,7 +228,7 @@ class Runner:
             self.steps.cleanup(completed, succeeded=True)
             log.info("job %s: completed", job_id)
             return
-        if jobs.advance(job_id, actor, stage, facts=facts):
+        if jobs.advance(job_id, actor, stage, facts=result):
             self.wake(job_id, following)
 
     def _claim_until(self, job: Job) -> dt.datetime | None:

@@ -61,8 +61,8 @@ def job_json(job: Job) -> dict[str, Any]:
     out["recreate"] = job.recreate
     # Set when a cancel was asked for; the state turns `cancelled` when the worker stops.
     out["cancel_requested_at"] = timestamp(job.cancel_requested_at)
-    if "report" in (job.facts or {}):
-        out["report"] = job.facts["report"]
+    if job.facts is not None and job.facts.report is not None:
+        out["report"] = job.facts.report
     return out
 
 

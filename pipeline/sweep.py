@@ -105,7 +105,7 @@ def sweep(
     for job in Job.select().where(
         Job.upload_key.is_null(False) & Job.state.in_(FINAL_STATES) & (Job.completed_at <= now - retention)
     ):
-        if job.facts.get("upload_deleted"):
+        if job.facts.upload_deleted:
             continue
         try:
             store.delete(job.upload_key)

@@ -16,6 +16,7 @@ from psycopg2 import sql
 from pipeline.config import Settings
 from pipeline.db import database, init_database
 from pipeline.migrations import migrate
+from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
 
 RUN_ID = secrets.token_hex(3)
@@ -90,7 +91,7 @@ def _delete_queues(settings: Settings) -> None:
     try:
         channel = connection.channel()
         for prefix in (settings.queue_prefix + suffix for suffix in QUEUE_SUFFIXES):
-            for stage in ("preflight", "fetch", "restore", "finalize", "exhausted", "webhooks"):
+            for stage in (*STAGE_NAMES, "exhausted", "webhooks"):
                 for suffix in ("", ".DQ", ".XQ"):
                     channel.queue_delete(f"{prefix}.{stage}{suffix}")
     finally:

@@ -19,6 +19,7 @@ from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
+from pipeline.steps.results import FetchResult, RestoreResult, recorded
 from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
 from stages.copy.postdata import split
 from stages.dumps import toc
@@ -59,29 +60,29 @@ def source_settings(steps: ImportSteps) -> SourceSettings:
     )
 
 
-def fetch(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
+def fetch(steps: ImportSteps, context: StageContext) -> FetchResult:
     """Size up the source in a snapshot of its own: how many tables and bytes the copy
     moves (the restore stage copies from a new snapshot, the one its counts come from)."""
     job = context.job
-    source = steps._source(job).with_params(hostaddr=job.facts["source_address"])
+    source = steps._source(job).with_params(hostaddr=recorded(job.facts.source_address, "source_address"))
     context.progress({"step": "schema", "phase": "sizing up the source"})
     tools = steps._tools(context)
     steps._hold(context, "fetch", tools, source)
     with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
         tables = snapshot.catalog.tables
-        return {
-            "source_server_version": snapshot.server_version,
-            "source_tables": len(tables),
-            "source_bytes": sum(t.bytes for t in tables),
-            "dump_format": "live",
-        }
+        return FetchResult(
+            source_server_version=snapshot.server_version,
+            source_tables=len(tables),
+            source_bytes=sum(t.bytes for t in tables),
+            dump_format="live",
+        )
 
 
-def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
+def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
     """Create the preview as the import's restore role and copy the source into it."""
     job = context.job
     settings = steps.settings
-    source = steps._source(job).with_params(hostaddr=job.facts["source_address"])
+    source = steps._source(job).with_params(hostaddr=recorded(job.facts.source_address, "source_address"))
     admin = steps._admin(job)
     project = Project.get_by_id(job.project_id)
     admin.lock_down(project.database_name)
@@ -91,9 +92,9 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
         with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
             archive = os.path.join(work, "schema.dump")
             snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
-            planned, keep = steps._plan_archive(tools, archive, work, job.facts.get("rehearsal_skipped", []))
+            planned, keep = steps._plan_archive(tools, archive, work, job.facts.rehearsal_skipped)
             list_file = planned.pop("restore_list")
-            target, restorer, preview = steps._new_preview(context, planned)
+            target, restorer, preview = steps._new_preview(context, planned["extensions"], planned["extension_comments"])
             context.progress({"step": "schema", "phase": "creating the schema", "preview_database_id": preview})
             steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
             context.check_cancelled()
@@ -126,15 +127,15 @@ def restore(steps: ImportSteps, context: StageContext) -> dict[str, Any]:
                 statement_timeout_ms=remaining_ms,
             )
             planned.pop("toc_kinds", None)
-            return {
+            return RestoreResult(
                 **planned,
-                "source_counts": result.source_counts,
-                "copied_counts": result.target_counts,
-                "uncounted_tables": [],
-                "dump_bytes": result.bytes,
-                "source_server_version": snapshot.server_version,
-                "source_description": snapshot.description,
-                "source_basis": "source snapshot",
-                "preview_database": preview,
-                "verification": None,
-            }
+                source_counts=result.source_counts,
+                copied_counts=result.target_counts,
+                uncounted_tables=[],
+                dump_bytes=result.bytes,
+                source_server_version=snapshot.server_version,
+                source_description=snapshot.description,
+                source_basis="source snapshot",
+                preview_database=preview,
+                verification=None,
+            )

@@ -34,6 +34,7 @@ from pipeline.models import Cluster, Project
 from pipeline.preflights import rehearsal_setup
 from pipeline.sealing import Sealer
 from pipeline.steps.folders import stage_folder
+from pipeline.steps.results import FetchResult, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
@@ -67,7 +68,7 @@ def sql_limit(project: Project) -> int:
 
 def fetch_upload(
     context: StageContext, *, settings: Settings, sealer: Sealer, store: ObjectStore, tools: PgTools
-) -> dict[str, Any]:
+) -> FetchResult:
     """Identify the upload, prove the target's tools can read it, plan what the project
     role restores, and count its rows and sequences for finalize to compare. Leaves no
     file behind: the facts it returns are all restore needs."""
@@ -90,7 +91,7 @@ def fetch_upload(
             "dump_info": {"archive_version": info.archive_version, "dumped_by": info.dumped_by, "dumped_from": info.dumped_from},
         }
         counter = RowCounter()
-        skipped: list[dict[str, Any]] = job.facts.get("rehearsal_skipped", [])
+        skipped: list[dict[str, Any]] = job.facts.rehearsal_skipped
         if info.format in ARCHIVES:
             archive = os.path.join(folder, "upload")
             store.download(
@@ -122,17 +123,17 @@ def fetch_upload(
             kinds, basis, dump_bytes = counter.kinds, "dump statements", plain.bytes
     counts, uncounted = counter.result()
     description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
-    return {
+    return FetchResult(
         **facts,
         # What the schema rehearsal found the project cannot hold (of the whole script,
         # for a large plain one): restore leaves it out again.
-        "restore_skip": skipped,
-        "dump_bytes": dump_bytes,
-        "source_counts": counts,
-        "uncounted_tables": uncounted,
-        "source_description": description,
-        "source_basis": basis,
-    }
+        restore_skip=skipped,
+        dump_bytes=dump_bytes,
+        source_counts=counts,
+        uncounted_tables=uncounted,
+        source_description=description,
+        source_basis=basis,
+    )
 
 
 def restore_upload(
@@ -146,9 +147,9 @@ def restore_upload(
     facts = job.facts
     project = Project.get_by_id(job.project_id)
     # The version fetch checked; a job fetched before uploads were pinned has no ETag.
-    upload = StoredObject(job.upload_key, int(facts["upload_bytes"]), None, facts.get("upload_etag"))
-    skipped = facts.get("restore_skip", facts.get("rehearsal_skipped", []))
-    fmt = facts["dump_format"]
+    upload = StoredObject(job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag)
+    skipped = facts.restore_skip if facts.restore_skip is not None else facts.rehearsal_skipped
+    fmt = recorded(facts.dump_format, "dump_format")
     with stage_folder(settings, job, "restore") as folder:
         if fmt in ARCHIVES:
             archive = os.path.join(folder, "upload")
@@ -159,20 +160,20 @@ def restore_upload(
                 max_bytes=project.storage_limit_bytes,
                 on_progress=_bytes_progress(context, "downloading the upload"),
             )
-            entries = toc.read(tools, archive, encoding=facts["dump_encoding"])
-            precreated = set(facts.get("extensions", {}).values()) - {"public"}
+            entries = toc.read(tools, archive, encoding=recorded(facts.dump_encoding, "dump_encoding"))
+            precreated = set(facts.extensions.values()) - {"public"}
             plan = toc.plan(entries, precreated_schemas=precreated, skip=skip_map(skipped))
             list_file = os.path.join(folder, "restore.list")
             with open(list_file, "w", encoding="utf-8") as fh:
                 fh.write(plan.list_file())
-            context.progress({"phase": "restoring", "tables_total": len(facts.get("source_counts", {}))})
+            context.progress({"phase": "restoring", "tables_total": len(facts.source_counts or {})})
             context.check_cancelled()
             restore_archive(tools, target, archive, jobs=settings.concurrency, fmt=fmt, list_file=list_file)
             return
         gzipped = fmt == "gzip-plain"
         context.check_cancelled()
 
-        progress = _bytes_progress(context, "restoring", tables_total=len(facts.get("source_counts", {})))
+        progress = _bytes_progress(context, "restoring", tables_total=len(facts.source_counts or {}))
 
         def feed(out: BinaryIO) -> None:
             _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)

@@ -13,7 +13,6 @@ longer dumps to the fetch worker's disk for the restore to read (the copy engine
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import pytest
@@ -21,6 +20,7 @@ import requests
 
 from pipeline import jobs
 from pipeline.models import Job
+from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
 from tests.support.processes import cli, service_env, start_service, wait_for_job
 from tests.support.uploading import post_file
@@ -43,9 +43,12 @@ LIVE = ["pagila", "chinook", "northwind", "pagila"]
 # Which stages each worker takes: any (RabbitMQ hands each message to either; its round
 # robin tends to keep an import's stages on one worker), or alternating, so that every
 # stage runs on the other worker than the stage before it.
+ALTERNATING = {stage: WORKERS[index % 2] for index, stage in enumerate(STAGE_NAMES)}
 PLACEMENTS = {
     "free": {"worker": (), "worker2": ()},
-    "alternating": {"worker": ("preflight", "restore", "exhausted"), "worker2": ("fetch", "finalize", "exhausted")},
+    "alternating": {
+        name: (*(stage for stage, worker in ALTERNATING.items() if worker == name), "exhausted") for name in WORKERS
+    },
 }
 
 
@@ -106,7 +109,7 @@ def _placement(service, job_id: str) -> dict[str, str]:
     """Which worker ran each stage of the job (its last claim of it)."""
     ran: dict[str, str] = {}
     for event in jobs.events(job_id):
-        if event.reason.startswith(tuple(f"{stage} claimed" for stage in ("preflight", "fetch", "restore", "finalize"))):
+        if event.reason.startswith(tuple(f"{stage} claimed" for stage in STAGE_NAMES)):
             pid = int(event.actor.split(":")[1])
             ran[event.reason.split(" ", 1)[0]] = service.worker_holding(pid)
     return ran
@@ -126,10 +129,10 @@ def _check(deployment, started: list[tuple[str, str, dict]]) -> None:
         assert pg.schema_dump(live) == pg.schema_dump(source), (source, ran)
         # No stage hands a later one a path on its own disk (on another host it would
         # not be there, even where, as here, both workers share one file system).
-        facts = json.dumps(Job.get_by_id(job_id).facts)
+        facts = Job.get_by_id(job_id).facts.model_dump_json()
         assert not [name for name, folder in work.items() if str(folder) in facts], (source, ran)
         if placement == "alternating":
-            assert ran == {"preflight": "worker", "fetch": "worker2", "restore": "worker", "finalize": "worker2"}
+            assert ran == ALTERNATING
     for name, folder in work.items():
         assert [entry for entry in os.listdir(folder) if entry.startswith("job_")] == [], name
 

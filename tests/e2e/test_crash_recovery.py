@@ -26,6 +26,7 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
+from pipeline.steps.results import ToolProcess
 from stages.connections.pgurl import SourceURL
 from stages.tools.commands import process_group_members
 from tests.support import pg
@@ -105,13 +106,13 @@ def _wait_for_end(services, tenant, job_id: str, timeout: float = 180) -> dict:
     raise AssertionError(f"job {job_id} did not end by itself:\n" + "\n".join(s.log_tail() for s in services))
 
 
-def _recorded_tool(job_id: str, program: str = "/psql") -> dict:
+def _recorded_tool(job_id: str, program: str = "/psql") -> ToolProcess:
     """The tool the held stage started (a psql), as recorded on the job for a takeover;
     an earlier stage's last tool may still be the one recorded for a moment."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        tool = Job.get_by_id(job_id).facts.get("tool_process")
-        if tool and tool["program"].endswith(program):
+        tool = Job.get_by_id(job_id).facts.tool_process
+        if tool and tool.program.endswith(program):
             return tool
         time.sleep(0.2)
     raise AssertionError(f"no {program} was recorded on the job (last: {tool})")
@@ -157,8 +158,8 @@ def test_a_job_whose_worker_dies_finishes_by_itself(deployment, corpus_source, t
         holder = service.worker_holding(int(held["claimed_by"].split(":")[1]))
         tool = _recorded_tool(job_id) if point != "swap" else None
         if tool is not None:
-            assert tool["program"].endswith("/psql"), tool
-            assert process_group_members(tool["pgid"], tool["program"]), "the held tool is not running"
+            assert tool.program.endswith("/psql"), tool
+            assert process_group_members(tool.pgid, tool.program), "the held tool is not running"
 
         if how.startswith("every"):
             service.kill_all()
@@ -174,7 +175,7 @@ def test_a_job_whose_worker_dies_finishes_by_itself(deployment, corpus_source, t
         if tool is not None:
             # The tool died with its worker (parent-death signal), not at the next claim
             # (a takeover would kill it too, but only after the lease).
-            assert _wait_gone(tool["pgid"], tool["program"]) == []
+            assert _wait_gone(tool.pgid, tool.program) == []
             if "SIGTERM" not in how:  # (at a SIGTERM the stage stops it and hands the claim back)
                 assert Job.get_by_id(job_id).claimed_by == held["claimed_by"], "the tool outlived its worker"
         if point == "swap":

@@ -16,6 +16,7 @@ import pika
 import pytest
 import requests
 
+from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
 from tests.support.holdproxy import hold_proxy
 from tests.support.pgcluster import temporary_cluster
@@ -248,7 +249,7 @@ def _delete_shared_queues(prefix: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
     try:
         channel = connection.channel()
-        for stage in ("preflight", "fetch", "restore", "finalize", "exhausted"):
+        for stage in (*STAGE_NAMES, "exhausted"):
             for suffix in ("", ".DQ", ".XQ"):
                 channel.queue_delete(f"{prefix}.{stage}{suffix}")
     finally:

@@ -249,7 +249,7 @@ def test_a_dump_loaded_via_the_partition_root_imports_exactly(control_db, store,
     job = upload_and_import(control_db, store, world, data)
     assert job.state == "completed", (job.error, job.last_stderr)
     assert_identical(source, world.project.database_name)
-    tables = job.facts["report"]["tables"]
+    tables = job.facts.report["tables"]
     assert tables["public.payment"] == {"source_rows": 5000, "target_rows": 5000}
     assert tables["public.plain_table"] == {"source_rows": 300, "target_rows": 300}
 
@@ -288,7 +288,7 @@ def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store,
     assert pg.admin("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (live,)) == [("UTF8",)]
     assert row_counts(live) == row_counts(latin1_source) == {"public.café": 250, "public.plain_ascii": 10}
     assert query(live, 'SELECT "crème" FROM "café" WHERE id = 7') == [("brûlée 7",)]
-    assert job.facts["report"]["tables"]["public.café"] == {"source_rows": 250, "target_rows": 250}
+    assert job.facts.report["tables"]["public.café"] == {"source_rows": 250, "target_rows": 250}
     assert table_hashes(live) == table_hashes(latin1_source)
 
 
@@ -388,7 +388,7 @@ def test_database_settings_and_comment_are_carried_or_reported(control_db, store
     assert len(expected) == 3
     assert database_settings(live) == expected
     assert database_comment(live) == "the shop's database"
-    report = job.facts["report"]
+    report = job.facts.report
     assert report["database"] == {
         "settings": ["work_mem = 7MB", "search_path = public, $user, odd's", "statement_timeout = 90s"],
         "comment": "the shop's database",

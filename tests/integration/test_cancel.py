@@ -20,6 +20,7 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import AuditEvent, Job
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
+from pipeline.steps.results import StageResult
 from stages.connections.pgurl import SourceURL
 from stages.database.cluster import ClusterAdmin
 from tests.support import pg
@@ -104,7 +105,7 @@ def test_a_finished_job_cannot_be_cancelled(control_db, store, world):
     job = start(control_db, world, lambda job_id, stage: None)
     Job.update(stage="finalize").where(Job.id == job.id).execute()
     jobs.claim(job.id, "finalize", "w1", lease=LEASE)
-    jobs.complete(job.id, "w1", "finalize", facts={}, progress={"phase": "completed"})
+    jobs.complete(job.id, "w1", "finalize", facts=StageResult(), progress={"phase": "completed"})
     with pytest.raises(Conflict) as info:
         cancel(control_db, store, job.id)
     assert info.value.message == (

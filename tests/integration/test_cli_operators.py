@@ -21,6 +21,8 @@ from pipeline.operator_actions import operator_actor
 from pipeline.principals import Principal
 from pipeline.queue import StageQueue
 from pipeline.sealing import Sealer
+from pipeline.steps.registry import STAGE_NAMES
+from pipeline.steps.results import StageResult
 from stages.connections.pgurl import SourceURL
 from tests.support import pg
 from tests.support.cli import run
@@ -28,7 +30,7 @@ from tests.support.inline import InlineQueue
 from tests.support.world import make_world
 
 ACTOR = operator_actor()
-STAGES = ("preflight", "fetch", "restore", "finalize", "exhausted")
+STAGES = (*STAGE_NAMES, "exhausted")
 
 LEASE = dt.timedelta(seconds=90)
 
@@ -292,7 +294,7 @@ def test_dlq_list_and_replay(own_queues, capsys, world):
     finished = new_job(settings, finished_world)
     Job.update(stage="finalize").where(Job.id == finished.id).execute()
     jobs.claim(finished.id, "finalize", "w", lease=LEASE)
-    jobs.complete(finished.id, "w", "finalize", facts={}, progress={})
+    jobs.complete(finished.id, "w", "finalize", facts=StageResult(), progress={})
     ids = {
         dead_letter(settings, "fetch", waiting.id): waiting.id,
         dead_letter(settings, "fetch", finished.id): finished.id,

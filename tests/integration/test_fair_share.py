@@ -15,6 +15,7 @@ from pipeline.models import Job, Organization, Project
 from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.steps.results import StageResult
 from stages.connections.pgurl import SourceURL
 from tests.support.world import make_world
 
@@ -94,7 +95,7 @@ def test_a_finished_stage_frees_the_organizations_slot(settings):
     with pytest.raises(jobs.OrganizationAtLimit) as info:
         jobs.claim(second.id, "preflight", "w2", lease=LEASE, org_limit=1)
     assert (info.value.active, info.value.limit) == (1, 1)
-    jobs.advance(first.id, "w1", "preflight", facts={})  # between stages: holds no claim
+    jobs.advance(first.id, "w1", "preflight", facts=StageResult())  # between stages: holds no claim
     assert jobs.claim(second.id, "preflight", "w2", lease=LEASE, org_limit=1) is not None
     with pytest.raises(jobs.OrganizationAtLimit):
         jobs.claim(first.id, "fetch", "w1", lease=LEASE, org_limit=1)

@@ -80,7 +80,7 @@ def test_live_import_of_every_object_kind(control_db, fidelity_source):
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
     assert pg.schema_dump(live) == pg.schema_dump(fidelity_source), pg.schema_difference(fidelity_source, live)
-    report = job.facts["report"]
+    report = job.facts.report
     assert_report_matches(report, fidelity_source, live, basis="source snapshot")
     assert {k: v["source"] for k, v in report["objects"].items()} == {k: v["target"] for k, v in report["objects"].items()}
     assert report["skipped"] == [] and report["warnings"] == []
@@ -93,7 +93,7 @@ def test_uploaded_import_of_every_object_kind(control_db, store, fidelity_source
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
     assert pg.schema_dump(live) == pg.schema_dump(fidelity_source)
-    report = job.facts["report"]
+    report = job.facts.report
     basis = "dump table of contents" if fmt == "custom" else "dump statements"
     assert_report_matches(report, fidelity_source, live, basis=basis)
     # The dump lists every table, partitions included (the catalog counts them apart).
@@ -112,7 +112,7 @@ def test_superuser_only_objects_are_skipped_with_warnings(control_db, store, sup
     else:
         job = upload_and_import(control_db, store, world, pg.make_dump(superuser_source, how, tmp_path / f"su.{how}"))
     assert job.state == "completed", (job.error, job.last_stderr)
-    report = job.facts["report"]
+    report = job.facts.report
     skipped = [item["object"] for item in report["skipped"]]
     assert "EVENT TRIGGER capy_ddl_watch" in skipped
     assert report["warnings"][0] == (

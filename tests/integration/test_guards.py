@@ -17,6 +17,15 @@ from pipeline.import_steps import ImportSteps, StageContext, preview_name
 from pipeline.models import Job
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.steps.results import (
+    FinalizeResult,
+    JobFacts,
+    PreflightResult,
+    RestoreResult,
+    StageResult,
+    ToolProcess,
+    Verification,
+)
 from stages.errors import PermanentError
 from stages.tools.commands import PgCommand, process_group_members
 from tests.support import pg
@@ -70,7 +79,7 @@ class TakenOverMidStage(ImportSteps):
             raise self.fail_with
         context.progress({"phase": "dropping the old preview"})  # the old holder's next write
         self.side_effect_done = True
-        return {"restored": True}
+        return RestoreResult(preview_database=preview_name(context.job))
 
 
 @pytest.fixture
@@ -116,22 +125,22 @@ def test_a_lost_claim_stops_the_stage_before_its_next_side_effect(control_db, st
     assert not steps.side_effect_done
     job = Job.get_by_id(restore_job.id)
     assert (job.state, job.stage, job.claimed_by) == ("running", "restore", "w2")
-    assert "restored" not in job.facts and job.preview_database_id == preview_name(job)
+    assert job.facts.preview_database is None and job.preview_database_id == preview_name(job)
 
 
 def test_complete_and_advance_refuse_a_wrong_stage(control_db):
     job = new_job(control_db)
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
-    assert jobs.complete(job.id, "w1", "finalize", facts={}, progress={"phase": "completed"}) is None
-    assert jobs.advance(job.id, "w1", "fetch", facts={}) is None
+    assert jobs.complete(job.id, "w1", "finalize", facts=StageResult(), progress={"phase": "completed"}) is None
+    assert jobs.advance(job.id, "w1", "fetch", facts=StageResult()) is None
     with pytest.raises(ValueError, match="only at its last stage"):
-        jobs.complete(job.id, "w1", "preflight", facts={}, progress={})
+        jobs.complete(job.id, "w1", "preflight", facts=StageResult(), progress={})
     still = Job.get_by_id(job.id)
     assert (still.state, still.stage, still.claimed_by) == ("running", "preflight", "w1")
     assert reasons(job.id) == ["import requested", "preflight claimed (attempt 1 of 3)"]
     Job.update(stage="finalize").where(Job.id == job.id).execute()
-    done = jobs.complete(job.id, "w1", "finalize", facts={"b": 2}, progress={"phase": "completed"})
-    assert done.state == "completed" and done.facts == {"b": 2}
+    done = jobs.complete(job.id, "w1", "finalize", facts=FinalizeResult(replaced_database="b"), progress={"phase": "completed"})
+    assert done.state == "completed" and done.facts.stored() == {"replaced_database": "b"}
 
 
 def test_writes_of_a_stale_holder_are_ignored(control_db):
@@ -140,25 +149,27 @@ def test_writes_of_a_stale_holder_are_ignored(control_db):
     take_over(job.id, "preflight", "w1", "w2")
     assert jobs.set_progress(job.id, "w2", {"phase": "w2 works"})
     assert jobs.record_command(job.id, "w2", exit_code=0, stdout="w2 out", stderr="")
-    assert jobs.merge_facts(job.id, "w2", {"by": "w2"})
+    assert jobs.merge_facts(job.id, "w2", RestoreResult(preview_database="by_w2"))
     before = Job.get_by_id(job.id)
 
     assert not jobs.set_progress(job.id, "w1", {"phase": "w1 still thinks it runs"})
     assert not jobs.record_command(job.id, "w1", exit_code=1, stdout="", stderr="w1's failure")
-    assert not jobs.merge_facts(job.id, "w1", {"by": "w1", "verification": {"stale": True}})
+    assert not jobs.merge_facts(
+        job.id, "w1", FinalizeResult(verification=Verification(target_counts={}, target={"stale": True}))
+    )
     assert not jobs.set_preview(job.id, "w1", "capy_preview_of_w1")
-    assert not jobs.record_tool_process(job.id, "w1", {"pgid": 1})
+    assert not jobs.record_tool_process(job.id, "w1", ToolProcess(pgid=1, program="pg_restore"))
     context = StageContext(before, "w1")
     with pytest.raises(jobs.ClaimLost):
         context.progress({"phase": "w1 again"})
     with pytest.raises(jobs.ClaimLost):
-        context.merge_facts({"by": "w1"})
+        context.merge_facts(RestoreResult(preview_database="by_w1"))
     with pytest.raises(jobs.ClaimLost):  # what the restore and the swap ask first
         StageContext(before, "w1").confirm_claim()
     after = Job.get_by_id(job.id)
-    assert (after.progress, after.facts, after.last_exit_code, after.last_stdout, after.last_stderr) == (
+    assert (after.progress, after.facts.stored(), after.last_exit_code, after.last_stdout, after.last_stderr) == (
         {"phase": "w2 works"},
-        {"by": "w2"},
+        {"preview_database": "by_w2"},
         0,
         "w2 out",
         None,
@@ -175,13 +186,14 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
     try:
         with other.cursor() as cur:
             cur.execute(
-                "UPDATE jobs SET facts = facts || %s::jsonb WHERE id = %s", ('{"tool_process": {"pgid": 42}}', job.id)
+                "UPDATE jobs SET facts = facts || %s::jsonb WHERE id = %s",
+                ('{"tool_process": {"pgid": 42, "program": "pg_dump"}}', job.id),
             )
         outcome = []
 
         def advance():
             try:
-                outcome.append(jobs.advance(job.id, "w1", "preflight", facts={"preflight": {"ok": True}}))
+                outcome.append(jobs.advance(job.id, "w1", "preflight", facts=PreflightResult(preflight={"ok": True})))
             finally:
                 database.close()
 
@@ -193,7 +205,10 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
     finally:
         other.close()
     assert outcome and outcome[0] is not None
-    assert Job.get_by_id(job.id).facts == {"tool_process": {"pgid": 42}, "preflight": {"ok": True}}
+    assert Job.get_by_id(job.id).facts.stored() == {
+        "tool_process": {"pgid": 42, "program": "pg_dump"},
+        "preflight": {"ok": True},
+    }
 
 
 def test_concurrent_fact_merges_all_survive(control_db):
@@ -203,7 +218,7 @@ def test_concurrent_fact_merges_all_survive(control_db):
     def merge(prefix):
         try:
             for i in range(20):
-                assert jobs.merge_facts(job.id, "w1", {f"{prefix}{i}": i})
+                assert jobs.merge_facts(job.id, "w1", JobFacts.model_validate({f"{prefix}{i}": i}))
         finally:
             database.close()
 
@@ -212,13 +227,13 @@ def test_concurrent_fact_merges_all_survive(control_db):
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert Job.get_by_id(job.id).facts == {f"{p}{i}": i for p in "abc" for i in range(20)}
+    assert Job.get_by_id(job.id).facts.model_extra == {f"{p}{i}": i for p in "abc" for i in range(20)}
 
 
 def test_every_transition_writes_its_event_with_what_it_changed(control_db):
     job = new_job(control_db)
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
-    jobs.advance(job.id, "w1", "preflight", facts={})
+    jobs.advance(job.id, "w1", "preflight", facts=StageResult())
     events = jobs.events(job.id)
     assert [(e.from_state, e.to_state, e.from_stage, e.to_stage) for e in events] == [
         (None, "pending", None, "preflight"),
@@ -250,7 +265,7 @@ class SlowTool:
         Sleep("/usr/bin", on_start=self._started, stall_seconds=None, cancellation=context.cancellation).run(
             ["60"], what="a slow tool"
         )
-        return {"slow tool": "done"}
+        return PreflightResult(preflight={"slow tool": "done"})
 
     def cleanup(self, job, *, succeeded):
         raise AssertionError("a worker that lost its claim cleans nothing up")
@@ -294,5 +309,5 @@ def test_a_claim_lost_while_a_tool_runs_stops_the_tool_and_changes_nothing(contr
     assert process_group_members(*steps.tool) == []
     after = Job.get_by_id(job.id)
     assert (after.state, after.stage, after.claimed_by, after.error) == ("running", "preflight", "w2", None)
-    assert "slow tool" not in after.facts
+    assert after.facts.preflight is None  # the stage's result was not written
     assert not any(reason.startswith(("failed", "preflight done")) for reason in reasons(job.id))

@@ -10,6 +10,7 @@ from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, JobEvent
 from pipeline.principals import Principal
 from pipeline.sealing import Sealer
+from pipeline.steps.results import FinalizeResult, PreflightResult, StageResult
 from stages.connections.pgurl import SourceURL
 from tests.support.world import make_world
 
@@ -120,19 +121,20 @@ def test_max_attempts_stops_claims(control_db, world):
 def test_advance_and_complete_are_guarded_and_recorded(control_db, world):
     job, _, _ = new_job(control_db, world)
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
-    assert jobs.advance(job.id, "w2", "preflight", facts={}) is None  # not the holder
-    advanced = jobs.advance(job.id, "w1", "preflight", facts={"a": 1})
-    assert (advanced.stage, advanced.claimed_by, advanced.attempts, advanced.facts) == (
+    assert jobs.advance(job.id, "w2", "preflight", facts=StageResult()) is None  # not the holder
+    advanced = jobs.advance(job.id, "w1", "preflight", facts=PreflightResult(source_address="192.0.2.1"))
+    assert (advanced.stage, advanced.claimed_by, advanced.attempts, advanced.facts.stored()) == (
         "fetch",
         None,
         0,
-        {"a": 1},
+        {"source_address": "192.0.2.1"},
     )
-    assert jobs.advance(job.id, "w1", "preflight", facts={}) is None  # duplicate message
+    assert jobs.advance(job.id, "w1", "preflight", facts=StageResult()) is None  # duplicate message
     Job.update(stage="finalize").where(Job.id == job.id).execute()
     jobs.claim(job.id, "finalize", "w1", lease=LEASE)
-    done = jobs.complete(job.id, "w1", "finalize", facts={"b": 2}, progress={"phase": "completed"})
-    assert done.state == "completed" and done.completed_at and done.facts == {"a": 1, "b": 2}
+    done = jobs.complete(job.id, "w1", "finalize", facts=FinalizeResult(replaced_database="db_replaced"), progress={"phase": "completed"})
+    assert done.state == "completed" and done.completed_at
+    assert done.facts.stored() == {"source_address": "192.0.2.1", "replaced_database": "db_replaced"}
     assert jobs.fail(job.id, "w1", "late", classification="permanent") is None
     reasons = [e.reason for e in JobEvent.select().where(JobEvent.job == job.id).order_by(JobEvent.id)]
     assert reasons == [

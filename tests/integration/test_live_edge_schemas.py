@@ -216,7 +216,7 @@ def test_edge_schema_survives_a_live_import(control_db, scratch_db, case):
     live = world.project.database_name
     assert pg.schema_dump(live) == pg.schema_dump(source), pg.schema_difference(source, live)
     assert data_of(live) == data_of(source)
-    report = job.facts["report"]
+    report = job.facts.report
     assert report["warnings"] == [] and report["skipped"] == []
     assert {t: r["source_rows"] for t, r in report["tables"].items()} == pg.row_counts(source)
 

@@ -20,7 +20,7 @@ def test_pagila_import_matches_the_source(control_db, corpus_source):
     source_counts = pg.row_counts(source)
     assert pg.row_counts(live) == source_counts
     assert source_counts["public.rental"] > 16000 and source_counts["public.payment_p2022_01"] > 0
-    report = job.facts["report"]
+    report = job.facts.report
     assert report["table_count"] == len(source_counts)
     assert report["tables"]["public.film"] == {"source_rows": 1000, "target_rows": 1000}
     # The unpopulated materialized view stays unpopulated.

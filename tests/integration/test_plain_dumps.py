@@ -91,7 +91,7 @@ def test_values_and_bodies_that_look_like_statements_are_restored_unchanged(cont
     live = world.project.database_name
     assert content(live) == content(source)
     assert pg.row_counts(live) == pg.row_counts(source)
-    assert job.facts["skipped"] == []  # no phantom event trigger
+    assert job.facts.skipped == []  # no phantom event trigger
 
 
 def test_a_gzipped_plain_dump_is_restored_unchanged(control_db, store, source, tmp_path):
@@ -264,8 +264,8 @@ def test_a_plain_dump_with_a_bom_and_backslash_lines_in_a_body_is_rehearsed_and_
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, dump)
     assert job.state == "completed", (job.error, job.last_stderr)
-    skipped = {item["object"] for item in job.facts["report"]["skipped"]}
-    assert skipped == {"FUNCTION public.c_abs(integer)"}, job.facts["report"]["skipped"]
+    skipped = {item["object"] for item in job.facts.report["skipped"]}
+    assert skipped == {"FUNCTION public.c_abs(integer)"}, job.facts.report["skipped"]
     live = world.project.database_name
     assert pg.admin("SELECT public.slashes()", dbname=live) == expected
     assert pg.row_counts(live) == {"public.t": 3}
@@ -331,7 +331,7 @@ def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehear
     world = make_world(settings)
     job = upload_and_import(settings, store, world, dump)
     assert job.state == "completed", (job.error, job.last_stderr)
-    assert {item["object"] for item in job.facts["report"]["skipped"]} == {
+    assert {item["object"] for item in job.facts.report["skipped"]} == {
         "POLICY public.t gone",
         "FUNCTION public.c_abs(integer)",
     }

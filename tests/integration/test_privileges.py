@@ -380,8 +380,8 @@ def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, stor
     done = Job.get_by_id(job.id)
     assert crashes == [method]
     assert done.state == "completed", done.error
-    assert done.facts["report"]["tables"] == {"public.a": {"source_rows": 2, "target_rows": 2}}
-    assert done.facts["verification"] is None
+    assert done.facts.report["tables"] == {"public.a": {"source_rows": 2, "target_rows": 2}}
+    assert done.facts.verification is None
     live = world.project.database_name
     assert read(live, "SELECT pg_catalog.count(*) FROM public.a") == [(2,)]
     assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [

@@ -18,6 +18,7 @@ from pipeline.models import Job, JobEvent
 from pipeline.principals import Principal
 from pipeline.runner import RECHECK_MARGIN, Runner
 from pipeline.sealing import Sealer
+from pipeline.steps.results import StageResult
 from pipeline.sweep import sweep
 from stages.connections.pgurl import SourceURL
 from stages.tools.commands import PgCommand, process_group_members
@@ -49,7 +50,7 @@ class SlowStage:
         Sleep("/usr/bin", on_start=self._started, stall_seconds=None).run(
             [str(self.seconds)], what="a slow tool"
         )
-        return {}
+        return StageResult()
 
     def cleanup(self, job, *, succeeded):
         pass

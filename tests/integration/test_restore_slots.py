@@ -25,6 +25,7 @@ from pipeline.principals import Principal
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
 from pipeline.serialize import job_json
+from pipeline.steps.results import StageResult
 from stages.connections.pgurl import SourceURL
 from tests.support import pg
 from tests.support.inline import InlineQueue
@@ -135,7 +136,7 @@ def test_a_clusters_own_limit_overrides_the_default(settings, cluster, made):
 
 
 def _advance(job: Job, actor: str) -> None:
-    jobs.advance(job.id, actor, "restore", facts={})
+    jobs.advance(job.id, actor, "restore", facts=StageResult())
 
 
 def _release(job: Job, actor: str) -> None:
@@ -292,7 +293,7 @@ def test_a_waiting_restore_shows_why_and_starts_as_soon_as_a_slot_frees(settings
     assert "starts as soon as" in view["progress"]["detail"]
     assert (view["state"], view["stage"], view["attempts"], view["error"]) == ("running", "restore", 1, None)
     assert thread.is_alive()
-    jobs.advance(holder.id, "holder", "restore", facts={})  # the holder's restore is done
+    jobs.advance(holder.id, "holder", "restore", facts=StageResult())  # the holder's restore is done
     thread.join(60)
     assert got == {"use": restore_slots.SlotUse(cluster.id, 1, 1)}
     history = reasons(waiter)

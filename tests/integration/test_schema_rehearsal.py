@@ -116,7 +116,7 @@ def test_every_superuser_only_kind_is_skipped_and_listed(control_db, store, tmp_
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, dump)
     assert job.state == "completed", (job.error, job.last_stderr)
-    report = job.facts["report"]
+    report = job.facts.report
     assert {item["object"]: item["reason"] for item in report["skipped"]} == expected_skips(outsider)
     live = world.project.database_name
     assert pg.row_counts(live) == {"public.notes": 3}
@@ -125,7 +125,7 @@ def test_every_superuser_only_kind_is_skipped_and_listed(control_db, store, tmp_
         ("capy_pub_notes",),
         ("capy_pub_schema",),
     ]
-    rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
+    rehearsal = next(c for c in job.facts.preflight["checks"] if c["name"] == SCHEMA_REHEARSAL)
     assert rehearsal["status"] == "warn"
     assert "POLICY public.notes notes_read" in rehearsal["detail"]
 
@@ -149,7 +149,7 @@ def test_policies_for_missing_roles_and_all_tables_publications_are_skipped(cont
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, dump)
     assert job.state == "completed", (job.error, job.last_stderr)
-    skipped = {item["object"] for item in job.facts["report"]["skipped"]}
+    skipped = {item["object"] for item in job.facts.report["skipped"]}
     assert skipped == {
         "POLICY public.profiles profiles are readable",
         "PUBLICATION supabase_realtime",
@@ -307,7 +307,7 @@ def test_regression_suite_style_objects_are_all_listed_before_the_dump_is_fetche
     job = upload_and_import(control_db, store, world, build_and_dump(C_TYPE_IN_A_TABLE, tmp_path))
     assert job.state == "failed"
     assert job.stage == "preflight", (job.stage, job.error)
-    assert "dump_path" not in job.facts
+    assert "dump_path" not in job.facts.stored()
     assert (
         "SHELL TYPE public.capy_cube: must be superuser to create a base type; needed by TABLE public.shapes, "
         "CONSTRAINT public.shapes shapes_pkey. A managed database cannot hold it as the project's role: change "
@@ -346,7 +346,7 @@ def test_a_check_whose_function_reads_no_other_table_imports(control_db, store, 
     job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_NOTHING_ELSE, tmp_path))
     assert job.state == "completed", (job.error, job.last_stderr)
     assert pg.row_counts(world.project.database_name) == {"public.items": 2, "public.status": 1}
-    rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
+    rehearsal = next(c for c in job.facts.preflight["checks"] if c["name"] == SCHEMA_REHEARSAL)
     assert rehearsal["status"] == "pass"
 
 
@@ -362,7 +362,7 @@ def test_a_policy_for_another_tenants_role_is_skipped_never_imported(control_db,
     source += "CREATE POLICY everyone ON t USING (true);\n"
     job = upload_and_import(control_db, store, world, build_and_dump(source, tmp_path, fmt))
     assert job.state == "completed", (job.error, job.last_stderr)
-    skipped = {item["object"]: item["reason"] for item in job.facts["report"]["skipped"]}
+    skipped = {item["object"]: item["reason"] for item in job.facts.report["skipped"]}
     assert skipped == {
         "POLICY public.t other_tenant": (
             f"it is for role(s) {role}, which a project cannot have: a project's policies are for PUBLIC or "
@@ -384,7 +384,7 @@ def test_text_that_looks_like_pg_dumps_headers_inside_a_string_is_not_a_header(c
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, build_and_dump(source, tmp_path, fmt))
     assert job.state == "completed", (job.error, job.last_stderr)
-    rehearsal = next(c for c in job.facts["preflight"]["checks"] if c["name"] == SCHEMA_REHEARSAL)
+    rehearsal = next(c for c in job.facts.preflight["checks"] if c["name"] == SCHEMA_REHEARSAL)
     assert rehearsal["status"] == "pass", rehearsal
     comment = pg.admin("SELECT obj_description('public.notes'::regclass)", dbname=world.project.database_name)
     assert comment[0][0].startswith("docs:\n--\n-- Name: fake;") and comment[0][0].endswith("--\nend")

@@ -79,7 +79,7 @@ def test_fetch_on_one_worker_and_restore_on_another(control_db, store, pagila_du
     run_stage(first, job.id, "preflight")
     run_stage(first, job.id, "fetch")
     assert left_in(first, job.id) == []
-    assert Job.get_by_id(job.id).facts["dump_format"] == fmt
+    assert Job.get_by_id(job.id).facts.dump_format == fmt
 
     # Every later wake-up goes to the second worker, whose work directory is empty.
     second.woken.extend(first.woken)
@@ -93,8 +93,8 @@ def test_fetch_on_one_worker_and_restore_on_another(control_db, store, pagila_du
     live = world.project.database_name
     assert pg.row_counts(live) == pg.row_counts(source)
     assert pg.schema_dump(live) == pg.schema_dump(source)
-    assert done.facts["report"]["row_count"] == sum(pg.row_counts(source).values())
-    assert "dump_path" not in done.facts and "restore_list" not in done.facts
+    assert done.facts.report["row_count"] == sum(pg.row_counts(source).values())
+    assert not {"dump_path", "restore_list"} & done.facts.stored().keys()
 
 
 @pytest.mark.parametrize("fmt", ["custom", "plain"])

@@ -30,9 +30,9 @@ def test_every_pg_dump_format_restores_pagila(control_db, store, pagila_dumps, f
     live = world.project.database_name
     assert pg.schema_dump(live) == pg.schema_dump(source)
     assert pg.row_counts(live) == pg.row_counts(source)
-    assert job.facts["dump_format"] == fmt
-    assert job.facts["report"]["tables"]["public.rental"]["source_rows"] == pg.row_counts(source)["public.rental"]
-    assert job.facts["dump_info"]["dumped_by"].startswith("15.")
+    assert job.facts.dump_format == fmt
+    assert job.facts.report["tables"]["public.rental"]["source_rows"] == pg.row_counts(source)["public.rental"]
+    assert job.facts.dump_info.dumped_by.startswith("15.")
     # The upload is deleted when the job ends; temporary files are gone.
     with pytest.raises(ObjectMissing):
         store.size(job.upload_key)

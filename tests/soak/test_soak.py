@@ -101,8 +101,8 @@ def _tools_left(job_ids: list[str]) -> list[str]:
     """The tools the jobs' stages started (recorded on each job) that still run."""
     left = []
     for job_id in job_ids:
-        tool = Job.get_by_id(job_id).facts.get("tool_process")
-        if tool and process_group_members(tool["pgid"], tool["program"]):
+        tool = Job.get_by_id(job_id).facts.tool_process
+        if tool and process_group_members(tool.pgid, tool.program):
             left.append(f"{job_id}: {tool}")
     return left
 

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import errors
 from app.observability import MetricsResource, RequestObservation, request_id
 from pipeline import metrics, scrape
+from pipeline.steps.results import JobFacts
 
 
 def value(name: str, **labels: str) -> float:
@@ -74,8 +75,8 @@ def test_a_completed_import_counts_its_bytes_and_rows():
         value("capy_copied_rows_total", source="upload"),
         value("capy_copied_bytes_total", source="upload"),
     )
-    metrics.import_completed("uploads/prj/x.dump", {"dump_bytes": 2048, "report": {"row_count": 15607}})
-    metrics.import_completed("uploads/prj/y.dump", {"report": {}})  # nothing recorded: nothing counted
+    metrics.import_completed("uploads/prj/x.dump", JobFacts(dump_bytes=2048, report={"row_count": 15607}))
+    metrics.import_completed("uploads/prj/y.dump", JobFacts(report={}))  # nothing recorded: nothing counted
     assert value("capy_copied_rows_total", source="upload") == rows + 15607
     assert value("capy_copied_bytes_total", source="upload") == size + 2048
 
@@ -151,9 +152,10 @@ COUNT_IN_A_PROCESS = textwrap.dedent(
     """
     import sys
     from pipeline import metrics
+    from pipeline.steps.results import JobFacts
     for _ in range(int(sys.argv[1])):
         metrics.StageRun("fetch").end("succeeded")
-    metrics.import_completed(None, {"dump_bytes": 100, "report": {"row_count": 10}})
+    metrics.import_completed(None, JobFacts(dump_bytes=100, report={"row_count": 10}))
     """
 )
 
