@@ -55,8 +55,8 @@ def test_an_import_is_timed_by_stage_counted_and_logged_with_its_job(control_db,
 
     for stage in STAGES:
         assert value("capy_stage_duration_seconds_count", stage=stage, outcome="succeeded") == runs[stage] + 1
-    assert value("capy_copied_rows_total", source="live") == rows + job.facts["report"]["row_count"] > rows
-    assert value("capy_copied_bytes_total", source="live") == size + job.facts["dump_bytes"] > size
+    assert value("capy_copied_rows_total", source="live") == rows + job.facts.report["row_count"] > rows
+    assert value("capy_copied_bytes_total", source="live") == size + job.facts.dump_bytes > size
 
     lines = [line for line in json_lines() if line.get("job_id") == job.id]
     # Each stage's lines carry it and its attempt, from its start to its end.
