@@ -19,7 +19,8 @@ from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
-from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
+from stages.copy.engine import CopyPlan, copy_rows, plan_copy
+from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
 from stages.dumps import toc
 from stages.dumps.toc import TocEntry
