@@ -362,14 +362,22 @@ class ImportSteps:
         project = Project.get_by_id(job.project_id)
         # Projects created before the service revoked PUBLIC's access get it revoked now.
         self._admin(job).lock_down(project.database_name)
-        target, _restorer, preview = self._new_preview(context, job.facts)
+        target, restorer, preview = self._new_preview(context, job.facts)
         context.progress({"phase": "restoring", "tables_total": len(job.facts.get("source_counts", {}))})
         self._hold(context, "restore", self._tools(context, cancellable=False), target)
         context.check_cancelled()
+        admin = self._admin(job)
         # From object storage, on whichever worker runs this stage.
-        upload_steps.restore_upload(context, settings=self.settings, store=self.store, tools=self._tools(context), target=target)
+        restored = upload_steps.restore_upload(
+            context,
+            settings=self.settings,
+            store=self.store,
+            tools=self._tools(context),
+            target=target,
+            open_target=lambda: admin.open_role_connection(preview, restorer, readonly=False),
+        )
         # A verification of an earlier preview (a restore retried by an operator) is void.
-        return {"preview_database": preview, "verification": None}
+        return {**restored, "preview_database": preview, "verification": None}
 
     def _new_preview(self, context: StageContext, facts: dict[str, Any]) -> tuple[SourceURL, RoleLogin, str]:
         """A new, empty preview owned by the import's restore role (an earlier attempt's

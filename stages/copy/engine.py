@@ -42,7 +42,7 @@ from psycopg2 import sql
 from stages.copy.catalog import Owned
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task
-from stages.copy.stream import Flow, SourceTable
+from stages.copy.stream import Flow, SourceTable, quoted
 from stages.dumps.toc import TocEntry
 from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable
 from stages.tools.commands import Cancellation
@@ -301,6 +301,11 @@ def _open_lane_target(
         cur.execute("SET maintenance_work_mem = %s", (maintenance_work_mem,))
         cur.execute("SET statement_timeout = %s", (max(1, timeout_ms),))
         cur.execute("SET lock_timeout = 0")
+    # The preamble may set the dump's client_encoding (an archive of a LATIN1 database):
+    # statements are then encoded in it, as the rows already are.
+    encoding = conn.get_parameter_status("client_encoding")
+    if encoding and encoding != conn.encoding:
+        conn.set_client_encoding(encoding)
     conn.autocommit = False
     return conn
 
@@ -449,7 +454,7 @@ def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], Non
 
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:
-    return _execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table.schema, table.name)), f"statistics of table {table.key}")
+    return _execute(sql.SQL("ANALYZE {}").format(quoted(table.schema, table.name)), f"statistics of table {table.key}")
 
 
 def _what(flowing: object) -> str:
