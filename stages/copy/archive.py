@@ -194,13 +194,16 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
         elif entry.desc == "CONSTRAINT" and len(own) == 1:
             owned[entry.dump_id] = Owned(own[0], "constraint")
         elif entry.desc == "FK CONSTRAINT" and own:
-            others = {t for d in entry.deps if (t := table_of(d)) is not None}
-            table = own[0]
-            referenced = others - {table}
-            if len(referenced) == 1:
-                owned[entry.dump_id] = Owned(table, "foreign key", references=referenced.pop())
-            elif not referenced and len(own) == 1 and len(entry.deps) > 1:
-                owned[entry.dump_id] = Owned(table, "foreign key", references=table)  # it references its own table
+            # Its tag is "<table> <constraint>", in its table's schema: of the tables it
+            # depends on, the one it is on; the other is the one it references (or
+            # none: it references its own table).
+            on = {d for d in own if entry.namespace == tables[d].namespace and entry.tag.startswith(tables[d].tag + b" ")}
+            if len(on) != 1:
+                continue
+            table = on.pop()
+            referenced = {t for d in entry.deps if (t := table_of(d)) is not None} - {table}
+            if len(referenced) <= 1:
+                owned[entry.dump_id] = Owned(table, "foreign key", references=referenced.pop() if referenced else table)
     return owned
 
 

@@ -213,7 +213,7 @@ def read_toc(path: str) -> ArchiveToc:
 def _custom_sizes(entries: list[ArchiveEntry], size: int) -> dict[int, int]:
     """Each data block's size: from its offset to the next block's (or the file's end)."""
     placed = sorted((e.offset, e.dump_id) for e in entries if e.offset_flag == OFFSET_SET and 0 < e.offset <= size)
-    ends = [offset for offset, _ in placed[1:]] + [size]
+    ends = [offset for offset, _ in placed[1:]] + [size] if placed else []
     return {dump_id: end - offset for (offset, dump_id), end in zip(placed, ends, strict=True)}
 
 
