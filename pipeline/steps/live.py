@@ -20,7 +20,8 @@ from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
 from pipeline.steps.results import FetchResult, RestoreResult, recorded
-from stages.copy.engine import CopyPlan, Snapshot, SourceSettings, copy_rows, plan_copy
+from stages.copy.engine import CopyPlan, copy_rows, plan_copy
+from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
 from stages.dumps import toc
 from stages.dumps.toc import TocEntry
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _report(context: StageContext, report: dict[str, Any]) -> None:
+def report_progress(context: StageContext, report: dict[str, Any]) -> None:
     """Progress from the copy's reporter thread. A control database that blips loses a
     report, not the copy (the heartbeat holds the claim); a lost claim or a cancel
     raised here stops the copy."""
@@ -41,10 +42,10 @@ def _report(context: StageContext, report: dict[str, Any]) -> None:
         context.progress(report)
     except (peewee.PeeweeException, psycopg2.Error, ControlDatabaseUnavailable) as err:
         log.warning("job %s: could not record progress: %s", context.job.id, type(err).__name__)
-        _close_thread_connection()
+        close_thread_connection()
 
 
-def _close_thread_connection() -> None:
+def close_thread_connection() -> None:
     """The reporter thread's own control-database connection, if it opened one."""
     if not database.is_closed():
         database.close()
@@ -122,8 +123,8 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                 restore_data_section=lambda: restore_section(tools, target, archive, "data", list_file=list_file),
                 maintenance_work_mem=settings.maintenance_work_mem,
                 cancellation=context.cancellation,
-                on_progress=lambda report: _report(context, report),
-                on_report_end=_close_thread_connection,
+                on_progress=lambda report: report_progress(context, report),
+                on_report_end=close_thread_connection,
                 statement_timeout_ms=remaining_ms,
             )
             planned.pop("toc_kinds", None)

@@ -8,13 +8,15 @@ fails the import, see `ObjectStore.chunks`). Each stage keeps its files in a fol
 its own, `CAPY_WORK_DIR/<job id>/<stage>-<random>/`, removed when the stage ends,
 whether it succeeded or not:
 
-- fetch checks the upload and counts its rows. An archive (custom, tar) is downloaded,
-  as pg_restore needs a file it can seek in; plain SQL streams from storage through the
-  filter (stages.dumps.plainsql) and is never whole on disk (a large script's schema, without
-  its data, is written for the whole-schema rehearsal).
-- restore downloads an archive again into its own folder and restores the plan it
-  recomputes from the archive and the facts (the rehearsal's skip list); plain SQL
-  streams from storage through the same filter into psql (stages.tools.restore).
+- fetch checks the upload. An archive (custom, tar) is downloaded, as pg_restore needs
+  a file it can seek in, and its table of contents read (its rows are counted by
+  restore, as they stream); plain SQL streams from storage through the filter
+  (stages.dumps.plainsql), which counts its rows, and is never whole on disk (a large
+  script's schema, without its data, is written for the whole-schema rehearsal).
+- restore downloads an archive again into its own folder and restores it on the copy
+  engine (pipeline.steps.archive) with the plan it recomputes from the archive and the
+  facts (the rehearsal's skip list); plain SQL streams from storage through the same
+  filter into psql (stages.tools.restore).
 
 Local disk: an archive's size during fetch and restore; for plain SQL, a few small files.
 """
@@ -29,20 +31,24 @@ import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import psycopg2.extensions
+
 from pipeline.config import Settings
 from pipeline.models import Cluster, Project
 from pipeline.preflights import rehearsal_setup
 from pipeline.sealing import Sealer
+from pipeline.steps.archive import restore_archive_upload
 from pipeline.steps.folders import stage_folder
 from pipeline.steps.results import FetchResult, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
 from stages.dumps.archivecheck import check_complete, encoding_of
+from stages.dumps.archivetoc import read_toc
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
-from stages.dumps.rows import RowCounter, count_archive_rows
+from stages.dumps.rows import RowCounter, archive_sequences
 from stages.dumps.sqlscript import ScriptError
 from stages.errors import PermanentError
 from stages.preflight.extensions import require_allowlisted
@@ -51,7 +57,7 @@ from stages.preflight.rehearsal import report_rehearsal, skip_map
 from stages.preflight.report import Preflight
 from stages.storage import ObjectStore, StoredObject
 from stages.tools.commands import PgTools
-from stages.tools.restore import restore_archive, restore_plain_stream
+from stages.tools.restore import restore_plain_stream
 
 if TYPE_CHECKING:
     from pipeline.import_steps import StageContext
@@ -101,8 +107,11 @@ def fetch_upload(
             check_complete(archive, info.format)
             check_archive_readable(tools, archive, info, major)
             facts.update(_archive_facts(tools, archive, folder, skipped, settings.extension_allowlist))
-            context.progress({"phase": "counting the rows in the dump", "bytes_total": upload.size})
-            count_archive_rows(tools, archive, counter, encoding=facts["dump_encoding"])
+            # The rows are counted by restore as they stream (pipeline.steps.archive);
+            # the sequences' values are in the table of contents.
+            counter.sequences = archive_sequences(
+                (e.definition or b"" for e in read_toc(archive).entries if e.desc == "SEQUENCE SET"), facts["dump_encoding"]
+            )
             kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
         else:
             gzipped = info.format == "gzip-plain"
@@ -137,11 +146,19 @@ def fetch_upload(
 
 
 def restore_upload(
-    context: StageContext, *, settings: Settings, store: ObjectStore, tools: PgTools, target: SourceURL
-) -> None:
-    """Restore the upload into `target` (the empty preview, as the restore role), from
-    object storage and the facts fetch recorded: the archive downloaded into this
-    stage's folder and its plan recomputed, or the SQL streamed into psql."""
+    context: StageContext,
+    *,
+    settings: Settings,
+    store: ObjectStore,
+    tools: PgTools,
+    target: SourceURL,
+    open_target: Callable[[], psycopg2.extensions.connection],
+) -> dict[str, Any]:
+    """Restore the upload into `target` (the empty preview, as the restore role;
+    `open_target` opens a session there), from object storage and the facts fetch
+    recorded: an archive is downloaded into this stage's folder and restored on the
+    copy engine (pipeline.steps.archive), which counts its rows; plain SQL is streamed
+    into psql (its rows were counted by fetch). Returns the facts it adds."""
     job = context.job
     assert job.upload_key is not None
     facts = job.facts
@@ -160,16 +177,10 @@ def restore_upload(
                 max_bytes=project.storage_limit_bytes,
                 on_progress=_bytes_progress(context, "downloading the upload"),
             )
-            entries = toc.read(tools, archive, encoding=recorded(facts.dump_encoding, "dump_encoding"))
-            precreated = set(facts.extensions.values()) - {"public"}
-            plan = toc.plan(entries, precreated_schemas=precreated, skip=skip_map(skipped))
-            list_file = os.path.join(folder, "restore.list")
-            with open(list_file, "w", encoding="utf-8") as fh:
-                fh.write(plan.list_file())
-            context.progress({"phase": "restoring", "tables_total": len(facts.source_counts or {})})
             context.check_cancelled()
-            restore_archive(tools, target, archive, jobs=settings.concurrency, fmt=fmt, list_file=list_file)
-            return
+            return restore_archive_upload(
+                context, settings=settings, tools=tools, archive=archive, folder=folder, target=target, open_target=open_target
+            )
         gzipped = fmt == "gzip-plain"
         context.check_cancelled()
 
@@ -179,6 +190,7 @@ def restore_upload(
             _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)
 
         restore_plain_stream(tools, target, feed, folder)
+        return {}
 
 
 def _archive_facts(

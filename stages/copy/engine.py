@@ -1,23 +1,23 @@
-"""The copy of a live import: schema and rows from one exported snapshot, rows streamed
-in parallel straight into the preview, each table's indexes and constraints built as
-soon as its rows are in.
+"""The copy engine: rows streamed in parallel straight into the preview, from a live
+source's snapshot (stages.copy.live) or an uploaded archive (stages.copy.archive), each
+table's indexes and constraints built as soon as its rows are in.
 
 The order of work (see `copy_rows` for the schedule):
-1. `Snapshot.open`: a repeatable-read, read-only session on the source exports its
-   snapshot, reads what to copy (stages.copy.catalog), locks those tables (ACCESS
-   SHARE) and describes the source; it stays open until the copy ends.
-2. `Snapshot.dump_schema`: `pg_dump --snapshot` writes the schema archive: everything
-   but the copied tables' rows and the large objects (sequence values and materialized
-   views' definitions are in it). It is the only file, small, and removed with the stage.
-3. The caller restores its pre-data section (pg_restore, as the restore role).
-4. `copy_rows`: N lanes, each with a source session in the snapshot and a preview
-   session, run the tasks (stages.copy.scheduler): every table's COPY, its indexes
-   (a primary key's or unique constraint's index too, built as a plain unique index),
-   then its constraints, then foreign keys once both tables are done, the archive's
-   data section (sequence values) and the large objects (stages.copy.largeobjects) alongside, and each table's ANALYZE once
-   nothing more is built on it; then the rest of the post-data section (triggers,
-   policies, materialized views refreshed after their indexes…) in the archive's order.
-   (With extended statistics in the schema, every ANALYZE waits for them, at the end.)
+1. The caller has the schema archive (the live source's `pg_dump --schema-only
+   --snapshot`, or the upload itself) and restores its pre-data section (pg_restore, as
+   the restore role).
+2. `plan_copy` splits the post-data section: what belongs to a copied table is
+   scheduled with the copy, the rest runs after it.
+3. `copy_rows`: N lanes, each with a preview session (and what the row source needs:
+   a source session in the snapshot, a pg_restore of the archive), run the tasks
+   (stages.copy.scheduler): every table's rows, its indexes (a primary key's or unique
+   constraint's index too, built as a plain unique index, when the source says which),
+   then its constraints, then foreign keys once both tables are done, the data
+   section's remainder (sequence values…) and the large objects alongside, and each
+   table's ANALYZE once nothing more is built on it; then the rest of the post-data
+   section (triggers, policies, materialized views refreshed after their indexes…) in
+   the archive's order. (With extended statistics in the schema, every ANALYZE waits
+   for them, at the end.)
 
 Preview sessions run with synchronous_commit off and a sized maintenance_work_mem: an
 interrupted copy is restarted from the beginning anyway, so nothing is lost by it.
@@ -30,31 +30,28 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
-from stages.connections.connect import connect
-from stages.connections.deadline import Deadline as SourceDeadline
-from stages.connections.pgurl import SourceURL, redact
-from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
-from stages.copy.largeobjects import copy_large_objects
+from stages.copy.catalog import Owned
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task
-from stages.copy.stream import CountMismatch, Flow, SourceTable, stream_table
-from stages.database import inventory
+from stages.copy.stream import Flow, SourceTable, quoted
 from stages.dumps.toc import TocEntry
-from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
-from stages.tools.commands import Cancellation, PgTools
+from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable
+from stages.tools.commands import Cancellation
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
+# A loaded table's rows: (table, rows the source or dump held, rows the preview took).
+Record = Callable[["SourceTable", int, int], None]
 
 # Relative cost of building an index, per byte of its table, by access method: a
 # trigram GIN index takes many times a btree's time (issue 11: 35-46 s on 60k rows).
@@ -68,119 +65,8 @@ PROGRESS_SECONDS = 2.0
 
 
 
-class SourceBusy(TransientError):
-    """A table on the source stayed locked by another session past the lock timeout."""
-
-
-class SnapshotLost(SourceUnreachable):
-    """The session holding the source's exported snapshot ended before a lane joined it."""
-
-
 class CopyStalled(SourceUnreachable):
-    """A table's rows stopped coming from the source."""
-
-
-@dataclass(frozen=True)
-class SourceSettings:
-    connect_timeout: int = 10
-    read_timeout: float = 1800
-    lock_timeout: float = 60
-    stall_seconds: float = 300
-
-
-@dataclass
-class Snapshot:
-    """The source's exported snapshot and the session that holds it (with its locks)."""
-
-    source: SourceURL
-    conn: psycopg2.extensions.connection
-    snapshot_id: str
-    server_version: str
-    catalog: SourceCatalog
-    description: dict[str, Any]
-    settings: SourceSettings
-
-    @classmethod
-    @contextlib.contextmanager
-    def open(
-        cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
-    ) -> Iterator[Snapshot]:
-        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
-        conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
-        unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
-        try:
-            with _source_errors(source, settings):
-                conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
-                with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
-                    cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
-                    # It holds the snapshot, idle in its transaction, until the copy ends:
-                    # a source's own idle timeout must not end it (pg_dump does the same).
-                    cur.execute("SET idle_in_transaction_session_timeout = 0")
-                    cur.execute("SET search_path = pg_catalog, pg_temp")
-                    cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
-                    snapshot_id, server_version = cur.fetchone()
-                catalog = read_catalog(conn)
-                lock_tables(conn, catalog.tables)
-                description = inventory.describe(conn)
-            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings)
-        finally:
-            unsubscribe()
-            with contextlib.suppress(psycopg2.Error):
-                conn.close()
-
-    def dump_schema(self, tools: PgTools, path: str, copied: Sequence[SourceTable]) -> None:
-        """The schema archive (custom format): everything of the snapshot but the rows
-        of `copied`, which stream instead. Materialized views keep their data entries
-        (refreshed on the target) and the sequences their values."""
-        args = tools.pg_dump.schema_args(
-            self.source.conninfo(connect_timeout=str(self.settings.connect_timeout)),
-            path,
-            snapshot=self.snapshot_id,
-            lock_wait_ms=int(self.settings.lock_timeout * 1000),
-            exclude_data=[_pattern(t) for t in copied],
-        )
-        tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
-
-
-def _shown(name: str) -> str:
-    """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
-    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
-
-
-def _pattern(table: SourceTable) -> str:
-    """A pg_dump pattern naming exactly one table: quoted, so nothing in it is a wildcard."""
-    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
-
-
-@contextlib.contextmanager
-def _source_errors(source: SourceURL, settings: SourceSettings, statement: str | None = None) -> Iterator[None]:
-    """Source errors in the user's terms; `statement` is what was running (named when
-    row-level security refuses it)."""
-    try:
-        yield
-    except psycopg2.errors.InsufficientPrivilege as err:
-        first = str(err).splitlines()[0]
-        if "row-level security" in first:
-            raise PermanentError(
-                f"{first}: the source user {source.user!r} cannot read every row; connect as the table's "
-                "owner or a role with BYPASSRLS" + (f"; the statement was: {statement}" if statement else "")
-            ) from err
-        raise PermanentError(
-            f"the source user {source.user!r} cannot read every table "
-            f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
-            "database owner's credentials"
-        ) from err
-    except psycopg2.errors.LockNotAvailable as err:
-        raise SourceBusy(
-            f"a table on the source is locked by another session (an open transaction holding an "
-            f"exclusive lock, a schema change, a VACUUM FULL) and stayed locked for {settings.lock_timeout:g} s; "
-            "the import is retried, and succeeds once the lock is released"
-        ) from err
-    except psycopg2.OperationalError as err:
-        raise SourceUnreachable(
-            f"lost the connection to the source while reading it: {redact(str(err), source.password).strip()}"
-        ) from err
+    """A table's rows stopped coming from the source or the dump."""
 
 
 @dataclass
@@ -198,18 +84,45 @@ class CopyPlan:
     preamble: str
 
 
-def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> CopyPlan:
+class RowSource(Protocol):
+    """Where a copy's rows come from: a live source's snapshot (stages.copy.live) or an
+    uploaded archive (stages.copy.archive)."""
+
+    stall_seconds: float
+
+    def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
+        """The tables whose rows it streams, of those the restore plan keeps."""
+
+    def owner_of(self, entry: TocEntry) -> Owned | None:
+        """Which table a post-data entry (an index, a constraint) belongs to, if known."""
+
+    def loading(self) -> contextlib.AbstractContextManager[Loading]:
+        """The rows' side of one copy: its data tasks and how to stop them."""
+
+
+class Loading(Protocol):
+    def data_tasks(self, tables: list[SourceTable], progress: CopyProgress, record: Record) -> tuple[dict[int, Task[Lane]], list[Task[Lane]]]:
+        """The tasks that load `tables`' rows, by table id (tables may share a task),
+        and any other data tasks (large objects). Each loaded table is `record`ed."""
+
+    def interrupt(self) -> None:
+        """Stop whatever is reading rows, from another thread (the copy has failed)."""
+
+    def close_lane(self, lane: Lane) -> None:
+        """Release what a lane holds on the rows' side."""
+
+
+def plan_copy(source: RowSource, kept: list[TocEntry], rendered: Rendered) -> CopyPlan:
     """Split the restore plan's post-data: the indexes, constraints and foreign keys of
     copied tables are scheduled with the copy; the rest (and everything, if pg_restore's
     rendering could not be split exactly) is left to pg_restore."""
-    restored_tables = {e.catalog_id[1] for e in kept if e.desc == "TABLE"}
-    tables = [t for t in snapshot.catalog.tables if t.oid in restored_tables]
+    tables = source.tables_in(kept)
     keys = {t.oid for t in tables}
     owned_blocks: list[tuple[Block, Owned]] = []
     taken: set[int] = set()
     if rendered.exact:
         for block in rendered.blocks:
-            owned = snapshot.catalog.owned.get(block.entry.catalog_id)
+            owned = source.owner_of(block.entry)
             if owned is None or owned.table not in keys or (owned.references and owned.references not in keys):
                 continue
             owned_blocks.append((block, owned))
@@ -222,17 +135,11 @@ def plan_copy(snapshot: Snapshot, kept: list[TocEntry], rendered: Rendered) -> C
 
 @dataclass
 class Lane:
-    """One lane's sessions: a source session in the snapshot (opened on first use) and a
-    preview session."""
+    """One lane: a preview session, and (for a live source) a source session in the
+    snapshot, opened on first use by the loading."""
 
     target: psycopg2.extensions.connection
-    open_source: Callable[[], psycopg2.extensions.connection]
     source: psycopg2.extensions.connection | None = None
-
-    def source_session(self) -> psycopg2.extensions.connection:
-        if self.source is None:
-            self.source = self.open_source()
-        return self.source
 
 
 @dataclass
@@ -243,7 +150,7 @@ class CopyResult:
 
 
 @dataclass
-class _Progress:
+class CopyProgress:
     """What the reporter thread reads; changed under `lock`."""
 
     tables_total: int
@@ -261,7 +168,7 @@ class _Progress:
 
 
 def copy_rows(
-    snapshot: Snapshot,
+    source: RowSource,
     plan: CopyPlan,
     *,
     lanes: int,
@@ -277,129 +184,104 @@ def copy_rows(
     """Run the copy (see the module's docstring); return both sides' row counts.
 
     `open_target` opens a session in the preview as the restore role; `restore_rest`
-    restores post-data entries with pg_restore, `restore_data_section` the archive's
-    data section (sequence values). A cancel (`cancellation`), a lost claim or
-    cancel raised by `on_progress`, or the first failing task stops every lane."""
-    settings = snapshot.settings
-    counts: dict[int, tuple[int, int]] = {}  # by table oid
-    progress = _Progress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
+    restores post-data entries with pg_restore, `restore_data_section` what the data
+    section holds besides the streamed rows (sequence values…). A cancel
+    (`cancellation`), a lost claim or cancel raised by `on_progress`, or the first
+    failing task stops every lane."""
+    counts: dict[int, tuple[int, int]] = {}  # by table id
+    progress = CopyProgress(tables_total=len(plan.tables), bytes_total=sum(t.bytes for t in plan.tables))
     # Extended statistics (CREATE STATISTICS, with the rest of post-data) are only
     # computed by an ANALYZE after them: with any, every table is analyzed at the end.
     analyze_each = not any(block.entry.desc == "STATISTICS" for block in plan.rest_blocks) and not plan.rest
-    tasks = _tasks(snapshot, plan, counts, restore_data_section, progress, analyze_each=analyze_each)
-    progress.cost_total = sum(t.cost for t in tasks)
     sessions: list[Lane] = []
     stop = threading.Event()
     failure: list[BaseException] = []
 
-    # Every lane's source session is under this one deadline: cancelling it shuts their
-    # sockets (stages.connections.deadline). Never psycopg2's cancel() on a source: it holds the GIL
-    # through its round trip to the source (connect, send, wait for the close), so a
-    # source that stops answering would freeze every thread of the worker.
-    source_deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
-
-    def open_source() -> psycopg2.extensions.connection:
-        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=source_deadline, client_encoding="UTF8")
-        try:
-            with _source_errors(snapshot.source, settings), conn.cursor() as cur:
-                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                try:
-                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
-                except psycopg2.errors.InvalidParameterValue as err:
-                    raise SnapshotLost(
-                        "lost the source's snapshot: the session that holds it ended (the source closed it, "
-                        "or restarted) before every table was read; the import is retried"
-                    ) from err
-                cur.execute("SET row_security = off")
-                # COPY prints values as the session's settings say, which the source's
-                # database or role may change: as pg_dump, print them so the preview reads
-                # back exactly the same (extra_float_digits -3 drops float digits).
-                cur.execute("SET DateStyle = ISO")
-                cur.execute("SET IntervalStyle = postgres")
-                cur.execute("SET extra_float_digits = 3")
-                cur.execute("SET statement_timeout = 0")
-                # Idle in its transaction while its lane builds indexes.
-                cur.execute("SET idle_in_transaction_session_timeout = 0")
-                cur.execute("SET search_path = pg_catalog, pg_temp")
-        except BaseException:
-            conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled
-            raise
-        return conn
-
-    def interrupt(err: BaseException) -> None:
-        """Stop every running statement of every lane (the first failure, a cancel)."""
+    def record(table: SourceTable, source_rows: int, target_rows: int) -> None:
+        counts[table.oid] = (source_rows, target_rows)
         with progress.lock:
-            if not failure:
-                failure.append(err)
-            lanes_now = list(sessions)
-        stop.set()
-        source_deadline.cancel()
-        for lane in lanes_now:
-            # The preview is ours (the project's cluster): its cancel is a local round trip.
-            if not lane.target.closed:
-                with contextlib.suppress(psycopg2.Error):
-                    lane.target.cancel()
+            progress.tables_done += 1
+            if progress.tables_done == progress.tables_total:
+                progress.step, progress.phase = "indexes", "building indexes and constraints"
 
-    def check_stopped() -> None:
-        if stop.is_set():
-            raise failure[0] if failure else PermanentError("the copy was stopped")
+    with source.loading() as loading:
+        tasks = _tasks(loading, plan, record, restore_data_section, progress, analyze_each=analyze_each)
+        progress.cost_total = sum(t.cost for t in tasks)
+        stall_seconds = source.stall_seconds
 
-    def started(task: Task[Lane]) -> None:
-        check_stopped()
-        log.debug("copy: %.1f s: %s starts (rank %.0f)", time.monotonic() - progress.started, task.name, task.rank)
-
-    def finished(task: Task[Lane]) -> None:
-        log.debug("copy: %.1f s: %s done", time.monotonic() - progress.started, task.name)
-        with progress.lock:
-            progress.cost_done += task.cost
-
-    unsubscribe = (
-        cancellation.on_cancel(lambda: interrupt(Cancelled(cancellation.reason or "cancelled")))
-        if cancellation is not None
-        else (lambda: None)
-    )
-    reporter = threading.Thread(
-        target=_report, args=(progress, stop, on_progress, interrupt, settings.stall_seconds, on_report_end), daemon=True
-    )
-    try:
-        for _ in range(max(1, lanes)):
-            conn = _open_lane_target(open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms)
-            sessions.append(Lane(conn, open_source))
-        reporter.start()
-        Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
-        _raise_first(failure)
-        progress.step, progress.phase = "indexes", "restoring triggers, policies and materialized views"
-        if plan.rest:
-            restore_rest(plan.rest)
-        for block in plan.rest_blocks:
-            check_stopped()
-            _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
-        if not analyze_each:
-            progress.step, progress.phase = "analyze", "analyzing the tables"
-            analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), _locks(t.oid)) for t in plan.tables]
-            Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
-            _raise_first(failure)
-    except BaseException as err:
-        # A lane's error caused by the interruption (a cancelled statement) is not the news.
-        if failure and err is not failure[0]:
-            raise failure[0] from err
-        raise
-    finally:
-        stop.set()
-        unsubscribe()
-        if reporter.is_alive():
-            reporter.join()
-        for lane in sessions:
-            for conn in (lane.source, lane.target):
-                if conn is not None:
+        def interrupt(err: BaseException) -> None:
+            """Stop every running statement of every lane (the first failure, a cancel)."""
+            with progress.lock:
+                if not failure:
+                    failure.append(err)
+                lanes_now = list(sessions)
+            stop.set()
+            loading.interrupt()
+            for lane in lanes_now:
+                # The preview is ours (the project's cluster): its cancel is a local round trip.
+                if not lane.target.closed:
                     with contextlib.suppress(psycopg2.Error):
-                        conn.close()
-    return CopyResult(
-        # In the catalog's order, as stages.database.inventory counts (two tables may share a key).
-        {t.key: counts[t.oid][0] for t in plan.tables if t.oid in counts},
-        {t.key: counts[t.oid][1] for t in plan.tables if t.oid in counts},
-        progress.bytes_done,
-    )
+                        lane.target.cancel()
+
+        def check_stopped() -> None:
+            if stop.is_set():
+                raise failure[0] if failure else PermanentError("the copy was stopped")
+
+        def started(task: Task[Lane]) -> None:
+            check_stopped()
+            log.debug("copy: %.1f s: %s starts (rank %.0f)", time.monotonic() - progress.started, task.name, task.rank)
+
+        def finished(task: Task[Lane]) -> None:
+            log.debug("copy: %.1f s: %s done", time.monotonic() - progress.started, task.name)
+            with progress.lock:
+                progress.cost_done += task.cost
+
+        unsubscribe = (
+            cancellation.on_cancel(lambda: interrupt(Cancelled(cancellation.reason or "cancelled")))
+            if cancellation is not None
+            else (lambda: None)
+        )
+        reporter = threading.Thread(
+            target=_report, args=(progress, stop, on_progress, interrupt, stall_seconds, on_report_end), daemon=True
+        )
+        try:
+            for _ in range(max(1, lanes)):
+                conn = _open_lane_target(open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms)
+                sessions.append(Lane(conn))
+            reporter.start()
+            Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
+            _raise_first(failure)
+            progress.step, progress.phase = "indexes", "restoring triggers, policies and materialized views"
+            if plan.rest:
+                restore_rest(plan.rest)
+            for block in plan.rest_blocks:
+                check_stopped()
+                _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
+            if not analyze_each:
+                progress.step, progress.phase = "analyze", "analyzing the tables"
+                analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), table_locks(t.oid)) for t in plan.tables]
+                Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
+                _raise_first(failure)
+        except BaseException as err:
+            # A lane's error caused by the interruption (a cancelled statement) is not the news.
+            if failure and err is not failure[0]:
+                raise failure[0] from err
+            raise
+        finally:
+            stop.set()
+            unsubscribe()
+            if reporter.is_alive():
+                reporter.join()
+            for lane in sessions:
+                loading.close_lane(lane)
+                with contextlib.suppress(psycopg2.Error):
+                    lane.target.close()
+        return CopyResult(
+            # In the catalog's order, as stages.database.inventory counts (two tables may share a key).
+            {t.key: counts[t.oid][0] for t in plan.tables if t.oid in counts},
+            {t.key: counts[t.oid][1] for t in plan.tables if t.oid in counts},
+            progress.bytes_done,
+        )
 
 
 def _raise_first(failure: list[BaseException]) -> None:
@@ -412,19 +294,24 @@ def _open_lane_target(
 ) -> psycopg2.extensions.connection:
     conn = open_target()
     conn.autocommit = True
-    with _target_errors("opening a session in the preview"), conn.cursor() as cur:
+    with target_errors("opening a session in the preview"), conn.cursor() as cur:
         if preamble.strip():
             cur.execute(preamble)
         cur.execute("SET synchronous_commit = off")
         cur.execute("SET maintenance_work_mem = %s", (maintenance_work_mem,))
         cur.execute("SET statement_timeout = %s", (max(1, timeout_ms),))
         cur.execute("SET lock_timeout = 0")
+    # The preamble may set the dump's client_encoding (an archive of a LATIN1 database):
+    # statements are then encoded in it, as the rows already are.
+    encoding = conn.get_parameter_status("client_encoding")
+    if encoding and encoding != conn.encoding:
+        conn.set_client_encoding(encoding)
     conn.autocommit = False
     return conn
 
 
 @contextlib.contextmanager
-def _target_errors(what: str) -> Iterator[None]:
+def target_errors(what: str) -> Iterator[None]:
     try:
         yield
     except psycopg2.OperationalError as err:
@@ -438,19 +325,17 @@ def _target_errors(what: str) -> Iterator[None]:
 
 
 def _tasks(
-    snapshot: Snapshot,
+    loading: Loading,
     plan: CopyPlan,
-    counts: dict[int, tuple[int, int]],
+    record: Record,
     restore_data_section: Callable[[], None],
-    progress: _Progress,
+    progress: CopyProgress,
     *,
     analyze_each: bool,
 ) -> list[Task[Lane]]:
-    """The schedule: copy → indexes → constraints → foreign keys, per table (by oid)."""
+    """The schedule: copy → indexes → constraints → foreign keys, per table (by id)."""
     by_table = {t.oid: t for t in plan.tables}
-    copies: dict[int, Task[Lane]] = {}
-    for table in plan.tables:
-        copies[table.oid] = Task(f"copy {table.key}", TASK_OVERHEAD + table.bytes, _copy(snapshot, table, counts, progress), _locks(table.oid))
+    copies, data_tasks = loading.data_tasks(plan.tables, progress, record)
     indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
     attach: dict[int, list[tuple[Block, Owned]]] = {oid: [] for oid in by_table}
     foreign: list[tuple[Block, Owned]] = []
@@ -461,14 +346,14 @@ def _tasks(
             definition = block.sql if owned.kind == "index" else owned.unique_index + ";"
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
             indexes[owned.table].append(
-                Task(f"index {block.entry.name}", cost, _execute(definition, what), _locks(owned.table), exclusive=False, after=[copies[owned.table]])
+                Task(f"index {block.entry.name}", cost, _execute(definition, what), table_locks(owned.table), exclusive=False, after=[copies[owned.table]])
             )
         if owned.kind == "constraint":
             attach[owned.table].append((block, owned))
         elif owned.kind == "foreign key":
             foreign.append((block, owned))
     done: dict[int, Task[Lane]] = {}
-    tasks: list[Task[Lane]] = list(copies.values())
+    tasks: list[Task[Lane]] = list({id(task): task for task in copies.values()}.values())
     for oid, table_indexes in indexes.items():
         key = by_table[oid].key
         tasks.extend(table_indexes)
@@ -478,7 +363,7 @@ def _tasks(
                 f"constraints of {key}",
                 TASK_OVERHEAD + sum(by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index),
                 _execute("\n".join(statements), f"the constraints of table {key}"),
-                _locks(oid),
+                table_locks(oid),
                 after=[copies[oid], *table_indexes],
             )
             tasks.append(last)
@@ -495,7 +380,7 @@ def _tasks(
             f"foreign key {block.entry.name}",
             TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
             _execute(block.sql, f"foreign key {block.entry.name}"),
-            _locks(owned.table, owned.references),
+            table_locks(owned.table, owned.references),
             after=[done[owned.table], done[owned.references]],
         )
         tasks.append(fk)
@@ -505,31 +390,19 @@ def _tasks(
         # Each table's statistics as soon as nothing more is built on it, beside the others' work.
         for oid, table in by_table.items():
             tasks.append(
-                Task[Lane](f"analyze {table.key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), _locks(oid), after=last[oid])
+                Task[Lane](f"analyze {table.key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), table_locks(oid), after=last[oid])
             )
 
     def data_section(_lane: Lane) -> None:
         restore_data_section()
 
     tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
-    objects = int(snapshot.description.get("objects", {}).get("large_objects", 0) or 0)  # type: ignore[union-attr]
-    if objects:
-        tasks.append(Task[Lane]("large objects", TASK_OVERHEAD * (1 + objects), _large_objects(snapshot, progress), frozenset({"<large objects>"})))
+    tasks.extend(data_tasks)
     return tasks
 
 
-def _large_objects(snapshot: Snapshot, progress: _Progress) -> Callable[[Lane], None]:
-    def run(lane: Lane) -> None:
-        with _flowing(progress, LARGE_OBJECTS, counted=False) as flow:
-            source = lane.source_session()
-            with _either_side(snapshot, source, "copying the large objects into the preview"):
-                copy_large_objects(source, lane.target, flow)
-
-    return run
-
-
 @contextlib.contextmanager
-def _flowing(progress: _Progress, key: SourceTable | str, *, counted: bool) -> Iterator[Flow]:
+def flowing(progress: CopyProgress, key: SourceTable | str, *, counted: bool) -> Iterator[Flow]:
     """A flow the reporter and the stall watchdog see while the block runs; `counted`:
     what streamed is added to the copy's rows and bytes done when it ends."""
     flow = Flow()
@@ -545,21 +418,7 @@ def _flowing(progress: _Progress, key: SourceTable | str, *, counted: bool) -> I
                 progress.rows_done += flow.rows
 
 
-@contextlib.contextmanager
-def _either_side(snapshot: Snapshot, source: psycopg2.extensions.connection, target_what: str, statement: str | None = None) -> Iterator[None]:
-    """A stream's error in the terms of the side it came from: the source's (see
-    `_source_errors`), or the preview's (`target_what` failed)."""
-    with _source_errors(snapshot.source, snapshot.settings, statement):
-        try:
-            yield
-        except (psycopg2.Error, CountMismatch) as err:
-            if isinstance(err, psycopg2.Error) and _from_source(err, source):
-                raise
-            with _target_errors(target_what):
-                raise
-
-
-def _locks(*oids: int) -> frozenset[str]:
+def table_locks(*oids: int) -> frozenset[str]:
     """What a task locks, for the scheduler: tables by oid ("schema.table" is not unique)."""
     return frozenset(f"table {oid}" for oid in oids)
 
@@ -579,31 +438,9 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
     return f"ALTER TABLE ONLY {target.group(1)}\n    ADD CONSTRAINT {index_name} {kind} USING INDEX {index_name}{flags};\n{rest}"
 
 
-def _copy(
-    snapshot: Snapshot, table: SourceTable, counts: dict[int, tuple[int, int]], progress: _Progress
-) -> Callable[[Lane], None]:
-    def run(lane: Lane) -> None:
-        with _flowing(progress, table, counted=True) as flow:
-            source = lane.source_session()
-            statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
-            with _either_side(snapshot, source, f"loading the rows of table {table.key} into the preview", statement):
-                copied = stream_table(table, source, lane.target, flow)
-        counts[table.oid] = (copied.source_rows, copied.target_rows)
-        with progress.lock:
-            progress.tables_done += 1
-            if progress.tables_done == progress.tables_total:
-                progress.step, progress.phase = "indexes", "building indexes and constraints"
-
-    return run
-
-
-def _from_source(err: psycopg2.Error, source: psycopg2.extensions.connection) -> bool:
-    return getattr(err, "cursor", None) is not None and err.cursor.connection is source
-
-
 def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], None]:
     def run(lane: Lane) -> None:
-        with _target_errors(f"creating {what} in the preview"):
+        with target_errors(f"creating {what} in the preview"):
             try:
                 with lane.target.cursor() as cur:
                     cur.execute(statement)
@@ -617,7 +454,7 @@ def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], Non
 
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:
-    return _execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table.schema, table.name)), f"statistics of table {table.key}")
+    return _execute(sql.SQL("ANALYZE {}").format(quoted(table.schema, table.name)), f"statistics of table {table.key}")
 
 
 def _what(flowing: object) -> str:
@@ -626,7 +463,7 @@ def _what(flowing: object) -> str:
 
 
 def _report(
-    progress: _Progress,
+    progress: CopyProgress,
     stop: threading.Event,
     on_progress: Progress,
     interrupt: Callable[[BaseException], None],
@@ -643,7 +480,7 @@ def _report(
 
 
 def _report_until_stopped(
-    progress: _Progress,
+    progress: CopyProgress,
     stop: threading.Event,
     on_progress: Progress,
     interrupt: Callable[[BaseException], None],

@@ -29,6 +29,13 @@ READ_CHUNK = 1 << 17
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' fcntl
 
 
+def quoted(*names: str) -> sql.Composable:
+    """A (qualified) name, quoted. Not sql.Identifier: psycopg2 quotes that in UTF-8
+    whatever the session's client_encoding, which breaks names outside ASCII in a
+    LATIN1 session (an archive of a LATIN1 database is loaded in LATIN1)."""
+    return sql.SQL(".".join('"{}"'.format(name.replace('"', '""')) for name in names))
+
+
 @dataclass(frozen=True)
 class SourceTable:
     """A table whose rows are copied: `key` is "schema.table" (the report's name),

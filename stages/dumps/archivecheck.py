@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from typing import BinaryIO
 
+from stages.dumps.archivetoc import (
+    ARCH_CUSTOM,
+    BLOCK,
+    MAGIC,
+    OFFSET_NOT_SET,
+    OFFSET_SET,
+    End,
+    Reader,
+    read_entries,
+    read_header,
+)
 from stages.errors import PermanentError
 
-BLOCK = 512
-_MAGIC = b"PGDMP"
-# pg_backup_archiver.h: ReadOffset's flags, and the custom format's block types.
-_OFFSET_NOT_SET, _OFFSET_SET, _NO_DATA = 1, 2, 3
 _BLK_DATA, _BLK_BLOBS = 1, 3
-_ARCH_CUSTOM = 1
 
 ADVICE = "the file is cut short: upload it again (the whole file pg_dump wrote)"
 
@@ -43,125 +48,9 @@ class ArchiveCutShort(PermanentError):
     """The archive ends before its last member or data block: it was cut short."""
 
 
-class _End(Exception):
-    """The bytes ran out."""
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dump_id: int
-    desc: str
-    offset_flag: int  # custom format only (0 for tar)
-    offset: int
-    definition: bytes | None = None
-
-
-class _Reader:
-    """pg_dump's archive integers and strings (ReadInt, ReadStr, ReadOffset)."""
-
-    def __init__(self, fh: BinaryIO, limit: int) -> None:
-        self.fh = fh
-        self.limit = limit  # bytes available (the head's size, or the whole file's)
-        self.int_size = 4
-        self.off_size = 8
-
-    def take(self, count: int) -> bytes:
-        data = self.fh.read(count)
-        if len(data) < count:
-            raise _End
-        return data
-
-    def byte(self) -> int:
-        return self.take(1)[0]
-
-    def integer(self) -> int:
-        negative = self.byte() != 0
-        value = int.from_bytes(self.take(self.int_size), "little")
-        return -value if negative else value
-
-    def string(self) -> bytes | None:
-        length = self.integer()
-        if length < 0:
-            return None
-        return self.take(length)
-
-    def skip(self, count: int) -> None:
-        position = self.fh.tell() + count
-        if position > self.limit:
-            raise _End
-        self.fh.seek(position)
-
-
-def _header(reader: _Reader) -> tuple[tuple[int, int, int], int]:
-    """Read the archive header (ReadHead); returns its version and format code."""
-    if reader.take(len(_MAGIC)) != _MAGIC:
-        raise ValueError("not a pg_dump archive")
-    vmaj, vmin = reader.byte(), reader.byte()
-    version = (vmaj, vmin, reader.byte() if (vmaj, vmin) > (1, 0) else 0)
-    reader.int_size = reader.byte()
-    if version >= (1, 7, 0):
-        reader.off_size = reader.byte()
-    fmt = reader.byte()
-    if version >= (1, 15, 0):
-        reader.byte()
-    elif version >= (1, 4, 0):
-        reader.integer()
-    elif version >= (1, 2, 0):
-        reader.byte()
-    if version >= (1, 4, 0):
-        for _ in range(7):
-            reader.integer()
-        reader.string()
-    if version >= (1, 10, 0):
-        reader.string()
-        reader.string()
-    return version, fmt
-
-
-def _toc(reader: _Reader, version: tuple[int, int, int], custom: bool) -> list[_Entry]:
-    """The TOC entries (ReadToc), with their data offsets when `custom`."""
-    entries = []
-    for _ in range(reader.integer()):
-        dump_id = reader.integer()
-        reader.integer()  # hadDumper
-        if version >= (1, 8, 0):
-            reader.string()  # table oid
-        reader.string()  # oid
-        reader.string()  # tag
-        desc = (reader.string() or b"").decode("utf-8", "replace")
-        if version >= (1, 11, 0):
-            reader.integer()  # section
-        definition = reader.string()
-        reader.string()  # drop statement
-        if version >= (1, 3, 0):
-            reader.string()  # copy statement
-        if version >= (1, 6, 0):
-            reader.string()  # namespace
-        if version >= (1, 10, 0):
-            reader.string()  # tablespace
-        if version >= (1, 14, 0):
-            reader.string()  # table access method
-        if version >= (1, 16, 0):
-            reader.integer()  # relkind
-        reader.string()  # owner
-        if version >= (1, 9, 0):
-            reader.string()  # "with oids"
-        if version >= (1, 5, 0):
-            while reader.string() is not None:  # dependencies, ended by a NULL string
-                pass
-        flag = offset = 0
-        if custom:
-            flag = reader.byte()
-            offset = int.from_bytes(reader.take(reader.off_size), "little")
-        else:
-            reader.string()  # tar: the member holding the entry's data
-        entries.append(_Entry(dump_id, desc, flag, offset, definition if desc == "ENCODING" else None))
-    return entries
-
-
-def _custom_blocks(reader: _Reader) -> set[int]:
+def _custom_blocks(reader: Reader) -> set[int]:
     """Walk the data blocks after the TOC to the end of the file; the dump ids seen.
-    Raises _End if the file ends inside a block."""
+    Raises End if the file ends inside a block."""
     seen: set[int] = set()
     while reader.fh.tell() < reader.limit:
         kind = reader.byte()
@@ -177,7 +66,7 @@ def _custom_blocks(reader: _Reader) -> set[int]:
     return seen
 
 
-def _skip_chunks(reader: _Reader) -> None:
+def _skip_chunks(reader: Reader) -> None:
     while (length := reader.integer()) != 0:
         if length < 0:
             raise ValueError("negative chunk length")
@@ -216,17 +105,17 @@ def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:
 
 
 def _custom(fh: BinaryIO, size: int, *, whole: bool, available: int) -> str | None:
-    reader = _Reader(fh, available)
+    reader = Reader(fh, available)
     try:
-        version, _fmt = _header(reader)
-        entries = _toc(reader, version, custom=True)
-    except _End:
+        version, _fmt, _compressed = read_header(reader)
+        entries = read_entries(reader, version, custom=True)
+    except End:
         if whole:
             return "it ends inside its table of contents"
         return None  # the head holds only part of the TOC: pg_restore --list says more
     except ValueError:
         return None  # damaged, not cut: pg_restore's own check names that
-    beyond = [e for e in entries if e.offset_flag == _OFFSET_SET and e.offset >= size]
+    beyond = [e for e in entries if e.offset_flag == OFFSET_SET and e.offset >= size]
     if beyond:
         return (
             f"the data of {_entries(len(beyond))} starts past its end "
@@ -236,11 +125,11 @@ def _custom(fh: BinaryIO, size: int, *, whole: bool, available: int) -> str | No
         return None
     try:
         seen = _custom_blocks(reader)
-    except _End:
+    except End:
         return "it ends inside a block of table data"
     except ValueError:
         return None
-    missing = [e for e in entries if e.offset_flag in (_OFFSET_SET, _OFFSET_NOT_SET) and e.dump_id not in seen]
+    missing = [e for e in entries if e.offset_flag in (OFFSET_SET, OFFSET_NOT_SET) and e.dump_id not in seen]
     if missing:
         return f"the data of {_entries(len(missing))} ({', '.join(sorted({e.desc for e in missing}))}) is not in it"
     return None
@@ -293,14 +182,14 @@ def encoding_of(path: str) -> str:
     UTF8 when the archive does not say."""
     toc_path, start = (os.path.join(path, "toc.dat"), 0) if os.path.isdir(path) else (path, 0)
     with open(toc_path, "rb") as fh:
-        if fh.read(len(_MAGIC)) != _MAGIC:
+        if fh.read(len(MAGIC)) != MAGIC:
             start = BLOCK  # tar: the first member, toc.dat, follows its header
         fh.seek(start)
-        reader = _Reader(fh, os.path.getsize(toc_path))
+        reader = Reader(fh, os.path.getsize(toc_path))
         try:
-            version, fmt = _header(reader)
-            entries = _toc(reader, version, custom=fmt == _ARCH_CUSTOM and not os.path.isdir(path))
-        except (_End, ValueError):
+            version, fmt, _compressed = read_header(reader)
+            entries = read_entries(reader, version, custom=fmt == ARCH_CUSTOM and not os.path.isdir(path))
+        except (End, ValueError):
             return "UTF8"
     for entry in entries:
         found = _CLIENT_ENCODING.search(entry.definition or b"")

@@ -12,6 +12,7 @@ inside strings, function bodies or COPY data.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import IO
 
 from stages.dumps.sqlscript import COPY, STATEMENT, Piece, read_script
@@ -124,15 +125,18 @@ def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024
         counter.see(piece)
 
 
-def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter, *, encoding: str = "UTF8") -> None:
-    """Rows per table and sequence values of a custom or tar archive, from
-    `pg_restore --data-only` output (in the source's `encoding`), into `counter`."""
+def count_archive_rows(
+    tools: PgTools, archive: str, counter: RowCounter, *, encoding: str = "UTF8", list_file: str | None = None
+) -> None:
+    """Rows per table and sequence values of a custom or tar archive (of the entries of
+    `list_file`, if given), from `pg_restore --data-only` output (in the source's
+    `encoding`), into `counter`."""
     pg_restore = tools.pg_restore
     codec = python_codec(encoding)
     counter.follows_client_encoding = False  # what it reads is UTF-8 (Utf8Lines)
     try:
         pg_restore.run_streaming(
-            ["--data-only", "--file=-", archive],
+            ["--data-only", *([f"--use-list={list_file}"] if list_file else []), "--file=-", archive],
             lambda stdout: count_stream(stdout if codec == "utf-8" else Utf8Lines(stdout, codec), counter),  # type: ignore[arg-type]
             what="reading the dump's table data",
         )
@@ -140,3 +144,17 @@ def count_archive_rows(tools: PgTools, archive: str, counter: RowCounter, *, enc
         raise  # its message says which limit was reached
     except PermanentCommandFailure as err:
         raise err.with_message(f"the archive's table data is damaged or truncated: {err.message}") from err
+
+
+def archive_sequences(definitions: Iterable[bytes], encoding: str = "UTF8") -> dict[str, int | None]:
+    """Sequence values from an archive's SEQUENCE SET entries (their definitions,
+    `SELECT pg_catalog.setval('public.s', 42, true);`), as `RowCounter.sequences` has
+    them: no need to read the archive's data for them."""
+    codec = python_codec(encoding)
+    values: dict[str, int | None] = {}
+    for definition in definitions:
+        match = _SETVAL.match(definition.strip())
+        if match:
+            name = table_key(match.group(1).replace(b"''", b"'"), codec)
+            values[name] = int(match.group(2)) if match.group(3) == b"true" else None
+    return values

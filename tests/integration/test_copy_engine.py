@@ -14,7 +14,8 @@ import time
 import psycopg2
 import pytest
 
-from stages.copy.engine import CopyStalled, SourceSettings
+from stages.copy.engine import CopyStalled
+from stages.copy.live import SourceSettings
 from stages.errors import Cancelled, PermanentError, TransientError
 from stages.tools.commands import Cancellation
 from tests.support import pg

@@ -18,7 +18,7 @@ import pytest
 from stages.connections.connect import connect
 from stages.connections.deadline import Deadline, SourceTimedOut
 from stages.connections.pgurl import SourceURL
-from stages.copy.engine import Snapshot, SourceBusy, SourceSettings
+from stages.copy.live import Snapshot, SourceBusy, SourceSettings
 from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.errors import SourceUnreachable, TransientError
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST

@@ -15,7 +15,8 @@ from typing import Any
 import psycopg2
 
 from stages.connections.pgurl import SourceURL
-from stages.copy.engine import CopyResult, Snapshot, SourceSettings, copy_rows, plan_copy
+from stages.copy.engine import CopyResult, copy_rows, plan_copy
+from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
 from stages.dumps import toc
 from stages.tools.commands import Cancellation, PgRestore, PgTools

@@ -11,8 +11,8 @@ from stages.copy.stream import Flow, SourceTable
 TABLE = SourceTable("public.t", "public", "t", ("id",), 1000, oid=16384)
 
 
-def _progress() -> engine._Progress:
-    progress = engine._Progress(tables_total=4, bytes_total=1000, cost_total=2000.0)
+def _progress() -> engine.CopyProgress:
+    progress = engine.CopyProgress(tables_total=4, bytes_total=1000, cost_total=2000.0)
     progress.started = time.monotonic() - 10
     progress.tables_done, progress.bytes_done, progress.rows_done, progress.cost_done = 1, 300, 30, 500.0
     flow = Flow()

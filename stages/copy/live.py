@@ -1,0 +1,283 @@
+"""A live source's side of the copy (stages.copy.engine): one exported snapshot, read
+by a session per lane.
+
+`Snapshot.open` starts a repeatable-read, read-only session on the source that exports
+its snapshot, reads what to copy (stages.copy.catalog), locks those tables (ACCESS
+SHARE) and describes the source; it stays open until the copy ends.
+`Snapshot.dump_schema` has `pg_dump --snapshot` write the schema archive: everything
+but the copied tables' rows and the large objects. During the copy each lane opens a
+source session in the same snapshot on first use and streams `COPY … TO STDOUT` from it
+(stages.copy.stream); the large objects stream too (stages.copy.largeobjects).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+from stages.connections.connect import connect
+from stages.connections.deadline import Deadline as SourceDeadline
+from stages.connections.pgurl import SourceURL, redact
+from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
+from stages.copy.engine import (
+    LARGE_OBJECTS,
+    TASK_OVERHEAD,
+    CopyProgress,
+    Lane,
+    Record,
+    flowing,
+    table_locks,
+    target_errors,
+)
+from stages.copy.largeobjects import copy_large_objects
+from stages.copy.scheduler import Task
+from stages.copy.stream import CountMismatch, SourceTable, stream_table
+from stages.database import inventory
+from stages.dumps.toc import TocEntry
+from stages.errors import PermanentError, SourceUnreachable, TransientError
+from stages.tools.commands import Cancellation, PgTools
+
+
+class SourceBusy(TransientError):
+    """A table on the source stayed locked by another session past the lock timeout."""
+
+
+class SnapshotLost(SourceUnreachable):
+    """The session holding the source's exported snapshot ended before a lane joined it."""
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    connect_timeout: int = 10
+    read_timeout: float = 1800
+    lock_timeout: float = 60
+    stall_seconds: float = 300
+
+
+@dataclass
+class Snapshot:
+    """The source's exported snapshot and the session that holds it (with its locks)."""
+
+    source: SourceURL
+    conn: psycopg2.extensions.connection
+    snapshot_id: str
+    server_version: str
+    catalog: SourceCatalog
+    description: dict[str, Any]
+    settings: SourceSettings
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(
+        cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
+    ) -> Iterator[Snapshot]:
+        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+        conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
+        unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
+        try:
+            with _source_errors(source, settings):
+                conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
+                    cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
+                    # It holds the snapshot, idle in its transaction, until the copy ends:
+                    # a source's own idle timeout must not end it (pg_dump does the same).
+                    cur.execute("SET idle_in_transaction_session_timeout = 0")
+                    cur.execute("SET search_path = pg_catalog, pg_temp")
+                    cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
+                    snapshot_id, server_version = cur.fetchone()
+                catalog = read_catalog(conn)
+                lock_tables(conn, catalog.tables)
+                description = inventory.describe(conn)
+            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings)
+        finally:
+            unsubscribe()
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+
+    @property
+    def stall_seconds(self) -> float:
+        return self.settings.stall_seconds
+
+    def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
+        restored = {e.catalog_id[1] for e in kept if e.desc == "TABLE"}
+        return [t for t in self.catalog.tables if t.oid in restored]
+
+    def owner_of(self, entry: TocEntry) -> Owned | None:
+        return self.catalog.owned.get(entry.catalog_id)
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[_LiveLoading]:
+        yield _LiveLoading(self)
+
+    def dump_schema(self, tools: PgTools, path: str, copied: Sequence[SourceTable]) -> None:
+        """The schema archive (custom format): everything of the snapshot but the rows
+        of `copied`, which stream instead. Materialized views keep their data entries
+        (refreshed on the target) and the sequences their values."""
+        args = tools.pg_dump.schema_args(
+            self.source.conninfo(connect_timeout=str(self.settings.connect_timeout)),
+            path,
+            snapshot=self.snapshot_id,
+            lock_wait_ms=int(self.settings.lock_timeout * 1000),
+            exclude_data=[_pattern(t) for t in copied],
+        )
+        tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
+
+
+def _shown(name: str) -> str:
+    """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
+
+
+def _pattern(table: SourceTable) -> str:
+    """A pg_dump pattern naming exactly one table: quoted, so nothing in it is a wildcard."""
+    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
+
+
+@contextlib.contextmanager
+def _source_errors(source: SourceURL, settings: SourceSettings, statement: str | None = None) -> Iterator[None]:
+    """Source errors in the user's terms; `statement` is what was running (named when
+    row-level security refuses it)."""
+    try:
+        yield
+    except psycopg2.errors.InsufficientPrivilege as err:
+        first = str(err).splitlines()[0]
+        if "row-level security" in first:
+            raise PermanentError(
+                f"{first}: the source user {source.user!r} cannot read every row; connect as the table's "
+                "owner or a role with BYPASSRLS" + (f"; the statement was: {statement}" if statement else "")
+            ) from err
+        raise PermanentError(
+            f"the source user {source.user!r} cannot read every table "
+            f"({str(err).splitlines()[0]}); grant it SELECT on all tables, or use the "
+            "database owner's credentials"
+        ) from err
+    except psycopg2.errors.LockNotAvailable as err:
+        raise SourceBusy(
+            f"a table on the source is locked by another session (an open transaction holding an "
+            f"exclusive lock, a schema change, a VACUUM FULL) and stayed locked for {settings.lock_timeout:g} s; "
+            "the import is retried, and succeeds once the lock is released"
+        ) from err
+    except psycopg2.OperationalError as err:
+        raise SourceUnreachable(
+            f"lost the connection to the source while reading it: {redact(str(err), source.password).strip()}"
+        ) from err
+
+
+
+
+class _LiveLoading:
+    """The lanes' source sessions, all in the snapshot and under one deadline:
+    cancelling it shuts their sockets (stages.connections.deadline). Never psycopg2's
+    cancel() on a source: it holds the GIL through its round trip to the source
+    (connect, send, wait for the close), so a source that stops answering would freeze
+    every thread of the worker."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.deadline = SourceDeadline(
+            per_read=snapshot.settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS"
+        )
+
+    def interrupt(self) -> None:
+        self.deadline.cancel()
+
+    def close_lane(self, lane: Lane) -> None:
+        if lane.source is not None:
+            with contextlib.suppress(psycopg2.Error):
+                lane.source.close()
+
+    def session(self, lane: Lane) -> psycopg2.extensions.connection:
+        """The lane's source session in the snapshot, opened on first use."""
+        if lane.source is None:
+            lane.source = self._open()
+        return lane.source
+
+    def _open(self) -> psycopg2.extensions.connection:
+        snapshot, settings = self.snapshot, self.snapshot.settings
+        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=self.deadline, client_encoding="UTF8")
+        try:
+            with _source_errors(snapshot.source, settings), conn.cursor() as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                try:
+                    cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
+                except psycopg2.errors.InvalidParameterValue as err:
+                    raise SnapshotLost(
+                        "lost the source's snapshot: the session that holds it ended (the source closed it, "
+                        "or restarted) before every table was read; the import is retried"
+                    ) from err
+                cur.execute("SET row_security = off")
+                # COPY prints values as the session's settings say, which the source's
+                # database or role may change: as pg_dump, print them so the preview reads
+                # back exactly the same (extra_float_digits -3 drops float digits).
+                cur.execute("SET DateStyle = ISO")
+                cur.execute("SET IntervalStyle = postgres")
+                cur.execute("SET extra_float_digits = 3")
+                cur.execute("SET statement_timeout = 0")
+                # Idle in its transaction while its lane builds indexes.
+                cur.execute("SET idle_in_transaction_session_timeout = 0")
+                cur.execute("SET search_path = pg_catalog, pg_temp")
+        except BaseException:
+            conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled
+            raise
+        return conn
+
+    def data_tasks(
+        self, tables: list[SourceTable], progress: CopyProgress, record: Record
+    ) -> tuple[dict[int, Task[Lane]], list[Task[Lane]]]:
+        copies = {
+            table.oid: Task[Lane](f"copy {table.key}", TASK_OVERHEAD + table.bytes, self._copy(table, progress, record), table_locks(table.oid))
+            for table in tables
+        }
+        extra: list[Task[Lane]] = []
+        objects = int(self.snapshot.description.get("objects", {}).get("large_objects", 0) or 0)
+        if objects:
+            extra.append(
+                Task[Lane]("large objects", TASK_OVERHEAD * (1 + objects), self._large_objects(progress), frozenset({"<large objects>"}))
+            )
+        return copies, extra
+
+    def _copy(self, table: SourceTable, progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
+        def run(lane: Lane) -> None:
+            with flowing(progress, table, counted=True) as flow:
+                source = self.session(lane)
+                statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
+                with _either_side(self.snapshot, source, f"loading the rows of table {table.key} into the preview", statement):
+                    copied = stream_table(table, source, lane.target, flow)
+            record(table, copied.source_rows, copied.target_rows)
+
+        return run
+
+    def _large_objects(self, progress: CopyProgress) -> Callable[[Lane], None]:
+        def run(lane: Lane) -> None:
+            with flowing(progress, LARGE_OBJECTS, counted=False) as flow:
+                source = self.session(lane)
+                with _either_side(self.snapshot, source, "copying the large objects into the preview"):
+                    copy_large_objects(source, lane.target, flow)
+
+        return run
+
+
+@contextlib.contextmanager
+def _either_side(snapshot: Snapshot, source: psycopg2.extensions.connection, target_what: str, statement: str | None = None) -> Iterator[None]:
+    """A stream's error in the terms of the side it came from: the source's (see
+    `_source_errors`), or the preview's (`target_what` failed)."""
+    with _source_errors(snapshot.source, snapshot.settings, statement):
+        try:
+            yield
+        except (psycopg2.Error, CountMismatch) as err:
+            if isinstance(err, psycopg2.Error) and _from_source(err, source):
+                raise
+            with target_errors(target_what):
+                raise
+
+
+def _from_source(err: psycopg2.Error, source: psycopg2.extensions.connection) -> bool:
+    return getattr(err, "cursor", None) is not None and err.cursor.connection is source
