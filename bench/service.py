@@ -35,13 +35,14 @@ from bench.methods import LIVE, UPLOAD, Timed, Trial
 from bench.pg import Cluster
 from bench.sampling import PeakSampler
 from pipeline.config import Settings
+from pipeline.steps.registry import STAGE_NAMES
 
 if TYPE_CHECKING:
     from tests.support.processes import Service
 
 POLL_SECONDS = 0.1
 JOB_TIMEOUT_SECONDS = 4 * 3600
-STAGES = ("preflight", "fetch", "restore", "finalize", "exhausted")
+STAGES = (*STAGE_NAMES, "exhausted")
 
 
 class ServiceFailed(RuntimeError):

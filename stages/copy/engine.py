@@ -26,6 +26,7 @@ interrupted copy is restarted from the beginning anyway, so nothing is lost by i
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import re
 import threading
@@ -242,7 +243,10 @@ def copy_rows(
             else (lambda: None)
         )
         reporter = threading.Thread(
-            target=_report, args=(progress, stop, on_progress, interrupt, stall_seconds, on_report_end), daemon=True
+            # In the stage's logging context (job, stage, attempt), as every lane.
+            target=contextvars.copy_context().run,
+            args=(_report, progress, stop, on_progress, interrupt, stall_seconds, on_report_end),
+            daemon=True,
         )
         try:
             for _ in range(max(1, lanes)):

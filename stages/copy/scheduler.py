@@ -15,6 +15,7 @@ told to stop (`on_failure`), and `run` raises that first error once every lane i
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -150,7 +151,9 @@ class Schedule(Generic[Lane]):
     def run(self) -> None:
         """Run every task; raise the first error once every lane has stopped."""
         threads = [
-            threading.Thread(target=self._lane, args=(lane,), name=f"copy-lane-{i}", daemon=True)
+            threading.Thread(
+                target=contextvars.copy_context().run, args=(self._lane, lane), name=f"copy-lane-{i}", daemon=True
+            )
             for i, lane in enumerate(self.lanes)
         ]
         for thread in threads:

@@ -13,6 +13,7 @@ source count is exact without a separate `count(*)`, and a difference is an erro
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import os
 import threading
@@ -162,7 +163,9 @@ def stream_table(
         finally:
             finished.set()
 
-    producer = threading.Thread(target=produce, name=f"copy-out-{table.key}", daemon=True)
+    producer = threading.Thread(
+        target=contextvars.copy_context().run, args=(produce,), name=f"copy-out-{table.key}", daemon=True
+    )
     tap = _Tap(read_fd, finished, failed, flow)
     try:
         with target.cursor() as cur:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 
@@ -96,3 +97,19 @@ def test_the_first_failure_stops_the_schedule_and_is_raised():
         Schedule([first, later], [None, None], on_failure=stopped.append).run()
     assert ran == []
     assert [str(e) for e in stopped] == ["boom"]
+
+
+_JOB = contextvars.ContextVar("job", default=None)
+
+
+def test_tasks_run_in_the_callers_context():
+    """Log lines from the lanes carry the stage's job, stage and attempt (pipeline.logs
+    keeps them in context variables)."""
+    seen: list[object] = []
+    token = _JOB.set("job_1")
+    try:
+        tasks = [Task[str](f"t{i}", 1, lambda _lane: seen.append(_JOB.get())) for i in range(4)]
+        Schedule(tasks, ["lane-a", "lane-b"]).run()
+    finally:
+        _JOB.reset(token)
+    assert seen == ["job_1"] * 4
