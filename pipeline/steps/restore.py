@@ -28,19 +28,21 @@ def run(steps: ImportSteps, context: StageContext) -> RestoreResult:
     project = Project.get_by_id(job.project_id)
     # Projects created before the service revoked PUBLIC's access get it revoked now.
     steps._admin(job).lock_down(project.database_name)
-    target, restorer, preview = steps._new_preview(context, facts.extensions, facts.extension_comments)
-    context.progress({"phase": "restoring", "tables_total": len(facts.source_counts or {})})
-    steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
-    context.check_cancelled()
-    admin = steps._admin(job)
-    # From object storage, on whichever worker runs this stage.
-    restored = upload_steps.restore_upload(
-        context,
-        settings=steps.settings,
-        store=steps.store,
-        tools=steps._tools(context),
-        target=target,
-        open_target=lambda: admin.open_role_connection(preview, restorer, readonly=False),
-    )
+    with upload_steps.restore_folder(context, settings=steps.settings, store=steps.store) as prepared:
+        target, restorer, preview = steps._new_preview(context, facts.extensions, facts.extension_comments)
+        context.progress({"phase": "restoring", "tables_total": len(facts.source_counts or {})})
+        steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
+        context.check_cancelled()
+        admin = steps._admin(job)
+        # From object storage, on whichever worker runs this stage.
+        restored = upload_steps.restore_upload(
+            context,
+            prepared,
+            settings=steps.settings,
+            store=steps.store,
+            tools=steps._tools(context),
+            target=target,
+            open_target=lambda: admin.open_role_connection(preview, restorer, readonly=False),
+        )
     # A verification of an earlier preview (a restore retried by an operator) is void.
     return RestoreResult(**restored, preview_database=preview, verification=None)

@@ -24,11 +24,14 @@ Local disk: an archive's size during fetch and restore; for plain SQL, a few sma
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gzip
 import os
+import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import psycopg2.extensions
@@ -50,7 +53,7 @@ from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
 from stages.dumps.rows import RowCounter, archive_sequences
 from stages.dumps.sqlscript import ScriptError
-from stages.errors import PermanentError
+from stages.errors import Cancelled, PermanentError
 from stages.preflight.extensions import require_allowlisted
 from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
 from stages.preflight.rehearsal import report_rehearsal, skip_map
@@ -145,8 +148,78 @@ def fetch_upload(
     )
 
 
+@dataclass
+class RestoreFolder:
+    """The restore stage's folder, and the archive downloading into it (None for plain
+    SQL, which streams instead)."""
+
+    folder: str
+    download: _Download | None
+
+
+class _Download:
+    """An archive downloading from object storage in a thread of its own, beside the
+    preview's creation; `wait` reports its bytes while it runs and raises its error."""
+
+    def __init__(self, store: ObjectStore, upload: StoredObject, path: str, max_bytes: int) -> None:
+        self.path = path
+        self.done = 0
+        self.total = upload.size
+        self._stop = threading.Event()
+        self._failure: list[BaseException] = []
+
+        def progress(done: int, total: int) -> None:
+            self.done = done
+            if self._stop.is_set():
+                raise Cancelled("the restore stopped before the upload was downloaded")
+
+        def run() -> None:
+            try:
+                store.download(upload.key, path, expected=upload, max_bytes=max_bytes, on_progress=progress)
+            except BaseException as err:  # noqa: BLE001 - raised by `wait`, in the stage's thread
+                self._failure.append(err)
+
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="download-upload", daemon=True)
+        self._thread.start()
+
+    def wait(self, context: StageContext) -> str:
+        while self._thread.is_alive():
+            self._thread.join(PROGRESS_SECONDS)
+            context.progress({"phase": "downloading the upload", "bytes_done": self.done, "bytes_total": self.total})
+        if self._failure:
+            raise self._failure[0]
+        return self.path
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def restore_folder(context: StageContext, *, settings: Settings, store: ObjectStore) -> Iterator[RestoreFolder]:
+    """The restore stage's folder, removed when the stage ends; an archive starts
+    downloading into it at once, so the download overlaps the preview's creation
+    (pipeline.steps.restore)."""
+    job = context.job
+    assert job.upload_key is not None
+    facts = job.facts
+    # The version fetch checked; a job fetched before uploads were pinned has no ETag.
+    upload = StoredObject(job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag)
+    with stage_folder(settings, job, "restore") as folder:
+        download = None
+        if recorded(facts.dump_format, "dump_format") in ARCHIVES:
+            limit = Project.get_by_id(job.project_id).storage_limit_bytes
+            download = _Download(store, upload, os.path.join(folder, "upload"), limit)
+        try:
+            yield RestoreFolder(folder, download)
+        finally:
+            if download is not None:
+                download.stop()
+
+
 def restore_upload(
     context: StageContext,
+    prepared: RestoreFolder,
     *,
     settings: Settings,
     store: ObjectStore,
@@ -156,41 +229,32 @@ def restore_upload(
 ) -> dict[str, Any]:
     """Restore the upload into `target` (the empty preview, as the restore role;
     `open_target` opens a session there), from object storage and the facts fetch
-    recorded: an archive is downloaded into this stage's folder and restored on the
-    copy engine (pipeline.steps.archive), which counts its rows; plain SQL is streamed
-    into psql (its rows were counted by fetch). Returns the facts it adds."""
+    recorded: an archive (downloaded into the stage's folder, `restore_folder`) is
+    restored on the copy engine (pipeline.steps.archive), which counts its rows; plain
+    SQL is streamed into psql (its rows were counted by fetch). Returns the facts it adds."""
     job = context.job
     assert job.upload_key is not None
     facts = job.facts
     project = Project.get_by_id(job.project_id)
-    # The version fetch checked; a job fetched before uploads were pinned has no ETag.
     upload = StoredObject(job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag)
     skipped = facts.restore_skip if facts.restore_skip is not None else facts.rehearsal_skipped
     fmt = recorded(facts.dump_format, "dump_format")
-    with stage_folder(settings, job, "restore") as folder:
-        if fmt in ARCHIVES:
-            archive = os.path.join(folder, "upload")
-            store.download(
-                job.upload_key,
-                archive,
-                expected=upload,
-                max_bytes=project.storage_limit_bytes,
-                on_progress=_bytes_progress(context, "downloading the upload"),
-            )
-            context.check_cancelled()
-            return restore_archive_upload(
-                context, settings=settings, tools=tools, archive=archive, folder=folder, target=target, open_target=open_target
-            )
-        gzipped = fmt == "gzip-plain"
+    if prepared.download is not None:
+        archive = prepared.download.wait(context)
         context.check_cancelled()
+        return restore_archive_upload(
+            context, settings=settings, tools=tools, archive=archive, folder=prepared.folder, target=target, open_target=open_target
+        )
+    gzipped = fmt == "gzip-plain"
+    context.check_cancelled()
 
-        progress = _bytes_progress(context, "restoring", tables_total=len(facts.source_counts or {}))
+    progress = _bytes_progress(context, "restoring", tables_total=len(facts.source_counts or {}))
 
-        def feed(out: BinaryIO) -> None:
-            _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)
+    def feed(out: BinaryIO) -> None:
+        _filter_upload(store, upload, gzipped, sql_limit(project), skipped, progress, counter=None, out=out)
 
-        restore_plain_stream(tools, target, feed, folder)
-        return {}
+    restore_plain_stream(tools, target, feed, prepared.folder)
+    return {}
 
 
 def _archive_facts(
