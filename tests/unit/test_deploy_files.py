@@ -98,6 +98,20 @@ def test_the_image_holds_every_package_of_the_project():
     assert re.search(r"^RUN pip install --no-cache-dir \. ", text, re.M)
 
 
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else():
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    rules = [line for line in ignore if line and not line.startswith("#")]
+    assert rules[0] == "*", "the context starts empty (no .venv, .capy or dumps sent to the builder)"
+    kept = {rule.removeprefix("!") for rule in rules if rule.startswith("!")}
+    copied = {
+        source
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    }
+    assert copied == kept, f"copied {sorted(copied)}, kept in the context {sorted(kept)}"
+
+
 def test_the_image_runs_as_a_user_of_its_own():
     text = (ROOT / "Dockerfile").read_text()
     users = re.findall(r"^USER (\S+)$", text, re.M)
