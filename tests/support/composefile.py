@@ -48,15 +48,14 @@ def _substitute(text: str, env: Mapping[str, str]) -> str:
         op, arg = match.group("op"), match.group("arg") or ""
         value = env.get(name)
         unset = value is None or (op is not None and op.startswith(":") and value == "")
-        if op is None:
-            return value or ""
+        if op is None or (value is not None and not unset):
+            # Set: its value, or for "+" the alternative.
+            return _substitute(arg, env) if op and op.endswith("+") else value or ""
         if op.endswith("-"):
-            return _substitute(arg, env) if unset else value  # type: ignore[return-value]
+            return _substitute(arg, env)
         if op.endswith("?"):
-            if unset:
-                raise InterpolationError(f"required variable {name} is missing a value: {arg}")
-            return value  # type: ignore[return-value]
-        return "" if unset else _substitute(arg, env)  # "+": the alternative when set
+            raise InterpolationError(f"required variable {name} is missing a value: {arg}")
+        return ""  # "+" and unset
 
     return _VARIABLE.sub(one, text)
 
