@@ -1,5 +1,8 @@
-# The service image: Python, the project, and the PostgreSQL client tools it drives.
-FROM python:3.11-slim-bookworm
+# The service image: Python, every package of the project (app, pipeline, stages,
+# client) and the PostgreSQL client tools it drives; it runs as a user of its own.
+# The base is pinned by tag and digest (multi-arch index); bump both together.
+FROM python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# util-linux: setpriv, which gives every tool a parent-death signal (stages/tools/commands.py).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends postgresql-client-15 util-linux \
  && rm -rf /var/lib/apt/lists/*
@@ -9,7 +12,15 @@ COPY app app
 COPY pipeline pipeline
 COPY stages stages
 COPY client client
-RUN pip install --no-cache-dir .
-ENV CAPY_BIND_HOST=0.0.0.0 PORT=8000
+RUN pip install --no-cache-dir . \
+ && useradd --system --uid 10001 --user-group --create-home --home-dir /home/capy capy \
+ && mkdir -p /work /metrics \
+ && chown capy:capy /work /metrics
+# /work and /metrics are owned by the service's user, so a new named volume mounted
+# there (compose) starts owned by it too.
+ENV CAPY_BIND_HOST=0.0.0.0 PORT=8000 CAPY_WORK_DIR=/work PYTHONUNBUFFERED=1
+USER capy
 EXPOSE 8000
-CMD ["sh", "-c", "gunicorn --bind ${CAPY_BIND_HOST}:${PORT} --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --timeout 30 --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]
+# The Procfile's web process, as one command: gunicorn's --timeout (60 s) is above the
+# synchronous preflight's deadline (CAPY_PREFLIGHT_DEADLINE_SECONDS, 20 s by default).
+CMD ["sh", "-c", "exec gunicorn --bind ${CAPY_BIND_HOST}:${PORT} --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --timeout 60 --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]

@@ -74,7 +74,14 @@ def test_two_deployments_on_one_host_each_keep_their_control_socket(control_db, 
     processes = []
     try:
         for port in ports:
-            env = service_env(control_db, PORT=str(port), WEB_CONCURRENCY="1", XDG_RUNTIME_DIR=str(runtime))
+            # The Procfile binds every interface by default; the tests stay on loopback.
+            env = service_env(
+                control_db,
+                PORT=str(port),
+                WEB_CONCURRENCY="1",
+                XDG_RUNTIME_DIR=str(runtime),
+                CAPY_BIND_HOST="127.0.0.1",
+            )
             log = tmp_path / f"web-{port}.log"
             processes.append((start(procfile_command("web", procfile), env, log), log))
         for port, (process, log) in zip(ports, processes, strict=True):
@@ -102,7 +109,9 @@ def _production_env(control_db, **extra):
 @pytest.mark.e2e
 def test_web_worker_and_cli_refuse_to_start_in_production_without_a_secret_key(control_db, tmp_path):
     port = free_port()
-    env = _production_env(control_db, PORT=str(port), WEB_CONCURRENCY="1", XDG_RUNTIME_DIR=str(tmp_path))
+    env = _production_env(
+        control_db, PORT=str(port), WEB_CONCURRENCY="1", XDG_RUNTIME_DIR=str(tmp_path), CAPY_BIND_HOST="127.0.0.1"
+    )
     for name in ("web", "worker"):
         log = tmp_path / f"{name}.log"
         process = start(procfile_command(name), env, log)
