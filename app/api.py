@@ -12,6 +12,7 @@ from app import errors
 from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
 from app.dbsession import DatabaseSession
 from app.edge import InputValidation
+from app.openapi import OpenAPIResource
 from app.resources import (
     AuditEventsResource,
     CancelResource,
@@ -69,4 +70,5 @@ def create_app(services: Services) -> falcon.App:
         "/v1/jobs/{job_id}/cancel",
         CancelResource(ImportSteps(services.settings, services.sealer, services.uploads.store)),
     )
+    app.add_route("/v1/openapi.json", OpenAPIResource(app))  # documents every route of `app`
     return app
