@@ -61,11 +61,11 @@ def _must_be_true(value: bool) -> bool:
     return value
 
 
-class SourceRequest(Request):
-    model_config = ConfigDict(
-        json_schema_extra={"oneOf": [{"required": ["source_url"]}, {"required": ["upload_key"]}]}
-    )
+# The JSON Schema of `_one_source`.
+ONE_SOURCE = [{"required": ["source_url"]}, {"required": ["upload_key"]}]
 
+
+class SourceRequest(Request):
     recreate: bool = Field(
         default=False, description="Replace a project database that already holds objects (default false)."
     )
@@ -82,6 +82,16 @@ class SourceRequest(Request):
 class ImportBody(SourceRequest):
     """POST /v1/projects/{project_id}/imports."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": ONE_SOURCE,
+            "examples": [
+                {"confirm": True, "source_url": "postgres://app:secret@db.example.com:5432/shop"},
+                {"confirm": True, "recreate": True, "upload_key": "imports/prj_example/upl_example/dump"},
+            ],
+        }
+    )
+
     confirm: Annotated[bool, AfterValidator(_must_be_true)] = Field(
         json_schema_extra={"const": True},
         description="Must be true: an import replaces the project's database.",
@@ -90,6 +100,13 @@ class ImportBody(SourceRequest):
 
 class PreflightBody(SourceRequest):
     """POST /v1/projects/{project_id}/imports/preflight."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": ONE_SOURCE,
+            "examples": [{"source_url": "postgres://app:secret@db.example.com:5432/shop"}],
+        }
+    )
 
     confirm: bool = absent("Accepted (so an import's body can be sent as it is), not needed.")
 

@@ -84,16 +84,33 @@ def test_each_authenticated_operation_documents_its_errors_with_the_error_body(d
                 if status >= "400" and path != "/readyz":
                     assert response["content"]["application/json"]["schema"] == error, (method, path, status)
     imports = doc["paths"]["/v1/projects/{project_id}/imports"]["post"]
-    assert set(imports["responses"]) == {"200", "202", "400", "401", "403", "404", "409", "413", "415", "422", "429", "503"}
+    assert set(imports["responses"]) == {
+        "200",
+        "202",
+        "400",
+        "401",
+        "403",
+        "404",
+        "409",
+        "413",
+        "415",
+        "422",
+        "429",
+        "503",
+    }
     assert "Location" in imports["responses"]["202"]["headers"]
     assert "Retry-After" in imports["responses"]["429"]["headers"]
-    assert imports["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ImportBody"}
+    assert imports["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ImportBody"
+    }
 
 
 def test_parameters_say_what_the_edge_accepts(doc):
     jobs = doc["paths"]["/v1/projects/{project_id}/jobs"]["get"]["parameters"]
     by_name = {p["name"]: p for p in jobs}
-    assert by_name["project_id"]["in"] == "path" and by_name["project_id"]["schema"]["pattern"].startswith("^[A-Za-z0-9_-]")
+    assert by_name["project_id"]["in"] == "path" and by_name["project_id"]["schema"]["pattern"].startswith(
+        "^[A-Za-z0-9_-]"
+    )
     assert by_name["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}
     imports = doc["paths"]["/v1/projects/{project_id}/imports"]["post"]["parameters"]
     assert "Idempotency-Key" in {p["name"] for p in imports}
@@ -136,11 +153,19 @@ def request(body: str, content_type: str = "application/json") -> falcon.Request
             '"recreate" must be true or false',
         ),
         (schemas.ImportBody, {"confirm": True}, 'send exactly one of "source_url"'),
-        (schemas.ImportBody, {"confirm": True, "source_url": "postgres://h/d", "upload_key": "k"}, "exactly one of"),
+        (
+            schemas.ImportBody,
+            {"confirm": True, "source_url": "postgres://h/d", "upload_key": "k"},
+            "exactly one of",
+        ),
         (schemas.ImportBody, {"confirm": True, "upload_key": 5}, '"upload_key" must be a string'),
         (schemas.ImportBody, {"confirm": True, "source_url": None}, '"source_url" must be a string'),
         (schemas.PreflightBody, {}, 'send exactly one of "source_url"'),
-        (schemas.PreflightBody, {"source_url": "postgres://h/d", "confirm": "yes"}, '"confirm" must be true or false'),
+        (
+            schemas.PreflightBody,
+            {"source_url": "postgres://h/d", "confirm": "yes"},
+            '"confirm" must be true or false',
+        ),
     ],
 )
 def test_bodies_the_schema_refuses_get_a_400_that_says_what_to_fix(model, body, message):
@@ -150,9 +175,13 @@ def test_bodies_the_schema_refuses_get_a_400_that_says_what_to_fix(model, body, 
 
 
 def test_bodies_the_schema_accepts():
-    live = read_body(request('{"confirm": true, "source_url": "postgres://h/d"}'), schemas.ImportBody, max_bytes=1024)
+    live = read_body(
+        request('{"confirm": true, "source_url": "postgres://h/d"}'), schemas.ImportBody, max_bytes=1024
+    )
     assert (live.recreate, live.source_url, live.upload_key) == (False, "postgres://h/d", None)
-    upload = read_body(request('{"upload_key": "k", "recreate": true}'), schemas.PreflightBody, max_bytes=1024)
+    upload = read_body(
+        request('{"upload_key": "k", "recreate": true}'), schemas.PreflightBody, max_bytes=1024
+    )
     assert (upload.recreate, upload.source_url, upload.upload_key) == (True, None, "k")
 
 
