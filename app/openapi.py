@@ -67,8 +67,15 @@ _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The job'
 
 @dataclass(frozen=True)
 class Operation:
+    """A responder's operation; as a decorator (`@operation(...)`) it declares it and
+    changes nothing in how the responder runs.
+
+    `responses` maps each success status to its body's model, or to None for a body
+    that is not JSON (a string of `media_type`, e.g. Prometheus' text format).
+    """
+
     summary: str
-    responses: Mapping[int, type[BaseModel]]
+    responses: Mapping[int, type[BaseModel] | None]
     errors: tuple[int, ...] = ()
     body: type[BaseModel] | None = None
     query: tuple[QueryInt, ...] = ()
@@ -76,16 +83,14 @@ class Operation:
     located: tuple[int, ...] = ()  # success statuses that send a Location header
     authenticated: bool = True
     notes: Mapping[int, str] = field(default_factory=dict)  # what a status means here
+    media_type: str = falcon.MEDIA_JSON  # of the success responses
 
-
-def operation(summary: str, **details: Any) -> Callable[[Callable], Callable]:
-    """Declare the responder's operation; it changes nothing in how it runs."""
-
-    def declare(responder: Callable) -> Callable:
-        responder.openapi_operation = Operation(summary, **details)  # type: ignore[attr-defined]
+    def __call__(self, responder: Callable) -> Callable:
+        responder.openapi_operation = self  # type: ignore[attr-defined]
         return responder
 
-    return declare
+
+operation = Operation
 
 
 def routes(app: falcon.App) -> Iterator[tuple[str, str, Callable]]:
@@ -108,26 +113,27 @@ def routes(app: falcon.App) -> Iterator[tuple[str, str, Callable]]:
 
 
 def undocumented(app: falcon.App) -> list[str]:
-    return [f"{method} {path}" for path, method, responder in routes(app) if _operation(responder) is None]
+    """The routes no `@operation` declares ("GET /path"): a test keeps this empty."""
+    return [f"{method} {path}" for path, method, responder in routes(app) if declared(responder) is None]
 
 
-def _operation(responder: Callable) -> Operation | None:
+def declared(responder: Callable) -> Operation | None:
     return getattr(responder, "openapi_operation", None)
 
 
 def document(app: falcon.App, *, title: str = "CapyDB Imports", version: str = "1") -> dict[str, Any]:
     """The OpenAPI 3.1 document of every declared operation of `app`."""
-    declared = [(path, method, op) for path, method, r in routes(app) if (op := _operation(r)) is not None]
+    operations = [(path, method, op) for path, method, r in routes(app) if (op := declared(r)) is not None]
     models: set[tuple[type[BaseModel], str]] = {(schemas.ErrorBody, "serialization")}
-    for _, _, op in declared:
-        models.update((model, "serialization") for model in op.responses.values())
+    for _, _, op in operations:
+        models.update((model, "serialization") for model in op.responses.values() if model is not None)
         if op.body is not None:
             models.add((op.body, "validation"))
     refs, definitions = models_json_schema(
         sorted(models, key=lambda m: (m[0].__name__, m[1])), ref_template=REF
     )
     paths: dict[str, dict[str, Any]] = {}
-    for path, method, op in sorted(declared, key=lambda d: (d[0], d[1])):
+    for path, method, op in sorted(operations, key=lambda d: (d[0], d[1])):
         paths.setdefault(path, {})[method.lower()] = _path_item(path, method, op, refs)
     return {
         "openapi": OPENAPI_VERSION,
@@ -160,9 +166,10 @@ def _path_item(path: str, method: str, op: Operation, refs: Mapping[tuple[Any, s
         }
     for status, model in op.responses.items():
         item["responses"][str(status)] = _response(
-            op.notes.get(status, model.__doc__ or "OK"),
-            refs[(model, "serialization")],
+            op.notes.get(status, (model.__doc__ if model else None) or "OK"),
+            refs[(model, "serialization")] if model else {"type": "string"},
             _LOCATION if status in op.located else {},
+            op.media_type,
         )
     errors = (*(AUTHENTICATED_ERRORS if op.authenticated else ()), *op.errors)
     error_ref = refs[(schemas.ErrorBody, "serialization")]
@@ -173,10 +180,12 @@ def _path_item(path: str, method: str, op: Operation, refs: Mapping[tuple[Any, s
     return item
 
 
-def _response(description: str, schema: Any, headers: Mapping[str, Any]) -> dict[str, Any]:
+def _response(
+    description: str, schema: Any, headers: Mapping[str, Any], media_type: str = falcon.MEDIA_JSON
+) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": " ".join(description.split()),
-        "content": {"application/json": {"schema": schema}},
+        "content": {media_type: {"schema": schema}},
     }
     if headers:
         response["headers"] = dict(headers)

@@ -15,7 +15,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31
 from app import schemas
 from app.api import Services, create_app
 from app.body import read_body
-from app.openapi import OPENAPI_VERSION, document, routes, undocumented
+from app.openapi import OPENAPI_VERSION, document, operation, routes, undocumented
 from pipeline.config import DEV_SECRET_KEY, Settings
 from pipeline.errors import InvalidRequest
 from pipeline.sealing import Sealer
@@ -67,6 +67,25 @@ def test_a_route_without_a_declared_operation_is_reported():
 
     app.add_route("/v1/bare", Bare())
     assert undocumented(app) == ["GET /v1/bare"]
+
+
+def test_an_operation_may_answer_other_than_json():
+    app = make_app()
+
+    class Metrics:
+        auth_required = False
+
+        @operation("Prometheus metrics.", responses={200: None}, media_type="text/plain", authenticated=False)
+        def on_get(self, req, resp):
+            resp.text = ""
+
+    app.add_route("/metrics", Metrics())
+    assert undocumented(app) == []
+    op = document(app)["paths"]["/metrics"]["get"]
+    assert op["responses"] == {
+        "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    }
+    assert op["security"] == []
 
 
 def test_each_authenticated_operation_documents_its_errors_with_the_error_body(doc):
