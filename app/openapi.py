@@ -11,6 +11,7 @@ dialect), under components/schemas.
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from app import schemas
 from app.edge import ID_PATTERN, Header, QueryInt
 
 OPENAPI_VERSION = "3.1.0"
+VERSION = importlib.metadata.version("capy-imports")
 REF = "#/components/schemas/{model}"
 
 # What each error status means on this API (SPEC.md, HTTP API); an operation may say more.
@@ -58,11 +60,26 @@ SECURITY_SCHEMES = {
         "description": "An API key (capy_live_…).",
     },
 }
+# Headers the error handlers always send with these statuses (app.errors).
 _RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
-    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "Bearer realm."}},
-    429: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "Seconds to wait."}},
+    401: {
+        "WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": "Bearer realm."}
+    },
+    429: {
+        "Retry-After": {
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "Seconds to wait.",
+        }
+    },
 }
-_LOCATION = {"Location": {"schema": {"type": "string"}, "description": "The job's URL: /v1/jobs/{id}."}}
+_LOCATION = {
+    "Location": {
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "The job's URL: /v1/jobs/{id}.",
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -121,7 +138,7 @@ def declared(responder: Callable) -> Operation | None:
     return getattr(responder, "openapi_operation", None)
 
 
-def document(app: falcon.App, *, title: str = "CapyDB Imports", version: str = "1") -> dict[str, Any]:
+def document(app: falcon.App, *, title: str = "CapyDB Imports", version: str = VERSION) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every declared operation of `app`."""
     operations = [(path, method, op) for path, method, r in routes(app) if (op := declared(r)) is not None]
     models: set[tuple[type[BaseModel], str]] = {(schemas.ErrorBody, "serialization")}
