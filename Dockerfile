@@ -21,6 +21,7 @@ RUN pip install --no-cache-dir . \
 ENV CAPY_BIND_HOST=0.0.0.0 PORT=8000 CAPY_WORK_DIR=/work PYTHONUNBUFFERED=1
 USER capy
 EXPOSE 8000
-# The Procfile's web process, as one command: gunicorn's --timeout (60 s) is above the
-# synchronous preflight's deadline (CAPY_PREFLIGHT_DEADLINE_SECONDS, 20 s by default).
-CMD ["sh", "-c", "exec gunicorn --bind ${CAPY_BIND_HOST}:${PORT} --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --timeout 60 --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]
+# The Procfile's web process, as one command: app/gunicorn_conf.py binds
+# $CAPY_BIND_HOST:$PORT and sets gunicorn's timeout above the synchronous preflight's
+# limit (CAPY_PREFLIGHT_DEADLINE_SECONDS and CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS).
+CMD ["sh", "-c", "exec gunicorn -c python:app.gunicorn_conf --workers ${WEB_CONCURRENCY:-2} --worker-class gthread --threads 4 --control-socket ${XDG_RUNTIME_DIR:-/tmp}/capy-imports-web-${PORT}.ctl 'app.wsgi:get_app()'"]

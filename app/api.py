@@ -14,6 +14,7 @@ from app.auth import Authenticator, AuthMiddleware, api_key_authenticator
 from app.dbsession import DatabaseSession
 from app.edge import InputValidation
 from app.observability import MetricsResource, RequestObservation
+from app.openapi import OpenAPIResource
 from app.resources import (
     AuditEventsResource,
     CancelResource,
@@ -80,4 +81,5 @@ def create_app(services: Services) -> falcon.App:
         "/v1/jobs/{job_id}/cancel",
         CancelResource(ImportSteps(services.settings, services.sealer, services.uploads.store)),
     )
+    app.add_route("/v1/openapi.json", OpenAPIResource(app))  # documents every route of `app`
     return app

@@ -2,15 +2,17 @@
 
 Whatever the body holds, the answer is the parsed value or a 400/413/415 that says what
 to fix: deep nesting, huge numbers, NaN, NUL characters and lone surrogates are refused
-here rather than failing in the JSON parser or the database.
+here rather than failing in the JSON parser or the database. `read_body` then validates
+the value with the request's schema (app.schemas), the one the OpenAPI document shows.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import falcon
+import pydantic
 
 from pipeline.errors import InvalidRequest
 
@@ -110,3 +112,40 @@ def read_json(req: falcon.Request, *, max_bytes: int, required: bool = True) -> 
         raise InvalidRequest(f"the request body holds a value that cannot be read: {err}") from None
     check_values(body)
     return body
+
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+def read_body(req: falcon.Request, model: type[Model], *, max_bytes: int) -> Model:
+    """The JSON body validated by `model`, or a 400 that says what to fix."""
+    try:
+        return model.model_validate(read_json(req, max_bytes=max_bytes))
+    except pydantic.ValidationError as err:
+        raise InvalidRequest(explain(err, model)) from None
+
+
+def explain(err: pydantic.ValidationError, model: type[pydantic.BaseModel]) -> str:
+    """One sentence for the first thing to fix: every unknown field at once, else the
+    first field in error, else the model's own rule (say, exactly one source)."""
+    problems = err.errors(include_url=False, include_input=False)
+    unknown = sorted(str(p["loc"][0]) for p in problems if p["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}; allowed fields are {', '.join(sorted(model.model_fields))}"
+    problem = problems[0]
+    if problem["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object"
+    if not problem["loc"]:  # a model validator's ValueError: its message is the sentence
+        return str(problem.get("ctx", {}).get("error", problem["msg"]))
+    name = ".".join(str(part) for part in problem["loc"])
+    field = model.model_fields.get(str(problem["loc"][0]))
+    if field is not None and field.description and field.description.startswith("Must be "):
+        # A field whose only valid value its description names ("Must be true: …").
+        return f'"{name}" {field.description[0].lower()}{field.description[1:].rstrip(".")}'
+    if problem["type"] in ("bool_type", "bool_parsing"):
+        return f'"{name}" must be true or false'
+    if problem["type"] == "string_type":
+        return f'"{name}" must be a string'
+    if problem["type"] == "missing":
+        return f'"{name}" is required'
+    return f'"{name}": {problem["msg"]}'

@@ -8,6 +8,7 @@ answers 400 saying what to fix instead of failing somewhere deeper.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import falcon
@@ -17,8 +18,8 @@ from pipeline.errors import InvalidRequest
 MAX_ID_LENGTH = 64
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
-_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}", re.ASCII)
-_PRINTABLE = re.compile(rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
+ID_PATTERN = rf"[A-Za-z0-9_-]{{1,{MAX_ID_LENGTH}}}"  # every path parameter (the OpenAPI document too)
+_ID = re.compile(ID_PATTERN, re.ASCII)
 _DIGITS = re.compile(r"[0-9]{1,6}", re.ASCII)
 
 
@@ -36,36 +37,85 @@ def check_path_params(params: dict[str, Any]) -> None:
             )
 
 
+@dataclass(frozen=True)
+class Header:
+    """A request header the API reads: `pattern` (full match) says what it accepts."""
+
+    name: str
+    pattern: str
+    rule: str  # how the error message says what to send
+    description: str
+
+    def read(self, req: falcon.Request) -> str | None:
+        value = req.get_header(self.name)
+        if value is None:
+            return None
+        if not re.fullmatch(self.pattern, value):
+            raise InvalidRequest(f"the {self.name} header must be {self.rule}")
+        return value
+
+    def parameter(self) -> dict[str, Any]:
+        """The OpenAPI parameter object."""
+        return {
+            "name": self.name,
+            "in": "header",
+            "required": False,
+            "description": self.description,
+            "schema": {"type": "string", "pattern": f"^{self.pattern}$"},
+        }
+
+
+@dataclass(frozen=True)
+class QueryInt:
+    """A whole-number query parameter in [minimum, maximum], in ASCII digits."""
+
+    name: str
+    default: int
+    minimum: int
+    maximum: int
+    description: str
+
+    def read(self, req: falcon.Request) -> int:
+        raw = req.get_param(self.name)
+        if raw is None:
+            return self.default
+        if not _DIGITS.fullmatch(raw) or not self.minimum <= int(raw) <= self.maximum:
+            raise InvalidRequest(f"{self.name} must be a whole number from {self.minimum} to {self.maximum}")
+        return int(raw)
+
+    def parameter(self) -> dict[str, Any]:
+        """The OpenAPI parameter object."""
+        return {
+            "name": self.name,
+            "in": "query",
+            "required": False,
+            "description": self.description,
+            "schema": {"type": "integer", "minimum": self.minimum, "maximum": self.maximum, "default": self.default},
+        }
+
+
+IDEMPOTENCY_KEY = Header(
+    "Idempotency-Key",
+    pattern=rf"[\x20-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}",
+    rule=f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters (a UUID is a good choice)",
+    description="Makes a retried request return the job the first one made (same body), or 422.",
+)
+LIMIT = QueryInt("limit", default=25, minimum=1, maximum=100, description="How many, newest first.")
+
+
 def idempotency_key(req: falcon.Request) -> str | None:
     """The Idempotency-Key header, if sent: 1 to 255 printable ASCII characters."""
-    value = req.get_header("Idempotency-Key")
-    if value is None:
-        return None
-    if not _PRINTABLE.fullmatch(value):
-        raise InvalidRequest(
-            f"the Idempotency-Key header must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII "
-            "characters (a UUID is a good choice)"
-        )
-    return value
-
-
-def query_int(req: falcon.Request, name: str, *, default: int, minimum: int, maximum: int) -> int:
-    """A whole-number query parameter in [minimum, maximum], in ASCII digits."""
-    raw = req.get_param(name)
-    if raw is None:
-        return default
-    if not _DIGITS.fullmatch(raw) or not minimum <= int(raw) <= maximum:
-        raise InvalidRequest(f"{name} must be a whole number from {minimum} to {maximum}")
-    return int(raw)
+    return IDEMPOTENCY_KEY.read(req)
 
 
 class InputValidation:
-    """Falcon middleware: path parameters and the Idempotency-Key header, on every route."""
+    """Falcon middleware: path parameters and the Idempotency-Key header, on every
+    authenticated route (the unauthenticated ones, health and the document, read neither)."""
 
     def process_resource(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict
     ) -> None:
-        if resource is None:
+        if resource is None or not getattr(resource, "auth_required", True):
             return
         check_path_params(params)
         idempotency_key(req)

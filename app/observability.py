@@ -20,6 +20,7 @@ import falcon
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from app.openapi import operation
 from pipeline import logs, metrics, scrape
 from pipeline.errors import Unauthorized
 
@@ -109,6 +110,14 @@ class MetricsResource:
         if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), self.token.encode()):
             raise Unauthorized("send Authorization: Bearer <CAPY_METRICS_TOKEN> to read the metrics")
 
+    @operation(
+        "Prometheus metrics of the API and the workers, in Prometheus' text format.",
+        responses={200: None},
+        errors=(401,),
+        media_type=CONTENT_TYPE_PLAIN_0_0_4,
+        authenticated=False,
+        notes={401: "CAPY_METRICS_TOKEN is set and was not sent as a bearer token, or production mode has none set."},
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._authorize(req)
         resp.content_type = CONTENT_TYPE_PLAIN_0_0_4

@@ -8,11 +8,13 @@ from typing import Any
 
 import falcon
 
-from app.body import read_json
-from app.edge import idempotency_key, query_int
+from app import schemas
+from app.body import read_body
+from app.edge import IDEMPOTENCY_KEY, LIMIT
+from app.openapi import operation
 from pipeline import audit, cancellation
 from pipeline.config import Settings
-from pipeline.errors import Forbidden, NotFound
+from pipeline.errors import Forbidden, InvalidRequest, NotFound
 from pipeline.import_steps import ImportSteps
 from pipeline.imports import ImportRequest, start_import
 from pipeline.models import Job, Project
@@ -21,11 +23,8 @@ from pipeline.principals import Principal
 from pipeline.sealing import Sealer
 from pipeline.serialize import audit_json, job_json
 from pipeline.uploads import Uploads
+from stages.connections.pgurl import SourceURL
 from stages.errors import CapyError
-
-
-def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
-    return query_int(req, "limit", default=default, minimum=1, maximum=maximum)
 
 
 def _principal(req: falcon.Request) -> Principal:
@@ -37,14 +36,19 @@ def _source_request(
     project: Project,
     uploads: Uploads,
     settings: Settings,
-    parse: Callable[..., ImportRequest],
+    schema: type[schemas.SourceRequest],
 ) -> ImportRequest:
-    """The request's source, validated: an upload key must be this project's and exist."""
-    body = read_json(req, max_bytes=settings.max_body_bytes)
-    request = parse(body, validate_key=lambda key: uploads.validate_key(key, project))
-    if request.upload_key:
-        uploads.require_object(request.upload_key, project)
-    return request
+    """The request's source, validated: the body by its schema, a source URL by the
+    source rules, an upload key as one of this project's that exists."""
+    body = read_body(req, schema, max_bytes=settings.max_body_bytes)
+    try:
+        if body.upload_key is None:
+            return ImportRequest(recreate=body.recreate, source=SourceURL.parse_source(body.source_url))
+        key = uploads.validate_key(body.upload_key, project)
+    except CapyError as err:
+        raise InvalidRequest(err.message) from err
+    uploads.require_object(key, project)
+    return ImportRequest(recreate=body.recreate, upload_key=key)
 
 
 class ImportsResource:
@@ -56,9 +60,23 @@ class ImportsResource:
         self.wake = wake
         self.uploads = uploads
 
+    @operation(
+        "Start an import into the project (replaces its database once the import is verified).",
+        body=schemas.ImportBody,
+        responses={202: schemas.JobEnvelope, 200: schemas.JobEnvelope},
+        located=(202, 200),
+        headers=(IDEMPOTENCY_KEY,),
+        errors=(404, 409, 413, 415, 422),
+        notes={
+            202: "The job, pending.",
+            200: "A retried request with the same Idempotency-Key and body: the job it made.",
+            404: "Unknown project, or nothing was uploaded at upload_key.",
+            409: "Another import holds the project (the message names its job), or the upload was imported already.",
+        },
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
-        request = _source_request(req, project, self.uploads, self.settings, ImportRequest.parse)
+        request = _source_request(req, project, self.uploads, self.settings, schemas.ImportBody)
         job, created = start_import(
             project,
             _principal(req),
@@ -66,11 +84,11 @@ class ImportsResource:
             settings=self.settings,
             sealer=self.sealer,
             wake=self.wake,
-            idempotency_key=idempotency_key(req),
+            idempotency_key=IDEMPOTENCY_KEY.read(req),
         )
         resp.status = falcon.HTTP_202 if created else falcon.HTTP_200
         resp.location = f"/v1/jobs/{job.id}"
-        resp.media = {"job": job_json(job)}
+        resp.media = schemas.dump(schemas.JobEnvelope, {"job": job_json(job)})
 
 
 class PreflightResource:
@@ -81,21 +99,38 @@ class PreflightResource:
         self.sealer = sealer
         self.uploads = uploads
 
+    @operation(
+        "Check a source or an uploaded dump against the project, changing nothing.",
+        body=schemas.PreflightBody,
+        responses={200: schemas.PreflightEnvelope},
+        errors=(404, 413, 415),
+        notes={
+            200: "The checks; ok is false if and only if some check fails.",
+            404: "Unknown project, or nothing was uploaded at upload_key.",
+            429: "Rate limited, or the organization already runs its allowed preflights at once.",
+        },
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
-        request = _source_request(req, project, self.uploads, self.settings, ImportRequest.parse_preflight)
+        request = _source_request(req, project, self.uploads, self.settings, schemas.PreflightBody)
         result = run_preflight(project, _principal(req), request, self.settings, self.sealer, self.uploads.store)
-        resp.media = {"preflight": result.response()}
+        resp.media = schemas.dump(schemas.PreflightEnvelope, {"preflight": result.response()})
 
 
 class UploadsResource:
     def __init__(self, uploads: Uploads) -> None:
         self.uploads = uploads
 
+    @operation(
+        "Create a presigned form to upload a dump to (no body).",
+        responses={201: schemas.UploadEnvelope},
+        errors=(404,),
+        notes={429: "Rate limited, or the project has as many unused upload forms as it may."},
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         resp.status = falcon.HTTP_201
-        resp.media = {"upload": self.uploads.create(project, _principal(req))}
+        resp.media = schemas.dump(schemas.UploadEnvelope, {"upload": self.uploads.create(project, _principal(req))})
 
 
 def _job(req: falcon.Request, job_id: str, *, hidden: tuple[type[Exception], ...] = (NotFound,)) -> Job:
@@ -112,8 +147,9 @@ def _job(req: falcon.Request, job_id: str, *, hidden: tuple[type[Exception], ...
 
 
 class JobResource:
+    @operation("A job.", responses={200: schemas.JobEnvelope}, errors=(404,))
     def on_get(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
-        resp.media = {"job": job_json(_job(req, job_id))}
+        resp.media = schemas.dump(schemas.JobEnvelope, {"job": job_json(_job(req, job_id))})
 
 
 class CancelResource:
@@ -123,6 +159,16 @@ class CancelResource:
     def __init__(self, steps: ImportSteps) -> None:
         self.steps = steps
 
+    @operation(
+        "Cancel a job.",
+        responses={202: schemas.JobEnvelope},
+        located=(202,),
+        errors=(404, 409),
+        notes={
+            202: "The job: cancelled, or with cancel_requested_at set while its worker stops.",
+            409: "The job has ended already, or kept changing while it was being cancelled.",
+        },
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response, job_id: str) -> None:
         # A key scoped to another project of the organization may not act on the job: 404.
         job = _job(req, job_id, hidden=(NotFound, Forbidden))
@@ -134,30 +180,39 @@ class CancelResource:
         )
         resp.status = falcon.HTTP_202
         resp.location = f"/v1/jobs/{job.id}"
-        resp.media = {"job": job_json(outcome.job)}
+        resp.media = schemas.dump(schemas.JobEnvelope, {"job": job_json(outcome.job)})
 
 
 class ProjectJobsResource:
+    @operation("The project's jobs, newest first.", responses={200: schemas.JobList}, query=(LIMIT,), errors=(404,))
     def on_get(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         jobs = (
             Job.select()
             .where(Job.project == project.id)
             .order_by(Job.created_at.desc(), Job.id.desc())
-            .limit(_limit(req))
+            .limit(LIMIT.read(req))
         )
-        resp.media = {"jobs": [job_json(job) for job in jobs]}
+        resp.media = schemas.dump(schemas.JobList, {"jobs": [job_json(job) for job in jobs]})
 
 
 class AuditEventsResource:
+    @operation(
+        "The project's audit events, newest first.",
+        responses={200: schemas.AuditEventList},
+        query=(LIMIT,),
+        errors=(404,),
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
-        resp.media = {"audit_events": [audit_json(e) for e in audit.for_project(project, _limit(req))]}
+        events = [audit_json(e) for e in audit.for_project(project, LIMIT.read(req))]
+        resp.media = schemas.dump(schemas.AuditEventList, {"audit_events": events})
 
 
 class HealthResource:
     auth_required = False
 
+    @operation("Liveness: the web process answers.", responses={200: schemas.Health}, authenticated=False)
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok"}
 
@@ -175,6 +230,12 @@ class ReadyResource:
     def __init__(self, checks: dict[str, Callable[[], Any]]) -> None:
         self.checks = checks
 
+    @operation(
+        "Readiness: the database, broker and storage answer now.",
+        responses={200: schemas.Ready, 503: schemas.NotReady},
+        authenticated=False,
+        notes={503: "Not ready: the checks name the dependencies that did not answer."},
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         results: dict[str, str] = {}
         for name, check in self.checks.items():

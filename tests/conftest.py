@@ -82,8 +82,9 @@ def control_db(base_settings):
 
 
 # Queue prefixes of the run: the e2e modules that start services of their own use
-# their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py).
-QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak", "_anyworker")
+# their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py,
+# test_contract.py).
+QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak", "_anyworker", "_contract")
 
 
 def _delete_queues(settings: Settings) -> None:

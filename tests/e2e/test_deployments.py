@@ -133,3 +133,36 @@ def test_web_worker_and_cli_refuse_to_start_in_production_without_a_secret_key(c
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert listed.returncode == 0, listed.stdout + listed.stderr
+
+
+def gunicorn_control(socket: Path, command: str) -> dict:
+    done = subprocess.run(
+        [str(BIN / "gunicornc"), "-s", str(socket), "-c", command, "-j"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.e2e
+def test_the_production_web_process_listens_on_every_interface_with_a_timeout_above_the_preflight(
+    control_db, tmp_path
+):
+    """As a platform runs it: bound to 0.0.0.0:$PORT, and gunicorn lets a request run longer
+    than a synchronous preflight may (its deadline comes from the settings)."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    port = free_port()
+    env = service_env(
+        control_db, PORT=str(port), WEB_CONCURRENCY="1", XDG_RUNTIME_DIR=str(runtime),
+        CAPY_PREFLIGHT_DEADLINE_SECONDS="40", CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS="25",
+    )  # fmt: skip
+    log = tmp_path / "web.log"
+    process = start(procfile_command("web"), env, log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process, log)
+        socket = runtime / f"capy-imports-web-{port}.ctl"
+        assert f"0.0.0.0:{port}" in json.dumps(gunicorn_control(socket, "show listeners"))
+        config = gunicorn_control(socket, "show config")
+        assert int(config["timeout"]) > 40 + 25, config
+    finally:
+        stop(process)

@@ -296,3 +296,11 @@ def test_health_and_readiness(control_db, uploads):
     assert resp.status_code == 503
     assert resp.json["error"] == "not ready: broker unavailable"
     assert resp.json["checks"] == {"database": "ok", "broker": "unavailable: ConnectionError"}
+
+
+def test_the_openapi_document_is_served_without_credentials(client):
+    resp = client.simulate_get("/v1/openapi.json")
+    assert resp.status_code == 200 and resp.headers["Content-Type"].startswith("application/json")
+    assert resp.json["openapi"] == "3.1.0" and "/v1/jobs/{job_id}" in resp.json["paths"]
+    # Unauthenticated routes read no header: a hostile Idempotency-Key cannot fail them.
+    assert client.simulate_get("/healthz", headers={"Idempotency-Key": "k" * 7000}).status_code == 200

@@ -53,29 +53,30 @@ WEB_COMMANDS = {
 
 
 @pytest.mark.parametrize("source", sorted(WEB_COMMANDS))
-def test_gunicorns_timeout_is_above_the_preflight_deadline(source):
-    timeout = int(option(gunicorn_words(WEB_COMMANDS[source]()), "--timeout"))
-    deadline = Settings().preflight_deadline_seconds
-    assert deadline == Settings.from_env({}).preflight_deadline_seconds
-    assert timeout > deadline, (
-        f"{source}: gunicorn --timeout {timeout} is not above the {deadline} s preflight deadline"
-    )
-
-
-def test_the_production_procfile_binds_every_interface_on_port():
-    words = gunicorn_words(procfile("Procfile")["web"])
-    assert option(words, "--bind") == "${CAPY_BIND_HOST:-0.0.0.0}:${PORT:-8000}"
-    assert int(option(words, "--timeout")) >= 3 * Settings().preflight_deadline_seconds
+def test_every_web_command_takes_gunicorns_settings_from_the_app(source):
+    """The bind and the timeout come from app/gunicorn_conf.py, derived from the
+    settings; a command line that set its own --timeout could fall below the preflight."""
+    words = gunicorn_words(WEB_COMMANDS[source]())
+    assert option(words, "-c") == "python:app.gunicorn_conf"
+    assert "--timeout" not in words
     # One control socket per deployment (per port), never gunicorn's shared default.
-    assert "${PORT:-8000}" in option(words, "--control-socket")
+    assert "PORT" in option(words, "--control-socket")
 
 
-def test_the_image_binds_every_interface_on_port():
-    words = gunicorn_words(dockerfile_cmd())
-    assert option(words, "--bind") == "${CAPY_BIND_HOST}:${PORT}"
+def test_gunicorns_timeout_is_above_the_synchronous_preflights_limit(monkeypatch):
+    from app import gunicorn_conf
+
+    settings = Settings()
+    assert gunicorn_conf.worker_timeout(settings) > settings.preflight_deadline_seconds + settings.preflight_command_timeout_seconds
+    longer = Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "45"})
+    assert gunicorn_conf.worker_timeout(longer) > 45 + longer.preflight_command_timeout_seconds
+
+
+def test_production_binds_every_interface_on_port_and_development_loopback():
+    assert "--bind" not in gunicorn_words(procfile("Procfile")["web"])  # app/gunicorn_conf.py: 0.0.0.0:$PORT
+    assert option(gunicorn_words(procfile("Procfile.dev")["web"]), "--bind") == "${CAPY_BIND_HOST:-127.0.0.1}:${PORT:-8000}"
     env = re.search(r"^ENV (.*)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
     assert "CAPY_BIND_HOST=0.0.0.0" in env.split() and "PORT=8000" in env.split()
-    assert option(words, "--timeout") == option(gunicorn_words(procfile("Procfile")["web"]), "--timeout")
 
 
 def test_the_procfile_runs_the_release_the_worker_and_the_clock():
