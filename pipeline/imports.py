@@ -6,14 +6,13 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import peewee
 
 from pipeline import audit, uploads
 from pipeline.config import Settings
 from pipeline.db import database
-from pipeline.errors import Conflict, IdempotencyKeyReused, InvalidRequest
+from pipeline.errors import Conflict, IdempotencyKeyReused
 from pipeline.ids import new_id
 from pipeline.models import ACTIVE_STATES, Job, JobEvent, Project, Stage, State, utcnow
 from pipeline.principals import Principal
@@ -23,53 +22,14 @@ from stages.errors import CapyError
 
 log = logging.getLogger(__name__)
 
-IMPORT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")
-PREFLIGHT_FIELDS = ("confirm", "recreate", "source_url", "upload_key")  # confirm is accepted, not needed
-
-
 @dataclass(frozen=True)
 class ImportRequest:
+    """A validated import or preflight request (app.resources reads it from the body,
+    validated by app.schemas): a live source or an upload's key."""
+
     recreate: bool
     source: SourceURL | None = None
     upload_key: str | None = None
-
-    @classmethod
-    def parse(cls, body: Any, *, validate_key: Callable[[str], str]) -> ImportRequest:
-        """Validate an import request body; InvalidRequest says exactly what to fix."""
-        _check_fields(body, IMPORT_FIELDS)
-        if body.get("confirm") is not True:
-            raise InvalidRequest('"confirm" must be true: an import replaces the project\'s database')
-        return cls._parse_source(body, validate_key)
-
-    @classmethod
-    def parse_preflight(cls, body: Any, *, validate_key: Callable[[str], str]) -> ImportRequest:
-        """Validate a preflight request body: the source, and optionally `recreate`."""
-        _check_fields(body, PREFLIGHT_FIELDS)
-        return cls._parse_source(body, validate_key)
-
-    @classmethod
-    def _parse_source(cls, body: dict[str, Any], validate_key: Callable[[str], str]) -> ImportRequest:
-        recreate = body.get("recreate", False)
-        if not isinstance(recreate, bool):
-            raise InvalidRequest('"recreate" must be true or false')
-        has_url, has_key = "source_url" in body, "upload_key" in body
-        if has_url == has_key:
-            raise InvalidRequest(
-                'send exactly one of "source_url" (a live postgres:// URL) or '
-                '"upload_key" (the object_key of an upload)'
-            )
-        if has_url:
-            try:
-                return cls(recreate=recreate, source=SourceURL.parse_source(body["source_url"]))
-            except CapyError as err:
-                raise InvalidRequest(err.message) from err
-        key = body["upload_key"]
-        if not isinstance(key, str):
-            raise InvalidRequest('"upload_key" must be a string')
-        try:
-            return cls(recreate=recreate, upload_key=validate_key(key))
-        except CapyError as err:
-            raise InvalidRequest(err.message) from err
 
     def canonical(self) -> str:
         """The request as one string: equal requests give equal strings (Idempotency-Key)."""
@@ -81,14 +41,6 @@ class ImportRequest:
             },
             sort_keys=True,
         )
-
-
-def _check_fields(body: Any, allowed: tuple[str, ...]) -> None:
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    extra = sorted(set(body) - set(allowed))
-    if extra:
-        raise InvalidRequest(f"unknown field(s): {', '.join(extra)}; allowed fields are {', '.join(allowed)}")
 
 
 def active_job(project: Project) -> Job | None:
