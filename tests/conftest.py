@@ -5,7 +5,6 @@ Services are real (Postgres, RabbitMQ); a missing service fails the run, never s
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import subprocess
 
@@ -37,9 +36,7 @@ def base_settings(tmp_path_factory, s3) -> Settings:
 
     Tests run in development mode (private sources allowed), with a secret key of their own.
     """
-    return dataclasses.replace(
-        Settings.from_env({"CAPY_ENV": "development"}),
-        s3_endpoint=s3.url,
+    return Settings.from_env({"CAPY_ENV": "development"}).replace(s3_endpoint=s3.url,
         s3_public_endpoint=s3.url,
         s3_access_key=s3.access_key,
         s3_secret_key=s3.secret_key,
