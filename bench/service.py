@@ -243,7 +243,8 @@ def running_service(cluster: Cluster, base: Path, *, concurrency: int = 2) -> It
     with ExitStack() as stack:
         s3 = stack.enter_context(running_seaweedfs(base / "s3"))
         (base / "work").mkdir(parents=True, exist_ok=True)
-        settings = Settings.from_env({"CAPY_ENV": "development"}).replace(s3_endpoint=s3.url,
+        settings = Settings.from_env({"CAPY_ENV": "development"}).replace(
+            s3_endpoint=s3.url,
             s3_public_endpoint=s3.url,
             s3_access_key=s3.access_key,
             s3_secret_key=s3.secret_key,

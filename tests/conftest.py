@@ -36,7 +36,8 @@ def base_settings(tmp_path_factory, s3) -> Settings:
 
     Tests run in development mode (private sources allowed), with a secret key of their own.
     """
-    return Settings.from_env({"CAPY_ENV": "development"}).replace(s3_endpoint=s3.url,
+    return Settings.from_env({"CAPY_ENV": "development"}).replace(
+        s3_endpoint=s3.url,
         s3_public_endpoint=s3.url,
         s3_access_key=s3.access_key,
         s3_secret_key=s3.secret_key,

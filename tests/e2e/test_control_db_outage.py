@@ -32,7 +32,8 @@ def _job(service, key: str, job_id: str) -> dict:
 def test_a_control_database_outage_mid_stage_does_not_fail_the_job(control_db, corpus_source, tmp_path):
     source = corpus_source("chinook")
     with temporary_cluster() as cluster:
-        settings = control_db.replace(database_url=f"postgresql://{cluster.superuser}:{cluster.password}@127.0.0.1:{cluster.port}/capy_imports",
+        settings = control_db.replace(
+            database_url=f"postgresql://{cluster.superuser}:{cluster.password}@127.0.0.1:{cluster.port}/capy_imports",
             queue_prefix=f"{control_db.queue_prefix}_ctldb",
         )
         env = service_env(settings)

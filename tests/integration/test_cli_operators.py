@@ -42,7 +42,8 @@ def world(control_db):
 @pytest.fixture
 def own_queues(control_db):
     """Settings whose queue names are this test's own (derived from the run's prefix)."""
-    settings = control_db.replace(queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}"
+    settings = control_db.replace(
+        queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}",
     )
     yield settings
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))

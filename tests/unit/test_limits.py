@@ -7,7 +7,8 @@ from pipeline.limits import command_limit, job_deadline, job_over_time, prefligh
 from pipeline.models import Job
 
 START = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
-SETTINGS = Settings.from_env({}).replace(job_time_limit_seconds=3600, command_timeout_seconds=600
+SETTINGS = Settings.from_env({}).replace(
+    job_time_limit_seconds=3600, command_timeout_seconds=600,
 )
 
 

@@ -19,11 +19,13 @@ def test_clerk_needs_an_issuer_and_https_outside_development():
         authenticators(production.replace(clerk_jwks_url="https://clerk.example.com/jwks"))
     with pytest.raises(ConfigError, match="must be an https:// URL"):
         authenticators(
-            production.replace(clerk_jwks_url="http://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com"
+            production.replace(
+                clerk_jwks_url="http://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
             )
         )
     two = authenticators(
-        production.replace(clerk_jwks_url="https://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com"
+        production.replace(
+            clerk_jwks_url="https://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
         )
     )
     assert len(two) == 2
