@@ -98,7 +98,7 @@ def _delete_queues(settings: Settings) -> None:
 
 @pytest.fixture(scope="session")
 def store(control_db):
-    from pipeline.storage import object_store
+    from pipeline.services import object_store
 
     store = object_store(control_db)
     store.ensure_bucket()
