@@ -62,7 +62,9 @@ def stage_queue(settings: Settings, *, publisher: bool = False) -> StageQueue:
     return StageQueue(broker(settings, publisher=publisher), settings)
 
 
-def import_steps(settings: Settings, seal: Sealer | None = None, store: ObjectStore | None = None) -> ImportSteps:
+def import_steps(
+    settings: Settings, seal: Sealer | None = None, store: ObjectStore | None = None
+) -> ImportSteps:
     """The stages' work, with this process's sealer and store (built if not given)."""
     return ImportSteps(settings, seal or sealer(settings), store or object_store(settings))
 
