@@ -425,7 +425,7 @@ def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
             shown = repr(value)
         rule = _extra(info, "rule") or "valid"
         if error["type"] in _NUMBER_ERRORS and info.annotation is int:
-            rule = "a whole number" + ("" if rule.startswith("a whole number") else f" ({rule})")
+            rule = rule if rule.startswith("a whole number") else f"a whole number, {rule}"
         why = f" ({context['error']})" if error["type"] == "value_error" and context.get("error") else ""
         sentences.append(f"{env_var(name)} must be {rule}, not {shown}{why}")
     return "; ".join(sentences)
