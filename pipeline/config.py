@@ -29,6 +29,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pipeline.db import connect_params
 from stages.connections.pgurl import redact
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
@@ -292,8 +293,6 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _libpq_parses(cls, value: str) -> str:
-        from pipeline.db import connect_params  # the control database's own module parses it
-
         connect_params(value)  # ValueError, with what libpq said, if it cannot
         return value
 
