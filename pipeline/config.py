@@ -405,11 +405,11 @@ def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
         if isinstance(context.get("error"), ConfigError):  # a rule of `checked`, already a sentence
             sentences.append(str(context["error"]))
             continue
-        name = str(error["loc"][0]) if error["loc"] else ""
-        name = _field_name(name)
-        if name in seen or name not in Settings.model_fields:
-            if name not in Settings.model_fields:
-                sentences.append(f"unknown setting {name!r}" if name else str(error["msg"]))
+        name = _field_name(str(error["loc"][0])) if error["loc"] else ""
+        if name not in Settings.model_fields:
+            sentences.append(f"unknown setting {name!r}" if name else str(error["msg"]))
+            continue
+        if name in seen:  # one sentence per variable (a list may fail at several items)
             continue
         seen.add(name)
         info = Settings.model_fields[name]

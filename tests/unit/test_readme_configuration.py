@@ -1,6 +1,6 @@
 """README.md's "Configuration" table agrees with the settings: every setting's variable
 is listed with its default, and every variable listed is a setting or is read by the
-process files (Procfile, Procfile.dev, compose.yaml)."""
+process files (Procfile, Procfile.dev, compose.yaml, Dockerfile)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import Settings, env_vars
 
 ROOT = Path(__file__).resolve().parents[2]
-PROCESS_FILES = ("Procfile", "Procfile.dev", "compose.yaml")
+PROCESS_FILES = ("Procfile", "Procfile.dev", "compose.yaml", "Dockerfile")
 
 
 def configuration_table(readme: str) -> dict[str, str]:
