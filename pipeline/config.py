@@ -290,6 +290,19 @@ class Settings(BaseSettings):
             return tuple(item.strip() for item in value.split(","))
         return value
 
+    @field_validator("test_holds")
+    @classmethod
+    def _holds(cls, value: str) -> str:
+        for item in _split_keys(value):
+            name, equals, seconds = item.partition("=")
+            try:
+                ok = bool(name.strip() and equals) and float(seconds) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{item!r} is not point=seconds")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _libpq_parses(cls, value: str) -> str:

@@ -158,3 +158,17 @@ def test_the_repr_hides_every_secret():
     shown = repr(settings) + str(settings)
     assert "k" * 40 not in shown and "s3-secret-value" not in shown and "metrics-token-value" not in shown
     assert "queue_prefix='capy'" in shown
+
+
+def test_test_holds_are_checked_at_start_up():
+    message = refusal({"CAPY_ENV": "development", "CAPY_TEST_HOLDS": "restore=30, swap=soon"})
+    assert message == (
+        "CAPY_TEST_HOLDS must be point=seconds pairs separated by commas, not 'restore=30, swap=soon' "
+        "('swap=soon' is not point=seconds)"
+    )
+    assert (
+        Settings.from_env(
+            {"CAPY_ENV": "development", "CAPY_TEST_HOLDS": "restore=30, swap=2.5"}
+        ).hold_seconds("swap")
+        == 2.5
+    )
