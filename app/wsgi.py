@@ -10,14 +10,11 @@ import falcon
 from app.api import Services, create_app
 from app.auth import Authenticator, api_key_authenticator
 from app.clerk import ClerkAuthenticator, JwksCache
-from pipeline import logs, scrape
+from pipeline import logs, scrape, services
 from pipeline.config import ConfigError, Settings
-from pipeline.db import database, init_database
+from pipeline.db import database
 from pipeline.dispatcher import Dispatcher
-from pipeline.queue import StageQueue, make_broker
 from pipeline.ratelimit import RateLimiter
-from pipeline.sealing import Sealer
-from pipeline.storage import object_store
 from pipeline.uploads import Uploads
 
 log = logging.getLogger("app")
@@ -39,22 +36,34 @@ def authenticators(settings: Settings) -> tuple[Authenticator, ...]:
     return (api_key_authenticator, clerk)
 
 
+# gunicorn halts ("Worker failed to boot.") when a worker exits with this code.
+GUNICORN_WORKER_BOOT_ERROR = 3
+
+
 def get_app(settings: Settings | None = None) -> falcon.App:
+    """The API, its services built by the composition root (`pipeline.services`).
+
+    Given `settings`, a setting it cannot run with raises ConfigError. Without (gunicorn's
+    call) the environment is read here, and such a setting ends the worker with one log
+    line and gunicorn's boot-error exit code: the server stops, with no traceback.
+    """
     logs.configure()
+    from_env = settings is None
     try:
         settings = settings or Settings.from_env()
         logs.configure(settings.log_format)
-        sealer = Sealer(settings.secret_keys())  # refuses to start without CAPY_SECRET_KEY
+        sealer = services.sealer(settings)  # refuses to start without CAPY_SECRET_KEY
         auth = authenticators(settings)
         shared_metrics = scrape.check_multiprocess_dir()
     except ConfigError as err:
         log.critical("the API cannot start: %s", err)
+        if from_env:
+            raise SystemExit(GUNICORN_WORKER_BOOT_ERROR) from None
         raise
-    init_database(settings.database_url)
-    broker = make_broker(settings, publisher=True)
-    queues = StageQueue(broker, settings)
+    services.control_database(settings)
+    queues = services.stage_queue(settings, publisher=True)
     # Request threads hand wake-ups to one thread that owns the broker connection.
-    dispatcher = Dispatcher(broker, queues.actors, deadline=settings.publish_deadline_seconds)
+    dispatcher = Dispatcher(queues.broker, queues.actors, deadline=settings.publish_deadline_seconds)
     if shared_metrics is None:
         log.warning(
             "PROMETHEUS_MULTIPROC_DIR is not set: /metrics shows this web process's own counters, "
@@ -68,7 +77,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         database.execute_sql("SELECT 1")
 
     uploads = Uploads(
-        object_store(settings),
+        services.object_store(settings),
         expiry=dt.timedelta(seconds=settings.upload_url_expiry_seconds),
         max_active=settings.max_active_uploads_per_project,
         unused_grace=dt.timedelta(seconds=settings.upload_unused_grace_seconds),

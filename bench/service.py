@@ -16,7 +16,6 @@ worker's fetch from object storage is inside the time.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import secrets
 import subprocess
@@ -244,8 +243,7 @@ def running_service(cluster: Cluster, base: Path, *, concurrency: int = 2) -> It
     with ExitStack() as stack:
         s3 = stack.enter_context(running_seaweedfs(base / "s3"))
         (base / "work").mkdir(parents=True, exist_ok=True)
-        settings = dataclasses.replace(
-            Settings.from_env({"CAPY_ENV": "development"}),
+        settings = Settings.from_env({"CAPY_ENV": "development"}).replace(
             s3_endpoint=s3.url,
             s3_public_endpoint=s3.url,
             s3_access_key=s3.access_key,

@@ -16,23 +16,19 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import accounts, apikeys, cancellation, jobs, logs, restore_slots
+from pipeline import accounts, apikeys, cancellation, jobs, logs, restore_slots, services
 from pipeline.accounts import cluster_admin
 from pipeline.clock import run_clock
 from pipeline.config import ConfigError, Settings
-from pipeline.db import init_database
 from pipeline.deadletters import DeadLetters
 from pipeline.errors import InvalidRequest, NotFound
-from pipeline.import_steps import ImportSteps, preview_name
+from pipeline.import_steps import preview_name
 from pipeline.migrations import migrate
 from pipeline.models import ApiKey, Cluster, Job, Organization, Project, utcnow
 from pipeline.operator_actions import operator_actor, retry_job, stage_names, stuck_jobs
 from pipeline.principals import SCOPES
-from pipeline.queue import StageQueue, make_broker
 from pipeline.rotation import rotate_secrets
-from pipeline.sealing import Sealer
 from pipeline.serialize import job_json, timestamp
-from pipeline.storage import object_store
 from pipeline.sweep import sweep
 from pipeline.webhooks import commands as webhook_commands
 from pipeline.webhooks.queue import WebhookQueue, relay
@@ -78,11 +74,6 @@ def _project(project: Project) -> dict[str, Any]:
         "storage_limit_bytes": project.storage_limit_bytes,
         "created_at": timestamp(project.created_at),
     }
-
-
-def _sealer(settings: Settings) -> Sealer:
-    """The sealer of stored secrets; ConfigError (no CAPY_SECRET_KEY) stops the command."""
-    return Sealer(settings.secret_keys())
 
 
 def _key(record: ApiKey) -> dict[str, Any]:
@@ -147,7 +138,7 @@ def cmd_orgs_create(args: argparse.Namespace, settings: Settings, out: Output) -
 
 
 def cmd_clusters_add(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    cluster = accounts.add_cluster(args.name, args.admin_url, _sealer(settings))
+    cluster = accounts.add_cluster(args.name, args.admin_url, services.sealer(settings))
     out.emit(
         _cluster(cluster), f"added cluster {cluster.id} ({cluster.name}, PostgreSQL {cluster.server_major})"
     )
@@ -197,7 +188,7 @@ def cmd_projects_create(args: argparse.Namespace, settings: Settings, out: Outpu
     kwargs: dict[str, Any] = {"cluster_id": args.cluster}
     if args.storage_limit_bytes is not None:
         kwargs["storage_limit_bytes"] = args.storage_limit_bytes
-    project = accounts.create_project(org, args.name, _sealer(settings), **kwargs)
+    project = accounts.create_project(org, args.name, services.sealer(settings), **kwargs)
     out.emit(
         _project(project),
         f"created project {project.id} ({project.name}) with database {project.database_name}",
@@ -245,7 +236,7 @@ def cmd_keys_revoke(args: argparse.Namespace, settings: Settings, out: Output) -
 
 
 def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    done = rotate_secrets(_sealer(settings))
+    done = rotate_secrets(services.sealer(settings))
     summary = "; ".join(
         f"{kind}: {counts['resealed']} re-sealed with the current key, {counts['current']} already current"
         for kind, counts in done["secrets"].items()
@@ -327,12 +318,8 @@ def _lease(settings: Settings) -> dt.timedelta:
     return dt.timedelta(seconds=settings.lease_seconds)
 
 
-def _steps(settings: Settings) -> ImportSteps:
-    return ImportSteps(settings, _sealer(settings), object_store(settings))
-
-
 def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    steps = _steps(settings)
+    steps = services.import_steps(settings)
     outcome = cancellation.request_cancel(
         args.job, operator_actor(), lease=_lease(settings), cleanup=lambda job: steps.cleanup(job, succeeded=False)
     )
@@ -348,22 +335,22 @@ def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings, out: Output) -
 
 
 def cmd_jobs_retry(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    sealer = _sealer(settings)
-    store = object_store(settings)
-    broker = make_broker(settings)
+    sealer = services.sealer(settings)
+    store = services.object_store(settings)
+    queue = services.stage_queue(settings)
     try:
         outcome = retry_job(
             args.job,
             operator_actor(),
             from_stage=args.from_stage,
-            wake=StageQueue(broker, settings).wake,
+            wake=queue.wake,
             upload_exists=lambda key: _stored(store, key),
             preview_exists=lambda job: cluster_admin(Cluster.get_by_id(job.cluster_id), sealer).database_exists(
                 preview_name(job)
             ),
         )
     finally:
-        broker.close()
+        queue.broker.close()
     job = outcome.job
     text = (
         f"job {job.id} ({outcome.from_state} at {outcome.from_stage}) is pending again at its {job.stage} "
@@ -423,9 +410,9 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, out: Output) ->
 
 def _sweep_once(settings: Settings) -> dict[str, Any]:
     """One sweep, re-waking stuck jobs through the broker."""
-    queue = StageQueue(make_broker(settings), settings)
+    queue = services.stage_queue(settings)
     try:
-        done = sweep(settings, _sealer(settings), object_store(settings), wake=queue.wake)
+        done = sweep(settings, services.sealer(settings), services.object_store(settings), wake=queue.wake)
         try:
             done["webhook_deliveries_sent"] = relay(WebhookQueue(queue.broker, settings).send)
         except CapyError as err:  # the broker went away: the next round sends them
@@ -459,7 +446,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None
 
 def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     logs.configure(settings.log_format)
-    _sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
+    services.sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
     if args.every <= 0:
         raise InvalidRequest(f"--every must be a number of seconds above 0, not {args.every}")
 
@@ -472,7 +459,7 @@ def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None
 
 def cmd_dev_seed(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     """Idempotent local set-up for `make run`: org, local cluster, project, fresh key."""
-    sealer = _sealer(settings)
+    sealer = services.sealer(settings)
     org = Organization.get_or_none(Organization.name == "Dev organization") or accounts.create_organization(
         "Dev organization"
     )
@@ -634,7 +621,7 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
     try:
         settings = settings or Settings.from_env()
         if args.func is not cmd_migrate:
-            init_database(settings.database_url)
+            services.control_database(settings)
         args.func(args, settings, out)
     except CapyError as err:
         return _error(args, err.message)

@@ -1,17 +1,36 @@
-"""Configuration: every `CAPY_*` environment variable is read here, once.
+"""Configuration: every `CAPY_*` environment variable is read here, once, and validated.
 
 `Settings.from_env()` is called at the edges (the WSGI factory, the worker module, the
 CLI); everything else receives a `Settings` object. Defaults run against the local
 services (Postgres and RabbitMQ on 127.0.0.1, SeaweedFS on :8333) with nothing set.
+
+`Settings` is a pydantic-settings model: each field is read from `CAPY_<FIELD NAME>`
+(two have names of their own: `CAPY_ENV`, `CAPY_PG_BIN_DIR`), converted, and checked
+against its range. Anything wrong raises one `ConfigError` naming every bad variable,
+its value (secrets hidden) and what is allowed — never a pydantic traceback. Building
+`Settings(...)` directly reads no environment (tests, benchmarks), and
+`settings.replace(...)` validates its changes the same way.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUseDefault
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from pipeline.db import connect_params
+from stages.connections.pgurl import redact
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 
@@ -25,181 +44,276 @@ WEBHOOK_RETRY_SECONDS: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200)
 PRODUCTION = "production"
 DEVELOPMENT = "development"
 ENVIRONMENTS = (PRODUCTION, DEVELOPMENT)
+LOG_FORMATS = ("json", "text")
+
+ENV_PREFIX = "CAPY_"
+# S3's presigned URLs (signature version 4) live at most 7 days.
+MAX_PRESIGNED_SECONDS = 7 * 24 * 3600
+# A POST waits this long at most for the broker, well inside gunicorn's 30 s timeout.
+MAX_PUBLISH_DEADLINE_SECONDS = 20
 
 
 class ConfigError(ValueError):
     """A CAPY_* variable has a value the service cannot use."""
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {raw!r}")
+def _setting(default: Any, rule: str, *, secret: bool = False, url: bool = False, **constraints: Any) -> Any:
+    """A field with its range (`ge`, `le`, `pattern`, …) and the `rule` a refusal states.
+
+    `secret`: the value never appears in a message or the repr; `url`: it appears
+    with its password redacted.
+    """
+    return Field(
+        default,
+        repr=not secret,
+        json_schema_extra={"rule": rule, "secret": secret, "url": url},
+        **constraints,
+    )
 
 
-def _memory(env: Mapping[str, str], name: str, default: str) -> str:
-    """A Postgres memory setting ("256MB", "1GB", "65536kB"), checked before it reaches a server."""
-    value = (env.get(name) or default).strip()
-    if not re.fullmatch(r"[1-9][0-9]*(kB|MB|GB)", value):
-        raise ConfigError(f"{name} must be a size such as 256MB or 1GB (kB, MB or GB), not {value!r}")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, not {raw!r}") from None
-
-
-def _positive(env: Mapping[str, str], name: str, default: int, *, rule: str = "a whole number of seconds above 0") -> int:
-    value = _int(env, name, default)
-    if value <= 0:
-        raise ConfigError(f"{name} must be {rule}, not {value}")
-    return value
-
-
-def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        values = tuple(float(item) for item in raw.split(","))
-    except ValueError:
-        values = ()
-    if not values or any(v < 0 for v in values):
-        raise ConfigError(f"{name} must be numbers of seconds (0 or more) separated by commas, not {raw!r}")
-    return values
+def _seconds(default: int, *, minimum: int = 1) -> Any:
+    rule = "a whole number of seconds above 0" if minimum == 1 else "a whole number of seconds, 0 or more"
+    return _setting(default, rule, ge=minimum)
 
 
 def _split_keys(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
-LOG_FORMATS = ("json", "text")
+CommaList = Annotated[tuple[str, ...], NoDecode]
+Delays = Annotated[tuple[Annotated[float, Field(ge=0)], ...], NoDecode, Field(min_length=1)]
 
 
-def _log_format(env: Mapping[str, str], dev: bool) -> str:
-    raw = (env.get("CAPY_LOG_FORMAT") or ("text" if dev else "json")).strip().lower()
-    if raw not in LOG_FORMATS:
-        raise ConfigError(f"CAPY_LOG_FORMAT must be json or text, not {raw!r}")
-    return raw
+class Settings(BaseSettings):
+    """The service's settings; see README.md, "Configuration", for each variable."""
 
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,  # CAPY_X= (empty) means the default, as it always has
+        frozen=True,
+        extra="forbid",
+        str_strip_whitespace=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
 
-def _environment(env: Mapping[str, str]) -> str:
-    raw = (env.get("CAPY_ENV") or PRODUCTION).strip().lower()
-    if raw not in ENVIRONMENTS:
-        raise ConfigError(f"CAPY_ENV must be production or development, not {raw!r}")
-    return raw
-
-
-@dataclass(frozen=True)
-class Settings:
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/capy_imports"
-    broker_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    queue_prefix: str = "capy"
-    s3_endpoint: str = "http://127.0.0.1:8333"
-    s3_public_endpoint: str = "http://127.0.0.1:8333"
-    s3_region: str = "us-east-1"
-    s3_bucket: str = "capy-imports"
-    s3_access_key: str = "capyadmin"
-    s3_secret_key: str = field(default="capysecret", repr=False)
-    upload_url_expiry_seconds: int = 3600
-    upload_retention_seconds: int = 0
+    database_url: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/capy_imports",
+        "a postgresql:// URL or a libpq connection string (host=… dbname=…)",
+        url=True,
+    )
+    broker_url: str = _setting("amqp://guest:guest@127.0.0.1:5672/%2F", "an amqp:// URL", url=True, min_length=1)
+    queue_prefix: str = _setting("capy", "a name for the queues", min_length=1)
+    s3_endpoint: str = _setting("http://127.0.0.1:8333", "an http(s):// URL", min_length=1)
+    # Defaults to CAPY_S3_ENDPOINT (see _derived_defaults).
+    s3_public_endpoint: str = _setting("http://127.0.0.1:8333", "an http(s):// URL", min_length=1)
+    s3_region: str = _setting("us-east-1", "an S3 region name", min_length=1)
+    s3_bucket: str = _setting("capy-imports", "an S3 bucket name", min_length=1)
+    s3_access_key: str = _setting("capyadmin", "an S3 access key", min_length=1)
+    s3_secret_key: str = _setting("capysecret", "an S3 secret key", secret=True, min_length=1)
+    upload_url_expiry_seconds: int = _setting(
+        3600,
+        f"a whole number of seconds from 1 to {MAX_PRESIGNED_SECONDS} (7 days, the most S3 presigns for)",
+        ge=1,
+        le=MAX_PRESIGNED_SECONDS,
+    )
+    upload_retention_seconds: int = _seconds(0, minimum=0)
     # One key, or several separated by commas: the first encrypts, all decrypt (rotation).
     # Empty in production until CAPY_SECRET_KEY is set; see `secret_keys`.
-    secret_key: str = field(default="", repr=False)
-    extension_allowlist: tuple[str, ...] = DEFAULT_EXTENSION_ALLOWLIST
-    allow_private_sources: bool = False
-    work_dir: str = "/tmp/capy-imports"
-    concurrency: int = 2
+    secret_key: str = _setting("", "one or more keys separated by commas", secret=True)
+    extension_allowlist: CommaList = _setting(
+        DEFAULT_EXTENSION_ALLOWLIST, "extension names separated by commas"
+    )
+    allow_private_sources: bool = _setting(False, "true or false")
+    work_dir: str = _setting("/tmp/capy-imports", "a directory", min_length=1)
+    concurrency: int = _setting(2, "a whole number above 0", ge=1)
     # Per session of the copy on the target cluster (index builds): memory of the cluster, not the worker.
-    maintenance_work_mem: str = "256MB"
-    pg_bin_dir_template: str = "/usr/lib/postgresql/{major}/bin"
-    source_connect_timeout: int = 10
-    max_attempts: int = 3
+    maintenance_work_mem: str = _setting(
+        "256MB", "a size such as 256MB or 1GB (kB, MB or GB)", pattern=r"^[1-9][0-9]*(kB|MB|GB)$"
+    )
+    pg_bin_dir_template: str = _setting(
+        "/usr/lib/postgresql/{major}/bin",
+        "a directory, with {major} for the cluster's major version",
+        validation_alias="CAPY_PG_BIN_DIR",
+        min_length=1,
+    )
+    source_connect_timeout: int = _seconds(10)
+    max_attempts: int = _setting(3, "at least 1 (how many times a stage may be tried; 1 means no retry)", ge=1)
     # Below the broker's consumer timeout (see broker_consumer_timeout_seconds).
-    stage_time_limit_seconds: int = 25 * 60
-    replaced_database_retention_seconds: int = 7 * 24 * 3600
-    max_body_bytes: int = 64 * 1024
-    environment: str = PRODUCTION
-    clerk_jwks_url: str = ""
-    clerk_issuer: str = ""
-    clerk_authorized_parties: tuple[str, ...] = ()
-    rate_limit_per_minute: int = 120
+    stage_time_limit_seconds: int = _seconds(25 * 60)
+    replaced_database_retention_seconds: int = _seconds(7 * 24 * 3600, minimum=0)
+    max_body_bytes: int = _setting(64 * 1024, "a whole number of bytes above 0", ge=1)
+    environment: Literal["production", "development"] = _setting(
+        PRODUCTION, "production or development", validation_alias="CAPY_ENV"
+    )
+    clerk_jwks_url: str = _setting("", "an https:// URL")
+    clerk_issuer: str = _setting("", "Clerk's Frontend API URL")
+    clerk_authorized_parties: CommaList = _setting((), "origins separated by commas")
+    rate_limit_per_minute: int = _setting(120, "a whole number, 0 or more (0: no limit)", ge=0)
 
     # Below gunicorn's --timeout (30 s in the Procfiles): a synchronous preflight answers first.
-    preflight_deadline_seconds: int = 20
-    source_read_timeout_seconds: int = 1800
+    preflight_deadline_seconds: int = _seconds(20)
+    source_read_timeout_seconds: int = _seconds(1800)
     # Every external command (pg_dump, pg_restore, psql) is stopped after this long...
-    command_timeout_seconds: int = DEFAULT_COMMAND_TIMEOUT_SECONDS
+    command_timeout_seconds: int = _seconds(DEFAULT_COMMAND_TIMEOUT_SECONDS)
     # ...or after this long without progress (output, or a dump's files growing).
-    command_stall_seconds: int = DEFAULT_STALL_SECONDS
+    command_stall_seconds: int = _seconds(DEFAULT_STALL_SECONDS)
     # The short commands of preflight (pg_restore --list on an upload's head).
-    preflight_command_timeout_seconds: int = 15
+    preflight_command_timeout_seconds: int = _seconds(15)
     # A job's whole run, from its first claim: no command runs past it.
-    job_time_limit_seconds: int = 4 * 3600
+    job_time_limit_seconds: int = _seconds(4 * 3600)
     # Fair share: jobs of one organization running a stage at once.
-    org_max_active_jobs: int = 2
+    org_max_active_jobs: int = _setting(2, "at least 1", ge=1)
     # How long a job waiting for its organization's other imports waits before it looks again.
-    org_wait_retry_seconds: int = 30
+    org_wait_retry_seconds: int = _seconds(30)
     # Imports restoring into one target cluster at once (its restore stage), unless the
     # cluster has a limit of its own (`capy-imports clusters set-restore-limit`).
-    cluster_restore_limit: int = 4
-    max_active_uploads_per_project: int = 5
+    cluster_restore_limit: int = _setting(4, "at least 1", ge=1)
+    max_active_uploads_per_project: int = _setting(5, "at least 1", ge=1)
     # An upload whose form expired unused is deleted by sweep only this long after.
-    upload_unused_grace_seconds: int = 3600
+    upload_unused_grace_seconds: int = _seconds(3600, minimum=0)
     # What the synchronous preflight reads of an upload, at most: compressed bytes
     # from storage, and text decompressed from a gzipped plain dump.
-    preflight_head_bytes: int = 8 * 1024 * 1024
-    preflight_text_bytes: int = 64 * 1024 * 1024
+    preflight_head_bytes: int = _setting(8 * 1024 * 1024, "a whole number of bytes above 0", ge=1)
+    preflight_text_bytes: int = _setting(64 * 1024 * 1024, "a whole number of bytes above 0", ge=1)
     # Synchronous preflights one organization may run at once (each holds a web thread).
-    org_max_concurrent_preflights: int = 2
+    org_max_concurrent_preflights: int = _setting(2, "at least 1", ge=1)
     # How long a live import waits for a lock on a source table (the snapshot's LOCK
     # TABLE and pg_dump's --lock-wait-timeout) before failing as transient.
-    source_lock_timeout_seconds: int = 60
+    source_lock_timeout_seconds: int = _seconds(60)
     # RabbitMQ's consumer_timeout as the deployment configures it (rabbitmq.conf; 30 min
     # by default): a message unacknowledged for longer is taken back and its channel
     # closed, so every stage must end (by its time limit) before it.
-    broker_consumer_timeout_seconds: int = 1800
+    broker_consumer_timeout_seconds: int = _seconds(1800)
     # A claim whose heartbeat is older than this can be taken over (its worker died);
     # heartbeats come every sixth of it.
-    lease_seconds: int = 90
+    lease_seconds: int = _seconds(90)
     # Tests only: "point=seconds,…" makes the first attempt of a stage hold at a point
     # (restore: a psql sleeping in the preview; swap: inside the swap's transaction),
     # so a fault-injection test can kill the worker there. Never set in production.
-    test_holds: str = ""
+    test_holds: str = _setting("", "point=seconds pairs separated by commas")
     # How long `POST …/imports` waits for RabbitMQ to confirm the job's first wake-up (and
     # the readiness check for the broker to answer). Past it the job is answered 202,
     # recorded and "queued for dispatch": the web process and the sweep publish it later.
-    publish_deadline_seconds: int = 3
+    publish_deadline_seconds: int = _setting(
+        3,
+        f"a whole number of seconds above 0 and at most {MAX_PUBLISH_DEADLINE_SECONDS} (a POST waits "
+        "that long for the broker, well inside gunicorn's 30 s request timeout)",
+        ge=1,
+        le=MAX_PUBLISH_DEADLINE_SECONDS,
+    )
     # pika's blocked_connection_timeout for the web's publishing connection: a connection
     # RabbitMQ keeps blocked (connection.blocked: a memory or disk alarm) this long is
     # closed and opened again, so one stuck publish does not hold every later one.
-    broker_blocked_timeout_seconds: int = 30
+    broker_blocked_timeout_seconds: int = _seconds(30)
     # The waits between a webhook delivery's attempts (pipeline.webhooks.delivery).
-    webhook_retry_seconds: tuple[float, ...] = WEBHOOK_RETRY_SECONDS
+    webhook_retry_seconds: Delays = _setting(
+        WEBHOOK_RETRY_SECONDS, "numbers of seconds (0 or more) separated by commas"
+    )
     # Log lines: "json" (one object a line) or "text"; json unless in development mode.
-    log_format: str = "json"
+    log_format: Literal["json", "text"] = _setting("json", "json or text")
     # The bearer token that reads GET /metrics; without one /metrics is open in
     # development mode and refused in production.
-    metrics_token: str = field(default="", repr=False)
+    metrics_token: str = _setting("", "a bearer token", secret=True)
+
+    def __init__(self, **values: Any) -> None:
+        """Defaults, then `values` (field names); no environment is read here."""
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError(explain(err, values)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the keyword arguments: the environment is read by `from_env`, at the edge.
+        return (init_settings,)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings `env` (os.environ by default) gives; ConfigError if any is unusable."""
+        source = _MappingEnvSource(cls, os.environ if env is None else env)
+        values = {_field_name(key): value for key, value in source().items()}
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with `changes`, validated like new settings (unlike `model_copy`, which
+        skips validation); ConfigError if a change is out of range."""
+        return type(self)(**{**{name: getattr(self, name) for name in type(self).model_fields}, **changes})
+
+    # -- conversions and development-mode defaults -------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other settings: development mode implies the public
+        development key, private sources allowed and text logs; the public S3 endpoint
+        is the S3 endpoint unless set."""
+        if not isinstance(data, dict):
+            return data
+        data = {_field_name(key): value for key, value in data.items()}
+        environment = data.get("environment", PRODUCTION)
+        if isinstance(environment, str) and environment.strip().lower() == DEVELOPMENT:
+            data.setdefault("secret_key", DEV_SECRET_KEY)
+            data.setdefault("allow_private_sources", True)
+            data.setdefault("log_format", "text")
+        if "s3_endpoint" in data:
+            data.setdefault("s3_public_endpoint", data["s3_endpoint"])
+        return data
+
+    @field_validator("environment", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("extension_allowlist", "clerk_authorized_parties", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise PydanticUseDefault()
+            return _split_keys(value)
+        return value
+
+    @field_validator("webhook_retry_seconds", mode="before")
+    @classmethod
+    def _delays(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value.strip():
+                raise PydanticUseDefault()
+            return tuple(item.strip() for item in value.split(","))
+        return value
+
+    @field_validator("test_holds")
+    @classmethod
+    def _holds(cls, value: str) -> str:
+        for item in _split_keys(value):
+            name, equals, seconds = item.partition("=")
+            try:
+                ok = bool(name.strip() and equals) and float(seconds) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{item!r} is not point=seconds")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_parses(cls, value: str) -> str:
+        connect_params(value)  # ValueError, with what libpq said, if it cannot
+        return value
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Settings:
+        return self.checked()
+
+    # -- what the rest of the code reads --------------------------------------------------
 
     def hold_seconds(self, point: str) -> float:
         """How long the first attempt holds at `point` (CAPY_TEST_HOLDS), 0 if not at all."""
@@ -242,101 +356,11 @@ class Settings:
             )
         return keys
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
-        d = cls()
-        environment = _environment(env)
-        dev = environment == DEVELOPMENT
-        return cls(
-            database_url=env.get("CAPY_DATABASE_URL") or d.database_url,
-            broker_url=env.get("CAPY_BROKER_URL") or d.broker_url,
-            queue_prefix=env.get("CAPY_QUEUE_PREFIX") or d.queue_prefix,
-            s3_endpoint=env.get("CAPY_S3_ENDPOINT") or d.s3_endpoint,
-            s3_public_endpoint=env.get("CAPY_S3_PUBLIC_ENDPOINT")
-            or env.get("CAPY_S3_ENDPOINT")
-            or d.s3_public_endpoint,
-            s3_region=env.get("CAPY_S3_REGION") or d.s3_region,
-            s3_bucket=env.get("CAPY_S3_BUCKET") or d.s3_bucket,
-            s3_access_key=env.get("CAPY_S3_ACCESS_KEY") or d.s3_access_key,
-            s3_secret_key=env.get("CAPY_S3_SECRET_KEY") or d.s3_secret_key,
-            upload_url_expiry_seconds=_int(
-                env, "CAPY_UPLOAD_URL_EXPIRY_SECONDS", d.upload_url_expiry_seconds
-            ),
-            upload_retention_seconds=_int(env, "CAPY_UPLOAD_RETENTION_SECONDS", d.upload_retention_seconds),
-            # Development mode implies the development defaults: the public key, private sources.
-            secret_key=env.get("CAPY_SECRET_KEY") or (DEV_SECRET_KEY if dev else d.secret_key),
-            extension_allowlist=_list(env, "CAPY_EXTENSION_ALLOWLIST", d.extension_allowlist),
-            allow_private_sources=_bool(env, "CAPY_ALLOW_PRIVATE_SOURCES", dev or d.allow_private_sources),
-            work_dir=env.get("CAPY_WORK_DIR") or d.work_dir,
-            concurrency=_positive(env, "CAPY_CONCURRENCY", d.concurrency, rule="a whole number above 0"),
-            maintenance_work_mem=_memory(env, "CAPY_MAINTENANCE_WORK_MEM", d.maintenance_work_mem),
-            pg_bin_dir_template=env.get("CAPY_PG_BIN_DIR") or d.pg_bin_dir_template,
-            source_connect_timeout=_int(env, "CAPY_SOURCE_CONNECT_TIMEOUT", d.source_connect_timeout),
-            max_attempts=_positive(
-                env,
-                "CAPY_MAX_ATTEMPTS",
-                d.max_attempts,
-                rule="at least 1 (how many times a stage may be tried; 1 means no retry)",
-            ),
-            stage_time_limit_seconds=_positive(env, "CAPY_STAGE_TIME_LIMIT_SECONDS", d.stage_time_limit_seconds),
-            replaced_database_retention_seconds=_int(
-                env,
-                "CAPY_REPLACED_DATABASE_RETENTION_SECONDS",
-                d.replaced_database_retention_seconds,
-            ),
-            max_body_bytes=_int(env, "CAPY_MAX_BODY_BYTES", d.max_body_bytes),
-            environment=environment,
-            clerk_jwks_url=(env.get("CAPY_CLERK_JWKS_URL") or "").strip(),
-            clerk_issuer=(env.get("CAPY_CLERK_ISSUER") or "").strip(),
-            clerk_authorized_parties=_list(env, "CAPY_CLERK_AUTHORIZED_PARTIES", d.clerk_authorized_parties),
-            rate_limit_per_minute=_int(env, "CAPY_RATE_LIMIT_PER_MINUTE", d.rate_limit_per_minute),
-            preflight_deadline_seconds=_positive(env, "CAPY_PREFLIGHT_DEADLINE_SECONDS", d.preflight_deadline_seconds),
-            source_read_timeout_seconds=_positive(
-                env, "CAPY_SOURCE_READ_TIMEOUT_SECONDS", d.source_read_timeout_seconds
-            ),
-            command_timeout_seconds=_positive(env, "CAPY_COMMAND_TIMEOUT_SECONDS", d.command_timeout_seconds),
-            command_stall_seconds=_positive(env, "CAPY_COMMAND_STALL_SECONDS", d.command_stall_seconds),
-            preflight_command_timeout_seconds=_positive(
-                env, "CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS", d.preflight_command_timeout_seconds
-            ),
-            job_time_limit_seconds=_positive(env, "CAPY_JOB_TIME_LIMIT_SECONDS", d.job_time_limit_seconds),
-            org_max_active_jobs=_positive(env, "CAPY_ORG_MAX_ACTIVE_JOBS", d.org_max_active_jobs, rule="at least 1"),
-            org_wait_retry_seconds=_positive(env, "CAPY_ORG_WAIT_RETRY_SECONDS", d.org_wait_retry_seconds),
-            cluster_restore_limit=_positive(
-                env, "CAPY_CLUSTER_RESTORE_LIMIT", d.cluster_restore_limit, rule="at least 1"
-            ),
-            max_active_uploads_per_project=_int(
-                env, "CAPY_MAX_ACTIVE_UPLOADS_PER_PROJECT", d.max_active_uploads_per_project
-            ),
-            upload_unused_grace_seconds=_int(env, "CAPY_UPLOAD_UNUSED_GRACE_SECONDS", d.upload_unused_grace_seconds),
-            preflight_head_bytes=_int(env, "CAPY_PREFLIGHT_HEAD_BYTES", d.preflight_head_bytes),
-            preflight_text_bytes=_int(env, "CAPY_PREFLIGHT_TEXT_BYTES", d.preflight_text_bytes),
-            org_max_concurrent_preflights=_positive(
-                env, "CAPY_ORG_MAX_CONCURRENT_PREFLIGHTS", d.org_max_concurrent_preflights, rule="at least 1"
-            ),
-            source_lock_timeout_seconds=_positive(env, "CAPY_SOURCE_LOCK_TIMEOUT_SECONDS", d.source_lock_timeout_seconds),
-            broker_consumer_timeout_seconds=_positive(
-                env, "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS", d.broker_consumer_timeout_seconds
-            ),
-            lease_seconds=_positive(env, "CAPY_LEASE_SECONDS", d.lease_seconds),
-            test_holds=env.get("CAPY_TEST_HOLDS") or d.test_holds,
-            publish_deadline_seconds=_positive(env, "CAPY_PUBLISH_DEADLINE_SECONDS", d.publish_deadline_seconds),
-            broker_blocked_timeout_seconds=_positive(
-                env, "CAPY_BROKER_BLOCKED_TIMEOUT_SECONDS", d.broker_blocked_timeout_seconds
-            ),
-            webhook_retry_seconds=_delays(env, "CAPY_WEBHOOK_RETRY_SECONDS", d.webhook_retry_seconds),
-            log_format=_log_format(env, dev),
-            metrics_token=(env.get("CAPY_METRICS_TOKEN") or "").strip(),
-        ).checked()
-
     def checked(self) -> Settings:
-        """Refuse combinations the service cannot run with (ConfigError)."""
-        if self.max_attempts < 1:
-            raise ConfigError(
-                f"CAPY_MAX_ATTEMPTS must be at least 1 (how many times a stage may be tried; 1 means no retry), "
-                f"not {self.max_attempts}: with {self.max_attempts} every job would fail before it starts"
-            )
+        """Refuse combinations the service cannot run with (ConfigError).
+
+        Each setting's own range is checked by its field; these rules involve several.
+        """
         if self.stage_time_limit_seconds >= self.broker_consumer_timeout_seconds:
             raise ConfigError(
                 f"CAPY_STAGE_TIME_LIMIT_SECONDS ({self.stage_time_limit_seconds}) must be below "
@@ -345,11 +369,98 @@ class Settings:
                 "For big imports raise both together: consumer_timeout in rabbitmq.conf and "
                 "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS, then CAPY_STAGE_TIME_LIMIT_SECONDS below it"
             )
-        if self.publish_deadline_seconds > 20:
-            raise ConfigError(
-                f"CAPY_PUBLISH_DEADLINE_SECONDS ({self.publish_deadline_seconds}) must be at most 20: a POST "
-                "waits that long for the broker, well inside gunicorn's 30 s request timeout"
-            )
         if self.test_holds and not self.dev_mode:
             raise ConfigError("CAPY_TEST_HOLDS is for fault-injection tests only (development mode); unset it")
         return self
+
+
+# -- names and messages ---------------------------------------------------------------------
+
+
+def env_var(name: str) -> str:
+    """The environment variable of the field `name` (`CAPY_ENV` for `environment`)."""
+    alias = Settings.model_fields[name].validation_alias
+    return alias if isinstance(alias, str) else ENV_PREFIX + name.upper()
+
+
+def env_vars() -> dict[str, str]:
+    """Every setting's environment variable, by field name, in declaration order."""
+    return {name: env_var(name) for name in Settings.model_fields}
+
+
+def _field_name(key: str) -> str:
+    """A field's name from its name or its alias (`CAPY_ENV` → `environment`)."""
+    if key in Settings.model_fields:
+        return key
+    for name, info in Settings.model_fields.items():
+        if info.validation_alias == key:
+            return name
+    return key
+
+
+def _extra(info: FieldInfo, key: str) -> Any:
+    extra = info.json_schema_extra
+    return extra.get(key) if isinstance(extra, dict) else None
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short"}
+_NUMBER_ERRORS = {"int_parsing", "int_type", "int_from_float", "float_parsing", "float_type"}
+
+
+def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
+    """One sentence per bad variable: its name, its value (secrets hidden, URLs
+    redacted) and what is allowed."""
+    raw = {_field_name(key): value for key, value in values.items()}
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for error in err.errors():
+        context = error.get("ctx") or {}
+        if isinstance(context.get("error"), ConfigError):  # a rule of `checked`, already a sentence
+            sentences.append(str(context["error"]))
+            continue
+        name = _field_name(str(error["loc"][0])) if error["loc"] else ""
+        if name not in Settings.model_fields:
+            sentences.append(f"unknown setting {name!r}" if name else str(error["msg"]))
+            continue
+        if name in seen:  # one sentence per variable (a list may fail at several items)
+            continue
+        seen.add(name)
+        info = Settings.model_fields[name]
+        value = raw.get(name, error.get("input"))
+        if _extra(info, "secret"):
+            shown = "(the value is hidden)"
+        elif isinstance(value, str) and _extra(info, "url"):
+            shown = repr(redact(value))
+        elif error["type"] in _RANGE_ERRORS and _is_number(value):
+            shown = str(value).strip()
+        else:
+            shown = repr(value)
+        rule = _extra(info, "rule") or "valid"
+        if error["type"] in _NUMBER_ERRORS and info.annotation is int:
+            rule = rule if rule.startswith("a whole number") else f"a whole number, {rule}"
+        why = f" ({context['error']})" if error["type"] == "value_error" and context.get("error") else ""
+        sentences.append(f"{env_var(name)} must be {rule}, not {shown}{why}")
+    return "; ".join(sentences)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, int | float)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading `environ` instead of os.environ
+    (so `from_env` can be given a mapping, as tests and the benchmark do)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.env_vars = {
+            (key if self.case_sensitive else key.lower()): value
+            for key, value in environ.items()
+            if not (self.env_ignore_empty and value == "")
+        }

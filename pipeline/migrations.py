@@ -299,7 +299,7 @@ _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs
 def ensure_database(url: str) -> bool:
     """Create the control database if it does not exist; True if it was created."""
     name, params = connect_params(url)
-    conn = psycopg2.connect(dbname="postgres", connect_timeout=5, **params)
+    conn = psycopg2.connect(**{"connect_timeout": 5, **params, "dbname": "postgres"})
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -316,7 +316,7 @@ def migrate(url: str) -> list[str]:
     """Apply pending migrations; return the versions applied by this call."""
     ensure_database(url)
     name, params = connect_params(url)
-    conn = psycopg2.connect(dbname=name, connect_timeout=5, **params)
+    conn = psycopg2.connect(**{"connect_timeout": 5, **params, "dbname": name})
     applied: list[str] = []
     try:
         with conn, conn.cursor() as cur:

@@ -5,7 +5,6 @@ Services are real (Postgres, RabbitMQ); a missing service fails the run, never s
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import subprocess
 
@@ -37,8 +36,7 @@ def base_settings(tmp_path_factory, s3) -> Settings:
 
     Tests run in development mode (private sources allowed), with a secret key of their own.
     """
-    return dataclasses.replace(
-        Settings.from_env({"CAPY_ENV": "development"}),
+    return Settings.from_env({"CAPY_ENV": "development"}).replace(
         s3_endpoint=s3.url,
         s3_public_endpoint=s3.url,
         s3_access_key=s3.access_key,
@@ -101,7 +99,7 @@ def _delete_queues(settings: Settings) -> None:
 
 @pytest.fixture(scope="session")
 def store(control_db):
-    from pipeline.storage import object_store
+    from pipeline.services import object_store
 
     store = object_store(control_db)
     store.ensure_bucket()

@@ -9,13 +9,11 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from pipeline import accounts
+from pipeline import accounts, services
 from pipeline.config import Settings
 from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.ids import new_id
 from pipeline.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint, WebhookEvent, utcnow
-from pipeline.queue import make_broker
-from pipeline.sealing import Sealer
 from pipeline.serialize import timestamp
 from pipeline.webhooks.delivery import PENDING
 from pipeline.webhooks.endpoints import (
@@ -40,7 +38,7 @@ def cmd_add(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
     created = add_endpoint(
         org,
         args.url,
-        Sealer(settings.secret_keys()),
+        services.sealer(settings),
         dev_mode=settings.dev_mode,
         allow_private=settings.allow_private_sources,
         description=args.description or "",
@@ -185,7 +183,7 @@ def redeliver(delivery_id: str, *, now: dt.datetime | None = None) -> WebhookDel
 
 def cmd_redeliver(args: argparse.Namespace, settings: Settings, out: _Out) -> None:
     delivery = redeliver(args.delivery)
-    broker = make_broker(settings)
+    broker = services.broker(settings)
     try:
         WebhookQueue(broker, settings).send(delivery.id, 1)
         how = "its first attempt is queued"

@@ -12,7 +12,6 @@ longer dumps to the fetch worker's disk for the restore to read (the copy engine
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -56,7 +55,7 @@ PLACEMENTS = {
 def deployment(request, control_db, tmp_path_factory):
     """The web service and two workers with work directories of their own, on queues of
     this module's own (other e2e services' workers must not take its stages)."""
-    settings = dataclasses.replace(control_db, queue_prefix=control_db.queue_prefix + "_anyworker")
+    settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_anyworker")
     env = service_env(settings)
     cli(env, "migrate")
     clusters = pg.admin(

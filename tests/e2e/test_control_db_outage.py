@@ -8,7 +8,6 @@ source are on the machine's cluster, which stays up.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import pytest
@@ -33,8 +32,7 @@ def _job(service, key: str, job_id: str) -> dict:
 def test_a_control_database_outage_mid_stage_does_not_fail_the_job(control_db, corpus_source, tmp_path):
     source = corpus_source("chinook")
     with temporary_cluster() as cluster:
-        settings = dataclasses.replace(
-            control_db,
+        settings = control_db.replace(
             database_url=f"postgresql://{cluster.superuser}:{cluster.password}@127.0.0.1:{cluster.port}/capy_imports",
             queue_prefix=f"{control_db.queue_prefix}_ctldb",
         )

@@ -10,7 +10,6 @@ itself, with the live database whole and accepting connections, and nothing left
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 import signal
@@ -41,7 +40,7 @@ HOLD = "90"
 def deployment(control_db):
     """The control database migrated, with the local cluster registered, and queues of
     this module's own: the other e2e services' workers must not run its held jobs."""
-    control_db = dataclasses.replace(control_db, queue_prefix=control_db.queue_prefix + "_crash")
+    control_db = control_db.replace(queue_prefix=control_db.queue_prefix + "_crash")
     env = service_env(control_db)
     cli(env, "migrate")
     clusters = pg.admin(
@@ -209,7 +208,7 @@ def test_sweep_wakes_jobs_that_no_message_will_wake(deployment, corpus_source, t
     """A pending job whose message was never published, and a running job whose worker
     died with its message lost: `capy-imports sweep` wakes both, and they complete."""
     source = SourceURL.parse(pg.url_for(corpus_source("chinook"), sslmode="disable"))
-    settings = dataclasses.replace(deployment, lease_seconds=int(LEASE))
+    settings = deployment.replace(lease_seconds=int(LEASE))
     service = start_service(deployment, tmp_path, worker_env={"CAPY_LEASE_SECONDS": LEASE})
     try:
         stuck = []

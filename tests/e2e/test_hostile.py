@@ -37,8 +37,8 @@ SECRET_PASSWORD = "s3cr3t-Pa55word-never-shown"
 def prod(control_db, tmp_path_factory):
     """The service in production posture, with its own queues (the dev-mode e2e
     service shares this run's control database, not its workers)."""
-    settings = dataclasses.replace(
-        control_db, environment="production", allow_private_sources=False, queue_prefix=control_db.queue_prefix + "_prod"
+    settings = control_db.replace(
+        environment="production", allow_private_sources=False, queue_prefix=control_db.queue_prefix + "_prod",
     )
     running = start_service(settings, tmp_path_factory.mktemp("prod-logs"))
     env = running.env

@@ -8,7 +8,6 @@ machine's own RabbitMQ and Postgres are never stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 
@@ -55,8 +54,8 @@ def rabbit():
 def broker_service(control_db, rabbit, tmp_path):
     """gunicorn alone (no worker: the messages stay in the queue to be counted) over a
     broker node of its own, with 2 s heartbeats so an idle minute takes seconds."""
-    settings = dataclasses.replace(
-        control_db, broker_url=rabbit.url(heartbeat="2"), queue_prefix=f"{control_db.queue_prefix}_outage"
+    settings = control_db.replace(
+        broker_url=rabbit.url(heartbeat="2"), queue_prefix=f"{control_db.queue_prefix}_outage",
     )
     env = service_env(settings)
     cli(env, "migrate")
@@ -170,8 +169,7 @@ def test_a_post_while_the_broker_blocks_publishers_is_answered_at_once_and_dispa
 
 def test_control_database_restart_answers_503_at_most_once_then_serves(control_db, tmp_path):
     with temporary_cluster() as cluster:
-        settings = dataclasses.replace(
-            control_db,
+        settings = control_db.replace(
             database_url=f"postgresql://{cluster.superuser}:{cluster.password}@127.0.0.1:{cluster.port}/capy_imports",
             queue_prefix=f"{control_db.queue_prefix}_outage",
         )
@@ -205,8 +203,7 @@ def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatch
     refused or closed: only timeouts notice), then lets them through again."""
     prefix = f"{control_db.queue_prefix}_held_{secrets.token_hex(2)}"
     with hold_proxy(5672) as proxy:
-        settings = dataclasses.replace(
-            control_db,
+        settings = control_db.replace(
             broker_url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F?heartbeat=2",
             queue_prefix=prefix,
         )

@@ -4,7 +4,6 @@ pg_dump 15 and imported through the product (preflight, fetch, restore, finalize
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -76,7 +75,7 @@ def test_an_archive_cut_short_is_refused_before_the_live_database_changes(
 ):
     data = dump(rows_source, tmp_path / "dump", *options, piped=piped).read_bytes()
     # Preflight reads the first 64 KiB: what it cannot see there, the worker finds.
-    settings = dataclasses.replace(control_db, preflight_head_bytes=64 * 1024)
+    settings = control_db.replace(preflight_head_bytes=64 * 1024)
     world = make_world(control_db)
     live = _keep(world)
     before = pg.schema_dump(live)

@@ -3,7 +3,6 @@ seconds, drop their preview and restore role, and free the project."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -354,7 +353,7 @@ def test_a_cancel_during_preflight_interrupts_the_source_session(control_db, sto
     preflight deadline, and the job ends cancelled, not failed by the timeout."""
     from tests.support.muteproxy import mute_after_login
 
-    settings = dataclasses.replace(control_db, preflight_deadline_seconds=60)
+    settings = control_db.replace(preflight_deadline_seconds=60)
     with mute_after_login() as proxy:
         source = SourceURL.parse(f"postgres://postgres@127.0.0.1:{proxy.port}/postgres?sslmode=disable")
         queue = InlineQueue(settings)

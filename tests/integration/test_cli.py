@@ -48,9 +48,7 @@ def test_errors_are_one_json_object_and_exit_1(control_db, capsys, argv, message
 
 
 def test_unreachable_control_database_is_explained(control_db, capsys):
-    import dataclasses
-
-    broken = dataclasses.replace(control_db, database_url="postgresql://postgres@127.0.0.1:1/x")
+    broken = control_db.replace(database_url="postgresql://postgres@127.0.0.1:1/x")
     try:
         code, out = run(broken, capsys, "jobs", "list")
     finally:

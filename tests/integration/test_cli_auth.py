@@ -1,7 +1,6 @@
 """The operators' CLI for credentials and secrets: keys with scopes and expiry, list,
 revoke, `secrets rotate`, and refusing to seal without CAPY_SECRET_KEY."""
 
-import dataclasses
 import datetime as dt
 
 import pytest
@@ -97,7 +96,7 @@ def test_secrets_rotate_reseals_everything_with_the_current_key(control_db, caps
         id="whe_rotate_" + world.project.id[-8:], organization=world.org.id, url="https://hooks.example.com/",
         secret_encrypted=old.seal("whsec_rotate"),
     )
-    rotating = dataclasses.replace(control_db, secret_key=f"{current},the-old-key")
+    rotating = control_db.replace(secret_key=f"{current},the-old-key")
     code, done = run(rotating, capsys, "secrets", "rotate")
     assert code == 0, done
     assert done["unreadable"] == []
@@ -141,7 +140,7 @@ def test_secrets_rotate_names_what_no_key_opens(control_db, capsys):
 )
 def test_commands_that_seal_refuse_without_a_secret_key_in_production(control_db, capsys, argv):
     org = make_world(control_db).org.id
-    production = dataclasses.replace(control_db, environment="production", secret_key="")
+    production = control_db.replace(environment="production", secret_key="")
     code, out = run(production, capsys, *[a.replace("{org}", org) for a in argv])
     assert code == 1
     assert out["error"].startswith("CAPY_SECRET_KEY is not set") and "CAPY_ENV=development" in out["error"]
@@ -153,7 +152,7 @@ def test_commands_that_seal_refuse_without_a_secret_key_in_production(control_db
 def test_production_refuses_the_development_key(control_db, capsys):
     from pipeline.config import DEV_SECRET_KEY
 
-    production = dataclasses.replace(control_db, environment="production", secret_key=DEV_SECRET_KEY)
+    production = control_db.replace(environment="production", secret_key=DEV_SECRET_KEY)
     code, out = run(production, capsys, "secrets", "rotate")
     assert code == 1 and "public development key" in out["error"]
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import time
@@ -43,8 +42,8 @@ def world(control_db):
 @pytest.fixture
 def own_queues(control_db):
     """Settings whose queue names are this test's own (derived from the run's prefix)."""
-    settings = dataclasses.replace(
-        control_db, queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}"
+    settings = control_db.replace(
+        queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}",
     )
     yield settings
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
@@ -378,7 +377,7 @@ def test_a_retry_while_the_broker_is_down_stays_pending_for_sweep_to_wake(contro
     wakes it once it has waited a minute."""
     from pipeline.sweep import sweep
 
-    down = dataclasses.replace(control_db, broker_url="amqp://guest:guest@127.0.0.1:1/%2F")
+    down = control_db.replace(broker_url="amqp://guest:guest@127.0.0.1:1/%2F")
     job = new_job(control_db, world)
     cancellation.request_cancel(job.id, "operator:tester", lease=LEASE, cleanup=lambda job: None)
     code, out = run(down, capsys, "jobs", "retry", job.id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 
 import pytest
@@ -17,7 +16,7 @@ from tests.support.cli import run
 
 @pytest.fixture
 def settings(control_db):
-    return dataclasses.replace(control_db, cluster_restore_limit=4)
+    return control_db.replace(cluster_restore_limit=4)
 
 
 @pytest.fixture

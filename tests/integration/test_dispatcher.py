@@ -3,7 +3,6 @@ this test's own), and a port where nothing listens (a broker that is down)."""
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 
@@ -21,7 +20,7 @@ def _dispatcher(settings, deadline=2):
 
 
 def test_a_broker_that_is_down_is_answered_within_the_deadline(control_db):
-    settings = dataclasses.replace(control_db, broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    settings = control_db.replace(broker_url=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
     dispatcher, broker = _dispatcher(settings)
     try:
         started = time.monotonic()
@@ -36,7 +35,7 @@ def test_a_broker_that_is_down_is_answered_within_the_deadline(control_db):
 
 def test_wake_ups_are_published_with_a_confirm_and_the_check_is_a_round_trip(control_db):
     prefix = f"{control_db.queue_prefix}_dispatch_{secrets.token_hex(2)}"
-    settings = dataclasses.replace(control_db, queue_prefix=prefix)
+    settings = control_db.replace(queue_prefix=prefix)
     dispatcher, broker = _dispatcher(settings)
     connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import threading
 
@@ -32,7 +31,7 @@ class NoSteps:
 
 @pytest.fixture
 def settings(control_db):
-    return dataclasses.replace(control_db, org_max_active_jobs=1, org_wait_retry_seconds=30)
+    return control_db.replace(org_max_active_jobs=1, org_wait_retry_seconds=30)
 
 
 def add_project(settings, org: Organization, name: str) -> Project:

@@ -7,7 +7,6 @@ Every answer is `{"error": …}` with no traceback and no secret.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -545,5 +544,5 @@ def test_settings_wire_clerk_in(control_db, jwks):
     from app.wsgi import authenticators
 
     assert len(authenticators(control_db)) == 1
-    with_clerk = dataclasses.replace(control_db, clerk_jwks_url=jwks.url, clerk_issuer=ISSUER)
+    with_clerk = control_db.replace(clerk_jwks_url=jwks.url, clerk_issuer=ISSUER)
     assert isinstance(authenticators(with_clerk)[1], ClerkAuthenticator)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import secrets
 import subprocess
@@ -62,7 +61,7 @@ def test_psql_past_its_deadline_is_stopped_and_its_query_ends(control_db):
 
 def test_a_sleeping_plain_dump_fails_the_job_at_its_time_limit(control_db, store):
     marker = "capy-sleep-" + secrets.token_hex(4)
-    settings = dataclasses.replace(control_db, job_time_limit_seconds=8)
+    settings = control_db.replace(job_time_limit_seconds=8)
     world = make_world(settings)
     script = (
         f"SET statement_timeout = 0;\nCREATE TABLE t (id int);\nSELECT pg_sleep(3600), '{marker}';\n".encode()
@@ -86,7 +85,7 @@ def test_a_sleeping_plain_dump_fails_the_job_at_its_time_limit(control_db, store
 
 
 def test_a_job_past_its_time_limit_fails_at_its_next_stage(control_db, store):
-    settings = dataclasses.replace(control_db, job_time_limit_seconds=3600)
+    settings = control_db.replace(job_time_limit_seconds=3600)
     world = make_world(settings)
     job = unwoken_job(settings, world)
     Job.update(started_at=jobs.utcnow() - dt.timedelta(hours=2)).where(Job.id == job.id).execute()

@@ -121,9 +121,7 @@ def test_recreate_true_replaces_and_keeps_the_old_database(control_db, corpus_so
 
 
 def test_loopback_source_refused_when_private_sources_are_not_allowed(control_db, corpus_source):
-    import dataclasses
-
-    strict = dataclasses.replace(control_db, allow_private_sources=False)
+    strict = control_db.replace(allow_private_sources=False)
     world = make_world(strict)
     job = run_import(strict, world, pg.url_for(corpus_source("chinook"), sslmode="disable"))
     assert job.state == "failed"
@@ -143,11 +141,9 @@ def test_worker_gate_fails_on_an_extension_outside_the_allowlist(control_db, scr
 
 
 def test_a_source_that_never_answers_is_retried_then_given_up(control_db):
-    import dataclasses
-
     from tests.support.pgproxy import silent_listener
 
-    quick = dataclasses.replace(control_db, source_connect_timeout=1)
+    quick = control_db.replace(source_connect_timeout=1)
     world = make_world(quick)
     with silent_listener() as listener:
         job = run_import(quick, world, f"postgresql://u:pw@127.0.0.1:{listener.port}/db?sslmode=disable")

@@ -4,7 +4,6 @@ with a message naming the pg_dump options to use."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import subprocess
@@ -224,7 +223,7 @@ def _api_preflight(settings, store, world, data: bytes):
 
 def test_api_preflight_reads_the_end_of_a_large_plain_upload(control_db, store, corpus_source, tmp_path):
     # The head is small here: preflight reads it and the last bytes, where the footer is.
-    settings = dataclasses.replace(control_db, preflight_head_bytes=256 * 1024)
+    settings = control_db.replace(preflight_head_bytes=256 * 1024)
     data = pg.make_dump(corpus_source("pagila"), "plain", tmp_path / "pagila.sql").read_bytes()
     world = make_world(control_db)
     whole = _api_preflight(settings, store, world, data)
@@ -310,7 +309,7 @@ def test_a_function_with_its_own_standard_conforming_strings_setting_imports(con
 def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehearsed(control_db, store, tmp_path):
     """Preflight reads the head; the objects after the data (policies come there) are
     rehearsed by the worker before anything is restored, and skipped the same way."""
-    settings = dataclasses.replace(control_db, preflight_head_bytes=4096)
+    settings = control_db.replace(preflight_head_bytes=4096)
     outsider = pg.scratch_name("capy_tst_gone")
     name = pg.create_db(pg.scratch_name("capysrc_bigplain"))
     try:

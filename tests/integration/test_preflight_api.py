@@ -1,6 +1,5 @@
 """POST /v1/projects/{id}/imports/preflight through the app, against real sources and S3."""
 
-import dataclasses
 import datetime as dt
 import json
 
@@ -60,7 +59,7 @@ def test_live_preflight_reports_every_check_and_mutates_nothing(control_db, stor
 
 
 def test_failing_preflight_is_200_with_ok_false(control_db, store, corpus_source):
-    strict = dataclasses.replace(control_db, allow_private_sources=False)
+    strict = control_db.replace(allow_private_sources=False)
     world = make_world(strict)
     pg.psql(world.project.database_name, text="CREATE TABLE existing (id int);")
     resp = preflight(client_for(strict, store), world, {"source_url": pg.url_for(corpus_source("chinook"), sslmode="disable")})
@@ -112,7 +111,7 @@ def test_missing_upload_is_404(control_db, store):
 def test_a_gzip_bomb_upload_preflight_reads_only_up_to_its_caps(control_db, store, tmp_path):
     # 1 GiB of SQL comment lines, about 1 MiB compressed: it used to cost the web
     # process 16 s of CPU and more per preflight. The caps are small here to show them.
-    settings = dataclasses.replace(control_db, preflight_head_bytes=256 * 1024, preflight_text_bytes=1024 * 1024)
+    settings = control_db.replace(preflight_head_bytes=256 * 1024, preflight_text_bytes=1024 * 1024)
     bomb = gzip_bomb(tmp_path / "bomb.sql.gz", b"--\n", 1024 * 1024 * 1024, suffix=b"CREATE EXTENSION plperlu;\n")
     world = make_world(control_db)
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))

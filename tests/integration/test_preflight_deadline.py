@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import time
 
@@ -27,8 +26,8 @@ def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(
     hanging = bin_dir / "pg_restore"
     hanging.write_text("#!/bin/sh\nsleep 300\n")
     hanging.chmod(0o755)
-    settings = dataclasses.replace(
-        control_db, pg_bin_dir_template=str(tmp_path / "{major}" / "bin"), preflight_command_timeout_seconds=1
+    settings = control_db.replace(
+        pg_bin_dir_template=str(tmp_path / "{major}" / "bin"), preflight_command_timeout_seconds=1,
     )
     world = make_world(settings)
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(

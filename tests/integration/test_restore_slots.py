@@ -5,7 +5,6 @@ limits and slots touch no other test's jobs."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import secrets
 import threading
@@ -47,7 +46,7 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60) -> 
 
 @pytest.fixture
 def settings(control_db):
-    return dataclasses.replace(control_db, cluster_restore_limit=2, lease_seconds=int(LEASE.total_seconds()))
+    return control_db.replace(cluster_restore_limit=2, lease_seconds=int(LEASE.total_seconds()))
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ bounds are generous ("returned, well before deadline + 10 s"), never exact timin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import secrets
 import time
@@ -85,7 +84,7 @@ def test_preflight_returns_within_its_deadline_when_the_source_stops_answering(s
 
 
 def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
-    settings = dataclasses.replace(control_db, preflight_deadline_seconds=DEADLINE)
+    settings = control_db.replace(preflight_deadline_seconds=DEADLINE)
     world = make_world(settings)
     client = api_client(settings, store)
     with mute_after_login() as proxy:
@@ -169,7 +168,7 @@ def test_one_organization_cannot_take_every_web_thread_with_preflights(control_d
     once, while another organization's preflight still runs."""
     import threading
 
-    settings = dataclasses.replace(control_db, preflight_deadline_seconds=6, org_max_concurrent_preflights=2)
+    settings = control_db.replace(preflight_deadline_seconds=6, org_max_concurrent_preflights=2)
     tenant, other = make_world(settings), make_world(settings)
     client = api_client(settings, store)
 

@@ -1,6 +1,5 @@
 """`capy-imports sweep` against real Postgres and S3."""
 
-import dataclasses
 import datetime as dt
 
 import pytest
@@ -21,7 +20,7 @@ SCRIPT = b"CREATE TABLE a (id int);\nINSERT INTO a VALUES (1);\n"
 
 
 def test_sweep_deletes_expired_uploads_and_replaced_databases(control_db, store, corpus_source, tmp_path):
-    keeping = dataclasses.replace(control_db, upload_retention_seconds=3600)
+    keeping = control_db.replace(upload_retention_seconds=3600)
     world = make_world(keeping)
     dump = pg.make_dump(corpus_source("chinook"), "custom", tmp_path / "chinook.dump")
     job = upload_and_import(keeping, store, world, dump)

@@ -7,7 +7,6 @@ Runner over Settings with its own, empty, work directory.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
@@ -39,7 +38,7 @@ def worker(settings, tmp_path, name: str, **changes) -> InlineQueue:
     """A worker of its own: the real Runner over `settings` with an empty work directory."""
     work = tmp_path / name
     work.mkdir()
-    return InlineQueue(dataclasses.replace(settings, work_dir=str(work), **changes))
+    return InlineQueue(settings.replace(work_dir=str(work), **changes))
 
 
 def start_upload_import(settings, store, world: World, data, wake) -> Job:
@@ -156,7 +155,7 @@ def test_an_operator_retries_an_upload_import_from_its_restore_stage(control_db,
     """A kept upload (CAPY_UPLOAD_RETENTION_SECONDS) and fetch's facts are all a restore
     needs: `jobs retry --from-stage restore` runs it on any worker."""
     source, dumps = pagila_dumps
-    kept = dataclasses.replace(control_db, upload_retention_seconds=3600)
+    kept = control_db.replace(upload_retention_seconds=3600)
     world = make_world(kept)
     first, second = worker(kept, tmp_path, "first"), worker(kept, tmp_path, "second")
     job = start_upload_import(kept, store, world, dumps["tar"], first.wake)

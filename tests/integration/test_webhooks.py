@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 
@@ -244,7 +243,7 @@ def test_a_duplicate_or_stale_message_does_nothing(control_db, world):
 
 
 def test_a_refused_address_is_refused_at_add_and_at_each_delivery(control_db, world):
-    strict = dataclasses.replace(control_db, allow_private_sources=False)
+    strict = control_db.replace(allow_private_sources=False)
     with pytest.raises(InvalidRequest, match="127.0.0.1, a loopback address"):
         add_endpoint(
             world.org,
@@ -372,7 +371,7 @@ def test_the_cli_adds_lists_removes_and_shows_deliveries(control_db, world, caps
 
 
 def test_the_cli_add_refuses_what_it_must_and_shows_the_secret_once_in_text(control_db, world, capsys):
-    strict = dataclasses.replace(control_db, allow_private_sources=False)
+    strict = control_db.replace(allow_private_sources=False)
     code, refused = run(
         strict, capsys, "webhooks", "add", "--org", world.org.id, "--url", "http://127.0.0.1:9/"
     )

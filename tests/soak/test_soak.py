@@ -13,7 +13,6 @@ Run it with `make soak` (a few minutes); `make test` leaves it out.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import re
@@ -42,7 +41,7 @@ _CLAIM = re.compile(r"^(\w+) claimed \(attempt \d+ of \d+\)(?:, taking over the 
 
 @pytest.fixture(scope="module")
 def deployment(control_db):
-    settings = dataclasses.replace(control_db, queue_prefix=control_db.queue_prefix + "_soak")
+    settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_soak")
     env = service_env(settings)
     cli(env, "migrate")
     known = pg.admin("SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1])

@@ -8,7 +8,7 @@ from pipeline.config import Settings
 from pipeline.import_steps import ImportSteps
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from pipeline.storage import object_store
+from pipeline.services import object_store
 from stages.errors import TransientError
 
 

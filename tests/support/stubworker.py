@@ -4,7 +4,6 @@ options (retries, time limits, throws) run as in production, without RabbitMQ.""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 
@@ -33,7 +32,7 @@ class StageWorkers:
     ) -> tuple[Settings, StageQueue, dramatiq.Worker]:
         """Workers on settings of their own (`overrides`), running `steps`, or the steps
         `steps_for` builds from those settings."""
-        settings = dataclasses.replace(self.base, queue_prefix=f"stub_{secrets.token_hex(3)}", **overrides)
+        settings = self.base.replace(queue_prefix=f"stub_{secrets.token_hex(3)}", **overrides)
         broker = StubBroker()
         for item in middleware:
             broker.add_middleware(item)

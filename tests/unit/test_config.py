@@ -189,10 +189,8 @@ def test_max_attempts_below_one_refuses_to_start(value):
 
 
 def test_max_attempts_below_one_is_refused_however_settings_are_made():
-    import dataclasses
-
     with pytest.raises(ConfigError, match="CAPY_MAX_ATTEMPTS must be at least 1"):
-        dataclasses.replace(Settings.from_env({"CAPY_ENV": "development"}), max_attempts=0).checked()
+        Settings.from_env({"CAPY_ENV": "development"}).replace(max_attempts=0).checked()
 
 def test_the_publish_deadline_is_a_few_seconds_and_bounded():
     d = Settings.from_env({})

@@ -1,6 +1,5 @@
 """A job's time limit, counted from when it started (no database: Job rows in memory)."""
 
-import dataclasses
 import datetime as dt
 
 from pipeline.config import Settings
@@ -8,8 +7,8 @@ from pipeline.limits import command_limit, job_deadline, job_over_time, prefligh
 from pipeline.models import Job
 
 START = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
-SETTINGS = dataclasses.replace(
-    Settings.from_env({}), job_time_limit_seconds=3600, command_timeout_seconds=600
+SETTINGS = Settings.from_env({}).replace(
+    job_time_limit_seconds=3600, command_timeout_seconds=600,
 )
 
 

@@ -1,6 +1,5 @@
 """Wake-ups on the stage queues, with Dramatiq's in-memory broker (no sockets)."""
 
-import dataclasses
 
 from dramatiq.brokers.stub import StubBroker
 
@@ -9,7 +8,7 @@ from pipeline.queue import StageQueue
 
 
 def test_wake_can_be_delayed_for_a_job_that_must_wait():
-    settings = dataclasses.replace(Settings.from_env({}), queue_prefix="capyunit")
+    settings = Settings.from_env({}).replace(queue_prefix="capyunit")
     broker = StubBroker()
     queue = StageQueue(broker, settings)
     queue.wake("job_1", "fetch")

@@ -3,7 +3,6 @@ waiting job shows and how long it waits in one worker."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 
 import pytest
@@ -54,4 +53,4 @@ def test_a_waiting_job_says_how_many_slots_are_taken_and_since_when():
 def test_the_wait_in_one_worker_leaves_the_stage_most_of_its_time_limit():
     settings = Settings.from_env({"CAPY_ENV": "development"})
     assert window_for(settings) == 120
-    assert window_for(dataclasses.replace(settings, stage_time_limit_seconds=300)) == 30
+    assert window_for(settings.replace(stage_time_limit_seconds=300)) == 30

@@ -3,7 +3,6 @@ result models and the jobs table's constraint all follow it."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import re
 
@@ -46,7 +45,7 @@ def test_the_stage_enum_and_the_order_follow_the_registry():
 
 
 def test_every_stage_has_its_queue():
-    settings = dataclasses.replace(Settings.from_env({}), queue_prefix="capyunit")
+    settings = Settings.from_env({}).replace(queue_prefix="capyunit")
     broker = StubBroker()
     try:
         queue = StageQueue(broker, settings)

@@ -1,6 +1,5 @@
 """What the web process checks before it serves: the secret key and the Clerk settings."""
 
-import dataclasses
 
 import pytest
 
@@ -17,16 +16,16 @@ def test_clerk_needs_an_issuer_and_https_outside_development():
     production = Settings.from_env({"CAPY_SECRET_KEY": "k" * 40})
     assert len(authenticators(production)) == 1
     with pytest.raises(ConfigError, match="CAPY_CLERK_ISSUER must be set"):
-        authenticators(dataclasses.replace(production, clerk_jwks_url="https://clerk.example.com/jwks"))
+        authenticators(production.replace(clerk_jwks_url="https://clerk.example.com/jwks"))
     with pytest.raises(ConfigError, match="must be an https:// URL"):
         authenticators(
-            dataclasses.replace(
-                production, clerk_jwks_url="http://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com"
+            production.replace(
+                clerk_jwks_url="http://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
             )
         )
     two = authenticators(
-        dataclasses.replace(
-            production, clerk_jwks_url="https://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com"
+        production.replace(
+            clerk_jwks_url="https://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
         )
     )
     assert len(two) == 2

@@ -1,7 +1,6 @@
 """Webhooks without sockets or a database: signatures, the envelope, the backoff, the
 address gate, which changes are events, and the queue's messages."""
 
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -231,7 +230,7 @@ def test_only_a_job_reaching_its_end_is_an_event(before, after, type_, events):
 
 
 def test_attempts_go_to_the_webhooks_queue_and_long_waits_travel_in_hops():
-    settings = dataclasses.replace(Settings.from_env({}), queue_prefix="capyunit")
+    settings = Settings.from_env({}).replace(queue_prefix="capyunit")
     broker = StubBroker()
     queue = WebhookQueue(broker, settings)
     queue.send("whd_1", 1)
