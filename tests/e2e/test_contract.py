@@ -14,7 +14,6 @@ sets `Node._nodeid`, which pytest 9 no longer has; the CLI does.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -43,7 +42,7 @@ CHECKS = (
 @pytest.fixture(scope="module")
 def contract_service(control_db, tmp_path_factory):
     # Queues of its own (tests/conftest.py deletes them); no worker; no rate limit in the way.
-    settings = dataclasses.replace(control_db, queue_prefix=control_db.queue_prefix + "_contract")
+    settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_contract")
     service = start_service(
         settings, tmp_path_factory.mktemp("contract-logs"), workers=0, CAPY_RATE_LIMIT_PER_MINUTE="1000000"
     )
