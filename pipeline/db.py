@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import peewee
@@ -20,7 +21,7 @@ class ControlDatabaseUnavailable(TransientError):
     """The service's control database was unavailable; the work will be tried again."""
 
 
-def connect_params(url: str) -> tuple[str, dict]:
+def connect_params(url: str) -> tuple[str, dict[str, Any]]:
     parsed = urlparse(url)
     if parsed.scheme not in ("postgres", "postgresql"):
         raise ValueError("CAPY_DATABASE_URL must be a postgres:// URL")

@@ -22,8 +22,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class TZField(peewee.DateTimeField):
-    field_type = "TIMESTAMPTZ"
+if TYPE_CHECKING:
+    # To the type checker a DateTimeField: a datetime, or None where the column is null=True.
+    TZField = peewee.DateTimeField
+else:
+
+    class TZField(peewee.DateTimeField):
+        field_type = "TIMESTAMPTZ"
 
 
 class State(enum.StrEnum):

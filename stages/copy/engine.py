@@ -89,7 +89,9 @@ class RowSource(Protocol):
     """Where a copy's rows come from: a live source's snapshot (stages.copy.live) or an
     uploaded archive (stages.copy.archive)."""
 
-    stall_seconds: float
+    @property
+    def stall_seconds(self) -> float:
+        """How long a table's rows may stop coming before the copy fails."""
 
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         """The tables whose rows it streams, of those the restore plan keeps."""
