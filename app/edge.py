@@ -63,7 +63,7 @@ class InputValidation:
     """Falcon middleware: path parameters and the Idempotency-Key header, on every route."""
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         if resource is None:
             return

@@ -29,7 +29,8 @@ def _limit(req: falcon.Request, default: int = 25, maximum: int = 100) -> int:
 
 
 def _principal(req: falcon.Request) -> Principal:
-    return req.context.principal
+    principal: Principal = req.context.principal
+    return principal
 
 
 def _source_request(

@@ -39,7 +39,7 @@ def authenticators(settings: Settings) -> tuple[Authenticator, ...]:
     return (api_key_authenticator, clerk)
 
 
-def get_app(settings: Settings | None = None) -> falcon.App:
+def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     logs.configure()
     try:
         settings = settings or Settings.from_env()
