@@ -437,6 +437,7 @@ class _ProgressStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        # A Popen pipe, an io.BufferedReader (typeshed: IO[bytes], which has no readinto1).
         count: int = self._stream.readinto1(buffer)  # type: ignore[attr-defined]
         if count:
             self._activity.touch()
