@@ -1,4 +1,4 @@
-# The two commands a newcomer needs: `make run` and `make test`.
+# The two commands a newcomer needs: `make run` and `make test` (CI runs `make lint` first).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
@@ -52,5 +52,10 @@ bench: install
 	    fi; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench $(BENCH_ARGS)
 
+# What CI checks before the tests (README, Tests): lint, formatting, types (mypy's
+# configuration, in pyproject.toml, names the packages it checks).
+LINT_PATHS := app pipeline stages client tests bench
 lint: install
-	$(BIN)/ruff check app pipeline stages client tests
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy

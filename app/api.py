@@ -47,14 +47,15 @@ class Services:
     gauges: tuple[Collector, ...] = ()
 
 
-def create_app(services: Services) -> falcon.App:
+def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response]:
     # Inputs are checked before credentials are looked up, and both before any resource.
     auth = AuthMiddleware(
         services.authenticators, services.rate_limiter, unknown_token_message=services.unknown_token_message
     )
     # Observation first, so it times and logs everything (errors of the others too);
     # then the database session, so every other component's queries are in it.
-    app = falcon.App(middleware=[RequestObservation(), DatabaseSession(), InputValidation(), auth])
+    app = falcon.App()
+    app.add_middleware([RequestObservation(), DatabaseSession(), InputValidation(), auth])
     app.req_options.strip_url_path_trailing_slash = True
     errors.install(app)
     app.add_route("/healthz", HealthResource())

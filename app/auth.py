@@ -60,7 +60,8 @@ def required_scope(resource: Any, method: str) -> str:
     (GET, HEAD) needs jobs:read and anything else projects:write."""
     declared = getattr(resource, "required_scopes", {})
     if method in declared:
-        return declared[method]
+        scope: str = declared[method]
+        return scope
     return JOBS_READ if method in ("GET", "HEAD") else PROJECTS_WRITE
 
 
@@ -84,7 +85,7 @@ class AuthMiddleware:
         raise Unauthorized(self.unknown_token_message)
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         if resource is None or not getattr(resource, "auth_required", True):
             return

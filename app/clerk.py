@@ -34,7 +34,8 @@ def fetch_jwks(url: str, timeout: float) -> dict[str, Any]:
     """Clerk's JWKS document (GET with a timeout and a size bound)."""
     request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "capy-imports"})
     with urllib.request.urlopen(request, timeout=timeout) as resp:
-        return json.loads(resp.read(MAX_JWKS_BYTES))
+        document: dict[str, Any] = json.loads(resp.read(MAX_JWKS_BYTES))
+        return document
 
 
 class JwksCache:

@@ -113,7 +113,7 @@ class InputValidation:
     authenticated route (the unauthenticated ones, health and the document, read neither)."""
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         if resource is None or not getattr(resource, "auth_required", True):
             return

@@ -38,7 +38,7 @@ _STATUS = [
 ]
 
 
-def _send(resp: falcon.Response, status: str, message: str) -> None:
+def _send(resp: falcon.Response, status: str | int, message: str) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = json.dumps({"error": message})
@@ -99,7 +99,7 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, err: falcon.HT
         message = f"no such route: {req.method} {req.path}"
     if err.status == falcon.HTTP_405:
         message = f"method {req.method} is not allowed on {req.path}"
-    for name, value in (err.headers or {}).items():
+    for name, value in dict(err.headers or {}).items():
         resp.set_header(name, value)
     _send(resp, err.status, message)
 
@@ -109,7 +109,7 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, err: Exception
     _send(resp, falcon.HTTP_500, "internal error; the operators have been notified")
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     # Falcon picks the most specific handler by the exception's MRO.
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)

@@ -19,10 +19,13 @@ from typing import Any
 
 import falcon
 from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app import schemas
 from app.edge import ID_PATTERN, Header, QueryInt
+
+WebApp = falcon.App[falcon.Request, falcon.Response]
+Responder = Callable[..., Any]
 
 OPENAPI_VERSION = "3.1.0"
 VERSION = importlib.metadata.version("capy-imports")
@@ -44,7 +47,7 @@ ERRORS: dict[int, str] = {
 # Every authenticated operation may answer these: a bad path ID or Idempotency-Key
 # (app.edge), credentials and scopes (app.auth), rate limit, the database down.
 AUTHENTICATED_ERRORS = (400, 401, 403, 429, 503)
-SECURITY = [{"bearer": []}, {"apiKey": []}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 SECURITY_SCHEMES = {
     "bearer": {
         "type": "http",
@@ -102,7 +105,7 @@ class Operation:
     notes: Mapping[int, str] = field(default_factory=dict)  # what a status means here
     media_type: str = falcon.MEDIA_JSON  # of the success responses
 
-    def __call__(self, responder: Callable) -> Callable:
+    def __call__(self, responder: Responder) -> Responder:
         responder.openapi_operation = self  # type: ignore[attr-defined]
         return responder
 
@@ -110,14 +113,14 @@ class Operation:
 operation = Operation
 
 
-def routes(app: falcon.App) -> Iterator[tuple[str, str, Callable]]:
+def routes(app: WebApp) -> Iterator[tuple[str, str, Responder]]:
     """(path template, HTTP method, responder) for every route the app serves.
 
     Falcon's own inspector (falcon.inspect.inspect_compiled_router) walks the compiled
     router the same way; it reports names, and the document needs the responders.
     """
 
-    def walk(nodes: list, parent: str) -> Iterator[tuple[str, str, Callable]]:
+    def walk(nodes: list[Any], parent: str) -> Iterator[tuple[str, str, Responder]]:
         for node in nodes:
             path = f"{parent}/{node.raw_segment}"
             if node.resource is not None:
@@ -129,19 +132,19 @@ def routes(app: falcon.App) -> Iterator[tuple[str, str, Callable]]:
     yield from walk(app._router._roots, "")
 
 
-def undocumented(app: falcon.App) -> list[str]:
+def undocumented(app: WebApp) -> list[str]:
     """The routes no `@operation` declares ("GET /path"): a test keeps this empty."""
     return [f"{method} {path}" for path, method, responder in routes(app) if declared(responder) is None]
 
 
-def declared(responder: Callable) -> Operation | None:
+def declared(responder: Responder) -> Operation | None:
     return getattr(responder, "openapi_operation", None)
 
 
-def document(app: falcon.App, *, title: str = "CapyDB Imports", version: str = VERSION) -> dict[str, Any]:
+def document(app: WebApp, *, title: str = "CapyDB Imports", version: str = VERSION) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every declared operation of `app`."""
     operations = [(path, method, op) for path, method, r in routes(app) if (op := declared(r)) is not None]
-    models: set[tuple[type[BaseModel], str]] = {(schemas.ErrorBody, "serialization")}
+    models: set[tuple[type[BaseModel], JsonSchemaMode]] = {(schemas.ErrorBody, "serialization")}
     for _, _, op in operations:
         models.update((model, "serialization") for model in op.responses.values() if model is not None)
         if op.body is not None:
@@ -164,7 +167,7 @@ def document(app: falcon.App, *, title: str = "CapyDB Imports", version: str = V
     }
 
 
-def _path_item(path: str, method: str, op: Operation, refs: Mapping[tuple[Any, str], Any]) -> dict[str, Any]:
+def _path_item(path: str, method: str, op: Operation, refs: Mapping[Any, dict[str, Any]]) -> dict[str, Any]:
     item: dict[str, Any] = {
         "operationId": _operation_id(path, method),
         "summary": op.summary,
@@ -233,7 +236,7 @@ class OpenAPIResource:
 
     auth_required = False
 
-    def __init__(self, app: falcon.App) -> None:
+    def __init__(self, app: WebApp) -> None:
         self.app = app
         self._document: dict[str, Any] | None = None
 

@@ -28,7 +28,8 @@ from stages.errors import CapyError
 
 
 def _principal(req: falcon.Request) -> Principal:
-    return req.context.principal
+    principal: Principal = req.context.principal
+    return principal
 
 
 def _source_request(
@@ -42,7 +43,7 @@ def _source_request(
     source rules, an upload key as one of this project's that exists."""
     body = read_body(req, schema, max_bytes=settings.max_body_bytes)
     try:
-        if body.upload_key is None:
+        if "upload_key" not in body.model_fields_set:  # the schema allows exactly one source
             return ImportRequest(recreate=body.recreate, source=SourceURL.parse_source(body.source_url))
         key = uploads.validate_key(body.upload_key, project)
     except CapyError as err:

@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 
 import falcon
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from app.api import Services, create_app
 from app.auth import Authenticator, api_key_authenticator
@@ -40,7 +41,7 @@ def authenticators(settings: Settings) -> tuple[Authenticator, ...]:
 GUNICORN_WORKER_BOOT_ERROR = 3
 
 
-def get_app(settings: Settings | None = None) -> falcon.App:
+def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falcon.Response]:
     """The API, its services built by the composition root (`pipeline.services`).
 
     Given `settings`, a setting it cannot run with raises ConfigError. Without (gunicorn's
@@ -62,6 +63,7 @@ def get_app(settings: Settings | None = None) -> falcon.App:
         raise
     services.control_database(settings)
     queues = services.stage_queue(settings, publisher=True)
+    assert isinstance(queues.broker, RabbitmqBroker)  # what services.broker makes
     # Request threads hand wake-ups to one thread that owns the broker connection.
     dispatcher = Dispatcher(queues.broker, queues.actors, deadline=settings.publish_deadline_seconds)
     if shared_metrics is None:

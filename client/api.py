@@ -32,9 +32,12 @@ NETWORK_ATTEMPTS = 4
 
 
 class Response(Protocol):
-    status_code: int
-    headers: Mapping[str, str]
-    text: str
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
 
     def json(self) -> Any: ...
 
@@ -42,7 +45,8 @@ class Response(Protocol):
 class Session(Protocol):
     """What the client needs of `requests.Session` (tests pass a small fake)."""
 
-    def request(self, method: str, url: str, **kwargs: Any) -> Response: ...
+    # `*args: Any, **kwargs: Any`: any keywords (requests.Session names each of its own).
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> Response: ...
 
 
 def base_url(value: str) -> str:
@@ -77,8 +81,9 @@ def error_message(response: Response) -> str:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        return body["error"]
+    message = body.get("error") if isinstance(body, dict) else None
+    if isinstance(message, str):
+        return message
     return f"HTTP {response.status_code} with a body that is not a CapyDB API error; is --api the right URL?"
 
 
@@ -106,7 +111,8 @@ class Api:
     # The routes (SPEC.md, "HTTP API").
 
     def create_upload(self, project_id: str) -> dict[str, Any]:
-        return self.call("POST", f"/v1/projects/{project_id}/imports/uploads")["upload"]
+        upload: dict[str, Any] = self.call("POST", f"/v1/projects/{project_id}/imports/uploads")["upload"]
+        return upload
 
     def start_import(
         self, project_id: str, body: dict[str, Any], idempotency_key: str
@@ -119,27 +125,32 @@ class Api:
             headers={"Idempotency-Key": idempotency_key},
             retry=True,
         )
-        return answer["job"], status == 202
+        job: dict[str, Any] = answer["job"]
+        return job, status == 202
 
     def preflight(self, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self.call(
+        preflight: dict[str, Any] = self.call(
             "POST",
             f"/v1/projects/{project_id}/imports/preflight",
             json=body,
             retry=True,
             timeout=PREFLIGHT_TIMEOUT_SECONDS,
         )["preflight"]
+        return preflight
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/v1/jobs/{job_id}", retry=True)["job"]
+        job: dict[str, Any] = self.call("GET", f"/v1/jobs/{job_id}", retry=True)["job"]
+        return job
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.call("POST", f"/v1/jobs/{job_id}/cancel", retry=True)["job"]
+        job: dict[str, Any] = self.call("POST", f"/v1/jobs/{job_id}/cancel", retry=True)["job"]
+        return job
 
     def jobs(self, project_id: str, limit: int) -> list[dict[str, Any]]:
-        return self.call("GET", f"/v1/projects/{project_id}/jobs", params={"limit": limit}, retry=True)[
-            "jobs"
-        ]
+        jobs: list[dict[str, Any]] = self.call(
+            "GET", f"/v1/projects/{project_id}/jobs", params={"limit": limit}, retry=True
+        )["jobs"]
+        return jobs
 
     # The transport.
 

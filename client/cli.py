@@ -203,7 +203,8 @@ class Command:
         session = self.api.session
         with UploadBar(self.io.err, path.name, size, quiet=self.args.json, clock=self.io.clock) as bar:
             post_dump(session, upload, path, size, bar.advance)
-        return upload["object_key"]
+        key: str = upload["object_key"]
+        return key
 
     def source(self) -> dict[str, str]:
         args = self.args

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -151,13 +151,14 @@ def report_tables(report: dict[str, Any]) -> RenderableType:
     sequences and extensions source against target, then what was skipped and warnings."""
     parts: list[RenderableType] = []
     tables = Table(title="Tables", title_justify="left")
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("table", "left"),
         ("source rows", "right"),
         ("target rows", "right"),
         ("", "left"),
-    ):
-        tables.add_column(column, justify=justify)  # type: ignore[arg-type]
+    )
+    for column, justify in columns:
+        tables.add_column(column, justify=justify)
     # Sorted here: the API's JSON objects come back in no particular key order.
     for name, counts in sorted((report.get("tables") or {}).items()):
         source, target = counts.get("source_rows"), counts.get("target_rows")

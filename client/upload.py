@@ -41,8 +41,9 @@ class FormBody:
             f'--{self.boundary}\r\nContent-Disposition: form-data; name="file"; filename="dump"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
-        self._parts: list[bytes | BinaryIO] = [head, file, f"\r\n--{self.boundary}--\r\n".encode()]
-        self._length = len(head) + size + len(self._parts[2])  # type: ignore[arg-type]
+        tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self._parts: list[bytes | BinaryIO] = [head, file, tail]
+        self._length = len(head) + size + len(tail)
         self._size = size
         self._sent = 0
         self._on_progress = on_progress

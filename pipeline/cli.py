@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(parent: Any, name: str, func: Callable[..., None], help_text: str) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=help_text)
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text)
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON object")
         p.set_defaults(func=func)
         return p

@@ -110,7 +110,8 @@ def _decode(queue: str, stage: str, tag: int, properties: Any, raw: bytes) -> De
             raise ValueError("not an object")
     except ValueError:
         body = {}
-    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    found = body.get("options")
+    options: dict[str, Any] = found if isinstance(found, dict) else {}
     args = body.get("args") if isinstance(body.get("args"), list) else []
     job_id = args[0] if args and isinstance(args[0], str) else None
     if job_id is not None and not _JOB_ID.match(job_id):
@@ -275,6 +276,8 @@ class DeadLetters:
         return None, False
 
     def _reset_attempts(self, letter: DeadLetter, actor: str, now: dt.datetime) -> bool:
+        if letter.job_id is None:  # refused before (_refusal)
+            return False
         with database.atomic():
             job = jobs.transition(
                 letter.job_id,

@@ -87,7 +87,7 @@ class Dispatcher:
     def __init__(
         self,
         broker: RabbitmqBroker,
-        actors: dict[str, dramatiq.Actor],
+        actors: dict[str, dramatiq.Actor[[str], None]],
         *,
         deadline: float,
         retry_for: float = RETRY_FOR_SECONDS,

@@ -285,6 +285,8 @@ class ImportSteps:
         return os.path.join(self.settings.work_dir, job.id)
 
     def _source(self, job: Job) -> SourceURL:
+        if job.source_url_encrypted is None:
+            raise KeyError(f"job {job.id} has no source URL (it imports an upload)")
         return SourceURL.parse_source(self.sealer.open(job.source_url_encrypted))
 
     # -- shared by the stages (pipeline.steps) ------------------------------------

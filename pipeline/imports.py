@@ -44,12 +44,13 @@ class ImportRequest:
 
 
 def active_job(project: Project) -> Job | None:
-    return (
+    job: Job | None = (
         Job.select()
         .where((Job.project == project.id) & Job.state.in_(ACTIVE_STATES))
         .order_by(Job.created_at.desc())
         .first()
     )
+    return job
 
 
 def _replay(project: Project, idempotency_key: str, canonical: str, sealer: Sealer) -> Job | None:

@@ -28,8 +28,8 @@ from pipeline.models import (
     JobEvent,
     Stage,
     State,
-    utcnow,
 )
+from pipeline.models import utcnow as utcnow  # re-exported: the lease's and the runner's clock
 from pipeline.steps.registry import STAGE_NAMES
 from pipeline.steps.results import JobFacts, StageFacts, ToolProcess
 from pipeline.webhooks import events as webhook_events
@@ -187,7 +187,7 @@ def claim(
     raise refused
 
 
-def _org_claims(organization_id: str, job_id: str, fresh_since: dt.datetime) -> peewee.SelectQuery:
+def _org_claims(organization_id: str, job_id: str, fresh_since: dt.datetime) -> peewee.SelectBase:
     """How many other jobs of the organization hold a claim with a fresh heartbeat."""
     other = Job.alias()
     return other.select(peewee.fn.COUNT(other.id)).where(

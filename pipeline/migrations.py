@@ -8,6 +8,8 @@ on the control database.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg2
 from psycopg2 import sql
 
@@ -299,7 +301,8 @@ _LOCK_KEY = 7_314_002  # arbitrary, constant: serialises concurrent migrate runs
 def ensure_database(url: str) -> bool:
     """Create the control database if it does not exist; True if it was created."""
     name, params = connect_params(url)
-    conn = psycopg2.connect(**{"connect_timeout": 5, **params, "dbname": "postgres"})
+    options: dict[str, Any] = {"connect_timeout": 5, **params, "dbname": "postgres"}
+    conn = psycopg2.connect(**options)
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
@@ -316,7 +319,8 @@ def migrate(url: str) -> list[str]:
     """Apply pending migrations; return the versions applied by this call."""
     ensure_database(url)
     name, params = connect_params(url)
-    conn = psycopg2.connect(**{"connect_timeout": 5, **params, "dbname": name})
+    options: dict[str, Any] = {"connect_timeout": 5, **params, "dbname": name}
+    conn = psycopg2.connect(**options)
     applied: list[str] = []
     try:
         with conn, conn.cursor() as cur:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import peewee
 import pydantic
@@ -22,8 +22,13 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class TZField(peewee.DateTimeField):
-    field_type = "TIMESTAMPTZ"
+if TYPE_CHECKING:
+    # To the type checker a DateTimeField: a datetime, or None where the column is null=True.
+    TZField = peewee.DateTimeField
+else:
+
+    class TZField(peewee.DateTimeField):
+        field_type = "TIMESTAMPTZ"
 
 
 class State(enum.StrEnum):
@@ -39,7 +44,16 @@ FINAL_STATES = (State.COMPLETED.value, State.FAILED.value, State.CANCELLED.value
 
 
 # The stages, in order, as the registry lists them (Stage.PREFLIGHT == "preflight"...).
-Stage = enum.StrEnum("Stage", [(name.upper(), name) for name in STAGE_NAMES])  # type: ignore[misc]
+if TYPE_CHECKING:
+    # mypy cannot see the members of an enum built from a list at run time; this mirror
+    # names them for it (tests/unit/test_stage_registry.py checks the real one has them).
+    class Stage(enum.StrEnum):
+        PREFLIGHT = "preflight"
+        FETCH = "fetch"
+        RESTORE = "restore"
+        FINALIZE = "finalize"
+else:
+    Stage = enum.StrEnum("Stage", [(name.upper(), name) for name in STAGE_NAMES])
 
 STAGE_ORDER = list(Stage)
 
@@ -73,6 +87,9 @@ def _stored(value: Any) -> Any:
 
 
 class BaseModel(peewee.Model):
+    """A row of the control database. Each foreign key `x` also reads as `x_id`, the key
+    itself (peewee's ObjectIdAccessor); the models declare those for the type checker."""
+
     class Meta:
         database = database
         legacy_table_names = False
@@ -105,7 +122,9 @@ class Cluster(BaseModel):
 class Project(BaseModel):
     id = peewee.TextField(primary_key=True)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    cluster_id: str
     name = peewee.TextField()
     database_name = peewee.TextField(unique=True)
     storage_limit_bytes = peewee.BigIntegerField()
@@ -120,7 +139,9 @@ class Project(BaseModel):
 class ApiKey(BaseModel):
     id = peewee.TextField(primary_key=True)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     project = peewee.ForeignKeyField(Project, column_name="project_id", null=True)
+    project_id: str | None
     key_prefix = peewee.TextField(unique=True)
     key_hash = peewee.TextField()
     name = peewee.TextField(default="")
@@ -141,8 +162,11 @@ class Job(BaseModel):
     stage = peewee.TextField(default=Stage.PREFLIGHT.value)
     progress = BinaryJSONField(default=dict)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     project = peewee.ForeignKeyField(Project, column_name="project_id")
+    project_id: str
     cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    cluster_id: str
     locked_resource = peewee.TextField(null=True)
     preview_database_id = peewee.TextField(null=True)
     attempts = peewee.IntegerField(default=0)
@@ -180,6 +204,7 @@ class Job(BaseModel):
 class JobEvent(BaseModel):
     id = peewee.BigAutoField()
     job = peewee.ForeignKeyField(Job, column_name="job_id")
+    job_id: str
     at = TZField(default=utcnow)
     actor = peewee.TextField()
     from_state = peewee.TextField(null=True)
@@ -195,7 +220,9 @@ class JobEvent(BaseModel):
 class AuditEvent(BaseModel):
     id = peewee.TextField(primary_key=True)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     project = peewee.ForeignKeyField(Project, column_name="project_id", null=True)
+    project_id: str | None
     action = peewee.TextField()
     actor = peewee.TextField()
     target_id = peewee.TextField(null=True)
@@ -211,8 +238,11 @@ class RetiredDatabase(BaseModel):
 
     id = peewee.BigAutoField()
     cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    cluster_id: str
     project = peewee.ForeignKeyField(Project, column_name="project_id")
+    project_id: str
     job = peewee.ForeignKeyField(Job, column_name="job_id")
+    job_id: str
     database_name = peewee.TextField()
     drop_after = TZField()
     dropped_at = TZField(null=True)
@@ -227,11 +257,13 @@ class Upload(BaseModel):
 
     id = peewee.TextField(primary_key=True)
     project = peewee.ForeignKeyField(Project, column_name="project_id")
+    project_id: str
     object_key = peewee.TextField(unique=True)
     max_bytes = peewee.BigIntegerField()
     expires_at = TZField()
     created_at = TZField(default=utcnow)
     job = peewee.ForeignKeyField(Job, column_name="job_id", null=True)
+    job_id: str | None
     deleted_at = TZField(null=True)
 
     class Meta:
@@ -243,7 +275,9 @@ class RestoreSlot(BaseModel):
     waiting for one (pipeline.restore_slots): it counts only while that claim holds the job."""
 
     job = peewee.ForeignKeyField(Job, column_name="job_id", primary_key=True)
+    job_id: str
     cluster = peewee.ForeignKeyField(Cluster, column_name="cluster_id")
+    cluster_id: str
     claimed_by = peewee.TextField()
     claimed_at = TZField()
     # When the job began to wait for a slot (its place in the cluster's queue)...
@@ -260,6 +294,7 @@ class WebhookEndpoint(BaseModel):
 
     id = peewee.TextField(primary_key=True)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     url = peewee.TextField()
     description = peewee.TextField(default="")
     # The `whsec_…` signing secret, sealed (pipeline.sealing); shown once, at creation.
@@ -276,8 +311,10 @@ class WebhookEvent(BaseModel):
 
     id = peewee.TextField(primary_key=True)
     organization = peewee.ForeignKeyField(Organization, column_name="organization_id")
+    organization_id: str
     type = peewee.TextField()
     job = peewee.ForeignKeyField(Job, column_name="job_id", null=True)
+    job_id: str | None
     payload = peewee.TextField()
     created_at = TZField(default=utcnow)
 
@@ -290,7 +327,9 @@ class WebhookDelivery(BaseModel):
 
     id = peewee.TextField(primary_key=True)
     event = peewee.ForeignKeyField(WebhookEvent, column_name="event_id")
+    event_id: str
     endpoint = peewee.ForeignKeyField(WebhookEndpoint, column_name="endpoint_id")
+    endpoint_id: str
     state = peewee.TextField(default="pending")
     attempts = peewee.IntegerField(default=0)
     next_attempt_at = TZField(default=utcnow)
@@ -310,6 +349,7 @@ class WebhookAttempt(BaseModel):
 
     id = peewee.BigAutoField()
     delivery = peewee.ForeignKeyField(WebhookDelivery, column_name="delivery_id")
+    delivery_id: str
     attempt = peewee.IntegerField()
     at = TZField()
     status_code = peewee.IntegerField(null=True)

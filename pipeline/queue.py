@@ -89,16 +89,14 @@ class StageQueue:
         self.on_exhausted = on_exhausted
         exhausted_name = f"{self.prefix}_stage_retries_exhausted"
         self.exhausted_actor = dramatiq.actor(
-            self._exhausted,
             broker=broker,
             actor_name=exhausted_name,
             queue_name=f"{self.prefix}.exhausted",
             max_retries=3,
-        )
-        self.actors: dict[str, dramatiq.Actor] = {}
+        )(self._exhausted)
+        self.actors: dict[str, dramatiq.Actor[[str], None]] = {}
         for stage in STAGE_NAMES:  # one actor and queue per stage of the registry
             self.actors[stage] = dramatiq.actor(
-                self._runner_for(stage),
                 broker=broker,
                 actor_name=f"{self.prefix}_{stage}",
                 queue_name=f"{self.prefix}.{stage}",
@@ -115,7 +113,7 @@ class StageQueue:
                 # its claim back (Runner), so a deploy does not wait for the lease.
                 notify_shutdown=True,
                 on_retry_exhausted=exhausted_name,
-            )
+            )(self._runner_for(stage))
 
     def queue_names(self) -> list[str]:
         return [actor.queue_name for actor in self.actors.values()] + [self.exhausted_actor.queue_name]

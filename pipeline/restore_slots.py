@@ -165,9 +165,12 @@ def try_acquire(
         if job is None:
             raise jobs.ClaimLost(f"{actor} no longer holds the restore stage of job {job_id}")
         # Acquirers of this cluster take turns until the commit (see the module's docstring).
-        cluster = Cluster.select().where(Cluster.id == job.cluster_id).for_update("FOR NO KEY UPDATE").get()
+        # (peewee's for_update takes the lock clause; types-peewee only knows a bool.)
+        cluster = Cluster.select().where(Cluster.id == job.cluster_id).for_update("FOR NO KEY UPDATE").get()  # type: ignore[arg-type]
         limit = limit_of(cluster, default_limit)
-        RestoreSlot.delete().where(_ended(cluster.id)).execute()
+        # (Some builds of types-peewee 4.5.1.20260909 type Model.delete as a Self-generic
+        # class-only descriptor, which mypy calls ambiguous; others fixed it: unused-ignore.)
+        RestoreSlot.delete().where(_ended(cluster.id)).execute()  # type: ignore[misc, unused-ignore]
         # What is left of this job is this claim's (the claim was checked above).
         mine = RestoreSlot.get_or_none(RestoreSlot.job == job_id)
         live = _live(cluster.id, at - lease)
@@ -210,7 +213,7 @@ def release(job_id: str, actor: str) -> bool:
     if it held none."""
     with database.atomic():
         gone = (
-            RestoreSlot.delete()
+            RestoreSlot.delete()  # type: ignore[misc, unused-ignore]  # (types-peewee's Model.delete, as above)
             .where((RestoreSlot.job == job_id) & (RestoreSlot.claimed_by == actor))
             .execute()
         )

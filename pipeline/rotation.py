@@ -8,7 +8,8 @@ value changed meanwhile is left alone; running it twice does nothing the second 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import peewee
 
@@ -30,7 +31,11 @@ def rotate_secrets(sealer: Sealer) -> dict[str, Any]:
     done: dict[str, Any] = {"secrets": {}, "unreadable": []}
     for kind, model, column in SEALED_COLUMNS:
         counts = {"resealed": 0, "current": 0}
-        rows = model.select(model._meta.primary_key, column).where(column.is_null(False)).tuples()
+        # tuples() makes the rows tuples; to types-peewee they stay models.
+        rows = cast(
+            "Iterable[tuple[Any, str]]",
+            model.select(model._meta.primary_key, column).where(column.is_null(False)).tuples(),
+        )
         for row_id, token in rows:
             if sealer.is_current(token):
                 counts["current"] += 1

@@ -198,12 +198,12 @@ class Runner:
             timed.end("control_database")
             log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
             database.close()  # the next statement reconnects
-            lost = f"the service's control database was unavailable during the {stage} stage; it will be retried"
+            unavailable = f"the service's control database was unavailable during the {stage} stage; it will be retried"
             if job.attempts >= job.max_attempts:
-                self._give_up(job, actor, stage, lost, None)
+                self._give_up(job, actor, stage, unavailable, None)
                 return
-            self._release(job_id, actor, lost)
-            raise ControlDatabaseUnavailable(lost) from None
+            self._release(job_id, actor, unavailable)
+            raise ControlDatabaseUnavailable(unavailable) from None
         except Exception:
             timed.end("internal")
             log.exception("job %s: %s failed unexpectedly", job_id, stage)

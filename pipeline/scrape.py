@@ -21,6 +21,7 @@ import glob
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import cast
 
 import peewee
 import pika
@@ -63,7 +64,7 @@ class JobGauges:
             log.warning("metrics: could not count jobs: %s", type(err).__name__)
             yield source_up("database", False)
             return
-        counts = {(state, stage): 0 for state in State for stage in (s.value for s in STAGE_ORDER)}
+        counts: dict[tuple[str, str], int] = {(state, stage): 0 for state in State for stage in (s.value for s in STAGE_ORDER)}
         for state, stage, n in rows:
             counts[(state, stage)] = counts.get((state, stage), 0) + n
         family = GaugeMetricFamily("capy_jobs", "Jobs by state and stage, now.", labels=["state", "stage"])
@@ -76,7 +77,9 @@ class JobGauges:
 def count_jobs() -> list[tuple[str, str, int]]:
     """(state, stage, count) of every job in the control database."""
     query = Job.select(Job.state, Job.stage, peewee.fn.COUNT(Job.id)).group_by(Job.state, Job.stage)
-    return [(state, stage, n) for state, stage, n in query.tuples()]
+    # tuples() makes the rows tuples; to types-peewee they stay Job models.
+    rows = cast("Iterable[tuple[str, str, int]]", query.tuples())
+    return [(state, stage, n) for state, stage, n in rows]
 
 
 class QueueGauges:
@@ -151,7 +154,8 @@ class ProcessFiles:
 
     def collect(self) -> Iterable[Metric]:
         files = glob.glob(os.path.join(self.path, "*.db")) + glob.glob(os.path.join(self.path, "*", "*.db"))
-        return MultiProcessCollector.merge(files, accumulate=True)
+        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)
+        return merged
 
 
 class _ThisProcess:

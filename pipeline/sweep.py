@@ -105,7 +105,7 @@ def sweep(
     for job in Job.select().where(
         Job.upload_key.is_null(False) & Job.state.in_(FINAL_STATES) & (Job.completed_at <= now - retention)
     ):
-        if job.facts.upload_deleted:
+        if job.facts.upload_deleted or job.upload_key is None:  # (never None: the query)
             continue
         try:
             store.delete(job.upload_key)
@@ -130,6 +130,8 @@ def sweep(
     for job in Job.select().where(
         Job.preview_database_id.is_null(False) & Job.state.in_(FINAL_STATES) & (Job.state != "completed")
     ):
+        if job.preview_database_id is None:  # (never: the query)
+            continue
         admin = cluster_admin(Cluster.get_by_id(job.cluster_id), sealer)
         try:
             if admin.database_exists(job.preview_database_id):
@@ -288,7 +290,8 @@ def _sweep_page(
 
 
 def _held_by_active_job(keys: list[str]) -> set[str]:
-    return {j.upload_key for j in Job.select(Job.upload_key).where(Job.upload_key.in_(keys) & Job.state.in_(ACTIVE_STATES))}
+    rows = Job.select(Job.upload_key).where(Job.upload_key.in_(keys) & Job.state.in_(ACTIVE_STATES))
+    return {j.upload_key for j in rows if j.upload_key is not None}
 
 
 def _lock_down_project_databases(cluster: Cluster, admin: ClusterAdmin, done: dict[str, Any]) -> None:

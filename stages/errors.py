@@ -9,6 +9,11 @@ message. Vendor exceptions (psycopg2, minio, pika) are translated at the boundar
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stages.tools.commands import ToolError
+
 
 class CapyError(Exception):
     """Something went wrong in CapyDB Imports."""
@@ -50,7 +55,7 @@ class CommandFailed(CapyError):
     first real error (a stages.tools.commands.ToolError), when it printed one.
     """
 
-    cause: object = None
+    cause: ToolError | None = None
 
     def __init__(self, message: str, *, exit_code: int, stdout_tail: str = "", stderr_tail: str = "") -> None:
         super().__init__(message)

@@ -8,7 +8,7 @@ warnings on a completed job.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from stages.database import inventory
@@ -30,7 +30,7 @@ def verify_preview(
     preview: str,
     restorer: RoleLogin,
     source_counts: dict[str, int],
-    present: list[str] = (),
+    present: Sequence[str] = (),
     source_sequences: dict[str, int | None] | None = None,
     *,
     allowlist: Iterable[str],
@@ -58,8 +58,8 @@ def verify_preview(
         copied = copied or {}
         tables = [(schema, name) for schema, name in inventory.list_tables(conn) if inventory.table_key(schema, name) not in copied]
         target_counts = inventory.count_rows(conn, tables)
-        present = {inventory.table_key(schema, name) for schema, name in inventory.list_tables(conn)}
-        target_counts.update({key: rows for key, rows in copied.items() if key in present})
+        existing = {inventory.table_key(schema, name) for schema, name in inventory.list_tables(conn)}
+        target_counts.update({key: rows for key, rows in copied.items() if key in existing})
         # Counted by partition root in a dump made with --load-via-partition-root.
         target_counts.update(inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts))))
         description = inventory.describe(conn)

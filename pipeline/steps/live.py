@@ -19,7 +19,7 @@ from pipeline.db import ControlDatabaseUnavailable, database
 from pipeline.limits import job_deadline
 from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
-from pipeline.steps.results import FetchResult, RestoreResult, recorded
+from pipeline.steps.results import FetchResult, RestoreResult, SourceDescription, recorded
 from stages.copy.engine import CopyPlan, copy_rows, plan_copy
 from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
@@ -135,7 +135,7 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                 uncounted_tables=[],
                 dump_bytes=result.bytes,
                 source_server_version=snapshot.server_version,
-                source_description=snapshot.description,
+                source_description=SourceDescription.model_validate(snapshot.description),
                 source_basis="source snapshot",
                 preview_database=preview,
                 verification=None,

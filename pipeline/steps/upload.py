@@ -42,7 +42,7 @@ from pipeline.preflights import rehearsal_setup
 from pipeline.sealing import Sealer
 from pipeline.steps.archive import restore_archive_upload
 from pipeline.steps.folders import stage_folder
-from pipeline.steps.results import FetchResult, recorded
+from pipeline.steps.results import FetchResult, SourceDescription, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
@@ -143,7 +143,7 @@ def fetch_upload(
         dump_bytes=dump_bytes,
         source_counts=counts,
         uncounted_tables=uncounted,
-        source_description=description,
+        source_description=SourceDescription.model_validate(description),
         source_basis=basis,
     )
 

@@ -44,7 +44,6 @@ class WebhookQueue:
     ) -> None:
         self.deliverer = deliverer
         self.actor = dramatiq.actor(
-            self._run,
             broker=broker,
             actor_name=f"{settings.queue_prefix}_webhook_delivery",
             queue_name=f"{settings.queue_prefix}.webhooks",
@@ -53,7 +52,7 @@ class WebhookQueue:
             max_backoff=300_000,
             retry_when=lambda retries, exc: isinstance(exc, TransientError) and retries < 10,
             time_limit=ACTOR_TIME_LIMIT_MS,
-        )
+        )(self._run)
 
     @property
     def queue_name(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from stages.connections.pgurl import SourceURL
 from stages.errors import PermanentError
@@ -25,7 +26,7 @@ class SourceHostUnresolvable(PermanentError):
 
 
 Resolver = Callable[[str, int], list[str]]
-AddressLookup = Callable[..., list[tuple]]
+AddressLookup = Callable[..., list[tuple[Any, ...]]]
 
 
 def resolve(host: str, port: int, *, getaddrinfo: AddressLookup = socket.getaddrinfo) -> list[str]:

@@ -7,7 +7,7 @@ password or the full URL, only the redacted one.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import psycopg2
 import psycopg2.extensions
@@ -130,14 +130,15 @@ def connect(
     if deadline is not None:
         timeout = deadline.connect_timeout(timeout)
         options = {**options, "connection_factory": GuardedConnection}
-    kwargs = source.connect_kwargs(connect_timeout=timeout)
+    kwargs: dict[str, Any] = source.connect_kwargs(connect_timeout=timeout)
     kwargs.setdefault("application_name", "capy-imports")
     try:
-        conn = psycopg2.connect(**kwargs, **options)
+        conn: psycopg2.extensions.connection = psycopg2.connect(**kwargs, **options)
     except psycopg2.OperationalError as err:
         raise explain_connect_error(err, source, role, timeout=timeout, ours=ours) from err
     if deadline is not None:
-        conn.guard(deadline, where=f"{source.host}:{source.port}")
+        # A GuardedConnection: the connection_factory set above.
+        cast(GuardedConnection, conn).guard(deadline, where=f"{source.host}:{source.port}")
     return conn
 
 

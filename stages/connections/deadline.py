@@ -170,6 +170,9 @@ class GuardedCursor(psycopg2.extensions.cursor):
     `executemany`, `callproc` and named (server-side) cursors would need guarding too
     before a source read could use them."""
 
+    # Only a GuardedConnection makes these (its cursor_factory).
+    connection: GuardedConnection
+
     def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
         with self.connection.round_trip():
             return super().execute(query, vars)

@@ -434,7 +434,8 @@ def _load_block(
         try:
             with target.cursor() as cur:
                 cur.execute(sql.SQL("TRUNCATE ONLY {}").format(name))
-                cur.copy_expert(statement, block, size=READ_CHUNK)
+                # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
+                cur.copy_expert(statement, block, size=READ_CHUNK)  # type: ignore[arg-type]
                 target_rows = cur.rowcount
             if not block.done:
                 raise ArchiveDataDamaged(f"the rows of table {item.table.key} did not end where the archive says")

@@ -89,7 +89,9 @@ class RowSource(Protocol):
     """Where a copy's rows come from: a live source's snapshot (stages.copy.live) or an
     uploaded archive (stages.copy.archive)."""
 
-    stall_seconds: float
+    @property
+    def stall_seconds(self) -> float:
+        """How long a table's rows may stop coming before the copy fails."""
 
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         """The tables whose rows it streams, of those the restore plan keeps."""
@@ -347,7 +349,7 @@ def _tasks(
         size = by_table[owned.table].bytes
         what = f"{block.entry.desc.lower()} {block.entry.name}"
         if owned.kind == "index" or (owned.kind == "constraint" and owned.unique_index):
-            definition = block.sql if owned.kind == "index" else owned.unique_index + ";"
+            definition = block.sql if owned.kind == "index" or owned.unique_index is None else owned.unique_index + ";"
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
             indexes[owned.table].append(
                 Task(f"index {block.entry.name}", cost, _execute(definition, what), table_locks(owned.table), exclusive=False, after=[copies[owned.table]])
@@ -363,15 +365,15 @@ def _tasks(
         tasks.extend(table_indexes)
         statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
         if statements:
-            last = Task[Lane](
+            constraints = Task[Lane](
                 f"constraints of {key}",
                 TASK_OVERHEAD + sum(by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index),
                 _execute("\n".join(statements), f"the constraints of table {key}"),
                 table_locks(oid),
                 after=[copies[oid], *table_indexes],
             )
-            tasks.append(last)
-            done[oid] = last
+            tasks.append(constraints)
+            done[oid] = constraints
         elif table_indexes:
             done[oid] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[oid], *table_indexes])
             tasks.append(done[oid])

@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from stages.connections.rows import one_row
 from stages.copy.stream import Flow
 
 CHUNK = 1 << 20
@@ -58,7 +59,7 @@ def _copy_all(
             offset = 0
             while True:
                 src.execute("SELECT pg_catalog.lo_get(%s, %s, %s)", (oid, offset, CHUNK))
-                data = src.fetchone()[0]
+                data = one_row(src)[0]
                 if not data:
                     break
                 dst.execute("SELECT pg_catalog.lo_put(%s, %s, %s)", (oid, offset, data))

@@ -25,6 +25,7 @@ import psycopg2.extensions
 from stages.connections.connect import connect
 from stages.connections.deadline import Deadline as SourceDeadline
 from stages.connections.pgurl import SourceURL, redact
+from stages.connections.rows import one_row
 from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
 from stages.copy.engine import (
     LARGE_OBJECTS,
@@ -92,7 +93,7 @@ class Snapshot:
                     cur.execute("SET idle_in_transaction_session_timeout = 0")
                     cur.execute("SET search_path = pg_catalog, pg_temp")
                     cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
-                    snapshot_id, server_version = cur.fetchone()
+                    snapshot_id, server_version = one_row(cur)
                 catalog = read_catalog(conn)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
@@ -280,4 +281,5 @@ def _either_side(snapshot: Snapshot, source: psycopg2.extensions.connection, tar
 
 
 def _from_source(err: psycopg2.Error, source: psycopg2.extensions.connection) -> bool:
-    return getattr(err, "cursor", None) is not None and err.cursor.connection is source
+    cursor = getattr(err, "cursor", None)
+    return cursor is not None and cursor.connection is source

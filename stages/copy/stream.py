@@ -172,7 +172,8 @@ def stream_table(
             cur.execute(sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(table.schema, table.name)))
             producer.start()
             try:
-                cur.copy_expert(table.copy_in(), tap, size=READ_CHUNK)
+                # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
+                cur.copy_expert(table.copy_in(), tap, size=READ_CHUNK)  # type: ignore[arg-type]
             except BaseException:
                 if failed:  # the source failed first: that is the news
                     raise failed[0] from None

@@ -22,7 +22,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import psycopg2
@@ -32,6 +32,7 @@ from psycopg2 import sql
 
 from stages.connections.connect import connect, server_major
 from stages.connections.pgurl import SourceURL
+from stages.connections.rows import one_row
 from stages.database import inventory
 from stages.errors import ClusterUnavailable, PermanentError, TransientError
 
@@ -191,7 +192,7 @@ class ClusterAdmin:
                         "SELECT pg_catalog.bool_or(rolsuper) FROM pg_catalog.pg_roles "
                         "WHERE rolname OPERATOR(pg_catalog.=) ANY (ARRAY[session_user, current_user])"
                     )
-                    if cur.fetchone()[0]:
+                    if one_row(cur)[0]:
                         raise PermanentError(
                             f"the role {login.name!r} is a superuser; the service enters a tenant's "
                             "database only as an unprivileged role (ALTER ROLE … NOSUPERUSER)"
@@ -353,7 +354,7 @@ class ClusterAdmin:
             except psycopg2.errors.DependentObjectsStillExist as err:
                 cur.execute(sql.SQL("ALTER ROLE {} NOLOGIN NOBYPASSRLS").format(sql.Identifier(name)))
                 raise TransientError(
-                    f"the role {name!r} still owns objects or holds privileges ({err.pgerror.strip()}); "
+                    f"the role {name!r} still owns objects or holds privileges ({(err.pgerror or '').strip()}); "
                     "it can no longer log in, and capy-imports sweep retries dropping it"
                 ) from err
 
@@ -440,7 +441,7 @@ class ClusterAdmin:
             )
 
     def create_extensions(
-        self, database: str, owner: str, extensions: dict[str, str], comments: dict[str, str] | None = None
+        self, database: str, owner: str, extensions: Mapping[str, str], comments: dict[str, str] | None = None
     ) -> None:
         """Create extensions (name -> schema) in `database` as the admin, as managed
         platforms do for their allowlist; a schema that does not exist yet is created
@@ -454,7 +455,7 @@ class ClusterAdmin:
                     cur.execute(sql.SQL("COMMENT ON EXTENSION {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
 
     @staticmethod
-    def _create_extensions(cur: psycopg2.extensions.cursor, owner: str, extensions: dict[str, str]) -> None:
+    def _create_extensions(cur: psycopg2.extensions.cursor, owner: str, extensions: Mapping[str, str]) -> None:
         for name, schema in extensions.items():
             cur.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(

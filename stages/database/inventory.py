@@ -10,8 +10,12 @@ read, so every session that runs them pins its search_path to `pg_catalog, pg_te
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg2.extensions
 from psycopg2 import sql
+
+from stages.connections.rows import one_row
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not
 # members of an extension (an extension's own tables are recreated by the extension).
@@ -49,7 +53,7 @@ def count_rows(conn: psycopg2.extensions.connection, tables: list[tuple[str, str
     with conn.cursor() as cur:
         for schema, name in tables:
             cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(sql.Identifier(schema, name)))
-            counts[table_key(schema, name)] = int(cur.fetchone()[0])
+            counts[table_key(schema, name)] = int(one_row(cur)[0])
     return counts
 
 
@@ -72,7 +76,7 @@ def count_partition_trees(conn: psycopg2.extensions.connection, keys: list[str])
             )
             for schema, name in cur.fetchall():
                 cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM {}").format(sql.Identifier(schema, name)))
-                counts[key] = int(cur.fetchone()[0])
+                counts[key] = int(one_row(cur)[0])
     return counts
 
 
@@ -96,7 +100,7 @@ def is_empty(conn: psycopg2.extensions.connection) -> bool:
                )
             """
         )
-        return int(cur.fetchone()[0]) == 0
+        return int(one_row(cur)[0]) == 0
 
 
 def compare_counts(source: dict[str, int], target: dict[str, int]) -> list[str]:
@@ -161,7 +165,7 @@ def object_counts(conn: psycopg2.extensions.connection) -> dict[str, int]:
     query = "SELECT " + ", ".join(OBJECT_KIND_QUERIES[name] for name in names)
     with conn.cursor() as cur:
         cur.execute(query)
-        row = cur.fetchone()
+        row = one_row(cur)
     return {name: int(value) for name, value in zip(names, row, strict=True)}
 
 
@@ -188,7 +192,7 @@ def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | Non
         values: dict[str, int | None] = {}
         for oid, schema, name in cur.fetchall():
             cur.execute("SELECT pg_catalog.pg_sequence_last_value(%s::pg_catalog.oid)", (oid,))
-            value = cur.fetchone()[0]
+            value = one_row(cur)[0]
             values[f"{schema}.{name}"] = int(value) if value is not None else None
         return values
 
@@ -208,7 +212,7 @@ def extension_schemas(conn: psycopg2.extensions.connection) -> dict[str, str]:
         return dict(cur.fetchall())
 
 
-def describe(conn: psycopg2.extensions.connection) -> dict[str, object]:
+def describe(conn: psycopg2.extensions.connection) -> dict[str, Any]:
     """Everything the verification report compares, for one side."""
     return {
         "objects": object_counts(conn),

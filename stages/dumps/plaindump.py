@@ -118,8 +118,8 @@ class PlainDumpShape:
         if piece.kind == META and not is_pg_dump_restrict(piece.data):
             if re.match(rb"\\(?:c|connect)\b", piece.data):
                 self.connect.append(piece.line)
-                words = piece.data.split()
-                self.connected_to.add(words[1] if len(words) > 1 else b"")
+                arguments = piece.data.split()
+                self.connected_to.add(arguments[1] if len(arguments) > 1 else b"")
             return
         if piece.kind != STATEMENT or not piece.first:
             return

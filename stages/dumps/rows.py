@@ -119,7 +119,7 @@ class RowCounter:
         return {t: n for t, n in self.counts.items() if t not in self.uncounted}, uncounted
 
 
-def count_stream(stream: IO[bytes], counter: RowCounter, piece_bytes: int = 1024 * 1024) -> None:
+def count_stream(stream: IO[bytes] | Utf8Lines, counter: RowCounter, piece_bytes: int = 1024 * 1024) -> None:
     """Count the script `stream` holds (pg_restore's plain output of an archive)."""
     for piece in read_script(iter(lambda: stream.read(piece_bytes), b"")):
         counter.see(piece)
@@ -137,7 +137,7 @@ def count_archive_rows(
     try:
         pg_restore.run_streaming(
             ["--data-only", *([f"--use-list={list_file}"] if list_file else []), "--file=-", archive],
-            lambda stdout: count_stream(stdout if codec == "utf-8" else Utf8Lines(stdout, codec), counter),  # type: ignore[arg-type]
+            lambda stdout: count_stream(stdout if codec == "utf-8" else Utf8Lines(stdout, codec), counter),
             what="reading the dump's table data",
         )
     except CommandTimedOut:

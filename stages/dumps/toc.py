@@ -252,7 +252,7 @@ class Utf8Lines:
     stream has it): what a dump in the source's encoding says, in the target's."""
 
     def __init__(self, stream: IO[bytes], codec: str) -> None:
-        self._text = io.TextIOWrapper(stream, encoding=codec, errors="replace", newline="")  # type: ignore[arg-type]
+        self._text = io.TextIOWrapper(stream, encoding=codec, errors="replace", newline="")
 
     def readline(self, limit: int = -1) -> bytes:
         return self._text.readline(limit).encode("utf-8")

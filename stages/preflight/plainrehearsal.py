@@ -26,6 +26,7 @@ import contextlib
 import gzip
 import os
 import re
+from collections.abc import Mapping
 from typing import BinaryIO
 
 from stages.dumps.plainsql import prepare_plain_sql
@@ -122,7 +123,7 @@ def rehearse_plain(
     return rehearse_blocks(sandbox, extensions, preamble, blocks, deadline, lambda errors: _nodes(objects, errors))
 
 
-def _nodes(objects: list[tuple[TocEntry, str]], errors: dict[int, str]) -> list[Node]:
+def _nodes(objects: list[tuple[TocEntry, str]], errors: Mapping[int, str]) -> list[Node]:
     """Nodes whose dependencies are the earlier failed objects an error names."""
     nodes: list[Node] = []
     failed: list[tuple[int, re.Pattern[str]]] = []

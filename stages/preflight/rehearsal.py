@@ -115,7 +115,7 @@ class Rehearsal:
 
 def skip_map(skipped: list[dict[str, Any]]) -> dict[Key, str]:
     """(desc, namespace, name) -> reason, from `Rehearsal.skipped` (as stored on a job)."""
-    return {tuple(item["key"]): item["reason"] for item in skipped if item.get("key")}  # type: ignore[misc]
+    return {tuple(item["key"]): item["reason"] for item in skipped if item.get("key")}
 
 
 def read_graph(tools: PgTools, archive: str) -> list[Node]:
@@ -491,9 +491,9 @@ def judge(nodes: list[Node], errors: Mapping[int, str], left_out: Mapping[int, s
     errors = {**left_out, **errors}
     by_id = {node.entry.dump_id: node for node in nodes}
     dependents: dict[int, list[int]] = {}
-    for node in nodes:
-        for dep in node.depends_on:
-            dependents.setdefault(dep, []).append(node.entry.dump_id)
+    for dependent in nodes:
+        for dep in dependent.depends_on:
+            dependents.setdefault(dep, []).append(dependent.entry.dump_id)
 
     def closure(root: int) -> list[int]:
         seen, todo = [root], [root]

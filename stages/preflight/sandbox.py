@@ -20,7 +20,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from stages.database.cluster import ClusterAdmin, RoleLogin
@@ -63,7 +63,7 @@ class Sandbox:
         self.background = background
 
     @contextlib.contextmanager
-    def database(self, extensions: dict[str, str]) -> Iterator[Scratch]:
+    def database(self, extensions: Mapping[str, str]) -> Iterator[Scratch]:
         """A fresh rehearsal database with `extensions` (name -> schema) created,
         dropped with its role on the way out (errors, timeouts and cancels included)."""
         name = rehearsal_name(self.clock)

@@ -20,6 +20,7 @@ import psycopg2.extensions
 from stages.connections.connect import PoolerRefusedStartupParameter, connect
 from stages.connections.deadline import Deadline
 from stages.connections.pgurl import SourceURL
+from stages.connections.rows import one_row
 from stages.errors import PermanentError
 from stages.preflight.extensions import Extension
 from stages.preflight.report import Findings
@@ -166,13 +167,13 @@ def read_source(conn: psycopg2.extensions.connection) -> SourceFacts:
                 "SELECT current_setting('server_version'), current_setting('server_version_num')::int, "
                 "pg_database_size(current_database()), pg_backend_pid()"
             )
-            version, version_num, size, first_pid = cur.fetchone()
+            version, version_num, size, first_pid = one_row(cur)
             cur.execute("SELECT extname, extversion FROM pg_extension ORDER BY extname")
             extensions = [Extension(name, ver) for name, ver in cur.fetchall()]
             cur.execute(_SCHEMAS)
             schemas = [row[0] for row in cur.fetchall()]
             cur.execute(_TABLE_COUNT)
-            table_count = int(cur.fetchone()[0])
+            table_count = int(one_row(cur)[0])
         conn.rollback()
     except psycopg2.Error as err:
         _end(conn)

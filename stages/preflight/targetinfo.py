@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from stages.connections.connect import server_major
+from stages.connections.rows import one_row
 from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.preflight.report import Target
 
@@ -33,7 +34,7 @@ def describe_target(
         conn.set_session(readonly=True)
         with conn.cursor() as cur:
             cur.execute("SELECT current_setting('server_version')")
-            version = str(cur.fetchone()[0])
+            version = str(one_row(cur)[0])
         major = server_major(conn)
         conn.rollback()
     return Target(

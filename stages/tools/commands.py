@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypedDict, TypeVar
 
 from stages.connections.pgurl import redact, tool_environment
 from stages.errors import (
@@ -316,6 +316,14 @@ def first_error(stderr: str) -> ToolError | None:
     return None
 
 
+class _Output(TypedDict):
+    """What a CommandFailed carries of the tool's run."""
+
+    exit_code: int
+    stdout_tail: str
+    stderr_tail: str
+
+
 def classify_failure(result: CommandResult, what: str, server: str) -> TransientCommandFailure | PermanentCommandFailure:
     """The CommandFailed for a tool that exited non-zero, classified by whose server it
     talked to and what it said (deadlines are classified where they are enforced). Its
@@ -334,7 +342,7 @@ def classify_failure(result: CommandResult, what: str, server: str) -> Transient
         (line for line in reversed(stderr.splitlines()) if "error" in line.lower()),
         stderr.splitlines()[-1] if stderr else "no output",
     ).strip()
-    output = {"exit_code": result.exit_code, "stdout_tail": result.stdout_tail, "stderr_tail": stderr}
+    output = _Output(exit_code=result.exit_code, stdout_tail=result.stdout_tail, stderr_tail=stderr)
     if server == CLUSTER and _CONNECTION_LOST.search(stderr):
         return TransientCommandFailure(
             f"{what} failed (exit code {result.exit_code}): {CLUSTER_NAME} is unavailable; it will be retried",
@@ -347,12 +355,12 @@ def classify_failure(result: CommandResult, what: str, server: str) -> Transient
     if server == CLUSTER:
         message = hide_cluster_address(message)
     if server == SOURCE and "connection refused" in stderr.lower():
-        failure = TransientCommandFailure(message, **output)
-        failure.when_repeated = (
+        refused = TransientCommandFailure(message, **output)
+        refused.when_repeated = (
             f"the source database kept refusing connections ({last}); "
             "check the host and port and that the database is running"
         )
-        return failure
+        return refused
     cls = TransientCommandFailure if is_transient(stderr) else PermanentCommandFailure
     failure = cls(message, **output)
     failure.cause = cause
@@ -429,6 +437,7 @@ class _ProgressStream(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        # A Popen pipe, an io.BufferedReader (typeshed: IO[bytes], which has no readinto1).
         count: int = self._stream.readinto1(buffer)  # type: ignore[attr-defined]
         if count:
             self._activity.touch()
@@ -631,7 +640,7 @@ class Cancellation:
 
     def unregister(self, process: subprocess.Popen[bytes]) -> None:
         with self._lock:
-            self._processes.discard(process)  # type: ignore[arg-type]
+            self._processes.discard(process)
 
 
 Observer = Callable[[CommandResult], None]

@@ -52,8 +52,9 @@ def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
         yield
     except CommandFailed as err:
         cause = err.cause
-        line = getattr(cause, "script_line", None)
-        mapped = user_line(line) if user_line is not None and line is not None else None
+        if cause is None or cause.script_line is None or user_line is None:
+            raise
+        mapped = user_line(cause.script_line)
         if mapped is None:
             raise
         head = err.message.split(": ", 1)[0]  # "psql restoring … failed (exit code 3)"

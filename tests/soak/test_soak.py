@@ -135,6 +135,8 @@ def _overlaps(job_id: str, killed: dict[int, float]) -> list[str]:
     return problems
 
 
+# Up to 15 minutes for the imports to finish (below), after a deployment of three workers starts.
+@pytest.mark.timeout(1800)
 def test_imports_finish_correctly_while_workers_are_killed_at_random(deployment, corpus_source, tmp_path):
     rng = random.Random(SEED)
     sources = [corpus_source(name) for name in ("chinook", "northwind", "pagila")]
