@@ -349,19 +349,22 @@ class _Rows:
         return True
 
     def skip_to(self, statement: bytes, key: str) -> None:
-        """Pass over lines up to `statement` (the whole line); the rows follow it."""
+        """Pass over lines up to `statement` (starting a line; it spans several when a
+        quoted name holds a newline); the rows follow it."""
         while True:
-            end = self._buffer.find(b"\n")
-            while end < 0:
-                if not self._fill():
-                    raise ArchiveDataDamaged(
-                        f"the archive holds no rows for table {key} where its table of contents says they are: "
-                        "it is damaged; check it with pg_restore --list and upload it again"
-                    )
+            if len(self._buffer) >= len(statement):
+                if self._buffer.startswith(statement):
+                    self._buffer = self._buffer[len(statement) :]
+                    return
                 end = self._buffer.find(b"\n")
-            line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
-            if line == statement:
-                return
+                if end >= 0:
+                    self._buffer = self._buffer[end + 1 :]
+                    continue
+            if not self._fill():
+                raise ArchiveDataDamaged(
+                    f"the archive holds no rows for table {key} where its table of contents says they are: "
+                    "it is damaged; check it with pg_restore --list and upload it again"
+                )
 
     def block(self, flow: Flow) -> _Block:
         return _Block(self, flow)
