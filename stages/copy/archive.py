@@ -140,11 +140,14 @@ def plan_archive(
             continue
         candidates.append((entry, found, copy, owner.dump_id))
     targets = [(c.schema, c.table) for _e, _f, c, _o in candidates]
+    loaded = _loaded_by_pg_restore(toc, kept, {id(f) for _e, f, _c, _o in candidates}, codec)
     streamed = []
     factor = COMPRESSION_RATIO if toc.compressed else 1
     for entry, found, copy, owner_id in candidates:
         if targets.count((copy.schema, copy.table)) > 1:
             continue  # two entries fill one table: TRUNCATE before each would lose rows
+        if loaded is None or (copy.schema, copy.table) in loaded:
+            continue  # pg_restore fills it too (maybe first): TRUNCATE would lose its rows
         size = toc.data_bytes.get(found.dump_id, 0) * factor
         table = SourceTable(table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id)
         streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy))
@@ -153,6 +156,26 @@ def plan_archive(
     owned = _owners(toc, tables, kept_ids)
     seekable = all(by_id[s.entry.dump_id].offset_flag == 2 for s in streamed)
     return ArchivePlan(streamed, rest, owned, seekable)
+
+
+def _loaded_by_pg_restore(
+    toc: ArchiveToc, kept: list[TocEntry], candidate_ids: set[int], codec: str
+) -> set[tuple[str, str]] | None:
+    """The tables that data entries other than the candidates fill (pg_restore loads
+    them alongside the streamed copies, with no order between them), by the table
+    their COPY statement names; None when one such entry's table is unknown (rows as
+    INSERT statements, a statement that does not parse): it could fill any table."""
+    by_id = {e.dump_id: e for e in toc.entries}
+    loaded: set[tuple[str, str]] = set()
+    for entry in kept:
+        found = by_id.get(entry.dump_id)
+        if found is None or id(found) in candidate_ids or found.desc != "TABLE DATA" or not _has_data(found, toc):
+            continue
+        copy = parse_copy(found.copy_statement or b"", codec)
+        if copy is None:
+            return None
+        loaded.add((copy.schema, copy.table))
+    return loaded
 
 
 def _decoded(text: bytes | None, codec: str) -> str | None:

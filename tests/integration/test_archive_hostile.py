@@ -1,0 +1,95 @@
+"""Uploaded archives whose table of contents was edited in place (tests.support.archiveedit)
+or whose names are unusual: the copy engine loads every row the archive holds or fails
+with a clear message, and the project's live database is never touched."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.support import pg
+from tests.support.archiveedit import find, overwrite
+from tests.support.imports import upload_and_import
+from tests.support.world import make_world
+
+SCHEMA = """
+CREATE TABLE aa (id int PRIMARY KEY, t text); INSERT INTO aa SELECT g, 'a' FROM generate_series(101, 200) g;
+CREATE TABLE bb (id int PRIMARY KEY, t text); INSERT INTO bb SELECT g, 'b' FROM generate_series(1, 50) g;
+CREATE TABLE "two
+lines" (id int PRIMARY KEY, "a
+b" text);
+INSERT INTO "two
+lines" SELECT g, g::text FROM generate_series(1, 5) g;
+"""
+
+
+@pytest.fixture(scope="module")
+def source():
+    name = pg.create_db(pg.scratch_name("capysrc_hostile"))
+    pg.psql(name, text=SCHEMA)
+    yield name
+    pg.drop_db(name)
+
+
+def _archive(source: str, tmp_path):
+    path = tmp_path / "a.dump"
+    subprocess.run(
+        ["pg_dump", "-Fc", "-d", pg.url_for(source), f"--file={path}"], check=True, capture_output=True
+    )
+    return path
+
+
+def _import(control_db, store, data: bytes):
+    world = make_world(control_db)
+    live = world.project.database_name
+    pg.psql(live, text="CREATE TABLE keep (id int); INSERT INTO keep VALUES (1), (2);")
+    job = upload_and_import(control_db, store, world, data, recreate=True)
+    return job, world
+
+
+def test_names_holding_newlines_stream_and_import_exactly(control_db, store, source, tmp_path):
+    job, world = _import(control_db, store, _archive(source, tmp_path).read_bytes())
+    assert job.state == "completed", job.error
+    assert pg.row_counts(world.project.database_name) == pg.row_counts(source)
+    assert job.facts.copied_counts["public.two\nlines"] == 5
+
+
+def test_rows_pg_restore_loads_into_a_streamed_table_are_not_truncated_away(
+    control_db, store, source, tmp_path
+):
+    """aa's data entry names bb in its COPY statement (its dependency still says aa):
+    pg_restore loads it into bb, beside bb's own rows; none may be lost or uncounted."""
+    path = _archive(source, tmp_path)
+    overwrite(path, find(path, "TABLE DATA", b"aa").strings["copy"], b"COPY public.bb (id, t) FROM stdin;\n")
+    job, world = _import(control_db, store, path.read_bytes())
+    assert job.state == "completed", job.error
+    assert pg.row_counts(world.project.database_name)["public.bb"] == 150
+    assert job.facts.report["tables"]["public.bb"] == {"source_rows": 150, "target_rows": 150}
+
+
+@pytest.mark.parametrize(
+    ("statement", "message"),
+    [
+        (b"COPY nopexx.aa (id, t) FROM stdin;\n", 'schema "nopexx" does not exist'),
+        (
+            b"COPY public.aa (id, u) FROM stdin;\n",
+            'loading the rows of table public.aa into the preview failed: column "u"',
+        ),
+        (
+            b"COPY public.aa (t, id) FROM stdin;\n",
+            "loading the rows of table public.aa into the preview failed: invalid input",
+        ),
+    ],
+    ids=["missing-schema", "missing-column", "swapped-columns"],
+)
+def test_a_copy_statement_that_does_not_fit_fails_the_import_cleanly(
+    control_db, store, source, tmp_path, statement, message
+):
+    path = _archive(source, tmp_path)
+    overwrite(path, find(path, "TABLE DATA", b"aa").strings["copy"], statement)
+    job, world = _import(control_db, store, path.read_bytes())
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert message in job.error, job.error
+    assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
+    assert not pg.database_exists(job.preview_database_id)
