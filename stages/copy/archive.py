@@ -40,7 +40,7 @@ from stages.copy.stream import Flow, SourceTable, quoted
 from stages.database.inventory import table_key
 from stages.dumps.archivetoc import NO_DATA, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
-from stages.errors import PermanentError
+from stages.errors import CommandTimedOut, PermanentCommandFailure, PermanentError
 from stages.tools.commands import PgTools
 
 SECTION_DATA, SECTION_POST_DATA = 3, 4
@@ -291,21 +291,43 @@ class _ArchiveLoading:
             with open(list_file, "w", encoding="utf-8") as fh:
                 fh.write("\n".join(s.entry.line for s in batch) + "\n")
 
+            refused: list[PermanentError] = []
+
             def consume(stdout: IO[bytes]) -> None:
                 rows = _Rows(stdout, self.stopped)
-                for item in batch:
-                    rows.skip_to(item.statement, item.table.key)
-                    with flowing(progress, item.table, counted=True) as flow:
-                        source_rows, target_rows = _load_block(lane.target, item, rows, flow)
-                    record(item.table, source_rows, target_rows)
+                try:
+                    for item in batch:
+                        rows.skip_to(item.statement, item.table.key)
+                        with flowing(progress, item.table, counted=True) as flow:
+                            source_rows, target_rows = _load_block(lane.target, item, rows, flow)
+                        record(item.table, source_rows, target_rows)
+                except PermanentError as err:
+                    if isinstance(err, ArchiveDataDamaged) or self.stopped.is_set():
+                        raise
+                    # The preview refused the rows: they may be what pg_restore made of a
+                    # damaged block before it noticed. Let it finish: its error is then the news.
+                    refused.append(err)
                 rows.drain()
 
             what = f"reading the rows of table {batch[0].table.key} from the dump" if len(batch) == 1 else (
                 f"reading the rows of {len(batch)} tables from the dump"
             )
-            source.tools.pg_restore.run_streaming(
-                ["--data-only", f"--use-list={list_file}", "--file=-", source.path], consume, what=what
-            )
+            try:
+                source.tools.pg_restore.run_streaming(
+                    ["--data-only", f"--use-list={list_file}", "--file=-", source.path], consume, what=what
+                )
+            except PermanentCommandFailure as err:
+                if isinstance(err, CommandTimedOut):
+                    raise
+                # pg_restore only reads the file here: what it cannot read is damaged.
+                raise PermanentCommandFailure(
+                    f"{err.message}: the archive is damaged; check it with pg_restore --list and upload it again",
+                    exit_code=err.exit_code,
+                    stdout_tail=err.stdout_tail,
+                    stderr_tail=err.stderr_tail,
+                ) from err
+            if refused:
+                raise refused[0]
 
         return run
 

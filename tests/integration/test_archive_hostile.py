@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from stages.dumps.archivetoc import read_toc
 from tests.support import pg
 from tests.support.archiveedit import find, overwrite
 from tests.support.imports import upload_and_import
@@ -16,6 +17,7 @@ from tests.support.world import make_world
 SCHEMA = """
 CREATE TABLE aa (id int PRIMARY KEY, t text); INSERT INTO aa SELECT g, 'a' FROM generate_series(101, 200) g;
 CREATE TABLE bb (id int PRIMARY KEY, t text); INSERT INTO bb SELECT g, 'b' FROM generate_series(1, 50) g;
+CREATE TABLE big (id int PRIMARY KEY, body text); INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 20000) g;
 CREATE TABLE "two
 lines" (id int PRIMARY KEY, "a
 b" text);
@@ -91,5 +93,25 @@ def test_a_copy_statement_that_does_not_fit_fails_the_import_cleanly(
     job, world = _import(control_db, store, path.read_bytes())
     assert job.state == "failed" and job.retry_classification == "permanent", job.error
     assert message in job.error, job.error
+    assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
+    assert not pg.database_exists(job.preview_database_id)
+
+
+def test_a_damaged_data_block_is_named_as_damage_not_as_the_tables_rows(control_db, store, source, tmp_path):
+    """pg_restore prints what it made of a damaged compressed block before it notices:
+    the preview refusing those rows is not the news, the damaged archive is."""
+    path = _archive(source, tmp_path)
+    contents = read_toc(str(path))
+    entry = next(e for e in contents.entries if e.desc == "TABLE DATA" and e.tag == b"big")
+    data = bytearray(path.read_bytes())
+    middle = entry.offset + contents.data_bytes[entry.dump_id] // 2
+    for at in range(middle, middle + 64):
+        data[at] ^= 0x5A
+    job, world = _import(control_db, store, bytes(data))
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert "could not uncompress data" in job.error, job.error
+    assert "the archive is damaged; check it with pg_restore --list and upload it again" in job.error, (
+        job.error
+    )
     assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
     assert not pg.database_exists(job.preview_database_id)
