@@ -312,8 +312,13 @@ class _ArchiveLoading:
             what = f"reading the rows of table {batch[0].table.key} from the dump" if len(batch) == 1 else (
                 f"reading the rows of {len(batch)} tables from the dump"
             )
+            reader = source.tools.pg_restore
+            # Only reading a file the preflight checked: when it stops producing rows (a
+            # stopped or starved process), the stage is retried, as a live copy's stall is.
+            reader.stall_is_transient = True
+            reader.stall_hint = "it stopped producing the archive's rows; the import is retried"
             try:
-                source.tools.pg_restore.run_streaming(
+                reader.run_streaming(
                     ["--data-only", f"--use-list={list_file}", "--file=-", source.path], consume, what=what
                 )
             except PermanentCommandFailure as err:

@@ -4,7 +4,13 @@ with a clear message, and the project's live database is never touched."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -115,3 +121,45 @@ def test_a_damaged_data_block_is_named_as_damage_not_as_the_tables_rows(control_
     )
     assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
     assert not pg.database_exists(job.preview_database_id)
+
+
+def _stop_first_reader(stopped: list[int], done: threading.Event) -> None:
+    """SIGSTOP the first pg_restore that reads an archive's rows for the copy engine."""
+    while not done.is_set() and not stopped:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    args = fh.read().split(b"\0")
+            except OSError:
+                continue
+            if args[0].endswith(b"pg_restore") and b"--data-only" in args and b"--file=-" in args:
+                os.kill(int(pid), signal.SIGSTOP)
+                stopped.append(int(pid))
+                return
+        time.sleep(0.005)
+
+
+def test_a_pg_restore_that_stops_producing_rows_fails_the_stage_transiently(
+    control_db, store, source, tmp_path, caplog
+):
+    """Whichever watchdog sees it first (the engine's, or the command's own), a stopped
+    reader is a stall to retry, not a damaged archive: the retry imports it all."""
+    settings = dataclasses.replace(control_db, command_stall_seconds=2)
+    data = _archive(source, tmp_path).read_bytes()
+    stopped: list[int] = []
+    done = threading.Event()
+    watcher = threading.Thread(target=_stop_first_reader, args=(stopped, done))
+    watcher.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            job, world = _import(settings, store, data)
+    finally:
+        done.set()
+        watcher.join()
+    assert stopped
+    assert job.state == "completed", job.error
+    assert pg.row_counts(world.project.database_name) == pg.row_counts(source)
+    assert any(
+        "restore failed transiently" in r.getMessage() and "CAPY_COMMAND_STALL_SECONDS" in r.getMessage()
+        for r in caplog.records
+    )
