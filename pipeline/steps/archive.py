@@ -32,6 +32,7 @@ from stages.copy.postdata import split
 from stages.dumps import toc
 from stages.dumps.archivetoc import read_toc
 from stages.dumps.rows import RowCounter, count_archive_rows
+from stages.dumps.sqlscript import ScriptError
 from stages.errors import PermanentError
 from stages.preflight.rehearsal import skip_map
 from stages.tools.commands import PgRestore, PgTools
@@ -93,7 +94,13 @@ def restore_archive_upload(
     rest_data = [e for e in archive_plan.rest if e.desc == "TABLE DATA"]
     if rest_data:
         context.progress({"step": "data", "phase": "counting the rows pg_restore loads"})
-        count_archive_rows(tools, archive, counter, encoding=encoding, list_file=_write_list(folder, "counted.list", rest_data))
+        try:
+            count_archive_rows(tools, archive, counter, encoding=encoding, list_file=_write_list(folder, "counted.list", rest_data))
+        except ScriptError as err:
+            raise PermanentError(
+                f"the archive's table data cannot be read as pg_restore restores it ({err}): its table of contents "
+                "was changed after pg_dump wrote it; run pg_dump again and upload the new file"
+            ) from err
     rest_list = _write_list(folder, "data.list", archive_plan.rest) if archive_plan.rest else None
 
     def restore_data_section() -> None:

@@ -103,6 +103,23 @@ def test_a_copy_statement_that_does_not_fit_fails_the_import_cleanly(
     assert not pg.database_exists(job.preview_database_id)
 
 
+def test_a_statement_with_text_after_it_fails_the_import_permanently_and_clearly(
+    control_db, store, source, tmp_path
+):
+    """A COPY statement followed by another one cannot stream, and pg_restore's output
+    of it cannot be counted: a clear permanent failure, not an internal error retried."""
+    path = _archive(source, tmp_path)
+    overwrite(
+        path, find(path, "TABLE DATA", b"aa").strings["copy"], b"COPY public.aa FROM stdin;SELECT 1\n"
+    )
+    job, world = _import(control_db, store, path.read_bytes())
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert "the archive's table data cannot be read as pg_restore restores it" in job.error, job.error
+    assert "text follows a COPY" in job.error, job.error
+    assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
+    assert not pg.database_exists(job.preview_database_id)
+
+
 def test_a_damaged_data_block_is_named_as_damage_not_as_the_tables_rows(control_db, store, source, tmp_path):
     """pg_restore prints what it made of a damaged compressed block before it notices:
     the preview refusing those rows is not the news, the damaged archive is."""
