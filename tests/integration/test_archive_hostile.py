@@ -109,9 +109,7 @@ def test_a_statement_with_text_after_it_fails_the_import_permanently_and_clearly
     """A COPY statement followed by another one cannot stream, and pg_restore's output
     of it cannot be counted: a clear permanent failure, not an internal error retried."""
     path = _archive(source, tmp_path)
-    overwrite(
-        path, find(path, "TABLE DATA", b"aa").strings["copy"], b"COPY public.aa FROM stdin;SELECT 1\n"
-    )
+    overwrite(path, find(path, "TABLE DATA", b"aa").strings["copy"], b"COPY public.aa FROM stdin;SELECT 1\n")
     job, world = _import(control_db, store, path.read_bytes())
     assert job.state == "failed" and job.retry_classification == "permanent", job.error
     assert "the archive's table data cannot be read as pg_restore restores it" in job.error, job.error
@@ -180,3 +178,23 @@ def test_a_pg_restore_that_stops_producing_rows_fails_the_stage_transiently(
         "restore failed transiently" in r.getMessage() and "CAPY_COMMAND_STALL_SECONDS" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_an_archive_whose_table_of_contents_counts_negative_entries_replaces_nothing(
+    control_db, store, tmp_path
+):
+    """pg_restore --list takes a negative entry count as none: restored, such a file
+    would replace the project's database with an empty one."""
+    header = b"PGDMP\x01\x0e\x00\x04\x08\x01"  # archive 1.14, 4-byte integers, 8-byte offsets, custom
+    data = (
+        header
+        + b"\x00\xff\xff\xff\xff"
+        + bytes(7 * 5)
+        + b"\x00\x00\x00\x00\x00" * 3
+        + b"\x01\x05\x00\x00\x00"
+    )
+    job, world = _import(control_db, store, data)
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert "the archive's table of contents cannot be read" in job.error, job.error
+    assert "-5 entries" in job.error, job.error
+    assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
