@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from pipeline.import_steps import restore_role_name
+from stages.database.cluster import ClusterAdmin
 from stages.dumps.archivetoc import read_toc
 from tests.support import pg
 from tests.support.archiveedit import find, overwrite
@@ -101,6 +103,7 @@ def test_a_copy_statement_that_does_not_fit_fails_the_import_cleanly(
     assert message in job.error, job.error
     assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
     assert not pg.database_exists(job.preview_database_id)
+    assert not ClusterAdmin(pg.ADMIN_URL).role_exists(restore_role_name(job))
 
 
 def test_a_statement_with_text_after_it_fails_the_import_permanently_and_clearly(
@@ -116,6 +119,7 @@ def test_a_statement_with_text_after_it_fails_the_import_permanently_and_clearly
     assert "text follows a COPY" in job.error, job.error
     assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
     assert not pg.database_exists(job.preview_database_id)
+    assert not ClusterAdmin(pg.ADMIN_URL).role_exists(restore_role_name(job))
 
 
 def test_a_damaged_data_block_is_named_as_damage_not_as_the_tables_rows(control_db, store, source, tmp_path):
@@ -136,6 +140,7 @@ def test_a_damaged_data_block_is_named_as_damage_not_as_the_tables_rows(control_
     )
     assert pg.row_counts(world.project.database_name) == {"public.keep": 2}
     assert not pg.database_exists(job.preview_database_id)
+    assert not ClusterAdmin(pg.ADMIN_URL).role_exists(restore_role_name(job))
 
 
 def _stop_first_reader(stopped: list[int], done: threading.Event) -> None:
