@@ -30,8 +30,9 @@ from stages.copy.archive import ArchiveSource, plan_archive
 from stages.copy.engine import copy_rows, plan_copy
 from stages.copy.postdata import split
 from stages.dumps import toc
-from stages.dumps.archivetoc import read_toc
+from stages.dumps.archivetoc import ArchiveToc, End, read_toc
 from stages.dumps.rows import RowCounter, count_archive_rows
+from stages.dumps.sqlscript import ScriptError
 from stages.errors import PermanentError
 from stages.preflight.rehearsal import skip_map
 from stages.tools.commands import PgRestore, PgTools
@@ -78,10 +79,7 @@ def restore_archive_upload(
         tools, archive, plan.keep, folder, "post-data", encoding=encoding, options=[*PgRestore.AS_RESTORED, "--section=post-data"]
     )
     rendered = split(post_data, plan.keep)
-    try:
-        contents = read_toc(archive)
-    except (ValueError, EOFError) as err:
-        raise PermanentError(f"the archive's table of contents cannot be read ({err}); upload it again") from err
+    contents = readable_toc(archive)
     archive_plan = plan_archive(contents, plan.keep, encoding=encoding, plain_tables=_plain_tables(open_target))
     # pg_restore only reads the file here; its runs are not the job's "tool process"
     # (they end with the stage's pipes) and not recorded one by one.
@@ -93,7 +91,13 @@ def restore_archive_upload(
     rest_data = [e for e in archive_plan.rest if e.desc == "TABLE DATA"]
     if rest_data:
         context.progress({"step": "data", "phase": "counting the rows pg_restore loads"})
-        count_archive_rows(tools, archive, counter, encoding=encoding, list_file=_write_list(folder, "counted.list", rest_data))
+        try:
+            count_archive_rows(tools, archive, counter, encoding=encoding, list_file=_write_list(folder, "counted.list", rest_data))
+        except ScriptError as err:
+            raise PermanentError(
+                f"the archive's table data cannot be read as pg_restore restores it ({err}): its table of contents "
+                "was changed after pg_dump wrote it; run pg_dump again and upload the new file"
+            ) from err
     rest_list = _write_list(folder, "data.list", archive_plan.rest) if archive_plan.rest else None
 
     def restore_data_section() -> None:
@@ -123,6 +127,15 @@ def restore_archive_upload(
         "copied_counts": result.target_counts,
         "uncounted_tables": uncounted,
     }
+
+
+def readable_toc(archive: str) -> ArchiveToc:
+    """The archive's table of contents (stages.dumps.archivetoc), or a PermanentError
+    saying it cannot be read (pg_restore --list may accept what it cannot)."""
+    try:
+        return read_toc(archive)
+    except (ValueError, EOFError, End) as err:
+        raise PermanentError(f"the archive's table of contents cannot be read ({err or 'it ends inside it'}); upload it again") from err
 
 
 def _write_list(folder: str, name: str, entries: list[toc.TocEntry]) -> str:

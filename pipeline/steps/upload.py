@@ -40,14 +40,13 @@ from pipeline.config import Settings
 from pipeline.models import Cluster, Project
 from pipeline.preflights import rehearsal_setup
 from pipeline.sealing import Sealer
-from pipeline.steps.archive import restore_archive_upload
+from pipeline.steps.archive import readable_toc, restore_archive_upload
 from pipeline.steps.folders import stage_folder
 from pipeline.steps.results import FetchResult, SourceDescription, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
 from stages.dumps.archivecheck import check_complete, encoding_of
-from stages.dumps.archivetoc import read_toc
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
@@ -113,7 +112,7 @@ def fetch_upload(
             # The rows are counted by restore as they stream (pipeline.steps.archive);
             # the sequences' values are in the table of contents.
             counter.sequences = archive_sequences(
-                (e.definition or b"" for e in read_toc(archive).entries if e.desc == "SEQUENCE SET"), facts["dump_encoding"]
+                (e.definition or b"" for e in readable_toc(archive).entries if e.desc == "SEQUENCE SET"), facts["dump_encoding"]
             )
             kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
         else:

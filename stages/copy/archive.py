@@ -40,7 +40,7 @@ from stages.copy.stream import Flow, SourceTable, quoted
 from stages.database.inventory import table_key
 from stages.dumps.archivetoc import NO_DATA, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
-from stages.errors import PermanentError
+from stages.errors import CommandTimedOut, PermanentCommandFailure, PermanentError
 from stages.tools.commands import PgTools
 
 SECTION_DATA, SECTION_POST_DATA = 3, 4
@@ -140,11 +140,14 @@ def plan_archive(
             continue
         candidates.append((entry, found, copy, owner.dump_id))
     targets = [(c.schema, c.table) for _e, _f, c, _o in candidates]
+    loaded = _loaded_by_pg_restore(toc, kept, {id(f) for _e, f, _c, _o in candidates}, codec)
     streamed = []
     factor = COMPRESSION_RATIO if toc.compressed else 1
     for entry, found, copy, owner_id in candidates:
         if targets.count((copy.schema, copy.table)) > 1:
             continue  # two entries fill one table: TRUNCATE before each would lose rows
+        if loaded is None or (copy.schema, copy.table) in loaded:
+            continue  # pg_restore fills it too (maybe first): TRUNCATE would lose its rows
         size = toc.data_bytes.get(found.dump_id, 0) * factor
         table = SourceTable(table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id)
         streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy))
@@ -153,6 +156,26 @@ def plan_archive(
     owned = _owners(toc, tables, kept_ids)
     seekable = all(by_id[s.entry.dump_id].offset_flag == 2 for s in streamed)
     return ArchivePlan(streamed, rest, owned, seekable)
+
+
+def _loaded_by_pg_restore(
+    toc: ArchiveToc, kept: list[TocEntry], candidate_ids: set[int], codec: str
+) -> set[tuple[str, str]] | None:
+    """The tables that data entries other than the candidates fill (pg_restore loads
+    them alongside the streamed copies, with no order between them), by the table
+    their COPY statement names; None when one such entry's table is unknown (rows as
+    INSERT statements, a statement that does not parse): it could fill any table."""
+    by_id = {e.dump_id: e for e in toc.entries}
+    loaded: set[tuple[str, str]] = set()
+    for entry in kept:
+        found = by_id.get(entry.dump_id)
+        if found is None or id(found) in candidate_ids or found.desc != "TABLE DATA" or not _has_data(found, toc):
+            continue
+        copy = parse_copy(found.copy_statement or b"", codec)
+        if copy is None:
+            return None
+        loaded.add((copy.schema, copy.table))
+    return loaded
 
 
 def _decoded(text: bytes | None, codec: str) -> str | None:
@@ -268,21 +291,48 @@ class _ArchiveLoading:
             with open(list_file, "w", encoding="utf-8") as fh:
                 fh.write("\n".join(s.entry.line for s in batch) + "\n")
 
+            refused: list[PermanentError] = []
+
             def consume(stdout: IO[bytes]) -> None:
                 rows = _Rows(stdout, self.stopped)
-                for item in batch:
-                    rows.skip_to(item.statement, item.table.key)
-                    with flowing(progress, item.table, counted=True) as flow:
-                        source_rows, target_rows = _load_block(lane.target, item, rows, flow)
-                    record(item.table, source_rows, target_rows)
+                try:
+                    for item in batch:
+                        rows.skip_to(item.statement, item.table.key)
+                        with flowing(progress, item.table, counted=True) as flow:
+                            source_rows, target_rows = _load_block(lane.target, item, rows, flow)
+                        record(item.table, source_rows, target_rows)
+                except PermanentError as err:
+                    if isinstance(err, ArchiveDataDamaged) or self.stopped.is_set():
+                        raise
+                    # The preview refused the rows: they may be what pg_restore made of a
+                    # damaged block before it noticed. Let it finish: its error is then the news.
+                    refused.append(err)
                 rows.drain()
 
             what = f"reading the rows of table {batch[0].table.key} from the dump" if len(batch) == 1 else (
                 f"reading the rows of {len(batch)} tables from the dump"
             )
-            source.tools.pg_restore.run_streaming(
-                ["--data-only", f"--use-list={list_file}", "--file=-", source.path], consume, what=what
-            )
+            reader = source.tools.pg_restore
+            # Only reading a file the preflight checked: when it stops producing rows (a
+            # stopped or starved process), the stage is retried, as a live copy's stall is.
+            reader.stall_is_transient = True
+            reader.stall_hint = "it stopped producing the archive's rows; the import is retried"
+            try:
+                reader.run_streaming(
+                    ["--data-only", f"--use-list={list_file}", "--file=-", source.path], consume, what=what
+                )
+            except PermanentCommandFailure as err:
+                if isinstance(err, CommandTimedOut):
+                    raise
+                # pg_restore only reads the file here: what it cannot read is damaged.
+                raise PermanentCommandFailure(
+                    f"{err.message}: the archive is damaged; check it with pg_restore --list and upload it again",
+                    exit_code=err.exit_code,
+                    stdout_tail=err.stdout_tail,
+                    stderr_tail=err.stderr_tail,
+                ) from err
+            if refused:
+                raise refused[0]
 
         return run
 
@@ -349,19 +399,22 @@ class _Rows:
         return True
 
     def skip_to(self, statement: bytes, key: str) -> None:
-        """Pass over lines up to `statement` (the whole line); the rows follow it."""
+        """Pass over lines up to `statement` (starting a line; it spans several when a
+        quoted name holds a newline); the rows follow it."""
         while True:
-            end = self._buffer.find(b"\n")
-            while end < 0:
-                if not self._fill():
-                    raise ArchiveDataDamaged(
-                        f"the archive holds no rows for table {key} where its table of contents says they are: "
-                        "it is damaged; check it with pg_restore --list and upload it again"
-                    )
+            if len(self._buffer) >= len(statement):
+                if self._buffer.startswith(statement):
+                    self._buffer = self._buffer[len(statement) :]
+                    return
                 end = self._buffer.find(b"\n")
-            line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
-            if line == statement:
-                return
+                if end >= 0:
+                    self._buffer = self._buffer[end + 1 :]
+                    continue
+            if not self._fill():
+                raise ArchiveDataDamaged(
+                    f"the archive holds no rows for table {key} where its table of contents says they are: "
+                    "it is damaged; check it with pg_restore --list and upload it again"
+                )
 
     def block(self, flow: Flow) -> _Block:
         return _Block(self, flow)

@@ -128,7 +128,10 @@ def read_header(reader: Reader) -> tuple[tuple[int, int, int], int, bool]:
 def read_entries(reader: Reader, version: tuple[int, int, int], custom: bool) -> list[ArchiveEntry]:
     """The TOC entries (ReadToc), with their data offsets when `custom`."""
     entries = []
-    for _ in range(reader.integer()):
+    count = reader.integer()
+    if count < 0:  # pg_restore lists such a file as empty: restored, it would replace a database with nothing
+        raise ValueError(f"its table of contents says it holds {count} entries: it is damaged")
+    for _ in range(count):
         dump_id = reader.integer()
         reader.integer()  # hadDumper
         table_oid = reader.string() if version >= (1, 8, 0) else b"0"

@@ -107,6 +107,15 @@ def test_each_tables_rows_end_at_its_end_marker_however_the_output_is_cut(chunk)
     assert got == [(tricky, 4), (b"", 0), (b"7\n8\n", 2)]
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_a_statement_whose_names_hold_newlines_is_found_across_its_lines(chunk):
+    """A quoted name may hold a newline: pg_restore prints the statement as the TOC has it."""
+    a = b'COPY public."two\nlines" (id, "a\nb") FROM stdin;\n'
+    b = b"COPY public.b (id) FROM stdin;\n"
+    stdout = HEADER + _section(a, b"1\tx\n") + _section(b, b"7\n") + b"\\unrestrict abc\n"
+    assert _read_all(stdout, [a, b], chunk) == [(b"1\tx\n", 1), (b"7\n", 1)]
+
+
 def test_output_that_ends_inside_a_tables_rows_is_refused():
     a = b"COPY public.a (id) FROM stdin;\n"
     with pytest.raises(ArchiveDataDamaged, match="ends inside a table's rows"):
