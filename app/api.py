@@ -63,7 +63,9 @@ def create_app(services: Services) -> falcon.App[falcon.Request, falcon.Response
     app.add_route(
         "/metrics",
         MetricsResource(
-            services.gauges, token=services.settings.metrics_token, open_without_token=services.settings.dev_mode
+            services.gauges,
+            token=services.settings.metrics_token,
+            open_without_token=services.settings.dev_mode,
         ),
     )
     app.add_route(

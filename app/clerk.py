@@ -32,7 +32,9 @@ MAX_JWKS_BYTES = 1024 * 1024
 
 def fetch_jwks(url: str, timeout: float) -> dict[str, Any]:
     """Clerk's JWKS document (GET with a timeout and a size bound)."""
-    request = urllib.request.Request(url, headers={"Accept": "application/json", "User-Agent": "capy-imports"})
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json", "User-Agent": "capy-imports"}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as resp:
         document: dict[str, Any] = json.loads(resp.read(MAX_JWKS_BYTES))
         return document
@@ -153,9 +155,7 @@ class ClerkAuthenticator:
         except jwt.PyJWTError:
             raise Unauthorized("the session token is not a well-formed JWT") from None
         if header.get("alg") != ALGORITHM:
-            raise Unauthorized(
-                f"Clerk session tokens must be signed with {ALGORITHM}; this one is not"
-            )
+            raise Unauthorized(f"Clerk session tokens must be signed with {ALGORITHM}; this one is not")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise Unauthorized("the session token names no signing key (kid)")
@@ -174,7 +174,9 @@ class ClerkAuthenticator:
         except jwt.ImmatureSignatureError:
             raise Unauthorized("the session token is not valid yet (nbf); check the clock") from None
         except jwt.InvalidIssuerError:
-            raise Unauthorized("the session token was issued by another issuer than this service's Clerk instance") from None
+            raise Unauthorized(
+                "the session token was issued by another issuer than this service's Clerk instance"
+            ) from None
         except jwt.MissingRequiredClaimError as err:
             raise Unauthorized(f"the session token lacks the {err.claim} claim") from None
         except jwt.InvalidSignatureError:

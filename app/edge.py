@@ -90,7 +90,12 @@ class QueryInt:
             "in": "query",
             "required": False,
             "description": self.description,
-            "schema": {"type": "integer", "minimum": self.minimum, "maximum": self.maximum, "default": self.default},
+            "schema": {
+                "type": "integer",
+                "minimum": self.minimum,
+                "maximum": self.maximum,
+                "default": self.default,
+            },
         }
 
 

@@ -86,7 +86,9 @@ def handle_database_error(req: falcon.Request, resp: falcon.Response, err: Excep
 def handle_value_error(req: falcon.Request, resp: falcon.Response, err: ValueError, params: Any) -> None:
     # psycopg2 refuses NUL in a string literal and lone surrogates with ValueError before
     # the query is sent; anything else is a bug.
-    if "NUL (0x00)" in str(err) or (isinstance(err, UnicodeEncodeError) and err.reason == "surrogates not allowed"):
+    if "NUL (0x00)" in str(err) or (
+        isinstance(err, UnicodeEncodeError) and err.reason == "surrogates not allowed"
+    ):
         log.warning("refused a request value the control database cannot store: %s", type(err).__name__)
         _send(resp, falcon.HTTP_400, _VALUE_MESSAGE)
         return

@@ -116,7 +116,9 @@ class MetricsResource:
         errors=(401,),
         media_type=CONTENT_TYPE_PLAIN_0_0_4,
         authenticated=False,
-        notes={401: "CAPY_METRICS_TOKEN is set and was not sent as a bearer token, or production mode has none set."},
+        notes={
+            401: "CAPY_METRICS_TOKEN is set and was not sent as a bearer token, or production mode has none set."
+        },
     )
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._authorize(req)

@@ -114,7 +114,9 @@ class PreflightResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         request = _source_request(req, project, self.uploads, self.settings, schemas.PreflightBody)
-        result = run_preflight(project, _principal(req), request, self.settings, self.sealer, self.uploads.store)
+        result = run_preflight(
+            project, _principal(req), request, self.settings, self.sealer, self.uploads.store
+        )
         resp.media = schemas.dump(schemas.PreflightEnvelope, {"preflight": result.response()})
 
 
@@ -131,7 +133,9 @@ class UploadsResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         resp.status = falcon.HTTP_201
-        resp.media = schemas.dump(schemas.UploadEnvelope, {"upload": self.uploads.create(project, _principal(req))})
+        resp.media = schemas.dump(
+            schemas.UploadEnvelope, {"upload": self.uploads.create(project, _principal(req))}
+        )
 
 
 def _job(req: falcon.Request, job_id: str, *, hidden: tuple[type[Exception], ...] = (NotFound,)) -> Job:
@@ -185,7 +189,9 @@ class CancelResource:
 
 
 class ProjectJobsResource:
-    @operation("The project's jobs, newest first.", responses={200: schemas.JobList}, query=(LIMIT,), errors=(404,))
+    @operation(
+        "The project's jobs, newest first.", responses={200: schemas.JobList}, query=(LIMIT,), errors=(404,)
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response, project_id: str) -> None:
         project = _principal(req).project(project_id)
         jobs = (

@@ -26,7 +26,9 @@ def authenticators(settings: Settings) -> tuple[Authenticator, ...]:
     if not settings.clerk_jwks_url:
         return (api_key_authenticator,)
     if not settings.clerk_issuer:
-        raise ConfigError("CAPY_CLERK_ISSUER must be set when CAPY_CLERK_JWKS_URL is (Clerk's Frontend API URL)")
+        raise ConfigError(
+            "CAPY_CLERK_ISSUER must be set when CAPY_CLERK_JWKS_URL is (Clerk's Frontend API URL)"
+        )
     if not settings.dev_mode and not settings.clerk_jwks_url.startswith("https://"):
         raise ConfigError("CAPY_CLERK_JWKS_URL must be an https:// URL outside development mode")
     clerk = ClerkAuthenticator(
@@ -90,7 +92,11 @@ def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falc
             sealer=sealer,
             wake=dispatcher.wake,
             uploads=uploads,
-            readiness={"database": database_ready, "broker": dispatcher.check, "storage": uploads.check_storage},
+            readiness={
+                "database": database_ready,
+                "broker": dispatcher.check,
+                "storage": uploads.check_storage,
+            },
             authenticators=auth,
             gauges=(scrape.JobGauges(), scrape.QueueGauges(settings.broker_url, queues.queue_names())),
             rate_limiter=RateLimiter(settings.rate_limit_per_minute),

@@ -41,24 +41,52 @@ def _names(raw: str, allowed: tuple[str, ...], what: str) -> list[str]:
     names = [n.strip() for n in raw.split(",") if n.strip()]
     unknown = [n for n in names if n not in allowed]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'}: choose from {', '.join(allowed)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown) or '(none)'}: choose from {', '.join(allowed)}"
+        )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description="Time the service against pg_dump, pg_restore and pgcopydb.")
-    parser.add_argument("--datasets", type=lambda s: _names(s, DATASETS, "dataset"), default=list(DATASETS),
-                        help=f"comma-separated, of {', '.join(DATASETS)} (default: all)")
-    parser.add_argument("--scale", type=float, default=1.0, help="row counts relative to scale 1 (default 1; mix is about 1.6 GB there)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per method; the median is quoted (default 3)")
-    parser.add_argument("--methods", type=lambda s: _names(s, ALL_METHODS, "method"), default=None,
-                        help=f"comma-separated, of {', '.join(ALL_METHODS)} (default: all of the chosen modes)")
-    parser.add_argument("--live", action="store_true", help="only the methods that copy from the source database")
-    parser.add_argument("--upload", action="store_true", help="only the methods that restore a -Fc file of it")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description="Time the service against pg_dump, pg_restore and pgcopydb."
+    )
+    parser.add_argument(
+        "--datasets",
+        type=lambda s: _names(s, DATASETS, "dataset"),
+        default=list(DATASETS),
+        help=f"comma-separated, of {', '.join(DATASETS)} (default: all)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="row counts relative to scale 1 (default 1; mix is about 1.6 GB there)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds per method; the median is quoted (default 3)"
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda s: _names(s, ALL_METHODS, "method"),
+        default=None,
+        help=f"comma-separated, of {', '.join(ALL_METHODS)} (default: all of the chosen modes)",
+    )
+    parser.add_argument(
+        "--live", action="store_true", help="only the methods that copy from the source database"
+    )
+    parser.add_argument(
+        "--upload", action="store_true", help="only the methods that restore a -Fc file of it"
+    )
     parser.add_argument("--rebuild", action="store_true", help="build the sources again even if they exist")
-    parser.add_argument("--admin-url", default=os.environ.get("CAPY_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
-                        help="a superuser URL of the cluster to use (default: $CAPY_BENCH_ADMIN_URL or %(default)s)")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)")
+    parser.add_argument(
+        "--admin-url",
+        default=os.environ.get("CAPY_BENCH_ADMIN_URL", DEFAULT_ADMIN_URL),
+        help="a superuser URL of the cluster to use (default: $CAPY_BENCH_ADMIN_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the JSON goes (default bench/results)"
+    )
     return parser  # fmt: skip
 
 
@@ -71,7 +99,9 @@ def chosen_methods(args: argparse.Namespace) -> list[str]:
 
 def _version(argv: list[str]) -> str:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[-1]
+        return (
+            subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[-1]
+        )
     except (OSError, IndexError, subprocess.SubprocessError):
         return "not installed"
 
@@ -79,7 +109,10 @@ def _version(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.rounds < 1 or args.scale <= 0:
-        print(f"--rounds must be at least 1 and --scale above 0, not {args.rounds} and {args.scale:g}", file=sys.stderr)
+        print(
+            f"--rounds must be at least 1 and --scale above 0, not {args.rounds} and {args.scale:g}",
+            file=sys.stderr,
+        )
         return 2
     names = chosen_methods(args)
     if not names:
@@ -123,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "pgcopydb": _version(["pgcopydb", "--version"]) if shutil.which("pgcopydb") else "not installed",
         },
         "sources": [
-            {"dataset": s.dataset, "database": s.database, "size_mb": round(s.size_bytes / 1024**2, 1)} for s in sources
+            {"dataset": s.dataset, "database": s.database, "size_mb": round(s.size_bytes / 1024**2, 1)}
+            for s in sources
         ],
     }
     path = write_json(to_json(results, meta), args.results, started.strftime("%Y%m%dT%H%M%SZ"))

@@ -111,7 +111,9 @@ class Pgcopydb:
 
     def run(self, trial: Trial) -> Timed:
         if shutil.which("pgcopydb") is None:
-            raise CommandFailed(["pgcopydb"], 127, "pgcopydb is not installed: apt-get install pgcopydb (as root)")
+            raise CommandFailed(
+                ["pgcopydb"], 127, "pgcopydb is not installed: apt-get install pgcopydb (as root)"
+            )
         cleanup = _fresh_target(trial)
         started = time.monotonic()
         run(
@@ -135,7 +137,16 @@ class RestoreFileJobs:
         assert trial.dump_file is not None, "upload methods need the source's -Fc file"
         cleanup = _fresh_target(trial)
         started = time.monotonic()
-        run(["pg_restore", "-j2", "--exit-on-error", "-d", trial.cluster.url(trial.target), str(trial.dump_file)])
+        run(
+            [
+                "pg_restore",
+                "-j2",
+                "--exit-on-error",
+                "-d",
+                trial.cluster.url(trial.target),
+                str(trial.dump_file),
+            ]
+        )
         return Timed(time.monotonic() - started, trial.target, cleanup=cleanup)
 
 

@@ -49,7 +49,9 @@ class Cluster:
         return bool(self.query("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)))
 
     def create(self, dbname: str) -> str:
-        self.query(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(dbname)))
+        self.query(
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'").format(sql.Identifier(dbname))
+        )
         return dbname
 
     def drop(self, dbname: str) -> None:
@@ -69,7 +71,12 @@ class Cluster:
 def run(argv: Sequence[str], *, stdin_text: str | None = None, timeout: float | None = None) -> None:
     """Run `argv` (no shell); raise CommandFailed with the tail of stderr if it fails."""
     done = subprocess.run(
-        list(argv), input=stdin_text, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
+        list(argv),
+        input=stdin_text,
+        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=timeout,
     )
     if done.returncode != 0:
         raise CommandFailed(argv, done.returncode, done.stderr[-4000:])

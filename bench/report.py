@@ -126,7 +126,8 @@ def to_json(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:
                 "median_s": r.median,
                 "failed": r.failed,
                 "peaks": {
-                    key: r.peak(key) for key in ("worker_rss_peak_mb", "worker_tree_rss_peak_mb", "work_dir_peak_mb")
+                    key: r.peak(key)
+                    for key in ("worker_rss_peak_mb", "worker_tree_rss_peak_mb", "work_dir_peak_mb")
                 },
                 "rounds": [asdict(x) for x in r.rounds],
             }

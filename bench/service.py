@@ -87,7 +87,9 @@ class ServiceBench:
     def upload(self, project: Project, dump_file: Path) -> str:
         """Send `dump_file` to a new upload of `project` (as `curl -F` does); its object key."""
         resp = requests.post(
-            f"{self.service.base_url}/v1/projects/{project.id}/imports/uploads", headers=self._auth(project), timeout=30
+            f"{self.service.base_url}/v1/projects/{project.id}/imports/uploads",
+            headers=self._auth(project),
+            timeout=30,
         )
         if resp.status_code != 201:
             raise ServiceFailed(f"creating an upload answered {resp.status_code}: {resp.text[:500]}")
@@ -135,7 +137,9 @@ class ServiceBench:
             **_server_times(job),
             "stage_s": self._stage_seconds(job_id),
         }
-        return Timed(seconds, project.database, extra=extra, cleanup=lambda: self.drop_project_databases(project))
+        return Timed(
+            seconds, project.database, extra=extra, cleanup=lambda: self.drop_project_databases(project)
+        )
 
     def _stage_seconds(self, job_id: str) -> dict[str, float]:
         """Seconds from each stage's claim to the next event of the job (its end), from
@@ -160,7 +164,9 @@ class ServiceBench:
     def _wait(self, project: Project, job_id: str, timeout: float = JOB_TIMEOUT_SECONDS) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            resp = requests.get(f"{self.service.base_url}/v1/jobs/{job_id}", headers=self._auth(project), timeout=30)
+            resp = requests.get(
+                f"{self.service.base_url}/v1/jobs/{job_id}", headers=self._auth(project), timeout=30
+            )
             if resp.status_code == 429:  # the instance's limit is raised, but never poll faster than told
                 time.sleep(float(resp.headers.get("Retry-After", "1")))
                 continue
@@ -175,7 +181,9 @@ class ServiceBench:
     def _cancel(self, project: Project, job_id: str) -> None:
         """Cancel `job_id` and wait (a while) for it to stop; best effort, on the way out of a failure."""
         try:
-            requests.post(f"{self.service.base_url}/v1/jobs/{job_id}/cancel", headers=self._auth(project), timeout=30)
+            requests.post(
+                f"{self.service.base_url}/v1/jobs/{job_id}/cancel", headers=self._auth(project), timeout=30
+            )
             self._wait(project, job_id, timeout=300)
         except (requests.RequestException, ServiceFailed):
             pass  # the failure being raised says more than this one
@@ -208,7 +216,9 @@ class ServiceLive:
     def run(self, trial: Trial) -> Timed:
         project = self.bench.new_project()
         try:
-            return self.bench.run_import(project, {"source_url": trial.cluster.url(trial.source, sslmode="disable")})
+            return self.bench.run_import(
+                project, {"source_url": trial.cluster.url(trial.source, sslmode="disable")}
+            )
         except BaseException:
             self.bench.drop_project_databases(project)
             raise

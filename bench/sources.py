@@ -50,6 +50,8 @@ def ensure_source(
         cluster.drop(building)
         raise
     cluster.drop(name)
-    cluster.query(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(building), sql.Identifier(name)))
+    cluster.query(
+        sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(building), sql.Identifier(name))
+    )
     cluster.query(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(name), sql.Literal(wanted)))
     return Source(dataset, scale, name, cluster.size(name), built=True)

@@ -16,9 +16,7 @@ from bench.pg import Cluster
 
 # Schemas that are not the user's data: the catalogs, and what pgcopydb leaves behind.
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pgcopydb")
-_USER_NAMESPACE = (
-    "n.nspname NOT IN %(system)s AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%'"
-)
+_USER_NAMESPACE = "n.nspname NOT IN %(system)s AND n.nspname NOT LIKE 'pg\\_toast%%' AND n.nspname NOT LIKE 'pg\\_temp\\_%%'"
 # Objects that belong to an extension (created by CREATE EXTENSION) are not counted.
 _NOT_EXTENSION = "NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = {oid} AND d.deptype = 'e')"
 
@@ -53,7 +51,11 @@ def shape(cluster: Cluster, dbname: str) -> Shape:
             tables = cur.fetchall()
             rows: dict[str, int] = {}
             for schema, table in tables:
-                cur.execute(sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(sql.Identifier(schema), sql.Identifier(table)))
+                cur.execute(
+                    sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
+                        sql.Identifier(schema), sql.Identifier(table)
+                    )
+                )
                 rows[f"{schema}.{table}"] = int(cur.fetchone()[0])
             cur.execute(
                 f"SELECT n.nspname || '.' || t.relname, count(*) FROM pg_index i "

@@ -79,8 +79,10 @@ def request_cancel(
             job = jobs.transition(
                 job_id,
                 actor,
-                lambda prior, job: f"cancelled by {actor} at the {job.stage} stage"
-                + (f" (its stale claim by {prior.claimed_by} was dropped)" if prior.claimed_by else ""),
+                lambda prior, job: (
+                    f"cancelled by {actor} at the {job.stage} stage"
+                    + (f" (its stale claim by {prior.claimed_by} was dropped)" if prior.claimed_by else "")
+                ),
                 where=Job.state.in_(ACTIVE_STATES) & unattended,
                 state=State.CANCELLED.value,
                 completed_at=at,
@@ -103,7 +105,9 @@ def request_cancel(
             job = jobs.transition(
                 job_id,
                 actor,
-                lambda prior, job: f"cancel requested by {actor}; {job.claimed_by} stops the {job.stage} stage",
+                lambda prior, job: (
+                    f"cancel requested by {actor}; {job.claimed_by} stops the {job.stage} stage"
+                ),
                 where=Job.state.in_(ACTIVE_STATES) & ~unattended,
                 cancel_requested_at=peewee.fn.COALESCE(Job.cancel_requested_at, at),
                 cancel_requested_by=peewee.fn.COALESCE(Job.cancel_requested_by, actor),

@@ -161,7 +161,8 @@ def cmd_clusters_list(args: argparse.Namespace, settings: Settings, out: Output)
         )
         lines.append(
             f"{cluster.id}  {cluster.name}  PostgreSQL {cluster.server_major}  restores {use.in_use} of "
-            f"{use.limit} in use" + ("" if cluster.restore_limit is not None else " (default limit)")
+            f"{use.limit} in use"
+            + ("" if cluster.restore_limit is not None else " (default limit)")
             + (f", {use.ahead} waiting" if use.ahead else "")
         )
     out.emit({"clusters": rows}, "\n".join(lines) if lines else "no clusters")
@@ -321,7 +322,10 @@ def _lease(settings: Settings) -> dt.timedelta:
 def cmd_jobs_cancel(args: argparse.Namespace, settings: Settings, out: Output) -> None:
     steps = services.import_steps(settings)
     outcome = cancellation.request_cancel(
-        args.job, operator_actor(), lease=_lease(settings), cleanup=lambda job: steps.cleanup(job, succeeded=False)
+        args.job,
+        operator_actor(),
+        lease=_lease(settings),
+        cleanup=lambda job: steps.cleanup(job, succeeded=False),
     )
     job = outcome.job
     if outcome.done:
@@ -345,16 +349,17 @@ def cmd_jobs_retry(args: argparse.Namespace, settings: Settings, out: Output) ->
             from_stage=args.from_stage,
             wake=queue.wake,
             upload_exists=lambda key: _stored(store, key),
-            preview_exists=lambda job: cluster_admin(Cluster.get_by_id(job.cluster_id), sealer).database_exists(
-                preview_name(job)
-            ),
+            preview_exists=lambda job: cluster_admin(
+                Cluster.get_by_id(job.cluster_id), sealer
+            ).database_exists(preview_name(job)),
         )
     finally:
         queue.broker.close()
     job = outcome.job
     text = (
         f"job {job.id} ({outcome.from_state} at {outcome.from_stage}) is pending again at its {job.stage} "
-        f"stage with its attempts reset" + ("; a worker picks it up now" if outcome.woken else "")
+        f"stage with its attempts reset"
+        + ("; a worker picks it up now" if outcome.woken else "")
         + (f"; {outcome.note}" if outcome.note else "")
     )
     out.emit({**_operator_job(job), "note": outcome.note, "woken": outcome.woken}, text)
@@ -400,7 +405,9 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings, out: Output) ->
         operator_actor(), job_id=args.job, dry_run=args.dry_run, drop_ended=args.drop_ended
     )
     rows = [decision.as_dict(now) for decision in decisions]
-    lines = [f"{r['action']}: {r['job_id'] or '?'} {r['stage']} ({r['message_id']}): {r['reason']}" for r in rows]
+    lines = [
+        f"{r['action']}: {r['job_id'] or '?'} {r['stage']} ({r['message_id']}): {r['reason']}" for r in rows
+    ]
     scope = f"job {args.job}" if args.job else "any job"
     out.emit(
         {"messages": rows, "dry_run": args.dry_run},
@@ -433,7 +440,10 @@ def _sweep_text(done: dict[str, Any]) -> str:
         + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
         + [f"dropped schema rehearsal {name}" for name in done.get("rehearsals_dropped", [])]
         + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
-        + [f"sent webhook delivery {w['delivery']} (attempt {w['attempt']})" for w in done.get("webhook_deliveries_sent", [])]
+        + [
+            f"sent webhook delivery {w['delivery']} (attempt {w['attempt']})"
+            for w in done.get("webhook_deliveries_sent", [])
+        ]
         + [f"could not clean {item}" for item in done.get("errors", [])]
     )
     return "\n".join(lines) if lines else "nothing to sweep"
@@ -558,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(keys, "revoke", cmd_keys_revoke, "revoke an API key at once")
     p.add_argument("key", metavar="KEY_ID")
 
-    secrets_parser = sub.add_parser("secrets", help="stored secrets").add_subparsers(dest="sub", required=True)
+    secrets_parser = sub.add_parser("secrets", help="stored secrets").add_subparsers(
+        dest="sub", required=True
+    )
     add(
         secrets_parser,
         "rotate",
@@ -583,7 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p = add(jobs_parser, "retry", cmd_jobs_retry, "run a failed or cancelled import again")
     p.add_argument("job")
-    p.add_argument("--from-stage", choices=stage_names(), help="default: the stage it failed at (fetch after restore or finalize)")
+    p.add_argument(
+        "--from-stage",
+        choices=stage_names(),
+        help="default: the stage it failed at (fetch after restore or finalize)",
+    )
 
     dlq = sub.add_parser("dlq", help="dead-lettered stage messages").add_subparsers(dest="sub", required=True)
     add(dlq, "list", cmd_dlq_list, "list dead-lettered messages (they stay in the queue)")

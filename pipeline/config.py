@@ -102,7 +102,9 @@ class Settings(BaseSettings):
         "a postgresql:// URL or a libpq connection string (host=… dbname=…)",
         url=True,
     )
-    broker_url: str = _setting("amqp://guest:guest@127.0.0.1:5672/%2F", "an amqp:// URL", url=True, min_length=1)
+    broker_url: str = _setting(
+        "amqp://guest:guest@127.0.0.1:5672/%2F", "an amqp:// URL", url=True, min_length=1
+    )
     queue_prefix: str = _setting("capy", "a name for the queues", min_length=1)
     s3_endpoint: str = _setting("http://127.0.0.1:8333", "an http(s):// URL", min_length=1)
     # Defaults to CAPY_S3_ENDPOINT (see _derived_defaults).
@@ -138,7 +140,9 @@ class Settings(BaseSettings):
         min_length=1,
     )
     source_connect_timeout: int = _seconds(10)
-    max_attempts: int = _setting(3, "at least 1 (how many times a stage may be tried; 1 means no retry)", ge=1)
+    max_attempts: int = _setting(
+        3, "at least 1 (how many times a stage may be tried; 1 means no retry)", ge=1
+    )
     # Below the broker's consumer timeout (see broker_consumer_timeout_seconds).
     stage_time_limit_seconds: int = _seconds(25 * 60)
     replaced_database_retention_seconds: int = _seconds(7 * 24 * 3600, minimum=0)
@@ -370,7 +374,9 @@ class Settings(BaseSettings):
                 "CAPY_BROKER_CONSUMER_TIMEOUT_SECONDS, then CAPY_STAGE_TIME_LIMIT_SECONDS below it"
             )
         if self.test_holds and not self.dev_mode:
-            raise ConfigError("CAPY_TEST_HOLDS is for fault-injection tests only (development mode); unset it")
+            raise ConfigError(
+                "CAPY_TEST_HOLDS is for fault-injection tests only (development mode); unset it"
+            )
         return self
 
 

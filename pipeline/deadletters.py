@@ -262,7 +262,10 @@ class DeadLetters:
             return "the message names no job", True
         expected = f"{self.prefix}_{letter.stage}"
         if letter.actor_name != expected:
-            return f"foreign: the message is for actor {letter.actor_name!r}, not this deployment's {expected}", True
+            return (
+                f"foreign: the message is for actor {letter.actor_name!r}, not this deployment's {expected}",
+                True,
+            )
         job = Job.get_or_none(Job.id == letter.job_id)
         if job is None:
             return "job unknown: no such job in this deployment's control database", True
@@ -286,7 +289,11 @@ class DeadLetters:
                 f"attempts reset (it had failed with: {letter.failure})",
                 where=Job.state.in_(ACTIVE_STATES)
                 & (Job.stage == letter.stage)
-                & (Job.claimed_by.is_null() | Job.heartbeat_at.is_null() | (Job.heartbeat_at < now - self.lease)),
+                & (
+                    Job.claimed_by.is_null()
+                    | Job.heartbeat_at.is_null()
+                    | (Job.heartbeat_at < now - self.lease)
+                ),
                 attempts=0,
                 claimed_by=None,
                 heartbeat_at=None,

@@ -222,7 +222,12 @@ class Dispatcher:
             self._alarm = False
         if request.attempts:
             waited = self.clock() - request.since
-            log.info("dispatched job %s (%s) after %.0f s: the job queue is back", request.job_id, request.stage, waited)
+            log.info(
+                "dispatched job %s (%s) after %.0f s: the job queue is back",
+                request.job_id,
+                request.stage,
+                waited,
+            )
         request.error = None
         request.done.set()
 
@@ -231,10 +236,14 @@ class Dispatcher:
         if now - request.since > self.retry_for or len(self._retries) >= MAX_WAITING:
             log.warning(
                 "job %s (%s) is still not dispatched (%s); capy-imports sweep wakes it",
-                request.job_id, request.stage, request.error,
+                request.job_id,
+                request.stage,
+                request.error,
             )
             return
-        log.warning("could not dispatch job %s (%s): %s; retrying", request.job_id, request.stage, request.error)
+        log.warning(
+            "could not dispatch job %s (%s): %s; retrying", request.job_id, request.stage, request.error
+        )
         request.due = now + min(MAX_BACKOFF_SECONDS, 2 ** (request.attempts - 1))
         self._retries.append(request)
 

@@ -122,7 +122,11 @@ class StageContext:
         """The last external command's result, on the job (a lost claim is noted: the
         heartbeat stops the stage, and the command's own error propagates meanwhile)."""
         if not jobs.record_command(
-            self.job.id, self.actor, exit_code=result.exit_code, stdout=result.stdout_tail, stderr=result.stderr_tail
+            self.job.id,
+            self.actor,
+            exit_code=result.exit_code,
+            stdout=result.stdout_tail,
+            stderr=result.stderr_tail,
         ):
             self.lose_claim()
 
@@ -181,7 +185,9 @@ class ImportSteps:
             with admin.held_session():
                 result = spec.run(self, context)
                 if not isinstance(result, spec.result):
-                    raise TypeError(f"the {stage} stage returned {type(result).__name__}, not {spec.result.__name__}")
+                    raise TypeError(
+                        f"the {stage} stage returned {type(result).__name__}, not {spec.result.__name__}"
+                    )
                 return result
         except jobs.ClaimLost:
             raise
@@ -218,7 +224,9 @@ class ImportSteps:
 
         def started(pgid: int, program: str) -> None:
             jobs.record_tool_process(
-                job.id, context.actor, ToolProcess(host=host_identity(), pgid=pgid, program=program, label=job.id)
+                job.id,
+                context.actor,
+                ToolProcess(host=host_identity(), pgid=pgid, program=program, label=job.id),
             )
 
         return PgTools.for_major(
@@ -239,7 +247,9 @@ class ImportSteps:
         seconds = self.settings.hold_seconds(point)
         return 0.0 if point in job.facts.test_holds_done else seconds
 
-    def _hold(self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None) -> None:
+    def _hold(
+        self, context: StageContext, point: str, tools: PgTools | None = None, url: SourceURL | None = None
+    ) -> None:
         """Tests only (CAPY_TEST_HOLDS): the first time a job reaches `point` it waits
         there, for a fault-injection test to kill the worker; with `tools` and `url` the
         wait is a real tool (psql running pg_sleep there), as a slow pg_dump or restore
@@ -256,7 +266,12 @@ class ImportSteps:
             return
         psql = tools.psql
         psql.run(
-            ["--no-psqlrc", "--no-password", f"--dbname={url.conninfo()}", f"--command=SELECT pg_catalog.pg_sleep({seconds})"],
+            [
+                "--no-psqlrc",
+                "--no-password",
+                f"--dbname={url.conninfo()}",
+                f"--command=SELECT pg_catalog.pg_sleep({seconds})",
+            ],
             env=url.env(),
             secrets=[url.password],
             what=f"test hold at {point}",
@@ -279,7 +294,12 @@ class ImportSteps:
         if process and process.host == host_identity():
             killed = kill_process_group(process.pgid, process.program, process.label)
             if killed:
-                log.warning("job %s: killed %s left running by an earlier claim (pids %s)", job.id, process.program, killed)
+                log.warning(
+                    "job %s: killed %s left running by an earlier claim (pids %s)",
+                    job.id,
+                    process.program,
+                    killed,
+                )
 
     def _work_dir(self, job: Job) -> str:
         return os.path.join(self.settings.work_dir, job.id)
@@ -291,7 +311,9 @@ class ImportSteps:
 
     # -- shared by the stages (pipeline.steps) ------------------------------------
 
-    def _plan_archive(self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]) -> tuple[dict[str, Any], list[toc.TocEntry]]:
+    def _plan_archive(
+        self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], list[toc.TocEntry]]:
         """Read the archive's TOC: what the project role restores, what it skips and
         why, which extensions (in which schemas) the service creates first, the
         source's encoding (names and rows are decoded from it), and the database's
@@ -300,7 +322,11 @@ class ImportSteps:
         entries = toc.read(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
         require_allowlisted(extensions, self.settings.extension_allowlist)
-        plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"}, skip=skip_map(rehearsal_skipped))
+        plan = toc.plan(
+            entries,
+            precreated_schemas=set(extensions.values()) - {"public"},
+            skip=skip_map(rehearsal_skipped),
+        )
         list_path = os.path.join(work, "restore.list")
         with open(list_path, "w", encoding="utf-8") as fh:
             fh.write(plan.list_file())

@@ -22,6 +22,7 @@ from stages.errors import CapyError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ImportRequest:
     """A validated import or preflight request (app.resources reads it from the body,

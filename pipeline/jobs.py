@@ -59,7 +59,9 @@ def _guarded(job_id: str, where: peewee.Expression, **values: Any) -> Job | None
 Reason = str | Callable[[Job, Job], str]
 
 
-def transition(job_id: str, actor: str, reason: Reason, *, where: peewee.Expression, **values: Any) -> Job | None:
+def transition(
+    job_id: str, actor: str, reason: Reason, *, where: peewee.Expression, **values: Any
+) -> Job | None:
     """Change the job (state, stage, claim and what goes with them) if `where` still
     holds, and record the change as a job event in the same transaction; None when the
     guard matched nothing (someone else moved the job: do nothing).
@@ -320,8 +322,10 @@ def release(job_id: str, actor: str, error: str, *, refund_attempt: bool = False
     return transition(
         job_id,
         actor,
-        lambda before, job: f"{job.stage} will be retried: {error}"
-        + (" (this attempt is not counted)" if refund_attempt else ""),
+        lambda before, job: (
+            f"{job.stage} will be retried: {error}"
+            + (" (this attempt is not counted)" if refund_attempt else "")
+        ),
         where=held_by(actor),
         claimed_by=None,
         heartbeat_at=None,

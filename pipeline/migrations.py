@@ -340,7 +340,9 @@ def migrate(url: str) -> list[str]:
             # The control database may share a cluster with tenants' databases: no role
             # but its owner (and superusers) may connect to it or create temporary
             # objects there. Idempotent; a no-op with a warning if we are not its owner.
-            cur.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
+            cur.execute(
+                sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name))
+            )
     finally:
         conn.close()
     return applied

@@ -69,7 +69,9 @@ def retry_job(
         )
     newer = (
         Job.select()
-        .where((Job.project == job.project_id) & (Job.state == "completed") & (Job.created_at > job.created_at))
+        .where(
+            (Job.project == job.project_id) & (Job.state == "completed") & (Job.created_at > job.created_at)
+        )
         .order_by(Job.completed_at.desc())
         .first()
     )
@@ -104,7 +106,9 @@ def retry_job(
     except CapyError:
         # The job row is the outbox: pending and unclaimed, it is woken by
         # `capy-imports sweep` (the clock) once it has waited a minute.
-        queued = "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
+        queued = (
+            "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
+        )
         note = f"{note}; {queued}" if note else queued
         return RetryOutcome(retried, job.state, job.stage, note, woken=False)
     return RetryOutcome(retried, job.state, job.stage, note)

@@ -22,7 +22,9 @@ def preflight_slot(organization_id: str, *, slots: int, retry_after: int) -> Ite
     raise RateLimited (429) when all are taken."""
     held = None
     for slot in range(slots):
-        cursor = database.execute_sql("SELECT pg_try_advisory_lock(hashtext(%s), %s)", (organization_id, slot))
+        cursor = database.execute_sql(
+            "SELECT pg_try_advisory_lock(hashtext(%s), %s)", (organization_id, slot)
+        )
         if cursor.fetchone()[0]:
             held = slot
             break

@@ -114,7 +114,9 @@ def preflight_source(
     """The live-source checks; `full`: the worker's gate (see `rehearsal_setup`). A
     cancel of `cancellation` (the worker's stage) ends the source session at once
     instead of at the preflight deadline."""
-    setup = rehearsal_setup(project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation)
+    setup = rehearsal_setup(
+        project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation
+    )
     target = target_for(project, settings, sealer, recreate=recreate)
     deadline = SourceDeadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
     unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else None
@@ -153,7 +155,9 @@ def preflight_upload(
     `settings.preflight_head_bytes` from storage, and `settings.preflight_text_bytes`
     of SQL decompressed from it, so a gzip bomb costs the web process little.
     `full`: the worker's gate (see `rehearsal_setup`)."""
-    setup = rehearsal_setup(project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation)
+    setup = rehearsal_setup(
+        project, settings, sealer, _work_dir(settings), full=full, cancellation=cancellation
+    )
     target = target_for(project, settings, sealer, recreate=recreate)
     cluster = Cluster.get_by_id(project.cluster_id)
     tools = PgTools.for_major(
@@ -177,7 +181,9 @@ def preflight_upload(
             head, size, target, tools, max_text=settings.preflight_text_bytes, rehearsal=setup, tail_path=tail
         )
     # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
-    report.checks = [dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks]
+    report.checks = [
+        dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks
+    ]
     return PreflightResult(report, target)
 
 
@@ -197,7 +203,9 @@ def run_preflight(
         retry_after=settings.preflight_deadline_seconds,
     ):
         if request.upload_key:
-            result = preflight_upload(project, request.upload_key, settings, sealer, store, recreate=request.recreate)
+            result = preflight_upload(
+                project, request.upload_key, settings, sealer, store, recreate=request.recreate
+            )
         else:
             assert request.source is not None
             result = preflight_source(project, request.source, settings, sealer, recreate=request.recreate)

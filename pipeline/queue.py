@@ -38,6 +38,7 @@ def _retried(retries: int, exc: BaseException, max_attempts: int) -> bool:
         return retries < CONTROL_DATABASE_RETRIES
     return isinstance(exc, TransientError) and retries < max_attempts - 1
 
+
 Handler = Callable[[str, str], None]
 ExhaustedHandler = Callable[[str, str], None]
 

@@ -164,7 +164,10 @@ class Runner:
             timed.end("interrupted")
             log.warning("job %s: %s interrupted by the worker's shutdown; handing it back", job_id, stage)
             self._release(
-                job_id, actor, f"the worker running the {stage} stage shut down; it will be resumed", refund_attempt=True
+                job_id,
+                actor,
+                f"the worker running the {stage} stage shut down; it will be resumed",
+                refund_attempt=True,
             )
             try:
                 self.wake(job_id, stage)
@@ -198,7 +201,9 @@ class Runner:
             timed.end("control_database")
             log.warning("job %s: %s lost the control database: %s", job_id, stage, err)
             database.close()  # the next statement reconnects
-            unavailable = f"the service's control database was unavailable during the {stage} stage; it will be retried"
+            unavailable = (
+                f"the service's control database was unavailable during the {stage} stage; it will be retried"
+            )
             if job.attempts >= job.max_attempts:
                 self._give_up(job, actor, stage, unavailable, None)
                 return
@@ -220,7 +225,9 @@ class Runner:
         if following is None:
             completed = jobs.complete(job_id, actor, stage, facts=result, progress={"phase": "completed"})
             if completed is None:
-                log.warning("job %s: %s finished, but %s no longer holds the job; nothing to do", job_id, stage, actor)
+                log.warning(
+                    "job %s: %s finished, but %s no longer holds the job; nothing to do", job_id, stage, actor
+                )
                 return
             if context.cancel_request() is not None:
                 cancellation.note_completed_anyway(job_id, actor)
@@ -303,7 +310,10 @@ class Runner:
             delay = max(remaining, dt.timedelta(0)) + RECHECK_MARGIN
             log.info(
                 "job %s: %s is held by %s; looking again in %d s",
-                job_id, stage, job.claimed_by, delay.total_seconds(),
+                job_id,
+                stage,
+                job.claimed_by,
+                delay.total_seconds(),
             )
             self.wake(job_id, stage, delay_ms=int(delay.total_seconds() * 1000))
             return
@@ -316,11 +326,18 @@ class Runner:
         job = Job.get_or_none(Job.id == job_id)
         if job is None or job.state not in ACTIVE_STATES:
             return
-        stale = job.claimed_by is None or job.heartbeat_at is None or job.heartbeat_at < jobs.utcnow() - self.lease
+        stale = (
+            job.claimed_by is None
+            or job.heartbeat_at is None
+            or job.heartbeat_at < jobs.utcnow() - self.lease
+        )
         if job.stage == stage and job.attempts < job.max_attempts and stale:
             log.warning(
                 "job %s: the %s message ran out of retries with %d of %d attempts used; waking it again",
-                job_id, stage, job.attempts, job.max_attempts,
+                job_id,
+                stage,
+                job.attempts,
+                job.max_attempts,
             )
             self.wake(job_id, stage, delay_ms=int(self.lease.total_seconds() * 1000))
             return

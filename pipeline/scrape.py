@@ -64,7 +64,9 @@ class JobGauges:
             log.warning("metrics: could not count jobs: %s", type(err).__name__)
             yield source_up("database", False)
             return
-        counts: dict[tuple[str, str], int] = {(state, stage): 0 for state in State for stage in (s.value for s in STAGE_ORDER)}
+        counts: dict[tuple[str, str], int] = {
+            (state, stage): 0 for state in State for stage in (s.value for s in STAGE_ORDER)
+        }
         for state, stage, n in rows:
             counts[(state, stage)] = counts.get((state, stage), 0) + n
         family = GaugeMetricFamily("capy_jobs", "Jobs by state and stage, now.", labels=["state", "stage"])

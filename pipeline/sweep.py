@@ -119,7 +119,9 @@ def sweep(
         done["uploads_deleted"].append(job.upload_key)
     _sweep_unused_uploads(settings, store, now, done)
     _sweep_orphaned_objects(settings, store, now, retention, done)
-    for retired in RetiredDatabase.select().where(RetiredDatabase.dropped_at.is_null() & (RetiredDatabase.drop_after <= now)):
+    for retired in RetiredDatabase.select().where(
+        RetiredDatabase.dropped_at.is_null() & (RetiredDatabase.drop_after <= now)
+    ):
         try:
             cluster_admin(Cluster.get_by_id(retired.cluster_id), sealer).drop_database(retired.database_name)
         except _CLEANUP_ERRORS as err:
@@ -159,7 +161,9 @@ def stuck_jobs(settings: Settings, now: dt.datetime) -> list[tuple[Job, str]]:
         & (Job.heartbeat_at < now - lease)
         & (Job.updated_at < now - lease)
     )
-    found += [(job, f"the claim of {job.claimed_by} went stale at {job.heartbeat_at:%H:%M:%S}") for job in stale]
+    found += [
+        (job, f"the claim of {job.claimed_by} went stale at {job.heartbeat_at:%H:%M:%S}") for job in stale
+    ]
     unclaimed = Job.select().where(
         (Job.state == "running") & Job.claimed_by.is_null() & (Job.updated_at < now - UNCLAIMED_AFTER)
     )
@@ -233,7 +237,9 @@ def _delete(store: ObjectStore, key: str, now: dt.datetime, done: dict[str, Any]
         done["uploads_deleted"].append(key)
 
 
-def _sweep_unused_uploads(settings: Settings, store: ObjectStore, now: dt.datetime, done: dict[str, Any]) -> None:
+def _sweep_unused_uploads(
+    settings: Settings, store: ObjectStore, now: dt.datetime, done: dict[str, Any]
+) -> None:
     """Uploads nobody imported before their form expired (and the grace after it)."""
     expired = Upload.select().where(
         Upload.job.is_null() & Upload.deleted_at.is_null() & (Upload.expires_at <= now - _grace(settings))
@@ -297,7 +303,9 @@ def _held_by_active_job(keys: list[str]) -> set[str]:
 def _lock_down_project_databases(cluster: Cluster, admin: ClusterAdmin, done: dict[str, Any]) -> None:
     """Projects' live and retained databases made before the service revoked PUBLIC's
     CONNECT and TEMPORARY (or opened since) admit only their owner again."""
-    names = [p.database_name for p in Project.select(Project.database_name).where(Project.cluster == cluster.id)]
+    names = [
+        p.database_name for p in Project.select(Project.database_name).where(Project.cluster == cluster.id)
+    ]
     names += [
         r.database_name
         for r in RetiredDatabase.select(RetiredDatabase.database_name).where(

@@ -80,7 +80,9 @@ class Uploads:
             # Serialise issuance per project, so two requests cannot both take the last slot.
             Project.select(Project.id).where(Project.id == project.id).for_update().execute()
             active = list(
-                Upload.select(Upload.expires_at).where((Upload.project == project.id) & unused(now)).order_by(Upload.expires_at)
+                Upload.select(Upload.expires_at)
+                .where((Upload.project == project.id) & unused(now))
+                .order_by(Upload.expires_at)
             )
             if len(active) >= self.max_active:
                 oldest = active[0].expires_at if active else expires_at  # a limit of 0 refuses all
@@ -92,7 +94,12 @@ class Uploads:
                     retry_after=wait,
                 )
             Upload.create(
-                id=new_id("upl"), project=project.id, object_key=key, max_bytes=max_bytes, expires_at=expires_at, created_at=now
+                id=new_id("upl"),
+                project=project.id,
+                object_key=key,
+                max_bytes=max_bytes,
+                expires_at=expires_at,
+                created_at=now,
             )
             # The form is a credential: the audit event records the key, never the form.
             audit.record(

@@ -56,12 +56,18 @@ def verify_preview(
         # Nobody else is in the preview, so the counts are as consistent as in one.
         conn.autocommit = True
         copied = copied or {}
-        tables = [(schema, name) for schema, name in inventory.list_tables(conn) if inventory.table_key(schema, name) not in copied]
+        tables = [
+            (schema, name)
+            for schema, name in inventory.list_tables(conn)
+            if inventory.table_key(schema, name) not in copied
+        ]
         target_counts = inventory.count_rows(conn, tables)
         existing = {inventory.table_key(schema, name) for schema, name in inventory.list_tables(conn)}
         target_counts.update({key: rows for key, rows in copied.items() if key in existing})
         # Counted by partition root in a dump made with --load-via-partition-root.
-        target_counts.update(inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts))))
+        target_counts.update(
+            inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts)))
+        )
         description = inventory.describe(conn)
         for_roles = inventory.policies_for_roles(conn)
         conn.rollback()
@@ -69,7 +75,9 @@ def verify_preview(
     if for_roles:
         # The schema rehearsal skips these; one that reached the preview anyway (past
         # the head of a plain dump the rehearsal read) must not be handed over.
-        named = "; ".join(f"policy {policy} on {schema}.{table} for {roles}" for schema, table, policy, roles in for_roles)
+        named = "; ".join(
+            f"policy {policy} on {schema}.{table} for {roles}" for schema, table, policy, roles in for_roles
+        )
         raise VerificationFailed(
             f"the dump creates policies for roles a project cannot have: {named}; make them for PUBLIC (or drop "
             "them) in the source, dump again, and recreate them for the project's roles after the import; "

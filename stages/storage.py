@@ -77,7 +77,12 @@ class ObjectStore:
     region set, so that signing never makes a network call)."""
 
     def __init__(
-        self, client: Minio, presign_client: Minio, bucket: str, public_url: str, probe_client: Minio | None = None
+        self,
+        client: Minio,
+        presign_client: Minio,
+        bucket: str,
+        public_url: str,
+        probe_client: Minio | None = None,
     ) -> None:
         self.client = client
         self.presign_client = presign_client
@@ -238,7 +243,9 @@ class ObjectStore:
                         response.close()
                         response.release_conn()
                 if got < length:
-                    raise StorageUnavailable(f"object storage sent {got} of {length} bytes of {key!r} from {done - got}")
+                    raise StorageUnavailable(
+                        f"object storage sent {got} of {length} bytes of {key!r} from {done - got}"
+                    )
                 failures = 0
             except StorageUnavailable:
                 failures += 1
@@ -265,7 +272,9 @@ class ObjectStore:
         done = 0
         try:
             with open(partial, "wb") as out:
-                for chunk in self.chunks(key, expected=expected, max_bytes=max_bytes, on_progress=on_progress):
+                for chunk in self.chunks(
+                    key, expected=expected, max_bytes=max_bytes, on_progress=on_progress
+                ):
                     out.write(chunk)
                     done += len(chunk)
             os.replace(partial, target)
@@ -284,7 +293,10 @@ class ObjectStore:
     ) -> io.BufferedReader:
         """The object as a binary file to read once from start to end (see `chunks`):
         what a stream consumer (gzip, the SQL reader) takes, without a local copy."""
-        return io.BufferedReader(_ChunkReader(self.chunks(key, expected=expected, max_bytes=max_bytes, on_progress=on_progress)), CHUNK_BYTES)
+        return io.BufferedReader(
+            _ChunkReader(self.chunks(key, expected=expected, max_bytes=max_bytes, on_progress=on_progress)),
+            CHUNK_BYTES,
+        )
 
     def head(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
         """Write the first `max_bytes` bytes of the object to `path` and return how many
@@ -407,7 +419,9 @@ def _same_object(key: str, expected: StoredObject, headers: Any) -> None:
     etag = _etag(headers.get("ETag"))
     content_range = headers.get("Content-Range") or ""
     size = content_range.rsplit("/", 1)[-1] if "/" in content_range else None
-    if (expected.etag and etag and etag != expected.etag) or (size not in (None, "*") and int(size) != expected.size):
+    if (expected.etag and etag and etag != expected.etag) or (
+        size not in (None, "*") and int(size) != expected.size
+    ):
         raise ObjectChanged(
             f"the upload {key!r} was replaced while the import was running; import it again "
             "(an upload must not change once its import has started)"
@@ -473,9 +487,7 @@ def _translated(what: str) -> Iterator[None]:
         ) from err
     except urllib3.exceptions.HTTPError as err:
         log.warning("object storage could not be reached for %r: %s", what, err)
-        raise StorageUnavailable(
-            f"object storage could not be reached ({type(err).__name__})"
-        ) from err
+        raise StorageUnavailable(f"object storage could not be reached ({type(err).__name__})") from err
 
 
 def _split_endpoint(url: str, secure: bool) -> tuple[str, bool]:

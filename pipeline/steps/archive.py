@@ -76,15 +76,25 @@ def restore_archive_upload(
     context.check_cancelled()
     restore_section(tools, target, archive, "pre-data", list_file=list_file)
     post_data = toc.render(
-        tools, archive, plan.keep, folder, "post-data", encoding=encoding, options=[*PgRestore.AS_RESTORED, "--section=post-data"]
+        tools,
+        archive,
+        plan.keep,
+        folder,
+        "post-data",
+        encoding=encoding,
+        options=[*PgRestore.AS_RESTORED, "--section=post-data"],
     )
     rendered = split(post_data, plan.keep)
     contents = readable_toc(archive)
-    archive_plan = plan_archive(contents, plan.keep, encoding=encoding, plain_tables=_plain_tables(open_target))
+    archive_plan = plan_archive(
+        contents, plan.keep, encoding=encoding, plain_tables=_plain_tables(open_target)
+    )
     # pg_restore only reads the file here; its runs are not the job's "tool process"
     # (they end with the stage's pipes) and not recorded one by one.
     readers = dataclasses.replace(tools, observer=None, on_start=None)
-    source = ArchiveSource(archive, archive_plan, readers, folder, settings.concurrency, settings.command_stall_seconds)
+    source = ArchiveSource(
+        archive, archive_plan, readers, folder, settings.concurrency, settings.command_stall_seconds
+    )
     copy_plan = plan_copy(source, plan.keep, rendered)
 
     counter = RowCounter()
@@ -92,7 +102,13 @@ def restore_archive_upload(
     if rest_data:
         context.progress({"step": "data", "phase": "counting the rows pg_restore loads"})
         try:
-            count_archive_rows(tools, archive, counter, encoding=encoding, list_file=_write_list(folder, "counted.list", rest_data))
+            count_archive_rows(
+                tools,
+                archive,
+                counter,
+                encoding=encoding,
+                list_file=_write_list(folder, "counted.list", rest_data),
+            )
         except ScriptError as err:
             raise PermanentError(
                 f"the archive's table data cannot be read as pg_restore restores it ({err}): its table of contents "
@@ -106,7 +122,14 @@ def restore_archive_upload(
 
     def restore_rest(rest: list[toc.TocEntry]) -> None:
         if rest:
-            restore_section(tools, target, archive, "post-data", list_file=_write_list(folder, "rest.list", rest), jobs=settings.concurrency)
+            restore_section(
+                tools,
+                target,
+                archive,
+                "post-data",
+                list_file=_write_list(folder, "rest.list", rest),
+                jobs=settings.concurrency,
+            )
 
     result = copy_rows(
         source,
@@ -135,7 +158,9 @@ def readable_toc(archive: str) -> ArchiveToc:
     try:
         return read_toc(archive)
     except (ValueError, EOFError, End) as err:
-        raise PermanentError(f"the archive's table of contents cannot be read ({err or 'it ends inside it'}); upload it again") from err
+        raise PermanentError(
+            f"the archive's table of contents cannot be read ({err or 'it ends inside it'}); upload it again"
+        ) from err
 
 
 def _write_list(folder: str, name: str, entries: list[toc.TocEntry]) -> str:

@@ -64,7 +64,8 @@ def run(steps: ImportSteps, context: StageContext) -> FinalizeResult:
             project=project.id,
             job=job.id,
             database_name=replaced,
-            drop_after=steps.clock() + dt.timedelta(seconds=steps.settings.replaced_database_retention_seconds),
+            drop_after=steps.clock()
+            + dt.timedelta(seconds=steps.settings.replaced_database_retention_seconds),
         )
     context.progress({"phase": "swapping the preview in"})
     hold = steps._hold_seconds(job, "swap")

@@ -95,13 +95,22 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
             planned, keep = steps._plan_archive(tools, archive, work, job.facts.rehearsal_skipped)
             list_file = planned.pop("restore_list")
-            target, restorer, preview = steps._new_preview(context, planned["extensions"], planned["extension_comments"])
-            context.progress({"step": "schema", "phase": "creating the schema", "preview_database_id": preview})
+            target, restorer, preview = steps._new_preview(
+                context, planned["extensions"], planned["extension_comments"]
+            )
+            context.progress(
+                {"step": "schema", "phase": "creating the schema", "preview_database_id": preview}
+            )
             steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
             context.check_cancelled()
             restore_section(tools, target, archive, "pre-data", list_file=list_file)
             post_data = toc.render(
-                tools, archive, keep, work, "post-data", options=[*PgRestore.AS_RESTORED, "--section=post-data"]
+                tools,
+                archive,
+                keep,
+                work,
+                "post-data",
+                options=[*PgRestore.AS_RESTORED, "--section=post-data"],
             )
             rendered = split(post_data, keep)
             plan: CopyPlan = plan_copy(snapshot, keep, rendered)
@@ -111,7 +120,9 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                     rest_file = os.path.join(work, "rest.list")
                     with open(rest_file, "w", encoding="utf-8") as fh:
                         fh.write("\n".join(e.line for e in entries) + "\n")
-                    restore_section(tools, target, archive, "post-data", list_file=rest_file, jobs=settings.concurrency)
+                    restore_section(
+                        tools, target, archive, "post-data", list_file=rest_file, jobs=settings.concurrency
+                    )
 
             remaining_ms = int(job_deadline(job, settings).remaining() * 1000)
             result = copy_rows(
@@ -120,7 +131,9 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                 lanes=settings.concurrency,
                 open_target=lambda: admin.open_role_connection(preview, restorer, readonly=False),
                 restore_rest=restore_rest,
-                restore_data_section=lambda: restore_section(tools, target, archive, "data", list_file=list_file),
+                restore_data_section=lambda: restore_section(
+                    tools, target, archive, "data", list_file=list_file
+                ),
                 maintenance_work_mem=settings.maintenance_work_mem,
                 cancellation=context.cancellation,
                 on_progress=lambda report: report_progress(context, report),

@@ -85,7 +85,9 @@ class PlanFacts(StageFacts):
 
     extensions: dict[str, str] = Field(default_factory=dict)  # name -> schema; the service creates them first
     extension_comments: dict[str, str] = Field(default_factory=dict)  # name -> comment; the service sets them
-    skipped: list[dict[str, Any]] = Field(default_factory=list)  # {"object", "reason"}: left out of the restore
+    skipped: list[dict[str, Any]] = Field(
+        default_factory=list
+    )  # {"object", "reason"}: left out of the restore
     dump_encoding: str | None = None  # the source's encoding (names and rows are decoded from it)
     # The database's settings and comment (stages.database.dbsettings.DatabaseProperties.facts()).
     database_properties: dict[str, Any] | None = None
@@ -125,7 +127,9 @@ class FetchResult(StageResult, PlanFacts, CountFacts):
     upload_bytes: int | None = None  # upload: the version fetch checked...
     upload_etag: str | None = None  # ...which restore reads again (None: fetched before uploads were pinned)
     dump_info: DumpInfo | None = None  # upload
-    restore_skip: list[dict[str, Any]] | None = None  # upload: what restore leaves out (the whole script's rehearsal)
+    restore_skip: list[dict[str, Any]] | None = (
+        None  # upload: what restore leaves out (the whole script's rehearsal)
+    )
 
 
 class RestoreResult(StageResult, PlanFacts, CountFacts, VerificationFacts):

@@ -96,14 +96,22 @@ def fetch_upload(
             "upload_bytes": upload.size,
             "upload_etag": upload.etag,
             "dump_format": info.format,
-            "dump_info": {"archive_version": info.archive_version, "dumped_by": info.dumped_by, "dumped_from": info.dumped_from},
+            "dump_info": {
+                "archive_version": info.archive_version,
+                "dumped_by": info.dumped_by,
+                "dumped_from": info.dumped_from,
+            },
         }
         counter = RowCounter()
         skipped: list[dict[str, Any]] = job.facts.rehearsal_skipped
         if info.format in ARCHIVES:
             archive = os.path.join(folder, "upload")
             store.download(
-                job.upload_key, archive, expected=upload, max_bytes=limit, on_progress=_bytes_progress(context, "downloading the upload")
+                job.upload_key,
+                archive,
+                expected=upload,
+                max_bytes=limit,
+                on_progress=_bytes_progress(context, "downloading the upload"),
             )
             # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
             check_complete(archive, info.format)
@@ -112,13 +120,23 @@ def fetch_upload(
             # The rows are counted by restore as they stream (pipeline.steps.archive);
             # the sequences' values are in the table of contents.
             counter.sequences = archive_sequences(
-                (e.definition or b"" for e in readable_toc(archive).entries if e.desc == "SEQUENCE SET"), facts["dump_encoding"]
+                (e.definition or b"" for e in readable_toc(archive).entries if e.desc == "SEQUENCE SET"),
+                facts["dump_encoding"],
             )
             kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
         else:
             gzipped = info.format == "gzip-plain"
             if upload.size > settings.preflight_head_bytes:  # preflight rehearsed only the head
-                skipped = _rehearse_plain_schema(context, settings, sealer, store, upload, folder, gzipped=gzipped, max_bytes=sql_limit(project))
+                skipped = _rehearse_plain_schema(
+                    context,
+                    settings,
+                    sealer,
+                    store,
+                    upload,
+                    folder,
+                    gzipped=gzipped,
+                    max_bytes=sql_limit(project),
+                )
             plain = _filter_upload(
                 store,
                 upload,
@@ -130,10 +148,18 @@ def fetch_upload(
                 out=None,
             )
             require_allowlisted(plain.extensions, settings.extension_allowlist)
-            facts.update(extensions=plain.extensions, extension_comments=plain.extension_comments, skipped=plain.skipped)
+            facts.update(
+                extensions=plain.extensions,
+                extension_comments=plain.extension_comments,
+                skipped=plain.skipped,
+            )
             kinds, basis, dump_bytes = counter.kinds, "dump statements", plain.bytes
     counts, uncounted = counter.result()
-    description = {"objects": kinds, "sequences": counter.sequences, "extensions": {name: None for name in facts["extensions"]}}
+    description = {
+        "objects": kinds,
+        "sequences": counter.sequences,
+        "extensions": {name: None for name in facts["extensions"]},
+    }
     return FetchResult(
         **facts,
         # What the schema rehearsal found the project cannot hold (of the whole script,
@@ -178,13 +204,17 @@ class _Download:
             except BaseException as err:  # noqa: BLE001 - raised by `wait`, in the stage's thread
                 self._failure.append(err)
 
-        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="download-upload", daemon=True)
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(run,), name="download-upload", daemon=True
+        )
         self._thread.start()
 
     def wait(self, context: StageContext) -> str:
         while self._thread.is_alive():
             self._thread.join(PROGRESS_SECONDS)
-            context.progress({"phase": "downloading the upload", "bytes_done": self.done, "bytes_total": self.total})
+            context.progress(
+                {"phase": "downloading the upload", "bytes_done": self.done, "bytes_total": self.total}
+            )
         if self._failure:
             raise self._failure[0]
         return self.path
@@ -195,7 +225,9 @@ class _Download:
 
 
 @contextlib.contextmanager
-def restore_folder(context: StageContext, *, settings: Settings, store: ObjectStore) -> Iterator[RestoreFolder]:
+def restore_folder(
+    context: StageContext, *, settings: Settings, store: ObjectStore
+) -> Iterator[RestoreFolder]:
     """The restore stage's folder, removed when the stage ends; an archive starts
     downloading into it at once, so the download overlaps the preview's creation
     (pipeline.steps.restore)."""
@@ -203,7 +235,9 @@ def restore_folder(context: StageContext, *, settings: Settings, store: ObjectSt
     assert job.upload_key is not None
     facts = job.facts
     # The version fetch checked; a job fetched before uploads were pinned has no ETag.
-    upload = StoredObject(job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag)
+    upload = StoredObject(
+        job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag
+    )
     with stage_folder(settings, job, "restore") as folder:
         download = None
         if recorded(facts.dump_format, "dump_format") in ARCHIVES:
@@ -235,14 +269,22 @@ def restore_upload(
     assert job.upload_key is not None
     facts = job.facts
     project = Project.get_by_id(job.project_id)
-    upload = StoredObject(job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag)
+    upload = StoredObject(
+        job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag
+    )
     skipped = facts.restore_skip if facts.restore_skip is not None else facts.rehearsal_skipped
     fmt = recorded(facts.dump_format, "dump_format")
     if prepared.download is not None:
         archive = prepared.download.wait(context)
         context.check_cancelled()
         return restore_archive_upload(
-            context, settings=settings, tools=tools, archive=archive, folder=prepared.folder, target=target, open_target=open_target
+            context,
+            settings=settings,
+            tools=tools,
+            archive=archive,
+            folder=prepared.folder,
+            target=target,
+            open_target=open_target,
         )
     gzipped = fmt == "gzip-plain"
     context.check_cancelled()
@@ -257,7 +299,11 @@ def restore_upload(
 
 
 def _archive_facts(
-    tools: PgTools, archive: str, folder: str, skipped: list[dict[str, Any]], allowlist: list[str] | tuple[str, ...]
+    tools: PgTools,
+    archive: str,
+    folder: str,
+    skipped: list[dict[str, Any]],
+    allowlist: list[str] | tuple[str, ...],
 ) -> dict[str, Any]:
     """Read the archive's TOC: what the project role restores, what it skips and why,
     which extensions (in which schemas) the service creates first, the source's
@@ -295,7 +341,9 @@ def _filter_upload(
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(store.reader(upload.key, expected=upload, on_progress=progress))
         sink = out if out is not None else stack.enter_context(open(os.devnull, "wb"))
-        return filter_plain_sql(source, sink, gzipped=gzipped, max_bytes=max_bytes, counter=counter, skip=skip_map(skipped))
+        return filter_plain_sql(
+            source, sink, gzipped=gzipped, max_bytes=max_bytes, counter=counter, skip=skip_map(skipped)
+        )
 
 
 def _rehearse_plain_schema(

@@ -57,14 +57,23 @@ def resolve(host: str, port: int, *, getaddrinfo: AddressLookup = socket.getaddr
 # refuses whatever else Python's registry knows to be special. Most specific first.
 
 _REFUSED_NETWORKS: tuple[tuple[str, str], ...] = (
-    ("169.254.169.254/32", "a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)"),
+    (
+        "169.254.169.254/32",
+        "a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)",
+    ),
     ("169.254.170.2/32", "a cloud metadata address (AWS ECS task metadata; in 169.254.0.0/16, link-local)"),
-    ("100.100.100.200/32", "a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)"),
+    (
+        "100.100.100.200/32",
+        "a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)",
+    ),
     ("168.63.129.16/32", "a cloud metadata address (Azure WireServer, 168.63.129.16/32)"),
     ("192.0.0.192/32", "a cloud metadata address (Oracle Cloud instance metadata; in 192.0.0.0/24)"),
     ("0.0.0.0/8", "a 'this network' address (0.0.0.0/8, RFC 1122), which reaches this host"),
     ("10.0.0.0/8", "a private address (10.0.0.0/8, RFC 1918)"),
-    ("100.64.0.0/10", "a shared carrier-grade NAT address (100.64.0.0/10, RFC 6598), not reachable from the internet"),
+    (
+        "100.64.0.0/10",
+        "a shared carrier-grade NAT address (100.64.0.0/10, RFC 6598), not reachable from the internet",
+    ),
     ("127.0.0.0/8", "a loopback address (127.0.0.0/8)"),
     ("169.254.0.0/16", "a link-local address (169.254.0.0/16, RFC 3927)"),
     ("172.16.0.0/12", "a private address (172.16.0.0/12, RFC 1918)"),
@@ -77,10 +86,16 @@ _REFUSED_NETWORKS: tuple[tuple[str, str], ...] = (
     ("203.0.113.0/24", "a documentation address (203.0.113.0/24, RFC 5737)"),
     ("224.0.0.0/4", "a multicast address (224.0.0.0/4)"),
     ("240.0.0.0/4", "a reserved address (240.0.0.0/4, with the broadcast address)"),
-    ("fd00:ec2::254/128", "a cloud metadata address (AWS instance metadata over IPv6; in fc00::/7, unique local)"),
+    (
+        "fd00:ec2::254/128",
+        "a cloud metadata address (AWS instance metadata over IPv6; in fc00::/7, unique local)",
+    ),
     ("::/128", "the unspecified address (::)"),
     ("::1/128", "a loopback address (::1)"),
-    ("64:ff9b:1::/48", "a local-use NAT64 address (64:ff9b:1::/48, RFC 8215), which translates into a private network"),
+    (
+        "64:ff9b:1::/48",
+        "a local-use NAT64 address (64:ff9b:1::/48, RFC 8215), which translates into a private network",
+    ),
     ("100::/64", "a discard-only address (100::/64, RFC 6666)"),
     ("2001:db8::/32", "a documentation address (2001:db8::/32, RFC 3849)"),
     ("2001::/23", "an IETF protocol assignment address (2001::/23, RFC 2928)"),
@@ -139,7 +154,9 @@ def address_problem(address: str) -> str | None:
     if isinstance(ip, ipaddress.IPv4Address):
         return _v4_problem(ip)
     ip = ipaddress.IPv6Address(ip.compressed.split("%", 1)[0])  # the zone does not matter
-    problem = _table_problem(ip) if ip in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")) else None
+    problem = (
+        _table_problem(ip) if ip in (ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")) else None
+    )
     if problem:
         return problem
     embedded = _embedded(ip)

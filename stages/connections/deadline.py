@@ -122,7 +122,9 @@ class Watchdog:
 
     def expired(self) -> SourceTimedOut:
         if self.deadline.cancelled:
-            return SourceTimedOut(f"the session with the source database at {self.where} was interrupted: cancelled")
+            return SourceTimedOut(
+                f"the session with the source database at {self.where} was interrupted: cancelled"
+            )
         return SourceTimedOut(
             f"the source database at {self.where} did not answer within {self.deadline.limit()}; "
             "it accepted the connection but stopped answering: check that it is not overloaded, "

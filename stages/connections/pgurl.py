@@ -147,7 +147,9 @@ def system_ca_bundle() -> str:
     return NO_FILE
 
 
-def tool_environment(env: Mapping[str, str] | None = None, *, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def tool_environment(
+    env: Mapping[str, str] | None = None, *, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The full environment for a Postgres client tool: `base` (os.environ) without
     any inherited PG* variable (PGSERVICE, PGHOST, PGSSLCERT… would otherwise reach
     libpq), then `env`. For the tools' command runner, which merges os.environ today."""
@@ -159,13 +161,14 @@ def tool_environment(env: Mapping[str, str] | None = None, *, base: Mapping[str,
 
 
 def _check_source_parameters(params: dict[str, str]) -> None:
-    accepted = ", ".join(name for name in SOURCE_PARAMETERS if name not in ("host", "port", "dbname", "user", "password"))
+    accepted = ", ".join(
+        name for name in SOURCE_PARAMETERS if name not in ("host", "port", "dbname", "user", "password")
+    )
     for name, value in params.items():
         if name not in SOURCE_PARAMETERS:
             why = _REFUSED_BECAUSE.get(name, "it is not one a source URL may set")
             raise InvalidSourceURL(
-                f"source_url parameter {name!r} is not accepted: {why}. "
-                f"A source URL may set only {accepted}"
+                f"source_url parameter {name!r} is not accepted: {why}. A source URL may set only {accepted}"
             )
         allowed = _ALLOWED_VALUES.get(name)
         if allowed and value not in allowed:
@@ -174,12 +177,12 @@ def _check_source_parameters(params: dict[str, str]) -> None:
                 hint = " (verify the server with the system's certificate authorities); a file path names a file on the service's host"
             elif name == "gssencmode":
                 hint = ": GSSAPI encryption would use Kerberos credentials of the service's host"
-            raise InvalidSourceURL(
-                f"source_url parameter {name} must be one of {', '.join(allowed)}{hint}"
-            )
+            raise InvalidSourceURL(f"source_url parameter {name} must be one of {', '.join(allowed)}{hint}")
     timeout = params.get("connect_timeout")
     if timeout is not None and (not timeout.isdigit() or int(timeout) == 0):
-        raise InvalidSourceURL("source_url parameter connect_timeout must be a whole number of seconds above 0")
+        raise InvalidSourceURL(
+            "source_url parameter connect_timeout must be a whole number of seconds above 0"
+        )
     if params.get("sslrootcert") == "system" and params.get("sslmode", "verify-full") != "verify-full":
         raise InvalidSourceURL(
             "source_url parameter sslrootcert=system needs sslmode=verify-full (or no sslmode): "
@@ -280,7 +283,9 @@ class SourceURL:
         """Every libpq keyword of a connection, password excluded: for a tenant's source
         with the file-less, keepalive parameters, `sslrootcert=system` (or a verify
         sslmode) as the system's CA bundle, any other root certificate as nothing."""
-        merged = {key: value for key, value in {**self.params, **extra}.items() if key not in SECRET_PARAMETERS}
+        merged = {
+            key: value for key, value in {**self.params, **extra}.items() if key not in SECRET_PARAMETERS
+        }
         if not self.tenant:
             return merged
         verify = merged.get("sslmode") in ("verify-ca", "verify-full")

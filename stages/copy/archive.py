@@ -56,7 +56,15 @@ _END = b"\\.\n"
 
 _IDENT = rb'(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
 _COPY = re.compile(
-    rb"COPY (" + _IDENT + rb")\.(" + _IDENT + rb") (?:\((" + _IDENT + rb"(?:, " + _IDENT + rb")*)\) | )FROM stdin;\n\Z"
+    rb"COPY ("
+    + _IDENT
+    + rb")\.("
+    + _IDENT
+    + rb") (?:\(("
+    + _IDENT
+    + rb"(?:, "
+    + _IDENT
+    + rb")*)\) | )FROM stdin;\n\Z"
 )
 _USING = re.compile(rb" USING (\w+) \(")
 
@@ -149,10 +157,16 @@ def plan_archive(
         if loaded is None or (copy.schema, copy.table) in loaded:
             continue  # pg_restore fills it too (maybe first): TRUNCATE would lose its rows
         size = toc.data_bytes.get(found.dump_id, 0) * factor
-        table = SourceTable(table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id)
+        table = SourceTable(
+            table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id
+        )
         streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy))
     streamed_ids = {s.entry.dump_id for s in streamed}
-    rest = [e for e in kept if e.dump_id in by_id and by_id[e.dump_id].section == SECTION_DATA and e.dump_id not in streamed_ids]
+    rest = [
+        e
+        for e in kept
+        if e.dump_id in by_id and by_id[e.dump_id].section == SECTION_DATA and e.dump_id not in streamed_ids
+    ]
     owned = _owners(toc, tables, kept_ids)
     seekable = all(by_id[s.entry.dump_id].offset_flag == 2 for s in streamed)
     return ArchivePlan(streamed, rest, owned, seekable)
@@ -169,7 +183,12 @@ def _loaded_by_pg_restore(
     loaded: set[tuple[str, str]] = set()
     for entry in kept:
         found = by_id.get(entry.dump_id)
-        if found is None or id(found) in candidate_ids or found.desc != "TABLE DATA" or not _has_data(found, toc):
+        if (
+            found is None
+            or id(found) in candidate_ids
+            or found.desc != "TABLE DATA"
+            or not _has_data(found, toc)
+        ):
             continue
         copy = parse_copy(found.copy_statement or b"", codec)
         if copy is None:
@@ -213,20 +232,28 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
         own = [d for d in entry.deps if d in tables]
         if entry.desc == "INDEX" and len(own) == 1:
             method = _USING.search(entry.definition or b"")
-            owned[entry.dump_id] = Owned(own[0], "index", method.group(1).decode("ascii") if method else "btree")
+            owned[entry.dump_id] = Owned(
+                own[0], "index", method.group(1).decode("ascii") if method else "btree"
+            )
         elif entry.desc == "CONSTRAINT" and len(own) == 1:
             owned[entry.dump_id] = Owned(own[0], "constraint")
         elif entry.desc == "FK CONSTRAINT" and own:
             # Its tag is "<table> <constraint>", in its table's schema: of the tables it
             # depends on, the one it is on; the other is the one it references (or
             # none: it references its own table).
-            on = {d for d in own if entry.namespace == tables[d].namespace and entry.tag.startswith(tables[d].tag + b" ")}
+            on = {
+                d
+                for d in own
+                if entry.namespace == tables[d].namespace and entry.tag.startswith(tables[d].tag + b" ")
+            }
             if len(on) != 1:
                 continue
             table = on.pop()
             referenced = {t for d in entry.deps if (t := table_of(d)) is not None} - {table}
             if len(referenced) <= 1:
-                owned[entry.dump_id] = Owned(table, "foreign key", references=referenced.pop() if referenced else table)
+                owned[entry.dump_id] = Owned(
+                    table, "foreign key", references=referenced.pop() if referenced else table
+                )
     return owned
 
 
@@ -283,7 +310,9 @@ class _ArchiveLoading:
                 copies[item.table.oid] = task
         return copies, []
 
-    def _load(self, number: int, batch: list[StreamedTable], progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
+    def _load(
+        self, number: int, batch: list[StreamedTable], progress: CopyProgress, record: Record
+    ) -> Callable[[Lane], None]:
         source = self.source
 
         def run(lane: Lane) -> None:
@@ -309,8 +338,10 @@ class _ArchiveLoading:
                     refused.append(err)
                 rows.drain()
 
-            what = f"reading the rows of table {batch[0].table.key} from the dump" if len(batch) == 1 else (
-                f"reading the rows of {len(batch)} tables from the dump"
+            what = (
+                f"reading the rows of table {batch[0].table.key} from the dump"
+                if len(batch) == 1
+                else (f"reading the rows of {len(batch)} tables from the dump")
             )
             reader = source.tools.pg_restore
             # Only reading a file the preflight checked: when it stops producing rows (a
@@ -491,7 +522,9 @@ def _load_block(
                 cur.copy_expert(statement, block, size=READ_CHUNK)  # type: ignore[arg-type]
                 target_rows = cur.rowcount
             if not block.done:
-                raise ArchiveDataDamaged(f"the rows of table {item.table.key} did not end where the archive says")
+                raise ArchiveDataDamaged(
+                    f"the rows of table {item.table.key} did not end where the archive says"
+                )
             if block.count != target_rows:
                 raise ArchiveDataDamaged(
                     f"the dump holds {block.count} rows of table {item.table.key} and the preview received {target_rows}"

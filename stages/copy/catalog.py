@@ -91,9 +91,7 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
     """The tables to copy and the owners of indexes and constraints, as the snapshot
     `conn` is in sees them (search_path must be pinned to pg_catalog)."""
     with conn.cursor() as cur:
-        generated = (
-            "AND a.attgenerated OPERATOR(pg_catalog.=) ''" if conn.server_version >= 120000 else ""
-        )
+        generated = "AND a.attgenerated OPERATOR(pg_catalog.=) ''" if conn.server_version >= 120000 else ""
         cur.execute(_TABLES.format(generated=generated))
         tables = [
             SourceTable(table_key(schema, name), schema, name, tuple(columns), int(size or 0), int(oid))
@@ -104,7 +102,17 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
         for catalog, oid, table, method in cur.fetchall():
             owned[(int(catalog), int(oid))] = Owned(int(table), "index", method)
         cur.execute(_CONSTRAINTS)
-        for catalog, oid, table, contype, references, indexdef, deferrable, deferred, method in cur.fetchall():
+        for (
+            catalog,
+            oid,
+            table,
+            contype,
+            references,
+            indexdef,
+            deferrable,
+            deferred,
+            method,
+        ) in cur.fetchall():
             if contype == "f":
                 owned[(int(catalog), int(oid))] = Owned(int(table), "foreign key", references=int(references))
                 continue
@@ -129,6 +137,8 @@ def lock_tables(conn: psycopg2.extensions.connection, tables: list[SourceTable])
             chunk = tables[start : start + 500]
             cur.execute(
                 sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(
-                    sql.SQL(", ").join(sql.SQL("ONLY {}").format(sql.Identifier(t.schema, t.name)) for t in chunk)
+                    sql.SQL(", ").join(
+                        sql.SQL("ONLY {}").format(sql.Identifier(t.schema, t.name)) for t in chunk
+                    )
                 )
             )

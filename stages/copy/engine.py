@@ -65,7 +65,6 @@ TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
 
 
-
 class CopyStalled(SourceUnreachable):
     """A table's rows stopped coming from the source or the dump."""
 
@@ -104,7 +103,9 @@ class RowSource(Protocol):
 
 
 class Loading(Protocol):
-    def data_tasks(self, tables: list[SourceTable], progress: CopyProgress, record: Record) -> tuple[dict[int, Task[Lane]], list[Task[Lane]]]:
+    def data_tasks(
+        self, tables: list[SourceTable], progress: CopyProgress, record: Record
+    ) -> tuple[dict[int, Task[Lane]], list[Task[Lane]]]:
         """The tasks that load `tables`' rows, by table id (tables may share a task),
         and any other data tasks (large objects). Each loaded table is `record`ed."""
 
@@ -126,7 +127,11 @@ def plan_copy(source: RowSource, kept: list[TocEntry], rendered: Rendered) -> Co
     if rendered.exact:
         for block in rendered.blocks:
             owned = source.owner_of(block.entry)
-            if owned is None or owned.table not in keys or (owned.references and owned.references not in keys):
+            if (
+                owned is None
+                or owned.table not in keys
+                or (owned.references and owned.references not in keys)
+            ):
                 continue
             owned_blocks.append((block, owned))
             taken.add(block.entry.dump_id)
@@ -232,7 +237,12 @@ def copy_rows(
 
         def started(task: Task[Lane]) -> None:
             check_stopped()
-            log.debug("copy: %.1f s: %s starts (rank %.0f)", time.monotonic() - progress.started, task.name, task.rank)
+            log.debug(
+                "copy: %.1f s: %s starts (rank %.0f)",
+                time.monotonic() - progress.started,
+                task.name,
+                task.rank,
+            )
 
         def finished(task: Task[Lane]) -> None:
             log.debug("copy: %.1f s: %s done", time.monotonic() - progress.started, task.name)
@@ -252,7 +262,9 @@ def copy_rows(
         )
         try:
             for _ in range(max(1, lanes)):
-                conn = _open_lane_target(open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms)
+                conn = _open_lane_target(
+                    open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms
+                )
                 sessions.append(Lane(conn))
             reporter.start()
             Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
@@ -265,7 +277,10 @@ def copy_rows(
                 _execute(block.sql, f"{block.entry.desc.lower()} {block.entry.name}")(sessions[0])
             if not analyze_each:
                 progress.step, progress.phase = "analyze", "analyzing the tables"
-                analyze = [Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), table_locks(t.oid)) for t in plan.tables]
+                analyze = [
+                    Task[Lane](f"analyze {t.key}", 1.0 + t.bytes, _analyze(t), table_locks(t.oid))
+                    for t in plan.tables
+                ]
                 Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
                 _raise_first(failure)
         except BaseException as err:
@@ -296,7 +311,10 @@ def _raise_first(failure: list[BaseException]) -> None:
 
 
 def _open_lane_target(
-    open_target: Callable[[], psycopg2.extensions.connection], preamble: str, maintenance_work_mem: str, timeout_ms: int
+    open_target: Callable[[], psycopg2.extensions.connection],
+    preamble: str,
+    maintenance_work_mem: str,
+    timeout_ms: int,
 ) -> psycopg2.extensions.connection:
     conn = open_target()
     conn.autocommit = True
@@ -349,10 +367,19 @@ def _tasks(
         size = by_table[owned.table].bytes
         what = f"{block.entry.desc.lower()} {block.entry.name}"
         if owned.kind == "index" or (owned.kind == "constraint" and owned.unique_index):
-            definition = block.sql if owned.kind == "index" or owned.unique_index is None else owned.unique_index + ";"
+            definition = (
+                block.sql if owned.kind == "index" or owned.unique_index is None else owned.unique_index + ";"
+            )
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
             indexes[owned.table].append(
-                Task(f"index {block.entry.name}", cost, _execute(definition, what), table_locks(owned.table), exclusive=False, after=[copies[owned.table]])
+                Task(
+                    f"index {block.entry.name}",
+                    cost,
+                    _execute(definition, what),
+                    table_locks(owned.table),
+                    exclusive=False,
+                    after=[copies[owned.table]],
+                )
             )
         if owned.kind == "constraint":
             attach[owned.table].append((block, owned))
@@ -367,7 +394,10 @@ def _tasks(
         if statements:
             constraints = Task[Lane](
                 f"constraints of {key}",
-                TASK_OVERHEAD + sum(by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index),
+                TASK_OVERHEAD
+                + sum(
+                    by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index
+                ),
                 _execute("\n".join(statements), f"the constraints of table {key}"),
                 table_locks(oid),
                 after=[copies[oid], *table_indexes],
@@ -375,7 +405,9 @@ def _tasks(
             tasks.append(constraints)
             done[oid] = constraints
         elif table_indexes:
-            done[oid] = Task[Lane](f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[oid], *table_indexes])
+            done[oid] = Task[Lane](
+                f"indexes of {key}", 0.0, lambda _lane: None, frozenset(), after=[copies[oid], *table_indexes]
+            )
             tasks.append(done[oid])
         else:
             done[oid] = copies[oid]
@@ -396,7 +428,13 @@ def _tasks(
         # Each table's statistics as soon as nothing more is built on it, beside the others' work.
         for oid, table in by_table.items():
             tasks.append(
-                Task[Lane](f"analyze {table.key}", ANALYZE_COST + table.bytes * 0.02, _analyze(table), table_locks(oid), after=last[oid])
+                Task[Lane](
+                    f"analyze {table.key}",
+                    ANALYZE_COST + table.bytes * 0.02,
+                    _analyze(table),
+                    table_locks(oid),
+                    after=last[oid],
+                )
             )
 
     def data_section(_lane: Lane) -> None:
@@ -460,7 +498,9 @@ def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], Non
 
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:
-    return _execute(sql.SQL("ANALYZE {}").format(quoted(table.schema, table.name)), f"statistics of table {table.key}")
+    return _execute(
+        sql.SQL("ANALYZE {}").format(quoted(table.schema, table.name)), f"statistics of table {table.key}"
+    )
 
 
 def _what(flowing: object) -> str:

@@ -67,7 +67,9 @@ def _copy_all(
                 flow.bytes += len(data)
                 flow.last = time.monotonic()
             if comment is not None:
-                dst.execute(sql.SQL("COMMENT ON LARGE OBJECT {} IS %s").format(sql.Literal(int(oid))), (comment,))
+                dst.execute(
+                    sql.SQL("COMMENT ON LARGE OBJECT {} IS %s").format(sql.Literal(int(oid))), (comment,)
+                )
             flow.rows += 1
             flow.last = time.monotonic()
             if done % COMMIT_EVERY == 0:

@@ -79,12 +79,16 @@ class Snapshot:
     def open(
         cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
     ) -> Iterator[Snapshot]:
-        deadline = SourceDeadline(per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS")
+        deadline = SourceDeadline(
+            per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS"
+        )
         conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
         unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
         try:
             with _source_errors(source, settings):
-                conn.set_session(isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
+                conn.set_session(
+                    isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True
+                )
                 with conn.cursor() as cur:
                     cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
                     cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
@@ -92,7 +96,9 @@ class Snapshot:
                     # a source's own idle timeout must not end it (pg_dump does the same).
                     cur.execute("SET idle_in_transaction_session_timeout = 0")
                     cur.execute("SET search_path = pg_catalog, pg_temp")
-                    cur.execute("SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')")
+                    cur.execute(
+                        "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')"
+                    )
                     snapshot_id, server_version = one_row(cur)
                 catalog = read_catalog(conn)
                 lock_tables(conn, catalog.tables)
@@ -129,7 +135,9 @@ class Snapshot:
             lock_wait_ms=int(self.settings.lock_timeout * 1000),
             exclude_data=[_pattern(t) for t in copied],
         )
-        tools.pg_dump.run(args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema")
+        tools.pg_dump.run(
+            args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema"
+        )
 
 
 def _shown(name: str) -> str:
@@ -143,7 +151,9 @@ def _pattern(table: SourceTable) -> str:
 
 
 @contextlib.contextmanager
-def _source_errors(source: SourceURL, settings: SourceSettings, statement: str | None = None) -> Iterator[None]:
+def _source_errors(
+    source: SourceURL, settings: SourceSettings, statement: str | None = None
+) -> Iterator[None]:
     """Source errors in the user's terms; `statement` is what was running (named when
     row-level security refuses it)."""
     try:
@@ -172,8 +182,6 @@ def _source_errors(source: SourceURL, settings: SourceSettings, statement: str |
         ) from err
 
 
-
-
 class _LiveLoading:
     """The lanes' source sessions, all in the snapshot and under one deadline:
     cancelling it shuts their sockets (stages.connections.deadline). Never psycopg2's
@@ -184,7 +192,8 @@ class _LiveLoading:
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.deadline = SourceDeadline(
-            per_read=snapshot.settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS"
+            per_read=snapshot.settings.read_timeout,
+            what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS",
         )
 
     def interrupt(self) -> None:
@@ -203,7 +212,9 @@ class _LiveLoading:
 
     def _open(self) -> psycopg2.extensions.connection:
         snapshot, settings = self.snapshot, self.snapshot.settings
-        conn = connect(snapshot.source, timeout=settings.connect_timeout, deadline=self.deadline, client_encoding="UTF8")
+        conn = connect(
+            snapshot.source, timeout=settings.connect_timeout, deadline=self.deadline, client_encoding="UTF8"
+        )
         try:
             with _source_errors(snapshot.source, settings), conn.cursor() as cur:
                 cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -234,14 +245,24 @@ class _LiveLoading:
         self, tables: list[SourceTable], progress: CopyProgress, record: Record
     ) -> tuple[dict[int, Task[Lane]], list[Task[Lane]]]:
         copies = {
-            table.oid: Task[Lane](f"copy {table.key}", TASK_OVERHEAD + table.bytes, self._copy(table, progress, record), table_locks(table.oid))
+            table.oid: Task[Lane](
+                f"copy {table.key}",
+                TASK_OVERHEAD + table.bytes,
+                self._copy(table, progress, record),
+                table_locks(table.oid),
+            )
             for table in tables
         }
         extra: list[Task[Lane]] = []
         objects = int(self.snapshot.description.get("objects", {}).get("large_objects", 0) or 0)
         if objects:
             extra.append(
-                Task[Lane]("large objects", TASK_OVERHEAD * (1 + objects), self._large_objects(progress), frozenset({"<large objects>"}))
+                Task[Lane](
+                    "large objects",
+                    TASK_OVERHEAD * (1 + objects),
+                    self._large_objects(progress),
+                    frozenset({"<large objects>"}),
+                )
             )
         return copies, extra
 
@@ -250,7 +271,12 @@ class _LiveLoading:
             with flowing(progress, table, counted=True) as flow:
                 source = self.session(lane)
                 statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
-                with _either_side(self.snapshot, source, f"loading the rows of table {table.key} into the preview", statement):
+                with _either_side(
+                    self.snapshot,
+                    source,
+                    f"loading the rows of table {table.key} into the preview",
+                    statement,
+                ):
                     copied = stream_table(table, source, lane.target, flow)
             record(table, copied.source_rows, copied.target_rows)
 
@@ -267,7 +293,9 @@ class _LiveLoading:
 
 
 @contextlib.contextmanager
-def _either_side(snapshot: Snapshot, source: psycopg2.extensions.connection, target_what: str, statement: str | None = None) -> Iterator[None]:
+def _either_side(
+    snapshot: Snapshot, source: psycopg2.extensions.connection, target_what: str, statement: str | None = None
+) -> Iterator[None]:
     """A stream's error in the terms of the side it came from: the source's (see
     `_source_errors`), or the preview's (`target_what` failed)."""
     with _source_errors(snapshot.source, snapshot.settings, statement):

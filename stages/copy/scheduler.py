@@ -152,7 +152,10 @@ class Schedule(Generic[Lane]):
         """Run every task; raise the first error once every lane has stopped."""
         threads = [
             threading.Thread(
-                target=contextvars.copy_context().run, args=(self._lane, lane), name=f"copy-lane-{i}", daemon=True
+                target=contextvars.copy_context().run,
+                args=(self._lane, lane),
+                name=f"copy-lane-{i}",
+                daemon=True,
             )
             for i, lane in enumerate(self.lanes)
         ]

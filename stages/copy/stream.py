@@ -57,7 +57,9 @@ class SourceTable:
     def copy_out(self) -> sql.Composable:
         if not self.columns:
             return sql.SQL("COPY {} TO STDOUT").format(sql.Identifier(self.schema, self.name))
-        return sql.SQL("COPY {} ({}) TO STDOUT").format(sql.Identifier(self.schema, self.name), self.column_list())
+        return sql.SQL("COPY {} ({}) TO STDOUT").format(
+            sql.Identifier(self.schema, self.name), self.column_list()
+        )
 
     def copy_in(self) -> sql.Composable:
         if not self.columns:

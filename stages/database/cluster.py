@@ -133,7 +133,9 @@ class ClusterAdmin:
             yield from self._held_connection()
             return
         url = self.url if dbname is None else self.url.with_params(dbname=dbname)
-        conn = connect(pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True)
+        conn = connect(
+            pinned(url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True
+        )
         try:
             with _waits_explained(dbname or "the maintenance database"):
                 yield conn
@@ -145,7 +147,12 @@ class ClusterAdmin:
         not in autocommit. One that failed in any way is closed, not reused."""
         conn = self._held.conn
         if conn is None or conn.closed:
-            conn = connect(pinned(self.url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout, ours=True)
+            conn = connect(
+                pinned(self.url, NO_STATEMENT_TIMEOUT),
+                role="project cluster",
+                timeout=self.timeout,
+                ours=True,
+            )
             self._held.conn = conn
         try:
             with _waits_explained("the maintenance database"):
@@ -161,7 +168,9 @@ class ClusterAdmin:
 
     def role_url(self, dbname: str, login: RoleLogin) -> SourceURL:
         """The cluster's address, as `login`, in `dbname` (for pg_restore and psql)."""
-        return SourceURL(params={**self.url.params, "dbname": dbname, "user": login.name}, password=login.password)
+        return SourceURL(
+            params={**self.url.params, "dbname": dbname, "user": login.name}, password=login.password
+        )
 
     @contextlib.contextmanager
     def role_connection(
@@ -217,7 +226,9 @@ class ClusterAdmin:
 
     def database_exists(self, name: str) -> bool:
         with self.autocommit() as cur:
-            cur.execute("SELECT 1 FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
+            cur.execute(
+                "SELECT 1 FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,)
+            )
             return cur.fetchone() is not None
 
     def create_database(self, name: str, *, owner: str | None = None) -> None:
@@ -227,9 +238,9 @@ class ClusterAdmin:
         It is created refusing connections, locked down, then opened: no other role
         can slip a session in between CREATE and REVOKE.
         """
-        statement = sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false").format(
-            sql.Identifier(name)
-        )
+        statement = sql.SQL(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false"
+        ).format(sql.Identifier(name))
         if owner:
             statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with self.autocommit() as cur:
@@ -273,7 +284,9 @@ class ClusterAdmin:
         )
         for (grantee,) in cur.fetchall():
             cur.execute(
-                sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(sql.Identifier(name), sql.Identifier(grantee))
+                sql.SQL("REVOKE ALL ON DATABASE {} FROM {} CASCADE").format(
+                    sql.Identifier(name), sql.Identifier(grantee)
+                )
             )
 
     def ensure_role(self, name: str, password: str) -> None:
@@ -313,16 +326,24 @@ class ClusterAdmin:
                 (name, name),
             )
             for granted, member in cur.fetchall():
-                cur.execute(sql.SQL("REVOKE {} FROM {} CASCADE").format(sql.Identifier(granted), sql.Identifier(member)))
+                cur.execute(
+                    sql.SQL("REVOKE {} FROM {} CASCADE").format(
+                        sql.Identifier(granted), sql.Identifier(member)
+                    )
+                )
 
     def _ensure_login(self, name: str, password: str, attributes: str) -> None:
         with self.connection() as conn:
             conn.autocommit = True
             # Sent as a SCRAM verifier computed here, so the password never appears in
             # the server's statement log.
-            verifier = psycopg2.extensions.encrypt_password(password, name, scope=conn, algorithm="scram-sha-256")
+            verifier = psycopg2.extensions.encrypt_password(
+                password, name, scope=conn, algorithm="scram-sha-256"
+            )
             with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s", (name,))
+                cur.execute(
+                    "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s", (name,)
+                )
                 verb = "ALTER" if cur.fetchone() else "CREATE"
                 cur.execute(
                     sql.SQL(verb + " ROLE {} LOGIN " + attributes + " PASSWORD {}").format(
@@ -363,9 +384,9 @@ class ClusterAdmin:
         it undroppable, ALLOW_CONNECTIONS false and CONNECTION LIMIT 0 unreachable."""
         with self.autocommit() as cur:
             cur.execute(
-                sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1").format(
-                    sql.Identifier(database)
-                )
+                sql.SQL(
+                    "ALTER DATABASE {} WITH IS_TEMPLATE false ALLOW_CONNECTIONS true CONNECTION LIMIT -1"
+                ).format(sql.Identifier(database))
             )
 
     def hand_over(self, database: str, *, from_role: str, to_role: str) -> None:
@@ -385,7 +406,9 @@ class ClusterAdmin:
             with self.autocommit(database) as cur:
                 self._reassign_one_by_one(cur, from_role, to_role)
                 cur.execute(
-                    sql.SQL("REASSIGN OWNED BY {} TO {}").format(sql.Identifier(from_role), sql.Identifier(to_role))
+                    sql.SQL("REASSIGN OWNED BY {} TO {}").format(
+                        sql.Identifier(from_role), sql.Identifier(to_role)
+                    )
                 )
                 cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(from_role)))
         self.set_owner(database, to_role)
@@ -422,7 +445,9 @@ class ClusterAdmin:
         )
         for schema, name in cur.fetchall():
             cur.execute(
-                sql.SQL("ALTER TABLE {} OWNER TO {}").format(sql.Identifier(schema, name), sql.Identifier(to_role))
+                sql.SQL("ALTER TABLE {} OWNER TO {}").format(
+                    sql.Identifier(schema, name), sql.Identifier(to_role)
+                )
             )
         cur.execute(
             "SELECT m.oid FROM pg_catalog.pg_largeobject_metadata m WHERE m.lomowner OPERATOR(pg_catalog.=) "
@@ -430,7 +455,11 @@ class ClusterAdmin:
             (from_role,),
         )
         for (oid,) in cur.fetchall():
-            cur.execute(sql.SQL("ALTER LARGE OBJECT {} OWNER TO {}").format(sql.Literal(int(oid)), sql.Identifier(to_role)))
+            cur.execute(
+                sql.SQL("ALTER LARGE OBJECT {} OWNER TO {}").format(
+                    sql.Literal(int(oid)), sql.Identifier(to_role)
+                )
+            )
 
     def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:
@@ -452,10 +481,16 @@ class ClusterAdmin:
             self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():
                 if name in extensions:
-                    cur.execute(sql.SQL("COMMENT ON EXTENSION {} IS {}").format(sql.Identifier(name), sql.Literal(comment)))
+                    cur.execute(
+                        sql.SQL("COMMENT ON EXTENSION {} IS {}").format(
+                            sql.Identifier(name), sql.Literal(comment)
+                        )
+                    )
 
     @staticmethod
-    def _create_extensions(cur: psycopg2.extensions.cursor, owner: str, extensions: Mapping[str, str]) -> None:
+    def _create_extensions(
+        cur: psycopg2.extensions.cursor, owner: str, extensions: Mapping[str, str]
+    ) -> None:
         for name, schema in extensions.items():
             cur.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
@@ -474,7 +509,8 @@ class ClusterAdmin:
         across sessions and keep the database from being dropped. Returns their ids."""
         with self.autocommit() as cur:
             cur.execute(
-                "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) %s", (name,)
+                "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE database OPERATOR(pg_catalog.=) %s",
+                (name,),
             )
             gids = [gid for (gid,) in cur.fetchall()]
         if gids:
@@ -492,7 +528,10 @@ class ClusterAdmin:
         dump prepared in it."""
         self.rollback_prepared(name)  # connects to `name` only if it holds prepared transactions
         with self.autocommit() as cur:
-            cur.execute("SELECT datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (name,))
+            cur.execute(
+                "SELECT datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s",
+                (name,),
+            )
             row = cur.fetchone()
             if row and row[0]:
                 cur.execute(sql.SQL("ALTER DATABASE {} WITH IS_TEMPLATE false").format(sql.Identifier(name)))
@@ -506,7 +545,13 @@ class ClusterAdmin:
             return empty
 
     def swap(
-        self, *, live: str, preview: str, replaced: str, attempts: int = 5, hold: Callable[[], None] | None = None
+        self,
+        *,
+        live: str,
+        preview: str,
+        replaced: str,
+        attempts: int = 5,
+        hold: Callable[[], None] | None = None,
     ) -> None:
         """Make `preview` the live database, keeping the old live one as `replaced`.
 

@@ -35,7 +35,9 @@ from stages.tools.commands import PgTools
 
 _IDENT = r'(?:"(?:[^"]|"")*"|[^\s".;]+)'
 _LITERALS = r"'(?:[^']|'')*'(?:, '(?:[^']|'')*')*"
-_DATABASE_SET = re.compile(rf"^ALTER DATABASE {_IDENT} SET ({_IDENT}(?:\.{_IDENT})?) TO ({_LITERALS});$", re.M)
+_DATABASE_SET = re.compile(
+    rf"^ALTER DATABASE {_IDENT} SET ({_IDENT}(?:\.{_IDENT})?) TO ({_LITERALS});$", re.M
+)
 _ROLE_SET = re.compile(
     rf"^ALTER ROLE ({_IDENT}) IN DATABASE {_IDENT} SET ({_IDENT}(?:\.{_IDENT})?) TO ({_LITERALS});$", re.M
 )
@@ -84,13 +86,16 @@ def parse(text: str) -> DatabaseProperties:
     """The settings and comment in pg_dump's statements for them (see module doc)."""
     settings = [Setting(_unquote(name), _literals(values)) for name, values in _DATABASE_SET.findall(text)]
     settings += [
-        Setting(_unquote(name), _literals(values), toc.unquote(role)) for role, name, values in _ROLE_SET.findall(text)
+        Setting(_unquote(name), _literals(values), toc.unquote(role))
+        for role, name, values in _ROLE_SET.findall(text)
     ]
     comment = _COMMENT.search(text)
     return DatabaseProperties(settings, _literals(comment.group(1))[0] if comment else None)
 
 
-def read_archive(tools: PgTools, archive: str, work_dir: str, *, encoding: str = "UTF8") -> DatabaseProperties:
+def read_archive(
+    tools: PgTools, archive: str, work_dir: str, *, encoding: str = "UTF8"
+) -> DatabaseProperties:
     """The database's settings and comment held by an archive (custom, tar or
     directory); empty when it holds none."""
     chunks: list[bytes] = []
@@ -124,7 +129,9 @@ ROLES_NOT_IMPORTED = (
 )
 
 
-def apply(admin: ClusterAdmin, database: str, owner: RoleLogin, properties: DatabaseProperties) -> dict[str, Any]:
+def apply(
+    admin: ClusterAdmin, database: str, owner: RoleLogin, properties: DatabaseProperties
+) -> dict[str, Any]:
     """Set `properties` on `database` as its owner; what was carried and what was
     skipped (with the reason), as the report shows them."""
     carried: list[str] = []
@@ -159,7 +166,8 @@ def apply(admin: ClusterAdmin, database: str, owner: RoleLogin, properties: Data
                     carried.append(setting.shown)
             if properties.comment is not None:
                 cur.execute(
-                    sql.SQL("COMMENT ON DATABASE {} IS %s").format(sql.Identifier(database)), (properties.comment,)
+                    sql.SQL("COMMENT ON DATABASE {} IS %s").format(sql.Identifier(database)),
+                    (properties.comment,),
                 )
                 comment = properties.comment
     return {"settings": carried, "comment": comment, "skipped": skipped}

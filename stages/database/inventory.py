@@ -45,14 +45,18 @@ def list_tables(conn: psycopg2.extensions.connection) -> list[tuple[str, str]]:
         return [(schema, name) for schema, name in cur.fetchall()]
 
 
-def count_rows(conn: psycopg2.extensions.connection, tables: list[tuple[str, str]] | None = None) -> dict[str, int]:
+def count_rows(
+    conn: psycopg2.extensions.connection, tables: list[tuple[str, str]] | None = None
+) -> dict[str, int]:
     """Exact `count(*)` of every table, keyed "schema.table"."""
     if tables is None:
         tables = list_tables(conn)
     counts: dict[str, int] = {}
     with conn.cursor() as cur:
         for schema, name in tables:
-            cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(sql.Identifier(schema, name)))
+            cur.execute(
+                sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(sql.Identifier(schema, name))
+            )
             counts[table_key(schema, name)] = int(one_row(cur)[0])
     return counts
 
@@ -75,7 +79,9 @@ def count_partition_trees(conn: psycopg2.extensions.connection, keys: list[str])
                 (key,),
             )
             for schema, name in cur.fetchall():
-                cur.execute(sql.SQL("SELECT pg_catalog.count(*) FROM {}").format(sql.Identifier(schema, name)))
+                cur.execute(
+                    sql.SQL("SELECT pg_catalog.count(*) FROM {}").format(sql.Identifier(schema, name))
+                )
                 counts[key] = int(one_row(cur)[0])
     return counts
 
@@ -182,7 +188,9 @@ def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | Non
                 "SELECT schemaname, sequencename, last_value FROM pg_sequences "
                 "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
             )
-            return {f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()}
+            return {
+                f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()
+            }
         cur.execute(
             "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
             "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "

@@ -94,7 +94,9 @@ def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:
         raw = header[124:136]
         try:
             length = (
-                int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+                int.from_bytes(raw[1:], "big")
+                if raw[0] & 0x80
+                else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
             )
         except ValueError:
             return f"the header of its member {name!r} is damaged"

@@ -215,7 +215,9 @@ def read_toc(path: str) -> ArchiveToc:
 
 def _custom_sizes(entries: list[ArchiveEntry], size: int) -> dict[int, int]:
     """Each data block's size: from its offset to the next block's (or the file's end)."""
-    placed = sorted((e.offset, e.dump_id) for e in entries if e.offset_flag == OFFSET_SET and 0 < e.offset <= size)
+    placed = sorted(
+        (e.offset, e.dump_id) for e in entries if e.offset_flag == OFFSET_SET and 0 < e.offset <= size
+    )
     ends = [offset for offset, _ in placed[1:]] + [size] if placed else []
     return {dump_id: end - offset for (offset, dump_id), end in zip(placed, ends, strict=True)}
 
@@ -232,7 +234,11 @@ def _tar_sizes(fh: BinaryIO, size: int, entries: list[ArchiveEntry]) -> dict[int
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
         raw = header[124:136]
         try:
-            length = int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+            length = (
+                int.from_bytes(raw[1:], "big")
+                if raw[0] & 0x80
+                else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+            )
         except ValueError:
             break
         members[name] = length

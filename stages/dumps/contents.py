@@ -157,9 +157,7 @@ def read_sql(lines: Iterable[str], *, complete: bool) -> DumpContents:
 _NAME_COMMENT = re.compile(rb"^-- Name: ", re.M)
 
 
-def read_sql_file(
-    path: str, *, gzipped: bool, complete: bool, max_text: int = MAX_SQL_TEXT
-) -> DumpContents:
+def read_sql_file(path: str, *, gzipped: bool, complete: bool, max_text: int = MAX_SQL_TEXT) -> DumpContents:
     """Contents of the plain SQL file at `path` (possibly gzipped, possibly cut short:
     `complete=False`), reading at most `max_text` bytes of text."""
     text = _Text(path, gzipped, max_text)

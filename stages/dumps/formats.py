@@ -52,7 +52,9 @@ _CLIENT_ENCODING = re.compile(rb"^SET client_encoding = '([A-Za-z0-9_]+)';", re.
 _CLUSTER_DUMP = re.compile(r"^--[ \t]*PostgreSQL database cluster dump[ \t]*\r?$", re.M)
 # The files of a directory-format dump (pg_backup_directory.c): toc.dat, one NNNN.dat
 # per table (compressed: .dat.gz, .lz4, .zst) and blobs.toc / blob_NNNN.dat.
-_DIRECTORY_MEMBER = re.compile(r"(?:^|/)(?:toc\.dat|\d+\.dat(?:\.gz|\.lz4|\.zst)?|blobs\.toc|blob_\d+\.dat(?:\.gz)?)$")
+_DIRECTORY_MEMBER = re.compile(
+    r"(?:^|/)(?:toc\.dat|\d+\.dat(?:\.gz|\.lz4|\.zst)?|blobs\.toc|blob_\d+\.dat(?:\.gz)?)$"
+)
 SINGLE_FILE = "pg_dump -Fc -f dump.dump DBNAME (or pg_dump -Ft -f dump.tar DBNAME)"
 UTF16 = (
     "the upload is UTF-16 text, as Windows PowerShell writes the output of pg_dump ... > dump.sql; "

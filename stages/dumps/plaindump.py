@@ -26,7 +26,11 @@ FOOTER_LINE = "-- PostgreSQL database dump complete"
 
 IDENT = rb'(?:"(?:[^"]|"")*"|[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff-]*)'
 _CREATE_EXTENSION = re.compile(
-    rb"CREATE\s+EXTENSION\s+(IF\s+NOT\s+EXISTS\s+)?(" + IDENT + rb")(?:\s+WITH)?(?:\s+SCHEMA\s+(" + IDENT + rb"))?",
+    rb"CREATE\s+EXTENSION\s+(IF\s+NOT\s+EXISTS\s+)?("
+    + IDENT
+    + rb")(?:\s+WITH)?(?:\s+SCHEMA\s+("
+    + IDENT
+    + rb"))?",
     re.I,
 )
 _LANGUAGE = re.compile(
@@ -73,7 +77,9 @@ def language_statement(statement: bytes) -> tuple[str, str] | None:
     found = _LANGUAGE.match(statement)
     if found is None:
         return None
-    return " ".join(found.group(1).decode().upper().split()), unquote(found.group(2).decode("utf-8", "replace"))
+    return " ".join(found.group(1).decode().upper().split()), unquote(
+        found.group(2).decode("utf-8", "replace")
+    )
 
 
 def dumpall_message() -> str:

@@ -104,7 +104,13 @@ def prepare_plain_sql(
     """Copy the file `src` to `dst` through `filter_plain_sql`."""
     with open(src, "rb") as source, open(dst, "wb") as out:
         return filter_plain_sql(
-            source, out, gzipped=gzipped, max_bytes=max_bytes, counter=counter, on_progress=on_progress, skip=skip
+            source,
+            out,
+            gzipped=gzipped,
+            max_bytes=max_bytes,
+            counter=counter,
+            on_progress=on_progress,
+            skip=skip,
         )
 
 
@@ -130,8 +136,12 @@ def filter_plain_sql(
     pg_dump header are left out and reported as skipped."""
     counter = counter or RowCounter()
     try:
-        with gzip.GzipFile(fileobj=source, mode="rb") if gzipped else contextlib.nullcontext(source) as reader:
-            return _Filter(out, max_bytes, counter, on_progress, skip or {}).run(iter(lambda: reader.read(PIECE), b""))
+        with (
+            gzip.GzipFile(fileobj=source, mode="rb") if gzipped else contextlib.nullcontext(source) as reader
+        ):
+            return _Filter(out, max_bytes, counter, on_progress, skip or {}).run(
+                iter(lambda: reader.read(PIECE), b"")
+            )
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise PermanentError(
             f"the gzip-compressed dump is cut short or corrupt ({err}); upload the whole file again, "
@@ -244,7 +254,8 @@ class _Filter:
             if language not in TRUSTED_LANGUAGES:
                 if verb == "CREATE":
                     self._skip(
-                        f"PROCEDURAL LANGUAGE {language}", f"the untrusted language {language} needs superuser"
+                        f"PROCEDURAL LANGUAGE {language}",
+                        f"the untrusted language {language} needs superuser",
                     )
                 return None
         return text
@@ -256,7 +267,9 @@ class _Filter:
         if not headers:
             return
         found = headers[-1]
-        data, name, desc, schema = (group.decode("utf-8", "replace") if group else None for group in found.groups())
+        data, name, desc, schema = (
+            group.decode("utf-8", "replace") if group else None for group in found.groups()
+        )
         assert name is not None and desc is not None and schema is not None
         reason = None if data else self.skip.get((desc, schema, name))
         if reason is not None:

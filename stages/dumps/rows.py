@@ -92,7 +92,11 @@ class RowCounter:
         if piece.kind != STATEMENT or not piece.first:
             return
         text = piece.data
-        if self.follows_client_encoding and text[:4].upper() == b"SET " and (encoding := _CLIENT_ENCODING.match(text)):
+        if (
+            self.follows_client_encoding
+            and text[:4].upper() == b"SET "
+            and (encoding := _CLIENT_ENCODING.match(text))
+        ):
             self.codec = python_codec(encoding.group(1).decode())
         if text.startswith(b"COPY "):
             match = _COPY.match(text)

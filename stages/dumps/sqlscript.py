@@ -298,7 +298,9 @@ class _Scanner:
         """A backslash command: psql reads it to the end of its line."""
         while self.buf.find(b"\n", self.at) < 0 and self._more():
             if self._unread() > HEAD_BYTES:
-                raise ScriptError(f"line {self.line}: a psql backslash command longer than {HEAD_BYTES} bytes")
+                raise ScriptError(
+                    f"line {self.line}: a psql backslash command longer than {HEAD_BYTES} bytes"
+                )
         end = self.buf.find(b"\n", self.at)
         yield self._take(len(self.buf) if end < 0 else end + 1, META)
 
@@ -470,7 +472,10 @@ class _Scanner:
             self.transaction_std_strings = self.std_strings
             return
         if control and not control.group(2):
-            if control.group(1).upper() in (b"ROLLBACK", b"ABORT") and self.transaction_std_strings is not None:
+            if (
+                control.group(1).upper() in (b"ROLLBACK", b"ABORT")
+                and self.transaction_std_strings is not None
+            ):
                 self.std_strings = self.transaction_std_strings  # a rolled-back SET is undone
             self.transaction_std_strings = None
             return

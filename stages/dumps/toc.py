@@ -159,7 +159,10 @@ class RestorePlan:
 
 
 def plan(
-    entries: list[TocEntry], *, precreated_schemas: set[str], skip: Mapping[tuple[str, str, str], str] | None = None
+    entries: list[TocEntry],
+    *,
+    precreated_schemas: set[str],
+    skip: Mapping[tuple[str, str, str], str] | None = None,
 ) -> RestorePlan:
     """Split the TOC into what the project role restores and what it skips (with why).
     `skip`: (desc, namespace, name) -> reason, what preflight's schema rehearsal found
@@ -235,7 +238,13 @@ def python_codec(encoding: str) -> str:
     """Python's codec for a PostgreSQL encoding name (LATIN1, WIN1252, EUC_JP…);
     utf-8 for UTF8, SQL_ASCII and any name Python does not know."""
     name = encoding.upper()
-    special = {"SQL_ASCII": "utf-8", "SJIS": "shift_jis", "UHC": "cp949", "KOI8R": "koi8_r", "KOI8U": "koi8_u"}
+    special = {
+        "SQL_ASCII": "utf-8",
+        "SJIS": "shift_jis",
+        "UHC": "cp949",
+        "KOI8R": "koi8_r",
+        "KOI8U": "koi8_u",
+    }
     candidates = [special.get(name, ""), "cp" + name[3:] if name.startswith("WIN") else "", name.lower()]
     for candidate in candidates:
         if not candidate:

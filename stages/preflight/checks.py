@@ -97,8 +97,6 @@ def check_extensions(report: Preflight, extensions: Sequence[Extension], target:
     report.add("extensions_available_on_target", status, verdict.detail(what))
 
 
-
-
 def add_object_warnings(report: Preflight, findings: Findings, *, partial: str = "") -> None:
     """The warnings for objects a managed target cannot (or can only slowly) restore.
 

@@ -121,14 +121,19 @@ def check_live_source(
     return report
 
 
-def _rehearse(report: Preflight, pinned: SourceURL | None, target: Target, setup: RehearsalSetup | None) -> None:
+def _rehearse(
+    report: Preflight, pinned: SourceURL | None, target: Target, setup: RehearsalSetup | None
+) -> None:
     """`schema_rehearsal` of a live source whose other checks could run."""
     if setup is None or pinned is None:
         report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
         return
     extensions = next(check for check in report.checks if check.name == "extensions_available_on_target")
     if extensions.status == FAIL:
-        report.not_checked(SCHEMA_REHEARSAL, "the source uses extensions the project cannot have (see extensions_available_on_target)")
+        report.not_checked(
+            SCHEMA_REHEARSAL,
+            "the source uses extensions the project cannot have (see extensions_available_on_target)",
+        )
         return
     with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
         result = rehearse_live(
@@ -223,5 +228,3 @@ def _pooler(
             PASS,
             f"{where} is not a known pooler address, and the connection kept one server session",
         )
-
-

@@ -102,7 +102,9 @@ def rehearse_plain(
     """Rehearse the schema objects of a plain script (or of its head)."""
     prepared = os.path.join(work_dir, "rehearsal.sql")
     try:
-        plain = prepare_plain_sql(head_path, prepared, gzipped=gzipped, max_bytes=max_bytes, counter=RowCounter())
+        plain = prepare_plain_sql(
+            head_path, prepared, gzipped=gzipped, max_bytes=max_bytes, counter=RowCounter()
+        )
     except CapyError as err:
         return Rehearsal(unavailable=f"the SQL of the upload's head could not be read ({err.message})")
     with open(prepared, encoding="utf-8", errors="replace") as fh:
@@ -115,12 +117,16 @@ def rehearse_plain(
     if plain.meta_commands:
         # `\connect` (pg_dump --create) and the like, outside data: the restore refuses
         # them, and says which pg_dump options to use instead.
-        return Rehearsal(unavailable="the script holds psql commands (such as \\connect), which the import refuses")
+        return Rehearsal(
+            unavailable="the script holds psql commands (such as \\connect), which the import refuses"
+        )
     extensions = {name: schema for name, schema in plain.extensions.items() if name in allowed_extensions}
     blocks = {entry.dump_id: body for entry, body in objects}
     # The skipped ones (and what depends on them) are left out of the script by their
     # pg_dump headers when the import prepares it (stages.dumps.plainsql, `skip`).
-    return rehearse_blocks(sandbox, extensions, preamble, blocks, deadline, lambda errors: _nodes(objects, errors))
+    return rehearse_blocks(
+        sandbox, extensions, preamble, blocks, deadline, lambda errors: _nodes(objects, errors)
+    )
 
 
 def _nodes(objects: list[tuple[TocEntry, str]], errors: Mapping[int, str]) -> list[Node]:

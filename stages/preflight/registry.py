@@ -32,8 +32,12 @@ REGISTRY: tuple[NamedCheck, ...] = (
     NamedCheck("not_a_transaction_pooler", (LIVE,), "does the connection keep one server session?"),
     NamedCheck("source_version_compatible", (LIVE, UPLOAD), "can the project's PostgreSQL restore it?"),
     NamedCheck("source_size_within_plan", (LIVE, UPLOAD), "does it fit the project's storage limit?"),
-    NamedCheck("extensions_available_on_target", (LIVE, UPLOAD), "are its extensions allowed and installable?"),
-    NamedCheck("target_database_empty", (LIVE, UPLOAD), "is the project's database empty, or to be replaced?"),
+    NamedCheck(
+        "extensions_available_on_target", (LIVE, UPLOAD), "are its extensions allowed and installable?"
+    ),
+    NamedCheck(
+        "target_database_empty", (LIVE, UPLOAD), "is the project's database empty, or to be replaced?"
+    ),
     NamedCheck("no_event_triggers", (LIVE, UPLOAD), "does it hold event triggers (skipped)?"),
     NamedCheck("no_untrusted_languages", (LIVE, UPLOAD), "does it use untrusted languages (skipped)?"),
     NamedCheck("no_large_objects", (LIVE, UPLOAD), "does it hold large objects (slow)?"),

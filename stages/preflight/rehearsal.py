@@ -122,7 +122,9 @@ def read_graph(tools: PgTools, archive: str) -> list[Node]:
     """The archive's entries with the ids each depends on (`pg_restore -l -v`)."""
     chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
-        ["--list", "--verbose", archive], lambda out: chunks.append(out.read()), what="reading the dump's dependencies"
+        ["--list", "--verbose", archive],
+        lambda out: chunks.append(out.read()),
+        what="reading the dump's dependencies",
     )
     nodes: list[Node] = []
     pending: toc.TocEntry | None = None
@@ -150,7 +152,16 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
         fh.write("\n".join(entry.line for entry in wanted) + "\n")
     chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
-        ["--schema-only", "--no-owner", "--no-privileges", "--no-tablespaces", "--verbose", f"--use-list={list_path}", "--file=-", archive],
+        [
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-tablespaces",
+            "--verbose",
+            f"--use-list={list_path}",
+            "--file=-",
+            archive,
+        ],
         lambda out: chunks.append(out.read()),
         what="reading the dump's schema",
     )
@@ -343,7 +354,9 @@ def run_entries(
                 try:
                     cur.execute(preamble)
                 except psycopg2.OperationalError as err:
-                    raise TransientError("lost the session to the project cluster during the schema rehearsal") from err
+                    raise TransientError(
+                        "lost the session to the project cluster during the schema rehearsal"
+                    ) from err
                 except psycopg2.Error as err:
                     errors[PREAMBLE] = _message(err)
             for dump_id, sql_text in blocks.items():
@@ -358,7 +371,9 @@ def run_entries(
                         return errors, True
                     errors[dump_id] = "canceling statement due to statement timeout"
                 except psycopg2.OperationalError as err:
-                    raise TransientError("lost the session to the project cluster during the schema rehearsal") from err
+                    raise TransientError(
+                        "lost the session to the project cluster during the schema rehearsal"
+                    ) from err
                 except psycopg2.Error as err:
                     errors[dump_id] = _message(err)
     return errors, False
@@ -483,7 +498,9 @@ def _left_out_reason(plan: toc.RestorePlan, entry: toc.TocEntry) -> str | None:
     return next((item["reason"] for item in plan.skipped if item["object"] == entry.label), None)
 
 
-def judge(nodes: list[Node], errors: Mapping[int, str], left_out: Mapping[int, str] | None = None) -> Rehearsal:
+def judge(
+    nodes: list[Node], errors: Mapping[int, str], left_out: Mapping[int, str] | None = None
+) -> Rehearsal:
     """Split the failed entries (and what depends on them) into skipped and refused.
     `left_out`: entries the restore plan skips anyway (id -> reason), not rehearsed:
     what depends on them is skipped (or refused) with them, they are not listed again."""
@@ -511,7 +528,9 @@ def judge(nodes: list[Node], errors: Mapping[int, str], left_out: Mapping[int, s
         for dump_id in closure(root):
             covered.setdefault(dump_id, root)
     refused_roots = {
-        root for dump_id, root in covered.items() if dump_id in by_id and by_id[dump_id].entry.desc in DATA_KINDS
+        root
+        for dump_id, root in covered.items()
+        if dump_id in by_id and by_id[dump_id].entry.desc in DATA_KINDS
     }
     for dump_id, root in covered.items():
         node = by_id.get(dump_id)
@@ -601,4 +620,3 @@ def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool, scope:
             f"the schema{scope} ({result.rehearsed} objects) restored as the project's role into a throw-away "
             "database without errors",
         )
-

@@ -72,7 +72,13 @@ class Preflight:
         return all(check.status != FAIL for check in self.checks)
 
     def add(
-        self, name: str, status: str, detail: str, *, transient: bool = False, when_repeated: str | None = None
+        self,
+        name: str,
+        status: str,
+        detail: str,
+        *,
+        transient: bool = False,
+        when_repeated: str | None = None,
     ) -> None:
         self.checks.append(Check(name, status, detail, transient, when_repeated))
 
@@ -125,7 +131,6 @@ def human_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-
 @dataclass(frozen=True)
 class Findings:
     """Objects a managed target may not restore as they are. None: not known, and
@@ -143,5 +148,3 @@ class Findings:
         reasons = [self.errors[name] for name in fields if name in self.errors]
         because = f" ({'; '.join(reasons)})" if reasons else ""
         return f"the source's catalog could not be read for it{because}"
-
-

@@ -57,7 +57,9 @@ class Scratch:
 class Sandbox:
     """Makes rehearsal databases on one cluster (`admin`)."""
 
-    def __init__(self, admin: ClusterAdmin, *, clock: Callable[[], float] = time.time, background: bool = True) -> None:
+    def __init__(
+        self, admin: ClusterAdmin, *, clock: Callable[[], float] = time.time, background: bool = True
+    ) -> None:
         self.admin = admin
         self.clock = clock
         self.background = background

@@ -93,7 +93,9 @@ def check_upload_head(
             dumped_from=info.dumped_from,
             server_version=info.dumped_from,
         )
-        contents, blocked = _dump_version(report, head_path, info, target, tools, complete, max_text, tail_path)
+        contents, blocked = _dump_version(
+            report, head_path, info, target, tools, complete, max_text, tail_path
+        )
     else:
         report.not_checked("source_version_compatible", blocked)
     check_size(report, total_size, target, "the upload")
@@ -122,7 +124,9 @@ def check_upload_head(
     check_target_empty(report, target)
     add_object_warnings(report, contents.findings(), partial=partial)
     _read_in_full(report, info, contents, head_bytes, total_size, blocked)
-    _rehearse(report, head_path, info, target, rehearsal, complete=head_bytes >= total_size, max_text=max_text)
+    _rehearse(
+        report, head_path, info, target, rehearsal, complete=head_bytes >= total_size, max_text=max_text
+    )
     report.in_order(UPLOAD_CHECKS)
     return report
 
@@ -146,7 +150,10 @@ def _rehearse(
     elif setup is None:
         report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
     elif extensions.status == FAIL:
-        report.not_checked(SCHEMA_REHEARSAL, "the dump uses extensions the project cannot have (see extensions_available_on_target)")
+        report.not_checked(
+            SCHEMA_REHEARSAL,
+            "the dump uses extensions the project cannot have (see extensions_available_on_target)",
+        )
     elif info.format in ("custom", "tar"):
         with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
             result = rehearse_archive(
@@ -240,7 +247,9 @@ def _describe_format(info: DumpInfo) -> str:
     return f"the upload is {kind}" + (f", {', '.join(about)}" if about else "")
 
 
-_TOC_NOT_IN_HEAD = "the dump's table of contents is not in the part preflight reads (see source_version_compatible)"
+_TOC_NOT_IN_HEAD = (
+    "the dump's table of contents is not in the part preflight reads (see source_version_compatible)"
+)
 
 
 def _dump_version(
@@ -263,10 +272,14 @@ def _dump_version(
         return None, f"the dump cannot be restored into PostgreSQL {target.major} (see {name})"
     made = _provenance(info)
     if info.format in ("plain", "gzip-plain"):
-        contents = read_sql_file(head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text)
+        contents = read_sql_file(
+            head_path, gzipped=info.format == "gzip-plain", complete=complete, max_text=max_text
+        )
         if tail_path and not complete and info.format == "plain":
             read_tail(contents, tail_path)
-        if contents.refusal:  # how the script was made rules it out (stages.dumps.plaindump): the format fails
+        if (
+            contents.refusal
+        ):  # how the script was made rules it out (stages.dumps.plaindump): the format fails
             at = next(i for i, check in enumerate(report.checks) if check.name == "dump_format_recognized")
             report.checks[at] = Check("dump_format_recognized", FAIL, contents.refusal)
         if info.dumped_from is None:

@@ -142,6 +142,7 @@ def stop_group_reaper(reaper: subprocess.Popen[bytes] | None) -> None:
         pass
     reaper.wait()
 
+
 # libpq and server messages that mean "the connection, not the data, failed".
 _TRANSIENT_MARKERS = (
     "could not connect to server",
@@ -324,7 +325,9 @@ class _Output(TypedDict):
     stderr_tail: str
 
 
-def classify_failure(result: CommandResult, what: str, server: str) -> TransientCommandFailure | PermanentCommandFailure:
+def classify_failure(
+    result: CommandResult, what: str, server: str
+) -> TransientCommandFailure | PermanentCommandFailure:
     """The CommandFailed for a tool that exited non-zero, classified by whose server it
     talked to and what it said (deadlines are classified where they are enforced). Its
     message names the tool's first real error (`first_error`), its tails stay whole.
@@ -394,7 +397,12 @@ class _TailReader(threading.Thread):
     the tool (the job and stage it runs for, see pipeline.logs)."""
 
     def __init__(
-        self, stream: IO[bytes], name: str, secrets: Sequence[str | None], activity: _Activity, tool: str | None = None
+        self,
+        stream: IO[bytes],
+        name: str,
+        secrets: Sequence[str | None],
+        activity: _Activity,
+        tool: str | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.stream = stream
@@ -602,7 +610,9 @@ class Cancellation:
             self._callbacks.append(callback)
             already = self.reason is not None
         if already:
-            threading.Thread(target=_run_callback, args=(callback,), name="cancel-callback", daemon=True).start()
+            threading.Thread(
+                target=_run_callback, args=(callback,), name="cancel-callback", daemon=True
+            ).start()
 
         def unsubscribe() -> None:
             with self._lock:
@@ -627,7 +637,9 @@ class Cancellation:
             # Each in a thread of its own: interrupting a session (psycopg2's cancel
             # opens a connection to the server) can block on a source that stopped
             # answering, and the caller is the heartbeat thread, which must go on.
-            threading.Thread(target=_run_callback, args=(callback,), name="cancel-callback", daemon=True).start()
+            threading.Thread(
+                target=_run_callback, args=(callback,), name="cancel-callback", daemon=True
+            ).start()
         if running:
             log.warning("stopping %d command(s): %s", len(running), reason)
 
@@ -754,7 +766,9 @@ class PgCommand:
         process.deadline = effective
         process.activity = _Activity()
         process.readers = (
-            [] if streaming else [_TailReader(process.stdout, "stdout", secrets, process.activity, self.program)]
+            []
+            if streaming
+            else [_TailReader(process.stdout, "stdout", secrets, process.activity, self.program)]
         )
         process.readers.append(_TailReader(process.stderr, "stderr", secrets, process.activity, self.program))
         probe = self.output_probe(args)

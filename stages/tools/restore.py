@@ -45,6 +45,7 @@ def _explained() -> Iterator[None]:
             "the project's database was not changed"
         ) from err
 
+
 @contextlib.contextmanager
 def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
     """Add to a psql failure the line of the user's file its statement came from."""
@@ -58,7 +59,9 @@ def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
         if mapped is None:
             raise
         head = err.message.split(": ", 1)[0]  # "psql restoring … failed (exit code 3)"
-        raise err.with_message(f"{head}: {cause.describe(located=False)} (at line {mapped} of the dump)") from err
+        raise err.with_message(
+            f"{head}: {cause.describe(located=False)} (at line {mapped} of the dump)"
+        ) from err
 
 
 # How often to look whether psql opened the named pipe of a streamed script yet.

@@ -15,7 +15,9 @@ def service(control_db, tmp_path_factory):
     if not clusters:
         cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
     # A short connect timeout keeps the retry test quick; nothing else waits on it.
-    running = start_service(control_db, tmp_path_factory.mktemp("service-logs"), CAPY_SOURCE_CONNECT_TIMEOUT="3")
+    running = start_service(
+        control_db, tmp_path_factory.mktemp("service-logs"), CAPY_SOURCE_CONNECT_TIMEOUT="3"
+    )
     yield running
     running.stop()
 

@@ -46,7 +46,8 @@ ALTERNATING = {stage: WORKERS[index % 2] for index, stage in enumerate(STAGE_NAM
 PLACEMENTS = {
     "free": {"worker": (), "worker2": ()},
     "alternating": {
-        name: (*(stage for stage, worker in ALTERNATING.items() if worker == name), "exhausted") for name in WORKERS
+        name: (*(stage for stage, worker in ALTERNATING.items() if worker == name), "exhausted")
+        for name in WORKERS
     },
 }
 
@@ -140,7 +141,10 @@ def _check(deployment, started: list[tuple[str, str, dict]]) -> None:
 def dumps(corpus_source, tmp_path_factory):
     folder = tmp_path_factory.mktemp("any-worker-dumps")
     return {
-        (corpus, fmt): (corpus_source(corpus), pg.make_dump(corpus_source(corpus), fmt, folder / f"{corpus}.{fmt}"))
+        (corpus, fmt): (
+            corpus_source(corpus),
+            pg.make_dump(corpus_source(corpus), fmt, folder / f"{corpus}.{fmt}"),
+        )
         for corpus, fmt in UPLOADS
     }
 

@@ -24,7 +24,9 @@ LEASE = "6"
 
 
 def _job(service, key: str, job_id: str) -> dict:
-    resp = requests.get(f"{service.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=20)
+    resp = requests.get(
+        f"{service.base_url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}, timeout=20
+    )
     assert resp.status_code == 200, resp.text
     return resp.json()["job"]
 
@@ -41,14 +43,20 @@ def test_a_control_database_outage_mid_stage_does_not_fail_the_job(control_db, c
         cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
         org = cli(env, "orgs", "create", "--name", "Control outage org")
         project = cli(env, "projects", "create", "--org", org["id"], "--name", "ctl")
-        key = cli(env, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "ctl")["key"]
+        key = cli(env, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "ctl")[
+            "key"
+        ]
         service = start_service(
             settings, tmp_path, worker_env={"CAPY_LEASE_SECONDS": LEASE, "CAPY_TEST_HOLDS": f"restore={HOLD}"}
         )
         try:
             resp = requests.post(
                 f"{service.base_url}/v1/projects/{project['id']}/imports",
-                json={"confirm": True, "recreate": False, "source_url": pg.url_for(source, sslmode="disable")},
+                json={
+                    "confirm": True,
+                    "recreate": False,
+                    "source_url": pg.url_for(source, sslmode="disable"),
+                },
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=30,
             )

@@ -53,7 +53,11 @@ def deployment(control_db):
 
 def _worker_env(point: str) -> dict[str, str]:
     # One restore slot on the cluster: a killed holder's slot must not outlive its claim.
-    return {"CAPY_LEASE_SECONDS": LEASE, "CAPY_TEST_HOLDS": f"{point}={HOLD}", "CAPY_CLUSTER_RESTORE_LIMIT": "1"}
+    return {
+        "CAPY_LEASE_SECONDS": LEASE,
+        "CAPY_TEST_HOLDS": f"{point}={HOLD}",
+        "CAPY_CLUSTER_RESTORE_LIMIT": "1",
+    }
 
 
 def _tenant(env: dict[str, str]) -> dict:

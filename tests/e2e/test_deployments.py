@@ -28,7 +28,12 @@ def procfile_command(name: str, procfile: str = "Procfile") -> str:
 def start(command: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as handle:
         return subprocess.Popen(
-            ["sh", "-c", command], env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            ["sh", "-c", command],
+            env=env,
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 
@@ -59,7 +64,9 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
 def listeners(socket: Path) -> str:
     done = subprocess.run(
         [str(BIN / "gunicornc"), "-s", str(socket), "-c", "show listeners", "-j"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -110,7 +117,11 @@ def _production_env(control_db, **extra):
 def test_web_worker_and_cli_refuse_to_start_in_production_without_a_secret_key(control_db, tmp_path):
     port = free_port()
     env = _production_env(
-        control_db, PORT=str(port), WEB_CONCURRENCY="1", XDG_RUNTIME_DIR=str(tmp_path), CAPY_BIND_HOST="127.0.0.1"
+        control_db,
+        PORT=str(port),
+        WEB_CONCURRENCY="1",
+        XDG_RUNTIME_DIR=str(tmp_path),
+        CAPY_BIND_HOST="127.0.0.1",
     )
     for name in ("web", "worker"):
         log = tmp_path / f"{name}.log"
@@ -123,21 +134,31 @@ def test_web_worker_and_cli_refuse_to_start_in_production_without_a_secret_key(c
         assert code != 0, output
         assert "CAPY_SECRET_KEY is not set" in output and "CAPY_ENV=development" in output, output
     done = subprocess.run(
-        [str(BIN / "capy-imports"), "--json", "secrets", "rotate"], env=env, capture_output=True, text=True, timeout=60
+        [str(BIN / "capy-imports"), "--json", "secrets", "rotate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 1
     assert "CAPY_SECRET_KEY is not set" in json.loads(done.stdout)["error"]
     # Commands that touch no secret still work.
     listed = subprocess.run(
         [str(BIN / "capy-imports"), "--json", "jobs", "list", "--limit", "1"],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert listed.returncode == 0, listed.stdout + listed.stderr
 
 
 def gunicorn_control(socket: Path, command: str) -> dict:
     done = subprocess.run(
-        [str(BIN / "gunicornc"), "-s", str(socket), "-c", command, "-j"], capture_output=True, text=True, timeout=30
+        [str(BIN / "gunicornc"), "-s", str(socket), "-c", command, "-j"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout)

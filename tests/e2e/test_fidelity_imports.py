@@ -51,5 +51,7 @@ def test_fixture_live_over_http(service, tenant, fixture_source):
 
 @pytest.mark.e2e
 def test_fixture_uploaded_over_http(service, tenant, fixture_source, tmp_path):
-    job = upload_and_import(service, tenant, pg.make_dump(fixture_source, "custom", tmp_path / "fx").read_bytes())
+    job = upload_and_import(
+        service, tenant, pg.make_dump(fixture_source, "custom", tmp_path / "fx").read_bytes()
+    )
     check(job, fixture_source, tenant["project"]["database_name"], service)

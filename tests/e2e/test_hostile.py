@@ -38,12 +38,16 @@ def prod(control_db, tmp_path_factory):
     """The service in production posture, with its own queues (the dev-mode e2e
     service shares this run's control database, not its workers)."""
     settings = control_db.replace(
-        environment="production", allow_private_sources=False, queue_prefix=control_db.queue_prefix + "_prod",
+        environment="production",
+        allow_private_sources=False,
+        queue_prefix=control_db.queue_prefix + "_prod",
     )
     running = start_service(settings, tmp_path_factory.mktemp("prod-logs"))
     env = running.env
     cli(env, "migrate")
-    if not pg.admin("SELECT 1 FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]):
+    if not pg.admin(
+        "SELECT 1 FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]
+    ):
         cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
     yield running
     running.stop()
@@ -65,7 +69,9 @@ def make_tenant(prod) -> Tenant:
     org = cli(prod.env, "orgs", "create", "--name", "Hostile org")["id"]
     project = cli(prod.env, "projects", "create", "--org", org, "--name", "hostile")
     key = cli(prod.env, "keys", "create", "--org", org, "--project", project["id"])["key"]
-    read_only = cli(prod.env, "keys", "create", "--org", org, "--project", project["id"], "--scope", "jobs:read")["key"]
+    read_only = cli(
+        prod.env, "keys", "create", "--org", org, "--project", project["id"], "--scope", "jobs:read"
+    )["key"]
     return Tenant(org, project, key, read_only)
 
 
@@ -78,17 +84,35 @@ def _alg_none_jwt() -> str:
     def part(obj: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
-    return part({"alg": "none", "typ": "JWT"}) + "." + part({"sub": "user_1", "org_id": "org_x", "exp": 4102444800}) + "."
+    return (
+        part({"alg": "none", "typ": "JWT"})
+        + "."
+        + part({"sub": "user_1", "org_id": "org_x", "exp": 4102444800})
+        + "."
+    )
 
 
 Call = Callable[[str, Tenant, Tenant], requests.Response]
 
 
-def _post(path: str, body: Any = None, *, raw: bytes | None = None, headers: dict | None = None, key: str = "key") -> Call:
+def _post(
+    path: str, body: Any = None, *, raw: bytes | None = None, headers: dict | None = None, key: str = "key"
+) -> Call:
     def call(base: str, me: Tenant, other: Tenant) -> requests.Response:
         url = base + path.format(me=me.project["id"], other=other.project["id"])
-        sent = {"Authorization": f"Bearer {getattr(me, key)}", "Content-Type": "application/json", **(headers or {})}
-        data = raw if raw is not None else json.dumps(body).replace("{me}", me.project["id"]).replace("{other}", other.project["id"]).encode()
+        sent = {
+            "Authorization": f"Bearer {getattr(me, key)}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        }
+        data = (
+            raw
+            if raw is not None
+            else json.dumps(body)
+            .replace("{me}", me.project["id"])
+            .replace("{other}", other.project["id"])
+            .encode()
+        )
         return requests.post(url, data=data, headers=sent, timeout=60)
 
     return call
@@ -99,7 +123,9 @@ def _get(path: str, *, auth: str | None = "key") -> Call:
         headers = {"Authorization": f"Bearer {getattr(me, auth)}"} if auth in ("key", "read_only_key") else {}
         if auth and auth not in ("key", "read_only_key"):
             headers = {"Authorization": auth}
-        return requests.get(base + path.format(me=me.project["id"], other=other.project["id"]), headers=headers, timeout=30)
+        return requests.get(
+            base + path.format(me=me.project["id"], other=other.project["id"]), headers=headers, timeout=30
+        )
 
     return call
 
@@ -113,29 +139,88 @@ def _source(query: str, host: str = "db.invalid") -> dict:
 
 
 HOSTILE = [
-    pytest.param(_post(IMPORTS, raw=b"[" * 30_000 + b"]" * 30_000), 400, "nests deeper", id="30000-deep-json"),
-    pytest.param(_post(IMPORTS, raw=b'{"confirm": true, "recreate": ' + b"9" * 5000 + b"}"), 400, "digits", id="5000-digit-number"),
+    pytest.param(
+        _post(IMPORTS, raw=b"[" * 30_000 + b"]" * 30_000), 400, "nests deeper", id="30000-deep-json"
+    ),
+    pytest.param(
+        _post(IMPORTS, raw=b'{"confirm": true, "recreate": ' + b"9" * 5000 + b"}"),
+        400,
+        "digits",
+        id="5000-digit-number",
+    ),
     pytest.param(_post(IMPORTS, raw=b"x" * (1024 * 1024)), 413, "", id="oversized-body"),
-    pytest.param(_post(IMPORTS, raw=b"confirm=true", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415, "JSON", id="not-json"),
+    pytest.param(
+        _post(IMPORTS, raw=b"confirm=true", headers={"Content-Type": "application/x-www-form-urlencoded"}),
+        415,
+        "JSON",
+        id="not-json",
+    ),
     pytest.param(_get("/v1/projects/{me}/jobs?limit=²"), 400, "limit", id="superscript-limit"),
     pytest.param(_get("/v1/jobs/job_%00x"), 400, "not valid", id="nul-in-path"),
-    pytest.param(_post(IMPORTS, _source("sslmode=disable"), headers={"Idempotency-Key": "k" * 7000}), 400, "Idempotency-Key", id="7000-char-idempotency-key"),
-    pytest.param(_get("/v1/projects/{me}/jobs", auth=None), 401, "authentication required", id="no-credentials"),
-    pytest.param(_get("/v1/projects/{me}/jobs", auth="Bearer capy_live_" + "x" * 40), 401, "not valid", id="forged-api-key"),
-    pytest.param(_get("/v1/projects/{me}/jobs", auth="Bearer " + _alg_none_jwt()), 401, "", id="alg-none-jwt"),
+    pytest.param(
+        _post(IMPORTS, _source("sslmode=disable"), headers={"Idempotency-Key": "k" * 7000}),
+        400,
+        "Idempotency-Key",
+        id="7000-char-idempotency-key",
+    ),
+    pytest.param(
+        _get("/v1/projects/{me}/jobs", auth=None), 401, "authentication required", id="no-credentials"
+    ),
+    pytest.param(
+        _get("/v1/projects/{me}/jobs", auth="Bearer capy_live_" + "x" * 40),
+        401,
+        "not valid",
+        id="forged-api-key",
+    ),
+    pytest.param(
+        _get("/v1/projects/{me}/jobs", auth="Bearer " + _alg_none_jwt()), 401, "", id="alg-none-jwt"
+    ),
     pytest.param(_get("/v1/projects/{me}/jobs", auth="Basic dXNlcjpwYXNz"), 401, "Bearer", id="basic-auth"),
     pytest.param(_get("/v1/projects/{other}/jobs"), 404, "does not exist", id="another-tenants-project"),
-    pytest.param(_post(IMPORTS, _source("sslmode=disable"), key="read_only_key"), 403, "projects:write", id="read-only-key-imports"),
+    pytest.param(
+        _post(IMPORTS, _source("sslmode=disable"), key="read_only_key"),
+        403,
+        "projects:write",
+        id="read-only-key-imports",
+    ),
     pytest.param(_post(IMPORTS, _source("passfile=/root/.pgpass")), 400, "passfile", id="passfile-parameter"),
     pytest.param(_post(IMPORTS, _source("service=prod")), 400, "service", id="service-parameter"),
-    pytest.param(_post(IMPORTS, _source("sslkey=/etc/ssl/private/key.pem")), 400, "sslkey", id="sslkey-parameter"),
-    pytest.param(_post(IMPORTS, _source("sslpassword=hunter2")), 400, "sslpassword", id="sslpassword-parameter"),
-    pytest.param(_post(PREFLIGHT, _source("sslrootcert=/etc/passwd")), 400, "sslrootcert", id="sslrootcert-file"),
-    pytest.param(_post(IMPORTS, {"confirm": True, "upload_key": "imports/{me}/../../etc/passwd"}), 400, "", id="traversal-upload-key"),
-    pytest.param(_post(IMPORTS, {"confirm": True, "upload_key": "/imports/x/dump"}), 400, "", id="absolute-upload-key"),
-    pytest.param(_post(IMPORTS, {"confirm": True, "upload_key": "imports/{other}/abc/dump"}), 400, "", id="other-projects-upload-key"),
-    pytest.param(_post(IMPORTS, {"confirm": True, "upload_key": "imports/{me}/never-issued/dump"}), 400, "", id="never-issued-upload-key"),
-    pytest.param(_post(IMPORTS, {"confirm": False, "source_url": "postgres://a@db.invalid/b"}), 400, "confirm", id="unconfirmed"),
+    pytest.param(
+        _post(IMPORTS, _source("sslkey=/etc/ssl/private/key.pem")), 400, "sslkey", id="sslkey-parameter"
+    ),
+    pytest.param(
+        _post(IMPORTS, _source("sslpassword=hunter2")), 400, "sslpassword", id="sslpassword-parameter"
+    ),
+    pytest.param(
+        _post(PREFLIGHT, _source("sslrootcert=/etc/passwd")), 400, "sslrootcert", id="sslrootcert-file"
+    ),
+    pytest.param(
+        _post(IMPORTS, {"confirm": True, "upload_key": "imports/{me}/../../etc/passwd"}),
+        400,
+        "",
+        id="traversal-upload-key",
+    ),
+    pytest.param(
+        _post(IMPORTS, {"confirm": True, "upload_key": "/imports/x/dump"}), 400, "", id="absolute-upload-key"
+    ),
+    pytest.param(
+        _post(IMPORTS, {"confirm": True, "upload_key": "imports/{other}/abc/dump"}),
+        400,
+        "",
+        id="other-projects-upload-key",
+    ),
+    pytest.param(
+        _post(IMPORTS, {"confirm": True, "upload_key": "imports/{me}/never-issued/dump"}),
+        400,
+        "",
+        id="never-issued-upload-key",
+    ),
+    pytest.param(
+        _post(IMPORTS, {"confirm": False, "source_url": "postgres://a@db.invalid/b"}),
+        400,
+        "confirm",
+        id="unconfirmed",
+    ),
 ]
 
 
@@ -162,7 +247,12 @@ def test_the_address_gate_refuses_loopback_and_unresolvable_hosts_in_production(
         ("localhost", "source_address_allowed", "loopback"),
         ("db.invalid", "source_reachable", "does not resolve"),
     ):
-        resp = requests.post(url, json={"source_url": f"postgres://app:{SECRET_PASSWORD}@{host}:5432/app"}, headers=auth, timeout=60)
+        resp = requests.post(
+            url,
+            json={"source_url": f"postgres://app:{SECRET_PASSWORD}@{host}:5432/app"},
+            headers=auth,
+            timeout=60,
+        )
         assert resp.status_code == 200, resp.text
         checks = {c["name"]: c for c in resp.json()["preflight"]["checks"]}
         assert checks[check]["status"] == "fail" and words in checks[check]["detail"], (host, checks[check])
@@ -173,10 +263,15 @@ def test_the_address_gate_refuses_loopback_and_unresolvable_hosts_in_production(
 def test_keys_revoked_or_expired_are_refused(prod, tenants):
     me, _ = tenants
     soon = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)).isoformat()
-    expiring = cli(prod.env, "keys", "create", "--org", me.org, "--project", me.project["id"], "--expires-at", soon)
+    expiring = cli(
+        prod.env, "keys", "create", "--org", me.org, "--project", me.project["id"], "--expires-at", soon
+    )
     revoked = cli(prod.env, "keys", "create", "--org", me.org, "--project", me.project["id"])
     jobs = f"{prod.base_url}/v1/projects/{me.project['id']}/jobs"
-    assert requests.get(jobs, headers={"Authorization": f"Bearer {revoked['key']}"}, timeout=30).status_code == 200
+    assert (
+        requests.get(jobs, headers={"Authorization": f"Bearer {revoked['key']}"}, timeout=30).status_code
+        == 200
+    )
     cli(prod.env, "keys", "revoke", revoked["id"])
     resp = requests.get(jobs, headers={"Authorization": f"Bearer {revoked['key']}"}, timeout=30)
     assert resp.status_code == 401 and "revoked" in resp.json()["error"]
@@ -209,7 +304,12 @@ def _upload(prod, tenant: Tenant, data: bytes, *, recreate: bool) -> dict:
     upload = resp.json()["upload"]
     posted = post_file(upload, data)
     assert posted.status_code in (200, 201, 204), posted.text
-    resp = requests.post(base, json={"confirm": True, "recreate": recreate, "upload_key": upload["object_key"]}, headers=auth, timeout=30)
+    resp = requests.post(
+        base,
+        json={"confirm": True, "recreate": recreate, "upload_key": upload["object_key"]},
+        headers=auth,
+        timeout=30,
+    )
     assert resp.status_code == 202, resp.text
     return wait_for_job(prod, tenant.key, resp.json()["job"]["id"], timeout=300)
 
@@ -258,7 +358,12 @@ def test_no_tenant_code_runs_in_a_service_session(prod, control_db):
 def test_a_dump_cannot_drop_the_live_or_retained_databases(prod, control_db):
     tenant = make_tenant(prod)
     live = tenant.project["database_name"]
-    first = _upload(prod, tenant, b"CREATE TABLE public.kept (id int);\nINSERT INTO public.kept VALUES (1), (2);\n", recreate=True)
+    first = _upload(
+        prod,
+        tenant,
+        b"CREATE TABLE public.kept (id int);\nINSERT INTO public.kept VALUES (1), (2);\n",
+        recreate=True,
+    )
     assert first["state"] == "completed", first["error"]
     retained = first["report"]["replaced_database"]
     control = control_db.database_url.rsplit("/", 1)[1]
@@ -286,4 +391,7 @@ def test_a_chunked_body_is_read(prod, tenants):
     )
     assert resp.status_code == 200, resp.text
     checks = {c["name"]: c for c in resp.json()["preflight"]["checks"]}
-    assert checks["source_reachable"]["status"] == "fail" and "does not resolve" in checks["source_reachable"]["detail"]
+    assert (
+        checks["source_reachable"]["status"] == "fail"
+        and "does not resolve" in checks["source_reachable"]["detail"]
+    )

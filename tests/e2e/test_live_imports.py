@@ -95,12 +95,21 @@ def test_a_source_that_never_answers_is_retried_by_the_queue_then_failed(service
 
     live = tenant["project"]["database_name"]
     with silent_listener() as listener:
-        resp = start(service, tenant, {"confirm": True, "source_url": f"postgresql://u:pw@127.0.0.1:{listener.port}/db?sslmode=disable"})
+        resp = start(
+            service,
+            tenant,
+            {
+                "confirm": True,
+                "source_url": f"postgresql://u:pw@127.0.0.1:{listener.port}/db?sslmode=disable",
+            },
+        )
         assert resp.status_code == 202
         job = wait_for_job(service, tenant["key"], resp.json()["job"]["id"], timeout=180)
     assert job["state"] == "failed" and job["retry_classification"] == "transient"
     assert job["attempts"] == job["max_attempts"] == 3
-    assert job["error"].startswith("gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:")
+    assert job["error"].startswith(
+        "gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:"
+    )
     assert "did not answer within the 3 s connect timeout" in job["error"]
     events = cli(service.env, "jobs", "show", job["id"])["events"]
     assert [e["reason"] for e in events].count("preflight claimed (attempt 2 of 3)") == 1

@@ -12,13 +12,18 @@ from tests.support.uploading import post_file
 def pagila_dumps(corpus_source, tmp_path_factory):
     source = corpus_source("pagila")
     folder = tmp_path_factory.mktemp("e2e-dumps")
-    return source, {fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}") for fmt in ("custom", "tar", "plain", "gzip-plain")}
+    return source, {
+        fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}")
+        for fmt in ("custom", "tar", "plain", "gzip-plain")
+    }
 
 
 def upload_and_import(service, tenant, data: bytes) -> dict:
     auth = {"Authorization": f"Bearer {tenant['key']}"}
     project = tenant["project"]["id"]
-    resp = requests.post(f"{service.base_url}/v1/projects/{project}/imports/uploads", headers=auth, timeout=30)
+    resp = requests.post(
+        f"{service.base_url}/v1/projects/{project}/imports/uploads", headers=auth, timeout=30
+    )
     assert resp.status_code == 201, resp.text
     upload = resp.json()["upload"]
     assert upload["method"] == "POST"
@@ -44,8 +49,14 @@ def test_uploaded_dump_import_over_http(service, tenant, pagila_dumps, fmt):
     assert pg.schema_dump(live) == pg.schema_dump(source)
     assert pg.row_counts(live) == pg.row_counts(source)
     report = job["report"]
-    assert report["tables"]["public.payment_p2022_03"]["target_rows"] == pg.row_counts(source)["public.payment_p2022_03"]
-    assert report["sequences"]["public.rental_rental_id_seq"]["source"] == report["sequences"]["public.rental_rental_id_seq"]["target"]
+    assert (
+        report["tables"]["public.payment_p2022_03"]["target_rows"]
+        == pg.row_counts(source)["public.payment_p2022_03"]
+    )
+    assert (
+        report["sequences"]["public.rental_rental_id_seq"]["source"]
+        == report["sequences"]["public.rental_rental_id_seq"]["target"]
+    )
     assert report["skipped"] == [] and report["warnings"] == []
 
 

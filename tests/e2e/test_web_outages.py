@@ -36,7 +36,11 @@ def _tenant(env: dict[str, str], admin_url: str | None = None) -> dict[str, str]
     if admin_url is None:
         database = env["CAPY_DATABASE_URL"].rsplit("/", 1)[1]
         known = pg.admin("SELECT id FROM clusters WHERE name = 'local'", dbname=database)
-        cluster = known[0][0] if known else cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)["id"]
+        cluster = (
+            known[0][0]
+            if known
+            else cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)["id"]
+        )
     else:
         cluster = cli(env, "clusters", "add", "--name", "own", "--admin-url", admin_url)["id"]
     project = cli(env, "projects", "create", "--org", org["id"], "--name", "outage", "--cluster", cluster)
@@ -55,7 +59,8 @@ def broker_service(control_db, rabbit, tmp_path):
     """gunicorn alone (no worker: the messages stay in the queue to be counted) over a
     broker node of its own, with 2 s heartbeats so an idle minute takes seconds."""
     settings = control_db.replace(
-        broker_url=rabbit.url(heartbeat="2"), queue_prefix=f"{control_db.queue_prefix}_outage",
+        broker_url=rabbit.url(heartbeat="2"),
+        queue_prefix=f"{control_db.queue_prefix}_outage",
     )
     env = service_env(settings)
     cli(env, "migrate")
@@ -87,7 +92,9 @@ def _post(service, tenant, idempotency_key: str) -> requests.Response:
 
 def _cancel(service, tenant, job_id: str) -> None:
     requests.post(
-        f"{service.base_url}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {tenant['key']}"}, timeout=20
+        f"{service.base_url}/v1/jobs/{job_id}/cancel",
+        headers={"Authorization": f"Bearer {tenant['key']}"},
+        timeout=20,
     )
 
 
@@ -100,7 +107,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"{what} within {timeout} s")
 
 
-def test_readiness_after_idling_and_a_broker_restart_and_a_post_while_the_broker_is_down(broker_service, rabbit):
+def test_readiness_after_idling_and_a_broker_restart_and_a_post_while_the_broker_is_down(
+    broker_service, rabbit
+):
     service, tenant, settings = broker_service
     queue = f"{settings.queue_prefix}.preflight"
     # Several requests, so that both web workers have used their broker connection...
@@ -141,7 +150,9 @@ def test_readiness_after_idling_and_a_broker_restart_and_a_post_while_the_broker
     _cancel(service, tenant, job["id"])
 
 
-def test_a_post_while_the_broker_blocks_publishers_is_answered_at_once_and_dispatched_later(broker_service, rabbit):
+def test_a_post_while_the_broker_blocks_publishers_is_answered_at_once_and_dispatched_later(
+    broker_service, rabbit
+):
     service, tenant, settings = broker_service
     queue = f"{settings.queue_prefix}.preflight"
     assert _ready(service).status_code == 200
@@ -198,7 +209,9 @@ def test_control_database_restart_answers_503_at_most_once_then_serves(control_d
             service.stop()
 
 
-def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatched_later(control_db, tmp_path):
+def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatched_later(
+    control_db, tmp_path
+):
     """A proxy in front of the machine's RabbitMQ stops passing bytes (nothing is
     refused or closed: only timeouts notice), then lets them through again."""
     prefix = f"{control_db.queue_prefix}_held_{secrets.token_hex(2)}"
@@ -209,7 +222,9 @@ def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatch
         )
         env = service_env(settings)
         tenant = _tenant(env)
-        service = start_service(settings, tmp_path, workers=0, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE))
+        service = start_service(
+            settings, tmp_path, workers=0, CAPY_PUBLISH_DEADLINE_SECONDS=str(PUBLISH_DEADLINE)
+        )
         try:
             assert _ready(service).status_code == 200
             proxy.hold()
@@ -223,7 +238,9 @@ def test_a_post_while_packets_to_the_broker_are_dropped_is_answered_and_dispatch
             held = _ready(service)
             assert held.status_code == 503 and time.monotonic() - started < 10, held.text
             proxy.release()
-            _wait_for(lambda: _shared_messages(f"{prefix}.preflight") >= 1, 60, f"{job['id']} was not dispatched")
+            _wait_for(
+                lambda: _shared_messages(f"{prefix}.preflight") >= 1, 60, f"{job['id']} was not dispatched"
+            )
             _wait_for(lambda: _ready(service).status_code == 200, 30, "readiness did not come back")
             _cancel(service, tenant, job["id"])
         finally:

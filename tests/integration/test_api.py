@@ -120,7 +120,11 @@ def test_a_job_whose_wake_up_is_not_confirmed_is_accepted_and_queued_for_dispatc
         raise DispatchDelayed("the job queue did not confirm within 3 s")
 
     services = Services(
-        settings=control_db, sealer=Sealer(control_db.secret_key), wake=unconfirmed, uploads=uploads, readiness={}
+        settings=control_db,
+        sealer=Sealer(control_db.secret_key),
+        wake=unconfirmed,
+        uploads=uploads,
+        readiness={},
     )
     client = testing.TestClient(create_app(services))
     body = {"confirm": True, "recreate": True, "source_url": SOURCE}
@@ -128,7 +132,9 @@ def test_a_job_whose_wake_up_is_not_confirmed_is_accepted_and_queued_for_dispatc
     assert resp.status_code == 202, resp.text
     job = resp.json["job"]
     assert (job["state"], job["error"], job["retry_classification"]) == ("pending", None, None)
-    assert job["progress"]["phase"] == "queued" and job["progress"]["detail"].startswith("queued for dispatch")
+    assert job["progress"]["phase"] == "queued" and job["progress"]["detail"].startswith(
+        "queued for dispatch"
+    )
     assert attempts == [(job["id"], "preflight")]
     # The same key after (or during) the outage: the same job, still pending, not sent twice.
     again = post_import(client, world, body, **{"Idempotency-Key": "outage"})

@@ -166,7 +166,12 @@ def test_a_psql_failure_names_the_line_of_the_users_file(scratch_db, tmp_path):
     script.write_text("CREATE TABLE a (id int);\n\nSELECT nope FROM a;\n", encoding="utf-8")
     tools = PgTools(os.path.dirname(shutil.which("psql")))
     with pytest.raises(PermanentCommandFailure) as caught:
-        restore_plain(tools, SourceURL.parse(pg.url_for(target, sslmode="disable")), str(script), user_line=lambda line: line + 40)
+        restore_plain(
+            tools,
+            SourceURL.parse(pg.url_for(target, sslmode="disable")),
+            str(script),
+            user_line=lambda line: line + 40,
+        )
     assert caught.value.message == (
         'psql restoring the plain SQL dump failed (exit code 3): column "nope" does not exist (at line 43 of the dump)'
     )
@@ -274,7 +279,9 @@ def latin1_source():
 
 
 @pytest.mark.parametrize("fmt", ["custom", "tar", "plain", "live"])
-def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store, latin1_source, tmp_path, fmt):
+def test_a_latin1_source_with_non_ascii_names_imports_exactly(
+    control_db, store, latin1_source, tmp_path, fmt
+):
     world = make_world(control_db)
     if fmt == "live":
         job = run_import(control_db, world, pg.url_for(latin1_source, sslmode="disable"))
@@ -283,7 +290,9 @@ def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store,
         job = upload_and_import(control_db, store, world, data)
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
-    assert pg.admin("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (live,)) == [("UTF8",)]
+    assert pg.admin("SELECT pg_encoding_to_char(encoding) FROM pg_database WHERE datname = %s", (live,)) == [
+        ("UTF8",)
+    ]
     assert row_counts(live) == row_counts(latin1_source) == {"public.café": 250, "public.plain_ascii": 10}
     assert query(live, 'SELECT "crème" FROM "café" WHERE id = 7') == [("brûlée 7",)]
     assert job.facts.report["tables"]["public.café"] == {"source_rows": 250, "target_rows": 250}
@@ -292,7 +301,15 @@ def test_a_latin1_source_with_non_ascii_names_imports_exactly(control_db, store,
 
 def schema_without_tablespaces(dbname: str) -> str:
     return subprocess.run(
-        ["pg_dump", "--schema-only", "--no-owner", "--no-privileges", "--no-tablespaces", "-d", pg.url_for(dbname)],
+        [
+            "pg_dump",
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--no-tablespaces",
+            "-d",
+            pg.url_for(dbname),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -303,7 +320,8 @@ def _comparable(schema: str) -> list[str]:
     return [
         line
         for line in schema.splitlines()
-        if line.strip() and not line.startswith(("\\restrict", "\\unrestrict", "-- Dumped from", "-- Dumped by"))
+        if line.strip()
+        and not line.startswith(("\\restrict", "\\unrestrict", "-- Dumped from", "-- Dumped by"))
     ]
 
 
@@ -319,7 +337,8 @@ def test_an_archive_naming_a_tablespace_the_target_lacks_imports(control_db, sto
         pg.create_db(source)
         pg.psql(
             source,
-            text=ROWS + f"CREATE TABLE placed (id int PRIMARY KEY USING INDEX TABLESPACE {space}) TABLESPACE {space};"
+            text=ROWS
+            + f"CREATE TABLE placed (id int PRIMARY KEY USING INDEX TABLESPACE {space}) TABLESPACE {space};"
             "INSERT INTO placed SELECT generate_series(1, 77);",
         )
         data = dump(source, tmp_path / "dump", f"--format={fmt}").read_bytes()
@@ -370,7 +389,9 @@ def test_database_settings_and_comment_are_carried_or_reported(control_db, store
     pg.admin(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
     try:
         pg.admin(
-            sql.SQL("ALTER ROLE {} IN DATABASE {} SET work_mem TO '1MB'").format(sql.Identifier(role), identifier)
+            sql.SQL("ALTER ROLE {} IN DATABASE {} SET work_mem TO '1MB'").format(
+                sql.Identifier(role), identifier
+            )
         )
         world = make_world(control_db)
         if fmt == "live":
@@ -382,7 +403,9 @@ def test_database_settings_and_comment_are_carried_or_reported(control_db, store
         pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))  # drops its setting too
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
-    expected = [row for row in database_settings(source) if not row[0].startswith("log_min_duration_statement")]
+    expected = [
+        row for row in database_settings(source) if not row[0].startswith("log_min_duration_statement")
+    ]
     assert len(expected) == 3
     assert database_settings(live) == expected
     assert database_comment(live) == "the shop's database"

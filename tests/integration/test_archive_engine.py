@@ -41,7 +41,9 @@ def source():
 
 
 def _dump(dbname: str, path, *options: str):
-    subprocess.run(["pg_dump", *options, "-d", pg.url_for(dbname), f"--file={path}"], check=True, capture_output=True)
+    subprocess.run(
+        ["pg_dump", *options, "-d", pg.url_for(dbname), f"--file={path}"], check=True, capture_output=True
+    )
     return path
 
 
@@ -56,7 +58,13 @@ def test_the_plan_streams_every_table_and_knows_each_index_and_constraints_table
     plain = {("public", t) for t in ("parent", "Child Rows", "nocolumns", "emptied", "gen")}
     plan, kept = _plan(archive, plain)
     streamed = {s.table.key: s for s in plan.streamed}
-    assert set(streamed) == {"public.parent", "public.Child Rows", "public.nocolumns", "public.emptied", "public.gen"}
+    assert set(streamed) == {
+        "public.parent",
+        "public.Child Rows",
+        "public.nocolumns",
+        "public.emptied",
+        "public.gen",
+    }
     assert streamed["public.gen"].copy.columns == ("a", "c")  # the generated column is computed, not loaded
     assert streamed["public.nocolumns"].copy.columns == ()
     assert plan.seekable
@@ -71,7 +79,9 @@ def test_the_plan_streams_every_table_and_knows_each_index_and_constraints_table
     assert (fk.kind, fk.table, fk.references) == ("foreign key", child, parent)
     self_fk = owned[by_name["Child Rows Child Rows_up_fkey"].dump_id]
     assert (self_fk.kind, self_fk.table, self_fk.references) == ("foreign key", child, child)
-    values = archive_sequences(e.definition or b"" for e in read_toc(archive).entries if e.desc == "SEQUENCE SET")
+    values = archive_sequences(
+        e.definition or b"" for e in read_toc(archive).entries if e.desc == "SEQUENCE SET"
+    )
     assert values["public.counter"] == 99
 
 
@@ -79,7 +89,12 @@ def test_a_table_that_is_not_an_ordinary_table_in_the_preview_is_left_to_pg_rest
     archive = str(_dump(source, tmp_path / "a.dump", "-Fc"))
     plan, _kept = _plan(archive, {("public", "parent")})
     assert [s.table.key for s in plan.streamed] == ["public.parent"]
-    assert {e.name for e in plan.rest if e.desc == "TABLE DATA"} == {"Child Rows", "nocolumns", "emptied", "gen"}
+    assert {e.name for e in plan.rest if e.desc == "TABLE DATA"} == {
+        "Child Rows",
+        "nocolumns",
+        "emptied",
+        "gen",
+    }
 
 
 def test_rows_as_insert_statements_are_left_to_pg_restore(source, tmp_path):
@@ -94,7 +109,9 @@ def test_rows_as_insert_statements_are_left_to_pg_restore(source, tmp_path):
     [("-Fc",), ("-Fc", "--compress=0"), ("-Ft",), ("-Fc", "--inserts")],
     ids=["custom", "uncompressed", "tar", "inserts"],
 )
-def test_an_archive_imports_exactly_with_its_rows_counted_as_they_stream(control_db, store, source, tmp_path, options):
+def test_an_archive_imports_exactly_with_its_rows_counted_as_they_stream(
+    control_db, store, source, tmp_path, options
+):
     data = _dump(source, tmp_path / "a.dump", *options).read_bytes()
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, data)

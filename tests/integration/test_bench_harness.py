@@ -74,7 +74,9 @@ def test_a_copy_missing_a_table_fails_verification(tiny_scale, tmp_path):
     assert lossy.rounds[0].problems[0] == "table public.orders is missing"
     assert any(line.startswith("  FAILED dump-pipe-lossy round 1") for line in lines)
     # Both targets were dropped after verification; the source was not touched by either copy.
-    assert pg.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"capybench_t_{run_id}_%",)) == []
+    assert (
+        pg.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"capybench_t_{run_id}_%",)) == []
+    )
     assert "public.orders" in shape(cluster, source.database).rows
     assert ensure_source(cluster, "tiny", tiny_scale).built is False
 

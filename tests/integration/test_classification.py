@@ -91,14 +91,17 @@ def stage_worker(control_db, store):
 
         def make(**overrides):
             settings, queue, _worker = workers.start(
-                steps_for=lambda settings: ImportSteps(settings, Sealer(settings.secret_key), store), **overrides
+                steps_for=lambda settings: ImportSteps(settings, Sealer(settings.secret_key), store),
+                **overrides,
             )
             return settings, queue
 
         yield make
 
 
-def test_a_source_refusing_connections_is_retried_then_fails_saying_it_kept_refusing(control_db, stage_worker):
+def test_a_source_refusing_connections_is_retried_then_fails_saying_it_kept_refusing(
+    control_db, stage_worker
+):
     settings, queue = stage_worker(max_attempts=2)
     port = free_port()
     job = start(settings, make_world(settings), f"postgres://u:pw@127.0.0.1:{port}/app?sslmode=disable")
@@ -143,7 +146,11 @@ def test_a_job_whose_cluster_is_unreachable_is_retried_with_no_address_in_its_er
     with pytest.raises(TransientError):
         runner.run(job.id, "preflight")
     released = Job.get_by_id(job.id)
-    assert (released.state, released.claimed_by, released.retry_classification) == ("running", None, "transient")
+    assert (released.state, released.claimed_by, released.retry_classification) == (
+        "running",
+        None,
+        "transient",
+    )
     assert released.error == UNAVAILABLE
     assert str(port) not in json.dumps([e.reason for e in jobs.events(job.id)])
 
@@ -152,7 +159,9 @@ def test_the_preflight_endpoint_answers_503_without_the_clusters_address(control
     world = make_world(control_db)
     port = free_port()
     on_dead_cluster(control_db, world, port)
-    resp = preflight(client_for(control_db, store), world, {"source_url": "postgres://u:pw@db.example.com/app"})
+    resp = preflight(
+        client_for(control_db, store), world, {"source_url": "postgres://u:pw@db.example.com/app"}
+    )
     assert resp.status_code == 503
     assert resp.json == {"error": UNAVAILABLE}
     assert str(port) not in resp.text and "127.0.0.1" not in resp.text

@@ -1,6 +1,5 @@
 """The operators' CLI, in-process against the real control database and cluster."""
 
-
 import pytest
 
 from pipeline.cli import main
@@ -17,13 +16,29 @@ def test_create_everything_and_show_it(control_db, capsys):
     assert org["id"].startswith("org_") and org["name"] == "Acme"
     cluster = local_cluster(control_db)
     _, project = run(
-        control_db, capsys, "projects", "create", "--org", org["id"], "--name", "shop",
-        "--cluster", cluster.id, "--storage-limit-bytes", "5000000",
+        control_db,
+        capsys,
+        "projects",
+        "create",
+        "--org",
+        org["id"],
+        "--name",
+        "shop",
+        "--cluster",
+        cluster.id,
+        "--storage-limit-bytes",
+        "5000000",
     )
     assert project["id"].startswith("prj_") and project["storage_limit_bytes"] == 5_000_000
     assert pg.database_exists(project["database_name"])
-    _, key = run(control_db, capsys, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "ci")
-    assert key["key"].startswith("capy_live_") and key["project_id"] == project["id"] and key["key_prefix"] == key["key"][:22]
+    _, key = run(
+        control_db, capsys, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "ci"
+    )
+    assert (
+        key["key"].startswith("capy_live_")
+        and key["project_id"] == project["id"]
+        and key["key_prefix"] == key["key"][:22]
+    )
     _, listed = run(control_db, capsys, "jobs", "list", "--project", project["id"])
     assert listed == {"jobs": []}
 
@@ -36,7 +51,10 @@ def test_text_output_says_what_was_done(control_db, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["projects", "create", "--org", "org_missing", "--name", "x"], "organization org_missing does not exist"),
+        (
+            ["projects", "create", "--org", "org_missing", "--name", "x"],
+            "organization org_missing does not exist",
+        ),
         (["keys", "create", "--org", "org_missing"], "organization org_missing does not exist"),
         (["jobs", "show", "job_missing"], "job job_missing does not exist"),
         (["clusters", "add", "--name", "bad", "--admin-url", "mysql://x"], "must start with postgres://"),

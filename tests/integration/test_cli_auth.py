@@ -18,22 +18,51 @@ def test_keys_create_with_scopes_and_expiry_then_list_and_revoke(control_db, cap
     world = make_world(control_db)
     org = world.org.id
     code, reader = run(
-        control_db, capsys, "keys", "create", "--org", org, "--name", "reader", "--scope", "jobs:read",
-        "--expires-in", "30",
+        control_db,
+        capsys,
+        "keys",
+        "create",
+        "--org",
+        org,
+        "--name",
+        "reader",
+        "--scope",
+        "jobs:read",
+        "--expires-in",
+        "30",
     )
     assert code == 0 and reader["scopes"] == ["jobs:read"] and reader["state"] == "active"
     expires = dt.datetime.fromisoformat(reader["expires_at"].replace("Z", "+00:00"))
     assert dt.timedelta(days=29) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(days=30)
     _, pinned = run(
-        control_db, capsys, "keys", "create", "--org", org, "--project", world.project.id,
-        "--expires-at", "2099-01-31T00:00:00Z",
+        control_db,
+        capsys,
+        "keys",
+        "create",
+        "--org",
+        org,
+        "--project",
+        world.project.id,
+        "--expires-at",
+        "2099-01-31T00:00:00Z",
     )
     assert pinned["expires_at"] == "2099-01-31T00:00:00Z"
     assert sorted(pinned["scopes"]) == ["jobs:read", "projects:write"]
-    _, both = run(control_db, capsys, "keys", "create", "--org", org, "--scope", "projects:write", "jobs:read")
+    _, both = run(
+        control_db, capsys, "keys", "create", "--org", org, "--scope", "projects:write", "jobs:read"
+    )
     assert both["scopes"] == ["projects:write", "jobs:read"]
     _, repeated = run(
-        control_db, capsys, "keys", "create", "--org", org, "--scope", "projects:write", "--scope", "projects:write"
+        control_db,
+        capsys,
+        "keys",
+        "create",
+        "--org",
+        org,
+        "--scope",
+        "projects:write",
+        "--scope",
+        "projects:write",
     )
     assert repeated["scopes"] == ["projects:write"]
 
@@ -62,8 +91,14 @@ def test_keys_create_with_scopes_and_expiry_then_list_and_revoke(control_db, cap
     [
         (["keys", "revoke", "key_missing"], "API key key_missing does not exist"),
         (["keys", "list", "--org", "org_missing"], "organization org_missing does not exist"),
-        (["keys", "create", "--org", "{org}", "--expires-at", "tomorrow"], "--expires-at must be an ISO 8601 time"),
-        (["keys", "create", "--org", "{org}", "--expires-at", "2001-01-01T00:00:00Z"], "must be in the future"),
+        (
+            ["keys", "create", "--org", "{org}", "--expires-at", "tomorrow"],
+            "--expires-at must be an ISO 8601 time",
+        ),
+        (
+            ["keys", "create", "--org", "{org}", "--expires-at", "2001-01-01T00:00:00Z"],
+            "must be in the future",
+        ),
         (["keys", "create", "--org", "{org}", "--expires-in", "0"], "--expires-in must be a positive"),
     ],
 )
@@ -84,16 +119,26 @@ def test_secrets_rotate_reseals_everything_with_the_current_key(control_db, caps
     old = Sealer("the-old-key")
     world = make_world(control_db)
     cluster = Cluster.create(
-        id="cls_rotate_" + world.project.id[-8:], name="rotate-" + world.project.id,
-        admin_url_encrypted=old.seal(pg.ADMIN_URL), server_major=15,
+        id="cls_rotate_" + world.project.id[-8:],
+        name="rotate-" + world.project.id,
+        admin_url_encrypted=old.seal(pg.ADMIN_URL),
+        server_major=15,
     )
-    Project.update(role_password_encrypted=old.seal("role-pw")).where(Project.id == world.project.id).execute()
+    Project.update(role_password_encrypted=old.seal("role-pw")).where(
+        Project.id == world.project.id
+    ).execute()
     job = Job.create(
-        id="job_rotate_" + world.project.id[-8:], organization=world.org.id, project=world.project.id,
-        cluster=world.cluster.id, state="failed", source_url_encrypted=old.seal("postgresql://u:pw@h/db"),
+        id="job_rotate_" + world.project.id[-8:],
+        organization=world.org.id,
+        project=world.project.id,
+        cluster=world.cluster.id,
+        state="failed",
+        source_url_encrypted=old.seal("postgresql://u:pw@h/db"),
     )
     endpoint = WebhookEndpoint.create(
-        id="whe_rotate_" + world.project.id[-8:], organization=world.org.id, url="https://hooks.example.com/",
+        id="whe_rotate_" + world.project.id[-8:],
+        organization=world.org.id,
+        url="https://hooks.example.com/",
         secret_encrypted=old.seal("whsec_rotate"),
     )
     rotating = control_db.replace(secret_key=f"{current},the-old-key")
@@ -118,15 +163,21 @@ def test_secrets_rotate_names_what_no_key_opens(control_db, capsys):
     world = make_world(control_db)
     lost = Sealer("a-lost-key").seal("postgresql://u:pw@h/db")
     job = Job.create(
-        id="job_lost_" + world.project.id[-8:], organization=world.org.id, project=world.project.id,
-        cluster=world.cluster.id, state="failed", source_url_encrypted=lost,
+        id="job_lost_" + world.project.id[-8:],
+        organization=world.org.id,
+        project=world.project.id,
+        cluster=world.cluster.id,
+        state="failed",
+        source_url_encrypted=lost,
     )
     try:
         code, out = run(control_db, capsys, "secrets", "rotate")
         assert code == 1
         assert f"job_source_url of {job.id}" in out["error"] and "add the key" in out["error"]
     finally:
-        Job.update(source_url_encrypted=Sealer(control_db.secret_key).seal("x")).where(Job.id == job.id).execute()
+        Job.update(source_url_encrypted=Sealer(control_db.secret_key).seal("x")).where(
+            Job.id == job.id
+        ).execute()
 
 
 @pytest.mark.parametrize(

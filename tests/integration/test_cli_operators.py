@@ -196,7 +196,9 @@ def test_jobs_retry_after_restore_starts_again_from_fetch(control_db, capsys, wo
 
 def test_a_live_import_may_be_retried_from_restore(control_db, capsys, world):
     job = new_job(control_db, world)
-    Job.update(stage="restore", facts={"preflight": {}, "source_address": "127.0.0.1"}).where(Job.id == job.id).execute()
+    Job.update(stage="restore", facts={"preflight": {}, "source_address": "127.0.0.1"}).where(
+        Job.id == job.id
+    ).execute()
     jobs.fail(job.id, "test", "the copy failed", classification="permanent")
     code, out = run(control_db, capsys, "jobs", "retry", job.id, "--from-stage", "restore")
     assert code == 0 and out["stage"] == "restore" and out["state"] == "pending"
@@ -232,7 +234,9 @@ def test_jobs_list_stuck_shows_stale_leases_and_unclaimed_jobs(control_db, capsy
         jobs.fail(job.id, "test", "done", classification="permanent")
 
 
-def dead_letter(settings, stage: str, job_id: str, *, retries: int = 2, actor_name: str | None = None, failure: str = "") -> str:
+def dead_letter(
+    settings, stage: str, job_id: str, *, retries: int = 2, actor_name: str | None = None, failure: str = ""
+) -> str:
     """Dead-letter a stage message as Dramatiq does: a message that went through its
     retries (options set by the Retries middleware) is rejected without requeue, and
     RabbitMQ moves it to `<queue>.XQ`."""
@@ -362,7 +366,9 @@ def test_jobs_retry_refuses_to_undo_a_newer_import(control_db, capsys, world):
     old = new_job(control_db, world)
     jobs.fail(old.id, "test", "the source was down", classification="transient")
     newer = new_job(control_db, world)
-    Job.update(state="completed", completed_at=jobs.utcnow(), locked_resource=None).where(Job.id == newer.id).execute()
+    Job.update(state="completed", completed_at=jobs.utcnow(), locked_resource=None).where(
+        Job.id == newer.id
+    ).execute()
     code, out = run(control_db, capsys, "jobs", "retry", old.id)
     assert code == 1 and out["error"] == (
         f"job {newer.id}, started after job {old.id}, has since completed an import of project "
@@ -383,21 +389,39 @@ def test_a_retry_while_the_broker_is_down_stays_pending_for_sweep_to_wake(contro
     code, out = run(down, capsys, "jobs", "retry", job.id)
     assert code == 0, out
     assert (out["state"], out["woken"]) == ("pending", False)
-    assert out["note"] == "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
-    assert [e.action for e in AuditEvent.select().where(AuditEvent.target_id == job.id)].count("project.import_retried") == 1
+    assert (
+        out["note"]
+        == "the job queue is unavailable: `capy-imports sweep` (the clock) starts it once RabbitMQ is back"
+    )
+    assert [e.action for e in AuditEvent.select().where(AuditEvent.target_id == job.id)].count(
+        "project.import_retried"
+    ) == 1
     woken = []
     Job.update(updated_at=jobs.utcnow() - dt.timedelta(minutes=2)).where(Job.id == job.id).execute()
-    sweep(control_db, Sealer(control_db.secret_key), store, wake=lambda job_id, stage: woken.append((job_id, stage)))
+    sweep(
+        control_db,
+        Sealer(control_db.secret_key),
+        store,
+        wake=lambda job_id, stage: woken.append((job_id, stage)),
+    )
     assert (job.id, "preflight") in woken
     jobs.fail(job.id, "test", "done", classification="permanent")
 
 
-def test_dlq_replays_only_this_deployments_stage_messages_and_shows_no_terminal_escapes(own_queues, capsys, world):
+def test_dlq_replays_only_this_deployments_stage_messages_and_shows_no_terminal_escapes(
+    own_queues, capsys, world
+):
     settings = own_queues
     job = new_job(settings, world)
-    Job.update(state="running", stage="fetch", attempts=3, facts={"preflight": {}}).where(Job.id == job.id).execute()
+    Job.update(state="running", stage="fetch", attempts=3, facts={"preflight": {}}).where(
+        Job.id == job.id
+    ).execute()
     dead_letter(
-        settings, "fetch", job.id, actor_name="otherapp_send_email", failure="Boom: \x1b[31mRED\x1b[0m \x1b]0;pwned\x07"
+        settings,
+        "fetch",
+        job.id,
+        actor_name="otherapp_send_email",
+        failure="Boom: \x1b[31mRED\x1b[0m \x1b]0;pwned\x07",
     )
     code, out = run(settings, capsys, "dlq", "list")
     [listed] = out["messages"]

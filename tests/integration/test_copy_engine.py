@@ -130,7 +130,9 @@ def test_a_source_that_ends_idle_transactions_does_not_break_the_copy(scratch_db
     (and lane sessions while their lane builds indexes): a source's
     idle_in_transaction_session_timeout must not end them."""
     source, target = scratch_db("capysrc_idle"), scratch_db("capytgt_idle")
-    pg.psql(source, text=SMALL_TABLES + f"ALTER DATABASE {source} SET idle_in_transaction_session_timeout = '1s';")
+    pg.psql(
+        source, text=SMALL_TABLES + f"ALTER DATABASE {source} SET idle_in_transaction_session_timeout = '1s';"
+    )
     run = CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lambda: time.sleep(2.5))
     result = run.run()
     assert result.target_counts == pg.row_counts(source) == {"public.small": 500, "public.child": 2000}
@@ -212,7 +214,9 @@ def test_a_row_the_preview_refuses_fails_permanently_naming_the_table(scratch_db
         source_url(source),
         target,
         tmp_path,
-        before_copy=lambda: pg.psql(target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)"),
+        before_copy=lambda: pg.psql(
+            target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)"
+        ),
     )
     with pytest.raises(PermanentError) as info:
         run.run()
@@ -232,7 +236,9 @@ def test_a_failure_in_one_lane_stops_the_others(scratch_db, tmp_path, preview_lo
         pg.psql(target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)")
         preview_lock(target, "small")
 
-    thread, outcome = run_in_thread(CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=prepare))
+    thread, outcome = run_in_thread(
+        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=prepare)
+    )
     thread.join(MARGIN)
     assert not thread.is_alive(), "the lane waiting for the lock was not stopped"
     error = outcome["error"]

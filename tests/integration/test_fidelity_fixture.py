@@ -177,7 +177,9 @@ def preview_for() -> Iterator[Callable[[Path, str], tuple[Preview, toc.RestorePl
         extensions = toc.extension_schemas(TOOLS, str(archive), entries, work)
         comments = toc.extension_comments(TOOLS, str(archive), entries, work)
         plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"})
-        preview = Preview(pg.scratch_name("capyfx_preview"), ADMIN.ensure_restore_role(pg.scratch_name("capyfx_restore")))
+        preview = Preview(
+            pg.scratch_name("capyfx_preview"), ADMIN.ensure_restore_role(pg.scratch_name("capyfx_restore"))
+        )
         made.append(preview)
         ADMIN.create_database(preview.dbname, owner=preview.restorer.name)
         ADMIN.create_extensions(preview.dbname, preview.restorer.name, extensions, comments)
@@ -531,9 +533,9 @@ def test_the_products_restore_gives_back_the_fixture(fidelity_source, preview_fo
         "WHERE oid = 'public.tenant_notes'::regclass",
     ) == [(preview.restorer.name, True, True)]
     # The schema the service created for citext belongs to the restore role.
-    assert query(preview.dbname, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'ext'") == [
-        (preview.restorer.name,)
-    ]
+    assert query(
+        preview.dbname, "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'ext'"
+    ) == [(preview.restorer.name,)]
 
 
 # --------------------------------------------------------------------------- (c) superuser-only objects

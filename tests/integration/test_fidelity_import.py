@@ -50,7 +50,9 @@ def assert_report_matches(report: dict, source: str, live: str, *, basis: str) -
     assert report["row_count"] == sum(counts.values())
     assert report["objects_source"] == basis
     source_side, target_side = describe(source), describe(live)
-    assert report["sequences"] == {name: {"source": v, "target": v} for name, v in source_side["sequences"].items()}
+    assert report["sequences"] == {
+        name: {"source": v, "target": v} for name, v in source_side["sequences"].items()
+    }
     assert report["sequences"]["public.invoice_number_seq"] == {"source": 2007, "target": 2007}
     assert report["sequences"]["public.never_used_seq"] == {"source": None, "target": None}
     assert report["extensions"]["citext"]["target"] == source_side["extensions"]["citext"]
@@ -79,17 +81,23 @@ def test_live_import_of_every_object_kind(control_db, fidelity_source):
     job = run_import(control_db, world, pg.url_for(fidelity_source, sslmode="disable"))
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
-    assert pg.schema_dump(live) == pg.schema_dump(fidelity_source), pg.schema_difference(fidelity_source, live)
+    assert pg.schema_dump(live) == pg.schema_dump(fidelity_source), pg.schema_difference(
+        fidelity_source, live
+    )
     report = job.facts.report
     assert_report_matches(report, fidelity_source, live, basis="source snapshot")
-    assert {k: v["source"] for k, v in report["objects"].items()} == {k: v["target"] for k, v in report["objects"].items()}
+    assert {k: v["source"] for k, v in report["objects"].items()} == {
+        k: v["target"] for k, v in report["objects"].items()
+    }
     assert report["skipped"] == [] and report["warnings"] == []
 
 
 @pytest.mark.parametrize("fmt", ["custom", "plain"])
 def test_uploaded_import_of_every_object_kind(control_db, store, fidelity_source, tmp_path, fmt):
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, pg.make_dump(fidelity_source, fmt, tmp_path / f"fx.{fmt}"))
+    job = upload_and_import(
+        control_db, store, world, pg.make_dump(fidelity_source, fmt, tmp_path / f"fx.{fmt}")
+    )
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
     assert pg.schema_dump(live) == pg.schema_dump(fidelity_source)
@@ -110,7 +118,9 @@ def test_superuser_only_objects_are_skipped_with_warnings(control_db, store, sup
     if how == "live":
         job = run_import(control_db, world, pg.url_for(superuser_source, sslmode="disable"))
     else:
-        job = upload_and_import(control_db, store, world, pg.make_dump(superuser_source, how, tmp_path / f"su.{how}"))
+        job = upload_and_import(
+            control_db, store, world, pg.make_dump(superuser_source, how, tmp_path / f"su.{how}")
+        )
     assert job.state == "completed", (job.error, job.last_stderr)
     report = job.facts.report
     skipped = [item["object"] for item in report["skipped"]]
@@ -123,7 +133,7 @@ def test_superuser_only_objects_are_skipped_with_warnings(control_db, store, sup
     live = world.project.database_name
     assert pg.admin("SELECT count(*) FROM pg_event_trigger", dbname=live) == [(0,)]
     # The custom comment on the extension is kept: the service, its owner, applies it.
-    assert pg.admin("SELECT obj_description(oid, 'pg_extension') FROM pg_extension WHERE extname = 'citext'", dbname=live) == [
-        (CUSTOM_CITEXT_COMMENT,)
-    ]
+    assert pg.admin(
+        "SELECT obj_description(oid, 'pg_extension') FROM pg_extension WHERE extname = 'citext'", dbname=live
+    ) == [(CUSTOM_CITEXT_COMMENT,)]
     assert pg.row_counts(live) == pg.row_counts(superuser_source)

@@ -131,7 +131,9 @@ def test_a_lost_claim_stops_the_stage_before_its_next_side_effect(control_db, st
 def test_complete_and_advance_refuse_a_wrong_stage(control_db):
     job = new_job(control_db)
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
-    assert jobs.complete(job.id, "w1", "finalize", facts=StageResult(), progress={"phase": "completed"}) is None
+    assert (
+        jobs.complete(job.id, "w1", "finalize", facts=StageResult(), progress={"phase": "completed"}) is None
+    )
     assert jobs.advance(job.id, "w1", "fetch", facts=StageResult()) is None
     with pytest.raises(ValueError, match="only at its last stage"):
         jobs.complete(job.id, "w1", "preflight", facts=StageResult(), progress={})
@@ -139,7 +141,9 @@ def test_complete_and_advance_refuse_a_wrong_stage(control_db):
     assert (still.state, still.stage, still.claimed_by) == ("running", "preflight", "w1")
     assert reasons(job.id) == ["import requested", "preflight claimed (attempt 1 of 3)"]
     Job.update(stage="finalize").where(Job.id == job.id).execute()
-    done = jobs.complete(job.id, "w1", "finalize", facts=FinalizeResult(replaced_database="b"), progress={"phase": "completed"})
+    done = jobs.complete(
+        job.id, "w1", "finalize", facts=FinalizeResult(replaced_database="b"), progress={"phase": "completed"}
+    )
     assert done.state == "completed" and done.facts.stored() == {"replaced_database": "b"}
 
 
@@ -167,7 +171,13 @@ def test_writes_of_a_stale_holder_are_ignored(control_db):
     with pytest.raises(jobs.ClaimLost):  # what the restore and the swap ask first
         StageContext(before, "w1").confirm_claim()
     after = Job.get_by_id(job.id)
-    assert (after.progress, after.facts.stored(), after.last_exit_code, after.last_stdout, after.last_stderr) == (
+    assert (
+        after.progress,
+        after.facts.stored(),
+        after.last_exit_code,
+        after.last_stdout,
+        after.last_stderr,
+    ) == (
         {"phase": "w2 works"},
         {"preview_database": "by_w2"},
         0,
@@ -193,7 +203,9 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
 
         def advance():
             try:
-                outcome.append(jobs.advance(job.id, "w1", "preflight", facts=PreflightResult(preflight={"ok": True})))
+                outcome.append(
+                    jobs.advance(job.id, "w1", "preflight", facts=PreflightResult(preflight={"ok": True}))
+                )
             finally:
                 database.close()
 

@@ -100,7 +100,9 @@ GOOD = json.dumps({"confirm": True, "source_url": SOURCE})
 
 HOSTILE = [
     # (request, status, message)
-    pytest.param(_post(IMPORTS, "[" * 30_000 + "]" * 30_000), 400, "nests deeper than 32 levels", id="deep-json"),
+    pytest.param(
+        _post(IMPORTS, "[" * 30_000 + "]" * 30_000), 400, "nests deeper than 32 levels", id="deep-json"
+    ),
     pytest.param(
         _post(IMPORTS, '{"confirm": true, "recreate": false, "source_url": "%s", "recreate": true}' % SOURCE),
         400,
@@ -152,9 +154,14 @@ HOSTILE = [
         "limit must be a whole number from 1 to 100",
         id="negative-limit",
     ),
-    pytest.param(_get("/v1/jobs/job_\x00x"), 400, "the job ID in the path is not valid", id="nul-in-job-path"),
     pytest.param(
-        _post("/v1/projects/prj\x00/imports", GOOD), 400, "the project ID in the path is not valid", id="nul-in-project-path"
+        _get("/v1/jobs/job_\x00x"), 400, "the job ID in the path is not valid", id="nul-in-job-path"
+    ),
+    pytest.param(
+        _post("/v1/projects/prj\x00/imports", GOOD),
+        400,
+        "the project ID in the path is not valid",
+        id="nul-in-project-path",
     ),
     pytest.param(_get("/v1/jobs/" + "j" * 7000), 400, "IDs are 1 to 64", id="7000-char-id"),
     pytest.param(_get("/v1/jobs/job_é"), 400, "ASCII letters", id="non-ascii-id"),
@@ -234,7 +241,11 @@ def test_values_the_database_refuses_are_a_400_not_a_5xx(control_db, store, queu
 def _import(client, world, body, key=None, **headers):
     return client.simulate_post(
         f"/v1/projects/{world.project.id}/imports",
-        headers={"Authorization": f"Bearer {key or world.key}", "Content-Type": "application/json", **headers},
+        headers={
+            "Authorization": f"Bearer {key or world.key}",
+            "Content-Type": "application/json",
+            **headers,
+        },
         body=json.dumps(body),
     )
 
@@ -453,7 +464,9 @@ def test_a_clerk_session_acts_for_its_organization(control_db, clerk_client, cle
         clerk_org.org, "second", Sealer(control_db.secret_key), cluster_id=clerk_org.cluster.id
     )
     v2 = token(claims(None, o={"id": clerk_org.org.clerk_org_id, "rol": "admin"}, v=2), signing_key)
-    resp = clerk_client.simulate_get(f"/v1/projects/{sibling.id}/jobs", headers={"Authorization": f"Bearer {v2}"})
+    resp = clerk_client.simulate_get(
+        f"/v1/projects/{sibling.id}/jobs", headers={"Authorization": f"Bearer {v2}"}
+    )
     assert resp.status_code == 200, resp.text
 
 
@@ -461,16 +474,41 @@ def _bad_tokens(org_id, signing_key, public_pem):
     other_key = _rsa()
     return [
         ("alg-none", unsigned(claims(org_id), "none"), 401, "must be signed with RS256"),
-        ("hs256-with-public-key", unsigned(claims(org_id), "HS256", secret=public_pem), 401, "must be signed with RS256"),
+        (
+            "hs256-with-public-key",
+            unsigned(claims(org_id), "HS256", secret=public_pem),
+            401,
+            "must be signed with RS256",
+        ),
         ("forged-signature", token(claims(org_id), other_key), 401, "signature is not valid"),
-        ("foreign-issuer", token(claims(org_id, iss="https://evil.example.com"), signing_key), 401, "another issuer"),
+        (
+            "foreign-issuer",
+            token(claims(org_id, iss="https://evil.example.com"), signing_key),
+            401,
+            "another issuer",
+        ),
         ("expired", token(claims(org_id, exp=int(time.time()) - 60), signing_key), 401, "has expired"),
-        ("not-yet-valid", token(claims(org_id, nbf=int(time.time()) + 600), signing_key), 401, "not valid yet"),
-        ("wrong-azp", token(claims(org_id, azp="https://evil.example.com"), signing_key), 401, "authorized party"),
+        (
+            "not-yet-valid",
+            token(claims(org_id, nbf=int(time.time()) + 600), signing_key),
+            401,
+            "not valid yet",
+        ),
+        (
+            "wrong-azp",
+            token(claims(org_id, azp="https://evil.example.com"), signing_key),
+            401,
+            "authorized party",
+        ),
         ("no-azp", token(claims(org_id, azp=None), signing_key), 401, "authorized party"),
         ("unknown-kid", token(claims(org_id), other_key, kid="k9"), 401, "signing key is not one of Clerk's"),
         ("no-org", token(claims(None), signing_key), 401, "no active organization"),
-        ("unknown-org", token(claims("org_clerk_unknown"), signing_key), 403, "not linked to a CapyDB organization"),
+        (
+            "unknown-org",
+            token(claims("org_clerk_unknown"), signing_key),
+            403,
+            "not linked to a CapyDB organization",
+        ),
         ("no-exp", token(claims(org_id, exp=None), signing_key), 401, "lacks the exp claim"),
         ("garbage", "eyJhbGciOiJSUzI1NiJ9.bm9wZQ.c2ln", 401, "session token"),
     ]
@@ -495,7 +533,9 @@ def test_unknown_kids_cannot_hammer_the_jwks_endpoint(clerk_client, clerk_org, j
     assert clerk_client.simulate_get(path, headers={"Authorization": f"Bearer {good}"}).status_code == 200
     for i in range(20):
         bogus = token(claims(clerk_org.org.clerk_org_id), other, kid=f"bogus-{i}")
-        assert clerk_client.simulate_get(path, headers={"Authorization": f"Bearer {bogus}"}).status_code == 401
+        assert (
+            clerk_client.simulate_get(path, headers={"Authorization": f"Bearer {bogus}"}).status_code == 401
+        )
     assert jwks.fetches == 1  # the first fetch only: refreshes wait min_refresh_seconds
 
 
@@ -507,7 +547,13 @@ def test_a_rotated_clerk_key_is_found_by_refreshing(control_db, store, queue, jw
         create_app(services(control_db, store, queue, authenticators=(api_key_authenticator, clerk)))
     )
     path = f"/v1/projects/{clerk_org.project.id}/jobs"
-    assert client.simulate_get(path, headers={"Authorization": f"Bearer {token(claims(clerk_org.org.clerk_org_id), signing_key)}"}).status_code == 200
+    assert (
+        client.simulate_get(
+            path,
+            headers={"Authorization": f"Bearer {token(claims(clerk_org.org.clerk_org_id), signing_key)}"},
+        ).status_code
+        == 200
+    )
     rotated = _rsa()
     jwks.keys = [_jwk(signing_key, "k1"), _jwk(rotated, "k2")]
     fresh = token(claims(clerk_org.org.clerk_org_id), rotated, kid="k2")

@@ -132,7 +132,13 @@ def test_advance_and_complete_are_guarded_and_recorded(control_db, world):
     assert jobs.advance(job.id, "w1", "preflight", facts=StageResult()) is None  # duplicate message
     Job.update(stage="finalize").where(Job.id == job.id).execute()
     jobs.claim(job.id, "finalize", "w1", lease=LEASE)
-    done = jobs.complete(job.id, "w1", "finalize", facts=FinalizeResult(replaced_database="db_replaced"), progress={"phase": "completed"})
+    done = jobs.complete(
+        job.id,
+        "w1",
+        "finalize",
+        facts=FinalizeResult(replaced_database="db_replaced"),
+        progress={"phase": "completed"},
+    )
     assert done.state == "completed" and done.completed_at
     assert done.facts.stored() == {"source_address": "192.0.2.1", "replaced_database": "db_replaced"}
     assert jobs.fail(job.id, "w1", "late", classification="permanent") is None

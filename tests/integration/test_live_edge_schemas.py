@@ -13,7 +13,7 @@ from tests.support.world import make_world
 MANY_TABLES = 320
 
 CASES = {
-    "foreign keys in a cycle and self-references": '''
+    "foreign keys in a cycle and self-references": """
         CREATE TABLE a (id int PRIMARY KEY, b_id int);
         CREATE TABLE b (id int PRIMARY KEY, a_id int REFERENCES a);
         ALTER TABLE a ADD CONSTRAINT a_b FOREIGN KEY (b_id) REFERENCES b DEFERRABLE INITIALLY DEFERRED;
@@ -23,7 +23,7 @@ CASES = {
         INSERT INTO b SELECT g, g FROM generate_series(1, 200) g;
         COMMIT;
         INSERT INTO tree SELECT g, NULLIF(g / 2, 0) FROM generate_series(1, 500) g ORDER BY g;
-    ''',
+    """,
     "deferrable keys, INCLUDE and NULLS NOT DISTINCT": '''
         CREATE TABLE d (
             id int PRIMARY KEY DEFERRABLE INITIALLY DEFERRED,
@@ -37,14 +37,14 @@ CASES = {
         CREATE TABLE refs_d (id int REFERENCES inc);
         INSERT INTO refs_d SELECT g FROM generate_series(1, 50) g;
     ''',
-    "exclusion constraints": '''
+    "exclusion constraints": """
         CREATE TABLE bookings (id int PRIMARY KEY, during tsrange, room int,
             EXCLUDE USING gist (during WITH &&));
         INSERT INTO bookings SELECT g, tsrange(timestamp '2024-01-01' + g * interval '1 hour',
             timestamp '2024-01-01' + (g + 1) * interval '1 hour'), g % 5 FROM generate_series(1, 400) g;
         COMMENT ON CONSTRAINT bookings_during_excl ON bookings IS 'no overlaps';
-    ''',
-    "partitioned tables with keys, foreign keys and indexes on the parent": '''
+    """,
+    "partitioned tables with keys, foreign keys and indexes on the parent": """
         CREATE TABLE customers (id int PRIMARY KEY);
         INSERT INTO customers SELECT generate_series(1, 20);
         CREATE TABLE orders (id int, at date, customer int REFERENCES customers, note text,
@@ -60,8 +60,8 @@ CASES = {
         CREATE TABLE order_lines (order_id int, at date, customer int, line int,
             FOREIGN KEY (order_id, at, customer) REFERENCES orders);
         INSERT INTO order_lines SELECT g, date '2020-01-01' + (g % 700), 1 + g % 20, 1 FROM generate_series(1, 3000) g;
-    ''',
-    "unlogged, generated, identity and dropped columns, zero columns": '''
+    """,
+    "unlogged, generated, identity and dropped columns, zero columns": """
         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY, v text);
         INSERT INTO scratch SELECT g, 'v' FROM generate_series(1, 100) g;
         CREATE TABLE gen (
@@ -77,7 +77,7 @@ CASES = {
         CREATE TABLE nocols ();
         INSERT INTO nocols SELECT FROM generate_series(1, 7);
         CREATE TABLE nocols_empty ();
-    ''',
+    """,
     "names with quotes, dots, spaces, upper case and unicode": '''
         CREATE SCHEMA "Sch.ema ""q""";
         CREATE TABLE "Sch.ema ""q"""."Tab.le ""Ünï"" x" (
@@ -95,28 +95,28 @@ CASES = {
         CREATE TABLE public.nullable (v int CONSTRAINT "not a PRIMARY KEY here" UNIQUE);
         INSERT INTO public.nullable VALUES (1), (NULL), (NULL);
     ''',
-    "two tables whose schema.table names are the same text": '''
+    "two tables whose schema.table names are the same text": """
         CREATE SCHEMA "a.b";
         CREATE TABLE "a.b".c (id int PRIMARY KEY, v text);
         INSERT INTO "a.b".c SELECT g, 'in a.b' FROM generate_series(1, 30) g;
         CREATE SCHEMA a;
         CREATE TABLE a."b.c" (id int PRIMARY KEY, w int);
         INSERT INTO a."b.c" SELECT g, g FROM generate_series(1, 12) g;
-    ''',
-    "a schema whose name holds a space, nothing referencing its tables": '''
+    """,
+    "a schema whose name holds a space, nothing referencing its tables": """
         CREATE SCHEMA "my schema";
         CREATE TABLE "my schema".items (id int PRIMARY KEY, v text);
         INSERT INTO "my schema".items SELECT g, 'v' FROM generate_series(1, 25) g;
         CREATE INDEX items_v ON "my schema".items (v);
-    ''',
-    "row-level security forced on a table": '''
+    """,
+    "row-level security forced on a table": """
         CREATE TABLE secrets (id int PRIMARY KEY, owner text DEFAULT current_user, body text);
         INSERT INTO secrets SELECT g, 'nobody', 'b' FROM generate_series(1, 60) g;
         ALTER TABLE secrets ENABLE ROW LEVEL SECURITY;
         ALTER TABLE secrets FORCE ROW LEVEL SECURITY;
         CREATE POLICY mine ON secrets USING (owner = current_user);
-    ''',
-    "materialized views populated and not, with indexes": '''
+    """,
+    "materialized views populated and not, with indexes": """
         CREATE TABLE sales (id int PRIMARY KEY, region text, amount int);
         INSERT INTO sales SELECT g, 'r' || (g % 7), g FROM generate_series(1, 1000) g;
         CREATE MATERIALIZED VIEW by_region AS SELECT region, sum(amount) AS total FROM sales GROUP BY region;
@@ -124,8 +124,8 @@ CASES = {
         CREATE MATERIALIZED VIEW later AS SELECT region, count(*) AS n FROM sales GROUP BY region WITH NO DATA;
         CREATE INDEX later_n ON later (n);
         CREATE MATERIALIZED VIEW on_view AS SELECT count(*) AS regions FROM by_region;
-    ''',
-    "large objects and sequences": '''
+    """,
+    "large objects and sequences": """
         CREATE SEQUENCE plain_seq START 10 INCREMENT 3;
         SELECT nextval('plain_seq'), nextval('plain_seq');
         CREATE SEQUENCE unused_seq;
@@ -137,8 +137,8 @@ CASES = {
         SELECT lo_from_bytea(0, '');
         CREATE TABLE docs (id int PRIMARY KEY, blob oid);
         INSERT INTO docs SELECT 1, lo_from_bytea(0, '\\x00ff00');
-    ''',
-    "comments, CLUSTER ON, statistics targets, an empty table's indexes": '''
+    """,
+    "comments, CLUSTER ON, statistics targets, an empty table's indexes": """
         CREATE TABLE c (id int CONSTRAINT c_pk PRIMARY KEY, a int, b text, CONSTRAINT c_a_uq UNIQUE (a),
             CONSTRAINT c_a_positive CHECK (a > 0));
         INSERT INTO c SELECT g, g, 'b' || g FROM generate_series(1, 500) g;
@@ -158,8 +158,8 @@ CASES = {
         CREATE INDEX empty_v ON empty (v);
         CREATE INDEX empty_partial ON empty (w) WHERE w > 10;
         CREATE UNIQUE INDEX empty_expr ON empty (lower(v));
-    ''',
-    "inheritance, a foreign key to a unique index, NOT VALID constraints the rows break": '''
+    """,
+    "inheritance, a foreign key to a unique index, NOT VALID constraints the rows break": """
         CREATE TABLE base (id int, kind text);
         CREATE TABLE derived (extra int, CHECK (id > 0) NO INHERIT) INHERITS (base);
         INSERT INTO base SELECT g, 'base' FROM generate_series(1, 20) g;
@@ -171,7 +171,7 @@ CASES = {
         INSERT INTO loose VALUES (1, 99), (-5, NULL);
         ALTER TABLE loose ADD CONSTRAINT loose_parent FOREIGN KEY (parent) REFERENCES base (id) NOT VALID;
         ALTER TABLE loose ADD CONSTRAINT loose_positive CHECK (id > 0) NOT VALID;
-    ''',
+    """,
     "many small tables": "\n".join(
         f"CREATE TABLE t{i} (id int PRIMARY KEY, parent int REFERENCES t{max(i - 1, 0)}, v text);"
         f"CREATE INDEX t{i}_v ON t{i} (v);"
@@ -197,12 +197,16 @@ def data_of(dbname: str) -> dict[str, object]:
             f"SELECT count(*), md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '')) FROM ONLY {name} t",
             dbname=dbname,
         )[0]
-    for (name,) in pg.admin("SELECT format('%%I.%%I', schemaname, sequencename) FROM pg_sequences ORDER BY 1", dbname=dbname):
+    for (name,) in pg.admin(
+        "SELECT format('%%I.%%I', schemaname, sequencename) FROM pg_sequences ORDER BY 1", dbname=dbname
+    ):
         data[f"sequence {name}"] = pg.admin(f"SELECT last_value, is_called FROM {name}", dbname=dbname)[0]
     data["large objects"] = pg.admin(
         "SELECT oid::bigint, md5(lo_get(oid)) FROM pg_largeobject_metadata ORDER BY 1", dbname=dbname
     )
-    data["unpopulated"] = pg.admin("SELECT matviewname FROM pg_matviews WHERE NOT ispopulated ORDER BY 1", dbname=dbname)
+    data["unpopulated"] = pg.admin(
+        "SELECT matviewname FROM pg_matviews WHERE NOT ispopulated ORDER BY 1", dbname=dbname
+    )
     return data
 
 
@@ -225,7 +229,9 @@ def values_of(dbname: str, query: str) -> list[tuple]:
     """Rows of `query`, read with fixed output settings (whatever the database's are)."""
     import psycopg2
 
-    conn = psycopg2.connect(pg.url_for(dbname), options="-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=3")
+    conn = psycopg2.connect(
+        pg.url_for(dbname), options="-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=3"
+    )
     try:
         with conn.cursor() as cur:
             cur.execute(query)

@@ -130,7 +130,9 @@ def test_loopback_source_refused_when_private_sources_are_not_allowed(control_db
 
 def test_worker_gate_fails_on_an_extension_outside_the_allowlist(control_db, scratch_db):
     source = scratch_db("capysrc_cube")
-    pg.psql(source, text="CREATE EXTENSION cube; CREATE TABLE boxes (b cube); INSERT INTO boxes VALUES ('(1,2)');")
+    pg.psql(
+        source, text="CREATE EXTENSION cube; CREATE TABLE boxes (b cube); INSERT INTO boxes VALUES ('(1,2)');"
+    )
     world = make_world(control_db)
     job = run_import(control_db, world, pg.url_for(source, sslmode="disable"))
     assert job.state == "failed" and job.retry_classification == "permanent"
@@ -149,7 +151,9 @@ def test_a_source_that_never_answers_is_retried_then_given_up(control_db):
         job = run_import(quick, world, f"postgresql://u:pw@127.0.0.1:{listener.port}/db?sslmode=disable")
     assert job.state == "failed" and job.retry_classification == "transient"
     assert job.attempts == job.max_attempts == 3
-    assert job.error.startswith("gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:")
+    assert job.error.startswith(
+        "gave up on the preflight stage after 3 attempts; last error: preflight check source_reachable failed:"
+    )
     assert "did not answer" in job.error
     reasons = [e.reason for e in jobs.events(job.id)]
     # The third (last) attempt fails the job itself: it promises no retry it will not get.

@@ -77,12 +77,18 @@ def source():
 
 
 def pg_dump(dbname: str, path: Path, *options: str) -> Path:
-    subprocess.run(["pg_dump", *options, f"--file={path}", "-d", pg.url_for(dbname)], check=True, capture_output=True)
+    subprocess.run(
+        ["pg_dump", *options, f"--file={path}", "-d", pg.url_for(dbname)], check=True, capture_output=True
+    )
     return path
 
 
-@pytest.mark.parametrize("options", [("--inserts",), ("--column-inserts",), ()], ids=["inserts", "column-inserts", "copy"])
-def test_values_and_bodies_that_look_like_statements_are_restored_unchanged(control_db, store, source, tmp_path, options):
+@pytest.mark.parametrize(
+    "options", [("--inserts",), ("--column-inserts",), ()], ids=["inserts", "column-inserts", "copy"]
+)
+def test_values_and_bodies_that_look_like_statements_are_restored_unchanged(
+    control_db, store, source, tmp_path, options
+):
     dump = pg_dump(source, tmp_path / "dump.sql", "-Fp", *options)
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, dump)
@@ -152,11 +158,13 @@ def test_dumps_made_with_options_an_import_cannot_restore_are_refused_with_the_f
     assert pg.row_counts(live) == {"public.mine": 1}
 
 
-def test_a_create_dump_of_a_database_with_settings_gets_the_create_message(control_db, store, source, tmp_path):
+def test_a_create_dump_of_a_database_with_settings_gets_the_create_message(
+    control_db, store, source, tmp_path
+):
     """Its properties make pg_dump --create connect to the database twice: still one
     database, not pg_dumpall's output."""
-    pg.admin(f'ALTER DATABASE "{source}" SET work_mem = \'8MB\'')
-    pg.admin(f'COMMENT ON DATABASE "{source}" IS \'the shop\'')
+    pg.admin(f"ALTER DATABASE \"{source}\" SET work_mem = '8MB'")
+    pg.admin(f"COMMENT ON DATABASE \"{source}\" IS 'the shop'")
     dump = pg_dump(source, tmp_path / "dump.sql", "-Fp", "--create")
     assert dump.read_bytes().count(b"\\connect") >= 2
     world, live = _with_mine(control_db)
@@ -177,7 +185,9 @@ def test_clean_with_if_exists_is_restored(control_db, store, source, tmp_path):
 def test_pg_dumpall_output_is_refused_naming_pg_dump(control_db, store, source, tmp_path):
     path = tmp_path / "all.sql"
     subprocess.run(
-        ["pg_dumpall", "--globals-only", f"--file={path}", "-d", pg.url_for("postgres")], check=True, capture_output=True
+        ["pg_dumpall", "--globals-only", f"--file={path}", "-d", pg.url_for("postgres")],
+        check=True,
+        capture_output=True,
     )
     world, live = _with_mine(control_db)
     job = upload_and_import(control_db, store, world, path, recreate=True)
@@ -189,7 +199,9 @@ def test_pg_dumpall_output_is_refused_naming_pg_dump(control_db, store, source, 
 def test_a_utf16_dump_is_refused_naming_pg_dump_f(control_db, store, source, tmp_path):
     dump = pg_dump(source, tmp_path / "dump.sql", "-Fp")
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, b"\xff\xfe" + dump.read_bytes().decode().encode("utf-16-le"))
+    job = upload_and_import(
+        control_db, store, world, b"\xff\xfe" + dump.read_bytes().decode().encode("utf-16-le")
+    )
     assert job.state == "failed"
     assert "UTF-16" in job.error and "pg_dump -Fc -f dump.dump" in job.error
 
@@ -277,7 +289,11 @@ def test_a_script_the_reader_cannot_follow_is_refused_by_preflight_and_the_worke
     the job fails at preflight, each saying what to change."""
     data = pg_dump(source, tmp_path / "dump.sql", "-Fp").read_bytes()
     footer = data.rindex(b"--\n-- PostgreSQL database dump complete")
-    data = data[:footer] + b"SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false);\n" + data[footer:]
+    data = (
+        data[:footer]
+        + b"SELECT pg_catalog.set_config('standard_conforming_strings', 'off', false);\n"
+        + data[footer:]
+    )
     checks = _api_preflight(control_db, store, make_world(control_db), data)
     assert checks["dump_format_recognized"][0] == "fail"
     assert "SET standard_conforming_strings = on;" in checks["dump_format_recognized"][1]
@@ -306,7 +322,9 @@ def test_a_function_with_its_own_standard_conforming_strings_setting_imports(con
     assert pg.admin("SELECT v FROM t ORDER BY v", dbname=world.project.database_name) == expected
 
 
-def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehearsed(control_db, store, tmp_path):
+def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehearsed(
+    control_db, store, tmp_path
+):
     """Preflight reads the head; the objects after the data (policies come there) are
     rehearsed by the worker before anything is restored, and skipped the same way."""
     settings = control_db.replace(preflight_head_bytes=4096)

@@ -46,7 +46,9 @@ def test_a_failing_statement_names_the_line_and_stops_the_feed(scratch_db, tmp_p
         fed.append("all")
 
     with pytest.raises(PermanentCommandFailure) as caught:
-        restore_plain_stream(tools(), SourceURL.parse(pg.url_for(target, sslmode="disable")), feed, str(tmp_path))
+        restore_plain_stream(
+            tools(), SourceURL.parse(pg.url_for(target, sslmode="disable")), feed, str(tmp_path)
+        )
     assert 'column "nope" does not exist' in caught.value.message
     assert "line 3 of your dump" in caught.value.message
     assert fed == [] and list(tmp_path.iterdir()) == []
@@ -63,7 +65,9 @@ def test_a_feed_that_fails_stops_psql_before_a_statement_cut_short_runs(scratch_
         raise PermanentError("the dump is cut short")
 
     with pytest.raises(PermanentError, match="cut short"):
-        restore_plain_stream(tools(), SourceURL.parse(pg.url_for(target, sslmode="disable")), feed, str(tmp_path))
+        restore_plain_stream(
+            tools(), SourceURL.parse(pg.url_for(target, sslmode="disable")), feed, str(tmp_path)
+        )
     assert "public.b" not in pg.row_counts(target)
     assert list(tmp_path.iterdir()) == []
 

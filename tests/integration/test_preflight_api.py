@@ -36,14 +36,18 @@ def test_live_preflight_reports_every_check_and_mutates_nothing(control_db, stor
     source = corpus_source("chinook")
     world = make_world(control_db, storage_limit_bytes=11 * 1024 * 1024)
     before = pg.schema_dump(source), pg.row_counts(source)
-    resp = preflight(client_for(control_db, store), world, {"source_url": pg.url_for(source, sslmode="disable")})
+    resp = preflight(
+        client_for(control_db, store), world, {"source_url": pg.url_for(source, sslmode="disable")}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json["preflight"]
     assert [c["name"] for c in body["checks"]] == list(LIVE_CHECKS)
     assert body["ok"] is True
     assert body["storage_limit_bytes"] == 11 * 1024 * 1024
     assert body["target_version"].startswith("15.")
-    assert body["source"]["table_count"] == 11 and body["source"]["extensions"] == [{"name": "plpgsql", "version": "1.0"}]
+    assert body["source"]["table_count"] == 11 and body["source"]["extensions"] == [
+        {"name": "plpgsql", "version": "1.0"}
+    ]
     status, detail = checks_of(resp)["source_size_within_plan"]
     assert status == "warn" and "of the project's 11.0 MiB storage limit" in detail and "over 80 %" in detail
     # Nothing changed: no job, the source and the project's database as they were.
@@ -62,7 +66,11 @@ def test_failing_preflight_is_200_with_ok_false(control_db, store, corpus_source
     strict = control_db.replace(allow_private_sources=False)
     world = make_world(strict)
     pg.psql(world.project.database_name, text="CREATE TABLE existing (id int);")
-    resp = preflight(client_for(strict, store), world, {"source_url": pg.url_for(corpus_source("chinook"), sslmode="disable")})
+    resp = preflight(
+        client_for(strict, store),
+        world,
+        {"source_url": pg.url_for(corpus_source("chinook"), sslmode="disable")},
+    )
     assert resp.status_code == 200
     assert resp.json["preflight"]["ok"] is False
     checks = checks_of(resp)
@@ -74,9 +82,13 @@ def test_failing_preflight_is_200_with_ok_false(control_db, store, corpus_source
 
 def test_upload_preflight_reads_the_dump_head(control_db, store, corpus_source, tmp_path):
     world = make_world(control_db)
-    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(
+        world.project, Principal(world.org.id, None, "t")
+    )
     upload_file(upload, pg.make_dump(corpus_source("pagila"), "custom", tmp_path / "p.dump"))
-    resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"], "confirm": True})
+    resp = preflight(
+        client_for(control_db, store), world, {"upload_key": upload["object_key"], "confirm": True}
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json["preflight"]
     assert body["ok"] is True
@@ -103,7 +115,9 @@ def test_bad_preflight_requests(control_db, store, body, status, message):
 
 def test_missing_upload_is_404(control_db, store):
     world = make_world(control_db)
-    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(
+        world.project, Principal(world.org.id, None, "t")
+    )
     resp = preflight(client_for(control_db, store), world, {"upload_key": upload["object_key"]})
     assert resp.status_code == 404 and "nothing has been uploaded at" in resp.json["error"]
 
@@ -112,9 +126,13 @@ def test_a_gzip_bomb_upload_preflight_reads_only_up_to_its_caps(control_db, stor
     # 1 GiB of SQL comment lines, about 1 MiB compressed: it used to cost the web
     # process 16 s of CPU and more per preflight. The caps are small here to show them.
     settings = control_db.replace(preflight_head_bytes=256 * 1024, preflight_text_bytes=1024 * 1024)
-    bomb = gzip_bomb(tmp_path / "bomb.sql.gz", b"--\n", 1024 * 1024 * 1024, suffix=b"CREATE EXTENSION plperlu;\n")
+    bomb = gzip_bomb(
+        tmp_path / "bomb.sql.gz", b"--\n", 1024 * 1024 * 1024, suffix=b"CREATE EXTENSION plperlu;\n"
+    )
     world = make_world(control_db)
-    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "t"))
+    upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(
+        world.project, Principal(world.org.id, None, "t")
+    )
     upload_file(upload, bomb)
     resp = preflight(client_for(settings, store), world, {"upload_key": upload["object_key"]})
     assert resp.status_code == 200, resp.text

@@ -146,7 +146,12 @@ def target_db(scratch_db) -> str:
 
 def target_for(dbname: str, *, recreate: bool = False, limit: int = 10 * GiB) -> Target:
     return describe_target(
-        ADMIN, dbname, owner=INSPECTOR, recreate=recreate, storage_limit_bytes=limit, allowlist=DEFAULT_EXTENSION_ALLOWLIST
+        ADMIN,
+        dbname,
+        owner=INSPECTOR,
+        recreate=recreate,
+        storage_limit_bytes=limit,
+        allowlist=DEFAULT_EXTENSION_ALLOWLIST,
     )
 
 
@@ -267,7 +272,12 @@ def test_objects_a_managed_target_cannot_restore_warn_and_an_unlisted_extension_
 def test_an_allowlisted_extension_passes_and_a_configured_allowlist_refuses_it(warn_source, target_db):
     url = local(warn_source)
     strict = describe_target(
-        ADMIN, target_db, owner=INSPECTOR, recreate=False, storage_limit_bytes=10 * GiB, allowlist=("cube", "citext")
+        ADMIN,
+        target_db,
+        owner=INSPECTOR,
+        recreate=False,
+        storage_limit_bytes=10 * GiB,
+        allowlist=("cube", "citext"),
     )
     assert checks_of(check_live_source(url, strict, allow_private=True))[
         "extensions_available_on_target"
@@ -749,7 +759,9 @@ def test_a_head_holding_the_table_of_contents_is_enough(chinook_dumps, target_db
     head.write_bytes(Path(whole).read_bytes()[: 64 * 1024])
     assert size > 64 * 1024
     report = check_upload_head(str(head), size, target_for(target_db), TOOLS)
-    assert checks_of(report) == upload_ok("custom", whole) | {"dump_read_in_full": archive_head_read(64 * 1024, whole)}
+    assert checks_of(report) == upload_ok("custom", whole) | {
+        "dump_read_in_full": archive_head_read(64 * 1024, whole)
+    }
     assert report.source["table_count"] == 11
 
 
@@ -881,7 +893,9 @@ def test_storage_head_reads_a_prefix_and_preflight_judges_it(store, chinook_dump
         assert store.head(key, head, 64 * 1024) == 64 * 1024
         assert head.read_bytes() == Path(whole).read_bytes()[: 64 * 1024]
         report = check_upload_head(str(head), store.size(key), target_for(target_db), TOOLS)
-        assert checks_of(report) == upload_ok("custom", whole) | {"dump_read_in_full": archive_head_read(64 * 1024, whole)}
+        assert checks_of(report) == upload_ok("custom", whole) | {
+            "dump_read_in_full": archive_head_read(64 * 1024, whole)
+        }
         # Longer than the object: all of it.
         assert store.head(key, tmp_path / "all", 1024**3) == os.path.getsize(whole)
         assert (tmp_path / "all").read_bytes() == Path(whole).read_bytes()

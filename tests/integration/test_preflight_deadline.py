@@ -27,7 +27,8 @@ def test_a_pg_restore_list_that_hangs_fails_the_version_check_in_seconds(
     hanging.write_text("#!/bin/sh\nsleep 300\n")
     hanging.chmod(0o755)
     settings = control_db.replace(
-        pg_bin_dir_template=str(tmp_path / "{major}" / "bin"), preflight_command_timeout_seconds=1,
+        pg_bin_dir_template=str(tmp_path / "{major}" / "bin"),
+        preflight_command_timeout_seconds=1,
     )
     world = make_world(settings)
     upload = Uploads(store, expiry=dt.timedelta(hours=1)).create(

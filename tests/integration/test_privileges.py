@@ -70,7 +70,9 @@ def restore_role(job: Job) -> str:
 
 
 def roles_exist(*names: str) -> set[str]:
-    return {name for (name,) in pg.admin("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(names),))}
+    return {
+        name for (name,) in pg.admin("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (list(names),))
+    }
 
 
 def public_can(dbname: str, privilege: str) -> bool:
@@ -78,12 +80,16 @@ def public_can(dbname: str, privilege: str) -> bool:
 
 
 def upload(settings, store, world, data: bytes) -> str:
-    made = Uploads(store, expiry=dt.timedelta(hours=1)).create(world.project, Principal(world.org.id, None, "test"))
+    made = Uploads(store, expiry=dt.timedelta(hours=1)).create(
+        world.project, Principal(world.org.id, None, "test")
+    )
     upload_file(made, data)
     return made["object_key"]
 
 
-def start_paused_before_finalize(settings, store, world, data: bytes, *, recreate: bool = False) -> tuple[Job, InlineQueue]:
+def start_paused_before_finalize(
+    settings, store, world, data: bytes, *, recreate: bool = False
+) -> tuple[Job, InlineQueue]:
     """Run an upload import up to (not including) finalize: its preview and restore role exist."""
     queue = InlineQueue(settings)
     job, _ = start_import(
@@ -114,7 +120,14 @@ def archive_hijack(tmp_path_factory) -> Path:
         import subprocess
 
         subprocess.run(
-            ["pg_dump", "--format=custom", "--exclude-table-data=public.hijack_log", f"--file={path}", "-d", pg.url_for(source)],
+            [
+                "pg_dump",
+                "--format=custom",
+                "--exclude-table-data=public.hijack_log",
+                f"--file={path}",
+                "-d",
+                pg.url_for(source),
+            ],
             check=True,
             capture_output=True,
         )
@@ -132,8 +145,12 @@ def test_a_dump_cannot_run_code_in_a_service_session(control_db, store, scratch_
     assert first.state == "completed", (first.error, first.last_stderr)
     assert "hijacked" not in (first.error or "")
     # The shadowing setting is in place on the live database...
-    assert read(live, "SELECT pg_catalog.count(*) FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_database d "
-                "ON d.oid OPERATOR(pg_catalog.=) s.setdatabase WHERE d.datname OPERATOR(pg_catalog.=) %s", (live,)) == [(1,)]
+    assert read(
+        live,
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_db_role_setting s JOIN pg_catalog.pg_database d "
+        "ON d.oid OPERATOR(pg_catalog.=) s.setdatabase WHERE d.datname OPERATOR(pg_catalog.=) %s",
+        (live,),
+    ) == [(1,)]
     assert read(live, "SELECT * FROM public.hijack_log") == []
     assert read(live, "SELECT is_called FROM public.hijack_superuser_calls") == [(False,)]
 
@@ -147,10 +164,14 @@ def test_a_dump_cannot_run_code_in_a_service_session(control_db, store, scratch_
     assert checks["target_database_empty"][0] == "fail", checks["target_database_empty"]
     assert "hijacked" not in checks["target_database_empty"][1]
 
-    second = upload_and_import(control_db, store, world, b"CREATE TABLE public.second (id int);\n", recreate=True)
+    second = upload_and_import(
+        control_db, store, world, b"CREATE TABLE public.second (id int);\n", recreate=True
+    )
     assert second.state == "completed", (second.error, second.last_stderr)
     retained = RetiredDatabase.get(RetiredDatabase.job == second.id).database_name
-    log = read(retained, "SELECT current_role_name, session_role_name, is_superuser, via FROM public.hijack_log")
+    log = read(
+        retained, "SELECT current_role_name, session_role_name, is_superuser, via FROM public.hijack_log"
+    )
     tenant_roles = {project.role_name, restore_role(first), restore_role(second)}
     assert [row for row in log if row[2] or row[0] not in tenant_roles or row[1] not in tenant_roles] == []
     assert log == []
@@ -168,7 +189,11 @@ def _seed(dbname: str, table: str) -> None:
     conn = pinned(dbname)
     conn.autocommit = True
     with conn.cursor() as cur:
-        cur.execute(sql.SQL("CREATE TABLE {0} (id int); INSERT INTO {0} VALUES (1), (2)").format(sql.Identifier("public", table)))
+        cur.execute(
+            sql.SQL("CREATE TABLE {0} (id int); INSERT INTO {0} VALUES (1), (2)").format(
+                sql.Identifier("public", table)
+            )
+        )
     conn.close()
 
 
@@ -178,7 +203,11 @@ def project_with_retained(control_db, store):
     world = make_world(control_db)
     _seed(world.project.database_name, "kept")
     job = upload_and_import(
-        control_db, store, world, b"CREATE TABLE public.current (id int);\nINSERT INTO public.current VALUES (1), (2);\n", recreate=True
+        control_db,
+        store,
+        world,
+        b"CREATE TABLE public.current (id int);\nINSERT INTO public.current VALUES (1), (2);\n",
+        recreate=True,
     )
     assert job.state == "completed", job.error
     retained = RetiredDatabase.get(RetiredDatabase.job == job.id).database_name
@@ -193,14 +222,16 @@ def _intact(world, retained: str) -> None:
 
 
 @pytest.mark.parametrize("victim", ["live", "retained", "other tenant"])
-def test_a_dump_cannot_drop_databases_it_does_not_restore_into(control_db, store, project_with_retained, victim):
+def test_a_dump_cannot_drop_databases_it_does_not_restore_into(
+    control_db, store, project_with_retained, victim
+):
     world, retained = project_with_retained
     other = make_world(control_db).project.database_name
     name = {"live": world.project.database_name, "retained": retained, "other tenant": other}[victim]
     script = f'SET client_min_messages = warning;\nDROP DATABASE IF EXISTS "{name}";\nCREATE TABLE public.after (id int);\n'.encode()
     job = upload_and_import(control_db, store, world, script, recreate=True)
     assert job.state == "failed" and job.retry_classification == "permanent"
-    assert f'must be owner of database {name}' in job.error
+    assert f"must be owner of database {name}" in job.error
     assert "cannot drop, create or change any other database" in job.error
     _intact(world, retained)
     assert pg.database_exists(other)
@@ -208,7 +239,9 @@ def test_a_dump_cannot_drop_databases_it_does_not_restore_into(control_db, store
     assert roles_exist(restore_role(job)) == set()
 
 
-def test_a_create_clean_dump_of_the_project_itself_is_refused(control_db, store, project_with_retained, tmp_path):
+def test_a_create_clean_dump_of_the_project_itself_is_refused(
+    control_db, store, project_with_retained, tmp_path
+):
     world, retained = project_with_retained
     live = world.project.database_name
     dump = tmp_path / "create.sql"
@@ -219,7 +252,7 @@ def test_a_create_clean_dump_of_the_project_itself_is_refused(control_db, store,
         check=True,
         capture_output=True,
     )
-    assert f'DROP DATABASE IF EXISTS {live};' in dump.read_text()
+    assert f"DROP DATABASE IF EXISTS {live};" in dump.read_text()
     job = upload_and_import(control_db, store, world, dump.read_bytes(), recreate=True)
     assert job.state == "failed" and job.retry_classification == "permanent"
     # Refused by preflight, from the dump's own statements, before any restore.
@@ -288,24 +321,41 @@ def test_roles_reach_only_their_own_databases(control_db, store, project_with_re
         assert not public_can(dbname, "CONNECT") and not public_can(dbname, "TEMPORARY"), dbname
     # TEMP is revoked too: even with CONNECT granted, no temporary tables.
     theirs = other.project.database_name
-    pg.admin(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(theirs), sql.Identifier(mine.role_name)))
+    pg.admin(
+        sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(theirs), sql.Identifier(mine.role_name)
+        )
+    )
     try:
         conn = connect_as(mine.role_name, theirs)
         try:
-            with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="permission denied to create temporary tables"):
+            with pytest.raises(
+                psycopg2.errors.InsufficientPrivilege, match="permission denied to create temporary tables"
+            ):
                 conn.cursor().execute("CREATE TEMP TABLE scratch (id int)")
         finally:
             conn.close()
     finally:
-        pg.admin(sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(sql.Identifier(theirs), sql.Identifier(mine.role_name)))
+        pg.admin(
+            sql.SQL("REVOKE CONNECT ON DATABASE {} FROM {}").format(
+                sql.Identifier(theirs), sql.Identifier(mine.role_name)
+            )
+        )
 
     queue.drain()
     done = Job.get_by_id(job.id)
     assert done.state == "completed", done.error
     # The preview was handed over: the project's role owns the database and all in it.
     live = mine.database_name
-    assert read(live, "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s", (live,)) == [(mine.role_name,)]
-    assert read(live, "SELECT DISTINCT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [(mine.role_name,)]
+    assert read(
+        live,
+        "SELECT pg_catalog.pg_get_userbyid(datdba) FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) %s",
+        (live,),
+    ) == [(mine.role_name,)]
+    assert read(
+        live,
+        "SELECT DISTINCT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'",
+    ) == [(mine.role_name,)]
     assert roles_exist(restorer) == set()
     assert not public_can(live, "CONNECT") and not public_can(live, "TEMPORARY")
 
@@ -327,8 +377,11 @@ def test_sweep_locks_down_older_projects_databases(control_db, store):
     live = world.project.database_name
     pg.admin(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(live + "_replaced_1")))
     retired = RetiredDatabase.create(
-        cluster=world.cluster.id, project=world.project.id, job=_ended_job(world).id,
-        database_name=live + "_replaced_1", drop_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        cluster=world.cluster.id,
+        project=world.project.id,
+        job=_ended_job(world).id,
+        database_name=live + "_replaced_1",
+        drop_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
     )
     # Made before the service revoked PUBLIC's access (new databases are created locked).
     pg.admin(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(sql.Identifier(live)))
@@ -342,8 +395,13 @@ def test_sweep_locks_down_older_projects_databases(control_db, store):
 
 def _ended_job(world) -> Job:
     return Job.create(
-        id="job_" + secrets.token_hex(6), organization=world.org.id, project=world.project.id, cluster=world.cluster.id,
-        state="failed", stage="preflight", upload_key=f"imports/{world.project.id}/gone/dump",
+        id="job_" + secrets.token_hex(6),
+        organization=world.org.id,
+        project=world.project.id,
+        cluster=world.cluster.id,
+        state="failed",
+        stage="preflight",
+        upload_key=f"imports/{world.project.id}/gone/dump",
         completed_at=dt.datetime.now(dt.UTC),
     )
 
@@ -363,7 +421,10 @@ def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, stor
 
     world = make_world(control_db)
     job, queue = start_paused_before_finalize(
-        control_db, store, world, b"CREATE TABLE public.a (id int);\nCOPY public.a (id) FROM stdin;\n1\n2\n\\.\n"
+        control_db,
+        store,
+        world,
+        b"CREATE TABLE public.a (id int);\nCOPY public.a (id) FROM stdin;\n1\n2\n\\.\n",
     )
     method = "drop_role" if crash == "before dropping the restore role" else "swap"
     real = getattr(ClusterAdmin, method)
@@ -384,9 +445,10 @@ def test_a_finalize_retried_after_a_partial_hand_over_completes(control_db, stor
     assert done.facts.verification is None
     live = world.project.database_name
     assert read(live, "SELECT pg_catalog.count(*) FROM public.a") == [(2,)]
-    assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [
-        (world.project.role_name,)
-    ]
+    assert read(
+        live,
+        "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'",
+    ) == [(world.project.role_name,)]
     assert roles_exist(restore_role(job)) == set()
 
 
@@ -422,7 +484,9 @@ def test_a_new_projects_database_admits_only_its_own_role(control_db):
     world = make_world(control_db)
     live = world.project.database_name
     assert not public_can(live, "CONNECT") and not public_can(live, "TEMPORARY")
-    assert pg.admin("SELECT has_database_privilege(%s, %s, 'CONNECT')", (world.project.role_name, live)) == [(True,)]
+    assert pg.admin("SELECT has_database_privilege(%s, %s, 'CONNECT')", (world.project.role_name, live)) == [
+        (True,)
+    ]
 
 
 def test_a_dump_cannot_make_the_service_run_as_another_role(control_db, store):
@@ -439,9 +503,10 @@ def test_a_dump_cannot_make_the_service_run_as_another_role(control_db, store):
     assert job.state == "completed", job.error
     live = world.project.database_name
     assert read(live, "SELECT current_user") == [("postgres",)]
-    assert read(live, "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'") == [
-        (world.project.role_name,)
-    ]
+    assert read(
+        live,
+        "SELECT pg_catalog.pg_get_userbyid(relowner) FROM pg_catalog.pg_class WHERE relname OPERATOR(pg_catalog.=) 'a'",
+    ) == [(world.project.role_name,)]
 
 
 @pytest.mark.parametrize("then", ["completes", "fails"])
@@ -459,7 +524,9 @@ def test_a_dump_that_marks_its_database_a_template_cannot_keep_it_undroppable(co
     else:
         assert job.state == "completed", job.error
         live = world.project.database_name
-        assert pg.admin("SELECT datistemplate, datconnlimit FROM pg_database WHERE datname = %s", (live,)) == [(False, -1)]
+        assert pg.admin(
+            "SELECT datistemplate, datconnlimit FROM pg_database WHERE datname = %s", (live,)
+        ) == [(False, -1)]
     assert roles_exist(restore_role(job)) == set()
 
 
@@ -534,7 +601,9 @@ def test_a_tenant_session_in_the_preview_cannot_hold_finalize(control_db, store)
         b"DO $$ BEGIN EXECUTE pg_catalog.format('ALTER ROLE %I PASSWORD %L', current_user, 'tenant-knows-this'); END $$;\n"
     )
     job, queue = start_paused_before_finalize(control_db, store, world, script)
-    locker = _hold(job.preview_database_id, restore_role(job), "BEGIN; LOCK TABLE public.t IN ACCESS EXCLUSIVE MODE")
+    locker = _hold(
+        job.preview_database_id, restore_role(job), "BEGIN; LOCK TABLE public.t IN ACCESS EXCLUSIVE MODE"
+    )
     try:
         _finishes(lambda: queue.drain())
         done = Job.get_by_id(job.id)
@@ -573,13 +642,19 @@ def test_settings_an_owner_puts_on_its_database_do_not_reach_our_sessions(contro
     conn = connect_as(owner, live)
     conn.autocommit = True
     with conn.cursor() as cur:
-        for setting in ("statement_timeout = '1ms'", "local_preload_libraries = 'auto_explain'",
-                        "default_transaction_read_only = on", "lock_timeout = '1ms'"):
+        for setting in (
+            "statement_timeout = '1ms'",
+            "local_preload_libraries = 'auto_explain'",
+            "default_transaction_read_only = on",
+            "lock_timeout = '1ms'",
+        ):
             cur.execute(f'ALTER DATABASE "{live}" SET {setting}')
     conn.close()
     admin = ClusterAdmin(pg.ADMIN_URL)
     assert admin.is_empty(live, RoleLogin(owner, "trust-auth-ignores-it")) is True
     admin.lock_down(live)
     with admin.autocommit(live) as cur:
-        cur.execute("SELECT pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('transaction_read_only')")
+        cur.execute(
+            "SELECT pg_catalog.current_setting('statement_timeout'), pg_catalog.current_setting('transaction_read_only')"
+        )
         assert cur.fetchone() == ("0", "off")

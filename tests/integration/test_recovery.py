@@ -292,11 +292,19 @@ def test_ending_a_job_kills_the_tool_an_earlier_claim_left_on_this_host(control_
 
     started = []
     label = "job_" + secrets.token_hex(8)
-    tool = Sleep("/usr/bin", stall_seconds=None, on_start=lambda pgid, program: started.append((pgid, program)), label=label)
+    tool = Sleep(
+        "/usr/bin",
+        stall_seconds=None,
+        on_start=lambda pgid, program: started.append((pgid, program)),
+        label=label,
+    )
     process = tool.start(["300"])
     [(pgid, program)] = started
     steps = ImportSteps(control_db, Sealer(control_db.secret_key), store=None)
-    job = new_job(control_db, facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program, "label": label}})
+    job = new_job(
+        control_db,
+        facts={"tool_process": {"host": host_identity(), "pgid": pgid, "program": program, "label": label}},
+    )
     steps.cleanup(job, succeeded=False)
     assert process.wait(10) == -9
     tool.abort(process)

@@ -63,7 +63,9 @@ def expected_skips(outsider: str) -> dict[str, str]:
         "OPERATOR FAMILY public.capy_cube_ops": _depends(cube, BASE_TYPE),
         "OPERATOR CLASS public.capy_cube_ops": _depends(cube, BASE_TYPE),
         parser: "a managed database cannot hold it as the project's role (must be superuser to create text search parsers)",
-        "TEXT SEARCH CONFIGURATION public.capy_cfg": _depends(parser, "must be superuser to create text search parsers"),
+        "TEXT SEARCH CONFIGURATION public.capy_cfg": _depends(
+            parser, "must be superuser to create text search parsers"
+        ),
         template: "a managed database cannot hold it as the project's role (must be superuser to create text search templates)",
         "TEXT SEARCH DICTIONARY public.capy_dict": _depends(
             template, "must be superuser to create text search templates"
@@ -75,7 +77,7 @@ def expected_skips(outsider: str) -> dict[str, str]:
             "a managed database cannot hold it as the project's role (must be superuser to add or set schemas)"
         ),
         "POLICY public.notes notes_read": (
-            f"a managed database cannot hold it as the project's role (role \"{outsider}\" does not exist)"
+            f'a managed database cannot hold it as the project\'s role (role "{outsider}" does not exist)'
         ),
     }
 
@@ -97,9 +99,15 @@ def build_and_dump(sql: str, tmp_path: Path, fmt: str = "custom", *, outsider: s
 
 def _drop_source(name: str) -> None:
     # A subscription without a slot does not keep its database from being dropped.
-    subs = pg.admin("SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s", (name,))
+    subs = pg.admin(
+        "SELECT subname FROM pg_subscription s JOIN pg_database d ON d.oid = s.subdbid WHERE d.datname = %s",
+        (name,),
+    )
     for (sub,) in subs:
-        pg.psql(name, text=f"ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); DROP SUBSCRIPTION {sub};")
+        pg.psql(
+            name,
+            text=f"ALTER SUBSCRIPTION {sub} DISABLE; ALTER SUBSCRIPTION {sub} SET (slot_name = NONE); DROP SUBSCRIPTION {sub};",
+        )
     pg.drop_db(name)
 
 
@@ -142,7 +150,9 @@ CREATE PUBLICATION capy_schema_pub FOR TABLES IN SCHEMA public;
 
 
 @pytest.mark.parametrize("fmt", ["custom", "tar", "plain"])
-def test_policies_for_missing_roles_and_all_tables_publications_are_skipped(control_db, store, tmp_path, outsider, fmt):
+def test_policies_for_missing_roles_and_all_tables_publications_are_skipped(
+    control_db, store, tmp_path, outsider, fmt
+):
     """Supabase-style dumps: a policy TO a role the project cannot have and publications
     for all tables or a schema used to fail the restore after preflight said yes."""
     dump = build_and_dump(SUPABASE_STYLE, tmp_path, fmt, outsider=outsider)
@@ -180,7 +190,10 @@ def test_the_api_preflight_lists_what_the_import_will_skip(control_db, store, tm
         "the schema restored as the project's role into a throw-away database, except 3 object(s) a managed "
         "database cannot hold, which the import leaves out (listed in its report as skipped): "
     )
-    assert f'POLICY public.profiles profiles are readable (a managed database cannot hold it as the project\'s role (role "{outsider}" does not exist))' in checks[SCHEMA_REHEARSAL].detail
+    assert (
+        f'POLICY public.profiles profiles are readable (a managed database cannot hold it as the project\'s role (role "{outsider}" does not exist))'
+        in checks[SCHEMA_REHEARSAL].detail
+    )
     # The throw-away database and its role are gone (another run's may come and go meanwhile).
     deadline = time.monotonic() + 20
     while (left := _rehearsal_leftovers() - before) and time.monotonic() < deadline:
@@ -225,10 +238,14 @@ def test_a_check_calling_a_function_that_reads_another_table_is_refused_before_a
         finally:
             pg.drop_db(name)
     else:
-        job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE, tmp_path), recreate=True)
+        job = upload_and_import(
+            control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE, tmp_path), recreate=True
+        )
     assert job.state == "failed"
     assert job.stage == "preflight", (job.stage, job.error)
-    assert job.error.startswith("preflight check schema_rehearsal failed: the schema does not restore as the project's role (1 problem(s)): ")
+    assert job.error.startswith(
+        "preflight check schema_rehearsal failed: the schema does not restore as the project's role (1 problem(s)): "
+    )
     assert (
         "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone(), which reads "
         "another table (public.zone_codes)" in job.error
@@ -250,7 +267,9 @@ INSERT INTO public.a_orders VALUES (1, 1), (2, 2);
 
 def test_a_check_reading_another_table_through_another_function_is_refused(control_db, store, tmp_path):
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE_INDIRECTLY, tmp_path))
+    job = upload_and_import(
+        control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE_INDIRECTLY, tmp_path)
+    )
     assert job.state == "failed"
     assert job.stage == "preflight", (job.stage, job.error)
     assert (
@@ -272,7 +291,9 @@ INSERT INTO public.a_uses VALUES (1, 1), (2, 2);
 
 def test_a_domain_check_reading_another_table_is_refused(control_db, store, tmp_path):
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_OF_A_DOMAIN_READS_ANOTHER_TABLE, tmp_path))
+    job = upload_and_import(
+        control_db, store, world, build_and_dump(CHECK_OF_A_DOMAIN_READS_ANOTHER_TABLE, tmp_path)
+    )
     assert (job.state, job.stage) == ("failed", "preflight"), (job.stage, job.error)
     assert (
         "CHECK constraint d_ok_check of domain public.d_ok calls public.ok(), which reads another table "
@@ -300,7 +321,9 @@ INSERT INTO public.plain_rows VALUES (1);
 """
 
 
-def test_regression_suite_style_objects_are_all_listed_before_the_dump_is_fetched(control_db, store, tmp_path):
+def test_regression_suite_style_objects_are_all_listed_before_the_dump_is_fetched(
+    control_db, store, tmp_path
+):
     """A table whose column type needs superuser is refused at preflight with every
     problem listed (not the first restore error after the whole dump was fetched)."""
     world = make_world(control_db)
@@ -320,10 +343,15 @@ def test_regression_suite_style_objects_are_all_listed_before_the_dump_is_fetche
 
 def test_a_plain_dump_whose_check_reads_another_table_is_refused(control_db, store, tmp_path):
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE, tmp_path, "plain"))
+    job = upload_and_import(
+        control_db, store, world, build_and_dump(CHECK_READS_ANOTHER_TABLE, tmp_path, "plain")
+    )
     assert job.state == "failed"
     assert job.stage == "preflight", (job.stage, job.error)
-    assert "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone()" in job.error
+    assert (
+        "CHECK constraint deliveries_zone_check of table public.deliveries calls public.known_zone()"
+        in job.error
+    )
 
 
 CHECK_READS_NOTHING_ELSE = """
@@ -375,7 +403,9 @@ def test_a_policy_for_another_tenants_role_is_skipped_never_imported(control_db,
 
 
 @pytest.mark.parametrize("fmt", ["custom", "plain"])
-def test_text_that_looks_like_pg_dumps_headers_inside_a_string_is_not_a_header(control_db, store, tmp_path, fmt):
+def test_text_that_looks_like_pg_dumps_headers_inside_a_string_is_not_a_header(
+    control_db, store, tmp_path, fmt
+):
     source = (
         "CREATE TABLE notes (id int PRIMARY KEY); INSERT INTO notes VALUES (1);\n"
         "COMMENT ON TABLE notes IS E'docs:\\n--\\n-- Name: fake; Type: TABLE; Schema: public; Owner: postgres\\n--\\n"

@@ -30,7 +30,9 @@ TABLES = 400
 def small_cluster(control_db):
     with temporary_cluster(settings=SMALL) as cluster:
         registered = accounts.add_cluster(
-            "small-" + secrets.token_hex(3), cluster.url(password=cluster.password), Sealer(control_db.secret_key)
+            "small-" + secrets.token_hex(3),
+            cluster.url(password=cluster.password),
+            Sealer(control_db.secret_key),
         )
         yield cluster, registered
         _forget(registered)
@@ -68,7 +70,9 @@ def _read(cluster, dbname: str, query: str) -> list[tuple]:
         conn.close()
 
 
-def test_a_dump_of_many_tables_is_handed_over_within_the_clusters_lock_table(control_db, store, small_cluster):
+def test_a_dump_of_many_tables_is_handed_over_within_the_clusters_lock_table(
+    control_db, store, small_cluster
+):
     """REASSIGN OWNED of every table at once ran out of shared memory ("You might need to
     increase max_locks_per_transaction"): the hand-over gives relations over one by one."""
     cluster, registered = small_cluster
@@ -79,12 +83,17 @@ def test_a_dump_of_many_tables_is_handed_over_within_the_clusters_lock_table(con
     assert job.state == "completed", (job.error, job.last_stderr)
     live = world.project.database_name
     owners = _read(
-        cluster, live,
+        cluster,
+        live,
         "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'public'",
     )
     assert owners == [(world.project.role_name,)]
-    assert _read(cluster, live, "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace") == [(TABLES,)]
+    assert _read(
+        cluster,
+        live,
+        "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace",
+    ) == [(TABLES,)]
 
 
 def test_a_prepared_transaction_in_a_dump_outlives_nothing(control_db, store, small_cluster):
@@ -112,8 +121,13 @@ def test_a_prepared_transaction_in_a_dump_outlives_nothing(control_db, store, sm
         cur.execute("BEGIN; CREATE TABLE held (id int); PREPARE TRANSACTION 'capy_left'")
     conn.close()
     failed = Job.create(
-        id="job_" + leftover.removeprefix("capy_preview_"), organization=world.org.id, project=world.project.id,
-        cluster=registered.id, state="failed", stage="restore", upload_key=f"imports/{world.project.id}/x/dump",
+        id="job_" + leftover.removeprefix("capy_preview_"),
+        organization=world.org.id,
+        project=world.project.id,
+        cluster=registered.id,
+        state="failed",
+        stage="restore",
+        upload_key=f"imports/{world.project.id}/x/dump",
         preview_database_id=leftover,
     )
     done = sweep(control_db, Sealer(control_db.secret_key), store)

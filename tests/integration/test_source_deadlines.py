@@ -100,7 +100,10 @@ def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
     body = resp.json["preflight"]
     assert body["ok"] is False
     checks = checks_of(body["checks"])
-    assert checks["source_reachable"] == ("fail", never_answered(proxy.port, f"{DEADLINE} s (the preflight deadline)"))
+    assert checks["source_reachable"] == (
+        "fail",
+        never_answered(proxy.port, f"{DEADLINE} s (the preflight deadline)"),
+    )
     assert checks["source_version_compatible"] == (
         "warn",
         "not checked: the source database could not be reached (see source_reachable)",
@@ -110,7 +113,10 @@ def test_preflight_endpoint_answers_200_within_the_deadline(control_db, store):
 def test_the_snapshot_fails_transiently_within_its_read_timeout():
     with mute_after_login() as proxy:
         started = time.monotonic()
-        with pytest.raises(SourceTimedOut) as info, Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)):
+        with (
+            pytest.raises(SourceTimedOut) as info,
+            Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)),
+        ):
             pass
         elapsed = time.monotonic() - started
         assert proxy.held.is_set()
@@ -126,7 +132,10 @@ def test_reading_the_snapshots_catalog_is_bounded():
     # (the catalog) never is.
     with mute_after_login(answered=6) as proxy:
         started = time.monotonic()
-        with pytest.raises(SourceTimedOut) as info, Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)):
+        with (
+            pytest.raises(SourceTimedOut) as info,
+            Snapshot.open(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2)),
+        ):
             pass
         elapsed = time.monotonic() - started
         assert proxy.held.is_set()
@@ -181,7 +190,9 @@ def test_one_organization_cannot_take_every_web_thread_with_preflights(control_d
 
     with mute_after_login() as proxy:
         answers: list = []
-        holders = [threading.Thread(target=lambda: answers.append(preflight(tenant, proxy.port))) for _ in range(2)]
+        holders = [
+            threading.Thread(target=lambda: answers.append(preflight(tenant, proxy.port))) for _ in range(2)
+        ]
         for thread in holders:
             thread.start()
         assert proxy.held.wait(10)
@@ -215,8 +226,11 @@ def test_a_table_locked_on_the_source_fails_the_snapshot_as_transient_after_the_
     name, holder = _locked_source(scratch_db)
     try:
         started = time.monotonic()
-        with pytest.raises(SourceBusy, match="stayed locked for 2 s") as info, Snapshot.open(
-            SourceURL.parse_source(pg.url_for(name, sslmode="disable")), SourceSettings(lock_timeout=2)
+        with (
+            pytest.raises(SourceBusy, match="stayed locked for 2 s") as info,
+            Snapshot.open(
+                SourceURL.parse_source(pg.url_for(name, sslmode="disable")), SourceSettings(lock_timeout=2)
+            ),
         ):
             pass
         assert time.monotonic() - started < 2 + MARGIN
@@ -241,7 +255,9 @@ def test_a_cancel_interrupts_the_snapshot_sessions_own_queries(scratch_db):
     def open_snapshot() -> None:
         try:
             with Snapshot.open(
-                SourceURL.parse_source(pg.url_for(name, sslmode="disable")), SourceSettings(lock_timeout=600), cancellation
+                SourceURL.parse_source(pg.url_for(name, sslmode="disable")),
+                SourceSettings(lock_timeout=600),
+                cancellation,
             ):
                 pass
         except Exception as err:
@@ -262,6 +278,9 @@ def test_a_cancel_interrupts_the_snapshot_sessions_own_queries(scratch_db):
         assert time.monotonic() - started < MARGIN
         error = outcome["error"]
         assert isinstance(error, SourceTimedOut)
-        assert error.message == "the session with the source database at 127.0.0.1:5432 was interrupted: cancelled"
+        assert (
+            error.message
+            == "the session with the source database at 127.0.0.1:5432 was interrupted: cancelled"
+        )
     finally:
         holder.close()

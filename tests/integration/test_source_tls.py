@@ -29,8 +29,22 @@ WHO = "SELECT ssl, coalesce(client_dn, '-') FROM pg_stat_ssl WHERE pid = pg_back
 def _self_signed(folder: str, name: str, cn: str) -> tuple[str, str]:
     cert, key = os.path.join(folder, f"{name}.crt"), os.path.join(folder, f"{name}.key")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={cn}",
-         "-keyout", key, "-out", cert],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
         check=True,
         capture_output=True,
     )
@@ -57,7 +71,11 @@ def tls_home(tmp_path_factory) -> Iterator[tuple[TempCluster, str]]:
         admin = psycopg2.connect(cluster.url())
         admin.autocommit = True
         with admin.cursor() as cur:
-            for setting, value in (("ssl_cert_file", server_cert), ("ssl_key_file", server_key), ("ssl_ca_file", ca)):
+            for setting, value in (
+                ("ssl_cert_file", server_cert),
+                ("ssl_key_file", server_key),
+                ("ssl_ca_file", ca),
+            ):
                 cur.execute(f"ALTER SYSTEM SET {setting} = %s", (value,))
             cur.execute("ALTER SYSTEM SET ssl = on")
             cur.execute("SELECT pg_reload_conf()")

@@ -77,7 +77,9 @@ def test_ensure_bucket_creates_it_once(s3: S3Endpoint) -> None:
 def post(form: PresignedPost, data: bytes, **overrides: str) -> requests.Response:
     """POST `data` with the form's fields, as `curl -F` does (the file goes last)."""
     fields = {**form.fields, **overrides}
-    return requests.post(form.url, data=fields, files={"file": ("app.dump", data, OCTET["Content-Type"])}, timeout=60)
+    return requests.post(
+        form.url, data=fields, files={"file": ("app.dump", data, OCTET["Content-Type"])}, timeout=60
+    )
 
 
 def in_an_hour() -> datetime:
@@ -92,7 +94,9 @@ def test_presigned_post_then_size_and_download_with_progress(
     public = s3.url.replace("127.0.0.1", "localhost")
     assert form.url == f"{public}/{store.bucket}"
     assert form.fields["key"] == key
-    assert {"policy", "x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz-algorithm"} <= set(form.fields)
+    assert {"policy", "x-amz-signature", "x-amz-credential", "x-amz-date", "x-amz-algorithm"} <= set(
+        form.fields
+    )
 
     response = post(form, data)
     assert response.status_code in (200, 201, 204), response.text

@@ -43,7 +43,10 @@ def test_sweep_deletes_expired_uploads_and_replaced_databases(control_db, store,
     assert RetiredDatabase.get_by_id(retired.id).dropped_at is not None
     # Idempotent: nothing left to do.
     again = sweep(keeping, sealer, store, clock=lambda: later)
-    assert job.upload_key not in again["uploads_deleted"] and retired.database_name not in again["replaced_databases_dropped"]
+    assert (
+        job.upload_key not in again["uploads_deleted"]
+        and retired.database_name not in again["replaced_databases_dropped"]
+    )
 
 
 def test_sweep_drops_previews_left_by_failed_jobs(control_db, store):
@@ -106,7 +109,11 @@ def test_sweep_deletes_unused_expired_uploads_and_objects_no_job_or_upload_holds
     done = sweep(control_db, sealer, store, clock=lambda: later)
     assert done["errors"] == []
     gone = {unused["object_key"]}
-    assert set(done["uploads_deleted"]) & {unused["object_key"], fresh["object_key"], late["object_key"], held["object_key"]} == gone
+    assert (
+        set(done["uploads_deleted"])
+        & {unused["object_key"], fresh["object_key"], late["object_key"], held["object_key"]}
+        == gone
+    )
     for key in gone | {stray, finished["object_key"]}:
         with pytest.raises(ObjectMissing):
             store.size(key)

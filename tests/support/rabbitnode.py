@@ -63,7 +63,10 @@ class RabbitNode:
     def ctl(self, *args: str, timeout: float = 60) -> str:
         done = subprocess.run(
             [str(RABBIT_BIN / "rabbitmqctl"), "-n", self.name, *args],
-            env=self.env, capture_output=True, text=True, timeout=timeout,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if done.returncode != 0:
             raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {done.stdout}{done.stderr}")
@@ -72,7 +75,10 @@ class RabbitNode:
     def start(self) -> None:
         with open(self.root / "server.log", "ab") as log:
             self.process = subprocess.Popen(
-                [str(RABBIT_BIN / "rabbitmq-server")], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [str(RABBIT_BIN / "rabbitmq-server")],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         # await_startup fails at once until the node has registered with epmd.
@@ -108,7 +114,9 @@ class RabbitNode:
 
     def messages(self, queue: str) -> int:
         """Messages ready in `queue` (0 if it does not exist)."""
-        for line in self.ctl("list_queues", "-q", "--no-table-headers", "name", "messages_ready").splitlines():
+        for line in self.ctl(
+            "list_queues", "-q", "--no-table-headers", "name", "messages_ready"
+        ).splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0] == queue:
                 return int(parts[1])

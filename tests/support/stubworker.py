@@ -38,7 +38,9 @@ class StageWorkers:
             broker.add_middleware(item)
         broker.emit_after("process_boot")  # as the dramatiq command does: starts the time limit's timer
         queue = StageQueue(broker, settings)
-        runner = Runner(settings, steps_for(settings) if steps_for else steps, queue.wake, heartbeat_seconds=1)
+        runner = Runner(
+            settings, steps_for(settings) if steps_for else steps, queue.wake, heartbeat_seconds=1
+        )
         queue.handler, queue.on_exhausted = runner.run, runner.exhausted
         worker = dramatiq.Worker(broker, worker_timeout=100, worker_threads=1)
         worker.start()

@@ -18,7 +18,14 @@ def test_the_script_is_the_same_for_a_scale_and_differs_between_scales(dataset):
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_no_value_depends_on_the_clock_or_a_random_generator(dataset):
     script = dataset_sql(dataset, 1).lower()
-    for volatile in ("random(", "now(", "clock_timestamp", "current_timestamp", "gen_random_uuid", "timeofday"):
+    for volatile in (
+        "random(",
+        "now(",
+        "clock_timestamp",
+        "current_timestamp",
+        "gen_random_uuid",
+        "timeofday",
+    ):
         assert volatile not in script
 
 

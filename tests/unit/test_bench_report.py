@@ -10,7 +10,9 @@ def result(method, mode, times, *, failed_round=None, extra=None):
     r = Result("mix", 0.3, mode, method, method)
     for number, seconds in enumerate(times, start=1):
         ok = number != failed_round
-        r.rounds.append(Round(number, seconds, ok, [] if ok else ["table public.events is missing"], extra or {}))
+        r.rounds.append(
+            Round(number, seconds, ok, [] if ok else ["table public.events is missing"], extra or {})
+        )
     return r
 
 

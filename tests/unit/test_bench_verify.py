@@ -25,12 +25,16 @@ def test_a_missing_table_is_a_failure():
 
 
 def test_one_row_short_is_a_failure():
-    copy = Shape({"public.accounts": 600, "public.events": 14_999}, dict(SOURCE.indexes), dict(SOURCE.constraints))
+    copy = Shape(
+        {"public.accounts": 600, "public.events": 14_999}, dict(SOURCE.indexes), dict(SOURCE.constraints)
+    )
     assert compare(SOURCE, copy) == ["table public.events has 14999 rows, the source 15000"]
 
 
 def test_a_missing_index_or_constraint_is_a_failure():
-    copy = Shape(dict(SOURCE.rows), {"public.accounts": 2, "public.events": 1}, {"primary key": 2, "unique": 1})
+    copy = Shape(
+        dict(SOURCE.rows), {"public.accounts": 2, "public.events": 1}, {"primary key": 2, "unique": 1}
+    )
     assert compare(SOURCE, copy) == [
         "table public.events has 1 indexes, the source 2",
         "0 foreign key constraints, the source 1",

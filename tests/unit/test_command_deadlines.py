@@ -278,7 +278,9 @@ def test_tools_do_not_inherit_the_workers_libpq_variables(tmp_path, monkeypatch)
     monkeypatch.setenv("PGSSLCERT", "/root/.postgresql/postgresql.crt")
     monkeypatch.setenv("PGPASSWORD", "the-workers-own-password")
     write_program(tmp_path, "pg_dump", f"env > {tmp_path}/env\n")
-    tools = PgTools(str(tmp_path), limit=Limit(100, "CAPY_COMMAND_TIMEOUT_SECONDS", "x"), stall_seconds=600, major=15)
+    tools = PgTools(
+        str(tmp_path), limit=Limit(100, "CAPY_COMMAND_TIMEOUT_SECONDS", "x"), stall_seconds=600, major=15
+    )
     tools.pg_dump.run([], env={"PGPASSFILE": "/nonexistent"})
     seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert "PGSERVICE" not in seen and "PGSSLCERT" not in seen and "PGPASSWORD" not in seen

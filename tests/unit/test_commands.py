@@ -7,7 +7,11 @@ from stages.tools.commands import CommandResult, PgDump, PgRestore, PgTools, Psq
 
 def test_pg_dump_schema_arguments():
     args = PgDump("/bin").schema_args(
-        "host='h' dbname='d'", "/w/schema.dump", snapshot="0003-1", lock_wait_ms=60000, exclude_data=['"public"."t"']
+        "host='h' dbname='d'",
+        "/w/schema.dump",
+        snapshot="0003-1",
+        lock_wait_ms=60000,
+        exclude_data=['"public"."t"'],
     )
     assert args == [
         "--format=custom",
@@ -97,7 +101,9 @@ def test_command_output_is_redacted(tmp_path):
 
 def test_a_source_refusing_connections_is_transient_until_it_keeps_refusing():
     stderr = 'pg_dump: error: connection to server at "203.0.113.7", port 5432 failed: Connection refused'
-    failure = commands.classify_failure(CommandResult(1, "", stderr), "pg_dump of the source", commands.SOURCE)
+    failure = commands.classify_failure(
+        CommandResult(1, "", stderr), "pg_dump of the source", commands.SOURCE
+    )
     assert isinstance(failure, TransientCommandFailure)
     assert failure.when_repeated == (
         f"the source database kept refusing connections ({stderr}); "

@@ -76,7 +76,12 @@ def test_development_mode_implies_the_development_defaults():
     assert settings.dev_mode and settings.uses_dev_secret
     assert settings.secret_keys() == (DEV_SECRET_KEY,)
     assert settings.allow_private_sources is True
-    assert Settings.from_env({"CAPY_ENV": "development", "CAPY_ALLOW_PRIVATE_SOURCES": "false"}).allow_private_sources is False
+    assert (
+        Settings.from_env(
+            {"CAPY_ENV": "development", "CAPY_ALLOW_PRIVATE_SOURCES": "false"}
+        ).allow_private_sources
+        is False
+    )
 
 
 def test_unknown_environment_names_the_variable():
@@ -110,13 +115,19 @@ def test_clerk_and_rate_limit_settings():
     assert settings.clerk_authorized_parties == ("https://app.example.com", "https://admin.example.com")
     assert settings.rate_limit_per_minute == 30
 
+
 def test_source_deadlines():
     defaults = Settings.from_env({})
     assert (defaults.preflight_deadline_seconds, defaults.source_read_timeout_seconds) == (20, 1800)
-    settings = Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "5", "CAPY_SOURCE_READ_TIMEOUT_SECONDS": "60"})
+    settings = Settings.from_env(
+        {"CAPY_PREFLIGHT_DEADLINE_SECONDS": "5", "CAPY_SOURCE_READ_TIMEOUT_SECONDS": "60"}
+    )
     assert (settings.preflight_deadline_seconds, settings.source_read_timeout_seconds) == (5, 60)
-    with pytest.raises(ConfigError, match="CAPY_PREFLIGHT_DEADLINE_SECONDS must be a whole number of seconds above 0"):
+    with pytest.raises(
+        ConfigError, match="CAPY_PREFLIGHT_DEADLINE_SECONDS must be a whole number of seconds above 0"
+    ):
         Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "0"})
+
 
 def test_deadlines_and_fair_share_settings():
     defaults = Settings.from_env({})
@@ -169,7 +180,11 @@ def test_a_stage_time_limit_not_below_the_consumer_timeout_refuses_to_start(env)
 
 def test_test_holds_are_read_per_point():
     settings = Settings.from_env({"CAPY_ENV": "development", "CAPY_TEST_HOLDS": "restore=30, swap=2.5"})
-    assert (settings.hold_seconds("restore"), settings.hold_seconds("swap"), settings.hold_seconds("fetch")) == (
+    assert (
+        settings.hold_seconds("restore"),
+        settings.hold_seconds("swap"),
+        settings.hold_seconds("fetch"),
+    ) == (
         30.0,
         2.5,
         0.0,
@@ -191,6 +206,7 @@ def test_max_attempts_below_one_refuses_to_start(value):
 def test_max_attempts_below_one_is_refused_however_settings_are_made():
     with pytest.raises(ConfigError, match="CAPY_MAX_ATTEMPTS must be at least 1"):
         Settings.from_env({"CAPY_ENV": "development"}).replace(max_attempts=0).checked()
+
 
 def test_the_publish_deadline_is_a_few_seconds_and_bounded():
     d = Settings.from_env({})

@@ -29,7 +29,9 @@ def test_a_copy_statement_as_pg_dump_writes_it_is_parsed(statement, expected):
 
 
 def test_names_are_decoded_from_the_archive_encoding():
-    assert parse_copy(b'COPY public."caf\xe9" ("cr\xe8me") FROM stdin;\n', "latin-1") == CopyStatement("public", "café", ("crème",))
+    assert parse_copy(b'COPY public."caf\xe9" ("cr\xe8me") FROM stdin;\n', "latin-1") == CopyStatement(
+        "public", "café", ("crème",)
+    )
     assert parse_copy(b'COPY public."caf\xe9" (id) FROM stdin;\n', "utf-8") is None
 
 
@@ -56,7 +58,12 @@ def _streamed(name: str, statement: bytes, size: int = 10, oid: int = 1) -> Stre
     parsed = parse_copy(statement)
     assert parsed is not None
     table = SourceTable(f"public.{name}", "public", name, parsed.columns, size, oid)
-    return StreamedTable(table, TocEntry(f"{oid}; 0 {oid} TABLE DATA public {name} x", oid, "TABLE DATA", "public", name), statement, parsed)
+    return StreamedTable(
+        table,
+        TocEntry(f"{oid}; 0 {oid} TABLE DATA public {name} x", oid, "TABLE DATA", "public", name),
+        statement,
+        parsed,
+    )
 
 
 class _Stdout(io.BytesIO):
@@ -74,7 +81,12 @@ HEADER = b"--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\nSET client_e
 
 
 def _section(statement: bytes, rows: bytes) -> bytes:
-    return b"--\n-- Data for Name: x; Type: TABLE DATA; Schema: public; Owner: -\n--\n\n" + statement + rows + b"\\.\n\n\n"
+    return (
+        b"--\n-- Data for Name: x; Type: TABLE DATA; Schema: public; Owner: -\n--\n\n"
+        + statement
+        + rows
+        + b"\\.\n\n\n"
+    )
 
 
 def _read_all(stdout: bytes, statements: list[bytes], chunk: int) -> list[tuple[bytes, int]]:
@@ -102,7 +114,9 @@ def test_each_tables_rows_end_at_its_end_marker_however_the_output_is_cut(chunk)
         b"3\t\\\\.\\n\n"
         b"4\t\\.x\n"
     )
-    stdout = HEADER + _section(a, tricky) + _section(empty, b"") + _section(b, b"7\n8\n") + b"\\unrestrict abc\n"
+    stdout = (
+        HEADER + _section(a, tricky) + _section(empty, b"") + _section(b, b"7\n8\n") + b"\\unrestrict abc\n"
+    )
     got = _read_all(stdout, [a, empty, b], chunk)
     assert got == [(tricky, 4), (b"", 0), (b"7\n8\n", 2)]
 
@@ -149,8 +163,13 @@ def test_a_block_counts_rows_and_bytes_into_its_flow():
 
 
 def test_large_tables_load_alone_and_small_ones_together():
-    big = [_streamed(f"big{i}", f"COPY public.big{i} (id) FROM stdin;\n".encode(), archive.BATCH_BYTES, i) for i in range(2)]
-    small = [_streamed(f"s{i}", f"COPY public.s{i} (id) FROM stdin;\n".encode(), 1000, 10 + i) for i in range(450)]
+    big = [
+        _streamed(f"big{i}", f"COPY public.big{i} (id) FROM stdin;\n".encode(), archive.BATCH_BYTES, i)
+        for i in range(2)
+    ]
+    small = [
+        _streamed(f"s{i}", f"COPY public.s{i} (id) FROM stdin;\n".encode(), 1000, 10 + i) for i in range(450)
+    ]
     batches = archive._batches([big[0], *small[:300], big[1], *small[300:]], seekable=True, lanes=2)
     sizes = [len(b) for b in batches]
     assert sorted(sizes) == [1, 1, 50, 200, 200]
@@ -158,7 +177,10 @@ def test_large_tables_load_alone_and_small_ones_together():
 
 
 def test_without_offsets_the_tables_are_cut_into_a_few_runs_in_the_archives_order():
-    tables = [_streamed(f"t{i}", f"COPY public.t{i} (id) FROM stdin;\n".encode(), 1000 * (i + 1), i) for i in range(40)]
+    tables = [
+        _streamed(f"t{i}", f"COPY public.t{i} (id) FROM stdin;\n".encode(), 1000 * (i + 1), i)
+        for i in range(40)
+    ]
     batches = archive._batches(tables, seekable=False, lanes=2)
     assert 1 < len(batches) <= 4
     assert [s for batch in batches for s in batch] == tables

@@ -10,7 +10,7 @@ from stages.copy.postdata import Block, first_statement, split
 from stages.dumps.toc import TocEntry
 
 # pg_restore 15.20 --no-owner --section=post-data of a table "We""ird t" (as rendered).
-RENDERED = '''--
+RENDERED = """--
 -- PostgreSQL database dump
 --
 
@@ -63,13 +63,25 @@ CREATE INDEX ix ON "my schema"."We""ird t" USING btree ("Co l");
 
 \\unrestrict tfTZJJhwTE9TPearPtEMwpHpv6EAeKdWRn8R52TBvF2zUV5xS9fd6dk8Mi7RmQj
 
-'''
+"""
 
 TABLE = TocEntry('214; 1259 157329 TABLE public We"ird t postgres', 214, "TABLE", "public", 'We"ird t')
-PKEY = TocEntry('3198; 2606 157333 CONSTRAINT public We"ird t p k"x postgres', 3198, "CONSTRAINT", "public", 'We"ird t p k"x')
-UNIQUE = TocEntry('3200; 2606 157336 CONSTRAINT public We"ird t u postgres', 3200, "CONSTRAINT", "public", 'We"ird t u')
+PKEY = TocEntry(
+    '3198; 2606 157333 CONSTRAINT public We"ird t p k"x postgres',
+    3198,
+    "CONSTRAINT",
+    "public",
+    'We"ird t p k"x',
+)
+UNIQUE = TocEntry(
+    '3200; 2606 157336 CONSTRAINT public We"ird t u postgres', 3200, "CONSTRAINT", "public", 'We"ird t u'
+)
 COMMENT = TocEntry(
-    '3350; 0 0 COMMENT public CONSTRAINT u ON "We""ird t" postgres', 3350, "COMMENT", "public", 'CONSTRAINT u ON "We""ird t"'
+    '3350; 0 0 COMMENT public CONSTRAINT u ON "We""ird t" postgres',
+    3350,
+    "COMMENT",
+    "public",
+    'CONSTRAINT u ON "We""ird t"',
 )
 # As stages.dumps.toc.parse splits a listing line whose schema's name holds a space.
 INDEX = TocEntry("3196; 1259 157342 INDEX my schema ix postgres", 3196, "INDEX", "my", "schema ix")
@@ -84,7 +96,7 @@ def test_split_gives_one_block_per_entry_in_order_passing_over_other_sections():
         '    ADD CONSTRAINT "p k""x" PRIMARY KEY (id) DEFERRABLE INITIALLY DEFERRED;\n\n'
         'ALTER TABLE public."We""ird t" CLUSTER ON "p k""x";'
     )
-    assert rendered.blocks[2].sql.strip() == "COMMENT ON CONSTRAINT u ON public.\"We\"\"ird t\" IS 'c';"
+    assert rendered.blocks[2].sql.strip() == 'COMMENT ON CONSTRAINT u ON public."We""ird t" IS \'c\';'
     # The last block runs to the end: pg_restore's closing comment is in it, its \\unrestrict is not.
     last = rendered.blocks[3].sql.strip().splitlines()
     assert last[0] == 'CREATE INDEX ix ON "my schema"."We""ird t" USING btree ("Co l");'
@@ -108,7 +120,9 @@ def test_a_block_that_matches_no_entry_makes_the_rendering_inexact():
 
 
 def test_first_statement_splits_a_constraint_from_what_follows_it():
-    head, rest = first_statement('\nALTER TABLE ONLY t\n    ADD CONSTRAINT "a;b" PRIMARY KEY (id);\n\nALTER TABLE t CLUSTER ON "a;b";\n')
+    head, rest = first_statement(
+        '\nALTER TABLE ONLY t\n    ADD CONSTRAINT "a;b" PRIMARY KEY (id);\n\nALTER TABLE t CLUSTER ON "a;b";\n'
+    )
     assert head == '\nALTER TABLE ONLY t\n    ADD CONSTRAINT "a;b" PRIMARY KEY (id);\n'
     assert rest == '\nALTER TABLE t CLUSTER ON "a;b";\n'
 
@@ -132,13 +146,26 @@ def test_a_deferrable_primary_key_with_quoted_names_is_attached_with_its_cluster
 
 def test_a_unique_constraint_is_attached_as_unique_whatever_its_name_says():
     sql = 'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT "no PRIMARY KEY here" UNIQUE (a);\n'
-    block = Block(TocEntry('1; 2606 5 CONSTRAINT public t no PRIMARY KEY here x', 1, "CONSTRAINT", "public", "t no PRIMARY KEY here"), sql)
-    owned = Owned(4, "constraint", unique_index='CREATE UNIQUE INDEX "no PRIMARY KEY here" ON public.t USING btree (a)')
+    block = Block(
+        TocEntry(
+            "1; 2606 5 CONSTRAINT public t no PRIMARY KEY here x",
+            1,
+            "CONSTRAINT",
+            "public",
+            "t no PRIMARY KEY here",
+        ),
+        sql,
+    )
+    owned = Owned(
+        4, "constraint", unique_index='CREATE UNIQUE INDEX "no PRIMARY KEY here" ON public.t USING btree (a)'
+    )
     assert _constraint_sql(block, owned) == (
         'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT "no PRIMARY KEY here" UNIQUE USING INDEX "no PRIMARY KEY here";\n'
     )
 
 
 def test_a_constraint_without_a_prebuilt_index_is_left_as_it_is():
-    block = Block(UNIQUE, "\nALTER TABLE ONLY public.b\n    ADD CONSTRAINT b_excl EXCLUDE USING gist (r WITH &&);\n")
+    block = Block(
+        UNIQUE, "\nALTER TABLE ONLY public.b\n    ADD CONSTRAINT b_excl EXCLUDE USING gist (r WITH &&);\n"
+    )
     assert _constraint_sql(block, Owned(1, "constraint", "gist")) == block.sql

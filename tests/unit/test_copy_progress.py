@@ -47,7 +47,9 @@ def test_a_table_whose_rows_stop_coming_stops_the_copy(monkeypatch):
     progress.flows[TABLE].last = time.monotonic() - 61
     stopped: list[BaseException] = []
     ended: list[bool] = []
-    engine._report(progress, threading.Event(), lambda report: None, stopped.append, 60, lambda: ended.append(True))
+    engine._report(
+        progress, threading.Event(), lambda report: None, stopped.append, 60, lambda: ended.append(True)
+    )
     (err,) = stopped
     assert isinstance(err, engine.CopyStalled)
     assert "the copy of table public.t made no progress for 60 s" in str(err)

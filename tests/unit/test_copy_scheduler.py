@@ -42,8 +42,12 @@ def test_the_table_with_the_longest_index_build_is_copied_first_even_if_smaller(
     log, make = _recorder()
     big = Task[None]("copy big", 100, make("copy big"), frozenset({"big"}))
     small = Task[None]("copy small", 10, make("copy small"), frozenset({"small"}))
-    gin = Task[None]("gin on small", 500, make("gin on small"), frozenset({"small"}), exclusive=False, after=[small])
-    btree = Task[None]("btree on big", 40, make("btree on big"), frozenset({"big"}), exclusive=False, after=[big])
+    gin = Task[None](
+        "gin on small", 500, make("gin on small"), frozenset({"small"}), exclusive=False, after=[small]
+    )
+    btree = Task[None](
+        "btree on big", 40, make("btree on big"), frozenset({"big"}), exclusive=False, after=[big]
+    )
     Schedule([big, small, gin, btree], [None]).run()
     starts = [name for event, name, _ in log if event == "start"]
     assert starts[0] == "copy small"
@@ -55,7 +59,14 @@ def test_dependencies_are_honoured_on_many_lanes():
     tasks: list[Task[None]] = []
     for i in range(20):
         copy = Task[None](f"copy {i}", i, make(f"copy {i}", 0.005), frozenset({f"t{i}"}))
-        index = Task[None](f"index {i}", 2 * i, make(f"index {i}", 0.005), frozenset({f"t{i}"}), exclusive=False, after=[copy])
+        index = Task[None](
+            f"index {i}",
+            2 * i,
+            make(f"index {i}", 0.005),
+            frozenset({f"t{i}"}),
+            exclusive=False,
+            after=[copy],
+        )
         tasks += [copy, index]
     Schedule(tasks, [1, 2, 3, 4]).run()
     when = {(event, name): at for event, name, at in log}

@@ -67,14 +67,20 @@ def test_gunicorns_timeout_is_above_the_synchronous_preflights_limit(monkeypatch
     from app import gunicorn_conf
 
     settings = Settings()
-    assert gunicorn_conf.worker_timeout(settings) > settings.preflight_deadline_seconds + settings.preflight_command_timeout_seconds
+    assert (
+        gunicorn_conf.worker_timeout(settings)
+        > settings.preflight_deadline_seconds + settings.preflight_command_timeout_seconds
+    )
     longer = Settings.from_env({"CAPY_PREFLIGHT_DEADLINE_SECONDS": "45"})
     assert gunicorn_conf.worker_timeout(longer) > 45 + longer.preflight_command_timeout_seconds
 
 
 def test_production_binds_every_interface_on_port_and_development_loopback():
     assert "--bind" not in gunicorn_words(procfile("Procfile")["web"])  # app/gunicorn_conf.py: 0.0.0.0:$PORT
-    assert option(gunicorn_words(procfile("Procfile.dev")["web"]), "--bind") == "${CAPY_BIND_HOST:-127.0.0.1}:${PORT:-8000}"
+    assert (
+        option(gunicorn_words(procfile("Procfile.dev")["web"]), "--bind")
+        == "${CAPY_BIND_HOST:-127.0.0.1}:${PORT:-8000}"
+    )
     env = re.search(r"^ENV (.*)$", (ROOT / "Dockerfile").read_text(), re.M).group(1)
     assert "CAPY_BIND_HOST=0.0.0.0" in env.split() and "PORT=8000" in env.split()
 

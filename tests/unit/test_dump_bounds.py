@@ -119,7 +119,9 @@ def test_the_tail_of_a_large_upload_says_whether_it_is_cut_short(tmp_path: Path)
 
 def test_a_create_dump_is_refused_from_its_head(tmp_path: Path) -> None:
     path = tmp_path / "head.sql"
-    path.write_text(SCRIPT.replace("CREATE SCHEMA sales;", "CREATE DATABASE app;\n\\connect app\nCREATE SCHEMA sales;"))
+    path.write_text(
+        SCRIPT.replace("CREATE SCHEMA sales;", "CREATE DATABASE app;\n\\connect app\nCREATE SCHEMA sales;")
+    )
     assert "pg_dump --create" in (read_sql_file(str(path), gzipped=False, complete=False).refusal or "")
 
 
@@ -132,4 +134,7 @@ def test_a_gzip_file_of_several_members_is_read_whole(tmp_path):
 
     path = tmp_path / "dump.sql.gz"
     path.write_bytes(gz.compress(b"CREATE TABLE a (id int);\n") + gz.compress(b"CREATE TABLE b (id int);\n"))
-    assert list(sql_lines(str(path), gzipped=True)) == ["CREATE TABLE a (id int);", "CREATE TABLE b (id int);"]
+    assert list(sql_lines(str(path), gzipped=True)) == [
+        "CREATE TABLE a (id int);",
+        "CREATE TABLE b (id int);",
+    ]

@@ -202,8 +202,14 @@ def zip_bytes() -> bytes:
             "a tar archive of a directory-format dump (pg_dump -Fd), which pg_restore cannot read as one file; "
             "make a single-file dump instead, e.g. pg_dump -Fc -f dump.dump DBNAME",
         ),
-        (tar_with({"dump/3456.dat.gz": b"x" * 600, "dump/toc.dat": b""}), "directory-format dump (pg_dump -Fd)"),
-        (gzip.compress(tar_with({"d/toc.dat": b""})), "gzip-compressed tar archive of a directory-format dump"),
+        (
+            tar_with({"dump/3456.dat.gz": b"x" * 600, "dump/toc.dat": b""}),
+            "directory-format dump (pg_dump -Fd)",
+        ),
+        (
+            gzip.compress(tar_with({"d/toc.dat": b""})),
+            "gzip-compressed tar archive of a directory-format dump",
+        ),
         (zip_of({"dump/toc.dat": b"", "dump/3456.dat.gz": b""}), "a zip archive of a directory-format dump"),
         (tar_with({"backup/data.csv": b"x"}), "its first member is 'backup/data.csv', not toc.dat"),
         (tar_with({"toc.dat": b"hello"}), "not one made by pg_dump -Ft"),

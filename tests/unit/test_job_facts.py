@@ -67,7 +67,12 @@ OLD_LIVE_ROW = {
     "verification": None,
     "report": REPORT,
     "replaced_database": "db_replaced_20260101000000",
-    "tool_process": {"host": "w1/boot", "pgid": 4242, "program": "/usr/lib/postgresql/16/bin/psql", "label": "job_abc"},
+    "tool_process": {
+        "host": "w1/boot",
+        "pgid": 4242,
+        "program": "/usr/lib/postgresql/16/bin/psql",
+        "label": "job_abc",
+    },
     "test_holds_done": ["restore"],
 }
 
@@ -124,7 +129,9 @@ def test_an_older_row_with_missing_facts_and_unknown_keys_loads():
 
 def test_a_job_in_flight_between_fetch_and_restore_loads():
     """A deploy between stages: the new restore reads what the old fetch wrote."""
-    row = {key: OLDER_UPLOAD_ROW[key] for key in ("preflight", "upload_bytes", "dump_format", "source_counts")}
+    row = {
+        key: OLDER_UPLOAD_ROW[key] for key in ("preflight", "upload_bytes", "dump_format", "source_counts")
+    }
     facts = Job.facts.python_value(row)
     assert recorded(facts.upload_bytes, "upload_bytes") == 1048576
     assert facts.restore_skip is None and facts.rehearsal_skipped == []  # restore falls back to the latter
@@ -148,7 +155,9 @@ def test_a_row_no_version_wrote_is_still_shown(caplog):
 
 
 def _job(facts):
-    return Job(id="job_abc", state="completed", stage="finalize", facts=facts, progress={"phase": "completed"})
+    return Job(
+        id="job_abc", state="completed", stage="finalize", facts=facts, progress={"phase": "completed"}
+    )
 
 
 def test_the_apis_job_shows_the_report_as_stored():
@@ -167,8 +176,12 @@ def test_a_stage_result_stores_what_it_set_none_included():
         "verification": None,
     }
     assert StageResult().stored() == {}
-    verified = FinalizeResult(verification=Verification(target_counts={"public.a": 2}, target={"objects": {}}))
-    assert verified.stored() == {"verification": {"target_counts": {"public.a": 2}, "target": {"objects": {}}}}
+    verified = FinalizeResult(
+        verification=Verification(target_counts={"public.a": 2}, target={"objects": {}})
+    )
+    assert verified.stored() == {
+        "verification": {"target_counts": {"public.a": 2}, "target": {"objects": {}}}
+    }
 
 
 def test_a_stage_result_round_trips_through_the_row():
@@ -180,7 +193,11 @@ def test_a_stage_result_round_trips_through_the_row():
         extensions={"pg_trgm": "public"},
         source_counts={"public.a": 2},
         uncounted_tables=["public.b"],
-        source_description={"objects": {"TABLE": 2}, "sequences": {"public.s": None}, "extensions": {"pg_trgm": None}},
+        source_description={
+            "objects": {"TABLE": 2},
+            "sequences": {"public.s": None},
+            "extensions": {"pg_trgm": None},
+        },
         source_basis="dump table of contents",
         restore_skip=[],
     )
@@ -196,8 +213,12 @@ def test_a_stage_result_refuses_a_fact_nobody_reads():
 
 
 def test_the_column_writes_models_as_the_json_they_set():
-    assert Job.facts.db_value(PreflightResult(source_address="192.0.2.7")).value == {"source_address": "192.0.2.7"}
+    assert Job.facts.db_value(PreflightResult(source_address="192.0.2.7")).value == {
+        "source_address": "192.0.2.7"
+    }
     assert Job.facts.db_value(JobFacts(upload_deleted=True)).value == {"upload_deleted": True}
-    assert Job.facts.db_value({"preflight": {}}).value == {"preflight": {}}  # plain JSON, as operators write it
+    assert Job.facts.db_value({"preflight": {}}).value == {
+        "preflight": {}
+    }  # plain JSON, as operators write it
     merged = Job.facts.concat(JobFacts(tool_process=ToolProcess(pgid=1, program="pg_dump")))
     assert merged.rhs.value == {"tool_process": {"pgid": 1, "program": "pg_dump"}}

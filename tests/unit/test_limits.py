@@ -8,7 +8,8 @@ from pipeline.models import Job
 
 START = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 SETTINGS = Settings.from_env({}).replace(
-    job_time_limit_seconds=3600, command_timeout_seconds=600,
+    job_time_limit_seconds=3600,
+    command_timeout_seconds=600,
 )
 
 

@@ -86,10 +86,16 @@ CGNAT = "a shared carrier-grade NAT address (100.64.0.0/10, RFC 6598), not reach
         ("10.1.2.3", RFC1918_10),
         ("100.64.0.1", CGNAT),
         ("100.127.255.254", CGNAT),
-        ("100.100.100.200", "a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)"),
+        (
+            "100.100.100.200",
+            "a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)",
+        ),
         ("127.0.0.1", LOOPBACK),
         ("127.8.9.10", LOOPBACK),
-        ("169.254.169.254", "a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)"),
+        (
+            "169.254.169.254",
+            "a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)",
+        ),
         ("169.254.170.2", "a cloud metadata address (AWS ECS task metadata; in 169.254.0.0/16, link-local)"),
         ("169.254.10.10", "a link-local address (169.254.0.0/16, RFC 3927)"),
         ("168.63.129.16", "a cloud metadata address (Azure WireServer, 168.63.129.16/32)"),
@@ -107,7 +113,10 @@ CGNAT = "a shared carrier-grade NAT address (100.64.0.0/10, RFC 6598), not reach
         # IPv6
         ("::", "the unspecified address (::)"),
         ("::1", "a loopback address (::1)"),
-        ("fd00:ec2::254", "a cloud metadata address (AWS instance metadata over IPv6; in fc00::/7, unique local)"),
+        (
+            "fd00:ec2::254",
+            "a cloud metadata address (AWS instance metadata over IPv6; in fc00::/7, unique local)",
+        ),
         ("fd12:3456::1", "a unique local (private) address (fc00::/7, RFC 4193)"),
         ("fe80::1", "a link-local address (fe80::/10)"),
         ("fe80::1%eth0", "a link-local address (fe80::/10)"),
@@ -125,18 +134,33 @@ CGNAT = "a shared carrier-grade NAT address (100.64.0.0/10, RFC 6598), not reach
         ),
         # IPv6 forms that carry an IPv4 address are judged by it
         ("::ffff:127.0.0.1", f"an IPv4-mapped address (::ffff:0:0/96) of 127.0.0.1, {LOOPBACK}"),
-        ("::ffff:100.100.100.200", "an IPv4-mapped address (::ffff:0:0/96) of 100.100.100.200, a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)"),
+        (
+            "::ffff:100.100.100.200",
+            "an IPv4-mapped address (::ffff:0:0/96) of 100.100.100.200, a cloud metadata address (Alibaba Cloud instance metadata; in 100.64.0.0/10, carrier-grade NAT)",
+        ),
         ("64:ff9b::10.0.0.1", f"a NAT64 address (64:ff9b::/96) of 10.0.0.1, {RFC1918_10}"),
-        ("64:ff9b::169.254.169.254", "a NAT64 address (64:ff9b::/96) of 169.254.169.254, a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)"),
+        (
+            "64:ff9b::169.254.169.254",
+            "a NAT64 address (64:ff9b::/96) of 169.254.169.254, a cloud metadata address (AWS, GCP, Azure, OpenStack instance metadata; in 169.254.0.0/16, link-local)",
+        ),
         ("2002:a00:1::1", f"a 6to4 address (2002::/16) of 10.0.0.1, {RFC1918_10}"),
         ("2002:6440:1::1", f"a 6to4 address (2002::/16) of 100.64.0.1, {CGNAT}"),
-        ("2002:808:808::1", "a 6to4 address (2002::/16) of 8.8.8.8; 6to4 is deprecated (RFC 7526): use the IPv4 address itself"),
+        (
+            "2002:808:808::1",
+            "a 6to4 address (2002::/16) of 8.8.8.8; 6to4 is deprecated (RFC 7526): use the IPv4 address itself",
+        ),
         # Teredo: server 10.0.0.1 (bits 32-63); client = ~last 32 bits
         ("2001:0:a00:1::ffff:ffff", f"a Teredo address (2001::/32) of server 10.0.0.1, {RFC1918_10}"),
         ("2001:0:808:808::f5ff:fffe", f"a Teredo address (2001::/32) of client 10.0.0.1, {RFC1918_10}"),
-        ("2001:0:808:808::f7f7:f7f7", "a Teredo address (2001::/32), a client tunnel (RFC 4380), never a database server's address"),
+        (
+            "2001:0:808:808::f7f7:f7f7",
+            "a Teredo address (2001::/32), a client tunnel (RFC 4380), never a database server's address",
+        ),
         ("::10.0.0.1", f"an IPv4-compatible address (::/96) of 10.0.0.1, {RFC1918_10}"),
-        ("::8.8.8.8", "an IPv4-compatible address (::/96) of 8.8.8.8, deprecated by RFC 4291: use the IPv4 address itself"),
+        (
+            "::8.8.8.8",
+            "an IPv4-compatible address (::/96) of 8.8.8.8, deprecated by RFC 4291: use the IPv4 address itself",
+        ),
         # public addresses pass
         ("8.8.8.8", None),
         ("1.1.1.1", None),
@@ -158,15 +182,28 @@ def fixed(*addresses: str):
 
 @pytest.mark.parametrize(
     "address",
-    ["100.100.100.200", "100.64.0.1", "fec0::1", "2002:a00:1::1", "192.0.0.9", "192.88.99.1",
-     "2001:0:a00:1::ffff:ffff", "64:ff9b::a00:1", "64:ff9b:1::1", "::ffff:10.0.0.1", "::10.0.0.1"],
+    [
+        "100.100.100.200",
+        "100.64.0.1",
+        "fec0::1",
+        "2002:a00:1::1",
+        "192.0.0.9",
+        "192.88.99.1",
+        "2001:0:a00:1::ffff:ffff",
+        "64:ff9b::a00:1",
+        "64:ff9b:1::1",
+        "::ffff:10.0.0.1",
+        "::10.0.0.1",
+    ],
 )
 def test_pin_address_refuses_every_non_global_range(address):
     url = SourceURL.parse_source("postgres://u@db.invalid/d")
     with pytest.raises(SourceAddressNotAllowed) as info:
         pin_address(url, allow_private=False, resolver=fixed(address))
     message = info.value.message
-    assert message.startswith(f"the source host 'db.invalid' resolves to {address}, {address_problem(address)};")
+    assert message.startswith(
+        f"the source host 'db.invalid' resolves to {address}, {address_problem(address)};"
+    )
     assert "/" in address_problem(address)  # the range is named
 
 
@@ -218,7 +255,10 @@ def test_pin_address_unresolvable_host():
     url = SourceURL.parse("postgres://u@nowhere.invalid/d")
     with pytest.raises(PermanentError) as info:
         pin_address(url, allow_private=False, resolver=lambda h, p: resolve(h, p, getaddrinfo=no_such_name))
-    assert info.value.message == "the source host 'nowhere.invalid' does not resolve (Name or service not known); check the host name"
+    assert (
+        info.value.message
+        == "the source host 'nowhere.invalid' does not resolve (Name or service not known); check the host name"
+    )
 
 
 # -- what a tenant's URL may say -----------------------------------------------------------
@@ -277,10 +317,16 @@ def test_the_refusal_lists_what_a_source_url_may_set():
 @pytest.mark.parametrize(
     ("query", "fragment"),
     [
-        ("sslrootcert=/etc/ssl/private/ca.pem", "source_url parameter sslrootcert must be one of system (verify"),
+        (
+            "sslrootcert=/etc/ssl/private/ca.pem",
+            "source_url parameter sslrootcert must be one of system (verify",
+        ),
         ("gssencmode=prefer", "source_url parameter gssencmode must be one of disable: GSSAPI encryption"),
         ("sslmode=sometimes", "source_url parameter sslmode must be one of disable, allow, prefer, require"),
-        ("channel_binding=maybe", "source_url parameter channel_binding must be one of disable, prefer, require"),
+        (
+            "channel_binding=maybe",
+            "source_url parameter channel_binding must be one of disable, prefer, require",
+        ),
         ("connect_timeout=0", "connect_timeout must be a whole number of seconds above 0"),
         ("connect_timeout=ten", "connect_timeout must be a whole number of seconds above 0"),
         ("sslrootcert=system&sslmode=require", "sslrootcert=system needs sslmode=verify-full"),
@@ -323,7 +369,16 @@ def test_a_tenant_connection_reads_no_file_of_ours_and_has_keepalives():
     # With sslmode=require a root certificate file would turn it into verify-ca.
     assert params["sslrootcert"] == NO_FILE
     assert params["gssencmode"] == "disable"
-    assert {k: params[k] for k in ("keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")} == {
+    assert {
+        k: params[k]
+        for k in (
+            "keepalives",
+            "keepalives_idle",
+            "keepalives_interval",
+            "keepalives_count",
+            "tcp_user_timeout",
+        )
+    } == {
         "keepalives": "1",
         "keepalives_idle": "30",
         "keepalives_interval": "10",
@@ -391,7 +446,9 @@ def test_cluster_admin_urls_keep_their_parameters():
 def test_secrets_never_leave_a_source_url():
     url = SourceURL.parse_source(f"postgres://app:{SECRET}@db.invalid/shop")
     assert SECRET not in url.redacted() and SECRET not in repr(url) and SECRET not in url.conninfo()
-    args = PgTools("/usr/lib/postgresql/15/bin").pg_dump.schema_args(url.conninfo(), "/tmp/out", snapshot="s", lock_wait_ms=1)
+    args = PgTools("/usr/lib/postgresql/15/bin").pg_dump.schema_args(
+        url.conninfo(), "/tmp/out", snapshot="s", lock_wait_ms=1
+    )
     assert not any(SECRET in arg for arg in args)
     assert url.url() == f"postgresql://app:{SECRET}@db.invalid:5432/shop?sslmode=require"
     # A URL built by hand (never parsed) that carries sslpassword still never shows it.
@@ -404,5 +461,7 @@ def test_secrets_never_leave_a_source_url():
 
 def test_sslpassword_is_refused_even_in_an_admin_url():
     with pytest.raises(InvalidSourceURL) as info:
-        SourceURL.parse(f"postgresql://capy_admin@10.0.0.5/postgres?sslpassword={SECRET}", default_sslmode=None)
+        SourceURL.parse(
+            f"postgresql://capy_admin@10.0.0.5/postgres?sslpassword={SECRET}", default_sslmode=None
+        )
     assert "'sslpassword' is not accepted" in info.value.message and SECRET not in info.value.message

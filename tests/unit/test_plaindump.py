@@ -27,10 +27,19 @@ def script_of(data: bytes) -> Script:
 @pytest.mark.parametrize(
     ("body", "fix"),
     [
-        (b"CREATE DATABASE app WITH TEMPLATE = template0;\n\\connect app\nCREATE TABLE t (id int);\n", "--create (-C): at line 6"),
+        (
+            b"CREATE DATABASE app WITH TEMPLATE = template0;\n\\connect app\nCREATE TABLE t (id int);\n",
+            "--create (-C): at line 6",
+        ),
         (b"\\connect app\nCREATE TABLE t (id int);\n", "without --create"),
-        (b"ALTER TABLE ONLY public.t DROP CONSTRAINT t_pkey;\nDROP TABLE public.t;\nCREATE TABLE public.t (id int);\n", "(from line 6)"),
-        (b"COPY public.t (id) FROM stdin;\n1\n\\.\n", "line 6 loads rows into a table the dump never creates"),
+        (
+            b"ALTER TABLE ONLY public.t DROP CONSTRAINT t_pkey;\nDROP TABLE public.t;\nCREATE TABLE public.t (id int);\n",
+            "(from line 6)",
+        ),
+        (
+            b"COPY public.t (id) FROM stdin;\n1\n\\.\n",
+            "line 6 loads rows into a table the dump never creates",
+        ),
         (b"INSERT INTO public.t VALUES (1);\n", "without --data-only"),
         (b"CREATE ROLE app;\n\\connect a\n", "pg_dumpall output"),
     ],
@@ -62,7 +71,10 @@ def test_a_head_is_not_refused_for_a_missing_footer():
 
 
 def test_statement_parsers_read_whole_statements():
-    assert create_extension(b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;').name == "uuid-ossp"
+    assert (
+        create_extension(b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;').name
+        == "uuid-ossp"
+    )
     split = create_extension(b"create\nextension\n  hstore;")
     assert split is not None and (split.name, split.schema, split.if_not_exists) == ("hstore", None, False)
     assert language_statement(b"CREATE OR REPLACE PROCEDURAL LANGUAGE plperlu;") == ("CREATE", "plperlu")

@@ -87,7 +87,10 @@ def test_superuser_objects_are_skipped_and_reported(tmp_path):
     assert result.extensions == {"citext": "ext", "uuid-ossp": "public"}
     assert result.extension_comments == {"citext": "data type for case-insensitive character strings"}
     assert [s["object"] for s in result.skipped] == ["EVENT TRIGGER et", "PROCEDURAL LANGUAGE plperlu"]
-    assert result.skipped[0]["reason"] == "event triggers need superuser, which a managed database does not grant"
+    assert (
+        result.skipped[0]["reason"]
+        == "event triggers need superuser, which a managed database does not grant"
+    )
 
 
 def test_gzip_is_decompressed_in_pieces(tmp_path):
@@ -131,7 +134,9 @@ LOOKALIKES = (
 def filtered(tmp_path, script: bytes, **kwargs):
     src, dst = tmp_path / "d.sql", tmp_path / "out.sql"
     src.write_bytes(script)
-    return prepare_plain_sql(str(src), str(dst), gzipped=False, max_bytes=10_000_000, **kwargs), dst.read_bytes()
+    return prepare_plain_sql(
+        str(src), str(dst), gzipped=False, max_bytes=10_000_000, **kwargs
+    ), dst.read_bytes()
 
 
 def test_lines_inside_string_values_and_bodies_are_never_touched(tmp_path):
@@ -142,7 +147,8 @@ def test_lines_inside_string_values_and_bodies_are_never_touched(tmp_path):
         + b"\nreturn 'x';\nend\n$_$;\n"
     )
     inserts = b"".join(
-        b"INSERT INTO public.t VALUES (%d, '%s\n%s');\n" % (i, line.replace(b"'", b"''"), line.replace(b"'", b"''"))
+        b"INSERT INTO public.t VALUES (%d, '%s\n%s');\n"
+        % (i, line.replace(b"'", b"''"), line.replace(b"'", b"''"))
         for i, line in enumerate(LOOKALIKES)
     )
     escaped = b"INSERT INTO public.t VALUES (99, E'it\\'s\\n\nGRANT x TO y;\n');\n"

@@ -1,6 +1,5 @@
 """Wake-ups on the stage queues, with Dramatiq's in-memory broker (no sockets)."""
 
-
 from dramatiq.brokers.stub import StubBroker
 
 from pipeline.config import Settings

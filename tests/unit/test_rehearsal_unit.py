@@ -41,12 +41,12 @@ def test_what_a_table_needs_is_refused_and_the_rest_skipped_with_its_dependents(
     assert result.skipped == [
         {
             "object": "POLICY public.notes notes_read",
-            "reason": "a managed database cannot hold it as the project's role (role \"authenticated\" does not exist)",
+            "reason": 'a managed database cannot hold it as the project\'s role (role "authenticated" does not exist)',
             "key": ["POLICY", "public", "notes notes_read"],
         },
         {
             "object": "COMMENT public.POLICY notes_read ON notes",
-            "reason": "it depends on POLICY public.notes notes_read, which is skipped (role \"authenticated\" does not exist)",
+            "reason": 'it depends on POLICY public.notes notes_read, which is skipped (role "authenticated" does not exist)',
             "key": ["COMMENT", "public", "POLICY notes_read ON notes"],
         },
     ]

@@ -50,7 +50,7 @@ def test_hostile_script_splits_as_psql_does_in_any_chunking(size):
         (STATEMENT, 21),
         (STATEMENT, 23),
     ]
-    assert found[1][2].endswith(b"\"q\"\"; \");")
+    assert found[1][2].endswith(b'"q""; ");')
     assert found[3][2].endswith(b"END;\nEND;")
     assert found[6][2] == b"x\\\\.\nGRANT y TO z;\n\\.\n"
 
@@ -78,8 +78,10 @@ def test_crlf_bom_and_header_footer():
 
 @pytest.mark.parametrize("cut", [0.1, 0.5, 0.97])
 def test_a_dump_cut_at_a_line_boundary_is_cut_short(cut):
-    dump = b"--\n-- PostgreSQL database dump\n--\n" + b"CREATE TABLE t (a int);\n" * 100 + (
-        b"\n--\n-- PostgreSQL database dump complete\n--\n\n"
+    dump = (
+        b"--\n-- PostgreSQL database dump\n--\n"
+        + b"CREATE TABLE t (a int);\n" * 100
+        + (b"\n--\n-- PostgreSQL database dump complete\n--\n\n")
     )
     end = dump.rfind(b"\n", 0, int(len(dump) * cut)) + 1
     script = Script()
@@ -113,7 +115,9 @@ def test_a_last_statement_without_semicolon_is_not_cut_short():
 
 def test_very_long_lines_come_in_bounded_pieces():
     value = b"x" * (5 * 1024 * 1024)
-    data = b"INSERT INTO t VALUES ('" + value + b"');\nCOPY t (a) FROM stdin;\n" + value + b"\n\\.\nSELECT 1;\n"
+    data = (
+        b"INSERT INTO t VALUES ('" + value + b"');\nCOPY t (a) FROM stdin;\n" + value + b"\n\\.\nSELECT 1;\n"
+    )
     pieces = split(data, 1 << 20)
     assert max(len(p.data) for p in pieces) < 3 * 1024 * 1024
     statements = [p for p in pieces if p.kind == STATEMENT]
@@ -179,13 +183,13 @@ def test_a_rolled_back_change_of_standard_conforming_strings_is_undone_and_one_i
     from stages.dumps.sqlscript import ScriptError
 
     rolled_back = (
-        b"SET standard_conforming_strings = off;\n"
-        b"BEGIN;\nROLLBACK;\n"
-        b"INSERT INTO t VALUES ('a\\'; b');\n"
+        b"SET standard_conforming_strings = off;\nBEGIN;\nROLLBACK;\nINSERT INTO t VALUES ('a\\'; b');\n"
     )
     statements = [p.data for p in read_script([rolled_back]) if p.kind == "statement"]
     assert statements[-1] == b"INSERT INTO t VALUES ('a\\'; b');"
-    inside = b"SET standard_conforming_strings = off;\nBEGIN;\nSET standard_conforming_strings = on;\nROLLBACK;\n"
+    inside = (
+        b"SET standard_conforming_strings = off;\nBEGIN;\nSET standard_conforming_strings = on;\nROLLBACK;\n"
+    )
     with pytest.raises(ScriptError, match="inside a transaction block"):
         list(read_script([inside]))
 

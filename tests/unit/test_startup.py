@@ -1,6 +1,5 @@
 """What the web process checks before it serves: the secret key and the Clerk settings."""
 
-
 import pytest
 
 from app.wsgi import authenticators, get_app
@@ -20,12 +19,14 @@ def test_clerk_needs_an_issuer_and_https_outside_development():
     with pytest.raises(ConfigError, match="must be an https:// URL"):
         authenticators(
             production.replace(
-                clerk_jwks_url="http://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
+                clerk_jwks_url="http://clerk.example.com/jwks",
+                clerk_issuer="https://clerk.example.com",
             )
         )
     two = authenticators(
         production.replace(
-            clerk_jwks_url="https://clerk.example.com/jwks", clerk_issuer="https://clerk.example.com",
+            clerk_jwks_url="https://clerk.example.com/jwks",
+            clerk_issuer="https://clerk.example.com",
         )
     )
     assert len(two) == 2
