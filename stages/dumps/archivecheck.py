@@ -36,6 +36,7 @@ from stages.dumps.archivetoc import (
     Reader,
     read_entries,
     read_header,
+    tar_member,
 )
 from stages.errors import PermanentError
 
@@ -90,15 +91,8 @@ def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:
             if fh.read(BLOCK) != bytes(BLOCK):
                 return "it ends without the end-of-archive blocks a tar archive has"
             return None
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        raw = header[124:136]
-        try:
-            length = (
-                int.from_bytes(raw[1:], "big")
-                if raw[0] & 0x80
-                else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-            )
-        except ValueError:
+        name, length = tar_member(header)
+        if length is None:
             return f"the header of its member {name!r} is damaged"
         end = offset + BLOCK + length
         if end > size:

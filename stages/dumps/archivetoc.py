@@ -222,6 +222,19 @@ def _custom_sizes(entries: list[ArchiveEntry], size: int) -> dict[int, int]:
     return {dump_id: end - offset for (offset, dump_id), end in zip(placed, ends, strict=True)}
 
 
+def tar_member(header: bytes) -> tuple[str, int | None]:
+    """A tar header's member name and size (None when the size field is damaged):
+    octal text, or base-256 when its first byte has the high bit set."""
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    raw = header[124:136]
+    try:
+        return name, int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(
+            raw.split(b"\0", 1)[0].strip() or b"0", 8
+        )
+    except ValueError:
+        return name, None
+
+
 def _tar_sizes(fh: BinaryIO, size: int, entries: list[ArchiveEntry]) -> dict[int, int]:
     """Each data member's size, from the tar headers."""
     members: dict[str, int] = {}
@@ -231,15 +244,8 @@ def _tar_sizes(fh: BinaryIO, size: int, entries: list[ArchiveEntry]) -> dict[int
         header = fh.read(BLOCK)
         if len(header) < BLOCK or header == bytes(BLOCK):
             break
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-        raw = header[124:136]
-        try:
-            length = (
-                int.from_bytes(raw[1:], "big")
-                if raw[0] & 0x80
-                else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-            )
-        except ValueError:
+        name, length = tar_member(header)
+        if length is None:
             break
         members[name] = length
         offset += BLOCK + (length + BLOCK - 1) // BLOCK * BLOCK
