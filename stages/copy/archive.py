@@ -52,6 +52,9 @@ COMPRESSION_RATIO = 4
 BATCH_BYTES = 16 << 20
 BATCH_TABLES = 200
 READ_CHUNK = 1 << 17
+# After the preview refuses a table's rows, how much more of pg_restore's output is read
+# for its own error (a damaged block it has not noticed yet) before the refusal is news.
+DRAIN_AFTER_REFUSAL = 64 << 20
 _END = b"\\.\n"
 
 _IDENT = rb'(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
@@ -336,6 +339,9 @@ class _ArchiveLoading:
                     # The preview refused the rows: they may be what pg_restore made of a
                     # damaged block before it noticed. Let it finish: its error is then the news.
                     refused.append(err)
+                    if not rows.drain(DRAIN_AFTER_REFUSAL):
+                        raise  # pg_restore reads on without a complaint: the rows were refused
+                    return
                 rows.drain()
 
             what = (
@@ -450,11 +456,17 @@ class _Rows:
     def block(self, flow: Flow) -> _Block:
         return _Block(self, flow)
 
-    def drain(self) -> None:
-        """Read what follows the last entry (nothing but pg_restore's closing lines)."""
+    def drain(self, limit: int | None = None) -> bool:
+        """Read what follows (after the last entry: nothing but pg_restore's closing
+        lines), `limit` bytes at the most; False if it stopped at the limit."""
+        read = len(self._buffer)
         self._buffer = b""
-        while self._fill():
+        while limit is None or read < limit:
+            if not self._fill():
+                return True
+            read += len(self._buffer)
             self._buffer = b""
+        return False
 
 
 class _Block:

@@ -184,3 +184,11 @@ def test_without_offsets_the_tables_are_cut_into_a_few_runs_in_the_archives_orde
     batches = archive._batches(tables, seekable=False, lanes=2)
     assert 1 < len(batches) <= 4
     assert [s for batch in batches for s in batch] == tables
+
+
+def test_what_follows_is_read_only_up_to_a_limit():
+    rows = archive._Rows(_Stdout(b"x" * 1000, 100), threading.Event())
+    assert rows.drain(300) is False
+    rows = archive._Rows(_Stdout(b"x" * 1000, 100), threading.Event())
+    assert rows.drain(5000) is True
+    assert rows.drain() is True
