@@ -343,13 +343,21 @@ def _cancel_at(conn: psycopg2.extensions.connection, deadline: Deadline) -> Iter
 def run_entries(
     scratch: Scratch, preamble: str, blocks: Mapping[int, str], deadline: Deadline
 ) -> tuple[dict[int, str], bool]:
-    """Run the preamble, then each entry in a transaction of its own, as the scratch
-    database's role; entry id -> the server's error for each that failed, and whether
-    the deadline stopped it."""
+    """Run the preamble, then each entry as if in a transaction of its own, as the
+    scratch database's role; entry id -> the server's error for each that failed, and
+    whether the deadline stopped it.
+
+    Entries run BATCH_ENTRIES to a transaction: a commit per entry made a schema of
+    thousands of tables take several times longer to rehearse than to restore. When
+    one fails, its batch is rolled back and run again up to it, the failing entry
+    alone (its error is recorded), then the rest: the errors are those each entry
+    meets on its own."""
     errors: dict[int, str] = {}
     with scratch.admin.role_connection(scratch.database, scratch.login, readonly=False) as conn:
         conn.autocommit = True
         with _cancel_at(conn, deadline) as fired, conn.cursor() as cur:
+            # The scratch database is thrown away: nothing to wait for at each commit.
+            cur.execute("SET synchronous_commit = off")
             if _has_sql(preamble):
                 try:
                     cur.execute(preamble)
@@ -359,24 +367,91 @@ def run_entries(
                     ) from err
                 except psycopg2.Error as err:
                     errors[PREAMBLE] = _message(err)
-            for dump_id, sql_text in blocks.items():
-                if fired.is_set() or deadline.remaining() <= 0:
-                    return errors, True
-                if not _has_sql(sql_text):
-                    continue  # only comments ("*not* creating schema, since initdb creates it")
-                try:
-                    cur.execute(sql_text)
-                except psycopg2.errors.QueryCanceled:
-                    if fired.is_set():
-                        return errors, True
-                    errors[dump_id] = "canceling statement due to statement timeout"
-                except psycopg2.OperationalError as err:
-                    raise TransientError(
-                        "lost the session to the project cluster during the schema rehearsal"
-                    ) from err
-                except psycopg2.Error as err:
-                    errors[dump_id] = _message(err)
-    return errors, False
+            # Entries with only comments ("*not* creating schema, since initdb creates it") run nothing.
+            pending = [(dump_id, text) for dump_id, text in blocks.items() if _has_sql(text)]
+            try:
+                timed_out = _run_batched(cur, pending, errors, fired, deadline)
+            except psycopg2.OperationalError as err:
+                raise TransientError(
+                    "lost the session to the project cluster during the schema rehearsal"
+                ) from err
+    return errors, timed_out
+
+
+BATCH_ENTRIES = 200
+
+
+class _TimedOut(Exception):
+    """The rehearsal's deadline passed."""
+
+
+def _run_batched(
+    cur: psycopg2.extensions.cursor,
+    pending: list[tuple[int, str]],
+    errors: dict[int, str],
+    fired: threading.Event,
+    deadline: Deadline,
+) -> bool:
+    """Run `pending` (see run_entries); True if the deadline stopped it."""
+    queue = [pending[i : i + BATCH_ENTRIES] for i in range(0, len(pending), BATCH_ENTRIES)]
+    try:
+        while queue:
+            batch = queue.pop(0)
+            if fired.is_set() or deadline.remaining() <= 0:
+                raise _TimedOut
+            if len(batch) == 1:
+                _run_alone(cur, batch[0], errors, fired)
+                continue
+            failed_at = _run_together(cur, batch, fired)
+            if failed_at is not None:
+                # Again without the batch's later entries: the failing one alone, then the rest.
+                queue[:0] = [
+                    part for part in (batch[:failed_at], [batch[failed_at]], batch[failed_at + 1 :]) if part
+                ]
+    except _TimedOut:
+        return True
+    return False
+
+
+def _run_together(
+    cur: psycopg2.extensions.cursor, batch: list[tuple[int, str]], fired: threading.Event
+) -> int | None:
+    """Run `batch` in one transaction; the index of the entry that failed (the
+    transaction then rolled back), or None once it committed."""
+    cur.execute("BEGIN")
+    for index, (_dump_id, text) in enumerate(batch):
+        try:
+            cur.execute(text)
+        except psycopg2.errors.QueryCanceled:
+            cur.execute("ROLLBACK")
+            if fired.is_set():
+                raise _TimedOut from None
+            return index
+        except psycopg2.OperationalError:
+            raise
+        except psycopg2.Error:
+            cur.execute("ROLLBACK")
+            return index
+    # An entry may have ended the transaction itself (a COMMIT in its SQL): then this
+    # only warns, and what followed it ran as separate transactions, as entries do.
+    cur.execute("COMMIT")
+    return None
+
+
+def _run_alone(
+    cur: psycopg2.extensions.cursor, entry: tuple[int, str], errors: dict[int, str], fired: threading.Event
+) -> None:
+    dump_id, text = entry
+    try:
+        cur.execute(text)
+    except psycopg2.errors.QueryCanceled:
+        if fired.is_set():
+            raise _TimedOut from None
+        errors[dump_id] = "canceling statement due to statement timeout"
+    except psycopg2.OperationalError:
+        raise
+    except psycopg2.Error as err:
+        errors[dump_id] = _message(err)
 
 
 def _has_sql(text: str) -> bool:
