@@ -30,7 +30,7 @@ from pydantic_settings import (
 )
 
 from pipeline.db import connect_params
-from stages.connections.pgurl import redact
+from stages.connections.pgurl import redact_conninfo
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 
@@ -436,7 +436,7 @@ def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
         if _extra(info, "secret"):
             shown = "(the value is hidden)"
         elif isinstance(value, str) and _extra(info, "url"):
-            shown = repr(redact(value))
+            shown = repr(redact_conninfo(value))
         elif error["type"] in _RANGE_ERRORS and _is_number(value):
             shown = str(value).strip()
         else:

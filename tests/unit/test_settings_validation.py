@@ -105,6 +105,21 @@ def test_an_unparsable_key_value_database_url_hides_its_password():
     assert message.startswith("CAPY_DATABASE_URL must be") and "hunter2-pw" not in message
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://capy:hunter2%zz@db.invalid/x",  # libpq quotes the bad token: the password
+        "postgresql://db.invalid/x?pass%77ord=hunter2&nonsense=1",  # libpq decodes the name
+        "postgresql://capy:hunter2 pw@db.invalid/x?nonsense=1",  # a space in the password
+        "postgresql://capy:hunter2@pw@db.invalid/x?nonsense=1",  # an unencoded '@'
+    ],
+)
+def test_no_form_of_an_unparsable_database_url_shows_its_password(url):
+    message = refusal({"CAPY_DATABASE_URL": url})
+    assert message.startswith("CAPY_DATABASE_URL must be") and "hunter2" not in message
+    assert "pw" not in message.replace("postgresql://", "")
+
+
 def test_an_empty_variable_means_the_default():
     assert Settings.from_env({"CAPY_CONCURRENCY": "", "CAPY_ENV": "", "CAPY_PG_BIN_DIR": ""}) == Settings()
 
