@@ -3,6 +3,7 @@ address gate, which changes are events, and the queue's messages."""
 
 import hashlib
 import hmac
+import http.client
 import json
 import re
 import socket
@@ -190,6 +191,8 @@ def test_an_unresolvable_host_is_refused():
         ("https:///path", False, "no host"),
         ("https://hooks.example.invalid:99999/", False, "not a valid URL"),
         ("https://hooks.example.invalid/a b", False, "spaces"),
+        ("https://hooks.example.invalid/a\x85b", False, "control characters"),
+        ("https://hooks.example.invalid/a\u3000b", False, "spaces"),
         ("https://hooks.example.invalid/" + "a" * 3000, False, "characters long"),
     ],
 )
@@ -263,3 +266,16 @@ def test_the_readme_verification_snippet_accepts_our_signature_and_nothing_else(
     assert not verify(SECRET, header, BODY + b" ")
     assert not verify("whsec_other", header, BODY)
     assert not verify(SECRET, signing.signature_header(SECRET, now - 3600, BODY), BODY)
+
+
+def test_a_path_with_other_than_ascii_is_sent_percent_encoded():
+    # http.client writes the request line in ASCII: an endpoint added with `/é` made
+    # every attempt raise (nothing recorded) instead of being sent.
+    target = check_address(
+        "https://hooks.example.invalid/crochet/é?projet=été",
+        dev_mode=False,
+        allow_private=False,
+        resolver=public,
+    )
+    assert target.path == "/crochet/%C3%A9?projet=%C3%A9t%C3%A9"
+    http.client.HTTPConnection(target.host).putrequest("POST", target.path)  # no socket: the line only
