@@ -54,6 +54,16 @@ def test_verify_accepts_the_signature_and_refuses_a_changed_body_key_or_old_time
     assert not signing.verify(SECRET, "t=abc,v1=00", BODY, now=now)
 
 
+# What anyone may send a receiver: a verifier answers False, it does not raise (a 500).
+HOSTILE_SIGNATURES = ("t={now},v1=é", "t={now},v1=\udcff", "t=²,v1=00", "t=,v1=", ",,=,", "t={now}")
+
+
+@pytest.mark.parametrize("header", HOSTILE_SIGNATURES)
+def test_verify_refuses_a_hostile_header_without_raising(header):
+    now = 1_764_417_600
+    assert signing.verify(SECRET, header.format(now=now), BODY, now=now) is False
+
+
 def test_secrets_are_whsec_and_unique():
     first, second = signing.new_secret(), signing.new_secret()
     assert first.startswith("whsec_") and len(first) > 40 and first != second
@@ -266,6 +276,8 @@ def test_the_readme_verification_snippet_accepts_our_signature_and_nothing_else(
     assert not verify(SECRET, header, BODY + b" ")
     assert not verify("whsec_other", header, BODY)
     assert not verify(SECRET, signing.signature_header(SECRET, now - 3600, BODY), BODY)
+    for hostile in HOSTILE_SIGNATURES:
+        assert verify(SECRET, hostile.format(now=now), BODY) is False, hostile
 
 
 def test_a_path_with_other_than_ascii_is_sent_percent_encoded():
