@@ -224,6 +224,30 @@ def test_requests_are_counted_by_route_template_and_their_id_returned():
     assert "capy_jobs{" in text
 
 
+def test_a_made_up_method_is_counted_as_other_not_as_a_series_of_its_own():
+    # gunicorn passes on any upper-case token as a method: one series each would let
+    # anyone grow every process's metric files and every scrape without limit.
+    api = client(open_without_token=True)
+
+    def send(method: str, path: str) -> str:
+        # Straight to the WSGI app: Falcon's test client validates the method itself.
+        answer = falcon.testing.StartResponseMock()
+        api.app(falcon.testing.create_environ(path, method=method), answer)
+        return answer.status
+
+    before = value("capy_http_requests_total", method="other", route="/v1/jobs/{job_id}", status="400")
+    for method in ("XYZZY", "PROPFIND1", "AAAAAAAAAAAAAAAAAAAA"):
+        assert send(method, "/v1/jobs/job_1").startswith("400")
+    assert send("QWERTY", "/nowhere").startswith("404")
+    text = api.simulate_get("/metrics").text
+    assert (
+        value("capy_http_requests_total", method="other", route="/v1/jobs/{job_id}", status="400")
+        == before + 3
+    )
+    assert value("capy_http_request_duration_seconds_count", method="other", route="unmatched") >= 1
+    assert not any(m in text for m in ("XYZZY", "PROPFIND1", "AAAAAAAAAAAAAAAAAAAA", "QWERTY"))
+
+
 def test_metrics_need_the_token_when_one_is_set_and_are_closed_in_production_without_one():
     guarded = client(token="metrics-token-0123456789")
     assert guarded.simulate_get("/metrics").status_code == 401
