@@ -261,6 +261,52 @@ def test_an_answer_that_is_not_the_api_says_so():
     assert "is not a CapyDB API error; is --api the right URL?" in outputs.err
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"status": "ok"},
+        {"job": "job_1"},
+        {"job": {"state": "running"}},
+        {"job": {"id": "job_1", "state": "running", "progress": "copying"}},
+        {"job": {"id": "job_1", "state": "completed", "report": ["x"]}},
+    ],
+)
+def test_a_2xx_answer_that_is_not_the_apis_exits_4_without_a_traceback(body):
+    # Another service at --api (or a proxy) answering 200 made the client raise
+    # KeyError, TypeError or AttributeError with a traceback.
+    for argv, method, url in (
+        (["status", "job_1"], "GET", JOB),
+        (["cancel", "job_1"], "POST", f"{JOB}/cancel"),
+        (["import", "--project", PROJECT, "--source-url", SOURCE], "POST", IMPORTS),
+        (["jobs", "--project", PROJECT], "GET", f"{API}/v1/projects/{PROJECT}/jobs"),
+        (["preflight", "--project", PROJECT, "--source-url", SOURCE], "POST", f"{IMPORTS}/preflight"),
+    ):
+        session = FakeSession((method, url, ok(body)))
+        code, outputs = run_cli([*argv, "--api", API, "--key", KEY], session)
+        assert code == Exit.UNREACHABLE, (argv, body)
+        assert "not a CapyDB API answer; is --api the right URL?" in outputs.err
+        assert_no_secrets(outputs)
+
+
+def test_an_upload_form_that_is_not_the_apis_exits_4():
+    session = FakeSession(("POST", f"{IMPORTS}/uploads", ok({"upload": {"fields": {}}}, 201)))
+    code, outputs = run_cli(["upload", *COMMON, "--file", __file__], session)
+    assert code == Exit.UNREACHABLE
+    assert 'an upload without "object_key", not a CapyDB API answer' in outputs.err
+
+
+@pytest.mark.parametrize("header", ["nan", "-inf", "inf", "soon"])
+def test_a_retry_after_that_is_not_a_number_of_seconds_waits_the_default(header):
+    session = FakeSession(
+        ("GET", JOB, error(429, "rate limit exceeded", **{"Retry-After": header})),
+        ("GET", JOB, ok({"job": job("running")})),
+    )
+    code, outputs = run_cli(["status", "job_1", "--api", API, "--key", KEY], session)
+    assert code == Exit.OK
+    assert outputs.sleeps == [5.0]
+
+
 def test_following_survives_a_short_outage_of_the_api():
     down = requests.ConnectionError("Connection refused")
     session = FakeSession(
