@@ -10,6 +10,7 @@ carry an Idempotency-Key) after a network error or a 503.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -52,7 +53,10 @@ class Session(Protocol):
 
 def base_url(value: str) -> str:
     """The API's base URL without a trailing `/` or `/v1`; UsageError unless http(s)."""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:  # "Invalid IPv6 URL": http://[::1
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         # Not echoed: a mistyped URL may hold a password.
         raise UsageError(
@@ -64,6 +68,30 @@ def base_url(value: str) -> str:
         )
     path = parts.path.rstrip("/").removesuffix("/v1")
     return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+# What the API accepts (app.auth, app.edge); anything else is refused here, before a
+# request: a key with a pasted "…" made requests raise UnicodeEncodeError, and an ID
+# holding "../" or "?" was sent to another route (requests normalises the path).
+_KEY = re.compile(r"[\x21-\x7e]{1,8192}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def api_key(value: str) -> str:
+    """The key, if it can be sent as a bearer token; UsageError (never echoing it) if not."""
+    if not _KEY.fullmatch(value):
+        raise UsageError(
+            "the API key must be printable ASCII without spaces, like capy_live_…; check that "
+            "nothing was added to it when it was copied"
+        )
+    return value
+
+
+def path_id(value: str, what: str) -> str:
+    """`value` as a path segment: an ID of letters, digits, '_' and '-'; UsageError if not."""
+    if not _ID.fullmatch(value):
+        raise UsageError(f"{what} must be an ID of 1 to 64 letters, digits, '_' or '-'")
+    return value
 
 
 def retry_after(headers: Mapping[str, str], default: float = 5.0) -> float:
@@ -103,7 +131,7 @@ class Api:
         notify: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.url = base_url(url)
-        self._key = key
+        self._key = api_key(key)
         self.session: Session = session or requests.Session()
         self.sleep = sleep
         self.notify = notify
@@ -114,7 +142,7 @@ class Api:
     # The routes (SPEC.md, "HTTP API").
 
     def create_upload(self, project_id: str) -> dict[str, Any]:
-        path = f"/v1/projects/{project_id}/imports/uploads"
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports/uploads"
         upload = self._member(self.call("POST", path), "upload", f"POST {path}")
         for name in ("object_key", "upload_url"):
             if not isinstance(upload.get(name), str):
@@ -125,14 +153,14 @@ class Api:
         self, project_id: str, body: dict[str, Any], idempotency_key: str
     ) -> tuple[dict[str, Any], bool]:
         """The job, and whether this request created it (202) or found it by its key (200)."""
-        path = f"/v1/projects/{project_id}/imports"
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports"
         answer, status = self.call_with_status(
             "POST", path, json=body, headers={"Idempotency-Key": idempotency_key}, retry=True
         )
         return self._job(answer, f"POST {path}"), status == 202
 
     def preflight(self, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        path = f"/v1/projects/{project_id}/imports/preflight"
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports/preflight"
         answer = self.call("POST", path, json=body, retry=True, timeout=PREFLIGHT_TIMEOUT_SECONDS)
         preflight = self._member(answer, "preflight", f"POST {path}")
         checks = preflight.get("checks")
@@ -143,15 +171,15 @@ class Api:
         return preflight
 
     def job(self, job_id: str) -> dict[str, Any]:
-        path = f"/v1/jobs/{job_id}"
+        path = f"/v1/jobs/{path_id(job_id, 'the job')}"
         return self._job(self.call("GET", path, retry=True), f"GET {path}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        path = f"/v1/jobs/{job_id}/cancel"
+        path = f"/v1/jobs/{path_id(job_id, 'the job')}/cancel"
         return self._job(self.call("POST", path, retry=True), f"POST {path}")
 
     def jobs(self, project_id: str, limit: int) -> list[dict[str, Any]]:
-        path = f"/v1/projects/{project_id}/jobs"
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/jobs"
         answer = self.call("GET", path, params={"limit": limit}, retry=True)
         jobs = answer.get("jobs") if isinstance(answer, dict) else None
         if not isinstance(jobs, list):

@@ -495,6 +495,39 @@ def test_an_api_url_with_credentials_is_refused_without_echoing_them():
     assert_no_secrets(outputs)
 
 
+@pytest.mark.parametrize("api", ["http://[::1", "https://[api.capydb.invalid/"])
+def test_an_api_url_python_cannot_split_is_a_usage_error(api):
+    code, outputs = run_cli(["status", "job_1", "--api", api, "--key", KEY], FakeSession())
+    assert code == Exit.USAGE
+    assert "must start with http:// or https:// and name a host" in outputs.err
+
+
+@pytest.mark.parametrize("key", [KEY + "…", KEY + "\n", "capy_live_a b", KEY + "\x00"])
+def test_a_key_that_cannot_be_a_bearer_token_is_a_usage_error_that_does_not_echo_it(key):
+    # requests raised UnicodeEncodeError (a traceback) for the pasted "…".
+    code, outputs = run_cli(["status", "job_1", "--api", API, "--key", key], FakeSession())
+    assert code == Exit.USAGE
+    assert "the API key must be printable ASCII without spaces" in outputs.err
+    assert_no_secrets(outputs)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "../projects/prj_123/audit-events"],
+        ["cancel", "../projects/prj_123/imports/uploads"],
+        ["status", "job_1?limit=1"],
+        ["jobs", "--project", "prj_1/../../jobs/job_2"],
+        ["import", "--project", "../jobs/job_2/cancel#", "--source-url", SOURCE],
+    ],
+)
+def test_an_id_that_is_not_one_is_refused_before_any_request(argv):
+    # requests normalises "/v1/jobs/../projects/…": the request went to another route.
+    code, outputs = run_cli([*argv, "--api", API, "--key", KEY], FakeSession())
+    assert code == Exit.USAGE
+    assert "must be an ID of 1 to 64 letters, digits, '_' or '-'" in outputs.err
+
+
 def test_the_client_loads_nothing_of_the_server():
     """The client talks to the API only: importing it loads no app, pipeline or stages module."""
     import subprocess
