@@ -33,12 +33,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from pipeline.config import ConfigError
+from pipeline.db import database
 from pipeline.models import STAGE_ORDER, Job, State
 
 log = logging.getLogger(__name__)
 
 # A scrape waits at most this long for RabbitMQ (connecting, each answer).
 BROKER_TIMEOUT_SECONDS = 3
+# ...and this long for the jobs' count, once connected (connecting: connect_timeout).
+DATABASE_TIMEOUT_MS = 3000
 
 
 def source_up(source: str, up: bool) -> GaugeMetricFamily:
@@ -77,11 +80,15 @@ class JobGauges:
 
 
 def count_jobs() -> list[tuple[str, str, int]]:
-    """(state, stage, count) of every job in the control database."""
+    """(state, stage, count) of every job in the control database, within
+    DATABASE_TIMEOUT_MS: a scrape does not wait for a lock on the jobs table (a migration's
+    ALTER TABLE) nor for a slow server; the statement is cancelled and the gauges left out."""
     query = Job.select(Job.state, Job.stage, peewee.fn.COUNT(Job.id)).group_by(Job.state, Job.stage)
-    # tuples() makes the rows tuples; to types-peewee they stay Job models.
-    rows = cast("Iterable[tuple[str, str, int]]", query.tuples())
-    return [(state, stage, n) for state, stage, n in rows]
+    with database.atomic():
+        database.execute_sql(f"SET LOCAL statement_timeout = {DATABASE_TIMEOUT_MS}")
+        # tuples() makes the rows tuples; to types-peewee they stay Job models.
+        rows = cast("Iterable[tuple[str, str, int]]", query.tuples())
+        return [(state, stage, n) for state, stage, n in rows]
 
 
 class QueueGauges:
