@@ -71,9 +71,15 @@ def _setting(default: Any, rule: str, *, secret: bool = False, url: bool = False
     )
 
 
+# The longest any duration may be: every one is added to a datetime or a timedelta
+# somewhere (a lease, a job's time limit, a retention, a webhook's next attempt), and
+# past about 8,000 years that raises OverflowError in every stage or attempt that uses it.
+MAX_SECONDS = 10 * 365 * 24 * 3600  # 10 years
+
+
 def _seconds(default: int, *, minimum: int = 1) -> Any:
     rule = "a whole number of seconds above 0" if minimum == 1 else "a whole number of seconds, 0 or more"
-    return _setting(default, rule, ge=minimum)
+    return _setting(default, rule, ge=minimum, le=MAX_SECONDS)
 
 
 def _split_keys(raw: str) -> tuple[str, ...]:
@@ -81,7 +87,11 @@ def _split_keys(raw: str) -> tuple[str, ...]:
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
-Delays = Annotated[tuple[Annotated[float, Field(ge=0)], ...], NoDecode, Field(min_length=1)]
+Delays = Annotated[
+    tuple[Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)], ...],
+    NoDecode,
+    Field(min_length=1),
+]
 
 
 class Settings(BaseSettings):
@@ -300,7 +310,7 @@ class Settings(BaseSettings):
         for item in _split_keys(value):
             name, equals, seconds = item.partition("=")
             try:
-                ok = bool(name.strip() and equals) and float(seconds) >= 0
+                ok = bool(name.strip() and equals) and 0 <= float(seconds) <= MAX_SECONDS
             except ValueError:
                 ok = False
             if not ok:
@@ -442,6 +452,8 @@ def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
         else:
             shown = repr(value)
         rule = _extra(info, "rule") or "valid"
+        if context.get("le") == MAX_SECONDS or error["type"] == "finite_number":
+            rule = f"{rule}, at most {MAX_SECONDS:,} (10 years)"
         if error["type"] in _NUMBER_ERRORS and info.annotation is int:
             rule = rule if rule.startswith("a whole number") else f"a whole number, {rule}"
         why = f" ({context['error']})" if error["type"] == "value_error" and context.get("error") else ""

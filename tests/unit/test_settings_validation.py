@@ -120,6 +120,40 @@ def test_no_form_of_an_unparsable_database_url_shows_its_password(url):
     assert "pw" not in message.replace("postgresql://", "")
 
 
+DURATIONS = [
+    name
+    for name in env_vars().values()
+    if name.endswith("_SECONDS")
+    and name not in ("CAPY_UPLOAD_URL_EXPIRY_SECONDS", "CAPY_PUBLISH_DEADLINE_SECONDS")
+]
+
+
+@pytest.mark.parametrize("variable", DURATIONS)
+def test_a_duration_too_long_to_add_to_a_date_is_refused_at_start_up(variable):
+    # 10**15 s of a job's time limit or a lease passed the start-up check, then every
+    # stage raised OverflowError adding it to a datetime (and a webhook attempt did so
+    # after sending, before recording).
+    message = refusal({variable: "1" + "0" * 15})
+    assert message.startswith(f"{variable} must be "), message
+    assert message.endswith(", at most 315,360,000 (10 years), not 1000000000000000"), message
+
+
+@pytest.mark.parametrize("delays", ["inf", "5,1e300", "nan"])
+def test_webhook_waits_must_be_finite(delays):
+    message = refusal({"CAPY_WEBHOOK_RETRY_SECONDS": delays})
+    assert message.startswith("CAPY_WEBHOOK_RETRY_SECONDS must be numbers of seconds"), message
+
+
+def test_the_longest_duration_allowed_can_be_added_to_a_date():
+    import datetime as dt
+
+    from pipeline.config import MAX_SECONDS
+
+    settings = Settings.from_env({"CAPY_WEBHOOK_RETRY_SECONDS": str(MAX_SECONDS)})
+    assert settings.webhook_retry_seconds == (MAX_SECONDS,)
+    assert dt.datetime.now(dt.UTC) + 2 * dt.timedelta(seconds=MAX_SECONDS) > dt.datetime.now(dt.UTC)
+
+
 def test_an_empty_variable_means_the_default():
     assert Settings.from_env({"CAPY_CONCURRENCY": "", "CAPY_ENV": "", "CAPY_PG_BIN_DIR": ""}) == Settings()
 
