@@ -14,6 +14,7 @@ its value (secrets hidden) and what is allowed — never a pydantic traceback. B
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -251,10 +252,19 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """The settings `env` (os.environ by default) gives; ConfigError if any is unusable."""
-        source = _MappingEnvSource(cls, os.environ if env is None else env)
+        """The settings `env` (os.environ by default) gives; ConfigError if any is unusable,
+        or if a CAPY_* variable is a misspelling of a setting's (it would be ignored)."""
+        environ = os.environ if env is None else env
+        source = _MappingEnvSource(cls, environ)
         values = {_field_name(key): value for key, value in source().items()}
-        return cls(**values)
+        misspelt = misspellings(environ)
+        try:
+            settings = cls(**values)
+        except ConfigError as err:
+            raise ConfigError("; ".join([*misspelt, str(err)])) from None
+        if misspelt:
+            raise ConfigError("; ".join(misspelt))
+        return settings
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like new settings (unlike `model_copy`, which
@@ -402,6 +412,20 @@ def env_var(name: str) -> str:
 def env_vars() -> dict[str, str]:
     """Every setting's environment variable, by field name, in declaration order."""
     return {name: env_var(name) for name in Settings.model_fields}
+
+
+def misspellings(environ: Mapping[str, str]) -> list[str]:
+    """A sentence for each CAPY_* variable that is not a setting's but nearly is one
+    (CAPY_CONCURENCY): set, it would be ignored and the default used without a word.
+    Other CAPY_* variables (CAPY_WORKER_THREADS, compose's passwords) are not settings'."""
+    names = list(env_vars().values())
+    sentences = []
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in names:
+            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
+            if close:
+                sentences.append(f"{key} is not a setting: did you mean {close[0]}? Rename it, or unset it")
+    return sentences
 
 
 def _field_name(key: str) -> str:

@@ -154,6 +154,17 @@ def test_the_longest_duration_allowed_can_be_added_to_a_date():
     assert dt.datetime.now(dt.UTC) + 2 * dt.timedelta(seconds=MAX_SECONDS) > dt.datetime.now(dt.UTC)
 
 
+def test_a_misspelt_variable_is_refused_instead_of_ignored():
+    # CAPY_STAGE_TIME_LIMIT_SECOND=21600 ran every stage with the 25 min default.
+    assert refusal({"CAPY_STAGE_TIME_LIMIT_SECOND": "21600", "CAPY_CONCURRENCY": "0"}) == (
+        "CAPY_STAGE_TIME_LIMIT_SECOND is not a setting: did you mean CAPY_STAGE_TIME_LIMIT_SECONDS? "
+        "Rename it, or unset it; CAPY_CONCURRENCY must be a whole number above 0, not 0"
+    )
+    assert "did you mean CAPY_METRICS_TOKEN?" in refusal({"CAPY_METRIC_TOKEN": "s3cret"})
+    # Variables of the run commands and of compose.yaml are not settings, nor near one.
+    Settings.from_env({"CAPY_WORKER_THREADS": "8", "CAPY_POSTGRES_PASSWORD": "x", "CAPY_IMAGE_TAG": "v1"})
+
+
 def test_an_empty_variable_means_the_default():
     assert Settings.from_env({"CAPY_CONCURRENCY": "", "CAPY_ENV": "", "CAPY_PG_BIN_DIR": ""}) == Settings()
 
