@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import cast
 
@@ -155,16 +156,41 @@ class QueueGauges:
                 connection.close()
 
 
+# What reading a metric file that is cut short or not one raises (prometheus-client
+# reads its length, its keys as UTF-8 and JSON, its name's parts).
+_UNREADABLE = (OSError, ValueError, struct.error, IndexError)
+
+
 class ProcessFiles:
-    """The counters of every process that wrote to `path` or a subdirectory of it."""
+    """The counters of every process that wrote to `path` or a subdirectory of it.
+
+    A file that cannot be read (empty: its process died or the disk filled as it was
+    created; unreadable; not a metric file) is left out and said so in
+    `capy_metrics_source_up{source="process_files"}`: one bad file made every scrape fail."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterator[Metric]:
         files = glob.glob(os.path.join(self.path, "*.db")) + glob.glob(os.path.join(self.path, "*", "*.db"))
-        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)
-        return merged
+        try:
+            merged = MultiProcessCollector.merge(files, accumulate=True)
+            readable = True
+        except _UNREADABLE:
+            good = [f for f in files if _readable(f)]
+            merged = MultiProcessCollector.merge(good, accumulate=True)
+            readable = False
+        yield from merged
+        yield source_up("process_files", readable)
+
+
+def _readable(path: str) -> bool:
+    try:
+        MultiProcessCollector.merge([path], accumulate=True)
+    except _UNREADABLE as err:
+        log.warning("metrics: left out %s, which cannot be read (%s)", path, type(err).__name__)
+        return False
+    return True
 
 
 class _ThisProcess:

@@ -179,6 +179,27 @@ def test_the_counts_of_processes_in_several_directories_add_up(tmp_path: Path):
     assert got[("capy_copied_rows_total", (("source", "live"),))] == 30
 
 
+def test_a_metric_file_that_cannot_be_read_is_left_out_not_the_whole_scrape(tmp_path: Path):
+    # A process killed (or a full disk) as it created its file leaves it empty: every
+    # scrape raised on it (a 500) until someone deleted it by hand.
+    subprocess.run(
+        [sys.executable, "-c", COUNT_IN_A_PROCESS, "2"],
+        env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    )
+    (tmp_path / "counter_999999.db").write_bytes(b"")
+    (tmp_path / "worker-b").mkdir()
+    (tmp_path / "worker-b" / "histogram_999998.db").write_bytes(b"\xff" * 64)
+    got = samples(scrape.render([], process_dir=str(tmp_path)).decode())
+    assert got[("capy_stage_duration_seconds_count", (("outcome", "succeeded"), ("stage", "fetch")))] == 2
+    assert got[("capy_metrics_source_up", (("source", "process_files"),))] == 0
+    (tmp_path / "counter_999999.db").unlink()
+    (tmp_path / "worker-b" / "histogram_999998.db").unlink()
+    got = samples(scrape.render([], process_dir=str(tmp_path)).decode())
+    assert got[("capy_metrics_source_up", (("source", "process_files"),))] == 1
+
+
 def test_a_request_id_is_the_clients_when_sane_else_new():
     assert request_id("9f0c-4b1e.trace:1", new=lambda: "new") == "9f0c-4b1e.trace:1"
     for hostile in ("", "has space", "line\nbreak", "x" * 129, "é", "-starts-with-dash"):
