@@ -220,13 +220,30 @@ def check_multiprocess_dir() -> str | None:
     return path
 
 
+class _OneFamilyPerName:
+    """The families of `collectors`, those of one name merged into one: every source
+    yields its `capy_metrics_source_up`, and the text format allows one HELP and TYPE
+    line per name, its samples in one group (a parser such as promtool's refuses the
+    whole scrape otherwise)."""
+
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self.collectors = list(collectors)
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                kept = families.setdefault(family.name, family)
+                if kept is not family:  # each scrape's families are its own: extending is safe
+                    kept.samples.extend(family.samples)
+        return list(families.values())
+
+
 def registry(gauges: Sequence[Collector] = (), *, process_dir: str | None = None) -> CollectorRegistry:
     """A registry for one scrape: the processes' counters (from `process_dir`'s files,
-    else this process's own) and `gauges`."""
+    else this process's own) and `gauges`, one family per metric name."""
     fresh = CollectorRegistry()
-    fresh.register(ProcessFiles(process_dir) if process_dir else _ThisProcess())
-    for gauge in gauges:
-        fresh.register(gauge)
+    fresh.register(_OneFamilyPerName([ProcessFiles(process_dir) if process_dir else _ThisProcess(), *gauges]))
     return fresh
 
 

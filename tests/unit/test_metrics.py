@@ -200,6 +200,30 @@ def test_a_metric_file_that_cannot_be_read_is_left_out_not_the_whole_scrape(tmp_
     assert got[("capy_metrics_source_up", (("source", "process_files"),))] == 1
 
 
+def test_each_metric_name_has_one_help_and_type_line_and_its_samples_together(tmp_path: Path):
+    # Every source yields capy_metrics_source_up: it was printed once per source, HELP
+    # and TYPE included, which the text format forbids (promtool refuses the scrape).
+    (tmp_path / "counter_999999.db").write_bytes(b"")
+    text = scrape.render(
+        [
+            scrape.JobGauges(lambda: []),
+            scrape.QueueGauges("amqp://broker.invalid", ["capy.fetch"], depth=lambda names: {}),
+        ],
+        process_dir=str(tmp_path),
+    ).decode()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    up = [line for line in text.splitlines() if line.startswith("capy_metrics_source_up{")]
+    assert sorted(up) == [
+        'capy_metrics_source_up{source="broker"} 1.0',
+        'capy_metrics_source_up{source="database"} 1.0',
+        'capy_metrics_source_up{source="process_files"} 0.0',
+    ]
+    lines = text.splitlines()
+    first, last = lines.index(min(up, key=lines.index)), lines.index(max(up, key=lines.index))
+    assert last - first == 2  # one group
+
+
 def test_a_request_id_is_the_clients_when_sane_else_new():
     assert request_id("9f0c-4b1e.trace:1", new=lambda: "new") == "9f0c-4b1e.trace:1"
     for hostile in ("", "has space", "line\nbreak", "x" * 129, "é", "-starts-with-dash"):
