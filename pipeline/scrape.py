@@ -48,7 +48,7 @@ DATABASE_TIMEOUT_MS = 3000
 def source_up(source: str, up: bool) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "capy_metrics_source_up",
-        "Whether this scrape could read the source (database, broker); 0 leaves its metrics out.",
+        "Whether this scrape could read the source (database, broker, process_files); 0 leaves its metrics out.",
         labels=["source"],
     )
     family.add_metric([source], 1 if up else 0)
