@@ -289,6 +289,28 @@ def test_a_2xx_answer_that_is_not_the_apis_exits_4_without_a_traceback(body):
         assert_no_secrets(outputs)
 
 
+def test_a_report_or_preflight_this_client_cannot_lay_out_is_printed_as_json():
+    # A report whose "tables" is a list (an API newer than the client) raised
+    # AttributeError with a traceback after the import had completed.
+    odd = {**completed(), "report": {"tables": ["public.film"], "row_count": "many"}}
+    code, outputs = run_cli(
+        ["status", "job_1", "--api", API, "--key", KEY], FakeSession(("GET", JOB, ok({"job": odd})))
+    )
+    assert code == Exit.OK
+    assert '"tables": [' in outputs.out and "not in a shape this client can lay out" in outputs.err
+    preflight = {
+        "ok": True,
+        "checks": [{"name": "x", "status": "pass"}],
+        "source": {"extensions": ["plpgsql"]},
+    }
+    session = FakeSession(("POST", f"{IMPORTS}/preflight", ok({"preflight": preflight})))
+    code, outputs = run_cli(["preflight", *COMMON, "--source-url", SOURCE], session)
+    assert code == Exit.OK and '"extensions": [' in outputs.out
+    session = FakeSession(("GET", f"{API}/v1/projects/{PROJECT}/jobs", ok({"jobs": [job(source="live")]})))
+    code, outputs = run_cli(["jobs", *COMMON], session)
+    assert code == Exit.OK and '"source": "live"' in outputs.out
+
+
 def test_an_upload_form_that_is_not_the_apis_exits_4():
     session = FakeSession(("POST", f"{IMPORTS}/uploads", ok({"upload": {"fields": {}}}, 201)))
     code, outputs = run_cli(["upload", *COMMON, "--file", __file__], session)
