@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from rich.console import Console, RenderableType
 
 from client.api import Api, Session
-from client.errors import ClientError, Exit, UsageError
+from client.errors import ApiRefused, ClientError, Exit, UsageError
 from client.follow import TERMINAL, follow
 from client.render import job_summary, jobs_table, preflight_table, progress_line, report_tables
 from client.upload import check_dump, post_dump
@@ -249,7 +249,14 @@ class Command:
                 ) from None
         finally:
             view.close()
-        self.api.cancel(job_id)
+        try:
+            self.api.cancel(job_id)
+        except ApiRefused as err:
+            if err.status != 409:
+                raise
+            # It ended while the question was asked: how it ended is the answer.
+            self.say(f"not cancelled: {err.message}")
+            return self.api.job(job_id)
         self.say("cancel requested; waiting for the import to stop (Ctrl-C again stops only the watching)")
         view = job_view(self.io.err, quiet=self.args.json)
         try:

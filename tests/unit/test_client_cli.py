@@ -389,6 +389,31 @@ def test_ctrl_c_on_a_terminal_asks_and_cancels_when_told_to():
     assert "cancel requested; waiting for the import to stop" in outputs.err
 
 
+def test_ctrl_c_answered_yes_after_the_import_ended_reports_how_it_ended():
+    # The cancel's 409 ("already completed") ended the command with exit 5 and an
+    # error, for an import that had completed.
+    session = FakeSession(
+        ("POST", IMPORTS, ok({"job": job()}, 202)),
+        ("GET", JOB, ok({"job": job("running")})),
+        (
+            "POST",
+            f"{JOB}/cancel",
+            error(409, "job job_1 is already completed; only a pending or running import can be cancelled"),
+        ),
+        ("GET", JOB, ok({"job": completed()})),
+    )
+    code, outputs = run_cli(
+        ["import", *COMMON, "--source-url", SOURCE, "--wait"],
+        session,
+        interactive=True,
+        answers=["y"],
+        sleep=_interrupt_on_first_sleep,
+    )
+    assert code == Exit.OK
+    assert "not cancelled: job job_1 is already completed" in outputs.err
+    assert "public.film" in outputs.out  # the report
+
+
 def test_ctrl_c_on_a_terminal_answered_no_leaves_the_import_running():
     session = FakeSession(
         ("POST", IMPORTS, ok({"job": job()}, 202)), ("GET", JOB, ok({"job": job("running")}))
