@@ -180,7 +180,7 @@ class Api:
 
     def jobs(self, project_id: str, limit: int) -> list[dict[str, Any]]:
         path = f"/v1/projects/{path_id(project_id, 'the project')}/jobs"
-        answer = self.call("GET", path, params={"limit": limit}, retry=True)
+        answer: Any = self.call("GET", path, params={"limit": limit}, retry=True)  # JSON: any shape
         jobs = answer.get("jobs") if isinstance(answer, dict) else None
         if not isinstance(jobs, list):
             raise self._not_ours(f"GET {path}", 'no "jobs" list')

@@ -419,7 +419,7 @@ def misspellings(environ: Mapping[str, str]) -> list[str]:
     (CAPY_CONCURENCY): set, it would be ignored and the default used without a word.
     Other CAPY_* variables (CAPY_WORKER_THREADS, compose's passwords) are not settings'."""
     names = list(env_vars().values())
-    sentences = []
+    sentences: list[str] = []
     for key in sorted(environ):
         if key.upper().startswith(ENV_PREFIX) and key.upper() not in names:
             close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
