@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -265,6 +265,14 @@ class Settings(BaseSettings):
         if misspelt:
             raise ConfigError("; ".join(misspelt))
         return settings
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr=False hides a secret field; a URL field is shown, its password masked.
+        for name, value in super().__repr_args__():
+            info = type(self).model_fields.get(name or "")
+            if info is not None and _extra(info, "url") and isinstance(value, str):
+                value = redact_conninfo(value)
+            yield name, value
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like new settings (unlike `model_copy`, which

@@ -220,6 +220,21 @@ def test_the_repr_hides_every_secret():
     assert "queue_prefix='capy'" in shown
 
 
+def test_the_repr_masks_the_passwords_of_the_urls():
+    # The README promised URLs "with their password masked"; the repr showed both.
+    settings = Settings.from_env(
+        {
+            "CAPY_DATABASE_URL": "postgresql://capy:hunter2-db@db.invalid/capy_imports",
+            "CAPY_BROKER_URL": "amqp://capy:hunter2-mq@mq.invalid:5672/%2F",
+        }
+    )
+    shown = repr(settings) + str(settings)
+    assert "hunter2" not in shown
+    assert "database_url='postgresql://capy:***@db.invalid/capy_imports'" in shown
+    assert "broker_url='amqp://capy:***@mq.invalid:5672/%2F'" in shown
+    assert settings.database_url.endswith("hunter2-db@db.invalid/capy_imports")  # the value itself is kept
+
+
 def test_test_holds_are_checked_at_start_up():
     message = refusal({"CAPY_ENV": "development", "CAPY_TEST_HOLDS": "restore=30, swap=soon"})
     assert message == (
