@@ -75,6 +75,7 @@ def base_url(value: str) -> str:
 # holding "../" or "?" was sent to another route (requests normalises the path).
 _KEY = re.compile(r"[\x21-\x7e]{1,8192}")
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 def api_key(value: str) -> str:
@@ -154,6 +155,10 @@ class Api:
     ) -> tuple[dict[str, Any], bool]:
         """The job, and whether this request created it (202) or found it by its key (200)."""
         path = f"/v1/projects/{path_id(project_id, 'the project')}/imports"
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise UsageError(
+                "--idempotency-key must be 1 to 255 printable ASCII characters (a UUID is a good choice)"
+            )
         answer, status = self.call_with_status(
             "POST", path, json=body, headers={"Idempotency-Key": idempotency_key}, retry=True
         )

@@ -558,6 +558,16 @@ def test_a_key_that_cannot_be_a_bearer_token_is_a_usage_error_that_does_not_echo
     assert_no_secrets(outputs)
 
 
+@pytest.mark.parametrize("key", ["ключ-1", "a\nb", "x" * 256])
+def test_an_idempotency_key_the_api_would_refuse_is_a_usage_error(key):
+    # One with a character beyond Latin-1 made requests raise UnicodeEncodeError.
+    code, outputs = run_cli(
+        ["import", *COMMON, "--source-url", SOURCE, "--idempotency-key", key], FakeSession()
+    )
+    assert code == Exit.USAGE
+    assert "--idempotency-key must be 1 to 255 printable ASCII characters" in outputs.err
+
+
 @pytest.mark.parametrize(
     "argv",
     [
