@@ -123,20 +123,21 @@ def test_queue_depths_are_read_from_rabbitmq(control_db):
         broker.close()
 
 
-@pytest.mark.timeout(120)  # before the fix the scrape waited for the lock as long as it was held
 def test_a_locked_jobs_table_leaves_the_job_gauges_out_instead_of_holding_the_scrape(control_db):
     # A migration's ALTER TABLE holds ACCESS EXCLUSIVE on jobs; /metrics waited behind it
-    # until gunicorn killed the worker (and every request it was serving).
+    # until gunicorn killed the worker (and every request it was serving). The lock here
+    # ends after 60 s (Postgres ends the idle transaction), so without the scrape's own
+    # timeout this test fails, counting the jobs then, rather than hangs.
     locker = psycopg2.connect(control_db.database_url)
     try:
         with locker.cursor() as cur:
+            cur.execute("SET idle_in_transaction_session_timeout = '60s'")
             cur.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
         families = list(scrape.JobGauges().collect())
         assert [f.name for f in families] == ["capy_metrics_source_up"]
         (up,) = families[0].samples
         assert up.labels == {"source": "database"} and up.value == 0
     finally:
-        locker.rollback()
-        locker.close()
+        locker.close()  # ends its transaction, and the lock, if Postgres has not
     families = {f.name: f for f in scrape.JobGauges().collect()}
     assert families["capy_metrics_source_up"].samples[0].value == 1  # the lock gone, counted again
