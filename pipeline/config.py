@@ -427,10 +427,17 @@ def misspellings(environ: Mapping[str, str]) -> list[str]:
     (CAPY_CONCURENCY): set, it would be ignored and the default used without a word.
     Other CAPY_* variables (CAPY_WORKER_THREADS, compose's passwords) are not settings'."""
     names = list(env_vars().values())
+    # A field whose variable has a name of its own, set by its field's name: CAPY_ENVIRONMENT.
+    by_field = {
+        ENV_PREFIX + field.upper(): name
+        for field, name in env_vars().items()
+        if name != ENV_PREFIX + field.upper()
+    }
     sentences: list[str] = []
     for key in sorted(environ):
         if key.upper().startswith(ENV_PREFIX) and key.upper() not in names:
-            close = difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
+            close = [by_field[key.upper()]] if key.upper() in by_field else []
+            close = close or difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
             if close:
                 sentences.append(f"{key} is not a setting: did you mean {close[0]}? Rename it, or unset it")
     return sentences

@@ -161,6 +161,9 @@ def test_a_misspelt_variable_is_refused_instead_of_ignored():
         "Rename it, or unset it; CAPY_CONCURRENCY must be a whole number above 0, not 0"
     )
     assert "did you mean CAPY_METRICS_TOKEN?" in refusal({"CAPY_METRIC_TOKEN": "s3cret"})
+    # The variables named otherwise than their field, set by the field's name.
+    assert "did you mean CAPY_ENV?" in refusal({"CAPY_ENVIRONMENT": "development"})
+    assert "did you mean CAPY_PG_BIN_DIR?" in refusal({"CAPY_PG_BIN_DIR_TEMPLATE": "/opt/pg/{major}/bin"})
     # Variables of the run commands and of compose.yaml are not settings, nor near one.
     Settings.from_env({"CAPY_WORKER_THREADS": "8", "CAPY_POSTGRES_PASSWORD": "x", "CAPY_IMAGE_TAG": "v1"})
 
