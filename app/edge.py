@@ -105,6 +105,14 @@ IDEMPOTENCY_KEY = Header(
     rule=f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters (a UUID is a good choice)",
     description="Makes a retried request return the job the first one made (same body), or 422.",
 )
+# Not validated here but honoured when sane (app.observability): the document says what is.
+REQUEST_ID = Header(
+    "X-Request-ID",
+    pattern=r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}",
+    rule="1 to 128 letters, digits, '.', '_', ':' or '-'",
+    description="Your ID for the request, on every log line about it and in the answer's X-Request-ID "
+    "(anything else than 1 to 128 letters, digits, '.', '_', ':' or '-' is replaced by a new ID).",
+)
 LIMIT = QueryInt("limit", default=25, minimum=1, maximum=100, description="How many, newest first.")
 
 

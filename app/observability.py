@@ -20,15 +20,16 @@ import falcon
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from app.edge import REQUEST_ID
 from app.openapi import operation
 from pipeline import logs, metrics, scrape
 from pipeline.errors import Unauthorized
 
 log = logging.getLogger("app.access")
 
-REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_HEADER = REQUEST_ID.name
 # What a client may send as its request ID: a UUID, a trace ID, a short token.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}", re.ASCII)
+_REQUEST_ID = re.compile(REQUEST_ID.pattern, re.ASCII)
 UNMATCHED = "unmatched"
 
 

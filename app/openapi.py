@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from app import schemas
-from app.edge import ID_PATTERN, Header, QueryInt
+from app.edge import ID_PATTERN, REQUEST_ID, Header, QueryInt
 
 WebApp = falcon.App[falcon.Request, falcon.Response]
 Responder = Callable[..., Any]
@@ -75,6 +75,14 @@ _RESPONSE_HEADERS: dict[int, dict[str, Any]] = {
             "description": "Seconds to wait.",
         }
     },
+}
+# Every answer carries the request's ID (app.observability), whatever its status.
+_REQUEST_ID_HEADER = {
+    REQUEST_ID.name: {
+        "required": True,
+        "schema": {"type": "string", "pattern": f"^{REQUEST_ID.pattern}$"},
+        "description": "The client's X-Request-ID when it was sane, else a new ID.",
+    }
 }
 _LOCATION = {
     "Location": {
@@ -176,6 +184,7 @@ def _path_item(path: str, method: str, op: Operation, refs: Mapping[Any, dict[st
             *_path_parameters(path),
             *(q.parameter() for q in op.query),
             *(h.parameter() for h in op.headers),
+            REQUEST_ID.parameter(),
         ],
         "responses": {},
     }
@@ -203,13 +212,11 @@ def _path_item(path: str, method: str, op: Operation, refs: Mapping[Any, dict[st
 def _response(
     description: str, schema: Any, headers: Mapping[str, Any], media_type: str = falcon.MEDIA_JSON
 ) -> dict[str, Any]:
-    response: dict[str, Any] = {
+    return {
         "description": " ".join(description.split()),
         "content": {media_type: {"schema": schema}},
+        "headers": {**_REQUEST_ID_HEADER, **headers},
     }
-    if headers:
-        response["headers"] = dict(headers)
-    return response
 
 
 def _path_parameters(path: str) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ carry an Idempotency-Key) after a network error or a 503.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -51,7 +53,10 @@ class Session(Protocol):
 
 def base_url(value: str) -> str:
     """The API's base URL without a trailing `/` or `/v1`; UsageError unless http(s)."""
-    parts = urlsplit(value.strip())
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:  # "Invalid IPv6 URL": http://[::1
+        parts = urlsplit("")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         # Not echoed: a mistyped URL may hold a password.
         raise UsageError(
@@ -65,12 +70,39 @@ def base_url(value: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
+# What the API accepts (app.auth, app.edge); anything else is refused here, before a
+# request: a key with a pasted "…" made requests raise UnicodeEncodeError, and an ID
+# holding "../" or "?" was sent to another route (requests normalises the path).
+_KEY = re.compile(r"[\x21-\x7e]{1,8192}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def api_key(value: str) -> str:
+    """The key, if it can be sent as a bearer token; UsageError (never echoing it) if not."""
+    if not _KEY.fullmatch(value):
+        raise UsageError(
+            "the API key must be printable ASCII without spaces, like capy_live_…; check that "
+            "nothing was added to it when it was copied"
+        )
+    return value
+
+
+def path_id(value: str, what: str) -> str:
+    """`value` as a path segment: an ID of letters, digits, '_' and '-'; UsageError if not."""
+    if not _ID.fullmatch(value):
+        raise UsageError(f"{what} must be an ID of 1 to 64 letters, digits, '_' or '-'")
+    return value
+
+
 def retry_after(headers: Mapping[str, str], default: float = 5.0) -> float:
     """Seconds to wait from a Retry-After header (seconds form), within [1, MAX_RETRY_AFTER]."""
     raw = headers.get("Retry-After", "")
     try:
         seconds = float(raw)
     except ValueError:
+        seconds = default
+    if not math.isfinite(seconds):  # "nan" (which min and max pass on) and "inf"
         seconds = default
     return min(max(seconds, 1.0), MAX_RETRY_AFTER)
 
@@ -100,7 +132,7 @@ class Api:
         notify: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.url = base_url(url)
-        self._key = key
+        self._key = api_key(key)
         self.session: Session = session or requests.Session()
         self.sleep = sleep
         self.notify = notify
@@ -111,46 +143,76 @@ class Api:
     # The routes (SPEC.md, "HTTP API").
 
     def create_upload(self, project_id: str) -> dict[str, Any]:
-        upload: dict[str, Any] = self.call("POST", f"/v1/projects/{project_id}/imports/uploads")["upload"]
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports/uploads"
+        upload = self._member(self.call("POST", path), "upload", f"POST {path}")
+        for name in ("object_key", "upload_url"):
+            if not isinstance(upload.get(name), str):
+                raise self._not_ours(f"POST {path}", f'an upload without "{name}"')
         return upload
 
     def start_import(
         self, project_id: str, body: dict[str, Any], idempotency_key: str
     ) -> tuple[dict[str, Any], bool]:
         """The job, and whether this request created it (202) or found it by its key (200)."""
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports"
+        if not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise UsageError(
+                "--idempotency-key must be 1 to 255 printable ASCII characters (a UUID is a good choice)"
+            )
         answer, status = self.call_with_status(
-            "POST",
-            f"/v1/projects/{project_id}/imports",
-            json=body,
-            headers={"Idempotency-Key": idempotency_key},
-            retry=True,
+            "POST", path, json=body, headers={"Idempotency-Key": idempotency_key}, retry=True
         )
-        job: dict[str, Any] = answer["job"]
-        return job, status == 202
+        return self._job(answer, f"POST {path}"), status == 202
 
     def preflight(self, project_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        preflight: dict[str, Any] = self.call(
-            "POST",
-            f"/v1/projects/{project_id}/imports/preflight",
-            json=body,
-            retry=True,
-            timeout=PREFLIGHT_TIMEOUT_SECONDS,
-        )["preflight"]
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/imports/preflight"
+        answer = self.call("POST", path, json=body, retry=True, timeout=PREFLIGHT_TIMEOUT_SECONDS)
+        preflight = self._member(answer, "preflight", f"POST {path}")
+        checks = preflight.get("checks")
+        if not (isinstance(checks, list) and all(isinstance(c, dict) for c in checks)) or not isinstance(
+            preflight.get("source") or {}, dict
+        ):
+            raise self._not_ours(f"POST {path}", 'a preflight without a list of "checks"')
         return preflight
 
     def job(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self.call("GET", f"/v1/jobs/{job_id}", retry=True)["job"]
-        return job
+        path = f"/v1/jobs/{path_id(job_id, 'the job')}"
+        return self._job(self.call("GET", path, retry=True), f"GET {path}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self.call("POST", f"/v1/jobs/{job_id}/cancel", retry=True)["job"]
-        return job
+        path = f"/v1/jobs/{path_id(job_id, 'the job')}/cancel"
+        return self._job(self.call("POST", path, retry=True), f"POST {path}")
 
     def jobs(self, project_id: str, limit: int) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = self.call(
-            "GET", f"/v1/projects/{project_id}/jobs", params={"limit": limit}, retry=True
-        )["jobs"]
-        return jobs
+        path = f"/v1/projects/{path_id(project_id, 'the project')}/jobs"
+        answer: Any = self.call("GET", path, params={"limit": limit}, retry=True)  # JSON: any shape
+        jobs = answer.get("jobs") if isinstance(answer, dict) else None
+        if not isinstance(jobs, list):
+            raise self._not_ours(f"GET {path}", 'no "jobs" list')
+        return [self._job({"job": job}, f"GET {path}") for job in jobs]
+
+    # What the routes answer: the shapes the client reads, or ApiUnreachable saying the
+    # answer is not the API's (another service at --api, a proxy's page), never a traceback.
+
+    def _not_ours(self, request: str, what: str) -> ApiUnreachable:
+        return ApiUnreachable(
+            f"the API at {self.url} answered {request} with {what}, not a CapyDB API answer; "
+            "is --api the right URL?"
+        )
+
+    def _member(self, answer: Any, name: str, request: str) -> dict[str, Any]:
+        member = answer.get(name) if isinstance(answer, dict) else None
+        if not isinstance(member, dict):
+            raise self._not_ours(request, f'no "{name}" object')
+        return member
+
+    def _job(self, answer: Any, request: str) -> dict[str, Any]:
+        job = self._member(answer, "job", request)
+        if not (isinstance(job.get("id"), str) and isinstance(job.get("state"), str)):
+            raise self._not_ours(request, 'a job without an "id" and a "state"')
+        if not isinstance(job.get("progress") or {}, dict) or not isinstance(job.get("report") or {}, dict):
+            raise self._not_ours(request, 'a job whose "progress" or "report" is not an object')
+        return job
 
     # The transport.
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from client.api import Api, Session
-from client.errors import ClientError, Exit, UsageError
+from client.errors import ApiRefused, ClientError, Exit, UsageError
 from client.follow import TERMINAL, follow
 from client.render import job_summary, jobs_table, preflight_table, progress_line, report_tables
 from client.upload import check_dump, post_dump
@@ -189,6 +189,17 @@ class Command:
         self.io.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         self.io.stdout.flush()
 
+    def show(self, table: Callable[[Any], RenderableType], data: Any, *, soft_wrap: bool = False) -> None:
+        """`data` laid out by `table`; as JSON if it is not in a shape the table knows
+        (an API newer than this client, or not the API): never a traceback."""
+        try:
+            renderable = table(data)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            self.say("(the API's answer is not in a shape this client can lay out; here it is as JSON)")
+            self.io.out.print(json.dumps(data, indent=2, sort_keys=True), soft_wrap=True)
+            return
+        self.io.out.print(renderable, soft_wrap=soft_wrap)
+
     def say(self, message: str) -> None:
         """Progress and hints for a person: stderr, and not at all with --json."""
         if not self.args.json:
@@ -238,7 +249,14 @@ class Command:
                 ) from None
         finally:
             view.close()
-        self.api.cancel(job_id)
+        try:
+            self.api.cancel(job_id)
+        except ApiRefused as err:
+            if err.status != 409:
+                raise
+            # It ended while the question was asked: how it ended is the answer.
+            self.say(f"not cancelled: {err.message}")
+            return self.api.job(job_id)
         self.say("cancel requested; waiting for the import to stop (Ctrl-C again stops only the watching)")
         view = job_view(self.io.err, quiet=self.args.json)
         try:
@@ -255,9 +273,9 @@ class Command:
         if self.args.json:
             self.emit({"job": job})
         else:
-            self.io.out.print(job_summary(job), soft_wrap=True)
+            self.show(job_summary, job, soft_wrap=True)
             if job.get("state") == "completed" and job.get("report"):
-                self.io.out.print(report_tables(job["report"]))
+                self.show(report_tables, job["report"])
         return OUTCOME.get(job.get("state", ""), Exit.OK)
 
     # The commands.
@@ -289,7 +307,7 @@ class Command:
                 {"preflight": preflight, **({"upload_key": source["upload_key"]} if self.args.file else {})}
             )
         else:
-            self.io.out.print(preflight_table(preflight))
+            self.show(preflight_table, preflight)
             if self.args.file is not None:
                 self.io.out.print(
                     f"The dump is uploaded as {source['upload_key']}; import it without uploading again: "
@@ -330,7 +348,7 @@ class Command:
         if self.args.json:
             self.emit({"jobs": jobs})
         else:
-            self.io.out.print(jobs_table(jobs))
+            self.show(jobs_table, jobs)
         return Exit.OK
 
 

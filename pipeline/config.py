@@ -14,8 +14,9 @@ its value (secrets hidden) and what is allowed — never a pydantic traceback. B
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,7 +31,7 @@ from pydantic_settings import (
 )
 
 from pipeline.db import connect_params
-from stages.connections.pgurl import redact
+from stages.connections.pgurl import redact_conninfo
 from stages.preflight.extensions import DEFAULT_EXTENSION_ALLOWLIST
 from stages.tools.commands import DEFAULT_COMMAND_TIMEOUT_SECONDS, DEFAULT_STALL_SECONDS
 
@@ -71,9 +72,15 @@ def _setting(default: Any, rule: str, *, secret: bool = False, url: bool = False
     )
 
 
+# The longest any duration may be: every one is added to a datetime or a timedelta
+# somewhere (a lease, a job's time limit, a retention, a webhook's next attempt), and
+# past about 8,000 years that raises OverflowError in every stage or attempt that uses it.
+MAX_SECONDS = 10 * 365 * 24 * 3600  # 10 years
+
+
 def _seconds(default: int, *, minimum: int = 1) -> Any:
     rule = "a whole number of seconds above 0" if minimum == 1 else "a whole number of seconds, 0 or more"
-    return _setting(default, rule, ge=minimum)
+    return _setting(default, rule, ge=minimum, le=MAX_SECONDS)
 
 
 def _split_keys(raw: str) -> tuple[str, ...]:
@@ -81,7 +88,11 @@ def _split_keys(raw: str) -> tuple[str, ...]:
 
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
-Delays = Annotated[tuple[Annotated[float, Field(ge=0)], ...], NoDecode, Field(min_length=1)]
+Delays = Annotated[
+    tuple[Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)], ...],
+    NoDecode,
+    Field(min_length=1),
+]
 
 
 class Settings(BaseSettings):
@@ -241,10 +252,27 @@ class Settings(BaseSettings):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """The settings `env` (os.environ by default) gives; ConfigError if any is unusable."""
-        source = _MappingEnvSource(cls, os.environ if env is None else env)
+        """The settings `env` (os.environ by default) gives; ConfigError if any is unusable,
+        or if a CAPY_* variable is a misspelling of a setting's (it would be ignored)."""
+        environ = os.environ if env is None else env
+        source = _MappingEnvSource(cls, environ)
         values = {_field_name(key): value for key, value in source().items()}
-        return cls(**values)
+        misspelt = misspellings(environ)
+        try:
+            settings = cls(**values)
+        except ConfigError as err:
+            raise ConfigError("; ".join([*misspelt, str(err)])) from None
+        if misspelt:
+            raise ConfigError("; ".join(misspelt))
+        return settings
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr=False hides a secret field; a URL field is shown, its password masked.
+        for name, value in super().__repr_args__():
+            info = type(self).model_fields.get(name or "")
+            if info is not None and _extra(info, "url") and isinstance(value, str):
+                value = redact_conninfo(value)
+            yield name, value
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with `changes`, validated like new settings (unlike `model_copy`, which
@@ -300,7 +328,7 @@ class Settings(BaseSettings):
         for item in _split_keys(value):
             name, equals, seconds = item.partition("=")
             try:
-                ok = bool(name.strip() and equals) and float(seconds) >= 0
+                ok = bool(name.strip() and equals) and 0 <= float(seconds) <= MAX_SECONDS
             except ValueError:
                 ok = False
             if not ok:
@@ -394,6 +422,27 @@ def env_vars() -> dict[str, str]:
     return {name: env_var(name) for name in Settings.model_fields}
 
 
+def misspellings(environ: Mapping[str, str]) -> list[str]:
+    """A sentence for each CAPY_* variable that is not a setting's but nearly is one
+    (CAPY_CONCURENCY): set, it would be ignored and the default used without a word.
+    Other CAPY_* variables (CAPY_WORKER_THREADS, compose's passwords) are not settings'."""
+    names = list(env_vars().values())
+    # A field whose variable has a name of its own, set by its field's name: CAPY_ENVIRONMENT.
+    by_field = {
+        ENV_PREFIX + field.upper(): name
+        for field, name in env_vars().items()
+        if name != ENV_PREFIX + field.upper()
+    }
+    sentences: list[str] = []
+    for key in sorted(environ):
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in names:
+            close = [by_field[key.upper()]] if key.upper() in by_field else []
+            close = close or difflib.get_close_matches(key.upper(), names, n=1, cutoff=0.8)
+            if close:
+                sentences.append(f"{key} is not a setting: did you mean {close[0]}? Rename it, or unset it")
+    return sentences
+
+
 def _field_name(key: str) -> str:
     """A field's name from its name or its alias (`CAPY_ENV` → `environment`)."""
     if key in Settings.model_fields:
@@ -436,12 +485,14 @@ def explain(err: ValidationError, values: Mapping[str, Any]) -> str:
         if _extra(info, "secret"):
             shown = "(the value is hidden)"
         elif isinstance(value, str) and _extra(info, "url"):
-            shown = repr(redact(value))
+            shown = repr(redact_conninfo(value))
         elif error["type"] in _RANGE_ERRORS and _is_number(value):
             shown = str(value).strip()
         else:
             shown = repr(value)
         rule = _extra(info, "rule") or "valid"
+        if context.get("le") == MAX_SECONDS or error["type"] == "finite_number":
+            rule = f"{rule}, at most {MAX_SECONDS:,} (10 years)"
         if error["type"] in _NUMBER_ERRORS and info.annotation is int:
             rule = rule if rule.startswith("a whole number") else f"a whole number, {rule}"
         why = f" ({context['error']})" if error["type"] == "value_error" and context.get("error") else ""

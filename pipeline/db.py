@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import dramatiq
@@ -10,7 +11,7 @@ import psycopg2
 import psycopg2.extensions
 from playhouse.postgres_ext import PostgresqlExtDatabase
 
-from stages.connections.pgurl import redact
+from stages.connections.pgurl import conninfo_passwords, redact
 from stages.errors import TransientError
 
 database = peewee.DatabaseProxy()
@@ -24,6 +25,7 @@ CONNECTION_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
 # takes host, port and user from the service file instead.
 DEFAULT_DBNAME = "capy_imports"
 DEFAULT_PARAMS = {"host": "127.0.0.1", "port": "5432", "user": "postgres"}
+_QUOTED = re.compile(r'"([^"]*)"')
 
 
 class ControlDatabaseUnavailable(TransientError):
@@ -42,12 +44,26 @@ def connect_params(url: str) -> tuple[str, dict[str, str]]:
         params: dict[str, str] = psycopg2.extensions.parse_dsn(url)
     except psycopg2.ProgrammingError as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "libpq cannot parse it"
-        raise ValueError(redact(reason, url)) from None
+        passwords = conninfo_passwords(url)
+        raise ValueError(_unquoted_secrets(redact(reason, url, *passwords), passwords)) from None
     name = params.pop("dbname", None) or DEFAULT_DBNAME
     if "service" not in params:
         for key, value in DEFAULT_PARAMS.items():
             params.setdefault(key, value)
     return name, params
+
+
+def _unquoted_secrets(reason: str, passwords: list[str]) -> str:
+    """libpq's reason with every "token" it quotes that is, holds or is part of a
+    password masked: it quotes the piece it could not read (`invalid percent-encoded
+    token: "<the password>"`, `invalid port number: "<its first part>"`)."""
+
+    def mask(match: re.Match[str]) -> str:
+        token = match.group(1)
+        secret = any(token and (token in p or p in token) for p in passwords)
+        return '"***"' if secret else match.group(0)
+
+    return _QUOTED.sub(mask, reason)
 
 
 def init_database(url: str) -> PostgresqlExtDatabase:

@@ -41,6 +41,22 @@ _TOKENS = re.compile(r"\b(capy_live_|whsec_)[A-Za-z0-9_\-]+")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[^\s\"',]+")
 
 
+# What ends a line for str.splitlines (and so for many log readers) besides "\n": a
+# message (a request's path, a tool's output) holding one would forge a line of its own.
+_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group(0)
+    # \u0085, \u2028, \u2029: the escapes JSON strings have too (json.dumps escaped the others).
+    return f"\\u{ord(char):04x}" if ord(char) > 0x7F else char.encode("unicode_escape").decode("ascii")
+
+
+def one_line(text: str) -> str:
+    """`text` with every line break escaped (`\\n`, `\\u2028`…)."""
+    return _LINE_BREAKS.sub(_escape, text)
+
+
 def scrub(text: str) -> str:
     """`text` with every password and token this service knows of masked."""
     if not text:
@@ -118,7 +134,9 @@ class JsonFormatter(logging.Formatter):
             line["exc_info"] = scrub(record.exc_text)
         if record.stack_info:
             line["stack_info"] = scrub(self.formatStack(record.stack_info))
-        return json.dumps(line, ensure_ascii=False, default=str)
+        # json.dumps escapes "\n" but leaves U+0085, U+2028 and U+2029, which are line
+        # breaks to str.splitlines; inside a JSON string their escapes mean the same.
+        return one_line(json.dumps(line, ensure_ascii=False, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -126,6 +144,11 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line (its traceback, added after, is the only continuation).
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

@@ -134,7 +134,15 @@ def import_completed(upload_key: str | None, facts: JobFacts) -> None:
         COPIED_ROWS.labels(source).inc(rows)
 
 
+# gunicorn accepts any upper-case token of 3 to 20 characters as a method, and Falcon
+# answers it (400, 404, 405): as a label, each would be a series of its own, for ever.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+
+
 @_never_fails
 def http_request(method: str, route: str, status: int, seconds: float) -> None:
+    """Count one answered request; a method outside HTTP_METHODS counts as `other`."""
+    method = method if method in HTTP_METHODS else OTHER_METHOD
     HTTP_REQUESTS.labels(method, route, str(status)).inc()
     HTTP_DURATION.labels(method, route).observe(max(0.0, seconds))

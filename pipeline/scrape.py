@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import cast
 
@@ -33,18 +34,21 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from pipeline.config import ConfigError
+from pipeline.db import database
 from pipeline.models import STAGE_ORDER, Job, State
 
 log = logging.getLogger(__name__)
 
 # A scrape waits at most this long for RabbitMQ (connecting, each answer).
 BROKER_TIMEOUT_SECONDS = 3
+# ...and this long for the jobs' count, once connected (connecting: connect_timeout).
+DATABASE_TIMEOUT_MS = 3000
 
 
 def source_up(source: str, up: bool) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         "capy_metrics_source_up",
-        "Whether this scrape could read the source (database, broker); 0 leaves its metrics out.",
+        "Whether this scrape could read the source (database, broker, process_files); 0 leaves its metrics out.",
         labels=["source"],
     )
     family.add_metric([source], 1 if up else 0)
@@ -77,11 +81,15 @@ class JobGauges:
 
 
 def count_jobs() -> list[tuple[str, str, int]]:
-    """(state, stage, count) of every job in the control database."""
+    """(state, stage, count) of every job in the control database, within
+    DATABASE_TIMEOUT_MS: a scrape does not wait for a lock on the jobs table (a migration's
+    ALTER TABLE) nor for a slow server; the statement is cancelled and the gauges left out."""
     query = Job.select(Job.state, Job.stage, peewee.fn.COUNT(Job.id)).group_by(Job.state, Job.stage)
-    # tuples() makes the rows tuples; to types-peewee they stay Job models.
-    rows = cast("Iterable[tuple[str, str, int]]", query.tuples())
-    return [(state, stage, n) for state, stage, n in rows]
+    with database.atomic():
+        database.execute_sql(f"SET LOCAL statement_timeout = {DATABASE_TIMEOUT_MS}")
+        # tuples() makes the rows tuples; to types-peewee they stay Job models.
+        rows = cast("Iterable[tuple[str, str, int]]", query.tuples())
+        return [(state, stage, n) for state, stage, n in rows]
 
 
 class QueueGauges:
@@ -148,16 +156,41 @@ class QueueGauges:
                 connection.close()
 
 
+# What reading a metric file that is cut short or not one raises (prometheus-client
+# reads its length, its keys as UTF-8 and JSON, its name's parts).
+_UNREADABLE = (OSError, ValueError, struct.error, IndexError)
+
+
 class ProcessFiles:
-    """The counters of every process that wrote to `path` or a subdirectory of it."""
+    """The counters of every process that wrote to `path` or a subdirectory of it.
+
+    A file that cannot be read (empty: its process died or the disk filled as it was
+    created; unreadable; not a metric file) is left out and said so in
+    `capy_metrics_source_up{source="process_files"}`: one bad file made every scrape fail."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterator[Metric]:
         files = glob.glob(os.path.join(self.path, "*.db")) + glob.glob(os.path.join(self.path, "*", "*.db"))
-        merged: Iterable[Metric] = MultiProcessCollector.merge(files, accumulate=True)
-        return merged
+        try:
+            merged = MultiProcessCollector.merge(files, accumulate=True)
+            readable = True
+        except _UNREADABLE:
+            good = [f for f in files if _readable(f)]
+            merged = MultiProcessCollector.merge(good, accumulate=True)
+            readable = False
+        yield from merged
+        yield source_up("process_files", readable)
+
+
+def _readable(path: str) -> bool:
+    try:
+        MultiProcessCollector.merge([path], accumulate=True)
+    except _UNREADABLE as err:
+        log.warning("metrics: left out %s, which cannot be read (%s)", path, type(err).__name__)
+        return False
+    return True
 
 
 class _ThisProcess:
@@ -187,13 +220,30 @@ def check_multiprocess_dir() -> str | None:
     return path
 
 
+class _OneFamilyPerName:
+    """The families of `collectors`, those of one name merged into one: every source
+    yields its `capy_metrics_source_up`, and the text format allows one HELP and TYPE
+    line per name, its samples in one group (a parser such as promtool's refuses the
+    whole scrape otherwise)."""
+
+    def __init__(self, collectors: Sequence[Collector]) -> None:
+        self.collectors = list(collectors)
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for collector in self.collectors:
+            for family in collector.collect():
+                kept = families.setdefault(family.name, family)
+                if kept is not family:  # each scrape's families are its own: extending is safe
+                    kept.samples.extend(family.samples)
+        return list(families.values())
+
+
 def registry(gauges: Sequence[Collector] = (), *, process_dir: str | None = None) -> CollectorRegistry:
     """A registry for one scrape: the processes' counters (from `process_dir`'s files,
-    else this process's own) and `gauges`."""
+    else this process's own) and `gauges`, one family per metric name."""
     fresh = CollectorRegistry()
-    fresh.register(ProcessFiles(process_dir) if process_dir else _ThisProcess())
-    for gauge in gauges:
-        fresh.register(gauge)
+    fresh.register(_OneFamilyPerName([ProcessFiles(process_dir) if process_dir else _ThisProcess(), *gauges]))
     return fresh
 
 

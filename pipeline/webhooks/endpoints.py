@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pipeline.errors import InvalidRequest, NotFound
 from pipeline.ids import new_id
@@ -54,7 +54,7 @@ def parse_url(url: str, *, dev_mode: bool) -> tuple[str, str, int, str]:
     url = url.strip()
     if not url or len(url) > MAX_URL_LENGTH:
         raise InvalidRequest(f"the webhook URL must be 1 to {MAX_URL_LENGTH} characters long")
-    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+    if any(ord(c) < 0x21 or 0x7F <= ord(c) <= 0x9F or c.isspace() for c in url):
         raise InvalidRequest("the webhook URL must not contain spaces or control characters")
     try:
         parts = urlsplit(url)
@@ -80,8 +80,14 @@ def parse_url(url: str, *, dev_mode: bool) -> tuple[str, str, int, str]:
     host = parts.hostname
     if not host:
         raise InvalidRequest("the webhook URL has no host name")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # The request line is ASCII (http.client refuses anything else): other characters
+    # of the path and query travel percent-encoded as UTF-8, as a browser sends them.
+    path = _ascii((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
     return parts.scheme, host, port or (443 if parts.scheme == "https" else 80), path
+
+
+def _ascii(path: str) -> str:
+    return "".join(c if c.isascii() else quote(c, safe="") for c in path)
 
 
 def check_address(url: str, *, dev_mode: bool, allow_private: bool, resolver: Resolver = resolve) -> Target:

@@ -69,5 +69,9 @@ def verify(
         return False
     if abs(now - timestamp) > tolerance:
         return False
-    expected = signature(secret, timestamp, body)
-    return any(hmac.compare_digest(expected, candidate) for candidate in parts.get("v1", []))
+    expected = signature(secret, timestamp, body).encode()
+    # As bytes: compare_digest raises TypeError for a str with other than ASCII in it.
+    return any(
+        hmac.compare_digest(expected, candidate.encode("utf-8", "replace"))
+        for candidate in parts.get("v1", [])
+    )

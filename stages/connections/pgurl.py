@@ -21,7 +21,7 @@ import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import psycopg2.extensions
 
@@ -131,6 +131,39 @@ def redact(text: str, *secrets: str | None) -> str:
         if secret and len(secret) >= 3:
             out = out.replace(secret, "***")
     return out
+
+
+def conninfo_passwords(text: str) -> list[str]:
+    """Every part of `text`, a connection string libpq may fail to parse, that could be
+    a password, as written: a URL's after the first ':' of its userinfo (up to the first
+    '@', and up to the last, since an unencoded '@' or '/' moves where libpq ends it) and
+    the value of every query parameter whose name, percent-decoded, ends in "password"
+    (`pass%77ord=` is `password=` to libpq)."""
+    found: list[str] = []
+    _scheme, sep, rest = text.partition("://")
+    if not sep:
+        return found
+    for end in (rest.find("@"), rest.rfind("@")):
+        if end >= 0:
+            _user, colon, password = rest[:end].partition(":")
+            if colon and password and password not in found:
+                found.append(password)
+    for item in rest.partition("?")[2].split("&"):
+        key, equals, value = item.partition("=")
+        if equals and value and unquote(key).strip().lower().endswith("password"):
+            found.append(value)
+    return found
+
+
+def redact_conninfo(text: str) -> str:
+    """`text` (a connection string, or a message about one) as `redact` masks it, and
+    with every part `conninfo_passwords` finds masked too, even in a string libpq cannot
+    parse: a password holding a space, an invalid %-escape or an unencoded '/', or given
+    as a %-encoded parameter name."""
+    out = text
+    for password in sorted(conninfo_passwords(text), key=len, reverse=True):
+        out = out.replace(password, "***")
+    return redact(out)
 
 
 def _quote_value(value: str) -> str:

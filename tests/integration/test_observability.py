@@ -8,6 +8,7 @@ import json
 import logging
 
 import pika
+import psycopg2
 import pytest
 from prometheus_client import REGISTRY
 
@@ -120,3 +121,23 @@ def test_queue_depths_are_read_from_rabbitmq(control_db):
         connection.channel().queue_purge(stage_queue)
         connection.close()
         broker.close()
+
+
+def test_a_locked_jobs_table_leaves_the_job_gauges_out_instead_of_holding_the_scrape(control_db):
+    # A migration's ALTER TABLE holds ACCESS EXCLUSIVE on jobs; /metrics waited behind it
+    # until gunicorn killed the worker (and every request it was serving). The lock here
+    # ends after 60 s (Postgres ends the idle transaction), so without the scrape's own
+    # timeout this test fails, counting the jobs then, rather than hangs.
+    locker = psycopg2.connect(control_db.database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("SET idle_in_transaction_session_timeout = '60s'")
+            cur.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        families = list(scrape.JobGauges().collect())
+        assert [f.name for f in families] == ["capy_metrics_source_up"]
+        (up,) = families[0].samples
+        assert up.labels == {"source": "database"} and up.value == 0
+    finally:
+        locker.close()  # ends its transaction, and the lock, if Postgres has not
+    families = {f.name: f for f in scrape.JobGauges().collect()}
+    assert families["capy_metrics_source_up"].samples[0].value == 1  # the lock gone, counted again

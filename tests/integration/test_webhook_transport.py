@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from pipeline.webhooks.endpoints import Target
+from pipeline.webhooks.endpoints import Target, check_address
 from pipeline.webhooks.transport import post
 
 HOST = "hooks.example.invalid"
@@ -57,7 +57,7 @@ def tls_receiver(tmp_path) -> Iterator[tuple[int, bytes, list[dict[str, str]]]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            seen.append(dict(self.headers.items()))
+            seen.append({**dict(self.headers.items()), ":path": self.path})
             self.send_response(204)
             self.end_headers()
 
@@ -89,6 +89,21 @@ def test_https_goes_to_the_pinned_address_and_checks_the_certificate_for_the_hos
         assert refused.status_code is None and not refused.ok
         assert refused.error.startswith(f"TLS certificate of {HOST} (127.0.0.1:{port}) was refused")
     assert len(seen) == 1
+
+
+def test_an_endpoint_whose_path_is_not_ascii_is_sent_its_path_percent_encoded(tmp_path):
+    # http.client writes the request line in ASCII: post() raised UnicodeEncodeError for
+    # such an endpoint, so no attempt was ever recorded.
+    with tls_receiver(tmp_path) as (port, pem, seen):
+        target = check_address(
+            f"https://{HOST}:{port}/crochet/é?projet=été",
+            dev_mode=False,
+            allow_private=True,
+            resolver=lambda host, port: ["127.0.0.1"],
+        )
+        answer = post(target, b"{}", {}, tls=ssl.create_default_context(cadata=pem.decode()))
+        assert (answer.status_code, answer.error) == (204, None)
+    assert seen[0][":path"] == "/crochet/%C3%A9?projet=%C3%A9t%C3%A9"
 
 
 def test_an_endpoint_that_never_answers_is_cut_at_the_deadline():

@@ -261,6 +261,74 @@ def test_an_answer_that_is_not_the_api_says_so():
     assert "is not a CapyDB API error; is --api the right URL?" in outputs.err
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"status": "ok"},
+        {"job": "job_1"},
+        {"job": {"state": "running"}},
+        {"job": {"id": "job_1", "state": "running", "progress": "copying"}},
+        {"job": {"id": "job_1", "state": "completed", "report": ["x"]}},
+    ],
+)
+def test_a_2xx_answer_that_is_not_the_apis_exits_4_without_a_traceback(body):
+    # Another service at --api (or a proxy) answering 200 made the client raise
+    # KeyError, TypeError or AttributeError with a traceback.
+    for argv, method, url in (
+        (["status", "job_1"], "GET", JOB),
+        (["cancel", "job_1"], "POST", f"{JOB}/cancel"),
+        (["import", "--project", PROJECT, "--source-url", SOURCE], "POST", IMPORTS),
+        (["jobs", "--project", PROJECT], "GET", f"{API}/v1/projects/{PROJECT}/jobs"),
+        (["preflight", "--project", PROJECT, "--source-url", SOURCE], "POST", f"{IMPORTS}/preflight"),
+    ):
+        session = FakeSession((method, url, ok(body)))
+        code, outputs = run_cli([*argv, "--api", API, "--key", KEY], session)
+        assert code == Exit.UNREACHABLE, (argv, body)
+        assert "not a CapyDB API answer; is --api the right URL?" in outputs.err
+        assert_no_secrets(outputs)
+
+
+def test_a_report_or_preflight_this_client_cannot_lay_out_is_printed_as_json():
+    # A report whose "tables" is a list (an API newer than the client) raised
+    # AttributeError with a traceback after the import had completed.
+    odd = {**completed(), "report": {"tables": ["public.film"], "row_count": "many"}}
+    code, outputs = run_cli(
+        ["status", "job_1", "--api", API, "--key", KEY], FakeSession(("GET", JOB, ok({"job": odd})))
+    )
+    assert code == Exit.OK
+    assert '"tables": [' in outputs.out and "not in a shape this client can lay out" in outputs.err
+    preflight = {
+        "ok": True,
+        "checks": [{"name": "x", "status": "pass"}],
+        "source": {"extensions": ["plpgsql"]},
+    }
+    session = FakeSession(("POST", f"{IMPORTS}/preflight", ok({"preflight": preflight})))
+    code, outputs = run_cli(["preflight", *COMMON, "--source-url", SOURCE], session)
+    assert code == Exit.OK and '"extensions": [' in outputs.out
+    session = FakeSession(("GET", f"{API}/v1/projects/{PROJECT}/jobs", ok({"jobs": [job(source="live")]})))
+    code, outputs = run_cli(["jobs", *COMMON], session)
+    assert code == Exit.OK and '"source": "live"' in outputs.out
+
+
+def test_an_upload_form_that_is_not_the_apis_exits_4():
+    session = FakeSession(("POST", f"{IMPORTS}/uploads", ok({"upload": {"fields": {}}}, 201)))
+    code, outputs = run_cli(["upload", *COMMON, "--file", __file__], session)
+    assert code == Exit.UNREACHABLE
+    assert 'an upload without "object_key", not a CapyDB API answer' in outputs.err
+
+
+@pytest.mark.parametrize("header", ["nan", "-inf", "inf", "soon"])
+def test_a_retry_after_that_is_not_a_number_of_seconds_waits_the_default(header):
+    session = FakeSession(
+        ("GET", JOB, error(429, "rate limit exceeded", **{"Retry-After": header})),
+        ("GET", JOB, ok({"job": job("running")})),
+    )
+    code, outputs = run_cli(["status", "job_1", "--api", API, "--key", KEY], session)
+    assert code == Exit.OK
+    assert outputs.sleeps == [5.0]
+
+
 def test_following_survives_a_short_outage_of_the_api():
     down = requests.ConnectionError("Connection refused")
     session = FakeSession(
@@ -319,6 +387,31 @@ def test_ctrl_c_on_a_terminal_asks_and_cancels_when_told_to():
     assert outputs.questions == ["\nCancel import job_1 on the server? [y/N] "]
     assert code == Exit.CANCELLED
     assert "cancel requested; waiting for the import to stop" in outputs.err
+
+
+def test_ctrl_c_answered_yes_after_the_import_ended_reports_how_it_ended():
+    # The cancel's 409 ("already completed") ended the command with exit 5 and an
+    # error, for an import that had completed.
+    session = FakeSession(
+        ("POST", IMPORTS, ok({"job": job()}, 202)),
+        ("GET", JOB, ok({"job": job("running")})),
+        (
+            "POST",
+            f"{JOB}/cancel",
+            error(409, "job job_1 is already completed; only a pending or running import can be cancelled"),
+        ),
+        ("GET", JOB, ok({"job": completed()})),
+    )
+    code, outputs = run_cli(
+        ["import", *COMMON, "--source-url", SOURCE, "--wait"],
+        session,
+        interactive=True,
+        answers=["y"],
+        sleep=_interrupt_on_first_sleep,
+    )
+    assert code == Exit.OK
+    assert "not cancelled: job job_1 is already completed" in outputs.err
+    assert "public.film" in outputs.out  # the report
 
 
 def test_ctrl_c_on_a_terminal_answered_no_leaves_the_import_running():
@@ -447,6 +540,49 @@ def test_an_api_url_with_credentials_is_refused_without_echoing_them():
     assert code == Exit.USAGE
     assert "must not hold credentials" in outputs.err
     assert_no_secrets(outputs)
+
+
+@pytest.mark.parametrize("api", ["http://[::1", "https://[api.capydb.invalid/"])
+def test_an_api_url_python_cannot_split_is_a_usage_error(api):
+    code, outputs = run_cli(["status", "job_1", "--api", api, "--key", KEY], FakeSession())
+    assert code == Exit.USAGE
+    assert "must start with http:// or https:// and name a host" in outputs.err
+
+
+@pytest.mark.parametrize("key", [KEY + "…", KEY + "\n", "capy_live_a b", KEY + "\x00"])
+def test_a_key_that_cannot_be_a_bearer_token_is_a_usage_error_that_does_not_echo_it(key):
+    # requests raised UnicodeEncodeError (a traceback) for the pasted "…".
+    code, outputs = run_cli(["status", "job_1", "--api", API, "--key", key], FakeSession())
+    assert code == Exit.USAGE
+    assert "the API key must be printable ASCII without spaces" in outputs.err
+    assert_no_secrets(outputs)
+
+
+@pytest.mark.parametrize("key", ["ключ-1", "a\nb", "x" * 256])
+def test_an_idempotency_key_the_api_would_refuse_is_a_usage_error(key):
+    # One with a character beyond Latin-1 made requests raise UnicodeEncodeError.
+    code, outputs = run_cli(
+        ["import", *COMMON, "--source-url", SOURCE, "--idempotency-key", key], FakeSession()
+    )
+    assert code == Exit.USAGE
+    assert "--idempotency-key must be 1 to 255 printable ASCII characters" in outputs.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["status", "../projects/prj_123/audit-events"],
+        ["cancel", "../projects/prj_123/imports/uploads"],
+        ["status", "job_1?limit=1"],
+        ["jobs", "--project", "prj_1/../../jobs/job_2"],
+        ["import", "--project", "../jobs/job_2/cancel#", "--source-url", SOURCE],
+    ],
+)
+def test_an_id_that_is_not_one_is_refused_before_any_request(argv):
+    # requests normalises "/v1/jobs/../projects/…": the request went to another route.
+    code, outputs = run_cli([*argv, "--api", API, "--key", KEY], FakeSession())
+    assert code == Exit.USAGE
+    assert "must be an ID of 1 to 64 letters, digits, '_' or '-'" in outputs.err
 
 
 def test_the_client_loads_nothing_of_the_server():

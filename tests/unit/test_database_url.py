@@ -76,6 +76,9 @@ def test_a_key_value_string_and_a_service():
         "mysql://root:hunter2-pw@db.invalid/x",
         "postgresql://u:hunter2-pw@db.invalid/x?nosuchparameter=1",
         "host=db password=hunter2-pw dbname",
+        # libpq quotes the token it could not decode: here, the password itself.
+        "postgresql://u:hunter2%zz@db.invalid/x",
+        "postgresql://db.invalid/x?sslpassword=hunter2%zz",
     ],
 )
 def test_what_libpq_cannot_parse_is_refused_without_its_password(url):

@@ -75,6 +75,17 @@ def test_gunicorns_timeout_is_above_the_synchronous_preflights_limit(monkeypatch
     assert gunicorn_conf.worker_timeout(longer) > 45 + longer.preflight_command_timeout_seconds
 
 
+def test_the_timeout_the_docs_state_is_the_one_gunicorn_gets():
+    """README and compose.yaml said 60 s; gunicorn_conf gives 20 + 15 + 15 = 50 s."""
+    from app import gunicorn_conf
+
+    timeout = gunicorn_conf.worker_timeout(Settings())
+    text = (ROOT / "README.md").read_text() + (ROOT / "compose.yaml").read_text()
+    claimed = re.findall(r"--timeout (\d+)|gunicorn's (\d+) s timeout", text)
+    assert len(claimed) >= 3
+    assert {a or b for a, b in claimed} == {str(timeout)}
+
+
 def test_production_binds_every_interface_on_port_and_development_loopback():
     assert "--bind" not in gunicorn_words(procfile("Procfile")["web"])  # app/gunicorn_conf.py: 0.0.0.0:$PORT
     assert (

@@ -150,6 +150,25 @@ def test_one_line_per_record_even_with_newlines(captured):
     assert [line["message"] for line in captured()] == ["two\nlines"]
 
 
+# A request's path is percent-decoded (GET /v1/jobs/%0A… logs "\n…"): no message may
+# start a line of its own, for "\n" or for what else str.splitlines takes as a break.
+FORGED = '/v1/jobs/x\n2026-11-29 ERROR app: forged\r\u2028{"level": "error"}\x85\u2029end'
+
+
+def test_a_json_line_cannot_be_split_by_a_message(captured):
+    logging.getLogger("app.access").info("GET %s 404", FORGED)
+    assert [line["message"] for line in captured()] == [f"GET {FORGED} 404"]
+
+
+def test_a_text_line_cannot_be_split_by_a_message():
+    record = logging.LogRecord("app.access", logging.INFO, __file__, 1, "GET %s 404", (FORGED,), None)
+    text = logs.TextFormatter().format(record)
+    assert text.splitlines() == [text]
+    assert text.endswith(
+        'GET /v1/jobs/x\\n2026-11-29 ERROR app: forged\\r\\u2028{"level": "error"}\\u0085\\u2029end 404'
+    )
+
+
 def test_the_log_format_is_json_in_production_and_text_in_development():
     from pipeline.config import ConfigError, Settings
 

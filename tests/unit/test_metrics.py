@@ -179,6 +179,51 @@ def test_the_counts_of_processes_in_several_directories_add_up(tmp_path: Path):
     assert got[("capy_copied_rows_total", (("source", "live"),))] == 30
 
 
+def test_a_metric_file_that_cannot_be_read_is_left_out_not_the_whole_scrape(tmp_path: Path):
+    # A process killed (or a full disk) as it created its file leaves it empty: every
+    # scrape raised on it (a 500) until someone deleted it by hand.
+    subprocess.run(
+        [sys.executable, "-c", COUNT_IN_A_PROCESS, "2"],
+        env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    )
+    (tmp_path / "counter_999999.db").write_bytes(b"")
+    (tmp_path / "worker-b").mkdir()
+    (tmp_path / "worker-b" / "histogram_999998.db").write_bytes(b"\xff" * 64)
+    got = samples(scrape.render([], process_dir=str(tmp_path)).decode())
+    assert got[("capy_stage_duration_seconds_count", (("outcome", "succeeded"), ("stage", "fetch")))] == 2
+    assert got[("capy_metrics_source_up", (("source", "process_files"),))] == 0
+    (tmp_path / "counter_999999.db").unlink()
+    (tmp_path / "worker-b" / "histogram_999998.db").unlink()
+    got = samples(scrape.render([], process_dir=str(tmp_path)).decode())
+    assert got[("capy_metrics_source_up", (("source", "process_files"),))] == 1
+
+
+def test_each_metric_name_has_one_help_and_type_line_and_its_samples_together(tmp_path: Path):
+    # Every source yields capy_metrics_source_up: it was printed once per source, HELP
+    # and TYPE included, which the text format forbids (promtool refuses the scrape).
+    (tmp_path / "counter_999999.db").write_bytes(b"")
+    text = scrape.render(
+        [
+            scrape.JobGauges(lambda: []),
+            scrape.QueueGauges("amqp://broker.invalid", ["capy.fetch"], depth=lambda names: {}),
+        ],
+        process_dir=str(tmp_path),
+    ).decode()
+    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    up = [line for line in text.splitlines() if line.startswith("capy_metrics_source_up{")]
+    assert sorted(up) == [
+        'capy_metrics_source_up{source="broker"} 1.0',
+        'capy_metrics_source_up{source="database"} 1.0',
+        'capy_metrics_source_up{source="process_files"} 0.0',
+    ]
+    lines = text.splitlines()
+    first, last = lines.index(min(up, key=lines.index)), lines.index(max(up, key=lines.index))
+    assert last - first == 2  # one group
+
+
 def test_a_request_id_is_the_clients_when_sane_else_new():
     assert request_id("9f0c-4b1e.trace:1", new=lambda: "new") == "9f0c-4b1e.trace:1"
     for hostile in ("", "has space", "line\nbreak", "x" * 129, "é", "-starts-with-dash"):
@@ -222,6 +267,30 @@ def test_requests_are_counted_by_route_template_and_their_id_returned():
     assert value("capy_http_request_duration_seconds_count", method="GET", route="/v1/jobs/{job_id}") >= 2
     assert "job_secretish123" not in text and "job_lost" not in text
     assert "capy_jobs{" in text
+
+
+def test_a_made_up_method_is_counted_as_other_not_as_a_series_of_its_own():
+    # gunicorn passes on any upper-case token as a method: one series each would let
+    # anyone grow every process's metric files and every scrape without limit.
+    api = client(open_without_token=True)
+
+    def send(method: str, path: str) -> str:
+        # Straight to the WSGI app: Falcon's test client validates the method itself.
+        answer = falcon.testing.StartResponseMock()
+        api.app(falcon.testing.create_environ(path, method=method), answer)
+        return answer.status
+
+    before = value("capy_http_requests_total", method="other", route="/v1/jobs/{job_id}", status="400")
+    for method in ("XYZZY", "PROPFIND1", "AAAAAAAAAAAAAAAAAAAA"):
+        assert send(method, "/v1/jobs/job_1").startswith("400")
+    assert send("QWERTY", "/nowhere").startswith("404")
+    text = api.simulate_get("/metrics").text
+    assert (
+        value("capy_http_requests_total", method="other", route="/v1/jobs/{job_id}", status="400")
+        == before + 3
+    )
+    assert value("capy_http_request_duration_seconds_count", method="other", route="unmatched") >= 1
+    assert not any(m in text for m in ("XYZZY", "PROPFIND1", "AAAAAAAAAAAAAAAAAAAA", "QWERTY"))
 
 
 def test_metrics_need_the_token_when_one_is_set_and_are_closed_in_production_without_one():

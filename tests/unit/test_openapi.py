@@ -15,6 +15,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31
 from app import schemas
 from app.api import Services, create_app
 from app.body import read_body
+from app.edge import REQUEST_ID
 from app.openapi import OPENAPI_VERSION, document, operation, routes, undocumented
 from pipeline.config import DEV_SECRET_KEY, Settings
 from pipeline.errors import InvalidRequest
@@ -82,9 +83,9 @@ def test_an_operation_may_answer_other_than_json():
     app.add_route("/metrics", Metrics())
     assert undocumented(app) == []
     op = document(app)["paths"]["/metrics"]["get"]
-    assert op["responses"] == {
-        "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
-    }
+    assert list(op["responses"]) == ["200"]
+    assert op["responses"]["200"]["description"] == "OK"
+    assert op["responses"]["200"]["content"] == {"text/plain": {"schema": {"type": "string"}}}
     assert op["security"] == []
 
 
@@ -133,6 +134,24 @@ def test_parameters_say_what_the_edge_accepts(doc):
     assert by_name["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}
     imports = doc["paths"]["/v1/projects/{project_id}/imports"]["post"]["parameters"]
     assert "Idempotency-Key" in {p["name"] for p in imports}
+
+
+def test_every_operation_documents_the_request_id_it_reads_and_returns(doc):
+    # Every route reads X-Request-ID and answers with one (app.observability); the
+    # document said neither.
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            sent = {p["name"]: p for p in op["parameters"]}["X-Request-ID"]
+            assert sent["in"] == "header" and not sent["required"], (method, path)
+            for status, response in op["responses"].items():
+                assert response["headers"]["X-Request-ID"]["required"] is True, (method, path, status)
+    pattern = doc["paths"]["/healthz"]["get"]["responses"]["200"]["headers"]["X-Request-ID"]["schema"][
+        "pattern"
+    ]
+    from app.observability import request_id
+
+    assert request_id("a" * 128, new=lambda: "new") == "a" * 128 and pattern == "^" + REQUEST_ID.pattern + "$"
+    assert request_id("a" * 129, new=lambda: "new") == "new"
 
 
 def test_the_import_body_schema_is_the_validating_model(doc):

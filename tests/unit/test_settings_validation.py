@@ -105,6 +105,69 @@ def test_an_unparsable_key_value_database_url_hides_its_password():
     assert message.startswith("CAPY_DATABASE_URL must be") and "hunter2-pw" not in message
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://capy:hunter2%zz@db.invalid/x",  # libpq quotes the bad token: the password
+        "postgresql://db.invalid/x?pass%77ord=hunter2&nonsense=1",  # libpq decodes the name
+        "postgresql://capy:hunter2 pw@db.invalid/x?nonsense=1",  # a space in the password
+        "postgresql://capy:hunter2@pw@db.invalid/x?nonsense=1",  # an unencoded '@'
+    ],
+)
+def test_no_form_of_an_unparsable_database_url_shows_its_password(url):
+    message = refusal({"CAPY_DATABASE_URL": url})
+    assert message.startswith("CAPY_DATABASE_URL must be") and "hunter2" not in message
+    assert "pw" not in message.replace("postgresql://", "")
+
+
+DURATIONS = [
+    name
+    for name in env_vars().values()
+    if name.endswith("_SECONDS")
+    and name not in ("CAPY_UPLOAD_URL_EXPIRY_SECONDS", "CAPY_PUBLISH_DEADLINE_SECONDS")
+]
+
+
+@pytest.mark.parametrize("variable", DURATIONS)
+def test_a_duration_too_long_to_add_to_a_date_is_refused_at_start_up(variable):
+    # 10**15 s of a job's time limit or a lease passed the start-up check, then every
+    # stage raised OverflowError adding it to a datetime (and a webhook attempt did so
+    # after sending, before recording).
+    message = refusal({variable: "1" + "0" * 15})
+    assert message.startswith(f"{variable} must be "), message
+    assert message.endswith(", at most 315,360,000 (10 years), not 1000000000000000"), message
+
+
+@pytest.mark.parametrize("delays", ["inf", "5,1e300", "nan"])
+def test_webhook_waits_must_be_finite(delays):
+    message = refusal({"CAPY_WEBHOOK_RETRY_SECONDS": delays})
+    assert message.startswith("CAPY_WEBHOOK_RETRY_SECONDS must be numbers of seconds"), message
+
+
+def test_the_longest_duration_allowed_can_be_added_to_a_date():
+    import datetime as dt
+
+    from pipeline.config import MAX_SECONDS
+
+    settings = Settings.from_env({"CAPY_WEBHOOK_RETRY_SECONDS": str(MAX_SECONDS)})
+    assert settings.webhook_retry_seconds == (MAX_SECONDS,)
+    assert dt.datetime.now(dt.UTC) + 2 * dt.timedelta(seconds=MAX_SECONDS) > dt.datetime.now(dt.UTC)
+
+
+def test_a_misspelt_variable_is_refused_instead_of_ignored():
+    # CAPY_STAGE_TIME_LIMIT_SECOND=21600 ran every stage with the 25 min default.
+    assert refusal({"CAPY_STAGE_TIME_LIMIT_SECOND": "21600", "CAPY_CONCURRENCY": "0"}) == (
+        "CAPY_STAGE_TIME_LIMIT_SECOND is not a setting: did you mean CAPY_STAGE_TIME_LIMIT_SECONDS? "
+        "Rename it, or unset it; CAPY_CONCURRENCY must be a whole number above 0, not 0"
+    )
+    assert "did you mean CAPY_METRICS_TOKEN?" in refusal({"CAPY_METRIC_TOKEN": "s3cret"})
+    # The variables named otherwise than their field, set by the field's name.
+    assert "did you mean CAPY_ENV?" in refusal({"CAPY_ENVIRONMENT": "development"})
+    assert "did you mean CAPY_PG_BIN_DIR?" in refusal({"CAPY_PG_BIN_DIR_TEMPLATE": "/opt/pg/{major}/bin"})
+    # Variables of the run commands and of compose.yaml are not settings, nor near one.
+    Settings.from_env({"CAPY_WORKER_THREADS": "8", "CAPY_POSTGRES_PASSWORD": "x", "CAPY_IMAGE_TAG": "v1"})
+
+
 def test_an_empty_variable_means_the_default():
     assert Settings.from_env({"CAPY_CONCURRENCY": "", "CAPY_ENV": "", "CAPY_PG_BIN_DIR": ""}) == Settings()
 
@@ -158,6 +221,21 @@ def test_the_repr_hides_every_secret():
     shown = repr(settings) + str(settings)
     assert "k" * 40 not in shown and "s3-secret-value" not in shown and "metrics-token-value" not in shown
     assert "queue_prefix='capy'" in shown
+
+
+def test_the_repr_masks_the_passwords_of_the_urls():
+    # The README promised URLs "with their password masked"; the repr showed both.
+    settings = Settings.from_env(
+        {
+            "CAPY_DATABASE_URL": "postgresql://capy:hunter2-db@db.invalid/capy_imports",
+            "CAPY_BROKER_URL": "amqp://capy:hunter2-mq@mq.invalid:5672/%2F",
+        }
+    )
+    shown = repr(settings) + str(settings)
+    assert "hunter2" not in shown
+    assert "database_url='postgresql://capy:***@db.invalid/capy_imports'" in shown
+    assert "broker_url='amqp://capy:***@mq.invalid:5672/%2F'" in shown
+    assert settings.database_url.endswith("hunter2-db@db.invalid/capy_imports")  # the value itself is kept
 
 
 def test_test_holds_are_checked_at_start_up():

@@ -3,6 +3,7 @@ address gate, which changes are events, and the queue's messages."""
 
 import hashlib
 import hmac
+import http.client
 import json
 import re
 import socket
@@ -51,6 +52,16 @@ def test_verify_accepts_the_signature_and_refuses_a_changed_body_key_or_old_time
     assert not signing.verify(SECRET, header, BODY, now=now + signing.DEFAULT_TOLERANCE_SECONDS + 1)
     assert not signing.verify(SECRET, "v1=" + "0" * 64, BODY, now=now)
     assert not signing.verify(SECRET, "t=abc,v1=00", BODY, now=now)
+
+
+# What anyone may send a receiver: a verifier answers False, it does not raise (a 500).
+HOSTILE_SIGNATURES = ("t={now},v1=é", "t={now},v1=\udcff", "t=²,v1=00", "t=,v1=", ",,=,", "t={now}")
+
+
+@pytest.mark.parametrize("header", HOSTILE_SIGNATURES)
+def test_verify_refuses_a_hostile_header_without_raising(header):
+    now = 1_764_417_600
+    assert signing.verify(SECRET, header.format(now=now), BODY, now=now) is False
 
 
 def test_secrets_are_whsec_and_unique():
@@ -190,6 +201,8 @@ def test_an_unresolvable_host_is_refused():
         ("https:///path", False, "no host"),
         ("https://hooks.example.invalid:99999/", False, "not a valid URL"),
         ("https://hooks.example.invalid/a b", False, "spaces"),
+        ("https://hooks.example.invalid/a\x85b", False, "control characters"),
+        ("https://hooks.example.invalid/a\u3000b", False, "spaces"),
         ("https://hooks.example.invalid/" + "a" * 3000, False, "characters long"),
     ],
 )
@@ -263,3 +276,18 @@ def test_the_readme_verification_snippet_accepts_our_signature_and_nothing_else(
     assert not verify(SECRET, header, BODY + b" ")
     assert not verify("whsec_other", header, BODY)
     assert not verify(SECRET, signing.signature_header(SECRET, now - 3600, BODY), BODY)
+    for hostile in HOSTILE_SIGNATURES:
+        assert verify(SECRET, hostile.format(now=now), BODY) is False, hostile
+
+
+def test_a_path_with_other_than_ascii_is_sent_percent_encoded():
+    # http.client writes the request line in ASCII: an endpoint added with `/é` made
+    # every attempt raise (nothing recorded) instead of being sent.
+    target = check_address(
+        "https://hooks.example.invalid/crochet/é?projet=été",
+        dev_mode=False,
+        allow_private=False,
+        resolver=public,
+    )
+    assert target.path == "/crochet/%C3%A9?projet=%C3%A9t%C3%A9"
+    http.client.HTTPConnection(target.host).putrequest("POST", target.path)  # no socket: the line only
