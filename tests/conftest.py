@@ -81,8 +81,8 @@ def control_db(base_settings):
 
 # Queue prefixes of the run: the e2e modules that start services of their own use
 # their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py,
-# test_contract.py).
-QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak", "_anyworker", "_contract")
+# test_contract.py, test_observability.py; tests/integration/test_observability.py).
+QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak", "_anyworker", "_contract", "_observed", "_probe")
 
 
 def _delete_queues(settings: Settings) -> None:

@@ -19,15 +19,18 @@ IMPORTS_ROUTE = "/v1/projects/{project_id}/imports"
 
 @pytest.fixture(scope="module")
 def observed(control_db, tmp_path_factory):
-    """A service of its own: its metrics directory starts empty, its logs are JSON."""
-    env = service_env(control_db)
+    """A service of its own: its metrics directory starts empty, its logs are JSON, and
+    its queues are its own (tests/conftest.py deletes them): a message an earlier test
+    left in the session's queues must not be counted among this import's stages."""
+    settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_observed")
+    env = service_env(settings)
     cli(env, "migrate")
     dbname = control_db.database_url.rsplit("/", 1)[1]
     if not pg.admin("SELECT id FROM clusters WHERE name = 'local'", dbname=dbname):
         cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
     metrics_dir = tmp_path_factory.mktemp("metrics")
     running = start_service(
-        control_db,
+        settings,
         tmp_path_factory.mktemp("observed-logs"),
         PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
         CAPY_LOG_FORMAT="json",

@@ -4,7 +4,6 @@ with a clear message, and the project's live database is never touched."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -164,7 +163,7 @@ def test_a_pg_restore_that_stops_producing_rows_fails_the_stage_transiently(
 ):
     """Whichever watchdog sees it first (the engine's, or the command's own), a stopped
     reader is a stall to retry, not a damaged archive: the retry imports it all."""
-    settings = dataclasses.replace(control_db, command_stall_seconds=2)
+    settings = control_db.replace(command_stall_seconds=2)
     data = _archive(source, tmp_path).read_bytes()
     stopped: list[int] = []
     done = threading.Event()

@@ -101,15 +101,16 @@ def test_a_permanent_failure_is_counted_by_stage_and_classification(control_db, 
 
 
 def test_queue_depths_are_read_from_rabbitmq(control_db):
-    broker = make_broker(control_db, publisher=True)
-    queue = StageQueue(broker, control_db)
+    # Queues of its own (tests/conftest.py deletes them): a worker another test left
+    # consuming the session's queues would take the message before it is counted.
+    settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_probe")
+    broker = make_broker(settings, publisher=True)
+    queue = StageQueue(broker, settings)
     # A wake-up for a job that does not exist: a worker that takes it ignores it.
     queue.wake("job_metricsprobe0000000000", "finalize")
-    stage_queue = f"{control_db.queue_prefix}.finalize"
+    stage_queue = f"{settings.queue_prefix}.finalize"
     try:
-        families = {
-            f.name: f for f in scrape.QueueGauges(control_db.broker_url, queue.queue_names()).collect()
-        }
+        families = {f.name: f for f in scrape.QueueGauges(settings.broker_url, queue.queue_names()).collect()}
         depths = {s.labels["queue"]: s.value for s in families["capy_queue_messages"].samples}
         dead = {s.labels["queue"]: s.value for s in families["capy_dead_letter_messages"].samples}
         assert depths[stage_queue] >= 1
@@ -117,7 +118,7 @@ def test_queue_depths_are_read_from_rabbitmq(control_db):
         (up,) = families["capy_metrics_source_up"].samples
         assert up.labels == {"source": "broker"} and up.value == 1
     finally:
-        connection = pika.BlockingConnection(pika.URLParameters(control_db.broker_url))
+        connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
         connection.channel().queue_purge(stage_queue)
         connection.close()
         broker.close()

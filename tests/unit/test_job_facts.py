@@ -212,13 +212,19 @@ def test_a_stage_result_refuses_a_fact_nobody_reads():
         RestoreResult(preview_database="p", source_count={"public.a": 2})
 
 
+def _payload(wrapped: object) -> object:
+    """What a JSON parameter holds: peewee's fallback wrapper (`.value`) before the
+    control database is set up, psycopg2's adapter (`.adapted`) once it is."""
+    return wrapped.value if hasattr(wrapped, "value") else wrapped.adapted  # type: ignore[attr-defined]
+
+
 def test_the_column_writes_models_as_the_json_they_set():
-    assert Job.facts.db_value(PreflightResult(source_address="192.0.2.7")).value == {
+    assert _payload(Job.facts.db_value(PreflightResult(source_address="192.0.2.7"))) == {
         "source_address": "192.0.2.7"
     }
-    assert Job.facts.db_value(JobFacts(upload_deleted=True)).value == {"upload_deleted": True}
-    assert Job.facts.db_value({"preflight": {}}).value == {
+    assert _payload(Job.facts.db_value(JobFacts(upload_deleted=True))) == {"upload_deleted": True}
+    assert _payload(Job.facts.db_value({"preflight": {}})) == {
         "preflight": {}
     }  # plain JSON, as operators write it
     merged = Job.facts.concat(JobFacts(tool_process=ToolProcess(pgid=1, program="pg_dump")))
-    assert merged.rhs.value == {"tool_process": {"pgid": 1, "program": "pg_dump"}}
+    assert _payload(merged.rhs) == {"tool_process": {"pgid": 1, "program": "pg_dump"}}
