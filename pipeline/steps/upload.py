@@ -46,7 +46,7 @@ from pipeline.steps.results import FetchResult, SourceDescription, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
-from stages.dumps.archivecheck import check_complete, encoding_of
+from stages.dumps.archivecheck import check_complete
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
@@ -116,12 +116,16 @@ def fetch_upload(
             # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
             check_complete(archive, info.format)
             check_archive_readable(tools, archive, info, major)
-            facts.update(_archive_facts(tools, archive, folder, skipped, settings.extension_allowlist))
+            contents = readable_toc(archive)
+            facts.update(
+                _archive_facts(
+                    tools, archive, folder, skipped, settings.extension_allowlist, contents.encoding
+                )
+            )
             # The rows are counted by restore as they stream (pipeline.steps.archive);
             # the sequences' values are in the table of contents.
             counter.sequences = archive_sequences(
-                (e.definition or b"" for e in readable_toc(archive).entries if e.desc == "SEQUENCE SET"),
-                facts["dump_encoding"],
+                (e.definition or b"" for e in contents.entries if e.desc == "SEQUENCE SET"), contents.encoding
             )
             kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
         else:
@@ -304,13 +308,13 @@ def _archive_facts(
     folder: str,
     skipped: list[dict[str, Any]],
     allowlist: list[str] | tuple[str, ...],
+    encoding: str,
 ) -> dict[str, Any]:
     """Read the archive's TOC: what the project role restores, what it skips and why,
     which extensions (in which schemas) the service creates first, the source's
     encoding (names and rows are decoded from it), and the database's settings and
     comment (set at finalize, see stages.database.dbsettings). restore computes the same plan
     again from these facts (`extensions`, the skip list) and the same archive."""
-    encoding = encoding_of(archive)
     entries = toc.read(tools, archive, encoding=encoding)
     extensions = toc.extension_schemas(tools, archive, entries, folder)
     require_allowlisted(extensions, allowlist)

@@ -20,7 +20,7 @@ from pipeline.models import Organization, WebhookEndpoint, utcnow
 from pipeline.sealing import Sealer
 from pipeline.serialize import timestamp
 from pipeline.webhooks.signing import new_secret
-from stages.connections.addresses import SourceHostUnresolvable, address_problem, resolve
+from stages.connections.addresses import SourceHostUnresolvable, refused_addresses, resolve
 from stages.errors import PermanentError
 
 MAX_URL_LENGTH = 2048
@@ -103,16 +103,12 @@ def check_address(url: str, *, dev_mode: bool, allow_private: bool, resolver: Re
         ) from err
     if not addresses:
         raise EndpointAddressNotAllowed(f"the webhook host {host!r} does not resolve; check the host name")
-    if not allow_private:
-        for address in addresses:
-            problem = address_problem(address)
-            if problem:
-                among = f" (one of its addresses: {', '.join(addresses)})" if len(addresses) > 1 else ""
-                raise EndpointAddressNotAllowed(
-                    f"the webhook host {host!r} resolves to {address}, {problem}{among}; webhooks are "
-                    "sent only to publicly reachable addresses (an operator can allow private ones "
-                    "with CAPY_ALLOW_PRIVATE_SOURCES=true)"
-                )
+    if not allow_private and (why := refused_addresses(addresses)):
+        raise EndpointAddressNotAllowed(
+            f"the webhook host {host!r} {why}; webhooks are "
+            "sent only to publicly reachable addresses (an operator can allow private ones "
+            "with CAPY_ALLOW_PRIVATE_SOURCES=true)"
+        )
     return Target(scheme, host, port, path, addresses[0])
 
 

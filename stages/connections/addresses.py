@@ -193,15 +193,23 @@ def pin_address(source: SourceURL, *, allow_private: bool, resolver: Resolver = 
     addresses = resolver(source.host, source.port)
     if not addresses:
         raise SourceHostUnresolvable(f"the source host {source.host!r} does not resolve; check the host name")
-    if not allow_private:
-        for address in addresses:
-            problem = address_problem(address)
-            if problem:
-                among = f" (one of its addresses: {', '.join(addresses)})" if len(addresses) > 1 else ""
-                raise SourceAddressNotAllowed(
-                    f"the source host {source.host!r} resolves to {address}, {problem}{among}; "
-                    "imports connect only to publicly reachable databases. Use the database's "
-                    "public host name (an operator can allow private sources with "
-                    "CAPY_ALLOW_PRIVATE_SOURCES=true)"
-                )
+    if not allow_private and (why := refused_addresses(addresses)):
+        raise SourceAddressNotAllowed(
+            f"the source host {source.host!r} {why}; "
+            "imports connect only to publicly reachable databases. Use the database's "
+            "public host name (an operator can allow private sources with "
+            "CAPY_ALLOW_PRIVATE_SOURCES=true)"
+        )
     return source.with_params(hostaddr=addresses[0])
+
+
+def refused_addresses(addresses: list[str]) -> str | None:
+    """Why a host that resolves to `addresses` is refused ("resolves to 10.0.0.5, a
+    private address (one of its addresses: …)"), or None when every one is allowed:
+    one address not allowed refuses the name, whichever comes first."""
+    for address in addresses:
+        problem = address_problem(address)
+        if problem:
+            among = f" (one of its addresses: {', '.join(addresses)})" if len(addresses) > 1 else ""
+            return f"resolves to {address}, {problem}{among}"
+    return None

@@ -23,19 +23,17 @@ in which every name and row of the archive is written.
 from __future__ import annotations
 
 import os
-import re
 from typing import BinaryIO
 
 from stages.dumps.archivetoc import (
-    ARCH_CUSTOM,
     BLOCK,
-    MAGIC,
     OFFSET_NOT_SET,
     OFFSET_SET,
     End,
     Reader,
     read_entries,
     read_header,
+    read_toc,
     tar_member,
 )
 from stages.errors import PermanentError
@@ -168,27 +166,12 @@ def cut_short_in_head(head_path: str, fmt: str, size: int) -> str | None:
     return None if why is None else message(fmt, why)
 
 
-_CLIENT_ENCODING = re.compile(rb"SET client_encoding = '([A-Za-z0-9_]+)';")
-
-
 def encoding_of(path: str) -> str:
     """The server encoding of the database an archive was dumped from (its ENCODING
     entry: "SET client_encoding = 'LATIN1';"): the encoding of every name and string
     in the archive. `path` is a custom or tar archive, or a directory-format dump.
     UTF8 when the archive does not say."""
-    toc_path, start = (os.path.join(path, "toc.dat"), 0) if os.path.isdir(path) else (path, 0)
-    with open(toc_path, "rb") as fh:
-        if fh.read(len(MAGIC)) != MAGIC:
-            start = BLOCK  # tar: the first member, toc.dat, follows its header
-        fh.seek(start)
-        reader = Reader(fh, os.path.getsize(toc_path))
-        try:
-            version, fmt, _compressed = read_header(reader)
-            entries = read_entries(reader, version, custom=fmt == ARCH_CUSTOM and not os.path.isdir(path))
-        except (End, ValueError):
-            return "UTF8"
-    for entry in entries:
-        found = _CLIENT_ENCODING.search(entry.definition or b"")
-        if found:
-            return found.group(1).decode("ascii")
-    return "UTF8"
+    try:
+        return read_toc(path).encoding
+    except (End, ValueError):
+        return "UTF8"

@@ -13,6 +13,7 @@ Everything read here is the uploader's text: callers parse it strictly and never
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,6 +22,7 @@ MAGIC = b"PGDMP"
 # pg_backup_archiver.h: ReadOffset's flags, and the archive formats.
 OFFSET_NOT_SET, OFFSET_SET, NO_DATA = 1, 2, 3
 ARCH_CUSTOM, ARCH_TAR = 1, 3
+_CLIENT_ENCODING = re.compile(rb"SET client_encoding = '([A-Za-z0-9_]+)';")
 
 
 class End(Exception):
@@ -59,6 +61,17 @@ class ArchiveToc:
     compressed: bool
     entries: list[ArchiveEntry]
     data_bytes: dict[int, int]
+
+    @property
+    def encoding(self) -> str:
+        """The server encoding of the database it was dumped from (its ENCODING entry:
+        "SET client_encoding = 'LATIN1';"), in which every name and row is written;
+        UTF8 when it does not say."""
+        for entry in self.entries:
+            found = _CLIENT_ENCODING.search(entry.definition or b"")
+            if found:
+                return found.group(1).decode("ascii")
+        return "UTF8"
 
 
 class Reader:
