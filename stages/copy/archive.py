@@ -143,7 +143,7 @@ def plan_archive(
             continue
         copy = parse_copy(found.copy_statement or b"", codec)
         owner = next((tables[d] for d in found.deps if d in tables), None)
-        if copy is None or owner is None or not _has_data(found, toc):
+        if copy is None or owner is None or not _has_data(found):
             continue
         if _decoded(owner.namespace, codec) != copy.schema or _decoded(owner.tag, codec) != copy.table:
             continue  # loaded through another table (a partition's root)
@@ -186,12 +186,7 @@ def _loaded_by_pg_restore(
     loaded: set[tuple[str, str]] = set()
     for entry in kept:
         found = by_id.get(entry.dump_id)
-        if (
-            found is None
-            or id(found) in candidate_ids
-            or found.desc != "TABLE DATA"
-            or not _has_data(found, toc)
-        ):
+        if found is None or id(found) in candidate_ids or found.desc != "TABLE DATA" or not _has_data(found):
             continue
         copy = parse_copy(found.copy_statement or b"", codec)
         if copy is None:
@@ -207,7 +202,7 @@ def _decoded(text: bytes | None, codec: str) -> str | None:
         return None
 
 
-def _has_data(entry: ArchiveEntry, toc: ArchiveToc) -> bool:
+def _has_data(entry: ArchiveEntry) -> bool:
     if entry.member is not None:
         return True
     return entry.offset_flag != NO_DATA and entry.offset_flag != 0
