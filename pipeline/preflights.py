@@ -121,14 +121,16 @@ def preflight_source(
     deadline = SourceDeadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
     unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else None
     try:
-        report = check_live_source(
-            source,
-            target,
-            allow_private=settings.allow_private_sources,
-            timeout=settings.source_connect_timeout,
-            deadline=deadline,
-            rehearsal=setup,
-        )
+        # The rehearsal's database is made while the source is checked and its schema dumped.
+        with setup.sandbox.ahead():
+            report = check_live_source(
+                source,
+                target,
+                allow_private=settings.allow_private_sources,
+                timeout=settings.source_connect_timeout,
+                deadline=deadline,
+                rehearsal=setup,
+            )
     finally:
         if unsubscribe is not None:
             unsubscribe()
@@ -167,7 +169,11 @@ def preflight_upload(
         stall_seconds=settings.command_stall_seconds,
     )
     os.makedirs(settings.work_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
+    # The rehearsal's database is made while the head of the upload is read and checked.
+    with (
+        setup.sandbox.ahead(),
+        tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder,
+    ):
         head, tail = os.path.join(folder, "head"), None
         try:
             size = store.size(key)

@@ -89,15 +89,17 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
     admin.lock_down(project.database_name)
     with stage_folder(steps.settings, job, "restore") as work:
         tools = steps._tools(context)
-        context.progress({"step": "schema", "phase": "reading the source's schema"})
-        with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
+        # The preview is made in the background while the schema is dumped and read.
+        with (
+            steps._preview_started(context) as preview_ready,
+            Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot,
+        ):
+            context.progress({"step": "schema", "phase": "reading the source's schema"})
             archive = os.path.join(work, "schema.dump")
             snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
             planned, keep = steps._plan_archive(tools, archive, work, job.facts.rehearsal_skipped)
             list_file = planned.pop("restore_list")
-            target, restorer, preview = steps._new_preview(
-                context, planned["extensions"], planned["extension_comments"]
-            )
+            target, restorer, preview = preview_ready(planned["extensions"], planned["extension_comments"])
             context.progress(
                 {"step": "schema", "phase": "creating the schema", "preview_database_id": preview}
             )

@@ -512,19 +512,22 @@ def _load_block(
     target: psycopg2.extensions.connection, item: StreamedTable, rows: _Rows, flow: Flow
 ) -> tuple[int, int]:
     """One table's rows into the preview, in its own transaction: TRUNCATE, then COPY
-    FREEZE; both counts (the rows read, the preview's `COPY n`) must agree."""
+    FREEZE (a table of FREEZE_MIN_BYTES or more, stages.copy.stream), or a plain COPY;
+    both counts (the rows read, the preview's `COPY n`) must agree."""
     name = quoted(item.copy.schema, item.copy.table)
     columns = sql.SQL(", ").join(quoted(c) for c in item.copy.columns)
+    freeze = sql.SQL(" WITH (FREEZE)" if item.table.frozen else "")
     statement = (
-        sql.SQL("COPY {} ({}) FROM STDIN WITH (FREEZE)").format(name, columns)
+        sql.SQL("COPY {} ({}) FROM STDIN{}").format(name, columns, freeze)
         if item.copy.columns
-        else sql.SQL("COPY {} FROM STDIN WITH (FREEZE)").format(name)
+        else sql.SQL("COPY {} FROM STDIN{}").format(name, freeze)
     )
     block = rows.block(flow)
     with target_errors(f"loading the rows of table {item.table.key} into the preview"):
         try:
             with target.cursor() as cur:
-                cur.execute(sql.SQL("TRUNCATE ONLY {}").format(name))
+                if item.table.frozen:
+                    cur.execute(sql.SQL("TRUNCATE ONLY {}").format(name))
                 # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
                 cur.copy_expert(statement, block, size=READ_CHUNK)  # type: ignore[arg-type]
                 target_rows = cur.rowcount

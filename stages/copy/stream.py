@@ -3,8 +3,9 @@
 `COPY … TO STDOUT` on the source writes each row into a pipe; `COPY … FROM STDIN` on the
 preview reads the pipe in large chunks. Nothing is compressed and nothing lands on disk;
 the pipe and one write buffer are all the memory a stream holds. The preview's side runs
-in the table's own transaction, after `TRUNCATE`, with `FREEZE`: the rows are written
-frozen, so the first VACUUM has nothing to do, and a failed copy leaves the table empty.
+in the table's own transaction, after `TRUNCATE`, with `FREEZE` (tables of
+FREEZE_MIN_BYTES or more): the rows are written frozen, so the first VACUUM has nothing
+to do; a failed copy leaves the table empty.
 
 Both sides' row counts come back (`COPY n`): they are the same snapshot's rows, so the
 source count is exact without a separate `count(*)`, and a difference is an error.
@@ -25,6 +26,12 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 PIPE_BYTES = 1 << 20
+# A table smaller than this is loaded by a plain COPY, without TRUNCATE and FREEZE. COPY
+# FREEZE needs the table truncated in its own transaction, and TRUNCATE makes the table's
+# files anew: measured here, 6 ms against 0.6 ms to load 100 rows, and 2,000 small tables
+# paid it 2,000 times. What FREEZE saves (the first VACUUM's pass over the table's pages)
+# is nothing at that size; a failed load still leaves the table empty (it is rolled back).
+FREEZE_MIN_BYTES = 8 << 20
 WRITE_BUFFER = 1 << 18
 READ_CHUNK = 1 << 17
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' fcntl
@@ -61,11 +68,18 @@ class SourceTable:
             sql.Identifier(self.schema, self.name), self.column_list()
         )
 
+    @property
+    def frozen(self) -> bool:
+        """Whether its rows are loaded frozen (TRUNCATE, then COPY FREEZE): tables of
+        FREEZE_MIN_BYTES or more."""
+        return self.bytes >= FREEZE_MIN_BYTES
+
     def copy_in(self) -> sql.Composable:
+        freeze = sql.SQL(" WITH (FREEZE)" if self.frozen else "")
         if not self.columns:
-            return sql.SQL("COPY {} FROM STDIN WITH (FREEZE)").format(sql.Identifier(self.schema, self.name))
-        return sql.SQL("COPY {} ({}) FROM STDIN WITH (FREEZE)").format(
-            sql.Identifier(self.schema, self.name), self.column_list()
+            return sql.SQL("COPY {} FROM STDIN{}").format(sql.Identifier(self.schema, self.name), freeze)
+        return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
+            sql.Identifier(self.schema, self.name), self.column_list(), freeze
         )
 
 
@@ -171,7 +185,8 @@ def stream_table(
     tap = _Tap(read_fd, finished, failed, flow)
     try:
         with target.cursor() as cur:
-            cur.execute(sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(table.schema, table.name)))
+            if table.frozen:
+                cur.execute(sql.SQL("TRUNCATE ONLY {}").format(sql.Identifier(table.schema, table.name)))
             producer.start()
             try:
                 # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+from stages.background import Background
 from stages.database.cluster import ClusterAdmin, RoleLogin
 
 log = logging.getLogger(__name__)
@@ -63,22 +64,52 @@ class Sandbox:
         self.admin = admin
         self.clock = clock
         self.background = background
+        self._ahead: tuple[str, Background[RoleLogin]] | None = None
+
+    @contextlib.contextmanager
+    def ahead(self) -> Iterator[None]:
+        """Within it, the next `database` is one whose making (role and database, a
+        tenth of a second or more) started on entry, in the background, while the
+        caller checks the source and dumps its schema. Dropped on the way out if no
+        rehearsal took it."""
+        name = rehearsal_name(self.clock)
+
+        def make() -> RoleLogin:
+            login = self.admin.ensure_restore_role(name)
+            self.admin.create_database(name, owner=login.name)
+            return login
+
+        self._ahead = (name, Background(make, name=f"make-{name}"))
+        try:
+            yield
+        finally:
+            unused, self._ahead = self._ahead, None
+            if unused is not None:
+                unused[1].join()
+                self._drop(name)
 
     @contextlib.contextmanager
     def database(self, extensions: Mapping[str, str]) -> Iterator[Scratch]:
         """A fresh rehearsal database with `extensions` (name -> schema) created,
         dropped with its role on the way out (errors, timeouts and cancels included)."""
-        name = rehearsal_name(self.clock)
+        ahead, self._ahead = self._ahead, None
+        name = rehearsal_name(self.clock) if ahead is None else ahead[0]
         try:
-            login = self.admin.ensure_restore_role(name)
-            self.admin.create_database(name, owner=login.name)
+            if ahead is None:
+                login = self.admin.ensure_restore_role(name)
+                self.admin.create_database(name, owner=login.name)
+            else:
+                login = ahead[1].result()  # made or failed: either way this block drops it
             self.admin.create_extensions(name, login.name, extensions)
             yield Scratch(self.admin, name, login)
         finally:
-            if self.background:
-                _start_drop(self, name)
-            else:
-                self.drop(name)
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        if self.background:
+            _start_drop(self, name)
+        else:
+            self.drop(name)
 
     def drop(self, name: str) -> None:
         """Drop a rehearsal database and its role; a failure is logged, and left to the

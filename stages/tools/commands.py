@@ -22,12 +22,14 @@ ends (SIGKILL, OOM killer) — see `_with_parent_death_signal`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import io
 import logging
 import multiprocessing.util
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -582,6 +584,38 @@ class CommandProcess(subprocess.Popen[bytes]):
     readers: list[_TailReader]
     watchdog: _Watchdog
     reaper: subprocess.Popen[bytes] | None = None
+    _pidfd: int | None = None
+
+    def wait_briefly(self, timeout: float) -> int | None:
+        """The exit code if the command ends within `timeout` seconds, else None.
+
+        It wakes the moment the command exits (a pidfd), where `Popen.wait(timeout)`
+        polls with sleeps of up to 50 ms: a stage that runs a dozen short commands
+        lost a third of a second to those naps. Without pidfds (not Linux 5.3+), it
+        falls back to `Popen.wait`."""
+        if self.returncode is not None:
+            return self.returncode
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):
+                try:
+                    return self.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    return None
+        ready, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not ready:
+            return None
+        os.close(self._pidfd)
+        self._pidfd = None
+        return self.wait()  # it has exited: at once
+
+    def __del__(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._pidfd)
+            self._pidfd = None
+        super().__del__()
 
 
 def _run_callback(callback: Callable[[], None]) -> None:
@@ -897,11 +931,9 @@ class PgCommand:
         """Wait in short polls, so an exception raised in this thread (Dramatiq's time
         limit, a shutdown) is noticed at once; it stops the command, then propagates."""
         try:
-            while True:
-                try:
-                    return process.wait(timeout=POLL_SECONDS)
-                except subprocess.TimeoutExpired:
-                    continue
+            while (exit_code := process.wait_briefly(POLL_SECONDS)) is None:
+                continue
+            return exit_code
         except BaseException:
             self.abort(process)
             raise

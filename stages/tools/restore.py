@@ -64,6 +64,16 @@ def _located(user_line: Callable[[int], int | None] | None) -> Iterator[None]:
         ) from err
 
 
+def _preview_env(target: SourceURL) -> dict[str, str]:
+    """The environment of a tool restoring into the preview: its sessions do not wait for
+    each commit to reach disk (`synchronous_commit=off`), as the copy's lanes do not.
+    pg_restore and a plain dump commit every statement: thousands of tables made the
+    schema wait thousands of times for the WAL's flush. Nothing is at risk: a preview
+    whose restore did not finish is dropped and restored again, and the swap at finalize
+    is a synchronous commit, which flushes all the WAL before it."""
+    return {**target.env(), "PGOPTIONS": "-c synchronous_commit=off"}
+
+
 # How often to look whether psql opened the named pipe of a streamed script yet.
 _PIPE_POLL_SECONDS = 0.02
 
@@ -83,7 +93,7 @@ def restore_archive(
             pg_restore.restore_args(
                 archive, target.conninfo(), jobs=jobs if fmt in PARALLEL_FORMATS else 1, list_file=list_file
             ),
-            env=target.env(),
+            env=_preview_env(target),
             secrets=[target.password],
             what="pg_restore into the preview database",
         )
@@ -154,9 +164,9 @@ def _run_psql(
         with _explained(), _located(user_line):
             args = psql.script_args(target.conninfo(), script, restrict_file=restrict_file)
             if feed is None:
-                psql.run(args, env=target.env(), secrets=[target.password], what=what)
+                psql.run(args, env=_preview_env(target), secrets=[target.password], what=what)
                 return
-            process = psql.start(args, env=target.env(), secrets=[target.password], what=what)
+            process = psql.start(args, env=_preview_env(target), secrets=[target.password], what=what)
             try:
                 _feed_pipe(script, process, feed)
             except BaseException:
@@ -204,7 +214,7 @@ def restore_section(
     with _explained():
         pg_restore.run(
             [*args[:-1], f"--section={section}", args[-1]],
-            env=target.env(),
+            env=_preview_env(target),
             secrets=[target.password],
             what=f"pg_restore of the schema's {section} into the preview database",
         )

@@ -1,0 +1,48 @@
+"""One call run on a thread of its own while the caller goes on (the preview database
+created while the schema is dumped, a rehearsal database while the source is checked)."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+JOIN_POLL_SECONDS = 0.1
+
+
+class Background(Generic[T]):
+    """`work()` started now on a daemon thread, in a copy of the caller's context (its
+    logging fields: job, stage, attempt).
+
+    `result()` waits for it and returns its value or raises its error, in the caller's
+    thread; `join()` only waits (a caller on its way out: whatever the work made exists,
+    or has failed, once it returns, so the caller's cleanup finds it)."""
+
+    def __init__(self, work: Callable[[], T], *, name: str) -> None:
+        self._value: list[T] = []
+        self._error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._value.append(work())
+            except BaseException as err:  # noqa: BLE001 - raised by result(), in the caller's thread
+                self._error.append(err)
+
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run, args=(run,), name=name, daemon=True
+        )
+        self._thread.start()
+
+    def join(self) -> None:
+        # In short waits: an exception raised in the caller's thread (Dramatiq's time
+        # limit) is delivered only between them.
+        while self._thread.is_alive():
+            self._thread.join(JOIN_POLL_SECONDS)
+
+    def result(self) -> T:
+        self.join()
+        if self._error:
+            raise self._error[0]
+        return self._value[0]
