@@ -355,3 +355,12 @@ def test_a_plain_dump_larger_than_the_preflight_head_has_its_whole_schema_rehear
     live = world.project.database_name
     assert pg.admin("SELECT polname FROM pg_policy", dbname=live) == [("everyone",)]
     assert pg.row_counts(live) == {"public.t": 2000}
+
+
+def test_the_restores_sessions_do_not_wait_for_each_commit_to_reach_disk(control_db, store):
+    # What the dump's own statements see of their session (stages.tools.restore._preview_env).
+    script = b"CREATE TABLE seen AS SELECT current_setting('synchronous_commit') AS setting;\n"
+    world = make_world(control_db)
+    job = upload_and_import(control_db, store, world, script)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert pg.admin("SELECT setting FROM seen", dbname=world.project.database_name) == [("off",)]

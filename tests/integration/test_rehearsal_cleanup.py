@@ -61,3 +61,48 @@ def test_only_names_of_the_rehearsal_shape_are_ever_stale():
     assert not is_stale(f"{REHEARSAL_PREFIX}{int(now) - 10}_ab12", now)
     assert not is_stale(f"{REHEARSAL_PREFIX}older_ab12", now)
     assert not is_stale("capy_restore_123_ab12", now)
+
+
+def _rehearsals() -> set[str]:
+    return {
+        name
+        for (name,) in pg.admin(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (REHEARSAL_PREFIX + "%",)
+        )
+    }
+
+
+def test_the_database_made_ahead_is_the_one_the_rehearsal_uses_then_dropped():
+    sandbox = Sandbox(ClusterAdmin(pg.ADMIN_URL))
+    before = _rehearsals()
+    with sandbox.ahead():
+        made = _wait_for_new_rehearsal(before)
+        with sandbox.database({"pg_trgm": "public"}) as scratch:
+            assert scratch.database == made
+            assert pg.admin("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'", dbname=made) == [(1,)]
+        # A second rehearsal in the block makes its own.
+        with sandbox.database({}) as second:
+            assert second.database != made
+    wait_for_drops()
+    assert exists(made) == (False, False) and exists(second.database) == (False, False)
+
+
+def test_a_database_made_ahead_and_never_used_is_dropped_with_its_role():
+    sandbox = Sandbox(ClusterAdmin(pg.ADMIN_URL))
+    before = _rehearsals()
+    with pytest.raises(RuntimeError, match="the source is unreachable"), sandbox.ahead():
+        made = _wait_for_new_rehearsal(before)
+        raise RuntimeError("the source is unreachable")
+    wait_for_drops()
+    assert exists(made) == (False, False)
+
+
+def _wait_for_new_rehearsal(before: set[str], timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        new = _rehearsals() - before
+        if new:
+            (name,) = new
+            return name
+        time.sleep(0.02)
+    raise AssertionError("no rehearsal database was made ahead")

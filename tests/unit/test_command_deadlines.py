@@ -285,3 +285,19 @@ def test_tools_do_not_inherit_the_workers_libpq_variables(tmp_path, monkeypatch)
     seen = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
     assert "PGSERVICE" not in seen and "PGSSLCERT" not in seen and "PGPASSWORD" not in seen
     assert seen["PGPASSFILE"] == "/nonexistent"
+
+
+def test_wait_briefly_answers_none_while_a_command_runs_and_its_exit_code_once_it_ends(tmp_path):
+    from stages.tools.commands import CommandProcess
+
+    gate = tmp_path / "gate"
+    process = CommandProcess(["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.01; done; exit 3"])
+    try:
+        assert process.wait_briefly(0.05) is None  # still running
+        gate.touch()
+        assert process.wait_briefly(30) == 3
+        assert process.wait_briefly(0) == 3  # and again, once reaped
+    finally:
+        if process.returncode is None:
+            process.kill()
+            process.wait()

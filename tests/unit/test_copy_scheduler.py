@@ -124,3 +124,16 @@ def test_tasks_run_in_the_callers_context():
     finally:
         _JOB.reset(token)
     assert seen == ["job_1"] * 4
+
+
+def test_foreign_keys_into_one_table_are_chained_cheapest_first_and_ranked_by_their_sum():
+    from stages.copy.engine import chain_serial
+
+    keys = [Task[None](f"fk {cost}", cost, lambda _l: None, frozenset({"parent"})) for cost in (30, 10, 20)]
+    chain_serial(keys)
+    by_name = {task.name: task for task in keys}
+    assert by_name["fk 20"].after == [by_name["fk 10"]]
+    assert by_name["fk 30"].after == [by_name["fk 20"]]
+    assert by_name["fk 10"].after == []
+    rank(keys)
+    assert by_name["fk 10"].rank == 60  # the whole chain is still ahead of the first key

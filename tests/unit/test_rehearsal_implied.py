@@ -14,7 +14,10 @@ HEADER = "--\n-- TOC entry 7 (class 2606 OID 16440)\n-- Name: t t_pkey; Type: CO
 @pytest.mark.parametrize(
     ("desc", "sql"),
     [
-        ("CONSTRAINT", "ALTER TABLE ONLY public.many_0001\n    ADD CONSTRAINT many_0001_pkey PRIMARY KEY (id);"),
+        (
+            "CONSTRAINT",
+            "ALTER TABLE ONLY public.many_0001\n    ADD CONSTRAINT many_0001_pkey PRIMARY KEY (id);",
+        ),
         ("CONSTRAINT", 'ALTER TABLE ONLY "My Schema"."T"\n    ADD CONSTRAINT "T_u" UNIQUE (a, "B c");'),
         ("INDEX", "CREATE INDEX many_0001_label ON public.many_0001 USING btree (label);"),
         ("INDEX", "CREATE UNIQUE INDEX u ON ONLY public.parted USING btree (a, b);"),
@@ -38,7 +41,10 @@ def test_plain_keys_and_btree_indexes_as_pg_dump_writes_them_are_implied(desc, s
     ("desc", "sql"),
     [
         ("INDEX", "CREATE INDEX i ON public.t USING btree (lower(label));"),  # an expression
-        ("INDEX", "CREATE INDEX i ON public.t USING btree (label) WHERE (public.f(label) > 0);"),  # a predicate
+        (
+            "INDEX",
+            "CREATE INDEX i ON public.t USING btree (label) WHERE (public.f(label) > 0);",
+        ),  # a predicate
         ("INDEX", "CREATE INDEX i ON public.t USING gin (body public.gin_trgm_ops);"),  # another method
         ("INDEX", 'CREATE INDEX i ON public.t USING btree (label COLLATE "C");'),
         ("INDEX", "CREATE INDEX i ON public.t USING btree (label text_pattern_ops);"),
