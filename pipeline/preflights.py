@@ -121,16 +121,14 @@ def preflight_source(
     deadline = SourceDeadline(total=settings.preflight_deadline_seconds, what="the preflight deadline")
     unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else None
     try:
-        # The rehearsal's database is made while the source is checked and its schema dumped.
-        with setup.sandbox.ahead():
-            report = check_live_source(
-                source,
-                target,
-                allow_private=settings.allow_private_sources,
-                timeout=settings.source_connect_timeout,
-                deadline=deadline,
-                rehearsal=setup,
-            )
+        report = check_live_source(
+            source,
+            target,
+            allow_private=settings.allow_private_sources,
+            timeout=settings.source_connect_timeout,
+            deadline=deadline,
+            rehearsal=setup,
+        )
     finally:
         if unsubscribe is not None:
             unsubscribe()
@@ -169,11 +167,7 @@ def preflight_upload(
         stall_seconds=settings.command_stall_seconds,
     )
     os.makedirs(settings.work_dir, exist_ok=True)
-    # The rehearsal's database is made while the head of the upload is read and checked.
-    with (
-        setup.sandbox.ahead(),
-        tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder,
-    ):
+    with tempfile.TemporaryDirectory(dir=settings.work_dir, prefix="preflight-") as folder:
         head, tail = os.path.join(folder, "head"), None
         try:
             size = store.size(key)
@@ -183,9 +177,17 @@ def preflight_upload(
                 store.tail(key, tail, TAIL_BYTES)
         except ObjectMissing as err:
             raise PermanentError(f"nothing has been uploaded at {key}; upload the dump again") from err
-        report = check_upload_head(
-            head, size, target, tools, max_text=settings.preflight_text_bytes, rehearsal=setup, tail_path=tail
-        )
+        # The rehearsal's database is made while the head is checked (once there is one).
+        with setup.sandbox.ahead():
+            report = check_upload_head(
+                head,
+                size,
+                target,
+                tools,
+                max_text=settings.preflight_text_bytes,
+                rehearsal=setup,
+                tail_path=tail,
+            )
     # pg_restore's messages may name the scratch copy of the head: keep it out of the details.
     report.checks = [
         dataclasses.replace(check, detail=scrub_work_paths(check.detail)) for check in report.checks

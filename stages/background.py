@@ -36,10 +36,16 @@ class Background(Generic[T]):
         self._thread.start()
 
     def join(self) -> None:
-        # In short waits: an exception raised in the caller's thread (Dramatiq's time
-        # limit) is delivered only between them.
-        while self._thread.is_alive():
-            self._thread.join(JOIN_POLL_SECONDS)
+        """Wait for the work, in short waits: an exception raised in the caller's thread
+        (Dramatiq's time limit, a shutdown) is delivered only between them. Such an
+        exception still waits for the work before it propagates: what the work makes
+        (a database) must exist, or have failed, before the caller's cleanup looks."""
+        try:
+            while self._thread.is_alive():
+                self._thread.join(JOIN_POLL_SECONDS)
+        except BaseException:
+            self._thread.join()
+            raise
 
     def result(self) -> T:
         self.join()

@@ -21,6 +21,14 @@ def run(steps: ImportSteps, context: StageContext) -> RestoreResult:
     """Restore into a fresh preview owned by the import's restore role, as that role:
     the dump's SQL can reach nothing but this preview."""
     wait_for_restore_slot(context, steps.settings)  # held until this claim of the stage ends
+    result = _restore(steps, context)
+    # The preview was filled without waiting for the disk at each commit: it is on disk
+    # before the stage says it is done (and finalize trusts its counts).
+    steps._admin(context.job).flush_wal()
+    return result
+
+
+def _restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
     job = context.job
     if not job.upload_key:
         return live.restore(steps, context)

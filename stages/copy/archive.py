@@ -36,7 +36,7 @@ from psycopg2 import sql
 from stages.copy.catalog import Owned
 from stages.copy.engine import TASK_OVERHEAD, CopyProgress, Lane, Record, flowing, table_locks, target_errors
 from stages.copy.scheduler import Task
-from stages.copy.stream import Flow, SourceTable, quoted
+from stages.copy.stream import Flow, SourceTable, emptying, quoted
 from stages.database.inventory import table_key
 from stages.dumps.archivetoc import NO_DATA, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
@@ -512,7 +512,7 @@ def _load_block(
     target: psycopg2.extensions.connection, item: StreamedTable, rows: _Rows, flow: Flow
 ) -> tuple[int, int]:
     """One table's rows into the preview, in its own transaction: TRUNCATE, then COPY
-    FREEZE (a table of FREEZE_MIN_BYTES or more, stages.copy.stream), or a plain COPY;
+    FREEZE (a table of FREEZE_MIN_BYTES or more, stages.copy.stream), or DELETE and COPY;
     both counts (the rows read, the preview's `COPY n`) must agree."""
     name = quoted(item.copy.schema, item.copy.table)
     columns = sql.SQL(", ").join(quoted(c) for c in item.copy.columns)
@@ -526,8 +526,7 @@ def _load_block(
     with target_errors(f"loading the rows of table {item.table.key} into the preview"):
         try:
             with target.cursor() as cur:
-                if item.table.frozen:
-                    cur.execute(sql.SQL("TRUNCATE ONLY {}").format(name))
+                cur.execute(emptying(name, frozen=item.table.frozen))
                 # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
                 cur.copy_expert(statement, block, size=READ_CHUNK)  # type: ignore[arg-type]
                 target_rows = cur.rowcount

@@ -220,6 +220,19 @@ class ClusterAdmin:
             with conn.cursor() as cur:
                 yield cur
 
+    def flush_wal(self) -> None:
+        """Return once everything committed on the cluster so far is on disk. Previews are
+        filled without waiting for each commit (synchronous_commit off); one commit that
+        waits flushes the WAL up to it, theirs included, so a restore that says it is
+        done is done even if the server crashes a moment later."""
+        with self.autocommit() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SET LOCAL synchronous_commit = on")
+            # A commit waits for the disk only if its transaction wrote WAL (an xid alone
+            # does not): a transactional message is the least that does.
+            cur.execute("SELECT pg_catalog.pg_logical_emit_message(true, 'capy-imports', 'flush')")
+            cur.execute("COMMIT")
+
     def server_major(self) -> int:
         with self.connection() as conn:
             return server_major(conn)

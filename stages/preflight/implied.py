@@ -24,7 +24,29 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-_IDENT = r'(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+")'
+# PostgreSQL 15's keywords that are not "unreserved" (`SELECT word FROM pg_get_keywords()
+# WHERE catcode <> 'U'`): pg_dump quotes them as names, so unquoted they are SQL
+# (`btree (user)` is CURRENT_USER, `INDEX concurrently ON` is CREATE INDEX CONCURRENTLY).
+_KEYWORDS = (
+    "all analyse analyze and any array as asc asymmetric authorization between "
+    "bigint binary bit boolean both case cast char character check coalesce collate "
+    "collation column concurrently constraint create cross current_catalog "
+    "current_date current_role current_schema current_time current_timestamp "
+    "current_user dec decimal default deferrable desc distinct do else end except "
+    "exists extract false fetch float for foreign freeze from full grant greatest "
+    "group grouping having ilike in initially inner inout int integer intersect "
+    "interval into is isnull join lateral leading least left like limit localtime "
+    "localtimestamp national natural nchar none normalize not notnull null nullif "
+    "numeric offset on only or order out outer overlaps overlay placing position "
+    "precision primary real references returning right row select session_user setof "
+    "similar smallint some substring symmetric table tablesample then time timestamp "
+    "to trailing treat trim true union unique user using values varchar variadic "
+    "verbose when where window with xmlattributes xmlconcat xmlelement xmlexists "
+    "xmlforest xmlnamespaces xmlparse xmlpi xmlroot xmlserialize xmltable "
+).split()
+_NOT_KEYWORD = r"(?!(?:" + "|".join(_KEYWORDS) + r")(?![a-z0-9_$]))"
+# A name as pg_dump prints it: lower-case and not a keyword, or quoted (on one line).
+_IDENT = rf'(?:{_NOT_KEYWORD}[a-z_][a-z0-9_$]*|"(?:[^"\n]|"")+")'
 _QUALIFIED = rf"{_IDENT}\.{_IDENT}"
 _COLUMNS = rf"{_IDENT}(?:, {_IDENT})*"
 _ALTER = rf"ALTER TABLE ONLY {_QUALIFIED}\s+ADD CONSTRAINT {_IDENT} "
@@ -56,8 +78,12 @@ class Described(Protocol):
 
 
 def statement_of(block: str) -> str:
-    """An entry's SQL without pg_dump's comment lines and surrounding blank space."""
-    lines = [line for line in block.splitlines() if not line.lstrip().startswith("--")]
+    """An entry's SQL without the comment lines pg_dump writes before it (its header)
+    and the blank space around it. A comment line further down is left in: it is then
+    part of the text, which no plain key's pattern takes."""
+    lines = block.splitlines()
+    while lines and (not lines[0].strip() or lines[0].lstrip().startswith("--")):
+        lines.pop(0)
     return "\n".join(lines).strip()
 
 

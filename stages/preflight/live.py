@@ -12,6 +12,7 @@ unreachable). The worker runs the same function as its gate before any destructi
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import threading
 
@@ -110,13 +111,15 @@ def check_live_source(
         skip_object_warnings(report, blocked)
         report.not_checked(SCHEMA_REHEARSAL, blocked)
         return report
-    report.source.update(facts.as_source())
-    check_major(report, facts.server_version_num, target, label=facts.version_label)
-    check_size(report, facts.database_size_bytes, target, "the source database")
-    check_extensions(report, facts.extensions, target, "the source database")
-    check_target_empty(report, target)
-    add_object_warnings(report, facts.findings)
-    _rehearse(report, report.pinned, target, rehearsal)
+    # Reached: the rehearsal's database is made while the other checks run and the schema is dumped.
+    with rehearsal.sandbox.ahead() if rehearsal is not None else contextlib.nullcontext():
+        report.source.update(facts.as_source())
+        check_major(report, facts.server_version_num, target, label=facts.version_label)
+        check_size(report, facts.database_size_bytes, target, "the source database")
+        check_extensions(report, facts.extensions, target, "the source database")
+        check_target_empty(report, target)
+        add_object_warnings(report, facts.findings)
+        _rehearse(report, report.pinned, target, rehearsal)
     report.in_order(LIVE_CHECKS)
     return report
 

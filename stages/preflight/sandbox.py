@@ -85,8 +85,10 @@ class Sandbox:
         finally:
             unused, self._ahead = self._ahead, None
             if unused is not None:
-                unused[1].join()
-                self._drop(name)
+                try:
+                    unused[1].join()
+                finally:
+                    self._drop(name)
 
     @contextlib.contextmanager
     def database(self, extensions: Mapping[str, str]) -> Iterator[Scratch]:

@@ -589,11 +589,12 @@ class CommandProcess(subprocess.Popen[bytes]):
     def wait_briefly(self, timeout: float) -> int | None:
         """The exit code if the command ends within `timeout` seconds, else None.
 
-        It wakes the moment the command exits (a pidfd), where `Popen.wait(timeout)`
-        polls with sleeps of up to 50 ms: a stage that runs a dozen short commands
-        lost a third of a second to those naps. Without pidfds (not Linux 5.3+), it
-        falls back to `Popen.wait`."""
+        It wakes the moment the command exits (a pidfd, polled: any descriptor number),
+        where `Popen.wait(timeout)` polls with sleeps of up to 50 ms: a stage that runs
+        a dozen short commands lost a third of a second to those naps. Without pidfds
+        (not Linux 5.3+), it falls back to `Popen.wait`."""
         if self.returncode is not None:
+            self.close_pidfd()
             return self.returncode
         if self._pidfd is None:
             try:
@@ -603,18 +604,21 @@ class CommandProcess(subprocess.Popen[bytes]):
                     return self.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
                     return None
-        ready, _, _ = select.select([self._pidfd], [], [], timeout)
-        if not ready:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        if not poller.poll(max(0, int(timeout * 1000))):
             return None
-        os.close(self._pidfd)
-        self._pidfd = None
+        self.close_pidfd()
         return self.wait()  # it has exited: at once
 
-    def __del__(self) -> None:
+    def close_pidfd(self) -> None:
         if self._pidfd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._pidfd)
             self._pidfd = None
+
+    def __del__(self) -> None:
+        self.close_pidfd()
         super().__del__()
 
 
@@ -949,6 +953,7 @@ class PgCommand:
         process.wait()
         _running.discard(process)
         if isinstance(process, CommandProcess):
+            process.close_pidfd()
             stop_group_reaper(process.reaper)
             process.watchdog.finish()
             for reader in process.readers:

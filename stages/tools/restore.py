@@ -69,8 +69,8 @@ def _preview_env(target: SourceURL) -> dict[str, str]:
     each commit to reach disk (`synchronous_commit=off`), as the copy's lanes do not.
     pg_restore and a plain dump commit every statement: thousands of tables made the
     schema wait thousands of times for the WAL's flush. Nothing is at risk: a preview
-    whose restore did not finish is dropped and restored again, and the swap at finalize
-    is a synchronous commit, which flushes all the WAL before it."""
+    whose restore did not finish is dropped and restored again, and the restore stage
+    ends by flushing the WAL (ClusterAdmin.flush_wal) before it says it is done."""
     return {**target.env(), "PGOPTIONS": "-c synchronous_commit=off"}
 
 

@@ -159,3 +159,29 @@ def test_a_source_that_never_answers_is_retried_then_given_up(control_db):
     # The third (last) attempt fails the job itself: it promises no retry it will not get.
     assert sum("preflight will be retried" in r for r in reasons) == 2
     assert reasons[-1].startswith("failed (transient): gave up on the preflight stage after 3 attempts")
+
+
+def test_the_restore_stage_flushes_the_wal_after_the_copy(control_db, corpus_source, monkeypatch):
+    # The preview is filled with synchronous_commit off: the stage ends with one commit
+    # that waits for the disk, after everything else it did (ClusterAdmin.flush_wal).
+    from stages.database.cluster import ClusterAdmin
+    from stages.tools import restore as restore_tools
+
+    calls: list[str] = []
+    flush, section = ClusterAdmin.flush_wal, restore_tools.restore_section
+
+    def spy_flush(self):
+        calls.append("flush")
+        return flush(self)
+
+    def spy_section(*args, **kwargs):
+        calls.append("restore " + args[3])
+        return section(*args, **kwargs)
+
+    monkeypatch.setattr(ClusterAdmin, "flush_wal", spy_flush)
+    monkeypatch.setattr("pipeline.steps.live.restore_section", spy_section)
+    world = make_world(control_db)
+    job = run_import(control_db, world, pg.url_for(corpus_source("chinook"), sslmode="disable"))
+    assert job.state == "completed", job.error
+    assert calls[-1] == "flush" and calls.count("flush") == 1, calls
+    assert "restore pre-data" in calls
