@@ -126,14 +126,23 @@ def test_tasks_run_in_the_callers_context():
     assert seen == ["job_1"] * 4
 
 
-def test_foreign_keys_into_one_table_are_chained_cheapest_first_and_ranked_by_their_sum():
+def test_foreign_keys_into_one_table_are_chained_soonest_ready_first_and_ranked_by_their_sum():
     from stages.copy.engine import chain_serial
 
-    keys = [Task[None](f"fk {cost}", cost, lambda _l: None, frozenset({"parent"})) for cost in (30, 10, 20)]
+    copy_small = Task[None]("copy small", 5, lambda _l: None)
+    gin_small = Task[None]("gin on small", 500, lambda _l: None, after=[copy_small])
+    copy_big = Task[None]("copy big", 100, lambda _l: None)
+    copy_mid = Task[None]("copy mid", 20, lambda _l: None)
+    keys = [
+        Task[None]("fk small", 1, lambda _l: None, frozenset({"parent"}), after=[gin_small]),
+        Task[None]("fk big", 30, lambda _l: None, frozenset({"parent"}), after=[copy_big]),
+        Task[None]("fk mid", 10, lambda _l: None, frozenset({"parent"}), after=[copy_mid]),
+    ]
     chain_serial(keys)
     by_name = {task.name: task for task in keys}
-    assert by_name["fk 20"].after == [by_name["fk 10"]]
-    assert by_name["fk 30"].after == [by_name["fk 20"]]
-    assert by_name["fk 10"].after == []
-    rank(keys)
-    assert by_name["fk 10"].rank == 60  # the whole chain is still ahead of the first key
+    # The small table's key waits for its trigram index: it comes last, not first.
+    assert by_name["fk mid"].after == [copy_mid]
+    assert by_name["fk big"].after == [copy_big, by_name["fk mid"]]
+    assert by_name["fk small"].after == [gin_small, by_name["fk big"]]
+    rank([copy_small, gin_small, copy_big, copy_mid, *keys])
+    assert by_name["fk mid"].rank == 41  # the whole chain is still ahead of the first key
