@@ -8,7 +8,8 @@ depended on what failed. So the rehearsal renders the schema part of the archive
 "-- TOC entry N" header) and runs it entry by entry in the throw-away database, every
 entry in a transaction of its own, collecting every error with the entry it belongs to.
 The archive's dependency data (`pg_restore --list --verbose`: "depends on" lines) then
-names everything that depends on a failed entry.
+names everything that depends on a failed entry. Plain keys and btree indexes are not
+run: they restore if their tables do (stages.preflight.implied).
 
 The verdict on each failed entry and its dependents:
 

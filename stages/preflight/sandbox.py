@@ -8,7 +8,8 @@ the allowlisted extensions created first by the admin. Both are named
 ended it; `capy-imports sweep` drops any a killed process left behind once they are
 older than `STALE_AFTER_SECONDS` (the time tells it, no record is needed).
 
-The drop runs in a thread of its own, after the rehearsal's result is known: DROP
+A preflight can have the database made ahead (`Sandbox.ahead`), in a thread of its own,
+while it checks the source and dumps the schema. The drop runs in a thread of its own, after the rehearsal's result is known: DROP
 DATABASE waits for a checkpoint of the cluster (a fraction of a second, more on a busy
 one), which no preflight should wait for. `wait_for_drops` waits for those under way.
 """
