@@ -36,7 +36,9 @@ def source():
     pg.drop_db(name)
 
 
-def test_a_key_on_a_reserved_word_fails_the_preflight(control_db, store, source, tmp_path):
+def _key_on_a_reserved_word(source: str, tmp_path) -> bytes:
+    """A custom dump of `source` whose unique key is on column `user`, unquoted: a syntax
+    error (USER is reserved), which pg_dump would have quoted."""
     path = tmp_path / "a.dump"
     subprocess.run(
         ["pg_dump", "-Fc", "-d", pg.url_for(source), f"--file={path}"], check=True, capture_output=True
@@ -44,12 +46,15 @@ def test_a_key_on_a_reserved_word_fails_the_preflight(control_db, store, source,
     where = find(path, "CONSTRAINT", b"t t_k").strings["definition"]
     text = path.read_bytes()[where[0] : where[0] + where[1]]
     assert b"UNIQUE (usex);" in text
-    # UNIQUE (user): a syntax error (USER is reserved), which the regex takes for a column.
     overwrite(path, where, text.replace(b"UNIQUE (usex);", b"UNIQUE (user);"))
+    return path.read_bytes()
 
+
+def test_a_key_on_a_reserved_word_fails_the_preflight(control_db, store, source, tmp_path):
+    dump = _key_on_a_reserved_word(source, tmp_path)
     world = make_world(control_db)
     upload = create_upload(store, world)
-    upload_file(upload, path.read_bytes())
+    upload_file(upload, dump)
     result = run_preflight(
         world.project,
         Principal(world.org.id, None, "test"),
@@ -65,14 +70,8 @@ def test_a_key_on_a_reserved_word_fails_the_preflight(control_db, store, source,
 def test_the_import_of_it_fails_at_its_preflight(control_db, store, source, tmp_path):
     from tests.support.imports import upload_and_import
 
-    path = tmp_path / "a.dump"
-    subprocess.run(
-        ["pg_dump", "-Fc", "-d", pg.url_for(source), f"--file={path}"], check=True, capture_output=True
-    )
-    where = find(path, "CONSTRAINT", b"t t_k").strings["definition"]
-    text = path.read_bytes()[where[0] : where[0] + where[1]]
-    overwrite(path, where, text.replace(b"UNIQUE (usex);", b"UNIQUE (user);"))
+    dump = _key_on_a_reserved_word(source, tmp_path)
     world = make_world(control_db)
-    job = upload_and_import(control_db, store, world, path.read_bytes(), recreate=True)
+    job = upload_and_import(control_db, store, world, dump, recreate=True)
     assert (job.state, job.stage, job.retry_classification) == ("failed", "preflight", "permanent")
     assert "schema_rehearsal" in job.error and "t_k" in job.error
