@@ -239,14 +239,14 @@ def copy_rows(
         def started(task: Task[Lane]) -> None:
             check_stopped()
             log.debug(
-                "copy: %.1f s: %s starts (rank %.0f)",
+                "copy: %.3f s: %s starts (rank %.0f)",
                 time.monotonic() - progress.started,
                 task.name,
                 task.rank,
             )
 
         def finished(task: Task[Lane]) -> None:
-            log.debug("copy: %.1f s: %s done", time.monotonic() - progress.started, task.name)
+            log.debug("copy: %.3f s: %s done", time.monotonic() - progress.started, task.name)
             with progress.lock:
                 progress.cost_done += task.cost
 

@@ -133,7 +133,7 @@ class Snapshot:
             path,
             snapshot=self.snapshot_id,
             lock_wait_ms=int(self.settings.lock_timeout * 1000),
-            exclude_data=[_pattern(t) for t in copied],
+            exclude_data=exclusion_patterns(copied),
         )
         tools.pg_dump.run(
             args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema"
@@ -145,9 +145,39 @@ def _shown(name: str) -> str:
     return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
 
 
-def _pattern(table: SourceTable) -> str:
-    """A pg_dump pattern naming exactly one table: quoted, so nothing in it is a wildcard."""
-    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
+# How many tables one exclusion pattern names, and how long it may grow: pg_dump looks
+# each pattern up with a query of its own (2,000 patterns cost 2,000 round trips, 0.6 s of
+# a 1.2 s dump here), and one argument may not exceed the kernel's 128 kB.
+PATTERN_TABLES = 500
+PATTERN_CHARS = 16_000
+
+
+def exclusion_patterns(tables: Sequence[SourceTable]) -> list[str]:
+    """pg_dump patterns (`--exclude-table-data`) naming exactly `tables`, one per schema
+    and chunk: `"schema".("a"|"b")`. Every name is quoted, so nothing in it is a wildcard
+    or a regular expression (pg_dump escapes `|*+?()[]{}.^$\\` inside quotes); only the
+    alternation around the quoted names is one, and pg_dump anchors it at both ends."""
+    by_schema: dict[str, list[str]] = {}
+    for table in tables:
+        by_schema.setdefault(table.schema, []).append(_quoted_pattern(table.name))
+    patterns: list[str] = []
+    for schema, names in by_schema.items():
+        prefix = _quoted_pattern(schema) + "."
+        chunk: list[str] = []
+        size = 0
+        for name in names:
+            if chunk and (len(chunk) >= PATTERN_TABLES or size + len(name) + 1 > PATTERN_CHARS):
+                patterns.append(prefix + "(" + "|".join(chunk) + ")")
+                chunk, size = [], 0
+            chunk.append(name)
+            size += len(name) + 1
+        if chunk:
+            patterns.append(prefix + "(" + "|".join(chunk) + ")")
+    return patterns
+
+
+def _quoted_pattern(name: str) -> str:
+    return '"{}"'.format(name.replace('"', '""'))
 
 
 @contextlib.contextmanager

@@ -417,12 +417,16 @@ class ClusterAdmin:
             self._revoke_memberships(from_role)
             self.terminate_sessions(database)
             with self.autocommit(database) as cur:
+                # One commit per relation (see _reassign_one_by_one), none waiting for the
+                # disk: the last statement's commit waits, and flushes theirs with it.
+                cur.execute("SET synchronous_commit = off")
                 self._reassign_one_by_one(cur, from_role, to_role)
                 cur.execute(
                     sql.SQL("REASSIGN OWNED BY {} TO {}").format(
                         sql.Identifier(from_role), sql.Identifier(to_role)
                     )
                 )
+                cur.execute("SET synchronous_commit = on")
                 cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(from_role)))
         self.set_owner(database, to_role)
         self.lock_down(database)

@@ -1,5 +1,5 @@
-"""Schema entries the rehearsal need not run: plain keys and indexes, whose outcome in
-a fresh database follows from their tables'.
+"""Schema entries the rehearsal need not run: plain tables, keys and indexes, whose
+outcome in a fresh database follows from their schema's and their tables'.
 
 A primary key, a unique constraint, a foreign key or a btree index over plain columns
 asks nothing of the project role that creating its tables did not: the role owns those
@@ -16,6 +16,17 @@ it: an expression, a predicate, a collation, an operator class, another access
 method, INCLUDE, NULLS NOT DISTINCT or anything else after it makes it rehearsed.
 And it is rehearsed anyway when another rehearsed entry depends on it (a view that
 groups by a primary key, a foreign key of another form that references it).
+
+A plain table is one CREATE TABLE of columns of built-in types (a fixed list: `integer`,
+`text`, `numeric(10,2)`, `timestamp with time zone`, their arrays…), each with at most
+a built-in collation (C, POSIX, default) and NOT NULL: no default, no check, no
+generated column, no partitioning, inheritance, storage option or second statement. As
+the project role, in a schema where it may create a table, it can only succeed; what
+could stop it is the schema, so the first plain table of each schema is rehearsed.
+Creating a table is the costliest part of a rehearsal (its TOAST table's index is built
+and synced to disk: about 2 ms each here, the whole rehearsal of `many`'s 2,000
+tables). A plain table is rehearsed anyway when a rehearsed entry depends on it, or
+names it anywhere in its SQL (a dependency the archive does not record).
 """
 
 from __future__ import annotations
@@ -64,6 +75,23 @@ _PLAIN = {
 }
 
 
+# Built-in types as pg_dump prints them (format_type: pg_catalog's types unqualified),
+# with their arrays. Anything else (a qualified type, one a newer or older server lacks,
+# interval with fields) makes the table rehearsed.
+_TYPE = (
+    r"(?:smallint|integer|bigint|real|double precision|numeric(?:\(\d+(?:,-?\d+)?\))?|text|boolean|bytea|date"
+    r"|character varying(?:\(\d+\))?|character(?:\(\d+\))?"
+    r"|(?:time|timestamp)(?:\(\d\))? with(?:out)? time zone|interval(?:\(\d\))?"
+    r"|uuid|jsonb?|inet|cidr|macaddr8?|money|bit(?: varying)?(?:\(\d+\))?|tsvector|tsquery"
+    r"|point|line|lseg|box|path|polygon|circle|(?:int4|int8|num|ts|tstz|date)range)(?:\[\])*"
+)
+_COLUMN = rf'    {_IDENT} {_TYPE}(?: COLLATE pg_catalog\."(?:C|POSIX|default)")?(?: NOT NULL)?'
+_TABLE = re.compile(rf"CREATE TABLE {_QUALIFIED} \(\n(?:{_COLUMN}(?:,\n{_COLUMN})*\n)?\);")
+# A name in SQL text, quoted or not, in any script (for the search of the names a
+# rehearsed entry mentions; a function body may name a table without quotes: `FROM café`).
+_NAME = re.compile(r'"((?:[^"]|"")+)"|([^\W\d][\w$]*)')
+
+
 class Described(Protocol):
     """An archive entry as the rehearsal sees it (stages.preflight.rehearsal.Node)."""
 
@@ -76,14 +104,24 @@ class Described(Protocol):
     @property
     def depends_on(self) -> Sequence[int]: ...
 
+    @property
+    def namespace(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
 
 def statement_of(block: str) -> str:
     """An entry's SQL without the comment lines pg_dump writes before it (its header)
-    and the blank space around it. A comment line further down is left in: it is then
-    part of the text, which no plain key's pattern takes."""
+    and after the last entry ("-- PostgreSQL database dump complete"), and the blank
+    space around it. A comment line between statements is left in: it is then part of
+    the text, which no plain entry's pattern takes (and every pattern ends at a `;`
+    outside any quote, so what follows it is no part of the statement)."""
     lines = block.splitlines()
     while lines and (not lines[0].strip() or lines[0].lstrip().startswith("--")):
         lines.pop(0)
+    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith("--")):
+        lines.pop()
     return "\n".join(lines).strip()
 
 
@@ -93,20 +131,62 @@ def is_plain_key(desc: str, block: str) -> bool:
     return pattern is not None and pattern.fullmatch(statement_of(block)) is not None
 
 
+def is_plain_table(desc: str, block: str) -> bool:
+    """Whether an entry of kind `desc` with SQL `block` is one plain table (above)."""
+    return desc == "TABLE" and _TABLE.fullmatch(statement_of(block)) is not None
+
+
+def names_in(text: str) -> set[str]:
+    """Every name `text` could mean, in lower case (compared so, a name matches more
+    often than it means the table: a table is then rehearsed that need not be)."""
+    names: set[str] = set()
+    for quoted, plain in _NAME.findall(text):
+        if quoted:
+            names.add(quoted.replace('""', '"').lower())
+        else:
+            # `$` may end a name or start a dollar quote (`FROM t$$`): both readings.
+            names.add(plain.lower())
+            names.update(part.lower() for part in plain.split("$") if part)
+    return names
+
+
 def implied_entries(entries: Sequence[Described], blocks: Mapping[int, str]) -> set[int]:
-    """The ids of `blocks` (entry id -> SQL) the rehearsal need not run: plain keys and
-    indexes (above) on which no entry it runs depends."""
-    implied = {
-        entry.dump_id
-        for entry in entries
-        if entry.dump_id in blocks and is_plain_key(entry.desc, blocks[entry.dump_id])
-    }
-    # What a rehearsed entry needs is rehearsed too, and what that needs, and so on.
-    needed = [dep for entry in entries if entry.dump_id not in implied for dep in entry.depends_on]
+    """The ids of `blocks` (entry id -> SQL) the rehearsal need not run: plain tables
+    (but the first of each schema), keys and indexes (above) on which no entry it runs
+    depends, and tables no entry it runs names."""
+    implied: set[int] = set()
+    sentinels: set[str] = set()  # schemas whose first plain table is rehearsed
+    for entry in entries:
+        block = blocks.get(entry.dump_id)
+        if block is None:
+            continue
+        if is_plain_key(entry.desc, block):
+            implied.add(entry.dump_id)
+        elif is_plain_table(entry.desc, block):
+            if entry.namespace in sentinels:
+                implied.add(entry.dump_id)
+            else:
+                sentinels.add(entry.namespace)
     by_id = {entry.dump_id: entry for entry in entries}
-    while needed:
-        dep = needed.pop()
-        if dep in implied:
-            implied.discard(dep)
-            needed.extend(by_id[dep].depends_on)
-    return implied
+    # What a rehearsed entry needs is rehearsed too, and what that needs, and so on; so
+    # is a table a rehearsed entry names, with what it needs.
+    needed = [dep for entry in entries if entry.dump_id not in implied for dep in entry.depends_on]
+    named: set[str] = set()
+    for dump_id, block in blocks.items():
+        if dump_id not in implied:
+            named |= names_in(statement_of(block))
+    while True:
+        while needed:
+            dep = needed.pop()
+            if dep in implied:
+                implied.discard(dep)
+                needed.extend(by_id[dep].depends_on)
+                named |= names_in(statement_of(blocks[dep]))
+        mentioned = [
+            dump_id
+            for dump_id in implied
+            if by_id[dump_id].desc == "TABLE" and by_id[dump_id].name.lower() in named
+        ]
+        if not mentioned:
+            return implied
+        needed.extend(mentioned)

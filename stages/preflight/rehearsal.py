@@ -9,7 +9,8 @@ depended on what failed. So the rehearsal renders the schema part of the archive
 entry in a transaction of its own, collecting every error with the entry it belongs to.
 The archive's dependency data (`pg_restore --list --verbose`: "depends on" lines) then
 names everything that depends on a failed entry. Plain keys and btree indexes are not
-run: they restore if their tables do (stages.preflight.implied).
+run, nor plain tables beyond the first of each schema: they restore if their schema
+and tables do (stages.preflight.implied).
 
 The verdict on each failed entry and its dependents:
 
@@ -104,6 +105,14 @@ class Node:
     @property
     def desc(self) -> str:
         return self.entry.desc
+
+    @property
+    def namespace(self) -> str:
+        return self.entry.namespace
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
 
 
 @dataclass
@@ -261,7 +270,8 @@ def rehearse_archive(
         return Rehearsal(timed_out=deadline.limit.describe())
     except CommandFailed as err:
         return Rehearsal(unavailable=f"pg_restore could not read the dump's schema ({err.message})")
-    # Plain keys and indexes are not run: they succeed or fail with their tables (stages.preflight.implied).
+    # Plain tables, keys and indexes are not run: they succeed or fail with their schema
+    # and tables (stages.preflight.implied).
     implied = implied_entries(nodes, blocks)
     run = {dump_id: text for dump_id, text in blocks.items() if dump_id not in implied}
     result = rehearse_blocks(sandbox, extensions, preamble, run, deadline, lambda errors: nodes, left_out)
@@ -706,7 +716,8 @@ def report_rehearsal(report: Preflight, result: Rehearsal, *, full: bool, scope:
         )
     else:
         implied = (
-            f"; its {result.implied} plain keys and btree indexes restore with their tables, and were not run"
+            f"; its {result.implied} plain tables, keys and btree indexes restore with their schemas "
+            "and tables, and were not run"
             if result.implied
             else ""
         )

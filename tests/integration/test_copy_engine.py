@@ -244,3 +244,60 @@ def test_a_failure_in_one_lane_stops_the_others(scratch_db, tmp_path, preview_lo
     error = outcome["error"]
     assert isinstance(error, PermanentError) and "table public.child" in error.message, repr(error)
     assert lane_threads() == []
+
+
+def test_the_schema_archive_leaves_out_exactly_the_copied_tables_rows(scratch_db, tmp_path, monkeypatch):
+    """The copied tables' rows are left out of the schema archive by a few patterns of
+    quoted names (stages.copy.live.exclusion_patterns): names full of pattern and regular
+    expression characters match only themselves, and what is not copied (a sequence's
+    value, a materialized view's refresh) stays."""
+    import stages.copy.live as live
+    from stages.copy.live import Snapshot
+    from stages.dumps import toc
+    from stages.tools.commands import PgTools
+    from tests.support.copying import PG_BIN
+
+    monkeypatch.setattr(live, "PATTERN_TABLES", 3)  # several chunks per schema
+    source = scratch_db("capysrc_patterns")
+    names = [
+        "a|b",
+        "(x)",
+        "Mixed",
+        "dot.ted",
+        "star*",
+        'q"uote',
+        "dollar$",
+        "[c]",
+        "back\\slash",
+        "^caret",
+        "ab",
+    ]
+    statements = [
+        "CREATE SCHEMA \"Odd.Schema\"; CREATE SEQUENCE public.counter; SELECT setval('public.counter', 41);"
+    ]
+    for schema in ("public", "Odd.Schema"):
+        for name in names:
+            quoted = '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
+            statements.append(f"CREATE TABLE {quoted} (id int); INSERT INTO {quoted} VALUES (1);")
+    statements.append("CREATE MATERIALIZED VIEW public.seen AS SELECT 1 AS one;")
+    pg.psql(source, text="\n".join(statements))
+    tools = PgTools(PG_BIN)
+    archive = str(tmp_path / "schema.dump")
+    with Snapshot.open(source_url(source), SourceSettings(), None) as snapshot:
+        tables = snapshot.catalog.tables
+        assert len(tables) == 2 * len(names)
+        # Leave two tables' rows in: a name the others' patterns must not match by accident.
+        copied = [t for t in tables if t.name not in ("ab", "a|b") or t.schema == "Odd.Schema"]
+        assert len(live.exclusion_patterns(copied)) > 2
+        snapshot.dump_schema(tools, archive, copied)
+    data = {
+        (e.desc, e.namespace, e.name)
+        for e in toc.read(tools, archive)
+        if "DATA" in e.desc or e.desc == "SEQUENCE SET"
+    }
+    assert data == {
+        ("TABLE DATA", "public", "ab"),
+        ("TABLE DATA", "public", "a|b"),
+        ("SEQUENCE SET", "public", "counter"),
+        ("MATERIALIZED VIEW DATA", "public", "seen"),
+    }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from stages.preflight.implied import implied_entries, is_plain_key
+from stages.preflight.implied import implied_entries, is_plain_key, is_plain_table
 
 HEADER = "--\n-- TOC entry 7 (class 2606 OID 16440)\n-- Name: t t_pkey; Type: CONSTRAINT; Schema: public; Owner: -\n--\n\n"
 
@@ -72,6 +72,8 @@ class Entry:
     dump_id: int
     desc: str
     depends_on: tuple[int, ...] = ()
+    namespace: str = "public"
+    name: str = ""
 
 
 def test_a_plain_key_that_a_rehearsed_entry_needs_is_rehearsed():
@@ -92,3 +94,98 @@ def test_a_plain_key_that_a_rehearsed_entry_needs_is_rehearsed():
         Entry(6, "INDEX", (4,)),
     ]
     assert implied_entries(entries, blocks) == {5, 6}
+
+
+TABLE_HEADER = (
+    "--\n-- TOC entry 214 (class 1259 OID 16386)\n-- Name: t; Type: TABLE; Schema: public; Owner: -\n--\n\n"
+)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE public.many_0001 (\n    id integer NOT NULL,\n    parent_id integer NOT NULL,\n"
+        "    label text NOT NULL\n);",
+        "CREATE TABLE public.nocols (\n);",
+        'CREATE TABLE "My Schema"."T" (\n    "User" text COLLATE pg_catalog."C",\n'
+        '    b character varying(3) COLLATE pg_catalog."POSIX",\n    c numeric(10,2),\n'
+        "    d timestamp(3) with time zone,\n    e integer[],\n    f interval,\n    g bit varying(5),\n"
+        "    h character(2),\n    i jsonb[][],\n    j uuid NOT NULL,\n    k tstzrange\n);",
+    ],
+)
+def test_plain_tables_as_pg_dump_writes_them_are_implied(sql):
+    assert is_plain_table("TABLE", TABLE_HEADER + sql + "\n\n")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE public.t (\n    a public.citext\n);",  # a type of an extension
+        "CREATE TABLE public.t (\n    a abstime\n);",  # a type PostgreSQL 15 lacks
+        "CREATE TABLE public.t (\n    a integer DEFAULT 0\n);",
+        "CREATE TABLE public.t (\n    a integer DEFAULT public.f()\n);",
+        "CREATE TABLE public.t (\n    a integer,\n    CONSTRAINT c CHECK ((public.f(a) > 0))\n);",
+        "CREATE TABLE public.t (\n    a integer GENERATED ALWAYS AS (public.f(0)) STORED\n);",
+        'CREATE TABLE public.t (\n    a text COLLATE public."x-icu"\n);',
+        'CREATE TABLE public.t (\n    a text COLLATE pg_catalog."en_US"\n);',  # a locale the target may lack
+        "CREATE TABLE public.t (\n    a integer\n)\nPARTITION BY RANGE (a);",
+        "CREATE TABLE public.t (\n    a integer\n)\nINHERITS (public.p);",
+        "CREATE TABLE public.t (\n    a integer\n)\nWITH (fillfactor='50');",
+        "CREATE UNLOGGED TABLE public.t (\n    a integer\n);",
+        "CREATE TABLE public.t OF public.ty;",
+        "CREATE TABLE public.t (\n    a integer\n);\nALTER TABLE ONLY public.t ALTER COLUMN a SET STATISTICS 5;",
+        "CREATE TABLE public.t (\n    a integer\n); SELECT public.evil();",
+        "CREATE TABLE public.t (\n    user integer\n);",  # a reserved word, unquoted: not a name
+        "CREATE TABLE public.t (\n    a interval day to second(3)\n);",
+    ],
+)
+def test_any_other_table_is_rehearsed(sql):
+    assert not is_plain_table("TABLE", TABLE_HEADER + sql + "\n")
+
+
+def table(name: str, schema: str = "public") -> str:
+    return f"CREATE TABLE {schema}.{name} (\n    id integer NOT NULL,\n    label text\n);"
+
+
+def test_plain_tables_but_the_first_of_each_schema_are_implied():
+    blocks = {1: table("a"), 2: table("b"), 3: table("c", "other"), 4: table("d", "other"), 5: table("e")}
+    entries = [
+        Entry(1, "TABLE", name="a"),
+        Entry(2, "TABLE", name="b"),
+        Entry(3, "TABLE", namespace="other", name="c"),
+        Entry(4, "TABLE", namespace="other", name="d"),
+        Entry(5, "TABLE", name="e"),
+    ]
+    assert implied_entries(entries, blocks) == {2, 4, 5}
+
+
+def test_a_plain_table_a_rehearsed_entry_needs_or_names_is_rehearsed_with_what_it_needs():
+    blocks = {
+        1: table("first"),
+        2: table("viewed"),
+        3: "CREATE VIEW public.v AS\n SELECT viewed.id FROM public.viewed;",
+        4: table("Named"),
+        5: table("keyed"),
+        6: "ALTER TABLE ONLY public.keyed\n    ADD CONSTRAINT keyed_pkey PRIMARY KEY (id);",
+        7: "CREATE VIEW public.w AS\n SELECT 1 AS one\n  GROUP BY public.keyed_by();",
+        # A function whose body reads a table, with no dependency recorded: named, so rehearsed.
+        8: 'CREATE FUNCTION public.f() RETURNS bigint\n    LANGUAGE sql\n    AS $$SELECT count(*) FROM public."Named"$$;',
+        9: table("alone"),
+        10: table('"café"'),
+        11: "CREATE FUNCTION public.g() RETURNS bigint\n    LANGUAGE sql\n    AS $$SELECT count(*) FROM Café$$;",
+    }
+    blocks[4] = blocks[4].replace("public.Named", 'public."Named"')
+    entries = [
+        Entry(1, "TABLE", name="first"),
+        Entry(2, "TABLE", name="viewed"),
+        Entry(3, "VIEW", (2,)),
+        Entry(4, "TABLE", name="Named"),
+        Entry(5, "TABLE", name="keyed"),
+        Entry(6, "CONSTRAINT", (5,)),
+        Entry(7, "VIEW", (6,)),  # needs keyed's primary key, which needs keyed
+        Entry(8, "FUNCTION"),
+        Entry(9, "TABLE", name="alone"),
+        Entry(10, "TABLE", name="café"),
+        Entry(11, "FUNCTION"),
+    ]
+    assert implied_entries(entries, blocks) == {9}
