@@ -21,7 +21,7 @@ from pipeline.models import Project
 from pipeline.steps.folders import stage_folder
 from pipeline.steps.results import FetchResult, RestoreResult, SourceDescription, recorded
 from stages.copy.engine import CopyPlan, copy_rows, plan_copy
-from stages.copy.live import Snapshot, SourceSettings
+from stages.copy.live import Snapshot, SourceSettings, size_up
 from stages.copy.postdata import split
 from stages.dumps import toc
 from stages.dumps.toc import TocEntry
@@ -62,21 +62,21 @@ def source_settings(steps: ImportSteps) -> SourceSettings:
 
 
 def fetch(steps: ImportSteps, context: StageContext) -> FetchResult:
-    """Size up the source in a snapshot of its own: how many tables and bytes the copy
-    moves (the restore stage copies from a new snapshot, the one its counts come from)."""
+    """Size up the source: how many tables and bytes the copy moves, read without a
+    snapshot or locks (the restore stage copies from a snapshot of its own, the one its
+    counts come from)."""
     job = context.job
     source = steps._source(job).with_params(hostaddr=recorded(job.facts.source_address, "source_address"))
     context.progress({"step": "schema", "phase": "sizing up the source"})
     tools = steps._tools(context)
     steps._hold(context, "fetch", tools, source)
-    with Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot:
-        tables = snapshot.catalog.tables
-        return FetchResult(
-            source_server_version=snapshot.server_version,
-            source_tables=len(tables),
-            source_bytes=sum(t.bytes for t in tables),
-            dump_format="live",
-        )
+    size = size_up(source, source_settings(steps), context.cancellation)
+    return FetchResult(
+        source_server_version=size.server_version,
+        source_tables=len(size.tables),
+        source_bytes=sum(t.bytes for t in size.tables),
+        dump_format="live",
+    )
 
 
 def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:

@@ -87,16 +87,23 @@ class SourceCatalog:
     owned: dict[CatalogId, Owned]
 
 
-def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
-    """The tables to copy and the owners of indexes and constraints, as the snapshot
-    `conn` is in sees them (search_path must be pinned to pg_catalog)."""
+def read_tables(conn: psycopg2.extensions.connection) -> list[SourceTable]:
+    """The tables to copy (with their stored columns and sizes), as `conn`'s transaction
+    sees them (search_path must be pinned to pg_catalog)."""
     with conn.cursor() as cur:
         generated = "AND a.attgenerated OPERATOR(pg_catalog.=) ''" if conn.server_version >= 120000 else ""
         cur.execute(_TABLES.format(generated=generated))
-        tables = [
+        return [
             SourceTable(table_key(schema, name), schema, name, tuple(columns), int(size or 0), int(oid))
             for oid, schema, name, size, columns in cur.fetchall()
         ]
+
+
+def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
+    """The tables to copy and the owners of indexes and constraints, as the snapshot
+    `conn` is in sees them (search_path must be pinned to pg_catalog)."""
+    tables = read_tables(conn)
+    with conn.cursor() as cur:
         owned: dict[CatalogId, Owned] = {}
         cur.execute(_INDEXES)
         for catalog, oid, table, method in cur.fetchall():

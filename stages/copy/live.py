@@ -26,7 +26,7 @@ from stages.connections.connect import connect
 from stages.connections.deadline import Deadline as SourceDeadline
 from stages.connections.pgurl import SourceURL, redact
 from stages.connections.rows import one_row
-from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog
+from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog, read_tables
 from stages.copy.engine import (
     LARGE_OBJECTS,
     TASK_OVERHEAD,
@@ -79,23 +79,9 @@ class Snapshot:
     def open(
         cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
     ) -> Iterator[Snapshot]:
-        deadline = SourceDeadline(
-            per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS"
-        )
-        conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
-        unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
-        try:
+        with _session(source, settings, cancellation) as conn:
             with _source_errors(source, settings):
-                conn.set_session(
-                    isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True
-                )
                 with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
-                    cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
-                    # It holds the snapshot, idle in its transaction, until the copy ends:
-                    # a source's own idle timeout must not end it (pg_dump does the same).
-                    cur.execute("SET idle_in_transaction_session_timeout = 0")
-                    cur.execute("SET search_path = pg_catalog, pg_temp")
                     cur.execute(
                         "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')"
                     )
@@ -104,10 +90,6 @@ class Snapshot:
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
             yield cls(source, conn, snapshot_id, server_version, catalog, description, settings)
-        finally:
-            unsubscribe()
-            with contextlib.suppress(psycopg2.Error):
-                conn.close()
 
     @property
     def stall_seconds(self) -> float:
@@ -138,6 +120,57 @@ class Snapshot:
         tools.pg_dump.run(
             args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema"
         )
+
+
+@dataclass(frozen=True)
+class SourceSize:
+    """What a copy of the source would move, estimated: its server version and tables."""
+
+    server_version: str
+    tables: list[SourceTable]
+
+
+def size_up(
+    source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
+) -> SourceSize:
+    """The source's server version and the tables a copy would move, as one read-only
+    transaction sees them: no snapshot is exported and no table locked (the fetch
+    stage's estimate; the restore stage copies from a snapshot of its own)."""
+    with _session(source, settings, cancellation) as conn, _source_errors(source, settings):
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_catalog.current_setting('server_version')")
+            (server_version,) = one_row(cur)
+        return SourceSize(server_version, read_tables(conn))
+
+
+@contextlib.contextmanager
+def _session(
+    source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None
+) -> Iterator[psycopg2.extensions.connection]:
+    """A repeatable-read, read-only session on the source, search_path pinned to
+    pg_catalog, every read bounded by the source read timeout, ended by a cancel."""
+    deadline = SourceDeadline(
+        per_read=settings.read_timeout, what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS"
+    )
+    conn = connect(source, timeout=settings.connect_timeout, deadline=deadline, client_encoding="UTF8")
+    unsubscribe = cancellation.on_cancel(deadline.cancel) if cancellation is not None else (lambda: None)
+    try:
+        with _source_errors(source, settings):
+            conn.set_session(
+                isolation_level=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ, readonly=True
+            )
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = %s", (int(settings.read_timeout * 1000),))
+                cur.execute("SET lock_timeout = %s", (int(settings.lock_timeout * 1000),))
+                # A snapshot's session holds it, idle in its transaction, until the copy
+                # ends: a source's own idle timeout must not end it (pg_dump does the same).
+                cur.execute("SET idle_in_transaction_session_timeout = 0")
+                cur.execute("SET search_path = pg_catalog, pg_temp")
+        yield conn
+    finally:
+        unsubscribe()
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()
 
 
 def _shown(name: str) -> str:

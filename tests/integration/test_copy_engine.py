@@ -301,3 +301,17 @@ def test_the_schema_archive_leaves_out_exactly_the_copied_tables_rows(scratch_db
         ("SEQUENCE SET", "public", "counter"),
         ("MATERIALIZED VIEW DATA", "public", "seen"),
     }
+
+
+def test_the_fetch_stages_estimate_names_the_tables_the_snapshot_copies(scratch_db):
+    from stages.copy.live import Snapshot, size_up
+
+    source = scratch_db("capysrc_sizeup")
+    pg.psql(
+        source, text=SMALL_TABLES + "CREATE SCHEMA s; CREATE TABLE s.t (a int); CREATE VIEW s.v AS SELECT 1;"
+    )
+    size = size_up(source_url(source), SourceSettings())
+    with Snapshot.open(source_url(source), SourceSettings(), None) as snapshot:
+        assert size.tables == snapshot.catalog.tables
+        assert size.server_version == snapshot.server_version
+    assert {t.key for t in size.tables} == {"public.small", "public.child", "s.t"}

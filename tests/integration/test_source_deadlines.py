@@ -284,3 +284,17 @@ def test_a_cancel_interrupts_the_snapshot_sessions_own_queries(scratch_db):
         )
     finally:
         holder.close()
+
+
+def test_sizing_up_the_source_is_bounded():
+    """The live fetch stage's estimate (stages.copy.live.size_up) reads the catalog
+    without a snapshot: a source that stops answering mid-read fails it transiently."""
+    from stages.copy.live import size_up
+
+    # BEGIN, the four SETs and the server version are answered; the tables never are.
+    with mute_after_login(answered=6) as proxy:
+        with pytest.raises(SourceTimedOut) as info:
+            size_up(mute_source(proxy.port), SourceSettings(connect_timeout=5, read_timeout=2))
+        assert proxy.held.is_set()
+    assert isinstance(info.value, TransientError)
+    assert "did not answer within 2 s" in info.value.message
