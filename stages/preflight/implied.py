@@ -76,20 +76,39 @@ _PLAIN = {
 
 
 # Built-in types as pg_dump prints them (format_type: pg_catalog's types unqualified),
-# with their arrays. Anything else (a qualified type, one a newer or older server lacks,
+# with their arrays, and the range of each type modifier (a value outside it fails the
+# CREATE TABLE). Anything else (a qualified type, one a newer or older server lacks,
 # interval with fields) makes the table rehearsed.
+_MODIFIED = {
+    "numeric": ((1, 1000), (-1000, 1000)),
+    "character varying": ((1, 10485760),),
+    "character": ((1, 10485760),),
+    "bit": ((1, 83886080),),
+    "bit varying": ((1, 83886080),),
+    "time": ((0, 6),),
+    "timestamp": ((0, 6),),
+    "interval": ((0, 6),),
+}
 _TYPE = (
-    r"(?:smallint|integer|bigint|real|double precision|numeric(?:\(\d+(?:,-?\d+)?\))?|text|boolean|bytea|date"
-    r"|character varying(?:\(\d+\))?|character(?:\(\d+\))?"
-    r"|(?:time|timestamp)(?:\(\d\))? with(?:out)? time zone|interval(?:\(\d\))?"
-    r"|uuid|jsonb?|inet|cidr|macaddr8?|money|bit(?: varying)?(?:\(\d+\))?|tsvector|tsquery"
-    r"|point|line|lseg|box|path|polygon|circle|(?:int4|int8|num|ts|tstz|date)range)(?:\[\])*"
+    r"(?P<type>smallint|integer|bigint|real|double precision|numeric|text|boolean|bytea|date"
+    r"|character varying|character|time|timestamp|interval|bit varying|bit"
+    r"|uuid|jsonb?|inet|cidr|macaddr8?|money|tsvector|tsquery"
+    r"|point|line|lseg|box|path|polygon|circle|(?:int4|int8|num|ts|tstz|date)range)"
+    r"(?:\((?P<first>\d{1,9})(?:,(?P<second>-?\d{1,9}))?\))?"
+    r"(?P<zone> with(?:out)? time zone)?"
+    r"(?:\[\])*"
 )
-_COLUMN = rf'    {_IDENT} {_TYPE}(?: COLLATE pg_catalog\."(?:C|POSIX|default)")?(?: NOT NULL)?'
-_TABLE = re.compile(rf"CREATE TABLE {_QUALIFIED} \(\n(?:{_COLUMN}(?:,\n{_COLUMN})*\n)?\);")
-# A name in SQL text, quoted or not, in any script (for the search of the names a
-# rehearsed entry mentions; a function body may name a table without quotes: `FROM café`).
-_NAME = re.compile(r'"((?:[^"]|"")+)"|([^\W\d][\w$]*)')
+_COLUMN = re.compile(
+    rf'    (?P<name>{_IDENT}) {_TYPE}(?: COLLATE pg_catalog\."(?:C|POSIX|default)")?(?: NOT NULL)?'
+)
+_TABLE_HEAD = re.compile(rf"CREATE TABLE {_QUALIFIED} \(")
+MAX_COLUMNS = 1600
+# What separates names in SQL text: white space and ASCII punctuation but `_` and `$`.
+# Everything else (letters of any script, digits, `·`) may be part of an unquoted name.
+_SEPARATORS = re.compile(r"[\s!-#%-/:-@\[-^`{-~]+")
+# Past this many plain tables whose names hold separators (spaces, quotes, dots…), they
+# are all rehearsed: each is looked for in every rehearsed entry's whole text.
+MAX_SEPARATED_NAMES = 100
 
 
 class Described(Protocol):
@@ -133,27 +152,70 @@ def is_plain_key(desc: str, block: str) -> bool:
 
 def is_plain_table(desc: str, block: str) -> bool:
     """Whether an entry of kind `desc` with SQL `block` is one plain table (above)."""
-    return desc == "TABLE" and _TABLE.fullmatch(statement_of(block)) is not None
-
-
-def names_in(text: str) -> set[str]:
-    """Every name `text` could mean, in lower case (compared so, a name matches more
-    often than it means the table: a table is then rehearsed that need not be)."""
+    if desc != "TABLE":
+        return False
+    statement = statement_of(block)
+    head = _TABLE_HEAD.match(statement)
+    if head is None or not statement.endswith("\n);"):
+        return False
+    body = statement[head.end() : -len("\n);")]
+    if not body:
+        return True  # a table without columns
+    if not body.startswith("\n"):
+        return False
+    lines = body[1:].split(",\n")
+    if len(lines) > MAX_COLUMNS:
+        return False
     names: set[str] = set()
-    for quoted, plain in _NAME.findall(text):
-        if quoted:
-            names.add(quoted.replace('""', '"').lower())
-        else:
-            # `$` may end a name or start a dollar quote (`FROM t$$`): both readings.
-            names.add(plain.lower())
-            names.update(part.lower() for part in plain.split("$") if part)
-    return names
+    for line in lines:
+        column = _COLUMN.fullmatch(line)
+        if column is None or not _modifiers_in_range(column):
+            return False
+        name = column["name"]
+        name = name[1:-1].replace('""', '"') if name.startswith('"') else name
+        if name in names:
+            return False
+        names.add(name)
+    return True
+
+
+def _modifiers_in_range(column: re.Match[str]) -> bool:
+    kind, first, second = column["type"], column["first"], column["second"]
+    if column["zone"] and kind not in ("time", "timestamp"):
+        return False
+    if kind in ("time", "timestamp") and not column["zone"]:
+        return False
+    if first is None:
+        return second is None
+    ranges = _MODIFIED.get(kind)
+    if ranges is None or (second is not None and len(ranges) < 2):
+        return False
+    values = [int(first)] + ([int(second)] if second is not None else [])
+    return all(low <= value <= high for value, (low, high) in zip(values, ranges, strict=False))
+
+
+def _tokens(text: str) -> set[str]:
+    """The lower-cased words of `text` between separators, each also without the `$`
+    signs around and inside it (`FROM t$$` ends a dollar quote: `t` is meant)."""
+    words: set[str] = set()
+    for word in _SEPARATORS.split(text.lower()):
+        if word:
+            words.add(word)
+            if "$" in word:
+                words.add(word.strip("$"))
+                words.update(part for part in word.split("$") if part)
+    return words
 
 
 def implied_entries(entries: Sequence[Described], blocks: Mapping[int, str]) -> set[int]:
     """The ids of `blocks` (entry id -> SQL) the rehearsal need not run: plain tables
     (but the first of each schema), keys and indexes (above) on which no entry it runs
-    depends, and tables no entry it runs names."""
+    depends, and tables no entry it runs names.
+
+    Linear in the archive: each entry's text is searched once, when it is to be run.
+    A name is found wherever it appears in that text, in a string or a comment too,
+    in any case: a table is then rehearsed that need not be, never the other way."""
+    by_id = {entry.dump_id: entry for entry in entries}
     implied: set[int] = set()
     sentinels: set[str] = set()  # schemas whose first plain table is rehearsed
     for entry in entries:
@@ -167,26 +229,44 @@ def implied_entries(entries: Sequence[Described], blocks: Mapping[int, str]) -> 
                 implied.add(entry.dump_id)
             else:
                 sentinels.add(entry.namespace)
-    by_id = {entry.dump_id: entry for entry in entries}
-    # What a rehearsed entry needs is rehearsed too, and what that needs, and so on; so
-    # is a table a rehearsed entry names, with what it needs.
-    needed = [dep for entry in entries if entry.dump_id not in implied for dep in entry.depends_on]
-    named: set[str] = set()
-    for dump_id, block in blocks.items():
+    # Implied tables by name: most names are one word; others are looked for whole.
+    by_word: dict[str, list[int]] = {}
+    separated: dict[int, tuple[str, str]] = {}
+    for dump_id in implied:
+        entry = by_id[dump_id]
+        if entry.desc != "TABLE":
+            continue
+        name = entry.name.lower()
+        if _SEPARATORS.search(name) is None:
+            by_word.setdefault(name, []).append(dump_id)
+        else:
+            separated[dump_id] = (name, name.replace('"', '""'))
+    needed: list[int] = []
+    if len(separated) > MAX_SEPARATED_NAMES:
+        needed.extend(separated)
+        separated.clear()
+
+    def run(dump_id: int) -> None:
+        """`dump_id` is rehearsed: so is what it depends on and the tables it names."""
+        entry = by_id.get(dump_id)
+        if entry is not None:
+            needed.extend(entry.depends_on)
+        text = statement_of(blocks[dump_id])
+        for word in _tokens(text):
+            needed.extend(by_word.pop(word, ()))
+        if separated:
+            lowered = text.lower()
+            for table, forms in list(separated.items()):
+                if any(form in lowered for form in forms):
+                    needed.append(table)
+                    del separated[table]
+
+    for dump_id in blocks:
         if dump_id not in implied:
-            named |= names_in(statement_of(block))
-    while True:
-        while needed:
-            dep = needed.pop()
-            if dep in implied:
-                implied.discard(dep)
-                needed.extend(by_id[dep].depends_on)
-                named |= names_in(statement_of(blocks[dep]))
-        mentioned = [
-            dump_id
-            for dump_id in implied
-            if by_id[dump_id].desc == "TABLE" and by_id[dump_id].name.lower() in named
-        ]
-        if not mentioned:
-            return implied
-        needed.extend(mentioned)
+            run(dump_id)
+    while needed:
+        dep = needed.pop()
+        if dep in implied:
+            implied.discard(dep)
+            run(dep)
+    return implied

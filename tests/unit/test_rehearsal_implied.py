@@ -189,3 +189,51 @@ def test_a_plain_table_a_rehearsed_entry_needs_or_names_is_rehearsed_with_what_i
         Entry(11, "FUNCTION"),
     ]
     assert implied_entries(entries, blocks) == {9}
+
+
+@pytest.mark.parametrize(
+    "columns",
+    [
+        "    a integer,\n    a text",  # a column twice
+        '    a integer,\n    "a" text',  # the same name, quoted
+        "    a character varying(0)",
+        "    a numeric(1001)",
+        "    a numeric(10,1001)",
+        "    a bit(0)",
+        "    a character(10485761)",
+        "    a timestamp(7) with time zone",
+        "    a integer(4)",  # a modifier the type has not
+        "    a text with time zone",
+        "    a time",  # pg_dump always says with or without time zone
+        ",\n".join(f"    c{i} integer" for i in range(1601)),  # more columns than a table may have
+    ],
+)
+def test_a_table_that_cannot_be_created_is_not_plain(columns):
+    assert not is_plain_table("TABLE", f"CREATE TABLE public.t (\n{columns}\n);")
+
+
+def test_the_most_columns_and_modifiers_a_table_may_have_are_plain():
+    columns = ",\n".join(f"    c{i} numeric(1000,-1000)" for i in range(1600))
+    assert is_plain_table("TABLE", f"CREATE TABLE public.t (\n{columns}\n);")
+
+
+def test_entries_the_rehearsal_does_not_run_need_no_table():
+    """Table data (and anything else outside the rendered schema) depends on its table
+    but is not run: it keeps no plain table rehearsed (an upload's archive holds data)."""
+    blocks = {1: table("a"), 2: table("b")}
+    entries = [
+        Entry(1, "TABLE", name="a"),
+        Entry(2, "TABLE", name="b"),
+        Entry(3, "TABLE DATA", (2,), name="b"),
+    ]
+    assert implied_entries(entries, blocks) == {2}
+
+
+def test_past_a_hundred_names_that_need_quotes_every_such_table_is_rehearsed():
+    names = [f"t {i}" for i in range(101)]
+    blocks = {0: table("first"), **{i + 1: table(f'"{name}"') for i, name in enumerate(names)}}
+    entries = [Entry(0, "TABLE", name="first")] + [
+        Entry(i + 1, "TABLE", name=name) for i, name in enumerate(names)
+    ]
+    assert implied_entries(entries, blocks) == set()
+    assert implied_entries(entries[:100], {k: v for k, v in blocks.items() if k < 100}) == set(range(1, 100))
