@@ -11,16 +11,10 @@ import subprocess
 
 import pytest
 
-from pipeline.imports import ImportRequest
-from pipeline.preflights import run_preflight
-from pipeline.principals import Principal
-from pipeline.sealing import Sealer
 from stages.preflight import SCHEMA_REHEARSAL
 from tests.support import pg
 from tests.support.archiveedit import find, overwrite
-from tests.support.imports import create_upload
-from tests.support.uploading import upload_file
-from tests.support.world import make_world
+from tests.support.rehearsing import preflight_checks_of_upload
 
 SCHEMA = """
 CREATE TABLE aaa_first (id int);
@@ -66,16 +60,5 @@ def test_a_plain_looking_table_that_cannot_be_created_fails_the_preflight(
     control_db, store, source, tmp_path, edit
 ):
     dump = _edited(source, tmp_path, EDITS[edit])
-    world = make_world(control_db)
-    upload = create_upload(store, world)
-    upload_file(upload, dump)
-    result = run_preflight(
-        world.project,
-        Principal(world.org.id, None, "test"),
-        ImportRequest(recreate=True, upload_key=upload["object_key"]),
-        control_db,
-        Sealer(control_db.secret_key),
-        store,
-    )
-    checks = {check.name: check for check in result.report.checks}
+    checks = preflight_checks_of_upload(control_db, store, dump)
     assert checks[SCHEMA_REHEARSAL].status == "fail", checks[SCHEMA_REHEARSAL].detail

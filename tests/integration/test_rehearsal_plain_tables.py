@@ -8,13 +8,8 @@ import re
 import pytest
 
 import stages.preflight.rehearsal as rehearsal
-from stages.database.cluster import ClusterAdmin
-from stages.preflight.rehearsal import rehearse_live
-from stages.preflight.sandbox import Sandbox
-from stages.tools.commands import PgTools
-from stages.tools.timelimit import Deadline, Limit
 from tests.support import pg
-from tests.support.copying import PG_BIN, source_url
+from tests.support.rehearsing import rehearse_source
 
 SOURCE = """
 CREATE SCHEMA other;
@@ -54,14 +49,7 @@ def test_plain_tables_but_the_first_of_each_schema_are_not_run_and_checks_still_
         return real(scratch, preamble, blocks, deadline)
 
     monkeypatch.setattr(rehearsal, "run_entries", spying)
-    result = rehearse_live(
-        PgTools(PG_BIN),
-        source_url(source),
-        Sandbox(ClusterAdmin(pg.ADMIN_URL)),
-        str(tmp_path),
-        Deadline.after(Limit(120, "test", "")),
-        allowed_extensions=set(),
-    )
+    result = rehearse_source(source, tmp_path)
     created = {m for block in ran for m in re.findall(r"CREATE TABLE (\S+) \(", block)}
     assert created == {
         "public.first",  # the schema's first plain table

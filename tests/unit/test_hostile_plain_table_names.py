@@ -3,20 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from stages.preflight.implied import implied_entries
-
-
-@dataclass(frozen=True)
-class Entry:
-    dump_id: int
-    desc: str
-    depends_on: tuple[int, ...] = ()
-    namespace: str = "public"
-    name: str = ""
+from tests.support.rehearsing import Entry
 
 
 def table(name: str) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from stages.preflight.implied import implied_entries, is_plain_key, is_plain_table
+from tests.support.rehearsing import Entry
 
 HEADER = "--\n-- TOC entry 7 (class 2606 OID 16440)\n-- Name: t t_pkey; Type: CONSTRAINT; Schema: public; Owner: -\n--\n\n"
 
@@ -65,15 +64,6 @@ def test_plain_keys_and_btree_indexes_as_pg_dump_writes_them_are_implied(desc, s
 )
 def test_anything_else_is_rehearsed(desc, sql):
     assert not is_plain_key(desc, HEADER + sql + "\n")
-
-
-@dataclass(frozen=True)
-class Entry:
-    dump_id: int
-    desc: str
-    depends_on: tuple[int, ...] = ()
-    namespace: str = "public"
-    name: str = ""
 
 
 def test_a_plain_key_that_a_rehearsed_entry_needs_is_rehearsed():
