@@ -325,7 +325,7 @@ class ImportSteps:
         source's encoding (names and rows are decoded from it), and the database's
         settings and comment (set at finalize, see stages.database.dbsettings)."""
         encoding = encoding_of(archive)
-        entries = toc.read(tools, archive, encoding=encoding)
+        entries, database_entries = toc.read_with_database(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
         require_allowlisted(extensions, self.settings.extension_allowlist)
         plan = toc.plan(
@@ -343,7 +343,9 @@ class ImportSteps:
             "restore_list": list_path,
             "toc_kinds": toc.kind_counts(entries),
             "dump_encoding": encoding,
-            "database_properties": dbsettings.read_archive(tools, archive, work, encoding=encoding).facts(),
+            "database_properties": dbsettings.read_archive(
+                tools, archive, work, encoding=encoding, database_entries=database_entries
+            ).facts(),
         }, plan.keep
 
     def _new_preview(

@@ -315,7 +315,7 @@ def _archive_facts(
     encoding (names and rows are decoded from it), and the database's settings and
     comment (set at finalize, see stages.database.dbsettings). restore computes the same plan
     again from these facts (`extensions`, the skip list) and the same archive."""
-    entries = toc.read(tools, archive, encoding=encoding)
+    entries, database_entries = toc.read_with_database(tools, archive, encoding=encoding)
     extensions = toc.extension_schemas(tools, archive, entries, folder)
     require_allowlisted(extensions, allowlist)
     plan = toc.plan(entries, precreated_schemas=set(extensions.values()) - {"public"}, skip=skip_map(skipped))
@@ -325,7 +325,9 @@ def _archive_facts(
         "skipped": plan.skipped,
         "toc_kinds": toc.kind_counts(entries),
         "dump_encoding": encoding,
-        "database_properties": dbsettings.read_archive(tools, archive, folder, encoding=encoding).facts(),
+        "database_properties": dbsettings.read_archive(
+            tools, archive, folder, encoding=encoding, database_entries=database_entries
+        ).facts(),
     }
 
 

@@ -94,17 +94,25 @@ def parse(text: str) -> DatabaseProperties:
 
 
 def read_archive(
-    tools: PgTools, archive: str, work_dir: str, *, encoding: str = "UTF8"
+    tools: PgTools,
+    archive: str,
+    work_dir: str,
+    *,
+    encoding: str = "UTF8",
+    database_entries: list[toc.TocEntry] | None = None,
 ) -> DatabaseProperties:
     """The database's settings and comment held by an archive (custom, tar or
-    directory); empty when it holds none."""
+    directory); empty when it holds none. `database_entries`: its database's own
+    entries, when already read (stages.dumps.toc.read_with_database)."""
     chunks: list[bytes] = []
-    tools.pg_restore.run_streaming(
-        ["--list", "--create", archive],
-        lambda out: chunks.append(out.read()),
-        what="reading the dump's database settings",
-    )
-    entries = toc.parse(b"".join(chunks).decode(toc.python_codec(encoding), "replace"))
+    if database_entries is None:
+        tools.pg_restore.run_streaming(
+            ["--list", "--create", archive],
+            lambda out: chunks.append(out.read()),
+            what="reading the dump's database settings",
+        )
+        database_entries = toc.parse(b"".join(chunks).decode(toc.python_codec(encoding), "replace"))
+    entries = database_entries
     wanted = [
         e
         for e in entries

@@ -285,6 +285,29 @@ def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEnt
     return parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
 
 
+def is_database_entry(entry: TocEntry) -> bool:
+    """An entry pg_restore restores, and lists, only with `--create`: the database, its
+    properties (ALTER DATABASE … SET), and a comment, ACL or security label on it."""
+    return entry.desc in ("DATABASE", "DATABASE PROPERTIES") or (
+        entry.desc in ("COMMENT", "ACL", "SECURITY LABEL") and entry.name.startswith("DATABASE ")
+    )
+
+
+def read_with_database(
+    tools: PgTools, archive: str, *, encoding: str = "UTF8"
+) -> tuple[list[TocEntry], list[TocEntry]]:
+    """`read`'s entries and, apart, the database's own (`is_database_entry`), from one
+    `pg_restore --list --create` instead of a listing with and one without it."""
+    chunks: list[bytes] = []
+    tools.pg_restore.run_streaming(
+        ["--list", "--create", archive],
+        lambda out: chunks.append(out.read()),
+        what="reading the dump's table of contents",
+    )
+    entries = parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
+    return [e for e in entries if not is_database_entry(e)], [e for e in entries if is_database_entry(e)]
+
+
 def render(
     tools: PgTools,
     archive: str,

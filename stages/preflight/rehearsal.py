@@ -191,20 +191,38 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
 def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tuple[re.Match[str], str]]]:
     """(preamble, [(header, the SQL after it)]) of a pg_dump script cut at the header
     comments pg_dump writes before each entry: only comments between statements count,
-    never text inside a string or a body that looks like one (stages.dumps.sqlscript)."""
+    never text inside a string or a body that looks like one (stages.dumps.sqlscript).
+
+    The scanner hands the script on in pieces of any size: a header may straddle two
+    pieces of one run of space, and a character two pieces of one statement. So the
+    pieces are joined first (a run of space, then the bytes of an entry) and decoded
+    whole."""
     preamble: str | None = None
     blocks: list[tuple[re.Match[str], str]] = []
     current: re.Match[str] | None = None
-    pending: list[str] = []
+    pending: list[bytes] = []  # the current entry's bytes, read so far
+    space: list[bytes] = []  # the run of space between two statements, read so far
 
     def flush() -> None:
         nonlocal preamble
-        text = "".join(pending)
+        text = b"".join(pending).decode("utf-8", "replace")
         pending.clear()
         if current is None:
             preamble = text
         else:
             blocks.append((current, text))
+
+    def cut() -> None:
+        """Cut the run of space read so far at the headers in it."""
+        nonlocal current
+        text = b"".join(space).decode("utf-8", "replace")
+        space.clear()
+        at = 0
+        for found in header.finditer(text):
+            pending.append(text[at : found.start()].encode("utf-8"))
+            flush()
+            current, at = found, found.end()
+        pending.append(text[at:].encode("utf-8"))
 
     try:
         pieces = list(read_script([script.encode("utf-8")]))
@@ -213,16 +231,12 @@ def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tu
     if not pieces:
         return script, []
     for piece in pieces:
-        text = piece.data.decode("utf-8", "replace")
-        if piece.kind != SPACE:
-            pending.append(text)
+        if piece.kind == SPACE:
+            space.append(piece.data)
             continue
-        at = 0
-        for found in header.finditer(text):
-            pending.append(text[at : found.start()])
-            flush()
-            current, at = found, found.end()
-        pending.append(text[at:])
+        cut()
+        pending.append(piece.data)
+    cut()
     flush()
     return preamble or "", blocks
 

@@ -138,3 +138,25 @@ def test_a_plain_script_splits_at_pg_dumps_headers_without_its_data():
     assert "CREATE POLICY notes_read" in objects[1][1] and "COPY" not in "".join(body for _, body in objects)
     _, whole = split_plain(PLAIN, complete=True)
     assert [entry.desc for entry, _ in whole] == ["TABLE", "POLICY", "VIEW"]
+
+
+def test_a_header_wherever_the_scanner_cuts_the_script_still_splits_it():
+    """The scanner reads the script a step (64 kB) at a time and hands a run of space
+    on in pieces: every header splits its entry off, wherever a step ends (a header
+    astride two steps once merged two foreign keys into one entry, run together), and
+    a character astride two steps is not broken."""
+    from stages.dumps.sqlscript import STEP
+
+    def entry(n: int) -> str:
+        return (
+            f"--\n-- TOC entry {n} (class 2606 OID {n})\n-- Name: t{n}; Type: TABLE; Schema: public; Owner: -\n--\n\n"
+            f"CREATE TABLE public.t{n} (é integer);\n\n\n"
+        )
+
+    for shift in range(0, 120, 7):
+        script = "SET client_encoding = 'UTF8';\n" + "-- " + "x" * (STEP - 40 - shift) + "\n\n\n"
+        script += "".join(entry(n) for n in range(1, 6))
+        preamble, blocks = split_script(script)
+        assert sorted(blocks) == [1, 2, 3, 4, 5], shift
+        for n, block in blocks.items():
+            assert f"CREATE TABLE public.t{n} (é integer);" in block and block.count("CREATE") == 1, (shift, n)
