@@ -117,13 +117,23 @@ class ScriptError(Exception):
     """The script cannot be split as psql would (a COPY statement not ending its line)."""
 
 
-def read_script(chunks: Iterable[bytes], script: Script | None = None) -> Iterator[Piece]:
+def read_script(
+    chunks: Iterable[bytes], script: Script | None = None, *, atomic_bodies: bool = False
+) -> Iterator[Piece]:
     """The pieces of the script whose bytes `chunks` yields (of any sizes), in order.
 
     `script`, if given, is filled in as the scan goes; its end-of-script fields are
     final once the iterator is exhausted.
+
+    `atomic_bodies`: in CREATE FUNCTION/PROCEDURE, only BEGIN ATOMIC opens a body that
+    holds semicolons, not any word `begin` (psql's heuristic, which a parameter or a
+    column named begin in `RETURN (r).begin;` misleads into reading on to the end of the
+    script). For pg_restore's rendering of an archive, whose entries pg_restore sends one
+    by one; a script psql will run must be read as psql reads it (the default).
     """
-    return _Scanner(iter(chunks), script if script is not None else Script()).pieces()
+    scanner = _Scanner(iter(chunks), script if script is not None else Script())
+    scanner.atomic_bodies = atomic_bodies
+    return scanner.pieces()
 
 
 def statement_words(text: bytes, count: int = 6) -> list[str]:
@@ -171,6 +181,9 @@ class _Scanner:
         # Its value when the open transaction block began (None outside one).
         self.transaction_std_strings: bool | None = None
         self.ends_with_newline = True
+        self.atomic_bodies = False
+        # With atomic_bodies: the statement's last word so far was `begin`.
+        self.after_begin = False
 
     def _more(self) -> bool:
         """Append the next `STEP` bytes to the buffer; False at the end of the script.
@@ -322,6 +335,7 @@ class _Scanner:
         mode: str | None = None
         delimiter = b""
         paren = begin = depth = 0
+        self.after_begin = False
         pos = self.at
         while True:
             if pos - self.at > HEAD_BYTES:
@@ -447,6 +461,14 @@ class _Scanner:
             return begin
         for word in _WORD.finditer(self.buf, start, end):
             text = word.group().lower()
+            if self.atomic_bodies:
+                opens = self.after_begin and text == b"atomic"
+                self.after_begin = text == b"begin"
+                if opens:
+                    begin += 1
+                    continue
+                if self.after_begin:
+                    continue
             if text == b"begin":
                 begin += 1
             elif text == b"case" and begin:

@@ -285,12 +285,17 @@ def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEnt
     return parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
 
 
-def is_database_entry(entry: TocEntry) -> bool:
-    """An entry pg_restore restores, and lists, only with `--create`: the database, its
-    properties (ALTER DATABASE … SET), and a comment, ACL or security label on it."""
-    return entry.desc in ("DATABASE", "DATABASE PROPERTIES") or (
-        entry.desc in ("COMMENT", "ACL", "SECURITY LABEL") and entry.name.startswith("DATABASE ")
-    )
+def is_database_entry(entry: TocEntry, database: str) -> bool:
+    """An entry pg_restore restores, and lists, only with `--create`: the database
+    `database` itself, its properties (ALTER DATABASE … SET), and a comment, ACL or
+    security label on it (tagged "DATABASE <its name>", quoted or not, with no schema:
+    a listing line's words cannot tell a schema named "a DATABASE b" apart otherwise)."""
+    if entry.namespace != "-":
+        return False
+    if entry.desc in ("DATABASE", "DATABASE PROPERTIES"):
+        return True
+    tags = {f"DATABASE {database}", 'DATABASE "{}"'.format(database.replace('"', '""'))}
+    return entry.desc in ("COMMENT", "ACL", "SECURITY LABEL") and entry.name in tags
 
 
 def read_with_database(
@@ -305,7 +310,13 @@ def read_with_database(
         what="reading the dump's table of contents",
     )
     entries = parse(b"".join(chunks).decode(python_codec(encoding), "replace"))
-    return [e for e in entries if not is_database_entry(e)], [e for e in entries if is_database_entry(e)]
+    named = [e.name for e in entries if e.desc == "DATABASE" and e.namespace == "-"]
+    if len(named) != 1:  # no database entry to tell its own by: list it as pg_restore does
+        return read(tools, archive, encoding=encoding), [e for e in entries if e.desc.startswith("DATABASE")]
+    own = [is_database_entry(e, named[0]) for e in entries]
+    return [e for e, is_own in zip(entries, own, strict=True) if not is_own], [
+        e for e, is_own in zip(entries, own, strict=True) if is_own
+    ]
 
 
 def render(

@@ -38,8 +38,13 @@ from stages.preflight.rehearsal import Node, Rehearsal, rehearse_blocks, split_a
 from stages.preflight.sandbox import Sandbox
 from stages.tools.timelimit import Deadline
 
+# A header is a comment line between two "--" lines. The lookahead checks that first,
+# once per line: then the first "; Type: " whose fields read through to the end of the
+# line is the match, and no line costs more than a pass over it (without it, a long line
+# of "; Type: ; Schema: ; Owner: ; Tablespace: " repeated was searched once per repeat).
 _HEADER = re.compile(
-    r"^--\n-- (Data for )?Name: ([^\n]*?); Type: ([^\n;]*); Schema: ([^\n;]*); Owner: [^\n;]*(?:; Tablespace: [^\n]*)?\n--\n",
+    r"^--\n(?=[^\n]*+\n--\n)-- (Data for )?Name: ([^\n]*?); Type: ([^\n;]*+); Schema: ([^\n;]*+); "
+    r"Owner: [^\n;]*+(?:; Tablespace: [^\n]*+)?\n--\n",
     re.M,
 )
 _PG_DUMP_RESTRICT = re.compile(r"^\\(?:un)?restrict [A-Za-z0-9]+$", re.M)

@@ -188,7 +188,9 @@ def render_schema(tools: PgTools, archive: str, wanted: list[toc.TocEntry], work
     return b"".join(chunks).decode("utf-8", "replace")
 
 
-def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tuple[re.Match[str], str]]]:
+def split_at_headers(
+    script: str, header: re.Pattern[str], *, atomic_bodies: bool = False
+) -> tuple[str, list[tuple[re.Match[str], str]]]:
     """(preamble, [(header, the SQL after it)]) of a pg_dump script cut at the header
     comments pg_dump writes before each entry: only comments between statements count,
     never text inside a string or a body that looks like one (stages.dumps.sqlscript).
@@ -196,7 +198,7 @@ def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tu
     The scanner hands the script on in pieces of any size: a header may straddle two
     pieces of one run of space, and a character two pieces of one statement. So the
     pieces are joined first (a run of space, then the bytes of an entry) and decoded
-    whole."""
+    whole. `atomic_bodies`: see stages.dumps.sqlscript.read_script."""
     preamble: str | None = None
     blocks: list[tuple[re.Match[str], str]] = []
     current: re.Match[str] | None = None
@@ -225,7 +227,7 @@ def split_at_headers(script: str, header: re.Pattern[str]) -> tuple[str, list[tu
         pending.append(text[at:].encode("utf-8"))
 
     try:
-        pieces = list(read_script([script.encode("utf-8")]))
+        pieces = list(read_script([script.encode("utf-8")], atomic_bodies=atomic_bodies))
     except ScriptError:
         pieces = []
     if not pieces:
@@ -245,7 +247,7 @@ def split_script(script: str) -> tuple[str, dict[int, str]]:
     """(preamble, entry id -> SQL) of a `render_schema` script; pg_dump's `\\restrict`
     lines (psql commands) are left out."""
     script = _PG_DUMP_RESTRICT.sub("", script)
-    preamble, parts = split_at_headers(script, _HEADER)
+    preamble, parts = split_at_headers(script, _HEADER, atomic_bodies=True)
     return preamble, {int(found.group(1)): body for found, body in parts}
 
 

@@ -159,4 +159,7 @@ def test_a_header_wherever_the_scanner_cuts_the_script_still_splits_it():
         preamble, blocks = split_script(script)
         assert sorted(blocks) == [1, 2, 3, 4, 5], shift
         for n, block in blocks.items():
-            assert f"CREATE TABLE public.t{n} (é integer);" in block and block.count("CREATE") == 1, (shift, n)
+            assert f"CREATE TABLE public.t{n} (é integer);" in block and block.count("CREATE") == 1, (
+                shift,
+                n,
+            )
