@@ -163,3 +163,21 @@ def test_a_header_wherever_the_scanner_cuts_the_script_still_splits_it():
                 shift,
                 n,
             )
+
+
+def test_a_begin_atomic_body_keeps_its_semicolons_in_one_entry():
+    def entry(n: int, sql: str) -> str:
+        return f"--\n-- TOC entry {n} (class 1255 OID {n})\n-- Name: f{n}; Type: FUNCTION; Schema: public; Owner: -\n--\n\n{sql}\n\n\n"
+
+    body = (
+        "CREATE FUNCTION public.f1() RETURNS integer\n    LANGUAGE sql\n    BEGIN ATOMIC\n SELECT 1;\n"
+        ' SELECT CASE WHEN true THEN 2 ELSE 3 END AS "case";\nEND;'
+    )
+    script = (
+        "SET client_encoding = 'UTF8';\n\n"
+        + entry(1, body)
+        + entry(2, "CREATE TABLE public.t (\n    id integer\n);")
+    )
+    _, blocks = split_script(script)
+    assert sorted(blocks) == [1, 2]
+    assert body in blocks[1] and "CREATE TABLE" not in blocks[1]
