@@ -101,7 +101,7 @@ _TYPE = (
 _COLUMN = re.compile(
     rf'    (?P<name>{_IDENT}) {_TYPE}(?: COLLATE pg_catalog\."(?:C|POSIX|default)")?(?: NOT NULL)?'
 )
-_TABLE_HEAD = re.compile(rf"CREATE TABLE {_QUALIFIED} \(")
+_TABLE_HEAD = re.compile(rf"CREATE TABLE (?P<schema>{_IDENT})\.{_IDENT} \(")
 MAX_COLUMNS = 1600
 # What separates names in SQL text: white space and ASCII punctuation but `_` and `$`.
 # Everything else (letters of any script, digits, `·`) may be part of an unquoted name.
@@ -122,9 +122,6 @@ class Described(Protocol):
 
     @property
     def depends_on(self) -> Sequence[int]: ...
-
-    @property
-    def namespace(self) -> str: ...
 
     @property
     def name(self) -> str: ...
@@ -152,15 +149,25 @@ def is_plain_key(desc: str, block: str) -> bool:
 
 def is_plain_table(desc: str, block: str) -> bool:
     """Whether an entry of kind `desc` with SQL `block` is one plain table (above)."""
+    return plain_table_schema(desc, block) is not None
+
+
+def plain_table_schema(desc: str, block: str) -> str | None:
+    """The schema (as its SQL writes it) of a plain table (above); None for any other entry."""
     if desc != "TABLE":
-        return False
+        return None
     statement = statement_of(block)
     head = _TABLE_HEAD.match(statement)
     if head is None or not statement.endswith("\n);"):
-        return False
+        return None
     body = statement[head.end() : -len("\n);")]
-    if not body:
-        return True  # a table without columns
+    if body and not _plain_columns(body):
+        return None
+    return head["schema"]
+
+
+def _plain_columns(body: str) -> bool:
+    """Whether the text between a CREATE TABLE's parentheses is plain columns, one a line."""
     if not body.startswith("\n"):
         return False
     lines = body[1:].split(",\n")
@@ -224,11 +231,12 @@ def implied_entries(entries: Sequence[Described], blocks: Mapping[int, str]) -> 
             continue
         if is_plain_key(entry.desc, block):
             implied.add(entry.dump_id)
-        elif is_plain_table(entry.desc, block):
-            if entry.namespace in sentinels:
+        elif (schema := plain_table_schema(entry.desc, block)) is not None:
+            # The schema as the SQL names it: the listing's words cannot tell "a b" from "a".
+            if schema in sentinels:
                 implied.add(entry.dump_id)
             else:
-                sentinels.add(entry.namespace)
+                sentinels.add(schema)
     # Implied tables by name: most names are one word; others are looked for whole.
     by_word: dict[str, list[int]] = {}
     separated: dict[int, tuple[str, str]] = {}

@@ -227,3 +227,15 @@ def test_past_a_hundred_names_that_need_quotes_every_such_table_is_rehearsed():
     ]
     assert implied_entries(entries, blocks) == set()
     assert implied_entries(entries[:100], {k: v for k, v in blocks.items() if k < 100}) == set(range(1, 100))
+
+
+def test_each_schema_is_told_by_the_tables_sql_not_the_listings_words():
+    """A schema named "a b" lists as namespace "a": its first plain table is still
+    rehearsed apart from schema a's."""
+    blocks = {1: table("x", "a"), 2: table("y", '"a b"'), 3: table("z", '"a b"')}
+    entries = [
+        Entry(1, "TABLE", namespace="a", name="x"),
+        Entry(2, "TABLE", namespace="a", name="y"),
+        Entry(3, "TABLE", namespace="a", name="z"),
+    ]
+    assert implied_entries(entries, blocks) == {3}
