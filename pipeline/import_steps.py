@@ -393,7 +393,12 @@ class ImportSteps:
         try:
             yield ready
         finally:
-            making.join()
+            try:
+                making.join()
+            finally:
+                # Again: an exception raised in this thread (a time limit) may land
+                # before the first wait began; the preview must exist before cleanup.
+                making.join()
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:

@@ -86,10 +86,7 @@ class Sandbox:
         finally:
             unused, self._ahead = self._ahead, None
             if unused is not None:
-                try:
-                    unused[1].join()
-                finally:
-                    self._drop(name)
+                self._drop(name, after=unused[1])
 
     @contextlib.contextmanager
     def database(self, extensions: Mapping[str, str]) -> Iterator[Scratch]:
@@ -106,13 +103,23 @@ class Sandbox:
             self.admin.create_extensions(name, login.name, extensions)
             yield Scratch(self.admin, name, login)
         finally:
-            self._drop(name)
+            self._drop(name, after=None if ahead is None else ahead[1])
 
-    def _drop(self, name: str) -> None:
-        if self.background:
-            _start_drop(self, name)
-        else:
-            self.drop(name)
+    def _drop(self, name: str, *, after: Background[RoleLogin] | None = None) -> None:
+        """Drop `name` (in the background, unless the sandbox says not to), once what
+        makes it (`after`) is done: an exception raised in this thread (a time limit)
+        may land before any earlier wait for it began, and a drop before the CREATE
+        DATABASE would leave the database behind."""
+        try:
+            if after is not None:
+                after.join()
+        finally:
+            if after is not None:
+                after.join()  # again, if an exception ended the first wait before it began
+            if self.background:
+                _start_drop(self, name)
+            else:
+                self.drop(name)
 
     def drop(self, name: str) -> None:
         """Drop a rehearsal database and its role; a failure is logged, and left to the

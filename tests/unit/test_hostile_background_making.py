@@ -131,3 +131,55 @@ def test_the_preview_made_in_the_background_exists_before_the_failed_stage_clean
     admin.drop_database("capy_preview_hostile1")  # the Runner's cleanup after the failure
     time.sleep(0.5)
     assert admin.left_behind() == set(), admin.events
+
+
+def _first_wait_interrupted(monkeypatch) -> None:
+    """The first Background.join raises a time limit at once, before it waits: where an
+    exception raised in the thread lands if it comes a few instructions early."""
+    from stages.background import Background
+
+    real = Background.join
+    calls: list[int] = []
+
+    def join(self) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise TimeLimitExceeded()
+        real(self)
+
+    monkeypatch.setattr(Background, "join", join)
+
+
+def test_an_exception_landing_before_the_wait_for_the_database_made_ahead_still_drops_it_after(monkeypatch):
+    _first_wait_interrupted(monkeypatch)
+    admin = SlowAdmin()
+    sandbox = Sandbox(admin, background=False)  # type: ignore[arg-type]
+    threading.Timer(0.5, admin.gate.set).start()
+    try:
+        with sandbox.ahead():
+            pass
+    except TimeLimitExceeded:
+        pass
+    else:
+        raise AssertionError("the time limit was swallowed")
+    assert [what for what, _name in admin.events] == ["role", "create", "drop", "drop role"]
+
+
+def test_an_exception_landing_before_the_wait_for_the_preview_still_waits_for_it(monkeypatch):
+    _first_wait_interrupted(monkeypatch)
+    admin = SlowAdmin()
+    job = SimpleNamespace(id="job_hostile2")
+    steps = SimpleNamespace(_admin=lambda _job: admin)
+    context = SimpleNamespace(
+        job=job, set_preview=lambda _p: None, progress=lambda _p: None, confirm_claim=lambda: None
+    )
+    threading.Timer(0.5, admin.gate.set).start()
+    try:
+        with ImportSteps._preview_started(steps, context):  # type: ignore[arg-type]
+            pass
+    except TimeLimitExceeded:
+        pass
+    else:
+        raise AssertionError("the time limit was swallowed")
+    # The stage's cleanup runs after this: the preview exists by then.
+    assert [what for what, _name in admin.events] == ["drop", "role", "create"]
