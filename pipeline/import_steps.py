@@ -344,7 +344,7 @@ class ImportSteps:
             "toc_kinds": toc.kind_counts(entries),
             "dump_encoding": encoding,
             "database_properties": dbsettings.read_archive(
-                tools, archive, work, encoding=encoding, database_entries=database_entries
+                tools, archive, work, database_entries, encoding=encoding
             ).facts(),
         }, plan.keep
 
@@ -393,12 +393,7 @@ class ImportSteps:
         try:
             yield ready
         finally:
-            try:
-                making.join()
-            finally:
-                # Again: an exception raised in this thread (a time limit) may land
-                # before the first wait began; the preview must exist before cleanup.
-                making.join()
+            making.settle()  # the preview exists, or has failed, before the stage's cleanup
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:

@@ -47,6 +47,14 @@ class Background(Generic[T]):
             self._thread.join()
             raise
 
+    def settle(self) -> None:
+        """`join`, for a caller's `finally`: it waits once more when an exception raised
+        in the caller's thread (a time limit) ended the first wait before it began."""
+        try:
+            self.join()
+        finally:
+            self.join()
+
     def result(self) -> T:
         self.join()
         if self._error:

@@ -326,7 +326,7 @@ def _archive_facts(
         "toc_kinds": toc.kind_counts(entries),
         "dump_encoding": encoding,
         "database_properties": dbsettings.read_archive(
-            tools, archive, folder, encoding=encoding, database_entries=database_entries
+            tools, archive, folder, database_entries, encoding=encoding
         ).facts(),
     }
 

@@ -97,21 +97,13 @@ def read_archive(
     tools: PgTools,
     archive: str,
     work_dir: str,
+    database_entries: list[toc.TocEntry],
     *,
     encoding: str = "UTF8",
-    database_entries: list[toc.TocEntry] | None = None,
 ) -> DatabaseProperties:
     """The database's settings and comment held by an archive (custom, tar or
-    directory); empty when it holds none. `database_entries`: its database's own
-    entries, when already read (stages.dumps.toc.read_with_database)."""
-    chunks: list[bytes] = []
-    if database_entries is None:
-        tools.pg_restore.run_streaming(
-            ["--list", "--create", archive],
-            lambda out: chunks.append(out.read()),
-            what="reading the dump's database settings",
-        )
-        database_entries = toc.parse(b"".join(chunks).decode(toc.python_codec(encoding), "replace"))
+    directory), from its database's own entries (stages.dumps.toc.read_with_database);
+    empty when it holds none."""
     entries = database_entries
     wanted = [
         e
@@ -123,7 +115,7 @@ def read_archive(
     list_path = os.path.join(work_dir, "database.list")
     with open(list_path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(e.line for e in wanted) + "\n")
-    chunks.clear()
+    chunks: list[bytes] = []
     tools.pg_restore.run_streaming(
         ["--create", f"--use-list={list_path}", "--file=-", archive],
         lambda out: chunks.append(out.read()),

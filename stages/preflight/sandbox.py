@@ -112,10 +112,8 @@ class Sandbox:
         DATABASE would leave the database behind."""
         try:
             if after is not None:
-                after.join()
+                after.settle()
         finally:
-            if after is not None:
-                after.join()  # again, if an exception ended the first wait before it began
             if self.background:
                 _start_drop(self, name)
             else:
