@@ -92,7 +92,7 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
         # The preview is made in the background while the schema is dumped and read.
         with (
             steps._preview_started(context) as preview_ready,
-            Snapshot.open(source, source_settings(steps), context.cancellation) as snapshot,
+            Snapshot.open(source, source_settings(steps), context.cancellation, tools=tools) as snapshot,
         ):
             context.progress({"step": "schema", "phase": "reading the source's schema"})
             archive = os.path.join(work, "schema.dump")

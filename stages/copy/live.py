@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import psycopg2
 import psycopg2.errors
@@ -39,11 +41,19 @@ from stages.copy.engine import (
 )
 from stages.copy.largeobjects import copy_large_objects
 from stages.copy.scheduler import Task
-from stages.copy.stream import CountMismatch, SourceTable, stream_table
+from stages.copy.stream import (
+    Copied,
+    CountMismatch,
+    Flow,
+    SourceTable,
+    copy_out_text,
+    stream_from_command,
+    stream_table,
+)
 from stages.database import inventory
 from stages.dumps.toc import TocEntry
-from stages.errors import PermanentError, SourceUnreachable, TransientError
-from stages.tools.commands import Cancellation, PgTools
+from stages.errors import CommandFailed, PermanentError, SourceUnreachable, TransientError
+from stages.tools.commands import Cancellation, PgCommand, PgTools
 
 
 class SourceBusy(TransientError):
@@ -52,6 +62,16 @@ class SourceBusy(TransientError):
 
 class SnapshotLost(SourceUnreachable):
     """The session holding the source's exported snapshot ended before a lane joined it."""
+
+
+SNAPSHOT_LOST = (
+    "lost the source's snapshot: the session that holds it ended (the source closed it, "
+    "or restarted) before every table was read; the import is retried"
+)
+# A table of this size or more streams through psql (see _LiveLoading._copy_by_command):
+# starting it and joining the snapshot cost a few hundredths of a second, and the rows
+# then cost the worker a fraction of what one Python call per row does.
+COMMAND_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -73,11 +93,17 @@ class Snapshot:
     catalog: SourceCatalog
     description: dict[str, Any]
     settings: SourceSettings
+    tools: PgTools | None = None  # psql streams the large tables' rows (see _LiveLoading)
 
     @classmethod
     @contextlib.contextmanager
     def open(
-        cls, source: SourceURL, settings: SourceSettings, cancellation: Cancellation | None = None
+        cls,
+        source: SourceURL,
+        settings: SourceSettings,
+        cancellation: Cancellation | None = None,
+        *,
+        tools: PgTools | None = None,
     ) -> Iterator[Snapshot]:
         with _session(source, settings, cancellation) as conn:
             with _source_errors(source, settings):
@@ -89,7 +115,7 @@ class Snapshot:
                 catalog = read_catalog(conn)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
-            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings)
+            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings, tools)
 
     @property
     def stall_seconds(self) -> float:
@@ -260,9 +286,23 @@ class _LiveLoading:
             per_read=snapshot.settings.read_timeout,
             what="the source read timeout, CAPY_SOURCE_READ_TIMEOUT_SECONDS",
         )
+        self._commands: set[subprocess.Popen[bytes]] = set()
+        self._lock = threading.Lock()
+        self._interrupted = False
 
     def interrupt(self) -> None:
         self.deadline.cancel()
+        with self._lock:
+            self._interrupted = True
+            for process in self._commands:
+                PgCommand.kill(process)
+
+    def _started(self, process: subprocess.Popen[bytes]) -> None:
+        """A psql of a lane is running: an interrupt, even one that came first, stops it."""
+        with self._lock:
+            self._commands.add(process)
+            if self._interrupted:
+                PgCommand.kill(process)
 
     def close_lane(self, lane: Lane) -> None:
         if lane.source is not None:
@@ -286,10 +326,7 @@ class _LiveLoading:
                 try:
                     cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
                 except psycopg2.errors.InvalidParameterValue as err:
-                    raise SnapshotLost(
-                        "lost the source's snapshot: the session that holds it ended (the source closed it, "
-                        "or restarted) before every table was read; the import is retried"
-                    ) from err
+                    raise SnapshotLost(SNAPSHOT_LOST) from err
                 cur.execute("SET row_security = off")
                 # COPY prints values as the session's settings say, which the source's
                 # database or role may change: as pg_dump, print them so the preview reads
@@ -334,6 +371,11 @@ class _LiveLoading:
     def _copy(self, table: SourceTable, progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
         def run(lane: Lane) -> None:
             with flowing(progress, table, counted=True) as flow:
+                tools = self.snapshot.tools
+                if tools is not None and table.bytes >= COMMAND_MIN_BYTES:
+                    copied = self._copy_by_command(tools, table, lane, flow)
+                    record(table, copied.source_rows, copied.target_rows)
+                    return
                 source = self.session(lane)
                 statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
                 with _either_side(
@@ -346,6 +388,47 @@ class _LiveLoading:
             record(table, copied.source_rows, copied.target_rows)
 
         return run
+
+    def _copy_by_command(self, tools: PgTools, table: SourceTable, lane: Lane, flow: Flow) -> Copied:
+        """A large table's rows, written by psql in a session of the snapshot of its
+        own (stages.copy.stream.stream_from_command)."""
+        snapshot, settings = self.snapshot, self.snapshot.settings
+        command = tools.source_psql
+        statements = [
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+            f"SET TRANSACTION SNAPSHOT '{snapshot.snapshot_id}'",
+            # As the lanes' own sessions (_open): values printed as pg_dump prints them.
+            "SET row_security = off; SET DateStyle = ISO; SET IntervalStyle = postgres; "
+            "SET extra_float_digits = 3; SET statement_timeout = 0; SET search_path = pg_catalog, pg_temp",
+            copy_out_text(table),
+        ]
+        args = command.copy_out_args(
+            snapshot.source.conninfo(connect_timeout=str(settings.connect_timeout)), statements
+        )
+        what = f"reading the rows of table {table.key} from the source"
+
+        def run_source(consume: Callable[[IO[bytes]], None]) -> object:
+            try:
+                return command.run_streaming(
+                    args,
+                    consume,
+                    env={**snapshot.source.env(), "PGCLIENTENCODING": "UTF8"},
+                    secrets=[snapshot.source.password],
+                    what=what,
+                    started=self._started,
+                )
+            except CommandFailed as err:
+                if "invalid snapshot identifier" in (err.stderr_tail or ""):
+                    raise SnapshotLost(SNAPSHOT_LOST) from err
+                raise
+
+        try:
+            # The source's errors are the command's (CommandFailed); psycopg2's are the preview's.
+            with target_errors(f"loading the rows of table {table.key} into the preview"):
+                return stream_from_command(table, run_source, lane.target, flow)
+        finally:
+            with self._lock:
+                self._commands = {p for p in self._commands if p.poll() is None}
 
     def _large_objects(self, progress: CopyProgress) -> Callable[[Lane], None]:
         def run(lane: Lane) -> None:

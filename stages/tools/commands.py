@@ -866,10 +866,14 @@ class PgCommand:
         secrets: Sequence[str | None] = (),
         what: str = "",
         deadline: Deadline | None = None,
+        started: Callable[[CommandProcess], None] | None = None,
     ) -> CommandResult:
-        """Run, handing stdout to `consume` as it is produced (never held whole)."""
+        """Run, handing stdout to `consume` as it is produced (never held whole);
+        `started` sees the process first (to stop it from another thread: `kill`)."""
         process = self.start(args, env=env, secrets=secrets, what=what, deadline=deadline, streaming=True)
         assert process.stdout is not None
+        if started is not None:
+            started(process)
         stream = io.BufferedReader(_ProgressStream(process.stdout, process.activity), 1 << 16)
         try:
             consume(stream)
@@ -945,6 +949,12 @@ class PgCommand:
     def _observe(self, result: CommandResult) -> None:
         if self.observer is not None:
             self.observer(result)
+
+    @staticmethod
+    def kill(process: subprocess.Popen[bytes]) -> None:
+        """Stop a started command and what it started, from any thread: its end of
+        output reaches the reader, and its run fails (or has already ended)."""
+        _signal_group(process, signal.SIGKILL)
 
     @staticmethod
     def abort(process: subprocess.Popen[bytes]) -> None:
@@ -1074,6 +1084,28 @@ class Psql(PgCommand):
         ]
 
 
+class SourcePsql(PgCommand):
+    """psql on a live source: the rows of one table of the copy's snapshot, written to
+    stdout by a client in C, not one Python call per row (stages.copy.stream)."""
+
+    program = "psql"
+    server = SOURCE
+    stall_hint = "the source may be stuck (a lock it waits for, or an overloaded server); it will be retried"
+    stall_is_transient = True
+
+    def copy_out_args(self, conninfo: str, statements: Sequence[str]) -> list[str]:
+        """Run `statements` in one session, stopping at the first error, ignoring
+        ~/.psqlrc; quiet, so stdout holds nothing but what a COPY … TO STDOUT writes."""
+        return [
+            "--no-psqlrc",
+            "--quiet",
+            "--no-password",
+            "--set=ON_ERROR_STOP=1",
+            f"--dbname={conninfo}",
+            *(f"--command={statement}" for statement in statements),
+        ]
+
+
 @dataclass(frozen=True)
 class PgTools:
     """The client programs of one Postgres major version, with what bounds their runs:
@@ -1124,6 +1156,10 @@ class PgTools:
     @property
     def psql(self) -> Psql:
         return self._make(Psql)
+
+    @property
+    def source_psql(self) -> SourcePsql:
+        return self._make(SourcePsql)
 
 
 def process_group_members(pgid: int, program: str, label: str | None = None) -> list[int]:

@@ -14,6 +14,7 @@ import time
 import psycopg2
 import pytest
 
+import stages.copy.live as live
 from stages.copy.engine import CopyStalled
 from stages.copy.live import SourceSettings
 from stages.errors import Cancelled, PermanentError, TransientError
@@ -78,6 +79,15 @@ def waiting_for_lock(dbname: str, table: str) -> bool:
     )
 
 
+@pytest.fixture(params=["session", "psql"])
+def streams(request, monkeypatch) -> bool:
+    """Both ways a table's rows leave the source: a lane's own session, or psql (every
+    table, whatever its size: stages.copy.live.COMMAND_MIN_BYTES)."""
+    if request.param == "psql":
+        monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
+    return request.param == "psql"
+
+
 @pytest.fixture
 def preview_lock():
     """Hold ACCESS EXCLUSIVE on a table of a database (a session of the test): the lane
@@ -95,7 +105,7 @@ def preview_lock():
         conn.close()
 
 
-def test_counts_from_copy_equal_count_on_the_source(scratch_db, tmp_path):
+def test_counts_from_copy_equal_count_on_the_source(streams, scratch_db, tmp_path):
     source, target = scratch_db("capysrc_engine"), scratch_db("capytgt_engine")
     pg.psql(
         source,
@@ -115,7 +125,7 @@ def test_counts_from_copy_equal_count_on_the_source(scratch_db, tmp_path):
         INSERT INTO public.parted SELECT g, date '2020-01-01' + g FROM generate_series(1, 600) g;
         """,
     )
-    result = CopyRun(source_url(source), target, tmp_path, lanes=3).run()
+    result = CopyRun(source_url(source), target, tmp_path, lanes=3, by_command=streams).run()
     expected = pg.row_counts(source)
     assert result.source_counts == expected
     assert result.target_counts == expected
@@ -139,7 +149,7 @@ def test_a_source_that_ends_idle_transactions_does_not_break_the_copy(scratch_db
     assert_nothing_left(target)
 
 
-def test_a_lost_snapshot_session_fails_transiently_and_leaves_no_session(scratch_db, tmp_path):
+def test_a_lost_snapshot_session_fails_transiently_and_leaves_no_session(streams, scratch_db, tmp_path):
     source, target = scratch_db("capysrc_lost"), scratch_db("capytgt_lost")
     pg.psql(source, text=SMALL_TABLES)
 
@@ -151,13 +161,17 @@ def test_a_lost_snapshot_session_fails_transiently_and_leaves_no_session(scratch
         wait_until(lambda: sessions_in(source) == [], "the snapshot's session did not end")
 
     with pytest.raises(TransientError) as info:
-        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=lose_the_snapshot).run()
+        CopyRun(
+            source_url(source), target, tmp_path, lanes=2, before_copy=lose_the_snapshot, by_command=streams
+        ).run()
     assert info.value.message.startswith("lost the source's snapshot"), info.value.message
     assert_nothing_left(target)
     wait_until(lambda: sessions_in(source) == [], f"sessions left on the source: {sessions_in(source)}")
 
 
-def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_window(scratch_db, tmp_path):
+def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_window(
+    streams, scratch_db, tmp_path
+):
     source, target = scratch_db("capysrc_stall"), scratch_db("capytgt_stall")
     pg.psql(source, text=BIG_TABLE)
     with cut_off_relay(after_bytes=2 * 1024 * 1024) as relay:
@@ -165,6 +179,7 @@ def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_windo
             source_url(source, port=relay.port),
             target,
             tmp_path,
+            by_command=streams,
             lanes=2,
             settings=SourceSettings(stall_seconds=3, read_timeout=600),
         )
@@ -179,7 +194,7 @@ def test_a_source_that_stalls_mid_table_fails_transiently_within_the_stall_windo
     assert pg.row_counts(target) == {"public.big": 0}
 
 
-def test_a_cancel_stops_every_lane_and_raises_cancelled(scratch_db, tmp_path, preview_lock):
+def test_a_cancel_stops_every_lane_and_raises_cancelled(streams, scratch_db, tmp_path, preview_lock):
     """One lane streams from a source that stopped sending (a cancel request cannot
     reach its COPY), the other waits for a lock in the preview: both stop."""
     source, target = scratch_db("capysrc_cancel"), scratch_db("capytgt_cancel")
@@ -190,6 +205,7 @@ def test_a_cancel_stops_every_lane_and_raises_cancelled(scratch_db, tmp_path, pr
             source_url(source, port=relay.port),
             target,
             tmp_path,
+            by_command=streams,
             lanes=2,
             settings=SourceSettings(stall_seconds=600, read_timeout=600),
             cancellation=cancellation,
@@ -207,13 +223,14 @@ def test_a_cancel_stops_every_lane_and_raises_cancelled(scratch_db, tmp_path, pr
     assert lane_threads() == []
 
 
-def test_a_row_the_preview_refuses_fails_permanently_naming_the_table(scratch_db, tmp_path):
+def test_a_row_the_preview_refuses_fails_permanently_naming_the_table(streams, scratch_db, tmp_path):
     source, target = scratch_db("capysrc_refused"), scratch_db("capytgt_refused")
     pg.psql(source, text=SMALL_TABLES)
     run = CopyRun(
         source_url(source),
         target,
         tmp_path,
+        by_command=streams,
         before_copy=lambda: pg.psql(
             target, text="ALTER TABLE public.child ADD CONSTRAINT low CHECK (id < 1000)"
         ),
@@ -226,7 +243,7 @@ def test_a_row_the_preview_refuses_fails_permanently_naming_the_table(scratch_db
     assert_nothing_left(target)
 
 
-def test_a_failure_in_one_lane_stops_the_others(scratch_db, tmp_path, preview_lock):
+def test_a_failure_in_one_lane_stops_the_others(streams, scratch_db, tmp_path, preview_lock):
     """The lane copying `small` waits for a lock in the preview that is never released;
     the other lane's failure must stop it (or the copy would wait forever)."""
     source, target = scratch_db("capysrc_onefails"), scratch_db("capytgt_onefails")
@@ -237,7 +254,7 @@ def test_a_failure_in_one_lane_stops_the_others(scratch_db, tmp_path, preview_lo
         preview_lock(target, "small")
 
     thread, outcome = run_in_thread(
-        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=prepare)
+        CopyRun(source_url(source), target, tmp_path, lanes=2, before_copy=prepare, by_command=streams)
     )
     thread.join(MARGIN)
     assert not thread.is_alive(), "the lane waiting for the lock was not stopped"

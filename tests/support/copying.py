@@ -46,11 +46,14 @@ class CopyRun:
     cancellation: Cancellation | None = None
     before_copy: Callable[[], None] = lambda: None
     progress: list[dict[str, Any]] = field(default_factory=list)
+    by_command: bool = False  # large tables stream through psql (stages.copy.live.COMMAND_MIN_BYTES)
 
     def run(self) -> CopyResult:
         tools = PgTools(PG_BIN, cancellation=self.cancellation)
         target_url = source_url(self.target)
-        with Snapshot.open(self.source, self.settings, self.cancellation) as snapshot:
+        with Snapshot.open(
+            self.source, self.settings, self.cancellation, tools=tools if self.by_command else None
+        ) as snapshot:
             archive = str(self.work / "schema.dump")
             snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
             plan = toc.plan(toc.read(tools, archive), precreated_schemas=set())
