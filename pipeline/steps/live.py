@@ -23,6 +23,7 @@ from pipeline.steps.results import FetchResult, RestoreResult, SourceDescription
 from stages.copy.engine import CopyPlan, copy_rows, plan_copy
 from stages.copy.live import Snapshot, SourceSettings, size_up
 from stages.copy.postdata import split
+from stages.copy.predata import schema_slices
 from stages.dumps import toc
 from stages.dumps.toc import TocEntry
 from stages.tools.commands import PgRestore
@@ -105,7 +106,8 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             )
             steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
             context.check_cancelled()
-            restore_section(tools, target, archive, "pre-data", list_file=list_file)
+            # The pre-data section is restored in slices beside the copy (stages.copy.predata).
+            schema = schema_slices(tools, target, archive, keep, list_file, work)
             post_data = toc.render(
                 tools,
                 archive,
@@ -141,6 +143,7 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                 on_progress=lambda report: report_progress(context, report),
                 on_report_end=close_thread_connection,
                 statement_timeout_ms=remaining_ms,
+                schema=schema,
             )
             planned.pop("toc_kinds", None)
             return RestoreResult(

@@ -149,6 +149,18 @@ def plan_copy(source: RowSource, kept: list[TocEntry], rendered: Rendered) -> Co
     return CopyPlan(tables, [], [], list(kept), rendered.preamble)
 
 
+@dataclass(frozen=True)
+class SchemaSlice:
+    """A slice of the pre-data section, in the archive's order, that `restore()` puts
+    into the preview (pg_restore -L). The slices are restored one after another beside
+    the copy: a table's rows load once the slice holding its CREATE TABLE (`tables`,
+    by catalog oid) is in, and everything else waits for the last slice."""
+
+    entries: int
+    tables: frozenset[int]
+    restore: Callable[[], None]
+
+
 @dataclass
 class Lane:
     """One lane: a preview session, and (for a live source) a source session in the
@@ -196,8 +208,12 @@ def copy_rows(
     on_progress: Progress,
     statement_timeout_ms: int,
     on_report_end: Callable[[], None] = lambda: None,
+    schema: list[SchemaSlice] | None = None,
 ) -> CopyResult:
     """Run the copy (see the module's docstring); return both sides' row counts.
+
+    `schema`: the pre-data section in slices, restored beside the copy (see
+    SchemaSlice); without it, the caller has restored the pre-data section already.
 
     `open_target` opens a session in the preview as the restore role; `restore_rest`
     restores post-data entries with pg_restore, `restore_data_section` what the data
@@ -221,8 +237,11 @@ def copy_rows(
                 progress.step, progress.phase = "indexes", "building indexes and constraints"
 
     with source.loading() as loading:
-        tasks = _tasks(loading, plan, record, restore_data_section, progress, analyze_each=analyze_each)
-        progress.cost_total = sum(t.cost for t in tasks)
+        tasks, copies = _tasks(
+            loading, plan, record, restore_data_section, progress, analyze_each=analyze_each
+        )
+        serial = _schema_tasks(schema or [], tasks, copies)
+        progress.cost_total = sum(t.cost for t in [*serial, *tasks])
         stall_seconds = source.stall_seconds
 
         def interrupt(err: BaseException) -> None:
@@ -275,7 +294,9 @@ def copy_rows(
                 )
                 sessions.append(Lane(conn))
             reporter.start()
-            Schedule(tasks, sessions, on_start=started, on_finish=finished, on_failure=interrupt).run()
+            Schedule(
+                tasks, sessions, serial=serial, on_start=started, on_finish=finished, on_failure=interrupt
+            ).run()
             _raise_first(failure)
             progress.step, progress.phase = "indexes", "restoring triggers, policies and materialized views"
             if plan.rest:
@@ -364,8 +385,9 @@ def _tasks(
     progress: CopyProgress,
     *,
     analyze_each: bool,
-) -> list[Task[Lane]]:
-    """The schedule: copy → indexes → constraints → foreign keys, per table (by id)."""
+) -> tuple[list[Task[Lane]], dict[int, Task[Lane]]]:
+    """The schedule: copy → indexes → constraints → foreign keys, per table (by id);
+    and each table's copy task, by table id."""
     by_table = {t.oid: t for t in plan.tables}
     copies, data_tasks = loading.data_tasks(plan.tables, progress, record)
     indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
@@ -456,7 +478,44 @@ def _tasks(
 
     tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
     tasks.extend(data_tasks)
-    return tasks
+    return tasks, copies
+
+
+def _schema_tasks(
+    slices: list[SchemaSlice], tasks: list[Task[Lane]], copies: dict[int, Task[Lane]]
+) -> list[Task[Lane]]:
+    """The slices' tasks, in order; each copy waits for its table's slice (a copy of
+    several tables, for all of theirs), every other task for the last slice: an index,
+    a constraint or a sequence's value may need anything of the schema."""
+    if not slices:
+        return []
+    made: list[Task[Lane]] = []
+    for number, piece in enumerate(slices, 1):
+
+        def restore(_lane: Lane, piece: SchemaSlice = piece) -> None:
+            piece.restore()
+
+        made.append(
+            Task[Lane](
+                f"schema, slice {number} of {len(slices)} ({piece.entries} entries)",
+                TASK_OVERHEAD * (1 + piece.entries),
+                restore,
+                frozenset(),
+                after=made[-1:],
+            )
+        )
+    slice_of = {oid: made[i] for i, piece in enumerate(slices) for oid in piece.tables}
+    by_copy: dict[int, list[int]] = {}
+    for oid, task in copies.items():
+        by_copy.setdefault(id(task), []).append(oid)
+    for task in tasks:
+        oids = by_copy.get(id(task))
+        if oids is None:
+            task.after.append(made[-1])
+        else:
+            # A table no slice creates (it should not be) waits for the whole schema.
+            task.after.extend({id(t): t for t in (slice_of.get(oid, made[-1]) for oid in oids)}.values())
+    return made
 
 
 def chain_serial(tasks: list[Task[Lane]]) -> None:

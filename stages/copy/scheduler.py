@@ -9,6 +9,10 @@ only when every task it depends on has finished and no running task holds one of
 tables in a conflicting way: lanes never wait on one another, and two ALTER TABLE …
 FOREIGN KEY on tables that reference each other cannot deadlock.
 
+Serial tasks (`serial`) run one after another, in their order, on a thread of their
+own beside the lanes (the schema restored slice by slice while the first tables copy):
+they take no lane, and other tasks may wait for them.
+
 The first task that fails stops the schedule: no new task starts, running tasks are
 told to stop (`on_failure`), and `run` raises that first error once every lane is idle.
 """
@@ -16,6 +20,7 @@ told to stop (`on_failure`), and `run` raises that first error once every lane i
 from __future__ import annotations
 
 import contextvars
+import heapq
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +54,8 @@ def rank(tasks: Sequence[Task[Lane]]) -> None:
     waiting: dict[int, list[Task[Lane]]] = {id(t): [] for t in tasks}
     for task in tasks:
         for before in task.after:
-            waiting[id(before)].append(task)
+            if id(before) in waiting:  # (one not among `tasks` never runs: Schedule says it is stuck)
+                waiting[id(before)].append(task)
     done: dict[int, float] = {}
 
     def bottom(task: Task[Lane]) -> float:
@@ -70,51 +76,83 @@ def rank(tasks: Sequence[Task[Lane]]) -> None:
 
 
 class Schedule(Generic[Lane]):
-    """Run `tasks` on `lanes` (one thread each). `on_start`/`on_finish` see each task
-    as it starts and ends (progress); `on_failure` is called once, with the first error,
-    to stop the running tasks (e.g. cancel their connections)."""
+    """Run `tasks` on `lanes` (one thread each), and `serial` in order on a thread of
+    their own (given the first lane, which they do not use). `on_start`/`on_finish` see
+    each task as it starts and ends (progress); `on_failure` is called once, with the
+    first error, to stop the running tasks (e.g. cancel their connections)."""
 
     def __init__(
         self,
         tasks: Iterable[Task[Lane]],
         lanes: Sequence[Lane],
         *,
+        serial: Sequence[Task[Lane]] = (),
         on_start: Callable[[Task[Lane]], None] = lambda _t: None,
         on_finish: Callable[[Task[Lane]], None] = lambda _t: None,
         on_failure: Callable[[BaseException], None] = lambda _e: None,
     ) -> None:
         self.tasks = list(tasks)
+        self.serial = list(serial)
         self.lanes = list(lanes)
         if not self.lanes:
             raise ValueError("a schedule needs at least one lane")
-        rank(self.tasks)
+        rank([*self.serial, *self.tasks])
         self.on_start, self.on_finish, self.on_failure = on_start, on_finish, on_failure
         self._cond = threading.Condition()
-        self._pending = sorted(self.tasks, key=lambda t: -t.rank)
+        # Tasks whose dependencies are all done, by rank (then their given order): a
+        # heap, so that picking the next task does not scan thousands that must wait.
+        by_rank = sorted(self.tasks, key=lambda t: -t.rank)
+        self._position = {id(task): position for position, task in enumerate(by_rank)}
+        self._eligible: list[tuple[int, Task[Lane]]] = []
+        self._waiting: dict[int, int] = {}  # unfinished dependencies, by task
+        self._dependents: dict[int, list[Task[Lane]]] = {}
+        for task in by_rank:
+            before = {id(t) for t in task.after}
+            self._waiting[id(task)] = len(before)
+            for dependency in before:
+                self._dependents.setdefault(dependency, []).append(task)
+            if not before:
+                heapq.heappush(self._eligible, (self._position[id(task)], task))
+        self._left = len(self.tasks)  # lane tasks not started yet
+        self._serial_left = len(self.serial)  # serial tasks not finished yet
         self._finished: set[int] = set()
         self._running: list[Task[Lane]] = []
         self._error: BaseException | None = None
 
-    def _ready(self, task: Task[Lane]) -> bool:
-        return all(id(t) in self._finished for t in task.after) and not any(
-            task.conflicts(other) for other in self._running
-        )
+    def _done(self, task: Task[Lane]) -> None:
+        """`task` finished well: the tasks that waited only for it become eligible (under the lock)."""
+        self._finished.add(id(task))
+        for waiting in self._dependents.get(id(task), []):
+            self._waiting[id(waiting)] -= 1
+            if self._waiting[id(waiting)] == 0:
+                heapq.heappush(self._eligible, (self._position[id(waiting)], waiting))
 
     def _next(self) -> Task[Lane] | None:
         """The highest-ranked task that may start now; None when none is left to run
         (blocks while tasks remain that must wait for running ones)."""
         with self._cond:
             while True:
-                if self._error is not None or not self._pending:
+                if self._error is not None or not self._left:
                     return None
-                task = next((t for t in self._pending if self._ready(t)), None)
+                task, aside = None, []
+                while self._eligible:
+                    candidate = heapq.heappop(self._eligible)
+                    if any(candidate[1].conflicts(other) for other in self._running):
+                        aside.append(candidate)  # its tables are busy: after the running task
+                        continue
+                    task = candidate[1]
+                    break
+                for item in aside:
+                    heapq.heappush(self._eligible, item)
                 if task is not None:
-                    self._pending.remove(task)
+                    self._left -= 1
                     self._running.append(task)
                     return task
-                if not self._running:
-                    names = ", ".join(t.name for t in self._pending[:5])
-                    raise RuntimeError(f"the copy schedule is stuck: nothing runs and {names} cannot start")
+                if not self._running and not self._serial_left:
+                    stuck = [t.name for t in self.tasks if id(t) not in self._finished][:5]
+                    raise RuntimeError(
+                        f"the copy schedule is stuck: nothing runs and {', '.join(stuck)} cannot start"
+                    )
                 self._cond.wait()
 
     def _lane(self, lane: Lane) -> None:
@@ -136,7 +174,27 @@ class Schedule(Generic[Lane]):
                 with self._cond:
                     self._running.remove(task)
                     if self._error is None:
-                        self._finished.add(id(task))
+                        self._done(task)
+                    self._cond.notify_all()
+
+    def _serial(self) -> None:
+        for task in self.serial:
+            with self._cond:
+                if self._error is not None:
+                    return
+                self._running.append(task)
+            try:
+                self.on_start(task)
+                task.run(self.lanes[0])
+                self.on_finish(task)
+            except BaseException as err:  # noqa: BLE001 - re-raised by run() in the caller's thread
+                self._fail(err)
+            finally:
+                with self._cond:
+                    self._running.remove(task)
+                    self._serial_left -= 1
+                    if self._error is None:
+                        self._done(task)
                     self._cond.notify_all()
 
     def _fail(self, err: BaseException) -> None:
@@ -159,6 +217,15 @@ class Schedule(Generic[Lane]):
             )
             for i, lane in enumerate(self.lanes)
         ]
+        if self.serial:
+            threads.append(
+                threading.Thread(
+                    target=contextvars.copy_context().run,
+                    args=(self._serial,),
+                    name="copy-lane-serial",
+                    daemon=True,
+                )
+            )
         for thread in threads:
             thread.start()
         try:

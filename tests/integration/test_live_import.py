@@ -180,6 +180,7 @@ def test_the_restore_stage_flushes_the_wal_after_the_copy(control_db, corpus_sou
 
     monkeypatch.setattr(ClusterAdmin, "flush_wal", spy_flush)
     monkeypatch.setattr("pipeline.steps.live.restore_section", spy_section)
+    monkeypatch.setattr("stages.copy.predata.restore_section", spy_section)  # the schema's slices
     world = make_world(control_db)
     job = run_import(control_db, world, pg.url_for(corpus_source("chinook"), sslmode="disable"))
     assert job.state == "completed", job.error

@@ -18,6 +18,7 @@ from stages.connections.pgurl import SourceURL
 from stages.copy.engine import CopyResult, copy_rows, plan_copy
 from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
+from stages.copy.predata import schema_slices
 from stages.dumps import toc
 from stages.tools.commands import Cancellation, PgRestore, PgTools
 from stages.tools.restore import restore_section
@@ -47,6 +48,7 @@ class CopyRun:
     before_copy: Callable[[], None] = lambda: None
     progress: list[dict[str, Any]] = field(default_factory=list)
     by_command: bool = False  # large tables stream through psql (stages.copy.live.COMMAND_MIN_BYTES)
+    sliced: bool = False  # the pre-data section restored in slices beside the copy (stages.copy.predata)
 
     def run(self) -> CopyResult:
         tools = PgTools(PG_BIN, cancellation=self.cancellation)
@@ -59,7 +61,11 @@ class CopyRun:
             plan = toc.plan(toc.read(tools, archive), precreated_schemas=set())
             list_file = str(self.work / "restore.list")
             Path(list_file).write_text(plan.list_file(), encoding="utf-8")
-            restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
+            schema = None
+            if self.sliced:
+                schema = schema_slices(tools, target_url, archive, plan.keep, list_file, str(self.work))
+            else:
+                restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
             self.before_copy()
             post_data = toc.render(
                 tools,
@@ -90,6 +96,7 @@ class CopyRun:
                 cancellation=self.cancellation,
                 on_progress=self.progress.append,
                 statement_timeout_ms=3600 * 1000,
+                schema=schema,
             )
 
 

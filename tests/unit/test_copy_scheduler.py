@@ -146,3 +146,69 @@ def test_foreign_keys_into_one_table_are_chained_soonest_ready_first_and_ranked_
     assert by_name["fk small"].after == [gin_small, by_name["fk big"]]
     rank([copy_small, gin_small, copy_big, copy_mid, *keys])
     assert by_name["fk mid"].rank == 41  # the whole chain is still ahead of the first key
+
+
+def test_serial_tasks_run_in_order_on_their_own_thread_and_gate_what_waits_for_them():
+    """The schema's slices: one after another, on no lane (a single lane keeps copying
+    beside them), and a copy waits only for its own slice."""
+    log, make = _recorder()
+    threads: dict[str, str] = {}
+
+    def slice_run(name: str):
+        inner = make(name, 0.05)
+
+        def run(lane: object) -> None:
+            threads[name] = threading.current_thread().name
+            inner(lane)
+
+        return run
+
+    slices: list[Task[None]] = []
+    for i in range(3):
+        slices.append(Task[None](f"slice {i}", 1, slice_run(f"slice {i}"), after=slices[-1:]))
+    copies = [
+        Task[None](f"copy {i}", 10, make(f"copy {i}", 0.01), frozenset({f"t{i}"}), after=[slices[i]])
+        for i in range(3)
+    ]
+    last = Task[None]("index", 1, make("index"), after=[copies[0], slices[-1]])
+    Schedule([*copies, last], [None], serial=slices).run()
+    when = {(event, name): at for event, name, at in log}
+    for i in range(3):
+        assert when[("end", f"slice {i}")] <= when[("start", f"copy {i}")]
+        if i:
+            assert when[("end", f"slice {i - 1}")] <= when[("start", f"slice {i}")]
+    # The one lane copied the first table while the later slices were still restored.
+    assert when[("start", "copy 0")] < when[("start", "slice 2")]
+    assert when[("end", "slice 2")] <= when[("start", "index")]
+    assert set(threads.values()) == {"copy-lane-serial"}
+
+
+def test_a_failing_serial_task_stops_the_schedule_and_the_rest_of_the_series():
+    ran: list[str] = []
+
+    def fail(_lane: object) -> None:
+        raise ValueError("schema slice failed")
+
+    first = Task[None]("slice 1", 1, fail)
+    second = Task[None]("slice 2", 1, lambda _l: ran.append("slice 2"), after=[first])
+    copy = Task[None]("copy", 1, lambda _l: ran.append("copy"), after=[first])
+    with pytest.raises(ValueError, match="schema slice failed"):
+        Schedule([copy], [None, None], serial=[first, second]).run()
+    assert ran == []
+
+
+def test_a_task_waiting_for_one_that_never_runs_is_reported_stuck():
+    never = Task[None]("not scheduled", 1, lambda _l: None)
+    waiting = Task[None]("copy t", 1, lambda _l: None, after=[never])
+    with pytest.raises(RuntimeError, match="stuck: nothing runs and copy t cannot start"):
+        Schedule([waiting], [None]).run()
+
+
+def test_thousands_of_tasks_start_in_rank_order_as_they_become_ready():
+    """Picking the next task keeps to the ranks (highest first, ties in the given order)
+    without scanning every waiting task."""
+    order: list[str] = []
+    tasks = [Task[None](f"t{i}", float(i % 7), lambda _l, i=i: order.append(f"t{i}")) for i in range(3000)]
+    Schedule(tasks, [None]).run()
+    expected = [t.name for t in sorted(tasks, key=lambda t: -t.rank)]
+    assert order == expected

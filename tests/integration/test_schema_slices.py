@@ -1,0 +1,63 @@
+"""The pre-data section restored in slices beside the copy (stages.copy.predata): every
+table's rows load once its slice is in, and the copy is the source, schema and rows,
+whatever the slices' sizes.
+
+pagila has what a slice boundary can fall between: a partitioned table and its
+partitions attached later, column defaults and sequences owned by tables set after
+them, domains, views over the tables, functions and triggers.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import stages.copy.live as live
+import stages.copy.predata as predata
+from tests.support import pg
+from tests.support.copying import CopyRun, source_url
+
+
+@pytest.mark.parametrize(("first", "by_command"), [(1, False), (3, True)])
+def test_pagila_copied_with_its_schema_in_small_slices_is_the_source(
+    scratch_db, tmp_path, monkeypatch, caplog, first, by_command
+):
+    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(predata, "SLICE_FIRST", first)
+    if by_command:  # the large tables' way, whose TRUNCATE holds its table through the copy
+        monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
+    source, target = scratch_db("capysrc_slices"), scratch_db("capytgt_slices")
+    pg.load_corpus("pagila", source)
+    with caplog.at_level("DEBUG", logger="stages.copy.engine"):
+        result = CopyRun(source_url(source), target, tmp_path, sliced=True, by_command=by_command).run()
+    slices = [
+        r.getMessage()
+        for r in caplog.records
+        if "schema, slice" in r.getMessage() and "done" in r.getMessage()
+    ]
+    assert len(slices) >= 4, slices
+    expected = pg.row_counts(source)
+    assert result.source_counts == result.target_counts == expected
+    assert pg.row_counts(target) == expected
+    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+
+
+def test_a_failing_slice_fails_the_copy_and_stops_the_lanes(scratch_db, tmp_path, monkeypatch):
+    """A slice pg_restore cannot restore (here: a table already there) fails the copy
+    with pg_restore's error, and the lanes stop."""
+    from stages.errors import CapyError
+
+    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    source, target = scratch_db("capysrc_slicefail"), scratch_db("capytgt_slicefail")
+    pg.psql(
+        source,
+        text="CREATE TABLE public.a (id int PRIMARY KEY); INSERT INTO public.a VALUES (1);"
+        "CREATE TABLE public.b (id int PRIMARY KEY); INSERT INTO public.b VALUES (1);"
+        "CREATE TABLE public.c (id int PRIMARY KEY); INSERT INTO public.c VALUES (1);",
+    )
+    pg.psql(target, text="CREATE TABLE public.c (other text)")
+    with pytest.raises(CapyError) as info:
+        CopyRun(source_url(source), target, tmp_path, sliced=True).run()
+    assert "pg_restore of the schema's pre-data into the preview database failed" in info.value.message
+    assert 'relation "c" already exists' in info.value.message
+    assert [t for t in __import__("threading").enumerate() if t.name.startswith("copy-lane-")] == []
