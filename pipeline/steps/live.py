@@ -106,8 +106,6 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             )
             steps._hold(context, "restore", steps._tools(context, cancellable=False), target)
             context.check_cancelled()
-            # The pre-data section is restored in slices beside the copy (stages.copy.predata).
-            schema = schema_slices(tools, target, archive, keep, list_file, work)
             post_data = toc.render(
                 tools,
                 archive,
@@ -118,6 +116,9 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             )
             rendered = split(post_data, keep)
             plan: CopyPlan = plan_copy(snapshot, keep, rendered)
+            # The pre-data section is restored in slices beside the copy (stages.copy.predata).
+            referenced = {owned.references for _block, owned in plan.owned_blocks if owned.references}
+            schema = schema_slices(tools, target, archive, keep, list_file, work, first=referenced)
 
             def restore_rest(entries: list[TocEntry]) -> None:
                 if entries:

@@ -154,11 +154,14 @@ class SchemaSlice:
     """A slice of the pre-data section, in the archive's order, that `restore()` puts
     into the preview (pg_restore -L). The slices are restored one after another beside
     the copy: a table's rows load once the slice holding its CREATE TABLE (`tables`,
-    by catalog oid) is in, and everything else waits for the last slice."""
+    by catalog oid) is in (see `_schema_tasks` for the rest)."""
 
     entries: int
     tables: frozenset[int]
     restore: Callable[[], None]
+    # Whether it holds an entry other than tables and what only names one (comments,
+    # defaults, sequences, attachments, views): what an index or constraint may use.
+    definitions: bool = True
 
 
 @dataclass
@@ -237,10 +240,9 @@ def copy_rows(
                 progress.step, progress.phase = "indexes", "building indexes and constraints"
 
     with source.loading() as loading:
-        tasks, copies = _tasks(
-            loading, plan, record, restore_data_section, progress, analyze_each=analyze_each
-        )
-        serial = _schema_tasks(schema or [], tasks, copies)
+        planned = _tasks(loading, plan, record, restore_data_section, progress, analyze_each=analyze_each)
+        tasks = planned.tasks
+        serial = _schema_tasks(schema or [], planned)
         progress.cost_total = sum(t.cost for t in [*serial, *tasks])
         stall_seconds = source.stall_seconds
 
@@ -377,6 +379,16 @@ def target_errors(what: str) -> Iterator[None]:
         raise PermanentError(f"{what} failed: {first}") from err
 
 
+@dataclass
+class _Planned:
+    """The copy's tasks; each table's copy task (by table id); and the tasks that
+    build on the copied tables (indexes, constraints, foreign keys, ANALYZE)."""
+
+    tasks: list[Task[Lane]]
+    copies: dict[int, Task[Lane]]
+    built: list[Task[Lane]]
+
+
 def _tasks(
     loading: Loading,
     plan: CopyPlan,
@@ -385,9 +397,8 @@ def _tasks(
     progress: CopyProgress,
     *,
     analyze_each: bool,
-) -> tuple[list[Task[Lane]], dict[int, Task[Lane]]]:
-    """The schedule: copy → indexes → constraints → foreign keys, per table (by id);
-    and each table's copy task, by table id."""
+) -> _Planned:
+    """The schedule: copy → indexes → constraints → foreign keys, per table (by id)."""
     by_table = {t.oid: t for t in plan.tables}
     copies, data_tasks = loading.data_tasks(plan.tables, progress, record)
     indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
@@ -476,17 +487,20 @@ def _tasks(
     def data_section(_lane: Lane) -> None:
         restore_data_section()
 
+    copying = {id(task) for task in copies.values()}
+    built = [task for task in tasks if id(task) not in copying]  # on the copied tables
     tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
     tasks.extend(data_tasks)
-    return tasks, copies
+    return _Planned(tasks, copies, built)
 
 
-def _schema_tasks(
-    slices: list[SchemaSlice], tasks: list[Task[Lane]], copies: dict[int, Task[Lane]]
-) -> list[Task[Lane]]:
-    """The slices' tasks, in order; each copy waits for its table's slice (a copy of
-    several tables, for all of theirs), every other task for the last slice: an index,
-    a constraint or a sequence's value may need anything of the schema."""
+def _schema_tasks(slices: list[SchemaSlice], planned: _Planned) -> list[Task[Lane]]:
+    """The slices' tasks, in order. Each copy waits for its table's slice (a copy of
+    several tables, for all of theirs). What builds on a table (its indexes,
+    constraints, foreign keys, ANALYZE) waits for its copy and for the last slice that
+    holds a definition (SchemaSlice.definitions: a function, type, collation… an index
+    or constraint may use); everything else (sequence values, large objects) for the
+    last slice."""
     if not slices:
         return []
     made: list[Task[Lane]] = []
@@ -505,16 +519,20 @@ def _schema_tasks(
             )
         )
     slice_of = {oid: made[i] for i, piece in enumerate(slices) for oid in piece.tables}
+    defined = max((i for i, piece in enumerate(slices) if piece.definitions), default=0)
     by_copy: dict[int, list[int]] = {}
-    for oid, task in copies.items():
+    for oid, task in planned.copies.items():
         by_copy.setdefault(id(task), []).append(oid)
-    for task in tasks:
+    built = {id(task) for task in planned.built}
+    for task in planned.tasks:
         oids = by_copy.get(id(task))
-        if oids is None:
-            task.after.append(made[-1])
-        else:
+        if oids is not None:
             # A table no slice creates (it should not be) waits for the whole schema.
             task.after.extend({id(t): t for t in (slice_of.get(oid, made[-1]) for oid in oids)}.values())
+        elif id(task) in built:
+            task.after.append(made[defined])
+        else:
+            task.after.append(made[-1])
     return made
 
 

@@ -271,17 +271,14 @@ class Utf8Lines:
         return self._text.read(size).encode("utf-8")
 
 
-def read(
-    tools: PgTools, archive: str, *, encoding: str = "UTF8", section: str | None = None
-) -> list[TocEntry]:
-    """The archive's TOC (or one `section` of it: pre-data, data, post-data), as the
-    target's pg_restore reads it. pg_restore prints names as the archive holds them, in
-    the source's `encoding` (see stages.dumps.archivecheck.encoding_of); they are
-    decoded from it."""
+def read(tools: PgTools, archive: str, *, encoding: str = "UTF8") -> list[TocEntry]:
+    """The archive's TOC, as the target's pg_restore reads it. pg_restore prints names
+    as the archive holds them, in the source's `encoding` (see
+    stages.dumps.archivecheck.encoding_of); they are decoded from it."""
     chunks: list[bytes] = []
     pg_restore = tools.pg_restore
     pg_restore.run_streaming(
-        ["--list", *([f"--section={section}"] if section else []), archive],
+        ["--list", archive],
         lambda out: chunks.append(out.read()),
         what="reading the dump's table of contents",
     )

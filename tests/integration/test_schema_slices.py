@@ -9,6 +9,9 @@ them, domains, views over the tables, functions and triggers.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 import stages.copy.live as live
@@ -61,3 +64,38 @@ def test_a_failing_slice_fails_the_copy_and_stops_the_lanes(scratch_db, tmp_path
     assert "pg_restore of the schema's pre-data into the preview database failed" in info.value.message
     assert 'relation "c" already exists' in info.value.message
     assert [t for t in __import__("threading").enumerate() if t.name.startswith("copy-lane-")] == []
+
+
+def test_an_index_waits_for_a_function_restored_in_a_later_slice_than_its_table(
+    scratch_db, tmp_path, monkeypatch
+):
+    """A function of a table's row type is restored after the table (it depends on it);
+    an index on the table that calls it waits for the slice that defines it, though the
+    table's rows loaded earlier. The tables of plain slices need no such wait."""
+    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    source, target = scratch_db("capysrc_slicefn"), scratch_db("capytgt_slicefn")
+    pg.psql(
+        source,
+        text="""
+        CREATE TABLE public.item (id int PRIMARY KEY, name text);
+        INSERT INTO public.item SELECT g, 'n' || g FROM generate_series(1, 300) g;
+        CREATE TABLE public.other (id int PRIMARY KEY);
+        INSERT INTO public.other SELECT g FROM generate_series(1, 50) g;
+        CREATE FUNCTION public.label(public.item) RETURNS text LANGUAGE sql IMMUTABLE
+            AS $$ SELECT upper($1.name) $$;
+        CREATE INDEX item_label ON public.item (public.label(item));
+        """,
+    )
+    restore_section = predata.restore_section
+
+    def late_definitions(*args, **kwargs):
+        # The function's slice comes late: without the wait, the index would be built first.
+        if "FUNCTION" in Path(kwargs["list_file"]).read_text(encoding="utf-8"):
+            time.sleep(1.5)
+        return restore_section(*args, **kwargs)
+
+    monkeypatch.setattr(predata, "restore_section", late_definitions)
+    result = CopyRun(source_url(source), target, tmp_path, sliced=True).run()
+    assert result.target_counts == {"public.item": 300, "public.other": 50}
+    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)

@@ -61,10 +61,7 @@ class CopyRun:
             plan = toc.plan(toc.read(tools, archive), precreated_schemas=set())
             list_file = str(self.work / "restore.list")
             Path(list_file).write_text(plan.list_file(), encoding="utf-8")
-            schema = None
-            if self.sliced:
-                schema = schema_slices(tools, target_url, archive, plan.keep, list_file, str(self.work))
-            else:
+            if not self.sliced:
                 restore_section(tools, target_url, archive, "pre-data", list_file=list_file)
             self.before_copy()
             post_data = toc.render(
@@ -77,6 +74,12 @@ class CopyRun:
             )
             rendered = split(post_data, plan.keep)
             copy_plan = plan_copy(snapshot, plan.keep, rendered)
+            schema = None
+            if self.sliced:  # as pipeline.steps.live: the tables keys reference first
+                referenced = {owned.references for _b, owned in copy_plan.owned_blocks if owned.references}
+                schema = schema_slices(
+                    tools, target_url, archive, plan.keep, list_file, str(self.work), first=referenced
+                )
 
             def restore_rest(entries: list[toc.TocEntry]) -> None:
                 rest_file = self.work / "rest.list"
