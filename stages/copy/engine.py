@@ -151,17 +151,25 @@ def plan_copy(source: RowSource, kept: list[TocEntry], rendered: Rendered) -> Co
 
 @dataclass(frozen=True)
 class SchemaSlice:
-    """A slice of the pre-data section, in the archive's order, that `restore()` puts
-    into the preview (pg_restore -L). The slices are restored one after another beside
-    the copy: a table's rows load once the slice holding its CREATE TABLE (`tables`,
-    by catalog oid) is in (see `_schema_tasks` for the rest)."""
+    """A slice of the pre-data section that `restore()` puts into the preview
+    (pg_restore -L): `entries` of them."""
 
     entries: int
-    tables: frozenset[int]
     restore: Callable[[], None]
-    # Whether it holds an entry other than tables and what only names one (comments,
-    # defaults, sequences, attachments, views): what an index or constraint may use.
-    definitions: bool = True
+
+
+@dataclass(frozen=True)
+class SchemaPlan:
+    """The pre-data section in slices, restored one after another beside the copy
+    (stages.copy.predata). A table's rows load once the slice `tables` names for it
+    (by catalog oid; slices numbered from 0) is in; a post-data entry built on a
+    copied table (an index, a constraint, a foreign key) once its copy is done and the
+    slice `needs` names for it (by dump id) is in; what neither names, and everything
+    else (sequence values, large objects), once the last slice is in."""
+
+    slices: list[SchemaSlice]
+    tables: dict[int, int] = field(default_factory=dict)
+    needs: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -211,12 +219,12 @@ def copy_rows(
     on_progress: Progress,
     statement_timeout_ms: int,
     on_report_end: Callable[[], None] = lambda: None,
-    schema: list[SchemaSlice] | None = None,
+    schema: SchemaPlan | None = None,
 ) -> CopyResult:
     """Run the copy (see the module's docstring); return both sides' row counts.
 
     `schema`: the pre-data section in slices, restored beside the copy (see
-    SchemaSlice); without it, the caller has restored the pre-data section already.
+    SchemaPlan); without it, the caller has restored the pre-data section already.
 
     `open_target` opens a session in the preview as the restore role; `restore_rest`
     restores post-data entries with pg_restore, `restore_data_section` what the data
@@ -242,7 +250,7 @@ def copy_rows(
     with source.loading() as loading:
         planned = _tasks(loading, plan, record, restore_data_section, progress, analyze_each=analyze_each)
         tasks = planned.tasks
-        serial = _schema_tasks(schema or [], planned)
+        serial = _schema_tasks(schema, planned)
         progress.cost_total = sum(t.cost for t in [*serial, *tasks])
         stall_seconds = source.stall_seconds
 
@@ -381,12 +389,13 @@ def target_errors(what: str) -> Iterator[None]:
 
 @dataclass
 class _Planned:
-    """The copy's tasks; each table's copy task (by table id); and the tasks that
-    build on the copied tables (indexes, constraints, foreign keys, ANALYZE)."""
+    """The copy's tasks; each table's copy task (by table id); the tasks that build on
+    the copied tables (indexes, constraints, foreign keys, ANALYZE), and what they restore."""
 
     tasks: list[Task[Lane]]
     copies: dict[int, Task[Lane]]
     built: list[Task[Lane]]
+    entries: dict[int, list[int]]  # the post-data entries (dump ids) a built task restores, by task id
 
 
 def _tasks(
@@ -404,6 +413,7 @@ def _tasks(
     indexes: dict[int, list[Task[Lane]]] = {oid: [] for oid in by_table}
     attach: dict[int, list[tuple[Block, Owned]]] = {oid: [] for oid in by_table}
     foreign: list[tuple[Block, Owned]] = []
+    entries: dict[int, list[int]] = {}  # the dump ids of the entries a task restores, by task
     for block, owned in plan.owned_blocks:
         size = by_table[owned.table].bytes
         if owned.unique_index is not None and size < SEPARATE_KEY_MIN_BYTES:
@@ -414,16 +424,16 @@ def _tasks(
                 block.sql if owned.kind == "index" or owned.unique_index is None else owned.unique_index + ";"
             )
             cost = TASK_OVERHEAD + size * INDEX_COST.get(owned.method, 1.0)
-            indexes[owned.table].append(
-                Task(
-                    f"index {block.entry.name}",
-                    cost,
-                    _execute(definition, what),
-                    table_locks(owned.table),
-                    exclusive=False,
-                    after=[copies[owned.table]],
-                )
+            index = Task[Lane](
+                f"index {block.entry.name}",
+                cost,
+                _execute(definition, what),
+                table_locks(owned.table),
+                exclusive=False,
+                after=[copies[owned.table]],
             )
+            indexes[owned.table].append(index)
+            entries[id(index)] = [block.entry.dump_id]
         if owned.kind == "constraint":
             attach[owned.table].append((block, owned))
         elif owned.kind == "foreign key":
@@ -446,6 +456,7 @@ def _tasks(
                 after=[copies[oid], *table_indexes],
             )
             tasks.append(constraints)
+            entries[id(constraints)] = [block.entry.dump_id for block, _owned in attach[oid]]
             done[oid] = constraints
         elif table_indexes:
             done[oid] = Task[Lane](
@@ -466,6 +477,7 @@ def _tasks(
             after=[done[owned.table], done[owned.references]],
         )
         tasks.append(fk)
+        entries[id(fk)] = [block.entry.dump_id]
         last[owned.table].append(fk)
         last[owned.references].append(fk)
         into.setdefault(owned.references, []).append(fk)
@@ -491,35 +503,29 @@ def _tasks(
     built = [task for task in tasks if id(task) not in copying]  # on the copied tables
     tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
     tasks.extend(data_tasks)
-    return _Planned(tasks, copies, built)
+    return _Planned(tasks, copies, built, entries)
 
 
-def _schema_tasks(slices: list[SchemaSlice], planned: _Planned) -> list[Task[Lane]]:
-    """The slices' tasks, in order. Each copy waits for its table's slice (a copy of
-    several tables, for all of theirs). What builds on a table (its indexes,
-    constraints, foreign keys, ANALYZE) waits for its copy and for the last slice that
-    holds a definition (SchemaSlice.definitions: a function, type, collation… an index
-    or constraint may use); everything else (sequence values, large objects) for the
-    last slice."""
-    if not slices:
+def _schema_tasks(schema: SchemaPlan | None, planned: _Planned) -> list[Task[Lane]]:
+    """The slices' tasks, in order, and what waits for which (see SchemaPlan)."""
+    if schema is None or not schema.slices:
         return []
     made: list[Task[Lane]] = []
-    for number, piece in enumerate(slices, 1):
+    for number, piece in enumerate(schema.slices, 1):
 
         def restore(_lane: Lane, piece: SchemaSlice = piece) -> None:
             piece.restore()
 
         made.append(
             Task[Lane](
-                f"schema, slice {number} of {len(slices)} ({piece.entries} entries)",
+                f"schema, slice {number} of {len(schema.slices)} ({piece.entries} entries)",
                 TASK_OVERHEAD * (1 + piece.entries),
                 restore,
                 frozenset(),
                 after=made[-1:],
             )
         )
-    slice_of = {oid: made[i] for i, piece in enumerate(slices) for oid in piece.tables}
-    defined = max((i for i, piece in enumerate(slices) if piece.definitions), default=0)
+    last = len(made) - 1
     by_copy: dict[int, list[int]] = {}
     for oid, task in planned.copies.items():
         by_copy.setdefault(id(task), []).append(oid)
@@ -527,10 +533,13 @@ def _schema_tasks(slices: list[SchemaSlice], planned: _Planned) -> list[Task[Lan
     for task in planned.tasks:
         oids = by_copy.get(id(task))
         if oids is not None:
-            # A table no slice creates (it should not be) waits for the whole schema.
-            task.after.extend({id(t): t for t in (slice_of.get(oid, made[-1]) for oid in oids)}.values())
+            task.after.append(made[max(schema.tables.get(oid, last) for oid in oids)])
         elif id(task) in built:
-            task.after.append(made[defined])
+            # After its copy (its `after` says so) and what its entries depend on; an
+            # ANALYZE, or a wait for a table's indexes, restores nothing of its own.
+            needed = [schema.needs.get(dump_id, last) for dump_id in planned.entries.get(id(task), [])]
+            if needed:
+                task.after.append(made[max(needed)])
         else:
             task.after.append(made[-1])
     return made

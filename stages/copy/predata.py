@@ -19,7 +19,7 @@ import os
 from collections.abc import Collection
 
 from stages.connections.pgurl import SourceURL
-from stages.copy.engine import SchemaSlice
+from stages.copy.engine import SchemaPlan, SchemaSlice
 from stages.dumps import toc
 from stages.dumps.archivetoc import ArchiveEntry, read_toc
 from stages.tools.commands import PgTools
@@ -28,23 +28,6 @@ from stages.tools.restore import restore_section
 SLICE_FIRST = 100
 SLICE_MIN_ENTRIES = 400
 SECTION_PRE_DATA = 2  # pg_backup.h: an entry's section, as the archive records it
-# Entries that define nothing an index or constraint could use: a table, and what
-# only names or changes one (pg_dump sorts functions that read a table after it, and
-# those are definitions).
-NOT_DEFINITIONS = frozenset(
-    {
-        "TABLE",
-        "TABLE ATTACH",
-        "DEFAULT",
-        "SEQUENCE",
-        "SEQUENCE OWNED BY",
-        "VIEW",
-        "MATERIALIZED VIEW",
-        "COMMENT",
-        "ACL",
-        "SECURITY LABEL",
-    }
-)
 
 
 def schema_slices(
@@ -56,27 +39,31 @@ def schema_slices(
     work_dir: str,
     *,
     first: Collection[int] = (),
-) -> list[SchemaSlice]:
+) -> SchemaPlan:
     """The pre-data entries of `kept` (whose list is `list_file`) in slices, each
     restored into `target` from `archive` (a custom archive pg_dump wrote for us) by
-    its `restore()`.
+    its `restore()`, in an order their dependencies allow (`_order`), and which slice
+    each copied table and each other entry of `kept` waits for:
 
-    The tables of `first` (catalog oids: those other tables' foreign keys reference)
-    are created first, with what they depend on, so that the keys into them, one
-    after another, can start with the first tables' rows; the rest keeps the archive's
-    order (`pg_restore --use-list` restores in the list's order)."""
+    - a table, the last slice holding an entry that depends on it: a view over it, a
+      column default set after it, a partition attached to it. Such an entry locks the
+      table, and would wait for the table's whole copy (holding every later slice);
+    - a table that depends on a function (a CHECK, a domain, a generated column calls
+      one, whose body may read any table), the last slice;
+    - any other entry, the last slice holding an entry it depends on, directly or
+      through entries outside the slices (`_needs`)."""
     if len(kept) < SLICE_MIN_ENTRIES:
-        return [
-            SchemaSlice(
-                len(kept),
-                frozenset(e.catalog_id[1] for e in kept if e.desc == "TABLE"),
-                lambda: restore_section(tools, target, archive, "pre-data", list_file=list_file),
-            )
-        ]
+        whole = SchemaSlice(
+            len(kept), lambda: restore_section(tools, target, archive, "pre-data", list_file=list_file)
+        )
+        return SchemaPlan([whole], {e.catalog_id[1]: 0 for e in kept if e.desc == "TABLE"})
     lines = {e.dump_id: e for e in kept}
-    entries = [e for e in read_toc(archive).entries if e.section == SECTION_PRE_DATA and e.dump_id in lines]
-    entries = _first(entries, set(first))
+    archived = read_toc(archive).entries
+    entries = _order(
+        [e for e in archived if e.section == SECTION_PRE_DATA and e.dump_id in lines], set(first)
+    )
     slices: list[SchemaSlice] = []
+    in_slice: dict[int, int] = {}
     start, size = 0, SLICE_FIRST
     while start < len(entries) or not slices:
         part = entries[start : start + size]
@@ -87,30 +74,119 @@ def schema_slices(
         def restore(path: str = path) -> None:
             restore_section(tools, target, archive, "pre-data", list_file=path)
 
-        slices.append(
-            SchemaSlice(
-                len(part),
-                frozenset(e.catalog_id[1] for e in part if e.desc == "TABLE"),
-                restore,
-                definitions=any(e.desc not in NOT_DEFINITIONS for e in part),
-            )
-        )
+        in_slice.update((e.dump_id, len(slices)) for e in part)
+        slices.append(SchemaSlice(len(part), restore))
         start, size = start + size, size * 2
-    return slices
+    return SchemaPlan(
+        slices, _table_waits(entries, in_slice, len(slices) - 1), _needs(archived, in_slice, set(lines))
+    )
 
 
-def _first(entries: list[ArchiveEntry], tables: set[int]) -> list[ArchiveEntry]:
-    """`entries` (in the archive's order, which their dependencies allow) with the
-    tables of `tables` and everything they depend on moved to the front, each part in
-    its own order: an entry's dependencies come before it in either part."""
-    if not tables:
-        return entries
+FUNCTIONS = frozenset({"FUNCTION", "PROCEDURE", "AGGREGATE"})
+
+
+def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: int) -> dict[int, int]:
+    """The slice each table's copy waits for (see `schema_slices`), by catalog oid;
+    `entries` in the slices' order, which puts every entry after its dependencies."""
     by_id = {e.dump_id: e for e in entries}
-    wanted = {e.dump_id for e in entries if e.desc == "TABLE" and e.catalog_id[1] in tables}
-    stack = list(wanted)
-    while stack:
-        for dep in by_id[stack.pop()].deps:
-            if dep in by_id and dep not in wanted:
-                wanted.add(dep)
-                stack.append(dep)
-    return [e for e in entries if e.dump_id in wanted] + [e for e in entries if e.dump_id not in wanted]
+    dependents: dict[int, list[int]] = {}
+    for entry in entries:
+        for dep in entry.deps:
+            if dep in by_id:
+                dependents.setdefault(dep, []).append(entry.dump_id)
+    latest: dict[int, int] = {}  # the last slice holding the entry or anything depending on it
+    for entry in reversed(entries):
+        latest[entry.dump_id] = max(
+            [in_slice[entry.dump_id], *(latest[d] for d in dependents.get(entry.dump_id, []))]
+        )
+    calls: dict[int, bool] = {}  # whether the entry depends on a function
+    for entry in entries:
+        calls[entry.dump_id] = entry.desc in FUNCTIONS or any(calls.get(d, False) for d in entry.deps)
+    return {
+        e.catalog_id[1]: last if calls[e.dump_id] else latest[e.dump_id] for e in entries if e.desc == "TABLE"
+    }
+
+
+def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
+    """`entries` (the archive's order, which their dependencies allow) reordered, still
+    each after its dependencies: the tables of `first` (that foreign keys reference)
+    with what they depend on at the front; then the archive's order, but each table
+    followed at once by what depends on it (and what that needs): a column default,
+    a sequence it owns, a comment, a view over it. pg_dump puts all the defaults after
+    all the tables, and a default would otherwise hold its table's copy to the end."""
+    by_id = {e.dump_id: e for e in entries}
+    position = {e.dump_id: i for i, e in enumerate(entries)}
+    dependents: dict[int, list[int]] = {}
+    for entry in entries:
+        for dep in entry.deps:
+            if dep in by_id:
+                dependents.setdefault(dep, []).append(entry.dump_id)
+    done: set[int] = set()
+    ordered: list[ArchiveEntry] = []
+    tables: list[int] = []
+
+    def emit(dump_id: int) -> None:
+        """The entry, after what it needs that is not out yet, in the archive's order."""
+        need, stack = {dump_id}, [dump_id]
+        while stack:
+            for dep in by_id[stack.pop()].deps:
+                if dep in by_id and dep not in done and dep not in need:
+                    need.add(dep)
+                    stack.append(dep)
+        for wanted in sorted(need, key=position.__getitem__):
+            done.add(wanted)
+            ordered.append(by_id[wanted])
+            if by_id[wanted].desc == "TABLE":
+                tables.append(wanted)
+
+    def emit_with_dependents(dump_id: int) -> None:
+        emit(dump_id)
+        while tables:  # each table out, then what depends on it
+            for dependent in dependents.get(tables.pop(), []):
+                if dependent not in done:
+                    emit(dependent)
+
+    for entry in entries:
+        if entry.desc == "TABLE" and entry.catalog_id[1] in first and entry.dump_id not in done:
+            emit_with_dependents(entry.dump_id)
+    for entry in entries:
+        if entry.dump_id not in done:
+            emit_with_dependents(entry.dump_id)
+    return ordered
+
+
+def _needs(archived: list[ArchiveEntry], in_slice: dict[int, int], kept: set[int]) -> dict[int, int]:
+    """For each kept entry outside the slices, the last slice holding an entry it
+    depends on, directly or through entries outside the slices (an index's function,
+    a foreign key's table); 0 when it depends on none."""
+    by_id = {e.dump_id: e for e in archived}
+    needs: dict[int, int] = {}
+
+    def need(root: int) -> None:
+        # Depth first, iterative: a long chain of dependencies must not exhaust the
+        # stack. (A loop, which pg_dump does not write, ends where it closes.)
+        on_path = {root}
+        stack = [(root, iter(by_id[root].deps))]
+        while stack:
+            top, deps = stack[-1]
+            for dep in deps:
+                if dep in by_id and dep not in in_slice and dep not in needs and dep not in on_path:
+                    on_path.add(dep)
+                    stack.append((dep, iter(by_id[dep].deps)))
+                    break
+            else:
+                stack.pop()
+                on_path.discard(top)
+                needs[top] = max(
+                    (
+                        in_slice[d] if d in in_slice else needs.get(d, 0)
+                        for d in by_id[top].deps
+                        if d in by_id
+                    ),
+                    default=0,
+                )
+
+    for entry in archived:
+        if entry.dump_id in kept and entry.dump_id not in in_slice:
+            need(entry.dump_id)
+    return {dump_id: slice_number for dump_id, slice_number in needs.items() if dump_id in kept}
