@@ -164,18 +164,7 @@ class Schedule(Generic[Lane]):
                 return
             if task is None:
                 return
-            try:
-                self.on_start(task)
-                task.run(lane)
-                self.on_finish(task)
-            except BaseException as err:  # noqa: BLE001 - re-raised by run() in the caller's thread
-                self._fail(err)
-            finally:
-                with self._cond:
-                    self._running.remove(task)
-                    if self._error is None:
-                        self._done(task)
-                    self._cond.notify_all()
+            self._perform(task, lane)
 
     def _serial(self) -> None:
         for task in self.serial:
@@ -183,19 +172,23 @@ class Schedule(Generic[Lane]):
                 if self._error is not None:
                     return
                 self._running.append(task)
-            try:
-                self.on_start(task)
-                task.run(self.lanes[0])
-                self.on_finish(task)
-            except BaseException as err:  # noqa: BLE001 - re-raised by run() in the caller's thread
-                self._fail(err)
-            finally:
-                with self._cond:
-                    self._running.remove(task)
-                    self._serial_left -= 1
-                    if self._error is None:
-                        self._done(task)
-                    self._cond.notify_all()
+            self._perform(task, self.lanes[0], serial=True)
+
+    def _perform(self, task: Task[Lane], lane: Lane, *, serial: bool = False) -> None:
+        """Run a task taken for running; a failure stops the schedule."""
+        try:
+            self.on_start(task)
+            task.run(lane)
+            self.on_finish(task)
+        except BaseException as err:  # noqa: BLE001 - re-raised by run() in the caller's thread
+            self._fail(err)
+        finally:
+            with self._cond:
+                self._running.remove(task)
+                self._serial_left -= serial
+                if self._error is None:
+                    self._done(task)
+                self._cond.notify_all()
 
     def _fail(self, err: BaseException) -> None:
         with self._cond:

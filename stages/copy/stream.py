@@ -191,6 +191,18 @@ class CountMismatch(Exception):
     """The preview received a different number of rows than the source sent."""
 
 
+def _committed(
+    table: SourceTable, target: psycopg2.extensions.connection, source_rows: int, target_rows: int, flow: Flow
+) -> Copied:
+    """Commit the preview's side once both sides' counts agree (CountMismatch otherwise)."""
+    if source_rows != target_rows:
+        raise CountMismatch(
+            f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}"
+        )
+    target.commit()
+    return Copied(source_rows, target_rows, flow.bytes)
+
+
 def stream_table(
     table: SourceTable,
     source: psycopg2.extensions.connection,
@@ -241,13 +253,7 @@ def stream_table(
             target_rows = cur.rowcount
         if failed:
             raise failed[0]
-        source_rows = counts[0]
-        if source_rows != target_rows:
-            raise CountMismatch(
-                f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}"
-            )
-        target.commit()
-        return Copied(source_rows, target_rows, flow.bytes)
+        return _committed(table, target, counts[0], target_rows, flow)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             target.rollback()
@@ -299,13 +305,7 @@ def stream_from_command(
         with target.cursor() as cur:
             cur.execute(table.emptying())
         run_source(consume)
-        source_rows, target_rows = flow.rows, counts[0]
-        if source_rows != target_rows:
-            raise CountMismatch(
-                f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}"
-            )
-        target.commit()
-        return Copied(source_rows, target_rows, flow.bytes)
+        return _committed(table, target, flow.rows, counts[0], flow)
     except BaseException:
         with contextlib.suppress(psycopg2.Error):
             target.rollback()

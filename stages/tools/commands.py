@@ -1063,6 +1063,11 @@ class PgRestore(PgCommand):
         ]
 
 
+# Every psql run: no ~/.psqlrc, no prompt for a password, quiet (stdout holds only
+# what a statement prints), and stopped by the first error.
+PSQL_OPTIONS = ("--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1")
+
+
 class Psql(PgCommand):
     program = "psql"
     target_sessions = True
@@ -1073,15 +1078,7 @@ class Psql(PgCommand):
         backslash command of the file refused: `restrict_file` holds `\\restrict <key>`
         with a key the file cannot know, read first in the same session (a file, not an
         argument, so the key is in no process listing or log)."""
-        return [
-            "--no-psqlrc",
-            "--quiet",
-            "--no-password",
-            "--set=ON_ERROR_STOP=1",
-            f"--dbname={conninfo}",
-            f"--file={restrict_file}",
-            f"--file={script}",
-        ]
+        return [*PSQL_OPTIONS, f"--dbname={conninfo}", f"--file={restrict_file}", f"--file={script}"]
 
 
 class SourcePsql(PgCommand):
@@ -1097,10 +1094,7 @@ class SourcePsql(PgCommand):
         """Run `statements` in one session, stopping at the first error, ignoring
         ~/.psqlrc; quiet, so stdout holds nothing but what a COPY … TO STDOUT writes."""
         return [
-            "--no-psqlrc",
-            "--quiet",
-            "--no-password",
-            "--set=ON_ERROR_STOP=1",
+            *PSQL_OPTIONS,
             f"--dbname={conninfo}",
             *(f"--command={statement}" for statement in statements),
         ]
