@@ -267,7 +267,8 @@ def test_the_schema_archive_leaves_out_exactly_the_copied_tables_rows(scratch_db
     """The copied tables' rows are left out of the schema archive by a few patterns of
     quoted names (stages.copy.live.exclusion_patterns): names full of pattern and regular
     expression characters match only themselves, and what is not copied (a sequence's
-    value, a materialized view's refresh) stays."""
+    value, a materialized view's refresh) stays; a schema with nothing else to keep is
+    left out whole."""
     import stages.copy.live as live
     from stages.copy.live import Snapshot
     from stages.dumps import toc
@@ -297,15 +298,22 @@ def test_the_schema_archive_leaves_out_exactly_the_copied_tables_rows(scratch_db
             quoted = '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
             statements.append(f"CREATE TABLE {quoted} (id int); INSERT INTO {quoted} VALUES (1);")
     statements.append("CREATE MATERIALIZED VIEW public.seen AS SELECT 1 AS one;")
+    # Every table copied, but a sequence's value to keep: not excluded whole.
+    statements.append(
+        "CREATE SCHEMA seqs; CREATE TABLE seqs.t (id int); CREATE SEQUENCE seqs.s; SELECT setval('seqs.s', 7);"
+    )
     pg.psql(source, text="\n".join(statements))
     tools = PgTools(PG_BIN)
     archive = str(tmp_path / "schema.dump")
     with Snapshot.open(source_url(source), SourceSettings(), None) as snapshot:
         tables = snapshot.catalog.tables
-        assert len(tables) == 2 * len(names)
+        assert len(tables) == 2 * len(names) + 1
         # Leave two tables' rows in: a name the others' patterns must not match by accident.
         copied = [t for t in tables if t.name not in ("ab", "a|b") or t.schema == "Odd.Schema"]
         assert len(live.exclusion_patterns(copied)) > 2
+        # Only "Odd.Schema" has no data to keep but its copied tables': one pattern, `"Odd.Schema".*`.
+        assert snapshot.schemas_copied_whole(copied) == {"Odd.Schema"}
+        assert '"Odd.Schema".*' in live.exclusion_patterns(copied, {"Odd.Schema"})
         snapshot.dump_schema(tools, archive, copied)
     data = {
         (e.desc, e.namespace, e.name)
@@ -316,6 +324,7 @@ def test_the_schema_archive_leaves_out_exactly_the_copied_tables_rows(scratch_db
         ("TABLE DATA", "public", "ab"),
         ("TABLE DATA", "public", "a|b"),
         ("SEQUENCE SET", "public", "counter"),
+        ("SEQUENCE SET", "seqs", "s"),
         ("MATERIALIZED VIEW DATA", "public", "seen"),
     }
 
