@@ -15,6 +15,7 @@ slice.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Collection
 
@@ -97,14 +98,23 @@ def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: in
     latest: dict[int, int] = {}  # the last slice holding the entry or anything depending on it
     for entry in reversed(entries):
         latest[entry.dump_id] = max(
-            [in_slice[entry.dump_id], *(latest[d] for d in dependents.get(entry.dump_id, []))]
+            [
+                in_slice[entry.dump_id],
+                *(latest.get(d, in_slice[d]) for d in dependents.get(entry.dump_id, [])),
+            ]
         )
     calls: dict[int, bool] = {}  # whether the entry depends on a function
     for entry in entries:
         calls[entry.dump_id] = entry.desc in FUNCTIONS or any(calls.get(d, False) for d in entry.deps)
-    return {
-        e.catalog_id[1]: last if calls[e.dump_id] else latest[e.dump_id] for e in entries if e.desc == "TABLE"
-    }
+    waits = {e.dump_id: last if calls[e.dump_id] else latest[e.dump_id] for e in entries if e.desc == "TABLE"}
+    # Attaching any partition locks its parent's default partition (which it scans):
+    # a partition waits for the last slice holding anything of its parent.
+    for entry in entries:
+        if entry.desc == "TABLE ATTACH":
+            tables = [d for d in entry.deps if d in waits]
+            for table in tables:
+                waits[table] = max(waits[table], *(latest[other] for other in tables))
+    return {by_id[dump_id].catalog_id[1]: wait for dump_id, wait in waits.items()}
 
 
 def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
@@ -114,6 +124,7 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
     followed at once by what depends on it (and what that needs): a column default,
     a sequence it owns, a comment, a view over it. pg_dump puts all the defaults after
     all the tables, and a default would otherwise hold its table's copy to the end."""
+    entries = _with_cast_dependencies(entries)
     by_id = {e.dump_id: e for e in entries}
     position = {e.dump_id: i for i, e in enumerate(entries)}
     dependents: dict[int, list[int]] = {}
@@ -126,18 +137,36 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
     tables: list[int] = []
 
     def emit(dump_id: int) -> None:
-        """The entry, after what it needs that is not out yet, in the archive's order."""
-        need, stack = {dump_id}, [dump_id]
+        """The entry, after what it needs that is not out yet: depth first, each
+        entry's dependencies in the archive's order. (A loop, which pg_dump does not
+        write, ends where it closes.)"""
+        if dump_id in done:
+            return
+        on_path = {dump_id}
+        stack = [
+            (dump_id, iter(sorted((d for d in by_id[dump_id].deps if d in by_id), key=position.__getitem__)))
+        ]
         while stack:
-            for dep in by_id[stack.pop()].deps:
-                if dep in by_id and dep not in done and dep not in need:
-                    need.add(dep)
-                    stack.append(dep)
-        for wanted in sorted(need, key=position.__getitem__):
-            done.add(wanted)
-            ordered.append(by_id[wanted])
-            if by_id[wanted].desc == "TABLE":
-                tables.append(wanted)
+            top, deps = stack[-1]
+            for dep in deps:
+                if dep not in done and dep not in on_path:
+                    on_path.add(dep)
+                    stack.append(
+                        (
+                            dep,
+                            iter(
+                                sorted((d for d in by_id[dep].deps if d in by_id), key=position.__getitem__)
+                            ),
+                        )
+                    )
+                    break
+            else:
+                stack.pop()
+                on_path.discard(top)
+                done.add(top)
+                ordered.append(by_id[top])
+                if by_id[top].desc == "TABLE":
+                    tables.append(top)
 
     def emit_with_dependents(dump_id: int) -> None:
         emit(dump_id)
@@ -146,6 +175,11 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
                 if dependent not in done:
                     emit(dependent)
 
+    # What pg_dump puts before every table (types, functions, casts, operators…) stays
+    # there, in its order: a cast is used where its function is, not where it is named.
+    first_table = next((i for i, e in enumerate(entries) if e.desc == "TABLE"), len(entries))
+    for entry in entries[:first_table]:
+        emit(entry.dump_id)
     for entry in entries:
         if entry.desc == "TABLE" and entry.catalog_id[1] in first and entry.dump_id not in done:
             emit_with_dependents(entry.dump_id)
@@ -153,6 +187,39 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
         if entry.dump_id not in done:
             emit_with_dependents(entry.dump_id)
     return ordered
+
+
+# Objects a statement uses without naming them, so that the archive records a
+# dependency on their function, not on them: a cast (`x::t`) and a transform.
+IMPLICIT = frozenset({"CAST", "TRANSFORM"})
+
+
+def _with_cast_dependencies(entries: list[ArchiveEntry]) -> list[ArchiveEntry]:
+    """`entries`, each that depends on a cast's (or transform's) function also depending
+    on the cast: a view that casts records its dependency on the function only."""
+    functions = {e.dump_id for e in entries if e.desc in FUNCTIONS}
+    implicit: dict[int, list[int]] = {}  # function -> the casts made with it
+    for entry in entries:
+        if entry.desc in IMPLICIT:
+            for dep in entry.deps:
+                if dep in functions:
+                    implicit.setdefault(dep, []).append(entry.dump_id)
+    if not implicit:
+        return entries
+    position = {e.dump_id: i for i, e in enumerate(entries)}
+    changed = []
+    for entry in entries:
+        # Only on a cast before it in the archive: an order it allowed stays allowed, no loop is made.
+        extra = [
+            c
+            for dep in entry.deps
+            for c in implicit.get(dep, [])
+            if position[c] < position[entry.dump_id] and c not in entry.deps
+        ]
+        changed.append(
+            dataclasses.replace(entry, deps=(*entry.deps, *dict.fromkeys(extra))) if extra else entry
+        )
+    return changed
 
 
 def _needs(archived: list[ArchiveEntry], in_slice: dict[int, int], kept: set[int]) -> dict[int, int]:

@@ -88,3 +88,41 @@ def test_each_entry_outside_the_slices_waits_for_the_last_slice_it_depends_on():
     assert needs[4] == 2 and needs[5] == 1 and needs[6] == 1 and needs[9] == 2
     assert needs[7] == 0 and needs[8] == 0
     assert set(needs) == {4, 5, 6, 7, 8, 9}
+
+
+def test_what_uses_a_casts_function_comes_after_the_cast_too():
+    """A view that casts records a dependency on the cast's function, not on the cast:
+    moved forward with the table it reads, it must still come after the cast."""
+    entries = [
+        entry(1, "TYPE", 10),
+        entry(2, "FUNCTION", 20, 1),
+        entry(3, "CAST", 30, 2, 1),
+        entry(4, "TABLE", 40),
+        entry(5, "TABLE", 50),
+        entry(6, "VIEW", 60, 5, 2, 1),  # over the referenced table, casting
+    ]
+    ordered = _order(entries, {50})
+    ids = [e.dump_id for e in ordered]
+    assert ids.index(3) < ids.index(6)
+    assert_dependencies_first(ordered)
+    assert next(e for e in ordered if e.dump_id == 2).deps == (1,)  # the function does not wait for its cast
+
+
+def test_every_partition_waits_for_the_last_attachment_to_its_parent():
+    """Attaching a partition locks its parent's default partition: none of the
+    partitions loads before the last slice attaching one is in."""
+    entries = [
+        entry(1, "TABLE", 10),  # partitioned
+        entry(2, "TABLE", 20, 1),
+        entry(3, "TABLE", 30, 1),  # the default partition
+        entry(4, "TABLE", 40, 1),
+        entry(5, "TABLE ATTACH", 50, 1, 2),
+        entry(6, "TABLE ATTACH", 60, 1, 3),
+        entry(7, "TABLE ATTACH", 70, 1, 4),
+        entry(8, "TABLE", 80),
+    ]
+    in_slice = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 3, 8: 3}
+    waits = _table_waits(entries, in_slice, last=3)
+    assert waits == {10: 3, 20: 3, 30: 3, 40: 3, 80: 3}
+    in_slice = {**in_slice, 7: 2, 8: 3}
+    assert _table_waits(entries, in_slice, last=3) == {10: 2, 20: 2, 30: 2, 40: 2, 80: 3}
