@@ -28,7 +28,7 @@ from stages.tools.restore import restore_section
 
 SLICE_FIRST = 100
 SLICE_MIN_ENTRIES = 400
-SECTION_PRE_DATA = 2  # pg_backup.h: an entry's section, as the archive records it
+SECTION_NONE, SECTION_PRE_DATA = 1, 2  # pg_backup.h: an entry's section, as the archive records it
 
 
 def schema_slices(
@@ -60,9 +60,8 @@ def schema_slices(
         return SchemaPlan([whole], {e.catalog_id[1]: 0 for e in kept if e.desc == "TABLE"})
     lines = {e.dump_id: e for e in kept}
     archived = read_toc(archive).entries
-    entries = _order(
-        [e for e in archived if e.section == SECTION_PRE_DATA and e.dump_id in lines], set(first)
-    )
+    pre_data = [e for e, section in _sections(archived) if section == SECTION_PRE_DATA and e.dump_id in lines]
+    entries = _order(pre_data, set(first))
     slices: list[SchemaSlice] = []
     in_slice: dict[int, int] = {}
     start, size = 0, SLICE_FIRST
@@ -73,7 +72,7 @@ def schema_slices(
             fh.write("".join(lines[e.dump_id].line + "\n" for e in part))
 
         def restore(path: str = path) -> None:
-            restore_section(tools, target, archive, "pre-data", list_file=path)
+            restore_section(tools, target, archive, "pre-data", list_file=path, listed_only=True)
 
         in_slice.update((e.dump_id, len(slices)) for e in part)
         slices.append(SchemaSlice(len(part), restore))
@@ -84,6 +83,17 @@ def schema_slices(
 
 
 FUNCTIONS = frozenset({"FUNCTION", "PROCEDURE", "AGGREGATE"})
+
+
+def _sections(archived: list[ArchiveEntry]) -> list[tuple[ArchiveEntry, int]]:
+    """Each entry with its section as pg_restore counts it: one of no section (a
+    comment, a security label) is in the section of the last entry before it that has one."""
+    current, counted = SECTION_PRE_DATA, []
+    for entry in archived:
+        if entry.section != SECTION_NONE:
+            current = entry.section
+        counted.append((entry, current))
+    return counted
 
 
 def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: int) -> dict[int, int]:
@@ -107,13 +117,35 @@ def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: in
     for entry in entries:
         calls[entry.dump_id] = entry.desc in FUNCTIONS or any(calls.get(d, False) for d in entry.deps)
     waits = {e.dump_id: last if calls[e.dump_id] else latest[e.dump_id] for e in entries if e.desc == "TABLE"}
-    # Attaching any partition locks its parent's default partition (which it scans):
-    # a partition waits for the last slice holding anything of its parent.
+    # Attaching a partition locks its parent's default partition and every partition
+    # under that (it scans them): a table of a partition tree waits for the last slice
+    # holding anything of the tree.
+    parent: dict[int, int] = {}
     for entry in entries:
         if entry.desc == "TABLE ATTACH":
             tables = [d for d in entry.deps if d in waits]
-            for table in tables:
-                waits[table] = max(waits[table], *(latest[other] for other in tables))
+            if len(tables) == 2:
+                # The partition is the one that depends on the other (its parent).
+                child = next(
+                    (t for t in tables if any(d in tables and d != t for d in by_id[t].deps)), tables[1]
+                )
+                parent[child] = next(t for t in tables if t != child)
+
+    def root(table: int) -> int:
+        seen = {table}
+        while table in parent and parent[table] not in seen:
+            table = parent[table]
+            seen.add(table)
+        return table
+
+    trees: dict[int, int] = {}  # root -> the last slice holding anything of its tree
+    for table in parent:
+        top = root(table)
+        trees[top] = max(trees.get(top, latest[top]), latest[table])
+    for table in waits:
+        top = root(table)
+        if top in trees:
+            waits[table] = max(waits[table], trees[top])
     return {by_id[dump_id].catalog_id[1]: wait for dump_id, wait in waits.items()}
 
 

@@ -205,15 +205,26 @@ def _feed_pipe(fifo: str, process: subprocess.Popen[bytes], feed: Callable[[Bina
 
 
 def restore_section(
-    tools: PgTools, target: SourceURL, archive: str, section: str, *, list_file: str, jobs: int = 1
+    tools: PgTools,
+    target: SourceURL,
+    archive: str,
+    section: str,
+    *,
+    list_file: str,
+    jobs: int = 1,
+    listed_only: bool = False,
 ) -> None:
     """pg_restore one section (pre-data, data, post-data) of the entries of `list_file`
-    from a custom archive into `target`, as `restore_archive` does the whole."""
+    from a custom archive into `target`, as `restore_archive` does the whole.
+    `listed_only`: the list holds only that section's entries, and all of them are
+    restored (pg_restore's own `--section` would count an entry of no section, a
+    comment, in the section of the entry before it in the archive, which a list that
+    reorders the entries changes)."""
     pg_restore = tools.pg_restore
     args = pg_restore.restore_args(archive, target.conninfo(), jobs=jobs, list_file=list_file)
     with _explained():
         pg_restore.run(
-            [*args[:-1], f"--section={section}", args[-1]],
+            [*args[:-1], *([] if listed_only else [f"--section={section}"]), args[-1]],
             env=_preview_env(target),
             secrets=[target.password],
             what=f"pg_restore of the schema's {section} into the preview database",

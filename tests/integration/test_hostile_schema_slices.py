@@ -142,11 +142,11 @@ def test_hostile_a_check_that_reads_a_later_table_still_loads(scratch_db, tmp_pa
     original_restore = predata.restore_section
     original_copy = live.stream_table
 
-    def restore(tools, target_url, archive, section, *, list_file, jobs=1):
+    def restore(tools, target_url, archive, section, *, list_file, **options):
         with open(list_file, encoding="utf-8") as fh:
             if "z_banned" in fh.read():
                 checked_done.wait(HOLD_SECONDS)  # bounded: at most this late, never wrong
-        original_restore(tools, target_url, archive, section, list_file=list_file, jobs=jobs)
+        original_restore(tools, target_url, archive, section, list_file=list_file, **options)
 
     def copy(table, source_conn, target_conn, flow):
         try:

@@ -126,3 +126,33 @@ def test_every_partition_waits_for_the_last_attachment_to_its_parent():
     assert waits == {10: 3, 20: 3, 30: 3, 40: 3, 80: 3}
     in_slice = {**in_slice, 7: 2, 8: 3}
     assert _table_waits(entries, in_slice, last=3) == {10: 2, 20: 2, 30: 2, 40: 2, 80: 3}
+
+
+def test_an_entry_of_no_section_counts_in_the_section_before_it():
+    """As pg_restore counts them: a comment on a table is pre-data, one on an index post-data."""
+    from stages.copy.predata import _sections
+
+    entries = [
+        ArchiveEntry(1, (0, 1), b"", "TABLE", 2, None, None, None, ()),
+        ArchiveEntry(2, (0, 2), b"", "COMMENT", 1, None, None, None, (1,)),
+        ArchiveEntry(3, (0, 3), b"", "INDEX", 4, None, None, None, (1,)),
+        ArchiveEntry(4, (0, 4), b"", "COMMENT", 1, None, None, None, (3,)),
+    ]
+    assert [section for _e, section in _sections(entries)] == [2, 2, 4, 4]
+
+
+def test_every_table_of_a_partition_tree_waits_for_the_last_slice_of_the_tree():
+    """Attaching a partition to the root locks the root's default partition and every
+    leaf under it: a leaf of a partitioned default partition waits for that attach."""
+    entries = [
+        entry(1, "TABLE", 10),  # the root
+        entry(2, "TABLE", 20, 1),  # its default partition, itself partitioned
+        entry(3, "TABLE", 30, 2),  # a leaf under it
+        entry(6, "TABLE ATTACH", 60, 2, 3),
+        entry(5, "TABLE ATTACH", 50, 1, 2),
+        entry(4, "TABLE", 40, 1),
+        entry(7, "TABLE ATTACH", 70, 1, 4),  # locks 2 and 3
+        entry(8, "TABLE", 80),
+    ]
+    in_slice = {1: 0, 2: 0, 3: 1, 6: 1, 5: 1, 4: 2, 7: 3, 8: 3}
+    assert _table_waits(entries, in_slice, last=3) == {10: 3, 20: 3, 30: 3, 40: 3, 80: 3}
