@@ -76,7 +76,18 @@ def assert_report_matches(report: dict, source: str, live: str, *, basis: str) -
     assert owners == [(live, False)]
 
 
-def test_live_import_of_every_object_kind(control_db, fidelity_source):
+@pytest.mark.parametrize("schema_in_slices", [False, True])
+def test_live_import_of_every_object_kind(control_db, fidelity_source, monkeypatch, schema_in_slices):
+    """Also with the schema restored in slices of a few entries beside the copy, every
+    table's rows, psql's way (stages.copy.predata, stages.copy.live.COMMAND_MIN_BYTES):
+    a schema of thousands of entries takes that way, and any kind of object may be in it."""
+    if schema_in_slices:
+        import stages.copy.live
+        import stages.copy.predata
+
+        monkeypatch.setattr(stages.copy.predata, "SLICE_MIN_ENTRIES", 0)
+        monkeypatch.setattr(stages.copy.predata, "SLICE_FIRST", 2)
+        monkeypatch.setattr(stages.copy.live, "COMMAND_MIN_BYTES", 0)
     world = make_world(control_db)
     job = run_import(control_db, world, pg.url_for(fidelity_source, sslmode="disable"))
     assert job.state == "completed", (job.error, job.last_stderr)
