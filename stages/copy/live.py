@@ -422,6 +422,8 @@ class _LiveLoading:
         snapshot, settings = self.snapshot, self.snapshot.settings
         command = tools.source_psql
         statements = [
+            # Before BEGIN: between psql's statements the session is idle in its transaction.
+            "SET idle_in_transaction_session_timeout = 0",
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             f"SET TRANSACTION SNAPSHOT '{snapshot.snapshot_id}'",
             # As the lanes' own sessions (_open): values printed as pg_dump prints them.

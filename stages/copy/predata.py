@@ -1,23 +1,24 @@
 """The pre-data section of a schema archive in slices, restored one after another
-beside the copy (stages.copy.engine.SchemaSlice): the first tables' rows stream while
+beside the copy (stages.copy.engine.SchemaPlan): the first tables' rows stream while
 the later tables are created.
 
 A schema of thousands of tables takes seconds to create (each CREATE TABLE of a table
 with a TOAST table builds and syncs an index): restored whole before the copy, every
-lane waited for it. The slices are contiguous runs of the section's entries, read
-from the archive's own table of contents, in an order their dependencies allow (the
-archive's, but for the tables other tables' foreign keys reference, which come first:
-see `schema_slices`), each restored by `pg_restore --section=pre-data --use-list`.
-They grow (SLICE_FIRST, then twice the last), so the copy starts early and few
-pg_restore runs are paid for. A schema of fewer than SLICE_MIN_ENTRIES entries is one
-slice.
+lane waited for it. The slices are contiguous runs of the section's entries, read from
+the archive's own table of contents, in an order their dependencies allow (`_order`:
+the archive's, but the tables other tables' foreign keys reference first, and each
+table followed at once by what depends on it), each restored by `pg_restore
+--use-list` of exactly its entries. They grow (SLICE_FIRST, then twice the last), so
+the copy starts early and few pg_restore runs are paid for. What each table's copy and
+each later entry waits for is in `schema_slices`. A schema of fewer than
+SLICE_MIN_ENTRIES entries is one slice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from stages.connections.pgurl import SourceURL
 from stages.copy.engine import SchemaPlan, SchemaSlice
@@ -168,6 +169,10 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
     ordered: list[ArchiveEntry] = []
     tables: list[int] = []
 
+    def needed(dump_id: int) -> Iterator[int]:
+        """What the entry depends on among `entries`, in the archive's order."""
+        return iter(sorted((d for d in by_id[dump_id].deps if d in by_id), key=position.__getitem__))
+
     def emit(dump_id: int) -> None:
         """The entry, after what it needs that is not out yet: depth first, each
         entry's dependencies in the archive's order. (A loop, which pg_dump does not
@@ -175,22 +180,13 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
         if dump_id in done:
             return
         on_path = {dump_id}
-        stack = [
-            (dump_id, iter(sorted((d for d in by_id[dump_id].deps if d in by_id), key=position.__getitem__)))
-        ]
+        stack = [(dump_id, needed(dump_id))]
         while stack:
             top, deps = stack[-1]
             for dep in deps:
                 if dep not in done and dep not in on_path:
                     on_path.add(dep)
-                    stack.append(
-                        (
-                            dep,
-                            iter(
-                                sorted((d for d in by_id[dep].deps if d in by_id), key=position.__getitem__)
-                            ),
-                        )
-                    )
+                    stack.append((dep, needed(dep)))
                     break
             else:
                 stack.pop()
