@@ -3,9 +3,10 @@ source's snapshot (stages.copy.live) or an uploaded archive (stages.copy.archive
 table's indexes and constraints built as soon as its rows are in.
 
 The order of work (see `copy_rows` for the schedule):
-1. The caller has the schema archive (the live source's `pg_dump --schema-only
-   --snapshot`, or the upload itself) and restores its pre-data section (pg_restore, as
-   the restore role).
+1. The caller has the schema archive (the live source's `pg_dump --snapshot` without
+   the copied rows, or the upload itself) and restores its pre-data section (pg_restore,
+   as the restore role), or hands it to `copy_rows` in slices (`SchemaPlan`, from
+   stages.copy.predata), restored one after another beside the copy.
 2. `plan_copy` splits the post-data section: what belongs to a copied table is
    scheduled with the copy, the rest runs after it.
 3. `copy_rows`: N lanes, each with a preview session (and what the row source needs:
