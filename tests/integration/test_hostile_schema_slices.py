@@ -23,42 +23,14 @@ import pytest
 
 import stages.copy.live as live
 import stages.copy.predata as predata
-import stages.copy.stream as stream
 from tests.support import pg
-from tests.support.copying import CopyRun, source_url
-
-HOLD_SECONDS = 10  # a bound, not a measure: the later table loads at once, or never
-
-
-def _hold_first_until_later_loaded(monkeypatch, held: str, later: str) -> dict[str, bool]:
-    """Hold `held`'s copy, its table emptied (locked) in the preview's transaction,
-    until `later`'s copy has committed; say whether the wait ran out."""
-    loaded = threading.Event()
-    seen = {"timed_out": False}
-    original = live.stream_from_command
-
-    def patched(table, run_source, target, flow):
-        if table.name == held:
-            with target.cursor() as cur:
-                cur.execute(table.emptying())  # the lock the copy holds through its rows
-            if not loaded.wait(HOLD_SECONDS):
-                seen["timed_out"] = True
-        copied = original(table, run_source, target, flow)
-        if table.name == later:
-            loaded.set()
-        return copied
-
-    monkeypatch.setattr(live, "stream_from_command", patched)
-    return seen
+from tests.support.copying import HOLD_SECONDS, CopyRun, hold_copy_until_loaded, in_small_slices, source_url
 
 
 @pytest.fixture
 def sliced_by_command(monkeypatch):
     # The large tables' way: >= 64 MB streams through psql and loads frozen (TRUNCATE).
-    monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
-    monkeypatch.setattr(stream, "FREEZE_MIN_BYTES", 0)
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch, by_command=True, frozen=True)
 
 
 @pytest.mark.parametrize(
@@ -107,7 +79,7 @@ def test_hostile_a_later_table_loads_while_an_earlier_large_table_is_still_copyi
         text=schema + "INSERT INTO public.a_big SELECT g, 'x' FROM generate_series(1, 100) g;"
         "INSERT INTO public.c_later SELECT generate_series(1, 10);",
     )
-    seen = _hold_first_until_later_loaded(monkeypatch, held, later)
+    seen = hold_copy_until_loaded(monkeypatch, held, later)
     result = CopyRun(source_url(source), target, tmp_path, by_command=True, sliced=True).run()
     assert result.source_counts == result.target_counts == pg.row_counts(source)
     assert not seen["timed_out"], (
@@ -124,8 +96,7 @@ def test_hostile_a_check_that_reads_a_later_table_still_loads(scratch_db, tmp_pa
 
     (Here the later slice is held until the checked table's copy has ended, with a
     bounded wait, so the order is certain; a slow slice does the same by itself.)"""
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch)
     source, target = scratch_db("capysrc_hcheck"), scratch_db("capytgt_hcheck")
     pg.psql(
         source,

@@ -10,23 +10,21 @@ restore works and checks that the sliced copy does as well.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
-import stages.copy.live as live
-import stages.copy.predata as predata
-import stages.copy.stream as stream
 from tests.support import pg
-from tests.support.copying import CopyRun, source_url
-
-HOLD_SECONDS = 10  # a bound, not a measure: the awaited event comes at once, or never
+from tests.support.copying import (
+    CopyRun,
+    copied_as_source,
+    hold_copy_until_loaded,
+    in_small_slices,
+    source_url,
+)
 
 
 @pytest.fixture
 def small_slices(monkeypatch):
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch)
 
 
 def test_hostile_a_view_using_a_cast_over_a_referenced_table_is_restored_after_the_cast(
@@ -50,9 +48,7 @@ def test_hostile_a_view_using_a_cast_over_a_referenced_table_is_restored_after_t
         "CREATE VIEW public.priced AS SELECT id, amount::public.money2 AS m FROM public.parent;"
         "INSERT INTO public.parent VALUES (1, 2.5); INSERT INTO public.child VALUES (1, 1);",
     )
-    result = CopyRun(source_url(source), target, tmp_path, sliced=True).run()
-    assert result.source_counts == result.target_counts == pg.row_counts(source)
-    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+    copied_as_source(source, target, tmp_path)
 
 
 def test_hostile_a_later_table_loads_while_a_default_partition_is_copying(scratch_db, tmp_path, monkeypatch):
@@ -63,10 +59,7 @@ def test_hostile_a_later_table_loads_while_a_default_partition_is_copying(scratc
     own ATTACH's slice, not for the later ATTACHes', so a later slice waits for the whole
     copy of the default partition, and every table after it with it (here: orders_us is
     attached in the slice after orders_other's, with z_later)."""
-    monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
-    monkeypatch.setattr(stream, "FREEZE_MIN_BYTES", 0)
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch, by_command=True, frozen=True)
     source, target = scratch_db("capysrc_hdefpart"), scratch_db("capytgt_hdefpart")
     pg.psql(
         source,
@@ -80,22 +73,7 @@ def test_hostile_a_later_table_loads_while_a_default_partition_is_copying(scratc
         " FROM generate_series(1, 100) g;"
         "INSERT INTO public.z_later SELECT generate_series(1, 10);",
     )
-    loaded = threading.Event()
-    seen = {"timed_out": False}
-    original = live.stream_from_command
-
-    def patched(table, run_source, target_conn, flow):
-        if table.name == "orders_other":
-            with target_conn.cursor() as cur:
-                cur.execute(table.emptying())  # the lock the copy holds through its rows
-            if not loaded.wait(HOLD_SECONDS):
-                seen["timed_out"] = True
-        copied = original(table, run_source, target_conn, flow)
-        if table.name == "z_later":
-            loaded.set()
-        return copied
-
-    monkeypatch.setattr(live, "stream_from_command", patched)
+    seen = hold_copy_until_loaded(monkeypatch, "orders_other", "z_later")
     result = CopyRun(source_url(source), target, tmp_path, by_command=True, sliced=True).run()
     assert result.source_counts == result.target_counts == pg.row_counts(source)
     assert not seen["timed_out"], (

@@ -15,18 +15,13 @@ import threading
 import pytest
 
 import stages.copy.live as live
-import stages.copy.predata as predata
-import stages.copy.stream as stream
 from tests.support import pg
-from tests.support.copying import CopyRun, source_url
-
-HOLD_SECONDS = 10  # a bound, not a measure: the awaited event comes at once, or never
+from tests.support.copying import HOLD_SECONDS, CopyRun, copied_as_source, in_small_slices, source_url
 
 
 @pytest.fixture
 def small_slices(monkeypatch):
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch)
 
 
 def test_hostile_comments_on_tables_columns_and_views_survive_the_slices(scratch_db, tmp_path, small_slices):
@@ -46,9 +41,7 @@ def test_hostile_comments_on_tables_columns_and_views_survive_the_slices(scratch
         "CREATE VIEW public.v AS SELECT id, x FROM public.a; COMMENT ON COLUMN public.v.x IS 'view column';"
         "INSERT INTO public.a VALUES (1, 1); INSERT INTO public.b VALUES (1, 1);",
     )
-    result = CopyRun(source_url(source), target, tmp_path, sliced=True).run()
-    assert result.source_counts == result.target_counts == pg.row_counts(source)
-    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+    copied_as_source(source, target, tmp_path)
 
 
 def test_hostile_a_later_table_loads_while_a_partitioned_default_partitions_leaf_is_copying(
@@ -64,10 +57,7 @@ def test_hostile_a_later_table_loads_while_a_partitioned_default_partitions_leaf
     holds orders_a and waits for orders_a_fr, while the COPY into orders_a_fr reads
     its parent orders_a for its partition constraint, and the server reports a
     deadlock (or, with a warm relcache, every later slice waits for the whole copy)."""
-    monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
-    monkeypatch.setattr(stream, "FREEZE_MIN_BYTES", 0)
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch, by_command=True, frozen=True)
     source, target = scratch_db("capysrc_hsubdef"), scratch_db("capytgt_hsubdef")
     pg.psql(
         source,

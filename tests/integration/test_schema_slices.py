@@ -14,20 +14,17 @@ from pathlib import Path
 
 import pytest
 
-import stages.copy.live as live
 import stages.copy.predata as predata
 from tests.support import pg
-from tests.support.copying import CopyRun, source_url
+from tests.support.copying import CopyRun, in_small_slices, source_url
 
 
 @pytest.mark.parametrize(("first", "by_command"), [(1, False), (3, True)])
 def test_pagila_copied_with_its_schema_in_small_slices_is_the_source(
     scratch_db, tmp_path, monkeypatch, caplog, first, by_command
 ):
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", first)
-    if by_command:  # the large tables' way, whose TRUNCATE holds its table through the copy
-        monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
+    # by_command: the large tables' way, whose TRUNCATE holds its table through the copy
+    in_small_slices(monkeypatch, first=first, by_command=by_command)
     source, target = scratch_db("capysrc_slices"), scratch_db("capytgt_slices")
     pg.load_corpus("pagila", source)
     with caplog.at_level("DEBUG", logger="stages.copy.engine"):
@@ -49,8 +46,7 @@ def test_a_failing_slice_fails_the_copy_and_stops_the_lanes(scratch_db, tmp_path
     with pg_restore's error, and the lanes stop."""
     from stages.errors import CapyError
 
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch)
     source, target = scratch_db("capysrc_slicefail"), scratch_db("capytgt_slicefail")
     pg.psql(
         source,
@@ -72,8 +68,7 @@ def test_an_index_waits_for_a_function_restored_in_a_later_slice_than_its_table(
     """A function of a table's row type is restored after the table (it depends on it);
     an index on the table that calls it waits for the slice that defines it, though the
     table's rows loaded earlier. The tables of plain slices need no such wait."""
-    monkeypatch.setattr(predata, "SLICE_MIN_ENTRIES", 0)
-    monkeypatch.setattr(predata, "SLICE_FIRST", 1)
+    in_small_slices(monkeypatch)
     source, target = scratch_db("capysrc_slicefn"), scratch_db("capytgt_slicefn")
     pg.psql(
         source,

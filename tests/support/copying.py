@@ -109,3 +109,62 @@ def sessions_in(dbname: str) -> list[tuple[Any, ...]]:
         "SELECT pid, application_name, state, query FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
         (dbname,),
     )
+
+
+def in_small_slices(
+    monkeypatch: Any, *, first: int = 1, by_command: bool = False, frozen: bool = False
+) -> None:
+    """Make every schema take the slices' way (stages.copy.predata), the first slice
+    `first` entries long; `by_command`: every table's rows through psql
+    (stages.copy.live.COMMAND_MIN_BYTES); `frozen`: every table loaded after TRUNCATE,
+    which holds it through its copy (stages.copy.stream.FREEZE_MIN_BYTES)."""
+    import stages.copy.live
+    import stages.copy.predata
+    import stages.copy.stream
+
+    monkeypatch.setattr(stages.copy.predata, "SLICE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(stages.copy.predata, "SLICE_FIRST", first)
+    if by_command:
+        monkeypatch.setattr(stages.copy.live, "COMMAND_MIN_BYTES", 0)
+    if frozen:
+        monkeypatch.setattr(stages.copy.stream, "FREEZE_MIN_BYTES", 0)
+
+
+def copied_as_source(source: str, target: str, work: Path, **options: Any) -> CopyResult:
+    """Copy `source` into `target` (a CopyRun with `options`, its schema in slices) and
+    check that the copy is the source: the same rows counted on both sides, the same
+    schema dump."""
+    result = CopyRun(source_url(source), target, work, sliced=True, **options).run()
+    assert result.source_counts == result.target_counts == pg.row_counts(source)
+    assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+    return result
+
+
+HOLD_SECONDS = 10  # a bound, not a measure: what a held copy waits for comes at once, or never
+
+
+def hold_copy_until_loaded(monkeypatch: Any, held: str, later: str) -> dict[str, bool]:
+    """Hold table `held`'s copy (through psql: stages.copy.live.stream_from_command),
+    its table emptied (locked) in the preview's transaction, until table `later`'s copy
+    has committed; the dict says whether the wait ran out ("timed_out")."""
+    import threading
+
+    import stages.copy.live
+
+    loaded = threading.Event()
+    seen = {"timed_out": False}
+    original = stages.copy.live.stream_from_command
+
+    def patched(table: Any, run_source: Any, target: Any, flow: Any) -> Any:
+        if table.name == held:
+            with target.cursor() as cur:
+                cur.execute(table.emptying())  # the lock the copy holds through its rows
+            if not loaded.wait(HOLD_SECONDS):
+                seen["timed_out"] = True
+        copied = original(table, run_source, target, flow)
+        if table.name == later:
+            loaded.set()
+        return copied
+
+    monkeypatch.setattr(stages.copy.live, "stream_from_command", patched)
+    return seen
