@@ -36,7 +36,6 @@ from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.database.cluster import ClusterAdmin, RoleLogin
 from stages.dumps import toc
-from stages.dumps.archivecheck import encoding_of
 from stages.errors import Cancelled, CapyError
 from stages.preflight.extensions import require_allowlisted
 from stages.preflight.rehearsal import skip_map
@@ -318,13 +317,18 @@ class ImportSteps:
     # -- shared by the stages (pipeline.steps) ------------------------------------
 
     def _plan_archive(
-        self, tools: PgTools, archive: str, work: str, rehearsal_skipped: list[dict[str, Any]]
+        self,
+        tools: PgTools,
+        archive: str,
+        work: str,
+        rehearsal_skipped: list[dict[str, Any]],
+        *,
+        encoding: str,
     ) -> tuple[dict[str, Any], list[toc.TocEntry]]:
         """Read the archive's TOC: what the project role restores, what it skips and
-        why, which extensions (in which schemas) the service creates first, the
-        source's encoding (names and rows are decoded from it), and the database's
-        settings and comment (set at finalize, see stages.database.dbsettings)."""
-        encoding = encoding_of(archive)
+        why, which extensions (in which schemas) the service creates first, and the
+        database's settings and comment (set at finalize, see stages.database.dbsettings).
+        `encoding`: the source's, as the archive says (names and rows are decoded from it)."""
         entries, database_entries = toc.read_with_database(tools, archive, encoding=encoding)
         extensions = toc.extension_schemas(tools, archive, entries, work)
         require_allowlisted(extensions, self.settings.extension_allowlist)

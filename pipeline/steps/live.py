@@ -25,6 +25,7 @@ from stages.copy.live import Snapshot, SourceSettings, size_up
 from stages.copy.postdata import split
 from stages.copy.predata import schema_slices
 from stages.dumps import toc
+from stages.dumps.archivetoc import read_toc
 from stages.dumps.toc import TocEntry
 from stages.tools.commands import PgRestore
 from stages.tools.restore import restore_section
@@ -98,7 +99,10 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             context.progress({"step": "schema", "phase": "reading the source's schema"})
             archive = os.path.join(work, "schema.dump")
             snapshot.dump_schema(tools, archive, snapshot.catalog.tables)
-            planned, keep = steps._plan_archive(tools, archive, work, job.facts.rehearsal_skipped)
+            archived = read_toc(archive)
+            planned, keep = steps._plan_archive(
+                tools, archive, work, job.facts.rehearsal_skipped, encoding=archived.encoding
+            )
             list_file = planned.pop("restore_list")
             target, restorer, preview = preview_ready(planned["extensions"], planned["extension_comments"])
             context.progress(
@@ -117,8 +121,16 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             rendered = split(post_data, keep)
             plan: CopyPlan = plan_copy(snapshot, keep, rendered)
             # The pre-data section is restored in slices beside the copy (stages.copy.predata).
-            referenced = {owned.references for _block, owned in plan.owned_blocks if owned.references}
-            schema = schema_slices(tools, target, archive, keep, list_file, work, first=referenced)
+            schema = schema_slices(
+                tools,
+                target,
+                archive,
+                keep,
+                list_file,
+                work,
+                archived=archived.entries,
+                first=plan.referenced,
+            )
 
             def restore_rest(entries: list[TocEntry]) -> None:
                 if entries:

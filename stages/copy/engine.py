@@ -92,6 +92,11 @@ class CopyPlan:
     rest: list[TocEntry]
     preamble: str
 
+    @property
+    def referenced(self) -> set[int]:
+        """The copied tables (by oid) that the copied tables' foreign keys reference."""
+        return {owned.references for _block, owned in self.owned_blocks if owned.references}
+
 
 class RowSource(Protocol):
     """Where a copy's rows come from: a live source's snapshot (stages.copy.live) or an

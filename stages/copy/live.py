@@ -47,6 +47,7 @@ from stages.copy.stream import (
     Flow,
     SourceTable,
     copy_out_text,
+    quote_name,
     stream_from_command,
     stream_table,
 )
@@ -67,6 +68,16 @@ class SnapshotLost(SourceUnreachable):
 SNAPSHOT_LOST = (
     "lost the source's snapshot: the session that holds it ended (the source closed it, "
     "or restarted) before every table was read; the import is retried"
+)
+# What every session that reads rows for the copy sets, once in the snapshot. COPY prints
+# values as the session's settings say, which the source's database or role may change:
+# as pg_dump, print them so the preview reads back exactly the same (extra_float_digits
+# -3 drops float digits). No timeout ends it idle in its transaction (while its lane
+# builds indexes), and no one's search_path reaches it.
+COPY_SESSION_SETTINGS = (
+    "SET row_security = off; SET DateStyle = ISO; SET IntervalStyle = postgres; "
+    "SET extra_float_digits = 3; SET statement_timeout = 0; "
+    "SET idle_in_transaction_session_timeout = 0; SET search_path = pg_catalog, pg_temp"
 )
 # A table of this size or more streams through psql (see _LiveLoading._copy_by_command):
 # starting it and joining the snapshot cost a few hundredths of a second, and the rows
@@ -220,7 +231,7 @@ def _session(
 
 def _shown(name: str) -> str:
     """A name as pg_dump prints it in a statement: quoted unless it is plainly lower case."""
-    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else '"{}"'.format(name.replace('"', '""'))
+    return name if re.fullmatch(r"[a-z_][a-z0-9_]*", name) else quote_name(name)
 
 
 # How many tables one exclusion pattern names, and how long it may grow. One pattern
@@ -244,13 +255,13 @@ def exclusion_patterns(tables: Sequence[SourceTable], whole: Collection[str] = (
     costs it a tenth of a second or more each (0.7 s on 2,000 tables)."""
     by_schema: dict[str, list[str]] = {}
     for table in tables:
-        by_schema.setdefault(table.schema, []).append(_quoted_pattern(table.name))
+        by_schema.setdefault(table.schema, []).append(quote_name(table.name))
     patterns: list[str] = []
     for schema, names in by_schema.items():
         if schema in whole:
-            patterns.append(_quoted_pattern(schema) + ".*")
+            patterns.append(quote_name(schema) + ".*")
             continue
-        prefix = _quoted_pattern(schema) + "."
+        prefix = quote_name(schema) + "."
         chunk: list[str] = []
         size = 0
         for name in names:
@@ -262,10 +273,6 @@ def exclusion_patterns(tables: Sequence[SourceTable], whole: Collection[str] = (
         if chunk:
             patterns.append(prefix + "(" + "|".join(chunk) + ")")
     return patterns
-
-
-def _quoted_pattern(name: str) -> str:
-    return '"{}"'.format(name.replace('"', '""'))
 
 
 @contextlib.contextmanager
@@ -354,17 +361,7 @@ class _LiveLoading:
                     cur.execute("SET TRANSACTION SNAPSHOT %s", (snapshot.snapshot_id,))
                 except psycopg2.errors.InvalidParameterValue as err:
                     raise SnapshotLost(SNAPSHOT_LOST) from err
-                cur.execute("SET row_security = off")
-                # COPY prints values as the session's settings say, which the source's
-                # database or role may change: as pg_dump, print them so the preview reads
-                # back exactly the same (extra_float_digits -3 drops float digits).
-                cur.execute("SET DateStyle = ISO")
-                cur.execute("SET IntervalStyle = postgres")
-                cur.execute("SET extra_float_digits = 3")
-                cur.execute("SET statement_timeout = 0")
-                # Idle in its transaction while its lane builds indexes.
-                cur.execute("SET idle_in_transaction_session_timeout = 0")
-                cur.execute("SET search_path = pg_catalog, pg_temp")
+                cur.execute(COPY_SESSION_SETTINGS)
         except BaseException:
             conn.close()  # e.g. opened as the copy was stopped: its deadline is cancelled
             raise
@@ -426,9 +423,7 @@ class _LiveLoading:
             "SET idle_in_transaction_session_timeout = 0",
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             f"SET TRANSACTION SNAPSHOT '{snapshot.snapshot_id}'",
-            # As the lanes' own sessions (_open): values printed as pg_dump prints them.
-            "SET row_security = off; SET DateStyle = ISO; SET IntervalStyle = postgres; "
-            "SET extra_float_digits = 3; SET statement_timeout = 0; SET search_path = pg_catalog, pg_temp",
+            COPY_SESSION_SETTINGS,
             copy_out_text(table),
         ]
         args = command.copy_out_args(

@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterator
 from stages.connections.pgurl import SourceURL
 from stages.copy.engine import SchemaPlan, SchemaSlice
 from stages.dumps import toc
-from stages.dumps.archivetoc import ArchiveEntry, read_toc
+from stages.dumps.archivetoc import ArchiveEntry
 from stages.tools.commands import PgTools
 from stages.tools.restore import restore_section
 
@@ -40,10 +40,12 @@ def schema_slices(
     list_file: str,
     work_dir: str,
     *,
+    archived: list[ArchiveEntry],
     first: Collection[int] = (),
 ) -> SchemaPlan:
     """The pre-data entries of `kept` (whose list is `list_file`) in slices, each
-    restored into `target` from `archive` (a custom archive pg_dump wrote for us) by
+    restored into `target` from `archive` (a custom archive pg_dump wrote for us, whose
+    table of contents is `archived`: stages.dumps.archivetoc.read_toc) by
     its `restore()`, in an order their dependencies allow (`_order`), and which slice
     each copied table and each other entry of `kept` waits for:
 
@@ -60,7 +62,6 @@ def schema_slices(
         )
         return SchemaPlan([whole], {e.catalog_id[1]: 0 for e in kept if e.desc == "TABLE"})
     lines = {e.dump_id: e for e in kept}
-    archived = read_toc(archive).entries
     pre_data = [e for e, section in _sections(archived) if section == SECTION_PRE_DATA and e.dump_id in lines]
     entries = _order(pre_data, set(first))
     slices: list[SchemaSlice] = []
@@ -86,6 +87,16 @@ def schema_slices(
 FUNCTIONS = frozenset({"FUNCTION", "PROCEDURE", "AGGREGATE"})
 
 
+def _dependents(entries: list[ArchiveEntry], by_id: dict[int, ArchiveEntry]) -> dict[int, list[int]]:
+    """For each entry of `by_id`, the entries that depend on it directly, in order."""
+    dependents: dict[int, list[int]] = {}
+    for entry in entries:
+        for dep in entry.deps:
+            if dep in by_id:
+                dependents.setdefault(dep, []).append(entry.dump_id)
+    return dependents
+
+
 def _sections(archived: list[ArchiveEntry]) -> list[tuple[ArchiveEntry, int]]:
     """Each entry with its section as pg_restore counts it: one of no section (a
     comment, a security label) is in the section of the last entry before it that has one."""
@@ -101,11 +112,7 @@ def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: in
     """The slice each table's copy waits for (see `schema_slices`), by catalog oid;
     `entries` in the slices' order, which puts every entry after its dependencies."""
     by_id = {e.dump_id: e for e in entries}
-    dependents: dict[int, list[int]] = {}
-    for entry in entries:
-        for dep in entry.deps:
-            if dep in by_id:
-                dependents.setdefault(dep, []).append(entry.dump_id)
+    dependents = _dependents(entries, by_id)
     latest: dict[int, int] = {}  # the last slice holding the entry or anything depending on it
     for entry in reversed(entries):
         latest[entry.dump_id] = max(
@@ -160,11 +167,7 @@ def _order(entries: list[ArchiveEntry], first: set[int]) -> list[ArchiveEntry]:
     entries = _with_cast_dependencies(entries)
     by_id = {e.dump_id: e for e in entries}
     position = {e.dump_id: i for i, e in enumerate(entries)}
-    dependents: dict[int, list[int]] = {}
-    for entry in entries:
-        for dep in entry.deps:
-            if dep in by_id:
-                dependents.setdefault(dep, []).append(entry.dump_id)
+    dependents = _dependents(entries, by_id)
     done: set[int] = set()
     ordered: list[ArchiveEntry] = []
     tables: list[int] = []

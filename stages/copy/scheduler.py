@@ -185,7 +185,8 @@ class Schedule(Generic[Lane]):
         finally:
             with self._cond:
                 self._running.remove(task)
-                self._serial_left -= serial
+                if serial:
+                    self._serial_left -= 1
                 if self._error is None:
                     self._done(task)
                 self._cond.notify_all()

@@ -47,11 +47,16 @@ def emptying(table: sql.Composable, *, frozen: bool) -> sql.Composable:
     return sql.SQL("TRUNCATE ONLY {}" if frozen else "DELETE FROM ONLY {}").format(table)
 
 
+def quote_name(name: str) -> str:
+    """A name in double quotes, its own doubled: as SQL, and as a pg_dump pattern."""
+    return '"{}"'.format(name.replace('"', '""'))
+
+
 def quoted(*names: str) -> sql.Composable:
     """A (qualified) name, quoted. Not sql.Identifier: psycopg2 quotes that in UTF-8
     whatever the session's client_encoding, which breaks names outside ASCII in a
     LATIN1 session (an archive of a LATIN1 database is loaded in LATIN1)."""
-    return sql.SQL(".".join('"{}"'.format(name.replace('"', '""')) for name in names))
+    return sql.SQL(".".join(quote_name(name) for name in names))
 
 
 @dataclass(frozen=True)
@@ -98,15 +103,9 @@ class SourceTable:
 
 
 def copy_out_text(table: SourceTable) -> str:
-    """`table.copy_out()` as text, for a session that is not psycopg2's (psql's): the
-    names quoted as `quoted` does."""
-    columns = (
-        "".join(["(", ", ".join('"{}"'.format(c.replace('"', '""')) for c in table.columns), ") "])
-        if table.columns
-        else ""
-    )
-    name = ".".join('"{}"'.format(part.replace('"', '""')) for part in (table.schema, table.name))
-    return f"COPY {name} {columns}TO STDOUT"
+    """`table.copy_out()` as text, for a session that is not psycopg2's (psql's)."""
+    columns = f"({', '.join(quote_name(c) for c in table.columns)}) " if table.columns else ""
+    return f"COPY {quote_name(table.schema)}.{quote_name(table.name)} {columns}TO STDOUT"
 
 
 class Flow:

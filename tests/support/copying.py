@@ -20,6 +20,7 @@ from stages.copy.live import Snapshot, SourceSettings
 from stages.copy.postdata import split
 from stages.copy.predata import schema_slices
 from stages.dumps import toc
+from stages.dumps.archivetoc import read_toc
 from stages.tools.commands import Cancellation, PgRestore, PgTools
 from stages.tools.restore import restore_section
 from tests.support import pg
@@ -76,9 +77,15 @@ class CopyRun:
             copy_plan = plan_copy(snapshot, plan.keep, rendered)
             schema = None
             if self.sliced:  # as pipeline.steps.live: the tables keys reference first
-                referenced = {owned.references for _b, owned in copy_plan.owned_blocks if owned.references}
                 schema = schema_slices(
-                    tools, target_url, archive, plan.keep, list_file, str(self.work), first=referenced
+                    tools,
+                    target_url,
+                    archive,
+                    plan.keep,
+                    list_file,
+                    str(self.work),
+                    archived=read_toc(archive).entries,
+                    first=copy_plan.referenced,
                 )
 
             def restore_rest(entries: list[toc.TocEntry]) -> None:
