@@ -11,10 +11,11 @@ restores without some tables' data. So both formats are walked here first:
   length, then that many bytes; a zero length ends a block); the file must end after
   a whole block, and every entry that has data must have its block.
 
-`check_complete` reads the whole file (the worker, before the restore);
-`cut_short_in_head` needs only the first bytes and the object's size (the upload
-preflight): a data offset or a tar member reaching past the end of the object proves
-it was cut. Only seeks and small reads: the data itself is never decompressed.
+`check_complete` walks the whole file (the worker, before the restore; a custom
+archive's blocks are read from a mapping of the file, only where each chunk's length
+lies); `cut_short_in_head` needs only the first bytes and the object's size (the
+upload preflight): a data offset or a tar member reaching past the end of the object
+proves it was cut. The data itself is never read, nor decompressed.
 
 `encoding_of` reads the same table of contents for the source database's encoding,
 in which every name and row of the archive is written.
@@ -22,6 +23,7 @@ in which every name and row of the archive is written.
 
 from __future__ import annotations
 
+import mmap
 import os
 from typing import BinaryIO
 
@@ -49,27 +51,58 @@ class ArchiveCutShort(PermanentError):
 
 def _custom_blocks(reader: Reader) -> set[int]:
     """Walk the data blocks after the TOC to the end of the file; the dump ids seen.
-    Raises End if the file ends inside a block."""
-    seen: set[int] = set()
-    while reader.fh.tell() < reader.limit:
-        kind = reader.byte()
-        dump_id = reader.integer()
-        if kind == _BLK_DATA:
-            _skip_chunks(reader)
-        elif kind == _BLK_BLOBS:
-            while reader.integer() != 0:  # each large object: its oid, then its chunks
-                _skip_chunks(reader)
-        else:
-            raise ValueError(f"unknown block type {kind}")
-        seen.add(dump_id)
-    return seen
+    Raises End if the file ends inside a block.
+
+    The file is mapped, not read: a block is a chunk of a few kilobytes after another
+    (392 MB of data hold about 100,000), and a seek and two small reads per chunk took a
+    second where reading each length out of the mapping takes a tenth of that."""
+    start = reader.fh.tell()
+    if start >= reader.limit:
+        return set()
+    with mmap.mmap(reader.fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        return _BlockWalk(mapped, start, min(reader.limit, len(mapped)), reader.int_size).blocks()
 
 
-def _skip_chunks(reader: Reader) -> None:
-    while (length := reader.integer()) != 0:
-        if length < 0:
-            raise ValueError("negative chunk length")
-        reader.skip(length)
+class _BlockWalk:
+    """pg_dump's data blocks (WriteDataChunks, _PrintData), read from `data` from
+    `position` up to `limit`: each is its type, its dump id, then its chunks (each its
+    length, then that many bytes; a zero length ends the block)."""
+
+    def __init__(self, data: mmap.mmap, position: int, limit: int, int_size: int) -> None:
+        self.data, self.position, self.limit, self.int_size = data, position, limit, int_size
+
+    def blocks(self) -> set[int]:
+        seen: set[int] = set()
+        while self.position < self.limit:
+            kind = self.data[self.position]
+            self.position += 1
+            dump_id = self.integer()
+            if kind == _BLK_DATA:
+                self.skip_chunks()
+            elif kind == _BLK_BLOBS:
+                while self.integer() != 0:  # each large object: its oid, then its chunks
+                    self.skip_chunks()
+            else:
+                raise ValueError(f"unknown block type {kind}")
+            seen.add(dump_id)
+        return seen
+
+    def integer(self) -> int:
+        """ReadInt: a sign byte, then `int_size` bytes, least significant first."""
+        start, end = self.position, self.position + 1 + self.int_size
+        if end > self.limit:
+            raise End
+        value = int.from_bytes(self.data[start + 1 : end], "little")
+        self.position = end
+        return -value if self.data[start] else value
+
+    def skip_chunks(self) -> None:
+        while (length := self.integer()) != 0:
+            if length < 0:
+                raise ValueError("negative chunk length")
+            self.position += length
+            if self.position > self.limit:
+                raise End
 
 
 def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:

@@ -17,6 +17,7 @@ from psycopg2 import sql
 
 from stages.connections.pgurl import SourceURL
 from stages.database import inventory
+from stages.dumps.archivecheck import problem
 from stages.dumps.rows import RowCounter, count_archive_rows
 from stages.errors import CommandTimedOut, PermanentCommandFailure
 from stages.tools.commands import PgTools
@@ -56,6 +57,31 @@ def _keep(world) -> str:
     live = world.project.database_name
     pg.psql(live, text="CREATE TABLE keep (id int); INSERT INTO keep VALUES (1), (2);")
     return live
+
+
+@pytest.mark.parametrize("piped", [False, True], ids=["offsets", "piped"])
+def test_a_custom_archive_cut_anywhere_after_its_table_of_contents_is_found_cut(scratch_db, tmp_path, piped):
+    """Every length from the end of the table of contents to one byte short of the
+    whole file: the walk over the data blocks (table data and large objects, chunk by
+    chunk) says it is cut; the whole file passes."""
+    source = scratch_db("capysrc_cuts")
+    pg.psql(
+        source,
+        text="CREATE TABLE t (id int, body text); "
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 400) g; "
+        "CREATE TABLE empty_one (id int); "
+        "SELECT lo_from_bytea(0, convert_to(repeat('large object ', 300), 'UTF8'));",
+    )
+    data = dump(source, tmp_path / "dump", "--format=custom", "--compress=1", piped=piped).read_bytes()
+    assert problem(str(tmp_path / "dump"), "custom") is None
+    toc_end = data.index(b"\x01", data.rindex(b"TABLE DATA"))  # no block starts before the TOC ends
+    cut = tmp_path / "cut"
+    missed = []
+    for length in range(toc_end, len(data)):
+        cut.write_bytes(data[:length])
+        if problem(str(cut), "custom") is None:
+            missed.append(length)
+    assert not missed, f"cut at {missed[:5]} of {len(data)} bytes passed as whole"
 
 
 @pytest.mark.parametrize(
