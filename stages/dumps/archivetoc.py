@@ -74,6 +74,10 @@ class ArchiveToc:
         return "UTF8"
 
 
+# A read this large or smaller is handed to read() unchecked: it allocates no more than this.
+_SMALL_READ = 1 << 20
+
+
 class Reader:
     """pg_dump's archive integers and strings (ReadInt, ReadStr, ReadOffset)."""
 
@@ -84,6 +88,12 @@ class Reader:
         self.off_size = 8
 
     def take(self, count: int) -> bytes:
+        if count > _SMALL_READ and count > self.limit - self.fh.tell():
+            # More than the file holds (a length an uploaded file may claim): read() would
+            # try to allocate it first (MemoryError), or refuse the number (OverflowError).
+            # Only large lengths are checked: tell() at every read made reading the table
+            # of contents of 2,000 tables two and a half times slower.
+            raise End
         data = self.fh.read(count)
         if len(data) < count:
             raise End
