@@ -56,17 +56,17 @@ def _problem(tmp_path, data: bytes, **kw):
     return problem(str(path), "custom", **kw)
 
 
-# --- Defect: the table of contents' strings are read with their claimed length -------
+# --- Found: a table of contents' string read with the length it claims -------------
 
 
 @pytest.mark.parametrize("length", [1 << 63, (1 << 64) - 1, 1 << 62], ids=["2^63", "2^64-1", "2^62"])
 def test_a_toc_string_of_absurd_length_is_not_an_unexpected_exception(tmp_path, length):
     """int_size 8 is a header detect_format accepts (1..32); a TOC entry's tag then
-    claims 2**62.. bytes. Reader.take hands that number to fh.read(), which raises
+    claims 2**62.. bytes. Reader.take handed that number to fh.read(), which raised
     OverflowError (>= 2**63) or MemoryError (it allocates the claimed length first)
-    before it can find the file is short: neither is End or ValueError, so problem()
-    (check_complete in the worker, cut_short_in_head in the upload preflight) raises
-    instead of answering. Same before and after 105187a (archivetoc.Reader.take)."""
+    before it could find the file short: neither is End or ValueError, so problem()
+    (check_complete in the worker, cut_short_in_head in the upload preflight) raised
+    instead of answering."""
     data = _archive(8, [1], _table_block(1, [b"x"], 8), tag_length=length)
     (tmp_path / "head").write_bytes(data)
     assert detect_format(tmp_path / "head").format == "custom"  # reachable: the header is accepted
