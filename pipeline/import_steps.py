@@ -397,7 +397,12 @@ class ImportSteps:
         try:
             yield ready
         finally:
-            making.settle()  # the preview exists, or has failed, before the stage's cleanup
+            try:
+                making.settle()  # the preview exists, or has failed, before the stage's cleanup
+            finally:
+                # Python delivers an exception raised in this thread (a time limit) as a
+                # function is entered: one landing as `settle` was called ended it unwaited.
+                making.join()
 
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:

@@ -49,7 +49,10 @@ class Background(Generic[T]):
 
     def settle(self) -> None:
         """`join`, for a caller's `finally`: it waits once more when an exception raised
-        in the caller's thread (a time limit) ended the first wait before it began."""
+        in the caller's thread (a time limit) ended the first wait before it began. One
+        landing as `settle` itself is entered (Python delivers it as a function is
+        entered) ends it before either wait: a caller that must not go on before the
+        work is done follows it with `join()` in a `finally` of its own."""
         try:
             self.join()
         finally:

@@ -114,6 +114,10 @@ class Sandbox:
             if after is not None:
                 after.settle()
         finally:
+            if after is not None:
+                # Python delivers such an exception as a function is entered: one landing
+                # as `settle` was called ended it before its own wait.
+                after.join()
             if self.background:
                 _start_drop(self, name)
             else:

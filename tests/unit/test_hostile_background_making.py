@@ -183,3 +183,51 @@ def test_an_exception_landing_before_the_wait_for_the_preview_still_waits_for_it
         raise AssertionError("the time limit was swallowed")
     # The stage's cleanup runs after this: the preview exists by then.
     assert [what for what, _name in admin.events] == ["drop", "role", "create"]
+
+
+def test_an_exception_landing_as_the_wait_is_entered_still_drops_the_database_after_it_is_made(monkeypatch):
+    """Python checks for an exception raised in a thread as a function is entered: one
+    landing as `settle` is called ends it before its own `try` (seen once in CI, on a
+    busy machine, as a drop before the CREATE DATABASE it should follow)."""
+    from stages.background import Background
+
+    def settle(self) -> None:
+        raise TimeLimitExceeded()
+
+    monkeypatch.setattr(Background, "settle", settle)
+    admin = SlowAdmin()
+    sandbox = Sandbox(admin, background=False)  # type: ignore[arg-type]
+    threading.Timer(0.5, admin.gate.set).start()
+    try:
+        with sandbox.ahead():
+            pass
+    except TimeLimitExceeded:
+        pass
+    else:
+        raise AssertionError("the time limit was swallowed")
+    assert [what for what, _name in admin.events] == ["role", "create", "drop", "drop role"]
+
+
+def test_an_exception_landing_as_the_wait_for_the_preview_is_entered_still_waits_for_it(monkeypatch):
+    from stages.background import Background
+
+    def settle(self) -> None:
+        raise TimeLimitExceeded()
+
+    monkeypatch.setattr(Background, "settle", settle)
+    admin = SlowAdmin()
+    job = SimpleNamespace(id="job_hostile3")
+    steps = SimpleNamespace(_admin=lambda _job: admin)
+    context = SimpleNamespace(
+        job=job, set_preview=lambda _p: None, progress=lambda _p: None, confirm_claim=lambda: None
+    )
+    threading.Timer(0.5, admin.gate.set).start()
+    try:
+        with ImportSteps._preview_started(steps, context):  # type: ignore[arg-type]
+            pass
+    except TimeLimitExceeded:
+        pass
+    else:
+        raise AssertionError("the time limit was swallowed")
+    # The stage's cleanup runs after this: the preview exists by then.
+    assert [what for what, _name in admin.events] == ["drop", "role", "create"]
