@@ -81,9 +81,10 @@ def test_a_custom_archive_cut_anywhere_after_its_table_of_contents_is_found_cut(
         toc_end = fh.tell()  # the first data block starts here
     assert len(data) - toc_end > 4000  # the rows and the large object: many chunks to cut in
     cut = tmp_path / "cut"
+    cut.write_bytes(data)
     missed = []
-    for length in range(toc_end, len(data)):
-        cut.write_bytes(data[:length])
+    for length in range(len(data) - 1, toc_end - 1, -1):  # shortened in place, not rewritten each time
+        os.truncate(cut, length)
         if problem(str(cut), "custom") is None:
             missed.append(length)
     assert not missed, f"cut at {missed[:5]} of {len(data)} bytes passed as whole"
