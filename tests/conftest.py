@@ -10,7 +10,6 @@ import subprocess
 
 import pika
 import pytest
-from psycopg2 import sql
 
 from pipeline.config import Settings
 from pipeline.db import database, init_database
@@ -58,31 +57,27 @@ def control_db(base_settings):
     # Drop every database the run created on the local cluster, then the control db.
     if not database.is_closed():
         database.close()
-    names = [row[0] for row in pg.admin("SELECT datname FROM pg_database WHERE datname LIKE %s", ("capy_%",))]
-    rows = pg.admin(
-        "SELECT database_name FROM projects UNION SELECT database_name FROM retired_databases "
-        "UNION SELECT preview_database_id FROM jobs WHERE preview_database_id IS NOT NULL",
-        dbname=f"capy_test_{RUN_ID}",
-    )
-    ours = {row[0] for row in rows}
-    for name in names:
-        if name in ours or any(name.startswith(o + "_replaced_") for o in ours):
-            pg.drop_db(name)
-    roles = pg.admin(
-        "SELECT role_name FROM projects WHERE role_name IS NOT NULL "
-        "UNION SELECT 'capy_restore_' || substr(id, 5) FROM jobs",
-        dbname=f"capy_test_{RUN_ID}",
-    )
+    pg.drop_made_by(base_settings.database_url)
     pg.drop_db(f"capy_test_{RUN_ID}")
-    for (role,) in roles:
-        pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
     _delete_queues(base_settings)
 
 
 # Queue prefixes of the run: the e2e modules that start services of their own use
 # their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py,
-# test_contract.py, test_observability.py; tests/integration/test_observability.py).
-QUEUE_SUFFIXES = ("", "_prod", "_crash", "_ctldb", "_soak", "_anyworker", "_contract", "_observed", "_probe")
+# test_contract.py, test_observability.py; tests/integration/test_observability.py), and
+# "_idle" is read by no worker (tests/integration/test_webhooks.py).
+QUEUE_SUFFIXES = (
+    "",
+    "_prod",
+    "_crash",
+    "_ctldb",
+    "_soak",
+    "_anyworker",
+    "_contract",
+    "_observed",
+    "_probe",
+    "_idle",
+)
 
 
 def _delete_queues(settings: Settings) -> None:

@@ -8,8 +8,10 @@ source are on the machine's cluster, which stays up.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
+import psycopg2
 import pytest
 import requests
 
@@ -86,3 +88,5 @@ def test_a_control_database_outage_mid_stage_does_not_fail_the_job(control_db, c
             assert not pg.database_exists("capy_preview_" + job_id.removeprefix("job_"))
         finally:
             service.stop()
+            with contextlib.suppress(psycopg2.OperationalError):  # the control database is down
+                pg.drop_made_by(settings.database_url)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pika
 import pytest
 
 from pipeline import jobs
@@ -80,6 +81,15 @@ def end(job_id: str, state: str) -> Job | None:
         completed_at=jobs.utcnow(),
         error=None if state == State.COMPLETED.value else f"test {state}",
     )
+
+
+def waiting_in(broker_url: str, queue: str) -> int:
+    """How many messages `queue` holds."""
+    connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
 
 
 def deliveries_of(job_id: str) -> list[WebhookDelivery]:
@@ -435,8 +445,15 @@ def test_redeliver_sends_the_same_event_again_as_a_new_delivery(control_db, worl
         queue.drain(deliverer(control_db, queue, max_attempts=2))
         assert WebhookDelivery.get_by_id(delivery.id).state == "failed"
         hook.default = 200
-        code, again = run(control_db, capsys, "webhooks", "redeliver", delivery.id)
+        # The CLI's message goes to a queue no worker reads: the e2e tests' service,
+        # still running in this session, reads this run's webhook queue and could make
+        # the attempt before this test does (then its own attempt is "skipped").
+        idle = control_db.replace(queue_prefix=control_db.queue_prefix + "_idle")
+        code, again = run(idle, capsys, "webhooks", "redeliver", delivery.id)
         assert code == 0, again
+        assert (
+            waiting_in(idle.broker_url, f"{idle.queue_prefix}.webhooks") == 1
+        )  # its first attempt is queued
         assert again["redelivery_of"] == delivery.id and again["id"] != delivery.id
         assert (again["state"], again["event_id"], again["attempts"]) == ("pending", delivery.event_id, [])
         assert deliverer(control_db, Queue()).deliver(again["id"], 1).action == "delivered"

@@ -48,6 +48,32 @@ def drop_db(name: str) -> None:
     admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def drop_made_by(control_url: str) -> None:
+    """Drop what the service whose control database is at `control_url` made on this
+    machine's cluster: its projects' databases, their replaced copies and previews, the
+    projects' roles and the imports' restore roles."""
+    conn = psycopg2.connect(control_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT database_name FROM projects UNION SELECT database_name FROM retired_databases "
+                "UNION SELECT preview_database_id FROM jobs WHERE preview_database_id IS NOT NULL"
+            )
+            made = {name for (name,) in cur.fetchall()}
+            cur.execute(
+                "SELECT role_name FROM projects WHERE role_name IS NOT NULL "
+                "UNION SELECT 'capy_restore_' || substr(id, 5) FROM jobs"
+            )
+            roles = [role for (role,) in cur.fetchall()]
+    finally:
+        conn.close()
+    for (name,) in admin("SELECT datname FROM pg_database WHERE datname LIKE %s", ("capy_%",)):
+        if name in made or any(name.startswith(m + "_replaced_") for m in made):
+            drop_db(name)
+    for role in roles:
+        admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
 def psql(dbname: str, *, file: Path | None = None, text: str | None = None, url: str | None = None) -> None:
     args = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url or url_for(dbname)]
     if file is not None:
