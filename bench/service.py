@@ -39,6 +39,7 @@ from bench.pg import Cluster
 from bench.sampling import PeakSampler
 from pipeline.config import Settings
 from pipeline.steps.registry import STAGE_NAMES
+from stages.database.spares import SPARE_PREFIX
 
 if TYPE_CHECKING:
     from tests.support.processes import Service
@@ -284,6 +285,10 @@ def running_service(cluster: Cluster, base: Path, *, concurrency: int = 2) -> It
         cli(env, "migrate")
         cli(env, "clusters", "add", "--name", "local", "--admin-url", cluster.admin_url)
         org = cli(env, "orgs", "create", "--name", "bench")
+        # What a deployment's clock does within its first minute: the cluster's spare
+        # databases (CAPY_SPARE_DATABASES) are made; each import then takes them and the
+        # worker makes them again after it.
+        cli(env, "sweep")
         # The bench polls a job up to ten times a second, past the default per-key rate limit.
         service = start_service(settings, base / "logs", CAPY_RATE_LIMIT_PER_MINUTE="100000")
         stack.callback(service.stop)
@@ -308,7 +313,11 @@ def _clean_up(cluster: Cluster, settings: Settings) -> None:
             dbname=control,
         )
         for (name,) in cluster.query("SELECT datname FROM pg_database"):
-            if name in made or any(name.startswith(m + "_replaced_") for m in made):
+            if (
+                name in made
+                or any(name.startswith(m + "_replaced_") for m in made)
+                or name.startswith(SPARE_PREFIX)
+            ):
                 cluster.drop(name)
         cluster.drop(control)
         for (role,) in roles:

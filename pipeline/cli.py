@@ -439,6 +439,8 @@ def _sweep_text(done: dict[str, Any]) -> str:
         + [f"dropped orphaned preview {name}" for name in done.get("previews_dropped", [])]
         + [f"dropped restore role {name}" for name in done.get("restore_roles_dropped", [])]
         + [f"dropped schema rehearsal {name}" for name in done.get("rehearsals_dropped", [])]
+        + [f"made spare database {name}" for name in done.get("spares_made", [])]
+        + [f"dropped spare database {name}" for name in done.get("spares_dropped", [])]
         + [f"revoked PUBLIC's access to database {name}" for name in done.get("databases_locked_down", [])]
         + [
             f"sent webhook delivery {w['delivery']} (attempt {w['attempt']})"

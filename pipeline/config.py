@@ -140,6 +140,8 @@ class Settings(BaseSettings):
     allow_private_sources: bool = _setting(False, "true or false")
     work_dir: str = _setting("/tmp/capy-imports", "a directory", min_length=1)
     concurrency: int = _setting(2, "a whole number above 0", ge=1)
+    # Empty databases kept ready on each project cluster (stages.database.spares).
+    spare_databases: int = _setting(2, "a whole number from 0 to 20", ge=0, le=20)
     # Per session of the copy on the target cluster (index builds): memory of the cluster, not the worker.
     maintenance_work_mem: str = _setting(
         "256MB", "a size such as 256MB or 1GB (kB, MB or GB)", pattern=r"^[1-9][0-9]*(kB|MB|GB)$"

@@ -23,7 +23,7 @@ from typing import Any
 import peewee
 import psycopg2
 
-from pipeline import jobs
+from pipeline import jobs, spares
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.limits import command_limit, job_deadline
@@ -381,7 +381,7 @@ class ImportSteps:
         def create() -> RoleLogin:
             admin.drop_database(preview)  # a retried restore starts from an empty preview
             restorer = admin.ensure_restore_role(restore_role_name(job))
-            admin.create_database(preview, owner=restorer.name)
+            admin.create_database(preview, owner=restorer.name, spare=True)
             return restorer
 
         making = Background(create, name=f"preview-{job.id}")
@@ -407,7 +407,8 @@ class ImportSteps:
     def cleanup(self, job: Job, *, succeeded: bool) -> None:
         """Remove the job's temporary files, its upload (unless a retention is set:
         then `capy-imports sweep` deletes it later) and, after a failure, its preview;
-        then its restore role. A tool an earlier claim left running here is killed first."""
+        then its restore role; then the cluster's spare databases are made again in the
+        background. A tool an earlier claim left running here is killed first."""
         if not succeeded:
             self.stop_left_tool(job)
         shutil.rmtree(self._work_dir(job), ignore_errors=True)
@@ -429,6 +430,12 @@ class ImportSteps:
                 self._admin(job).drop_role(restore_role_name(job))
             except Exception:
                 log.exception("job %s: could not drop its restore role", job.id)
+        if self.settings.spare_databases > 0:
+            # What the job took of its cluster's spare databases is made again, for the next.
+            try:
+                spares.keep_in_background(job.cluster_id, self._admin(job), self.settings.spare_databases)
+            except Exception:
+                log.exception("job %s: could not start keeping the spare databases", job.id)
 
     def stop_sessions(self, job: Job) -> None:
         """After an attempt failed and will be retried: end every session still in the

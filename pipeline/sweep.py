@@ -12,6 +12,8 @@
 - restore roles (`capy_restore_…`) of ended jobs are dropped, after their previews;
 - schema-rehearsal databases and roles (`capy_rehearsal_<time>_…`) older than an hour
   (a process killed while rehearsing) are dropped;
+- each cluster's spare databases (`capy_spare_…`) are made or dropped until it holds
+  CAPY_SPARE_DATABASES (pipeline.spares);
 - projects' live and retained databases that still admit other roles (made before the
   service revoked PUBLIC's access) are locked down, and those left refusing connections
   (a worker that died inside a swap, before swaps became one transaction) reopened;
@@ -34,7 +36,7 @@ from typing import Any
 
 import psycopg2
 
-from pipeline import jobs
+from pipeline import jobs, spares
 from pipeline.accounts import cluster_admin
 from pipeline.config import Settings
 from pipeline.import_steps import RESTORE_ROLE_PREFIX
@@ -95,6 +97,8 @@ def sweep(
         "previews_dropped": [],
         "restore_roles_dropped": [],
         "rehearsals_dropped": [],
+        "spares_made": [],
+        "spares_dropped": [],
         "databases_locked_down": [],
         "errors": [],
     }
@@ -145,6 +149,7 @@ def sweep(
         admin = cluster_admin(cluster, sealer)
         _drop_restore_roles(admin, done)
         _drop_stale_rehearsals(admin, now.timestamp(), done)
+        _keep_spares(admin, settings.spare_databases, done)
         _lock_down_project_databases(cluster, admin, done)
     return done
 
@@ -337,6 +342,17 @@ def _drop_restore_roles(admin: ClusterAdmin, done: dict[str, Any]) -> None:
             done["errors"].append(f"role {role}: {_why(err)}")
             continue
         done["restore_roles_dropped"].append(role)
+
+
+def _keep_spares(admin: ClusterAdmin, count: int, done: dict[str, Any]) -> None:
+    """Make or drop the cluster's spare databases until it holds `count`."""
+    try:
+        made, dropped = spares.keep(admin, count)
+    except _CLEANUP_ERRORS as err:
+        done["errors"].append(f"spare databases: {_why(err)}")
+        return
+    done["spares_made"] += made
+    done["spares_dropped"] += dropped
 
 
 def _drop_stale_rehearsals(admin: ClusterAdmin, now: float, done: dict[str, Any]) -> None:

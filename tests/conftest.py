@@ -33,7 +33,9 @@ def s3(tmp_path_factory):
 def base_settings(tmp_path_factory, s3) -> Settings:
     """Settings of this test run: its own control database, queue names and S3.
 
-    Tests run in development mode (private sources allowed), with a secret key of their own.
+    Tests run in development mode (private sources allowed), with a secret key of their own,
+    and keep no spare databases on the cluster (tests/e2e/conftest.py's service does, and
+    the tests of spares).
     """
     return Settings.from_env({"CAPY_ENV": "development"}).replace(
         s3_endpoint=s3.url,
@@ -46,6 +48,7 @@ def base_settings(tmp_path_factory, s3) -> Settings:
         allow_private_sources=True,
         work_dir=str(tmp_path_factory.mktemp("work")),
         secret_key="test-secret-key-" + RUN_ID + "-" + secrets.token_hex(16),
+        spare_databases=0,
     )
 
 
@@ -58,6 +61,7 @@ def control_db(base_settings):
     if not database.is_closed():
         database.close()
     pg.drop_made_by(base_settings.database_url)
+    pg.drop_spares()
     pg.drop_db(f"capy_test_{RUN_ID}")
     _delete_queues(base_settings)
 

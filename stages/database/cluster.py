@@ -33,7 +33,7 @@ from psycopg2 import sql
 from stages.connections.connect import connect, server_major
 from stages.connections.pgurl import SourceURL
 from stages.connections.rows import one_row
-from stages.database import inventory
+from stages.database import inventory, spares
 from stages.errors import ClusterUnavailable, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -244,22 +244,26 @@ class ClusterAdmin:
             )
             return cur.fetchone() is not None
 
-    def create_database(self, name: str, *, owner: str | None = None) -> None:
+    def create_database(self, name: str, *, owner: str | None = None, spare: bool = False) -> None:
         """Create an empty database from template0 (UTF-8, no leftovers of template1),
-        owned by `owner` when given, that no other role can connect to.
+        owned by `owner` when given, that no other role can connect to; with `spare`,
+        by taking one of the cluster's spare databases when there is one
+        (stages.database.spares).
 
         It is created refusing connections, locked down, then opened: no other role
         can slip a session in between CREATE and REVOKE.
         """
-        statement = sql.SQL(
-            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8' ALLOW_CONNECTIONS false"
-        ).format(sql.Identifier(name))
-        if owner:
-            statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
         with self.autocommit() as cur:
-            cur.execute(statement)
+            if spare and spares.take(cur, name, owner):
+                return
+            cur.execute(spares.create_statement(name, owner))
             self._lock_down(cur, name)
             cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+
+    def keep_spares(self, count: int) -> tuple[list[str], list[str]]:
+        """Make or drop spare databases until the cluster holds `count`: (made, dropped)."""
+        with self.autocommit() as cur:
+            return spares.keep(cur, count)
 
     def lock_down(self, name: str) -> None:
         """Only the owner (and the admin) may connect to `name` or create temporary

@@ -77,7 +77,7 @@ class Sandbox:
 
         def make() -> RoleLogin:
             login = self.admin.ensure_restore_role(name)
-            self.admin.create_database(name, owner=login.name)
+            self.admin.create_database(name, owner=login.name, spare=True)
             return login
 
         self._ahead = (name, Background(make, name=f"make-{name}"))
@@ -97,7 +97,7 @@ class Sandbox:
         try:
             if ahead is None:
                 login = self.admin.ensure_restore_role(name)
-                self.admin.create_database(name, owner=login.name)
+                self.admin.create_database(name, owner=login.name, spare=True)
             else:
                 login = ahead[1].result()  # made or failed: either way this block drops it
             self.admin.create_extensions(name, login.name, extensions)

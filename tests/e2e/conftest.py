@@ -6,7 +6,9 @@ from tests.support.processes import cli, service_env, start_service
 
 @pytest.fixture(scope="session")
 def service(control_db, tmp_path_factory):
-    """Real gunicorn and dramatiq processes over this run's control database."""
+    """Real gunicorn and dramatiq processes over this run's control database, keeping
+    spare databases on the cluster as a deployment does (CAPY_SPARE_DATABASES)."""
+    control_db = control_db.replace(spare_databases=2)
     env = service_env(control_db)
     cli(env, "migrate")
     clusters = pg.admin(

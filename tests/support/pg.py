@@ -48,6 +48,13 @@ def drop_db(name: str) -> None:
     admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def drop_spares() -> None:
+    """Drop the cluster's spare databases (stages.database.spares) that services under
+    test made."""
+    for (name,) in admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'"):
+        drop_db(name)
+
+
 def drop_made_by(control_url: str) -> None:
     """Drop what the service whose control database is at `control_url` made on this
     machine's cluster: its projects' databases, their replaced copies and previews, the

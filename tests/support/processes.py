@@ -35,6 +35,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         CAPY_S3_ACCESS_KEY=settings.s3_access_key,
         CAPY_S3_SECRET_KEY=settings.s3_secret_key,
         CAPY_CONCURRENCY=str(settings.concurrency),
+        CAPY_SPARE_DATABASES=str(settings.spare_databases),
         PATH=f"{BIN}:{os.environ.get('PATH', '')}",
         **extra,
     )

@@ -36,7 +36,7 @@ class SlowAdmin:
         self._note("role", name)
         return RoleLogin(name, "secret")
 
-    def create_database(self, name: str, *, owner: str | None = None) -> None:
+    def create_database(self, name: str, *, owner: str | None = None, spare: bool = False) -> None:
         self.gate.wait(10)
         self._note("create", name)
 
