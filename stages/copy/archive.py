@@ -227,7 +227,8 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
     for entry in toc.entries:
         if entry.section != SECTION_POST_DATA or entry.dump_id not in kept_ids:
             continue
-        own = [d for d in entry.deps if d in tables]
+        # Once each: pg_dump lists an index's table once per column it indexes.
+        own = list(dict.fromkeys(d for d in entry.deps if d in tables))
         if entry.desc == "INDEX" and len(own) == 1:
             method = _USING.search(entry.definition or b"")
             owned[entry.dump_id] = Owned(

@@ -131,7 +131,7 @@ def _table_waits(entries: list[ArchiveEntry], in_slice: dict[int, int], last: in
     parent: dict[int, int] = {}
     for entry in entries:
         if entry.desc == "TABLE ATTACH":
-            tables = [d for d in entry.deps if d in waits]
+            tables = list(dict.fromkeys(d for d in entry.deps if d in waits))  # a dependency may repeat
             if len(tables) == 2:
                 # The partition is the one that depends on the other (its parent).
                 child = next(
