@@ -212,3 +212,29 @@ def test_thousands_of_tasks_start_in_rank_order_as_they_become_ready():
     Schedule(tasks, [None]).run()
     expected = [t.name for t in sorted(tasks, key=lambda t: -t.rank)]
     assert order == expected
+
+
+def test_a_task_marked_alone_has_the_lanes_to_itself_while_it_runs():
+    log, make = _recorder()
+    serial = [Task[None]("schema slice", 1, make("schema slice", 0.05))]
+    before = Task[None]("copy running already", 1, make("copy running already", 0.1), frozenset({"r"}))
+    head = Task[None](
+        "copy head", 50, make("copy head", 0.1), frozenset({"h"}), alone=True, after=[serial[0]]
+    )
+    others = [
+        Task[None](f"copy {i}", 5, make(f"copy {i}", 0.01), frozenset({f"t{i}"}), after=[serial[0]])
+        for i in range(4)
+    ]
+    gin = Task[None]("gin", 100, make("gin", 0.05), frozenset({"h"}), exclusive=False, after=[head])
+    Schedule([before, head, *others, gin], [1, 2, 3], serial=serial).run()
+    when = {(event, name): at for event, name, at in log}
+    # Started before the head was ready, it goes on beside it; nothing else starts meanwhile.
+    assert (
+        when[("start", "copy running already")]
+        < when[("start", "copy head")]
+        < when[("end", "copy running already")]
+    )
+    for name in [*(f"copy {i}" for i in range(4)), "gin"]:
+        start = when[("start", name)]
+        assert not when[("start", "copy head")] <= start < when[("end", "copy head")], name
+    assert when[("end", "copy head")] <= when[("start", "gin")]
