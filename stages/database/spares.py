@@ -70,8 +70,14 @@ def take(cur: psycopg2.extensions.cursor, name: str, owner: str | None) -> bool:
             cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
             cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
             cur.execute("COMMIT")
-        except psycopg2.errors.InvalidCatalogName:
-            # Another process took (or dropped) it between the look and the rename.
+        except (
+            psycopg2.errors.InvalidCatalogName,
+            psycopg2.errors.ObjectInUse,
+            psycopg2.errors.LockNotAvailable,
+        ):
+            # Another process took (or dropped) it between the look and the rename, or
+            # holds it (a rename waiting on it, an autovacuum worker guarding against
+            # wraparound, which even a database refusing connections admits).
             cur.execute("ROLLBACK")
             continue
         except BaseException:
