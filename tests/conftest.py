@@ -68,7 +68,8 @@ def control_db(base_settings):
 
 # Queue prefixes of the run: the e2e modules that start services of their own use
 # their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py,
-# test_contract.py, test_observability.py; tests/integration/test_observability.py), and
+# test_contract.py, test_observability.py, test_hostile_spare_crashes.py;
+# tests/integration/test_observability.py), and
 # "_idle" is read by no worker (tests/integration/test_webhooks.py).
 QUEUE_SUFFIXES = (
     "",
@@ -81,6 +82,7 @@ QUEUE_SUFFIXES = (
     "_observed",
     "_probe",
     "_idle",
+    "_hspare",
 )
 
 

@@ -254,8 +254,15 @@ class ClusterAdmin:
         can slip a session in between CREATE and REVOKE.
         """
         with self.autocommit() as cur:
-            if spare and spares.take(cur, name, owner):
-                return
+            if spare:
+                try:
+                    if spares.take(cur, name, owner):
+                        return
+                except psycopg2.Error as err:
+                    if cur.connection.closed:
+                        raise
+                    # A spare is an optimization: never the error of a rehearsal or an import.
+                    log.warning("could not take a spare database for %s; creating it: %s", name, err)
             cur.execute(spares.create_statement(name, owner))
             self._lock_down(cur, name)
             cur.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))

@@ -25,15 +25,20 @@ class FakeCursor:
     def execute(self, statement, params=None) -> None:
         text = statement if isinstance(statement, str) else repr(statement)
         self.statements.append(text)
-        if text.startswith("SELECT datname"):
-            self._rows = [(name,) for name in self.names]
+        if text.startswith("SELECT d.datname"):  # the spares: each usable, refusing connections
+            self._rows = [(name, True, True) for name in self.names]
+        elif text.startswith("SELECT NOT d.datallowconn"):  # still usable once renamed
+            self._rows = [(True,)]
         elif "RENAME TO" in text:
             error = self.errors.pop(0) if self.errors else None
             if error is not None:
                 raise error("busy")
 
-    def fetchall(self) -> list[tuple[str]]:
+    def fetchall(self) -> list[tuple]:
         return self._rows
+
+    def fetchone(self) -> tuple | None:
+        return self._rows[0] if self._rows else None
 
 
 @pytest.mark.parametrize(
