@@ -193,3 +193,28 @@ def test_an_import_takes_spares_for_its_rehearsal_and_preview_and_the_worker_mak
         time.sleep(0.1)
     # Both were taken (the rehearsal's database and the preview), two new ones made.
     assert set(spare_names()).isdisjoint(before) and len(spare_names()) == 2
+
+
+def test_the_keeper_drops_what_an_interrupted_keeper_or_a_mistake_left_and_nothing_else(admin):
+    """A half-made spare (a keeper killed before its rename) and a closed database of
+    the admin's with a spare's name that is not one are dropped; one that admits
+    connections (someone may be in it) is left alone."""
+    half = spares.MAKING_PREFIX + secrets.token_hex(3)
+    limited = spares.SPARE_PREFIX + "limited_" + secrets.token_hex(3)
+    opened = spares.SPARE_PREFIX + "open_" + secrets.token_hex(3)
+    pg.admin(sql.SQL("CREATE DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(half)))
+    pg.admin(
+        sql.SQL("CREATE DATABASE {} ALLOW_CONNECTIONS false CONNECTION LIMIT 0").format(
+            sql.Identifier(limited)
+        )
+    )
+    pg.create_db(opened)
+    try:
+        made, dropped = admin.keep_spares(1)
+        assert sorted(dropped) == sorted([half, limited]) and len(made) == 1
+        assert not pg.database_exists(half) and not pg.database_exists(limited) and pg.database_exists(opened)
+        assert sorted(spare_names()) == sorted([*made, opened])
+        assert admin.keep_spares(1) == ([], [])  # the one that admits connections is not counted either
+    finally:
+        for db in (half, limited, opened):
+            pg.drop_db(db)
