@@ -66,6 +66,16 @@ def control_db(base_settings):
     _delete_queues(base_settings)
 
 
+@pytest.fixture
+def spare_admin():
+    """The cluster's admin, with no spare database on the cluster before and after the test."""
+    from stages.database.cluster import ClusterAdmin
+
+    pg.drop_spares()
+    yield ClusterAdmin(pg.ADMIN_URL)
+    pg.drop_spares()
+
+
 # Queue prefixes of the run: the e2e modules that start services of their own use
 # their own queues (tests/e2e/test_hostile.py, test_crash_recovery.py, test_any_worker.py,
 # test_contract.py, test_observability.py, test_hostile_spare_crashes.py;

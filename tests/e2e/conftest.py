@@ -1,7 +1,6 @@
 import pytest
 
-from tests.support import pg
-from tests.support.processes import cli, service_env, start_service
+from tests.support.processes import cli, migrated_with_local_cluster, start_service
 
 
 @pytest.fixture(scope="session")
@@ -9,13 +8,7 @@ def service(control_db, tmp_path_factory):
     """Real gunicorn and dramatiq processes over this run's control database, keeping
     spare databases on the cluster as a deployment does (CAPY_SPARE_DATABASES)."""
     control_db = control_db.replace(spare_databases=2)
-    env = service_env(control_db)
-    cli(env, "migrate")
-    clusters = pg.admin(
-        "SELECT id FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]
-    )
-    if not clusters:
-        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    migrated_with_local_cluster(control_db)
     # A short connect timeout keeps the retry test quick; nothing else waits on it.
     running = start_service(
         control_db, tmp_path_factory.mktemp("service-logs"), CAPY_SOURCE_CONNECT_TIMEOUT="3"

@@ -21,7 +21,7 @@ from pipeline import jobs
 from pipeline.models import Job
 from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
-from tests.support.processes import cli, service_env, start_service, wait_for_job
+from tests.support.processes import cli, migrated_with_local_cluster, start_service, wait_for_job
 from tests.support.uploading import post_file
 
 WORKERS = ("worker", "worker2")
@@ -57,13 +57,7 @@ def deployment(request, control_db, tmp_path_factory):
     """The web service and two workers with work directories of their own, on queues of
     this module's own (other e2e services' workers must not take its stages)."""
     settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_anyworker")
-    env = service_env(settings)
-    cli(env, "migrate")
-    clusters = pg.admin(
-        "SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1]
-    )
-    if not clusters:
-        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    migrated_with_local_cluster(settings)
     service = start_service(settings, tmp_path_factory.mktemp(f"any-worker-logs-{request.param}"), workers=0)
     work = {name: tmp_path_factory.mktemp(f"work-{name}") for name in WORKERS}
     for name, stages in PLACEMENTS[request.param].items():

@@ -29,7 +29,7 @@ from pipeline.steps.results import ToolProcess
 from stages.connections.pgurl import SourceURL
 from stages.tools.commands import process_group_members
 from tests.support import pg
-from tests.support.processes import BIN, cli, service_env, start_service
+from tests.support.processes import BIN, cli, migrated_with_local_cluster, service_env, start_service
 from tests.support.world import make_world
 
 LEASE = "6"
@@ -41,13 +41,7 @@ def deployment(control_db):
     """The control database migrated, with the local cluster registered, and queues of
     this module's own: the other e2e services' workers must not run its held jobs."""
     control_db = control_db.replace(queue_prefix=control_db.queue_prefix + "_crash")
-    env = service_env(control_db)
-    cli(env, "migrate")
-    clusters = pg.admin(
-        "SELECT id FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]
-    )
-    if not clusters:
-        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    migrated_with_local_cluster(control_db)
     return control_db
 
 

@@ -20,26 +20,16 @@ from tests.e2e.test_crash_recovery import (
     _worker_env,
 )
 from tests.support import pg
-from tests.support.processes import cli, service_env, start_service
+from tests.support.processes import migrated_with_local_cluster, start_service
 
 
 @pytest.fixture(scope="module")
 def deployment(control_db):
     control_db = control_db.replace(queue_prefix=control_db.queue_prefix + "_hspare", spare_databases=2)
-    env = service_env(control_db)
-    cli(env, "migrate")
-    clusters = pg.admin(
-        "SELECT id FROM clusters WHERE name = 'local'", dbname=control_db.database_url.rsplit("/", 1)[1]
-    )
-    if not clusters:
-        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    migrated_with_local_cluster(control_db)
     pg.drop_spares()
     yield control_db
     pg.drop_spares()
-
-
-def spare_names() -> list[str]:
-    return [n for (n,) in pg.admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'")]
 
 
 @pytest.mark.e2e
@@ -49,7 +39,7 @@ def test_a_worker_killed_with_spares_on_leaves_nothing(deployment, store, corpus
     service = start_service(deployment, tmp_path / "svc", workers=2, worker_env=_worker_env(point))
     try:
         done = sweep(deployment, Sealer(deployment.secret_key), store)
-        assert len(spare_names()) == 2, done
+        assert len(pg.spare_names()) == 2, done
         tenant = _tenant(service.env)
         live = tenant["project"]["database_name"]
         job_id = _start(service, tenant, source)
@@ -61,7 +51,7 @@ def test_a_worker_killed_with_spares_on_leaves_nothing(deployment, store, corpus
     finally:
         service.stop()
     sweep(deployment, Sealer(deployment.secret_key), store)
-    assert len(spare_names()) == 2
+    assert len(pg.spare_names()) == 2
     # The job's preview and restore role are gone. (A rehearsal's database or role that the
     # killed worker was still dropping in the background is the sweep's, an hour later:
     # tests/integration/test_rehearsal_cleanup.py.)

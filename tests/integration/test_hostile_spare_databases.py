@@ -22,11 +22,12 @@ from tests.support import pg
 
 
 @pytest.fixture
-def admin():
-    admin = ClusterAdmin(pg.ADMIN_URL)
-    pg.drop_spares()
-    yield admin
-    pg.drop_spares()
+def admin(spare_admin):
+    return spare_admin
+
+
+spare_names = pg.spare_names
+described = pg.database_facts
 
 
 @pytest.fixture
@@ -52,25 +53,10 @@ def databases():
         pg.drop_db(db)
 
 
-def spare_names() -> list[str]:
-    return [n for (n,) in pg.admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'")]
-
-
 def one_spare(admin: ClusterAdmin) -> str:
     admin.keep_spares(1)
     [spare] = spare_names()
     return spare
-
-
-def described(name: str) -> tuple:
-    [row] = pg.admin(
-        "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype, "
-        "datistemplate, datallowconn, datconnlimit, "
-        "replace(datacl::text, pg_get_userbyid(datdba), 'OWNER') "
-        "FROM pg_database WHERE datname = %s",
-        (name,),
-    )
-    return row
 
 
 def relations(name: str) -> list[tuple]:
@@ -159,7 +145,7 @@ def test_a_session_inside_a_spare_does_not_fail_the_taker(roles, admin, database
         pg.admin(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(spare)))
         name = databases()
         admin.create_database(name, owner=owner, spare=True)
-        assert described(name)[0] == owner and described(name)[5] is True
+        assert described(name)[0] == owner and described(name)[6] is True
     finally:
         inside.close()
 
@@ -177,7 +163,7 @@ def test_an_invalid_spare_left_by_an_interrupted_drop_is_not_handed_out(roles, a
     name = databases()
     try:
         admin.create_database(name, owner=owner, spare=True)
-        assert described(name)[0] == owner and described(name)[6] == -1
+        assert described(name)[0] == owner and described(name)[7] == -1
         assert admin.keep_spares(1)[0] != [], "the invalid spare is counted as a spare"
     finally:
         pg.drop_db(spare)
@@ -224,7 +210,7 @@ def test_a_keepers_revoke_racing_a_take_does_not_fail_the_taker(roles, admin, da
     name = databases()
     try:
         admin.create_database(name, owner=owner, spare=True)
-        assert described(name)[0] == owner and described(name)[5] is True
+        assert described(name)[0] == owner and described(name)[6] is True
     finally:
         committer.join()
         keeper.close()

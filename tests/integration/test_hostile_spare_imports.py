@@ -10,14 +10,17 @@ import time
 import pytest
 
 from stages.database import spares
-from stages.database.cluster import ClusterAdmin
 from tests.support import pg
 from tests.support.imports import run_import, upload_and_import
 from tests.support.world import make_world
 
 
-def spare_names() -> list[str]:
-    return [n for (n,) in pg.admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'")]
+@pytest.fixture
+def admin(spare_admin):
+    return spare_admin
+
+
+spare_names = pg.spare_names
 
 
 def leftovers(suffix: str) -> list[str]:
@@ -31,14 +34,6 @@ def leftovers(suffix: str) -> list[str]:
             ("capy_preview_" + suffix, "capy_restore_" + suffix),
         )
     ]
-
-
-@pytest.fixture
-def admin():
-    admin = ClusterAdmin(pg.ADMIN_URL)
-    pg.drop_spares()
-    yield admin
-    pg.drop_spares()
 
 
 @pytest.mark.parametrize("how", ["live", "custom"])

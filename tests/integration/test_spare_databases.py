@@ -23,27 +23,12 @@ from tests.support.world import make_world
 
 
 @pytest.fixture
-def admin():
-    admin = ClusterAdmin(pg.ADMIN_URL)
-    pg.drop_spares()
-    yield admin
-    pg.drop_spares()
+def admin(spare_admin):
+    return spare_admin
 
 
-def spare_names() -> list[str]:
-    return [n for (n,) in pg.admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'")]
-
-
-def described(name: str) -> tuple:
-    """What a database is, but for its name and oid."""
-    [row] = pg.admin(
-        "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype, "
-        "datlocprovider, datistemplate, datallowconn, datconnlimit, "
-        "replace(datacl::text, pg_get_userbyid(datdba), 'OWNER'), dattablespace "
-        "FROM pg_database WHERE datname = %s",
-        (name,),
-    )
-    return row
+spare_names = pg.spare_names
+described = pg.database_facts
 
 
 def catalog_of(name: str) -> list[tuple]:

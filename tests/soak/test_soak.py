@@ -26,7 +26,7 @@ import requests
 from pipeline.models import Job, JobEvent
 from stages.tools.commands import process_group_members
 from tests.support import pg
-from tests.support.processes import cli, service_env, start_service
+from tests.support.processes import cli, migrated_with_local_cluster, start_service
 
 pytestmark = pytest.mark.soak
 
@@ -42,13 +42,7 @@ _CLAIM = re.compile(r"^(\w+) claimed \(attempt \d+ of \d+\)(?:, taking over the 
 @pytest.fixture(scope="module")
 def deployment(control_db):
     settings = control_db.replace(queue_prefix=control_db.queue_prefix + "_soak")
-    env = service_env(settings)
-    cli(env, "migrate")
-    known = pg.admin(
-        "SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1]
-    )
-    if not known:
-        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    migrated_with_local_cluster(settings)
     return settings
 
 

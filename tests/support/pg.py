@@ -48,10 +48,30 @@ def drop_db(name: str) -> None:
     admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def spare_names() -> list[str]:
+    """The cluster's spare databases (stages.database.spares), by name."""
+    return [
+        name for (name,) in admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'")
+    ]
+
+
+def database_facts(name: str) -> tuple:
+    """What a database is but for its name and oid: owner, encoding, locale, template,
+    connections, limit, ACL (its owner written OWNER), tablespace."""
+    [row] = admin(
+        "SELECT pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datcollate, datctype, "
+        "datlocprovider, datistemplate, datallowconn, datconnlimit, "
+        "replace(datacl::text, pg_get_userbyid(datdba), 'OWNER'), dattablespace "
+        "FROM pg_database WHERE datname = %s",
+        (name,),
+    )
+    return row
+
+
 def drop_spares() -> None:
     """Drop the cluster's spare databases (stages.database.spares) that services under
     test made."""
-    for (name,) in admin("SELECT datname FROM pg_database WHERE left(datname, 11) = 'capy_spare_'"):
+    for name in spare_names():
         drop_db(name)
 
 

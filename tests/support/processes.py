@@ -42,6 +42,21 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def migrated_with_local_cluster(settings: Settings) -> dict[str, str]:
+    """Migrate the control database of `settings` and register this machine's cluster
+    as `local` there if it is not yet; returns the processes' environment."""
+    from tests.support import pg
+
+    env = service_env(settings)
+    cli(env, "migrate")
+    known = pg.admin(
+        "SELECT id FROM clusters WHERE name = 'local'", dbname=settings.database_url.rsplit("/", 1)[1]
+    )
+    if not known:
+        cli(env, "clusters", "add", "--name", "local", "--admin-url", pg.ADMIN_URL)
+    return env
+
+
 def cli(env: dict[str, str], *args: str) -> dict:
     """Run `capy-imports --json ARGS` and return its one JSON object."""
     done = subprocess.run(
