@@ -521,7 +521,7 @@ def _head_alone(planned: _Planned, serial: list[Task[Lane]], lanes: int) -> None
     chain bounds the whole copy: when what the other lanes would do beside it fits
     within the rest of the chain even with a lane idle while the head copies. A large
     table with a trigram index (`mix`'s documents, built by PostgreSQL 15 in one
-    process): its rows loaded in 3.5 s beside another table's and in 1.4 s alone, each
+    process): its rows loaded in 3.5 s beside another table's and in 1.3-1.8 s alone, each
     second of it added to the end of the copy. A copy below ALONE_MIN_BYTES gains less
     than a lane idle costs."""
     if lanes < 2:
