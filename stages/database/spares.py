@@ -14,9 +14,10 @@ so nothing can be created in it, and RENAME is never refused for a session insid
 with PUBLIC's access revoked: made under another name (`capy_newspare_…`) and renamed
 `capy_spare_<random>` once all of that is done. A database is taken as a spare only
 while it is still exactly that (`_USABLE`): named so, owned by the admin, refusing
-connections, never entered by a session (the server's statistics), valid, not a
-template, no connection limit, template0's encoding and locale, no grant, setting,
-comment or label of its own. Anything else of that name is never handed out: `keep`
+connections, never entered by a session (as far as the server's statistics know: a
+reset or a crash forgets), valid, not a template, no connection limit, template0's
+encoding, locale (provider included) and tablespace, no grant, setting, comment or
+label of its own. Anything else of that name is never handed out: `keep`
 drops it when it refuses connections and the admin owns it (a keeper or a drop that
 was interrupted), and leaves it alone otherwise. Like template0 itself, a spare is
 trusted to hold what the admin made: only the admin (or another superuser) can
@@ -56,6 +57,8 @@ _USABLE = """NOT d.datallowconn AND NOT d.datistemplate AND d.datconnlimit OPERA
     AND d.encoding OPERATOR(pg_catalog.=) pg_catalog.pg_char_to_encoding('UTF8')
     AND d.datcollate OPERATOR(pg_catalog.=) t.datcollate AND d.datctype OPERATOR(pg_catalog.=) t.datctype
     AND d.dattablespace OPERATOR(pg_catalog.=) t.dattablespace
+    AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest(ARRAY['datlocprovider', 'daticulocale', 'datlocale', 'daticurules']) k
+        WHERE pg_catalog.to_jsonb(d) OPERATOR(pg_catalog.->) k IS DISTINCT FROM pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.->) k)
     AND (SELECT pg_catalog.count(*) FROM pg_catalog.aclexplode(d.datacl) a) OPERATOR(pg_catalog.=) 3
     AND NOT EXISTS (SELECT 1 FROM pg_catalog.aclexplode(d.datacl) a WHERE a.is_grantable
         OR a.grantee OPERATOR(pg_catalog.<>) d.datdba OR a.grantor OPERATOR(pg_catalog.<>) d.datdba)
@@ -154,7 +157,15 @@ def keep(cur: psycopg2.extensions.cursor, count: int) -> tuple[list[str], list[s
         usable, broken = _ours(cur, SPARE_PREFIX)
         _half_made, stale = _ours(cur, MAKING_PREFIX)  # no keeper is making one now: we hold the lock
         for spare in [*broken, *stale, *usable[count:]]:
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(spare)))
+            try:
+                cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(spare)))
+            except psycopg2.Error as err:
+                if cur.connection.closed:
+                    raise
+                # A session or a prepared transaction in it, a template: never handed
+                # out, and no reason to make no spare; the next keeper tries again.
+                log.warning("could not drop %s, which is not a usable spare: %s", spare, str(err).strip())
+                continue
             dropped.append(spare)
         for _ in range(count - len(usable)):
             token = secrets.token_hex(8)
