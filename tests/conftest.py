@@ -10,6 +10,7 @@ import subprocess
 
 import pika
 import pytest
+from psycopg2 import sql
 
 from pipeline.config import Settings
 from pipeline.db import database, init_database
@@ -74,6 +75,29 @@ def spare_admin():
     pg.drop_spares()
     yield ClusterAdmin(pg.ADMIN_URL)
     pg.drop_spares()
+
+
+@pytest.fixture
+def scratch_databases():
+    """A maker of database names (`capy_t_…`), each dropped after the test."""
+    made: list[str] = []
+
+    def name() -> str:
+        made.append(pg.scratch_name("capy_t_db"))
+        return made[-1]
+
+    yield name
+    for db in made:
+        pg.drop_db(db)
+
+
+@pytest.fixture
+def scratch_role():
+    """A login role of the test's own, dropped after it."""
+    name = pg.scratch_name("capy_t_role")
+    pg.admin(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+    yield name
+    pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 # Queue prefixes of the run: the e2e modules that start services of their own use

@@ -41,16 +41,8 @@ def roles():
 
 
 @pytest.fixture
-def databases():
-    made: list[str] = []
-
-    def name() -> str:
-        made.append(pg.scratch_name("capy_t_hsp"))
-        return made[-1]
-
-    yield name
-    for db in made:
-        pg.drop_db(db)
+def databases(scratch_databases):
+    return scratch_databases
 
 
 def one_spare(admin: ClusterAdmin) -> str:

@@ -45,11 +45,8 @@ def catalog_of(name: str) -> list[tuple]:
 
 
 @pytest.fixture
-def owner():
-    name = pg.scratch_name("capy_spare_owner")
-    pg.admin(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
-    yield name
-    pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+def owner(scratch_role):
+    return scratch_role
 
 
 def test_a_database_taken_from_a_spare_is_the_database_create_makes(admin, owner):
