@@ -249,6 +249,14 @@ _ADVICE = (
 )
 
 
+# What a tool prints of its own progress (`--verbose`: "pg_restore: creating TABLE …",
+# "pg_dump: reading schemas"), as against its warnings, errors and the server's notices:
+# a line per object, thousands for a large schema, logged at DEBUG (logging each at INFO
+# cost the worker more CPU than pg_restore spent rendering the schema). The job's tail
+# keeps every line.
+_PROGRESS_LINE = re.compile(r"^(?:pg_restore|pg_dump|pg_dumpall): (?!(?:warning|error|detail|hint|fatal): )")
+
+
 def _is_error_line(line: str) -> bool:
     return bool(_SERVER_ERROR.search(line) or _TOOL_ERROR.match(line)) and not _NOISE.search(line)
 
@@ -394,9 +402,10 @@ class _Activity:
 
 
 class _TailReader(threading.Thread):
-    """Drains a pipe, keeping the last lines and logging each one as it comes, with the
-    tool's name (`tool` on the log record) and the context of the thread that started
-    the tool (the job and stage it runs for, see pipeline.logs)."""
+    """Drains a pipe, keeping the last lines and logging each one of stderr as it comes
+    (its progress lines at DEBUG, the rest at INFO), with the tool's name (`tool` on the
+    log record) and the context of the thread that started the tool (the job and stage
+    it runs for, see pipeline.logs)."""
 
     def __init__(
         self,
@@ -429,7 +438,8 @@ class _TailReader(threading.Thread):
             elif not self.first_error and self.label == "stderr" and _is_error_line(line):
                 self.first_error.append(line)
             if self.label == "stderr":
-                log.info("%s", line, extra={"tool": self.tool})
+                level = logging.DEBUG if _PROGRESS_LINE.match(line) else logging.INFO
+                log.log(level, "%s", line, extra={"tool": self.tool})
         self.stream.close()
 
     def tail(self) -> str:

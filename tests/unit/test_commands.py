@@ -130,3 +130,30 @@ def test_our_cluster_lost_is_transient_and_never_named():
         CommandResult(1, "", bad), "pg_restore into the preview database", commands.CLUSTER
     )
     assert isinstance(failure, PermanentCommandFailure)
+
+
+def test_a_tools_progress_lines_are_logged_at_debug_and_the_rest_at_info(tmp_path, caplog):
+    """pg_restore --verbose prints a line per object (thousands for a large schema); at
+    INFO each cost the worker more than the tool's own run. They stay in the tail."""
+    script = tmp_path / "pg_restore"
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo 'pg_restore: connecting to database for restore' >&2\n"
+        "echo 'pg_restore: creating TABLE \"public.t\"' >&2\n"
+        "echo 'pg_restore: warning: errors ignored on restore: 1' >&2\n"
+        "echo 'pg_restore: error: could not execute query: ERROR:  boom' >&2\n"
+        "echo 'NOTICE:  something the server said' >&2\n"
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    with caplog.at_level("DEBUG", logger=commands.log.name):
+        result = PgRestore(str(tmp_path)).run(["x"])
+    levels = {
+        record.getMessage(): record.levelname for record in caplog.records if record.name == commands.log.name
+    }
+    assert levels['pg_restore: creating TABLE "public.t"'] == "DEBUG"
+    assert levels["pg_restore: connecting to database for restore"] == "DEBUG"
+    assert levels["pg_restore: warning: errors ignored on restore: 1"] == "INFO"
+    assert levels["pg_restore: error: could not execute query: ERROR:  boom"] == "INFO"
+    assert levels["NOTICE:  something the server said"] == "INFO"
+    assert 'pg_restore: creating TABLE "public.t"' in result.stderr_tail
