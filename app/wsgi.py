@@ -54,7 +54,7 @@ def get_app(settings: Settings | None = None) -> falcon.App[falcon.Request, falc
     from_env = settings is None
     try:
         settings = settings or Settings.from_env()
-        logs.configure(settings.log_format)
+        logs.configure(settings.log_format, settings.log_level)
         sealer = services.sealer(settings)  # refuses to start without CAPY_SECRET_KEY
         auth = authenticators(settings)
         shared_metrics = scrape.check_multiprocess_dir()

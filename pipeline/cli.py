@@ -457,7 +457,7 @@ def cmd_sweep(args: argparse.Namespace, settings: Settings, out: Output) -> None
 
 
 def cmd_clock(args: argparse.Namespace, settings: Settings, out: Output) -> None:
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, settings.log_level)
     services.sealer(settings)  # refuse to start without CAPY_SECRET_KEY, not at the first round
     if args.every <= 0:
         raise InvalidRequest(f"--every must be a number of seconds above 0, not {args.every}")

@@ -229,6 +229,10 @@ class Settings(BaseSettings):
     )
     # Log lines: "json" (one object a line) or "text"; json unless in development mode.
     log_format: Literal["json", "text"] = _setting("json", "json or text")
+    # The lowest level logged: debug adds each tool's progress lines and the copy's tasks.
+    log_level: Literal["debug", "info", "warning", "error"] = _setting(
+        "info", "debug, info, warning or error"
+    )
     # The bearer token that reads GET /metrics; without one /metrics is open in
     # development mode and refused in production.
     metrics_token: str = _setting("", "a bearer token", secret=True)
@@ -301,7 +305,7 @@ class Settings(BaseSettings):
             data.setdefault("s3_public_endpoint", data["s3_endpoint"])
         return data
 
-    @field_validator("environment", "log_format", mode="before")
+    @field_validator("environment", "log_format", "log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -170,10 +170,11 @@ def formatter(fmt: str) -> logging.Formatter:
 _OWN_HANDLERS = ("gunicorn.error", "gunicorn.access")
 
 
-def configure(fmt: str = JSON, level: int = logging.INFO) -> None:
-    """Format (`json` or `text`) and redact every handler's output; add a stderr
-    handler only if none exists (Dramatiq's worker processes and gunicorn install
-    their own). May be called again, e.g. once the settings are read."""
+def configure(fmt: str = JSON, level: int | str = logging.INFO) -> None:
+    """Format (`json` or `text`) and redact every handler's output, from `level` up (a
+    number, or a name such as "debug"); add a stderr handler only if none exists
+    (Dramatiq's worker processes and gunicorn install their own). May be called again,
+    e.g. once the settings are read."""
     root = logging.getLogger()
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
@@ -183,6 +184,6 @@ def configure(fmt: str = JSON, level: int = logging.INFO) -> None:
         handler.setFormatter(chosen)
         if not any(isinstance(f, ContextFilter) for f in handler.filters):
             handler.addFilter(ContextFilter())
-    root.setLevel(level)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
     for noisy in ("pika", "peewee"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

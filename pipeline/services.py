@@ -72,7 +72,7 @@ def import_steps(
 def worker(settings: Settings) -> StageQueue:
     """Everything a worker process runs: the stage queue with its runner, and the
     webhook deliveries on the same broker. ConfigError if the settings cannot run."""
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, settings.log_level)
     scrape.check_multiprocess_dir()  # a metric that cannot be written is a start-up error
     seal = sealer(settings)  # refuses to start without CAPY_SECRET_KEY
     control_database(settings)

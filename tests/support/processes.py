@@ -36,6 +36,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         CAPY_S3_SECRET_KEY=settings.s3_secret_key,
         CAPY_CONCURRENCY=str(settings.concurrency),
         CAPY_SPARE_DATABASES=str(settings.spare_databases),
+        CAPY_LOG_LEVEL=settings.log_level,
         PATH=f"{BIN}:{os.environ.get('PATH', '')}",
         **extra,
     )

@@ -103,6 +103,18 @@ def test_configure_formats_every_handler_once(monkeypatch):
     assert sum(isinstance(f, logs.ContextFilter) for f in handler.filters) == 1
 
 
+def test_configure_sets_the_level_by_name_or_number(monkeypatch):
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler(io.StringIO())])
+    monkeypatch.setattr(root, "level", root.level)
+    logs.configure("json", "debug")
+    assert root.level == logging.DEBUG
+    logs.configure("json", logging.WARNING)
+    assert root.level == logging.WARNING
+    logs.configure("json")
+    assert root.level == logging.INFO
+
+
 class Noisy(PgCommand):
     program = "noisy"
 
@@ -177,5 +189,9 @@ def test_the_log_format_is_json_in_production_and_text_in_development():
     assert Settings.from_env({"CAPY_ENV": "development", "CAPY_LOG_FORMAT": "JSON"}).log_format == "json"
     with pytest.raises(ConfigError, match="CAPY_LOG_FORMAT must be json or text, not 'yaml'"):
         Settings.from_env({"CAPY_LOG_FORMAT": "yaml"})
+    assert Settings.from_env({}).log_level == "info"
+    assert Settings.from_env({"CAPY_LOG_LEVEL": " DEBUG "}).log_level == "debug"
+    with pytest.raises(ConfigError, match="CAPY_LOG_LEVEL must be debug, info, warning or error, not 'loud'"):
+        Settings.from_env({"CAPY_LOG_LEVEL": "loud"})
     settings = Settings.from_env({"CAPY_METRICS_TOKEN": " s3cret-token "})
     assert settings.metrics_token == "s3cret-token" and "s3cret-token" not in repr(settings)
