@@ -21,6 +21,7 @@ from pipeline.import_steps import ImportSteps
 from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.steps.registry import load_stages
 from pipeline.webhooks import events as webhook_events
 from pipeline.webhooks.delivery import Deliverer, backoff_schedule
 from pipeline.webhooks.queue import WebhookQueue
@@ -81,6 +82,7 @@ def worker(settings: Settings) -> StageQueue:
     queue = StageQueue(stage_broker, settings)
     steps = import_steps(settings, seal)
     runner = Runner(settings, steps, queue.wake)
+    load_stages()
     queue.handler = runner.run
     queue.on_exhausted = runner.exhausted
     # Webhook deliveries, on this broker's `<prefix>.webhooks` queue (consumed with the stages').

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 
 import pytest
 from dramatiq.brokers.stub import StubBroker
@@ -62,3 +64,17 @@ def test_the_jobs_table_accepts_exactly_the_registrys_stages():
     constraints = re.findall(r"\bstage IN \(([^)]*)\)", schema)
     assert constraints, "no CHECK constraint on jobs.stage found in the migrations"
     assert re.findall(r"'([a-z_]+)'", constraints[-1]) == list(STAGE_NAMES)
+
+
+def test_a_worker_loads_every_stage_before_its_first_job():
+    """A fresh interpreter, as a worker process starts: no stage module is loaded until
+    load_stages (pipeline.services.worker calls it), then all are."""
+    probe = (
+        "import sys\n"
+        "from pipeline.steps.registry import STAGES, load_stages\n"
+        "before = [s.module for s in STAGES if s.module in sys.modules]\n"
+        "load_stages()\n"
+        "print(before, all(s.module in sys.modules for s in STAGES))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[] True", done.stderr
