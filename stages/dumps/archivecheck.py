@@ -63,13 +63,29 @@ def _custom_blocks(reader: Reader) -> set[int]:
         return _BlockWalk(mapped, start, min(reader.limit, len(mapped)), reader.int_size).blocks()
 
 
+# The pages of the mapping walked past are handed back this often: chunks of about 4 kB
+# touch every page, and each would count in the worker's RSS until the walk ended (the
+# whole archive, for a large one).
+RELEASE_BYTES = 16 << 20
+
+
 class _BlockWalk:
     """pg_dump's data blocks (WriteDataChunks, _PrintData), read from `data` from
     `position` up to `limit`: each is its type, its dump id, then its chunks (each its
-    length, then that many bytes; a zero length ends the block)."""
+    length, then that many bytes; a zero length ends the block). The pages behind the
+    walk are released as it goes (RELEASE_BYTES): it holds a bounded part of the file."""
 
     def __init__(self, data: mmap.mmap, position: int, limit: int, int_size: int) -> None:
         self.data, self.position, self.limit, self.int_size = data, position, limit, int_size
+        self.release_at = position + RELEASE_BYTES
+
+    def release(self) -> None:
+        """Drop the pages before the current position from this process (they stay in
+        the page cache, and are read again if touched)."""
+        upto = self.position - self.position % mmap.PAGESIZE
+        if upto > 0:
+            self.data.madvise(mmap.MADV_DONTNEED, 0, min(upto, len(self.data)))
+        self.release_at = self.position + RELEASE_BYTES
 
     def blocks(self) -> set[int]:
         seen: set[int] = set()
@@ -103,6 +119,8 @@ class _BlockWalk:
             self.position += length
             if self.position > self.limit:
                 raise End
+            if self.position >= self.release_at:
+                self.release()
 
 
 def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:
