@@ -50,6 +50,8 @@ PINNED_ROLE = "-c role=none"
 # table of its preview, or on its database's catalog row) makes our statement fail
 # after LOCK_TIMEOUT_MS instead of holding a worker thread: the stage is retried.
 LOCK_TIMEOUT_MS = 10_000
+# Relations locked by one transaction of the hand-over (see ClusterAdmin._reassign_in_batches).
+REASSIGN_LOCKS = 40
 PINNED_SESSION = (
     "-c local_preload_libraries= -c default_transaction_read_only=off -c exit_on_error=off "
     f"-c idle_in_transaction_session_timeout=0 -c lock_timeout={LOCK_TIMEOUT_MS}"
@@ -428,10 +430,10 @@ class ClusterAdmin:
             self._revoke_memberships(from_role)
             self.terminate_sessions(database)
             with self.autocommit(database) as cur:
-                # One commit per relation (see _reassign_one_by_one), none waiting for the
+                # One commit per batch of relations (see _reassign_in_batches), none waiting for the
                 # disk: the last statement's commit waits, and flushes theirs with it.
                 cur.execute("SET synchronous_commit = off")
-                self._reassign_one_by_one(cur, from_role, to_role)
+                self._reassign_in_batches(cur, from_role, to_role)
                 cur.execute(
                     sql.SQL("REASSIGN OWNED BY {} TO {}").format(
                         sql.Identifier(from_role), sql.Identifier(to_role)
@@ -448,17 +450,27 @@ class ClusterAdmin:
             log.warning("%s", err.message)
 
     @staticmethod
-    def _reassign_one_by_one(cur: psycopg2.extensions.cursor, from_role: str, to_role: str) -> None:
-        """Give `from_role`'s relations and large objects to `to_role` one statement
-        (one transaction) at a time. REASSIGN OWNED takes a lock on every object it
+    def _reassign_in_batches(cur: psycopg2.extensions.cursor, from_role: str, to_role: str) -> None:
+        """Give `from_role`'s relations and large objects to `to_role` a few at a time,
+        each few in a transaction of its own. REASSIGN OWNED takes a lock on every object it
         changes in a single transaction; a dump of some thousands of tables would need
         more locks than the cluster's shared lock table holds (max_locks_per_transaction
         × max_connections, shared with every tenant) and fail with "out of shared
         memory". What is left afterwards (functions, types, schemas…) is few and takes
         no relation locks. Indexes, TOAST tables and sequences owned by a column follow
-        their table."""
+        their table.
+
+        A batch is as many statements as lock about REASSIGN_LOCKS relations (a table
+        with its TOAST table and index, its indexes and owned sequences; a table with
+        more goes alone), sent in one round trip (one implicit transaction): one
+        statement at a time, the round trips were 40 % of the hand-over of 2,000 tables."""
         cur.execute(
-            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "SELECT n.nspname, c.relname, 3 + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_depend o "
+            "  WHERE o.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
+            "  AND o.refobjid OPERATOR(pg_catalog.=) c.oid "
+            "  AND o.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
+            "  AND o.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::\"char\"[])) "
+            "FROM pg_catalog.pg_class c "
             "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
             "WHERE c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r "
             "  WHERE r.rolname OPERATOR(pg_catalog.=) %s) "
@@ -471,12 +483,20 @@ class ClusterAdmin:
             "ORDER BY c.oid",
             (from_role,),
         )
-        for schema, name in cur.fetchall():
-            cur.execute(
+        batch: list[sql.Composable] = []
+        locks = 0
+        for schema, name, relations in cur.fetchall():
+            if batch and locks + relations > REASSIGN_LOCKS:
+                cur.execute(sql.SQL("; ").join(batch))
+                batch, locks = [], 0
+            batch.append(
                 sql.SQL("ALTER TABLE {} OWNER TO {}").format(
                     sql.Identifier(schema, name), sql.Identifier(to_role)
                 )
             )
+            locks += relations
+        if batch:
+            cur.execute(sql.SQL("; ").join(batch))
         cur.execute(
             "SELECT m.oid FROM pg_catalog.pg_largeobject_metadata m WHERE m.lomowner OPERATOR(pg_catalog.=) "
             "(SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) %s) ORDER BY 1",

@@ -74,7 +74,7 @@ def test_a_dump_of_many_tables_is_handed_over_within_the_clusters_lock_table(
     control_db, store, small_cluster
 ):
     """REASSIGN OWNED of every table at once ran out of shared memory ("You might need to
-    increase max_locks_per_transaction"): the hand-over gives relations over one by one."""
+    increase max_locks_per_transaction"): the hand-over gives relations over a few at a time."""
     cluster, registered = small_cluster
     world = _world(control_db, registered)
     script = "".join(f"CREATE TABLE public.t{i} (id serial PRIMARY KEY, v text);\n" for i in range(TABLES))
