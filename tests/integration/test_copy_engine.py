@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 
 import stages.copy.live as live
+import stages.copy.stream as stream
 from stages.copy.engine import CopyStalled
 from stages.copy.live import SourceSettings
 from stages.errors import Cancelled, PermanentError, TransientError
@@ -79,10 +80,17 @@ def waiting_for_lock(dbname: str, table: str) -> bool:
     )
 
 
-@pytest.fixture(params=["session", "psql"])
+@pytest.fixture(params=["memory", "pipe", "psql"])
 def streams(request, monkeypatch) -> bool:
-    """Both ways a table's rows leave the source: a lane's own session, or psql (every
-    table, whatever its size: stages.copy.live.COMMAND_MIN_BYTES)."""
+    """Every way a table's rows leave the source: a lane's own session, read whole into
+    memory (as small tables are, stages.copy.stream.MEMORY_MAX_BYTES: every table here)
+    or streamed through a pipe (every table, whatever its size), or psql (every table:
+    stages.copy.live.COMMAND_MIN_BYTES). True for psql."""
+    if request.param == "memory":
+        monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 1 << 62)
+        monkeypatch.setattr(stream, "MEMORY_LIMIT_BYTES", 1 << 30)
+    if request.param == "pipe":
+        monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
     if request.param == "psql":
         monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
     return request.param == "psql"
@@ -132,6 +140,41 @@ def test_counts_from_copy_equal_count_on_the_source(streams, scratch_db, tmp_pat
     assert pg.row_counts(target) == expected
     assert expected["public.nocols"] == 7 and expected["public.parted_b"] > 0
     assert pg.schema_dump(target) == pg.schema_dump(source), pg.schema_difference(source, target)
+    assert_nothing_left(target)
+
+
+def test_a_small_table_whose_rows_outgrow_memory_streams_through_the_pipe(scratch_db, tmp_path, monkeypatch):
+    """A table is read into memory by its size on the source, which compressed TOAST
+    values make far smaller than its rows: past MEMORY_LIMIT_BYTES the read is
+    abandoned, and the table streams through the pipe in the same session (psycopg2
+    drops the rest of the abandoned COPY first); the rows and counts are exact and the
+    lane goes on with the next tables."""
+    source, target = scratch_db("capysrc_outgrow"), scratch_db("capytgt_outgrow")
+    pg.psql(
+        source,
+        text=SMALL_TABLES
+        + "CREATE TABLE public.packed (id int PRIMARY KEY, body text);"
+        + "INSERT INTO public.packed SELECT g, repeat('abc', 400000) FROM generate_series(1, 40) g;",
+    )
+    size = pg.admin("SELECT pg_total_relation_size('public.packed')", dbname=source)[0][0]
+    assert size < stream.MEMORY_MAX_BYTES  # 48 MB of rows, compressed on disk
+    monkeypatch.setattr(stream, "MEMORY_LIMIT_BYTES", 4 << 20)
+    held: list[int] = []
+    original = stream._through_memory
+
+    def through_memory(table, source_conn, target_conn, flow):
+        copied = original(table, source_conn, target_conn, flow)
+        held.append(copied is None)
+        return copied
+
+    monkeypatch.setattr(stream, "_through_memory", through_memory)
+    result = CopyRun(source_url(source), target, tmp_path, lanes=1).run()
+    expected = pg.row_counts(source)
+    assert result.source_counts == result.target_counts == pg.row_counts(target) == expected
+    assert held.count(True) == 1 and held.count(False) == 2  # packed outgrew; small and child did not
+    assert pg.admin(
+        "SELECT md5(string_agg(body, '' ORDER BY id)) FROM public.packed", dbname=target
+    ) == pg.admin("SELECT md5(string_agg(body, '' ORDER BY id)) FROM public.packed", dbname=source)
     assert_nothing_left(target)
 
 
