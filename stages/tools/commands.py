@@ -249,12 +249,17 @@ _ADVICE = (
 )
 
 
-# What a tool prints of its own progress (`--verbose`: "pg_restore: creating TABLE …",
-# "pg_dump: reading schemas"), as against its warnings, errors and the server's notices:
-# a line per object, thousands for a large schema, logged at DEBUG (logging each at INFO
-# cost the worker more CPU than pg_restore spent rendering the schema). The job's tail
-# keeps every line.
-_PROGRESS_LINE = re.compile(r"^(?:pg_restore|pg_dump|pg_dumpall): (?!(?:warning|error|detail|hint|fatal): )")
+# What a tool prints of its own progress (`--verbose`, pg_log_info: "pg_restore: creating
+# TABLE …", "pg_dump: reading schemas"), as against its warnings, errors, their context
+# ("while PROCESSING TOC:", "from TOC entry …") and the server's notices: a line per
+# object, thousands for a large schema, logged at DEBUG (logging each at INFO cost the
+# worker more CPU than pg_restore spent rendering the schema). The job's tail keeps
+# every line.
+_PROGRESS_LINE = re.compile(
+    r"^(?:pg_restore|pg_dump|pg_dumpall): (?:connecting|creating|dropping|processing|executing|disabling"
+    r"|enabling|setting|implied|entering|skipping|launching|finished|transferring|reducing|restoring"
+    r"|restored|saving|reading|finding|flagging|identifying|dumping|last built-in|started) "
+)
 
 
 def _is_error_line(line: str) -> bool:

@@ -141,7 +141,11 @@ def test_a_tools_progress_lines_are_logged_at_debug_and_the_rest_at_info(tmp_pat
         "echo 'pg_restore: connecting to database for restore' >&2\n"
         "echo 'pg_restore: creating TABLE \"public.t\"' >&2\n"
         "echo 'pg_restore: warning: errors ignored on restore: 1' >&2\n"
+        "echo 'pg_restore: while PROCESSING TOC:' >&2\n"
+        "echo 'pg_restore: from TOC entry 215; 1259 16390 TABLE t postgres' >&2\n"
         "echo 'pg_restore: error: could not execute query: ERROR:  boom' >&2\n"
+        "echo 'pg_dump: dumping contents of table \"public.t\"' >&2\n"
+        "echo 'pg_restore: processing item 7 TABLE t' >&2\n"
         "echo 'NOTICE:  something the server said' >&2\n"
         "exit 0\n"
     )
@@ -155,5 +159,9 @@ def test_a_tools_progress_lines_are_logged_at_debug_and_the_rest_at_info(tmp_pat
     assert levels["pg_restore: connecting to database for restore"] == "DEBUG"
     assert levels["pg_restore: warning: errors ignored on restore: 1"] == "INFO"
     assert levels["pg_restore: error: could not execute query: ERROR:  boom"] == "INFO"
+    assert levels["pg_restore: while PROCESSING TOC:"] == "INFO"
+    assert levels["pg_restore: from TOC entry 215; 1259 16390 TABLE t postgres"] == "INFO"
+    assert levels['pg_dump: dumping contents of table "public.t"'] == "DEBUG"
+    assert levels["pg_restore: processing item 7 TABLE t"] == "DEBUG"
     assert levels["NOTICE:  something the server said"] == "INFO"
     assert 'pg_restore: creating TABLE "public.t"' in result.stderr_tail
