@@ -214,26 +214,29 @@ def _committed(
     return Copied(source_rows, target_rows, flow.bytes)
 
 
-class _Outgrown(Exception):
-    """A table read into memory held more than MEMORY_LIMIT_BYTES."""
-
-
 class _Held:
     """Where psycopg2 writes a small table's rows (a call per row): kept in memory, up
-    to `limit` bytes; each row is progress (the stall watchdog reads `flow.last`)."""
+    to `limit` bytes; past it, the rest of the COPY is still read to its end, and
+    dropped (`parts` None). Reading it to the end here, not leaving it to libpq, keeps
+    what the source says after that point (an error in the rest of the COPY: libpq
+    drops the rest of an abandoned COPY, its error with it, before the next
+    statement). Each row is progress (the stall watchdog reads `flow.last`)."""
 
     def __init__(self, limit: int, flow: Flow) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes] | None = []
         self.size = 0
         self.limit = limit
         self.flow = flow
 
     def write(self, data: bytes) -> None:
+        self.flow.last = time.monotonic()
+        if self.parts is None:
+            return
         self.size += len(data)
         if self.size > self.limit:
-            raise _Outgrown
+            self.parts = None  # what was held goes now
+            return
         self.parts.append(data)
-        self.flow.last = time.monotonic()
 
 
 def _through_memory(
@@ -243,14 +246,13 @@ def _through_memory(
     flow: Flow,
 ) -> Copied | None:
     """`stream_table` for a small table: its rows read whole, then loaded. None if they
-    outgrew MEMORY_LIMIT_BYTES: nothing was loaded, and psycopg2 reads the rest of the
-    abandoned COPY (and drops it) before the source session's next statement."""
+    outgrew MEMORY_LIMIT_BYTES: nothing was loaded, and the source's COPY was read to
+    its end (see `_Held`), so the session is ready for the next statement."""
     held = _Held(MEMORY_LIMIT_BYTES, flow)
-    try:
-        with source.cursor() as cur:
-            cur.copy_expert(table.copy_out(), held, size=WRITE_BUFFER)
-            source_rows = cur.rowcount
-    except _Outgrown:
+    with source.cursor() as cur:
+        cur.copy_expert(table.copy_out(), held, size=WRITE_BUFFER)
+        source_rows = cur.rowcount
+    if held.parts is None:
         return None
     data = b"".join(held.parts)
     del held

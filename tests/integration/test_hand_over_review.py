@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
-from psycopg2 import sql
 
 from stages.database.cluster import ClusterAdmin
 from tests.support.pgcluster import temporary_cluster
@@ -39,7 +38,9 @@ def _run(cluster, dbname: str, text: str, *, user: str | None = None) -> list[tu
 
 
 def _fresh(cluster, name: str) -> None:
-    for (old,) in _run(cluster, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'capy_review_%'"):
+    for (old,) in _run(
+        cluster, "postgres", "SELECT datname FROM pg_database WHERE datname LIKE 'capy_review_%'"
+    ):
         _run(cluster, "postgres", f'DROP DATABASE "{old}" WITH (FORCE)')
     for role in (RESTORER, PROJECT, OTHER):
         rows = _run(cluster, "postgres", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
@@ -87,7 +88,7 @@ def test_hostile_names_and_every_kind_of_relation_are_handed_over(small):
     _fresh(small, name)
     weird = ['a"b', "semi;colon", "x'); DROP TABLE keep; --", "ünïcødé", "t" * 63, "%s %(x)s", " lead"]
     script = "CREATE TABLE public.keep (id int);\n"
-    for i, table in enumerate(weird):
+    for table in weird:
         ident = '"' + table.replace('"', '""') + '"'
         script += f"CREATE TABLE public.{ident} (id serial PRIMARY KEY, v text, w int GENERATED ALWAYS AS IDENTITY);\n"
         script += f"CREATE INDEX ON public.{ident} (v); CREATE INDEX ON public.{ident} (lower(v));\n"
@@ -101,11 +102,17 @@ def test_hostile_names_and_every_kind_of_relation_are_handed_over(small):
     script += "CREATE SEQUENCE public.free_seq; CREATE SEQUENCE public.owned_seq;\n"
     script += "CREATE TABLE public.owner_of_seq (n int); ALTER SEQUENCE public.owned_seq OWNED BY public.owner_of_seq.n;\n"
     script += "CREATE VIEW public.v AS SELECT * FROM public.keep;\n"
-    script += "CREATE MATERIALIZED VIEW public.mv AS SELECT * FROM public.keep; CREATE INDEX ON public.mv (id);\n"
+    script += (
+        "CREATE MATERIALIZED VIEW public.mv AS SELECT * FROM public.keep; CREATE INDEX ON public.mv (id);\n"
+    )
     script += "CREATE TYPE public.pair AS (a int, b int);\n"
     _run(small, name, script, user=RESTORER)
     # What another role owns stays its own.
-    _run(small, name, f"CREATE TABLE public.theirs (id int PRIMARY KEY); ALTER TABLE public.theirs OWNER TO {OTHER}")
+    _run(
+        small,
+        name,
+        f"CREATE TABLE public.theirs (id int PRIMARY KEY); ALTER TABLE public.theirs OWNER TO {OTHER}",
+    )
     ClusterAdmin(small.url()).hand_over(name, from_role=RESTORER, to_role=PROJECT)
     owners = _owners(small, name)
     assert owners.pop("theirs") == OTHER and owners.pop("theirs_pkey") == OTHER
@@ -117,7 +124,12 @@ def test_hostile_names_and_every_kind_of_relation_are_handed_over(small):
 def test_a_hand_over_retried_after_a_partial_one_completes(small, monkeypatch):
     name = "capy_review_retry"
     _fresh(small, name)
-    _run(small, name, "".join(f"CREATE TABLE public.t{i} (id serial PRIMARY KEY, v text);\n" for i in range(60)), user=RESTORER)
+    _run(
+        small,
+        name,
+        "".join(f"CREATE TABLE public.t{i} (id serial PRIMARY KEY, v text);\n" for i in range(60)),
+        user=RESTORER,
+    )
     calls = []
     real_execute = psycopg2.extensions.cursor.execute
 
