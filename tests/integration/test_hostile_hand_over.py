@@ -1,4 +1,4 @@
-"""Review of the batched hand-over (stages.database.cluster.ClusterAdmin._reassign_in_batches)
+"""The batched hand-over, attacked (stages.database.cluster.ClusterAdmin._reassign_in_batches)
 on a cluster of its own with a small lock table (as tests/integration/test_small_cluster.py):
 every relation the restore role owned ends up the project role's, nothing else changes
 hands, and no batch needs more locks than such a cluster has."""

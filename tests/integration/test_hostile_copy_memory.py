@@ -1,4 +1,4 @@
-"""Review of the copy's memory path (stages.copy.stream._through_memory): a small table
+"""The copy's memory path, attacked (stages.copy.stream._through_memory): a small table
 whose rows outgrow MEMORY_LIMIT_BYTES falls back to the pipe on the same source session.
 What the source says in the rest of the abandoned COPY must not be lost."""
 
