@@ -10,7 +10,8 @@ frozen, so the first VACUUM has nothing to do; a failed copy leaves the table em
 A small table (MEMORY_MAX_BYTES on the source) is read whole into memory first, then
 loaded: no pipe and no thread, for a table of a hundred rows half the worker's CPU. Its
 rows may be far larger than the source's estimate (compressed TOAST): past
-MEMORY_LIMIT_BYTES that read is abandoned and the table streams through the pipe.
+MEMORY_LIMIT_BYTES the rest of that read is dropped as it comes, and the table then
+streams through the pipe.
 
 Both sides' row counts come back (`COPY n`): they are the same snapshot's rows, so the
 source count is exact without a separate `count(*)`, and a difference is an error.
