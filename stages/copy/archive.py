@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -502,10 +501,7 @@ class _Block:
         self._line_start = data.endswith(b"\n")
         lines = data.count(b"\n")
         self.count += lines
-        flow = self._flow
-        flow.rows += lines
-        flow.bytes += len(data)
-        flow.last = time.monotonic()
+        self._flow.passed(data, lines)
         return data
 
 

@@ -26,7 +26,7 @@ import io
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -131,6 +131,12 @@ class Flow:
         self.bytes = 0
         self.last = time.monotonic()
 
+    def passed(self, data: bytes, rows: int) -> None:
+        """`data`, holding `rows` rows, has just streamed."""
+        self.rows += rows
+        self.bytes += len(data)
+        self.last = time.monotonic()
+
 
 class _Sink:
     """Where psycopg2 writes the source's rows: the pipe's buffered writer itself (psycopg2
@@ -163,10 +169,7 @@ class _Tap:
     def read(self, size: int = READ_CHUNK) -> bytes:
         data = os.read(self._fd, max(size, READ_CHUNK))
         if data:
-            flow = self._flow
-            flow.rows += data.count(b"\n")  # a row's own newlines are escaped (\n) in COPY text
-            flow.bytes += len(data)
-            flow.last = time.monotonic()
+            self._flow.passed(data, data.count(b"\n"))  # a row's own newlines are escaped (\n) in COPY text
         else:
             self._finished.wait()
             if self._failed:
@@ -185,10 +188,7 @@ class _Counted:
     def read(self, size: int = READ_CHUNK) -> bytes:
         data = self._stream.read(max(size, READ_CHUNK))
         if data:
-            flow = self._flow
-            flow.rows += data.count(b"\n")
-            flow.bytes += len(data)
-            flow.last = time.monotonic()
+            self._flow.passed(data, data.count(b"\n"))
         return data
 
 
@@ -213,6 +213,18 @@ def _committed(
         )
     target.commit()
     return Copied(source_rows, target_rows, flow.bytes)
+
+
+@contextlib.contextmanager
+def _rolled_back_on_failure(target: psycopg2.extensions.connection) -> Iterator[None]:
+    """The preview's transaction rolled back if the block fails (the table is left as
+    it was), whatever failed; the failure is raised as it was."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            target.rollback()
+        raise
 
 
 class _Held:
@@ -257,19 +269,11 @@ def _through_memory(
         return None
     data = b"".join(held.parts)
     del held
-    try:
-        with target.cursor() as cur:
-            cur.execute(table.emptying())
-            cur.copy_expert(table.copy_in(), io.BytesIO(data), size=READ_CHUNK)
-            target_rows = cur.rowcount
-        flow.rows += data.count(b"\n")  # a row's own newlines are escaped (\n) in COPY text
-        flow.bytes += len(data)
-        flow.last = time.monotonic()
-        return _committed(table, target, source_rows, target_rows, flow)
-    except BaseException:
-        with contextlib.suppress(psycopg2.Error):
-            target.rollback()
-        raise
+    with _rolled_back_on_failure(target), target.cursor() as cur:
+        cur.execute(table.emptying())
+        cur.copy_expert(table.copy_in(), io.BytesIO(data), size=READ_CHUNK)
+        flow.passed(data, data.count(b"\n"))
+        return _committed(table, target, source_rows, cur.rowcount, flow)
 
 
 def stream_table(
@@ -314,24 +318,21 @@ def stream_table(
     )
     tap = _Tap(read_fd, finished, failed, flow)
     try:
-        with target.cursor() as cur:
-            cur.execute(table.emptying())
-            producer.start()
-            try:
-                # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
-                cur.copy_expert(table.copy_in(), tap, size=READ_CHUNK)  # type: ignore[arg-type]
-            except BaseException:
-                if failed:  # the source failed first: that is the news
-                    raise failed[0] from None
-                raise
-            target_rows = cur.rowcount
-        if failed:
-            raise failed[0]
-        return _committed(table, target, counts[0], target_rows, flow)
-    except BaseException:
-        with contextlib.suppress(psycopg2.Error):
-            target.rollback()
-        raise
+        with _rolled_back_on_failure(target):
+            with target.cursor() as cur:
+                cur.execute(table.emptying())
+                producer.start()
+                try:
+                    # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
+                    cur.copy_expert(table.copy_in(), tap, size=READ_CHUNK)  # type: ignore[arg-type]
+                except BaseException:
+                    if failed:  # the source failed first: that is the news
+                        raise failed[0] from None
+                    raise
+                target_rows = cur.rowcount
+            if failed:
+                raise failed[0]
+            return _committed(table, target, counts[0], target_rows, flow)
     finally:
         os.close(read_fd)  # a producer still writing gets EPIPE and stops
         if producer.ident is None:  # never started (the TRUNCATE failed)
@@ -375,12 +376,8 @@ def stream_from_command(
             cur.copy_expert(table.copy_in(), _Counted(stream, flow), size=READ_CHUNK)  # type: ignore[arg-type]
             counts.append(cur.rowcount)
 
-    try:
+    with _rolled_back_on_failure(target):
         with target.cursor() as cur:
             cur.execute(table.emptying())
         run_source(consume)
         return _committed(table, target, flow.rows, counts[0], flow)
-    except BaseException:
-        with contextlib.suppress(psycopg2.Error):
-            target.rollback()
-        raise

@@ -82,9 +82,9 @@ class _BlockWalk:
     def release(self) -> None:
         """Drop the pages before the current position from this process (they stay in
         the page cache, and are read again if touched)."""
-        upto = self.position - self.position % mmap.PAGESIZE
+        upto = self.position - self.position % mmap.PAGESIZE  # within the file: at most `limit`
         if upto > 0:
-            self.data.madvise(mmap.MADV_DONTNEED, 0, min(upto, len(self.data)))
+            self.data.madvise(mmap.MADV_DONTNEED, 0, upto)
         self.release_at = self.position + RELEASE_BYTES
 
     def blocks(self) -> set[int]:
