@@ -20,7 +20,9 @@ own beside the lanes (the schema restored slice by slice while the first tables 
 they take no lane, and other tasks may wait for them.
 
 The first task that fails stops the schedule: no new task starts, running tasks are
-told to stop (`on_failure`), and `run` raises that first error once every lane is idle.
+told to stop (`on_failure`), again every RESTOP_SECONDS while any still runs (a task
+that sent its statement just after a stop was not stopped by it), and `run` raises that
+first error once every lane is idle.
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ from __future__ import annotations
 import contextvars
 import heapq
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 Lane = TypeVar("Lane")
+
+# After a failure, how often the tasks still running are told to stop again.
+RESTOP_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -85,8 +91,9 @@ def rank(tasks: Sequence[Task[Lane]]) -> None:
 class Schedule(Generic[Lane]):
     """Run `tasks` on `lanes` (one thread each), and `serial` in order on a thread of
     their own (given the first lane, which they do not use). `on_start`/`on_finish` see
-    each task as it starts and ends (progress); `on_failure` is called once, with the
-    first error, to stop the running tasks (e.g. cancel their connections)."""
+    each task as it starts and ends (progress); `on_failure` is called with the first
+    error to stop the running tasks (e.g. cancel their connections), and again every
+    RESTOP_SECONDS while a task still runs: it must be safe to repeat."""
 
     def __init__(
         self,
@@ -230,9 +237,11 @@ class Schedule(Generic[Lane]):
         for thread in threads:
             thread.start()
         try:
+            stopped_at: float | None = None
             for thread in threads:
                 while thread.is_alive():
                     thread.join(0.2)  # in short waits: an exception raised in this thread is seen
+                    stopped_at = self._stop_again(stopped_at)
         except BaseException as err:
             # Stopped from outside (a time limit, a shutdown): stop the lanes, then go.
             self._fail(err)
@@ -241,3 +250,20 @@ class Schedule(Generic[Lane]):
             raise
         if self._error is not None:
             raise self._error
+
+    def _stop_again(self, stopped_at: float | None) -> float | None:
+        """After a failure, tell the tasks still running to stop again every
+        RESTOP_SECONDS: a statement sent just after the first stop would run to its end
+        (or wait for a lock forever). When it was last done (None before a failure)."""
+        with self._cond:
+            error = self._error
+            running = bool(self._running)
+        if error is None:
+            return None
+        now = time.monotonic()
+        if stopped_at is None:
+            return now  # the failing task's own stop just went out
+        if running and now - stopped_at >= RESTOP_SECONDS:
+            self.on_failure(error)
+            return now
+        return stopped_at

@@ -238,3 +238,35 @@ def test_a_task_marked_alone_has_the_lanes_to_itself_while_it_runs():
         start = when[("start", name)]
         assert not when[("start", "copy head")] <= start < when[("end", "copy head")], name
     assert when[("end", "copy head")] <= when[("start", "gin")]
+
+
+def test_a_task_that_starts_its_statement_just_after_the_stop_is_stopped_again():
+    """A lane's task passed its start check, then another lane failed and the stop
+    (a cancel of every lane's statement) came before this task sent its statement: that
+    cancel found nothing to stop, and the statement (an index build, a COPY waiting for a
+    lock) would run to its end. The schedule repeats the stop while a task still runs
+    (seen: `test_a_failure_in_one_lane_stops_the_others[memory]`, a lane reading a small
+    table into memory before it sent its COPY into a locked table)."""
+    stops: list[float] = []
+    first_stop = threading.Event()
+    stopped_again = threading.Event()
+
+    def on_failure(_err: BaseException) -> None:
+        stops.append(time.monotonic())
+        (stopped_again if first_stop.is_set() else first_stop).set()
+
+    def late_statement(_lane: object) -> None:
+        first_stop.wait(10)  # the other lane fails first, and the stop finds this lane idle
+        if not stopped_again.wait(10):  # the statement waits until something stops it
+            raise AssertionError("the statement sent after the stop was never stopped")
+        raise RuntimeError("canceling statement due to user request")
+
+    def fail(_lane: object) -> None:
+        time.sleep(0.05)
+        raise ValueError("boom")
+
+    slow = Task[None]("late", 10, late_statement, frozenset({"a"}))
+    failing = Task[None]("fails", 1, fail, frozenset({"b"}))
+    with pytest.raises(ValueError, match="boom"):
+        Schedule([slow, failing], [1, 2], on_failure=on_failure).run()
+    assert len(stops) >= 2
