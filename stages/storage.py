@@ -217,7 +217,7 @@ class ObjectStore:
         """
         found = expected or self.stat(key)
         total = found.size
-        _check_limit(key, total, max_bytes)
+        check_limit(key, total, max_bytes)
         done = failures = 0
         while done < total:
             length = min(RANGE_BYTES, total - done)
@@ -298,17 +298,26 @@ class ObjectStore:
             CHUNK_BYTES,
         )
 
-    def head(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
+    def head(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        max_bytes: int,
+        *,
+        expected: StoredObject | None = None,
+    ) -> int:
         """Write the first `max_bytes` bytes of the object to `path` and return how many
         were written: all of it when it is shorter. `ObjectMissing` if there is none.
 
         One ranged GET, streamed in 1 MiB chunks, so memory stays bounded whatever
-        `max_bytes` is; `size()` gives the whole object's size. Reads only.
+        `max_bytes` is; `size()` gives the whole object's size. Reads only. `expected`
+        pins the object as `chunks` does (`ObjectChanged` if it was replaced).
         """
         if max_bytes <= 0:
             raise ValueError("max_bytes must be positive")
         # An empty object has no byte range to ask for (S3 answers 416): stat first.
-        return self._range(key, path, 0, min(self.size(key), max_bytes))
+        size = expected.size if expected is not None else self.size(key)
+        return self._range(key, path, 0, min(size, max_bytes), expected=expected)
 
     def tail(self, key: str, path: str | os.PathLike[str], max_bytes: int) -> int:
         """Write the last `max_bytes` bytes of the object (all of it when it is shorter)
@@ -319,7 +328,15 @@ class ObjectStore:
         length = min(size, max_bytes)
         return self._range(key, path, size - length, length)
 
-    def _range(self, key: str, path: str | os.PathLike[str], offset: int, length: int) -> int:
+    def _range(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        offset: int,
+        length: int,
+        *,
+        expected: StoredObject | None = None,
+    ) -> int:
         target = Path(path)
         done = 0
         try:
@@ -328,6 +345,8 @@ class ObjectStore:
                     with _translated(key):
                         response = self.client.get_object(self.bucket, key, offset=offset, length=length)
                         try:
+                            if expected is not None:
+                                _same_object(key, expected, response.headers)
                             for chunk in response.stream(CHUNK_BYTES, decode_content=False):
                                 # Never more than asked, even if the server ignored the range.
                                 chunk = chunk[: length - done]
@@ -401,7 +420,8 @@ def validate_object_key(key: str, project_id: str) -> str:
     return key
 
 
-def _check_limit(key: str, size: int, max_bytes: int | None) -> None:
+def check_limit(key: str, size: int, max_bytes: int | None) -> None:
+    """Raise ObjectTooLarge if the object `key` of `size` bytes is above `max_bytes`."""
     if max_bytes is not None and size > max_bytes:
         raise ObjectTooLarge(
             f"the upload {key!r} is larger than the {_human(max_bytes)} ({max_bytes} bytes) "

@@ -8,17 +8,22 @@ fails the import, see `ObjectStore.chunks`). Each stage keeps its files in a fol
 its own, `CAPY_WORK_DIR/<job id>/<stage>-<random>/`, removed when the stage ends,
 whether it succeeded or not:
 
-- fetch checks the upload. An archive (custom, tar) is downloaded, as pg_restore needs
-  a file it can seek in, and its table of contents read (its rows are counted by
-  restore, as they stream); plain SQL streams from storage through the filter
-  (stages.dumps.plainsql), which counts its rows, and is never whole on disk (a large
-  script's schema, without its data, is written for the whole-schema rehearsal).
-- restore downloads an archive again into its own folder and restores it on the copy
-  engine (pipeline.steps.archive) with the plan it recomputes from the archive and the
-  facts (the rehearsal's skip list); plain SQL streams from storage through the same
-  filter into psql (stages.tools.restore).
+- fetch checks the upload. A custom archive whose head (CAPY_PREFLIGHT_HEAD_BYTES)
+  holds its whole table of contents is read no further; any other archive is
+  downloaded and walked for completeness (stages.dumps.archivecheck). Its table of
+  contents is read (its rows are counted by restore, as they stream); plain SQL streams
+  from storage through the filter (stages.dumps.plainsql), which counts its rows, and
+  is never whole on disk (a large script's schema, without its data, is written for
+  the whole-schema rehearsal).
+- restore downloads an archive into its own folder (pg_restore needs a file it can
+  seek in), walks it for completeness before anything is restored, and restores it on
+  the copy engine (pipeline.steps.archive) with the plan it recomputes from the
+  archive and the facts (the rehearsal's skip list); plain SQL streams from storage
+  through the same filter into psql (stages.tools.restore).
 
-Local disk: an archive's size during fetch and restore; for plain SQL, a few small files.
+Local disk: an archive's size during restore (and during fetch, for a tar archive or a
+custom one whose table of contents goes past the head); for plain SQL, a few small
+files.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from pipeline.steps.results import FetchResult, SourceDescription, recorded
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
-from stages.dumps.archivecheck import check_complete
+from stages.dumps.archivecheck import ArchiveCutShort, check_complete, cut_short_in_head
+from stages.dumps.archivetoc import End, read_toc
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
@@ -57,7 +63,7 @@ from stages.preflight.extensions import require_allowlisted
 from stages.preflight.plainrehearsal import keep_schema, rehearse_plain
 from stages.preflight.rehearsal import report_rehearsal, skip_map
 from stages.preflight.report import Preflight
-from stages.storage import ObjectStore, StoredObject
+from stages.storage import ObjectStore, StoredObject, check_limit
 from stages.tools.commands import PgTools
 from stages.tools.restore import restore_plain_stream
 
@@ -105,18 +111,17 @@ def fetch_upload(
         counter = RowCounter()
         skipped: list[dict[str, Any]] = job.facts.rehearsal_skipped
         if info.format in ARCHIVES:
-            archive = os.path.join(folder, "upload")
-            store.download(
-                job.upload_key,
-                archive,
-                expected=upload,
-                max_bytes=limit,
-                on_progress=_bytes_progress(context, "downloading the upload"),
+            archive = _table_of_contents(
+                context,
+                store,
+                upload,
+                folder,
+                info.format,
+                head_bytes=settings.preflight_head_bytes,
+                limit=limit,
             )
-            # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
-            check_complete(archive, info.format)
             check_archive_readable(tools, archive, info, major)
-            contents = readable_toc(archive)
+            contents = readable_toc(archive, size=upload.size)
             facts.update(
                 _archive_facts(
                     tools, archive, folder, skipped, settings.extension_allowlist, contents.encoding
@@ -175,6 +180,47 @@ def fetch_upload(
         source_description=SourceDescription.model_validate(description),
         source_basis=basis,
     )
+
+
+def _table_of_contents(
+    context: StageContext,
+    store: ObjectStore,
+    upload: StoredObject,
+    folder: str,
+    fmt: str,
+    *,
+    head_bytes: int,
+    limit: int,
+) -> str:
+    """The file fetch reads an archive's table of contents from. A custom archive
+    whose first `head_bytes` hold its whole table of contents is read no further:
+    restore downloads it whole anyway, and walks it for completeness before anything
+    is restored (`restore_upload`); what the head already proves cut short fails here.
+    Any other archive is downloaded whole and walked here: a cut tar archive can make
+    pg_restore loop, and its table of contents need not come first."""
+    check_limit(upload.key, upload.size, limit)
+    if fmt == "custom" and upload.size > head_bytes:
+        head = os.path.join(folder, "head")
+        store.head(upload.key, head, head_bytes, expected=upload)
+        cut = cut_short_in_head(head, fmt, upload.size)
+        if cut is not None:
+            raise ArchiveCutShort(cut)
+        try:
+            read_toc(head, size=upload.size)
+            return head
+        except (End, ValueError):
+            os.remove(head)  # it goes on past the head (or is damaged: read whole, named below)
+    archive = os.path.join(folder, "upload")
+    store.download(
+        upload.key,
+        archive,
+        expected=upload,
+        max_bytes=limit,
+        on_progress=_bytes_progress(context, "downloading the upload"),
+    )
+    # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
+    check_complete(archive, fmt)
+    return archive
 
 
 @dataclass
@@ -280,6 +326,8 @@ def restore_upload(
     fmt = recorded(facts.dump_format, "dump_format")
     if prepared.download is not None:
         archive = prepared.download.wait(context)
+        # Fetch may have read only the head: nothing is restored from an archive cut short.
+        check_complete(archive, fmt)
         context.check_cancelled()
         return restore_archive_upload(
             context,

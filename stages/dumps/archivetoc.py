@@ -213,24 +213,27 @@ def _number(text: bytes | None) -> int:
         return 0
 
 
-def read_toc(path: str) -> ArchiveToc:
+def read_toc(path: str, *, size: int | None = None) -> ArchiveToc:
     """The table of contents of the custom or tar archive at `path` (or a directory
     dump). Raises ValueError if it is not one or is damaged, End if it is cut short
-    inside its table of contents."""
+    inside its table of contents (or `path` holds only part of it).
+
+    `size`: the whole custom archive's size when `path` holds only its first bytes (its
+    table of contents whole): the last block's size is measured to the archive's end."""
     directory = os.path.isdir(path)
     toc_path = os.path.join(path, "toc.dat") if directory else path
-    size = os.path.getsize(toc_path)
+    available = os.path.getsize(toc_path)
     with open(toc_path, "rb") as fh:
         tar = fh.read(len(MAGIC)) != MAGIC
         fh.seek(BLOCK if tar else 0)  # tar: the first member, toc.dat, follows its header
-        reader = Reader(fh, size)
+        reader = Reader(fh, available)
         version, fmt, compressed = read_header(reader)
         custom = fmt == ARCH_CUSTOM and not directory
         entries = read_entries(reader, version, custom)
         if custom:
-            sizes = _custom_sizes(entries, size)
+            sizes = _custom_sizes(entries, available if size is None else size)
         elif tar:
-            sizes = _tar_sizes(fh, size, entries)
+            sizes = _tar_sizes(fh, available, entries)
         else:
             sizes = {}
     return ArchiveToc(version, fmt, compressed, entries, sizes)

@@ -118,7 +118,83 @@ def test_an_archive_cut_short_is_refused_before_the_live_database_changes(
     assert "is incomplete:" in job.error and "the file is cut short: upload it again" in job.error, job.error
     assert job.error.startswith("preflight check dump_format_recognized failed") == by_preflight, job.error
     assert pg.schema_dump(live) == before and pg.row_counts(live) == {"public.keep": 2}
-    assert job.preview_database_id is None  # refused before any preview existed
+    # Refused by preflight or fetch before any preview existed, or by restore (a custom
+    # archive whose head holds its table of contents, see the test below) before
+    # anything was restored into it; the preview it made is gone.
+    if job.preview_database_id is not None:
+        assert not pg.database_exists(job.preview_database_id)
+
+
+class _Reads:
+    """What the stages read of an upload: each whole download and each head, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from stages.storage import ObjectStore
+
+        self.seen: list[str] = []
+        download, head = ObjectStore.download, ObjectStore.head
+
+        def whole(store, key, path, **kwargs):
+            self.seen.append("download")
+            return download(store, key, path, **kwargs)
+
+        def first(store, key, path, max_bytes, **kwargs):
+            self.seen.append(f"head {max_bytes}")
+            return head(store, key, path, max_bytes, **kwargs)
+
+        monkeypatch.setattr(ObjectStore, "download", whole)
+        monkeypatch.setattr(ObjectStore, "head", first)
+
+
+def test_fetch_reads_only_the_head_of_a_custom_archive_that_holds_its_table_of_contents(
+    control_db, store, rows_source, tmp_path, monkeypatch
+):
+    """The archive is downloaded once, by restore (which walks it whole before anything
+    is restored); fetch reads the table of contents from its head. The import is the
+    source, and counts every row."""
+    data = dump(rows_source, tmp_path / "dump", "--format=custom").read_bytes()
+    head = 64 * 1024
+    assert len(data) > 4 * head
+    reads = _Reads(monkeypatch)
+    world = make_world(control_db)
+    job = upload_and_import(control_db.replace(preflight_head_bytes=head), store, world, data)
+    assert job.state == "completed", job.error
+    assert reads.seen.count("download") == 1, reads.seen
+    assert f"head {head}" in reads.seen
+    live = world.project.database_name
+    assert pg.row_counts(live) == pg.row_counts(rows_source)
+    assert job.facts.report["tables"]["public.big"]["source_rows"] == 20000
+
+
+def test_fetch_downloads_a_custom_archive_whose_table_of_contents_goes_past_the_head(
+    control_db, store, rows_source, tmp_path, monkeypatch
+):
+    """A head that holds only part of the table of contents: fetch downloads the whole
+    archive and walks it, as for a tar archive; the import completes."""
+    data = dump(rows_source, tmp_path / "dump", "--format=custom").read_bytes()
+    reads = _Reads(monkeypatch)
+    world = make_world(control_db)
+    job = upload_and_import(control_db.replace(preflight_head_bytes=1024), store, world, data)
+    assert job.state == "completed", job.error
+    assert reads.seen.count("download") == 2, reads.seen
+    assert pg.row_counts(world.project.database_name) == pg.row_counts(rows_source)
+
+
+def test_a_custom_archive_cut_past_the_head_fails_in_restore_before_anything_is_restored(
+    control_db, store, rows_source, tmp_path
+):
+    """Its head holds the whole table of contents and proves nothing: restore walks the
+    archive it downloaded and refuses it before pg_restore reads it; nothing is left."""
+    data = dump(rows_source, tmp_path / "dump", "--format=custom").read_bytes()
+    settings = control_db.replace(preflight_head_bytes=64 * 1024)
+    world = make_world(control_db)
+    live = _keep(world)
+    job = upload_and_import(settings, store, world, data[: len(data) - 10], recreate=True)
+    assert job.state == "failed" and job.retry_classification == "permanent", job.error
+    assert "is incomplete: it ends inside a block of table data" in job.error, job.error
+    assert job.stage == "restore", job.stage
+    assert pg.row_counts(live) == {"public.keep": 2}
+    assert job.preview_database_id is not None and not pg.database_exists(job.preview_database_id)
 
 
 def test_a_pg_restore_that_makes_no_progress_is_stopped(rows_source, tmp_path):
