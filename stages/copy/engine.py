@@ -21,7 +21,10 @@ The order of work (see `copy_rows` for the schedule):
    for them, at the end.)
 
 Preview sessions run with synchronous_commit off and a sized maintenance_work_mem: an
-interrupted copy is restarted from the beginning anyway, so nothing is lost by it.
+interrupted copy is restarted from the beginning anyway, so nothing is lost by it. An
+index, key or foreign key that starts while another task runs is built without
+parallel workers (`_execute`): the lanes already use the cores, and a parallel btree
+build beside `mix`'s trigram index (built by one process) took cores from it.
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ class CopyProgress:
     cost_done: float = 0.0
     step: str = "data"
     phase: str = "copying rows"
+    running: int = 0  # tasks running now (lanes and the serial thread)
     flows: dict[SourceTable | str, Flow] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -284,6 +288,8 @@ def copy_rows(
 
         def started(task: Task[Lane]) -> None:
             check_stopped()
+            with progress.lock:
+                progress.running += 1
             log.debug(
                 "copy: %.3f s: %s starts (rank %.0f)",
                 time.monotonic() - progress.started,
@@ -295,6 +301,7 @@ def copy_rows(
             log.debug("copy: %.3f s: %s done", time.monotonic() - progress.started, task.name)
             with progress.lock:
                 progress.cost_done += task.cost
+                progress.running -= 1
 
         unsubscribe = (
             cancellation.on_cancel(lambda: interrupt(Cancelled(cancellation.reason or "cancelled")))
@@ -437,7 +444,7 @@ def _tasks(
             index = Task[Lane](
                 f"index {block.entry.name}",
                 cost,
-                _execute(definition, what),
+                _execute(definition, what, beside=progress),
                 table_locks(owned.table),
                 exclusive=False,
                 after=[copies[owned.table]],
@@ -461,7 +468,7 @@ def _tasks(
                 + sum(
                     by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index
                 ),
-                _execute("\n".join(statements), f"the constraints of table {key}"),
+                _execute("\n".join(statements), f"the constraints of table {key}", beside=progress),
                 table_locks(oid),
                 after=[copies[oid], *table_indexes],
             )
@@ -482,7 +489,7 @@ def _tasks(
         fk = Task[Lane](
             f"foreign key {block.entry.name}",
             TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
-            _execute(block.sql, f"foreign key {block.entry.name}"),
+            _execute(block.sql, f"foreign key {block.entry.name}", beside=progress),
             table_locks(owned.table, owned.references),
             after=[done[owned.table], done[owned.references]],
         )
@@ -649,12 +656,26 @@ def _constraint_sql(block: Block, owned: Owned) -> str:
     return f"ALTER TABLE ONLY {target.group(1)}\n    ADD CONSTRAINT {index_name} {kind} USING INDEX {index_name}{flags};\n{rest}"
 
 
-def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], None]:
+# What a build that shares the cores with other tasks runs first (see `_execute`).
+NO_PARALLEL_WORKERS = (
+    "SET LOCAL max_parallel_maintenance_workers = 0; SET LOCAL max_parallel_workers_per_gather = 0"
+)
+
+
+def _execute(
+    statement: str | sql.Composable, what: str, *, beside: CopyProgress | None = None
+) -> Callable[[Lane], None]:
+    """Run `statement` on the lane's preview session and commit. `beside`: the copy's
+    progress, when the statement builds (an index, a key, a foreign key's check): if
+    another task runs when it starts, it runs without parallel workers (a setting of its
+    own transaction). A parallel build beside another task has the cores take turns
+    among more processes than there are cores, the longest chain's own build with them."""
+
     def run(lane: Lane) -> None:
         with target_errors(f"creating {what} in the preview"):
             try:
                 with lane.target.cursor() as cur:
-                    cur.execute(statement)
+                    cur.execute(_beside_others(statement) if _shares_cores(beside) else statement)
                 lane.target.commit()
             except BaseException:
                 with contextlib.suppress(psycopg2.Error):
@@ -662,6 +683,20 @@ def _execute(statement: str | sql.Composable, what: str) -> Callable[[Lane], Non
                 raise
 
     return run
+
+
+def _shares_cores(progress: CopyProgress | None) -> bool:
+    if progress is None:
+        return False
+    with progress.lock:
+        return progress.running > 1
+
+
+def _beside_others(statement: str | sql.Composable) -> str | sql.Composable:
+    """`statement` preceded by NO_PARALLEL_WORKERS, in the same round trip."""
+    if isinstance(statement, str):
+        return f"{NO_PARALLEL_WORKERS};\n{statement}"
+    return sql.SQL(NO_PARALLEL_WORKERS + ";\n") + statement
 
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:

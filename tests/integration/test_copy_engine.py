@@ -384,3 +384,33 @@ def test_the_fetch_stages_estimate_names_the_tables_the_snapshot_copies(scratch_
         assert size.tables == snapshot.catalog.tables
         assert size.server_version == snapshot.server_version
     assert {t.key for t in size.tables} == {"public.small", "public.child", "s.t"}
+
+
+@pytest.mark.parametrize(("running", "workers"), [(1, "2"), (2, "0"), (3, "0")])
+def test_a_build_that_starts_beside_another_task_has_no_parallel_workers(scratch_db, running, workers):
+    """A build alone (a large table's key when nothing else is left) may use the
+    server's parallel workers; one that starts while another task runs may not (the
+    lanes already use the cores: a parallel btree build beside `mix`'s trigram index,
+    which PostgreSQL builds in one process, slowed that build). The setting is the
+    build's transaction's own: the session is back to the server's after it."""
+    from stages.copy.engine import CopyProgress, Lane, _execute
+
+    target = scratch_db("capytgt_parallel")
+    conn = psycopg2.connect(pg.url_for(target))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW max_parallel_maintenance_workers")
+            assert cur.fetchone() == ("2",)  # the server's default, which alone keeps
+        progress = CopyProgress(tables_total=1, bytes_total=0, running=running)
+        seen = (
+            "CREATE TABLE seen AS SELECT current_setting('max_parallel_maintenance_workers') AS maintenance, "
+            "current_setting('max_parallel_workers_per_gather') AS per_gather"
+        )
+        _execute(seen, "a table", beside=progress)(Lane(conn))
+        with conn.cursor() as cur:
+            cur.execute("SELECT maintenance, per_gather FROM seen")
+            assert cur.fetchone() == (workers, workers)
+            cur.execute("SHOW max_parallel_maintenance_workers")
+            assert cur.fetchone() == ("2",)
+    finally:
+        conn.close()
