@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pika
 import requests
 from psycopg2 import sql
 
@@ -38,7 +37,6 @@ from bench.methods import LIVE, UPLOAD, Timed, Trial
 from bench.pg import Cluster
 from bench.sampling import PeakSampler
 from pipeline.config import Settings
-from pipeline.steps.registry import STAGE_NAMES
 from stages.database.spares import SPARE_PREFIX
 
 if TYPE_CHECKING:
@@ -48,7 +46,6 @@ POLL_SECONDS = 0.1
 POLL_SHARE = 0.01  # of the time elapsed: the longest wait a poll adds after the job ends
 POLL_MAX_SECONDS = 1.0
 JOB_TIMEOUT_SECONDS = 4 * 3600
-STAGES = (*STAGE_NAMES, "exhausted")
 
 
 class ServiceFailed(RuntimeError):
@@ -322,11 +319,6 @@ def _clean_up(cluster: Cluster, settings: Settings) -> None:
         cluster.drop(control)
         for (role,) in roles:
             cluster.query(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-    try:
-        channel = connection.channel()
-        for stage in STAGES:
-            for suffix in ("", ".DQ", ".XQ"):
-                channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
-    finally:
-        connection.close()
+    from tests.support.broker import delete_queues
+
+    delete_queues(settings.broker_url, [settings.queue_prefix])

@@ -22,6 +22,25 @@ from pipeline.db import ControlDatabaseUnavailable
 from pipeline.steps.registry import STAGE_NAMES
 from stages.errors import PermanentError, TransientError
 
+# The queues an instance declares under its CAPY_QUEUE_PREFIX besides the stages': jobs
+# whose stage ran out of retries, and webhook deliveries (pipeline.webhooks.queue).
+EXHAUSTED_QUEUE = "exhausted"
+WEBHOOKS_QUEUE = "webhooks"
+# dramatiq's RabbitMQ broker declares each queue with a delay queue and a dead-letter queue.
+QUEUE_VARIANTS = ("", ".DQ", ".XQ")
+
+
+def declared_queues(prefix: str) -> list[str]:
+    """Every RabbitMQ queue an instance whose queue prefix is `prefix` may declare: each
+    stage's, the exhausted jobs', the webhook deliveries', each with its delay and
+    dead-letter queue. What the test suites and the bench delete when they are done."""
+    return [
+        f"{prefix}.{name}{variant}"
+        for name in (*STAGE_NAMES, EXHAUSTED_QUEUE, WEBHOOKS_QUEUE)
+        for variant in QUEUE_VARIANTS
+    ]
+
+
 log = logging.getLogger(__name__)
 
 # The web's connection attempts: a broker that does not complete TCP within this is down.
@@ -92,7 +111,7 @@ class StageQueue:
         self.exhausted_actor = dramatiq.actor(
             broker=broker,
             actor_name=exhausted_name,
-            queue_name=f"{self.prefix}.exhausted",
+            queue_name=f"{self.prefix}.{EXHAUSTED_QUEUE}",
             max_retries=3,
         )(self._exhausted)
         self.actors: dict[str, dramatiq.Actor[[str], None]] = {}

@@ -8,15 +8,14 @@ from __future__ import annotations
 import secrets
 import subprocess
 
-import pika
 import pytest
 from psycopg2 import sql
 
 from pipeline.config import Settings
 from pipeline.db import database, init_database
 from pipeline.migrations import migrate
-from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
+from tests.support.broker import delete_queues
 
 RUN_ID = secrets.token_hex(3)
 
@@ -121,15 +120,7 @@ QUEUE_SUFFIXES = (
 
 
 def _delete_queues(settings: Settings) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-    try:
-        channel = connection.channel()
-        for prefix in (settings.queue_prefix + suffix for suffix in QUEUE_SUFFIXES):
-            for stage in (*STAGE_NAMES, "exhausted", "webhooks"):
-                for suffix in ("", ".DQ", ".XQ"):
-                    channel.queue_delete(f"{prefix}.{stage}{suffix}")
-    finally:
-        connection.close()
+    delete_queues(settings.broker_url, (settings.queue_prefix + suffix for suffix in QUEUE_SUFFIXES))
 
 
 @pytest.fixture(scope="session")

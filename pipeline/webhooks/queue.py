@@ -23,6 +23,7 @@ import pika.exceptions
 from pipeline.config import Settings
 from pipeline.db import CONNECTION_ERRORS, ControlDatabaseUnavailable, database
 from pipeline.models import WebhookDelivery, utcnow
+from pipeline.queue import WEBHOOKS_QUEUE
 from pipeline.webhooks.delivery import MAX_HOP_SECONDS, PENDING, Deliverer
 from stages.errors import TransientError
 
@@ -46,7 +47,7 @@ class WebhookQueue:
         self.actor = dramatiq.actor(
             broker=broker,
             actor_name=f"{settings.queue_prefix}_webhook_delivery",
-            queue_name=f"{settings.queue_prefix}.webhooks",
+            queue_name=f"{settings.queue_prefix}.{WEBHOOKS_QUEUE}",
             max_retries=10,
             min_backoff=5_000,
             max_backoff=300_000,

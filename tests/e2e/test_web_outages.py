@@ -15,8 +15,8 @@ import pika
 import pytest
 import requests
 
-from pipeline.steps.registry import STAGE_NAMES
 from tests.support import pg
+from tests.support.broker import delete_queues
 from tests.support.holdproxy import hold_proxy
 from tests.support.pgcluster import temporary_cluster
 from tests.support.processes import cli, service_env, start_service
@@ -260,11 +260,4 @@ def _shared_messages(queue: str) -> int:
 
 
 def _delete_shared_queues(prefix: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters("amqp://guest:guest@127.0.0.1:5672/%2F"))
-    try:
-        channel = connection.channel()
-        for stage in (*STAGE_NAMES, "exhausted"):
-            for suffix in ("", ".DQ", ".XQ"):
-                channel.queue_delete(f"{prefix}.{stage}{suffix}")
-    finally:
-        connection.close()
+    delete_queues("amqp://guest:guest@127.0.0.1:5672/%2F", [prefix])

@@ -24,6 +24,7 @@ from pipeline.steps.registry import STAGE_NAMES
 from pipeline.steps.results import StageResult
 from stages.connections.pgurl import SourceURL
 from tests.support import pg
+from tests.support.broker import delete_queues
 from tests.support.cli import run
 from tests.support.inline import InlineQueue
 from tests.support.world import make_world
@@ -46,14 +47,7 @@ def own_queues(control_db):
         queue_prefix=f"{control_db.queue_prefix}_{uuid.uuid4().hex[:6]}",
     )
     yield settings
-    connection = pika.BlockingConnection(pika.URLParameters(settings.broker_url))
-    try:
-        channel = connection.channel()
-        for stage in STAGES:
-            for suffix in ("", ".DQ", ".XQ"):
-                channel.queue_delete(f"{settings.queue_prefix}.{stage}{suffix}")
-    finally:
-        connection.close()
+    delete_queues(settings.broker_url, [settings.queue_prefix])
 
 
 def new_job(settings, world, url="postgres://u:pw@db.example.com/app", wake=None):

@@ -78,3 +78,25 @@ def test_a_worker_loads_every_stage_before_its_first_job():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[] True", done.stderr
+
+
+def test_the_declared_queues_name_every_queue_an_instance_declares():
+    """What the test suites and the bench delete when they are done (tests/support/broker.py):
+    every queue the stages, the exhausted jobs and the webhook deliveries declare, with
+    dramatiq's delay and dead-letter queues. The bench once left each run's webhook
+    queues behind on the shared RabbitMQ."""
+    from pipeline.queue import declared_queues
+    from pipeline.webhooks.queue import WebhookQueue
+
+    settings = Settings.from_env({}).replace(queue_prefix="capyunit")
+    broker = StubBroker()
+    try:
+        StageQueue(broker, settings)
+        WebhookQueue(broker, settings)
+        declared = set(broker.get_declared_queues()) | set(broker.get_declared_delay_queues())
+    finally:
+        broker.close()
+    assert "capyunit.webhooks" in declared
+    named = set(declared_queues("capyunit"))
+    assert declared <= named, declared - named
+    assert {name + variant for name in declared for variant in ("", ".DQ", ".XQ")} >= named
