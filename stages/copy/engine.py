@@ -130,7 +130,8 @@ class Loading(Protocol):
         and any other data tasks (large objects). Each loaded table is `record`ed."""
 
     def interrupt(self) -> None:
-        """Stop whatever is reading rows, from another thread (the copy has failed)."""
+        """Stop whatever is reading rows, from another thread (the copy has failed);
+        called once, so what starts reading after it must be stopped too."""
 
     def close_lane(self, lane: Lane) -> None:
         """Release what a lane holds on the rows' side."""
@@ -268,14 +269,21 @@ def copy_rows(
         progress.cost_total = sum(t.cost for t in [*serial, *tasks])
         stall_seconds = source.stall_seconds
 
+        interrupted: list[bool] = []
+
         def interrupt(err: BaseException) -> None:
-            """Stop every running statement of every lane (the first failure, a cancel)."""
+            """Stop every running statement of every lane (the first failure, a cancel).
+            The schedule repeats it while tasks still run: the lanes' statements are
+            cancelled each time, the row source stopped once (it stops what starts after)."""
             with progress.lock:
                 if not failure:
                     failure.append(err)
                 lanes_now = list(sessions)
+                first = not interrupted
+                interrupted.append(True)
             stop.set()
-            loading.interrupt()
+            if first:
+                loading.interrupt()
             for lane in lanes_now:
                 # The preview is ours (the project's cluster): its cancel is a local round trip.
                 if not lane.target.closed:

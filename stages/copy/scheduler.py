@@ -22,13 +22,18 @@ they take no lane, and other tasks may wait for them.
 The first task that fails stops the schedule: no new task starts, running tasks are
 told to stop (`on_failure`), again every RESTOP_SECONDS while any still runs (a task
 that sent its statement just after a stop was not stopped by it), and `run` raises that
-first error once every lane is idle.
+first error once every lane is idle. An exception raised in `run`'s own thread (a
+worker's time limit, a shutdown) stops the schedule the same way, and `run` raises it
+once every lane has ended: lanes are counted as they end, not asked whether they live
+(a thread whose `join` such an exception interrupted says it has ended, on Python 3.11,
+while it still runs).
 """
 
 from __future__ import annotations
 
 import contextvars
 import heapq
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 Lane = TypeVar("Lane")
+
+log = logging.getLogger(__name__)
 
 # After a failure, how often the tasks still running are told to stop again.
 RESTOP_SECONDS = 1.0
@@ -132,6 +139,7 @@ class Schedule(Generic[Lane]):
         self._finished: set[int] = set()
         self._running: list[Task[Lane]] = []
         self._error: BaseException | None = None
+        self._threads_left = 0  # lane and serial threads not ended yet
 
     def _done(self, task: Task[Lane]) -> None:
         """`task` finished well: the tasks that waited only for it become eligible (under the lock)."""
@@ -170,6 +178,17 @@ class Schedule(Generic[Lane]):
                 self._cond.wait()
 
     def _lane(self, lane: Lane) -> None:
+        try:
+            self._take_tasks(lane)
+        finally:
+            self._thread_ended()
+
+    def _thread_ended(self) -> None:
+        with self._cond:
+            self._threads_left -= 1
+            self._cond.notify_all()
+
+    def _take_tasks(self, lane: Lane) -> None:
         while True:
             try:
                 task = self._next()
@@ -181,6 +200,12 @@ class Schedule(Generic[Lane]):
             self._perform(task, lane)
 
     def _serial(self) -> None:
+        try:
+            self._run_series()
+        finally:
+            self._thread_ended()
+
+    def _run_series(self) -> None:
         for task in self.serial:
             with self._cond:
                 if self._error is not None:
@@ -234,36 +259,51 @@ class Schedule(Generic[Lane]):
                     daemon=True,
                 )
             )
+        self._threads_left = len(threads)
         for thread in threads:
             thread.start()
         try:
-            stopped_at: float | None = None
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)  # in short waits: an exception raised in this thread is seen
-                    stopped_at = self._stop_again(stopped_at)
+            self._wait_for_threads()
         except BaseException as err:
-            # Stopped from outside (a time limit, a shutdown): stop the lanes, then go.
+            # Stopped from outside (a time limit, a shutdown): stop the lanes (again, if a
+            # task failed first), wait until every one has ended, then go.
             self._fail(err)
-            for thread in threads:
-                thread.join()
+            self._stop(self._error or err)
+            self._wait_for_threads(interruptible=False)
             raise
         if self._error is not None:
             raise self._error
 
-    def _stop_again(self, stopped_at: float | None) -> float | None:
-        """After a failure, tell the tasks still running to stop again every
-        RESTOP_SECONDS: a statement sent just after the first stop would run to its end
-        (or wait for a lock forever). When it was last done (None before a failure)."""
-        with self._cond:
-            error = self._error
-            running = bool(self._running)
-        if error is None:
-            return None
-        now = time.monotonic()
-        if stopped_at is None:
-            return now  # the failing task's own stop just went out
-        if running and now - stopped_at >= RESTOP_SECONDS:
+    def _wait_for_threads(self, *, interruptible: bool = True) -> None:
+        """Wait until every lane and the serial thread have ended, in short waits (an
+        exception raised in this thread is seen between them; with `interruptible`
+        False it is not let through: the lanes are being stopped), telling the tasks
+        still running to stop again every RESTOP_SECONDS after a failure: a statement
+        sent just after the first stop would run to its end, or wait for a lock forever."""
+        stopped_at: float | None = None
+        while True:
+            try:
+                with self._cond:
+                    if not self._threads_left:
+                        return
+                    self._cond.wait(0.2)
+                    error, running = self._error, bool(self._running)
+                if error is None:
+                    continue
+                now = time.monotonic()
+                if stopped_at is None:
+                    stopped_at = now  # the failing task's own stop just went out
+                elif running and now - stopped_at >= RESTOP_SECONDS:
+                    self._stop(error)
+                    stopped_at = now
+            except BaseException:
+                if interruptible:
+                    raise
+                log.warning("the copy's lanes are being stopped; waiting for them to end")
+
+    def _stop(self, error: BaseException) -> None:
+        """`on_failure` again; if it fails, the first error is still the news."""
+        try:
             self.on_failure(error)
-            return now
-        return stopped_at
+        except Exception:  # noqa: BLE001 - a repeated stop must not replace the error being raised
+            log.warning("stopping the copy's running tasks again failed", exc_info=True)
