@@ -72,6 +72,9 @@ LARGE_OBJECTS = "the large objects"
 # TABLE: the attach statement cost more than the builds side by side save (`many`: 2,000
 # attaches, 1.3 s of the lanes' time).
 SEPARATE_KEY_MIN_BYTES = 8 << 20
+# A build on a table smaller than this gets no parallel workers from the server
+# (min_parallel_table_scan_size's default): no statement is spent on keeping them from it.
+PARALLEL_MIN_BYTES = 8 << 20
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
@@ -452,7 +455,7 @@ def _tasks(
             index = Task[Lane](
                 f"index {block.entry.name}",
                 cost,
-                _execute(definition, what, beside=progress),
+                _execute(definition, what, beside=_parallel(progress, size)),
                 table_locks(owned.table),
                 exclusive=False,
                 after=[copies[owned.table]],
@@ -476,7 +479,11 @@ def _tasks(
                 + sum(
                     by_table[oid].bytes * INDEX_COST["btree"] for b, o in attach[oid] if not o.unique_index
                 ),
-                _execute("\n".join(statements), f"the constraints of table {key}", beside=progress),
+                _execute(
+                    "\n".join(statements),
+                    f"the constraints of table {key}",
+                    beside=_parallel(progress, by_table[oid].bytes),
+                ),
                 table_locks(oid),
                 after=[copies[oid], *table_indexes],
             )
@@ -497,7 +504,11 @@ def _tasks(
         fk = Task[Lane](
             f"foreign key {block.entry.name}",
             TASK_OVERHEAD + by_table[owned.table].bytes * FOREIGN_KEY_COST,
-            _execute(block.sql, f"foreign key {block.entry.name}", beside=progress),
+            _execute(
+                block.sql,
+                f"foreign key {block.entry.name}",
+                beside=_parallel(progress, by_table[owned.table].bytes, by_table[owned.references].bytes),
+            ),
             table_locks(owned.table, owned.references),
             after=[done[owned.table], done[owned.references]],
         )
@@ -674,7 +685,8 @@ def _execute(
     statement: str | sql.Composable, what: str, *, beside: CopyProgress | None = None
 ) -> Callable[[Lane], None]:
     """Run `statement` on the lane's preview session and commit. `beside`: the copy's
-    progress, when the statement builds (an index, a key, a foreign key's check): if
+    progress, when the statement builds on a table large enough for parallel workers
+    (an index, a key, a foreign key's check): if
     another task runs when it starts, it runs without parallel workers (a setting of its
     own transaction). A parallel build beside another task has the cores take turns
     among more processes than there are cores, the longest chain's own build with them."""
@@ -691,6 +703,12 @@ def _execute(
                 raise
 
     return run
+
+
+def _parallel(progress: CopyProgress, *sizes: int) -> CopyProgress | None:
+    """`beside` for a build on tables of `sizes` bytes: none for tables too small to get
+    parallel workers (PARALLEL_MIN_BYTES)."""
+    return progress if max(sizes) >= PARALLEL_MIN_BYTES else None
 
 
 def _shares_cores(progress: CopyProgress | None) -> bool:

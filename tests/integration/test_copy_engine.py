@@ -414,3 +414,16 @@ def test_a_build_that_starts_beside_another_task_has_no_parallel_workers(scratch
             assert cur.fetchone() == ("2",)
     finally:
         conn.close()
+
+
+def test_a_build_on_tables_too_small_for_parallel_workers_spends_no_statement_on_them():
+    """A table under PostgreSQL's min_parallel_table_scan_size (8 MB by default) gets no
+    parallel workers anyway: its builds (thousands, for `many`) run as they are. A
+    foreign key's check reads both of its tables: either one large enough counts."""
+    from stages.copy.engine import PARALLEL_MIN_BYTES, CopyProgress, _parallel
+
+    progress = CopyProgress(tables_total=2, bytes_total=0)
+    assert _parallel(progress, PARALLEL_MIN_BYTES - 1) is None
+    assert _parallel(progress, PARALLEL_MIN_BYTES) is progress
+    assert _parallel(progress, 100, PARALLEL_MIN_BYTES) is progress
+    assert _parallel(progress, 100, 200) is None
