@@ -25,6 +25,7 @@ from stages.tools.commands import PgTools
 from stages.tools.restore import restore_plain
 from tests.support import pg
 from tests.support.imports import run_import, upload_and_import
+from tests.support.uploading import UploadReads
 from tests.support.world import make_world
 
 ROWS = """
@@ -125,27 +126,6 @@ def test_an_archive_cut_short_is_refused_before_the_live_database_changes(
         assert not pg.database_exists(job.preview_database_id)
 
 
-class _Reads:
-    """What the stages read of an upload: each whole download and each head, in order."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from stages.storage import ObjectStore
-
-        self.seen: list[str] = []
-        download, head = ObjectStore.download, ObjectStore.head
-
-        def whole(store, key, path, **kwargs):
-            self.seen.append("download")
-            return download(store, key, path, **kwargs)
-
-        def first(store, key, path, max_bytes, **kwargs):
-            self.seen.append(f"head {max_bytes}")
-            return head(store, key, path, max_bytes, **kwargs)
-
-        monkeypatch.setattr(ObjectStore, "download", whole)
-        monkeypatch.setattr(ObjectStore, "head", first)
-
-
 def test_fetch_reads_only_the_head_of_a_custom_archive_that_holds_its_table_of_contents(
     control_db, store, rows_source, tmp_path, monkeypatch
 ):
@@ -155,7 +135,7 @@ def test_fetch_reads_only_the_head_of_a_custom_archive_that_holds_its_table_of_c
     data = dump(rows_source, tmp_path / "dump", "--format=custom").read_bytes()
     head = 64 * 1024
     assert len(data) > 4 * head
-    reads = _Reads(monkeypatch)
+    reads = UploadReads(monkeypatch)
     world = make_world(control_db)
     job = upload_and_import(control_db.replace(preflight_head_bytes=head), store, world, data)
     assert job.state == "completed", job.error
@@ -172,7 +152,7 @@ def test_fetch_downloads_a_custom_archive_whose_table_of_contents_goes_past_the_
     """A head that holds only part of the table of contents: fetch downloads the whole
     archive and walks it, as for a tar archive; the import completes."""
     data = dump(rows_source, tmp_path / "dump", "--format=custom").read_bytes()
-    reads = _Reads(monkeypatch)
+    reads = UploadReads(monkeypatch)
     world = make_world(control_db)
     job = upload_and_import(control_db.replace(preflight_head_bytes=1024), store, world, data)
     assert job.state == "completed", job.error

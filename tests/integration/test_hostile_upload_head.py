@@ -12,10 +12,9 @@ import pytest
 
 from pipeline.models import Project
 from stages.dumps.archivetoc import OFFSET_SET, Reader, read_entries, read_header
-from stages.storage import ObjectStore
 from tests.support import pg
 from tests.support.imports import create_upload, import_upload, upload_and_import
-from tests.support.uploading import upload_file
+from tests.support.uploading import UploadReads, upload_file
 from tests.support.world import make_world
 
 ROWS = """
@@ -81,23 +80,6 @@ def _refused(settings, job, live, before, *, text: str) -> None:
     assert _left_on_disk(settings, job) == []
 
 
-class _Reads:
-    def __init__(self, monkeypatch) -> None:
-        self.seen: list[str] = []
-        download, head = ObjectStore.download, ObjectStore.head
-
-        def whole(store, key, path, **kwargs):
-            self.seen.append("download")
-            return download(store, key, path, **kwargs)
-
-        def first(store, key, path, max_bytes, **kwargs):
-            self.seen.append(f"head {max_bytes}")
-            return head(store, key, path, max_bytes, **kwargs)
-
-        monkeypatch.setattr(ObjectStore, "download", whole)
-        monkeypatch.setattr(ObjectStore, "head", first)
-
-
 @pytest.mark.parametrize("where", ["toc+1", "toc+100", "inside-last-block", "one-short"])
 def test_a_custom_archive_cut_after_its_toc_with_the_head_path_is_refused(
     control_db, store, custom, tmp_path, where
@@ -127,7 +109,7 @@ def test_a_toc_ending_at_the_head_boundary_imports_whole(
     """The head ends one byte inside the TOC, exactly at its end, one byte after it."""
     end = toc_end(custom, tmp_path)
     head = end + delta
-    reads = _Reads(monkeypatch)
+    reads = UploadReads(monkeypatch)
     world = make_world(control_db)
     job = upload_and_import(control_db.replace(preflight_head_bytes=head), store, world, custom)
     assert job.state == "completed", job.error
@@ -175,7 +157,7 @@ def test_an_archive_larger_than_the_storage_limit_is_refused_before_any_download
     before the head or a download)."""
     import pipeline.steps.upload as upload_steps
 
-    reads = _Reads(monkeypatch)
+    reads = UploadReads(monkeypatch)
     settings = control_db.replace(preflight_head_bytes=HEAD)
     world = make_world(control_db)
     live = _keep(world)
