@@ -121,6 +121,19 @@ def test_a_toc_ending_at_the_head_boundary_imports_whole(
     assert _left_on_disk(control_db, job) == []
 
 
+def _uploaded(control_db, store, data: bytes):
+    """A project whose live database holds `keep` (two rows), and `data` posted to a new
+    upload of it: the settings (a head of HEAD bytes), the world, the live database, its
+    schema, the upload's form."""
+    settings = control_db.replace(preflight_head_bytes=HEAD)
+    world = make_world(control_db)
+    live = _keep(world)
+    before = pg.schema_dump(live)
+    form = create_upload(store, world)
+    upload_file(form, data)
+    return settings, world, live, before, form
+
+
 def test_an_upload_reposted_between_fetch_and_restore_fails_cleanly(
     control_db, store, custom, source, tmp_path, monkeypatch
 ):
@@ -131,12 +144,7 @@ def test_an_upload_reposted_between_fetch_and_restore_fails_cleanly(
     other = bytearray(custom)
     # Same head (TOC), other bytes in the last data block: the TOC says nothing changed.
     other[-300] = other[-300] ^ 0xFF
-    settings = control_db.replace(preflight_head_bytes=HEAD)
-    world = make_world(control_db)
-    live = _keep(world)
-    before = pg.schema_dump(live)
-    form = create_upload(store, world)
-    upload_file(form, custom)
+    settings, world, live, before, form = _uploaded(control_db, store, custom)
     fetch = upload_steps.fetch_upload
 
     def fetch_then_repost(*args, **kwargs):
@@ -158,12 +166,7 @@ def test_an_archive_larger_than_the_storage_limit_is_refused_before_any_download
     import pipeline.steps.upload as upload_steps
 
     reads = UploadReads(monkeypatch)
-    settings = control_db.replace(preflight_head_bytes=HEAD)
-    world = make_world(control_db)
-    live = _keep(world)
-    before = pg.schema_dump(live)
-    form = create_upload(store, world)
-    upload_file(form, custom)
+    settings, world, live, before, form = _uploaded(control_db, store, custom)
 
     def lower() -> None:
         Project.update(storage_limit_bytes=len(custom) - 1).where(Project.id == world.project.id).execute()
