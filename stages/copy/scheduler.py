@@ -237,7 +237,7 @@ class Schedule(Generic[Lane]):
                 self._error = err
             self._cond.notify_all()
         if first:
-            self.on_failure(err)
+            self._stop(err)
 
     def run(self) -> None:
         """Run every task; raise the first error once every lane has stopped."""
@@ -267,8 +267,11 @@ class Schedule(Generic[Lane]):
         except BaseException as err:
             # Stopped from outside (a time limit, a shutdown): stop the lanes (again, if a
             # task failed first), wait until every one has ended, then go.
-            self._fail(err)
-            self._stop(self._error or err)
+            with self._cond:
+                if self._error is None:
+                    self._error = err
+                self._cond.notify_all()
+            self._stop(self._error)
             self._wait_for_threads(interruptible=False)
             raise
         if self._error is not None:
@@ -302,7 +305,7 @@ class Schedule(Generic[Lane]):
                 log.warning("the copy's lanes are being stopped; waiting for them to end")
 
     def _stop(self, error: BaseException) -> None:
-        """`on_failure` again; if it fails, the first error is still the news."""
+        """`on_failure`; if it fails, the error being raised is still the news."""
         try:
             self.on_failure(error)
         except Exception:  # noqa: BLE001 - a repeated stop must not replace the error being raised
