@@ -686,10 +686,10 @@ def _execute(
 ) -> Callable[[Lane], None]:
     """Run `statement` on the lane's preview session and commit. `beside`: the copy's
     progress, when the statement builds on a table large enough for parallel workers
-    (an index, a key, a foreign key's check): if
-    another task runs when it starts, it runs without parallel workers (a setting of its
-    own transaction). A parallel build beside another task has the cores take turns
-    among more processes than there are cores, the longest chain's own build with them."""
+    (an index, a key, a foreign key's check): if another task runs when it starts, it
+    runs without parallel workers (a setting of its own transaction). A parallel build
+    beside another task has the cores take turns among more processes than there are
+    cores, the longest chain's own build with them."""
 
     def run(lane: Lane) -> None:
         with target_errors(f"creating {what} in the preview"):
