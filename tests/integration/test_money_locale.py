@@ -1,0 +1,98 @@
+"""A live source whose `lc_monetary` is not the preview's. `money` is the one type whose
+text depends on a locale: '1.234,56 €' in de_DE is not money in the C locale (pg_dump |
+pg_restore fails on it), and a locale that writes no decimals could be read back as
+another amount. The copy prints and reads money in the C locale's format on both
+sides, so the stored amounts arrive exact, whichever locale each side has."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+
+import stages.copy.live as live
+import stages.copy.stream as stream
+from tests.support.imports import run_import
+from tests.support.pgcluster import TempCluster, temporary_cluster
+from tests.support.world import make_world
+
+LOCALE_SOURCES = "/usr/share/i18n/locales/de_DE"
+MONEY = """
+CREATE TABLE prices (id int PRIMARY KEY, amount money, note text);
+INSERT INTO prices VALUES
+    (1, 1234.56, 'thousands'), (2, -7.5, 'negative'), (3, NULL, 'null'), (4, 0, 'zero'),
+    (5, 92233720368547758.07, 'largest'), (6, -92233720368547758.08, 'smallest'), (7, 0.01, 'a cent');
+"""
+
+
+@pytest.fixture(scope="module")
+def german_source() -> Iterator[TempCluster]:
+    """A cluster that knows de_DE.UTF-8 (made with localedef into a folder of its own,
+    LOCPATH), holding `moneysrc` with lc_monetary de_DE.UTF-8."""
+    assert os.path.exists(LOCALE_SOURCES), (
+        "this test makes a de_DE locale from glibc's locale sources: install them with apt-get install locales"
+    )
+    folder = tempfile.mkdtemp(prefix="capy-locales-")
+    os.chmod(folder, 0o755)  # the server (user postgres) reads it
+    previous = os.environ.get("LOCPATH")
+    try:
+        subprocess.run(
+            ["localedef", "-i", "de_DE", "-f", "UTF-8", os.path.join(folder, "de_DE.UTF-8")],
+            check=True,
+            capture_output=True,
+        )
+        os.environ["LOCPATH"] = folder  # for the server the cluster starts
+        with temporary_cluster() as cluster:
+            os.environ.pop("LOCPATH")
+            if previous is not None:
+                os.environ["LOCPATH"] = previous
+            admin = psycopg2.connect(cluster.url())
+            admin.autocommit = True
+            with admin.cursor() as cur:
+                cur.execute("CREATE DATABASE moneysrc")
+                cur.execute("ALTER DATABASE moneysrc SET lc_monetary = 'de_DE.UTF-8'")
+            admin.close()
+            conn = psycopg2.connect(cluster.url("moneysrc"))
+            with conn, conn.cursor() as cur:
+                cur.execute(MONEY)
+                cur.execute("SELECT amount::text FROM prices WHERE id = 1")
+                assert cur.fetchone() == ("1.234,56 €",)  # the source writes money in German
+            conn.close()
+            yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("LOCPATH", None)
+        else:
+            os.environ["LOCPATH"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _amounts(url: str) -> list[tuple]:
+    """Each row's amount in cents (money's stored integer, whatever the locale prints)."""
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT id, (amount::numeric * 100)::bigint, note FROM prices ORDER BY id")
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("way", ["memory", "pipe", "psql"])
+def test_money_from_a_source_with_another_lc_monetary_arrives_exact(control_db, german_source, monkeypatch, way):
+    """Through each way a table's rows travel (read whole into memory, the pipe, psql)."""
+    if way != "memory":
+        monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
+    if way == "psql":
+        monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
+    world = make_world(control_db)
+    job = run_import(control_db, world, german_source.url("moneysrc"))
+    assert job.state == "completed", (job.error, job.last_stderr)
+    target = f"postgresql://postgres@127.0.0.1:5432/{world.project.database_name}"
+    assert _amounts(target) == _amounts(german_source.url("moneysrc"))
+    assert job.facts.report["tables"]["public.prices"]["source_rows"] == 7
