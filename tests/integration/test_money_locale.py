@@ -84,7 +84,9 @@ def _amounts(url: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("way", ["memory", "pipe", "psql"])
-def test_money_from_a_source_with_another_lc_monetary_arrives_exact(control_db, german_source, monkeypatch, way):
+def test_money_from_a_source_with_another_lc_monetary_arrives_exact(
+    control_db, german_source, monkeypatch, way
+):
     """Through each way a table's rows travel (read whole into memory, the pipe, psql)."""
     if way != "memory":
         monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
