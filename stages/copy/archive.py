@@ -268,10 +268,6 @@ class ArchiveSource:
     lanes: int
     stall_seconds: float
 
-    @property
-    def preview_settings(self) -> str:
-        return ""  # the rows are read as pg_restore would: in the preview's own settings
-
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         return [s.table for s in self.plan.streamed]
 

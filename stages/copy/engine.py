@@ -115,11 +115,6 @@ class RowSource(Protocol):
     def stall_seconds(self) -> float:
         """How long a table's rows may stop coming before the copy fails."""
 
-    @property
-    def preview_settings(self) -> str:
-        """What each preview session of the copy runs first, to read the rows as the
-        source writes them (SQL; empty for none)."""
-
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         """The tables whose rows it streams, of those the restore plan keeps."""
 
@@ -333,10 +328,7 @@ def copy_rows(
         try:
             for _ in range(max(1, lanes)):
                 conn = _open_lane_target(
-                    open_target,
-                    "\n".join(part for part in (plan.preamble, source.preview_settings) if part.strip()),
-                    maintenance_work_mem,
-                    statement_timeout_ms,
+                    open_target, plan.preamble, maintenance_work_mem, statement_timeout_ms
                 )
                 sessions.append(Lane(conn))
             reporter.start()

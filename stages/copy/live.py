@@ -72,18 +72,19 @@ SNAPSHOT_LOST = (
 # What every session that reads rows for the copy sets, once in the snapshot. COPY prints
 # values as the session's settings say, which the source's database or role may change:
 # as pg_dump, print them so the preview reads back exactly the same (extra_float_digits
-# -3 drops float digits); money in the C locale's format, which the preview's sessions
-# read it in (PREVIEW_SETTINGS: '1.234,56 €' from a de_DE source is not money in the
-# C locale, and a locale without decimals could be read back as another amount). No
-# timeout ends it idle in its transaction (while its lane builds indexes), and no one's
-# search_path reaches it.
+# -3 drops float digits); money in the C locale's format, which the preview's COPY reads
+# it in (stages.copy.stream.READ_AS_PRINTED: '1.234,56 €' from a de_DE source is not
+# money in the C locale, and a locale without decimals could be read back as another
+# amount). No timeout ends it idle in its transaction (while its lane builds indexes),
+# and no one's search_path reaches it.
 COPY_SESSION_SETTINGS = (
     "SET row_security = off; SET DateStyle = ISO; SET IntervalStyle = postgres; "
     "SET extra_float_digits = 3; SET lc_monetary = 'C'; SET statement_timeout = 0; "
     "SET idle_in_transaction_session_timeout = 0; SET search_path = pg_catalog, pg_temp"
 )
-# What the preview's sessions set to read the rows as COPY_SESSION_SETTINGS print them.
-PREVIEW_SETTINGS = "SET lc_monetary = 'C'"
+# What the schema dump's session sets (PGOPTIONS): money constants (a default, a CHECK)
+# printed in the C locale's format, as the rows are.
+SCHEMA_DUMP_OPTIONS = "-c lc_monetary=C"
 # A table of this size or more streams through psql (see _LiveLoading._copy_by_command):
 # starting it and joining the snapshot cost a few hundredths of a second, and the rows
 # then cost the worker a fraction of what one Python call per row does.
@@ -137,10 +138,6 @@ class Snapshot:
     def stall_seconds(self) -> float:
         return self.settings.stall_seconds
 
-    @property
-    def preview_settings(self) -> str:
-        return PREVIEW_SETTINGS
-
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         restored = {e.catalog_id[1] for e in kept if e.desc == "TABLE"}
         return [t for t in self.catalog.tables if t.oid in restored]
@@ -183,7 +180,10 @@ class Snapshot:
             exclude_data=exclusion_patterns(copied, self.schemas_copied_whole(copied)),
         )
         tools.pg_dump.run(
-            args, env=self.source.env(), secrets=[self.source.password], what="pg_dump of the source's schema"
+            args,
+            env={**self.source.env(), "PGOPTIONS": SCHEMA_DUMP_OPTIONS},
+            secrets=[self.source.password],
+            what="pg_dump of the source's schema",
         )
 
 

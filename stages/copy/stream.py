@@ -60,6 +60,18 @@ def emptying(table: sql.Composable, *, frozen: bool) -> sql.Composable:
     return sql.SQL("TRUNCATE ONLY {}" if frozen else "DELETE FROM ONLY {}").format(table)
 
 
+# What the preview's side of a copy from a live source runs first in the table's
+# transaction: money read in the C locale's format, as the source's COPY prints it
+# (stages.copy.live.COPY_SESSION_SETTINGS). Only there: the lane's session keeps the
+# preview's own locale for what it builds and refreshes afterwards.
+READ_AS_PRINTED = "SET LOCAL lc_monetary = 'C'"
+
+
+def _emptying(table: SourceTable) -> sql.Composable:
+    """READ_AS_PRINTED, then what empties `table` before its rows load, in one round trip."""
+    return sql.SQL(READ_AS_PRINTED + ";\n") + table.emptying()
+
+
 def quote_name(name: str) -> str:
     """A name in double quotes, its own doubled: as SQL, and as a pg_dump pattern."""
     return '"{}"'.format(name.replace('"', '""'))
@@ -270,7 +282,7 @@ def _through_memory(
     data = b"".join(held.parts)
     del held
     with _rolled_back_on_failure(target), target.cursor() as cur:
-        cur.execute(table.emptying())
+        cur.execute(_emptying(table))
         cur.copy_expert(table.copy_in(), io.BytesIO(data), size=READ_CHUNK)
         flow.passed(data, data.count(b"\n"))
         return _committed(table, target, source_rows, cur.rowcount, flow)
@@ -320,7 +332,7 @@ def stream_table(
     try:
         with _rolled_back_on_failure(target):
             with target.cursor() as cur:
-                cur.execute(table.emptying())
+                cur.execute(_emptying(table))
                 producer.start()
                 try:
                     # psycopg2 only calls read() for COPY FROM; its stubs also ask for readline().
@@ -378,6 +390,6 @@ def stream_from_command(
 
     with _rolled_back_on_failure(target):
         with target.cursor() as cur:
-            cur.execute(table.emptying())
+            cur.execute(_emptying(table))
         run_source(consume)
         return _committed(table, target, flow.rows, counts[0], flow)

@@ -344,7 +344,8 @@ def rehearse_live(
                 f"--lock-wait-timeout={lock_wait_ms}",
                 f"--dbname={source.conninfo(connect_timeout=str(timeout))}",
             ],
-            env={**source.env(), "PGOPTIONS": "-c default_transaction_read_only=on"},
+            # Money constants printed as the import's own schema dump prints them (stages.copy.live).
+            env={**source.env(), "PGOPTIONS": "-c default_transaction_read_only=on -c lc_monetary=C"},
             secrets=[source.password],
             what="pg_dump --schema-only of the source",
         )
