@@ -6,9 +6,7 @@ stored integer (C prints two decimals of every stored unit), whatever each side'
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import psycopg2
@@ -17,10 +15,10 @@ import pytest
 import stages.copy.live as live
 import stages.copy.stream as stream
 from tests.support.imports import run_import, upload_and_import
-from tests.support.pgcluster import TempCluster, temporary_cluster
+from tests.support.pgcluster import TempCluster, cluster_with_locales
 from tests.support.world import make_world
 
-LOCALES = {"de_DE.UTF-8": "de_DE", "ja_JP.UTF-8": "ja_JP", "ar_BH.UTF-8": "ar_BH"}
+LOCALES = ("de_DE.UTF-8", "ja_JP.UTF-8", "ar_BH.UTF-8")
 
 VALUES = "(1, 1234.56), (2, -7.5), (3, NULL), (4, 0), (5, 92233720368547758.07), (6, -92233720368547758.08), (7, 0.01)"
 
@@ -28,29 +26,8 @@ VALUES = "(1, 1234.56), (2, -7.5), (3, NULL), (4, 0), (5, 92233720368547758.07),
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[TempCluster]:
     """A cluster that knows de_DE (2 decimals), ja_JP (0 decimals) and ar_BH (3 decimals)."""
-    folder = tempfile.mkdtemp(prefix="capy-locales-")
-    os.chmod(folder, 0o755)
-    previous = os.environ.get("LOCPATH")
-    try:
-        for name, source in LOCALES.items():
-            subprocess.run(
-                ["localedef", "-i", source, "-f", "UTF-8", os.path.join(folder, name)],
-                check=False,  # localedef warns (exit 1) on some sources yet writes the locale
-                capture_output=True,
-            )
-            assert os.path.isdir(os.path.join(folder, name)), name
-        os.environ["LOCPATH"] = folder
-        with temporary_cluster() as made:
-            os.environ.pop("LOCPATH")
-            if previous is not None:
-                os.environ["LOCPATH"] = previous
-            yield made
-    finally:
-        if previous is None:
-            os.environ.pop("LOCPATH", None)
-        else:
-            os.environ["LOCPATH"] = previous
-        shutil.rmtree(folder, ignore_errors=True)
+    with cluster_with_locales(LOCALES) as made:
+        yield made
 
 
 def _make_source(

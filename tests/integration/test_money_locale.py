@@ -6,10 +6,6 @@ sides, so the stored amounts arrive exact, whichever locale each side has."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import psycopg2
@@ -18,10 +14,9 @@ import pytest
 import stages.copy.live as live
 import stages.copy.stream as stream
 from tests.support.imports import run_import
-from tests.support.pgcluster import TempCluster, temporary_cluster
+from tests.support.pgcluster import TempCluster, cluster_with_locales
 from tests.support.world import make_world
 
-LOCALE_SOURCES = "/usr/share/i18n/locales/de_DE"
 MONEY = """
 CREATE TABLE prices (id int PRIMARY KEY, amount money, note text);
 INSERT INTO prices VALUES
@@ -32,44 +27,22 @@ INSERT INTO prices VALUES
 
 @pytest.fixture(scope="module")
 def german_source() -> Iterator[TempCluster]:
-    """A cluster that knows de_DE.UTF-8 (made with localedef into a folder of its own,
-    LOCPATH), holding `moneysrc` with lc_monetary de_DE.UTF-8."""
-    assert os.path.exists(LOCALE_SOURCES), (
-        "this test makes a de_DE locale from glibc's locale sources: install them with apt-get install locales"
-    )
-    folder = tempfile.mkdtemp(prefix="capy-locales-")
-    os.chmod(folder, 0o755)  # the server (user postgres) reads it
-    previous = os.environ.get("LOCPATH")
-    try:
-        subprocess.run(
-            ["localedef", "-i", "de_DE", "-f", "UTF-8", os.path.join(folder, "de_DE.UTF-8")],
-            check=True,
-            capture_output=True,
-        )
-        os.environ["LOCPATH"] = folder  # for the server the cluster starts
-        with temporary_cluster() as cluster:
-            os.environ.pop("LOCPATH")
-            if previous is not None:
-                os.environ["LOCPATH"] = previous
-            admin = psycopg2.connect(cluster.url())
-            admin.autocommit = True
-            with admin.cursor() as cur:
-                cur.execute("CREATE DATABASE moneysrc")
-                cur.execute("ALTER DATABASE moneysrc SET lc_monetary = 'de_DE.UTF-8'")
-            admin.close()
-            conn = psycopg2.connect(cluster.url("moneysrc"))
-            with conn, conn.cursor() as cur:
-                cur.execute(MONEY)
-                cur.execute("SELECT amount::text FROM prices WHERE id = 1")
-                assert cur.fetchone() == ("1.234,56 €",)  # the source writes money in German
-            conn.close()
-            yield cluster
-    finally:
-        if previous is None:
-            os.environ.pop("LOCPATH", None)
-        else:
-            os.environ["LOCPATH"] = previous
-        shutil.rmtree(folder, ignore_errors=True)
+    """A cluster that knows de_DE.UTF-8 (tests/support/pgcluster.py), holding `moneysrc`
+    with lc_monetary de_DE.UTF-8."""
+    with cluster_with_locales(["de_DE.UTF-8"]) as cluster:
+        admin = psycopg2.connect(cluster.url())
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("CREATE DATABASE moneysrc")
+            cur.execute("ALTER DATABASE moneysrc SET lc_monetary = 'de_DE.UTF-8'")
+        admin.close()
+        conn = psycopg2.connect(cluster.url("moneysrc"))
+        with conn, conn.cursor() as cur:
+            cur.execute(MONEY)
+            cur.execute("SELECT amount::text FROM prices WHERE id = 1")
+            assert cur.fetchone() == ("1.234,56 €",)  # the source writes money in German
+        conn.close()
+        yield cluster
 
 
 def _amounts(url: str) -> list[tuple]:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -140,3 +140,44 @@ def temporary_cluster(
         )
         time.sleep(0.2)
         shutil.rmtree(root, ignore_errors=True)
+
+
+LOCALE_SOURCES = "/usr/share/i18n/locales"
+
+
+@contextlib.contextmanager
+def cluster_with_locales(names: Iterable[str]) -> Iterator[TempCluster]:
+    """`temporary_cluster` that also knows the locales `names` ("de_DE.UTF-8"…), made by
+    localedef from glibc's locale sources into a folder of its own, which only the
+    server sees (LOCPATH in its environment): the machine's locales stay as they are."""
+    folder = tempfile.mkdtemp(prefix="capy-locales-")
+    os.chmod(folder, 0o755)  # the server (user postgres) reads it
+    previous = os.environ.get("LOCPATH")
+    try:
+        for name in names:
+            source, _, charmap = name.partition(".")
+            assert os.path.exists(os.path.join(LOCALE_SOURCES, source)), (
+                f"making the locale {name} needs glibc's locale sources: apt-get install locales"
+            )
+            # localedef warns (exit 1) on some sources, yet writes the locale
+            subprocess.run(
+                ["localedef", "-i", source, "-f", charmap or "UTF-8", os.path.join(folder, name)],
+                capture_output=True,
+            )
+            assert os.path.isdir(os.path.join(folder, name)), f"localedef made no {name}"
+        with contextlib.ExitStack() as stack:
+            os.environ["LOCPATH"] = folder  # for the server the cluster starts, and no one else
+            try:
+                made = stack.enter_context(temporary_cluster())
+            finally:
+                _set_env("LOCPATH", previous)
+            yield made
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
