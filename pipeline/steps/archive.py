@@ -152,12 +152,11 @@ def restore_archive_upload(
     }
 
 
-def readable_toc(archive: str, *, size: int | None = None) -> ArchiveToc:
+def readable_toc(archive: str) -> ArchiveToc:
     """The archive's table of contents (stages.dumps.archivetoc), or a PermanentError
-    saying it cannot be read (pg_restore --list may accept what it cannot). `size`: the
-    whole archive's, when `archive` holds only its head (see read_toc)."""
+    saying it cannot be read (pg_restore --list may accept what it cannot)."""
     try:
-        return read_toc(archive, size=size)
+        return read_toc(archive)
     except (ValueError, EOFError, End) as err:
         raise PermanentError(
             f"the archive's table of contents cannot be read ({err or 'it ends inside it'}); upload it again"

@@ -52,7 +52,7 @@ from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
 from stages.dumps import toc
 from stages.dumps.archivecheck import ArchiveCutShort, check_complete, cut_short_in_head
-from stages.dumps.archivetoc import End, read_toc
+from stages.dumps.archivetoc import ArchiveToc, End, read_toc
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
@@ -111,7 +111,7 @@ def fetch_upload(
         counter = RowCounter()
         skipped: list[dict[str, Any]] = job.facts.rehearsal_skipped
         if info.format in ARCHIVES:
-            archive = _table_of_contents(
+            archive, contents = _table_of_contents(
                 context,
                 store,
                 upload,
@@ -121,7 +121,8 @@ def fetch_upload(
                 limit=limit,
             )
             check_archive_readable(tools, archive, info, major)
-            contents = readable_toc(archive, size=upload.size)
+            if contents is None:
+                contents = readable_toc(archive)
             facts.update(
                 _archive_facts(
                     tools, archive, folder, skipped, settings.extension_allowlist, contents.encoding
@@ -191,8 +192,9 @@ def _table_of_contents(
     *,
     head_bytes: int,
     limit: int,
-) -> str:
-    """The file fetch reads an archive's table of contents from. A custom archive
+) -> tuple[str, ArchiveToc | None]:
+    """The file fetch reads an archive's table of contents from, and that table when it
+    was read here (None: the caller reads it, once pg_restore has said it can). A custom archive
     whose first `head_bytes` hold its whole table of contents is read no further:
     restore downloads it whole anyway, and walks it for completeness before anything
     is restored (`restore_upload`); what the head already proves cut short fails here.
@@ -206,8 +208,7 @@ def _table_of_contents(
         if cut is not None:
             raise ArchiveCutShort(cut)
         try:
-            read_toc(head, size=upload.size)
-            return head
+            return head, read_toc(head, size=upload.size)
         except (End, ValueError):
             os.remove(head)  # it goes on past the head (or is damaged: read whole, named below)
     archive = os.path.join(folder, "upload")
@@ -220,7 +221,7 @@ def _table_of_contents(
     )
     # Before pg_restore reads it: a cut tar archive can make pg_restore loop.
     check_complete(archive, fmt)
-    return archive
+    return archive, None
 
 
 @dataclass

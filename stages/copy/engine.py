@@ -49,7 +49,7 @@ from psycopg2 import sql
 from stages.copy.catalog import Owned
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task, rank
-from stages.copy.stream import Flow, SourceTable, quoted
+from stages.copy.stream import Flow, SourceTable, preceded_by, quoted
 from stages.dumps.toc import TocEntry
 from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable
 from stages.tools.commands import Cancellation
@@ -695,7 +695,9 @@ def _execute(
         with target_errors(f"creating {what} in the preview"):
             try:
                 with lane.target.cursor() as cur:
-                    cur.execute(_beside_others(statement) if _shares_cores(beside) else statement)
+                    cur.execute(
+                        preceded_by(NO_PARALLEL_WORKERS, statement) if _shares_cores(beside) else statement
+                    )
                 lane.target.commit()
             except BaseException:
                 with contextlib.suppress(psycopg2.Error):
@@ -716,13 +718,6 @@ def _shares_cores(progress: CopyProgress | None) -> bool:
         return False
     with progress.lock:
         return progress.running > 1
-
-
-def _beside_others(statement: str | sql.Composable) -> str | sql.Composable:
-    """`statement` preceded by NO_PARALLEL_WORKERS, in the same round trip."""
-    if isinstance(statement, str):
-        return f"{NO_PARALLEL_WORKERS};\n{statement}"
-    return sql.SQL(NO_PARALLEL_WORKERS + ";\n") + statement
 
 
 def _analyze(table: SourceTable) -> Callable[[Lane], None]:

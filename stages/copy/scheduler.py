@@ -230,7 +230,9 @@ class Schedule(Generic[Lane]):
                     self._done(task)
                 self._cond.notify_all()
 
-    def _fail(self, err: BaseException) -> None:
+    def _fail(self, err: BaseException) -> bool:
+        """Record `err` as the schedule's error and stop the running tasks, unless a
+        failure came first; whether it was the first."""
         with self._cond:
             first = self._error is None
             if first:
@@ -238,6 +240,7 @@ class Schedule(Generic[Lane]):
             self._cond.notify_all()
         if first:
             self._stop(err)
+        return first
 
     def run(self) -> None:
         """Run every task; raise the first error once every lane has stopped."""
@@ -267,11 +270,8 @@ class Schedule(Generic[Lane]):
         except BaseException as err:
             # Stopped from outside (a time limit, a shutdown): stop the lanes (again, if a
             # task failed first), wait until every one has ended, then go.
-            with self._cond:
-                if self._error is None:
-                    self._error = err
-                self._cond.notify_all()
-            self._stop(self._error)
+            if not self._fail(err):
+                self._stop(self._error or err)
             self._wait_for_threads(interruptible=False)
             raise
         if self._error is not None:

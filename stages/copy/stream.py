@@ -67,9 +67,16 @@ def emptying(table: sql.Composable, *, frozen: bool) -> sql.Composable:
 READ_AS_PRINTED = "SET LOCAL lc_monetary = 'C'"
 
 
-def _emptying(table: SourceTable) -> sql.Composable:
-    """READ_AS_PRINTED, then what empties `table` before its rows load, in one round trip."""
-    return sql.SQL(READ_AS_PRINTED + ";\n") + table.emptying()
+def preceded_by(settings: str, statement: str | sql.Composable) -> str | sql.Composable:
+    """`statement` after `settings` (SET LOCAL …), sent in the same round trip."""
+    if isinstance(statement, str):
+        return f"{settings};\n{statement}"
+    return sql.SQL(settings + ";\n") + statement
+
+
+def _emptying(table: SourceTable) -> str | sql.Composable:
+    """READ_AS_PRINTED, then what empties `table` before its rows load."""
+    return preceded_by(READ_AS_PRINTED, table.emptying())
 
 
 def quote_name(name: str) -> str:
