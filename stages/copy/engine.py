@@ -15,7 +15,9 @@ The order of work (see `copy_rows` for the schedule):
    constraint's index too, built as a plain unique index, when the source says which),
    then its constraints, then foreign keys once both tables are done, the data
    section's remainder (sequence values…) and the large objects alongside, and each
-   table's ANALYZE once nothing more is built on it; then the rest of the post-data
+   table's ANALYZE once nothing more is built on it (a small table's indexes,
+   constraints and ANALYZE are one task, before its foreign keys:
+   SMALL_TABLE_BYTES); then the rest of the post-data
    section (triggers, policies, materialized views refreshed after their indexes…) in
    the archive's order. (With extended statistics in the schema, every ANALYZE waits
    for them, at the end.)
@@ -49,7 +51,7 @@ from psycopg2 import sql
 from stages.copy.catalog import Owned
 from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task, rank
-from stages.copy.stream import Flow, SourceTable, preceded_by, quoted
+from stages.copy.stream import Flow, SourceTable, preceded_by, quote_name, quoted
 from stages.dumps.toc import TocEntry
 from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable
 from stages.tools.commands import Cancellation
@@ -75,6 +77,11 @@ SEPARATE_KEY_MIN_BYTES = 8 << 20
 # A build on a table smaller than this gets no parallel workers from the server
 # (min_parallel_table_scan_size's default): no statement is spent on keeping them from it.
 PARALLEL_MIN_BYTES = 8 << 20
+# A table smaller than this has its indexes, constraints and ANALYZE run by one task, in
+# one transaction (`_small_table_builds`): each task of its own cost a transaction, a
+# round trip or three and a turn of the scheduler, more than building on a few pages
+# does (`many`: 2,000 tables, 8,000 such tasks).
+SMALL_TABLE_BYTES = 1 << 20
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
@@ -442,12 +449,15 @@ def _tasks(
     attach: dict[int, list[tuple[Block, Owned]]] = {oid: [] for oid in by_table}
     foreign: list[tuple[Block, Owned]] = []
     entries: dict[int, list[int]] = {}  # the dump ids of the entries a task restores, by task
+    small_indexes: dict[int, list[Block]] = {oid: [] for oid in by_table if _built_at_once(by_table[oid])}
     for block, owned in plan.owned_blocks:
         size = by_table[owned.table].bytes
         if owned.unique_index is not None and size < SEPARATE_KEY_MIN_BYTES:
             owned = dataclasses.replace(owned, unique_index=None)  # its own ALTER TABLE makes the index
         what = f"{block.entry.desc.lower()} {block.entry.name}"
-        if owned.kind == "index" or (owned.kind == "constraint" and owned.unique_index):
+        if owned.kind == "index" and owned.table in small_indexes:
+            small_indexes[owned.table].append(block)
+        elif owned.kind == "index" or (owned.kind == "constraint" and owned.unique_index):
             definition = (
                 block.sql if owned.kind == "index" or owned.unique_index is None else owned.unique_index + ";"
             )
@@ -468,8 +478,25 @@ def _tasks(
             foreign.append((block, owned))
     done: dict[int, Task[Lane]] = {}
     tasks: list[Task[Lane]] = list({id(task): task for task in copies.values()}.values())
+    analyzed: set[int] = set()  # the small tables whose task of builds analyzes them too
     for oid, table_indexes in indexes.items():
         key = by_table[oid].key
+        if oid in small_indexes:
+            at_once = _small_table_builds(
+                by_table[oid], small_indexes[oid], attach[oid], analyze=analyze_each
+            )
+            if at_once is None:
+                done[oid] = copies[oid]
+                continue
+            at_once.after.append(copies[oid])
+            tasks.append(at_once)
+            entries[id(at_once)] = [b.entry.dump_id for b in small_indexes[oid]] + [
+                b.entry.dump_id for b, _o in attach[oid]
+            ]
+            done[oid] = at_once
+            if analyze_each:
+                analyzed.add(oid)
+            continue
         tasks.extend(table_indexes)
         statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
         if statements:
@@ -522,6 +549,8 @@ def _tasks(
     if analyze_each:
         # Each table's statistics as soon as nothing more is built on it, beside the others' work.
         for oid, table in by_table.items():
+            if oid in analyzed:
+                continue
             tasks.append(
                 Task[Lane](
                     f"analyze {table.key}",
@@ -540,6 +569,39 @@ def _tasks(
     tasks.append(Task[Lane]("sequences", TASK_OVERHEAD, data_section, frozenset({"<data section>"})))
     tasks.extend(data_tasks)
     return _Planned(tasks, copies, built, entries)
+
+
+def _built_at_once(table: SourceTable) -> bool:
+    """Whether `table` is small enough (SMALL_TABLE_BYTES) for its indexes and
+    constraints (and statistics) to be built by one task, in one transaction."""
+    return table.bytes < SMALL_TABLE_BYTES
+
+
+def _small_table_builds(
+    table: SourceTable, indexes: list[Block], constraints: list[tuple[Block, Owned]], *, analyze: bool
+) -> Task[Lane] | None:
+    """One task for a small table (`_built_at_once`): its indexes, then its constraints,
+    then (`analyze`) its ANALYZE, in one transaction and one round trip; None when there
+    is nothing to do. Its foreign keys come after it, as after any table's builds: they
+    change nothing ANALYZE reads."""
+    statements = [block.sql for block in indexes]
+    statements += [_constraint_sql(block, owned) for block, owned in constraints]
+    builds = len(statements)
+    if analyze:
+        statements.append(f"ANALYZE {quote_name(table.schema)}.{quote_name(table.name)};")
+    if not statements:
+        return None
+    what = {
+        (True, True): "indexes, constraints and statistics",
+        (True, False): "indexes and constraints",
+    }.get((bool(builds), analyze), "statistics")
+    cost = TASK_OVERHEAD + ANALYZE_COST * analyze + table.bytes * INDEX_COST["btree"] * builds
+    return Task[Lane](
+        f"{what} of {table.key}",
+        cost,
+        _execute("\n".join(statements), f"the {what} of table {table.key}"),
+        table_locks(table.oid),
+    )
 
 
 def _head_alone(planned: _Planned, serial: list[Task[Lane]], lanes: int) -> None:

@@ -119,7 +119,12 @@ class Schedule(Generic[Lane]):
             raise ValueError("a schedule needs at least one lane")
         rank([*self.serial, *self.tasks])
         self.on_start, self.on_finish, self.on_failure = on_start, on_finish, on_failure
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        # Lanes wait on `_cond` for a task to become eligible, `run`'s own thread on
+        # `_watch` for a lane to end or a task to fail: a task's end (thousands of
+        # them) wakes only the lanes.
+        self._cond = threading.Condition(lock)
+        self._watch = threading.Condition(lock)
         # Tasks whose dependencies are all done, by rank (then their given order): a
         # heap, so that picking the next task does not scan thousands that must wait.
         by_rank = sorted(self.tasks, key=lambda t: -t.rank)
@@ -187,6 +192,7 @@ class Schedule(Generic[Lane]):
         with self._cond:
             self._threads_left -= 1
             self._cond.notify_all()
+            self._watch.notify_all()
 
     def _take_tasks(self, lane: Lane) -> None:
         while True:
@@ -238,6 +244,7 @@ class Schedule(Generic[Lane]):
             if first:
                 self._error = err
             self._cond.notify_all()
+            self._watch.notify_all()
         if first:
             self._stop(err)
         return first
@@ -289,7 +296,7 @@ class Schedule(Generic[Lane]):
                 with self._cond:
                     if not self._threads_left:
                         return
-                    self._cond.wait(0.2)
+                    self._watch.wait(0.2)
                     error, running = self._error, bool(self._running)
                 if error is None:
                     continue

@@ -1,0 +1,112 @@
+"""A small table's indexes, constraints and ANALYZE run as one task of the copy, in one
+transaction (stages.copy.engine.SMALL_TABLE_BYTES); a larger table's stay tasks of
+their own. Either way the copy is the source: the same schema, rows and statistics.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import stages.copy.engine as engine
+from stages.errors import PermanentError
+from tests.support import pg
+from tests.support.copying import CopyRun, copied_as_source, source_url
+
+SCHEMA = """
+CREATE FUNCTION public.folded(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower(t) $$;
+CREATE TABLE public.parent (id int PRIMARY KEY, name text NOT NULL UNIQUE);
+INSERT INTO public.parent SELECT g, 'P' || g FROM generate_series(1, 50) g;
+CREATE TABLE public.kid_a (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES public.parent, label text);
+CREATE TABLE public.kid_b (id int PRIMARY KEY, parent_id int NOT NULL REFERENCES public.parent, label text);
+CREATE INDEX kid_a_label ON public.kid_a (label);
+CREATE INDEX kid_a_folded ON public.kid_a (public.folded(label));
+CREATE INDEX kid_b_label ON public.kid_b (label) WHERE label <> '';
+INSERT INTO public.kid_a SELECT g, 1 + g % 50, 'Label ' || g FROM generate_series(1, 300) g;
+INSERT INTO public.kid_b SELECT g, 1 + g % 50, 'Other ' || g FROM generate_series(1, 200) g;
+CREATE TABLE public.bare (id int, note text);
+INSERT INTO public.bare SELECT g, 'n' FROM generate_series(1, 30) g;
+"""
+TABLES = ("parent", "kid_a", "kid_b", "bare")
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """What each statement task the copy plans says it creates (`_execute`'s `what`)."""
+    seen: list[str] = []
+    original = engine._execute
+
+    def recording(statement, what, **options):
+        seen.append(what)
+        return original(statement, what, **options)
+
+    monkeypatch.setattr(engine, "_execute", recording)
+    return seen
+
+
+def analyzed(dbname: str, table: str) -> bool:
+    return bool(
+        pg.admin(
+            "SELECT 1 FROM pg_stats WHERE schemaname = 'public' AND tablename = %s", (table,), dbname=dbname
+        )
+    )
+
+
+def test_a_small_tables_indexes_constraints_and_statistics_are_one_task(scratch_db, tmp_path, builds):
+    source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
+    pg.psql(source, text=SCHEMA)
+    copied_as_source(source, target, tmp_path)
+    at_once = [what for what in builds if what.startswith("the ")]
+    assert sorted(at_once) == [
+        "the indexes, constraints and statistics of table public.kid_a",
+        "the indexes, constraints and statistics of table public.kid_b",
+        "the indexes, constraints and statistics of table public.parent",
+        "the statistics of table public.bare",
+    ], builds
+    # Nothing else but the foreign keys (after the builds of both of their tables).
+    assert sorted(what for what in builds if what not in at_once) == [
+        "foreign key kid_a kid_a_parent_id_fkey",
+        "foreign key kid_b kid_b_parent_id_fkey",
+    ], builds
+    for table in TABLES:
+        assert analyzed(target, table), table
+    # ANALYZE ran after the expression index was built: its statistics are there too.
+    assert analyzed(target, "kid_a_folded")
+    assert pg.admin(
+        "SELECT reltuples::int FROM pg_class WHERE oid = 'public.kid_a'::regclass", dbname=target
+    ) == [(300,)]
+
+
+def test_a_table_at_the_threshold_keeps_its_builds_as_tasks_of_their_own(
+    scratch_db, tmp_path, builds, monkeypatch
+):
+    monkeypatch.setattr(engine, "SMALL_TABLE_BYTES", 1)
+    source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
+    pg.psql(source, text=SCHEMA)
+    copied_as_source(source, target, tmp_path)
+    assert not [what for what in builds if what.startswith("the indexes")], builds
+    assert "index kid_a_folded" in builds and "the constraints of table public.kid_a" in builds, builds
+    assert "statistics of table public.bare" in builds, builds
+    for table in (*TABLES, "kid_a_folded"):
+        assert analyzed(target, table), table
+
+
+def test_a_failing_build_of_a_small_table_names_the_table_and_fails_the_copy(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
+    pg.psql(source, text=SCHEMA)
+
+    def break_the_index() -> None:
+        # The index's function is gone from the preview: its build fails.
+        pg.psql(target, text="DROP FUNCTION public.folded(text);")
+
+    run = CopyRun(source_url(source), target, tmp_path, before_copy=break_the_index)
+    with pytest.raises(PermanentError) as raised:
+        run.run()
+    message = str(raised.value)
+    assert message.startswith(
+        "creating the indexes, constraints and statistics of table public.kid_a in the preview failed: "
+    ), message
+    assert "folded" in message, message
+    # The transaction rolled back whole: neither the key nor the other index is left.
+    assert not pg.admin(
+        "SELECT 1 FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'kid_a'", dbname=target
+    )
