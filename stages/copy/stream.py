@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import fcntl
 import io
 import os
 import threading
@@ -34,7 +33,8 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-PIPE_BYTES = 1 << 20
+from stages.tools.commands import widen_pipe
+
 # A table smaller than this is emptied by DELETE and loaded by a plain COPY, not TRUNCATE
 # and COPY FREEZE. COPY FREEZE needs the table truncated in its own transaction, and
 # TRUNCATE makes the table's files anew: measured here, 6 ms against 0.6 ms to load 100
@@ -51,7 +51,6 @@ MEMORY_MAX_BYTES = 1 << 20
 # What such a read may hold: past it, the table streams through the pipe instead.
 MEMORY_LIMIT_BYTES = 8 << 20
 READ_CHUNK = 1 << 17
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), absent from older Pythons' fcntl
 
 
 def emptying(table: sql.Composable, *, frozen: bool) -> sql.Composable:
@@ -313,8 +312,7 @@ def stream_table(
         if copied is not None:
             return copied
     read_fd, write_fd = os.pipe()
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, PIPE_BYTES)
+    widen_pipe(write_fd)
     finished = threading.Event()
     failed: list[BaseException] = []
     sink = _Sink(write_fd)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import fcntl
 import io
 import logging
 import multiprocessing.util
@@ -451,6 +452,21 @@ class _TailReader(threading.Thread):
         return "\n".join(self.lines)
 
 
+# What a pipe between the worker and a command streaming to it holds (Linux's default is
+# 64 kB): the command runs ahead while the worker hands the last chunk on. A table's rows
+# read from an uploaded archive by pg_restore and sent on to the preview: mix's documents,
+# 220 MB, 1.9-2.1 s through a 64 kB pipe and 1.3-1.6 s through 1 MB, measured here.
+STREAM_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
+
+
+def widen_pipe(fd: int) -> None:
+    """Let the pipe at `fd` (either end) hold STREAM_PIPE_BYTES, if the system allows it
+    (fs.pipe-max-size, a user's pipe pages): a pipe of the default size works too."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, STREAM_PIPE_BYTES)
+
+
 class _ProgressStream(io.RawIOBase):
     """A command's stdout as handed to a consumer: every read counts as progress."""
 
@@ -815,6 +831,8 @@ class PgCommand:
             start_new_session=True,
         )
         assert process.stdout is not None and process.stderr is not None
+        if streaming:
+            widen_pipe(process.stdout.fileno())
         process.reaper = start_group_reaper(process.pid)
         process.deadline = effective
         process.activity = _Activity()

@@ -3,6 +3,7 @@ enforced on its whole process group. Real (tiny) programs, no sockets."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -21,8 +22,19 @@ from stages.errors import (
     TransientCommandTimeout,
     TransientError,
 )
-from stages.tools.commands import CommandResult, Deadline, Limit, PgCommand, PgDump, PgRestore, PgTools
+from stages.tools import commands
+from stages.tools.commands import (
+    STREAM_PIPE_BYTES,
+    CommandResult,
+    Deadline,
+    Limit,
+    PgCommand,
+    PgDump,
+    PgRestore,
+    PgTools,
+)
 
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)  # Linux
 # Seconds a stopped command may take beyond its deadline: the watchdog's poll, the
 # SIGINT and SIGTERM graces, process start-up on a busy machine.
 MARGIN = 8.0
@@ -301,3 +313,30 @@ def test_wait_briefly_answers_none_while_a_command_runs_and_its_exit_code_once_i
         if process.returncode is None:
             process.kill()
             process.wait()
+
+
+def test_a_streaming_commands_pipe_holds_a_megabyte_so_it_runs_ahead_of_the_worker(tmp_path):
+    """The worker hands each chunk on (to the preview) before it reads the next: through
+    Linux's default 64 kB pipe, pg_restore waited on it for a third of a table's copy."""
+    write_program(tmp_path, "pg_restore", "head -c 3000000 /dev/zero\n")
+    sizes: list[int] = []
+    read: list[int] = []
+
+    def started(process) -> None:
+        sizes.append(fcntl.fcntl(process.stdout.fileno(), F_GETPIPE_SZ))
+
+    PgRestore(str(tmp_path), stall_seconds=5).run_streaming(
+        ["--data-only", "--file=-", "x"], lambda out: read.append(len(out.read())), started=started
+    )
+    assert sizes and sizes[0] >= STREAM_PIPE_BYTES, sizes
+    assert read == [3_000_000]
+
+
+def test_a_pipe_the_system_will_not_widen_still_streams(tmp_path, monkeypatch):
+    monkeypatch.setattr(commands, "STREAM_PIPE_BYTES", 1 << 40)  # past any fs.pipe-max-size
+    write_program(tmp_path, "pg_restore", "head -c 300000 /dev/zero\n")
+    read: list[int] = []
+    PgRestore(str(tmp_path), stall_seconds=5).run_streaming(
+        ["--data-only", "--file=-", "x"], lambda out: read.append(len(out.read()))
+    )
+    assert read == [300_000]
