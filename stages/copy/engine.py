@@ -16,8 +16,8 @@ The order of work (see `copy_rows` for the schedule):
    then its constraints, then foreign keys once both tables are done, the data
    section's remainder (sequence values…) and the large objects alongside, and each
    table's ANALYZE once nothing more is built on it (a small table's indexes,
-   constraints and ANALYZE are one task, before its foreign keys:
-   SMALL_TABLE_BYTES); then the rest of the post-data
+   constraints and ANALYZE are one task, each in a transaction of its own, before its
+   foreign keys: SMALL_TABLE_BYTES); then the rest of the post-data
    section (triggers, policies, materialized views refreshed after their indexes…) in
    the archive's order. (With extended statistics in the schema, every ANALYZE waits
    for them, at the end.)
@@ -53,7 +53,7 @@ from stages.copy.postdata import Block, Rendered, first_statement
 from stages.copy.scheduler import Schedule, Task, rank
 from stages.copy.stream import Flow, SourceTable, preceded_by, quote_name, quoted
 from stages.dumps.toc import TocEntry
-from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable
+from stages.errors import Cancelled, ClusterUnavailable, PermanentError, SourceUnreachable, TransientError
 from stages.tools.commands import Cancellation
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,10 @@ SEPARATE_KEY_MIN_BYTES = 8 << 20
 # A build on a table smaller than this gets no parallel workers from the server
 # (min_parallel_table_scan_size's default): no statement is spent on keeping them from it.
 PARALLEL_MIN_BYTES = 8 << 20
-# A table smaller than this has its indexes, constraints and ANALYZE run by one task, in
-# one transaction (`_small_table_builds`): each task of its own cost a transaction, a
-# round trip or three and a turn of the scheduler, more than building on a few pages
-# does (`many`: 2,000 tables, 8,000 such tasks).
+# A table smaller than this has its indexes, constraints and ANALYZE run by one task, a
+# round trip each (`_small_table_builds`): a task of its own each cost three round trips
+# and a turn of the scheduler, more than building on a few pages does (`many`: 2,000
+# tables, 8,000 such tasks).
 SMALL_TABLE_BYTES = 1 << 20
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
@@ -357,6 +357,8 @@ def copy_rows(
                 ]
                 Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
                 _raise_first(failure)
+            check_stopped()
+            _analyze_partitioned(sessions[0])
         except BaseException as err:
             # A lane's error caused by the interruption (a cancelled statement) is not the news.
             if failure and err is not failure[0]:
@@ -415,6 +417,10 @@ def target_errors(what: str) -> Iterator[None]:
     except psycopg2.OperationalError as err:
         if isinstance(err, psycopg2.errors.QueryCanceled):
             raise PermanentError(f"{what} was stopped: {str(err).splitlines()[0]}") from err
+        if isinstance(err, psycopg2.errors.TransactionRollbackError):
+            # A deadlock (or a serialization failure) with another session: the session
+            # is fine, and another attempt may not meet it.
+            raise TransientError(f"{what} failed: {str(err).splitlines()[0]}; the import is retried") from err
         log.warning("%s: lost the preview session: %s", what, str(err).strip())
         raise ClusterUnavailable() from err
     except psycopg2.Error as err:
@@ -580,16 +586,18 @@ def _built_at_once(table: SourceTable) -> bool:
 def _small_table_builds(
     table: SourceTable, indexes: list[Block], constraints: list[tuple[Block, Owned]], *, analyze: bool
 ) -> Task[Lane] | None:
-    """One task for a small table (`_built_at_once`): its indexes, then its constraints,
-    then (`analyze`) its ANALYZE, in one transaction and one round trip; None when there
-    is nothing to do. Its foreign keys come after it, as after any table's builds: they
-    change nothing ANALYZE reads."""
-    statements = [block.sql for block in indexes]
-    statements += [_constraint_sql(block, owned) for block, owned in constraints]
-    builds = len(statements)
+    """One task for a small table (`_built_at_once`): each of its indexes, then its
+    constraints, then (`analyze`) its ANALYZE, each in a transaction of its own, as the
+    tasks they replace ran (`_execute_in_turn`); None when there is nothing to do. Its
+    foreign keys come after it, as after any table's builds: they change nothing
+    ANALYZE reads."""
+    groups = [block.sql for block in indexes]
+    if constraints:
+        groups.append("\n".join(_constraint_sql(block, owned) for block, owned in constraints))
+    builds = len(groups)
     if analyze:
-        statements.append(f"ANALYZE {quote_name(table.schema)}.{quote_name(table.name)};")
-    if not statements:
+        groups.append(f"ANALYZE {quote_name(table.schema)}.{quote_name(table.name)}")
+    if not groups:
         return None
     what = {
         (True, True): "indexes, constraints and statistics",
@@ -599,9 +607,35 @@ def _small_table_builds(
     return Task[Lane](
         f"{what} of {table.key}",
         cost,
-        _execute("\n".join(statements), f"the {what} of table {table.key}"),
+        _execute_in_turn(groups, f"the {what} of table {table.key}"),
         table_locks(table.oid),
     )
+
+
+def _execute_in_turn(statements: list[str], what: str) -> Callable[[Lane], None]:
+    """Run `statements` one after another on the lane's preview session, each in a
+    transaction of its own and one round trip (in autocommit: a string of several
+    statements is one implicit transaction), as separate tasks would, but as one.
+
+    Not one transaction for all: an index whose expression calls a function that reads
+    another table keeps that table's lock until the transaction ends, and the table's
+    own ALTER TABLE … ADD PRIMARY KEY then waits on a lane doing the same the other way
+    round (a deadlock); and ANALYZE ignores a statistics target (ALTER INDEX … SET
+    STATISTICS) set in its own transaction."""
+
+    def run(lane: Lane) -> None:
+        conn = lane.target
+        with target_errors(f"creating {what} in the preview"):
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    for statement in statements:
+                        cur.execute(statement)
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+
+    return run
 
 
 def _head_alone(planned: _Planned, serial: list[Task[Lane]], lanes: int) -> None:
@@ -786,6 +820,34 @@ def _analyze(table: SourceTable) -> Callable[[Lane], None]:
     return _execute(
         sql.SQL("ANALYZE {}").format(quoted(table.schema, table.name)), f"statistics of table {table.key}"
     )
+
+
+# The preview's partitioned tables (their leaves are copied and analyzed as tables).
+_PARTITIONED = """
+SELECT n.nspname, c.relname
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+WHERE c.relkind OPERATOR(pg_catalog.=) 'p'
+  AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['pg_catalog', 'information_schema'])
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_depend d
+      WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+        AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
+ORDER BY 1, 2
+"""
+
+
+def _analyze_partitioned(lane: Lane) -> None:
+    """ANALYZE every partitioned table of the preview, once its partitions are in: its
+    statistics over the whole tree (what the planner reads for a query on the root)
+    are its own, and no ANALYZE of a leaf makes them (autovacuum does not either)."""
+    with target_errors("reading the partitioned tables of the preview"), lane.target.cursor() as cur:
+        cur.execute(_PARTITIONED)
+        names = [f"{quote_name(schema)}.{quote_name(name)}" for schema, name in cur.fetchall()]
+    lane.target.commit()
+    if names:
+        # One statement; in autocommit each table is analyzed in a transaction of its own.
+        _execute_in_turn([f"ANALYZE {', '.join(names)}"], "the statistics of the partitioned tables")(lane)
 
 
 def _what(flowing: object) -> str:

@@ -5,12 +5,15 @@ their own. Either way the copy is the source: the same schema, rows and statisti
 
 from __future__ import annotations
 
+import threading
+
+import psycopg2
 import pytest
 
 import stages.copy.engine as engine
-from stages.errors import PermanentError
+from stages.errors import ClusterUnavailable, PermanentError, TransientError
 from tests.support import pg
-from tests.support.copying import CopyRun, copied_as_source, source_url
+from tests.support.copying import CopyRun, copied_as_source, record_builds, source_url
 
 SCHEMA = """
 CREATE FUNCTION public.folded(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT lower(t) $$;
@@ -31,16 +34,7 @@ TABLES = ("parent", "kid_a", "kid_b", "bare")
 
 @pytest.fixture
 def builds(monkeypatch) -> list[str]:
-    """What each statement task the copy plans says it creates (`_execute`'s `what`)."""
-    seen: list[str] = []
-    original = engine._execute
-
-    def recording(statement, what, **options):
-        seen.append(what)
-        return original(statement, what, **options)
-
-    monkeypatch.setattr(engine, "_execute", recording)
-    return seen
+    return record_builds(monkeypatch)
 
 
 def analyzed(dbname: str, table: str) -> bool:
@@ -110,3 +104,40 @@ def test_a_failing_build_of_a_small_table_names_the_table_and_fails_the_copy(scr
     assert not pg.admin(
         "SELECT 1 FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'kid_a'", dbname=target
     )
+
+
+def test_a_deadlock_between_two_builds_is_named_and_retried_not_a_lost_session(scratch_db):
+    """A deadlock with another of the copy's sessions (a function in one table's index
+    reading the other's) leaves both sessions well: it says so and the stage is retried,
+    where it was reported as the cluster being unavailable."""
+    db = scratch_db("capytgt_small")
+    pg.psql(db, text="CREATE TABLE public.a (id int); CREATE TABLE public.b (id int);")
+    sessions = [psycopg2.connect(pg.url_for(db)) for _ in range(2)]
+    outcomes: list[BaseException | None] = [None, None]
+    for conn, table in zip(sessions, ("a", "b"), strict=True):
+        with conn.cursor() as cur:
+            cur.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+
+    def lock(index: int, table: str) -> None:
+        try:
+            with engine.target_errors(f"creating the indexes of table public.{table} in the preview"):
+                with sessions[index].cursor() as cur:
+                    cur.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+        except BaseException as err:  # noqa: BLE001 - examined below
+            outcomes[index] = err
+            sessions[index].rollback()
+
+    threads = [threading.Thread(target=lock, args=(0, "b")), threading.Thread(target=lock, args=(1, "a"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        failed = [err for err in outcomes if err is not None]
+        assert len(failed) == 1, outcomes
+        err = failed[0]
+        assert isinstance(err, TransientError) and not isinstance(err, ClusterUnavailable), repr(err)
+        assert "in the preview failed: deadlock detected; the import is retried" in str(err), str(err)
+    finally:
+        for conn in sessions:
+            conn.close()

@@ -175,3 +175,21 @@ def hold_copy_until_loaded(monkeypatch: Any, held: str, later: str) -> dict[str,
 
     monkeypatch.setattr(stages.copy.live, "stream_from_command", patched)
     return seen
+
+
+def record_builds(monkeypatch: Any) -> list[str]:
+    """What each statement task the copy plans says it creates, as it is planned: the
+    `what` of stages.copy.engine's `_execute` (a task per index, constraint, foreign
+    key…) and `_execute_in_turn` (a small table's builds as one task)."""
+    import stages.copy.engine as engine
+
+    seen: list[str] = []
+    for name in ("_execute", "_execute_in_turn"):
+        original = getattr(engine, name)
+
+        def recording(statement: Any, what: str, original: Any = original, **options: Any) -> Any:
+            seen.append(what)
+            return original(statement, what, **options)
+
+        monkeypatch.setattr(engine, name, recording)
+    return seen
