@@ -24,6 +24,7 @@ from stages.errors import Cancelled, CommandFailed, CommandTimedOut, PermanentCo
 from stages.tools.commands import Cancellation
 from tests.support import pg
 from tests.support.copying import CopyRun, copied_as_source, record_builds, sessions_in, source_url
+from tests.unit.test_command_deadlines import gone
 
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 
@@ -448,20 +449,6 @@ def _program(folder, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def _gone(pid: int, wait: float = 5.0) -> bool:
-    until = time.monotonic() + wait
-    while time.monotonic() < until:
-        try:
-            os.kill(pid, 0)
-            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
-        except (ProcessLookupError, FileNotFoundError):
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_a_command_that_fills_the_wide_pipe_then_stalls_is_stopped_in_the_stall_window(tmp_path):
     # 2 MB at once (the widened pipe's fill and more), then silence.
     _program(tmp_path, "pg_restore", "head -c 2000000 /dev/zero\nsleep 300\n")
@@ -479,7 +466,7 @@ def test_a_command_that_fills_the_wide_pipe_then_stalls_is_stopped_in_the_stall_
         )
     assert time.monotonic() - began < 1 + 8
     assert sum(read) == 2_000_000
-    assert _gone(pids[0])
+    assert gone(pids[0], 5.0)
 
 
 def test_a_consumer_that_stops_reading_with_the_pipe_full_is_a_stall(tmp_path):
@@ -497,7 +484,7 @@ def test_a_consumer_that_stops_reading_with_the_pipe_full_is_a_stall(tmp_path):
             ["--data-only", "--file=-", "x"], consume, started=lambda p: pids.append(p.pid)
         )
     assert time.monotonic() - began < 1 + 8
-    assert _gone(pids[0])
+    assert gone(pids[0], 5.0)
 
 
 def test_a_consumer_failing_mid_stream_stops_the_command(tmp_path):
@@ -512,7 +499,7 @@ def test_a_consumer_failing_mid_stream_stops_the_command(tmp_path):
         commands.PgRestore(str(tmp_path), stall_seconds=5).run_streaming(
             ["--data-only", "--file=-", "x"], consume, started=lambda p: pids.append(p.pid)
         )
-    assert _gone(pids[0])
+    assert gone(pids[0], 5.0)
 
 
 def test_a_command_killed_mid_stream_fails_even_if_its_rows_were_all_read(tmp_path):
