@@ -82,6 +82,10 @@ PARALLEL_MIN_BYTES = 8 << 20
 # and a turn of the scheduler, more than building on a few pages does (`many`: 2,000
 # tables, 8,000 such tasks).
 SMALL_TABLE_BYTES = 1 << 20
+# A build the server chose to break a deadlock is tried again this many times, after
+# a pause of this many seconds times the attempt (`_past_deadlocks`).
+DEADLOCK_RETRIES = 3
+DEADLOCK_PAUSE_SECONDS = 0.2
 # Each task also costs a fixed amount: thousands of small tables are not free.
 TASK_OVERHEAD = 256 * 1024
 PROGRESS_SECONDS = 2.0
@@ -358,7 +362,13 @@ def copy_rows(
                 Schedule(analyze, sessions, on_start=started, on_failure=interrupt).run()
                 _raise_first(failure)
             check_stopped()
-            _analyze_partitioned(sessions[0])
+            progress.step, progress.phase = "analyze", "analyzing the partitioned tables"
+            try:
+                _analyze_partitioned(sessions[0])
+            except PermanentError as err:
+                # Statistics only: the copy is whole without them (autovacuum never makes these).
+                check_stopped()
+                log.warning("the partitioned tables were not analyzed: %s", err.message)
         except BaseException as err:
             # A lane's error caused by the interruption (a cancelled statement) is not the news.
             if failure and err is not failure[0]:
@@ -418,9 +428,19 @@ def target_errors(what: str) -> Iterator[None]:
         if isinstance(err, psycopg2.errors.QueryCanceled):
             raise PermanentError(f"{what} was stopped: {str(err).splitlines()[0]}") from err
         if isinstance(err, psycopg2.errors.TransactionRollbackError):
-            # A deadlock (or a serialization failure) with another session: the session
-            # is fine, and another attempt may not meet it.
-            raise TransientError(f"{what} failed: {str(err).splitlines()[0]}; the import is retried") from err
+            # A deadlock (met again after DEADLOCK_RETRIES) or a serialization failure
+            # with another session: the session is fine, and another attempt of the
+            # stage may not meet it; one that every attempt meets says what to change.
+            first = str(err).splitlines()[0]
+            raise TransientError(
+                f"{what} failed: {first}; the import is retried",
+                when_repeated=(
+                    f"{what} failed on every attempt: {first}. An index, constraint or check "
+                    "calls a function that reads another table, built at the same time by "
+                    "another session of the copy; a function used there must not read tables "
+                    "(PostgreSQL requires it to be IMMUTABLE): change it, then import again"
+                ),
+            ) from err
         log.warning("%s: lost the preview session: %s", what, str(err).strip())
         raise ClusterUnavailable() from err
     except psycopg2.Error as err:
@@ -630,7 +650,7 @@ def _execute_in_turn(statements: list[str], what: str) -> Callable[[Lane], None]
             try:
                 with conn.cursor() as cur:
                     for statement in statements:
-                        cur.execute(statement)
+                        _past_deadlocks(lambda statement=statement: cur.execute(statement))
             finally:
                 if not conn.closed:
                     conn.autocommit = False
@@ -787,20 +807,41 @@ def _execute(
     beside another task has the cores take turns among more processes than there are
     cores, the longest chain's own build with them."""
 
+    def attempt(lane: Lane) -> None:
+        try:
+            with lane.target.cursor() as cur:
+                cur.execute(
+                    preceded_by(NO_PARALLEL_WORKERS, statement) if _shares_cores(beside) else statement
+                )
+            lane.target.commit()
+        except BaseException:
+            with contextlib.suppress(psycopg2.Error):
+                lane.target.rollback()
+            raise
+
     def run(lane: Lane) -> None:
         with target_errors(f"creating {what} in the preview"):
-            try:
-                with lane.target.cursor() as cur:
-                    cur.execute(
-                        preceded_by(NO_PARALLEL_WORKERS, statement) if _shares_cores(beside) else statement
-                    )
-                lane.target.commit()
-            except BaseException:
-                with contextlib.suppress(psycopg2.Error):
-                    lane.target.rollback()
-                raise
+            _past_deadlocks(lambda: attempt(lane))
 
     return run
+
+
+def _past_deadlocks(attempt: Callable[[], None]) -> None:
+    """Run `attempt` (one statement's transaction, rolled back if it fails); again,
+    after a short pause, if the server chose it to break a deadlock (DEADLOCK_RETRIES
+    times at most). The other transaction of the deadlock goes on and ends, so the same
+    statement then usually passes: two small tables whose exclusion constraints call a
+    function reading the other table deadlocked on every attempt of the whole stage,
+    and pass when the loser tries again."""
+    for retry in range(DEADLOCK_RETRIES + 1):
+        try:
+            attempt()
+            return
+        except psycopg2.errors.DeadlockDetected:
+            if retry == DEADLOCK_RETRIES:
+                raise
+            log.info("a build in the preview was chosen to break a deadlock; trying it again")
+            time.sleep(DEADLOCK_PAUSE_SECONDS * (retry + 1))
 
 
 def _parallel(progress: CopyProgress, *sizes: int) -> CopyProgress | None:
@@ -833,6 +874,10 @@ WHERE c.relkind OPERATOR(pg_catalog.=) 'p'
       SELECT 1 FROM pg_catalog.pg_depend d
       WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
         AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_catalog.pg_partition_tree(c.oid) t
+      JOIN pg_catalog.pg_class f ON f.oid OPERATOR(pg_catalog.=) t.relid
+      WHERE f.relkind OPERATOR(pg_catalog.=) 'f')
 ORDER BY 1, 2
 """
 
@@ -840,7 +885,9 @@ ORDER BY 1, 2
 def _analyze_partitioned(lane: Lane) -> None:
     """ANALYZE every partitioned table of the preview, once its partitions are in: its
     statistics over the whole tree (what the planner reads for a query on the root)
-    are its own, and no ANALYZE of a leaf makes them (autovacuum does not either)."""
+    are its own, and no ANALYZE of a leaf makes them (autovacuum does not either).
+    Not a tree with a foreign table in it: its ANALYZE would read the foreign server
+    (from the project's cluster, through a user mapping an import never brings)."""
     with target_errors("reading the partitioned tables of the preview"), lane.target.cursor() as cur:
         cur.execute(_PARTITIONED)
         names = [f"{quote_name(schema)}.{quote_name(name)}" for schema, name in cur.fetchall()]
