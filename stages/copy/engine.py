@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import logging
 import re
@@ -650,7 +651,7 @@ def _execute_in_turn(statements: list[str], what: str) -> Callable[[Lane], None]
             try:
                 with conn.cursor() as cur:
                     for statement in statements:
-                        _past_deadlocks(lambda statement=statement: cur.execute(statement))
+                        _past_deadlocks(functools.partial(cur.execute, statement))
             finally:
                 if not conn.closed:
                     conn.autocommit = False
