@@ -505,7 +505,6 @@ def _tasks(
             foreign.append((block, owned))
     done: dict[int, Task[Lane]] = {}
     tasks: list[Task[Lane]] = list({id(task): task for task in copies.values()}.values())
-    analyzed: set[int] = set()  # the small tables whose task of builds analyzes them too
     for oid, table_indexes in indexes.items():
         key = by_table[oid].key
         if oid in small_indexes:
@@ -521,8 +520,6 @@ def _tasks(
                 b.entry.dump_id for b, _o in attach[oid]
             ]
             done[oid] = at_once
-            if analyze_each:
-                analyzed.add(oid)
             continue
         tasks.extend(table_indexes)
         statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
@@ -576,8 +573,8 @@ def _tasks(
     if analyze_each:
         # Each table's statistics as soon as nothing more is built on it, beside the others' work.
         for oid, table in by_table.items():
-            if oid in analyzed:
-                continue
+            if oid in small_indexes:
+                continue  # its task of builds analyzed it
             tasks.append(
                 Task[Lane](
                     f"analyze {table.key}",

@@ -76,6 +76,14 @@ def _target(world) -> str:
     return f"postgresql://postgres@127.0.0.1:5432/{world.project.database_name}"
 
 
+def _imported_as_source(control_db, url, tables):
+    """Import `url`; the job completed and `tables` hold the source's rows. (world, job)"""
+    world, job = _import(control_db, url)
+    assert job.state == "completed", (job.error, job.last_stderr)
+    assert _rows(_target(world), tables) == _rows(url, tables)
+    return world, job
+
+
 def _import(control_db, url):
     world = make_world(control_db)
     job = run_import(control_db, world, url)
@@ -131,9 +139,7 @@ def test_money_in_arrays_domains_composites_partitions_matviews_arrives_exact(
         monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
     name = "hm_c_" + lc[:2] + "_" + way
     url = _make_source(cluster, name, CONTAINERS, lc=lc)
-    world, job = _import(control_db, url)
-    assert job.state == "completed", (job.error, job.last_stderr)
-    assert _rows(_target(world), CONTAINER_TABLES) == _rows(url, CONTAINER_TABLES)
+    _world, job = _imported_as_source(control_db, url, CONTAINER_TABLES)
     assert job.facts.report["tables"]["public.plain"]["source_rows"] == 7
 
 
@@ -150,9 +156,7 @@ def test_money_with_lc_monetary_set_for_the_role_in_the_source_database(control_
         cur.execute("SHOW lc_monetary")
         assert cur.fetchone() == (lc,)
     conn.close()
-    world, job = _import(control_db, url)
-    assert job.state == "completed", (job.error, job.last_stderr)
-    assert _rows(_target(world), ["plain"]) == _rows(url, ["plain"])
+    _imported_as_source(control_db, url, ["plain"])
 
 
 @pytest.mark.parametrize("lc", ["de_DE.UTF-8", "ja_JP.UTF-8"])
@@ -165,9 +169,7 @@ def test_money_default_constant_from_a_source_in_another_locale(control_db, clus
         "CREATE TABLE d (id int PRIMARY KEY, amount money DEFAULT '12.50'::money); INSERT INTO d (id) VALUES (1);",
         lc=lc,
     )
-    world, job = _import(control_db, url)
-    assert job.state == "completed", (job.error, job.last_stderr)
-    assert _rows(_target(world), ["d"]) == _rows(url, ["d"])
+    world, _job = _imported_as_source(control_db, url, ["d"])
     conn = psycopg2.connect(_target(world))
     with conn, conn.cursor() as cur:
         cur.execute(
@@ -185,9 +187,7 @@ def test_money_check_constant_from_a_source_in_another_locale(control_db, cluste
         "CREATE TABLE c (id int PRIMARY KEY, amount money CHECK (amount > '1000.25'::money)); INSERT INTO c VALUES (1, 1234.56);",
         lc=lc,
     )
-    world, job = _import(control_db, url)
-    assert job.state == "completed", (job.error, job.last_stderr)
-    assert _rows(_target(world), ["c"]) == _rows(url, ["c"])
+    _imported_as_source(control_db, url, ["c"])
 
 
 LEAK = """

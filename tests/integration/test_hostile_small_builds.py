@@ -23,7 +23,14 @@ import stages.tools.commands as commands
 from stages.errors import Cancelled, CommandFailed, CommandTimedOut, PermanentCommandTimeout, PermanentError
 from stages.tools.commands import Cancellation
 from tests.support import pg
-from tests.support.copying import CopyRun, copied_as_source, record_builds, sessions_in, source_url
+from tests.support.copying import (
+    CopyRun,
+    copied_as_source,
+    record_builds,
+    sessions_in,
+    slow_function_sql,
+    source_url,
+)
 from tests.unit.test_command_deadlines import gone
 
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -249,18 +256,16 @@ def test_two_small_tables_whose_index_reads_the_other_do_not_deadlock(scratch_db
 
 # --- 3. Failures and cancels inside the merged transaction ------------------------------------
 
-SLOW_SCHEMA = """
-CREATE FUNCTION public.slow(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF pg_catalog.current_database() LIKE 'capytgt%' THEN PERFORM pg_catalog.pg_sleep(0.5); END IF;
-    RETURN x;
-END $$;
+SLOW_SCHEMA = (
+    slow_function_sql(0.5)
+    + """
 CREATE TABLE public.slow_t (id int PRIMARY KEY, v int);
 INSERT INTO public.slow_t SELECT g, g FROM generate_series(1, 40) g;
 CREATE INDEX slow_idx ON public.slow_t (public.slow(v));
 CREATE TABLE public.other (id int PRIMARY KEY, slow_id int REFERENCES public.slow_t);
 INSERT INTO public.other SELECT g, g FROM generate_series(1, 40) g;
 """
+)
 
 
 def test_a_cancel_while_the_merged_task_runs_stops_the_copy_and_leaves_no_session(scratch_db, tmp_path):

@@ -22,7 +22,7 @@ import stages.copy.engine as engine
 from stages.errors import Cancelled, PermanentError, TransientError
 from stages.tools.commands import Cancellation
 from tests.support import pg
-from tests.support.copying import CopyRun, copied_as_source, sessions_in, source_url
+from tests.support.copying import CopyRun, copied_as_source, sessions_in, slow_function_sql, source_url
 
 # --- 1. Partitioned tables whose partitions are foreign tables --------------------------------
 
@@ -234,18 +234,16 @@ def test_a_deadlock_that_every_attempt_meets_is_not_retried_forever(scratch_db, 
 
 # --- 5. A cancel during the partitioned tables' ANALYZE ---------------------------------------
 
-SLOW_PARTITIONED = """
-CREATE FUNCTION public.slow(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    IF pg_catalog.current_database() LIKE 'capytgt%' THEN PERFORM pg_catalog.pg_sleep(0.01); END IF;
-    RETURN x;
-END $$;
+SLOW_PARTITIONED = (
+    slow_function_sql(0.01)
+    + """
 CREATE TABLE public.sp (id int NOT NULL, v int) PARTITION BY RANGE (id);
 CREATE TABLE public.sp1 PARTITION OF public.sp FOR VALUES FROM (0) TO (100000);
 INSERT INTO public.sp SELECT g, g FROM generate_series(1, 2000) g;
 -- An expression statistic on the parent: the parent's ANALYZE calls slow() per sampled row.
 CREATE STATISTICS public.sp_st ON (public.slow(v)) FROM public.sp;
 """
+)
 
 
 def test_a_cancel_during_the_partitioned_analyze_stops_it_and_leaves_no_session(scratch_db, tmp_path):

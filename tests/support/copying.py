@@ -193,3 +193,15 @@ def record_builds(monkeypatch: Any) -> list[str]:
 
         monkeypatch.setattr(engine, name, recording)
     return seen
+
+
+def slow_function_sql(seconds: float) -> str:
+    """`public.slow(int)`, IMMUTABLE, returning its argument: in a copy's target
+    (a database named capytgt…) it sleeps `seconds` first, on the source it does not."""
+    return f"""
+CREATE FUNCTION public.slow(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF pg_catalog.current_database() LIKE 'capytgt%' THEN PERFORM pg_catalog.pg_sleep({seconds}); END IF;
+    RETURN x;
+END $$;
+"""
