@@ -10,8 +10,9 @@ Every session opened here, as the admin or as a tenant's role, pins `search_path
 databases and can `ALTER DATABASE … SET search_path`; a startup option overrides that
 setting, so no name in our queries resolves to an operator or function a dump defined
 (the CVE-2018-1058 class of attack). Admin sessions enter a tenant-writable database
-only to create allowlisted extensions in a fresh, empty preview and to hand a verified
-preview over (REASSIGN / DROP OWNED): statements that run no user code. Everything else
+only to create allowlisted extensions in a fresh, empty preview (granting the restore
+role their configuration tables) and to hand a verified preview over (REASSIGN / DROP
+OWNED, and the same grants to the project role): statements that run no user code. Everything else
 inside a tenant database runs as the tenant's own unprivileged roles.
 """
 
@@ -440,6 +441,9 @@ class ClusterAdmin:
                     )
                 )
                 cur.execute("SET synchronous_commit = on")
+                # DROP OWNED revokes the restore role's privileges: the project role
+                # gets those on the extensions' configuration first.
+                self._grant_extension_configuration(cur, to_role)
                 cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(from_role)))
         self.set_owner(database, to_role)
         self.lock_down(database)
@@ -530,7 +534,9 @@ class ClusterAdmin:
         platforms do for their allowlist; a schema that does not exist yet is created
         owned by `owner` (the import's restore role), so the restore can fill it. Only
         in a freshly created preview, before any of the dump's SQL has run there. The
-        source's comments on them are applied as values, never as SQL text from a dump."""
+        source's comments on them are applied as values, never as SQL text from a dump.
+        `owner` may write the extensions' configuration tables (see
+        `_grant_extension_configuration`), whose rows the dump holds."""
         with self.autocommit(database) as cur:
             self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():
@@ -554,6 +560,40 @@ class ClusterAdmin:
             cur.execute(
                 sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}").format(
                     sql.Identifier(name), sql.Identifier(schema)
+                )
+            )
+        ClusterAdmin._grant_extension_configuration(cur, owner)
+
+    @staticmethod
+    def _grant_extension_configuration(cur: psycopg2.extensions.cursor, role: str) -> None:
+        """Let `role` read and write the configuration tables and sequences of the
+        database's extensions (those an extension marks with `pg_extension_config_dump`:
+        PostGIS's `spatial_ref_sys`, pg_partman's `part_config`…). pg_dump dumps their
+        rows as the user's own data, and the admin that created the extension owns them:
+        without this the restore role cannot restore those rows (`permission denied for
+        table …`), nor the project's owner change its extensions' settings afterwards,
+        as it could on a server where it created them itself. A schema of theirs the
+        role may not use (one the extension made itself) is granted USAGE. A GRANT runs
+        no user code."""
+        schemas: set[str] = set()
+        for schema, name, relkind in inventory.extension_configuration(cur.connection):
+            if schema not in schemas:
+                schemas.add(schema)
+                cur.execute("SELECT pg_catalog.has_schema_privilege(%s, %s, 'USAGE')", (role, schema))
+                if not one_row(cur)[0]:
+                    cur.execute(
+                        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                            sql.Identifier(schema), sql.Identifier(role)
+                        )
+                    )
+            privileges = (
+                "USAGE, SELECT, UPDATE ON SEQUENCE"
+                if relkind == "S"
+                else "SELECT, INSERT, UPDATE, DELETE ON TABLE"
+            )
+            cur.execute(
+                sql.SQL("GRANT " + privileges + " {} TO {}").format(
+                    sql.Identifier(schema, name), sql.Identifier(role)
                 )
             )
 

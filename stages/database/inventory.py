@@ -45,6 +45,26 @@ def list_tables(conn: psycopg2.extensions.connection) -> list[tuple[str, str]]:
         return [(schema, name) for schema, name in cur.fetchall()]
 
 
+_EXTENSION_CONFIGURATION = """
+SELECT n.nspname, c.relname, c.relkind
+FROM pg_catalog.pg_extension e
+CROSS JOIN LATERAL pg_catalog.unnest(e.extconfig) AS config(oid)
+JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) config.oid
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+ORDER BY 1, 2
+"""
+
+
+def extension_configuration(conn: psycopg2.extensions.connection) -> list[tuple[str, str, str]]:
+    """The configuration tables and sequences of the database's extensions (marked by
+    `pg_extension_config_dump`), as (schema, name, relkind): members of an extension,
+    so `list_tables` leaves them out, yet pg_dump dumps their rows (those the
+    extension's filter keeps) and values as the user's data."""
+    with conn.cursor() as cur:
+        cur.execute(_EXTENSION_CONFIGURATION)
+        return [(schema, name, relkind) for schema, name, relkind in cur.fetchall()]
+
+
 def count_rows(
     conn: psycopg2.extensions.connection, tables: list[tuple[str, str]] | None = None
 ) -> dict[str, int]:

@@ -1,0 +1,108 @@
+"""Extensions' configuration tables (`pg_extension_config_dump`: PostGIS's
+`spatial_ref_sys`, pg_partman's `part_config`): pg_dump dumps their rows as the user's
+data. They arrive in the imported database, live and uploaded, and the project's role
+can edit them afterwards. Both imports failed before with `permission denied for table
+settings`: the admin that creates the extension owns them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.import_steps import restore_role_name
+from pipeline.models import Project
+from tests.support import extensions, pg
+from tests.support.imports import run_import, upload_and_import
+from tests.support.world import make_world
+
+SOURCE_SQL = """
+CREATE SCHEMA capy_config;
+CREATE EXTENSION capy_config_test SCHEMA capy_config;
+INSERT INTO capy_config.settings (name, value) VALUES ('tenant_a', 'x'), ('tenant_b', 'y');
+DELETE FROM capy_config.settings WHERE name = 'tenant_a';
+INSERT INTO capy_config.settings (name, value) VALUES ('tenant_c', 'z');
+INSERT INTO capy_config_jobs.schedule VALUES ('vacuum', '1 day'), ('report', '7 days');
+CREATE TABLE public.notes (id int PRIMARY KEY, kept text DEFAULT capy_config.setting('retention'));
+INSERT INTO public.notes (id) VALUES (1), (2);
+"""
+
+
+@pytest.fixture(scope="module")
+def settings(control_db):
+    extensions.install()
+    return control_db.replace(extension_allowlist=(*control_db.extension_allowlist, extensions.NAME))
+
+
+@pytest.fixture
+def source(scratch_db):
+    name = scratch_db("capysrc")
+    pg.psql(name, text=SOURCE_SQL)
+    return name
+
+
+def _configuration(dbname: str) -> tuple[list[tuple], ...]:
+    return (
+        pg.admin("SELECT id, name, value, builtin FROM capy_config.settings ORDER BY id", dbname=dbname),
+        pg.admin("SELECT name, every::text FROM capy_config_jobs.schedule ORDER BY name", dbname=dbname),
+        pg.admin("SELECT last_value, is_called FROM capy_config.settings_id_seq", dbname=dbname),
+    )
+
+
+@pytest.mark.parametrize("way", ["live", "custom", "tar", "plain"])
+def test_an_extensions_configuration_arrives_and_the_project_can_edit_it(
+    settings, store, source, tmp_path, way
+):
+    world = make_world(settings)
+    if way == "live":
+        job = run_import(settings, world, pg.url_for(source, sslmode="disable"))
+    else:
+        dump = pg.make_dump(source, way, tmp_path / f"source.{way}")
+        job = upload_and_import(settings, store, world, dump)
+    assert job.state == "completed", job.error
+    live = world.project.database_name
+    # The extension's own rows once (not doubled by the dump's), the user's with their
+    # ids, the sequence where the source left it.
+    assert _configuration(live) == _configuration(source)
+    assert [name for _, name, _, _ in _configuration(live)[0]] == [
+        "retention",
+        "batch",
+        "tenant_b",
+        "tenant_c",
+    ]
+    assert pg.schema_dump(live) == pg.schema_dump(source), pg.schema_difference(source, live)
+    assert pg.row_counts(live) == pg.row_counts(source)
+    # The project's role may change its extension's configuration, as on a server
+    # where it had created the extension itself; the restore role is gone.
+    role = Project.get_by_id(world.project.id).role_name
+    assert pg.admin(
+        "SELECT has_table_privilege(%(r)s, 'capy_config.settings', 'SELECT, INSERT, UPDATE, DELETE'), "
+        "has_sequence_privilege(%(r)s, 'capy_config.settings_id_seq', 'USAGE, UPDATE'), "
+        "has_schema_privilege(%(r)s, 'capy_config_jobs', 'USAGE'), "
+        "has_table_privilege(%(r)s, 'capy_config_jobs.schedule', 'INSERT')",
+        {"r": role},
+        dbname=live,
+    ) == [(True, True, True, True)]
+    assert pg.admin("SELECT 1 FROM pg_roles WHERE rolname = %s", (restore_role_name(job),)) == []
+    if way != "live":  # a dump counts the rows it holds: the user's, beside the extension's own
+        assert job.facts.report["tables"]["capy_config.settings"] == {"source_rows": 2, "target_rows": 4}
+        assert job.facts.report["tables"]["capy_config_jobs.schedule"] == {"source_rows": 2, "target_rows": 2}
+
+
+def test_a_dump_that_empties_an_extensions_configuration_fails_verification(
+    settings, store, source, tmp_path
+):
+    """The configuration tables hold the extension's rows and the dump's: fewer than the
+    dump's is a loss, which verification names."""
+    world = make_world(settings)
+    live = world.project.database_name
+    pg.psql(live, text="CREATE TABLE keep (id int); INSERT INTO keep VALUES (1);")
+    dump = pg.make_dump(source, "plain", tmp_path / "source.sql")
+    text = dump.read_text()
+    end = text.rindex("--\n-- PostgreSQL database dump complete")
+    dump.write_text(text[:end] + "DELETE FROM capy_config.settings;\n\n" + text[end:])
+    job = upload_and_import(settings, store, world, dump, recreate=True)
+    assert job.state == "failed" and job.retry_classification == "permanent"
+    assert (
+        "table capy_config.settings of an extension has 0 rows, fewer than the 2 the source's dump holds"
+        in job.error
+    ), job.error
+    assert pg.row_counts(live) == {"public.keep": 1}
