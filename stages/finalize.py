@@ -39,8 +39,8 @@ def verify_preview(
     """Count every table of the preview and compare with the source's counts; the
     tables in `present` (whose source count is unknown) must merely exist; every
     sequence of the source must have its value; every extension installed must be on
-    the allowlist. An extension's configuration table must hold at least the dump's
-    rows: its CREATE EXTENSION put its own there too.
+    the allowlist. An extension's configuration table is counted as pg_dump dumps it:
+    the rows its extension's condition keeps (the user's, not the extension's own).
 
     Reads the preview as `restorer`, the unprivileged role that restored it (it
     bypasses row-level security, so counts are exact), never as the admin.
@@ -69,15 +69,18 @@ def verify_preview(
         target_counts.update(
             inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts)))
         )
-        # An extension's configuration table holds the rows its CREATE EXTENSION put
-        # there as well as the dump's: counted, and compared as "at least".
-        configuration = {
-            inventory.table_key(schema, name): (schema, name)
-            for schema, name, relkind in inventory.extension_configuration(conn)
-            if relkind == "r"
-        }
-        configured = [table for key, table in configuration.items() if key in source_counts or key in present]
-        target_counts.update(inventory.count_rows(conn, configured))
+        # An extension's configuration tables: the rows pg_dump dumps of them (the
+        # user's, beside the extension's own), counted as it selects them.
+        target_counts.update(
+            inventory.count_configuration(
+                conn,
+                [
+                    relation
+                    for relation in inventory.extension_configuration(conn)
+                    if relation.key in source_counts or relation.key in present
+                ],
+            )
+        )
         description = inventory.describe(conn)
         for_roles = inventory.policies_for_roles(conn)
         conn.rollback()
@@ -93,14 +96,7 @@ def verify_preview(
             "them) in the source, dump again, and recreate them for the project's roles after the import; "
             "the project's database was not changed"
         )
-    problems = inventory.compare_counts(
-        {key: rows for key, rows in source_counts.items() if key not in configuration}, target_counts
-    )
-    problems += [
-        f"table {key} of an extension has {target_counts[key]} rows, fewer than the {rows} the source's dump holds"
-        for key, rows in sorted(source_counts.items())
-        if key in configuration and target_counts[key] < rows
-    ]
+    problems = inventory.compare_counts(source_counts, target_counts)
     problems += [f"table {table} is missing" for table in present if table not in target_counts]
     target_sequences = description["sequences"]
     for name, value in sorted((source_sequences or {}).items()):

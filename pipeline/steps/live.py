@@ -161,7 +161,7 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
             planned.pop("toc_kinds", None)
             return RestoreResult(
                 **planned,
-                source_counts=result.source_counts,
+                source_counts={**snapshot.configuration_counts, **result.source_counts},
                 copied_counts=result.target_counts,
                 uncounted_tables=[],
                 dump_bytes=result.bytes,

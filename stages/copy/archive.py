@@ -247,7 +247,13 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
             if len(on) != 1:
                 continue
             table = on.pop()
-            referenced = {t for d in entry.deps if (t := table_of(d)) is not None} - {table}
+            found = [table_of(d) for d in entry.deps]
+            if None in found:
+                # It depends on something besides copied tables and their keys (an
+                # extension's configuration table is named by its extension): pg_restore
+                # creates it after the data section.
+                continue
+            referenced = {t for t in found if t is not None} - {table}
             if len(referenced) <= 1:
                 owned[entry.dump_id] = Owned(
                     table, "foreign key", references=referenced.pop() if referenced else table

@@ -109,6 +109,9 @@ class Snapshot:
     server_version: str
     catalog: SourceCatalog
     description: dict[str, Any]
+    # The rows pg_dump dumps of the extensions' configuration tables (restored from the
+    # schema archive, not streamed), counted in the snapshot as it selects them.
+    configuration_counts: dict[str, int]
     settings: SourceSettings
     tools: PgTools | None = None  # psql streams the large tables' rows (see _LiveLoading)
 
@@ -132,7 +135,18 @@ class Snapshot:
                 catalog = read_catalog(conn)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
-            yield cls(source, conn, snapshot_id, server_version, catalog, description, settings, tools)
+                configuration = inventory.count_configuration(conn, inventory.extension_configuration(conn))
+            yield cls(
+                source,
+                conn,
+                snapshot_id,
+                server_version,
+                catalog,
+                description,
+                configuration,
+                settings,
+                tools,
+            )
 
     @property
     def stall_seconds(self) -> float:

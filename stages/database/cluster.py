@@ -568,7 +568,8 @@ class ClusterAdmin:
     def _grant_extension_configuration(cur: psycopg2.extensions.cursor, role: str) -> None:
         """Let `role` read and write the configuration tables and sequences of the
         database's extensions (those an extension marks with `pg_extension_config_dump`:
-        PostGIS's `spatial_ref_sys`, pg_partman's `part_config`…). pg_dump dumps their
+        PostGIS's `spatial_ref_sys`, pg_partman's `part_config`…, and the sequences those
+        tables own), and reference the tables in foreign keys. pg_dump dumps their
         rows as the user's own data, and the admin that created the extension owns them:
         without this the restore role cannot restore those rows (`permission denied for
         table …`), nor the project's owner change its extensions' settings afterwards,
@@ -576,24 +577,26 @@ class ClusterAdmin:
         role may not use (one the extension made itself) is granted USAGE. A GRANT runs
         no user code."""
         schemas: set[str] = set()
-        for schema, name, relkind in inventory.extension_configuration(cur.connection):
-            if schema not in schemas:
-                schemas.add(schema)
-                cur.execute("SELECT pg_catalog.has_schema_privilege(%s, %s, 'USAGE')", (role, schema))
+        for relation in inventory.extension_configuration(cur.connection):
+            if relation.schema not in schemas:
+                schemas.add(relation.schema)
+                cur.execute(
+                    "SELECT pg_catalog.has_schema_privilege(%s, %s, 'USAGE')", (role, relation.schema)
+                )
                 if not one_row(cur)[0]:
                     cur.execute(
                         sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
-                            sql.Identifier(schema), sql.Identifier(role)
+                            sql.Identifier(relation.schema), sql.Identifier(role)
                         )
                     )
             privileges = (
                 "USAGE, SELECT, UPDATE ON SEQUENCE"
-                if relkind == "S"
-                else "SELECT, INSERT, UPDATE, DELETE ON TABLE"
+                if relation.relkind == "S"
+                else "SELECT, INSERT, UPDATE, DELETE, REFERENCES ON TABLE"
             )
             cur.execute(
                 sql.SQL("GRANT " + privileges + " {} TO {}").format(
-                    sql.Identifier(schema, name), sql.Identifier(role)
+                    sql.Identifier(relation.schema, relation.name), sql.Identifier(role)
                 )
             )
 

@@ -10,6 +10,7 @@ read, so every session that runs them pins its search_path to `pg_catalog, pg_te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg2.extensions
@@ -45,24 +46,79 @@ def list_tables(conn: psycopg2.extensions.connection) -> list[tuple[str, str]]:
         return [(schema, name) for schema, name in cur.fetchall()]
 
 
+# A configuration relation's row holds its condition (the WHERE clause pg_dump dumps its
+# rows by: "" for all); the sequences a configuration table owns (serial, identity) and
+# no extension marks come second, with none.
 _EXTENSION_CONFIGURATION = """
-SELECT n.nspname, c.relname, c.relkind
+SELECT n.nspname, c.relname, c.relkind, config.condition
 FROM pg_catalog.pg_extension e
-CROSS JOIN LATERAL pg_catalog.unnest(e.extconfig) AS config(oid)
+CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(e.extconfig), pg_catalog.unnest(e.extcondition)) AS config(oid, condition)
 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) config.oid
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-ORDER BY 1, 2
+UNION ALL
+SELECT n.nspname, s.relname, s.relkind, NULL
+FROM pg_catalog.pg_extension e
+CROSS JOIN LATERAL pg_catalog.unnest(e.extconfig) AS config(oid)
+JOIN pg_catalog.pg_depend d ON d.refobjid OPERATOR(pg_catalog.=) config.oid
+    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+    AND d.deptype OPERATOR(pg_catalog.=) ANY(ARRAY['a', 'i']::"char"[])
+JOIN pg_catalog.pg_class s ON s.oid OPERATOR(pg_catalog.=) d.objid AND s.relkind OPERATOR(pg_catalog.=) 'S'
+JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) s.relnamespace
+ORDER BY 1, 2, 4
 """
 
 
-def extension_configuration(conn: psycopg2.extensions.connection) -> list[tuple[str, str, str]]:
-    """The configuration tables and sequences of the database's extensions (marked by
-    `pg_extension_config_dump`), as (schema, name, relkind): members of an extension,
-    so `list_tables` leaves them out, yet pg_dump dumps their rows (those the
-    extension's filter keeps) and values as the user's data."""
+@dataclass(frozen=True)
+class Configuration:
+    """A configuration table or sequence of an extension: marked by
+    `pg_extension_config_dump`, whose rows (those `condition` keeps) or value pg_dump
+    dumps as the user's data; or (`condition` None) a sequence such a table owns."""
+
+    schema: str
+    name: str
+    relkind: str
+    condition: str | None
+
+    @property
+    def key(self) -> str:
+        return table_key(self.schema, self.name)
+
+    @property
+    def is_table(self) -> bool:
+        return self.relkind == "r"
+
+
+def extension_configuration(conn: psycopg2.extensions.connection) -> list[Configuration]:
+    """The configuration tables and sequences of the database's extensions. Members of
+    an extension, so `list_tables` leaves them out."""
+    found: dict[tuple[str, str], Configuration] = {}
     with conn.cursor() as cur:
         cur.execute(_EXTENSION_CONFIGURATION)
-        return [(schema, name, relkind) for schema, name, relkind in cur.fetchall()]
+        for schema, name, relkind, condition in cur.fetchall():
+            found.setdefault((schema, name), Configuration(schema, name, relkind, condition))
+    return list(found.values())
+
+
+def count_configuration(
+    conn: psycopg2.extensions.connection, relations: list[Configuration]
+) -> dict[str, int]:
+    """Exact counts of the rows pg_dump dumps of each configuration table among
+    `relations`: those its extension's condition keeps (PostGIS's `spatial_ref_sys`
+    leaves out the SRIDs it ships), keyed "schema.table". The condition is the
+    extension's own text from the catalog (`pg_extension.extcondition`, which only its
+    script, run by a superuser, can set), run as pg_dump runs it."""
+    counts: dict[str, int] = {}
+    with conn.cursor() as cur:
+        for relation in relations:
+            if relation.is_table:
+                cur.execute(
+                    sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {} {}").format(
+                        sql.Identifier(relation.schema, relation.name), sql.SQL(relation.condition or "")
+                    )
+                )
+                counts[relation.key] = int(one_row(cur)[0])
+    return counts
 
 
 def count_rows(
@@ -195,6 +251,19 @@ def object_counts(conn: psycopg2.extensions.connection) -> dict[str, int]:
     return {name: int(value) for name, value in zip(names, row, strict=True)}
 
 
+# A sequence whose value pg_dump dumps: not an extension's, or one its extension marks as
+# configuration (an extension's other sequences stay as its CREATE EXTENSION made them).
+_SEQUENCES = (
+    "FROM pg_catalog.pg_class c "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "WHERE c.relkind OPERATOR(pg_catalog.=) 'S' AND n.nspname <> ALL (ARRAY['pg_catalog', 'information_schema']) "
+    "AND (NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid OPERATOR(pg_catalog.=) "
+    "'pg_catalog.pg_class'::pg_catalog.regclass AND d.objid OPERATOR(pg_catalog.=) c.oid "
+    "AND d.deptype OPERATOR(pg_catalog.=) 'e') OR EXISTS (SELECT 1 FROM pg_catalog.pg_extension e "
+    "WHERE c.oid OPERATOR(pg_catalog.=) ANY(e.extconfig)))"
+)
+
+
 def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | None]:
     """Every sequence's last value ("schema.name" -> value, None if never used).
 
@@ -204,19 +273,15 @@ def sequence_values(conn: psycopg2.extensions.connection) -> dict[str, int | Non
     sequences would fill the cluster's shared lock table."""
     with conn.cursor() as cur:
         if not conn.autocommit:
+            # What pg_sequences shows (no value without the privilege to read it).
             cur.execute(
-                "SELECT schemaname, sequencename, last_value FROM pg_sequences "
-                "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+                "SELECT n.nspname, c.relname, CASE WHEN pg_catalog.has_sequence_privilege(c.oid, 'SELECT,USAGE') "
+                "THEN pg_catalog.pg_sequence_last_value(c.oid) END " + _SEQUENCES + " ORDER BY 1, 2"
             )
             return {
                 f"{schema}.{name}": (int(v) if v is not None else None) for schema, name, v in cur.fetchall()
             }
-        cur.execute(
-            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
-            "WHERE c.relkind OPERATOR(pg_catalog.=) 'S' AND n.nspname <> ALL (ARRAY['pg_catalog', 'information_schema']) "
-            "ORDER BY 2, 3"
-        )
+        cur.execute("SELECT c.oid, n.nspname, c.relname " + _SEQUENCES + " ORDER BY 2, 3")
         values: dict[str, int | None] = {}
         for oid, schema, name in cur.fetchall():
             cur.execute("SELECT pg_catalog.pg_sequence_last_value(%s::pg_catalog.oid)", (oid,))
