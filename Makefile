@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 PYTHON ?= python3
 
-.PHONY: install run test soak lint seed bench
+.PHONY: install run test test-extensions soak lint seed bench
 
 install: $(VENV)/.installed
 
@@ -28,8 +28,23 @@ run: install
 	$(BIN)/capy-imports dev-seed --port $(PORT)
 	$(BIN)/honcho --procfile Procfile.dev start --port $(PORT)
 
-test: install
+test: install test-extensions
 	$(BIN)/python -m pytest
+
+# The tests import sources that use pg_partman, a packaged extension with configuration
+# tables (tests/integration/test_hostile_extension_configuration.py), from Debian's
+# package for the local PostgreSQL.
+PG_MAJOR := $(shell ls /usr/lib/postgresql 2>/dev/null | sort -n | tail -1)
+test-extensions:
+	@[ -f /usr/share/postgresql/$(PG_MAJOR)/extension/pg_partman.control ] || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        echo "make test: installing postgresql-$(PG_MAJOR)-partman with apt-get"; \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-$(PG_MAJOR)-partman \
+	        || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-$(PG_MAJOR)-partman; }; \
+	    else \
+	        echo "make test: pg_partman is missing: install it as root with \`apt-get install postgresql-$(PG_MAJOR)-partman\`" >&2; \
+	        exit 1; \
+	    fi; }
 
 # 30 imports across 3 workers while a random worker is SIGKILLed every few seconds
 # (a few minutes; CAPY_SOAK_SEED picks another sequence of kills).
