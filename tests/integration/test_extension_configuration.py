@@ -16,7 +16,7 @@ from stages.dumps.archivetoc import read_toc
 from stages.tools.commands import PgTools
 from tests.support import extensions, pg
 from tests.support.copying import PG_BIN
-from tests.support.imports import run_import, upload_and_import
+from tests.support.imports import import_database, upload_and_import
 from tests.support.world import make_world
 
 SOURCE_SQL = """
@@ -57,11 +57,7 @@ def test_an_extensions_configuration_arrives_and_the_project_can_edit_it(
     settings, store, source, tmp_path, way
 ):
     world = make_world(settings)
-    if way == "live":
-        job = run_import(settings, world, pg.url_for(source, sslmode="disable"))
-    else:
-        dump = pg.make_dump(source, way, tmp_path / f"source.{way}")
-        job = upload_and_import(settings, store, world, dump)
+    job = import_database(settings, store, world, source, way, tmp_path)
     assert job.state == "completed", job.error
     live = world.project.database_name
     # The extension's own rows once (not doubled by the dump's), the user's with their

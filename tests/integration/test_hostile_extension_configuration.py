@@ -20,7 +20,7 @@ from pipeline.import_steps import restore_role_name
 from pipeline.models import Project
 from stages.database.cluster import ClusterAdmin
 from tests.support import extensions, pg
-from tests.support.imports import run_import, upload_and_import
+from tests.support.imports import import_database, upload_and_import
 from tests.support.world import make_world
 
 BASE_SQL = """
@@ -67,12 +67,7 @@ def _dump(source: str, path: Path, *flags: str) -> Path:
 
 def _import(settings, store, source, tmp_path, way):
     world = make_world(settings)
-    if way == "live":
-        job = run_import(settings, world, pg.url_for(source, sslmode="disable"))
-    else:
-        dump = pg.make_dump(source, way, tmp_path / f"source.{way}")
-        job = upload_and_import(settings, store, world, dump)
-    return world, job
+    return world, import_database(settings, store, world, source, way, tmp_path)
 
 
 def _user_settings(dbname: str, schema: str = "capy_config") -> list[tuple]:

@@ -14,6 +14,7 @@ from pipeline.sealing import Sealer
 from pipeline.uploads import Uploads
 from stages.connections.pgurl import SourceURL
 from stages.storage import ObjectStore
+from tests.support import pg
 from tests.support.inline import InlineQueue
 from tests.support.uploading import upload_file
 from tests.support.world import World
@@ -35,6 +36,18 @@ def unwoken_job(settings: Settings, world: World) -> Job:
 
 def run_import(settings: Settings, world: World, source_url: str, *, recreate: bool = False) -> Job:
     return _run(settings, world, ImportRequest(recreate=recreate, source=SourceURL.parse_source(source_url)))
+
+
+def import_database(
+    settings: Settings, store: ObjectStore, world: World, source: str, way: str, folder: Path
+) -> Job:
+    """Import the local database `source` into the world's project, in-process: live
+    from its URL (`way` "live"), or as a dump of format `way` (see `pg.make_dump`) made
+    in `folder` and uploaded."""
+    if way == "live":
+        return run_import(settings, world, pg.url_for(source, sslmode="disable"))
+    dump = pg.make_dump(source, way, folder / f"source.{way}")
+    return upload_and_import(settings, store, world, dump)
 
 
 def create_upload(
