@@ -26,6 +26,7 @@ from stages.copy.postdata import split
 from stages.copy.predata import schema_slices
 from stages.dumps import toc
 from stages.dumps.archivetoc import read_toc
+from stages.dumps.rows import dumped_sequences
 from stages.dumps.toc import TocEntry
 from stages.tools.commands import PgRestore
 from stages.tools.restore import restore_section
@@ -166,7 +167,12 @@ def restore(steps: ImportSteps, context: StageContext) -> RestoreResult:
                 uncounted_tables=[],
                 dump_bytes=result.bytes,
                 source_server_version=snapshot.server_version,
-                source_description=SourceDescription.model_validate(snapshot.description),
+                # The sequences' values as pg_dump read them, not as the snapshot's session
+                # did: sequences are not transactional, and a source written meanwhile has
+                # moved them on (the preview holds what was dumped).
+                source_description=SourceDescription.model_validate(
+                    {**snapshot.description, "sequences": dumped_sequences(archived)}
+                ),
                 source_basis="source snapshot",
                 preview_database=preview,
                 verification=None,

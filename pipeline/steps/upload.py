@@ -56,7 +56,7 @@ from stages.dumps.archivetoc import ArchiveToc, End, read_toc
 from stages.dumps.formats import HEAD_BYTES, detect_format
 from stages.dumps.gate import check_archive_readable, check_versions
 from stages.dumps.plainsql import PlainSql, filter_plain_sql
-from stages.dumps.rows import RowCounter, archive_sequences
+from stages.dumps.rows import RowCounter, dumped_sequences
 from stages.dumps.sqlscript import ScriptError
 from stages.errors import Cancelled, PermanentError
 from stages.preflight.extensions import require_allowlisted
@@ -130,9 +130,7 @@ def fetch_upload(
             )
             # The rows are counted by restore as they stream (pipeline.steps.archive);
             # the sequences' values are in the table of contents.
-            counter.sequences = archive_sequences(
-                (e.definition or b"" for e in contents.entries if e.desc == "SEQUENCE SET"), contents.encoding
-            )
+            counter.sequences = dumped_sequences(contents)
             kinds, basis, dump_bytes = facts.pop("toc_kinds"), "dump table of contents", upload.size
         else:
             gzipped = info.format == "gzip-plain"

@@ -247,13 +247,18 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
             if len(on) != 1:
                 continue
             table = on.pop()
-            found = [table_of(d) for d in entry.deps]
-            if None in found:
-                # It depends on something besides copied tables and their keys (an
-                # extension's configuration table is named by its extension): pg_restore
-                # creates it after the data section.
+            found = {d: table_of(d) for d in entry.deps}
+            keys = [t for d, t in found.items() if d in by_id and by_id[d].desc in ("CONSTRAINT", "INDEX")]
+            unknown = [
+                d for d, t in found.items() if t is None and (d not in by_id or by_id[d].desc != "EXTENSION")
+            ]
+            if not keys or None in keys or unknown:
+                # The key it references is no copied table's (an extension's configuration
+                # table's is named by its extension, and its schema): pg_restore creates it
+                # after the data section. A dependency on an extension alone (the
+                # operators of a citext column) is no reason.
                 continue
-            referenced = {t for t in found if t is not None} - {table}
+            referenced = {t for t in found.values() if t is not None} - {table}
             if len(referenced) <= 1:
                 owned[entry.dump_id] = Owned(
                     table, "foreign key", references=referenced.pop() if referenced else table

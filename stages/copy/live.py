@@ -135,7 +135,7 @@ class Snapshot:
                 catalog = read_catalog(conn)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
-                configuration = inventory.count_configuration(conn, inventory.extension_configuration(conn))
+                configuration = _configuration_counts(conn)
             yield cls(
                 source,
                 conn,
@@ -296,6 +296,25 @@ def exclusion_patterns(tables: Sequence[SourceTable], whole: Collection[str] = (
         if chunk:
             patterns.append(prefix + "(" + "|".join(chunk) + ")")
     return patterns
+
+
+def _configuration_counts(conn: psycopg2.extensions.connection) -> dict[str, int]:
+    """The rows pg_dump dumps of each of the source's extensions' configuration tables
+    (`inventory.count_configuration`). A condition of the source's extension that
+    cannot be counted fails the import saying which."""
+    counts: dict[str, int] = {}
+    for relation in inventory.extension_configuration(conn):
+        try:
+            counts.update(inventory.count_configuration(conn, [relation]))
+        except (psycopg2.ProgrammingError, psycopg2.DataError) as err:
+            if isinstance(err, psycopg2.errors.InsufficientPrivilege):
+                raise  # the user's privileges (see _source_errors)
+            raise PermanentError(
+                f"could not count the rows of the extension configuration table {relation.key} that pg_dump "
+                f"dumps (those matching its extension's condition {relation.condition!r}): "
+                f"{str(err).splitlines()[0]}; check the extension on the source (pg_extension.extcondition)"
+            ) from err
+    return counts
 
 
 @contextlib.contextmanager

@@ -111,13 +111,19 @@ def count_configuration(
     counts: dict[str, int] = {}
     with conn.cursor() as cur:
         for relation in relations:
-            if relation.is_table:
-                cur.execute(
-                    sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {} {}").format(
-                        sql.Identifier(relation.schema, relation.name), sql.SQL(relation.condition or "")
-                    )
+            if not relation.is_table:
+                continue
+            table = sql.Identifier(relation.schema, relation.name)
+            if relation.condition:
+                # As pg_dump selects them: COPY (SELECT … FROM t <condition>), whatever the
+                # condition holds (an ORDER BY, a LIMIT), the table's children included.
+                query = sql.SQL("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM {} {}) AS dumped").format(
+                    table, sql.SQL(relation.condition)
                 )
-                counts[relation.key] = int(one_row(cur)[0])
+            else:
+                query = sql.SQL("SELECT pg_catalog.count(*) FROM ONLY {}").format(table)
+            cur.execute(query)
+            counts[relation.key] = int(one_row(cur)[0])
     return counts
 
 

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import IO
 
+from stages.dumps.archivetoc import ArchiveToc
 from stages.dumps.sqlscript import COPY, STATEMENT, Piece, read_script
 from stages.dumps.toc import Utf8Lines, python_codec
 from stages.errors import CommandTimedOut, PermanentCommandFailure
@@ -162,3 +163,11 @@ def archive_sequences(definitions: Iterable[bytes], encoding: str = "UTF8") -> d
             name = table_key(match.group(1).replace(b"''", b"'"), codec)
             values[name] = int(match.group(2)) if match.group(3) == b"true" else None
     return values
+
+
+def dumped_sequences(toc: ArchiveToc) -> dict[str, int | None]:
+    """The sequences' values an archive sets (`archive_sequences` of its SEQUENCE SET
+    entries): what pg_dump read of them."""
+    return archive_sequences(
+        (entry.definition or b"" for entry in toc.entries if entry.desc == "SEQUENCE SET"), toc.encoding
+    )
