@@ -30,7 +30,7 @@ from pipeline.limits import command_limit, job_deadline
 from pipeline.models import Cluster, Job, utcnow
 from pipeline.sealing import Sealer
 from pipeline.steps.registry import spec_of
-from pipeline.steps.results import JobFacts, StageFacts, StageResult, ToolProcess
+from pipeline.steps.results import JobFacts, RestoreResult, StageFacts, StageResult, ToolProcess
 from stages.background import Background
 from stages.connections.pgurl import SourceURL
 from stages.database import dbsettings
@@ -391,7 +391,8 @@ class ImportSteps:
         ) -> tuple[SourceURL, RoleLogin, str]:
             restorer = making.result()
             # In the empty preview, before any of the dump's SQL has run.
-            admin.create_extensions(preview, restorer.name, extensions, extension_comments)
+            own_rows = admin.create_extensions(preview, restorer.name, extensions, extension_comments)
+            context.merge_facts(RestoreResult(extension_rows=own_rows))
             return admin.role_url(preview, restorer), restorer, preview
 
         try:

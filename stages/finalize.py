@@ -35,12 +35,14 @@ def verify_preview(
     *,
     allowlist: Iterable[str],
     copied: dict[str, int] | None = None,
+    extension_rows: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], dict[str, Any]]:
     """Count every table of the preview and compare with the source's counts; the
     tables in `present` (whose source count is unknown) must merely exist; every
     sequence of the source must have its value; every extension installed must be on
-    the allowlist. An extension's configuration table is counted as pg_dump dumps it:
-    the rows its extension's condition keeps (the user's, not the extension's own).
+    the allowlist. An extension's configuration table counts the rows beyond those its
+    CREATE EXTENSION put there (`extension_rows`): the dump's, which the source counted
+    as pg_dump selects them (whatever version of the extension made them).
 
     Reads the preview as `restorer`, the unprivileged role that restored it (it
     bypasses row-level security, so counts are exact), never as the admin.
@@ -69,18 +71,15 @@ def verify_preview(
         target_counts.update(
             inventory.count_partition_trees(conn, sorted(set(source_counts) - set(target_counts)))
         )
-        # An extension's configuration tables: the rows pg_dump dumps of them (the
-        # user's, beside the extension's own), counted as it selects them.
-        target_counts.update(
-            inventory.count_configuration(
-                conn,
-                [
-                    relation
-                    for relation in inventory.extension_configuration(conn)
-                    if relation.key in source_counts or relation.key in present
-                ],
-            )
-        )
+        # An extension's configuration tables: the rows beyond the extension's own.
+        configuration = [
+            (relation.schema, relation.name)
+            for relation in inventory.extension_configuration(conn)
+            if relation.is_table and (relation.key in source_counts or relation.key in present)
+        ]
+        own_rows = extension_rows or {}
+        configured = inventory.count_rows(conn, configuration)
+        target_counts.update({key: rows - own_rows.get(key, 0) for key, rows in configured.items()})
         description = inventory.describe(conn)
         for_roles = inventory.policies_for_roles(conn)
         conn.rollback()
@@ -96,7 +95,15 @@ def verify_preview(
             "them) in the source, dump again, and recreate them for the project's roles after the import; "
             "the project's database was not changed"
         )
-    problems = inventory.compare_counts(source_counts, target_counts)
+    problems = inventory.compare_counts(
+        {key: rows for key, rows in source_counts.items() if key not in configured}, target_counts
+    )
+    problems += [
+        f"table {key} has {rows} rows, not {own_rows.get(key, 0) + source_counts[key]}: "
+        f"the {own_rows.get(key, 0)} its extension made and the source's {source_counts[key]}"
+        for key, rows in sorted(configured.items())
+        if key in source_counts and target_counts[key] != source_counts[key]
+    ]
     problems += [f"table {table} is missing" for table in present if table not in target_counts]
     target_sequences = description["sequences"]
     for name, value in sorted((source_sequences or {}).items()):

@@ -118,6 +118,7 @@ def _verify(steps: ImportSteps, context: StageContext, admin: ClusterAdmin, prev
         recorded(facts.source_description, "source_description").sequences,
         allowlist=steps.settings.extension_allowlist,
         copied=facts.copied_counts,
+        extension_rows=facts.extension_rows,
     )
     verified = Verification(target_counts=target_counts, target=target)
     context.merge_facts(FinalizeResult(verification=verified))

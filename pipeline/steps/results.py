@@ -99,6 +99,8 @@ class CountFacts(StageFacts):
     source_counts: dict[str, int] | None = None  # table -> rows on the source
     copied_counts: dict[str, int] | None = None  # table -> rows the copy's COPY put in the preview
     uncounted_tables: list[str] = Field(default_factory=list)  # rows unknown: they must merely exist
+    # An extension's configuration table -> the rows its CREATE EXTENSION put in the preview.
+    extension_rows: dict[str, int] = Field(default_factory=dict)
     dump_bytes: int | None = None
     source_description: SourceDescription | None = None
     source_basis: str | None = None  # "source snapshot", "dump table of contents", "dump statements"

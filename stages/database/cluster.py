@@ -529,14 +529,18 @@ class ClusterAdmin:
 
     def create_extensions(
         self, database: str, owner: str, extensions: Mapping[str, str], comments: dict[str, str] | None = None
-    ) -> None:
+    ) -> dict[str, int]:
         """Create extensions (name -> schema) in `database` as the admin, as managed
         platforms do for their allowlist; a schema that does not exist yet is created
         owned by `owner` (the import's restore role), so the restore can fill it. Only
         in a freshly created preview, before any of the dump's SQL has run there. The
         source's comments on them are applied as values, never as SQL text from a dump.
         `owner` may write the extensions' configuration tables (see
-        `_grant_extension_configuration`), whose rows the dump holds."""
+        `_grant_extension_configuration`), whose rows the dump holds.
+
+        Returns the rows each configuration table holds once its extension is made
+        ("schema.table" -> rows): the extension's own, which the dump's come beside
+        (whatever version of the extension made the dump)."""
         with self.autocommit(database) as cur:
             self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():
@@ -546,6 +550,10 @@ class ClusterAdmin:
                             sql.Identifier(name), sql.Literal(comment)
                         )
                     )
+            tables = [
+                (r.schema, r.name) for r in inventory.extension_configuration(cur.connection) if r.is_table
+            ]
+            return inventory.count_rows(cur.connection, tables)
 
     @staticmethod
     def _create_extensions(

@@ -92,8 +92,8 @@ def test_an_extensions_configuration_arrives_and_the_project_can_edit_it(
 def test_a_dump_that_empties_an_extensions_configuration_fails_verification(
     settings, store, source, tmp_path
 ):
-    """A configuration table's rows are counted as pg_dump dumps them (the extension's
-    own left out): one that lost the dump's rows fails verification, naming it."""
+    """A configuration table's rows beyond those its CREATE EXTENSION made must be the
+    dump's: one that lost them fails verification, naming it."""
     world = make_world(settings)
     live = world.project.database_name
     pg.psql(live, text="CREATE TABLE keep (id int); INSERT INTO keep VALUES (1);")
@@ -103,7 +103,8 @@ def test_a_dump_that_empties_an_extensions_configuration_fails_verification(
     dump.write_text(text[:end] + "DELETE FROM capy_config.settings;\n\n" + text[end:])
     job = upload_and_import(settings, store, world, dump, recreate=True)
     assert job.state == "failed" and job.retry_classification == "permanent"
-    assert "table capy_config.settings has 0 rows, the source has 2" in job.error, job.error
+    made = "table capy_config.settings has 0 rows, not 4: the 2 its extension made and the source's 2"
+    assert made in job.error, job.error
     assert pg.row_counts(live) == {"public.keep": 1}
 
 
