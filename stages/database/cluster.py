@@ -11,9 +11,10 @@ databases and can `ALTER DATABASE … SET search_path`; a startup option overrid
 setting, so no name in our queries resolves to an operator or function a dump defined
 (the CVE-2018-1058 class of attack). Admin sessions enter a tenant-writable database
 only to create allowlisted extensions in a fresh, empty preview (granting the restore
-role their configuration tables) and to hand a verified preview over (REASSIGN / DROP
-OWNED, and the same grants to the project role): statements that run no user code. Everything else
-inside a tenant database runs as the tenant's own unprivileged roles.
+role their configuration tables, and counting those tables' rows) and to hand a
+verified preview over (REASSIGN / DROP OWNED, and the same grants to the project role):
+statements that run no user code. Everything else inside a tenant database runs as the
+tenant's own unprivileged roles.
 """
 
 from __future__ import annotations
