@@ -319,15 +319,3 @@ def test_sequences_beside_extension_sequences(settings, store, scratch_db, tmp_p
         "WHERE schemaname NOT IN ('capy_config_jobs') ORDER BY 1, 2"
     )
     assert pg.admin(query, dbname=live) == pg.admin(query, dbname=source)
-
-
-@pytest.mark.parametrize("corpus", ["pagila", "chinook", "northwind"])
-@pytest.mark.parametrize("way", ["live", "custom"])
-def test_the_sample_databases_still_import(settings, store, corpus_source, tmp_path, corpus, way):
-    """The sequence filter and the foreign key rule change every import: the sample
-    databases (partitioned payments with foreign keys, identity and serial sequences)
-    still complete with every row."""
-    source = corpus_source(corpus)
-    world, job = _import(settings, store, source, tmp_path, way)
-    assert job.state == "completed", job.error
-    assert pg.row_counts(world.project.database_name) == pg.row_counts(source)
