@@ -23,14 +23,7 @@ from tests.support import extensions, pg
 from tests.support.imports import import_database, upload_and_import
 from tests.support.world import make_world
 
-BASE_SQL = """
-CREATE SCHEMA capy_config;
-CREATE EXTENSION capy_config_test SCHEMA capy_config;
-INSERT INTO capy_config.settings (name, value) VALUES ('tenant_a', 'x'), ('tenant_b', 'y');
-INSERT INTO capy_config_jobs.schedule (name, every) VALUES ('vacuum', '1 day'), ('report', '7 days');
-CREATE TABLE public.notes (id int PRIMARY KEY);
-INSERT INTO public.notes VALUES (1);
-"""
+BASE_SQL = extensions.SOURCE_SQL
 
 # A daily-partitioned table managed by pg_partman, its settings changed by the user.
 PARTMAN_SQL = """

@@ -25,16 +25,8 @@ from tests.support.copying import PG_BIN
 from tests.support.imports import run_import, upload_and_import
 from tests.support.world import make_world
 
-BASE_SQL = """
-CREATE SCHEMA capy_config;
-CREATE EXTENSION capy_config_test SCHEMA capy_config;
-INSERT INTO capy_config.settings (name, value) VALUES ('tenant_a', 'x'), ('tenant_b', 'y');
-INSERT INTO capy_config_jobs.schedule (name, every) VALUES ('vacuum', '1 day'), ('report', '7 days');
-CREATE TABLE public.notes (id int PRIMARY KEY);
-INSERT INTO public.notes VALUES (1);
-"""
+BASE_SQL = extensions.SOURCE_SQL
 
-EXTENSION_DIR = Path("/usr/share/postgresql/15/extension")
 
 # An extension in two versions, as PostGIS ships spatial_ref_sys: rows of its own, and a
 # condition over ranges of keys it keeps for itself. Version 2.0 claims a wider range
@@ -62,7 +54,7 @@ def settings(control_db):
     extensions.install()
     written = []
     for name, text in VERSIONED_FILES.items():
-        path = EXTENSION_DIR / name
+        path = extensions.directory() / name
         path.write_text(text)
         written.append(path)
     yield control_db.replace(
