@@ -8,9 +8,6 @@ that pass are attacks that held (kept so that they go on holding)."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import psycopg2
 import pytest
 from psycopg2 import sql
@@ -20,7 +17,7 @@ from pipeline.import_steps import restore_role_name
 from pipeline.models import Project
 from stages.database.cluster import ClusterAdmin
 from tests.support import extensions, pg
-from tests.support.imports import import_database, upload_and_import
+from tests.support.imports import import_in_new_project, upload_and_import
 from tests.support.world import make_world
 
 BASE_SQL = extensions.SOURCE_SQL
@@ -49,18 +46,6 @@ def _source(scratch_db, text: str) -> str:
     name = scratch_db("capysrc")
     pg.psql(name, text=text)
     return name
-
-
-def _dump(source: str, path: Path, *flags: str) -> Path:
-    subprocess.run(
-        ["pg_dump", *flags, f"--file={path}", "-d", pg.url_for(source)], check=True, capture_output=True
-    )
-    return path
-
-
-def _import(settings, store, source, tmp_path, way):
-    world = make_world(settings)
-    return world, import_database(settings, store, world, source, way, tmp_path)
 
 
 def _user_settings(dbname: str, schema: str = "capy_config") -> list[tuple]:
@@ -97,7 +82,7 @@ def test_configuration_rows_lost_before_verification_fail_the_import(
         return original(steps, context)
 
     monkeypatch.setattr(finalize_stage, "run", losing)
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "failed", (
         f"completed, though the project's database now holds {_user_settings(world.project.database_name)} "
         f"of the source's {_user_settings(source)}"
@@ -136,7 +121,7 @@ def test_a_foreign_key_to_a_configuration_table_restores(settings, store, scratc
         + "CREATE TABLE public.uses (id int PRIMARY KEY, setting text REFERENCES capy_config.settings (name));"
         + "INSERT INTO public.uses VALUES (1, 'tenant_a');",
     )
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "completed", job.error
     assert pg.row_counts(world.project.database_name)["public.uses"] == 1
 
@@ -252,7 +237,7 @@ def test_pg_partman_configuration_arrives(settings, store, scratch_db, tmp_path,
     DEFINER functions, a deferrable FK from part_config_sub) arrives with the user's
     settings, beside a second extension with configuration tables."""
     source = _source(scratch_db, BASE_SQL + PARTMAN_SQL)
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "completed", job.error
     live = world.project.database_name
     assert pg.admin("SELECT parent_table, retention, premake FROM partman.part_config", dbname=live) == [
@@ -277,7 +262,7 @@ def test_an_extension_in_public_or_an_odd_schema(settings, store, scratch_db, tm
         .replace("capy_config.", f"{quoted}.")
         .replace("SCHEMA capy_config", f"SCHEMA {quoted}"),
     )
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "completed", job.error
     assert _user_settings(world.project.database_name, schema) == [("tenant_a", "x"), ("tenant_b", "y")]
 
@@ -288,9 +273,9 @@ def test_a_dump_of_an_imported_project_imports_again(settings, store, scratch_db
     role (`GRANT … ON TABLE capy_config.settings TO capy_prj_…`); imported into another
     project it still completes, granting nothing to the first project's role."""
     source = _source(scratch_db, BASE_SQL)
-    first, job = _import(settings, store, source, tmp_path, "custom")
+    first, job = import_in_new_project(settings, store, source, "custom", tmp_path)
     assert job.state == "completed", job.error
-    dump = _dump(first.project.database_name, tmp_path / "again", f"--format={fmt}")
+    dump = pg.dump_with(first.project.database_name, tmp_path / "again", f"--format={fmt}")
     second = make_world(settings)
     job = upload_and_import(settings, store, second, dump)
     assert job.state == "completed", job.error
@@ -314,7 +299,7 @@ def test_a_user_row_colliding_with_a_built_in_one_fails_loudly(settings, store, 
         + "DELETE FROM capy_config.settings WHERE name = 'batch';"
         + "INSERT INTO capy_config.settings (name, value) VALUES ('batch', '500');",
     )
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "failed"
     assert "settings" in job.error and "batch" in job.error, job.error
     assert pg.admin("SELECT 1 FROM pg_roles WHERE rolname = %s", (restore_role_name(job),)) == []

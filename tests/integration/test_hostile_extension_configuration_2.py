@@ -9,9 +9,6 @@ that pass are attacks that held (kept so that they go on holding)."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import pytest
 from psycopg2 import sql
 
@@ -22,7 +19,7 @@ from stages.dumps.archivetoc import read_toc
 from stages.tools.commands import PgTools
 from tests.support import extensions, pg
 from tests.support.copying import PG_BIN
-from tests.support.imports import run_import, upload_and_import
+from tests.support.imports import import_in_new_project, run_import, upload_and_import
 from tests.support.world import make_world
 
 BASE_SQL = extensions.SOURCE_SQL
@@ -76,23 +73,6 @@ def _source(scratch_db, text: str) -> str:
     return name
 
 
-def _dump(source: str, path: Path, *flags: str) -> Path:
-    subprocess.run(
-        ["pg_dump", *flags, f"--file={path}", "-d", pg.url_for(source)], check=True, capture_output=True
-    )
-    return path
-
-
-def _import(settings, store, source, tmp_path, way):
-    world = make_world(settings)
-    if way == "live":
-        job = run_import(settings, world, pg.url_for(source, sslmode="disable"))
-    else:
-        dump = pg.make_dump(source, way, tmp_path / f"source.{way}")
-        job = upload_and_import(settings, store, world, dump)
-    return world, job
-
-
 def _user_settings(dbname: str) -> list[tuple]:
     return pg.admin(
         "SELECT id, name, value FROM capy_config.settings WHERE NOT builtin ORDER BY id", dbname=dbname
@@ -120,7 +100,7 @@ def test_a_foreign_key_on_an_extension_type_is_still_built_beside_the_copy(scrat
         "CREATE TABLE public.logins (id int PRIMARY KEY, email citext REFERENCES public.accounts (email));"
         "INSERT INTO public.accounts VALUES ('A@x'); INSERT INTO public.logins VALUES (1, 'a@x');",
     )
-    archive = str(_dump(source, tmp_path / "source.dump", "--format=custom"))
+    archive = str(pg.dump_with(source, tmp_path / "source.dump", "--format=custom"))
     contents = read_toc(archive)
     kept = toc.plan(toc.read(PgTools(PG_BIN), archive), precreated_schemas=set()).keep
     plan = plan_archive(
@@ -170,7 +150,7 @@ def test_an_older_extension_version_on_the_source_imports(settings, store, scrat
         f"CREATE SCHEMA codes; CREATE EXTENSION {VERSIONED} SCHEMA codes VERSION '1.0';"
         "INSERT INTO codes.codes VALUES (550, 'mine'), (9000, 'mine too');",
     )
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "completed", job.error
     assert pg.admin(
         "SELECT code, label FROM codes.codes WHERE label LIKE 'mine%%' ORDER BY 1",
@@ -229,7 +209,7 @@ def test_configuration_rows_as_inserts_arrive(settings, store, scratch_db, tmp_p
     only): the import completes and the user's rows arrive exactly once beside the
     extension's own."""
     source = _source(scratch_db, BASE_SQL)
-    dump = _dump(source, tmp_path / f"source.{fmt}", *flags)
+    dump = pg.dump_with(source, tmp_path / f"source.{fmt}", *flags)
     world = make_world(settings)
     job = upload_and_import(settings, store, world, dump)
     assert job.state == "completed", job.error
@@ -303,7 +283,7 @@ def test_sequences_beside_extension_sequences(settings, store, scratch_db, tmp_p
         + "ALTER TABLE capy_config.settings ALTER COLUMN value SET DEFAULT nextval('public.mine')::text;"
         + "INSERT INTO capy_config.settings (name) VALUES ('defaulted');",
     )
-    world, job = _import(settings, store, source, tmp_path, way)
+    world, job = import_in_new_project(settings, store, source, way, tmp_path)
     assert job.state == "completed", job.error
     live = world.project.database_name
     query = (

@@ -17,7 +17,7 @@ from stages.storage import ObjectStore
 from tests.support import pg
 from tests.support.inline import InlineQueue
 from tests.support.uploading import upload_file
-from tests.support.world import World
+from tests.support.world import World, make_world
 
 
 def unwoken_job(settings: Settings, world: World) -> Job:
@@ -48,6 +48,14 @@ def import_database(
         return run_import(settings, world, pg.url_for(source, sslmode="disable"))
     dump = pg.make_dump(source, way, folder / f"source.{way}")
     return upload_and_import(settings, store, world, dump)
+
+
+def import_in_new_project(
+    settings: Settings, store: ObjectStore, source: str, way: str, folder: Path
+) -> tuple[World, Job]:
+    """`import_database` into a new world's project: the world, and the job."""
+    world = make_world(settings)
+    return world, import_database(settings, store, world, source, way, folder)
 
 
 def create_upload(

@@ -171,6 +171,14 @@ def database_exists(name: str) -> bool:
     return bool(admin("SELECT 1 FROM pg_database WHERE datname = %s", (name,)))
 
 
+def dump_with(dbname: str, path: Path, *options: str) -> Path:
+    """`pg_dump` of `dbname` with `options` into `path`."""
+    subprocess.run(
+        ["pg_dump", *options, f"--file={path}", "-d", url_for(dbname)], check=True, capture_output=True
+    )
+    return path
+
+
 def make_dump(dbname: str, fmt: str, path: Path) -> Path:
     """Dump `dbname` as custom, tar, plain or gzip-plain (pg_dump | gzip) to `path`."""
     url = url_for(dbname)
