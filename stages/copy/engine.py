@@ -819,7 +819,7 @@ def _execute(
 
     def run(lane: Lane) -> None:
         with target_errors(f"creating {what} in the preview"):
-            _past_deadlocks(lambda: attempt(lane))
+            _past_deadlocks(functools.partial(attempt, lane))
 
     return run
 

@@ -543,7 +543,7 @@ class ClusterAdmin:
         ("schema.table" -> rows): the extension's own, which the dump's come beside
         (whatever version of the extension made the dump)."""
         with self.autocommit(database) as cur:
-            self._create_extensions(cur, owner, extensions)
+            configuration = self._create_extensions(cur, owner, extensions)
             for name, comment in (comments or {}).items():
                 if name in extensions:
                     cur.execute(
@@ -551,15 +551,14 @@ class ClusterAdmin:
                             sql.Identifier(name), sql.Literal(comment)
                         )
                     )
-            tables = [
-                (r.schema, r.name) for r in inventory.extension_configuration(cur.connection) if r.is_table
-            ]
+            tables = [(relation.schema, relation.name) for relation in configuration if relation.is_table]
             return inventory.count_rows(cur.connection, tables)
 
     @staticmethod
     def _create_extensions(
         cur: psycopg2.extensions.cursor, owner: str, extensions: Mapping[str, str]
-    ) -> None:
+    ) -> list[inventory.Configuration]:
+        """Create `extensions`, then grant `owner` their configuration (returned)."""
         for name, schema in extensions.items():
             cur.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}").format(
@@ -571,10 +570,12 @@ class ClusterAdmin:
                     sql.Identifier(name), sql.Identifier(schema)
                 )
             )
-        ClusterAdmin._grant_extension_configuration(cur, owner)
+        return ClusterAdmin._grant_extension_configuration(cur, owner)
 
     @staticmethod
-    def _grant_extension_configuration(cur: psycopg2.extensions.cursor, role: str) -> None:
+    def _grant_extension_configuration(
+        cur: psycopg2.extensions.cursor, role: str
+    ) -> list[inventory.Configuration]:
         """Let `role` read and write the configuration tables and sequences of the
         database's extensions (those an extension marks with `pg_extension_config_dump`:
         PostGIS's `spatial_ref_sys`, pg_partman's `part_config`…, and the sequences those
@@ -584,9 +585,10 @@ class ClusterAdmin:
         table …`), nor the project's owner change its extensions' settings afterwards,
         as it could on a server where it created them itself. A schema of theirs the
         role may not use (one the extension made itself) is granted USAGE. A GRANT runs
-        no user code."""
+        no user code. Returns the configuration granted."""
+        configuration = inventory.extension_configuration(cur.connection)
         schemas: set[str] = set()
-        for relation in inventory.extension_configuration(cur.connection):
+        for relation in configuration:
             if relation.schema not in schemas:
                 schemas.add(relation.schema)
                 cur.execute(
@@ -608,6 +610,7 @@ class ClusterAdmin:
                     sql.Identifier(relation.schema, relation.name), sql.Identifier(role)
                 )
             )
+        return configuration
 
     def rollback_prepared(self, name: str) -> list[str]:
         """Roll back every prepared transaction of database `name` (a dump may end with
