@@ -142,9 +142,11 @@ class Settings(BaseSettings):
     concurrency: int = _setting(2, "a whole number above 0", ge=1)
     # Empty databases kept ready on each project cluster (stages.database.spares).
     spare_databases: int = _setting(2, "a whole number from 0 to 20", ge=0, le=20)
-    # Per session of the copy on the target cluster (index builds): memory of the cluster, not the worker.
+    # Per session of the copy on the target cluster (index builds): memory of the cluster, not the
+    # worker. PostgreSQL's own default: more made mix's trigram GIN build slower beside the
+    # other lane's copy, not faster (bench/README.md).
     maintenance_work_mem: str = _setting(
-        "256MB", "a size such as 256MB or 1GB (kB, MB or GB)", pattern=r"^[1-9][0-9]*(kB|MB|GB)$"
+        "64MB", "a size such as 256MB or 1GB (kB, MB or GB)", pattern=r"^[1-9][0-9]*(kB|MB|GB)$"
     )
     pg_bin_dir_template: str = _setting(
         "/usr/lib/postgresql/{major}/bin",

@@ -28,7 +28,7 @@ def test_values_are_converted_where_read():
     )
     assert settings.allow_private_sources is True
     assert settings.concurrency == 8
-    assert settings.maintenance_work_mem == "256MB"
+    assert settings.maintenance_work_mem == "64MB"
     assert Settings.from_env({"CAPY_MAINTENANCE_WORK_MEM": "1GB"}).maintenance_work_mem == "1GB"
     assert settings.extension_allowlist == ("citext", "hstore")
     assert settings.s3_public_endpoint == "http://minio:9000"
