@@ -23,7 +23,15 @@ SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
                AND NOT a.attisdropped {generated}
-             ORDER BY a.attnum)
+             ORDER BY a.attnum),
+       NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_attribute a
+           JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+           LEFT JOIN pg_catalog.pg_type e ON e.oid OPERATOR(pg_catalog.=) t.typelem
+                AND t.typcategory OPERATOR(pg_catalog.=) 'A'
+           WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
+             AND NOT a.attisdropped {generated}
+             AND NOT ({binary_type} AND (e.oid IS NULL OR {binary_element})))
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
@@ -36,6 +44,17 @@ WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
         AND d.objid OPERATOR(pg_catalog.=) c.oid AND d.deptype OPERATOR(pg_catalog.=) 'e')
 ORDER BY 2, 3
 """
+
+# A type whose values COPY may move in its binary format between two servers of one
+# major version and one encoding (see SourceTable.binary): a base type (or an array of
+# one) of PostgreSQL's own, with a fixed oid (below FirstGenbkiObjectId: an array's
+# elements carry their type's oid), and with binary send and receive functions (aclitem
+# has none). Anything else (an extension's type, an enum, a domain, a composite) is
+# copied as text.
+_BINARY_TYPE = (
+    "({t}.oid OPERATOR(pg_catalog.<) 10000 AND {t}.typtype OPERATOR(pg_catalog.=) 'b'"
+    " AND {t}.typsend OPERATOR(pg_catalog.<>) 0 AND {t}.typreceive OPERATOR(pg_catalog.<>) 0)"
+)
 
 # Indexes that back no constraint (those come with their CONSTRAINT entry).
 _INDEXES = """
@@ -92,10 +111,24 @@ def read_tables(conn: psycopg2.extensions.connection) -> list[SourceTable]:
     sees them (search_path must be pinned to pg_catalog)."""
     with conn.cursor() as cur:
         generated = "AND a.attgenerated OPERATOR(pg_catalog.=) ''" if conn.server_version >= 120000 else ""
-        cur.execute(_TABLES.format(generated=generated))
+        cur.execute(
+            _TABLES.format(
+                generated=generated,
+                binary_type=_BINARY_TYPE.format(t="t"),
+                binary_element=_BINARY_TYPE.format(t="e"),
+            )
+        )
         return [
-            SourceTable(table_key(schema, name), schema, name, tuple(columns), int(size or 0), int(oid))
-            for oid, schema, name, size, columns in cur.fetchall()
+            SourceTable(
+                table_key(schema, name),
+                schema,
+                name,
+                tuple(columns),
+                int(size or 0),
+                int(oid),
+                binary=bool(binary) and bool(columns),
+            )
+            for oid, schema, name, size, columns, binary in cur.fetchall()
         ]
 
 

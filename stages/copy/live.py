@@ -13,6 +13,7 @@ source session in the same snapshot on first use and streams `COPY … TO STDOUT
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import subprocess
 import threading
@@ -89,6 +90,10 @@ SCHEMA_DUMP_OPTIONS = "-c lc_monetary=C"
 # starting it and joining the snapshot cost a few hundredths of a second, and the rows
 # then cost the worker a fraction of what one Python call per row does.
 COMMAND_MIN_BYTES = 64 << 20
+# Tables whose types allow it are copied in COPY's binary format (see _LiveLoading._format):
+# measured on mix's events (5 million rows), COPY TO took 2.3 s instead of 4.8 on the
+# source and COPY FROM 4.6 s instead of 8.0 on the preview.
+BINARY_COPY = True
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,7 @@ class _LiveLoading:
         self._commands: set[subprocess.Popen[bytes]] = set()
         self._lock = threading.Lock()
         self._interrupted = False
+        self._source_format = _binary_format(snapshot.conn)
 
     def interrupt(self) -> None:
         self.deadline.cancel()
@@ -434,13 +440,14 @@ class _LiveLoading:
             )
         return copies, extra
 
-    def _copy(self, table: SourceTable, progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
+    def _copy(self, listed: SourceTable, progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
         def run(lane: Lane) -> None:
-            with flowing(progress, table, counted=True) as flow:
+            with flowing(progress, listed, counted=True) as flow:
+                table = self._format(listed, lane)
                 tools = self.snapshot.tools
-                if tools is not None and table.bytes >= COMMAND_MIN_BYTES:
+                if tools is not None and table.bytes >= COMMAND_MIN_BYTES and not table.binary:
                     copied = self._copy_by_command(tools, table, lane, flow)
-                    record(table, copied.source_rows, copied.target_rows)
+                    record(listed, copied.source_rows, copied.target_rows)
                     return
                 source = self.session(lane)
                 statement = f"COPY {_shown(table.schema)}.{_shown(table.name)}"
@@ -451,9 +458,20 @@ class _LiveLoading:
                     statement,
                 ):
                     copied = stream_table(table, source, lane.target, flow)
-            record(table, copied.source_rows, copied.target_rows)
+            record(listed, copied.source_rows, copied.target_rows)
 
         return run
+
+    def _format(self, table: SourceTable, lane: Lane) -> SourceTable:
+        """`table` as it is copied into the lane's preview session: in COPY's binary format
+        only if its types allow it (SourceTable.binary) and both servers have the same
+        major version (a type's binary format is only promised within one) and the same
+        encoding (a "char" value travels as its raw byte); in the text format otherwise,
+        as pg_dump copies. Binary rows stream through this process (psycopg2), whose
+        `COPY n` counts them: psql's rows are counted by their newlines."""
+        if table.binary and (not BINARY_COPY or _binary_format(lane.target) != self._source_format):
+            return dataclasses.replace(table, binary=False)
+        return table
 
     def _copy_by_command(self, tools: PgTools, table: SourceTable, lane: Lane, flow: Flow) -> Copied:
         """A large table's rows, written by psql in a session of the snapshot of its
@@ -504,6 +522,15 @@ class _LiveLoading:
                     copy_large_objects(source, lane.target, flow)
 
         return run
+
+
+def _binary_format(conn: psycopg2.extensions.connection) -> tuple[int, str | None]:
+    """What two servers must share for binary COPY between them: the major version and
+    the database's encoding."""
+    version = conn.server_version
+    return (version // 10000 if version >= 100000 else version // 100), conn.get_parameter_status(
+        "server_encoding"
+    )
 
 
 @contextlib.contextmanager

@@ -80,17 +80,20 @@ def waiting_for_lock(dbname: str, table: str) -> bool:
     )
 
 
-@pytest.fixture(params=["memory", "pipe", "psql"])
+@pytest.fixture(params=["memory", "pipe", "memory-text", "pipe-text", "psql"])
 def streams(request, monkeypatch) -> bool:
     """Every way a table's rows leave the source: a lane's own session, read whole into
     memory (as small tables are, stages.copy.stream.MEMORY_MAX_BYTES: every table here)
-    or streamed through a pipe (every table, whatever its size), or psql (every table:
-    stages.copy.live.COMMAND_MIN_BYTES). True for psql."""
-    if request.param == "memory":
+    or streamed through a pipe (every table, whatever its size), in COPY's binary format
+    (tables of built-in types, stages.copy.live.BINARY_COPY) or its text format ("-text");
+    or psql (every table: stages.copy.live.COMMAND_MIN_BYTES; text). True for psql."""
+    if request.param.startswith("memory"):
         monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 1 << 62)
         monkeypatch.setattr(stream, "MEMORY_LIMIT_BYTES", 1 << 30)
-    if request.param == "pipe":
+    if request.param.startswith("pipe"):
         monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
+    if request.param.endswith("-text") or request.param == "psql":
+        monkeypatch.setattr(live, "BINARY_COPY", False)
     if request.param == "psql":
         monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
     return request.param == "psql"

@@ -426,6 +426,7 @@ def test_rows_through_psql_with_a_widened_pipe_copy_as_the_source(scratch_db, tm
     import stages.copy.live
 
     monkeypatch.setattr(stages.copy.live, "COMMAND_MIN_BYTES", 0)
+    monkeypatch.setattr(stages.copy.live, "BINARY_COPY", False)  # psql copies in text only
     widened: list[int] = []
     original = commands.widen_pipe
 

@@ -56,13 +56,17 @@ def _amounts(url: str) -> list[tuple]:
         conn.close()
 
 
-@pytest.mark.parametrize("way", ["memory", "pipe", "psql"])
+@pytest.mark.parametrize("way", ["memory", "pipe", "pipe-text", "psql"])
 def test_money_from_a_source_with_another_lc_monetary_arrives_exact(
     control_db, german_source, monkeypatch, way
 ):
-    """Through each way a table's rows travel (read whole into memory, the pipe, psql)."""
+    """Through each way a table's rows travel (read whole into memory, the pipe, psql),
+    in COPY's binary format (money is a built-in type) and its text format ("-text",
+    psql), which prints money in the session's locale."""
     if way != "memory":
         monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
+    if way in ("psql", "pipe-text"):
+        monkeypatch.setattr(live, "BINARY_COPY", False)
     if way == "psql":
         monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 0)
     world = make_world(control_db)

@@ -123,7 +123,7 @@ def in_small_slices(
 ) -> None:
     """Make every schema take the slices' way (stages.copy.predata), the first slice
     `first` entries long; `by_command`: every table's rows through psql
-    (stages.copy.live.COMMAND_MIN_BYTES); `frozen`: every table loaded after TRUNCATE,
+    (stages.copy.live.COMMAND_MIN_BYTES), in COPY's text format; `frozen`: every table loaded after TRUNCATE,
     which holds it through its copy (stages.copy.stream.FREEZE_MIN_BYTES)."""
     import stages.copy.live
     import stages.copy.predata
@@ -133,6 +133,7 @@ def in_small_slices(
     monkeypatch.setattr(stages.copy.predata, "SLICE_FIRST", first)
     if by_command:
         monkeypatch.setattr(stages.copy.live, "COMMAND_MIN_BYTES", 0)
+        monkeypatch.setattr(stages.copy.live, "BINARY_COPY", False)  # psql copies in text only
     if frozen:
         monkeypatch.setattr(stages.copy.stream, "FREEZE_MIN_BYTES", 0)
 
@@ -205,3 +206,44 @@ BEGIN
     RETURN x;
 END $$;
 """
+
+
+# Values whose text form depends on the session's display settings, or that COPY's text
+# format escapes: each way a table's rows travel must bring them back exactly.
+TRICKY = r"""
+CREATE TABLE public.tricky (
+    id int PRIMARY KEY,
+    note text,
+    raw bytea,
+    at timestamptz,
+    day date,
+    span interval,
+    ratio float8,
+    amount numeric,
+    tags text[],
+    doc jsonb
+);
+INSERT INTO public.tricky VALUES
+    (1, E'line\nbreak\ttab\\back\rcr', '\x00ff10', '2024-02-29 23:59:59.123456+05:30', '0044-03-15 BC',
+     '1 year 2 mons -3 days 04:05:06.789', 0.1, 12345678901234567890.123456789, '{"a,b","c\"d",NULL}',
+     '{"k": "v\n", "n": [1, 2.5e10]}'),
+    (2, '\N', '', 'infinity', '-infinity', '-178000000 years', 'NaN', 'NaN', '{}', 'null'),
+    (3, NULL, NULL, NULL, NULL, NULL, '-Infinity', NULL, NULL, NULL),
+    (4, 'ünïcødé ✓ 𝄞', '\xdeadbeef', '1999-12-31 00:00:00+00', '2000-01-01', '0', 1.7976931348623157e308,
+     -0.000000000000000000001, ARRAY[repeat('x', 3000)], '{"deep": {"deeper": [true, false, null]}}');
+"""
+
+
+def rows_as_text(dbname: str) -> list[tuple[str]]:
+    """Every row of public.tricky as text, printed with the same settings on either side."""
+    conn = psycopg2.connect(pg.url_for(dbname))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; "
+                "SET extra_float_digits = 3; SET bytea_output = 'hex'"
+            )
+            cur.execute("SELECT t::text FROM public.tricky t ORDER BY id")
+            return cur.fetchall()
+    finally:
+        conn.close()
