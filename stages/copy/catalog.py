@@ -49,11 +49,33 @@ ORDER BY 2, 3
 # major version and one encoding (see SourceTable.binary): a base type (or an array of
 # one) of PostgreSQL's own, with a fixed oid (below FirstGenbkiObjectId: an array's
 # elements carry their type's oid), and with binary send and receive functions (aclitem
-# has none). Anything else (an extension's type, an enum, a domain, a composite) is
+# has none). Not the reg* types: their binary form is the object's oid in the source's
+# catalog, their text form its name, which is what the preview must resolve again
+# (`'public.t'::regclass`). Not int2vector and oidvector: their binary receive refuses an
+# empty value (a function without arguments' `proargtypes`) that their text input
+# takes. Anything else (an extension's type, an enum, a domain, a range, a composite) is
 # copied as text.
+_NOT_BINARY = (
+    "regproc",
+    "regprocedure",
+    "regoper",
+    "regoperator",
+    "regclass",
+    "regcollation",
+    "regtype",
+    "regrole",
+    "regnamespace",
+    "regconfig",
+    "regdictionary",
+    "int2vector",
+    "oidvector",
+)
 _BINARY_TYPE = (
     "({t}.oid OPERATOR(pg_catalog.<) 10000 AND {t}.typtype OPERATOR(pg_catalog.=) 'b'"
-    " AND {t}.typsend OPERATOR(pg_catalog.<>) 0 AND {t}.typreceive OPERATOR(pg_catalog.<>) 0)"
+    " AND {t}.typsend OPERATOR(pg_catalog.<>) 0 AND {t}.typreceive OPERATOR(pg_catalog.<>) 0"
+    " AND {t}.typname OPERATOR(pg_catalog.<>) ALL (ARRAY["
+    + ", ".join(f"'{name}'" for name in _NOT_BINARY)
+    + "]::pg_catalog.name[]))"
 )
 
 # Indexes that back no constraint (those come with their CONSTRAINT entry).

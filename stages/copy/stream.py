@@ -33,6 +33,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from stages.errors import PermanentError
 from stages.tools.commands import widen_pipe
 
 # A table smaller than this is emptied by DELETE and loaded by a plain COPY, not TRUNCATE
@@ -170,7 +171,8 @@ class _Sink:
     What streams is measured where the preview's side reads it, in large chunks; rows in
     the binary format have no newline to count there, so each write is counted here, for
     the progress only (`rows`: a Python call per row, 0.2 s of the worker's CPU per 5
-    million rows; the exact count is the COPY's own)."""
+    million rows; the exact count is the COPY's own). The format's trailer is a write of
+    its own: the first write is not counted, so the count never runs ahead of the rows."""
 
     def __init__(self, fd: int, rows: Flow | None = None) -> None:
         self._out = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
@@ -179,9 +181,13 @@ class _Sink:
             self.write = self._out.write
             return
         write = self._out.write
+        uncounted = [True]
 
         def counted(data: bytes) -> int:
-            rows.rows += 1
+            if uncounted:
+                uncounted.clear()
+            else:
+                rows.rows += 1
             return write(data)
 
         self.write = counted
@@ -248,8 +254,10 @@ class Copied:
     bytes: int
 
 
-class CountMismatch(Exception):
-    """The preview received a different number of rows than the source sent."""
+class CountMismatch(PermanentError):
+    """The preview received a different number of rows than the source sent: the copy
+    is not the source (something in the preview dropped or added rows as they loaded),
+    and another attempt would load them the same way."""
 
 
 def _committed(
@@ -258,7 +266,8 @@ def _committed(
     """Commit the preview's side once both sides' counts agree (CountMismatch otherwise)."""
     if source_rows != target_rows:
         raise CountMismatch(
-            f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}"
+            f"the source sent {source_rows} rows of table {table.key} and the preview received {target_rows}: "
+            "the copy would not be the source, so nothing is swapped in"
         )
     if table.binary:
         flow.rows = source_rows  # (counted by writes on the way, for the progress only)
