@@ -17,7 +17,8 @@ from stages.database.inventory import table_key
 from stages.dumps.toc import CatalogId
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not members
-# of an extension (as stages.database.inventory lists them for the counts).
+# of an extension (as stages.database.inventory lists them for the counts): their stored
+# columns, and whether every one of them is of a type binary COPY may move (_BINARY_TYPE).
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a

@@ -528,9 +528,8 @@ def _binary_format(conn: psycopg2.extensions.connection) -> tuple[int, str | Non
     """What two servers must share for binary COPY between them: the major version and
     the database's encoding."""
     version = conn.server_version
-    return (version // 10000 if version >= 100000 else version // 100), conn.get_parameter_status(
-        "server_encoding"
-    )
+    major = version // 10000 if version >= 100000 else version // 100
+    return major, conn.get_parameter_status("server_encoding")
 
 
 @contextlib.contextmanager

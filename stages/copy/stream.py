@@ -15,6 +15,7 @@ streams through the pipe.
 
 Both sides' row counts come back (`COPY n`): they are the same snapshot's rows, so the
 source count is exact without a separate `count(*)`, and a difference is an error.
+A table whose types allow it (`SourceTable.binary`) travels in COPY's binary format.
 """
 
 from __future__ import annotations
@@ -132,12 +133,12 @@ class SourceTable:
         return emptying(quoted(self.schema, self.name), frozen=self.frozen)
 
     def copy_in(self) -> sql.Composable:
-        options = [*(["FORMAT binary"] if self.binary else []), *(["FREEZE"] if self.frozen else [])]
-        freeze = sql.SQL(f" WITH ({', '.join(options)})" if options else "")
+        chosen = [*(["FORMAT binary"] if self.binary else []), *(["FREEZE"] if self.frozen else [])]
+        options = sql.SQL(f" WITH ({', '.join(chosen)})" if chosen else "")
         if not self.columns:
-            return sql.SQL("COPY {} FROM STDIN{}").format(sql.Identifier(self.schema, self.name), freeze)
+            return sql.SQL("COPY {} FROM STDIN{}").format(sql.Identifier(self.schema, self.name), options)
         return sql.SQL("COPY {} ({}) FROM STDIN{}").format(
-            sql.Identifier(self.schema, self.name), self.column_list(), freeze
+            sql.Identifier(self.schema, self.name), self.column_list(), options
         )
 
 
