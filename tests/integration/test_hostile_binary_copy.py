@@ -31,7 +31,7 @@ from stages.copy.catalog import read_tables
 from stages.copy.stream import CountMismatch, Flow, SourceTable, stream_table
 from stages.errors import PermanentError
 from tests.support import pg
-from tests.support.copying import CopyRun, source_url
+from tests.support.copying import CopyRun, record_formats, source_url
 from tests.support.imports import run_import
 from tests.support.world import make_world
 
@@ -79,15 +79,7 @@ def marked(dbname: str) -> dict[str, bool]:
 @pytest.fixture
 def formats(monkeypatch) -> dict[str, bool]:
     """The format each table's rows travelled in (True: binary), by table."""
-    used: dict[str, bool] = {}
-    original = live.stream_table
-
-    def recording(table, *args, **kwargs):
-        used[table.key] = table.binary
-        return original(table, *args, **kwargs)
-
-    monkeypatch.setattr(live, "stream_table", recording)
-    return used
+    return record_formats(monkeypatch)
 
 
 @pytest.fixture(params=["memory", "pipe"])
@@ -322,12 +314,7 @@ def test_every_kind_of_built_in_value_arrives_exactly_in_binary(scratch_db, tmp_
     dates/timestamps, typmods (numeric(p,s), timestamp(p), interval fields, time(p),
     bit(n), varchar(n), bpchar(n)), tid/xid/xid8/cid/oid, arrays with other lower bounds
     and dimensions, NULLs everywhere, empty strings, toasted bytea/text/jsonb."""
-    source, target = scratch_db("capysrc_hbin"), scratch_db("capytgt_hbin")
-    pg.psql(source, text=KINDS)
-    result = CopyRun(source_url(source), target, tmp_path).run()
-    assert formats == {"public.kinds": True}
-    assert result.source_counts == result.target_counts == {"public.kinds": 7}
-    assert_same_rows(source, target)
+    _copies_kinds_exactly(scratch_db, tmp_path, formats)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "text"])
@@ -612,10 +599,10 @@ class _Watched(Flow):
 
 @pytest.mark.parametrize("count", [0, 1, 1000])
 def test_the_progress_never_counts_more_rows_than_a_binary_table_has(scratch_db, monkeypatch, count):
-    """MINOR: the progress counts every write psycopg2 makes as a row; the binary format's
-    trailer is a message (a write) of its own, so while a table streams the progress
-    shows one row more than it has (1 row for an empty table), then drops back at the
-    commit: rows_done is not monotonic."""
+    """FIXED: the progress counted every write psycopg2 makes as a row; the binary
+    format's trailer is a message (a write) of its own, so while a table streamed the
+    progress showed one row more than it has (1 row for an empty table), then dropped
+    back at the commit: rows_done was not monotonic."""
     monkeypatch.setattr(stream, "MEMORY_MAX_BYTES", 0)
     source, target = scratch_db("capysrc_hbin"), scratch_db("capytgt_hbin")
     pg.psql(
@@ -721,15 +708,21 @@ def test_a_binary_copy_that_stalls_mid_table_is_stopped_and_its_progress_counted
     assert pg.row_counts(target) == {"public.big": 0}
 
 
-def test_a_frozen_binary_load_arrives(scratch_db, tmp_path, monkeypatch, formats, way):
-    """HELD: COPY … WITH (FORMAT binary, FREEZE) after TRUNCATE (tables of FREEZE_MIN_BYTES)."""
-    monkeypatch.setattr(stream, "FREEZE_MIN_BYTES", 0)
+def _copies_kinds_exactly(scratch_db, tmp_path, formats) -> str:
+    """Copy KINDS in binary; the rows arrive exactly. The target's name."""
     source, target = scratch_db("capysrc_hbin"), scratch_db("capytgt_hbin")
     pg.psql(source, text=KINDS)
     result = CopyRun(source_url(source), target, tmp_path).run()
     assert formats == {"public.kinds": True}
     assert result.source_counts == result.target_counts == {"public.kinds": 7}
     assert_same_rows(source, target)
+    return target
+
+
+def test_a_frozen_binary_load_arrives(scratch_db, tmp_path, monkeypatch, formats, way):
+    """HELD: COPY … WITH (FORMAT binary, FREEZE) after TRUNCATE (tables of FREEZE_MIN_BYTES)."""
+    monkeypatch.setattr(stream, "FREEZE_MIN_BYTES", 0)
+    target = _copies_kinds_exactly(scratch_db, tmp_path, formats)
     pg.admin("CREATE EXTENSION IF NOT EXISTS pg_visibility", dbname=target)
     assert pg.admin(
         "SELECT all_frozen > 0 FROM pg_visibility_map_summary('public.kinds')", dbname=target

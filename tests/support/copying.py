@@ -247,3 +247,19 @@ def rows_as_text(dbname: str) -> list[tuple[str]]:
             return cur.fetchall()
     finally:
         conn.close()
+
+
+def record_formats(monkeypatch: Any) -> dict[str, bool]:
+    """Record the format each table's rows travel in from a live source (True: COPY's
+    binary format, stages.copy.live.BINARY_COPY), by table, as the copies run."""
+    import stages.copy.live
+
+    used: dict[str, bool] = {}
+    original = stages.copy.live.stream_table
+
+    def recording(table: Any, *args: Any, **kwargs: Any) -> Any:
+        used[table.key] = table.binary
+        return original(table, *args, **kwargs)
+
+    monkeypatch.setattr(stages.copy.live, "stream_table", recording)
+    return used
