@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from playhouse.postgres_ext import PostgresqlExtDatabase
 
@@ -18,6 +19,7 @@ from pipeline import logs, scrape
 from pipeline.config import Settings
 from pipeline.db import CloseDatabase, init_database
 from pipeline.import_steps import ImportSteps
+from pipeline.preflights import FinishRehearsalDrops
 from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
@@ -70,6 +72,12 @@ def import_steps(
     return ImportSteps(settings, seal or sealer(settings), store or object_store(settings))
 
 
+def worker_middleware() -> list[dramatiq.Middleware]:
+    """What a worker process adds to its broker: each message's control-database
+    connection returned, and on the way out the rehearsal drops under way finished."""
+    return [CloseDatabase(), FinishRehearsalDrops()]
+
+
 def worker(settings: Settings) -> StageQueue:
     """Everything a worker process runs: the stage queue with its runner, and the
     webhook deliveries on the same broker. ConfigError if the settings cannot run."""
@@ -78,7 +86,8 @@ def worker(settings: Settings) -> StageQueue:
     seal = sealer(settings)  # refuses to start without CAPY_SECRET_KEY
     control_database(settings)
     stage_broker = broker(settings)
-    stage_broker.add_middleware(CloseDatabase())
+    for middleware in worker_middleware():
+        stage_broker.add_middleware(middleware)
     queue = StageQueue(stage_broker, settings)
     steps = import_steps(settings, seal)
     runner = Runner(settings, steps, queue.wake)

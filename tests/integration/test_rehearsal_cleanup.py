@@ -4,6 +4,8 @@ however it ends, and swept by name (with its creation time) when a process was k
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import time
 
 import pytest
@@ -106,3 +108,54 @@ def _wait_for_new_rehearsal(before: set[str], timeout: float = 30) -> str:
             return name
         time.sleep(0.02)
     raise AssertionError("no rehearsal database was made ahead")
+
+
+# A process that exits while a rehearsal's drop runs in the background (DROP DATABASE
+# waits for a checkpoint) must finish it first: a daemon thread dies with its process,
+# and the database or role would wait an hour for the sweep. Found by CI: a worker
+# stopped right after a preflight left `capy_rehearsal_…` behind.
+_EXIT_AFTER_A_REHEARSAL = """
+import sys, time
+from stages.database.cluster import ClusterAdmin
+from stages.preflight.sandbox import Sandbox
+
+class SlowDrops(ClusterAdmin):
+    def drop_role(self, name):
+        time.sleep(5)
+        super().drop_role(name)
+
+with Sandbox(SlowDrops(sys.argv[2])).database({}) as scratch:
+    print(scratch.database, flush=True)
+if sys.argv[1] == "worker":
+    import dramatiq
+    from dramatiq.brokers.stub import StubBroker
+    from pipeline.services import worker_middleware
+    broker = StubBroker()
+    for middleware in worker_middleware():
+        broker.add_middleware(middleware)
+    worker = dramatiq.Worker(broker, worker_threads=1)
+    worker.start()
+    worker.stop()
+else:
+    from app import gunicorn_conf
+    gunicorn_conf.worker_exit(None, None)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "web"])
+def test_a_process_on_its_way_out_finishes_the_rehearsal_drops_under_way(process):
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_AFTER_A_REHEARSAL, process, pg.ADMIN_URL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    name = done.stdout.strip()
+    assert name.startswith(REHEARSAL_PREFIX)
+    try:
+        assert exists(name) == (False, False)
+    finally:
+        ClusterAdmin(pg.ADMIN_URL).drop_database(name)
+        ClusterAdmin(pg.ADMIN_URL).drop_role(name)
