@@ -18,9 +18,10 @@ from stages.dumps.toc import CatalogId
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not members
 # of an extension (as stages.database.inventory lists them for the counts): their stored
-# columns, and whether every one of them is of a type binary COPY may move (_BINARY_TYPE).
+# columns, and whether every one of them is of a type binary COPY may move (_BINARY_TYPE);
+# reltuples is the planner's estimate of its rows (-1 or 0 when never analyzed).
 _TABLES = """
-SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid),
+SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid), c.reltuples,
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
              WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
                AND NOT a.attisdropped {generated}
@@ -150,8 +151,9 @@ def read_tables(conn: psycopg2.extensions.connection) -> list[SourceTable]:
                 int(size or 0),
                 int(oid),
                 binary=bool(binary) and bool(columns),
+                rows=max(0, int(tuples or 0)),
             )
-            for oid, schema, name, size, columns, binary in cur.fetchall()
+            for oid, schema, name, size, tuples, columns, binary in cur.fetchall()
         ]
 
 

@@ -94,6 +94,11 @@ COMMAND_MIN_BYTES = 64 << 20
 # measured on mix's events (5 million rows), COPY TO took 2.3 s instead of 4.8 on the
 # source and COPY FROM 4.6 s instead of 8.0 on the preview.
 BINARY_COPY = True
+# ...except a table that psql carries (COMMAND_MIN_BYTES or more) whose rows are shorter
+# than this on average (its size on disk over the source's estimate of its rows): binary
+# rows cross this process with a Python call each, and short rows' text costs the servers
+# little, so psql's text is the cheaper way. Measured on narrow (see bench/README.md).
+SHORT_ROW_BYTES = 100
 
 
 @dataclass(frozen=True)
@@ -443,8 +448,8 @@ class _LiveLoading:
     def _copy(self, listed: SourceTable, progress: CopyProgress, record: Record) -> Callable[[Lane], None]:
         def run(lane: Lane) -> None:
             with flowing(progress, listed, counted=True) as flow:
-                table = self._format(listed, lane)
                 tools = self.snapshot.tools
+                table = self._format(listed, lane, psql=tools is not None)
                 if tools is not None and table.bytes >= COMMAND_MIN_BYTES and not table.binary:
                     copied = self._copy_by_command(tools, table, lane, flow)
                     record(listed, copied.source_rows, copied.target_rows)
@@ -462,14 +467,20 @@ class _LiveLoading:
 
         return run
 
-    def _format(self, table: SourceTable, lane: Lane) -> SourceTable:
+    def _format(self, table: SourceTable, lane: Lane, *, psql: bool) -> SourceTable:
         """`table` as it is copied into the lane's preview session: in COPY's binary format
         only if its types allow it (SourceTable.binary) and both servers have the same
         major version (a type's binary format is only promised within one) and the same
         encoding (a "char" value travels as its raw byte); in the text format otherwise,
-        as pg_dump copies. Binary rows stream through this process (psycopg2), whose
+        as pg_dump copies, and when `psql` can carry a large table of short rows
+        (SHORT_ROW_BYTES). Binary rows stream through this process (psycopg2), whose
         `COPY n` counts them: psql's rows are counted by their newlines."""
-        if table.binary and (not BINARY_COPY or _binary_format(lane.target) != self._source_format):
+        if not table.binary:
+            return table
+        if not BINARY_COPY or _binary_format(lane.target) != self._source_format:
+            return dataclasses.replace(table, binary=False)
+        per_row = table.bytes_per_row
+        if psql and table.bytes >= COMMAND_MIN_BYTES and per_row is not None and per_row < SHORT_ROW_BYTES:
             return dataclasses.replace(table, binary=False)
         return table
 

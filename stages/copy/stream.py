@@ -101,7 +101,9 @@ class SourceTable:
     `binary`: its rows may move in COPY's binary format (every column's type is one of
     PostgreSQL's own with binary I/O, stages.copy.catalog), which costs both servers
     about half the CPU of the text format, and is only used between two servers of the
-    same major version and encoding (stages.copy.live)."""
+    same major version and encoding (stages.copy.live); `rows`, the source's estimate of
+    its rows (pg_class.reltuples, 0 when unknown), tells a table of short rows
+    (`bytes_per_row`)."""
 
     key: str
     schema: str
@@ -110,6 +112,12 @@ class SourceTable:
     bytes: int
     oid: int = 0
     binary: bool = False
+    rows: int = 0
+
+    @property
+    def bytes_per_row(self) -> float | None:
+        """Its size on disk over its estimated rows; None when the source has no estimate."""
+        return self.bytes / self.rows if self.rows > 0 else None
 
     def column_list(self) -> sql.Composable:
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)

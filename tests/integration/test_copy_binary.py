@@ -146,17 +146,72 @@ class _Server:
     ],
 )
 def test_binary_only_between_servers_of_one_major_version_and_encoding(preview, binary):
-    loading = object.__new__(live._LiveLoading)
-    loading._source_format = _binary_format(_Server(150020, "UTF8"))  # type: ignore[arg-type]
+    loading = _loading()
     table = SourceTable("public.t", "public", "t", ("id",), 100, 1, binary=True)
-    chosen = loading._format(table, live.Lane(preview))  # type: ignore[arg-type]
+    chosen = loading._format(table, live.Lane(preview), psql=True)  # type: ignore[arg-type]
     assert chosen.binary is binary
     assert chosen.key == table.key and chosen.oid == table.oid
     # A table whose types do not allow it never travels in binary.
     assert (
-        loading._format(SourceTable("public.u", "public", "u", ("id",), 100, 2), live.Lane(preview)).binary
+        loading._format(
+            SourceTable("public.u", "public", "u", ("id",), 100, 2), live.Lane(preview), psql=True
+        ).binary
         is False
     )
+
+
+def _loading() -> live._LiveLoading:
+    loading = object.__new__(live._LiveLoading)
+    loading._source_format = _binary_format(_Server(150020, "UTF8"))  # type: ignore[arg-type]
+    return loading
+
+
+@pytest.mark.parametrize(
+    ("size", "rows", "psql", "binary"),
+    [
+        (live.COMMAND_MIN_BYTES, live.COMMAND_MIN_BYTES // 44, True, False),  # narrow's rows: psql's text
+        (live.COMMAND_MIN_BYTES, live.COMMAND_MIN_BYTES // 44, False, True),  # no psql: binary still
+        (live.COMMAND_MIN_BYTES, live.COMMAND_MIN_BYTES // 134, True, True),  # events' rows
+        (
+            live.COMMAND_MIN_BYTES - 1,
+            live.COMMAND_MIN_BYTES // 44,
+            True,
+            True,
+        ),  # small: this process either way
+        (live.COMMAND_MIN_BYTES, 0, True, True),  # never analyzed: no estimate
+    ],
+)
+def test_a_large_table_of_short_rows_goes_psqls_way_in_text(size, rows, psql, binary):
+    """Binary rows cross the worker with a Python call each; a large table of short rows
+    (stages.copy.live.SHORT_ROW_BYTES) costs less as psql's text."""
+    table = SourceTable("public.t", "public", "t", ("id",), size, 1, binary=True, rows=rows)
+    preview = live.Lane(_Server(150020, "UTF8"))  # type: ignore[arg-type]
+    assert _loading()._format(table, preview, psql=psql).binary is binary
+
+
+def test_short_rows_and_long_rows_of_large_tables_each_arrive_exactly(
+    scratch_db, tmp_path, monkeypatch, formats
+):
+    """Both tables large enough for psql (the limit lowered): the one of short rows travels
+    in text through psql, the one of long rows in binary through the worker."""
+    monkeypatch.setattr(live, "COMMAND_MIN_BYTES", 1)
+    source, target = scratch_db("capysrc_bin"), scratch_db("capytgt_bin")
+    pg.psql(
+        source,
+        text="""
+        CREATE TABLE public.short (id bigint PRIMARY KEY, n int);
+        INSERT INTO public.short SELECT g, g % 7 FROM generate_series(1, 5000) g;
+        CREATE TABLE public.long (id bigint PRIMARY KEY, body text, at timestamptz);
+        INSERT INTO public.long SELECT g, repeat(md5(g::text), 8), '2024-01-01'::timestamptz + g * interval '1 s'
+            FROM generate_series(1, 2000) g;
+        ANALYZE;
+        """,
+    )
+    result = CopyRun(source_url(source), target, tmp_path, by_command=True).run()
+    assert formats == {"public.short": False, "public.long": True}
+    assert result.source_counts == result.target_counts == {"public.short": 5000, "public.long": 2000}
+    for table in ("public.short", "public.long"):
+        assert _rows(target, table) == _rows(source, table), table
 
 
 def test_binary_rows_are_counted_for_the_progress_while_they_stream():

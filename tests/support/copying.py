@@ -251,15 +251,19 @@ def rows_as_text(dbname: str) -> list[tuple[str]]:
 
 def record_formats(monkeypatch: Any) -> dict[str, bool]:
     """Record the format each table's rows travel in from a live source (True: COPY's
-    binary format, stages.copy.live.BINARY_COPY), by table, as the copies run."""
+    binary format, stages.copy.live.BINARY_COPY), by table, as the copies run (through
+    this process or psql)."""
     import stages.copy.live
 
     used: dict[str, bool] = {}
-    original = stages.copy.live.stream_table
+    for name in ("stream_table", "stream_from_command"):  # this process's way, psql's way
+        monkeypatch.setattr(stages.copy.live, name, _recording(getattr(stages.copy.live, name), used))
+    return used
 
+
+def _recording(original: Any, used: dict[str, bool]) -> Any:
     def recording(table: Any, *args: Any, **kwargs: Any) -> Any:
         used[table.key] = table.binary
         return original(table, *args, **kwargs)
 
-    monkeypatch.setattr(stages.copy.live, "stream_table", recording)
-    return used
+    return recording
