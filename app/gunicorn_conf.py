@@ -10,8 +10,8 @@ Read once, when gunicorn starts. Options on the command line override these
   rehearsal, plus CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS for an upload's table of
   contents, plus a margin for the control database and storage. Below it, gunicorn
   would kill the worker thread's process mid-answer and the client would see a reset.
-- worker_exit: a web worker on its way out finishes the drops of the schema rehearsals
-  its preflights ran (stages.preflight.sandbox), which run in threads that die with it.
+- worker_exit: a web worker on its way out finishes its background work (the drops of
+  the schema rehearsals its preflights ran: pipeline.shutdown), whose threads die with it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from pipeline.config import ConfigError, Settings
-from stages.preflight.sandbox import EXIT_WAIT_SECONDS, wait_for_drops
+from pipeline.shutdown import finish_background_work
 
 MARGIN_SECONDS = 15
 
@@ -44,5 +44,5 @@ timeout = worker_timeout(_settings())
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """gunicorn's hook, in a web worker that is stopping: finish the rehearsal drops under way."""
-    wait_for_drops(EXIT_WAIT_SECONDS)
+    """gunicorn's hook, in a web worker that is stopping: finish its background work."""
+    finish_background_work()

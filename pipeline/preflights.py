@@ -13,8 +13,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-import dramatiq
-
 from pipeline import audit
 from pipeline.accounts import cluster_admin, project_role
 from pipeline.config import Settings
@@ -32,23 +30,13 @@ from stages.errors import ObjectMissing, PermanentError
 from stages.preflight.live import check_live_source
 from stages.preflight.rehearsal import RehearsalSetup
 from stages.preflight.report import Preflight, Target
-from stages.preflight.sandbox import EXIT_WAIT_SECONDS, Sandbox, wait_for_drops
+from stages.preflight.sandbox import Sandbox
 from stages.preflight.targetinfo import describe_target
 from stages.preflight.upload import check_upload_head
 from stages.storage import ObjectStore
 from stages.tools.commands import Cancellation, PgTools
 from stages.tools.timelimit import Deadline, Limit
 from stages.tools.workpaths import scrub_work_paths
-
-
-class FinishRehearsalDrops(dramatiq.Middleware):
-    """A worker process on its way out (SIGTERM, after its running messages ended)
-    waits for the rehearsal databases still being dropped in the background, up to
-    `EXIT_WAIT_SECONDS`: those threads die with the process, and what they had not
-    dropped would wait an hour for the sweep."""
-
-    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        wait_for_drops(EXIT_WAIT_SECONDS)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from pipeline import logs, scrape
 from pipeline.config import Settings
 from pipeline.db import CloseDatabase, init_database
 from pipeline.import_steps import ImportSteps
-from pipeline.preflights import FinishRehearsalDrops
 from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
+from pipeline.shutdown import FinishBackgroundWork
 from pipeline.steps.registry import load_stages
 from pipeline.webhooks import events as webhook_events
 from pipeline.webhooks.delivery import Deliverer, backoff_schedule
@@ -74,8 +74,8 @@ def import_steps(
 
 def worker_middleware() -> list[dramatiq.Middleware]:
     """What a worker process adds to its broker: each message's control-database
-    connection returned, and on the way out the rehearsal drops under way finished."""
-    return [CloseDatabase(), FinishRehearsalDrops()]
+    connection returned, and on the way out its background work finished (pipeline.shutdown)."""
+    return [CloseDatabase(), FinishBackgroundWork()]
 
 
 def worker(settings: Settings) -> StageQueue:

@@ -12,8 +12,7 @@ A preflight can have the database made ahead (`Sandbox.ahead`), in a thread of i
 while it checks the source and dumps the schema. The drop runs in a thread of its own, after the rehearsal's result is known: DROP
 DATABASE waits for a checkpoint of the cluster (a fraction of a second, more on a busy
 one), which no preflight should wait for. `wait_for_drops` waits for those under way: the
-tests, and a process on its way out (the worker's `pipeline.preflights.FinishRehearsalDrops`,
-the web process's gunicorn `worker_exit`), since the threads die with the process.
+tests, and a process on its way out (pipeline.shutdown), since the threads die with it.
 """
 
 from __future__ import annotations
@@ -34,9 +33,6 @@ log = logging.getLogger(__name__)
 REHEARSAL_PREFIX = "capy_rehearsal_"
 # Far longer than any rehearsal may run (the stage time limit is 25 min).
 STALE_AFTER_SECONDS = 3600
-# How long a process on its way out waits for the drops under way (within the 30 s
-# gunicorn and the worker give a process to stop).
-EXIT_WAIT_SECONDS = 20.0
 
 
 def rehearsal_name(clock: Callable[[], float] = time.time) -> str:

@@ -113,20 +113,31 @@ def _wait_for_new_rehearsal(before: set[str], timeout: float = 30) -> str:
 # A process that exits while a rehearsal's drop runs in the background (DROP DATABASE
 # waits for a checkpoint) must finish it first: a daemon thread dies with its process,
 # and the database or role would wait an hour for the sweep. Found by CI: a worker
-# stopped right after a preflight left `capy_rehearsal_…` behind.
-_EXIT_AFTER_A_REHEARSAL = """
-import sys, time
+# stopped right after a preflight left `capy_rehearsal_…` behind. The same for the spare
+# databases a worker keeps after a job (pipeline.spares): pipeline.shutdown.
+_EXIT_AFTER_BACKGROUND_WORK = """
+import pathlib, sys, time
+from pipeline import spares
 from stages.database.cluster import ClusterAdmin
 from stages.preflight.sandbox import Sandbox
+
+process, url, kept = sys.argv[1:]
 
 class SlowDrops(ClusterAdmin):
     def drop_role(self, name):
         time.sleep(5)
         super().drop_role(name)
 
-with Sandbox(SlowDrops(sys.argv[2])).database({}) as scratch:
+class SlowSpares:
+    def keep_spares(self, count):
+        time.sleep(8)  # outlasts the rehearsal's drop
+        pathlib.Path(kept).write_text(str(count))
+        return [], []
+
+with Sandbox(SlowDrops(url)).database({}) as scratch:
     print(scratch.database, flush=True)
-if sys.argv[1] == "worker":
+spares.keep_in_background("cluster", SlowSpares(), 2)
+if process == "worker":
     import dramatiq
     from dramatiq.brokers.stub import StubBroker
     from pipeline.services import worker_middleware
@@ -144,9 +155,10 @@ sys.exit(0)
 
 
 @pytest.mark.parametrize("process", ["worker", "web"])
-def test_a_process_on_its_way_out_finishes_the_rehearsal_drops_under_way(process):
+def test_a_process_on_its_way_out_finishes_its_background_work(process, tmp_path):
+    kept = tmp_path / "kept"
     done = subprocess.run(
-        [sys.executable, "-c", _EXIT_AFTER_A_REHEARSAL, process, pg.ADMIN_URL],
+        [sys.executable, "-c", _EXIT_AFTER_BACKGROUND_WORK, process, pg.ADMIN_URL, str(kept)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -156,6 +168,7 @@ def test_a_process_on_its_way_out_finishes_the_rehearsal_drops_under_way(process
     assert name.startswith(REHEARSAL_PREFIX)
     try:
         assert exists(name) == (False, False)
+        assert kept.read_text() == "2"
     finally:
         ClusterAdmin(pg.ADMIN_URL).drop_database(name)
         ClusterAdmin(pg.ADMIN_URL).drop_role(name)
