@@ -10,17 +10,13 @@ Read once, when gunicorn starts. Options on the command line override these
   rehearsal, plus CAPY_PREFLIGHT_COMMAND_TIMEOUT_SECONDS for an upload's table of
   contents, plus a margin for the control database and storage. Below it, gunicorn
   would kill the worker thread's process mid-answer and the client would see a reset.
-- worker_exit: a web worker on its way out finishes its background work (the drops of
-  the schema rehearsals its preflights ran: pipeline.shutdown), whose threads die with it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from pipeline.config import ConfigError, Settings
-from pipeline.shutdown import finish_background_work
 
 MARGIN_SECONDS = 15
 
@@ -41,8 +37,3 @@ def _settings() -> Settings:
 
 bind = f"{os.environ.get('CAPY_BIND_HOST') or '0.0.0.0'}:{os.environ.get('PORT') or '8000'}"
 timeout = worker_timeout(_settings())
-
-
-def worker_exit(server: Any, worker: Any) -> None:
-    """gunicorn's hook, in a web worker that is stopping: finish its background work."""
-    finish_background_work()

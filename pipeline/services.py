@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 
-import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from playhouse.postgres_ext import PostgresqlExtDatabase
 
@@ -22,7 +21,6 @@ from pipeline.import_steps import ImportSteps
 from pipeline.queue import StageQueue, make_broker
 from pipeline.runner import Runner
 from pipeline.sealing import Sealer
-from pipeline.shutdown import FinishBackgroundWork
 from pipeline.steps.registry import load_stages
 from pipeline.webhooks import events as webhook_events
 from pipeline.webhooks.delivery import Deliverer, backoff_schedule
@@ -72,12 +70,6 @@ def import_steps(
     return ImportSteps(settings, seal or sealer(settings), store or object_store(settings))
 
 
-def worker_middleware() -> list[dramatiq.Middleware]:
-    """What a worker process adds to its broker: each message's control-database
-    connection returned, and on the way out its background work finished (pipeline.shutdown)."""
-    return [CloseDatabase(), FinishBackgroundWork()]
-
-
 def worker(settings: Settings) -> StageQueue:
     """Everything a worker process runs: the stage queue with its runner, and the
     webhook deliveries on the same broker. ConfigError if the settings cannot run."""
@@ -86,8 +78,7 @@ def worker(settings: Settings) -> StageQueue:
     seal = sealer(settings)  # refuses to start without CAPY_SECRET_KEY
     control_database(settings)
     stage_broker = broker(settings)
-    for middleware in worker_middleware():
-        stage_broker.add_middleware(middleware)
+    stage_broker.add_middleware(CloseDatabase())
     queue = StageQueue(stage_broker, settings)
     steps = import_steps(settings, seal)
     runner = Runner(settings, steps, queue.wake)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
+from stages.background import hold_exit_for
 from stages.database.cluster import ClusterAdmin
 
 log = logging.getLogger(__name__)
 
 _keeping: set[str] = set()  # clusters whose spares a thread of this process is keeping
-_threads: set[threading.Thread] = set()
 _lock = threading.Lock()
 
 
@@ -43,20 +42,8 @@ def keep_in_background(cluster_id: str, admin: ClusterAdmin, count: int) -> thre
         finally:
             with _lock:
                 _keeping.discard(cluster_id)
-                _threads.discard(thread)
 
     thread = threading.Thread(target=run, name=f"spares-{cluster_id}", daemon=True)
-    with _lock:
-        _threads.add(thread)
     thread.start()
+    hold_exit_for(thread)  # a worker stopped meanwhile finishes it (up to 20 s)
     return thread
-
-
-def wait_for_keeping(timeout: float) -> None:
-    """Wait up to `timeout` for the spare keeping under way in this process (one on its way
-    out: pipeline.shutdown)."""
-    deadline = time.monotonic() + timeout
-    with _lock:
-        threads = list(_threads)
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))

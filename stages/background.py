@@ -1,5 +1,7 @@
 """One call run on a thread of its own while the caller goes on (the preview database
-created while the schema is dumped, a rehearsal database while the source is checked)."""
+created while the schema is dumped, a rehearsal database while the source is checked),
+and work that nobody waits for but the process must not drop on its way out
+(`hold_exit_for`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,20 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 JOIN_POLL_SECONDS = 0.1
+# How long `hold_exit_for` keeps a process that is exiting, from the work's start: within
+# the 30 s a platform (and gunicorn, and the e2e tests' harness) gives a process to stop.
+EXIT_WAIT_SECONDS = 20.0
+
+
+def hold_exit_for(thread: threading.Thread, within: float = EXIT_WAIT_SECONDS) -> None:
+    """Keep this process from exiting until the daemon `thread` (started) ends, or until
+    `within` seconds after this call: a thread that is not a daemon joins it. Python waits
+    for such threads however a process exits short of SIGKILL (its main thread returning
+    or calling sys.exit, multiprocessing's children included: a dramatiq worker process
+    that takes a second SIGTERM as "exit now", a gunicorn worker), where a daemon thread
+    dies mid-work. For work that no caller waits for and that must not be lost half done
+    (a rehearsal database's drop, a cluster's spares: what is left waits for the sweep)."""
+    threading.Thread(target=thread.join, args=(within,), name=f"finish-{thread.name}", daemon=False).start()
 
 
 class Background(Generic[T]):

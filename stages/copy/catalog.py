@@ -7,6 +7,7 @@ operators in `public` are never called; pg_get_indexdef qualifies every table na
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import psycopg2.extensions
@@ -18,8 +19,10 @@ from stages.dumps.toc import CatalogId
 
 # Ordinary tables and partitions that hold rows, outside system schemas and not members
 # of an extension (as stages.database.inventory lists them for the counts): their stored
-# columns, and whether every one of them is of a type binary COPY may move (_BINARY_TYPE);
-# reltuples is the planner's estimate of its rows (-1 or 0 when never analyzed).
+# columns, whether every one of them is of a type binary COPY may move (_BINARY_TYPE), and
+# whether one is an interval (or an array of them: SourceTable.keeps_binary); reltuples is
+# the planner's estimate of its rows (-1 or 0 when never analyzed; any float4 a superuser
+# of the source writes there, NaN and Infinity included).
 _TABLES = """
 SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid), c.reltuples,
        ARRAY(SELECT a.attname FROM pg_catalog.pg_attribute a
@@ -33,7 +36,13 @@ SELECT c.oid, n.nspname, c.relname, pg_catalog.pg_table_size(c.oid), c.reltuples
                 AND t.typcategory OPERATOR(pg_catalog.=) 'A'
            WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
              AND NOT a.attisdropped {generated}
-             AND NOT ({binary_type} AND (e.oid IS NULL OR {binary_element})))
+             AND NOT ({binary_type} AND (e.oid IS NULL OR {binary_element}))),
+       EXISTS (
+           SELECT 1 FROM pg_catalog.pg_attribute a
+           JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+           WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0
+             AND NOT a.attisdropped {generated}
+             AND 'pg_catalog.interval'::pg_catalog.regtype OPERATOR(pg_catalog.=) ANY (ARRAY[t.oid, t.typelem]))
 FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
 WHERE c.relkind OPERATOR(pg_catalog.=) 'r'
@@ -151,10 +160,18 @@ def read_tables(conn: psycopg2.extensions.connection) -> list[SourceTable]:
                 int(size or 0),
                 int(oid),
                 binary=bool(binary) and bool(columns),
-                rows=max(0, int(tuples or 0)),
+                rows=_estimate(tuples),
+                keeps_binary=bool(interval),
             )
-            for oid, schema, name, size, tuples, columns, binary in cur.fetchall()
+            for oid, schema, name, size, tuples, columns, binary, interval in cur.fetchall()
         ]
+
+
+def _estimate(reltuples: float | None) -> int:
+    """pg_class.reltuples as a count of rows; 0 (no estimate) for -1, NaN or Infinity."""
+    if reltuples is None or not math.isfinite(reltuples) or reltuples <= 0:
+        return 0
+    return int(reltuples)
 
 
 def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:

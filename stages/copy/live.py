@@ -473,14 +473,16 @@ class _LiveLoading:
         major version (a type's binary format is only promised within one) and the same
         encoding (a "char" value travels as its raw byte); in the text format otherwise,
         as pg_dump copies, and when `psql` can carry a large table of short rows
-        (SHORT_ROW_BYTES). Binary rows stream through this process (psycopg2), whose
+        (SHORT_ROW_BYTES) whose values all read back from their text (not
+        SourceTable.keeps_binary). Binary rows stream through this process (psycopg2), whose
         `COPY n` counts them: psql's rows are counted by their newlines."""
         if not table.binary:
             return table
         if not BINARY_COPY or _binary_format(lane.target) != self._source_format:
             return dataclasses.replace(table, binary=False)
         per_row = table.bytes_per_row
-        if psql and table.bytes >= COMMAND_MIN_BYTES and per_row is not None and per_row < SHORT_ROW_BYTES:
+        short = per_row is not None and per_row < SHORT_ROW_BYTES
+        if psql and table.bytes >= COMMAND_MIN_BYTES and short and not table.keeps_binary:
             return dataclasses.replace(table, binary=False)
         return table
 

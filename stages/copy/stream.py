@@ -103,7 +103,9 @@ class SourceTable:
     about half the CPU of the text format, and is only used between two servers of the
     same major version and encoding (stages.copy.live); `rows`, the source's estimate of
     its rows (pg_class.reltuples, 0 when unknown), tells a table of short rows
-    (`bytes_per_row`)."""
+    (`bytes_per_row`); `keeps_binary`: some value of its types prints as text PostgreSQL
+    cannot read back (an interval whose time part is the smallest, INT64_MIN microseconds,
+    in PostgreSQL 15), so a binary table stays binary whatever its rows."""
 
     key: str
     schema: str
@@ -113,6 +115,7 @@ class SourceTable:
     oid: int = 0
     binary: bool = False
     rows: int = 0
+    keeps_binary: bool = False
 
     @property
     def bytes_per_row(self) -> float | None:

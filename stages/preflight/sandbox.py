@@ -11,8 +11,8 @@ older than `STALE_AFTER_SECONDS` (the time tells it, no record is needed).
 A preflight can have the database made ahead (`Sandbox.ahead`), in a thread of its own,
 while it checks the source and dumps the schema. The drop runs in a thread of its own, after the rehearsal's result is known: DROP
 DATABASE waits for a checkpoint of the cluster (a fraction of a second, more on a busy
-one), which no preflight should wait for. `wait_for_drops` waits for those under way: the
-tests, and a process on its way out (pipeline.shutdown), since the threads die with it.
+one), which no preflight should wait for; a process on its way out finishes it first (up
+to 20 s: stages.background.hold_exit_for). `wait_for_drops` waits for those under way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from stages.background import Background
+from stages.background import Background, hold_exit_for
 from stages.database.cluster import ClusterAdmin, RoleLogin
 
 log = logging.getLogger(__name__)
@@ -150,11 +150,11 @@ def _start_drop(sandbox: Sandbox, name: str) -> None:
     with _dropping_lock:
         _dropping.add(thread)
     thread.start()
+    hold_exit_for(thread)
 
 
 def wait_for_drops(timeout: float = 60.0) -> None:
-    """Wait for the rehearsal databases being dropped in the background (tests, and a
-    process on its way out)."""
+    """Wait for the rehearsal databases being dropped in the background (tests)."""
     deadline = time.monotonic() + timeout
     while True:
         with _dropping_lock:

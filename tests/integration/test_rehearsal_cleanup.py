@@ -114,61 +114,82 @@ def _wait_for_new_rehearsal(before: set[str], timeout: float = 30) -> str:
 # waits for a checkpoint) must finish it first: a daemon thread dies with its process,
 # and the database or role would wait an hour for the sweep. Found by CI: a worker
 # stopped right after a preflight left `capy_rehearsal_…` behind. The same for the spare
-# databases a worker keeps after a job (pipeline.spares): pipeline.shutdown.
+# databases a worker keeps after a job (pipeline.spares): stages.background.hold_exit_for.
+# Each kind of work alone, so that each one's hold is needed; the process exits by its
+# main thread's sys.exit, or as a multiprocessing child (a dramatiq worker process) whose
+# SIGTERM handler calls sys.exit (dramatiq's "kill" on a second SIGTERM); the real
+# dramatiq and gunicorn: tests/e2e/test_shutdown_background_work.py.
 _EXIT_AFTER_BACKGROUND_WORK = """
-import pathlib, sys, time
+import multiprocessing, os, pathlib, signal, sys, time
 from pipeline import spares
 from stages.database.cluster import ClusterAdmin
 from stages.preflight.sandbox import Sandbox
 
-process, url, kept = sys.argv[1:]
+how, what, url, out, seconds = sys.argv[1:]
 
 class SlowDrops(ClusterAdmin):
     def drop_role(self, name):
-        time.sleep(5)
+        time.sleep(float(seconds))
         super().drop_role(name)
 
 class SlowSpares:
     def keep_spares(self, count):
-        time.sleep(8)  # outlasts the rehearsal's drop
-        pathlib.Path(kept).write_text(str(count))
+        time.sleep(float(seconds))
+        pathlib.Path(out).write_text("kept " + str(count))
         return [], []
 
-with Sandbox(SlowDrops(url)).database({}) as scratch:
-    print(scratch.database, flush=True)
-spares.keep_in_background("cluster", SlowSpares(), 2)
-if process == "worker":
-    import dramatiq
-    from dramatiq.brokers.stub import StubBroker
-    from pipeline.services import worker_middleware
-    broker = StubBroker()
-    for middleware in worker_middleware():
-        broker.add_middleware(middleware)
-    worker = dramatiq.Worker(broker, worker_threads=1)
-    worker.start()
-    worker.stop()
-else:
-    from app import gunicorn_conf
-    gunicorn_conf.worker_exit(None, None)
-sys.exit(0)
+def work():
+    if what == "rehearsal":
+        with Sandbox(SlowDrops(url)).database({}) as scratch:
+            pathlib.Path(out).write_text(scratch.database)
+    else:
+        spares.keep_in_background("cluster", SlowSpares(), 2)
+
+def child():
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
+    work()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(600)
+
+if how == "main":
+    work()
+    sys.exit(0)
+process = multiprocessing.get_context("fork").Process(target=child)
+process.start()
+process.join()
+sys.exit(0 if process.exitcode == 3 else 1)
 """
 
 
-@pytest.mark.parametrize("process", ["worker", "web"])
-def test_a_process_on_its_way_out_finishes_its_background_work(process, tmp_path):
-    kept = tmp_path / "kept"
+def _exit_after(tmp_path, how: str, what: str, seconds: float) -> tuple[str, float]:
+    out = tmp_path / "out"
+    started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", _EXIT_AFTER_BACKGROUND_WORK, process, pg.ADMIN_URL, str(kept)],
+        [sys.executable, "-c", _EXIT_AFTER_BACKGROUND_WORK, how, what, pg.ADMIN_URL, str(out), str(seconds)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    name = done.stdout.strip()
-    assert name.startswith(REHEARSAL_PREFIX)
+    return out.read_text() if out.exists() else "", time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["main", "child"])
+@pytest.mark.parametrize("what", ["rehearsal", "spares"])
+def test_a_process_on_its_way_out_finishes_its_background_work(tmp_path, how, what):
+    written, _ = _exit_after(tmp_path, how, what, seconds=4)
+    if what == "spares":
+        assert written == "kept 2"
+        return
+    assert written.startswith(REHEARSAL_PREFIX)
     try:
-        assert exists(name) == (False, False)
-        assert kept.read_text() == "2"
+        assert exists(written) == (False, False)
     finally:
-        ClusterAdmin(pg.ADMIN_URL).drop_database(name)
-        ClusterAdmin(pg.ADMIN_URL).drop_role(name)
+        ClusterAdmin(pg.ADMIN_URL).drop_database(written)
+        ClusterAdmin(pg.ADMIN_URL).drop_role(written)
+
+
+def test_background_work_that_never_ends_holds_the_exit_for_20_s_at_most(tmp_path):
+    written, took = _exit_after(tmp_path, "main", "spares", seconds=600)
+    assert written == ""  # cut off, as SIGKILL would: the sweep finishes it
+    assert took < 60
