@@ -25,7 +25,11 @@ def hold_exit_for(thread: threading.Thread, within: float = EXIT_WAIT_SECONDS) -
     that takes a second SIGTERM as "exit now", a gunicorn worker), where a daemon thread
     dies mid-work. For work that no caller waits for and that must not be lost half done
     (a rehearsal database's drop, a cluster's spares: what is left waits for the sweep)."""
-    threading.Thread(target=thread.join, args=(within,), name=f"finish-{thread.name}", daemon=False).start()
+    guard = threading.Thread(target=thread.join, args=(within,), name=f"finish-{thread.name}", daemon=False)
+    try:
+        guard.start()
+    except RuntimeError:  # the interpreter is already shutting down: wait here instead
+        thread.join(within)
 
 
 class Background(Generic[T]):
