@@ -17,14 +17,16 @@ JOIN_POLL_SECONDS = 0.1
 EXIT_WAIT_SECONDS = 20.0
 
 
-def hold_exit_for(thread: threading.Thread, within: float = EXIT_WAIT_SECONDS) -> None:
+def hold_exit_for(thread: threading.Thread, within: float | None = None) -> None:
     """Keep this process from exiting until the daemon `thread` (started) ends, or until
-    `within` seconds after this call: a thread that is not a daemon joins it. Python waits
+    `within` seconds (EXIT_WAIT_SECONDS) after this call: a thread that is not a daemon
+    joins it. Python waits
     for such threads however a process exits short of SIGKILL (its main thread returning
     or calling sys.exit, multiprocessing's children included: a dramatiq worker process
     that takes a second SIGTERM as "exit now", a gunicorn worker), where a daemon thread
     dies mid-work. For work that no caller waits for and that must not be lost half done
     (a rehearsal database's drop, a cluster's spares: what is left waits for the sweep)."""
+    within = EXIT_WAIT_SECONDS if within is None else within
     guard = threading.Thread(target=thread.join, args=(within,), name=f"finish-{thread.name}", daemon=False)
     try:
         guard.start()

@@ -58,13 +58,16 @@ def _wait_for(path: Path, process: subprocess.Popen, log: Path, timeout: float =
     raise AssertionError("the rehearsal did not run:\n" + log.read_text(errors="replace"))
 
 
-def _start_worker(tmp_path: Path, drop_seconds: float) -> tuple[subprocess.Popen, Path, Path]:
+def _start_worker(
+    tmp_path: Path, drop_seconds: float, exit_wait: float = 20
+) -> tuple[subprocess.Popen, Path, Path]:
     out, log = tmp_path / "rehearsal", tmp_path / "worker.log"
     env = {
         **os.environ,
         "SLOW_DROP_ADMIN_URL": pg.ADMIN_URL,
         "SLOW_DROP_OUT": str(out),
         "SLOW_DROP_DROP_SECONDS": str(drop_seconds),
+        "SLOW_DROP_EXIT_WAIT": str(exit_wait),
         "PYTHONPATH": str(ROOT),
     }
     with open(log, "wb") as handle:
@@ -117,7 +120,7 @@ def _stop(process: subprocess.Popen, how: str) -> float:
     ],
 )
 def test_a_dramatiq_worker_stopped_right_after_a_rehearsal_leaves_no_rehearsal(tmp_path, how):
-    process, out, log = _start_worker(tmp_path, drop_seconds=4)
+    process, out, log = _start_worker(tmp_path, drop_seconds=2)
     name = ""
     try:
         name = _wait_for(out, process, log)
@@ -136,13 +139,13 @@ def test_a_dramatiq_worker_stopped_right_after_a_rehearsal_leaves_no_rehearsal(t
 @pytest.mark.e2e
 def test_a_dramatiq_worker_whose_drop_hangs_exits_within_the_bound(tmp_path):
     """A drop that never ends must not hold the worker past stages.background.EXIT_WAIT_SECONDS
-    (20 s from the drop's start): the platform's SIGKILL comes at 30 s."""
-    process, out, log = _start_worker(tmp_path, drop_seconds=600)
+    (20 s from the drop's start; 3 s here): the platform's SIGKILL comes at 30 s."""
+    process, out, log = _start_worker(tmp_path, drop_seconds=600, exit_wait=3)
     name = ""
     try:
         name = _wait_for(out, process, log)
         took = _stop(process, "master")
-        assert took < 26, (took, log.read_text(errors="replace")[-3000:])
+        assert took < 20, (took, log.read_text(errors="replace")[-3000:])
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -219,7 +222,7 @@ def test_a_web_process_stopped_right_after_a_preflight_leaves_no_rehearsal(
     with open(log, "wb") as handle:
         process = subprocess.Popen(
             command,
-            env={**env, "PYTHONPATH": f"{site}:{ROOT}", "SLOW_DROP_DROP_SECONDS": "4", "SLOW_DROP_OUT": str(out), "CAPY_BIND_HOST": "127.0.0.1"},
+            env={**env, "PYTHONPATH": f"{site}:{ROOT}", "SLOW_DROP_DROP_SECONDS": "2", "SLOW_DROP_OUT": str(out), "CAPY_BIND_HOST": "127.0.0.1"},
             cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:

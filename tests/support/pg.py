@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import secrets
@@ -94,9 +95,15 @@ def drop_made_by(control_url: str) -> None:
             roles = [role for (role,) in cur.fetchall()]
     finally:
         conn.close()
-    for (name,) in admin("SELECT datname FROM pg_database WHERE datname LIKE %s", ("capy_%",)):
-        if name in made or any(name.startswith(m + "_replaced_") for m in made):
-            drop_db(name)
+    names = [
+        name
+        for (name,) in admin("SELECT datname FROM pg_database WHERE datname LIKE %s", ("capy_%",))
+        if name in made or any(name.startswith(m + "_replaced_") for m in made)
+    ]
+    # Side by side: each DROP DATABASE waits for a checkpoint, which drops under way share
+    # (hundreds at the end of a run: 27 s one after another).
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(drop_db, names))
     for role in roles:
         admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 

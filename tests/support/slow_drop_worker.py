@@ -15,11 +15,14 @@ from pathlib import Path
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
+import stages.background
 from stages.database.cluster import ClusterAdmin
 from stages.preflight.sandbox import Sandbox
 
 broker = StubBroker()
 dramatiq.set_broker(broker)
+# How long a stopping process finishes its background work (20 s; shorter in a test).
+stages.background.EXIT_WAIT_SECONDS = float(os.environ.get("SLOW_DROP_EXIT_WAIT", "20"))
 
 
 class SlowDrops(ClusterAdmin):
