@@ -18,7 +18,7 @@ import pytest
 import stages.copy.live as live
 from stages.copy.catalog import read_tables
 from tests.support import pg
-from tests.support.copying import CopyRun, record_formats, source_url
+from tests.support.copying import CopyRun, record_formats, rows_as_text, source_url
 
 EXTREMES = r"""
 CREATE TABLE public.ext (
@@ -44,21 +44,10 @@ ANALYZE public.ext;
 
 
 def rendered(dbname: str) -> list[tuple[str]]:
-    """Every row as text, printed the same way on either side (no display setting of the
-    database's own applies)."""
-    conn = psycopg2.connect(pg.url_for(dbname))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; "
-                "SET extra_float_digits = 3; SET bytea_output = 'hex'; SET lc_monetary = 'C'"
-            )
-            cur.execute(
-                "SELECT e::text, float8send(e.f8)::text, float4send(e.f4)::text FROM public.ext e ORDER BY id"
-            )
-            return cur.fetchall()
-    finally:
-        conn.close()
+    """Every row as text, and its floats' exact bits."""
+    return rows_as_text(
+        dbname, "SELECT e::text, float8send(e.f8)::text, float4send(e.f4)::text FROM public.ext e ORDER BY id"
+    )
 
 
 @pytest.mark.parametrize(

@@ -234,16 +234,19 @@ INSERT INTO public.tricky VALUES
 """
 
 
-def rows_as_text(dbname: str) -> list[tuple[str]]:
-    """Every row of public.tricky as text, printed with the same settings on either side."""
+def rows_as_text(
+    dbname: str, query: str = "SELECT t::text FROM public.tricky t ORDER BY id"
+) -> list[tuple[str]]:
+    """The rows of `query` (every row of public.tricky as text), printed with the same
+    settings on either side (no display setting of the database's own applies)."""
     conn = psycopg2.connect(pg.url_for(dbname))
     try:
         with conn.cursor() as cur:
             cur.execute(
                 "SET DateStyle = ISO; SET IntervalStyle = postgres; SET TimeZone = 'UTC'; "
-                "SET extra_float_digits = 3; SET bytea_output = 'hex'"
+                "SET extra_float_digits = 3; SET bytea_output = 'hex'; SET lc_monetary = 'C'"
             )
-            cur.execute("SELECT t::text FROM public.tricky t ORDER BY id")
+            cur.execute(query)
             return cur.fetchall()
     finally:
         conn.close()
