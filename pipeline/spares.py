@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from stages.background import hold_exit_for
+from stages.background import start_held
 from stages.database.cluster import ClusterAdmin
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,4 @@ def keep_in_background(cluster_id: str, admin: ClusterAdmin, count: int) -> thre
             with _lock:
                 _keeping.discard(cluster_id)
 
-    thread = threading.Thread(target=run, name=f"spares-{cluster_id}", daemon=True)
-    thread.start()
-    hold_exit_for(thread)  # a worker stopped meanwhile finishes it (up to 20 s)
-    return thread
+    return start_held(run, name=f"spares-{cluster_id}")  # a worker stopped meanwhile finishes it

@@ -1,7 +1,7 @@
 """One call run on a thread of its own while the caller goes on (the preview database
 created while the schema is dumped, a rehearsal database while the source is checked),
 and work that nobody waits for but the process must not drop on its way out
-(`hold_exit_for`)."""
+(`start_held`)."""
 
 from __future__ import annotations
 
@@ -12,26 +12,26 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 JOIN_POLL_SECONDS = 0.1
-# How long `hold_exit_for` keeps a process that is exiting, from the work's start: within
+# How long `start_held` keeps a process that is exiting, from the work's start: within
 # the 30 s a platform (and gunicorn, and the e2e tests' harness) gives a process to stop.
 EXIT_WAIT_SECONDS = 20.0
 
 
-def hold_exit_for(thread: threading.Thread, within: float | None = None) -> None:
-    """Keep this process from exiting until the daemon `thread` (started) ends, or until
-    `within` seconds (EXIT_WAIT_SECONDS) after this call: a thread that is not a daemon
-    joins it. Python waits
-    for such threads however a process exits short of SIGKILL (its main thread returning
-    or calling sys.exit, multiprocessing's children included: a dramatiq worker process
-    that takes a second SIGTERM as "exit now", a gunicorn worker), where a daemon thread
-    dies mid-work. For work that no caller waits for and that must not be lost half done
-    (a rehearsal database's drop, a cluster's spares: what is left waits for the sweep)."""
-    within = EXIT_WAIT_SECONDS if within is None else within
-    guard = threading.Thread(target=thread.join, args=(within,), name=f"finish-{thread.name}", daemon=False)
-    try:
-        guard.start()
-    except RuntimeError:  # the interpreter is already shutting down: wait here instead
-        thread.join(within)
+def start_held(work: Callable[[], None], *, name: str) -> threading.Thread:
+    """`work()` started on a daemon thread that nobody waits for, but which holds this
+    process's exit until it ends, for EXIT_WAIT_SECONDS at most from now: a thread that
+    is not a daemon joins it. Python waits for such threads however a process exits
+    short of SIGKILL (its main thread returning or calling sys.exit, multiprocessing's
+    children included: a dramatiq worker process that takes a second SIGTERM as "exit
+    now", a gunicorn worker), where a daemon thread dies mid-work. For work that must not
+    be lost half done (a rehearsal database's drop, a cluster's spares: what is left
+    waits for the sweep)."""
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    threading.Thread(
+        target=thread.join, args=(EXIT_WAIT_SECONDS,), name=f"finish-{name}", daemon=False
+    ).start()
+    return thread
 
 
 class Background(Generic[T]):

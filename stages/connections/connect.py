@@ -144,3 +144,8 @@ def connect(
 
 def server_major(conn: psycopg2.extensions.connection) -> int:
     return int(conn.server_version) // 10000
+
+
+def major_of(version_num: int) -> int:
+    """The major version in a server_version_num: 150004 -> 15, 90624 -> 906 (9.6)."""
+    return version_num // 10000 if version_num >= 100000 else version_num // 100

@@ -25,7 +25,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from stages.connections.connect import connect
+from stages.connections.connect import connect, major_of
 from stages.connections.deadline import Deadline as SourceDeadline
 from stages.connections.pgurl import SourceURL, redact
 from stages.connections.rows import one_row
@@ -540,9 +540,7 @@ class _LiveLoading:
 def _binary_format(conn: psycopg2.extensions.connection) -> tuple[int, str | None]:
     """What two servers must share for binary COPY between them: the major version and
     the database's encoding."""
-    version = conn.server_version
-    major = version // 10000 if version >= 100000 else version // 100
-    return major, conn.get_parameter_status("server_encoding")
+    return major_of(conn.server_version), conn.get_parameter_status("server_encoding")
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from stages.connections.connect import major_of
 from stages.preflight.extensions import Extension, judge_extensions
 from stages.preflight.registry import OBJECT_CHECKS
 from stages.preflight.report import (
@@ -65,7 +66,7 @@ def check_target_empty(report: Preflight, target: Target) -> None:
 def check_major(report: Preflight, version_num: int, target: Target, *, label: str) -> None:
     """`source_version_compatible` for a live source (`version_num` as in
     server_version_num, `label` the version a person reads, "15.4")."""
-    major = version_num // 10000 if version_num >= 100000 else version_num // 100
+    major = major_of(version_num)
     if version_num >= 100000 and major > target.major:
         report.add(
             "source_version_compatible",

@@ -12,7 +12,7 @@ A preflight can have the database made ahead (`Sandbox.ahead`), in a thread of i
 while it checks the source and dumps the schema. The drop runs in a thread of its own, after the rehearsal's result is known: DROP
 DATABASE waits for a checkpoint of the cluster (a fraction of a second, more on a busy
 one), which no preflight should wait for; a process on its way out finishes it first (up
-to 20 s: stages.background.hold_exit_for). `wait_for_drops` waits for those under way.
+to 20 s: stages.background.start_held). `wait_for_drops` waits for those under way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from stages.background import Background, hold_exit_for
+from stages.background import Background, start_held
 from stages.database.cluster import ClusterAdmin, RoleLogin
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,9 @@ def _start_drop(sandbox: Sandbox, name: str) -> None:
             with _dropping_lock:
                 _dropping.discard(thread)
 
-    thread = threading.Thread(target=run, name=f"drop-{name}", daemon=True)
     with _dropping_lock:
+        thread = start_held(run, name=f"drop-{name}")
         _dropping.add(thread)
-    thread.start()
-    hold_exit_for(thread)
 
 
 def wait_for_drops(timeout: float = 60.0) -> None:

@@ -1,6 +1,6 @@
 """A worker or web process stopped right after a schema rehearsal finishes the
 rehearsal's drops (in a background thread) before it exits, within 20 s, however the
-platform stops it (stages.background.hold_exit_for). Found by CI (a `capy_rehearsal_…`
+platform stops it (stages.background.start_held). Found by CI (a `capy_rehearsal_…`
 left behind by a worker stopped after a preflight) and by the hostile review: a first fix
 that waited in dramatiq's worker shutdown missed a worker process given two SIGTERMs
 (dramatiq takes the second as "exit now"), and gunicorn's `worker_exit` hook missed a

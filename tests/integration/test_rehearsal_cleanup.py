@@ -114,7 +114,7 @@ def _wait_for_new_rehearsal(before: set[str], timeout: float = 30) -> str:
 # waits for a checkpoint) must finish it first: a daemon thread dies with its process,
 # and the database or role would wait an hour for the sweep. Found by CI: a worker
 # stopped right after a preflight left `capy_rehearsal_…` behind. The same for the spare
-# databases a worker keeps after a job (pipeline.spares): stages.background.hold_exit_for.
+# databases a worker keeps after a job (pipeline.spares): stages.background.start_held.
 # Each kind of work alone, so that each one's hold is needed; the process exits by its
 # main thread's sys.exit, or as a multiprocessing child (a dramatiq worker process) whose
 # SIGTERM handler calls sys.exit (dramatiq's "kill" on a second SIGTERM); the real
