@@ -56,10 +56,11 @@ def test_a_small_tables_indexes_constraints_and_statistics_are_one_task(scratch_
         "the indexes, constraints and statistics of table public.parent",
         "the statistics of table public.bare",
     ], builds
-    # Nothing else but the foreign keys (after the builds of both of their tables).
-    assert sorted(what for what in builds if what not in at_once) == [
-        "foreign key kid_a kid_a_parent_id_fkey",
-        "foreign key kid_b kid_b_parent_id_fkey",
+    # Nothing else but the foreign keys (after the builds of both of their tables), both
+    # small tables' keys into parent in one transaction (engine.KEY_BATCH).
+    assert [what for what in builds if what not in at_once] == [
+        # kid_b's key first: the smaller table, its builds are estimated done sooner.
+        "2 foreign keys into table public.parent (kid_b kid_b_parent_id_fkey, kid_a kid_a_parent_id_fkey)",
     ], builds
     for table in TABLES:
         assert analyzed(target, table), table
@@ -104,6 +105,35 @@ def test_a_failing_build_of_a_small_table_names_the_table_and_fails_the_copy(scr
     assert not pg.admin(
         "SELECT 1 FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'kid_a'", dbname=target
     )
+
+
+def test_a_failing_foreign_key_of_a_batch_is_named_and_none_of_the_batch_is_left(scratch_db, tmp_path):
+    source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
+    pg.psql(source, text=SCHEMA)
+
+    def add_an_orphan() -> None:
+        # The preview's kid_b gains a row whose parent does not exist as its rows load.
+        pg.psql(
+            target,
+            text="""
+CREATE FUNCTION public.orphan() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO public.kid_b VALUES (100000, 99999, 'orphan'); RETURN NULL; END $$;
+CREATE TRIGGER orphan AFTER INSERT ON public.kid_b FOR EACH ROW WHEN (NEW.id = 1)
+    EXECUTE FUNCTION public.orphan();
+""",
+        )
+
+    run = CopyRun(source_url(source), target, tmp_path, before_copy=add_an_orphan)
+    with pytest.raises(PermanentError) as raised:
+        run.run()
+    message = str(raised.value)
+    assert message.startswith(
+        "creating 2 foreign keys into table public.parent (kid_b kid_b_parent_id_fkey, "
+        "kid_a kid_a_parent_id_fkey) in the preview failed: "
+    ), message
+    assert 'violates foreign key constraint "kid_b_parent_id_fkey"' in message, message
+    # One transaction: kid_a's key, which its rows satisfy, is not left either.
+    assert not pg.admin("SELECT conname FROM pg_constraint WHERE contype = 'f'", dbname=target)
 
 
 def test_a_deadlock_between_two_builds_is_named_and_retried_not_a_lost_session(scratch_db):
