@@ -85,9 +85,13 @@ PARALLEL_MIN_BYTES = 8 << 20
 # tables, 8,000 such tasks).
 SMALL_TABLE_BYTES = 1 << 20
 # Foreign keys of small tables (SMALL_TABLE_BYTES) into one table are added this many
-# at most to a transaction (`_key_batch`): `many`'s 2,000 took 3.1 s so against 4.7 s
+# at most to a transaction (`_key_task`): `many`'s 2,000 took 3.1 s so against 4.7 s
 # one transaction each, and 3.4 s 50 or 100 at a time.
 KEY_BATCH = 20
+# ...and no more relations than this locked by one such transaction (see `_key_batches`):
+# the server's lock table holds max_locks_per_transaction (64 by default) per session,
+# shared by every database of the cluster.
+KEY_BATCH_LOCKS = 64
 # A build the server chose to break a deadlock is tried again this many times, after
 # a pause of this many seconds times the attempt (`_past_deadlocks`).
 DEADLOCK_RETRIES = 3
@@ -482,8 +486,13 @@ def _tasks(
     foreign: list[tuple[Block, Owned]] = []
     entries: dict[int, list[int]] = {}  # the dump ids of the entries a task restores, by task
     small_indexes: dict[int, list[Block]] = {oid: [] for oid in by_table if _built_at_once(by_table[oid])}
+    # What a foreign key's check on a table locks, at most: the table and an index per
+    # index or constraint (not every constraint makes one).
+    relations = dict.fromkeys(by_table, 1)
     for block, owned in plan.owned_blocks:
         size = by_table[owned.table].bytes
+        if owned.kind != "foreign key":
+            relations[owned.table] += 1
         if owned.unique_index is not None and size < SEPARATE_KEY_MIN_BYTES:
             owned = dataclasses.replace(owned, unique_index=None)  # its own ALTER TABLE makes the index
         what = f"{block.entry.desc.lower()} {block.entry.name}"
@@ -567,7 +576,7 @@ def _tasks(
         )
     for referenced, keys in into.items():
         chain: list[Task[Lane]] = []
-        for batch in _key_batches(keys, by_table):
+        for batch in _key_batches(keys, by_table, relations):
             task = _key_task(batch, by_table, progress)
             chain.append(task)
             tasks.append(task)
@@ -610,52 +619,64 @@ class _ForeignKey(NamedTuple):
     after: list[Task[Lane]]
 
 
-def _key_batches(keys: list[_ForeignKey], by_table: dict[int, SourceTable]) -> list[list[_ForeignKey]]:
+def _key_batches(
+    keys: list[_ForeignKey], by_table: dict[int, SourceTable], relations: dict[int, int]
+) -> list[list[_ForeignKey]]:
     """The foreign keys into one table, in the order they can start (`ready_at`), cut
-    into runs of consecutive keys of small tables (`_built_at_once`), KEY_BATCH at most
-    (see `_key_task`); a key of a larger table stays alone."""
+    into runs of consecutive keys of small tables (`_built_at_once`) for `_key_task`:
+    KEY_BATCH keys at most, and KEY_BATCH_LOCKS relations (`relations`: a table and its
+    indexes, which each key's check locks until the transaction ends, and the
+    referenced table's once). A key of a larger table stays alone."""
     standing = [Task[Lane]("", key.cost, lambda _lane: None, after=key.after) for key in keys]
     ready = ready_at(standing)
     order = sorted(range(len(keys)), key=lambda i: (ready[id(standing[i])], keys[i].cost))
     batches: list[list[_ForeignKey]] = []
+    locked = 0  # by the last batch
     for key in (keys[i] for i in order):
         run = batches[-1] if batches else []
         small = _built_at_once(by_table[key.owned.table])
-        if small and 0 < len(run) < KEY_BATCH and _built_at_once(by_table[run[-1].owned.table]):
+        locks = relations.get(key.owned.table, 1)
+        if (
+            small
+            and 0 < len(run) < KEY_BATCH
+            and _built_at_once(by_table[run[-1].owned.table])
+            and locked + locks <= KEY_BATCH_LOCKS
+        ):
             run.append(key)
+            locked += locks
         else:
             batches.append([key])
+            locked = relations.get(key.owned.references or 0, 1) + locks
     return batches
 
 
 def _key_task(
     batch: list[_ForeignKey], by_table: dict[int, SourceTable], progress: CopyProgress
 ) -> Task[Lane]:
-    """The task that adds `batch`, a run of `_key_batches`: its keys' statements in one
-    round trip and one transaction, once each one's tables are done. Each key into a
-    table rebuilds that table's cached triggers; a transaction for a few of them costs
-    a third less than one each (`many`: 2,000 keys into one table)."""
+    """The task that adds `batch`, a run of `_key_batches`, in one transaction: a
+    statement (and round trip) per key, an error naming its key. Each key into a
+    table rebuilds that table's cached triggers; a transaction for a few of them
+    costs a third less than one each (`many`: 2,000 keys into one table)."""
     after: dict[int, Task[Lane]] = {}
     for key in batch:
         after.update((id(before), before) for before in key.after)
     names = [key.block.entry.name for key in batch]
     assert batch[0].owned.references is not None
     referenced = by_table[batch[0].owned.references]
-    if len(batch) == 1:
-        name, what = f"foreign key {names[0]}", f"foreign key {names[0]}"
-    else:
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        name = f"foreign keys {names[0]} … {names[-1]} ({len(batch)})"
-        what = f"{len(batch)} foreign keys into table {referenced.key} ({shown})"
     tables = {key.owned.table for key in batch} | {referenced.oid}
+    beside = _parallel(progress, *(by_table[oid].bytes for oid in tables))
+    if len(batch) == 1:
+        name = f"foreign key {names[0]}"
+        run = _execute(batch[0].block.sql, name, beside=beside)
+    else:
+        name = f"{len(batch)} foreign keys into table {referenced.key}"
+        run = _execute_together(
+            [(key.block.sql, f"foreign key {key.block.entry.name}") for key in batch], name, beside=beside
+        )
     return Task[Lane](
         name,
         sum(key.cost for key in batch),
-        _execute(
-            "\n".join(key.block.sql for key in batch),
-            what,
-            beside=_parallel(progress, referenced.bytes, *(by_table[oid].bytes for oid in tables)),
-        ),
+        run,
         table_locks(*sorted(tables)),
         after=list(after.values()),
     )
@@ -886,6 +907,40 @@ def _execute(
     def run(lane: Lane) -> None:
         with target_errors(f"creating {what} in the preview"):
             _past_deadlocks(functools.partial(attempt, lane))
+
+    return run
+
+
+def _execute_together(
+    statements: list[tuple[str, str]], what: str, *, beside: CopyProgress | None = None
+) -> Callable[[Lane], None]:
+    """Run `statements` ((statement, what it creates) pairs) on the lane's preview
+    session in one transaction, a round trip each, and commit; as `_execute` (a
+    deadlock retries them all), but an error names the statement's own `what` (`what`:
+    the commit's)."""
+
+    def attempt(lane: Lane, failing: list[str]) -> None:
+        try:
+            with lane.target.cursor() as cur:
+                if _shares_cores(beside):
+                    cur.execute(NO_PARALLEL_WORKERS)
+                for statement, creates in statements:
+                    failing[0] = creates
+                    cur.execute(statement)
+            failing[0] = what
+            lane.target.commit()
+        except BaseException:
+            with contextlib.suppress(psycopg2.Error):
+                lane.target.rollback()
+            raise
+
+    def run(lane: Lane) -> None:
+        failing = [what]
+        try:
+            _past_deadlocks(functools.partial(attempt, lane, failing))
+        except BaseException:
+            with target_errors(f"creating {failing[0]} in the preview"):
+                raise
 
     return run
 
