@@ -261,14 +261,18 @@ class ObjectStore:
         expected: StoredObject | None = None,
         max_bytes: int | None = None,
         on_progress: ProgressCallback | None = None,
+        in_place: bool = False,
     ) -> int:
         """Stream the object to `path` (see `chunks`) and return its size.
 
         The data goes to a ``.part`` file renamed into place at the end, so `path` only
-        ever holds a complete download.
+        ever holds a complete download; or (`in_place`) to `path` itself, each chunk
+        flushed before `on_progress` counts it, so a reader told how far the download
+        got can read that far while the rest arrives. Whatever was written is removed
+        if the download fails.
         """
         target = Path(path)
-        partial = target.with_name(target.name + ".part")
+        partial = target if in_place else target.with_name(target.name + ".part")
         done = 0
         try:
             with open(partial, "wb") as out:
@@ -276,8 +280,11 @@ class ObjectStore:
                     key, expected=expected, max_bytes=max_bytes, on_progress=on_progress
                 ):
                     out.write(chunk)
+                    if in_place:
+                        out.flush()
                     done += len(chunk)
-            os.replace(partial, target)
+            if not in_place:
+                os.replace(partial, target)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

@@ -1,5 +1,6 @@
 """The restore of an uploaded custom or tar archive, on the copy engine (called by
-pipeline.steps.upload once the archive is in this stage's folder).
+pipeline.steps.upload once the archive, or a custom archive's table of contents, is in
+this stage's folder).
 
 As for a live source (pipeline.steps.live): the pre-data section is restored by
 pg_restore as the restore role; then the copy engine's lanes stream each table's rows
@@ -26,7 +27,7 @@ from pipeline.limits import job_deadline
 from pipeline.steps.live import close_thread_connection, report_progress
 from pipeline.steps.results import recorded
 from stages.connections.pgurl import SourceURL
-from stages.copy.archive import ArchiveSource, plan_archive
+from stages.copy.archive import ArchiveBytes, ArchiveSource, OnDisk, plan_archive
 from stages.copy.engine import copy_rows, plan_copy
 from stages.copy.postdata import split
 from stages.dumps import toc
@@ -60,11 +61,19 @@ def restore_archive_upload(
     folder: str,
     target: SourceURL,
     open_target: Callable[[], psycopg2.extensions.connection],
+    contents: ArchiveToc | None = None,
+    arriving: ArchiveBytes | None = None,
 ) -> dict[str, Any]:
     """Restore the archive at `archive` into the preview `target` (reached as the
     restore role; `open_target` opens a session there); return the rows counted on
     both sides (`source_counts`, `copied_counts`) and the tables only known to exist
-    (`uncounted_tables`: rows as INSERT statements)."""
+    (`uncounted_tables`: rows as INSERT statements).
+
+    `arriving`: the archive is still downloading (its table of contents, `contents`, is
+    on disk): the schema is restored at once, each streamed table's rows once they are
+    on disk, and whatever else reads data (pg_restore's own share of the data section,
+    the rest of post-data) once the whole archive is."""
+    arriving = arriving or OnDisk()
     facts = context.job.facts
     encoding = recorded(facts.dump_encoding, "dump_encoding")
     entries = toc.read(tools, archive, encoding=encoding)
@@ -85,7 +94,7 @@ def restore_archive_upload(
         options=[*PgRestore.AS_RESTORED, "--section=post-data"],
     )
     rendered = split(post_data, plan.keep)
-    contents = readable_toc(archive)
+    contents = contents or readable_toc(archive)
     archive_plan = plan_archive(
         contents, plan.keep, encoding=encoding, plain_tables=_plain_tables(open_target)
     )
@@ -93,7 +102,7 @@ def restore_archive_upload(
     # (they end with the stage's pipes) and not recorded one by one.
     readers = dataclasses.replace(tools, observer=None, on_start=None)
     source = ArchiveSource(
-        archive, archive_plan, readers, folder, settings.concurrency, settings.command_stall_seconds
+        archive, archive_plan, readers, folder, settings.concurrency, settings.command_stall_seconds, arriving
     )
     copy_plan = plan_copy(source, plan.keep, rendered)
 
@@ -101,6 +110,7 @@ def restore_archive_upload(
     rest_data = [e for e in archive_plan.rest if e.desc == "TABLE DATA"]
     if rest_data:
         context.progress({"step": "data", "phase": "counting the rows pg_restore loads"})
+        arriving.wait_for(None)
         try:
             count_archive_rows(
                 tools,
@@ -118,10 +128,12 @@ def restore_archive_upload(
 
     def restore_data_section() -> None:
         if rest_list is not None:
+            arriving.wait_for(None)
             restore_section(tools, target, archive, "data", list_file=rest_list)
 
     def restore_rest(rest: list[toc.TocEntry]) -> None:
         if rest:
+            arriving.wait_for(None)
             restore_section(
                 tools,
                 target,

@@ -16,10 +16,13 @@ whether it succeeded or not:
   is never whole on disk (a large script's schema, without its data, is written for
   the whole-schema rehearsal).
 - restore downloads an archive into its own folder (pg_restore needs a file it can
-  seek in), walks it for completeness before anything is restored, and restores it on
-  the copy engine (pipeline.steps.archive) with the plan it recomputes from the
-  archive and the facts (the rehearsal's skip list); plain SQL streams from storage
-  through the same filter into psql (stages.tools.restore).
+  seek in) and restores it on the copy engine (pipeline.steps.archive) with the plan it
+  recomputes from the archive and the facts (the rehearsal's skip list). A custom
+  archive is restored while it downloads (each table's rows once its data block is on
+  disk) and walked for completeness before the stage ends: one cut short fails the
+  stage, and its preview is never swapped in. A tar archive is downloaded and walked
+  first. Plain SQL streams from storage through the same filter into psql
+  (stages.tools.restore).
 
 Local disk: an archive's size during restore (and during fetch, for a tar archive or a
 custom one whose table of contents goes past the head); for plain SQL, a few small
@@ -71,6 +74,9 @@ if TYPE_CHECKING:
     from pipeline.import_steps import StageContext
 
 ARCHIVES = ("custom", "tar")
+# A custom archive's restore starts once its table of contents is on disk: these first
+# bytes are awaited, then twice as many, until it is there whole.
+TOC_BYTES = 64 << 10
 # Progress while bytes stream: at most one write to the job row this often.
 PROGRESS_SECONDS = 1.0
 
@@ -232,44 +238,107 @@ class RestoreFolder:
 
 
 class _Download:
-    """An archive downloading from object storage in a thread of its own, beside the
-    preview's creation; `wait` reports its bytes while it runs and raises its error."""
+    """An archive downloading from object storage into `path` in a thread of its own,
+    beside the preview's creation and the restore (stages.copy.archive.ArchiveBytes):
+    `written` bytes of it are on disk, in order, and readable by another process."""
 
     def __init__(self, store: ObjectStore, upload: StoredObject, path: str, max_bytes: int) -> None:
         self.path = path
-        self.done = 0
         self.total = upload.size
+        self.written = 0
+        self._changed = threading.Condition()
+        self._finished = False
         self._stop = threading.Event()
         self._failure: list[BaseException] = []
 
         def progress(done: int, total: int) -> None:
-            self.done = done
+            with self._changed:
+                self.written = done
+                self._changed.notify_all()
             if self._stop.is_set():
                 raise Cancelled("the restore stopped before the upload was downloaded")
 
         def run() -> None:
             try:
-                store.download(upload.key, path, expected=upload, max_bytes=max_bytes, on_progress=progress)
-            except BaseException as err:  # noqa: BLE001 - raised by `wait`, in the stage's thread
+                # In place, not renamed at the end: pg_restore reads the first tables'
+                # rows while the last ones still arrive.
+                store.download(
+                    upload.key,
+                    path,
+                    expected=upload,
+                    max_bytes=max_bytes,
+                    on_progress=progress,
+                    in_place=True,
+                )
+            except BaseException as err:  # noqa: BLE001 - raised to whoever waits, in their thread
                 self._failure.append(err)
+            with self._changed:
+                self._finished = True
+                self._changed.notify_all()
 
         self._thread = threading.Thread(
             target=contextvars.copy_context().run, args=(run,), name="download-upload", daemon=True
         )
         self._thread.start()
 
+    def wait_for(self, end: int | None) -> None:
+        """Return once the first `end` bytes (None: all of them) are on disk; raise the
+        download's error if it ended short of them."""
+        needed = self.total if end is None else min(end, self.total)
+        with self._changed:
+            while self.written < needed and not self._finished and not self._stop.is_set():
+                self._changed.wait()
+            if self.written < needed:
+                if self._failure:
+                    raise self._failure[0]
+                raise Cancelled("the restore stopped before the upload was downloaded")
+
+    def abandon(self) -> None:
+        """Stop downloading (at the next chunk): the restore no longer needs the rest.
+        Whoever waits for more bytes raises at once."""
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+
+    @property
+    def complete(self) -> bool:
+        with self._changed:
+            return self._finished and not self._failure and self.written == self.total
+
     def wait(self, context: StageContext) -> str:
-        while self._thread.is_alive():
-            self._thread.join(PROGRESS_SECONDS)
+        """The archive's path once it is on disk whole, reporting the bytes meanwhile."""
+        while True:
+            with self._changed:
+                if self._finished:
+                    break
+                self._changed.wait(PROGRESS_SECONDS)
             context.progress(
-                {"phase": "downloading the upload", "bytes_done": self.done, "bytes_total": self.total}
+                {"phase": "downloading the upload", "bytes_done": self.written, "bytes_total": self.total}
             )
-        if self._failure:
-            raise self._failure[0]
+        self.wait_for(None)
         return self.path
 
+    def table_of_contents(self, context: StageContext) -> ArchiveToc:
+        """A custom archive's table of contents, once the bytes that hold it are here."""
+        needed = TOC_BYTES
+        while True:
+            self.wait_for(needed)
+            context.check_cancelled()
+            try:
+                return read_toc(self.path, size=self.total)
+            except End as err:
+                if needed >= self.total:
+                    raise PermanentError(
+                        "the archive's table of contents cannot be read (it ends inside it); upload it again"
+                    ) from err
+                needed *= 2
+            except ValueError as err:
+                raise PermanentError(
+                    f"the archive's table of contents cannot be read ({err}); upload it again"
+                ) from err
+
     def stop(self) -> None:
-        self._stop.set()
+        self.abandon()
         self._thread.join()
 
 
@@ -289,12 +358,15 @@ def restore_folder(
     )
     with stage_folder(settings, job, "restore") as folder:
         download = None
+        unsubscribe: Callable[[], None] = lambda: None  # noqa: E731
         if recorded(facts.dump_format, "dump_format") in ARCHIVES:
             limit = Project.get_by_id(job.project_id).storage_limit_bytes
             download = _Download(store, upload, os.path.join(folder, "upload"), limit)
+            unsubscribe = context.cancellation.on_cancel(download.abandon)
         try:
             yield RestoreFolder(folder, download)
         finally:
+            unsubscribe()
             if download is not None:
                 download.stop()
 
@@ -324,15 +396,12 @@ def restore_upload(
     skipped = facts.restore_skip if facts.restore_skip is not None else facts.rehearsal_skipped
     fmt = recorded(facts.dump_format, "dump_format")
     if prepared.download is not None:
-        archive = prepared.download.wait(context)
-        # Fetch may have read only the head: nothing is restored from an archive cut short.
-        check_complete(archive, fmt)
-        context.check_cancelled()
-        return restore_archive_upload(
+        return _restore_archive(
             context,
+            prepared.download,
+            fmt,
             settings=settings,
             tools=tools,
-            archive=archive,
             folder=prepared.folder,
             target=target,
             open_target=open_target,
@@ -347,6 +416,61 @@ def restore_upload(
 
     restore_plain_stream(tools, target, feed, prepared.folder)
     return {}
+
+
+def _restore_archive(
+    context: StageContext,
+    download: _Download,
+    fmt: str,
+    *,
+    settings: Settings,
+    tools: PgTools,
+    folder: str,
+    target: SourceURL,
+    open_target: Callable[[], psycopg2.extensions.connection],
+) -> dict[str, Any]:
+    """Restore an archive on the copy engine (pipeline.steps.archive).
+
+    A custom archive is restored while it downloads: its schema once its table of
+    contents is on disk, each table's rows once the bytes up to the end of its data
+    block are. The archive is walked for completeness (fetch may have read only its
+    head) before the stage ends, so an archive cut short fails the stage and its
+    preview is never swapped in; when the restore fails on an archive that turns out cut
+    short, that is the error. A tar archive is downloaded and walked first: a cut one
+    can make pg_restore loop."""
+    if fmt != "custom":
+        archive = download.wait(context)
+        check_complete(archive, fmt)
+        context.check_cancelled()
+        return restore_archive_upload(
+            context,
+            settings=settings,
+            tools=tools,
+            archive=archive,
+            folder=folder,
+            target=target,
+            open_target=open_target,
+        )
+    contents = download.table_of_contents(context)
+    try:
+        restored = restore_archive_upload(
+            context,
+            settings=settings,
+            tools=tools,
+            archive=download.path,
+            folder=folder,
+            target=target,
+            open_target=open_target,
+            contents=contents,
+            arriving=download,
+        )
+    except PermanentError:
+        if download.complete:
+            check_complete(download.path, fmt)  # the better reason, when it is one
+        raise
+    download.wait(context)
+    check_complete(download.path, fmt)
+    return restored
 
 
 def _archive_facts(

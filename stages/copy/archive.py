@@ -17,6 +17,10 @@ and its rows are counted from pg_restore's output as before (stages.dumps.rows).
 
 Tables are named by the dump id of their TABLE entry: the source's oids in an uploaded
 file are only what the uploader says.
+
+The archive may still be arriving (`ArchiveBytes`): a table's rows are read once the
+bytes up to the end of its data block are on disk (a custom archive's offsets say
+where), everything else once the whole archive is.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, Protocol
 
 import psycopg2.extensions
 from psycopg2 import sql
@@ -37,7 +41,7 @@ from stages.copy.engine import TASK_OVERHEAD, CopyProgress, Lane, Record, flowin
 from stages.copy.scheduler import Task
 from stages.copy.stream import Flow, SourceTable, emptying, quoted
 from stages.database.inventory import table_key
-from stages.dumps.archivetoc import NO_DATA, ArchiveEntry, ArchiveToc
+from stages.dumps.archivetoc import NO_DATA, OFFSET_SET, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
 from stages.errors import CommandTimedOut, PermanentCommandFailure, PermanentError
 from stages.tools.commands import PgTools
@@ -75,6 +79,27 @@ class ArchiveDataDamaged(PermanentError):
     """The archive's table data is not what its table of contents says."""
 
 
+class ArchiveBytes(Protocol):
+    """How much of the archive is on disk, while it may still be downloading."""
+
+    def wait_for(self, end: int | None) -> None:
+        """Return once the archive's first `end` bytes (None: all of it) are on disk;
+        raise what ended its arrival short of them."""
+
+    def abandon(self) -> None:
+        """The copy stopped: stop the arrival; whoever waits for more bytes raises."""
+
+
+class OnDisk:
+    """An archive that is on disk whole."""
+
+    def wait_for(self, end: int | None) -> None:
+        return None
+
+    def abandon(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class CopyStatement:
     """A data entry's COPY statement, parsed: the table and its columns (unquoted)."""
@@ -104,12 +129,15 @@ def _unquote(name: str) -> str:
 @dataclass(frozen=True)
 class StreamedTable:
     """A table whose rows stream: `entry` is its TABLE DATA entry (for pg_restore's
-    list), `statement` the COPY statement pg_restore prints before its rows."""
+    list), `statement` the COPY statement pg_restore prints before its rows, `end` the
+    byte of the archive where its data block ends (None when the archive does not say:
+    pg_restore may read all of it)."""
 
     table: SourceTable
     entry: TocEntry
     statement: bytes
     copy: CopyStatement
+    end: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,7 +190,9 @@ def plan_archive(
         table = SourceTable(
             table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id
         )
-        streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy))
+        placed = found.offset_flag == OFFSET_SET and found.dump_id in toc.data_bytes
+        end = found.offset + toc.data_bytes[found.dump_id] if placed else None
+        streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy, end))
     streamed_ids = {s.entry.dump_id for s in streamed}
     rest = [
         e
@@ -270,7 +300,8 @@ def _owners(toc: ArchiveToc, tables: dict[int, ArchiveEntry], kept_ids: set[int]
 class ArchiveSource:
     """The engine's row source for an uploaded archive at `path` (see the module's
     docstring). `tools` runs pg_restore (it reads the file only); `folder` holds the
-    small list files each pg_restore is given."""
+    small list files each pg_restore is given; `arriving` says how much of the file is
+    there yet (a table's pg_restore starts once its rows are)."""
 
     path: str
     plan: ArchivePlan
@@ -278,6 +309,7 @@ class ArchiveSource:
     folder: str
     lanes: int
     stall_seconds: float
+    arriving: ArchiveBytes = field(default_factory=OnDisk)
 
     def tables_in(self, kept: list[TocEntry]) -> list[SourceTable]:
         return [s.table for s in self.plan.streamed]
@@ -297,8 +329,10 @@ class _ArchiveLoading:
 
     def interrupt(self) -> None:
         # A lane reading pg_restore's output stops at its next read; one in a COPY is
-        # cancelled by the engine (the preview's session), which ends its pg_restore.
+        # cancelled by the engine (the preview's session), which ends its pg_restore;
+        # one waiting for its rows to arrive raises once the arrival is stopped.
         self.stopped.set()
+        self.source.arriving.abandon()
 
     def close_lane(self, lane: Lane) -> None:
         return None
@@ -324,7 +358,14 @@ class _ArchiveLoading:
     ) -> Callable[[Lane], None]:
         source = self.source
 
+        ends = [item.end for item in batch]
+        # Without offsets, pg_restore reads the archive from its start to find a block.
+        end = None if None in ends or not source.plan.seekable else max(e for e in ends if e is not None)
+
         def run(lane: Lane) -> None:
+            source.arriving.wait_for(end)
+            if self.stopped.is_set():
+                raise PermanentError("the copy was stopped")
             list_file = os.path.join(source.folder, f"data-{number}.list")
             with open(list_file, "w", encoding="utf-8") as fh:
                 fh.write("\n".join(s.entry.line for s in batch) + "\n")
