@@ -252,11 +252,11 @@ class _Download:
         self._failure: list[BaseException] = []
 
         def progress(done: int, total: int) -> None:
+            if self._stop.is_set():  # before counting: a failed download's file is removed
+                raise Cancelled("the restore stopped before the upload was downloaded")
             with self._changed:
                 self.written = done
                 self._changed.notify_all()
-            if self._stop.is_set():
-                raise Cancelled("the restore stopped before the upload was downloaded")
 
         def run() -> None:
             try:
@@ -283,14 +283,15 @@ class _Download:
 
     def wait_for(self, end: int | None) -> None:
         """Return once the first `end` bytes (None: all of them) are on disk; raise the
-        download's error if it ended short of them."""
+        download's error once it has failed (its file is then removed), and Cancelled
+        once it was abandoned short of them."""
         needed = self.total if end is None else min(end, self.total)
         with self._changed:
             while self.written < needed and not self._finished and not self._stop.is_set():
                 self._changed.wait()
+            if self._failure:
+                raise self._failure[0]
             if self.written < needed:
-                if self._failure:
-                    raise self._failure[0]
                 raise Cancelled("the restore stopped before the upload was downloaded")
 
     def abandon(self) -> None:
@@ -302,8 +303,9 @@ class _Download:
 
     @property
     def complete(self) -> bool:
+        """Every byte is on disk (the download may not have returned yet)."""
         with self._changed:
-            return self._finished and not self._failure and self.written == self.total
+            return not self._failure and self.written == self.total
 
     def wait(self, context: StageContext) -> str:
         """The archive's path once it is on disk whole, reporting the bytes meanwhile."""

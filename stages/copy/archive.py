@@ -18,9 +18,10 @@ and its rows are counted from pg_restore's output as before (stages.dumps.rows).
 Tables are named by the dump id of their TABLE entry: the source's oids in an uploaded
 file are only what the uploader says.
 
-The archive may still be arriving (`ArchiveBytes`): a table's rows are read once the
-bytes up to the end of its data block are on disk (a custom archive's offsets say
-where), everything else once the whole archive is.
+The archive may still be arriving (`ArchiveBytes`): a table's rows are read once its
+data block is on disk whole (followed chunk by chunk from the offset its table of
+contents gives, stages.dumps.archivecheck.await_block), everything else once the whole
+archive is.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from stages.copy.engine import TASK_OVERHEAD, CopyProgress, Lane, Record, flowin
 from stages.copy.scheduler import Task
 from stages.copy.stream import Flow, SourceTable, emptying, quoted
 from stages.database.inventory import table_key
+from stages.dumps.archivecheck import await_block
 from stages.dumps.archivetoc import NO_DATA, OFFSET_SET, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
 from stages.errors import CommandTimedOut, PermanentCommandFailure, PermanentError
@@ -82,6 +84,10 @@ class ArchiveDataDamaged(PermanentError):
 class ArchiveBytes(Protocol):
     """How much of the archive is on disk, while it may still be downloading."""
 
+    @property
+    def complete(self) -> bool:
+        """The whole archive is on disk."""
+
     def wait_for(self, end: int | None) -> None:
         """Return once the archive's first `end` bytes (None: all of it) are on disk;
         raise what ended its arrival short of them."""
@@ -92,6 +98,8 @@ class ArchiveBytes(Protocol):
 
 class OnDisk:
     """An archive that is on disk whole."""
+
+    complete = True
 
     def wait_for(self, end: int | None) -> None:
         return None
@@ -129,15 +137,15 @@ def _unquote(name: str) -> str:
 @dataclass(frozen=True)
 class StreamedTable:
     """A table whose rows stream: `entry` is its TABLE DATA entry (for pg_restore's
-    list), `statement` the COPY statement pg_restore prints before its rows, `end` the
-    byte of the archive where its data block ends (None when the archive does not say:
-    pg_restore may read all of it)."""
+    list), `statement` the COPY statement pg_restore prints before its rows, `offset`
+    where pg_restore reads its data block (None when the archive does not say: it reads
+    the archive from its start)."""
 
     table: SourceTable
     entry: TocEntry
     statement: bytes
     copy: CopyStatement
-    end: int | None = None
+    offset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,12 +153,14 @@ class ArchivePlan:
     """`streamed`: in the archive's order; `rest`: the data section's entries that
     pg_restore restores itself (sequence values, large objects, rows it alone can
     read); `owned`: which table each post-data entry belongs to, by its dump id;
-    `seekable`: each data entry can be read on its own (a custom archive with offsets)."""
+    `seekable`: each data entry can be read on its own (a custom archive with offsets);
+    `int_size`: the size of an integer in its blocks."""
 
     streamed: list[StreamedTable]
     rest: list[TocEntry]
     owned: dict[int, Owned]
     seekable: bool
+    int_size: int = 4
 
 
 def plan_archive(
@@ -190,9 +200,8 @@ def plan_archive(
         table = SourceTable(
             table_key(copy.schema, copy.table), copy.schema, copy.table, copy.columns, size, owner_id
         )
-        placed = found.offset_flag == OFFSET_SET and found.dump_id in toc.data_bytes
-        end = found.offset + toc.data_bytes[found.dump_id] if placed else None
-        streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy, end))
+        offset = found.offset if found.offset_flag == OFFSET_SET else None
+        streamed.append(StreamedTable(table, entry, found.copy_statement or b"", copy, offset))
     streamed_ids = {s.entry.dump_id for s in streamed}
     rest = [
         e
@@ -201,7 +210,7 @@ def plan_archive(
     ]
     owned = _owners(toc, tables, kept_ids)
     seekable = all(by_id[s.entry.dump_id].offset_flag == 2 for s in streamed)
-    return ArchivePlan(streamed, rest, owned, seekable)
+    return ArchivePlan(streamed, rest, owned, seekable, toc.int_size)
 
 
 def _loaded_by_pg_restore(
@@ -358,12 +367,22 @@ class _ArchiveLoading:
     ) -> Callable[[Lane], None]:
         source = self.source
 
-        ends = [item.end for item in batch]
-        # Without offsets, pg_restore reads the archive from its start to find a block.
-        end = None if None in ends or not source.plan.seekable else max(e for e in ends if e is not None)
+        offsets = [item.offset for item in batch]
+
+        def arrived() -> None:
+            """Wait until what pg_restore reads for the batch is on disk: each block, as
+            its chunks arrive (not up to the next block the table of contents names:
+            an offset there may lie); without offsets, pg_restore reads the archive
+            from its start to find a block: all of it."""
+            if not source.plan.seekable or None in offsets:
+                source.arriving.wait_for(None)
+                return
+            for offset in offsets:
+                assert offset is not None
+                await_block(source.path, offset, source.plan.int_size, source.arriving)
 
         def run(lane: Lane) -> None:
-            source.arriving.wait_for(end)
+            arrived()
             if self.stopped.is_set():
                 raise PermanentError("the copy was stopped")
             list_file = os.path.join(source.folder, f"data-{number}.list")

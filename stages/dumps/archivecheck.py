@@ -17,6 +17,9 @@ lies); `cut_short_in_head` needs only the first bytes and the object's size (the
 upload preflight): a data offset or a tar member reaching past the end of the object
 proves it was cut. The data itself is never read, nor decompressed.
 
+`await_block` follows one data block as its bytes arrive (an archive restored while it
+downloads): how far pg_restore will read for that block.
+
 `encoding_of` reads the same table of contents for the source database's encoding,
 in which every name and row of the archive is written.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from stages.dumps.archivetoc import (
     BLOCK,
@@ -121,6 +124,55 @@ class _BlockWalk:
                 raise End
             if self.position >= self.release_at:
                 self.release()
+
+
+class Arriving(Protocol):
+    """An archive still arriving (stages.copy.archive.ArchiveBytes)."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def wait_for(self, end: int | None) -> None: ...
+
+
+def await_block(path: str, offset: int, int_size: int, arriving: Arriving) -> None:
+    """Return once the custom archive's data block at `offset` is on disk whole, as
+    pg_restore reads it (_PrintTocData: its type and dump id, then each chunk's length
+    and bytes to a zero length): its chunks are followed as they arrive, whatever the
+    table of contents says of the next block. What is not a table's data block there
+    (a crafted offset) is waited for whole: pg_restore reads it as it would read it
+    from the whole file. Returns at once when the archive is complete."""
+    with open(path, "rb", buffering=0) as fh:
+        position = offset
+
+        def integer() -> int:
+            nonlocal position
+            end = position + 1 + int_size
+            arriving.wait_for(end)
+            raw = os.pread(fh.fileno(), 1 + int_size, position)
+            if len(raw) < 1 + int_size:
+                raise End
+            position = end
+            value = int.from_bytes(raw[1:], "little")
+            return -value if raw[0] else value
+
+        try:
+            arriving.wait_for(position + 1)
+            if arriving.complete:
+                return
+            if os.pread(fh.fileno(), 1, position) != bytes([_BLK_DATA]):
+                raise ValueError("not a data block")
+            position += 1
+            integer()  # its dump id (pg_restore names a wrong one)
+            while not arriving.complete:
+                length = integer()
+                if length == 0:
+                    return
+                if length < 0:
+                    raise ValueError("negative chunk length")
+                position += length
+        except (End, ValueError):
+            arriving.wait_for(None)
 
 
 def _tar_members(fh: BinaryIO, size: int, *, whole: bool) -> str | None:

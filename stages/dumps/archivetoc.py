@@ -61,6 +61,7 @@ class ArchiveToc:
     compressed: bool
     entries: list[ArchiveEntry]
     data_bytes: dict[int, int]
+    int_size: int = 4  # the bytes of an integer's value in its blocks (its header says)
 
     @property
     def encoding(self) -> str:
@@ -236,7 +237,7 @@ def read_toc(path: str, *, size: int | None = None) -> ArchiveToc:
             sizes = _tar_sizes(fh, available, entries)
         else:
             sizes = {}
-    return ArchiveToc(version, fmt, compressed, entries, sizes)
+    return ArchiveToc(version, fmt, compressed, entries, sizes, reader.int_size)
 
 
 def _custom_sizes(entries: list[ArchiveEntry], size: int) -> dict[int, int]:

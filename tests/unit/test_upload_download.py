@@ -78,16 +78,18 @@ def test_a_reader_waits_for_the_bytes_it_needs_and_finds_them_on_disk(tmp_path):
     download.stop()
 
 
-def test_a_download_that_fails_is_raised_to_readers_past_what_arrived_only(tmp_path):
+def test_a_download_that_fails_is_raised_to_every_reader_even_of_bytes_that_arrived(tmp_path):
+    """A failed download's file is removed: what arrived is no longer there to read."""
     store = PacedStore(fail_after=1)
     download = _download(store, tmp_path)
+    download.wait_for(0)
     store.step.release()
+    download.wait_for(10)  # the first piece is there while the download goes on
     store.step.release()
     with pytest.raises(ObjectChanged):
         download.wait_for(11)
-    download.wait_for(10)  # those bytes did arrive
     with pytest.raises(ObjectChanged):
-        download.wait_for(None)
+        download.wait_for(10)
     assert not download.complete
     download.stop()
 
