@@ -358,19 +358,15 @@ def restore_folder(
     upload = StoredObject(
         job.upload_key, recorded(facts.upload_bytes, "upload_bytes"), None, facts.upload_etag
     )
-    with stage_folder(settings, job, "restore") as folder:
+    with stage_folder(settings, job, "restore") as folder, contextlib.ExitStack() as stack:
         download = None
-        unsubscribe: Callable[[], None] = lambda: None  # noqa: E731
         if recorded(facts.dump_format, "dump_format") in ARCHIVES:
             limit = Project.get_by_id(job.project_id).storage_limit_bytes
             download = _Download(store, upload, os.path.join(folder, "upload"), limit)
-            unsubscribe = context.cancellation.on_cancel(download.abandon)
-        try:
-            yield RestoreFolder(folder, download)
-        finally:
-            unsubscribe()
-            if download is not None:
-                download.stop()
+            stack.callback(download.stop)  # before the folder goes
+            # A cancel releases the lanes waiting for its bytes at once.
+            stack.callback(context.cancellation.on_cancel(download.abandon))
+        yield RestoreFolder(folder, download)
 
 
 def restore_upload(

@@ -42,7 +42,7 @@ from stages.copy.engine import TASK_OVERHEAD, CopyProgress, Lane, Record, flowin
 from stages.copy.scheduler import Task
 from stages.copy.stream import Flow, SourceTable, emptying, quoted
 from stages.database.inventory import table_key
-from stages.dumps.archivecheck import await_block
+from stages.dumps.archivecheck import Arriving, await_block
 from stages.dumps.archivetoc import NO_DATA, OFFSET_SET, ArchiveEntry, ArchiveToc
 from stages.dumps.toc import TocEntry, python_codec
 from stages.errors import CommandTimedOut, PermanentCommandFailure, PermanentError
@@ -81,16 +81,8 @@ class ArchiveDataDamaged(PermanentError):
     """The archive's table data is not what its table of contents says."""
 
 
-class ArchiveBytes(Protocol):
+class ArchiveBytes(Arriving, Protocol):
     """How much of the archive is on disk, while it may still be downloading."""
-
-    @property
-    def complete(self) -> bool:
-        """The whole archive is on disk."""
-
-    def wait_for(self, end: int | None) -> None:
-        """Return once the archive's first `end` bytes (None: all of it) are on disk;
-        raise what ended its arrival short of them."""
 
     def abandon(self) -> None:
         """The copy stopped: stop the arrival; whoever waits for more bytes raises."""

@@ -127,12 +127,15 @@ class _BlockWalk:
 
 
 class Arriving(Protocol):
-    """An archive still arriving (stages.copy.archive.ArchiveBytes)."""
+    """An archive that may still be arriving (a download): how much of it is on disk."""
 
     @property
-    def complete(self) -> bool: ...
+    def complete(self) -> bool:
+        """The whole archive is on disk."""
 
-    def wait_for(self, end: int | None) -> None: ...
+    def wait_for(self, end: int | None) -> None:
+        """Return once the archive's first `end` bytes (None: all of it) are on disk;
+        raise what ended its arrival short of them."""
 
 
 def await_block(path: str, offset: int, int_size: int, arriving: Arriving) -> None:
