@@ -891,42 +891,25 @@ def _execute(
     runs without parallel workers (a setting of its own transaction). A parallel build
     beside another task has the cores take turns among more processes than there are
     cores, the longest chain's own build with them."""
-
-    def attempt(lane: Lane) -> None:
-        try:
-            with lane.target.cursor() as cur:
-                cur.execute(
-                    preceded_by(NO_PARALLEL_WORKERS, statement) if _shares_cores(beside) else statement
-                )
-            lane.target.commit()
-        except BaseException:
-            with contextlib.suppress(psycopg2.Error):
-                lane.target.rollback()
-            raise
-
-    def run(lane: Lane) -> None:
-        with target_errors(f"creating {what} in the preview"):
-            _past_deadlocks(functools.partial(attempt, lane))
-
-    return run
+    return _execute_together([(statement, what)], what, beside=beside)
 
 
 def _execute_together(
-    statements: list[tuple[str, str]], what: str, *, beside: CopyProgress | None = None
+    statements: list[tuple[str | sql.Composable, str]], what: str, *, beside: CopyProgress | None = None
 ) -> Callable[[Lane], None]:
     """Run `statements` ((statement, what it creates) pairs) on the lane's preview
     session in one transaction, a round trip each, and commit; as `_execute` (a
-    deadlock retries them all), but an error names the statement's own `what` (`what`:
+    deadlock retries them all), and an error names the statement's own `what` (`what`:
     the commit's)."""
 
     def attempt(lane: Lane, failing: list[str]) -> None:
         try:
             with lane.target.cursor() as cur:
-                if _shares_cores(beside):
-                    cur.execute(NO_PARALLEL_WORKERS)
+                settings = NO_PARALLEL_WORKERS if _shares_cores(beside) else None
                 for statement, creates in statements:
                     failing[0] = creates
-                    cur.execute(statement)
+                    cur.execute(statement if settings is None else preceded_by(settings, statement))
+                    settings = None
             failing[0] = what
             lane.target.commit()
         except BaseException:

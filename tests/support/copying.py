@@ -180,13 +180,13 @@ def hold_copy_until_loaded(monkeypatch: Any, held: str, later: str) -> dict[str,
 
 def record_builds(monkeypatch: Any) -> list[str]:
     """What each statement task the copy plans says it creates, as it is planned: the
-    `what` of stages.copy.engine's `_execute` (a task per index, constraint, foreign
-    key…), `_execute_in_turn` (a small table's builds as one task) and `_execute_together`
-    (foreign keys of small tables into one table, a few to a transaction)."""
+    `what` of stages.copy.engine's `_execute_together` (a task per index, constraint,
+    foreign key…, through `_execute`; foreign keys of small tables into one table, a few
+    to a transaction) and `_execute_in_turn` (a small table's builds as one task)."""
     import stages.copy.engine as engine
 
     seen: list[str] = []
-    for name in ("_execute", "_execute_in_turn", "_execute_together"):
+    for name in ("_execute_in_turn", "_execute_together"):
         original = getattr(engine, name)
 
         def recording(statement: Any, what: str, original: Any = original, **options: Any) -> Any:
