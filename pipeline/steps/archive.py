@@ -164,11 +164,12 @@ def restore_archive_upload(
     }
 
 
-def readable_toc(archive: str) -> ArchiveToc:
-    """The archive's table of contents (stages.dumps.archivetoc), or a PermanentError
-    saying it cannot be read (pg_restore --list may accept what it cannot)."""
+def readable_toc(archive: str, *, size: int | None = None) -> ArchiveToc:
+    """The archive's table of contents (stages.dumps.archivetoc; `size` as read_toc's),
+    or a PermanentError saying it cannot be read (pg_restore --list may accept what it
+    cannot)."""
     try:
-        return read_toc(archive)
+        return read_toc(archive, size=size)
     except (ValueError, EOFError, End) as err:
         raise PermanentError(
             f"the archive's table of contents cannot be read ({err or 'it ends inside it'}); upload it again"

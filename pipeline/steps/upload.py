@@ -323,21 +323,17 @@ class _Download:
     def table_of_contents(self, context: StageContext) -> ArchiveToc:
         """A custom archive's table of contents, once the bytes that hold it are here."""
         needed = TOC_BYTES
-        while True:
+        while needed < self.total:
             self.wait_for(needed)
             context.check_cancelled()
             try:
                 return read_toc(self.path, size=self.total)
-            except End as err:
-                if needed >= self.total:
-                    raise PermanentError(
-                        "the archive's table of contents cannot be read (it ends inside it); upload it again"
-                    ) from err
-                needed *= 2
-            except ValueError as err:
-                raise PermanentError(
-                    f"the archive's table of contents cannot be read ({err}); upload it again"
-                ) from err
+            except End:
+                needed *= 2  # it goes on past these bytes
+            except ValueError:
+                break  # damaged: named below
+        self.wait_for(needed)
+        return readable_toc(self.path, size=self.total)
 
     def stop(self) -> None:
         self.abandon()

@@ -359,19 +359,17 @@ class _ArchiveLoading:
     ) -> Callable[[Lane], None]:
         source = self.source
 
-        offsets = [item.offset for item in batch]
-
         def arrived() -> None:
             """Wait until what pg_restore reads for the batch is on disk: each block, as
             its chunks arrive (not up to the next block the table of contents names:
             an offset there may lie); without offsets, pg_restore reads the archive
             from its start to find a block: all of it."""
-            if not source.plan.seekable or None in offsets:
+            if not source.plan.seekable:
                 source.arriving.wait_for(None)
                 return
-            for offset in offsets:
-                assert offset is not None
-                await_block(source.path, offset, source.plan.int_size, source.arriving)
+            for item in batch:
+                assert item.offset is not None  # seekable: every streamed block has one
+                await_block(source.path, item.offset, source.plan.int_size, source.arriving)
 
         def run(lane: Lane) -> None:
             arrived()

@@ -39,6 +39,7 @@ from stages.dumps.archivetoc import (
     read_entries,
     read_header,
     read_toc,
+    signed,
     tar_member,
 )
 from stages.errors import PermanentError
@@ -111,9 +112,8 @@ class _BlockWalk:
         start, end = self.position, self.position + 1 + self.int_size
         if end > self.limit:
             raise End
-        value = int.from_bytes(self.data[start + 1 : end], "little")
         self.position = end
-        return -value if self.data[start] else value
+        return signed(self.data[start:end])
 
     def skip_chunks(self) -> None:
         while (length := self.integer()) != 0:
@@ -156,8 +156,7 @@ def await_block(path: str, offset: int, int_size: int, arriving: Arriving) -> No
             if len(raw) < 1 + int_size:
                 raise End
             position = end
-            value = int.from_bytes(raw[1:], "little")
-            return -value if raw[0] else value
+            return signed(raw)
 
         try:
             arriving.wait_for(position + 1)

@@ -79,6 +79,13 @@ class ArchiveToc:
 _SMALL_READ = 1 << 20
 
 
+def signed(raw: bytes) -> int:
+    """An integer as pg_dump writes it (WriteInt): a sign byte, then its value's bytes,
+    least significant first."""
+    value = int.from_bytes(raw[1:], "little")
+    return -value if raw[0] else value
+
+
 class Reader:
     """pg_dump's archive integers and strings (ReadInt, ReadStr, ReadOffset)."""
 
@@ -104,9 +111,7 @@ class Reader:
         return self.take(1)[0]
 
     def integer(self) -> int:
-        negative = self.byte() != 0
-        value = int.from_bytes(self.take(self.int_size), "little")
-        return -value if negative else value
+        return signed(self.take(1 + self.int_size))
 
     def string(self) -> bytes | None:
         length = self.integer()
