@@ -132,7 +132,8 @@ class Runner:
             if job.attempts > 1 or job.facts.tool_process:
                 # An earlier claim ended, perhaps with its worker (after a replay or a
                 # retry its attempts start again at 1): its tools and sessions must be
-                # gone before the stage runs again.
+                # gone before the stage runs again. (A stage that ended well leaves no
+                # tool recorded: jobs.advance.)
                 self.steps.take_over(job)
             with beat:
                 result = self.steps.run(stage, context)

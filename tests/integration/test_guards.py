@@ -188,8 +188,8 @@ def test_writes_of_a_stale_holder_are_ignored(control_db):
 
 
 def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
-    """The stage's result arrives while another session writes the job's facts (its tool
-    process is recorded): both survive, where a read-modify-write lost one."""
+    """The stage's result arrives while another session writes the job's facts (a test
+    hold is noted): both survive, where a read-modify-write lost one."""
     job = new_job(control_db)
     jobs.claim(job.id, "preflight", "w1", lease=LEASE)
     other = psycopg2.connect(control_db.database_url)
@@ -197,7 +197,7 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
         with other.cursor() as cur:
             cur.execute(
                 "UPDATE jobs SET facts = facts || %s::jsonb WHERE id = %s",
-                ('{"tool_process": {"pgid": 42, "program": "pg_dump"}}', job.id),
+                ('{"test_holds_done": ["fetch"]}', job.id),
             )
         outcome = []
 
@@ -218,9 +218,22 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
         other.close()
     assert outcome and outcome[0] is not None
     assert Job.get_by_id(job.id).facts.stored() == {
-        "tool_process": {"pgid": 42, "program": "pg_dump"},
+        "test_holds_done": ["fetch"],
         "preflight": {"ok": True},
+        "tool_process": None,
     }
+
+
+def test_a_stage_that_ends_well_leaves_no_tool_recorded(control_db):
+    """Every tool of a stage that advanced has exited: the next stage's claim finds no
+    earlier claim's tool to stop (the runner's take-over, a session round trip)."""
+    job = new_job(control_db)
+    jobs.claim(job.id, "preflight", "w1", lease=LEASE)
+    assert jobs.record_tool_process(job.id, "w1", ToolProcess(pgid=42, program="pg_dump"))
+    assert Job.get_by_id(job.id).facts.tool_process == ToolProcess(pgid=42, program="pg_dump")
+    assert jobs.advance(job.id, "w1", "preflight", facts=PreflightResult(preflight={"ok": True}))
+    after = Job.get_by_id(job.id)
+    assert after.facts.tool_process is None and after.facts.preflight == {"ok": True}
 
 
 def test_concurrent_fact_merges_all_survive(control_db):

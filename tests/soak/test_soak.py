@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from pipeline.models import Job, JobEvent
-from stages.tools.commands import process_group_members
+from stages.tools.commands import LABEL_VARIABLE
 from tests.support import pg
 from tests.support.processes import cli, migrated_with_local_cluster, start_service
 
@@ -93,12 +93,23 @@ def _group_members(pgid: int) -> list[int]:
 
 
 def _tools_left(job_ids: list[str]) -> list[str]:
-    """The tools the jobs' stages started (recorded on each job) that still run."""
+    """Any tool started for one of the jobs (LABEL_VARIABLE in its environment) that
+    still runs on this host: not only the last one each job recorded, which a stage
+    that ended well clears (jobs.advance)."""
+    wanted = {f"{LABEL_VARIABLE}={job_id}".encode() for job_id in job_ids}
     left = []
-    for job_id in job_ids:
-        tool = Job.get_by_id(job_id).facts.tool_process
-        if tool and process_group_members(tool.pgid, tool.program):
-            left.append(f"{job_id}: {tool}")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                labels = wanted.intersection(fh.read().split(b"\0"))
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if labels:
+            left.append(f"pid {entry} ({argv[:80]}) for {labels.pop().decode()}")
     return left
 
 
