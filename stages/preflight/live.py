@@ -13,9 +13,14 @@ unreachable). The worker runs the same function as its gate before any destructi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 
+from stages.background import Background
 from stages.connections.addresses import (
     Resolver,
     SourceHostUnresolvable,
@@ -36,9 +41,16 @@ from stages.preflight.checks import (
 )
 from stages.preflight.providers import detect_provider
 from stages.preflight.registry import LIVE_CHECKS, SCHEMA_REHEARSAL
-from stages.preflight.rehearsal import RehearsalSetup, rehearse_live, report_rehearsal
+from stages.preflight.rehearsal import (
+    Rehearsal,
+    RehearsalSetup,
+    dump_live_schema,
+    rehearse_archive,
+    report_rehearsal,
+)
 from stages.preflight.report import FAIL, PASS, WARN, Preflight, Target
 from stages.preflight.sourceinfo import SourceCatalogUnreadable, SourceFacts, read_only_session, read_source
+from stages.tools.commands import Cancellation
 
 _SOURCE_CHECKS = ("source_version_compatible", "source_size_within_plan", "extensions_available_on_target")
 NO_REHEARSAL = "no throw-away database was offered (a check run without the project's cluster)"
@@ -66,10 +78,25 @@ def check_live_source(
     the checks at once.
     """
     deadline = deadline or Deadline(total=deadline_seconds, what="the preflight deadline")
+    with contextlib.ExitStack() as stack:
+        return _check(source, target, allow_private, timeout, deadline, resolver, rehearsal, stack)
+
+
+def _check(
+    source: SourceURL,
+    target: Target,
+    allow_private: bool,
+    timeout: int,
+    deadline: Deadline,
+    resolver: Resolver,
+    rehearsal: RehearsalSetup | None,
+    stack: contextlib.ExitStack,
+) -> Preflight:
     report = Preflight()
     provider = detect_provider(source.host, source.port, source.user)
     report.source.update(database_size_bytes=None, server_version=None, extensions=[], provider=provider.name)
     facts, refused, blocked = None, False, ""
+    dumped: Callable[[], tuple[Rehearsal | None, str]] | None = None
     try:
         pinned = pin_address(
             source, allow_private=allow_private, resolver=bounded_resolver(resolver, deadline)
@@ -87,6 +114,9 @@ def check_live_source(
     else:
         report.pinned = pinned
         _address_allowed(report, source, pinned.params["hostaddr"])
+        if rehearsal is not None:
+            # The rehearsal's schema dump runs while the source is read and checked.
+            dumped = stack.enter_context(_schema_dumped_ahead(rehearsal, pinned))
         try:
             with read_only_session(pinned, timeout=timeout, deadline=deadline) as (conn, refused):
                 facts = read_source(conn)
@@ -119,16 +149,59 @@ def check_live_source(
         check_extensions(report, facts.extensions, target, "the source database")
         check_target_empty(report, target)
         add_object_warnings(report, facts.findings)
-        _rehearse(report, report.pinned, target, rehearsal)
+        _rehearse(report, dumped, target, rehearsal)
     report.in_order(LIVE_CHECKS)
     return report
 
 
+@contextlib.contextmanager
+def _schema_dumped_ahead(
+    setup: RehearsalSetup, pinned: SourceURL
+) -> Iterator[Callable[[], tuple[Rehearsal | None, str]]]:
+    """The rehearsal's `pg_dump --schema-only` of the pinned source, started in the
+    background now: it runs while the preflight reads the source's catalog and runs the
+    other checks, which take about as long on a small source. Yields the wait for it:
+    (None, or the rehearsal's result that says why there is no dump; the folder
+    holding `schema.dump`). Leaving the block stops a dump no rehearsal waited for (the
+    source was unreachable, an extension is missing) and removes the folder."""
+    folder = tempfile.mkdtemp(dir=setup.work_dir, prefix="rehearsal-")
+    stop = Cancellation()
+    stage = setup.tools.cancellation
+    unsubscribe = (
+        stage.on_cancel(lambda: stop.cancel(stage.reason or "cancelled"))
+        if stage is not None
+        else (lambda: None)
+    )
+    tools = dataclasses.replace(setup.tools, cancellation=stop)
+    dumping = Background(
+        lambda: dump_live_schema(
+            tools,
+            pinned,
+            os.path.join(folder, "schema.dump"),
+            setup.deadline,
+            lock_wait_ms=setup.lock_wait_ms,
+        ),
+        name="rehearsal-dump",
+    )
+    try:
+        yield lambda: (dumping.result(), folder)
+    finally:
+        stop.cancel("the preflight did not rehearse the schema")
+        try:
+            dumping.settle()
+        finally:
+            unsubscribe()
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _rehearse(
-    report: Preflight, pinned: SourceURL | None, target: Target, setup: RehearsalSetup | None
+    report: Preflight,
+    dumped: Callable[[], tuple[Rehearsal | None, str]] | None,
+    target: Target,
+    setup: RehearsalSetup | None,
 ) -> None:
     """`schema_rehearsal` of a live source whose other checks could run."""
-    if setup is None or pinned is None:
+    if setup is None or dumped is None:
         report.not_checked(SCHEMA_REHEARSAL, NO_REHEARSAL)
         return
     extensions = next(check for check in report.checks if check.name == "extensions_available_on_target")
@@ -138,15 +211,16 @@ def _rehearse(
             "the source uses extensions the project cannot have (see extensions_available_on_target)",
         )
         return
-    with tempfile.TemporaryDirectory(dir=setup.work_dir, prefix="rehearsal-") as folder:
-        result = rehearse_live(
+    failed, folder = dumped()
+    result = failed
+    if result is None:
+        result = rehearse_archive(
             setup.tools,
-            pinned,
+            os.path.join(folder, "schema.dump"),
             setup.sandbox,
             folder,
             setup.deadline,
             allowed_extensions=set(target.allowlist) | {"plpgsql"},
-            lock_wait_ms=setup.lock_wait_ms,
         )
     report_rehearsal(report, result, full=setup.full)
 

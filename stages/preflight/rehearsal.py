@@ -331,9 +331,26 @@ def rehearse_live(
     timeout: int = 10,
     lock_wait_ms: int = 10_000,
 ) -> Rehearsal:
-    """Dump the (address-pinned) source's schema to a custom archive (`pg_dump
-    --schema-only`, read-only, bounded by `deadline`) and rehearse it."""
+    """Dump the (address-pinned) source's schema (`dump_live_schema`) and rehearse it."""
     path = os.path.join(work_dir, "schema.dump")
+    failed = dump_live_schema(tools, source, path, deadline, timeout=timeout, lock_wait_ms=lock_wait_ms)
+    if failed is not None:
+        return failed
+    return rehearse_archive(tools, path, sandbox, work_dir, deadline, allowed_extensions=allowed_extensions)
+
+
+def dump_live_schema(
+    tools: PgTools,
+    source: SourceURL,
+    path: str,
+    deadline: Deadline,
+    *,
+    timeout: int = 10,
+    lock_wait_ms: int = 10_000,
+) -> Rehearsal | None:
+    """Dump the (address-pinned) source's schema to a custom archive at `path` (`pg_dump
+    --schema-only`, read-only, bounded by `deadline`); None once it is there, else the
+    rehearsal's result that says why it is not."""
     try:
         _bounded(tools, deadline).pg_dump.run(
             [
@@ -355,7 +372,7 @@ def rehearse_live(
         # The source's own problem (a table its user may not read…): the import's
         # dump meets it too and says what to do; it is not the target's to judge.
         return Rehearsal(unavailable=f"pg_dump could not dump the source's schema ({err.message})")
-    return rehearse_archive(tools, path, sandbox, work_dir, deadline, allowed_extensions=allowed_extensions)
+    return None
 
 
 def _bounded(tools: PgTools, deadline: Deadline) -> PgTools:
