@@ -70,12 +70,6 @@ INDEX_COST = {"btree": 0.4, "hash": 0.4, "brin": 0.05, "gist": 3.0, "spgist": 2.
 FOREIGN_KEY_COST = 0.2
 ANALYZE_COST = 64 * 1024
 LARGE_OBJECTS = "the large objects"
-# A table of this size or more has its primary key's or unique constraint's index built
-# as a plain unique index, beside the table's other index builds, then attached to the
-# constraint (ADD CONSTRAINT … USING INDEX). A smaller table's key is added by one ALTER
-# TABLE: the attach statement cost more than the builds side by side save (`many`: 2,000
-# attaches, 1.3 s of the lanes' time).
-SEPARATE_KEY_MIN_BYTES = 8 << 20
 # A build on a table smaller than this gets no parallel workers from the server
 # (min_parallel_table_scan_size's default): no statement is spent on keeping them from it.
 PARALLEL_MIN_BYTES = 8 << 20
@@ -84,6 +78,14 @@ PARALLEL_MIN_BYTES = 8 << 20
 # and a turn of the scheduler, more than building on a few pages does (`many`: 2,000
 # tables, 8,000 such tasks).
 SMALL_TABLE_BYTES = 1 << 20
+# A table of this size or more (every table whose builds are tasks of their own) has its
+# primary key's or unique constraint's index built as a plain unique index, beside the
+# table's other index builds, then attached to the constraint (ADD CONSTRAINT … USING
+# INDEX). A smaller table's key is added by one ALTER TABLE in its task of builds: the
+# attach statement cost more than the builds side by side save (`many`: 2,000 attaches,
+# 1.3 s of the lanes' time). From 8 MB down to 1 MB, `tiny`'s orders (7.7 MB) built its
+# key beside its other index instead of after it.
+SEPARATE_KEY_MIN_BYTES = SMALL_TABLE_BYTES
 # Foreign keys of small tables (SMALL_TABLE_BYTES) into one table are added this many
 # at most to a transaction (`_key_task`): `many`'s 2,000 took 3.1 s so against 4.7 s
 # one transaction each, and 3.4 s 50 or 100 at a time.

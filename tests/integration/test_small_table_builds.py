@@ -84,6 +84,26 @@ def test_a_table_at_the_threshold_keeps_its_builds_as_tasks_of_their_own(
         assert analyzed(target, table), table
 
 
+def test_a_table_of_a_megabyte_or_more_builds_its_keys_beside_its_other_index(scratch_db, tmp_path, builds):
+    """From SEPARATE_KEY_MIN_BYTES (1 MB) a table's primary key and unique constraint are
+    built as unique indexes, tasks of their own beside its other index, then attached."""
+    source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
+    pg.psql(
+        source,
+        text="""
+CREATE TABLE public.mid (id int PRIMARY KEY, code text NOT NULL UNIQUE, label text);
+CREATE INDEX mid_label ON public.mid (label);
+INSERT INTO public.mid SELECT g, 'c' || g, repeat('x', 40) || g FROM generate_series(1, 30000) g;
+""",
+    )
+    assert pg.admin("SELECT pg_relation_size('public.mid')", dbname=source)[0][0] < 8 << 20
+    copied_as_source(source, target, tmp_path)
+    assert {"constraint mid mid_pkey", "constraint mid mid_code_key", "index mid_label"} <= set(builds), (
+        builds
+    )
+    assert "the constraints of table public.mid" in builds, builds  # the attaches
+
+
 def test_a_failing_build_of_a_small_table_names_the_table_and_fails_the_copy(scratch_db, tmp_path):
     source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
     pg.psql(source, text=SCHEMA)
