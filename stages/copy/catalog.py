@@ -102,7 +102,7 @@ WHERE t.relkind OPERATOR(pg_catalog.=) 'r'
 _CONSTRAINTS = """
 SELECT k.tableoid, k.oid, k.conrelid, k.contype, k.confrelid,
        CASE WHEN k.conindid OPERATOR(pg_catalog.<>) 0 THEN pg_catalog.pg_get_indexdef(k.conindid) END,
-       k.condeferrable, k.condeferred, am.amname
+       k.condeferrable, k.condeferred, am.amname, k.conname, ki.relname
 FROM pg_catalog.pg_constraint k
 JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) k.conrelid
 LEFT JOIN pg_catalog.pg_class ki ON ki.oid OPERATOR(pg_catalog.=) k.conindid
@@ -117,7 +117,9 @@ class Owned:
     oid: names "schema.table" can be the same text for two tables): `kind` is "index",
     "constraint" or "foreign key"; `references` the table a foreign key points to; `method` the index's access method (its build cost); `unique_index` the
     definition of a primary key's (`primary`) or unique constraint's index, built first
-    as a plain unique index (alongside the table's other indexes) and then attached."""
+    as a plain unique index (alongside the table's other indexes) and then attached:
+    the constraint `name`d, by its index `index_name` (names from the catalog, never
+    read back out of SQL text)."""
 
     table: int
     kind: str
@@ -127,6 +129,8 @@ class Owned:
     deferrable: bool = False
     deferred: bool = False
     primary: bool = False
+    name: str | None = None
+    index_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
             deferrable,
             deferred,
             method,
+            name,
+            index_name,
         ) in cur.fetchall():
             if contype == "f":
                 owned[(int(catalog), int(oid))] = Owned(int(table), "foreign key", references=int(references))
@@ -207,6 +213,8 @@ def read_catalog(conn: psycopg2.extensions.connection) -> SourceCatalog:
                 deferrable=deferrable,
                 deferred=deferred,
                 primary=contype == "p",
+                name=name if unique else None,
+                index_name=index_name if unique else None,
             )
     return SourceCatalog(tables, owned)
 

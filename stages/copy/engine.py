@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -538,7 +537,7 @@ def _tasks(
             done[oid] = at_once
             continue
         tasks.extend(table_indexes)
-        statements = [_constraint_sql(block, owned) for block, owned in attach[oid]]
+        statements = [_constraint_sql(block, owned, by_table[oid]) for block, owned in attach[oid]]
         if statements:
             constraints = Task[Lane](
                 f"constraints of {key}",
@@ -700,7 +699,7 @@ def _small_table_builds(
     ANALYZE reads."""
     groups = [block.sql for block in indexes]
     if constraints:
-        groups.append("\n".join(_constraint_sql(block, owned) for block, owned in constraints))
+        groups.append("\n".join(_constraint_sql(block, owned, table) for block, owned in constraints))
     builds = len(groups)
     if analyze:
         groups.append(f"ANALYZE {quote_name(table.schema)}.{quote_name(table.name)}")
@@ -863,19 +862,24 @@ def table_locks(*oids: int) -> frozenset[str]:
     return frozenset(f"table {oid}" for oid in oids)
 
 
-def _constraint_sql(block: Block, owned: Owned) -> str:
+def _constraint_sql(block: Block, owned: Owned, table: SourceTable) -> str:
+    """The constraint's entry as restored: pg_dump's own statement, or, for a key whose
+    index was built first (`owned.unique_index`), that index attached to it, then the
+    rest of the entry (its comment…). Every name comes from the catalog (the table's,
+    the constraint's and its index's), quoted here: none is read back out of the dump's
+    SQL, where a name may hold a newline, "ON" or "ADD CONSTRAINT"."""
     if not owned.unique_index:
         return block.sql
-    statement, rest = first_statement(block.sql)
-    table, _, name = block.entry.name.partition(" ")
-    kind = "PRIMARY KEY" if owned.primary else "UNIQUE"  # not from the text: a name may say "PRIMARY KEY"
-    target = re.match(r"\s*ALTER TABLE ONLY (.+?)\s+ADD CONSTRAINT", statement, re.S)
-    if target is None:
-        raise PermanentError(f"cannot read the definition of constraint {block.entry.name}")
-    index = re.match(r"CREATE UNIQUE INDEX (\S+|\"(?:[^\"]|\"\")*\") ON", owned.unique_index)
-    index_name = index.group(1) if index else '"{}"'.format(name.replace('"', '""'))
+    if owned.name is None or owned.index_name is None:
+        raise PermanentError(f"the source's catalog does not name the index of constraint {block.entry.name}")
+    _statement, rest = first_statement(block.sql)
+    kind = "PRIMARY KEY" if owned.primary else "UNIQUE"
     flags = (" DEFERRABLE" if owned.deferrable else "") + (" INITIALLY DEFERRED" if owned.deferred else "")
-    return f"ALTER TABLE ONLY {target.group(1)}\n    ADD CONSTRAINT {index_name} {kind} USING INDEX {index_name}{flags};\n{rest}"
+    return (
+        f"ALTER TABLE ONLY {quote_name(table.schema)}.{quote_name(table.name)}\n"
+        f"    ADD CONSTRAINT {quote_name(owned.name)} {kind} USING INDEX {quote_name(owned.index_name)}{flags};\n"
+        f"{rest}"
+    )
 
 
 # What a build that shares the cores with other tasks runs first (see `_execute`).
