@@ -151,7 +151,10 @@ def claim(
             )
             where &= _org_claims(before.organization_id, job_id, now - lease) < org_limit
 
+        displaced: list[str | None] = []
+
         def claimed(prior: Job, job: Job) -> str:
+            displaced.append(prior.claimed_by)
             reason = f"{stage} claimed (attempt {job.attempts} of {job.max_attempts})"
             if prior.claimed_by and prior.claimed_by != actor:
                 reason += f", taking over the stale claim of {prior.claimed_by}"
@@ -170,6 +173,7 @@ def claim(
             started_at=peewee.fn.COALESCE(Job.started_at, now),
         )
         if job is not None:
+            job.displaced_claim = displaced[0] if displaced else None
             return job
         if org_limit is None or not Job.select().where((Job.id == job_id) & claimable).exists():
             return None

@@ -196,6 +196,9 @@ class Job(BaseModel):
     # A cancel asked for while a worker held the stage (pipeline.cancellation).
     cancel_requested_at = TZField(null=True)
     cancel_requested_by = peewee.TextField(null=True)
+    # Not a column: on the row jobs.claim returns, the worker whose stale claim this
+    # claim took over (None when the job was unclaimed).
+    displaced_claim: str | None = None
 
     class Meta:
         table_name = "jobs"

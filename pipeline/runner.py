@@ -129,11 +129,11 @@ class Runner:
             on_lost=context.lose_claim,
         )
         try:
-            if job.attempts > 1 or job.facts.tool_process:
-                # An earlier claim ended, perhaps with its worker (after a replay or a
-                # retry its attempts start again at 1): its tools and sessions must be
-                # gone before the stage runs again. (A stage that ended well leaves no
-                # tool recorded: jobs.advance.)
+            if job.attempts > 1 or job.facts.tool_process or job.displaced_claim:
+                # An earlier claim ended, perhaps with its worker, or went stale and was
+                # taken over (after a replay or a retry attempts start again at 1): its
+                # tools and sessions must be gone before the stage runs again. (A stage
+                # that ended well leaves no tool recorded: jobs.advance.)
                 self.steps.take_over(job)
             with beat:
                 result = self.steps.run(stage, context)

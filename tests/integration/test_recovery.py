@@ -147,6 +147,37 @@ def test_a_redelivery_that_meets_a_live_foreign_lease_looks_again_after_it(contr
     assert (untouched.claimed_by, untouched.attempts) == ("dead-host:1:1", 1)  # no attempt used
 
 
+class TakeOvers(SlowStage):
+    """Steps whose stages end at once, noting each take-over the runner asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken_over: list[str] = []
+
+    def run(self, stage, context):
+        return StageResult()
+
+    def take_over(self, job):
+        self.taken_over.append(job.id)
+
+
+def test_a_claim_that_takes_a_stale_one_over_stops_what_it_left_even_at_its_first_attempt(control_db):
+    """A replay resets attempts (pipeline.deadletters) while a stale claim still holds the
+    job, and a stage that records no tool (finalize; a live copy of small tables) leaves
+    nothing else to say so: the claim that displaces it still ends its tools and sessions."""
+    stale = jobs.utcnow() - dt.timedelta(hours=1)
+    job = new_job(control_db, state="running", claimed_by="partitioned:1:1", heartbeat_at=stale, attempts=0)
+    steps = TakeOvers()
+    Runner(control_db, steps, lambda job_id, stage, delay_ms=0: None).run(job.id, "fetch")
+    assert steps.taken_over == [job.id]
+    assert "taking over the stale claim of partitioned:1:1" in jobs.events(job.id)[-2].reason
+    # A first claim of an unclaimed stage with no tool recorded takes nothing over.
+    fresh = new_job(control_db, state="running", attempts=0)
+    Runner(control_db, steps, lambda job_id, stage, delay_ms=0: None).run(fresh.id, "fetch")
+    assert steps.taken_over == [job.id]
+    assert Job.get_by_id(fresh.id).stage == "restore"
+
+
 def test_sweep_reaps_stuck_jobs_work_dirs_and_disabled_databases(control_db, store):
     now = jobs.utcnow()
     old = now - dt.timedelta(minutes=30)
