@@ -45,28 +45,39 @@ class Background(Generic[T]):
     def __init__(self, work: Callable[[], T], *, name: str) -> None:
         self._value: list[T] = []
         self._error: list[BaseException] = []
+        # Set once the work has ended, however. Waits are on it, not on the thread: a
+        # Thread.join interrupted by an exception raised in the waiting thread (a time
+        # limit) marks a thread still running as stopped (CPython 3.11), and every later
+        # join then returns at once, before the work is done (found by review).
+        self._done = threading.Event()
 
         def run() -> None:
             try:
                 self._value.append(work())
             except BaseException as err:  # noqa: BLE001 - raised by result(), in the caller's thread
                 self._error.append(err)
+            finally:
+                self._done.set()
 
         self._thread = threading.Thread(
             target=contextvars.copy_context().run, args=(run,), name=name, daemon=True
         )
         self._thread.start()
 
-    def join(self) -> None:
+    def join(self, *, interrupt: Callable[[], None] | None = None) -> None:
         """Wait for the work, in short waits: an exception raised in the caller's thread
         (Dramatiq's time limit, a shutdown) is delivered only between them. Such an
         exception still waits for the work before it propagates: what the work makes
-        (a database) must exist, or have failed, before the caller's cleanup looks."""
+        (a database) must exist, or have failed, before the caller's cleanup looks.
+        `interrupt` is called first, then: what stops the work (a command's cancel),
+        when the work could otherwise run on for as long as it likes."""
         try:
-            while self._thread.is_alive():
-                self._thread.join(JOIN_POLL_SECONDS)
+            while not self._done.wait(JOIN_POLL_SECONDS):
+                pass
         except BaseException:
-            self._thread.join()
+            if interrupt is not None:
+                interrupt()
+            self._done.wait()
             raise
 
     def settle(self) -> None:
@@ -80,8 +91,9 @@ class Background(Generic[T]):
         finally:
             self.join()
 
-    def result(self) -> T:
-        self.join()
+    def result(self, *, interrupt: Callable[[], None] | None = None) -> T:
+        """The work's value, or its error raised here (`interrupt`: as `join`'s)."""
+        self.join(interrupt=interrupt)
         if self._error:
             raise self._error[0]
         return self._value[0]

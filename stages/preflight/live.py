@@ -184,7 +184,8 @@ def _schema_dumped_ahead(
         name="rehearsal-dump",
     )
     try:
-        yield lambda: (dumping.result(), folder)
+        # Interrupted while it waits (a time limit), the preflight stops the dump first.
+        yield lambda: (dumping.result(interrupt=lambda: stop.cancel("the preflight was interrupted")), folder)
     finally:
         stop.cancel("the preflight did not rehearse the schema")
         try:

@@ -8,8 +8,11 @@ no folder behind.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import glob
 import os
+import threading
 import time
 
 import pytest
@@ -21,6 +24,7 @@ from stages.preflight import live as preflight_live
 from stages.preflight.registry import SCHEMA_REHEARSAL
 from stages.preflight.sourceinfo import SourceCatalogUnreadable
 from tests.support import pg
+from tests.support.muteproxy import MuteAfterLogin
 from tests.support.world import make_world
 
 
@@ -103,6 +107,51 @@ def test_a_source_whose_catalog_cannot_be_read_stops_the_dump(control_db, corpus
     assert _dumps(control_db.work_dir) == []
     assert not any(os.path.exists(os.path.dirname(path)) for path in started)
     assert _dumps_of(source) == []  # nothing of it runs on
+
+
+class TimeLimit(BaseException):
+    """As Dramatiq's time limit arrives: raised in the stage's thread from another."""
+
+
+def test_a_time_limit_while_the_dump_is_awaited_stops_it_before_it_propagates(
+    control_db, corpus_source, monkeypatch
+):
+    """pg_dump logs in, then nothing answers it; the preflight, waiting for it, gets a
+    time limit. The dump is stopped before the exception leaves the preflight, as when
+    pg_dump ran in the stage's own thread (found by review: a Thread.join interrupted
+    so let the wait end before the dump did)."""
+    source = corpus_source("chinook")
+    mute = MuteAfterLogin(5432)
+    dump, ahead = preflight_live.dump_live_schema, preflight_live._schema_dumped_ahead
+
+    def dump_through_mute(tools, pinned, path, deadline, **options):
+        return dump(tools, pinned.with_params(port=str(mute.port)), path, deadline, **options)
+
+    @contextlib.contextmanager
+    def interrupted_while_waiting(setup, pinned):
+        with ahead(setup, pinned) as wait:
+
+            def waiting():
+                me = threading.get_ident()
+                raise_in_me = lambda: ctypes.pythonapi.PyThreadState_SetAsyncExc(  # noqa: E731
+                    ctypes.c_ulong(me), ctypes.py_object(TimeLimit)
+                )
+                threading.Timer(1.0, raise_in_me).start()
+                return wait()
+
+            yield waiting
+
+    monkeypatch.setattr(preflight_live, "dump_live_schema", dump_through_mute)
+    monkeypatch.setattr(preflight_live, "_schema_dumped_ahead", interrupted_while_waiting)
+    try:
+        with pytest.raises(TimeLimit):
+            _preflight(control_db, source)
+        assert mute.logged_in.is_set()  # the dump was under way, held by the source
+        assert _dumps_of(str(mute.port)) == []
+        assert [t.name for t in threading.enumerate() if t.name == "rehearsal-dump"] == []
+        assert glob.glob(os.path.join(control_db.work_dir, "rehearsal-*")) == []
+    finally:
+        mute.close()
 
 
 @pytest.fixture(autouse=True)
