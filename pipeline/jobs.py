@@ -260,15 +260,15 @@ def advance(job_id: str, actor: str, stage: str, *, facts: StageFacts) -> Job | 
         attempts=0,
         error=None,
         retry_classification=None,
-        facts=Job.facts.concat(_ended(facts)),
+        facts=_ended(facts),
     )
 
 
-def _ended(facts: StageFacts) -> dict[str, Any]:
-    """A stage's result as merged when the stage ends well: every tool it started has
-    exited, so the record of the last one (`tool_process`) goes, and the next claim has
-    no earlier claim's tool to look for (ImportSteps.take_over)."""
-    return {**facts.stored(), "tool_process": None}
+def _ended(facts: StageFacts) -> Any:
+    """The job's facts once a stage ends well, its result merged: every tool it started
+    has exited, so the record of the last one (`tool_process`) goes, and the next claim
+    has no earlier claim's tool to look for (ImportSteps.take_over)."""
+    return Job.facts.concat_without("tool_process", facts)
 
 
 def complete(

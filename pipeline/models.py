@@ -68,6 +68,10 @@ class FactsField(BinaryJSONField):
     def concat(self, value: Any) -> Any:
         return super().concat(_stored(value))
 
+    def concat_without(self, key: str, value: Any) -> Any:
+        """`facts - key || value`: as `concat`, with `key` gone from the facts first."""
+        return self.remove(key).concat(self.db_value(value))
+
     def python_value(self, value: Any) -> JobFacts | None:
         if value is None:
             return None

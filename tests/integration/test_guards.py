@@ -220,7 +220,6 @@ def test_advance_merges_its_facts_with_a_concurrent_write(control_db):
     assert Job.get_by_id(job.id).facts.stored() == {
         "test_holds_done": ["fetch"],
         "preflight": {"ok": True},
-        "tool_process": None,
     }
 
 
