@@ -7,6 +7,7 @@ from __future__ import annotations
 from stages.copy.catalog import Owned
 from stages.copy.engine import _constraint_sql
 from stages.copy.postdata import Block, first_statement, split
+from stages.copy.stream import SourceTable
 from stages.dumps.toc import TocEntry
 
 # pg_restore 15.20 --no-owner --section=post-data of a table "We""ird t" (as rendered).
@@ -136,9 +137,12 @@ def test_a_deferrable_primary_key_with_quoted_names_is_attached_with_its_cluster
         deferrable=True,
         deferred=True,
         primary=True,
+        name='p k"x',
+        index_name='p k"x',
     )
-    assert _constraint_sql(block, owned) == (
-        'ALTER TABLE ONLY public."We""ird t"\n'
+    table = SourceTable('public."We""ird t"', "public", 'We"ird t', ("id",), 10 << 20, 157329)
+    assert _constraint_sql(block, owned, table) == (
+        'ALTER TABLE ONLY "public"."We""ird t"\n'
         '    ADD CONSTRAINT "p k""x" PRIMARY KEY USING INDEX "p k""x" DEFERRABLE INITIALLY DEFERRED;\n'
         '\nALTER TABLE public."We""ird t" CLUSTER ON "p k""x";\n\n\n'
     )
@@ -157,10 +161,15 @@ def test_a_unique_constraint_is_attached_as_unique_whatever_its_name_says():
         sql,
     )
     owned = Owned(
-        4, "constraint", unique_index='CREATE UNIQUE INDEX "no PRIMARY KEY here" ON public.t USING btree (a)'
+        4,
+        "constraint",
+        unique_index='CREATE UNIQUE INDEX "no PRIMARY KEY here" ON public.t USING btree (a)',
+        name="no PRIMARY KEY here",
+        index_name="no PRIMARY KEY here",
     )
-    assert _constraint_sql(block, owned) == (
-        'ALTER TABLE ONLY public.t\n    ADD CONSTRAINT "no PRIMARY KEY here" UNIQUE USING INDEX "no PRIMARY KEY here";\n'
+    table = SourceTable("public.t", "public", "t", ("a",), 10 << 20, 4)
+    assert _constraint_sql(block, owned, table) == (
+        'ALTER TABLE ONLY "public"."t"\n    ADD CONSTRAINT "no PRIMARY KEY here" UNIQUE USING INDEX "no PRIMARY KEY here";\n'
     )
 
 
@@ -168,4 +177,5 @@ def test_a_constraint_without_a_prebuilt_index_is_left_as_it_is():
     block = Block(
         UNIQUE, "\nALTER TABLE ONLY public.b\n    ADD CONSTRAINT b_excl EXCLUDE USING gist (r WITH &&);\n"
     )
-    assert _constraint_sql(block, Owned(1, "constraint", "gist")) == block.sql
+    table = SourceTable("public.b", "public", "b", ("r",), 10 << 20, 1)
+    assert _constraint_sql(block, Owned(1, "constraint", "gist"), table) == block.sql
