@@ -25,6 +25,7 @@ from stages.preflight.registry import SCHEMA_REHEARSAL
 from stages.preflight.sourceinfo import SourceCatalogUnreadable
 from tests.support import pg
 from tests.support.muteproxy import MuteAfterLogin
+from tests.support.processes import running_processes
 from tests.support.world import make_world
 
 
@@ -34,18 +35,11 @@ def _dumps(work_dir: str) -> list[str]:
 
 def _dumps_of(source: str) -> list[int]:
     """pids of the pg_dump processes dumping `source`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if argv[0].endswith(b"pg_dump") and any(source.encode() in arg for arg in argv):
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, argv, _env in running_processes()
+        if argv[0].endswith(b"pg_dump") and any(source.encode() in arg for arg in argv)
+    ]
 
 
 def _preflight(control_db, source: str):

@@ -26,7 +26,7 @@ import requests
 from pipeline.models import Job, JobEvent
 from stages.tools.commands import LABEL_VARIABLE
 from tests.support import pg
-from tests.support.processes import cli, migrated_with_local_cluster, start_service
+from tests.support.processes import cli, migrated_with_local_cluster, running_processes, start_service
 
 pytestmark = pytest.mark.soak
 
@@ -98,18 +98,11 @@ def _tools_left(job_ids: list[str]) -> list[str]:
     that ended well clears (jobs.advance)."""
     wanted = {f"{LABEL_VARIABLE}={job_id}".encode() for job_id in job_ids}
     left = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                labels = wanted.intersection(fh.read().split(b"\0"))
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                argv = fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
+    for pid, argv, env in running_processes(environment=True):
+        labels = wanted.intersection(env)
         if labels:
-            left.append(f"pid {entry} ({argv[:80]}) for {labels.pop().decode()}")
+            shown = b" ".join(argv).decode("utf-8", "replace")[:80]
+            left.append(f"pid {pid} ({shown}) for {labels.pop().decode()}")
     return left
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,25 @@ class Service:
                     process.kill()
         for process in self.processes:
             process.wait()
+
+
+def running_processes(*, environment: bool = False) -> Iterator[tuple[int, list[bytes], list[bytes]]]:
+    """This host's processes as /proc shows them: (pid, argv, and with `environment`
+    its environment's entries, else []); those gone meanwhile or not ours to read are
+    left out."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+            env: list[bytes] = []
+            if environment:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        yield int(entry), argv, env
 
 
 def parent_pid(pid: int) -> int | None:
