@@ -42,6 +42,7 @@ from stages.preflight.checks import (
 from stages.preflight.providers import detect_provider
 from stages.preflight.registry import LIVE_CHECKS, SCHEMA_REHEARSAL
 from stages.preflight.rehearsal import (
+    SCHEMA_ARCHIVE,
     Rehearsal,
     RehearsalSetup,
     dump_live_schema,
@@ -177,7 +178,7 @@ def _schema_dumped_ahead(
         lambda: dump_live_schema(
             tools,
             pinned,
-            os.path.join(folder, "schema.dump"),
+            os.path.join(folder, SCHEMA_ARCHIVE),
             setup.deadline,
             lock_wait_ms=setup.lock_wait_ms,
         ),
@@ -217,7 +218,7 @@ def _rehearse(
     if result is None:
         result = rehearse_archive(
             setup.tools,
-            os.path.join(folder, "schema.dump"),
+            os.path.join(folder, SCHEMA_ARCHIVE),
             setup.sandbox,
             folder,
             setup.deadline,

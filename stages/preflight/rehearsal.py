@@ -320,6 +320,10 @@ def rehearse_blocks(
     return result
 
 
+# The live source's schema archive, in the rehearsal's folder.
+SCHEMA_ARCHIVE = "schema.dump"
+
+
 def rehearse_live(
     tools: PgTools,
     source: SourceURL,
@@ -332,7 +336,7 @@ def rehearse_live(
     lock_wait_ms: int = 10_000,
 ) -> Rehearsal:
     """Dump the (address-pinned) source's schema (`dump_live_schema`) and rehearse it."""
-    path = os.path.join(work_dir, "schema.dump")
+    path = os.path.join(work_dir, SCHEMA_ARCHIVE)
     failed = dump_live_schema(tools, source, path, deadline, timeout=timeout, lock_wait_ms=lock_wait_ms)
     if failed is not None:
         return failed
