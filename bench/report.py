@@ -46,6 +46,13 @@ class Result:
         times = [r.seconds for r in self.rounds if r.ok and r.seconds is not None]
         return statistics.median(times) if times else None
 
+    @property
+    def median_polled(self) -> float | None:
+        """The service's median to the poll that saw the job `completed` (bench.service):
+        the headline median plus the bench's own polling lag. None for the baselines."""
+        times = [r.extra["polled_s"] for r in self.rounds if r.ok and "polled_s" in r.extra]
+        return statistics.median(times) if times else None
+
     def peak(self, key: str) -> float | None:
         values = [r.extra[key] for r in self.rounds if key in r.extra]
         return max(values) if values else None
@@ -124,6 +131,7 @@ def to_json(results: list[Result], meta: dict[str, Any]) -> dict[str, Any]:
             {
                 **{k: v for k, v in asdict(r).items() if k != "rounds"},
                 "median_s": r.median,
+                **({"median_polled_s": r.median_polled} if r.median_polled is not None else {}),
                 "failed": r.failed,
                 "peaks": {
                     key: r.peak(key)

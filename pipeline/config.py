@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     max_attempts: int = _setting(
         3, "at least 1 (how many times a stage may be tried; 1 means no retry)", ge=1
     )
+    # A stage that failed transiently runs again after this to twice this (Dramatiq's
+    # jitter); the wait doubles at each retry, and one past 5 minutes is 2.5 to 5 minutes
+    # (pipeline.queue.MAX_BACKOFF_MS): above half of that, nothing would double.
+    retry_backoff_seconds: int = _setting(5, "a whole number of seconds from 1 to 150", ge=1, le=150)
     # Below the broker's consumer timeout (see broker_consumer_timeout_seconds).
     stage_time_limit_seconds: int = _seconds(25 * 60)
     replaced_database_retention_seconds: int = _seconds(7 * 24 * 3600, minimum=0)

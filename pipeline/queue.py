@@ -45,10 +45,13 @@ log = logging.getLogger(__name__)
 
 # The web's connection attempts: a broker that does not complete TCP within this is down.
 PUBLISHER_CONNECT_TIMEOUT_SECONDS = 3
-# How often a stage's message is retried while the control database is away (backoff
-# doubling from 5 s to 5 min: about 1.5 hours). Such retries use none of the job's
+# How often a stage's message is retried while the control database is away: the
+# backoff doubles from CAPY_RETRY_BACKOFF_SECONDS to 5 min, 45 to 90 min in all at 5 s. Such retries use none of the job's
 # attempts: nothing of the job could be run or recorded.
 CONTROL_DATABASE_RETRIES = 22
+# The longest wait between two runs of a stage's message (Dramatiq doubles the first,
+# CAPY_RETRY_BACKOFF_SECONDS, up to this).
+MAX_BACKOFF_MS = 300_000
 
 
 def _retried(retries: int, exc: BaseException, max_attempts: int) -> bool:
@@ -122,8 +125,8 @@ class StageQueue:
                 queue_name=f"{self.prefix}.{stage}",
                 # Attempts are also bounded by the job's own max_attempts at claim.
                 max_retries=max(0, settings.max_attempts - 1),
-                min_backoff=5_000,
-                max_backoff=300_000,
+                min_backoff=settings.retry_backoff_seconds * 1000,
+                max_backoff=MAX_BACKOFF_MS,
                 retry_when=lambda retries, exc: _retried(retries, exc, settings.max_attempts),
                 throws=(PermanentError,),
                 # Below the broker's consumer_timeout (Settings.checked): a stage is

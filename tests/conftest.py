@@ -35,7 +35,9 @@ def base_settings(tmp_path_factory, s3) -> Settings:
 
     Tests run in development mode (private sources allowed), with a secret key of their own,
     and keep no spare databases on the cluster (tests/e2e/conftest.py's service does, and
-    the tests of spares).
+    the tests of spares). A stage that fails transiently is retried after 1 to 2 s, not
+    5 to 10 (CAPY_RETRY_BACKOFF_SECONDS, a setting of the product: the tests check that
+    the retry happens, not how long it waits).
     """
     return Settings.from_env({"CAPY_ENV": "development"}).replace(
         s3_endpoint=s3.url,
@@ -49,6 +51,7 @@ def base_settings(tmp_path_factory, s3) -> Settings:
         work_dir=str(tmp_path_factory.mktemp("work")),
         secret_key="test-secret-key-" + RUN_ID + "-" + secrets.token_hex(16),
         spare_databases=0,
+        retry_backoff_seconds=1,
     )
 
 

@@ -106,7 +106,7 @@ def test_a_source_refusing_connections_is_retried_then_fails_saying_it_kept_refu
     port = free_port()
     job = start(settings, make_world(settings), f"postgres://u:pw@127.0.0.1:{port}/app?sslmode=disable")
     queue.actors["preflight"].send(job.id)
-    # One retry with Dramatiq's backoff (5 to 10 s), then the job gives up.
+    # One retry after the backoff (CAPY_RETRY_BACKOFF_SECONDS, 1 to 2 s here), then the job gives up.
     assert wait_until(lambda: Job.get_by_id(job.id).state == "failed", timeout=60)
     failed = Job.get_by_id(job.id)
     assert failed.retry_classification == "permanent" and failed.attempts == 2

@@ -38,6 +38,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         CAPY_CONCURRENCY=str(settings.concurrency),
         CAPY_SPARE_DATABASES=str(settings.spare_databases),
         CAPY_LOG_LEVEL=settings.log_level,
+        CAPY_RETRY_BACKOFF_SECONDS=str(settings.retry_backoff_seconds),
         PATH=f"{BIN}:{os.environ.get('PATH', '')}",
         **extra,
     )

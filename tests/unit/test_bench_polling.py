@@ -31,7 +31,8 @@ def test_the_wait_a_poll_adds_is_at_most_a_hundredth_of_the_time_or_the_first_in
 
 def test_the_time_ends_at_the_jobs_completion_not_at_the_poll_that_saw_it() -> None:
     job = {"completed_at": "2026-12-02T09:00:00.812345Z"}
-    assert completion_seconds(job, SENT, polled=1.04) == pytest.approx(0.812345)
+    seconds, timed_by = completion_seconds(job, SENT, polled=1.04)
+    assert seconds == pytest.approx(0.812345) and timed_by == "completed_at"
 
 
 @pytest.mark.parametrize(
@@ -45,4 +46,4 @@ def test_the_time_ends_at_the_jobs_completion_not_at_the_poll_that_saw_it() -> N
     ],
 )
 def test_a_completion_time_that_cannot_be_trusted_gives_the_polls_time(completed_at: str | None) -> None:
-    assert completion_seconds({"completed_at": completed_at}, SENT, polled=1.5) == 1.5
+    assert completion_seconds({"completed_at": completed_at}, SENT, polled=1.5) == (1.5, "poll")

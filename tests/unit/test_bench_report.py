@@ -81,6 +81,17 @@ def test_the_json_holds_every_round_the_medians_and_the_ratios():
     ]
 
 
+def test_the_service_keeps_its_median_to_the_poll_apart_from_the_one_to_completion():
+    service = Result("mix", 0.3, "live", "service", "service")
+    for number, (seconds, polled) in enumerate([(1.0, 1.2), (3.0, 3.1), (2.0, 2.05)], start=1):
+        service.rounds.append(Round(number, seconds, True, [], {"polled_s": polled}))
+    service.rounds.append(Round(4, 9.0, False, ["a table is missing"], {"polled_s": 9.5}))
+    document = to_json([result("dump-pipe", "live", [4.0]), service], {})
+    baseline, timed = document["results"]
+    assert (timed["median_s"], timed["median_polled_s"]) == (2.0, 2.05)
+    assert "median_polled_s" not in baseline
+
+
 def test_each_round_starts_with_another_method():
     methods = ["a", "b", "c"]
     assert [rotated(methods, r) for r in range(4)] == [

@@ -51,3 +51,19 @@ def test_a_control_database_outage_is_retried_beyond_the_jobs_attempts():
     assert _retried(2, ControlDatabaseUnavailable("down"), 3)
     assert _retried(CONTROL_DATABASE_RETRIES - 1, ControlDatabaseUnavailable("down"), 3)
     assert not _retried(CONTROL_DATABASE_RETRIES, ControlDatabaseUnavailable("down"), 3)
+
+
+def test_a_stage_that_failed_transiently_waits_the_configured_backoff_doubling_to_five_minutes():
+    from pipeline.queue import MAX_BACKOFF_MS
+
+    broker = StubBroker()
+    for seconds in (5, 1, 42):
+        settings = Settings.from_env({"CAPY_RETRY_BACKOFF_SECONDS": str(seconds)}).replace(
+            queue_prefix=f"capyunit{seconds}"
+        )
+        queue = StageQueue(broker, settings)
+        for actor in queue.actors.values():
+            assert actor.options["min_backoff"] == seconds * 1000
+            assert actor.options["max_backoff"] == MAX_BACKOFF_MS == 300_000
+    assert Settings.from_env({}).retry_backoff_seconds == 5
+    broker.close()

@@ -20,6 +20,16 @@ def refusal(env: dict[str, str]) -> str:
     [
         ("CAPY_LEASE_SECONDS", "0", "CAPY_LEASE_SECONDS must be a whole number of seconds above 0, not 0"),
         (
+            "CAPY_RETRY_BACKOFF_SECONDS",
+            "0",
+            "CAPY_RETRY_BACKOFF_SECONDS must be a whole number of seconds from 1 to 150, not 0",
+        ),
+        (
+            "CAPY_RETRY_BACKOFF_SECONDS",
+            "151",
+            "CAPY_RETRY_BACKOFF_SECONDS must be a whole number of seconds from 1 to 150, not 151",
+        ),
+        (
             "CAPY_SOURCE_CONNECT_TIMEOUT",
             "-5",
             "CAPY_SOURCE_CONNECT_TIMEOUT must be a whole number of seconds above 0, not -5",
@@ -124,7 +134,9 @@ DURATIONS = [
     name
     for name in env_vars().values()
     if name.endswith("_SECONDS")
-    and name not in ("CAPY_UPLOAD_URL_EXPIRY_SECONDS", "CAPY_PUBLISH_DEADLINE_SECONDS")
+    # Bounded far lower, each by a range of its own (tested above or in their own tests).
+    and name
+    not in ("CAPY_UPLOAD_URL_EXPIRY_SECONDS", "CAPY_PUBLISH_DEADLINE_SECONDS", "CAPY_RETRY_BACKOFF_SECONDS")
 ]
 
 
