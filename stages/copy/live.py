@@ -29,6 +29,7 @@ from stages.connections.connect import connect, major_of
 from stages.connections.deadline import Deadline as SourceDeadline
 from stages.connections.pgurl import SourceURL, redact
 from stages.connections.rows import one_row
+from stages.copy import engine
 from stages.copy.catalog import Owned, SourceCatalog, lock_tables, read_catalog, read_tables
 from stages.copy.engine import (
     LARGE_OBJECTS,
@@ -142,7 +143,8 @@ class Snapshot:
                         "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')"
                     )
                     snapshot_id, server_version = one_row(cur)
-                catalog = read_catalog(conn)
+                # The engine's threshold as it is now (a test may lower it).
+                catalog = read_catalog(conn, key_definitions_from=engine.SEPARATE_KEY_MIN_BYTES)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
                 configuration = _configuration_counts(conn)

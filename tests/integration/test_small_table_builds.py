@@ -104,6 +104,51 @@ INSERT INTO public.mid SELECT g, 'c' || g, repeat('x', 40) || g FROM generate_se
     assert "the constraints of table public.mid" in builds, builds  # the attaches
 
 
+def test_the_catalog_reads_key_definitions_only_of_tables_whose_keys_are_built_apart(scratch_db):
+    """pg_get_indexdef for every key was most of the catalog's read of 2,000 small
+    tables: only a table of `key_definitions_from` bytes or more gets its keys' index
+    definitions (the copy builds a smaller one's with the dump's ALTER TABLE)."""
+    from stages.copy.catalog import read_catalog
+
+    source = scratch_db("capysrc_small")
+    pg.psql(
+        source,
+        text=SCHEMA
+        + "CREATE TABLE public.mid (id int PRIMARY KEY, code text NOT NULL UNIQUE);"
+        + "INSERT INTO public.mid SELECT g, repeat('c', 40) || g FROM generate_series(1, 30000) g;",
+    )
+    conn = psycopg2.connect(pg.url_for(source))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET search_path = pg_catalog, pg_temp")
+
+        def definitions(threshold: int) -> list[tuple[str, str | None]]:
+            """(table, its key's index definition or None) per primary key and unique constraint."""
+            catalog = read_catalog(conn, key_definitions_from=threshold)
+            names = {t.oid: t.name for t in catalog.tables}
+            return sorted(
+                (
+                    (names[o.table], o.unique_index)
+                    for o in catalog.owned.values()
+                    if o.kind == "constraint" and o.table in names  # not the system catalogs' keys
+                ),
+                key=lambda pair: (pair[0], pair[1] or ""),
+            )
+
+        every = definitions(0)
+        assert [table for table, _ in every] == ["kid_a", "kid_b", "mid", "mid", "parent", "parent"], every
+        assert all(definition for _, definition in every), every
+        assert ("mid", "CREATE UNIQUE INDEX mid_code_key ON public.mid USING btree (code)") in every
+        sizes = {t.name: t.bytes for t in read_catalog(conn).tables}
+        assert sizes["mid"] > max(size for name, size in sizes.items() if name != "mid"), sizes
+        only_mid = definitions(sizes["mid"])
+        # Every key is still there; only mid's carry their definitions.
+        assert [table for table, _ in only_mid] == [table for table, _ in every]
+        assert [table for table, definition in only_mid if definition] == ["mid", "mid"], only_mid
+    finally:
+        conn.close()
+
+
 def test_a_failing_build_of_a_small_table_names_the_table_and_fails_the_copy(scratch_db, tmp_path):
     source, target = scratch_db("capysrc_small"), scratch_db("capytgt_small")
     pg.psql(source, text=SCHEMA)
