@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 # The web's connection attempts: a broker that does not complete TCP within this is down.
 PUBLISHER_CONNECT_TIMEOUT_SECONDS = 3
 # How often a stage's message is retried while the control database is away: the
-# backoff doubles from CAPY_RETRY_BACKOFF_SECONDS to 5 min, 45 to 90 min in all at 5 s. Such retries use none of the job's
-# attempts: nothing of the job could be run or recorded.
+# backoff doubles from CAPY_RETRY_BACKOFF_SECONDS to 5 min, 45 to 90 min in all at 5 s.
+# Such retries use none of the job's attempts: nothing of the job could be run or recorded.
 CONTROL_DATABASE_RETRIES = 22
 # The longest wait between two runs of a stage's message (Dramatiq doubles the first,
 # CAPY_RETRY_BACKOFF_SECONDS, up to this).

@@ -27,9 +27,9 @@ from minio import Minio
 from minio.error import MinioException
 
 START_TIMEOUT_S = 60.0
-# Its data is thrown away with the directory, so a stop need not be clean: after a test
-# run's uploads weed's filer spent 11 s of its shutdown retrying the deletions it had
-# queued (20 s and more, a whole run), all of it in the last test's teardown.
+# Its data is thrown away with the directory, so a stop need not be clean: after the
+# uploads of tests/e2e/test_any_worker.py weed's filer spent 11 s of its shutdown
+# retrying the deletions it had queued, in the last test's teardown.
 STOP_TIMEOUT_S = 2.0
 # weed mini's embedded admin worker dials admin.port + 10000 whatever -admin.port.grpc
 # says, so every gRPC port is kept at its HTTP port + 10000, SeaweedFS's convention.
