@@ -101,7 +101,8 @@ WHERE t.relkind OPERATOR(pg_catalog.=) 'r'
 
 _CONSTRAINTS = """
 SELECT k.tableoid, k.oid, k.conrelid, k.contype, k.confrelid,
-       CASE WHEN k.conindid OPERATOR(pg_catalog.<>) 0
+       CASE WHEN k.contype OPERATOR(pg_catalog.=) ANY (ARRAY['p', 'u']::"char"[])
+                 AND k.conindid OPERATOR(pg_catalog.<>) 0
                  AND k.conrelid OPERATOR(pg_catalog.=) ANY (%(keyed)s::pg_catalog.oid[])
             THEN pg_catalog.pg_get_indexdef(k.conindid) END,
        k.condeferrable, k.condeferred, am.amname, k.conname, ki.relname
@@ -184,11 +185,12 @@ def read_catalog(conn: psycopg2.extensions.connection, *, key_definitions_from: 
     """The tables to copy and the owners of indexes and constraints, as the snapshot
     `conn` is in sees them (search_path must be pinned to pg_catalog).
 
-    Only the tables of `key_definitions_from` bytes or more (`SourceTable.bytes`) have
-    their primary keys' and unique constraints' index definitions read
-    (`Owned.unique_index`): the copy builds a smaller table's keys with the dump's own
-    ALTER TABLE, and `pg_get_indexdef` for every key was two thirds of this read on a
-    source of 2,000 small tables."""
+    Only the tables returned (`tables`) of `key_definitions_from` bytes or more
+    (`SourceTable.bytes`) have their primary keys' and unique constraints' index
+    definitions read (`Owned.unique_index`; never a foreign key's or an exclusion
+    constraint's, which the engine does not use): the copy builds a smaller table's keys
+    with the dump's own ALTER TABLE, and `pg_get_indexdef` for every key was two thirds
+    of this read on a source of 2,000 small tables."""
     tables = read_tables(conn)
     keyed = [t.oid for t in tables if t.bytes >= key_definitions_from]
     with conn.cursor() as cur:

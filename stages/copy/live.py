@@ -143,7 +143,8 @@ class Snapshot:
                         "SELECT pg_catalog.pg_export_snapshot(), pg_catalog.current_setting('server_version')"
                     )
                     snapshot_id, server_version = one_row(cur)
-                # The engine's threshold as it is now (a test may lower it).
+                # The engine's own threshold (read at call time): a table below it gets no
+                # key definitions, and the engine builds its keys with the dump's ALTER TABLE.
                 catalog = read_catalog(conn, key_definitions_from=engine.SEPARATE_KEY_MIN_BYTES)
                 lock_tables(conn, catalog.tables)
                 description = inventory.describe(conn)
