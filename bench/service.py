@@ -40,7 +40,7 @@ from bench.methods import LIVE, UPLOAD, Timed, Trial
 from bench.pg import Cluster
 from bench.sampling import PeakSampler
 from pipeline.config import Settings
-from pipeline.import_steps import RESTORE_ROLE_PREFIX
+from pipeline.import_steps import restore_role_name
 from stages.database.spares import SPARE_PREFIX
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class ServiceBench:
         import's restore role, makes the cluster's spare databases again): nobody waits
         for it, but the next method's round would run beside it. Gives up after
         `timeout` with a line saying so."""
-        role = RESTORE_ROLE_PREFIX + job_id.removeprefix("job_")
+        role = restore_role_name(job_id)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             (spares, roles) = self.cluster.query(

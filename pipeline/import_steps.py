@@ -154,9 +154,11 @@ def host_identity() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def restore_role_name(job: Job) -> str:
-    """The role that runs this import's dump: it owns the preview and nothing else."""
-    return RESTORE_ROLE_PREFIX + job.id.removeprefix("job_")
+def restore_role_name(job: Job | str) -> str:
+    """The role that runs this import's dump (`job`, or its id): it owns the preview and
+    nothing else."""
+    job_id = job if isinstance(job, str) else job.id
+    return RESTORE_ROLE_PREFIX + job_id.removeprefix("job_")
 
 
 class ImportSteps:

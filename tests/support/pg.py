@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import secrets
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg2
+import psycopg2.extensions
 from psycopg2 import sql
 
 ADMIN_URL = os.environ.get("CAPY_TEST_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -25,15 +28,22 @@ def url_for(dbname: str, **query: str) -> str:
     return base
 
 
-def admin(sql_text: str | sql.Composed, params: tuple = (), dbname: str = "postgres") -> list[tuple]:
+@contextlib.contextmanager
+def admin_cursor(dbname: str = "postgres") -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor of an autocommit superuser session in `dbname`, closed on the way out."""
     conn = psycopg2.connect(url_for(dbname))
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(sql_text, params)
-            return cur.fetchall() if cur.description else []
+            yield cur
     finally:
         conn.close()
+
+
+def admin(sql_text: str | sql.Composed, params: tuple = (), dbname: str = "postgres") -> list[tuple]:
+    with admin_cursor(dbname) as cur:
+        cur.execute(sql_text, params)
+        return cur.fetchall() if cur.description else []
 
 
 def scratch_name(prefix: str) -> str:
@@ -112,15 +122,10 @@ def drop_roles(roles: list[str]) -> None:
     """Drop those of `roles` that exist, over one connection: a run names a restore role
     for every job it made, most of them long dropped (a connection per name took 0.4 s
     more at the end of four test modules' run)."""
-    conn = psycopg2.connect(ADMIN_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))
-            for (role,) in cur.fetchall():
-                cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-    finally:
-        conn.close()
+    with admin_cursor() as cur:
+        cur.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))
+        for (role,) in cur.fetchall():
+            cur.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def psql(dbname: str, *, file: Path | None = None, text: str | None = None, url: str | None = None) -> None:
