@@ -1,6 +1,7 @@
 """`python -m bench`: the copy benchmark (see bench/README.md).
 
     python -m bench --datasets mix,tiny --scale 0.3 --rounds 3 [--methods ...] [--live] [--upload]
+    python -m bench --rounds 2,many=5,tiny=5    # more rounds of the datasets that take seconds
 
 Exits 0 when every round of every method verified, 1 when any failed, 2 on bad options.
 """
@@ -23,7 +24,7 @@ from bench.datasets import DATASETS
 from bench.methods import BASELINES, LIVE, UPLOAD, Method
 from bench.pg import DEFAULT_ADMIN_URL, Cluster
 from bench.report import failures, table, to_json, write_json
-from bench.runner import Plan, run_bench
+from bench.runner import DEFAULT_ROUNDS, Plan, Rounds, run_bench
 
 SERVICE_METHODS = ("service", "service-upload")
 MODES = {m.name: m.mode for m in BASELINES} | {"service": LIVE, "service-upload": UPLOAD}
@@ -47,6 +48,26 @@ def _names(raw: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return names
 
 
+def _rounds(raw: str) -> Rounds:
+    """`--rounds`: "N" for every dataset, or "N,dataset=M,…" for some datasets M rounds."""
+    default, overrides = None, {}
+    for part in (p.strip() for p in raw.split(",")):
+        name, equals, count = part.rpartition("=")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: a round count is a whole number, 1 or more")
+        if not equals:
+            if default is not None:
+                raise argparse.ArgumentTypeError(f"{raw!r} gives the rounds of every dataset twice")
+            default = int(count)
+        elif name.strip() not in DATASETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown dataset {name.strip()!r} in --rounds: choose from {', '.join(DATASETS)}"
+            )
+        else:
+            overrides[name.strip()] = int(count)
+    return Rounds(DEFAULT_ROUNDS if default is None else default, overrides)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description="Time the service against pg_dump, pg_restore and pgcopydb."
@@ -64,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="row counts relative to scale 1 (default 1; mix is about 1.6 GB there)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds per method; the median is quoted (default 3)"
+        "--rounds",
+        type=_rounds,
+        default=Rounds(DEFAULT_ROUNDS),
+        help=f"rounds per method, the median quoted: N, or N,DATASET=M,… to give some datasets M "
+        f"(default {DEFAULT_ROUNDS})",
     )
     parser.add_argument(
         "--methods",
@@ -108,11 +133,8 @@ def _version(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.rounds < 1 or args.scale <= 0:
-        print(
-            f"--rounds must be at least 1 and --scale above 0, not {args.rounds} and {args.scale:g}",
-            file=sys.stderr,
-        )
+    if args.scale <= 0:
+        print(f"--scale must be above 0, not {args.scale:g}", file=sys.stderr)
         return 2
     names = chosen_methods(args)
     if not names:
@@ -147,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(time.monotonic() - clock, 1),
         "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "scale": args.scale,
-        "rounds": args.rounds,
+        "rounds": args.rounds.default,
+        "rounds_by_dataset": {d: args.rounds.of(d) for d in args.datasets},
         "host": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import secrets
 import shutil
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.datasets import Source
@@ -21,14 +21,34 @@ from bench.report import Result, Round
 from bench.sources import ensure_source
 from bench.verify import Shape, compare, shape
 
+DEFAULT_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """Rounds per method: `default` for every dataset but those `by_dataset` names.
+
+    A dataset whose rounds take seconds (`many`, `tiny`) can have more of them for the
+    price of one round of `mix`: its medians then rest on more rounds, where the
+    machine's noise is as large as the differences measured."""
+
+    default: int = DEFAULT_ROUNDS
+    by_dataset: Mapping[str, int] = field(default_factory=dict)
+
+    def of(self, dataset: str) -> int:
+        return self.by_dataset.get(dataset, self.default)
+
 
 @dataclass(frozen=True)
 class Plan:
     datasets: Sequence[str]
     scale: float
-    rounds: int
+    rounds: Rounds | int
     methods: Sequence[Method]
     rebuild: bool = False
+
+    def rounds_of(self, dataset: str) -> int:
+        return self.rounds if isinstance(self.rounds, int) else self.rounds.of(dataset)
 
 
 def rotated(methods: Sequence[Method], round_index: int) -> list[Method]:
@@ -84,7 +104,7 @@ def run_bench(
             run(["pg_dump", "-Fc", "-f", str(dump_file), "-d", cluster.url(source.database)])
         by_method = {m.name: Result(dataset, plan.scale, m.mode, m.name, m.label) for m in plan.methods}
         results.extend(by_method.values())
-        for index in range(plan.rounds):
+        for index in range(plan.rounds_of(dataset)):
             for number, method in enumerate(rotated(plan.methods, index)):
                 folder = scratch / f"{dataset}-{method.name}-{index + 1}"
                 folder.mkdir(parents=True)
