@@ -53,7 +53,8 @@ def _rounds(raw: str) -> Rounds:
     default, overrides = None, {}
     for part in (p.strip() for p in raw.split(",")):
         name, equals, count = part.rpartition("=")
-        if not count.strip().isdigit() or int(count) < 1:
+        count = count.strip()
+        if not (count.isascii() and count.isdigit()) or int(count) < 1:
             raise argparse.ArgumentTypeError(f"{part!r}: a round count is a whole number, 1 or more")
         if not equals:
             if default is not None:
@@ -63,6 +64,8 @@ def _rounds(raw: str) -> Rounds:
             raise argparse.ArgumentTypeError(
                 f"unknown dataset {name.strip()!r} in --rounds: choose from {', '.join(DATASETS)}"
             )
+        elif name.strip() in overrides:
+            raise argparse.ArgumentTypeError(f"{raw!r} gives the rounds of {name.strip()} twice")
         else:
             overrides[name.strip()] = int(count)
     return Rounds(DEFAULT_ROUNDS if default is None else default, overrides)

@@ -91,6 +91,11 @@ class Background(Generic[T]):
         finally:
             self.join()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The work's error, once it has ended with one (None before it ends)."""
+        return self._error[0] if self._done.is_set() and self._error else None
+
     def result(self, *, interrupt: Callable[[], None] | None = None) -> T:
         """The work's value, or its error raised here (`interrupt`: as `join`'s)."""
         self.join(interrupt=interrupt)

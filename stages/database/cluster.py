@@ -55,9 +55,11 @@ PINNED_ROLE = "-c role=none"
 LOCK_TIMEOUT_MS = 10_000
 # Relations locked by one transaction of the hand-over (see ClusterAdmin._reassign_in_batches).
 REASSIGN_LOCKS = 40
-# A hand-over of this many batches or more runs them in two sessions of the database
-# (one transaction each at a time: 2 × REASSIGN_LOCKS locks at most): ALTER … OWNER is
-# the server's CPU, and 2,000 tables took 0.44 s in one session, 0.23 s in two, here.
+# A hand-over of this many batches or more runs them in two sessions of the database:
+# ALTER … OWNER is the server's CPU, and 2,000 tables took 0.44 s in one session, 0.23 s
+# in two, here. The batches running at once lock REASSIGN_SESSIONS × REASSIGN_LOCKS
+# relations at most, or one batch alone that locks more (a table with many indexes),
+# as in one session.
 REASSIGN_SESSIONS, REASSIGN_SHARED_FROM = 2, 8
 # And no JIT: our statements are catalog reads, DDL, COPY and counts, and a new database's
 # catalog has no statistics yet. On a preview of 2,000 tables a catalog query planned
@@ -109,9 +111,75 @@ def _waits_explained(dbname: str) -> Iterator[None]:
     except psycopg2.errors.QueryCanceled as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else "canceled"
         raise TransientError(f"a statement in {dbname!r} ran past its time limit ({first})") from err
+    except psycopg2.errors.OutOfMemory as err:
+        # "out of shared memory": the cluster's lock table (max_locks_per_transaction ×
+        # max_connections, shared by every tenant) was full. The session is not lost;
+        # the stage is retried, when other tenants may hold fewer locks.
+        log.warning("the project cluster ran out of shared memory in %r: %s", dbname, str(err).strip())
+        raise TransientError(
+            f"the project's cluster ran out of shared memory in {dbname!r} (its lock table, "
+            "max_locks_per_transaction × max_connections, is shared by every tenant and was full); "
+            "it will try again; if this repeats, the cluster's operator should raise max_locks_per_transaction"
+        ) from err
     except (psycopg2.OperationalError, psycopg2.InterfaceError) as err:
         log.warning("lost the session to the project cluster in %r: %s", dbname, str(err).strip())
         raise ClusterUnavailable() from err
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Statements of the hand-over run in one transaction, and the relations they lock."""
+
+    statements: sql.Composed
+    locks: int
+
+
+class _SharedBatches:
+    """The hand-over's batches, taken by several sessions (ClusterAdmin._run_shared):
+    a batch starts when the locks of those running and its own fit `budget`, or alone.
+    The first error of any session stops them all (`stop`)."""
+
+    def __init__(self, batches: list[_Batch], budget: int) -> None:
+        self.pending = list(reversed(batches))
+        self.budget = budget
+        self.held = 0  # the locks of the batches running now
+        self.turns = threading.Condition()
+        self.stopped = threading.Event()
+        self.started = threading.Event()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        with self.turns:
+            self.turns.notify_all()
+
+    def take(self, session: psycopg2.extensions.cursor) -> None:
+        """Run batches over `session` until none is left or the sessions are stopped."""
+        try:
+            while (batch := self._next()) is not None:
+                try:
+                    session.execute(batch.statements)
+                finally:
+                    with self.turns:
+                        self.held -= batch.locks
+                        self.turns.notify_all()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _next(self) -> _Batch | None:
+        with self.turns:
+            while (
+                not self.stopped.is_set()
+                and self.pending
+                and self.held > 0
+                and self.held + self.pending[-1].locks > self.budget
+            ):
+                self.turns.wait()
+            if self.stopped.is_set() or not self.pending:
+                return None
+            batch = self.pending.pop()
+            self.held += batch.locks
+            return batch
 
 
 class ClusterAdmin:
@@ -486,7 +554,7 @@ class ClusterAdmin:
         batches = self._reassign_batches(cur, from_role, to_role)
         if len(batches) < REASSIGN_SHARED_FROM:
             for batch in batches:
-                cur.execute(batch)
+                cur.execute(batch.statements)
         else:
             self._run_shared(cur, database, batches)
         cur.execute(
@@ -502,11 +570,11 @@ class ClusterAdmin:
             )
 
     @staticmethod
-    def _reassign_batches(
-        cur: psycopg2.extensions.cursor, from_role: str, to_role: str
-    ) -> list[sql.Composed]:
+    def _reassign_batches(cur: psycopg2.extensions.cursor, from_role: str, to_role: str) -> list[_Batch]:
         """The hand-over's ALTER TABLE … OWNER statements of `from_role`'s relations, in
-        batches (see _reassign_in_batches)."""
+        batches (see _reassign_in_batches). A sequence owned by a column follows its
+        table and is left out; a partition or an inheritance child is a relation of its
+        own (ALTER TABLE … OWNER of its parent does not reach it)."""
         cur.execute(
             # Its indexes from pg_index: one made by a constraint (PRIMARY KEY, UNIQUE,
             # EXCLUDE) depends on the constraint, not on the table, in pg_depend.
@@ -524,20 +592,20 @@ class ClusterAdmin:
             "WHERE c.relowner OPERATOR(pg_catalog.=) (SELECT r.oid FROM pg_catalog.pg_roles r "
             "  WHERE r.rolname OPERATOR(pg_catalog.=) %s) "
             "AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f', 'S']::\"char\"[]) "
-            "AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
+            "AND NOT (c.relkind OPERATOR(pg_catalog.=) 'S' AND EXISTS (SELECT 1 FROM pg_catalog.pg_depend d "
             "  WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
             "  AND d.objid OPERATOR(pg_catalog.=) c.oid "
             "  AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
-            "  AND d.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::\"char\"[])) "
+            "  AND d.deptype OPERATOR(pg_catalog.=) ANY (ARRAY['a', 'i']::\"char\"[]))) "
             "ORDER BY c.oid",
             (from_role,),
         )
-        batches: list[sql.Composed] = []
+        batches: list[_Batch] = []
         batch: list[sql.Composable] = []
         locks = 0
         for schema, name, relations in cur.fetchall():
             if batch and locks + relations > REASSIGN_LOCKS:
-                batches.append(sql.SQL("; ").join(batch))
+                batches.append(_Batch(sql.SQL("; ").join(batch), locks))
                 batch, locks = [], 0
             batch.append(
                 sql.SQL("ALTER TABLE {} OWNER TO {}").format(
@@ -546,49 +614,59 @@ class ClusterAdmin:
             )
             locks += relations
         if batch:
-            batches.append(sql.SQL("; ").join(batch))
+            batches.append(_Batch(sql.SQL("; ").join(batch), locks))
         return batches
 
-    def _run_shared(
-        self, cur: psycopg2.extensions.cursor, database: str, batches: list[sql.Composed]
-    ) -> None:
+    def _run_shared(self, cur: psycopg2.extensions.cursor, database: str, batches: list[_Batch]) -> None:
         """Run `batches`, each in a transaction of its own, over `cur` and
         REASSIGN_SESSIONS - 1 more sessions of `database`, each taking the next batch
-        when its last one is done (see _reassign_in_batches)."""
-        pending = iter(batches)
-        taking = threading.Lock()
-        failed = threading.Event()
+        when its last one is done and the locks allow it (see REASSIGN_SESSIONS).
 
-        def take(session: psycopg2.extensions.cursor) -> None:
-            try:
-                while not failed.is_set():
-                    with taking:
-                        batch = next(pending, None)
-                    if batch is None:
-                        return
-                    session.execute(batch)
-            except BaseException:
-                failed.set()
-                raise
+        The first error stops every session and is raised here once none runs a
+        statement any more, whatever interrupts this thread meanwhile (a time limit):
+        no session outlives the call. A session that cannot be opened or set up takes
+        no batch; the others take them all."""
+        shared = _SharedBatches(batches, REASSIGN_SESSIONS * REASSIGN_LOCKS)
 
         def helper() -> None:
+            shared.started.wait()
+            if shared.stopped.is_set():
+                return
             with contextlib.ExitStack() as stack:
                 try:
                     other = stack.enter_context(self.autocommit(database))
-                except CapyError as err:  # the cluster is full, say: `cur` takes every batch
-                    log.info("the hand-over runs in one session (a second one: %s)", err.message)
+                    other.execute("SET synchronous_commit = off")
+                except (CapyError, psycopg2.Error) as err:
+                    # The cluster is full, say: the other sessions take every batch.
+                    log.info("the hand-over goes on without a second session (%s)", err)
                     return
-                other.execute("SET synchronous_commit = off")
-                take(other)
+                shared.take(other)
 
-        helpers = [Background(helper, name="hand-over") for _ in range(REASSIGN_SESSIONS - 1)]
+        helpers: list[Background[None]] = []
+        finished = False
         try:
-            take(cur)
+            for _ in range(REASSIGN_SESSIONS - 1):
+                helpers.append(Background(helper, name="hand-over"))
+            shared.started.set()
+            shared.take(cur)
+            finished = True
         finally:
-            for running in helpers:
-                running.settle()
-        for running in helpers:
-            running.result()
+            # Whatever ended this thread's part early (an error, a time limit landing
+            # anywhere above), the helpers take no more batches; they are waited for.
+            if not finished:
+                shared.stop()
+            shared.started.set()
+            try:
+                for running in helpers:
+                    running.settle()
+            finally:
+                for running in helpers:
+                    running.join()
+        errors = [error for running in helpers if (error := running.error) is not None]
+        for extra in errors[1:]:
+            log.warning("a session of the hand-over failed too: %s", extra)
+        if errors:
+            raise errors[0]
 
     def set_owner(self, database: str, owner: str) -> None:
         with self.autocommit() as cur:

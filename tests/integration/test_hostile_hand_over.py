@@ -83,6 +83,28 @@ def test_tables_with_many_constraint_indexes_fit_the_small_lock_table(small):
     assert owners and set(owners.values()) == {PROJECT}, owners
 
 
+def test_partitions_are_given_over_in_batches_of_their_own(small):
+    """A partition depends on its parent in pg_depend (deptype 'a'), as a sequence owned
+    by a column does on its table, and was left out of the batches; ALTER TABLE … OWNER
+    of the parent does not reach it, so REASSIGN OWNED gave every partition over in one
+    transaction: on this small lock table, "out of shared memory" (found by review)."""
+    name = "capy_review_partitions"
+    _fresh(small, name)
+    script = (
+        "CREATE TABLE public.parted (id int, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);\n"
+    )
+    script += "".join(
+        f"CREATE TABLE public.part{i} PARTITION OF public.parted FOR VALUES FROM ({i}) TO ({i + 1});\n"
+        for i in range(400)
+    )
+    _run(small, name, script, user=RESTORER)
+    ClusterAdmin(small.url()).hand_over(name, from_role=RESTORER, to_role=PROJECT)
+    owners = _owners(small, name)
+    assert len(owners) == 802 and set(owners.values()) == {
+        PROJECT
+    }  # 400 partitions, their keys, the parent's
+
+
 def test_hostile_names_and_every_kind_of_relation_are_handed_over(small):
     name = "capy_review_kinds"
     _fresh(small, name)

@@ -40,6 +40,8 @@ def test_a_plan_may_still_take_a_plain_count():
         ("2,huge=5", "unknown dataset 'huge'"),
         ("2,3", "twice"),
         ("2,many=", "whole number"),
+        ("2,many=5,many=7", "many twice"),
+        ("\u00b2", "whole number"),
     ],
 )
 def test_a_bad_count_is_refused_saying_what_to_fix(raw, says, capsys):

@@ -11,19 +11,31 @@ import time
 import psycopg2.extensions
 import pytest
 
-from stages.database.cluster import REASSIGN_LOCKS, REASSIGN_SHARED_FROM, ClusterAdmin
+from stages.database.cluster import (
+    REASSIGN_LOCKS,
+    REASSIGN_SESSIONS,
+    REASSIGN_SHARED_FROM,
+    ClusterAdmin,
+    _Batch,
+    _SharedBatches,
+)
 from stages.errors import ClusterUnavailable, TransientError
 
 
 class _Cursor:
-    def __init__(self, relations: list[tuple[str, str, int]]) -> None:
+    """Records what it is sent; each ALTER takes `pause` seconds (a real one takes some)."""
+
+    def __init__(self, relations: list[tuple[str, str, int]], pause: float = 0.0) -> None:
         self.relations = relations
+        self.pause = pause
         self.sent: list[str] = []
         self._rows: list[tuple] = []
 
     def execute(self, statement, params=None) -> None:
         text = statement if isinstance(statement, str) else statement.as_string(_Quoting())
         self.sent.append(text)
+        if self.pause and text.startswith("ALTER "):
+            time.sleep(self.pause)
         self._rows = list(self.relations) if "relname" in text and "pg_class" in text else []
 
     def fetchall(self) -> list[tuple]:
@@ -43,7 +55,7 @@ def _alters(
     cursor: _Cursor, from_role: str = "capy_restore_x", to_role: str = "capy_prj_x"
 ) -> list[list[str]]:
     batches = ClusterAdmin._reassign_batches(cursor, from_role, to_role)  # type: ignore[arg-type]
-    return [batch.as_string(_Quoting()).split("; ") for batch in batches]
+    return [batch.statements.as_string(_Quoting()).split("; ") for batch in batches]
 
 
 def test_statements_are_batched_by_the_relations_they_lock(monkeypatch):
@@ -89,7 +101,7 @@ def quoting(monkeypatch):
 
 def test_many_batches_are_shared_by_two_sessions_each_given_once(quoting):
     tables = [("public", f"t{i}", REASSIGN_LOCKS) for i in range(REASSIGN_SHARED_FROM * 4)]
-    first, second = _Cursor(tables), _Cursor([])
+    first, second = _Cursor(tables, pause=0.002), _Cursor([], pause=0.002)
     _Admin(second=second)._reassign_in_batches(first, "capy_preview_x", "capy_restore_x", "capy_prj_x")  # type: ignore[arg-type]
     given = _statements(first) + _statements(second)
     assert sorted(given) == sorted(
@@ -156,3 +168,98 @@ def test_the_first_error_stops_both_sessions_and_is_raised(quoting):
     assert len(_statements(first)) < 8 and len(_statements(second)) == 1
     # Nothing after the error: no large objects given in a hand-over that failed.
     assert not any("largeobject" in text for text in first.sent)
+
+
+class _Stopping(_Cursor):
+    """The first session: its second ALTER fails as a time limit does (a BaseException
+    raised in its thread), once the other session is running a batch."""
+
+    def __init__(self, relations, other_running: threading.Event) -> None:
+        super().__init__(relations)
+        self.other_running, self.alters = other_running, 0
+
+    def execute(self, statement, params=None) -> None:
+        super().execute(statement, params)
+        if self.sent[-1].startswith("ALTER "):
+            self.alters += 1
+            if self.alters == 2:
+                self.other_running.wait(5)
+                raise _TimeLimit
+
+
+class _TimeLimit(BaseException):
+    pass
+
+
+class _Slow(_Cursor):
+    """A second session whose batches take a moment each."""
+
+    def __init__(self, running: threading.Event) -> None:
+        super().__init__([])
+        self.running = running
+
+    def execute(self, statement, params=None) -> None:
+        super().execute(statement, params)
+        if self.sent[-1].startswith("ALTER "):
+            self.running.set()
+            time.sleep(0.02)
+
+
+def _hand_over_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hand-over" and t.is_alive()]
+
+
+def test_a_time_limit_in_the_first_session_stops_the_other_before_it_is_raised(quoting):
+    tables = [("public", f"t{i}", REASSIGN_LOCKS) for i in range(REASSIGN_SHARED_FROM * 8)]
+    running = threading.Event()
+    first, second = _Stopping(tables, running), _Slow(running)
+    with pytest.raises(_TimeLimit):
+        _Admin(second=second)._reassign_in_batches(first, "capy_preview_x", "capy_restore_x", "capy_prj_x")  # type: ignore[arg-type]
+    # Raised only once the other session had stopped: it gave no batch after that.
+    given = len(_statements(second))
+    assert not _hand_over_threads()
+    time.sleep(0.1)
+    assert len(_statements(second)) == given < len(tables) - 2
+
+
+class _SetFails(_Cursor):
+    def execute(self, statement, params=None) -> None:
+        super().execute(statement, params)
+        raise psycopg2.OperationalError("server closed the connection unexpectedly")
+
+
+def test_a_second_session_that_fails_its_first_statement_leaves_the_batches_to_the_first(quoting):
+    tables = [("public", f"t{i}", REASSIGN_LOCKS) for i in range(REASSIGN_SHARED_FROM * 2)]
+    first = _Cursor(tables)
+    _Admin(second=_SetFails([]))._reassign_in_batches(first, "capy_preview_x", "capy_restore_x", "capy_prj_x")  # type: ignore[arg-type]
+    assert len(_statements(first)) == len(tables)
+
+
+class _Counting:
+    """A session that records the locks held by the batches running while it runs one."""
+
+    def __init__(self, shared: _SharedBatches, seen: list[tuple[int, int]]) -> None:
+        self.shared, self.seen = shared, seen
+
+    def execute(self, statements, params=None) -> None:
+        time.sleep(0.005)  # a batch takes a moment: the other session's may start meanwhile
+        with self.shared.turns:
+            self.seen.append((int(statements), self.shared.held))
+
+
+def test_batches_running_at_once_stay_within_the_lock_budget_or_run_alone():
+    budget = REASSIGN_SESSIONS * REASSIGN_LOCKS
+    sizes = [REASSIGN_LOCKS, 3 * REASSIGN_LOCKS, REASSIGN_LOCKS // 2, REASSIGN_LOCKS, 5 * REASSIGN_LOCKS] * 6
+    # A batch's "statements" are its size here, so the session can tell which one runs.
+    shared = _SharedBatches([_Batch(size, size) for size in sizes], budget)  # type: ignore[arg-type]
+    seen: list[tuple[int, int]] = []
+    threads = [threading.Thread(target=shared.take, args=(_Counting(shared, seen),)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(size for size, _held in seen) == sorted(sizes)
+    for size, held in seen:
+        assert held <= budget or held == size, (size, held)
+    # Within the budget, two batches did run at once.
+    assert any(held > size for size, held in seen)

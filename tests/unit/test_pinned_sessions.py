@@ -44,3 +44,18 @@ def test_a_role_url_keeps_the_clusters_address_and_carries_the_role_password_apa
     }
     assert url.password == "s3cret" and "s3cret" not in url.conninfo() and "adminpw" not in repr(url)
     assert "s3cret" not in repr(RoleLogin("r", "s3cret"))
+
+
+def test_a_full_lock_table_is_a_transient_error_that_names_it_not_a_lost_session():
+    """psycopg2's OutOfMemory ("out of shared memory": the cluster's lock table was full)
+    is an OperationalError, and was reported as the cluster being unavailable."""
+    import psycopg2.errors
+    import pytest
+
+    from stages.database.cluster import _waits_explained
+    from stages.errors import ClusterUnavailable, TransientError
+
+    with pytest.raises(TransientError) as raised, _waits_explained("capy_preview_x"):
+        raise psycopg2.errors.OutOfMemory("out of shared memory")
+    assert not isinstance(raised.value, ClusterUnavailable)
+    assert "max_locks_per_transaction" in raised.value.message and "capy_preview_x" in raised.value.message
