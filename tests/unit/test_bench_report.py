@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench.report import Result, Round, failures, ratios, table, to_json
 from bench.runner import rotated
 
@@ -92,8 +94,29 @@ def test_the_service_keeps_its_median_to_the_poll_apart_from_the_one_to_completi
     assert "median_polled_s" not in baseline
 
 
-def test_each_round_starts_with_another_method():
+def test_rounds_come_in_mirrored_pairs_each_pair_starting_one_method_later():
     methods = ["a", "b", "c"]
-    assert [rotated(methods, r) for r in range(4)] == [
-        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"],
-    ]  # fmt: skip
+    assert ["".join(rotated(methods, r)) for r in range(7)] == [
+        "abc",
+        "cba",
+        "bca",
+        "acb",
+        "cab",
+        "bac",
+        "abc",
+    ]
+
+
+@pytest.mark.parametrize("count", [2, 3, 6])
+def test_no_method_follows_the_same_one_in_both_rounds_of_a_pair(count):
+    """A rotation alone kept each method right after the same one, round after round."""
+    methods = [chr(ord("a") + i) for i in range(count)]
+
+    def before(order: list[str]) -> dict[str, str]:
+        return {later: earlier for earlier, later in zip(order, order[1:], strict=False)}
+
+    for pair in range(count):
+        first, second = before(rotated(methods, 2 * pair)), before(rotated(methods, 2 * pair + 1))
+        assert all(second.get(method) != earlier for method, earlier in first.items())
+    # Across the pairs every method runs first.
+    assert {rotated(methods, r)[0] for r in range(0, 2 * count, 2)} == set(methods)
