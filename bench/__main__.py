@@ -53,21 +53,21 @@ def _rounds(raw: str) -> Rounds:
     default, overrides = None, {}
     for part in (p.strip() for p in raw.split(",")):
         name, equals, count = part.rpartition("=")
-        count = count.strip()
+        name, count = name.strip(), count.strip()
         if not (count.isascii() and count.isdigit()) or int(count) < 1:
             raise argparse.ArgumentTypeError(f"{part!r}: a round count is a whole number, 1 or more")
         if not equals:
             if default is not None:
                 raise argparse.ArgumentTypeError(f"{raw!r} gives the rounds of every dataset twice")
             default = int(count)
-        elif name.strip() not in DATASETS:
+        elif name not in DATASETS:
             raise argparse.ArgumentTypeError(
-                f"unknown dataset {name.strip()!r} in --rounds: choose from {', '.join(DATASETS)}"
+                f"unknown dataset {name!r} in --rounds: choose from {', '.join(DATASETS)}"
             )
-        elif name.strip() in overrides:
-            raise argparse.ArgumentTypeError(f"{raw!r} gives the rounds of {name.strip()} twice")
+        elif name in overrides:
+            raise argparse.ArgumentTypeError(f"{raw!r} gives the rounds of {name} twice")
         else:
-            overrides[name.strip()] = int(count)
+            overrides[name] = int(count)
     return Rounds(DEFAULT_ROUNDS if default is None else default, overrides)
 
 
