@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import secrets
 
-from pipeline.errors import InvalidRequest, NotFound
+import peewee
+
+from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.ids import new_id
 from pipeline.models import Cluster, Organization, Project
 from pipeline.sealing import Sealer
@@ -20,12 +22,21 @@ def create_organization(name: str, *, clerk_org_id: str | None = None, plan: str
 
 
 def add_cluster(name: str, admin_url: str, sealer: Sealer) -> Cluster:
-    """Register a cluster; connects once to read its server major version."""
+    """Register a cluster under a name no other has; connects once to read its server
+    major version and check that it can host projects (ClusterAdmin.checked_for_projects)."""
+    if not name.strip():
+        raise InvalidRequest("the cluster needs a name")
+    taken = Cluster.get_or_none(Cluster.name == name)
+    if taken is not None:
+        raise Conflict(f"a cluster named {name!r} is already registered ({taken.id}); choose another name")
     admin = ClusterAdmin(admin_url)
-    major = admin.server_major()
-    return Cluster.create(
-        id=new_id("cls"), name=name, admin_url_encrypted=sealer.seal(admin_url), server_major=major
-    )
+    major = admin.checked_for_projects()
+    try:
+        return Cluster.create(
+            id=new_id("cls"), name=name, admin_url_encrypted=sealer.seal(admin_url), server_major=major
+        )
+    except peewee.IntegrityError as err:  # registered under that name meanwhile
+        raise Conflict(f"a cluster named {name!r} is already registered; choose another name") from err
 
 
 def cluster_admin(cluster: Cluster, sealer: Sealer) -> ClusterAdmin:

@@ -33,7 +33,7 @@ import psycopg2.extensions
 from psycopg2 import sql
 
 from stages.background import Background
-from stages.connections.connect import connect, server_major
+from stages.connections.connect import connect, major_of, server_major
 from stages.connections.pgurl import SourceURL
 from stages.connections.rows import one_row
 from stages.database import inventory, spares
@@ -61,6 +61,8 @@ REASSIGN_LOCKS = 40
 # relations at most, or one batch alone that locks more (a table with many indexes),
 # as in one session.
 REASSIGN_SESSIONS, REASSIGN_SHARED_FROM = 2, 8
+# The oldest major version `clusters add` accepts: DROP DATABASE … WITH (FORCE) is 13's.
+MIN_CLUSTER_MAJOR = 13
 # And no JIT: our statements are catalog reads, DDL, COPY and counts, and a new database's
 # catalog has no statistics yet. On a preview of 2,000 tables a catalog query planned
 # from them was estimated at 1.5 million and JIT-compiled for 100 ms (330 ms under load)
@@ -180,6 +182,40 @@ class _SharedBatches:
             batch = self.pending.pop()
             self.held += batch.locks
             return batch
+
+
+@dataclass(frozen=True)
+class AdminFacts:
+    """What `clusters add` reads of a cluster through its admin URL."""
+
+    version_num: int  # server_version_num: 150004
+    version: str  # server_version: "15.4 (Debian 15.4-1)"
+    role: str
+    superuser: bool
+
+    @property
+    def major(self) -> int:
+        return major_of(self.version_num)
+
+
+def unfit_for_projects(admin: AdminFacts) -> str | None:
+    """Why a cluster cannot host projects through this admin, in words that say what to
+    fix; None when it can. The oldest major version is MIN_CLUSTER_MAJOR; the admin
+    must be a superuser (README, "Security: the privilege model": BYPASSRLS for the
+    restore role, untrusted allowlisted extensions, the hand-over)."""
+    if admin.version_num < MIN_CLUSTER_MAJOR * 10_000:
+        return (
+            f"the cluster runs PostgreSQL {admin.version}; a project cluster must run "
+            f"PostgreSQL {MIN_CLUSTER_MAJOR} or newer (a failed import's preview is dropped "
+            "WITH (FORCE), which ends the sessions left in it): upgrade it or add another"
+        )
+    if not admin.superuser:
+        return (
+            f"the admin URL's role {admin.role!r} is not a superuser; the service needs one to "
+            "give restores BYPASSRLS, create untrusted allowlisted extensions and hand "
+            "imported databases over: use a superuser's URL (ALTER ROLE … SUPERUSER)"
+        )
+    return None
 
 
 class ClusterAdmin:
@@ -317,6 +353,30 @@ class ClusterAdmin:
     def server_major(self) -> int:
         with self.connection() as conn:
             return server_major(conn)
+
+    def checked_for_projects(self) -> int:
+        """The cluster's major version, once its admin URL is shown fit to host projects
+        (`unfit_for_projects`); PermanentError saying what to fix otherwise.
+
+        Read in a session with none of the pinned options: a server too old for one of
+        them (`jit`, PostgreSQL 11) would refuse the session, and the operator would be
+        told the cluster is unavailable rather than too old."""
+        conn = connect(self.url, role="project cluster", timeout=self.timeout, ours=True)
+        try:
+            with _waits_explained("the maintenance database"), conn.cursor() as cur:
+                cur.execute(
+                    "SELECT pg_catalog.current_setting('server_version_num')::int, "
+                    "pg_catalog.current_setting('server_version'), r.rolname, r.rolsuper "
+                    "FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user"
+                )
+                version_num, version, role, superuser = one_row(cur)
+        finally:
+            conn.close()
+        admin = AdminFacts(version_num=version_num, version=version, role=role, superuser=superuser)
+        problem = unfit_for_projects(admin)
+        if problem:
+            raise PermanentError(problem)
+        return admin.major
 
     def database_exists(self, name: str) -> bool:
         with self.autocommit() as cur:

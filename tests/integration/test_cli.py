@@ -1,6 +1,9 @@
 """The operators' CLI, in-process against the real control database and cluster."""
 
+import urllib.parse
+
 import pytest
+from psycopg2 import sql
 
 from pipeline.cli import main
 from pipeline.db import init_database
@@ -74,3 +77,34 @@ def test_unreachable_control_database_is_explained(control_db, capsys):
     assert code == 1
     assert out["error"].startswith("cannot use the control database (connection to server at")
     assert out["error"].endswith("then run: capy-imports migrate")
+
+
+def test_a_cluster_name_is_registered_once(control_db, capsys):
+    name = pg.scratch_name("twice")
+    code, first = run(control_db, capsys, "clusters", "add", "--name", name, "--admin-url", pg.ADMIN_URL)
+    assert code == 0 and first["name"] == name
+    code, again = run(control_db, capsys, "clusters", "add", "--name", name, "--admin-url", pg.ADMIN_URL)
+    assert code == 1
+    assert again["error"] == (
+        f"a cluster named {name!r} is already registered ({first['id']}); choose another name"
+    )
+    code, blank = run(control_db, capsys, "clusters", "add", "--name", "  ", "--admin-url", pg.ADMIN_URL)
+    assert (code, blank) == (1, {"error": "the cluster needs a name"})
+
+
+def test_a_cluster_whose_admin_is_not_a_superuser_is_refused(control_db, capsys):
+    """A CREATEDB CREATEROLE admin would be registered, and every import into the cluster
+    would then fail far from the cause (README, "Security: the privilege model")."""
+    role = pg.scratch_name("capy_notsuper")
+    pg.admin(sql.SQL("CREATE ROLE {} LOGIN CREATEDB CREATEROLE").format(sql.Identifier(role)))
+    try:
+        parts = urllib.parse.urlsplit(pg.ADMIN_URL)
+        url = urllib.parse.urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
+        code, out = run(control_db, capsys, "clusters", "add", "--name", role, "--admin-url", url)
+        assert code == 1
+        assert out["error"].startswith(f"the admin URL's role {role!r} is not a superuser;")
+        assert "use a superuser's URL" in out["error"]
+        _, listed = run(control_db, capsys, "clusters", "list")
+        assert role not in {cluster["name"] for cluster in listed["clusters"]}
+    finally:
+        pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
