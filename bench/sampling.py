@@ -4,8 +4,11 @@ Read straight from /proc (Linux), every `interval` seconds, in a thread:
 
 - `worker_rss_peak`: the largest resident set of one dramatiq worker process (a child of
   a dramatiq master): the number issue 11's "worker RSS under 300 MB" is about;
-- `tree_rss_peak`: the largest sum of resident sets of the worker processes and every
-  process under them (pg_dump, pg_restore, psql…): what the worker host must hold;
+- `tree_rss_peak`: the largest sum of proportional set sizes (PSS) of the worker
+  processes and every process under them (pg_dump, pg_restore, psql…): what the worker
+  host must hold. PSS divides a page shared by several processes among them; a sum of
+  resident sets counted a child between fork and exec, whose pages are still the
+  worker's, a second time (a `mix` round once showed 340 MB for a worker of 173 MB);
 - `disk_peak`: the largest number of bytes allocated under CAPY_WORK_DIR.
 
 Peaks of samples can miss a spike shorter than the interval; 0.2 s is well below the
@@ -61,6 +64,22 @@ def rss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
         return 0
 
 
+def pss_bytes(pid: int, proc: Path = Path("/proc")) -> int:
+    """Proportional set size of `pid` (its private pages, and its share of each page it
+    shares with others), from smaps_rollup; its resident set size where the kernel has
+    no smaps_rollup (before Linux 4.14); 0 if it is gone."""
+    try:
+        with open(proc / str(pid) / "smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024  # kB
+        return 0  # an exiting process has no mappings left
+    except FileNotFoundError:
+        return rss_bytes(pid, proc) if (proc / str(pid)).exists() else 0
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def disk_bytes(folder: Path) -> int:
     """Bytes allocated to files under `folder` (as du counts them), 0 if it is gone."""
     total = 0
@@ -107,10 +126,9 @@ class PeakSampler:
         parents = parent_map()
         workers = {pid for pid, ppid in parents.items() if ppid in self.masters}
         tree = workers | descendants(parents, workers)
-        rss = {pid: rss_bytes(pid) for pid in tree}
         peaks = self.peaks
-        peaks.worker_rss_peak = max(peaks.worker_rss_peak, max((rss[p] for p in workers), default=0))
-        peaks.tree_rss_peak = max(peaks.tree_rss_peak, sum(rss.values()))
+        peaks.worker_rss_peak = max(peaks.worker_rss_peak, max(map(rss_bytes, workers), default=0))
+        peaks.tree_rss_peak = max(peaks.tree_rss_peak, sum(map(pss_bytes, tree)))
         peaks.disk_peak = max(peaks.disk_peak, disk_bytes(self.work_dir))
         peaks.samples += 1
 
