@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import unicodedata
 
 import peewee
 
@@ -10,6 +11,7 @@ from pipeline.errors import Conflict, InvalidRequest, NotFound
 from pipeline.ids import new_id
 from pipeline.models import Cluster, Organization, Project
 from pipeline.sealing import Sealer
+from stages.connections.pgurl import InvalidSourceURL
 from stages.database.cluster import ClusterAdmin
 
 DEFAULT_STORAGE_LIMIT_BYTES = 10 * 1024**3
@@ -21,22 +23,53 @@ def create_organization(name: str, *, clerk_org_id: str | None = None, plan: str
     return Organization.create(id=new_id("org"), name=name.strip(), clerk_org_id=clerk_org_id, plan=plan)
 
 
+# A cluster's name: what operators type after --cluster's id is looked up, and what
+# `clusters list` prints one per line.
+CLUSTER_NAME_MAX = 63
+
+
 def add_cluster(name: str, admin_url: str, sealer: Sealer) -> Cluster:
-    """Register a cluster under a name no other has; connects once to read its server
-    major version and check that it can host projects (ClusterAdmin.checked_for_projects)."""
-    if not name.strip():
-        raise InvalidRequest("the cluster needs a name")
-    taken = Cluster.get_or_none(Cluster.name == name)
+    """Register a cluster under a name no other has (ignoring case and surrounding
+    spaces); connects to read its server major version and check that it can host
+    projects (ClusterAdmin.checked_for_projects)."""
+    name = _cluster_name(name)
+    taken = _cluster_named(name)
     if taken is not None:
-        raise Conflict(f"a cluster named {name!r} is already registered ({taken.id}); choose another name")
-    admin = ClusterAdmin(admin_url)
+        raise Conflict(
+            f"a cluster named {taken.name!r} is already registered ({taken.id}); choose another name"
+        )
+    try:
+        admin = ClusterAdmin(admin_url)
+    except InvalidSourceURL as err:
+        raise InvalidRequest(err.message.replace("source_url", "the admin URL", 1)) from err
     major = admin.checked_for_projects()
     try:
         return Cluster.create(
             id=new_id("cls"), name=name, admin_url_encrypted=sealer.seal(admin_url), server_major=major
         )
     except peewee.IntegrityError as err:  # registered under that name meanwhile
-        raise Conflict(f"a cluster named {name!r} is already registered; choose another name") from err
+        taken = _cluster_named(name)
+        which = f" ({taken.id})" if taken is not None else ""
+        raise Conflict(f"a cluster named {name!r} is already registered{which}; choose another name") from err
+
+
+def _cluster_name(name: str) -> str:
+    """`name` without surrounding spaces, or InvalidRequest saying what is wrong with it."""
+    name = name.strip()
+    if not name:
+        raise InvalidRequest("the cluster needs a name")
+    if len(name) > CLUSTER_NAME_MAX:
+        raise InvalidRequest(f"a cluster's name has at most {CLUSTER_NAME_MAX} characters, not {len(name)}")
+    if any(unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp") for ch in name):
+        raise InvalidRequest(
+            "a cluster's name may not hold control or invisible characters (line breaks, "
+            "escapes, zero-width spaces); use letters, digits, spaces and punctuation"
+        )
+    return name
+
+
+def _cluster_named(name: str) -> Cluster | None:
+    return Cluster.get_or_none(peewee.fn.lower(Cluster.name) == name.lower())
 
 
 def cluster_admin(cluster: Cluster, sealer: Sealer) -> ClusterAdmin:

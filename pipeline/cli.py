@@ -636,6 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Output(args.json)
+    garbled = _not_utf8(args)
+    if garbled:
+        # Bytes the terminal's encoding could not decode reach us as lone surrogates, which
+        # nothing downstream can encode; the value itself may hold a password.
+        return _error(args, f"{garbled} is not valid UTF-8 text; type it again in UTF-8")
     try:
         settings = settings or Settings.from_env()
         if args.func is not cmd_migrate:
@@ -657,6 +662,18 @@ def main(argv: Sequence[str] | None = None, settings: Settings | None = None) ->
             "Postgres is running, then run: capy-imports migrate",
         )
     return 0
+
+
+def _not_utf8(args: argparse.Namespace) -> str | None:
+    """The first argument whose value is not valid UTF-8 text, named as its option is."""
+    for dest, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "the value given for " + dest.replace("_", "-")
+    return None
 
 
 def _error(args: argparse.Namespace, message: str) -> int:

@@ -192,6 +192,7 @@ class AdminFacts:
     version: str  # server_version: "15.4 (Debian 15.4-1)"
     role: str
     superuser: bool
+    standby: bool = False  # in recovery: a standby, which takes no writes
 
     @property
     def major(self) -> int:
@@ -208,6 +209,11 @@ def unfit_for_projects(admin: AdminFacts) -> str | None:
             f"the cluster runs PostgreSQL {admin.version}; a project cluster must run "
             f"PostgreSQL {MIN_CLUSTER_MAJOR} or newer (a failed import's preview is dropped "
             "WITH (FORCE), which ends the sessions left in it): upgrade it or add another"
+        )
+    if admin.standby:
+        return (
+            "the admin URL leads to a standby (the server is in recovery and takes no writes); "
+            "give the URL of the cluster's primary"
         )
     if not admin.superuser:
         return (
@@ -356,23 +362,52 @@ class ClusterAdmin:
 
     def checked_for_projects(self) -> int:
         """The cluster's major version, once its admin URL is shown fit to host projects
-        (`unfit_for_projects`); PermanentError saying what to fix otherwise.
+        (`unfit_for_projects`); PermanentError saying what to fix otherwise, and a
+        connection failure explained by its cause (a wrong user or database, nothing
+        listening, a pooler) rather than as the cluster being unavailable: the operator
+        is at the keyboard, and waiting fixes none of these.
 
-        Read in a session with none of the pinned options: a server too old for one of
-        them (`jit`, PostgreSQL 11) would refuse the session, and the operator would be
-        told the cluster is unavailable rather than too old."""
-        conn = connect(self.url, role="project cluster", timeout=self.timeout, ours=True)
+        The version is read first in a session with none of the pinned options: a server
+        too old for one of them (`jit`, PostgreSQL 11) would refuse the session, and the
+        operator would be told something other than "too old". The role is then read in
+        a session exactly as the service opens every admin session (pinned options
+        appended to the URL's own), so a URL that works only without them (a pooler that
+        refuses `options`, options of its own that swallow ours) is refused here rather
+        than at the first import."""
+        conn = connect(self.url, role="project cluster", timeout=self.timeout)
         try:
             with _waits_explained("the maintenance database"), conn.cursor() as cur:
                 cur.execute(
                     "SELECT pg_catalog.current_setting('server_version_num')::int, "
-                    "pg_catalog.current_setting('server_version'), r.rolname, r.rolsuper "
-                    "FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) session_user"
+                    "pg_catalog.current_setting('server_version'), pg_catalog.pg_is_in_recovery()"
                 )
-                version_num, version, role, superuser = one_row(cur)
+                version_num, version, standby = one_row(cur)
         finally:
             conn.close()
-        admin = AdminFacts(version_num=version_num, version=version, role=role, superuser=superuser)
+        try:
+            conn = connect(
+                pinned(self.url, NO_STATEMENT_TIMEOUT), role="project cluster", timeout=self.timeout
+            )
+        except CapyError as err:
+            said = " ".join(err.message.split()).rstrip(".")  # libpq's HINT on a line of its own
+            raise PermanentError(
+                f"{said}. A session without the service's startup options worked: the "
+                "cluster, or a pooler in front of it, refuses the options the service sets on "
+                "every admin session (search_path, role, timeouts); give the URL of the "
+                "PostgreSQL server itself, and end any options of the URL's own cleanly"
+            ) from err
+        try:
+            with _waits_explained("the maintenance database"), conn.cursor() as cur:
+                cur.execute(
+                    "SELECT r.rolname, r.rolsuper FROM pg_catalog.pg_roles r "
+                    "WHERE r.rolname OPERATOR(pg_catalog.=) session_user"
+                )
+                role, superuser = one_row(cur)
+        finally:
+            conn.close()
+        admin = AdminFacts(
+            version_num=version_num, version=version, role=role, superuser=superuser, standby=standby
+        )
         problem = unfit_for_projects(admin)
         if problem:
             raise PermanentError(problem)

@@ -191,6 +191,12 @@ def _local_major() -> int:
     return ClusterAdmin("postgresql://postgres@127.0.0.1:5432/postgres").server_major()
 
 
-def test_registering_a_cluster_that_does_not_answer_says_it_is_unavailable(control_db):
-    with pytest.raises(TransientError, match=UNAVAILABLE):
-        add_cluster(f"gone-{secrets.token_hex(3)}", dead_url(free_port()), Sealer(control_db.secret_key))
+def test_registering_a_cluster_that_does_not_answer_says_why_to_the_operator(control_db):
+    """The operator registering a cluster typed its URL: nothing listening there is said
+    as such, with the address, not as "unavailable, try again shortly" (an import's
+    stage, which a user watches, still says only that: above)."""
+    port = free_port()
+    with pytest.raises(TransientError) as raised:
+        add_cluster(f"gone-{secrets.token_hex(3)}", dead_url(port), Sealer(control_db.secret_key))
+    assert raised.value.message.startswith(f"the project cluster at 127.0.0.1:{port} refused the connection")
+    assert UNAVAILABLE not in raised.value.message

@@ -108,3 +108,67 @@ def test_a_cluster_whose_admin_is_not_a_superuser_is_refused(control_db, capsys)
         assert role not in {cluster["name"] for cluster in listed["clusters"]}
     finally:
         pg.admin(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("x" * 64, "a cluster's name has at most 63 characters, not 64"),
+        ("a\nb", "a cluster's name may not hold control or invisible characters"),
+        ("\x1b[31mred", "a cluster's name may not hold control or invisible characters"),
+        ("\u200b", "a cluster's name may not hold control or invisible characters"),
+        ("ba\u200bse", "a cluster's name may not hold control or invisible characters"),
+    ],
+)
+def test_a_cluster_name_that_would_not_read_back_is_refused(control_db, capsys, name, message):
+    code, out = run(control_db, capsys, "clusters", "add", "--name", name, "--admin-url", pg.ADMIN_URL)
+    assert code == 1 and out["error"].startswith(message)
+
+
+def test_names_differing_in_case_or_spaces_are_one_name(control_db, capsys):
+    name = pg.scratch_name("Case")
+    _, first = run(control_db, capsys, "clusters", "add", "--name", name, "--admin-url", pg.ADMIN_URL)
+    for again in (name.upper(), f" {name.lower()}\t"):
+        code, out = run(control_db, capsys, "clusters", "add", "--name", again, "--admin-url", pg.ADMIN_URL)
+        assert code == 1
+        assert (
+            out["error"]
+            == f"a cluster named {name!r} is already registered ({first['id']}); choose another name"
+        )
+
+
+def test_an_admin_url_the_service_cannot_use_with_its_session_options_is_refused(control_db, capsys):
+    """The URL's own options end in a backslash, which swallows the space before the
+    options every admin session appends: a plain session works, the service's would not."""
+    url = pg.ADMIN_URL + "?options=-c%20application_name%3Dadm%5C"
+    code, out = run(
+        control_db, capsys, "clusters", "add", "--name", pg.scratch_name("bs"), "--admin-url", url
+    )
+    assert code == 1
+    assert "refuses the options the service sets on every admin session" in out["error"]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            pg.url_for("capy_no_such_database"),
+            "has no database 'capy_no_such_database'; check the database name",
+        ),
+        ("postgresql://capy_no_such_role@127.0.0.1:5432/postgres", "has no user 'capy_no_such_role'"),
+        ("postgresql://postgres@127.0.0.1:99999/postgres", "the admin URL has an invalid port"),
+    ],
+)
+def test_an_admin_url_that_cannot_connect_says_why(control_db, capsys, url, message):
+    code, out = run(
+        control_db, capsys, "clusters", "add", "--name", pg.scratch_name("why"), "--admin-url", url
+    )
+    assert code == 1 and message in out["error"], out
+    assert "try again shortly" not in out["error"]
+
+
+def test_an_argument_that_is_not_utf8_is_refused_without_echoing_it(control_db, capsys):
+    garbled = "postgresql://postgres:Pw\udcffSecret7@127.0.0.1:5432/postgres"
+    code, out = run(control_db, capsys, "clusters", "add", "--name", "u1", "--admin-url", garbled)
+    assert code == 1
+    assert out == {"error": "the value given for admin-url is not valid UTF-8 text; type it again in UTF-8"}

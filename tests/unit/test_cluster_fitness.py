@@ -35,3 +35,9 @@ def test_an_admin_that_is_not_a_superuser_is_refused_and_told_what_to_use():
 
 def test_the_major_version_reads_both_numberings():
     assert facts(150004, "15.4").major == 15 and facts(90624, "9.6.24").major == 906
+
+
+def test_a_standby_is_refused_and_told_to_use_the_primary():
+    admin = AdminFacts(version_num=150004, version="15.4", role="admin", superuser=True, standby=True)
+    problem = unfit_for_projects(admin)
+    assert problem is not None and problem.endswith("give the URL of the cluster's primary")
